@@ -1,0 +1,29 @@
+//! Backends, chosen at compile time by cargo features.
+//!
+//! Library code is generic over `burn::tensor::backend::Backend`; binaries and tests pick one of
+//! the aliases below. `Autodiff<_>` wraps a backend to record the graph for training.
+
+#[cfg(feature = "ndarray")]
+/// CPU backend used by tests and CI: pure Rust, f32.
+pub type Cpu = burn::backend::NdArray<f32>;
+
+#[cfg(feature = "ndarray")]
+/// The CPU backend with gradient tracking, for training on CPU.
+pub type CpuAutodiff = burn::backend::Autodiff<Cpu>;
+
+#[cfg(feature = "cuda")]
+/// NVIDIA GPU backend (burn-cuda / CubeCL), f32 storage. The driver and NVRTC are loaded at run
+/// time, so building needs no CUDA installation.
+pub type Gpu = burn::backend::Cuda<f32, i32>;
+
+#[cfg(feature = "cuda")]
+/// NVIDIA GPU backend computing in bf16.
+pub type GpuBf16 = burn::backend::Cuda<burn::tensor::bf16, i32>;
+
+#[cfg(feature = "cuda")]
+/// The GPU backend with gradient tracking.
+pub type GpuAutodiff = burn::backend::Autodiff<Gpu>;
+
+#[cfg(feature = "tch")]
+/// libtorch backend (burn-tch), linked against a pip-installed torch 2.9 (`LIBTORCH_USE_PYTORCH=1`).
+pub type Torch = burn::backend::LibTorch<f32>;

@@ -1,0 +1,118 @@
+//! Grouped-query self-attention with rotary positions, an explicit boolean mask and an optional
+//! key/value cache for generation.
+
+use crate::layers::Linear;
+use crate::rope;
+use burn::module::Module;
+use burn::tensor::{activation::softmax, backend::Backend, Bool, Tensor, TensorData};
+
+/// Score given to masked positions. Finite (not -inf) so that a fully masked row — a padding
+/// query — yields a harmless uniform distribution instead of NaNs that would leak through `0 * NaN`.
+const MASKED_SCORE: f32 = -1e30;
+
+/// Cached keys and values of one layer: `[batch, kv_heads, cached_len, head_dim]` each.
+#[derive(Debug, Clone)]
+pub struct LayerCache<B: Backend> {
+    pub keys: Tensor<B, 4>,
+    pub values: Tensor<B, 4>,
+}
+
+/// Which keys each query may see, as a `[batch, 1, queries, keys]` boolean tensor where `true`
+/// means *masked*. Built once per forward pass on the host and shared by all layers.
+#[derive(Debug, Clone)]
+pub struct AttentionMask<B: Backend> {
+    pub masked: Tensor<B, 4, Bool>,
+}
+
+/// Inputs from which the mask is derived.
+#[derive(Debug, Clone, Default)]
+pub struct MaskSpec<'a> {
+    /// `[batch][total_keys]`: `false` for padding keys. `None`: no padding.
+    pub key_is_token: Option<&'a [Vec<bool>]>,
+    /// `[batch][total_keys]`: document index of each key/query for packed sequences; attention
+    /// never crosses documents. `None`: one document per row.
+    pub document_ids: Option<&'a [Vec<u32>]>,
+    /// Mistral's window (query sees keys `j` with `i - window < j <= i`).
+    pub sliding_window: Option<usize>,
+}
+
+impl<B: Backend> AttentionMask<B> {
+    /// Causal mask for `queries` new positions after `past` cached ones, plus padding, document
+    /// boundaries and sliding window from `spec`.
+    pub fn new(batch: usize, past: usize, queries: usize, spec: &MaskSpec, device: &B::Device) -> Self {
+        let keys = past + queries;
+        let mut masked = Vec::with_capacity(batch * queries * keys);
+        for b in 0..batch {
+            for qi in 0..queries {
+                let i = past + qi;
+                for j in 0..keys {
+                    let future = j > i;
+                    let outside_window = spec.sliding_window.is_some_and(|w| j + w <= i);
+                    let padding = spec.key_is_token.is_some_and(|k| !k[b][j]);
+                    let other_doc = spec.document_ids.is_some_and(|d| d[b][j] != d[b][i]);
+                    masked.push(future || outside_window || padding || other_doc);
+                }
+            }
+        }
+        let masked = Tensor::from_data(TensorData::new(masked, [batch, 1, queries, keys]), device);
+        Self { masked }
+    }
+}
+
+/// Multi-head attention whose `num_kv_heads` key/value heads are shared by groups of query heads.
+#[derive(Module, Debug)]
+pub struct Attention<B: Backend> {
+    pub q_proj: Linear<B>,
+    pub k_proj: Linear<B>,
+    pub v_proj: Linear<B>,
+    pub o_proj: Linear<B>,
+    pub num_heads: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+}
+
+impl<B: Backend> Attention<B> {
+    /// `x`: `[batch, seq, hidden]`; `cos`/`sin` from [`rope::cos_sin`] for these positions.
+    /// Appends this step's keys and values to `cache` when one is given.
+    pub fn forward(
+        &self,
+        x: Tensor<B, 3>,
+        cos: &Tensor<B, 4>,
+        sin: &Tensor<B, 4>,
+        mask: &AttentionMask<B>,
+        cache: Option<&mut Option<LayerCache<B>>>,
+    ) -> Tensor<B, 3> {
+        let [batch, seq, _] = x.dims();
+        let (h, kvh, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
+        let heads = |t: Tensor<B, 3>, n: usize| t.reshape([batch, seq, n, d]).swap_dims(1, 2);
+        let q = rope::apply(heads(self.q_proj.forward(x.clone()), h), cos, sin);
+        let mut k = rope::apply(heads(self.k_proj.forward(x.clone()), kvh), cos, sin);
+        let mut v = heads(self.v_proj.forward(x), kvh);
+
+        if let Some(slot) = cache {
+            if let Some(past) = slot.take() {
+                k = Tensor::cat(vec![past.keys, k], 2);
+                v = Tensor::cat(vec![past.values, v], 2);
+            }
+            *slot = Some(LayerCache { keys: k.clone(), values: v.clone() });
+        }
+        let keys = k.dims()[2];
+        let (k, v) = (repeat_kv(k, h / kvh), repeat_kv(v, h / kvh));
+
+        let scores = q.matmul(k.swap_dims(2, 3)) * (d as f64).powf(-0.5);
+        let scores = scores.mask_fill(mask.masked.clone().expand([batch, h, seq, keys]), MASKED_SCORE);
+        let probs = softmax(scores, 3);
+        let out = probs.matmul(v).swap_dims(1, 2).reshape([batch, seq, h * d]);
+        self.o_proj.forward(out)
+    }
+}
+
+/// Repeats each key/value head `times` times so that query head `i` meets kv head `i / times`
+/// (transformers' `repeat_kv`).
+fn repeat_kv<B: Backend>(x: Tensor<B, 4>, times: usize) -> Tensor<B, 4> {
+    if times == 1 {
+        return x;
+    }
+    let [b, kvh, s, d] = x.dims();
+    x.unsqueeze_dim::<5>(2).expand([b, kvh, times, s, d]).reshape([b, kvh * times, s, d])
+}

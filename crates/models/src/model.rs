@@ -1,0 +1,158 @@
+//! The decoder-only causal language model shared by Llama, Mistral and Gemma: token embedding,
+//! `num_layers` pre-norm blocks (attention, gated MLP), final norm, vocabulary projection.
+//! Family differences are the switches in [`crate::family::FamilySpec`].
+
+use crate::attention::{Attention, AttentionMask, LayerCache, MaskSpec};
+use crate::config::{Activation, ModelConfig};
+use crate::family::FamilySpec;
+use crate::layers::{Linear, RmsNorm};
+use crate::rope;
+use burn::module::{Module, Param};
+use burn::tensor::activation::{gelu, gelu_approximate, silu};
+use burn::tensor::{backend::Backend, Int, Tensor, TensorData};
+
+/// Gated MLP: `down(act(gate(x)) * up(x))`.
+#[derive(Module, Debug)]
+pub struct Mlp<B: Backend> {
+    pub gate_proj: Linear<B>,
+    pub up_proj: Linear<B>,
+    pub down_proj: Linear<B>,
+    #[module(skip)]
+    pub activation: Activation,
+}
+
+impl<B: Backend> Mlp<B> {
+    /// `[batch, seq, hidden]` → `[batch, seq, hidden]`.
+    pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        let gate = self.gate_proj.forward(x.clone());
+        let gate = match self.activation {
+            Activation::Silu => silu(gate),
+            Activation::GeluTanh => gelu_approximate(gate),
+            Activation::Gelu => gelu(gate),
+        };
+        self.down_proj.forward(gate * self.up_proj.forward(x))
+    }
+}
+
+/// One transformer block: `x + attn(norm(x))`, then `x + mlp(norm(x))`.
+#[derive(Module, Debug)]
+pub struct DecoderLayer<B: Backend> {
+    pub input_layernorm: RmsNorm<B>,
+    pub self_attn: Attention<B>,
+    pub post_attention_layernorm: RmsNorm<B>,
+    pub mlp: Mlp<B>,
+}
+
+/// Per-layer key/value caches for incremental decoding.
+#[derive(Debug, Clone)]
+pub struct KvCache<B: Backend> {
+    layers: Vec<Option<LayerCache<B>>>,
+}
+
+impl<B: Backend> KvCache<B> {
+    /// An empty cache for `num_layers` layers.
+    pub fn new(num_layers: usize) -> Self {
+        Self { layers: vec![None; num_layers] }
+    }
+    /// Number of positions already cached.
+    pub fn len(&self) -> usize {
+        self.layers.first().and_then(|l| l.as_ref()).map_or(0, |l| l.keys.dims()[2])
+    }
+    /// Whether nothing is cached yet.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// A batch of token sequences with their positions and visibility.
+#[derive(Debug, Clone)]
+pub struct Batch {
+    /// `[batch][seq]` token ids.
+    pub input_ids: Vec<Vec<u32>>,
+    /// `[batch][seq]` RoPE positions (restarting at 0 per packed document, shifted under left padding).
+    pub position_ids: Vec<Vec<i64>>,
+    /// `[batch][seq]`: `false` for padding. `None`: no padding.
+    pub attention_mask: Option<Vec<Vec<bool>>>,
+    /// `[batch][seq]` document index for packed rows. `None`: one document per row.
+    pub document_ids: Option<Vec<Vec<u32>>>,
+}
+
+impl Batch {
+    /// Unpadded rows of equal length with positions `0..seq`.
+    pub fn from_ids(input_ids: Vec<Vec<u32>>) -> Self {
+        let position_ids = input_ids.iter().map(|r| (0..r.len() as i64).collect()).collect();
+        Self { input_ids, position_ids, attention_mask: None, document_ids: None }
+    }
+    /// `[batch, seq]`.
+    pub fn dims(&self) -> [usize; 2] {
+        [self.input_ids.len(), self.input_ids.first().map_or(0, Vec::len)]
+    }
+}
+
+/// A causal language model of any supported family.
+#[derive(Module, Debug)]
+pub struct CausalLm<B: Backend> {
+    /// `[vocab, hidden]`.
+    pub embed_tokens: Param<Tensor<B, 2>>,
+    pub layers: Vec<DecoderLayer<B>>,
+    pub norm: RmsNorm<B>,
+    /// `None` when the head is tied to `embed_tokens`.
+    pub lm_head: Option<Linear<B>>,
+    #[module(skip)]
+    pub config: ModelConfig,
+    #[module(skip)]
+    pub family: FamilySpec,
+    #[module(skip)]
+    pub inv_freq: Vec<f32>,
+}
+
+impl<B: Backend> CausalLm<B> {
+    /// Hidden states after the final norm, `[batch, seq, hidden]`. With a cache, `batch` holds only
+    /// the new tokens (positions and masks for the full cached length are the caller's business:
+    /// `attention_mask`, when given, covers cached + new keys).
+    pub fn hidden_states(&self, batch: &Batch, cache: Option<&mut KvCache<B>>) -> Tensor<B, 3> {
+        let device = self.embed_tokens.device();
+        let [b, t] = batch.dims();
+        let ids: Vec<i64> = batch.input_ids.iter().flatten().map(|&i| i as i64).collect();
+        let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [b, t]), &device);
+        let mut x = burn::tensor::module::embedding(self.embed_tokens.val(), ids);
+        if let Some(scale) = self.family.embedding_scale {
+            x = x * scale;
+        }
+        let past = cache.as_ref().map_or(0, |c| c.len());
+        let spec = MaskSpec {
+            key_is_token: batch.attention_mask.as_deref(),
+            document_ids: batch.document_ids.as_deref(),
+            sliding_window: self.config.sliding_window,
+        };
+        let mask = AttentionMask::new(b, past, t, &spec, &device);
+        let (cos, sin) = rope::cos_sin::<B>(&self.inv_freq, &batch.position_ids, &device);
+
+        let mut cache = cache;
+        for (i, layer) in self.layers.iter().enumerate() {
+            let slot = cache.as_deref_mut().map(|c| &mut c.layers[i]);
+            let attn = layer.self_attn.forward(layer.input_layernorm.forward(x.clone()), &cos, &sin, &mask, slot);
+            x = x + attn;
+            x = x.clone() + layer.mlp.forward(layer.post_attention_layernorm.forward(x));
+        }
+        self.norm.forward(x)
+    }
+
+    /// Projects hidden states `[batch, seq, hidden]` to vocabulary logits `[batch, seq, vocab]`.
+    pub fn project(&self, hidden: Tensor<B, 3>) -> Tensor<B, 3> {
+        match &self.lm_head {
+            Some(head) => head.forward(hidden),
+            None => {
+                let [b, t, h] = hidden.dims();
+                let w = self.embed_tokens.val();
+                let v = w.dims()[0];
+                hidden.reshape([b * t, h]).matmul(w.transpose()).reshape([b, t, v])
+            }
+        }
+    }
+
+    /// Logits `[batch, seq, vocab]` for every position of `batch`.
+    pub fn forward(&self, batch: &Batch, cache: Option<&mut KvCache<B>>) -> Tensor<B, 3> {
+        self.project(self.hidden_states(batch, cache))
+    }
+}

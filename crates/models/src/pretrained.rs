@@ -1,0 +1,187 @@
+//! Building a [`CausalLm`] from a Hugging Face model directory and saving it back in the same
+//! layout (config.json + model.safetensors), loadable by `transformers.AutoModelForCausalLM`.
+
+use crate::attention::Attention;
+use crate::config::ModelConfig;
+use crate::error::{io_err, ModelError};
+use crate::family::FamilySpec;
+use crate::layers::{Linear, RmsNorm};
+use crate::model::{CausalLm, DecoderLayer, Mlp};
+use crate::rope;
+use crate::weights::{write_safetensors, Checkpoint, NamedTensor, SaveDtype};
+use alignment_core::AtomicDir;
+use burn::module::Param;
+use burn::tensor::{backend::Backend, Tensor, TensorData};
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+
+/// Files next to the weights that describe the tokenizer and generation defaults; copied along
+/// when a model is saved so the output directory is complete.
+pub const TOKENIZER_FILES: &[&str] = &[
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "generation_config.json",
+    "chat_template.jinja",
+];
+
+/// Reads `dir/config.json` and the weights next to it.
+pub fn load_pretrained<B: Backend>(dir: &Path, device: &B::Device) -> Result<CausalLm<B>, ModelError> {
+    let config = ModelConfig::from_file(&dir.join("config.json"))?;
+    let checkpoint = Checkpoint::open(dir)?;
+    from_checkpoint(config, &checkpoint, device)
+}
+
+/// Builds the model described by `config` from `checkpoint`, verifying every shape and that no
+/// tensor is left unused.
+pub fn from_checkpoint<B: Backend>(
+    config: ModelConfig,
+    checkpoint: &Checkpoint,
+    device: &B::Device,
+) -> Result<CausalLm<B>, ModelError> {
+    let mut used = BTreeSet::new();
+    let mut read = |name: String, shape: Vec<usize>| -> Result<TensorData, ModelError> {
+        let values = checkpoint.read_f32(&name, &shape)?;
+        used.insert(name);
+        Ok(TensorData::new(values, shape))
+    };
+    let (h, i, v) = (config.hidden_size, config.intermediate_size, config.vocab_size);
+    let (q_out, kv_out) = (config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim);
+    let family = FamilySpec::for_config(&config);
+
+    let mut linear = |name: String, out: usize, inp: usize| -> Result<Linear<B>, ModelError> {
+        Ok(Linear::new(Tensor::from_data(read(name, vec![out, inp])?, device)))
+    };
+    let mut layers = Vec::with_capacity(config.num_layers);
+    for l in 0..config.num_layers {
+        let p = format!("model.layers.{l}");
+        let self_attn = Attention {
+            q_proj: linear(format!("{p}.self_attn.q_proj.weight"), q_out, h)?,
+            k_proj: linear(format!("{p}.self_attn.k_proj.weight"), kv_out, h)?,
+            v_proj: linear(format!("{p}.self_attn.v_proj.weight"), kv_out, h)?,
+            o_proj: linear(format!("{p}.self_attn.o_proj.weight"), h, q_out)?,
+            num_heads: config.num_heads,
+            num_kv_heads: config.num_kv_heads,
+            head_dim: config.head_dim,
+        };
+        let mlp = Mlp {
+            gate_proj: linear(format!("{p}.mlp.gate_proj.weight"), i, h)?,
+            up_proj: linear(format!("{p}.mlp.up_proj.weight"), i, h)?,
+            down_proj: linear(format!("{p}.mlp.down_proj.weight"), h, i)?,
+            activation: config.activation,
+        };
+        layers.push((p, self_attn, mlp));
+    }
+    let lm_head = if config.tie_word_embeddings { None } else { Some(linear("lm_head.weight".into(), v, h)?) };
+
+    let mut norm = |name: String| -> Result<RmsNorm<B>, ModelError> {
+        Ok(RmsNorm {
+            weight: Param::from_tensor(Tensor::from_data(read(name, vec![h])?, device)),
+            eps: config.rms_norm_eps,
+            unit_offset: family.norm_unit_offset,
+        })
+    };
+    let layers = layers
+        .into_iter()
+        .map(|(p, self_attn, mlp)| {
+            Ok(DecoderLayer {
+                input_layernorm: norm(format!("{p}.input_layernorm.weight"))?,
+                self_attn,
+                post_attention_layernorm: norm(format!("{p}.post_attention_layernorm.weight"))?,
+                mlp,
+            })
+        })
+        .collect::<Result<Vec<_>, ModelError>>()?;
+    let final_norm = norm("model.norm.weight".into())?;
+    let embed = read("model.embed_tokens.weight".into(), vec![v, h])?;
+
+    // Tied checkpoints sometimes still carry lm_head.weight; rotary caches of old exports are derived.
+    let unexpected: Vec<String> = checkpoint
+        .names()
+        .into_iter()
+        .filter(|n| !used.contains(n))
+        .filter(|n| !(config.tie_word_embeddings && n == "lm_head.weight"))
+        .filter(|n| !n.ends_with("rotary_emb.inv_freq"))
+        .collect();
+    if !unexpected.is_empty() {
+        return Err(ModelError::UnexpectedTensors { path: checkpoint.path(), names: unexpected });
+    }
+    let inv_freq = rope::inverse_frequencies(config.head_dim, config.rope_theta, &config.rope_scaling);
+    Ok(CausalLm {
+        embed_tokens: Param::from_tensor(Tensor::from_data(embed, device)),
+        layers,
+        norm: final_norm,
+        lm_head,
+        config,
+        family,
+        inv_freq,
+    })
+}
+
+fn values<B: Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
+    t.into_data().convert::<f32>().into_vec::<f32>().expect("converted to f32 above")
+}
+
+/// Every parameter of `model` under its Hugging Face name, in checkpoint order.
+pub fn named_tensors<B: Backend>(model: &CausalLm<B>) -> Vec<NamedTensor> {
+    let mut out = Vec::new();
+    let mut push = |name: String, shape: Vec<usize>, v: Vec<f32>| out.push(NamedTensor { name, shape, values: v });
+    let w2 = |l: &Linear<B>| (l.weight.dims().to_vec(), values(l.weight.val()));
+    push("model.embed_tokens.weight".into(), model.embed_tokens.dims().to_vec(), values(model.embed_tokens.val()));
+    for (l, layer) in model.layers.iter().enumerate() {
+        let p = format!("model.layers.{l}");
+        let a = &layer.self_attn;
+        let m = &layer.mlp;
+        for (name, lin) in [
+            ("self_attn.q_proj", &a.q_proj),
+            ("self_attn.k_proj", &a.k_proj),
+            ("self_attn.v_proj", &a.v_proj),
+            ("self_attn.o_proj", &a.o_proj),
+            ("mlp.gate_proj", &m.gate_proj),
+            ("mlp.up_proj", &m.up_proj),
+            ("mlp.down_proj", &m.down_proj),
+        ] {
+            let (shape, v) = w2(lin);
+            push(format!("{p}.{name}.weight"), shape, v);
+        }
+        for (name, norm) in [("input_layernorm", &layer.input_layernorm), ("post_attention_layernorm", &layer.post_attention_layernorm)] {
+            push(format!("{p}.{name}.weight"), norm.weight.dims().to_vec(), values(norm.weight.val()));
+        }
+    }
+    push("model.norm.weight".into(), model.norm.weight.dims().to_vec(), values(model.norm.weight.val()));
+    if let Some(head) = &model.lm_head {
+        let (shape, v) = w2(head);
+        push("lm_head.weight".into(), shape, v);
+    }
+    out
+}
+
+/// Saves `model` to `dir` (config.json + model.safetensors), atomically: the directory appears
+/// complete or not at all. Tokenizer files found in `tokenizer_from` are copied along.
+pub fn save_pretrained<B: Backend>(
+    model: &CausalLm<B>,
+    dir: &Path,
+    dtype: SaveDtype,
+    tokenizer_from: Option<&Path>,
+) -> Result<PathBuf, ModelError> {
+    let staging = AtomicDir::new(dir)?;
+    let mut config = model.config.raw.clone();
+    config.insert("torch_dtype".into(), dtype.torch_name().into());
+    if config.contains_key("dtype") {
+        config.insert("dtype".into(), dtype.torch_name().into());
+    }
+    let config_path = staging.path().join("config.json");
+    let text = serde_json::to_string_pretty(&config).expect("JSON map serializes");
+    std::fs::write(&config_path, text + "\n").map_err(|e| io_err("writing", &config_path, e))?;
+    write_safetensors(&staging.path().join("model.safetensors"), &named_tensors(model), dtype)?;
+    if let Some(src) = tokenizer_from {
+        for name in TOKENIZER_FILES {
+            let from = src.join(name);
+            if from.exists() {
+                let to = staging.path().join(name);
+                std::fs::copy(&from, &to).map_err(|e| io_err("copying", &from, e))?;
+            }
+        }
+    }
+    Ok(staging.commit()?)
+}

@@ -1,0 +1,88 @@
+//! Rotary position embeddings in Hugging Face's "rotate half" layout.
+//!
+//! Frequencies follow transformers' `_compute_default_rope_parameters` (and its `linear` and
+//! `llama3` variants), computed in f32 like transformers does. Head dimensions are rotated as
+//! two halves: `x * cos + rotate_half(x) * sin` with `rotate_half([a, b]) = [-b, a]`.
+
+use crate::config::RopeScaling;
+use burn::tensor::{backend::Backend, Tensor, TensorData};
+
+/// Inverse frequencies, one per pair of head dimensions (`head_dim / 2` values).
+pub fn inverse_frequencies(head_dim: usize, theta: f64, scaling: &RopeScaling) -> Vec<f32> {
+    let base = theta as f32;
+    let default: Vec<f32> =
+        (0..head_dim).step_by(2).map(|i| 1.0 / base.powf(i as f32 / head_dim as f32)).collect();
+    match *scaling {
+        RopeScaling::None => default,
+        RopeScaling::Linear { factor } => default.iter().map(|f| f / factor as f32).collect(),
+        RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings } => {
+            let (factor, low, high) = (factor as f32, low_freq_factor as f32, high_freq_factor as f32);
+            let old_len = original_max_position_embeddings as f32;
+            let low_freq_wavelen = old_len / low;
+            let high_freq_wavelen = old_len / high;
+            default
+                .iter()
+                .map(|&f| {
+                    let wavelen = 2.0 * std::f32::consts::PI / f;
+                    let scaled = if wavelen > low_freq_wavelen { f / factor } else { f };
+                    let is_medium = !(wavelen < high_freq_wavelen) && !(wavelen > low_freq_wavelen);
+                    if is_medium {
+                        let smooth = (old_len / wavelen - low) / (high - low);
+                        (1.0 - smooth) * scaled / factor + smooth * scaled
+                    } else {
+                        scaled
+                    }
+                })
+                .collect()
+        }
+    }
+}
+
+/// `cos` and `sin` tables for the given positions, shaped `[batch, 1, seq, head_dim]` so they
+/// broadcast over heads.
+pub fn cos_sin<B: Backend>(
+    inv_freq: &[f32],
+    positions: &[Vec<i64>],
+    device: &B::Device,
+) -> (Tensor<B, 4>, Tensor<B, 4>) {
+    let batch = positions.len();
+    let seq = positions.first().map_or(0, Vec::len);
+    let half = inv_freq.len();
+    let mut angles = Vec::with_capacity(batch * seq * half * 2);
+    for row in positions {
+        for &p in row {
+            let start = angles.len();
+            angles.extend(inv_freq.iter().map(|f| f * p as f32));
+            angles.extend_from_within(start..start + half);
+        }
+    }
+    let angles = Tensor::<B, 4>::from_data(TensorData::new(angles, [batch, 1, seq, 2 * half]), device);
+    (angles.clone().cos(), angles.sin())
+}
+
+/// Rotates `[batch, heads, seq, head_dim]` queries or keys by their positions.
+pub fn apply<B: Backend>(x: Tensor<B, 4>, cos: &Tensor<B, 4>, sin: &Tensor<B, 4>) -> Tensor<B, 4> {
+    let [b, h, t, d] = x.dims();
+    let first = x.clone().slice([0..b, 0..h, 0..t, 0..d / 2]);
+    let second = x.clone().slice([0..b, 0..h, 0..t, d / 2..d]);
+    let rotated = Tensor::cat(vec![second.neg(), first], 3);
+    x * cos.clone() + rotated * sin.clone()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn llama3_scaling_keeps_high_and_divides_low_frequencies() {
+        let plain = inverse_frequencies(64, 500000.0, &RopeScaling::None);
+        let scaled = inverse_frequencies(
+            64,
+            500000.0,
+            &RopeScaling::Llama3 { factor: 8.0, low_freq_factor: 1.0, high_freq_factor: 4.0, original_max_position_embeddings: 8192.0 },
+        );
+        assert_eq!(plain[0], scaled[0]);
+        let last = plain.len() - 1;
+        assert!((plain[last] / 8.0 - scaled[last]).abs() < 1e-12);
+    }
+}
