@@ -1,0 +1,64 @@
+//! The shipped recipes load with the handbook's values; bad keys and overrides are clear errors.
+
+use alignment_trainer::{Recipe, RecipeError};
+use std::path::PathBuf;
+
+fn recipe(rel: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../recipes").join(rel)
+}
+
+#[test]
+fn zephyr_recipes_load_with_handbook_hyperparameters() {
+    let sft = Recipe::load(&recipe("zephyr-7b-beta/sft/config_full.yaml"), &[]).unwrap();
+    assert_eq!(sft.model_name_or_path, "mistralai/Mistral-7B-v0.1");
+    assert_eq!(sft.learning_rate, 2.0e-5);
+    assert_eq!(sft.sft_max_length(), Some(2048));
+    assert_eq!(sft.dataset_splits, vec!["train_sft", "test_sft"]);
+    assert_eq!(sft.dataset_mixer.as_ref().unwrap()["HuggingFaceH4/ultrachat_200k"], 1.0);
+    assert!(sft.chat_template.as_ref().unwrap().starts_with("{% for message in messages %}\n"));
+    assert!(sft.inert_keys_set().contains(&"use_flash_attention_2"));
+
+    let dpo = Recipe::load(&recipe("zephyr-7b-beta/dpo/config_full.yaml"), &[]).unwrap();
+    assert_eq!((dpo.beta, dpo.learning_rate, dpo.max_length, dpo.max_prompt_length), (0.01, 5.0e-7, Some(1024), Some(512)));
+    assert_eq!(dpo.torch_dtype, None);
+
+    let qlora = Recipe::load(&recipe("zephyr-7b-beta/dpo/config_qlora.yaml"), &[]).unwrap();
+    assert!(qlora.use_peft && qlora.load_in_4bit);
+    assert_eq!((qlora.lora_r, qlora.lora_alpha), (128, 128));
+    assert_eq!(qlora.lora_target_modules.as_ref().unwrap().len(), 7);
+}
+
+#[test]
+fn command_line_overrides_win_and_are_typed() {
+    let overrides = ["--learning_rate=1e-4", "--num_train_epochs=5", "--lora_target_modules=[q_proj, v_proj]"]
+        .map(String::from);
+    let r = Recipe::load(&recipe("zephyr-7b-beta/sft/config_qlora.yaml"), &overrides).unwrap();
+    assert_eq!(r.learning_rate, 1e-4);
+    assert_eq!(r.num_train_epochs, 5.0);
+    assert_eq!(r.lora_target_modules.unwrap(), vec!["q_proj", "v_proj"]);
+}
+
+#[test]
+fn unknown_key_lists_nearest_valid_keys() {
+    let err = Recipe::from_yaml_str("model_name_or_path: x\nlearning_rat: 0.1\n", "test.yaml", &[]).unwrap_err();
+    match &err {
+        RecipeError::UnknownKey { key, suggestions, source_name } => {
+            assert_eq!(key, "learning_rat");
+            assert_eq!(source_name, "test.yaml");
+            assert!(suggestions.starts_with("learning_rate"), "{err}");
+        }
+        other => panic!("expected UnknownKey, got {other}"),
+    }
+    let err = Recipe::from_yaml_str("model_name_or_path: x\n", "t", &["--per_device_batch_size=4".into()]).unwrap_err();
+    assert!(err.to_string().contains("per_device_train_batch_size"), "{err}");
+}
+
+#[test]
+fn wrong_types_and_malformed_overrides_are_errors() {
+    let err = Recipe::from_yaml_str("learning_rate: fast\n", "t.yaml", &[]).unwrap_err().to_string();
+    assert!(err.contains("learning_rate") || err.contains("invalid"), "{err}");
+    assert!(matches!(
+        Recipe::from_yaml_str("seed: 1\n", "t", &["learning_rate=1".into()]),
+        Err(RecipeError::MalformedOverride(_))
+    ));
+}
