@@ -22,12 +22,25 @@ fn fixture(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
 }
 
-/// Max-abs logit difference over non-padding positions, and whether greedy decoding agrees.
+/// Max-abs logit difference over non-padding positions; also asserts greedy decoding agrees.
 fn compare(name: &str) -> f32 {
     let dir = fixture(name);
-    let reference: Reference =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap()).unwrap();
     let model = load_pretrained::<Cpu>(&dir, &Default::default()).unwrap();
+    let max_diff = logit_diff(name, &model);
+    let reference = reference(name);
+    let config = GenerationConfig { max_new_tokens: reference.greedy.len(), ..Default::default() };
+    let greedy = generate(&model, &reference.input_ids[0], &config, |_| {}).unwrap();
+    assert_eq!(greedy, reference.greedy, "{name}: greedy decoding differs from transformers");
+    println!("{name}: max |logit diff| = {max_diff:.3e}");
+    max_diff
+}
+
+fn reference(name: &str) -> Reference {
+    serde_json::from_str(&std::fs::read_to_string(fixture(name).join("reference.json")).unwrap()).unwrap()
+}
+
+fn logit_diff(name: &str, model: &alignment_models::CausalLm<Cpu>) -> f32 {
+    let reference = reference(name);
     let batch = Batch {
         input_ids: reference.input_ids.clone(),
         position_ids: reference.position_ids.clone(),
@@ -49,10 +62,6 @@ fn compare(name: &str) -> f32 {
             }
         }
     }
-    let config = GenerationConfig { max_new_tokens: reference.greedy.len(), ..Default::default() };
-    let greedy = generate(&model, &reference.input_ids[0], &config, |_| {}).unwrap();
-    assert_eq!(greedy, reference.greedy, "{name}: greedy decoding differs from transformers");
-    println!("{name}: max |logit diff| = {max_diff:.3e}");
     max_diff
 }
 
@@ -79,4 +88,18 @@ fn gemma_matches_transformers() {
 #[test]
 fn sharded_bf16_checkpoint_matches_transformers() {
     assert!(compare("tiny-llama-sharded-bf16") <= 1e-4);
+}
+
+/// The fixtures are sensitive to the features they test: dropping the sliding window or the
+/// Llama-3 frequency scaling from the config moves the logits far beyond the tolerance.
+#[test]
+fn fixtures_detect_missing_window_and_rope_scaling() {
+    let mut mistral = load_pretrained::<Cpu>(&fixture("tiny-mistral"), &Default::default()).unwrap();
+    mistral.config.sliding_window = None;
+    assert!(logit_diff("tiny-mistral", &mistral) > 1e-3);
+
+    let mut llama3 = load_pretrained::<Cpu>(&fixture("tiny-llama3-rope"), &Default::default()).unwrap();
+    let c = &llama3.config;
+    llama3.inv_freq = alignment_models::rope::inverse_frequencies(c.head_dim, c.rope_theta, &alignment_models::config::RopeScaling::None);
+    assert!(logit_diff("tiny-llama3-rope", &llama3) > 1e-3);
 }
