@@ -4,6 +4,7 @@
 //! gradient accumulation and clipping, evaluation, checkpoints and metrics.
 
 pub mod recipe;
+pub mod optimizer;
 pub mod schedule;
 
 pub use recipe::{Recipe, RecipeError};

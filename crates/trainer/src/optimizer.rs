@@ -1,0 +1,169 @@
+//! AdamW with PyTorch's semantics, global-norm gradient clipping, and transformers' rule for
+//! which parameters get weight decay (none for norms and biases).
+//!
+//! burn's own optimizers clip per tensor and decay every parameter alike; training recipes need
+//! the global norm (`max_grad_norm`, as `torch.nn.utils.clip_grad_norm_`) and the decay
+//! exclusion (transformers' `get_decay_parameter_names`), so the update is written out here:
+//!
+//! ```text
+//! g ← g · min(1, max_norm / (‖g‖₂ + 1e-6))        (‖g‖ over all parameters)
+//! p ← p − lr · wd · p                            (decoupled decay, skipped for norms/biases)
+//! m ← β₁m + (1−β₁)g ;  v ← β₂v + (1−β₂)g²
+//! p ← p − lr/(1−β₁ᵗ) · m / (√v/√(1−β₂ᵗ) + ε)
+//! ```
+//! Moments live on the inner (non-autodiff) backend, keyed by parameter path so they can be
+//! checkpointed and restored by name.
+
+use burn::module::{AutodiffModule, ModuleMapper, ModuleVisitor, Param, ParamId};
+use burn::optim::GradientsParams;
+use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::{ElementConversion, Tensor};
+use std::collections::HashMap;
+
+/// AdamW hyper-parameters (TrainingArguments names).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AdamWConfig {
+    pub beta1: f64,
+    pub beta2: f64,
+    pub epsilon: f64,
+    pub weight_decay: f64,
+    /// Global-norm clipping threshold; `None` or ≤ 0 disables clipping.
+    pub max_grad_norm: Option<f64>,
+}
+
+impl Default for AdamWConfig {
+    fn default() -> Self {
+        Self { beta1: 0.9, beta2: 0.999, epsilon: 1e-8, weight_decay: 0.0, max_grad_norm: Some(1.0) }
+    }
+}
+
+/// First and second moments of one parameter, flattened.
+#[derive(Debug, Clone)]
+pub struct Moments<B: Backend> {
+    pub exp_avg: Tensor<B, 1>,
+    pub exp_avg_sq: Tensor<B, 1>,
+}
+
+/// The optimizer: configuration, step count and per-parameter moments.
+#[derive(Debug, Clone)]
+pub struct AdamW<B: Backend> {
+    pub config: AdamWConfig,
+    /// Number of updates applied so far.
+    pub step: u64,
+    /// Moments by parameter path (e.g. `layers.0.self_attn.q_proj.weight`).
+    pub state: HashMap<String, Moments<B>>,
+}
+
+/// What one optimizer step did, for logging.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct StepReport {
+    /// Global L2 norm of the gradients before clipping (`grad_norm` in transformers' logs).
+    pub grad_norm: f64,
+    /// Factor applied to the gradients (1 when not clipped).
+    pub clip_coef: f64,
+}
+
+/// Whether transformers would exempt this parameter from weight decay: biases and the weights
+/// of normalisation layers.
+pub fn excluded_from_decay(path: &str) -> bool {
+    path.ends_with("bias") || path.split('.').any(|part| part.contains("norm"))
+}
+
+impl<B: Backend> AdamW<B> {
+    /// A fresh optimizer.
+    pub fn new(config: AdamWConfig) -> Self {
+        Self { config, step: 0, state: HashMap::new() }
+    }
+
+    /// Applies one update with learning rate `lr` to every parameter of `module` that has a
+    /// gradient in `grads`, clipping by global norm first.
+    pub fn step<AD, M>(&mut self, lr: f64, module: M, grads: &GradientsParams) -> (M, StepReport)
+    where
+        AD: AutodiffBackend<InnerBackend = B>,
+        M: AutodiffModule<AD>,
+    {
+        let mut norm = GradNorm::<B> { grads, sum_squares: 0.0, _b: Default::default() };
+        module.visit(&mut norm);
+        let grad_norm = norm.sum_squares.sqrt();
+        let clip_coef = match self.config.max_grad_norm {
+            Some(max) if max > 0.0 => (max / (grad_norm + 1e-6)).min(1.0),
+            _ => 1.0,
+        };
+        self.step += 1;
+        let mut mapper = Update::<AD> { optimizer: self, grads, lr, clip_coef, path: Vec::new() };
+        let module = module.map(&mut mapper);
+        (module, StepReport { grad_norm, clip_coef })
+    }
+}
+
+struct GradNorm<'a, B: Backend> {
+    grads: &'a GradientsParams,
+    sum_squares: f64,
+    _b: std::marker::PhantomData<B>,
+}
+
+impl<AD: AutodiffBackend> ModuleVisitor<AD> for GradNorm<'_, AD::InnerBackend> {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<AD, D>>) {
+        if let Some(g) = self.grads.get::<AD::InnerBackend, D>(param.id) {
+            let s: f64 = g.square().sum().into_scalar().elem::<f64>();
+            self.sum_squares += s;
+        }
+    }
+}
+
+
+
+struct Update<'a, AD: AutodiffBackend> {
+    optimizer: &'a mut AdamW<AD::InnerBackend>,
+    grads: &'a GradientsParams,
+    lr: f64,
+    clip_coef: f64,
+    path: Vec<String>,
+}
+
+impl<AD: AutodiffBackend> ModuleMapper<AD> for Update<'_, AD> {
+    fn enter_module(&mut self, name: &str, _container_type: &str) {
+        self.path.push(name.to_string());
+    }
+
+    fn exit_module(&mut self, _name: &str, _container_type: &str) {
+        self.path.pop();
+    }
+
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<AD, D>>) -> Param<Tensor<AD, D>> {
+        let id: ParamId = param.id;
+        let Some(grad) = self.grads.get::<AD::InnerBackend, D>(id) else { return param };
+        let (id, tensor, mapper) = param.consume();
+        let require_grad = tensor.is_require_grad();
+        let path = self.path.join(".");
+        let c = self.optimizer.config;
+        let t = self.optimizer.step as i32;
+        let shape = tensor.shape();
+        let numel = shape.num_elements();
+
+        let mut p = tensor.inner();
+        let g = if self.clip_coef < 1.0 { grad * self.clip_coef } else { grad };
+        if c.weight_decay > 0.0 && !excluded_from_decay(&path) {
+            p = p.clone() - p * (self.lr * c.weight_decay);
+        }
+        let g_flat: Tensor<AD::InnerBackend, 1> = g.reshape([numel]);
+        let moments = self.optimizer.state.remove(&path).unwrap_or_else(|| Moments {
+            exp_avg: g_flat.zeros_like(),
+            exp_avg_sq: g_flat.zeros_like(),
+        });
+        let exp_avg = moments.exp_avg * c.beta1 + g_flat.clone() * (1.0 - c.beta1);
+        let exp_avg_sq = moments.exp_avg_sq * c.beta2 + g_flat.square() * (1.0 - c.beta2);
+        let bias1 = 1.0 - c.beta1.powi(t);
+        let bias2 = 1.0 - c.beta2.powi(t);
+        let denom = exp_avg_sq.clone().sqrt() / bias2.sqrt() + c.epsilon;
+        let update = (exp_avg.clone() / denom) * (self.lr / bias1);
+        let p = p - update.reshape(shape);
+        self.optimizer.state.insert(path, Moments { exp_avg, exp_avg_sq });
+
+        let mut tensor = Tensor::from_inner(p);
+        if require_grad {
+            tensor = tensor.require_grad();
+        }
+        Param::from_mapped_value(id, tensor, mapper)
+    }
+}
