@@ -19,11 +19,18 @@ impl<B: Backend> Linear<B> {
 
     /// Applies the map to `[batch, seq, in]`, giving `[batch, seq, out]`.
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        let [batch, seq, inner] = x.dims();
-        let w = self.weight.val();
-        let out = w.dims()[0];
-        x.reshape([batch * seq, inner]).matmul(w.transpose()).reshape([batch, seq, out])
+        project(x, self.weight.val())
     }
+}
+
+/// `x Wᵀ` for `x: [batch, seq, in]` and `W: [out, in]` (shared by [`Linear`] and the tied head).
+///
+/// Computed as `(W xᵀ)ᵀ`: only the activations are transposed, never the (large) weight, which
+/// the ndarray backend would otherwise copy into a contiguous transposed buffer on every call.
+pub fn project<B: Backend>(x: Tensor<B, 3>, w: Tensor<B, 2>) -> Tensor<B, 3> {
+    let [batch, seq, inner] = x.dims();
+    let out = w.dims()[0];
+    w.matmul(x.reshape([batch * seq, inner]).transpose()).transpose().reshape([batch, seq, out])
 }
 
 /// Root-mean-square normalisation: `x / sqrt(mean(x²) + eps) * scale`, where `scale` is `w`

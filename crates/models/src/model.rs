@@ -142,12 +142,7 @@ impl<B: Backend> CausalLm<B> {
     pub fn project(&self, hidden: Tensor<B, 3>) -> Tensor<B, 3> {
         match &self.lm_head {
             Some(head) => head.forward(hidden),
-            None => {
-                let [b, t, h] = hidden.dims();
-                let w = self.embed_tokens.val();
-                let v = w.dims()[0];
-                hidden.reshape([b * t, h]).matmul(w.transpose()).reshape([b, t, v])
-            }
+            None => crate::layers::project(hidden, self.embed_tokens.val()),
         }
     }
 

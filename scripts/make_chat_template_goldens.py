@@ -1,0 +1,187 @@
+"""Golden renderings of chat templates by transformers, for crates/data/tests/chat_template_golden.rs.
+
+Every template in crates/data/tests/fixtures/chat_templates/<name>.jinja (copied byte-exact from the
+public tokenizer_config.json of the model named in TEMPLATES) is rendered over a set of
+conversations, with add_generation_prompt true and false, by transformers' own
+`apply_chat_template(..., tokenize=False)` on a tokenizer whose special tokens are the model's.
+A conversation the template rejects with raise_exception is recorded as an expected error with
+its message. The Rust side must reproduce every byte.
+
+usage: make_chat_template_goldens.py   (run with the reference venv, scripts/reference_env.sh;
+        writes crates/data/tests/fixtures/chat_templates/goldens.json)
+"""
+import hashlib
+import json
+import os
+
+import jinja2
+import tokenizers
+import transformers
+from tokenizers import Tokenizer, models
+from transformers import PreTrainedTokenizerFast
+
+FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "crates/data/tests/fixtures/chat_templates")
+
+# name -> (where the template comes from, special tokens of that tokenizer)
+TEMPLATES = {
+    "zephyr": ("alignment-handbook DEFAULT_CHAT_TEMPLATE (src/alignment/data.py), Mistral tokens",
+               {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}),
+    "smollm2-135m-instruct": ("HuggingFaceTB/SmolLM2-135M-Instruct",
+                              {"bos_token": "<|im_start|>", "eos_token": "<|im_end|>",
+                               "unk_token": "<|endoftext|>", "pad_token": "<|im_end|>"}),
+    "gemma-7b-it": ("google/gemma-7b-it",
+                    {"bos_token": "<bos>", "eos_token": "<eos>", "unk_token": "<unk>", "pad_token": "<pad>"}),
+    "llama-3-8b-instruct": ("meta-llama/Meta-Llama-3-8B-Instruct",
+                            {"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>"}),
+    "llama-3.1-8b-instruct": ("meta-llama/Llama-3.1-8B-Instruct",
+                              {"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>"}),
+    "mistral-7b-instruct-v0.1": ("mistralai/Mistral-7B-Instruct-v0.1 (original template)",
+                                 {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}),
+    "mistral-7b-instruct-v0.2": ("mistralai/Mistral-7B-Instruct-v0.2 (template with optional system message)",
+                                 {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}),
+    "llama-2-7b-chat": ("meta-llama/Llama-2-7b-chat-hf",
+                        {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}),
+    "deepseek-coder-6.7b-instruct": ("deepseek-ai/deepseek-coder-6.7b-instruct",
+                                     {"bos_token": "<\uff5cbegin\u2581of\u2581sentence\uff5c>", "eos_token": "<|EOT|>",
+                                      "pad_token": "<\uff5cend\u2581of\u2581sentence\uff5c>"}),
+    "openchat-3.5-0106": ("openchat/openchat-3.5-0106",
+                          {"bos_token": "<s>", "eos_token": "<|end_of_turn|>", "unk_token": "<unk>"}),
+}
+
+
+def m(role, content):
+    return {"role": role, "content": content}
+
+
+CONVERSATIONS = {
+    "prompt_only": [m("user", "Hello!")],
+    "single_turn": [m("user", "What is the capital of France?"), m("assistant", "Paris.")],
+    "with_system": [m("system", "You are a concise assistant."), m("user", "Name a prime number."),
+                    m("assistant", "Seven.")],
+    "multi_turn": [m("user", "Hi there"), m("assistant", "Hello! How can I help?"),
+                   m("user", "What is 2 + 2?"), m("assistant", "4"),
+                   m("user", "And times 3?"), m("assistant", "12"),
+                   m("user", "Thanks, bye.")],
+    "multi_turn_with_system": [m("system", "Answer in French."), m("user", "Good morning"),
+                               m("assistant", "Bonjour"), m("user", "Good night"), m("assistant", "Bonne nuit"),
+                               m("user", "Thank you"), m("assistant", "Merci")],
+    "unicode": [m("user", "Café crème, naïve façade — ¿qué tal? Привет! 日本語で答えてください。"),
+                m("assistant", "もちろん！🦀🚀 👩‍💻 ✓ ñ ü ß ∑ 中文 한국어 العربية")],
+    "whitespace": [m("user", "  \n  Leading spaces and newlines,\ttabs\t and trailing ones  \n\n"),
+                   m("assistant", "\n\nLine one\nLine two\r\n\u00a0non-breaking\u3000ideographic\u3000 \n")],
+    "python_whitespace": [m("user", "\x1c\x1d\x1e\x1f\u0085\u2028 separators are whitespace to Python \u2029\x1f"),
+                          m("assistant", "\x0b\x0c vertical tab and form feed \x0c\x0b")],
+    "template_syntax_in_content": [m("user", "Render {{ this }} and {% if x %}that{% endif %} {# literally #}"),
+                                   m("assistant", "Quotes ' \" and backslashes \\n \\ and tokens </s> <|im_end|> <eos>")],
+    "empty_content": [m("user", ""), m("assistant", "")],
+    "non_alternating": [m("user", "First"), m("user", "Second"), m("assistant", "Reply")],
+    "unknown_role": [m("user", "What is the weather?"), m("tool", "{\"temp\": 21}"), m("assistant", "21 degrees.")],
+}
+
+WEATHER_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Météo — 天気 🌦 for a \"city\"",
+        "parameters": {
+            "type": "object",
+            "properties": {
+                "city": {"type": "string", "description": "Name, e.g. São Paulo"},
+                "days": {"type": "integer", "minimum": 1, "maximum": 7, "default": 1.5, "scale": 1e-07, "big": 1e16},
+                "units": {"enum": ["c", "f"], "nullable": None, "strict": True, "legacy": False},
+                "tags": {"type": "array", "items": {}, "examples": [[], {}]},
+            },
+            "required": ["city"],
+        },
+    },
+}
+
+# Extra conversations only some templates get, with the template variables (transformers' **kwargs,
+# plus `tools`/`documents`) to render them with.
+SPECIAL_CASES = {
+    "llama-3.1-8b-instruct": [
+        ("tools_in_user_message", CONVERSATIONS["with_system"], {"tools": [WEATHER_TOOL], "date_string": "01 Jan 2025"}),
+        ("tools_in_system", CONVERSATIONS["single_turn"],
+         {"tools": [WEATHER_TOOL, {"name": "noop", "parameters": {}}], "tools_in_user_message": False}),
+        ("tool_call_and_result",
+         [m("user", "Weather in Paris?"),
+          {"role": "assistant", "tool_calls": [{"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris", "days": 2}}}]},
+          m("tool", "{\"temp\": 21, \"sky\": \"clear\"}"),
+          {"role": "ipython", "content": {"temp": 21, "feels_like": [20.5, None], "ok": True}},
+          m("assistant", "It is 21 °C and clear.")],
+         {"tools": [WEATHER_TOOL], "tools_in_user_message": False}),
+        ("builtin_tool_call",
+         [m("system", "Search when needed."), m("user", "Who won?"),
+          {"role": "assistant", "tool_calls": [{"type": "function", "function": {"name": "brave_search", "arguments": {"query": "winner", "lang": "en"}}}]}],
+         {"builtin_tools": ["brave_search", "code_interpreter", "wolfram_alpha"]}),
+        ("two_tool_calls",
+         [m("user", "Both?"),
+          {"role": "assistant", "tool_calls": [{"type": "function", "function": {"name": "a", "arguments": {}}},
+                                               {"type": "function", "function": {"name": "b", "arguments": {}}}]}],
+         {}),
+        ("tools_without_user_message", [m("system", "Only a system message.")], {"tools": [WEATHER_TOOL]}),
+    ],
+}
+
+
+def make_tokenizer(template, special_tokens):
+    vocab = {"<unk-placeholder>": 0}
+    for token in special_tokens.values():
+        vocab.setdefault(token, len(vocab))
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk-placeholder>"))
+    return PreTrainedTokenizerFast(tokenizer_object=backend, chat_template=template, **special_tokens)
+
+
+def render(tokenizer, messages, add_generation_prompt, kwargs):
+    kwargs = dict(kwargs)
+    tools = kwargs.pop("tools", None)
+    documents = kwargs.pop("documents", None)
+    try:
+        text = tokenizer.apply_chat_template(messages, tools=tools, documents=documents, tokenize=False,
+                                             add_generation_prompt=add_generation_prompt, **kwargs)
+        return {"expected": text}
+    except jinja2.exceptions.TemplateError as e:
+        # Only raise_exception raises the bare TemplateError; anything else (syntax, undefined) is a bug here.
+        if type(e) is not jinja2.exceptions.TemplateError:
+            raise
+        return {"error": str(e)}
+
+
+def main():
+    templates, cases = {}, []
+    for name, (origin, special_tokens) in TEMPLATES.items():
+        with open(os.path.join(FIXTURES, f"{name}.jinja"), "rb") as f:
+            raw = f.read()
+        template = raw.decode("utf-8")
+        templates[name] = {"file": f"{name}.jinja", "origin": origin, "sha256": hashlib.sha256(raw).hexdigest(),
+                           "special_tokens": special_tokens}
+        tokenizer = make_tokenizer(template, special_tokens)
+        runs = [(conv, CONVERSATIONS[conv], {}) for conv in CONVERSATIONS] + SPECIAL_CASES.get(name, [])
+        for conv, messages, kwargs in runs:
+            for add_generation_prompt in (False, True):
+                case = {"template": name, "conversation": conv, "add_generation_prompt": add_generation_prompt}
+                if conv not in CONVERSATIONS:
+                    case["messages"] = messages
+                if kwargs:
+                    case["kwargs"] = kwargs
+                case.update(render(tokenizer, messages, add_generation_prompt, kwargs))
+                cases.append(case)
+    out = {
+        "generator": "scripts/make_chat_template_goldens.py",
+        "transformers_version": transformers.__version__,
+        "jinja2_version": jinja2.__version__,
+        "tokenizers_version": tokenizers.__version__,
+        "templates": templates,
+        "conversations": CONVERSATIONS,
+        "cases": cases,
+    }
+    path = os.path.join(FIXTURES, "goldens.json")
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(out, f, ensure_ascii=False, indent=1)
+        f.write("\n")
+    errors = sum("error" in c for c in cases)
+    print(f"{path}: {len(cases)} cases ({errors} expected errors), transformers {transformers.__version__}")
+
+
+if __name__ == "__main__":
+    main()
