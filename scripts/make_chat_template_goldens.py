@@ -123,6 +123,54 @@ SPECIAL_CASES = {
     ],
 }
 
+# Small templates probing Jinja semantics a chat template can observe (Python printing of values,
+# filters, tests, loop variables, whitespace control), rendered over PROBE_MESSAGES with
+# add_generation_prompt=True. Known differences, not probed: tuples print as lists (`('a', 1)`,
+# `.items()` pairs), `**` with a negative exponent, the str methods pycompat lacks (`center`,
+# `zfill`, `partition`, ...) and the `wordcount` filter.
+PROBE_TOKENS = {"bos_token": "<s>", "eos_token": "</s>"}
+PROBE_MESSAGES = [m("system", "Sys text"), m("user", "Hello there  "), m("assistant", "Hi!")]
+PROBES = [
+    "{{ none }}|{{ true }}|{{ false }}|{{ 1.0 }}|{{ 10/4 }}|{{ 10//4 }}|{{ 2**10 }}|{{ 7 % 3 }}|{{ -7 // 2 }}",
+    "{{ [1, 'a', none, true, 2.5] }}|{{ {'k': 'v', 'n': [1]} }}",
+    "{{ 'x' ~ none ~ true ~ 1.5 }}",
+    "{{ [1, none, 'a'] | join(',') }}",
+    "{{ messages | length }}|{{ messages[0].role }}|{{ messages[-1]['content'] }}|{{ messages[1:] | length }}|{{ messages[::-1][0].role }}",
+    "{% for m in messages %}{{ loop.index }}{{ loop.index0 }}{{ loop.revindex }}{{ loop.length }}{{ loop.first }}{{ loop.last }}{% if loop.previtem is defined %}<{{ loop.previtem.role }}{% endif %}{% if loop.nextitem is defined %}>{{ loop.nextitem.role }}{% endif %};{% endfor %}",
+    "{% set ns = namespace(n=0, s='') %}{% for m in messages %}{% set ns.n = ns.n + 1 %}{% set ns.s = ns.s + m.role[0] %}{% endfor %}{{ ns.n }}{{ ns.s }}",
+    "{% set x = 1 %}{% for m in messages %}{% set x = x + 1 %}{% endfor %}{{ x }}",
+    "{{ messages | map(attribute='role') | list }}|{{ messages | selectattr('role', 'equalto', 'user') | list | length }}|{{ messages | rejectattr('role', 'equalto', 'user') | map(attribute='content') | join('+') }}",
+    "{{ messages[0] | tojson }}|{{ 'a<b>&\\'\"' | tojson }}|{{ 'é\\u2028' | tojson }}|{{ none | tojson }}",
+    "{{ messages[0].items() | list | length }}|{{ messages[0].keys() | list }}|{{ messages[0].get('nope', 'dflt') }}|{{ messages[0].get('role') }}",
+    "{{ ' a b  c '.split() }}|{{ 'a,b,,c'.split(',') }}|{{ 'a b c'.split(' ', 1) }}|{{ 'xAy'.lower() }}{{ 'xAy'.upper() }}|{{ 'hello'.startswith('he') }}{{ 'hello'.endswith(('lo', 'x')) }}|{{ 'aXbX'.replace('X', '-') }}",
+    "{{ 'hello world'.capitalize() }}|{{ 'hello world' | capitalize }}|{{ 'HELLO wORLD' | title }}|{{ 'x' * 3 }}|{{ 'abc'[1:] }}|{{ 'abc'[-1] }}|{{ 'abc' | reverse }}|{{ 'é中' | length }}",
+    "{{ '%.2f' | format(3.14159) }}|{{ '%s-%d' | format('a', 3) }}|{{ 3.7 | int }}|{{ '42' | int + 1 }}|{{ 3.14159 | round(2) }}|{{ 2.5 | round }}|{{ -3 | abs }}",
+    "{{ undefined_var }}|{{ undefined_var is defined }}|{{ undefined_var | default('d') }}|{{ none | default('d') }}|{{ '' | default('d', true) }}",
+    "{% if 'role' in messages[0] %}in{% endif %}|{% if 'us' in 'user' %}sub{% endif %}|{{ messages[0] is mapping }}{{ 'x' is string }}{{ 'x' is iterable }}{{ 1 is number }}{{ none is none }}{{ [] is sequence }}{{ 'x' is sequence }}",
+    "{% macro turn(m) %}[{{ m.role | upper }}]{% endmacro %}{% for m in messages %}{{ turn(m) }}{% endfor %}",
+    "{% for i in range(3) %}{{ i }}{% endfor %}|{% for i in range(1, 7, 2) %}{{ i }}{% endfor %}|{{ range(3) | list }}",
+    "{{ messages | first | tojson }}|{{ (messages | last).role }}|{{ [3,1,2] | sort }}|{{ [3,1,2] | max }}{{ [3,1,2] | min }}{{ [3,1,2] | sum }}|{{ ['a','b'] | unique | list }}",
+    "{% for k, v in messages[0] | items %}{{ k }}={{ v }};{% endfor %}|{% for k, v in messages[0].items() %}{{ k }}={{ v }};{% endfor %}|{{ messages[0] | dictsort | map('first') | join(',') }}",
+    "{{ dict(a=1, b='x') }}|{{ dict(a=1).a }}",
+    "  {%- if true %} x {% endif -%}  \n  {% if true %}\n  y\n  {% endif %}\n  {{ 'z' }}  \n{# comment #}\n  {# indented comment #}\nend\n",
+    "{% raw %}{{ not rendered }}{% endraw %}|{{ '{{ x }}' }}",
+    "{%- for m in messages -%}{%- if loop.index0 == 1 -%}{%- continue -%}{%- endif -%}{{ m.role }}{%- if loop.index0 == 2 -%}{%- break -%}{%- endif -%}{%- endfor -%}",
+    "{{ bos_token }}{{ eos_token }}|{{ unk_token is defined }}|{{ pad_token }}|{{ tools }}|{{ documents is none }}|{{ add_generation_prompt }}",
+    "{{ 'a\\tb\\n\\u00e9\\x41' }}|{{ \"double 'quotes'\" }}|{{ 'it\\'s' }}",
+    "{{ [1,2,3] | batch(2) | list }}|{{ [1,2,3] | select('odd') | list }}|{{ messages | groupby('role') | map(attribute='grouper') | list }}",
+    "{{ 'a' if false }}|{{ 'b' if true else 'c' }}|{{ (1, 2) | list }}|{{ [1] + [2] }}|{{ 'ab' in ['ab'] }}",
+    "{{ strftime_now('%d %b %Y') | length }}",
+    "{{ 0.1 + 0.2 }}|{{ 1e20 }}|{{ 3 / 1 }}|{{ 10 / 3 }}|{{ 2 ** 64 }}|{{ 1e-7 }}|{{ -0.0 }}|{{ 1.5e300 * 1e10 }}",
+    "{{ 2.5 | round }}|{{ 3.5 | round }}|{{ 2.675 | round(2) }}|{{ 0.125 | round(2) }}|{{ 7 | round }}|{{ 2.1 | round(0, 'ceil') }}|{{ -2.5 | round(0, 'floor') }}|{{ 1234.5 | round(-2) }}",
+    "{{ 'x' is sequence }}{{ messages is sequence }}{{ messages[0] is sequence }}{{ 1 is sequence }}",
+    "{% for m in messages %}{{ loop.cycle('a', 'b') }}{% endfor %}|{% filter upper %}up{{ 'x' }}{% endfilter %}|{% set blk %}B{{ 1 }}{% endset %}{{ blk }}",
+    "{{ true is true }}{{ 1 is true }}{{ 'a' in 'abc' }}{{ 2 in [1, 2] }}{{ 1 is odd }}{{ 4 is divisibleby 2 }}{{ 'x' is lower }}",
+    "{{ 'ab' | list }}|{{ 1.5 | string }}|{{ none | string }}|{{ [none] | string }}|{{ {'a': none} | tojson }}",
+    "{{ messages | tojson(indent=2) }}",
+    "{{ messages[0].content.split(' ') | join('_') }}|{{ messages[1].content | trim | length }}|{{ messages[1].content.rstrip() ~ '|' }}",
+    "{{ 'Hello' | tojson(ensure_ascii=true) }}|{{ {'b': 1, 'a': [1, 2]} | tojson(separators=(',', ':'), sort_keys=true) }}",
+]
+
 
 def make_tokenizer(template, special_tokens):
     vocab = {"<unk-placeholder>": 0}
@@ -166,6 +214,11 @@ def main():
                     case["kwargs"] = kwargs
                 case.update(render(tokenizer, messages, add_generation_prompt, kwargs))
                 cases.append(case)
+    probes = []
+    for source in PROBES:
+        probe = {"source": source}
+        probe.update(render(make_tokenizer(source, PROBE_TOKENS), PROBE_MESSAGES, True, {}))
+        probes.append(probe)
     out = {
         "generator": "scripts/make_chat_template_goldens.py",
         "transformers_version": transformers.__version__,
@@ -174,13 +227,14 @@ def main():
         "templates": templates,
         "conversations": CONVERSATIONS,
         "cases": cases,
+        "probes": {"special_tokens": PROBE_TOKENS, "messages": PROBE_MESSAGES, "add_generation_prompt": True, "cases": probes},
     }
     path = os.path.join(FIXTURES, "goldens.json")
     with open(path, "w", encoding="utf-8") as f:
         json.dump(out, f, ensure_ascii=False, indent=1)
         f.write("\n")
     errors = sum("error" in c for c in cases)
-    print(f"{path}: {len(cases)} cases ({errors} expected errors), transformers {transformers.__version__}")
+    print(f"{path}: {len(cases)} cases ({errors} expected errors), {len(probes)} probes, transformers {transformers.__version__}")
 
 
 if __name__ == "__main__":

@@ -5,7 +5,10 @@ For each case: config.json + model.safetensors (save_pretrained) and reference.j
   input_ids, attention_mask, position_ids ([2][12]; row 1 left-padded by 3 with pad id 0;
   positions offset by 300 in the llama3 case),
   logits ([2][12][vocab], float32; positions where attention_mask is 0 are not compared),
-  greedy (8 argmax tokens from row 0, KV cache, no EOS stop).
+  greedy (8 argmax tokens from row 0, KV cache, no EOS stop; checked against
+  model.generate(do_sample=False, use_cache=True)), notes.
+The Mistral case is checked to really apply its sliding window (its logits differ from the same
+weights with the window disabled, from the first position the window cuts off).
 
 usage: make_tiny_models.py [--out crates/models/tests/fixtures]
 """
@@ -44,23 +47,57 @@ def round_floats(x, digits=7):
 # Positions start here in the batch, so that the llama3 case exercises its rescaled
 # low/medium frequencies (wavelengths beyond 16 positions) rather than only position < 12.
 POSITION_OFFSET = {"tiny-llama3-rope": 300}
+EXTRA_NOTES = {
+    "tiny-llama3-rope": "; here position_ids are offset by 300 so the llama3-rescaled frequencies matter "
+                        "(greedy starts at position 0)",
+}
 
 
-def reference(model, out_dir, position_offset=0):
+NOTES = ("logits at positions where attention_mask is 0 are padding and must be ignored when comparing; "
+         "position_ids = cumsum(attention_mask) - 1 clipped at 0 (as generate does for left padding)")
+
+
+def greedy_reference(model, ids, steps=8):
+    """Argmax decoding with the KV cache, not stopped at EOS; agrees with generate() up to its stop."""
+    out = model(input_ids=ids, use_cache=True)
+    greedy = []
+    for _ in range(steps):
+        token = out.logits[0, -1].argmax()
+        greedy.append(int(token))
+        out = model(input_ids=token.view(1, 1), cache=out.cache, use_cache=True)
+    generated = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, use_cache=True,
+                               max_new_tokens=steps, pad_token_id=0)[0, ids.shape[1]:].tolist()
+    assert generated == greedy[:len(generated)], (generated, greedy)
+    return greedy
+
+
+def check_sliding_window(model, ids, window):
+    """Asserts transformers applies the window: positions < window agree with a windowless run,
+    later ones do not. Returns the first position whose logits differ."""
+    assert model.config._attn_implementation == "eager", model.config._attn_implementation
+    with torch.no_grad():
+        windowed = model(input_ids=ids).logits
+        model.config.sliding_window = None
+        try:
+            full = model(input_ids=ids).logits
+        finally:
+            model.config.sliding_window = window
+    differs = (windowed - full).abs().amax(-1)[0] > 1e-6
+    first = int(differs.nonzero()[0]) if differs.any() else None
+    assert first is not None and not differs[:window].any() and differs[first:].all(), differs.tolist()
+    return first
+
+
+def reference(model, out_dir, position_offset=0, notes=""):
     ids = torch.tensor([[1, 5, 9, 13, 17, 21, 25, 29, 33, 37, 41, 45], [0, 0, 0, 2, 4, 6, 8, 10, 12, 14, 16, 18]])
     mask = torch.tensor([[1] * 12, [0, 0, 0] + [1] * 9])
     positions = (mask.cumsum(-1) - 1).clamp(min=0) + position_offset
     with torch.no_grad():
         logits = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits
-        out = model(input_ids=ids[:1], use_cache=True)
-        greedy = []
-        for _ in range(8):
-            token = out.logits[0, -1].argmax()
-            greedy.append(int(token))
-            out = model(input_ids=token.view(1, 1), past_key_values=out.past_key_values, use_cache=True)
+        greedy = greedy_reference(model, ids[:1])
     result = {
         "transformers_version": transformers.__version__,
-        "notes": "logits at positions where attention_mask is 0 are padding and not compared",
+        "notes": NOTES + notes,
         "input_ids": ids.tolist(),
         "attention_mask": mask.tolist(),
         "position_ids": positions.tolist(),
@@ -69,6 +106,7 @@ def reference(model, out_dir, position_offset=0):
     }
     with open(os.path.join(out_dir, "reference.json"), "w") as f:
         json.dump(result, f, separators=(",", ":"))
+    return result
 
 
 def save(model, out_dir, **kwargs):
@@ -91,8 +129,13 @@ def main():
         model = build().eval()
         out_dir = os.path.join(args.out, name)
         save(model, out_dir)
-        reference(model, out_dir, POSITION_OFFSET.get(name, 0))
-        print(f"{name}: {sum(p.numel() for p in model.parameters())} parameters")
+        extra = EXTRA_NOTES.get(name, "")
+        if name == "tiny-mistral":
+            first = check_sliding_window(model, torch.arange(3, 15).view(1, 12), model.config.sliding_window)
+            extra = (f"; eager attention, checked that the sliding window ({model.config.sliding_window}) "
+                     f"changes the logits from position {first} on")
+        result = reference(model, out_dir, POSITION_OFFSET.get(name, 0), extra)
+        summary(name, model, out_dir, result)
 
     # Sharded bf16 checkpoint: the llama weights rounded to bf16, saved in several shards; the
     # reference runs the bf16-rounded weights in float32.
@@ -100,10 +143,24 @@ def main():
     model = CASES["tiny-llama"]().eval()
     out_dir = os.path.join(args.out, "tiny-llama-sharded-bf16")
     save(model.to(torch.bfloat16), out_dir, max_shard_size="40KB")
-    reference(model.to(torch.float32), out_dir)
+    # Round-trip check: loading the saved shards into float32 gives exactly the weights used.
+    reloaded = LlamaForCausalLM.from_pretrained(out_dir, dtype=torch.float32).eval()
+    model = model.to(torch.float32)
+    expected, got = model.state_dict(), reloaded.state_dict()
+    assert expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected)
+    result = reference(model, out_dir, 0, "; weights are stored in bfloat16, logits computed from them upcast to float32")
     shards = [f for f in os.listdir(out_dir) if f.endswith(".safetensors")]
     assert len(shards) > 1 and os.path.exists(os.path.join(out_dir, "model.safetensors.index.json")), shards
-    print(f"tiny-llama-sharded-bf16: {len(shards)} shards")
+    summary("tiny-llama-sharded-bf16", model, out_dir, result)
+    total = sum(os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(args.out) for f in files)
+    print(f"total fixture size: {total / 1e6:.2f} MB in {os.path.abspath(args.out)}")
+
+
+def summary(name, model, out_dir, result):
+    files = sorted(os.listdir(out_dir))
+    size = sum(os.path.getsize(os.path.join(out_dir, f)) for f in files)
+    print(f"{name}: {sum(p.numel() for p in model.parameters())} parameters, {len(files)} files, "
+          f"{size / 1e3:.0f} kB, greedy {result['greedy']}")
 
 
 if __name__ == "__main__":

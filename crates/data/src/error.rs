@@ -1,4 +1,4 @@
-//! Errors of the data crate, each naming the dataset, row, field or file at fault.
+//! Errors of the data crate, each naming the file, field, template or message at fault.
 
 use std::path::PathBuf;
 
@@ -15,18 +15,25 @@ pub enum DataError {
     #[error("{path} has no `{field}`")]
     MissingField { path: PathBuf, field: String },
     /// The chat template does not compile.
-    #[error("chat template syntax error: {message}")]
-    TemplateSyntax { message: String },
-    /// The template called `raise_exception` (e.g. unsupported role order).
-    #[error("chat template raised: {message}")]
-    TemplateRaised { message: String },
-    /// Rendering failed for another reason (undefined variable, type error, ...).
+    #[error("chat template `{name}` has a syntax error: {message}")]
+    TemplateSyntax { name: String, message: String },
+    /// The template called `raise_exception(message)` (e.g. roles that do not alternate).
+    #[error("chat template `{name}` raised: {message}")]
+    TemplateRaised { name: String, message: String },
+    /// Rendering failed for another reason (type error, unknown filter, ...); the message
+    /// starts with the template's name.
     #[error("chat template rendering failed: {message}")]
     TemplateRender { message: String },
-    /// A message has a role other than system/user/assistant.
-    #[error("{location}: message {index} has role `{role}` (expected one of system, user, assistant)")]
-    InvalidRole { location: String, index: usize, role: String },
-    /// A conversation has no messages.
+    /// A conversation has no messages (transformers refuses to render those too).
     #[error("{location}: empty conversation")]
     EmptyConversation { location: String },
+    /// A message is not a JSON object (`{"role": ..., "content": ...}`).
+    #[error("message {index} is not an object: {value}")]
+    InvalidMessage { index: usize, value: String },
+    /// A message has a role other than system/user/assistant; `location` names the dataset row.
+    #[error("{location}: message {index} has role `{role}` (expected one of system, user, assistant)")]
+    InvalidRole { location: String, index: usize, role: String },
+    /// The tokenizer failed on a text.
+    #[error("{location}: tokenizer error: {message}")]
+    Tokenizer { location: String, message: String },
 }

@@ -98,7 +98,6 @@ struct RawFields {
     use_sliding_window: Option<bool>,
     eos_token_id: Option<Value>,
     bos_token_id: Option<Value>,
-    pretraining_tp: Option<usize>,
 }
 
 fn default_eps() -> f64 {
@@ -147,9 +146,6 @@ impl ModelConfig {
         }
         if f.mlp_bias {
             return Err(unsupported("mlp_bias", true, "MLP projections with bias are not implemented"));
-        }
-        if f.pretraining_tp.unwrap_or(1) != 1 {
-            // transformers only uses pretraining_tp to split matmuls; the result is the same.
         }
         let act_name = match architecture {
             // transformers' Gemma uses `hidden_activation`, defaulting to tanh-GELU.
