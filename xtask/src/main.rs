@@ -1,9 +1,16 @@
 //! Repository automation: `cargo xtask <command>`.
 //!
-//! `replicate zephyr` (SFT then DPO) and `launch` (multi-process) arrive with issues #4 and #7;
-//! until then they say so instead of pretending.
+//! - `replicate zephyr`: the Zephyr recipe's two steps, SFT then DPO starting from the SFT
+//!   output, by running the `zephyr_sft` and `zephyr_dpo` examples. By default on the small CPU
+//!   recipes (SmolLM2-135M-Instruct and the repo's tiny-chat data, `recipes/smollm2-135m/`);
+//!   `--full` runs the real `recipes/zephyr-7b-beta/{sft,dpo}/config_full.yaml` (Mistral-7B:
+//!   needs the model locally and a GPU build, `--features cuda`).
+//! - `launch`: multi-process training, not implemented yet (issue #7); it says so.
 
+use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
+use std::path::{Path, PathBuf};
+use std::process::Command as Process;
 
 #[derive(Parser)]
 struct Cli {
@@ -13,8 +20,23 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run a published recipe end to end (e.g. `zephyr`: SFT then DPO).
-    Replicate { recipe: String },
+    /// Run a published recipe end to end (`zephyr`: SFT, then DPO from the SFT model).
+    Replicate {
+        /// The recipe family; only `zephyr` exists.
+        recipe: String,
+        /// Use the real Zephyr-7B-β recipes instead of the small CPU ones.
+        #[arg(long)]
+        full: bool,
+        /// Build the examples with the CUDA backend.
+        #[arg(long)]
+        cuda: bool,
+        /// Where the two runs write (`<dir>/sft`, `<dir>/dpo`).
+        #[arg(long, default_value = "data/replicate-zephyr")]
+        output_dir: PathBuf,
+        /// Extra `--key=value` overrides passed to both steps (e.g. `--max_steps=4`).
+        #[arg(last = true)]
+        overrides: Vec<String>,
+    },
     /// Launch N training processes with torchrun-style environment variables.
     Launch {
         #[arg(long)]
@@ -22,13 +44,49 @@ enum Command {
     },
 }
 
+fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask lives in the repository").to_path_buf()
+}
+
+fn run_example(example: &str, recipe: &Path, overrides: &[String], cuda: bool) -> anyhow::Result<()> {
+    let mut command = Process::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    command.current_dir(repo_root()).args(["run", "--release", "--example", example]);
+    if cuda {
+        command.args(["--features", "cuda"]);
+    }
+    command.arg("--").arg(recipe).args(overrides);
+    eprintln!("xtask: {command:?}");
+    let status = command.status().with_context(|| format!("starting {example}"))?;
+    if !status.success() {
+        bail!("{example} failed ({status})");
+    }
+    Ok(())
+}
+
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
-        Command::Replicate { recipe } => {
-            anyhow::bail!("`replicate {recipe}` is not implemented yet: the trainer and objectives (issue #4) are not in this version")
+        Command::Replicate { recipe, full, cuda, output_dir, overrides } => {
+            if recipe != "zephyr" {
+                bail!("unknown recipe `{recipe}` (known: zephyr)");
+            }
+            let (sft_recipe, dpo_recipe) = if full {
+                ("recipes/zephyr-7b-beta/sft/config_full.yaml", "recipes/zephyr-7b-beta/dpo/config_full.yaml")
+            } else {
+                ("recipes/smollm2-135m/sft/config_cpu.yaml", "recipes/smollm2-135m/dpo/config_cpu.yaml")
+            };
+            let sft_dir = output_dir.join("sft");
+            let dpo_dir = output_dir.join("dpo");
+            let mut sft_args = vec![format!("--output_dir={}", sft_dir.display())];
+            sft_args.extend(overrides.iter().cloned());
+            run_example("zephyr_sft", &repo_root().join(sft_recipe), &sft_args, cuda)?;
+            let mut dpo_args = vec![format!("--output_dir={}", dpo_dir.display()), format!("--model_name_or_path={}", sft_dir.display())];
+            dpo_args.extend(overrides.iter().cloned());
+            run_example("zephyr_dpo", &repo_root().join(dpo_recipe), &dpo_args, cuda)?;
+            println!("replicated {recipe}: SFT model in {}, DPO model in {}", sft_dir.display(), dpo_dir.display());
+            Ok(())
         }
         Command::Launch { nproc } => {
-            anyhow::bail!("`launch --nproc {nproc}` is not implemented yet: distributed training (issue #7) is not in this version")
+            bail!("`launch --nproc {nproc}` is not implemented yet: distributed training (issue #7) is not in this version")
         }
     }
 }

@@ -36,4 +36,68 @@ pub enum DataError {
     /// The tokenizer failed on a text.
     #[error("{location}: tokenizer error: {message}")]
     Tokenizer { location: String, message: String },
+    /// A dataset row lacks a column its task needs (`present` lists the columns it has).
+    #[error("dataset `{dataset}` row {row}: no column `{column}`, which the `{task}` task needs (the row has: {present})")]
+    RowMissingColumn { dataset: String, row: usize, column: String, task: String, present: String },
+    /// A column does not hold what the task needs (a list of `{role, content}` messages, a string).
+    #[error("dataset `{dataset}` row {row}, column `{column}`: {message}")]
+    InvalidColumn { dataset: String, row: usize, column: String, message: String },
+    /// A preference row whose `chosen` and `rejected` differ before their last message.
+    #[error("dataset `{dataset}` row {row}: `chosen` and `rejected` differ at message {index} ({what}); a preference pair must share every turn but the last")]
+    PromptMismatch { dataset: String, row: usize, index: usize, what: String },
+    /// A task name other than sft, generation, rm, dpo, orpo, cpt.
+    #[error("unknown task `{name}` (expected one of sft, generation, rm, dpo, orpo, cpt)")]
+    UnknownTask { name: String },
+    /// Preference tokenization refused a pair (TRL's checks, e.g. ORPO's prompt tokens of chosen
+    /// and rejected differing by more than the last token).
+    #[error("{location}: {message}")]
+    PreferenceTokens { location: String, message: String },
+
+    // ---- dataset sources and the mixer (source.rs, parquet.rs, hub.rs, mixer.rs) ----
+    /// A line of a JSON Lines file is not a JSON object.
+    #[error("{path}:{line}: malformed JSON line: {message}")]
+    MalformedJsonLine { path: PathBuf, line: usize, message: String },
+    /// A parquet file cannot be read (corrupt, unsupported codec or type).
+    #[error("unreadable parquet file {path}: {message}")]
+    Parquet { path: PathBuf, message: String },
+    /// A data file has an extension that is not .parquet, .jsonl or .json.
+    #[error("{path}: unsupported data file type (expected .parquet, .jsonl or .json)")]
+    UnsupportedFile { path: PathBuf },
+    /// No data file of a dataset matches the split; `found` lists the data files there are.
+    #[error("dataset `{dataset}` has no files for split `{split}`; data files found: {found:?}")]
+    MissingSplit { dataset: String, split: String, found: Vec<String> },
+    /// A dataset id is neither an existing local path nor a hub id (`name` or `org/name`).
+    #[error("dataset `{id}` is not a local file or directory, nor a hub dataset id")]
+    DatasetNotFound { id: String },
+    /// A split name contains neither "train" nor "test" (the handbook's `mix_datasets` rule).
+    #[error("Split type {split} not recognized as one of test or train.")]
+    UnknownSplitType { split: String },
+    /// A column asked for (`select_columns`, a mixture's `columns`) is not in the dataset.
+    #[error("dataset `{dataset}` has no column `{column}`; its columns are {available:?}")]
+    MissingColumn { dataset: String, column: String, available: Vec<String> },
+    /// `columns_to_keep` shares no column with a dataset, which would leave it without rows.
+    #[error("dataset `{dataset}` has none of the columns to keep {keep:?}; its columns are {available:?}")]
+    NoColumnsKept { dataset: String, keep: Vec<String>, available: Vec<String> },
+    /// A row index past the end (`select`, or a mixer fraction above 1).
+    #[error("row {index} is out of range for dataset `{dataset}` of {len} rows")]
+    RowOutOfRange { dataset: String, index: usize, len: usize },
+    /// A mixer fraction or mixture weight that is negative or not a number.
+    #[error("dataset `{dataset}`: fraction {fraction} is invalid (Dataset fractions cannot be negative)")]
+    InvalidFraction { dataset: String, fraction: f64 },
+    /// A fraction above 1 asks for more rows than the split has.
+    #[error("dataset `{dataset}`: fraction {fraction} selects {requested} rows but the split has {len}")]
+    FractionTooLarge { dataset: String, fraction: f64, requested: usize, len: usize },
+    /// `train_test_split` refused the test size (message as `datasets` words it).
+    #[error("dataset `{dataset}`: invalid test_size {test_size}: {message}")]
+    InvalidTestSize { dataset: String, test_size: String, message: String },
+    /// A mixer configuration that cannot be applied (config count, differing columns, nothing to load).
+    #[error("invalid dataset mixer: {message}")]
+    InvalidMixer { message: String },
+    /// A request to the hub failed (HTTP status, connection, missing headers).
+    #[error("hub dataset `{repo}`{}: {message}", file.as_ref().map(|f| format!(", file `{f}`")).unwrap_or_default())]
+    Hub { repo: String, file: Option<String>, message: String },
+    /// Offline (`HF_HUB_OFFLINE=1`, or the hub unreachable) and the cache lacks what is needed:
+    /// `what` is the repo listing, a file or a split.
+    #[error("hub dataset `{repo}`: {what} is not in the cache {cache_dir}, and the hub is not used (HF_HUB_OFFLINE) or cannot be reached")]
+    HubOfflineMiss { repo: String, what: String, cache_dir: PathBuf },
 }

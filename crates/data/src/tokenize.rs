@@ -1,10 +1,16 @@
-//! Conversations to token ids with assistant-only labels, as TRL's `assistant_only_loss`.
+//! Text and conversations to token ids and labels, as TRL 1.16's `SFTTrainer` prepares them.
 //!
-//! The conversation is rendered once with the chat template; the character spans produced by
-//! each assistant turn are found by rendering growing prefixes (`messages[..i]` with the
-//! generation prompt, then `messages[..=i]`), so the method works for any template without
-//! `{% generation %}` markers. Tokens whose characters fall inside an assistant span are
-//! trained on; every other token gets the label `IGNORE_INDEX` (-100, as PyTorch and TRL).
+//! Two kinds of rows, as in TRL:
+//! - text rows ([`tokenize_lm_text`]): the handbook's formatted `text` column (SFT) or raw text
+//!   (CPT); EOS text appended when missing, tokenized with special tokens, every token labelled;
+//! - conversations ([`tokenize_conversation`]): rendered with the chat template, tokenized
+//!   without special tokens; with `assistant_only` only the assistant's tokens are labelled
+//!   (TRL's `assistant_only_loss`), found by rendering growing prefixes (`messages[..i]` with the
+//!   generation prompt, then `messages[..=i]`), so any template works without `{% generation %}`
+//!   markers.
+//!
+//! Both truncate to `max_length` keeping the start (TRL's default `truncation_mode`). Tokens that
+//! do not count in the loss get the label `IGNORE_INDEX` (-100, as PyTorch and TRL).
 
 use crate::chat_template::{validate_messages, ChatTemplate, Message};
 use crate::error::DataError;
@@ -27,31 +33,108 @@ impl TokenizedExample {
     pub fn num_trained_tokens(&self) -> usize {
         self.labels.iter().filter(|&&l| l != IGNORE_INDEX).count()
     }
+
+    /// Number of tokens.
+    pub fn len(&self) -> usize {
+        self.input_ids.len()
+    }
+
+    /// Whether there are no tokens.
+    pub fn is_empty(&self) -> bool {
+        self.input_ids.is_empty()
+    }
 }
 
-/// Byte ranges of `text` written by assistant turns (content and the template's closing tokens,
-/// e.g. `<|im_end|>`, which the model must learn to emit).
+/// Byte ranges of the rendered conversation written by assistant turns (content and the
+/// template's closing tokens, e.g. `<|im_end|>\n`, which the model must learn to emit).
 pub fn assistant_spans(template: &ChatTemplate, messages: &[Message]) -> Result<Vec<(usize, usize)>, DataError> {
+    Ok(render_with_assistant_spans(template, messages)?.1)
+}
+
+/// Renders `messages` and finds the assistant spans: turn *i*'s span is what `messages[..=i]`
+/// adds to `messages[..i]` rendered with the generation prompt. Each prefix is rendered once;
+/// when the conversation ends with an assistant turn its last prefix rendering is the text.
+/// Errors when a rendering does not extend the previous one (a template that rewrites earlier
+/// turns depending on later ones), since the spans could not be located.
+pub fn render_with_assistant_spans(template: &ChatTemplate, messages: &[Message]) -> Result<(String, Vec<(usize, usize)>), DataError> {
+    let cannot = |i: usize, why: &str| DataError::TemplateRender {
+        message: format!("`{}`: cannot locate the tokens of assistant turn {i}: {why}", template.name()),
+    };
     let mut spans = Vec::new();
+    let mut throughs = Vec::new();
     for (i, m) in messages.iter().enumerate() {
         if m.role != "assistant" {
             continue;
         }
+        if i == 0 {
+            return Err(cannot(i, "the conversation opens with it, and an empty conversation cannot be rendered"));
+        }
         let before = template.render(&messages[..i], true)?;
         let through = template.render(&messages[..=i], false)?;
-        if through.len() > before.len() && through.starts_with(&before) {
-            spans.push((before.len(), through.len()));
-        } else {
-            return Err(DataError::TemplateRender {
-                message: format!("the template's rendering of turn {i} does not extend the rendering of the turns before it; cannot locate the assistant's tokens"),
-            });
+        if through.len() <= before.len() || !through.starts_with(&before) {
+            return Err(cannot(i, "rendering it does not extend the rendering of the turns before it with the generation prompt"));
+        }
+        spans.push((before.len(), through.len()));
+        throughs.push((i, through));
+    }
+    let text = match throughs.pop() {
+        Some((_, last)) if messages.last().is_some_and(|m| m.role == "assistant") => last,
+        other => {
+            throughs.extend(other);
+            template.render(messages, false)?
+        }
+    };
+    for (i, through) in &throughs {
+        if !text.starts_with(through.as_str()) {
+            return Err(cannot(*i, "the whole conversation renders it differently from its prefix"));
         }
     }
-    Ok(spans)
+    Ok((text, spans))
 }
 
-/// Tokenizes an SFT conversation. With `assistant_only`, only assistant tokens are labelled;
-/// otherwise every token is (plain causal LM loss). Truncates to `max_length` tokens.
+/// Which tokens overlap one of `spans` (byte ranges), given each token's byte `offsets`: the rule
+/// of transformers' `apply_chat_template(..., return_assistant_tokens_mask=True)` (5.x): a token is
+/// an assistant token when its offsets overlap a span, so a token straddling the start or end of a
+/// span (merged across the boundary) counts as the assistant's.
+pub fn overlap_mask(offsets: &[(usize, usize)], spans: &[(usize, usize)]) -> Vec<bool> {
+    let mut mask = vec![false; offsets.len()];
+    let mut span = 0;
+    for (i, &(start, end)) in offsets.iter().enumerate() {
+        while span < spans.len() && start >= spans[span].1 {
+            span += 1;
+        }
+        if span == spans.len() {
+            break;
+        }
+        mask[i] = end > spans[span].0;
+    }
+    mask
+}
+
+fn encode(tokenizer: &Tokenizer, text: &str, add_special_tokens: bool, location: &str) -> Result<tokenizers::Encoding, DataError> {
+    tokenizer.encode(text, add_special_tokens).map_err(|e| DataError::Tokenizer { location: location.into(), message: e.to_string() })
+}
+
+/// Token ids of `text` as `tokenizer(text, add_special_tokens=...)` gives them in transformers.
+pub fn encode_ids(tokenizer: &Tokenizer, text: &str, add_special_tokens: bool, location: &str) -> Result<Vec<u32>, DataError> {
+    Ok(encode(tokenizer, text, add_special_tokens, location)?.get_ids().to_vec())
+}
+
+/// Tokenizes an SFT conversation as TRL 1.16's `SFTTrainer` does for a conversational
+/// (`messages`) dataset: the rendered conversation is tokenized without adding special tokens
+/// (the template writes them), and truncated to `max_length` keeping the start.
+///
+/// With `assistant_only` (TRL's `assistant_only_loss=True`), only assistant tokens are labelled:
+/// TRL takes them from transformers' `return_assistant_tokens_mask`, which needs a template with
+/// `{% generation %}` markers; here the assistant spans are found by prefix rendering instead
+/// ([`assistant_spans`]: what turn *i* adds after `messages[..i]` with the generation prompt), and
+/// tokens are mapped to spans with transformers' overlap rule ([`overlap_mask`]). That equals
+/// transformers' mask for a template whose generation block covers exactly what follows the
+/// generation prompt (golden-tested with ChatML and Zephyr). Without `assistant_only`, every
+/// token is labelled.
+///
+/// TRL drops an example whose labels are all `IGNORE_INDEX` after truncation; check
+/// [`TokenizedExample::num_trained_tokens`] to do the same.
 pub fn tokenize_conversation(
     template: &ChatTemplate,
     tokenizer: &Tokenizer,
@@ -61,21 +144,19 @@ pub fn tokenize_conversation(
     location: &str,
 ) -> Result<TokenizedExample, DataError> {
     validate_messages(messages, location)?;
-    let text = template.render(messages, false)?;
-    let spans = if assistant_only { assistant_spans(template, messages)? } else { vec![(0, text.len())] };
-    // The template writes BOS itself; like transformers' apply_chat_template(tokenize=True), add no special tokens.
-    let encoding = tokenizer
-        .encode(text.as_str(), false)
-        .map_err(|e| DataError::Tokenizer { location: location.into(), message: e.to_string() })?;
+    let (text, spans) = if assistant_only {
+        render_with_assistant_spans(template, messages)?
+    } else {
+        (template.render(messages, false)?, Vec::new())
+    };
+    let encoding = encode(tokenizer, &text, false, location)?;
     let mut input_ids = encoding.get_ids().to_vec();
-    let mut labels: Vec<i64> = input_ids
-        .iter()
-        .zip(encoding.get_offsets())
-        .map(|(&id, &(start, end))| {
-            let inside = spans.iter().any(|&(s, e)| start >= s && end <= e && end > start);
-            if inside { id as i64 } else { IGNORE_INDEX }
-        })
-        .collect();
+    let mut labels: Vec<i64> = if assistant_only {
+        let mask = overlap_mask(encoding.get_offsets(), &spans);
+        input_ids.iter().zip(mask).map(|(&id, m)| if m { id as i64 } else { IGNORE_INDEX }).collect()
+    } else {
+        input_ids.iter().map(|&id| id as i64).collect()
+    };
     if let Some(max) = max_length {
         input_ids.truncate(max);
         labels.truncate(max);
@@ -83,12 +164,34 @@ pub fn tokenize_conversation(
     Ok(TokenizedExample { input_ids, labels })
 }
 
-/// Tokenizes raw text for continued pretraining: every token is labelled; `eos` is appended
-/// when given (so packed documents are separated, as the handbook's CPT does).
+/// Tokenizes the text of a language-modelling row as TRL 1.16's `SFTTrainer` does for a
+/// non-conversational dataset (the handbook's `text` column for SFT, the raw text for CPT):
+/// `eos_token` is appended to the *text* unless it already ends with it, the text is tokenized
+/// with the tokenizer's special tokens (its post-processor, e.g. Llama's BOS), every token is
+/// labelled, and the result is truncated to `max_length` keeping the start.
+pub fn tokenize_lm_text(
+    tokenizer: &Tokenizer,
+    text: &str,
+    eos_token: Option<&str>,
+    max_length: Option<usize>,
+    location: &str,
+) -> Result<TokenizedExample, DataError> {
+    let ids = match eos_token {
+        Some(eos) if !text.ends_with(eos) => encode_ids(tokenizer, &format!("{text}{eos}"), true, location)?,
+        _ => encode_ids(tokenizer, text, true, location)?,
+    };
+    let mut input_ids = ids;
+    if let Some(max) = max_length {
+        input_ids.truncate(max);
+    }
+    let labels = input_ids.iter().map(|&i| i as i64).collect();
+    Ok(TokenizedExample { input_ids, labels })
+}
+
+/// Tokenizes raw text without special tokens, labels every token and appends the `eos` id when
+/// given. (TRL's own handling of text rows is [`tokenize_lm_text`].)
 pub fn tokenize_text(tokenizer: &Tokenizer, text: &str, eos: Option<u32>, location: &str) -> Result<TokenizedExample, DataError> {
-    let encoding =
-        tokenizer.encode(text, false).map_err(|e| DataError::Tokenizer { location: location.into(), message: e.to_string() })?;
-    let mut input_ids = encoding.get_ids().to_vec();
+    let mut input_ids = encode_ids(tokenizer, text, false, location)?;
     input_ids.extend(eos);
     let labels = input_ids.iter().map(|&i| i as i64).collect();
     Ok(TokenizedExample { input_ids, labels })

@@ -21,5 +21,5 @@ pub use config::{Architecture, ModelConfig};
 pub use error::ModelError;
 pub use generate::{generate, GenerationConfig};
 pub use model::{Batch, CausalLm, KvCache};
-pub use pretrained::{load_pretrained, save_pretrained};
+pub use pretrained::{load_pretrained, save_pretrained, write_pretrained};
 pub use weights::SaveDtype;

@@ -165,23 +165,35 @@ pub fn save_pretrained<B: Backend>(
     tokenizer_from: Option<&Path>,
 ) -> Result<PathBuf, ModelError> {
     let staging = AtomicDir::new(dir)?;
+    write_pretrained(model, staging.path(), dtype, tokenizer_from)?;
+    Ok(staging.commit()?)
+}
+
+/// Writes the files of [`save_pretrained`] into an existing directory, without atomicity: for
+/// callers assembling a larger directory (a training checkpoint) inside their own staging area.
+pub fn write_pretrained<B: Backend>(
+    model: &CausalLm<B>,
+    dir: &Path,
+    dtype: SaveDtype,
+    tokenizer_from: Option<&Path>,
+) -> Result<(), ModelError> {
     let mut config = model.config.raw.clone();
     config.insert("torch_dtype".into(), dtype.torch_name().into());
     if config.contains_key("dtype") {
         config.insert("dtype".into(), dtype.torch_name().into());
     }
-    let config_path = staging.path().join("config.json");
+    let config_path = dir.join("config.json");
     let text = serde_json::to_string_pretty(&config).expect("JSON map serializes");
     std::fs::write(&config_path, text + "\n").map_err(|e| io_err("writing", &config_path, e))?;
-    write_safetensors(&staging.path().join("model.safetensors"), &named_tensors(model), dtype)?;
+    write_safetensors(&dir.join("model.safetensors"), &named_tensors(model), dtype)?;
     if let Some(src) = tokenizer_from {
         for name in TOKENIZER_FILES {
             let from = src.join(name);
             if from.exists() {
-                let to = staging.path().join(name);
+                let to = dir.join(name);
                 std::fs::copy(&from, &to).map_err(|e| io_err("copying", &from, e))?;
             }
         }
     }
-    Ok(staging.commit()?)
+    Ok(())
 }

@@ -1,2 +1,87 @@
-//! `alignment-objectives` will own the training objectives: causal-LM cross-entropy for SFT and
-//! CPT, DPO (sigmoid, IPO, hinge, robust) and ORPO, one file each. Not implemented yet (issue #4).
+//! `alignment-objectives`: the training losses of the handbook, each reproducing TRL 1.16.0 and
+//! logging TRL's metric names, generic over the burn backend (gradients flow when the backend is
+//! `Autodiff<_>`).
+//!
+//! One file per concern:
+//!
+//! - `logprobs.rs` — [`sequence_logps`]: shifts the labels, gathers `log p(label)` as
+//!   logit − logsumexp, sums per row; token counts and the detached statistics TRL logs (mean
+//!   logit, entropy, top-1). Every loss starts here.
+//! - `sft.rs` — SFT and CPT: next-token cross entropy ([`causal_lm_loss`], [`sft_loss`]) reduced
+//!   as a token mean, a sum (open-instruct) or over transformers' `num_items_in_batch`
+//!   ([`Reduction`]).
+//! - `dpo.rs` — DPO with the sigmoid / IPO / hinge / robust losses ([`dpo_loss`]).
+//! - `orpo.rs` — ORPO: NLL plus an odds-ratio term, no reference model ([`orpo_loss`]).
+//! - `metrics.rs` — [`Metrics`]: ordered `(name, value)` pairs, averaged over micro-batches,
+//!   serialised as one JSON object.
+//!
+//! **New here?** Read `sft.rs`, then `dpo.rs`: its module documentation lists what makes DPO
+//! differ from SFT (pairs of completions, summed sequence log-probs, a frozen reference model, a
+//! margin loss), and the code is the four formulas of TRL's `_compute_loss`.
+//!
+//! # Conventions
+//!
+//! - Logits are `[batch, seq, vocab]`; labels are `[batch, seq]` in the *input-ids* layout with
+//!   [`IGNORE_INDEX`] on tokens not scored. Position `t` of the logits predicts label `t + 1`; the
+//!   shift happens inside [`sequence_logps`], as in transformers and TRL.
+//! - Every loss returns a `[1]` tensor to call `backward()` on, plus per-row tensors and a
+//!   `metrics()` method (which reads values back from the device: call it when logging).
+//! - Reference log-probs (DPO) are summed over completion tokens and detached.
+//!
+//! # Example: one DPO step's loss
+//!
+//! ```
+//! use alignment_objectives::{dpo_loss, sequence_logps, DpoConfig, DpoLossType, IGNORE_INDEX};
+//! use burn::backend::{Autodiff, NdArray};
+//! use burn::tensor::{Int, Tensor, TensorData};
+//! type B = Autodiff<NdArray<f32>>;
+//!
+//! let device = Default::default();
+//! let logits = |seed: f32| Tensor::<B, 3>::from_data(
+//!     TensorData::new((0..2 * 4 * 5).map(|i| ((i as f32 + seed) * 0.37).sin()).collect::<Vec<_>>(), [2, 4, 5]),
+//!     &device,
+//! ).require_grad();
+//! // [prompt, completion, completion, completion] per row
+//! let labels = vec![IGNORE_INDEX, 1, 2, 3, IGNORE_INDEX, 4, 0, 2];
+//! let labels = Tensor::<B, 2, Int>::from_data(TensorData::new(labels, [2, 4]), &device);
+//! let chosen = sequence_logps(logits(0.0), labels.clone());
+//! let rejected = sequence_logps(logits(1.0), labels);
+//! let reference = Tensor::<B, 1>::from_floats([-5.0, -6.0], &device);
+//! let config = DpoConfig { beta: 0.1, loss_type: "sigmoid".parse().unwrap(), label_smoothing: 0.0 };
+//! assert_eq!(config.loss_type, DpoLossType::Sigmoid);
+//! let out = dpo_loss(&chosen, &rejected, reference.clone(), reference, &config);
+//! let _grads = out.loss.backward();
+//! assert!(out.metrics().get("rewards/margins").is_some());
+//! ```
+
+#![warn(missing_docs)]
+
+pub mod dpo;
+pub mod logprobs;
+pub mod metrics;
+pub mod orpo;
+pub mod sft;
+
+pub use dpo::{dpo_loss, DpoConfig, DpoLossType, DpoOutput};
+pub use logprobs::{num_scored_tokens, sequence_logps, sequence_logps_many, SequenceLogps, IGNORE_INDEX};
+pub use metrics::Metrics;
+pub use orpo::{orpo_loss, OrpoConfig, OrpoOutput};
+pub use sft::{causal_lm_loss, causal_lm_loss_sum, sft_loss, Reduction, SftOutput};
+
+/// Errors from parsing and validating objective settings.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum ObjectiveError {
+    /// A string setting with a fixed set of values got another one.
+    #[error("unknown {what} {given:?}: expected one of {}", valid.join(", "))]
+    UnknownValue {
+        /// Which setting (e.g. `"DPO loss_type"`).
+        what: &'static str,
+        /// The value given.
+        given: String,
+        /// The accepted values.
+        valid: &'static [&'static str],
+    },
+    /// A combination of settings that the objective cannot honour; the message says why.
+    #[error("{0}")]
+    InvalidConfig(String),
+}

@@ -1,10 +1,55 @@
 //! `alignment-trainer` owns the training run: the handbook-style YAML recipe (read with figment,
-//! overridable from the command line, unknown keys rejected with suggestions) and — as issue #4
-//! lands — the loop that drives an objective over a model and batches: optimizer, schedule,
-//! gradient accumulation and clipping, evaluation, checkpoints and metrics.
+//! overridable from the command line, unknown keys rejected with suggestions), the loop that
+//! drives an objective over a model and examples (AdamW with global-norm clipping, LR schedule,
+//! gradient accumulation, evaluation, atomic checkpoints with exact resume, metrics.jsonl, a
+//! progress bar and a loss plot), and the tasks that adapt each objective of
+//! `alignment-objectives` to the loop (`tasks/sft.rs`, `tasks/dpo.rs`, `tasks/orpo.rs`).
+//!
+//! Files: [`recipe`] (keys), [`schedule`], [`optimizer`], [`sequence`] (collation), [`task`] (the
+//! trait between loop and objective), [`train`] (the loop), [`checkpoint`], [`logging`].
 
-pub mod recipe;
+pub mod checkpoint;
+pub mod logging;
 pub mod optimizer;
+pub mod recipe;
 pub mod schedule;
+pub mod sequence;
+pub mod task;
+pub mod tasks;
+pub mod train;
 
-pub use recipe::{Recipe, RecipeError};
+pub use recipe::{Recipe, RecipeError, ResumeFrom};
+pub use sequence::{collate, Sequence, IGNORE_INDEX};
+pub use task::{MetricValues, Task};
+pub use train::{evaluate, train, StepPlan, TrainOutcome, TrainerConfig};
+
+use std::path::PathBuf;
+
+/// Everything that can stop a training run, naming the file or setting at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum TrainError {
+    /// Reading or writing a file failed.
+    #[error(transparent)]
+    Io(#[from] alignment_core::IoError),
+    /// The model could not be loaded or saved.
+    #[error(transparent)]
+    Model(#[from] alignment_models::ModelError),
+    /// The data could not be read or tokenized.
+    #[error(transparent)]
+    Data(#[from] alignment_data::DataError),
+    /// The recipe is invalid.
+    #[error(transparent)]
+    Recipe(#[from] RecipeError),
+    /// A recipe setting has an unusable value.
+    #[error("recipe setting `{key}`: {message}")]
+    Config { key: String, message: String },
+    /// A checkpoint file is unreadable or inconsistent.
+    #[error("checkpoint file {path}: {message}")]
+    Checkpoint { path: PathBuf, message: String },
+    /// A checkpoint cannot be resumed with the current settings.
+    #[error("cannot resume from {path}: {message}")]
+    Resume { path: PathBuf, message: String },
+    /// There is nothing to train on.
+    #[error("the {what} is empty")]
+    EmptyDataset { what: String },
+}

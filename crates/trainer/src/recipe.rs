@@ -65,8 +65,13 @@ pub struct Recipe {
     // --- data (handbook DataArguments) ---
     /// Jinja chat template overriding the tokenizer's.
     pub chat_template: Option<String>,
-    /// Dataset id/path → fraction (≤ 1) or weight of its train split to use.
+    /// Dataset id/path → fraction (≤ 1) or weight of its train split to use. Read in YAML order
+    /// (see [`Recipe::dataset_mixer_in_order`]): the order decides the concatenation, hence the
+    /// shuffled result.
     pub dataset_mixer: Option<BTreeMap<String, f64>>,
+    /// The keys of `dataset_mixer` in the order the YAML (or the override) gave them.
+    #[serde(skip)]
+    pub dataset_mixer_order: Vec<String>,
     pub dataset_splits: Vec<String>,
     pub dataset_configs: Option<Vec<String>>,
     pub columns_to_keep: Option<Vec<String>>,
@@ -136,6 +141,20 @@ pub struct Recipe {
     pub report_to: Option<serde_json::Value>,
     pub remove_unused_columns: bool,
     pub run_name: Option<String>,
+    /// `true` (the latest checkpoint in output_dir) or a checkpoint directory.
+    pub resume_from_checkpoint: Option<ResumeFrom>,
+    /// Evaluate once before training (transformers' `eval_on_start`).
+    pub eval_on_start: bool,
+}
+
+/// `resume_from_checkpoint`: a flag or a path, as in transformers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum ResumeFrom {
+    /// `true`: the latest `checkpoint-*` in `output_dir`; `false`: start afresh.
+    Latest(bool),
+    /// A checkpoint directory.
+    Path(PathBuf),
 }
 
 impl Default for Recipe {
@@ -227,6 +246,9 @@ impl Default for Recipe {
             report_to: None,
             remove_unused_columns: true,
             run_name: None,
+            resume_from_checkpoint: None,
+            eval_on_start: false,
+            dataset_mixer_order: Vec::new(),
         }
     }
 }
@@ -280,7 +302,39 @@ impl Recipe {
                 .map_err(|e| RecipeError::Invalid { source_name: format!("override {raw}"), message: e.to_string() })?;
             figment = figment.merge(Serialized::default(&key, value));
         }
-        figment.extract().map_err(|e| RecipeError::Invalid { source_name: source_name.into(), message: e.to_string() })
+        let mut recipe: Recipe =
+            figment.extract().map_err(|e| RecipeError::Invalid { source_name: source_name.into(), message: e.to_string() })?;
+        // figment's maps are sorted; take the mixer's order from the YAML itself (last one wins).
+        let mut order = mixer_order(yaml);
+        for raw in overrides {
+            if let Ok((key, value)) = parse_override(raw) {
+                if key == "dataset_mixer" {
+                    // An overriding mixer replaces the recipe's (figment would merge the two maps).
+                    let yaml = format!("dataset_mixer: {value}");
+                    order = mixer_order(&yaml);
+                    let replaced: Recipe = Figment::from(Serialized::defaults(Recipe::default()))
+                        .merge(Yaml::string(&yaml))
+                        .extract()
+                        .map_err(|e| RecipeError::Invalid { source_name: format!("override {raw}"), message: e.to_string() })?;
+                    recipe.dataset_mixer = replaced.dataset_mixer;
+                }
+            }
+        }
+        recipe.dataset_mixer_order = order;
+        Ok(recipe)
+    }
+
+    /// `dataset_mixer` as (dataset, fraction) pairs in the order the recipe wrote them.
+    pub fn dataset_mixer_in_order(&self) -> Vec<(String, f64)> {
+        let Some(mixer) = &self.dataset_mixer else { return Vec::new() };
+        let mut ordered: Vec<(String, f64)> =
+            self.dataset_mixer_order.iter().filter_map(|k| mixer.get(k).map(|v| (k.clone(), *v))).collect();
+        for (k, v) in mixer {
+            if !self.dataset_mixer_order.contains(k) {
+                ordered.push((k.clone(), *v));
+            }
+        }
+        ordered
     }
 
     /// Keys that were set to a non-default value but have no effect in this implementation.
@@ -293,6 +347,15 @@ impl Recipe {
     /// The maximum sequence length for SFT/CPT: `max_seq_length` (handbook) or `max_length` (TRL ≥ 0.20).
     pub fn sft_max_length(&self) -> Option<usize> {
         self.max_seq_length.or(self.max_length)
+    }
+}
+
+/// The keys of the top-level `dataset_mixer` mapping of `yaml`, in document order.
+fn mixer_order(yaml: &str) -> Vec<String> {
+    let Ok(serde_yaml::Value::Mapping(top)) = serde_yaml::from_str::<serde_yaml::Value>(yaml) else { return Vec::new() };
+    match top.get("dataset_mixer") {
+        Some(serde_yaml::Value::Mapping(m)) => m.keys().filter_map(|k| k.as_str().map(String::from)).collect(),
+        _ => Vec::new(),
     }
 }
 

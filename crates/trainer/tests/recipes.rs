@@ -62,3 +62,42 @@ fn wrong_types_and_malformed_overrides_are_errors() {
         Err(RecipeError::MalformedOverride(_))
     ));
 }
+
+#[test]
+fn mixer_keeps_yaml_order_and_overrides_replace_it() {
+    let yaml = "dataset_mixer:\n  zeta/b: 0.5\n  alpha/a: 1.0\n  mid/c: 0.25\nresume_from_checkpoint: true\n";
+    let recipe = alignment_trainer::Recipe::from_yaml_str(yaml, "test", &[]).unwrap();
+    let order: Vec<String> = recipe.dataset_mixer_in_order().into_iter().map(|(k, _)| k).collect();
+    assert_eq!(order, ["zeta/b", "alpha/a", "mid/c"], "YAML order, not alphabetical");
+    assert_eq!(recipe.resume_from_checkpoint, Some(alignment_trainer::ResumeFrom::Latest(true)));
+    let overridden = alignment_trainer::Recipe::from_yaml_str(
+        yaml,
+        "test",
+        &["--dataset_mixer={y/1: 0.1, x/2: 0.2}".into(), "--resume_from_checkpoint=out/checkpoint-8".into()],
+    )
+    .unwrap();
+    let order: Vec<(String, f64)> = overridden.dataset_mixer_in_order();
+    assert_eq!(order, vec![("y/1".to_string(), 0.1), ("x/2".to_string(), 0.2)]);
+    assert_eq!(overridden.resume_from_checkpoint, Some(alignment_trainer::ResumeFrom::Path("out/checkpoint-8".into())));
+}
+
+#[test]
+fn trainer_settings_are_validated() {
+    let recipe = alignment_trainer::Recipe::from_yaml_str("lr_scheduler_type: cosine_with_restarts_typo\n", "test", &[]).unwrap();
+    let err = alignment_trainer::TrainerConfig::from_recipe(&recipe).unwrap_err().to_string();
+    assert!(err.contains("lr_scheduler_type") && err.contains("cosine_with_restarts_typo"), "{err}");
+    let recipe = alignment_trainer::Recipe::from_yaml_str("eval_strategy: sometimes\n", "test", &[]).unwrap();
+    let err = alignment_trainer::TrainerConfig::from_recipe(&recipe).unwrap_err().to_string();
+    assert!(err.contains("eval_strategy") && err.contains("sometimes"), "{err}");
+}
+
+#[test]
+fn small_cpu_recipes_load() {
+    for task in ["sft", "dpo", "orpo", "cpt"] {
+        let r = Recipe::load(&recipe(&format!("smollm2-135m/{task}/config_cpu.yaml")), &[]).unwrap();
+        assert_eq!(r.model_name_or_path, "HuggingFaceTB/SmolLM2-135M-Instruct", "{task}");
+        assert_eq!(r.dataset_mixer_in_order()[0].0, "data/tiny-chat", "{task}");
+        assert!(r.max_steps > 0, "{task}: the CPU demos are bounded by max_steps");
+        alignment_trainer::TrainerConfig::from_recipe(&r).unwrap();
+    }
+}

@@ -1,0 +1,254 @@
+//! Per-sequence log-probabilities of labelled tokens: the quantity every objective is built from.
+//!
+//! A causal LM's logits at position `t` predict the token at `t + 1`. Labels are given in the
+//! input-ids layout (`[batch, seq]`, the same shape as the ids) with [`IGNORE_INDEX`] on tokens
+//! that are not scored (prompt, padding); the shift happens here, as in transformers'
+//! `ForCausalLMLoss` and TRL's fused LM head (`trl/trainer/utils.py`, `add_fused_lm_head`:
+//! `hidden_states[:, :-1]`, `labels[:, 1:]`). The first label of a row is therefore never scored.
+//!
+//! # How the log-softmax is gathered
+//!
+//! `log p(y_t) = z[t, y_t] - logsumexp(z[t, :])`: one `logsumexp` over the vocabulary per position
+//! (`[batch, seq, 1]`) minus the gathered logit (`[batch, seq, 1]`), as TRL's
+//! `selective_log_softmax` does for float32. The full `[batch, seq, vocab]` log-softmax is never
+//! materialised: the autodiff graph keeps the logits and one `exp` of the same size for the
+//! backward pass (log-softmax-then-gather would hold one more `[batch, seq, vocab]` tensor). The
+//! max used to stabilise the `logsumexp` is detached, which leaves its value and gradient
+//! unchanged. Rather than slicing the logits to `[:, :-1]` (a copy, and a full-size
+//! `slice_assign` in the backward pass), the *labels* are shifted left and padded with
+//! `IGNORE_INDEX`, so the last position is computed and masked out.
+//!
+//! Precision: in float32 this matches TRL to ~1e-6. In bfloat16 the subtraction of two large
+//! numbers loses precision (TRL falls back to `log_softmax` row by row for bf16); run the head in
+//! float32 when training in bf16.
+//!
+//! The per-token diagnostics TRL logs (mean logit, entropy, top-1 accuracy) are computed from a
+//! detached copy of the logits, outside the autodiff graph.
+
+use burn::tensor::{backend::Backend, Bool, Int, Tensor};
+
+/// Label value of tokens that are not scored (prompt, padding), as in PyTorch's `ignore_index`
+/// and transformers' data collators.
+pub const IGNORE_INDEX: i64 = -100;
+
+/// Per-row results of scoring labelled tokens under a model's logits.
+///
+/// Everything is per row (`[batch]`). Only [`sum`](Self::sum) carries gradient; the rest are
+/// detached statistics for metrics.
+#[derive(Debug, Clone)]
+pub struct SequenceLogps<B: Backend> {
+    /// `[batch]` sum over the scored tokens of `log p(label_t | tokens before t)`. Differentiable.
+    pub sum: Tensor<B, 1>,
+    /// `[batch]` number of scored tokens (labels other than [`IGNORE_INDEX`] after the shift), as
+    /// floats.
+    pub num_tokens: Tensor<B, 1>,
+    /// `[batch]` mean over the scored tokens of the vocabulary-mean logit (TRL's per-token
+    /// `mean_logits`), `0` for a row without scored tokens. Detached. Weighted by
+    /// [`num_tokens`](Self::num_tokens) it gives DPO's `logits/chosen` and `logits/rejected`.
+    pub mean_logits: Tensor<B, 1>,
+    /// `[batch]` mean of the logits over every position but the last (prompt, completion and
+    /// padding alike) and the whole vocabulary: what ORPO's `logits/chosen` / `logits/rejected`
+    /// average (`policy_chosen_logits.mean()` over `logits[:, :-1, :]`). Depends on padding, as
+    /// TRL's does. Detached.
+    pub mean_logits_all: Tensor<B, 1>,
+    /// `[batch]` sum over the scored tokens of the entropy of the next-token distribution (TRL's
+    /// `entropy` metric divides the batch total by the token count). Detached.
+    pub entropy_sum: Tensor<B, 1>,
+    /// `[batch]` number of scored tokens whose label is the model's most likely next token (ties
+    /// go to the lowest token id, as TRL's `is_top1` and `argmax`). Feeds `mean_token_accuracy`.
+    /// Detached.
+    pub num_correct: Tensor<B, 1>,
+}
+
+impl<B: Backend> SequenceLogps<B> {
+    /// `[batch]` length-averaged log-probability `sum / num_tokens` (a row without tokens gives 0):
+    /// what ORPO scores and what IPO's length normalisation amounts to. Differentiable.
+    pub fn mean(&self) -> Tensor<B, 1> {
+        self.sum.clone() / self.num_tokens.clone().clamp_min(1.0)
+    }
+
+    /// `[1]` cross entropy averaged over all scored tokens of the batch: `-Σ sum / Σ num_tokens`
+    /// (a batch without tokens gives 0). This is transformers' `ForCausalLMLoss` with
+    /// `ignore_index=-100` and PyTorch's `CrossEntropyLoss()` mean. Differentiable.
+    pub fn mean_nll(&self) -> Tensor<B, 1> {
+        -self.sum.clone().sum() / self.num_tokens.clone().sum().clamp_min(1.0)
+    }
+
+    /// `[1]` summed cross entropy of all scored tokens of the batch. Differentiable.
+    pub fn sum_nll(&self) -> Tensor<B, 1> {
+        -self.sum.clone().sum()
+    }
+
+    /// The same statistics with [`sum`](Self::sum) detached from the autodiff graph (for metrics
+    /// kept after the backward pass).
+    pub fn detach(&self) -> Self {
+        Self { sum: self.sum.clone().detach(), ..self.clone() }
+    }
+
+    /// Number of rows.
+    pub fn batch_size(&self) -> usize {
+        self.sum.dims()[0]
+    }
+
+    /// Splits the rows at `index`: `(rows[..index], rows[index..])`. For a trainer that runs
+    /// chosen and rejected completions through one forward pass, concatenated along the batch
+    /// (chosen first), as TRL does.
+    ///
+    /// # Panics
+    /// If `index` exceeds the batch size.
+    pub fn split_at(self, index: usize) -> (Self, Self) {
+        let n = self.batch_size();
+        assert!(index <= n, "split_at({index}) of a batch of {n}");
+        let part = |t: &Tensor<B, 1>, start: usize, len: usize| t.clone().narrow(0, start, len);
+        let take = |start: usize, len: usize| Self {
+            sum: part(&self.sum, start, len),
+            num_tokens: part(&self.num_tokens, start, len),
+            mean_logits: part(&self.mean_logits, start, len),
+            mean_logits_all: part(&self.mean_logits_all, start, len),
+            entropy_sum: part(&self.entropy_sum, start, len),
+            num_correct: part(&self.num_correct, start, len),
+        };
+        (take(0, index), take(index, n - index))
+    }
+}
+
+/// Scores `labels` under `logits`: per-row summed log-probabilities, token counts and the
+/// detached statistics TRL logs.
+///
+/// - `logits`: `[batch, seq, vocab]`, position `t` predicting token `t + 1`.
+/// - `labels`: `[batch, seq]`, the input ids with [`IGNORE_INDEX`] on tokens not scored. Labels
+///   must lie in `0..vocab` elsewhere (out-of-range ids are not checked on every backend).
+///
+/// # Panics
+/// If the batch and sequence dimensions of `logits` and `labels` differ.
+pub fn sequence_logps<B: Backend>(logits: Tensor<B, 3>, labels: Tensor<B, 2, Int>) -> SequenceLogps<B> {
+    sequence_logps_many(logits, vec![labels]).pop().expect("one label set in, one result out")
+}
+
+/// [`sequence_logps`] for several label sets over the same logits, sharing the `logsumexp` (one
+/// autodiff node of `[batch, seq, vocab]` instead of one per label set) and the statistics pass.
+///
+/// ORPO needs this: its odds ratio scores the completion tokens, its NLL term the prompt and the
+/// completion (`labels = input_ids` where `attention_mask == 1`, TRL's `concatenated_forward`).
+///
+/// # Panics
+/// If any label set's shape differs from the logits' `[batch, seq]`.
+pub fn sequence_logps_many<B: Backend>(
+    logits: Tensor<B, 3>,
+    label_sets: Vec<Tensor<B, 2, Int>>,
+) -> Vec<SequenceLogps<B>> {
+    let [b, t, _v] = logits.dims();
+    for labels in &label_sets {
+        assert_eq!(labels.dims(), [b, t], "labels must be [batch, seq] = [{b}, {t}] like the logits");
+    }
+    let lse = logsumexp_vocab(logits.clone());
+    let stats = TokenStats::new(logits.clone().detach(), lse.clone().detach());
+    label_sets
+        .into_iter()
+        .map(|labels| {
+            let targets = ShiftedTargets::new(labels);
+            let picked = logits.clone().gather(2, targets.safe.clone().unsqueeze_dim::<3>(2));
+            let token_logps: Tensor<B, 2> = (picked - lse.clone()).squeeze_dim(2) * targets.mask.clone();
+            stats.reduce(token_logps.sum_dim(1).squeeze_dim(1), &targets)
+        })
+        .collect()
+}
+
+/// `[batch, seq, 1]` `logsumexp` over the vocabulary, stabilised by the detached row max.
+pub(crate) fn logsumexp_vocab<B: Backend>(logits: Tensor<B, 3>) -> Tensor<B, 3> {
+    let max = logits.clone().detach().max_dim(2);
+    (logits - max.clone()).exp().sum_dim(2).log() + max
+}
+
+/// `[batch]` summed log-probabilities of `labels` under `logits`, without the statistics pass:
+/// the cheapest path, for losses whose metrics are not wanted.
+/// Returns `(sum, num_tokens)`, both `[batch]`.
+pub(crate) fn sequence_logps_sum<B: Backend>(
+    logits: Tensor<B, 3>,
+    labels: Tensor<B, 2, Int>,
+) -> (Tensor<B, 1>, Tensor<B, 1>) {
+    let [b, t, _v] = logits.dims();
+    assert_eq!(labels.dims(), [b, t], "labels must be [batch, seq] = [{b}, {t}] like the logits");
+    let targets = ShiftedTargets::new(labels);
+    let lse = logsumexp_vocab(logits.clone());
+    let picked = logits.gather(2, targets.safe.clone().unsqueeze_dim::<3>(2));
+    let token_logps: Tensor<B, 2> = (picked - lse).squeeze_dim(2) * targets.mask.clone();
+    (token_logps.sum_dim(1).squeeze_dim(1), targets.mask.sum_dim(1).squeeze_dim(1))
+}
+
+/// Number of tokens `labels` scores (labels other than [`IGNORE_INDEX`] from the second position
+/// on): the per-micro-batch count a trainer sums into transformers' `num_items_in_batch`.
+pub fn num_scored_tokens<B: Backend>(labels: &Tensor<B, 2, Int>) -> usize {
+    let targets = ShiftedTargets::new(labels.clone());
+    targets.mask.sum().into_data().iter::<f64>().next().unwrap_or(0.0).round() as usize
+}
+
+/// Labels shifted one step left (`targets[:, t] = labels[:, t + 1]`, last column ignored), with
+/// ignored entries replaced by token 0 so they can be gathered, and the float mask of scored ones.
+struct ShiftedTargets<B: Backend> {
+    /// `[batch, seq]` gatherable token ids.
+    safe: Tensor<B, 2, Int>,
+    /// `[batch, seq]` 1.0 where scored.
+    mask: Tensor<B, 2>,
+    /// `[batch, seq]` true where scored.
+    scored: Tensor<B, 2, Bool>,
+}
+
+impl<B: Backend> ShiftedTargets<B> {
+    fn new(labels: Tensor<B, 2, Int>) -> Self {
+        let [b, t] = labels.dims();
+        let device = labels.device();
+        let pad = Tensor::<B, 2, Int>::full([b, 1], IGNORE_INDEX, &device);
+        let shifted = if t > 1 { Tensor::cat(vec![labels.slice([0..b, 1..t]), pad], 1) } else { pad };
+        let ignored = shifted.clone().equal_elem(IGNORE_INDEX);
+        let scored = ignored.clone().bool_not();
+        Self { safe: shifted.mask_fill(ignored, 0), mask: scored.clone().float(), scored }
+    }
+}
+
+/// Detached per-position statistics of the next-token distributions, shared by label sets.
+struct TokenStats<B: Backend> {
+    /// `[batch, seq]` mean logit over the vocabulary.
+    mean_logit: Tensor<B, 2>,
+    /// `[batch]` mean of `mean_logit` over positions `0..seq-1`.
+    mean_logit_all: Tensor<B, 1>,
+    /// `[batch, seq]` entropy.
+    entropy: Tensor<B, 2>,
+    /// `[batch, seq]` most likely next token.
+    argmax: Tensor<B, 2, Int>,
+}
+
+impl<B: Backend> TokenStats<B> {
+    /// `logits` and `lse` detached.
+    fn new(logits: Tensor<B, 3>, lse: Tensor<B, 3>) -> Self {
+        let [b, t, _] = logits.dims();
+        let mean_logit: Tensor<B, 2> = logits.clone().mean_dim(2).squeeze_dim(2);
+        let mean_logit_all = if t > 1 {
+            mean_logit.clone().slice([0..b, 0..t - 1]).mean_dim(1).squeeze_dim(1)
+        } else {
+            Tensor::zeros([b], &logits.device())
+        };
+        // H = Σ p (logsumexp(z) − z) with p = softmax(z): a sum of non-negative terms, more
+        // accurate in f32 than the algebraically equal logsumexp(z) − Σ p z, which cancels when
+        // the distribution is peaked (TRL's kernel uses the latter; they agree to ~1e-6 here).
+        let neg_logp = lse - logits.clone();
+        let entropy: Tensor<B, 2> = ((-neg_logp.clone()).exp() * neg_logp).sum_dim(2).squeeze_dim(2);
+        let argmax = logits.argmax(2).squeeze_dim(2);
+        Self { mean_logit, mean_logit_all, entropy, argmax }
+    }
+
+    fn reduce(&self, sum: Tensor<B, 1>, targets: &ShiftedTargets<B>) -> SequenceLogps<B> {
+        let mask = targets.mask.clone();
+        let row = |t: Tensor<B, 2>| -> Tensor<B, 1> { t.sum_dim(1).squeeze_dim(1) };
+        let num_tokens = row(mask.clone());
+        let correct = self.argmax.clone().equal(targets.safe.clone()).bool_and(targets.scored.clone()).float();
+        SequenceLogps {
+            sum,
+            mean_logits: row(self.mean_logit.clone() * mask.clone()) / num_tokens.clone().clamp_min(1.0),
+            mean_logits_all: self.mean_logit_all.clone(),
+            entropy_sum: row(self.entropy.clone() * mask),
+            num_correct: row(correct),
+            num_tokens,
+        }
+    }
+}

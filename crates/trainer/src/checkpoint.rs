@@ -1,0 +1,126 @@
+//! Training checkpoints: everything needed to continue a run exactly where it stopped.
+//!
+//! `output_dir/checkpoint-<step>/` holds the model in Hugging Face layout (config.json,
+//! model.safetensors in f32, tokenizer files), the AdamW moments (`optimizer.safetensors`, one
+//! `<parameter path>.exp_avg` / `.exp_avg_sq` pair per parameter) and `trainer_state.json`
+//! (global step, optimizer step count, and a fingerprint of the settings that must not change
+//! across a resume). The directory is assembled aside and renamed into place, so a run killed
+//! while saving leaves the previous checkpoint intact and no partial one. The data order is a
+//! pure function of the seed and the epoch, so nothing else is needed to resume exactly.
+
+use crate::optimizer::{AdamW, Moments};
+use crate::TrainError;
+use alignment_core::AtomicDir;
+use alignment_models::weights::{write_safetensors, NamedTensor};
+use alignment_models::{write_pretrained, CausalLm, SaveDtype};
+use burn::tensor::backend::Backend;
+use burn::tensor::{Tensor, TensorData};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+/// `trainer_state.json`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainerState {
+    /// Optimizer updates completed.
+    pub global_step: u64,
+    /// Updates the run will make in total.
+    pub total_steps: u64,
+    /// AdamW's step counter (bias correction).
+    pub optimizer_step: u64,
+    /// Hash of the settings a resume must share (data, batch sizes, seed, schedule).
+    pub fingerprint: String,
+}
+
+const STATE_FILE: &str = "trainer_state.json";
+const OPTIMIZER_FILE: &str = "optimizer.safetensors";
+
+/// The directory of the checkpoint taken after `step` updates.
+pub fn checkpoint_dir(output_dir: &Path, step: u64) -> PathBuf {
+    output_dir.join(format!("checkpoint-{step}"))
+}
+
+/// Complete checkpoints in `output_dir`, oldest first.
+pub fn list_checkpoints(output_dir: &Path) -> Vec<(u64, PathBuf)> {
+    let mut found: Vec<(u64, PathBuf)> = std::fs::read_dir(output_dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let step = name.strip_prefix("checkpoint-")?.parse().ok()?;
+            e.path().join(STATE_FILE).is_file().then(|| (step, e.path()))
+        })
+        .collect();
+    found.sort();
+    found
+}
+
+/// Saves a checkpoint atomically and removes the oldest ones beyond `keep` (`save_total_limit`).
+pub fn save_checkpoint<B: Backend>(
+    output_dir: &Path,
+    model: &CausalLm<B>,
+    optimizer: &AdamW<B>,
+    state: &TrainerState,
+    tokenizer_from: Option<&Path>,
+    keep: Option<usize>,
+) -> Result<PathBuf, TrainError> {
+    let target = checkpoint_dir(output_dir, state.global_step);
+    let staging = AtomicDir::new(&target)?;
+    write_pretrained(model, staging.path(), SaveDtype::F32, tokenizer_from)?;
+    let mut tensors = Vec::with_capacity(optimizer.state.len() * 2);
+    let mut paths: Vec<&String> = optimizer.state.keys().collect();
+    paths.sort();
+    for path in paths {
+        let m = &optimizer.state[path];
+        for (suffix, t) in [("exp_avg", &m.exp_avg), ("exp_avg_sq", &m.exp_avg_sq)] {
+            let values = t.clone().into_data().convert::<f32>().into_vec::<f32>().expect("f32 after convert");
+            tensors.push(NamedTensor { name: format!("{path}.{suffix}"), shape: vec![values.len()], values });
+        }
+    }
+    write_safetensors(&staging.path().join(OPTIMIZER_FILE), &tensors, SaveDtype::F32)?;
+    let state_path = staging.path().join(STATE_FILE);
+    let json = serde_json::to_string_pretty(state).expect("state serializes");
+    std::fs::write(&state_path, json + "\n").map_err(|e| alignment_core::IoError::new("writing", &state_path, e))?;
+    let saved = staging.commit()?;
+    if let Some(keep) = keep.filter(|&k| k > 0) {
+        let all = list_checkpoints(output_dir);
+        for (_, old) in all.iter().take(all.len().saturating_sub(keep)) {
+            let _ = std::fs::remove_dir_all(old);
+        }
+    }
+    Ok(saved)
+}
+
+/// Reads `trainer_state.json` of a checkpoint.
+pub fn read_state(dir: &Path) -> Result<TrainerState, TrainError> {
+    let path = dir.join(STATE_FILE);
+    let text = std::fs::read_to_string(&path).map_err(|e| alignment_core::IoError::new("reading", &path, e))?;
+    serde_json::from_str(&text).map_err(|e| TrainError::Checkpoint { path, message: e.to_string() })
+}
+
+/// Restores AdamW's moments and step from a checkpoint.
+pub fn load_optimizer<B: Backend>(dir: &Path, optimizer: &mut AdamW<B>, state: &TrainerState, device: &B::Device) -> Result<(), TrainError> {
+    let path = dir.join(OPTIMIZER_FILE);
+    let bytes = std::fs::read(&path).map_err(|e| alignment_core::IoError::new("reading", &path, e))?;
+    let corrupt = |message: String| TrainError::Checkpoint { path: path.clone(), message };
+    let file = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| corrupt(e.to_string()))?;
+    optimizer.state.clear();
+    let mut names: Vec<String> = file.names().into_iter().map(String::from).collect();
+    names.sort();
+    for name in names.iter().filter(|n| n.ends_with(".exp_avg")) {
+        let param = name.trim_end_matches(".exp_avg");
+        let read = |n: &str| -> Result<Tensor<B, 1>, TrainError> {
+            let view = file.tensor(n).map_err(|e| corrupt(format!("{n}: {e}")))?;
+            if view.dtype() != safetensors::Dtype::F32 {
+                return Err(corrupt(format!("{n}: expected F32, found {:?}", view.dtype())));
+            }
+            let values: Vec<f32> = view.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+            let n = values.len();
+            Ok(Tensor::from_data(TensorData::new(values, [n]), device))
+        };
+        let moments = Moments { exp_avg: read(name)?, exp_avg_sq: read(&format!("{param}.exp_avg_sq"))? };
+        optimizer.state.insert(param.to_string(), moments);
+    }
+    optimizer.step = state.optimizer_step;
+    Ok(())
+}

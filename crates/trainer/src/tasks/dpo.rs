@@ -1,0 +1,143 @@
+//! DPO: what makes preference training differ from SFT, in one place.
+//!
+//! An example is a *pair*: the same prompt with a chosen and a rejected completion (labels only on
+//! the completion tokens). Both are scored in one forward pass (TRL's `concatenated_forward`:
+//! chosen rows first, then rejected rows, padded together), each row's completion log-probability
+//! is summed, and the loss compares the policy's chosen-vs-rejected margin with the frozen
+//! reference model's margin (`alignment_objectives::dpo`). The reference log-probs are computed
+//! once, before training, from the starting weights ([`precompute_reference`]) and cached on
+//! disk, as TRL's `precompute_ref_log_probs` and open-instruct do; a frozen copy evaluated each
+//! step would give the same numbers at twice the forward cost.
+
+use crate::sequence::{collate, Sequence};
+use crate::task::{MetricValues, Task};
+use alignment_models::CausalLm;
+use alignment_objectives::dpo::{dpo_loss, DpoConfig};
+use alignment_objectives::logprobs::sequence_logps;
+use burn::tensor::backend::Backend;
+use burn::tensor::{Tensor, TensorData};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use std::path::Path;
+
+/// A prompt with a chosen and a rejected completion, tokenized as prompt+completion rows.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PreferencePair {
+    /// Prompt + chosen completion; labels on the completion only.
+    pub chosen: Sequence,
+    /// Prompt + rejected completion; labels on the completion only.
+    pub rejected: Sequence,
+    /// The reference model's summed completion log-probs `[chosen, rejected]`, once computed.
+    pub reference: Option<[f64; 2]>,
+}
+
+/// DPO with TRL's loss variants.
+#[derive(Debug, Clone)]
+pub struct DpoTask {
+    pub config: DpoConfig,
+    pub pad_id: u32,
+}
+
+/// Scores chosen and rejected rows of `pairs` in one forward pass: per-row summed completion
+/// log-probs, completion token counts and mean completion logits, chosen rows first.
+fn concatenated_forward<B: Backend>(
+    model: &CausalLm<B>,
+    pairs: &[&PreferencePair],
+    pad_id: u32,
+    device: &B::Device,
+) -> alignment_objectives::logprobs::SequenceLogps<B> {
+    let rows: Vec<&Sequence> = pairs.iter().map(|p| &p.chosen).chain(pairs.iter().map(|p| &p.rejected)).collect();
+    let (batch, labels) = collate::<B>(&rows, pad_id, device);
+    sequence_logps(model.forward(&batch, None), labels)
+}
+
+impl Task for DpoTask {
+    type Example = PreferencePair;
+
+    fn name(&self) -> &'static str {
+        "dpo"
+    }
+
+    fn weight(&self, examples: &[&PreferencePair]) -> f64 {
+        examples.len() as f64
+    }
+
+    fn num_tokens(&self, examples: &[&PreferencePair]) -> usize {
+        examples.iter().map(|p| p.chosen.num_tokens() + p.rejected.num_tokens()).sum()
+    }
+
+    fn loss<B: Backend>(&self, model: &CausalLm<B>, pairs: &[&PreferencePair], device: &B::Device) -> (Tensor<B, 1>, MetricValues) {
+        let n = pairs.len();
+        let (chosen, rejected) = concatenated_forward(model, pairs, self.pad_id, device).split_at(n);
+        let reference_of = |p: &&PreferencePair| p.reference.expect("reference log-probs are computed before training (precompute_reference)");
+        let column = |i: usize| {
+            let values: Vec<f32> = pairs.iter().map(|p| reference_of(p)[i] as f32).collect();
+            Tensor::<B, 1>::from_data(TensorData::new(values, [n]), device)
+        };
+        let out = dpo_loss(&chosen, &rejected, column(0), column(1), &self.config);
+        let metrics = out.metrics().iter().map(|(k, v)| (k.to_string(), v)).collect();
+        (out.losses.sum(), metrics)
+    }
+}
+
+/// Fills `reference` of every pair with the log-probs of `model` (the starting weights), in
+/// batches of `batch_size`. With `cache_dir`, results are stored under a key hashing the model's
+/// weights and every pair's tokens, and reused when the same model and data come again.
+pub fn precompute_reference<B: Backend>(
+    model: &CausalLm<B>,
+    pairs: &mut [PreferencePair],
+    batch_size: usize,
+    pad_id: u32,
+    cache_dir: Option<&Path>,
+    device: &B::Device,
+) -> Result<(), alignment_core::IoError> {
+    let cache_file = cache_dir.map(|dir| dir.join(format!("{}.json", reference_key(model, pairs))));
+    if let Some(file) = &cache_file {
+        if let Ok(text) = std::fs::read_to_string(file) {
+            if let Ok(values) = serde_json::from_str::<Vec<[f64; 2]>>(&text) {
+                if values.len() == pairs.len() {
+                    for (p, v) in pairs.iter_mut().zip(values) {
+                        p.reference = Some(v);
+                    }
+                    return Ok(());
+                }
+            }
+        }
+    }
+    let mut values = Vec::with_capacity(pairs.len());
+    for chunk in pairs.chunks(batch_size.max(1)) {
+        let refs: Vec<&PreferencePair> = chunk.iter().collect();
+        let sums = concatenated_forward(model, &refs, pad_id, device).sum.into_data().convert::<f64>().into_vec::<f64>().expect("f64");
+        let n = chunk.len();
+        values.extend((0..n).map(|i| [sums[i], sums[n + i]]));
+    }
+    for (p, v) in pairs.iter_mut().zip(&values) {
+        p.reference = Some(*v);
+    }
+    if let Some(file) = cache_file {
+        let json = serde_json::to_string(&values).expect("numbers serialize");
+        alignment_core::write_atomic(&file, |w| w.write_all(json.as_bytes()))?;
+    }
+    Ok(())
+}
+
+/// sha256 over the model's weights and the pairs' tokens and labels.
+fn reference_key<B: Backend>(model: &CausalLm<B>, pairs: &[PreferencePair]) -> String {
+    let mut hash = Sha256::new();
+    for tensor in alignment_models::pretrained::named_tensors(model) {
+        hash.update(tensor.name.as_bytes());
+        for v in &tensor.values {
+            hash.update(v.to_le_bytes());
+        }
+    }
+    for p in pairs {
+        for s in [&p.chosen, &p.rejected] {
+            hash.update((s.input_ids.len() as u64).to_le_bytes());
+            s.input_ids.iter().for_each(|i| hash.update(i.to_le_bytes()));
+            s.labels.iter().for_each(|l| hash.update(l.to_le_bytes()));
+        }
+    }
+    hash.finalize().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+use std::io::Write as _;

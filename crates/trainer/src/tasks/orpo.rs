@@ -1,0 +1,60 @@
+//! ORPO: preference pairs like DPO, but no reference model — the chosen completion is also
+//! trained on directly (an SFT term over the chosen rows' prompt and completion, as TRL does)
+//! and the odds ratio of chosen over rejected, from length-averaged log-probs, is pushed up
+//! (`alignment_objectives::orpo`).
+
+use crate::sequence::{collate, Sequence, IGNORE_INDEX};
+use crate::task::{MetricValues, Task};
+use crate::tasks::dpo::PreferencePair;
+use alignment_models::CausalLm;
+use alignment_objectives::logprobs::sequence_logps_many;
+use alignment_objectives::orpo::{orpo_loss, OrpoConfig};
+use burn::tensor::backend::Backend;
+use burn::tensor::{Int, Tensor, TensorData};
+
+/// ORPO over preference pairs (their `reference` is unused).
+#[derive(Debug, Clone)]
+pub struct OrpoTask {
+    pub config: OrpoConfig,
+    pub pad_id: u32,
+}
+
+impl Task for OrpoTask {
+    type Example = PreferencePair;
+
+    fn name(&self) -> &'static str {
+        "orpo"
+    }
+
+    fn weight(&self, examples: &[&PreferencePair]) -> f64 {
+        examples.len() as f64
+    }
+
+    fn num_tokens(&self, examples: &[&PreferencePair]) -> usize {
+        examples.iter().map(|p| p.chosen.num_tokens() + p.rejected.num_tokens()).sum()
+    }
+
+    fn loss<B: Backend>(&self, model: &CausalLm<B>, pairs: &[&PreferencePair], device: &B::Device) -> (Tensor<B, 1>, MetricValues) {
+        let n = pairs.len();
+        let rows: Vec<&Sequence> = pairs.iter().map(|p| &p.chosen).chain(pairs.iter().map(|p| &p.rejected)).collect();
+        let (batch, completion_labels) = collate::<B>(&rows, self.pad_id, device);
+        // TRL's NLL term: labels = input ids wherever the attention mask is 1 (prompt included).
+        let [rows_n, width] = batch.dims();
+        let full: Vec<i64> = batch
+            .input_ids
+            .iter()
+            .zip(rows.iter())
+            .flat_map(|(ids, row)| ids.iter().enumerate().map(move |(t, &id)| if t < row.num_tokens() { id as i64 } else { IGNORE_INDEX }))
+            .collect();
+        let full_labels = Tensor::<B, 2, Int>::from_data(TensorData::new(full, [rows_n, width]), device);
+        let mut scored = sequence_logps_many(model.forward(&batch, None), vec![completion_labels, full_labels]);
+        let full = scored.pop().expect("two label sets");
+        let completion = scored.pop().expect("two label sets");
+        let (chosen, rejected) = completion.split_at(n);
+        let (chosen_full, _) = full.split_at(n);
+        let out = orpo_loss(&chosen, &rejected, chosen_full.mean_nll(), &self.config);
+        let metrics = out.metrics().iter().map(|(k, v)| (k.to_string(), v)).collect();
+        // The step's loss is the mean over pairs: scale this micro-batch's mean by its size.
+        (out.loss * n as f64, metrics)
+    }
+}

@@ -1,0 +1,56 @@
+//! SFT and CPT: next-token cross-entropy on the labelled tokens of each sequence (assistant turns
+//! for SFT with `assistant_only_loss`, every token for CPT). The step's loss is the token-mean
+//! over all micro-batches of the step (transformers' `num_items_in_batch`), or the summed token
+//! loss per micro-batch with open-instruct's `reduce_loss: sum`.
+
+use crate::sequence::{collate, Sequence};
+use crate::task::{MetricValues, Task};
+use alignment_models::CausalLm;
+use alignment_objectives::sft::{sft_loss, Reduction};
+use burn::tensor::backend::Backend;
+use burn::tensor::Tensor;
+
+/// Causal-LM training on sequences with labels.
+#[derive(Debug, Clone)]
+pub struct SftTask {
+    /// Token-mean over the step, or the token sum per micro-batch.
+    pub reduction: Reduction,
+    /// Padding token id for collation.
+    pub pad_id: u32,
+    /// `sft` or `cpt`, for logs.
+    pub name: &'static str,
+}
+
+impl Task for SftTask {
+    type Example = Sequence;
+
+    fn name(&self) -> &'static str {
+        self.name
+    }
+
+    fn weight(&self, examples: &[&Sequence]) -> f64 {
+        match self.reduction {
+            // Token mean over the whole step (the loop divides by the step's total).
+            Reduction::Mean | Reduction::MeanOver(_) => examples.iter().map(|e| e.num_scored()).sum::<usize>() as f64,
+            // open-instruct: token sums, divided only by the number of micro-batches.
+            Reduction::Sum => 1.0,
+        }
+    }
+
+    fn num_tokens(&self, examples: &[&Sequence]) -> usize {
+        examples.iter().map(|e| e.num_tokens()).sum()
+    }
+
+    fn loss<B: Backend>(&self, model: &CausalLm<B>, examples: &[&Sequence], device: &B::Device) -> (Tensor<B, 1>, MetricValues) {
+        let (batch, labels) = collate::<B>(examples, self.pad_id, device);
+        let out = sft_loss(model.forward(&batch, None), labels, Reduction::Sum);
+        let scored = examples.iter().map(|e| e.num_scored()).sum::<usize>().max(1) as f64;
+        let metrics: MetricValues = out
+            .metrics()
+            .iter()
+            .map(|(name, value)| (name.to_string(), if name == "loss" { value / scored } else { value }))
+            .collect();
+        let loss_sum = out.loss;
+        (loss_sum, metrics)
+    }
+}

@@ -1,0 +1,363 @@
+//! The training loop: one obvious path from examples to updated weights.
+//!
+//! ```text
+//! for step in start..total_steps:
+//!     micro-batches = the step's slice of this epoch's shuffled order (seeded by seed + epoch)
+//!     for each micro-batch:  loss = task.loss(model, micro) / step weight;  grads += ∇loss
+//!     AdamW update with the scheduled learning rate, after global-norm clipping
+//!     every logging_steps: metrics.jsonl line + progress bar; every eval_steps: evaluate;
+//!     every save_steps: atomic checkpoint (model, optimizer moments, step)
+//! save the final model in Hugging Face layout, plot the losses
+//! ```
+//! Everything a step depends on is a function of (seed, step), the weights and the optimizer
+//! moments, so a run resumed from a checkpoint logs the same losses as one never stopped.
+
+use crate::checkpoint::{self, TrainerState};
+use crate::logging::{self, MetricsAccumulator, MetricsLog};
+use crate::optimizer::{AdamW, AdamWConfig};
+use crate::recipe::{Recipe, ResumeFrom};
+use crate::schedule::{Schedule, ScheduleKind};
+use crate::task::Task;
+use crate::TrainError;
+use alignment_models::{load_pretrained, CausalLm};
+use burn::module::AutodiffModule;
+use burn::optim::{GradientsAccumulator, GradientsParams};
+use burn::tensor::backend::AutodiffBackend;
+use burn::tensor::ElementConversion;
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// When to save checkpoints (`save_strategy`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SaveStrategy {
+    /// Never (only the final model).
+    No,
+    /// Every `save_steps` updates.
+    Steps(u64),
+    /// At the end of each epoch.
+    Epoch,
+}
+
+/// Everything the loop needs, taken from a recipe by [`TrainerConfig::from_recipe`].
+#[derive(Debug, Clone)]
+pub struct TrainerConfig {
+    pub learning_rate: f64,
+    pub schedule: ScheduleKind,
+    pub warmup_ratio: f64,
+    pub warmup_steps: usize,
+    pub num_train_epochs: f64,
+    /// Positive: total updates, overriding epochs.
+    pub max_steps: Option<u64>,
+    pub train_batch_size: usize,
+    pub eval_batch_size: usize,
+    pub gradient_accumulation_steps: usize,
+    pub adamw: AdamWConfig,
+    pub seed: u64,
+    pub logging_steps: u64,
+    pub logging_first_step: bool,
+    /// Evaluate every N updates (and at the end) when set.
+    pub eval_steps: Option<u64>,
+    /// Evaluate before the first update (`eval_on_start`).
+    pub eval_on_start: bool,
+    pub save: SaveStrategy,
+    pub save_total_limit: Option<usize>,
+    pub output_dir: PathBuf,
+    /// Checkpoint to resume from.
+    pub resume_from: Option<PathBuf>,
+    /// Copied next to saved weights (tokenizer.json, tokenizer_config.json, ...).
+    pub tokenizer_dir: Option<PathBuf>,
+    /// Hide the progress bar.
+    pub quiet: bool,
+}
+
+impl TrainerConfig {
+    /// Reads the loop's settings from a recipe (transformers' TrainingArguments semantics).
+    pub fn from_recipe(recipe: &Recipe) -> Result<Self, TrainError> {
+        let schedule = recipe
+            .lr_scheduler_type
+            .parse()
+            .map_err(|e: crate::schedule::UnknownSchedule| TrainError::Config { key: "lr_scheduler_type".into(), message: e.to_string() })?;
+        let strategy = recipe.eval_strategy.as_deref().or(recipe.evaluation_strategy.as_deref()).unwrap_or("no");
+        let eval_steps = match strategy {
+            "steps" => Some(recipe.eval_steps.unwrap_or(recipe.logging_steps) as u64),
+            "no" if recipe.do_eval => recipe.eval_steps.map(|s| s as u64),
+            "no" | "epoch" => None,
+            other => return Err(TrainError::Config { key: "eval_strategy".into(), message: format!("`{other}` (expected no, steps or epoch)") }),
+        };
+        let save = match recipe.save_strategy.as_str() {
+            "steps" => SaveStrategy::Steps(recipe.save_steps.max(1) as u64),
+            "epoch" => SaveStrategy::Epoch,
+            "no" => SaveStrategy::No,
+            other => return Err(TrainError::Config { key: "save_strategy".into(), message: format!("`{other}` (expected no, steps or epoch)") }),
+        };
+        if recipe.per_device_train_batch_size == 0 || recipe.gradient_accumulation_steps == 0 {
+            return Err(TrainError::Config {
+                key: "per_device_train_batch_size".into(),
+                message: "batch size and gradient_accumulation_steps must be positive".into(),
+            });
+        }
+        let resume_from = match &recipe.resume_from_checkpoint {
+            None | Some(ResumeFrom::Latest(false)) => None,
+            Some(ResumeFrom::Latest(true)) => Some(
+                checkpoint::list_checkpoints(&recipe.output_dir)
+                    .pop()
+                    .map(|(_, p)| p)
+                    .ok_or_else(|| TrainError::Config {
+                        key: "resume_from_checkpoint".into(),
+                        message: format!("no checkpoint-* directory in {}", recipe.output_dir.display()),
+                    })?,
+            ),
+            Some(ResumeFrom::Path(path)) => Some(path.clone()),
+        };
+        Ok(Self {
+            learning_rate: recipe.learning_rate,
+            schedule,
+            warmup_ratio: recipe.warmup_ratio,
+            warmup_steps: recipe.warmup_steps,
+            num_train_epochs: recipe.num_train_epochs,
+            max_steps: (recipe.max_steps > 0).then_some(recipe.max_steps as u64),
+            train_batch_size: recipe.per_device_train_batch_size,
+            eval_batch_size: recipe.per_device_eval_batch_size.max(1),
+            gradient_accumulation_steps: recipe.gradient_accumulation_steps,
+            adamw: AdamWConfig {
+                beta1: recipe.adam_beta1,
+                beta2: recipe.adam_beta2,
+                epsilon: recipe.adam_epsilon,
+                weight_decay: recipe.weight_decay,
+                max_grad_norm: Some(recipe.max_grad_norm),
+            },
+            seed: recipe.seed,
+            logging_steps: recipe.logging_steps.max(1) as u64,
+            logging_first_step: recipe.logging_first_step,
+            eval_steps,
+            eval_on_start: recipe.eval_on_start,
+            save,
+            save_total_limit: recipe.save_total_limit,
+            output_dir: recipe.output_dir.clone(),
+            resume_from,
+            tokenizer_dir: None,
+            quiet: false,
+        })
+    }
+
+    fn fingerprint(&self, num_examples: usize, task: &str) -> String {
+        format!(
+            "{task}|n={num_examples}|bs={}|ga={}|seed={}|lr={}|{:?}|warmup={}/{}|epochs={}|max_steps={:?}",
+            self.train_batch_size,
+            self.gradient_accumulation_steps,
+            self.seed,
+            self.learning_rate,
+            self.schedule,
+            self.warmup_ratio,
+            self.warmup_steps,
+            self.num_train_epochs,
+            self.max_steps
+        )
+    }
+}
+
+/// How the examples are walked: micro-batches per epoch and updates in total.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StepPlan {
+    pub micro_batches_per_epoch: usize,
+    pub steps_per_epoch: u64,
+    pub total_steps: u64,
+}
+
+impl StepPlan {
+    /// transformers' arithmetic: ⌈n / batch⌉ micro-batches per epoch, ⌈that / accumulation⌉
+    /// updates per epoch, `max_steps` or ⌈epochs × updates per epoch⌉ in total.
+    pub fn new(num_examples: usize, config: &TrainerConfig) -> Self {
+        let micro = num_examples.div_ceil(config.train_batch_size);
+        let per_epoch = micro.div_ceil(config.gradient_accumulation_steps).max(1) as u64;
+        let total = config.max_steps.unwrap_or_else(|| (config.num_train_epochs * per_epoch as f64).ceil() as u64);
+        Self { micro_batches_per_epoch: micro, steps_per_epoch: per_epoch, total_steps: total }
+    }
+
+    /// Example indices of each micro-batch of update `step` (0-based).
+    pub fn micro_batches(&self, step: u64, num_examples: usize, config: &TrainerConfig) -> Vec<Vec<usize>> {
+        let epoch = step / self.steps_per_epoch;
+        let order = epoch_order(num_examples, config.seed, epoch);
+        let first = (step % self.steps_per_epoch) as usize * config.gradient_accumulation_steps;
+        let last = (first + config.gradient_accumulation_steps).min(self.micro_batches_per_epoch);
+        (first..last)
+            .map(|m| order[m * config.train_batch_size..((m + 1) * config.train_batch_size).min(num_examples)].to_vec())
+            .collect()
+    }
+}
+
+/// The shuffled order of the examples in `epoch`: a ChaCha8 permutation seeded by (seed, epoch).
+pub fn epoch_order(n: usize, seed: u64, epoch: u64) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..n).collect();
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ epoch);
+    order.shuffle(&mut rng);
+    order
+}
+
+/// What a finished run leaves behind.
+#[derive(Debug, Clone)]
+pub struct TrainOutcome {
+    /// Updates made (including those before a resume).
+    pub steps: u64,
+    /// Every metrics.jsonl entry.
+    pub history: Vec<serde_json::Map<String, serde_json::Value>>,
+    /// Where the final model was saved.
+    pub model_dir: PathBuf,
+}
+
+/// Evaluates `task` on `examples` (no gradients) and returns its metrics averaged by weight,
+/// each prefixed `eval_`.
+pub fn evaluate<B: burn::tensor::backend::Backend, T: Task>(
+    model: &CausalLm<B>,
+    task: &T,
+    examples: &[T::Example],
+    batch_size: usize,
+    device: &B::Device,
+) -> Vec<(String, f64)> {
+    let mut acc = MetricsAccumulator::default();
+    for chunk in examples.chunks(batch_size.max(1)) {
+        let refs: Vec<&T::Example> = chunk.iter().collect();
+        let (_, metrics) = task.loss(model, &refs, device);
+        acc.add(metrics.iter().map(|(k, v)| (k.as_str(), *v)), task.weight(&refs));
+    }
+    acc.means("eval_")
+}
+
+/// Trains `model` on `train` with `task`, evaluating on `eval`. Writes `metrics.jsonl`,
+/// checkpoints, the final model and `loss.svg` into `config.output_dir`.
+pub fn train<B: AutodiffBackend, T: Task>(
+    model: CausalLm<B>,
+    task: &T,
+    train: &[T::Example],
+    eval: &[T::Example],
+    config: &TrainerConfig,
+    device: &B::Device,
+) -> Result<(CausalLm<B>, TrainOutcome), TrainError> {
+    if train.is_empty() {
+        return Err(TrainError::EmptyDataset { what: format!("{} training set", task.name()) });
+    }
+    let plan = StepPlan::new(train.len(), config);
+    let fingerprint = config.fingerprint(train.len(), task.name());
+    let mut optimizer = AdamW::<B::InnerBackend>::new(config.adamw);
+    let mut model = model;
+    let mut start = 0;
+    if let Some(dir) = &config.resume_from {
+        let state = checkpoint::read_state(dir)?;
+        if state.fingerprint != fingerprint {
+            return Err(TrainError::Resume {
+                path: dir.clone(),
+                message: format!("the checkpoint was made with other settings:\n  checkpoint: {}\n  now:        {fingerprint}", state.fingerprint),
+            });
+        }
+        model = load_pretrained::<B>(dir, device)?;
+        checkpoint::load_optimizer(dir, &mut optimizer, &state, device)?;
+        start = state.global_step;
+    }
+    std::fs::create_dir_all(&config.output_dir).map_err(|e| alignment_core::IoError::new("creating directory", &config.output_dir, e))?;
+    let mut log = MetricsLog::open(&config.output_dir.join("metrics.jsonl"), config.resume_from.as_ref().map(|_| start))?;
+    let schedule = Schedule::new(config.schedule, config.learning_rate, plan.total_steps as usize, config.warmup_ratio, config.warmup_steps);
+    let bar = logging::progress_bar(plan.total_steps, start, config.quiet);
+    let epoch_of = |step: u64| step as f64 / plan.steps_per_epoch as f64;
+
+    if config.eval_on_start && start == 0 && !eval.is_empty() {
+        let metrics = evaluate(&model.valid(), task, eval, config.eval_batch_size, device);
+        log.write(logging::entry(0, 0.0, &metrics))?;
+    }
+
+    let mut window = MetricsAccumulator::default();
+    let mut window_tokens = 0usize;
+    let mut window_seconds = 0.0f64; // training time only: evaluation and saving are excluded
+    let mut total_tokens = 0usize;
+    for step in start..plan.total_steps {
+        let step_start = Instant::now();
+        let micro_batches = plan.micro_batches(step, train.len(), config);
+        let batches: Vec<Vec<&T::Example>> = micro_batches.iter().map(|ids| ids.iter().map(|&i| &train[i]).collect()).collect();
+        let step_weight: f64 = batches.iter().map(|b| task.weight(b)).sum::<f64>().max(f64::MIN_POSITIVE);
+        let mut accumulator = GradientsAccumulator::<CausalLm<B>>::new();
+        for examples in &batches {
+            let (loss_sum, metrics) = task.loss(&model, examples, device);
+            let loss = loss_sum / step_weight;
+            let grads = GradientsParams::from_grads(loss.backward(), &model);
+            accumulator.accumulate(&model, grads);
+            window.add(metrics.iter().map(|(k, v)| (k.as_str(), *v)), task.weight(examples));
+            let tokens = task.num_tokens(examples);
+            window_tokens += tokens;
+            total_tokens += tokens;
+        }
+        let lr = schedule.lr(step as usize);
+        let (updated, report) = optimizer.step(lr, model, &accumulator.grads());
+        model = updated;
+        window.add([("grad_norm", report.grad_norm)], 1.0);
+        window_seconds += step_start.elapsed().as_secs_f64();
+        let done = step + 1;
+        bar.set_position(done);
+
+        let last = done == plan.total_steps;
+        if done % config.logging_steps == 0 || (config.logging_first_step && done == 1) || last {
+            let elapsed = window_seconds.max(1e-9);
+            let mut values = window.means("");
+            values.push(("learning_rate".into(), lr));
+            values.push(("tokens_per_second".into(), window_tokens as f64 / elapsed));
+            values.push(("num_tokens".into(), total_tokens as f64));
+            let loss = values.iter().find(|(k, _)| k == "loss").map_or(f64::NAN, |(_, v)| *v);
+            bar.set_message(format!("loss {loss:.4} lr {lr:.2e} {:.0} tok/s", window_tokens as f64 / elapsed));
+            log.write(logging::entry(done, epoch_of(done), &values))?;
+            window.clear();
+            window_tokens = 0;
+            window_seconds = 0.0;
+        }
+        let epoch_end = done % plan.steps_per_epoch == 0;
+        let eval_now = config.eval_steps.is_some_and(|n| done % n.max(1) == 0) || (last && config.eval_steps.is_some());
+        if eval_now && !eval.is_empty() {
+            let metrics = evaluate(&model.valid(), task, eval, config.eval_batch_size, device);
+            let loss = metrics.iter().find(|(k, _)| k == "eval_loss").map_or(f64::NAN, |(_, v)| *v);
+            bar.println(format!("step {done}: eval_loss {loss:.4}"));
+            log.write(logging::entry(done, epoch_of(done), &metrics))?;
+        }
+        let save_now = match config.save {
+            SaveStrategy::Steps(n) => done % n == 0 && !last,
+            SaveStrategy::Epoch => epoch_end && !last,
+            SaveStrategy::No => false,
+        };
+        if save_now {
+            let state = TrainerState { global_step: done, total_steps: plan.total_steps, optimizer_step: optimizer.step, fingerprint: fingerprint.clone() };
+            let inner = model.valid();
+            checkpoint::save_checkpoint(&config.output_dir, &inner, &optimizer, &state, config.tokenizer_dir.as_deref(), config.save_total_limit)?;
+        }
+    }
+    bar.finish();
+    let model_dir = save_final(&model.valid(), config)?;
+    let _ = logging::plot_losses(log.history(), &config.output_dir.join("loss.svg"), &format!("{} loss", task.name()));
+    Ok((model, TrainOutcome { steps: plan.total_steps, history: log.history().to_vec(), model_dir }))
+}
+
+/// Saves the final model into `output_dir` itself (beside `checkpoint-*` and `metrics.jsonl`), as
+/// `trainer.save_model(output_dir)` does: assembled in a staging directory, then each file
+/// renamed into place, weights first and config.json last.
+fn save_final<B: burn::tensor::backend::Backend>(model: &CausalLm<B>, config: &TrainerConfig) -> Result<PathBuf, TrainError> {
+    let staging = alignment_core::AtomicDir::new(config.output_dir.join(".final-model"))?;
+    alignment_models::write_pretrained(model, staging.path(), alignment_models::SaveDtype::F32, config.tokenizer_dir.as_deref())?;
+    let mut names: Vec<PathBuf> = std::fs::read_dir(staging.path())
+        .map_err(|e| alignment_core::IoError::new("listing", staging.path(), e))?
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    names.sort_by_key(|p| (p.file_name() == Some("config.json".as_ref()), p.clone()));
+    for from in names {
+        let to = config.output_dir.join(from.file_name().expect("a file name"));
+        std::fs::rename(&from, &to).map_err(|e| alignment_core::IoError::new("renaming into place", &to, e))?;
+    }
+    Ok(config.output_dir.clone())
+}
+
+/// Sum of a `[1]` tensor as f64 (for metrics).
+pub fn scalar<B: burn::tensor::backend::Backend>(t: burn::tensor::Tensor<B, 1>) -> f64 {
+    t.into_scalar().elem::<f64>()
+}
+
+/// Whether `dir` holds a model saved by [`train`] (config.json and weights).
+pub fn is_model_dir(dir: &Path) -> bool {
+    dir.join("config.json").is_file() && dir.join("model.safetensors").is_file()
+}

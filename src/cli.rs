@@ -1,0 +1,56 @@
+//! The command line shared by the example binaries: `[RECIPE.yaml] [--key=value ...]`, the
+//! handbook's `python run_sft.py recipe.yaml --key=value` convention.
+
+use crate::run::{run, Objective};
+use alignment_trainer::Recipe;
+use std::path::PathBuf;
+
+/// Parses the arguments, loads the recipe (or `default_recipe`, relative to the repository),
+/// runs `objective` on the CPU backend (or the GPU one when built with `--features cuda`) and
+/// prints where the results are. Exits non-zero with the error's message on failure.
+pub fn main_for(objective: Objective, default_recipe: &str) {
+    if let Err(message) = try_main(objective, default_recipe) {
+        eprintln!("error: {message}");
+        std::process::exit(1);
+    }
+}
+
+fn try_main(objective: Objective, default_recipe: &str) -> Result<(), String> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.iter().any(|a| a == "-h" || a == "--help") {
+        println!("usage: [RECIPE.yaml] [--key=value ...]\n  default recipe: {default_recipe}\n  keys: the handbook's recipe keys, e.g. --max_steps=10 --output_dir=out");
+        return Ok(());
+    }
+    let (recipe_path, overrides): (Vec<String>, Vec<String>) = args.into_iter().partition(|a| !a.starts_with("--"));
+    let path = match recipe_path.as_slice() {
+        [] => crate::reference::repo_root().join(default_recipe),
+        [one] => PathBuf::from(one),
+        more => return Err(format!("expected one recipe file, got {more:?}")),
+    };
+    let recipe = Recipe::load(&path, &overrides).map_err(|e| e.to_string())?;
+    let inert = recipe.inert_keys_set();
+    if !inert.is_empty() {
+        eprintln!("note: these recipe keys have no effect here: {}", inert.join(", "));
+    }
+    eprintln!("{objective:?} with {} → {}", path.display(), recipe.output_dir.display());
+    let outcome = run_on_backend(objective, &recipe)?;
+    let last_eval = outcome.history.iter().rev().find(|e| e.contains_key("eval_loss"));
+    println!("trained {} steps; model saved to {}", outcome.steps, outcome.model_dir.display());
+    println!("metrics: {}", recipe.output_dir.join("metrics.jsonl").display());
+    if let Some(eval) = last_eval {
+        println!("last evaluation: {}", serde_json::Value::Object(eval.clone()));
+    }
+    Ok(())
+}
+
+#[cfg(not(feature = "cuda"))]
+fn run_on_backend(objective: Objective, recipe: &Recipe) -> Result<alignment_trainer::TrainOutcome, String> {
+    use alignment_core::backend::CpuAutodiff;
+    run::<CpuAutodiff>(objective, recipe, &Default::default(), false).map_err(|e| e.to_string())
+}
+
+#[cfg(feature = "cuda")]
+fn run_on_backend(objective: Objective, recipe: &Recipe) -> Result<alignment_trainer::TrainOutcome, String> {
+    use alignment_core::backend::GpuAutodiff;
+    run::<GpuAutodiff>(objective, recipe, &Default::default(), false).map_err(|e| e.to_string())
+}

