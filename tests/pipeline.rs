@@ -69,3 +69,18 @@ fn unsupported_and_invalid_settings_name_the_key() {
         .unwrap_err();
     assert!(err.to_string().contains("/nonexistent/model"), "{err}");
 }
+
+#[test]
+fn recipe_chat_template_overrides_the_tokenizers() {
+    use alignment_handbook::data::{Message, ZEPHYR_TEMPLATE};
+    use alignment_handbook::run::{resolve_model, TextTools};
+    let dir = resolve_model("HuggingFaceTB/SmolLM2-135M-Instruct").unwrap();
+    let messages = [Message::new("user", "Hi"), Message::new("assistant", "Hello!")];
+    let own = TextTools::load(&dir, None).unwrap();
+    assert!(own.template.render(&messages, false).unwrap().starts_with("<|im_start|>"), "SmolLM2's own ChatML template");
+    let zephyr = TextTools::load(&dir, Some(ZEPHYR_TEMPLATE)).unwrap();
+    // The handbook's Zephyr template with SmolLM2's eos_token.
+    assert_eq!(zephyr.template.render(&messages, false).unwrap(), "<|user|>\nHi<|im_end|>\n<|assistant|>\nHello!<|im_end|>\n");
+    let broken = TextTools::load(&dir, Some("{% for m in messages %}{{ m.content }"));
+    assert!(broken.is_err_and(|e| e.to_string().contains("syntax")), "a malformed template is a clear error");
+}

@@ -1,25 +1,71 @@
-//! The two building blocks every decoder layer uses: a bias-free linear map and RMSNorm.
+//! The two building blocks every decoder layer uses: a bias-free linear map (optionally with a
+//! LoRA adapter) and RMSNorm.
 
 use burn::module::{Module, Param};
-use burn::tensor::{backend::Backend, Tensor};
+use burn::tensor::{backend::Backend, Distribution, Tensor};
 
 /// `y = x Wᵀ`, with `W` stored `[out_features, in_features]` exactly as Hugging Face stores it,
-/// so loading and saving never transposes.
+/// so loading and saving never transposes. With a [`LoraAdapter`] attached (see the
+/// `alignment-peft` crate) the map becomes `y = x Wᵀ + s · (drop(x) Aᵀ) Bᵀ`, as PEFT's `lora.Linear`.
 #[derive(Module, Debug)]
 pub struct Linear<B: Backend> {
     /// `[out_features, in_features]`.
     pub weight: Param<Tensor<B, 2>>,
+    /// Low-rank update, `None` for a plain layer. Not part of the model's own checkpoint
+    /// (`pretrained::named_tensors` lists base weights only); adapters are saved separately.
+    pub lora: Option<LoraAdapter<B>>,
 }
 
 impl<B: Backend> Linear<B> {
-    /// Wraps a `[out, in]` weight.
+    /// Wraps a `[out, in]` weight, without adapter.
     pub fn new(weight: Tensor<B, 2>) -> Self {
-        Self { weight: Param::from_tensor(weight) }
+        Self { weight: Param::from_tensor(weight), lora: None }
     }
 
     /// Applies the map to `[batch, seq, in]`, giving `[batch, seq, out]`.
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        project(x, self.weight.val())
+        match &self.lora {
+            None => project(x, self.weight.val()),
+            Some(lora) => project(x.clone(), self.weight.val()) + lora.forward(x),
+        }
+    }
+}
+
+/// A LoRA adapter of one [`Linear`]: the update `s · B A` of its weight, kept factored.
+///
+/// Tensors are stored as Hugging Face PEFT stores them (`lora_A.weight`, `lora_B.weight`, both in
+/// `nn.Linear`'s `[out, in]` orientation), so saving and loading adapters is a name-by-name copy.
+#[derive(Module, Debug)]
+pub struct LoraAdapter<B: Backend> {
+    /// `[r, in_features]` (PEFT's `lora_A.weight`).
+    pub a: Param<Tensor<B, 2>>,
+    /// `[out_features, r]` (PEFT's `lora_B.weight`).
+    pub b: Param<Tensor<B, 2>>,
+    /// `lora_alpha / r`, or `lora_alpha / sqrt(r)` with rsLoRA.
+    #[module(skip)]
+    pub scaling: f64,
+    /// Dropout probability applied to the adapter's input (PEFT's `lora_dropout`). Active only on
+    /// an autodiff backend (training), like burn's `Dropout`; the mask comes from the backend's
+    /// random generator (`B::seed`).
+    #[module(skip)]
+    pub dropout: f64,
+}
+
+impl<B: Backend> LoraAdapter<B> {
+    /// `s · (drop(x) Aᵀ) Bᵀ` for `x: [batch, seq, in]`, giving `[batch, seq, out]`.
+    pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        let x = if self.dropout > 0.0 && B::ad_enabled(&x.device()) {
+            let keep = 1.0 - self.dropout;
+            x.clone() * x.random_like(Distribution::Bernoulli(keep)) * (1.0 / keep)
+        } else {
+            x
+        };
+        project(project(x, self.a.val()), self.b.val()) * self.scaling
+    }
+
+    /// The dense update `s · B A`, `[out, in]` (what merging adds to the base weight).
+    pub fn delta_weight(&self) -> Tensor<B, 2> {
+        self.b.val().matmul(self.a.val()) * self.scaling
     }
 }
 

@@ -1,3 +1,26 @@
-//! `alignment-peft` will own parameter-efficient fine-tuning: LoRA adapters on any set of
-//! linear layers (saved and loaded in Hugging Face PEFT's layout) and QLoRA's 4-bit NF4 base
-//! weights. Not implemented yet (issue #5): this crate is an empty placeholder in the layering.
+//! `alignment-peft`: parameter-efficient fine-tuning with LoRA, compatible with Hugging Face PEFT.
+//!
+//! - [`apply_lora`] attaches adapters to the targeted linear layers of a
+//!   [`alignment_models::CausalLm`] (PEFT's init: `A` kaiming-uniform, `B` zero) and freezes
+//!   every base parameter, so on an autodiff backend gradients — and optimizer state — exist
+//!   only for the adapters.
+//! - The forward pass is `y = x Wᵀ + s · (drop(x) Aᵀ) Bᵀ` with `s = alpha / r` (or
+//!   `alpha / √r` with rsLoRA), computed in `alignment_models::layers::Linear`.
+//! - [`save_adapter`] / [`load_adapter`] write and read PEFT's directory layout
+//!   (`adapter_config.json`, `adapter_model.safetensors` with
+//!   `base_model.model.<module>.lora_{A,B}.weight`), loadable by `PeftModel.from_pretrained`.
+//! - [`merge_lora`] folds `s·B·A` into the base weights (PEFT's `merge_and_unload`) for saving a
+//!   plain Hugging Face model.
+//!
+//! See docs/peft.md for what is not implemented (QLoRA/NF4, DoRA, `modules_to_save`, ...).
+
+pub mod adapter;
+pub mod config;
+pub mod error;
+pub mod lora;
+pub mod nf4;
+
+pub use adapter::{load_adapter, read_adapter_config, save_adapter, ADAPTER_CONFIG, ADAPTER_WEIGHTS};
+pub use config::{LoraConfig, TargetModules, ALL_LINEAR};
+pub use error::PeftError;
+pub use lora::{apply_lora, has_lora, merge_lora, num_lora_params};

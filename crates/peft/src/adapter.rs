@@ -1,0 +1,186 @@
+//! Saving and loading adapters in Hugging Face PEFT's layout: a directory with
+//! `adapter_config.json` and `adapter_model.safetensors`, whose tensors are named as PEFT's
+//! `get_peft_model_state_dict` names them (adapter name `default` removed):
+//! `base_model.model.model.layers.{i}.self_attn.q_proj.lora_A.weight` (`[r, in]`) and
+//! `....lora_B.weight` (`[out, r]`).
+
+use crate::config::LoraConfig;
+use crate::error::PeftError;
+use crate::lora::{adapter, has_lora, linear_layers, linear_layers_mut, targeted_paths};
+use alignment_core::{AtomicDir, IoError};
+use alignment_models::weights::{write_safetensors, NamedTensor, SaveDtype};
+use alignment_models::CausalLm;
+use burn::module::Module;
+use burn::tensor::{backend::Backend, Tensor, TensorData};
+use safetensors::tensor::Dtype;
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+
+/// The adapter weights file.
+pub const ADAPTER_WEIGHTS: &str = "adapter_model.safetensors";
+/// The adapter config file.
+pub const ADAPTER_CONFIG: &str = "adapter_config.json";
+/// What PEFT's `PeftModelForCausalLM` puts before a module path of the wrapped `*ForCausalLM`.
+pub const PEFT_PREFIX: &str = "base_model.model.";
+
+/// PEFT's names of the two tensors of the adapter on the module at `path`.
+pub fn tensor_names(path: &str) -> [String; 2] {
+    [format!("{PEFT_PREFIX}{path}.lora_A.weight"), format!("{PEFT_PREFIX}{path}.lora_B.weight")]
+}
+
+fn values<B: Backend>(t: Tensor<B, 2>) -> Vec<f32> {
+    t.into_data().convert::<f32>().into_vec::<f32>().expect("converted to f32 above")
+}
+
+/// The adapter tensors of `model` under PEFT's names, in module order.
+pub fn adapter_tensors<B: Backend>(model: &CausalLm<B>) -> Vec<NamedTensor> {
+    let mut out = Vec::new();
+    for (path, lin) in linear_layers(model) {
+        let Some(lora) = &lin.lora else { continue };
+        let [a_name, b_name] = tensor_names(&path);
+        for (name, p) in [(a_name, &lora.a), (b_name, &lora.b)] {
+            out.push(NamedTensor { name, shape: p.dims().to_vec(), values: values(p.val()) });
+        }
+    }
+    out
+}
+
+/// Saves the adapters of `model` to `dir` as PEFT's `save_pretrained` does
+/// (`adapter_model.safetensors`, f32, + `adapter_config.json` built from `config`), atomically.
+/// `config` must describe the adapters (same modules, rank and scaling): that is checked, since
+/// PEFT recomputes the scaling from the saved config.
+pub fn save_adapter<B: Backend>(
+    model: &CausalLm<B>,
+    dir: &Path,
+    config: &LoraConfig,
+    base_model_name_or_path: &str,
+) -> Result<PathBuf, PeftError> {
+    check_matches_config(model, config)?;
+    let staging = AtomicDir::new(dir)?;
+    write_safetensors(&staging.path().join(ADAPTER_WEIGHTS), &adapter_tensors(model), SaveDtype::F32)?;
+    let json = serde_json::to_string_pretty(&config.to_adapter_json(base_model_name_or_path)).expect("JSON serializes");
+    let config_path = staging.path().join(ADAPTER_CONFIG);
+    std::fs::write(&config_path, json + "\n").map_err(|e| IoError::new("writing", &config_path, e))?;
+    Ok(staging.commit()?)
+}
+
+fn check_matches_config<B: Backend>(model: &CausalLm<B>, config: &LoraConfig) -> Result<(), PeftError> {
+    config.validate()?;
+    if !has_lora(model) {
+        return Err(PeftError::State("the model has no LoRA adapters to save".into()));
+    }
+    let targets = targeted_paths(model, config)?;
+    for (path, lin) in linear_layers(model) {
+        match (&lin.lora, targets.contains(&path)) {
+            (Some(lora), true) => {
+                let r = lora.a.dims()[0];
+                if r != config.r || (lora.scaling - config.scaling()).abs() > 1e-12 * config.scaling().abs().max(1.0) {
+                    return Err(PeftError::State(format!(
+                        "adapter on {path} has rank {r} and scaling {} but the config says rank {} and scaling {}",
+                        lora.scaling,
+                        config.r,
+                        config.scaling()
+                    )));
+                }
+            }
+            (None, false) => {}
+            (Some(_), false) => return Err(PeftError::State(format!("{path} has an adapter but the config does not target it"))),
+            (None, true) => return Err(PeftError::State(format!("the config targets {path} but it has no adapter"))),
+        }
+    }
+    Ok(())
+}
+
+/// A tensor read from the adapter file, as f32.
+struct RawTensor {
+    shape: Vec<usize>,
+    values: Vec<f32>,
+}
+
+fn read_safetensors(path: &Path) -> Result<BTreeMap<String, RawTensor>, PeftError> {
+    let bytes = std::fs::read(path).map_err(|e| IoError::new("reading", path, e))?;
+    let corrupted = |message: String| PeftError::CorruptedWeights { path: path.to_path_buf(), message };
+    let file = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| corrupted(e.to_string()))?;
+    let mut out = BTreeMap::new();
+    for (name, view) in file.tensors() {
+        let data = view.data();
+        let values: Vec<f32> = match view.dtype() {
+            Dtype::F32 => data.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
+            Dtype::BF16 => data.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
+            Dtype::F16 => data.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
+            other => return Err(corrupted(format!("tensor `{name}` has dtype {other:?} (supported: F32, BF16, F16)"))),
+        };
+        out.insert(name, RawTensor { shape: view.shape().to_vec(), values });
+    }
+    Ok(out)
+}
+
+/// Reads `dir/adapter_config.json` (see [`LoraConfig::from_adapter_json`]).
+pub fn read_adapter_config(dir: &Path) -> Result<LoraConfig, PeftError> {
+    let path = dir.join(ADAPTER_CONFIG);
+    let text = std::fs::read_to_string(&path).map_err(|e| IoError::new("reading", &path, e))?;
+    let json: serde_json::Value = serde_json::from_str(&text).map_err(|e| PeftError::AdapterConfig {
+        path: path.clone(),
+        field: "<root>".into(),
+        message: e.to_string(),
+    })?;
+    LoraConfig::from_adapter_json(&json, &path)
+}
+
+/// Loads a PEFT LoRA adapter directory onto `model` (a plain base model), like
+/// `PeftModel.from_pretrained(base, dir)`: the base is frozen as in [`crate::apply_lora`] and
+/// each targeted linear layer gets the saved adapter (trainable, so training can continue).
+/// Every targeted module must have both tensors, every tensor must belong to a targeted module,
+/// and shapes must be `[r, in]` / `[out, r]`; anything else is an error naming the tensors.
+pub fn load_adapter<B: Backend>(model: CausalLm<B>, dir: &Path) -> Result<(CausalLm<B>, LoraConfig), PeftError> {
+    let config = read_adapter_config(dir)?;
+    if has_lora(&model) {
+        return Err(PeftError::State("the model already has LoRA adapters (one adapter per model is supported)".into()));
+    }
+    let weights_path = dir.join(ADAPTER_WEIGHTS);
+    let mut tensors = read_safetensors(&weights_path)?;
+    let targets = targeted_paths(&model, &config)?;
+    let mut model = model.no_grad();
+    let mut missing = Vec::new();
+    let mut found: BTreeMap<String, (Tensor<B, 2>, Tensor<B, 2>)> = BTreeMap::new();
+    for (path, lin) in linear_layers(&model) {
+        if !targets.contains(&path) {
+            continue;
+        }
+        let [out, inp] = lin.weight.dims();
+        let device = lin.weight.device();
+        let [a_name, b_name] = tensor_names(&path);
+        let mut take = |name: &String, expected: [usize; 2]| -> Result<Option<Tensor<B, 2>>, PeftError> {
+            let Some(t) = tensors.remove(name) else {
+                missing.push(name.clone());
+                return Ok(None);
+            };
+            if t.shape != expected {
+                return Err(PeftError::ShapeMismatch { name: name.clone(), expected: expected.to_vec(), found: t.shape });
+            }
+            Ok(Some(Tensor::from_data(TensorData::new(t.values, expected), &device)))
+        };
+        let a = take(&a_name, [config.r, inp])?;
+        let b = take(&b_name, [out, config.r])?;
+        if let (Some(a), Some(b)) = (a, b) {
+            found.insert(path, (a, b));
+        }
+    }
+    if !missing.is_empty() {
+        return Err(PeftError::MissingTensors { path: weights_path, names: missing });
+    }
+    if !tensors.is_empty() {
+        return Err(PeftError::UnexpectedTensors { path: weights_path, names: tensors.into_keys().collect() });
+    }
+    for (path, lin) in linear_layers_mut(&mut model) {
+        if let Some((a, b)) = found.remove(&path) {
+            lin.lora = Some(adapter(a, b, &config));
+        }
+    }
+    Ok((model, config))
+}
+
+/// The names of all tensors an adapter directory holds (sorted), for inspection.
+pub fn adapter_tensor_names(dir: &Path) -> Result<BTreeSet<String>, PeftError> {
+    Ok(read_safetensors(&dir.join(ADAPTER_WEIGHTS))?.into_keys().collect())
+}

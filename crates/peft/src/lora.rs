@@ -1,0 +1,139 @@
+//! Attaching LoRA adapters to a [`CausalLm`], freezing the base, and merging adapters back.
+
+use crate::config::LoraConfig;
+use crate::error::PeftError;
+use alignment_models::layers::{Linear, LoraAdapter};
+use alignment_models::model::DecoderLayer;
+use alignment_models::CausalLm;
+use burn::module::{Module, Param};
+use burn::tensor::{backend::Backend, Tensor, TensorData};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+/// Every linear layer of `model` with its path inside the `*ForCausalLM` as PEFT names it
+/// (`model.layers.0.self_attn.q_proj`, ..., `lm_head` when the head is not tied), in order.
+pub fn linear_layers_mut<B: Backend>(model: &mut CausalLm<B>) -> Vec<(String, &mut Linear<B>)> {
+    let mut out = Vec::new();
+    for (i, layer) in model.layers.iter_mut().enumerate() {
+        let DecoderLayer { self_attn, mlp, .. } = layer;
+        let p = format!("model.layers.{i}");
+        out.push((format!("{p}.self_attn.q_proj"), &mut self_attn.q_proj));
+        out.push((format!("{p}.self_attn.k_proj"), &mut self_attn.k_proj));
+        out.push((format!("{p}.self_attn.v_proj"), &mut self_attn.v_proj));
+        out.push((format!("{p}.self_attn.o_proj"), &mut self_attn.o_proj));
+        out.push((format!("{p}.mlp.gate_proj"), &mut mlp.gate_proj));
+        out.push((format!("{p}.mlp.up_proj"), &mut mlp.up_proj));
+        out.push((format!("{p}.mlp.down_proj"), &mut mlp.down_proj));
+    }
+    if let Some(head) = model.lm_head.as_mut() {
+        out.push(("lm_head".into(), head));
+    }
+    out
+}
+
+/// Read-only [`linear_layers_mut`].
+pub fn linear_layers<B: Backend>(model: &CausalLm<B>) -> Vec<(String, &Linear<B>)> {
+    let mut out = Vec::new();
+    for (i, layer) in model.layers.iter().enumerate() {
+        let (a, m) = (&layer.self_attn, &layer.mlp);
+        let p = format!("model.layers.{i}");
+        for (name, lin) in [
+            ("self_attn.q_proj", &a.q_proj),
+            ("self_attn.k_proj", &a.k_proj),
+            ("self_attn.v_proj", &a.v_proj),
+            ("self_attn.o_proj", &a.o_proj),
+            ("mlp.gate_proj", &m.gate_proj),
+            ("mlp.up_proj", &m.up_proj),
+            ("mlp.down_proj", &m.down_proj),
+        ] {
+            out.push((format!("{p}.{name}"), lin));
+        }
+    }
+    if let Some(head) = &model.lm_head {
+        out.push(("lm_head".into(), head));
+    }
+    out
+}
+
+/// Paths of the modules `config` targets in `model`; an error when a listed name matches nothing
+/// (as PEFT's "Target modules ... not found in the base model").
+pub fn targeted_paths<B: Backend>(model: &CausalLm<B>, config: &LoraConfig) -> Result<Vec<String>, PeftError> {
+    let paths: Vec<String> = linear_layers(model).into_iter().map(|(p, _)| p).collect();
+    if let crate::TargetModules::Names(names) = &config.target_modules {
+        let unmatched: Vec<&String> = names
+            .iter()
+            .filter(|n| !paths.iter().any(|p| crate::TargetModules::Names(vec![(*n).clone()]).matches(p)))
+            .collect();
+        if !unmatched.is_empty() {
+            return Err(PeftError::InvalidConfig(format!(
+                "target modules {unmatched:?} not found in the model (linear layers are q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj{})",
+                if model.lm_head.is_some() { ", lm_head" } else { "" }
+            )));
+        }
+    }
+    Ok(paths.into_iter().filter(|p| config.target_modules.matches(p)).collect())
+}
+
+/// Makes `model` a LoRA model as PEFT's `get_peft_model`: every base parameter frozen
+/// (`require_grad` off, so only adapters get gradients on an autodiff backend) and an adapter on
+/// each targeted linear layer, initialised as PEFT's `init_lora_weights=True`: `A` from
+/// `nn.init.kaiming_uniform_(a=√5)`, i.e. uniform in `±1/√in_features`, drawn from a ChaCha8
+/// stream seeded by `seed` (so not torch's values), and `B` zero, so the model's output is
+/// unchanged until `B` is trained.
+pub fn apply_lora<B: Backend>(model: CausalLm<B>, config: &LoraConfig, seed: u64) -> Result<CausalLm<B>, PeftError> {
+    config.validate()?;
+    if has_lora(&model) {
+        return Err(PeftError::State("the model already has LoRA adapters (one adapter per model is supported)".into()));
+    }
+    let targets = targeted_paths(&model, config)?;
+    let mut model = model.no_grad();
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    for (path, lin) in linear_layers_mut(&mut model) {
+        if !targets.contains(&path) {
+            continue;
+        }
+        let [out, inp] = lin.weight.dims();
+        let device = lin.weight.device();
+        let bound = 1.0 / (inp as f64).sqrt();
+        let a: Vec<f32> = (0..config.r * inp).map(|_| rng.random_range(-bound..bound) as f32).collect();
+        let a = Tensor::<B, 2>::from_data(TensorData::new(a, [config.r, inp]), &device);
+        let b = Tensor::<B, 2>::zeros([out, config.r], &device);
+        lin.lora = Some(adapter(a, b, config));
+    }
+    Ok(model)
+}
+
+/// An adapter from its two factors (trainable parameters) and `config`'s scaling and dropout.
+pub fn adapter<B: Backend>(a: Tensor<B, 2>, b: Tensor<B, 2>, config: &LoraConfig) -> LoraAdapter<B> {
+    LoraAdapter { a: Param::from_tensor(a), b: Param::from_tensor(b), scaling: config.scaling(), dropout: config.dropout }
+}
+
+/// Whether any linear layer of `model` carries an adapter.
+pub fn has_lora<B: Backend>(model: &CausalLm<B>) -> bool {
+    linear_layers(model).iter().any(|(_, l)| l.lora.is_some())
+}
+
+/// Folds every adapter into its base weight, `W ← W + s·B·A` (PEFT's `merge_and_unload`), and
+/// drops the adapters: the result is a plain model that `save_pretrained` writes in full HF
+/// layout. Merged weights keep their base parameter's id and `require_grad` flag (frozen after
+/// [`apply_lora`]).
+pub fn merge_lora<B: Backend>(mut model: CausalLm<B>) -> CausalLm<B> {
+    for (_, lin) in linear_layers_mut(&mut model) {
+        let Some(lora) = lin.lora.take() else { continue };
+        let weight = lin.weight.val();
+        let require_grad = weight.is_require_grad();
+        let merged = (weight + lora.delta_weight()).detach();
+        let merged = if require_grad { merged.require_grad() } else { merged };
+        lin.weight = Param::initialized(lin.weight.id, merged);
+    }
+    model
+}
+
+/// Number of adapter parameters (scalars) in `model`.
+pub fn num_lora_params<B: Backend>(model: &CausalLm<B>) -> usize {
+    linear_layers(model)
+        .iter()
+        .filter_map(|(_, l)| l.lora.as_ref())
+        .map(|a| a.a.val().shape().num_elements() + a.b.val().shape().num_elements())
+        .sum()
+}

@@ -1,0 +1,118 @@
+//! Parity with Hugging Face PEFT 0.21: adapters made by PEFT load here and give PEFT's logits;
+//! adapters saved here load in PEFT (`PeftModel.from_pretrained`) and give ours.
+
+mod common;
+
+use alignment_core::backend::Cpu;
+use alignment_peft::{apply_lora, load_adapter, merge_lora, save_adapter, LoraConfig, TargetModules};
+use burn::module::Param;
+use burn::tensor::{Distribution, Tensor};
+use common::*;
+
+/// Loads a PEFT-made adapter onto its base, compares logits with PEFT's (adapted and merged).
+fn golden(name: &str, expected_adapters: usize, expected_scaling: f64) {
+    let reference = reference(name);
+    let base = alignment_models::load_pretrained::<Cpu>(&repo_root().join(&reference.base), &Default::default()).unwrap();
+    let (model, config) = load_adapter(base, &peft_fixture(name)).unwrap();
+    let adapters: Vec<_> = alignment_peft::lora::linear_layers(&model).into_iter().filter(|(_, l)| l.lora.is_some()).collect();
+    assert_eq!(adapters.len(), expected_adapters, "{name}: adapted modules");
+    assert!(adapters.iter().all(|(_, l)| (l.lora.as_ref().unwrap().scaling - expected_scaling).abs() < 1e-12));
+    assert!((config.scaling() - expected_scaling).abs() < 1e-12);
+
+    let batch = reference_batch(&reference);
+    let diff = max_diff(&logits(&model, &batch), &reference.logits, &reference.attention_mask);
+    let merged = merge_lora(model);
+    assert!(!alignment_peft::has_lora(&merged));
+    let merged_diff = max_diff(&logits(&merged, &batch), &reference.merged_logits, &reference.attention_mask);
+    println!("{name}: max |logit diff| vs PEFT = {diff:.3e}, merged vs PEFT merge_and_unload = {merged_diff:.3e}");
+    assert!(diff <= 1e-4, "{name}: {diff}");
+    assert!(merged_diff <= 1e-4, "{name}: merged {merged_diff}");
+}
+
+#[test]
+fn peft_adapter_on_llama_matches_peft() {
+    // q_proj, v_proj in 2 layers; alpha / r = 8 / 4.
+    golden("tiny-llama-lora", 4, 2.0);
+}
+
+#[test]
+fn peft_rslora_all_linear_matches_peft() {
+    // 7 modules x 2 layers, lm_head excluded; alpha / sqrt(r) = 16 / sqrt(8).
+    golden("tiny-llama-rslora-all-linear", 14, 16.0 / 8f64.sqrt());
+}
+
+#[test]
+fn peft_adapter_on_gemma_matches_peft() {
+    golden("tiny-gemma-lora", 6, 4.0);
+}
+
+/// Loads `base` + `adapter` with PEFT and prints the logits of the batch as JSON.
+const PEFT_LOGITS: &str = r#"
+import json, sys, torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+base, adapter, batch = sys.argv[1], sys.argv[2], json.load(open(sys.argv[3]))
+model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), adapter)
+model.eval()
+with torch.no_grad():
+    out = model(**{k: torch.tensor(v) for k, v in batch.items()}).logits
+print(json.dumps(out.tolist()))
+"#;
+
+#[test]
+fn peft_loads_our_adapter() {
+    let reference = reference("tiny-llama-lora");
+    let base_dir = base_fixture("tiny-llama");
+    // Explicit names, a full path and lm_head, with rsLoRA; B randomised so the adapter matters.
+    let mut config = LoraConfig::new(
+        8,
+        12.0,
+        TargetModules::Names(vec!["k_proj".into(), "model.layers.1.mlp.up_proj".into(), "o_proj".into(), "lm_head".into()]),
+    );
+    config.use_rslora = true;
+    let mut model = apply_lora(load_base("tiny-llama"), &config, 7).unwrap();
+    for (_, lin) in alignment_peft::lora::linear_layers_mut(&mut model) {
+        if let Some(lora) = lin.lora.as_mut() {
+            let b = lora.b.val();
+            lora.b = Param::from_tensor(Tensor::random(b.shape(), Distribution::Normal(0.0, 0.05), &b.device()));
+        }
+    }
+    let batch = reference_batch(&reference);
+    let ours = logits(&model, &batch);
+    let plain = logits(&load_base("tiny-llama"), &batch);
+    assert!(max_diff(&ours, &plain, &reference.attention_mask) > 1e-2, "the adapter should change the logits");
+
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("adapter");
+    save_adapter(&model, &dir, &config, base_dir.to_str().unwrap()).unwrap();
+    let names = alignment_peft::adapter::adapter_tensor_names(&dir).unwrap();
+    assert_eq!(names.len(), 2 * (2 + 1 + 2 + 1));
+    assert!(names.contains("base_model.model.model.layers.0.self_attn.k_proj.lora_A.weight"));
+    assert!(names.contains("base_model.model.lm_head.lora_B.weight"));
+
+    let batch_json = tmp.path().join("batch.json");
+    let json = serde_json::json!({
+        "input_ids": reference.input_ids,
+        "attention_mask": reference.attention_mask,
+        "position_ids": reference.position_ids,
+    });
+    std::fs::write(&batch_json, json.to_string()).unwrap();
+    let stdout = run_python(PEFT_LOGITS, &[&base_dir, &dir, &batch_json]);
+    let theirs: Vec<Vec<Vec<f32>>> = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+    let diff = max_diff(&ours, &theirs, &reference.attention_mask);
+    println!("our adapter in PEFT: max |logit diff| = {diff:.3e}");
+    assert!(diff <= 1e-4, "{diff}");
+
+    // Round trip: the saved directory loads back here to the same logits.
+    let (reloaded, reloaded_config) = load_adapter(load_base("tiny-llama"), &dir).unwrap();
+    assert_eq!(reloaded_config.r, 8);
+    assert!((reloaded_config.scaling() - config.scaling()).abs() < 1e-12);
+    let diff = max_diff(&logits(&reloaded, &batch), &ours, &reference.attention_mask);
+    assert!(diff <= 1e-6, "round trip {diff}");
+
+    // Merging gives the same function.
+    let merged = merge_lora(model);
+    let diff = max_diff(&logits(&merged, &batch), &ours, &reference.attention_mask);
+    println!("merged vs unmerged: max |logit diff| = {diff:.3e}");
+    assert!(diff <= 1e-4, "merged {diff}");
+}

@@ -1,0 +1,157 @@
+"""Generates LoRA adapters with Hugging Face PEFT and the logits PEFT computes with them, for the
+Rust parity tests of alignment-peft (crates/peft/tests/peft_parity.rs). Deterministic: rerunning
+rewrites identical files.
+
+Each case wraps one of the tiny base models of crates/models/tests/fixtures with
+`get_peft_model(LoraConfig(...))` (PEFT's own init: A kaiming-uniform, B zeros), then overwrites
+every lora_B with seeded N(0, 0.05²) values so the adapter is not a no-op, saves the adapter with
+`save_pretrained` (adapter_model.safetensors + adapter_config.json; PEFT's README.md is dropped) and
+writes reference.json with the logits of the adapted model (eval mode, float32) on the base
+fixture's reference batch (input_ids, attention_mask, position_ids: row 1 left-padded) and of the
+merged model (`merge_and_unload`).
+
+Also writes nf4/reference.json for crates/peft/tests/nf4.rs: NF4 block-wise quantization of a
+fixed tensor, computed by a transcription of bitsandbytes' algorithm (bitsandbytes itself needs a
+GPU build; this is its `quantize_4bit(quant_type="nf4", blocksize=64, compress_statistics=False)`
+written out: code book from `get_4bit_type("nf4")`, decision thresholds from csrc/kernels.cu's
+`dQuantizeNF4`, scale `1/absmax` per block, first value in the high nibble).
+
+usage: make_peft_goldens.py [--out crates/peft/tests/fixtures]
+       (run with the interpreter printed by `bash scripts/reference_env.sh`)
+"""
+import argparse
+import json
+import os
+import shutil
+import tempfile
+
+import peft
+import torch
+import transformers
+from peft import LoraConfig, get_peft_model
+from transformers import AutoModelForCausalLM
+
+BASES = "crates/models/tests/fixtures"
+
+CASES = {
+    # The plain case: two attention projections, scaling alpha / r = 2.
+    "tiny-llama-lora": dict(base="tiny-llama", r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
+    # rsLoRA (scaling alpha / sqrt(r)) on every linear layer but lm_head ("all-linear").
+    "tiny-llama-rslora-all-linear": dict(base="tiny-llama", r=8, lora_alpha=16, target_modules="all-linear",
+                                         use_rslora=True),
+    # Gemma: tied embeddings, GELU, head_dim != hidden / heads; attention and MLP targets mixed.
+    "tiny-gemma-lora": dict(base="tiny-gemma", r=4, lora_alpha=16, target_modules=["q_proj", "k_proj", "down_proj"]),
+}
+
+
+def logits(model, ref):
+    with torch.no_grad():
+        out = model(input_ids=torch.tensor(ref["input_ids"]), attention_mask=torch.tensor(ref["attention_mask"]),
+                    position_ids=torch.tensor(ref["position_ids"])).logits
+    return out.tolist()
+
+
+def make(name, case, out_root):
+    case = dict(case)
+    base_dir = os.path.join(BASES, case.pop("base"))
+    with open(os.path.join(base_dir, "reference.json")) as f:
+        ref = json.load(f)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    config = LoraConfig(lora_dropout=0.0, task_type="CAUSAL_LM", **case)
+    model = get_peft_model(model, config)
+    gen = torch.Generator().manual_seed(1234)
+    with torch.no_grad():
+        for module_name, module in model.named_modules():
+            if hasattr(module, "lora_B") and "default" in module.lora_B:
+                w = module.lora_B["default"].weight
+                w.copy_(torch.randn(w.shape, generator=gen) * 0.05)
+    model.eval()
+    adapted = logits(model, ref)
+
+    out_dir = os.path.join(out_root, name)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        model.save_pretrained(tmp)
+        os.makedirs(out_dir)
+        for f in ("adapter_model.safetensors", "adapter_config.json"):
+            shutil.copy(os.path.join(tmp, f), os.path.join(out_dir, f))
+    # The saved config records the base model's path; keep it repository-relative.
+    with open(os.path.join(out_dir, "adapter_config.json")) as f:
+        saved = json.load(f)
+    saved["base_model_name_or_path"] = base_dir
+    if isinstance(saved["target_modules"], list):
+        saved["target_modules"] = sorted(saved["target_modules"])
+    with open(os.path.join(out_dir, "adapter_config.json"), "w") as f:
+        json.dump(saved, f, indent=2, sort_keys=True)
+        f.write("\n")
+
+    merged = logits(model.merge_and_unload(), ref)
+    result = dict(
+        transformers_version=transformers.__version__, peft_version=peft.__version__, torch_version=torch.__version__,
+        base=base_dir, input_ids=ref["input_ids"], attention_mask=ref["attention_mask"],
+        position_ids=ref["position_ids"], logits=adapted, merged_logits=merged,
+        notes="logits at positions where attention_mask is 0 are padding and must be ignored",
+    )
+    with open(os.path.join(out_dir, "reference.json"), "w") as f:
+        json.dump(result, f, separators=(",", ":"))
+    print(out_dir)
+
+
+# bitsandbytes' NF4 code book and dQuantizeNF4's thresholds (ascending), as float32.
+NF4_CODE = [-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+            -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+            0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
+            0.7229568362236023, 1.0]
+NF4_THRESHOLDS = [-0.8480964004993439, -0.6106329262256622, -0.4599952697753906, -0.33967943489551544,
+                  -0.23460740596055984, -0.13791173323988914, -0.045525018125772476, 0.03979014977812767,
+                  0.1202552504837513, 0.2035212516784668, 0.2920137718319893, 0.3893125355243683,
+                  0.5016634166240692, 0.6427869200706482, 0.8614784181118011]
+
+
+def nf4_quantize(values, blocksize=64):
+    x = values.float().reshape(-1)
+    code = torch.tensor(NF4_CODE, dtype=torch.float32)
+    thresholds = torch.tensor(NF4_THRESHOLDS, dtype=torch.float32)
+    absmax, codes = [], []
+    for block in x.split(blocksize):
+        m = block.abs().max()
+        absmax.append(m)
+        inv = torch.where(m > 0, torch.tensor(1.0) / m, torch.tensor(0.0))
+        scaled = block * inv
+        codes.append((scaled[:, None] > thresholds[None, :]).sum(1))  # dQuantizeNF4: count of `x > t`
+    codes = torch.cat(codes).to(torch.uint8)
+    if codes.numel() % 2:
+        codes = torch.cat([codes, torch.zeros(1, dtype=torch.uint8)])
+    packed = (codes[0::2] << 4) | codes[1::2]
+    absmax = torch.stack(absmax)
+    dequant = code[codes[: x.numel()].long()] * absmax.repeat_interleave(blocksize)[: x.numel()]
+    return packed, absmax, dequant
+
+
+def make_nf4(out_root):
+    gen = torch.Generator().manual_seed(4)
+    # 3 full blocks of N(0, 0.02²) weights, one all-zero block, a short odd tail of 37 values,
+    # and the code book itself (times 0.5) so every index appears.
+    values = torch.cat([torch.randn(192, generator=gen) * 0.02, torch.zeros(64), torch.tensor(NF4_CODE) * 0.5,
+                        torch.randn(37, generator=gen)])
+    packed, absmax, dequant = nf4_quantize(values)
+    out_dir = os.path.join(out_root, "nf4")
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "reference.json"), "w") as f:
+        json.dump(dict(blocksize=64, values=values.tolist(), packed=packed.tolist(), absmax=absmax.tolist(),
+                       dequantized=dequant.tolist()), f, separators=(",", ":"))
+    print(out_dir)
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", default="crates/peft/tests/fixtures")
+    args = parser.parse_args()
+    for name, case in CASES.items():
+        make(name, case, args.out)
+    make_nf4(args.out)
+
+
+if __name__ == "__main__":
+    main()
