@@ -262,7 +262,11 @@ pub fn run<B: AutodiffBackend>(objective: Objective, recipe: &Recipe, device: &B
                 None => Vec::new(),
             };
             let name = if objective == Objective::Sft { "sft" } else { "cpt" };
-            let task = SftTask { reduction: Reduction::Mean, pad_id: tools.pad_id, name };
+            let reduction: Reduction = recipe
+                .reduce_loss
+                .parse()
+                .map_err(|e: alignment_objectives::ObjectiveError| RunError::Unsupported { key: "reduce_loss", message: e.to_string() })?;
+            let task = SftTask { reduction, pad_id: tools.pad_id, name };
             train(model, &task, &train_examples, &eval_examples, &config, device)?.1
         }
         Objective::Dpo => {

@@ -60,6 +60,8 @@ fn unsupported_and_invalid_settings_name_the_key() {
     let device = Default::default();
     let err = run::<CpuAutodiff>(Objective::Sft, &recipe("sft", root.path(), &["--use_peft=true"]), &device, true).unwrap_err();
     assert!(matches!(err, RunError::Unsupported { key: "use_peft", .. }), "{err}");
+    let err = run::<CpuAutodiff>(Objective::Sft, &recipe("sft", root.path(), &["--reduce_loss=average"]), &device, true).unwrap_err();
+    assert!(matches!(err, RunError::Unsupported { key: "reduce_loss", .. }) && err.to_string().contains("sum"), "{err}");
     let err = run::<CpuAutodiff>(Objective::Dpo, &recipe("dpo", root.path(), &["--loss_type=sigmoidd"]), &device, true).unwrap_err();
     assert!(err.to_string().contains("sigmoidd") && err.to_string().contains("ipo"), "{err}");
     let err = run::<CpuAutodiff>(Objective::Sft, &recipe("sft", root.path(), &["--dataset_splits=[train_sft, validation]"]), &device, true)

@@ -89,6 +89,10 @@ pub struct Recipe {
     pub max_completion_length: Option<usize>,
     pub packing: bool,
     pub assistant_only_loss: bool,
+    /// SFT/CPT loss reduction, open-instruct's `reduce_loss`: `mean` (token mean over each
+    /// optimizer step, transformers' default) or `sum` (summed token losses, divided only by the
+    /// number of accumulated micro-batches).
+    pub reduce_loss: String,
     pub completion_only_loss: Option<bool>,
     // --- preference objectives ---
     pub beta: f64,
@@ -197,6 +201,7 @@ impl Default for Recipe {
             max_completion_length: None,
             packing: false,
             assistant_only_loss: false,
+            reduce_loss: "mean".into(),
             completion_only_loss: None,
             beta: 0.1,
             loss_type: None,
