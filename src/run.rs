@@ -253,14 +253,13 @@ pub fn run<B: AutodiffBackend>(objective: Objective, recipe: &Recipe, device: &B
     config.tokenizer_dir = Some(tokenizer_dir);
     config.quiet = quiet;
     let model: CausalLm<B> = load_pretrained(&model_dir, device)?;
+    let eval_preferences =
+        |test: &Option<Dataset>| test.as_ref().map(|t| preference_examples(recipe, &tools, t, objective)).transpose().map(Option::unwrap_or_default);
     let outcome = match objective {
         Objective::Sft | Objective::Cpt => {
             let build = |d: &Dataset| if objective == Objective::Sft { sft_examples(recipe, &tools, d) } else { cpt_examples(recipe, &tools, d) };
             let train_examples = build(&train_set)?;
-            let eval_examples = match &test_set {
-                Some(t) => build(t)?,
-                None => Vec::new(),
-            };
+            let eval_examples = test_set.as_ref().map(build).transpose()?.unwrap_or_default();
             let name = if objective == Objective::Sft { "sft" } else { "cpt" };
             let reduction: Reduction = recipe
                 .reduce_loss
@@ -271,10 +270,7 @@ pub fn run<B: AutodiffBackend>(objective: Objective, recipe: &Recipe, device: &B
         }
         Objective::Dpo => {
             let mut train_pairs = preference_examples(recipe, &tools, &train_set, objective)?;
-            let mut eval_pairs = match &test_set {
-                Some(t) => preference_examples(recipe, &tools, t, objective)?,
-                None => Vec::new(),
-            };
+            let mut eval_pairs = eval_preferences(&test_set)?;
             if train_pairs.is_empty() {
                 return Err(RunError::NoExamples { split: "train", max_length: recipe.max_length });
             }
@@ -303,10 +299,7 @@ pub fn run<B: AutodiffBackend>(objective: Objective, recipe: &Recipe, device: &B
         }
         Objective::Orpo => {
             let train_pairs = preference_examples(recipe, &tools, &train_set, objective)?;
-            let eval_pairs = match &test_set {
-                Some(t) => preference_examples(recipe, &tools, t, objective)?,
-                None => Vec::new(),
-            };
+            let eval_pairs = eval_preferences(&test_set)?;
             let orpo = OrpoConfig { beta: recipe.beta };
             orpo.validate().map_err(|e| RunError::Unsupported { key: "beta", message: e.to_string() })?;
             let task = OrpoTask { config: orpo, pad_id: tools.pad_id };

@@ -43,6 +43,37 @@ pub struct DecoderLayer<B: Backend> {
     pub mlp: Mlp<B>,
 }
 
+impl<B: Backend> DecoderLayer<B> {
+    /// The layer's linear projections under their Hugging Face names (relative to the layer),
+    /// in checkpoint order: what saving, loading and adapters iterate over.
+    pub fn linears(&self) -> [(&'static str, &Linear<B>); 7] {
+        let (a, m) = (&self.self_attn, &self.mlp);
+        [
+            ("self_attn.q_proj", &a.q_proj),
+            ("self_attn.k_proj", &a.k_proj),
+            ("self_attn.v_proj", &a.v_proj),
+            ("self_attn.o_proj", &a.o_proj),
+            ("mlp.gate_proj", &m.gate_proj),
+            ("mlp.up_proj", &m.up_proj),
+            ("mlp.down_proj", &m.down_proj),
+        ]
+    }
+
+    /// [`Self::linears`], mutably.
+    pub fn linears_mut(&mut self) -> [(&'static str, &mut Linear<B>); 7] {
+        let (a, m) = (&mut self.self_attn, &mut self.mlp);
+        [
+            ("self_attn.q_proj", &mut a.q_proj),
+            ("self_attn.k_proj", &mut a.k_proj),
+            ("self_attn.v_proj", &mut a.v_proj),
+            ("self_attn.o_proj", &mut a.o_proj),
+            ("mlp.gate_proj", &mut m.gate_proj),
+            ("mlp.up_proj", &mut m.up_proj),
+            ("mlp.down_proj", &mut m.down_proj),
+        ]
+    }
+}
+
 /// Per-layer key/value caches for incremental decoding.
 #[derive(Debug, Clone)]
 pub struct KvCache<B: Backend> {

@@ -130,17 +130,7 @@ pub fn named_tensors<B: Backend>(model: &CausalLm<B>) -> Vec<NamedTensor> {
     push("model.embed_tokens.weight".into(), model.embed_tokens.dims().to_vec(), values(model.embed_tokens.val()));
     for (l, layer) in model.layers.iter().enumerate() {
         let p = format!("model.layers.{l}");
-        let a = &layer.self_attn;
-        let m = &layer.mlp;
-        for (name, lin) in [
-            ("self_attn.q_proj", &a.q_proj),
-            ("self_attn.k_proj", &a.k_proj),
-            ("self_attn.v_proj", &a.v_proj),
-            ("self_attn.o_proj", &a.o_proj),
-            ("mlp.gate_proj", &m.gate_proj),
-            ("mlp.up_proj", &m.up_proj),
-            ("mlp.down_proj", &m.down_proj),
-        ] {
+        for (name, lin) in layer.linears() {
             let (shape, v) = w2(lin);
             push(format!("{p}.{name}.weight"), shape, v);
         }

@@ -3,7 +3,6 @@
 use crate::config::LoraConfig;
 use crate::error::PeftError;
 use alignment_models::layers::{Linear, LoraAdapter};
-use alignment_models::model::DecoderLayer;
 use alignment_models::CausalLm;
 use burn::module::{Module, Param};
 use burn::tensor::{backend::Backend, Tensor, TensorData};
@@ -15,15 +14,9 @@ use rand_chacha::ChaCha8Rng;
 pub fn linear_layers_mut<B: Backend>(model: &mut CausalLm<B>) -> Vec<(String, &mut Linear<B>)> {
     let mut out = Vec::new();
     for (i, layer) in model.layers.iter_mut().enumerate() {
-        let DecoderLayer { self_attn, mlp, .. } = layer;
-        let p = format!("model.layers.{i}");
-        out.push((format!("{p}.self_attn.q_proj"), &mut self_attn.q_proj));
-        out.push((format!("{p}.self_attn.k_proj"), &mut self_attn.k_proj));
-        out.push((format!("{p}.self_attn.v_proj"), &mut self_attn.v_proj));
-        out.push((format!("{p}.self_attn.o_proj"), &mut self_attn.o_proj));
-        out.push((format!("{p}.mlp.gate_proj"), &mut mlp.gate_proj));
-        out.push((format!("{p}.mlp.up_proj"), &mut mlp.up_proj));
-        out.push((format!("{p}.mlp.down_proj"), &mut mlp.down_proj));
+        for (name, lin) in layer.linears_mut() {
+            out.push((format!("model.layers.{i}.{name}"), lin));
+        }
     }
     if let Some(head) = model.lm_head.as_mut() {
         out.push(("lm_head".into(), head));
@@ -35,18 +28,8 @@ pub fn linear_layers_mut<B: Backend>(model: &mut CausalLm<B>) -> Vec<(String, &m
 pub fn linear_layers<B: Backend>(model: &CausalLm<B>) -> Vec<(String, &Linear<B>)> {
     let mut out = Vec::new();
     for (i, layer) in model.layers.iter().enumerate() {
-        let (a, m) = (&layer.self_attn, &layer.mlp);
-        let p = format!("model.layers.{i}");
-        for (name, lin) in [
-            ("self_attn.q_proj", &a.q_proj),
-            ("self_attn.k_proj", &a.k_proj),
-            ("self_attn.v_proj", &a.v_proj),
-            ("self_attn.o_proj", &a.o_proj),
-            ("mlp.gate_proj", &m.gate_proj),
-            ("mlp.up_proj", &m.up_proj),
-            ("mlp.down_proj", &m.down_proj),
-        ] {
-            out.push((format!("{p}.{name}"), lin));
+        for (name, lin) in layer.linears() {
+            out.push((format!("model.layers.{i}.{name}"), lin));
         }
     }
     if let Some(head) = &model.lm_head {

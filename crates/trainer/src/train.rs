@@ -23,10 +23,9 @@ use alignment_models::{load_pretrained, CausalLm};
 use burn::module::AutodiffModule;
 use burn::optim::{GradientsAccumulator, GradientsParams};
 use burn::tensor::backend::AutodiffBackend;
-use burn::tensor::ElementConversion;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Instant;
 
 /// When to save checkpoints (`save_strategy`).
@@ -350,14 +349,4 @@ fn save_final<B: burn::tensor::backend::Backend>(model: &CausalLm<B>, config: &T
         std::fs::rename(&from, &to).map_err(|e| alignment_core::IoError::new("renaming into place", &to, e))?;
     }
     Ok(config.output_dir.clone())
-}
-
-/// Sum of a `[1]` tensor as f64 (for metrics).
-pub fn scalar<B: burn::tensor::backend::Backend>(t: burn::tensor::Tensor<B, 1>) -> f64 {
-    t.into_scalar().elem::<f64>()
-}
-
-/// Whether `dir` holds a model saved by [`train`] (config.json and weights).
-pub fn is_model_dir(dir: &Path) -> bool {
-    dir.join("config.json").is_file() && dir.join("model.safetensors").is_file()
 }

@@ -18,6 +18,7 @@ use burn::tensor::backend::Backend;
 use burn::tensor::{Tensor, TensorData};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
+use std::io::Write as _;
 use std::path::Path;
 
 /// A prompt with a chosen and a rejected completion, tokenized as prompt+completion rows.
@@ -29,6 +30,19 @@ pub struct PreferencePair {
     pub rejected: Sequence,
     /// The reference model's summed completion log-probs `[chosen, rejected]`, once computed.
     pub reference: Option<[f64; 2]>,
+}
+
+impl PreferencePair {
+    /// Real tokens of both rows.
+    pub fn num_tokens(&self) -> usize {
+        self.chosen.num_tokens() + self.rejected.num_tokens()
+    }
+}
+
+/// The rows of `pairs` in TRL's `concatenated_forward` order: every chosen row, then every
+/// rejected row, so row `i` and row `n + i` belong to pair `i`.
+pub fn concatenated_rows<'a>(pairs: &[&'a PreferencePair]) -> Vec<&'a Sequence> {
+    pairs.iter().map(|p| &p.chosen).chain(pairs.iter().map(|p| &p.rejected)).collect()
 }
 
 /// DPO with TRL's loss variants.
@@ -46,8 +60,7 @@ fn concatenated_forward<B: Backend>(
     pad_id: u32,
     device: &B::Device,
 ) -> alignment_objectives::logprobs::SequenceLogps<B> {
-    let rows: Vec<&Sequence> = pairs.iter().map(|p| &p.chosen).chain(pairs.iter().map(|p| &p.rejected)).collect();
-    let (batch, labels) = collate::<B>(&rows, pad_id, device);
+    let (batch, labels) = collate::<B>(&concatenated_rows(pairs), pad_id, device);
     sequence_logps(model.forward(&batch, None), labels)
 }
 
@@ -63,7 +76,7 @@ impl Task for DpoTask {
     }
 
     fn num_tokens(&self, examples: &[&PreferencePair]) -> usize {
-        examples.iter().map(|p| p.chosen.num_tokens() + p.rejected.num_tokens()).sum()
+        examples.iter().map(|p| p.num_tokens()).sum()
     }
 
     fn loss<B: Backend>(&self, model: &CausalLm<B>, pairs: &[&PreferencePair], device: &B::Device) -> (Tensor<B, 1>, MetricValues) {
@@ -140,4 +153,3 @@ fn reference_key<B: Backend>(model: &CausalLm<B>, pairs: &[PreferencePair]) -> S
     hash.finalize().iter().map(|b| format!("{b:02x}")).collect()
 }
 
-use std::io::Write as _;

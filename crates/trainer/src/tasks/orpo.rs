@@ -3,9 +3,9 @@
 //! and the odds ratio of chosen over rejected, from length-averaged log-probs, is pushed up
 //! (`alignment_objectives::orpo`).
 
-use crate::sequence::{collate, Sequence, IGNORE_INDEX};
+use crate::sequence::{collate, IGNORE_INDEX};
 use crate::task::{MetricValues, Task};
-use crate::tasks::dpo::PreferencePair;
+use crate::tasks::dpo::{concatenated_rows, PreferencePair};
 use alignment_models::CausalLm;
 use alignment_objectives::logprobs::sequence_logps_many;
 use alignment_objectives::orpo::{orpo_loss, OrpoConfig};
@@ -31,12 +31,12 @@ impl Task for OrpoTask {
     }
 
     fn num_tokens(&self, examples: &[&PreferencePair]) -> usize {
-        examples.iter().map(|p| p.chosen.num_tokens() + p.rejected.num_tokens()).sum()
+        examples.iter().map(|p| p.num_tokens()).sum()
     }
 
     fn loss<B: Backend>(&self, model: &CausalLm<B>, pairs: &[&PreferencePair], device: &B::Device) -> (Tensor<B, 1>, MetricValues) {
         let n = pairs.len();
-        let rows: Vec<&Sequence> = pairs.iter().map(|p| &p.chosen).chain(pairs.iter().map(|p| &p.rejected)).collect();
+        let rows = concatenated_rows(pairs);
         let (batch, completion_labels) = collate::<B>(&rows, self.pad_id, device);
         // TRL's NLL term: labels = input ids wherever the attention mask is 1 (prompt included).
         let [rows_n, width] = batch.dims();
