@@ -1,16 +1,25 @@
 //! The two building blocks every decoder layer uses: a bias-free linear map (optionally with a
-//! LoRA adapter) and RMSNorm.
+//! LoRA adapter, optionally with its frozen weight held compressed) and RMSNorm.
 
+use crate::compressed::{self, CompressedWeight};
 use burn::module::{Module, Param};
 use burn::tensor::{backend::Backend, Distribution, Tensor};
+use std::sync::Arc;
 
 /// `y = x Wᵀ`, with `W` stored `[out_features, in_features]` exactly as Hugging Face stores it,
 /// so loading and saving never transposes. With a [`LoraAdapter`] attached (see the
 /// `alignment-peft` crate) the map becomes `y = x Wᵀ + s · (drop(x) Aᵀ) Bᵀ`, as PEFT's `lora.Linear`.
+///
+/// The base weight is either the dense parameter `weight` or, for a frozen base (QLoRA),
+/// `compressed`, in which case `weight` is an empty `[0, 0]` placeholder and the dense values
+/// exist only while a matmul runs (see [`crate::compressed`]).
 #[derive(Module, Debug)]
 pub struct Linear<B: Backend> {
-    /// `[out_features, in_features]`.
+    /// `[out_features, in_features]`; `[0, 0]` when the weight is held in `compressed`.
     pub weight: Param<Tensor<B, 2>>,
+    /// The frozen base weight in compact form (e.g. NF4), `None` for a dense layer.
+    #[module(skip)]
+    pub compressed: Option<Arc<dyn CompressedWeight>>,
     /// Low-rank update, `None` for a plain layer. Not part of the model's own checkpoint
     /// (`pretrained::named_tensors` lists base weights only); adapters are saved separately.
     pub lora: Option<LoraAdapter<B>>,
@@ -19,14 +28,40 @@ pub struct Linear<B: Backend> {
 impl<B: Backend> Linear<B> {
     /// Wraps a `[out, in]` weight, without adapter.
     pub fn new(weight: Tensor<B, 2>) -> Self {
-        Self { weight: Param::from_tensor(weight), lora: None }
+        Self { weight: Param::from_tensor(weight), compressed: None, lora: None }
+    }
+
+    /// A layer whose frozen weight stays compressed; `device` holds the (empty) dense placeholder.
+    pub fn from_compressed(weight: Arc<dyn CompressedWeight>, device: &B::Device) -> Self {
+        let placeholder = Tensor::<B, 2>::zeros([0, 0], device);
+        Self { weight: Param::from_tensor(placeholder).set_require_grad(false), compressed: Some(weight), lora: None }
+    }
+
+    /// `[out_features, in_features]`, whatever the storage.
+    pub fn dims(&self) -> [usize; 2] {
+        match &self.compressed {
+            Some(c) => c.dims(),
+            None => self.weight.dims(),
+        }
+    }
+
+    /// The base weight as a dense tensor (expanded when compressed).
+    pub fn dense_weight(&self) -> Tensor<B, 2> {
+        match &self.compressed {
+            Some(c) => compressed::expand::<B>(c.as_ref(), &self.weight.device()),
+            None => self.weight.val(),
+        }
     }
 
     /// Applies the map to `[batch, seq, in]`, giving `[batch, seq, out]`.
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        match &self.lora {
+        let base = |x| match &self.compressed {
+            Some(c) => compressed::project_compressed(x, c),
             None => project(x, self.weight.val()),
-            Some(lora) => project(x.clone(), self.weight.val()) + lora.forward(x),
+        };
+        match &self.lora {
+            None => base(x),
+            Some(lora) => base(x.clone()) + lora.forward(x),
         }
     }
 }

@@ -7,6 +7,7 @@
 //! datasets, losses or optimisers.
 
 pub mod attention;
+pub mod compressed;
 pub mod config;
 pub mod error;
 pub mod family;
@@ -21,5 +22,6 @@ pub use config::{Architecture, ModelConfig};
 pub use error::ModelError;
 pub use generate::{generate, GenerationConfig};
 pub use model::{Batch, CausalLm, KvCache};
-pub use pretrained::{load_pretrained, save_pretrained, write_pretrained};
+pub use compressed::CompressedWeight;
+pub use pretrained::{load_pretrained, load_pretrained_compressed, save_pretrained, write_pretrained};
 pub use weights::SaveDtype;

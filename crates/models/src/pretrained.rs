@@ -2,6 +2,7 @@
 //! layout (config.json + model.safetensors), loadable by `transformers.AutoModelForCausalLM`.
 
 use crate::attention::Attention;
+use crate::compressed::CompressedWeight;
 use crate::config::ModelConfig;
 use crate::error::{io_err, ModelError};
 use crate::family::FamilySpec;
@@ -14,6 +15,7 @@ use burn::module::Param;
 use burn::tensor::{backend::Backend, Tensor, TensorData};
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 /// Files next to the weights that describe the tokenizer and generation defaults; copied along
 /// when a model is saved so the output directory is complete.
@@ -32,14 +34,33 @@ pub fn load_pretrained<B: Backend>(dir: &Path, device: &B::Device) -> Result<Cau
     from_checkpoint(config, &checkpoint, device)
 }
 
+/// Turns a decoder layer's linear weight (`[out, in]` values) into a frozen compressed one while
+/// loading (QLoRA's 4-bit base), so the dense weights are never all resident at once.
+pub type Compressor<'a> = &'a dyn Fn(&[f32], [usize; 2]) -> Arc<dyn CompressedWeight>;
+
+/// [`load_pretrained`] with every decoder-layer linear weight compressed by `compress` as it is
+/// read (embeddings, norms and an untied `lm_head` stay dense, as bitsandbytes leaves them).
+pub fn load_pretrained_compressed<B: Backend>(dir: &Path, device: &B::Device, compress: Compressor) -> Result<CausalLm<B>, ModelError> {
+    let config = ModelConfig::from_file(&dir.join("config.json"))?;
+    let checkpoint = Checkpoint::open(dir)?;
+    from_checkpoint_with(config, &checkpoint, device, Some(compress))
+}
+
 /// Builds the model described by `config` from `checkpoint`, verifying every shape and that no
 /// tensor is left unused.
-pub fn from_checkpoint<B: Backend>(
+pub fn from_checkpoint<B: Backend>(config: ModelConfig, checkpoint: &Checkpoint, device: &B::Device) -> Result<CausalLm<B>, ModelError> {
+    from_checkpoint_with(config, checkpoint, device, None)
+}
+
+/// [`from_checkpoint`], compressing decoder-layer linear weights with `compress` when given.
+pub fn from_checkpoint_with<B: Backend>(
     config: ModelConfig,
     checkpoint: &Checkpoint,
     device: &B::Device,
+    compress: Option<Compressor>,
 ) -> Result<CausalLm<B>, ModelError> {
     let mut used = BTreeSet::new();
+    let mut used_compressed = Vec::new();
     let mut read = |name: String, shape: Vec<usize>| -> Result<TensorData, ModelError> {
         let values = checkpoint.read_f32(&name, &shape)?;
         used.insert(name);
@@ -49,8 +70,18 @@ pub fn from_checkpoint<B: Backend>(
     let (q_out, kv_out) = (config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim);
     let family = FamilySpec::for_config(&config);
 
-    let mut linear = |name: String, out: usize, inp: usize| -> Result<Linear<B>, ModelError> {
+    let mut dense_linear = |name: String, out: usize, inp: usize| -> Result<Linear<B>, ModelError> {
         Ok(Linear::new(Tensor::from_data(read(name, vec![out, inp])?, device)))
+    };
+    let mut linear = |name: String, out: usize, inp: usize| -> Result<Linear<B>, ModelError> {
+        match compress {
+            None => dense_linear(name, out, inp),
+            Some(compress) => {
+                let values = checkpoint.read_f32(&name, &[out, inp])?;
+                used_compressed.push(name);
+                Ok(Linear::from_compressed(compress(&values, [out, inp]), device))
+            }
+        }
     };
     let mut layers = Vec::with_capacity(config.num_layers);
     for l in 0..config.num_layers {
@@ -72,7 +103,9 @@ pub fn from_checkpoint<B: Backend>(
         };
         layers.push((p, self_attn, mlp));
     }
-    let lm_head = if config.tie_word_embeddings { None } else { Some(linear("lm_head.weight".into(), v, h)?) };
+    drop(linear);
+    let lm_head = if config.tie_word_embeddings { None } else { Some(dense_linear("lm_head.weight".into(), v, h)?) };
+    drop(dense_linear);
 
     let mut norm = |name: String| -> Result<RmsNorm<B>, ModelError> {
         Ok(RmsNorm {
@@ -95,6 +128,7 @@ pub fn from_checkpoint<B: Backend>(
     let final_norm = norm("model.norm.weight".into())?;
     let embed = read("model.embed_tokens.weight".into(), vec![v, h])?;
 
+    used.extend(used_compressed);
     // Tied checkpoints sometimes still carry lm_head.weight; rotary caches of old exports are derived.
     let unexpected: Vec<String> = checkpoint
         .names()
@@ -126,7 +160,7 @@ fn values<B: Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
 pub fn named_tensors<B: Backend>(model: &CausalLm<B>) -> Vec<NamedTensor> {
     let mut out = Vec::new();
     let mut push = |name: String, shape: Vec<usize>, v: Vec<f32>| out.push(NamedTensor { name, shape, values: v });
-    let w2 = |l: &Linear<B>| (l.weight.dims().to_vec(), values(l.weight.val()));
+    let w2 = |l: &Linear<B>| (l.dims().to_vec(), values(l.dense_weight()));
     push("model.embed_tokens.weight".into(), model.embed_tokens.dims().to_vec(), values(model.embed_tokens.val()));
     for (l, layer) in model.layers.iter().enumerate() {
         let p = format!("model.layers.{l}");

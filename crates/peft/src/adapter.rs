@@ -57,11 +57,19 @@ pub fn save_adapter<B: Backend>(
 ) -> Result<PathBuf, PeftError> {
     check_matches_config(model, config)?;
     let staging = AtomicDir::new(dir)?;
-    write_safetensors(&staging.path().join(ADAPTER_WEIGHTS), &adapter_tensors(model), SaveDtype::F32)?;
-    let json = serde_json::to_string_pretty(&config.to_adapter_json(base_model_name_or_path)).expect("JSON serializes");
-    let config_path = staging.path().join(ADAPTER_CONFIG);
-    std::fs::write(&config_path, json + "\n").map_err(|e| IoError::new("writing", &config_path, e))?;
+    write_adapter(model, staging.path(), config, base_model_name_or_path)?;
     Ok(staging.commit()?)
+}
+
+/// Writes the files of [`save_adapter`] into an existing directory, without atomicity: for
+/// callers assembling a larger directory (a training checkpoint) in their own staging area.
+pub fn write_adapter<B: Backend>(model: &CausalLm<B>, dir: &Path, config: &LoraConfig, base_model_name_or_path: &str) -> Result<(), PeftError> {
+    check_matches_config(model, config)?;
+    write_safetensors(&dir.join(ADAPTER_WEIGHTS), &adapter_tensors(model), SaveDtype::F32)?;
+    let json = serde_json::to_string_pretty(&config.to_adapter_json(base_model_name_or_path)).expect("JSON serializes");
+    let config_path = dir.join(ADAPTER_CONFIG);
+    std::fs::write(&config_path, json + "\n").map_err(|e| IoError::new("writing", &config_path, e))?;
+    Ok(())
 }
 
 fn check_matches_config<B: Backend>(model: &CausalLm<B>, config: &LoraConfig) -> Result<(), PeftError> {
@@ -147,7 +155,7 @@ pub fn load_adapter<B: Backend>(model: CausalLm<B>, dir: &Path) -> Result<(Causa
         if !targets.contains(&path) {
             continue;
         }
-        let [out, inp] = lin.weight.dims();
+        let [out, inp] = lin.dims();
         let device = lin.weight.device();
         let [a_name, b_name] = tensor_names(&path);
         let mut take = |name: &String, expected: [usize; 2]| -> Result<Option<Tensor<B, 2>>, PeftError> {

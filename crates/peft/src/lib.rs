@@ -12,15 +12,20 @@
 //! - [`merge_lora`] folds `s·B·A` into the base weights (PEFT's `merge_and_unload`) for saving a
 //!   plain Hugging Face model.
 //!
-//! See docs/peft.md for what is not implemented (QLoRA/NF4, DoRA, `modules_to_save`, ...).
+//! - [`load_pretrained_4bit`] loads a base model with its decoder linear weights quantized to
+//!   NF4 (QLoRA); they stay 4-bit through training and are expanded per matmul.
+//!
+//! See docs/peft.md for what is not implemented (DoRA, `modules_to_save`, ...).
 
 pub mod adapter;
 pub mod config;
 pub mod error;
 pub mod lora;
 pub mod nf4;
+pub mod qlora;
 
-pub use adapter::{load_adapter, read_adapter_config, save_adapter, ADAPTER_CONFIG, ADAPTER_WEIGHTS};
+pub use adapter::{load_adapter, read_adapter_config, save_adapter, write_adapter, ADAPTER_CONFIG, ADAPTER_WEIGHTS};
 pub use config::{LoraConfig, TargetModules, ALL_LINEAR};
 pub use error::PeftError;
-pub use lora::{apply_lora, has_lora, merge_lora, num_lora_params};
+pub use lora::{apply_lora, has_lora, merge_lora, num_lora_params, remove_lora};
+pub use qlora::{load_pretrained_4bit, QuantConfig};

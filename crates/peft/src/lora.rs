@@ -75,7 +75,7 @@ pub fn apply_lora<B: Backend>(model: CausalLm<B>, config: &LoraConfig, seed: u64
         if !targets.contains(&path) {
             continue;
         }
-        let [out, inp] = lin.weight.dims();
+        let [out, inp] = lin.dims();
         let device = lin.weight.device();
         let bound = 1.0 / (inp as f64).sqrt();
         let a: Vec<f32> = (0..config.r * inp).map(|_| rng.random_range(-bound..bound) as f32).collect();
@@ -99,15 +99,30 @@ pub fn has_lora<B: Backend>(model: &CausalLm<B>) -> bool {
 /// Folds every adapter into its base weight, `W ← W + s·B·A` (PEFT's `merge_and_unload`), and
 /// drops the adapters: the result is a plain model that `save_pretrained` writes in full HF
 /// layout. Merged weights keep their base parameter's id and `require_grad` flag (frozen after
-/// [`apply_lora`]).
+/// [`apply_lora`]). A compressed (4-bit) base is expanded, merged and compressed again in its
+/// format, as PEFT merges into bitsandbytes' `Linear4bit`.
 pub fn merge_lora<B: Backend>(mut model: CausalLm<B>) -> CausalLm<B> {
     for (_, lin) in linear_layers_mut(&mut model) {
         let Some(lora) = lin.lora.take() else { continue };
+        if let Some(compressed) = &lin.compressed {
+            let merged = (lin.dense_weight() + lora.delta_weight()).into_data().convert::<f32>();
+            lin.compressed = Some(compressed.recompress(&merged.into_vec::<f32>().expect("f32 after convert")));
+            continue;
+        }
         let weight = lin.weight.val();
         let require_grad = weight.is_require_grad();
         let merged = (weight + lora.delta_weight()).detach();
         let merged = if require_grad { merged.require_grad() } else { merged };
         lin.weight = Param::initialized(lin.weight.id, merged);
+    }
+    model
+}
+
+/// Drops every adapter without merging (the base model as it was before [`apply_lora`], still
+/// frozen): used to swap in adapters read from a checkpoint.
+pub fn remove_lora<B: Backend>(mut model: CausalLm<B>) -> CausalLm<B> {
+    for (_, lin) in linear_layers_mut(&mut model) {
+        lin.lora = None;
     }
     model
 }

@@ -1,0 +1,85 @@
+//! QLoRA's frozen 4-bit base: decoder-layer linear weights stored as NF4 ([`crate::nf4`]) and
+//! expanded only while a matmul runs (`alignment_models::compressed`), with LoRA adapters
+//! trained on top in full precision.
+//!
+//! This is what transformers does for `BitsAndBytesConfig(load_in_4bit=True,
+//! bnb_4bit_quant_type="nf4")`: every `nn.Linear` of the decoder becomes a 4-bit layer while the
+//! embeddings, norms and `lm_head` stay in the compute dtype. Weights are quantized one tensor
+//! at a time while loading, so the dense model is never resident as a whole.
+
+use crate::error::PeftError;
+use crate::nf4::{self, Nf4Tensor};
+use alignment_models::compressed::CompressedWeight;
+use alignment_models::{load_pretrained_compressed, CausalLm};
+use burn::tensor::backend::Backend;
+use std::path::Path;
+use std::sync::Arc;
+
+/// How base weights are quantized (the recipe's `bnb_4bit_quant_type`, `use_bnb_nested_quant`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct QuantConfig {
+    /// Quantize the per-block absmax statistics too (bitsandbytes' `compress_statistics`).
+    pub double_quant: bool,
+}
+
+impl QuantConfig {
+    /// Reads the recipe values: only `nf4` is implemented (bitsandbytes' `fp4` is not).
+    pub fn from_recipe(quant_type: &str, nested: bool) -> Result<Self, PeftError> {
+        match quant_type {
+            "nf4" => Ok(Self { double_quant: nested }),
+            other => Err(PeftError::InvalidConfig(format!("bnb_4bit_quant_type `{other}` is not supported (only nf4)"))),
+        }
+    }
+
+    /// `values` (`[out, in]` row-major) as a frozen NF4 weight.
+    pub fn quantize(&self, values: &[f32], dims: [usize; 2]) -> Arc<dyn CompressedWeight> {
+        Arc::new(Nf4Weight { dims, tensor: nf4::quantize(values), config: *self })
+    }
+}
+
+/// A frozen `[out, in]` linear weight in NF4.
+#[derive(Debug)]
+pub struct Nf4Weight {
+    dims: [usize; 2],
+    tensor: Nf4Tensor,
+    config: QuantConfig,
+}
+
+impl CompressedWeight for Nf4Weight {
+    fn dims(&self) -> [usize; 2] {
+        self.dims
+    }
+
+    fn expand(&self) -> Vec<f32> {
+        nf4::dequantize(&self.tensor)
+    }
+
+    fn storage_bytes(&self) -> usize {
+        self.tensor.packed.len() + self.tensor.absmax.len() * std::mem::size_of::<f32>()
+    }
+
+    fn recompress(&self, values: &[f32]) -> Arc<dyn CompressedWeight> {
+        self.config.quantize(values, self.dims)
+    }
+}
+
+/// Loads a Hugging Face model directory with its decoder-layer linear weights quantized to NF4
+/// as they are read.
+pub fn load_pretrained_4bit<B: Backend>(dir: &Path, device: &B::Device, config: QuantConfig) -> Result<CausalLm<B>, PeftError> {
+    let compress = |values: &[f32], dims: [usize; 2]| config.quantize(values, dims);
+    Ok(load_pretrained_compressed(dir, device, &compress)?)
+}
+
+/// Bytes held by the base weights of `model`: compressed layers at their storage size, every
+/// other parameter at 4 bytes per value (f32).
+pub fn base_weight_bytes<B: Backend>(model: &CausalLm<B>) -> usize {
+    let mut bytes = model.embed_tokens.dims().iter().product::<usize>() * 4;
+    for (_, lin) in crate::lora::linear_layers(model) {
+        bytes += match &lin.compressed {
+            Some(c) => c.storage_bytes(),
+            None => lin.dims().iter().product::<usize>() * 4,
+        };
+    }
+    let hidden = model.config.hidden_size;
+    bytes + (2 * model.layers.len() + 1) * hidden * 4
+}
