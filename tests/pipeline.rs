@@ -9,7 +9,11 @@ use alignment_handbook::run::{run, Objective, RunError};
 use alignment_handbook::trainer::Recipe;
 
 fn recipe(task: &str, output_dir: &std::path::Path, extra: &[&str]) -> Recipe {
-    let path = alignment_handbook::reference::repo_root().join(format!("recipes/smollm2-135m/{task}/config_cpu.yaml"));
+    recipe_file(task, "config_cpu.yaml", output_dir, extra)
+}
+
+fn recipe_file(task: &str, file: &str, output_dir: &std::path::Path, extra: &[&str]) -> Recipe {
+    let path = alignment_handbook::reference::repo_root().join(format!("recipes/smollm2-135m/{task}/{file}"));
     let mut overrides: Vec<String> = vec![
         format!("--output_dir={}", output_dir.display()),
         format!("--dataset_mixer={{{}: 0.01}}", alignment_handbook::reference::repo_root().join("data/tiny-chat").display()),
@@ -54,12 +58,45 @@ fn every_objective_trains_one_step_on_smollm2() {
     }
 }
 
+/// The QLoRA recipes: SFT on a 4-bit SmolLM2 lowers the eval loss and leaves a PEFT adapter;
+/// DPO then starts from that adapter (merged into the 4-bit base) and trains a new one.
+#[test]
+fn qlora_sft_lowers_the_loss_and_dpo_starts_from_its_adapter() {
+    let root = tempfile::tempdir().unwrap();
+    let device = Default::default();
+    let sft_dir = root.path().join("sft-qlora");
+    let sft = recipe_file(
+        "sft",
+        "config_qlora.yaml",
+        &sft_dir,
+        &["--max_steps=8", "--learning_rate=1.0e-3", "--lora_dropout=0.0", "--eval_strategy=steps", "--eval_steps=8", "--eval_on_start=true", "--dataset_splits=[train_sft, test_sft]"],
+    );
+    let outcome = run::<CpuAutodiff>(Objective::Sft, &sft, &device, true).unwrap();
+    let eval: Vec<f64> = outcome.history.iter().filter_map(|e| e.get("eval_loss").and_then(|v| v.as_f64())).collect();
+    println!("QLoRA SFT eval loss: {eval:?}");
+    assert_eq!(eval.len(), 2, "before and after");
+    assert!(eval[1] < eval[0] - 0.05, "QLoRA SFT should lower the eval loss: {eval:?}");
+    assert!(sft_dir.join("adapter_model.safetensors").is_file() && !sft_dir.join("model.safetensors").exists());
+
+    let dpo_dir = root.path().join("dpo-qlora");
+    let model = format!("--model_name_or_path={}", sft_dir.display());
+    let dpo = recipe_file("dpo", "config_qlora.yaml", &dpo_dir, &[&model]);
+    let outcome = run::<CpuAutodiff>(Objective::Dpo, &dpo, &device, true).unwrap();
+    let logged = &outcome.history[0];
+    assert!(logged.get("rewards/margins").and_then(|v| v.as_f64()).is_some_and(f64::is_finite), "{logged:?}");
+    let config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dpo_dir.join("adapter_config.json")).unwrap()).unwrap();
+    assert_eq!(config["base_model_name_or_path"], "HuggingFaceTB/SmolLM2-135M-Instruct", "the SFT adapter's base");
+}
+
 #[test]
 fn unsupported_and_invalid_settings_name_the_key() {
     let root = tempfile::tempdir().unwrap();
     let device = Default::default();
-    let err = run::<CpuAutodiff>(Objective::Sft, &recipe("sft", root.path(), &["--use_peft=true"]), &device, true).unwrap_err();
-    assert!(matches!(err, RunError::Unsupported { key: "use_peft", .. }), "{err}");
+    let err = run::<CpuAutodiff>(Objective::Sft, &recipe("sft", root.path(), &["--load_in_4bit=true"]), &device, true).unwrap_err();
+    assert!(matches!(err, RunError::Unsupported { key: "load_in_4bit", .. }) && err.to_string().contains("use_peft"), "{err}");
+    let err = run::<CpuAutodiff>(Objective::Sft, &recipe("sft", root.path(), &["--use_peft=true", "--lora_target_modules=[q_proj, qq_proj]"]), &device, true)
+        .unwrap_err();
+    assert!(err.to_string().contains("qq_proj"), "{err}");
     let err = run::<CpuAutodiff>(Objective::Sft, &recipe("sft", root.path(), &["--reduce_loss=average"]), &device, true).unwrap_err();
     assert!(matches!(err, RunError::Unsupported { key: "reduce_loss", .. }) && err.to_string().contains("sum"), "{err}");
     let err = run::<CpuAutodiff>(Objective::Dpo, &recipe("dpo", root.path(), &["--loss_type=sigmoidd"]), &device, true).unwrap_err();

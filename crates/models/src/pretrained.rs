@@ -211,12 +211,17 @@ pub fn write_pretrained<B: Backend>(
     std::fs::write(&config_path, text + "\n").map_err(|e| io_err("writing", &config_path, e))?;
     write_safetensors(&dir.join("model.safetensors"), &named_tensors(model), dtype)?;
     if let Some(src) = tokenizer_from {
-        for name in TOKENIZER_FILES {
-            let from = src.join(name);
-            if from.exists() {
-                let to = dir.join(name);
-                std::fs::copy(&from, &to).map_err(|e| io_err("copying", &from, e))?;
-            }
+        copy_tokenizer_files(src, dir)?;
+    }
+    Ok(())
+}
+
+/// Copies the [`TOKENIZER_FILES`] present in `from` into `to`.
+pub fn copy_tokenizer_files(from: &Path, to: &Path) -> Result<(), ModelError> {
+    for name in TOKENIZER_FILES {
+        let source = from.join(name);
+        if source.exists() {
+            std::fs::copy(&source, to.join(name)).map_err(|e| io_err("copying", &source, e))?;
         }
     }
     Ok(())

@@ -1,7 +1,8 @@
 //! Training checkpoints: everything needed to continue a run exactly where it stopped.
 //!
 //! `output_dir/checkpoint-<step>/` holds the model in Hugging Face layout (config.json,
-//! model.safetensors in f32, tokenizer files), the AdamW moments (`optimizer.safetensors`, one
+//! model.safetensors in f32, tokenizer files) — or, when only LoRA adapters train, the adapters
+//! in PEFT's layout (adapter_config.json, adapter_model.safetensors) — the AdamW moments (`optimizer.safetensors`, one
 //! `<parameter path>.exp_avg` / `.exp_avg_sq` pair per parameter) and `trainer_state.json`
 //! (global step, optimizer step count, and a fingerprint of the settings that must not change
 //! across a resume). The directory is assembled aside and renamed into place, so a run killed
@@ -9,6 +10,7 @@
 //! pure function of the seed and the epoch, so nothing else is needed to resume exactly.
 
 use crate::optimizer::{AdamW, Moments};
+use crate::train::AdapterOutput;
 use crate::TrainError;
 use alignment_core::AtomicDir;
 use alignment_models::weights::{write_safetensors, NamedTensor};
@@ -55,10 +57,27 @@ pub fn list_checkpoints(output_dir: &Path) -> Vec<(u64, PathBuf)> {
     found
 }
 
+/// Writes the trained weights into `dir`: the full model, or only the adapters when `adapter` is
+/// set; tokenizer files are copied from `tokenizer_from` either way. Not atomic: callers write
+/// into a staging directory.
+pub fn write_weights<B: Backend>(model: &CausalLm<B>, dir: &Path, adapter: Option<&AdapterOutput>, tokenizer_from: Option<&Path>) -> Result<(), TrainError> {
+    match adapter {
+        None => write_pretrained(model, dir, SaveDtype::F32, tokenizer_from)?,
+        Some(a) => {
+            alignment_peft::write_adapter(model, dir, &a.lora, &a.base_model_name_or_path)?;
+            if let Some(src) = tokenizer_from {
+                alignment_models::pretrained::copy_tokenizer_files(src, dir)?;
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Saves a checkpoint atomically and removes the oldest ones beyond `keep` (`save_total_limit`).
 pub fn save_checkpoint<B: Backend>(
     output_dir: &Path,
     model: &CausalLm<B>,
+    adapter: Option<&AdapterOutput>,
     optimizer: &AdamW<B>,
     state: &TrainerState,
     tokenizer_from: Option<&Path>,
@@ -66,7 +85,7 @@ pub fn save_checkpoint<B: Backend>(
 ) -> Result<PathBuf, TrainError> {
     let target = checkpoint_dir(output_dir, state.global_step);
     let staging = AtomicDir::new(&target)?;
-    write_pretrained(model, staging.path(), SaveDtype::F32, tokenizer_from)?;
+    write_weights(model, staging.path(), adapter, tokenizer_from)?;
     let mut tensors = Vec::with_capacity(optimizer.state.len() * 2);
     let mut paths: Vec<&String> = optimizer.state.keys().collect();
     paths.sort();

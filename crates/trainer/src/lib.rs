@@ -21,7 +21,7 @@ pub mod train;
 pub use recipe::{Recipe, RecipeError, ResumeFrom};
 pub use sequence::{collate, Sequence, IGNORE_INDEX};
 pub use task::{MetricValues, Task};
-pub use train::{evaluate, train, StepPlan, TrainOutcome, TrainerConfig};
+pub use train::{evaluate, train, AdapterOutput, StepPlan, TrainOutcome, TrainerConfig};
 
 use std::path::PathBuf;
 
@@ -49,6 +49,9 @@ pub enum TrainError {
     /// A checkpoint cannot be resumed with the current settings.
     #[error("cannot resume from {path}: {message}")]
     Resume { path: PathBuf, message: String },
+    /// Adapters could not be saved or restored.
+    #[error(transparent)]
+    Peft(#[from] alignment_peft::PeftError),
     /// There is nothing to train on.
     #[error("the {what} is empty")]
     EmptyDataset { what: String },

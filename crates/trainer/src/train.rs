@@ -39,6 +39,16 @@ pub enum SaveStrategy {
     Epoch,
 }
 
+/// What is saved when only LoRA adapters train (`use_peft`): PEFT's adapter directory, in
+/// checkpoints and as the final output, instead of the full model.
+#[derive(Debug, Clone)]
+pub struct AdapterOutput {
+    /// The adapters' configuration (written as adapter_config.json).
+    pub lora: alignment_peft::LoraConfig,
+    /// The base model the adapters apply to (`base_model_name_or_path` in adapter_config.json).
+    pub base_model_name_or_path: String,
+}
+
 /// Everything the loop needs, taken from a recipe by [`TrainerConfig::from_recipe`].
 #[derive(Debug, Clone)]
 pub struct TrainerConfig {
@@ -69,6 +79,8 @@ pub struct TrainerConfig {
     pub tokenizer_dir: Option<PathBuf>,
     /// Hide the progress bar.
     pub quiet: bool,
+    /// Save adapters instead of the full model (set by the caller that attached them).
+    pub adapter: Option<AdapterOutput>,
 }
 
 impl TrainerConfig {
@@ -138,12 +150,14 @@ impl TrainerConfig {
             resume_from,
             tokenizer_dir: None,
             quiet: false,
+            adapter: None,
         })
     }
 
     fn fingerprint(&self, num_examples: usize, task: &str) -> String {
+        let lora = self.adapter.as_ref().map(|a| format!("|lora r={} alpha={} targets={:?} rslora={}", a.lora.r, a.lora.alpha, a.lora.target_modules, a.lora.use_rslora));
         format!(
-            "{task}|n={num_examples}|bs={}|ga={}|seed={}|lr={}|{:?}|warmup={}/{}|epochs={}|max_steps={:?}",
+            "{task}|n={num_examples}|bs={}|ga={}|seed={}|lr={}|{:?}|warmup={}/{}|epochs={}|max_steps={:?}{}",
             self.train_batch_size,
             self.gradient_accumulation_steps,
             self.seed,
@@ -152,7 +166,8 @@ impl TrainerConfig {
             self.warmup_ratio,
             self.warmup_steps,
             self.num_train_epochs,
-            self.max_steps
+            self.max_steps,
+            lora.unwrap_or_default()
         )
     }
 }
@@ -250,7 +265,11 @@ pub fn train<B: AutodiffBackend, T: Task>(
                 message: format!("the checkpoint was made with other settings:\n  checkpoint: {}\n  now:        {fingerprint}", state.fingerprint),
             });
         }
-        model = load_pretrained::<B>(dir, device)?;
+        model = match &config.adapter {
+            None => load_pretrained::<B>(dir, device)?,
+            // The base is unchanged by training: only the adapters are swapped for the saved ones.
+            Some(_) => alignment_peft::load_adapter(alignment_peft::remove_lora(model), dir)?.0,
+        };
         checkpoint::load_optimizer(dir, &mut optimizer, &state, device)?;
         start = state.global_step;
     }
@@ -323,7 +342,15 @@ pub fn train<B: AutodiffBackend, T: Task>(
         if save_now {
             let state = TrainerState { global_step: done, total_steps: plan.total_steps, optimizer_step: optimizer.step, fingerprint: fingerprint.clone() };
             let inner = model.valid();
-            checkpoint::save_checkpoint(&config.output_dir, &inner, &optimizer, &state, config.tokenizer_dir.as_deref(), config.save_total_limit)?;
+            checkpoint::save_checkpoint(
+                &config.output_dir,
+                &inner,
+                config.adapter.as_ref(),
+                &optimizer,
+                &state,
+                config.tokenizer_dir.as_deref(),
+                config.save_total_limit,
+            )?;
         }
     }
     bar.finish();
@@ -332,18 +359,20 @@ pub fn train<B: AutodiffBackend, T: Task>(
     Ok((model, TrainOutcome { steps: plan.total_steps, history: log.history().to_vec(), model_dir }))
 }
 
-/// Saves the final model into `output_dir` itself (beside `checkpoint-*` and `metrics.jsonl`), as
-/// `trainer.save_model(output_dir)` does: assembled in a staging directory, then each file
-/// renamed into place, weights first and config.json last.
+/// Saves the final model (or, with adapters, the adapter directory) into `output_dir` itself
+/// (beside `checkpoint-*` and `metrics.jsonl`), as `trainer.save_model(output_dir)` does:
+/// assembled in a staging directory, then each file renamed into place, weights first and the
+/// config (config.json / adapter_config.json) last.
 fn save_final<B: burn::tensor::backend::Backend>(model: &CausalLm<B>, config: &TrainerConfig) -> Result<PathBuf, TrainError> {
     let staging = alignment_core::AtomicDir::new(config.output_dir.join(".final-model"))?;
-    alignment_models::write_pretrained(model, staging.path(), alignment_models::SaveDtype::F32, config.tokenizer_dir.as_deref())?;
+    checkpoint::write_weights(model, staging.path(), config.adapter.as_ref(), config.tokenizer_dir.as_deref())?;
     let mut names: Vec<PathBuf> = std::fs::read_dir(staging.path())
         .map_err(|e| alignment_core::IoError::new("listing", staging.path(), e))?
         .flatten()
         .map(|e| e.path())
         .collect();
-    names.sort_by_key(|p| (p.file_name() == Some("config.json".as_ref()), p.clone()));
+    let is_config = |p: &PathBuf| matches!(p.file_name().and_then(|n| n.to_str()), Some("config.json" | "adapter_config.json"));
+    names.sort_by_key(|p| (is_config(p), p.clone()));
     for from in names {
         let to = config.output_dir.join(from.file_name().expect("a file name"));
         std::fs::rename(&from, &to).map_err(|e| alignment_core::IoError::new("renaming into place", &to, e))?;

@@ -1,0 +1,137 @@
+//! LoRA and QLoRA through the training loop: only adapter parameters get optimizer state,
+//! checkpoints and the final output are PEFT adapter directories, a resumed run logs the same
+//! losses as an uninterrupted one, and an adapter trained here gives, in PyPI `peft` on the
+//! transformers model, the logits it gives here.
+
+mod common;
+
+use alignment_core::backend::{Cpu, CpuAutodiff};
+use alignment_models::CausalLm;
+use alignment_objectives::Reduction;
+use alignment_peft::{apply_lora, load_adapter, load_pretrained_4bit, LoraConfig, QuantConfig, TargetModules};
+use alignment_trainer::tasks::SftTask;
+use alignment_trainer::{train, AdapterOutput, Recipe, Sequence, TrainerConfig, IGNORE_INDEX};
+use common::*;
+use std::path::Path;
+
+/// 16 sequences of 6..=17 tokens, the first third of each unlabelled.
+fn examples() -> Vec<Sequence> {
+    (0..16u32)
+        .map(|i| {
+            let len = 6 + (i as usize * 5) % 12;
+            let ids: Vec<u32> = (0..len as u32).map(|t| (i * 37 + t * 11 + 3) % 256).collect();
+            let labels = ids.iter().enumerate().map(|(t, &id)| if t < len / 3 { IGNORE_INDEX } else { id as i64 }).collect();
+            Sequence::new(ids, labels)
+        })
+        .collect()
+}
+
+fn lora() -> LoraConfig {
+    LoraConfig::new(4, 8.0, TargetModules::AllLinear)
+}
+
+fn config(output_dir: &Path, resume_from: Option<&Path>) -> TrainerConfig {
+    let recipe = Recipe::from_yaml_str(
+        "learning_rate: 1.0e-2\nlr_scheduler_type: constant\nmax_steps: 6\nper_device_train_batch_size: 4\n\
+         logging_steps: 1\nsave_strategy: steps\nsave_steps: 3\nseed: 3\n",
+        "test recipe",
+        &[format!("--output_dir={}", output_dir.display())],
+    )
+    .unwrap();
+    let mut config = TrainerConfig::from_recipe(&recipe).unwrap();
+    config.quiet = true;
+    config.resume_from = resume_from.map(Path::to_path_buf);
+    config.adapter = Some(AdapterOutput { lora: lora(), base_model_name_or_path: base_fixture("tiny-llama").display().to_string() });
+    config
+}
+
+fn qlora_model() -> CausalLm<CpuAutodiff> {
+    let base = load_pretrained_4bit::<CpuAutodiff>(&base_fixture("tiny-llama"), &Default::default(), QuantConfig::default()).unwrap();
+    apply_lora(base, &lora(), 0).unwrap()
+}
+
+fn losses(history: &[serde_json::Map<String, serde_json::Value>]) -> Vec<(u64, f64)> {
+    history
+        .iter()
+        .filter_map(|e| Some((e.get("step")?.as_u64()?, e.get("loss")?.as_f64()?)))
+        .collect()
+}
+
+#[test]
+fn qlora_trains_saves_adapters_and_resumes_exactly() {
+    let tmp = tempfile::tempdir().unwrap();
+    let task = SftTask { reduction: Reduction::Mean, pad_id: 0, name: "sft" };
+    let data = examples();
+    let full_dir = tmp.path().join("full");
+    let (_, full) = train(qlora_model(), &task, &data, &[], &config(&full_dir, None), &Default::default()).unwrap();
+    let full_losses = losses(&full.history);
+    assert_eq!(full_losses.len(), 6);
+    println!("QLoRA losses: {full_losses:?}");
+    assert!(full_losses[5].1 < full_losses[0].1 - 0.05, "loss should fall: {full_losses:?}");
+
+    // Outputs: PEFT adapter directories, optimizer state for adapters only.
+    for dir in [full_dir.clone(), full_dir.join("checkpoint-3")] {
+        assert!(dir.join("adapter_model.safetensors").is_file() && dir.join("adapter_config.json").is_file(), "{}", dir.display());
+        assert!(!dir.join("model.safetensors").exists(), "{}: the frozen base is not saved", dir.display());
+    }
+    let optimizer = std::fs::read(full_dir.join("checkpoint-3/optimizer.safetensors")).unwrap();
+    let names = safetensors::SafeTensors::deserialize(&optimizer).unwrap().names().into_iter().map(String::from).collect::<Vec<_>>();
+    assert_eq!(names.len(), 2 * 2 * 14, "exp_avg and exp_avg_sq of A and B of 14 adapters: {names:?}");
+    assert!(names.iter().all(|n| n.contains(".lora.")), "{names:?}");
+
+    // Resume from the step-3 checkpoint in another directory: steps 4-6 log the same losses.
+    let resumed_dir = tmp.path().join("resumed");
+    std::fs::create_dir_all(&resumed_dir).unwrap();
+    let checkpoint = resumed_dir.join("checkpoint-3");
+    std::fs::create_dir_all(&checkpoint).unwrap();
+    for entry in std::fs::read_dir(full_dir.join("checkpoint-3")).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), checkpoint.join(entry.file_name())).unwrap();
+    }
+    let (_, resumed) = train(qlora_model(), &task, &data, &[], &config(&resumed_dir, Some(&checkpoint)), &Default::default()).unwrap();
+    let resumed_losses: Vec<(u64, f64)> = losses(&resumed.history).into_iter().filter(|(s, _)| *s > 3).collect();
+    assert_eq!(resumed_losses, full_losses[3..].to_vec(), "bit-identical losses after resuming");
+    let final_a = std::fs::read(full_dir.join("adapter_model.safetensors")).unwrap();
+    let final_b = std::fs::read(resumed_dir.join("adapter_model.safetensors")).unwrap();
+    assert!(final_a == final_b, "the same final adapter");
+}
+
+const PEFT_LOGITS: &str = r#"
+import json, sys, torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+base, adapter, batch = sys.argv[1], sys.argv[2], json.load(open(sys.argv[3]))
+model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), adapter)
+model.eval()
+with torch.no_grad():
+    out = model(**{k: torch.tensor(v) for k, v in batch.items()}).logits
+print(json.dumps(out.tolist()))
+"#;
+
+#[test]
+fn an_adapter_trained_here_gives_the_same_logits_in_peft() {
+    let tmp = tempfile::tempdir().unwrap();
+    let task = SftTask { reduction: Reduction::Mean, pad_id: 0, name: "sft" };
+    let base_dir = base_fixture("tiny-llama");
+    let model = apply_lora(alignment_models::load_pretrained::<CpuAutodiff>(&base_dir, &Default::default()).unwrap(), &lora(), 0).unwrap();
+    let output = tmp.path().join("out");
+    let mut config = config(&output, None);
+    config.save = alignment_trainer::train::SaveStrategy::No;
+    train(model, &task, &examples(), &[], &config, &Default::default()).unwrap();
+
+    let r = reference("tiny-llama-lora");
+    let batch = reference_batch(&r);
+    let (trained, _) = load_adapter(load_base("tiny-llama"), &output).unwrap();
+    let ours = logits::<Cpu>(&trained, &batch);
+    let plain = logits(&load_base("tiny-llama"), &batch);
+    assert!(max_diff(&ours, &plain, &r.attention_mask) > 1e-2, "training should have moved the adapters");
+
+    let batch_json = tmp.path().join("batch.json");
+    let json = serde_json::json!({"input_ids": r.input_ids, "attention_mask": r.attention_mask, "position_ids": r.position_ids});
+    std::fs::write(&batch_json, json.to_string()).unwrap();
+    let stdout = run_python(PEFT_LOGITS, &[&base_dir, &output, &batch_json]);
+    let theirs: Vec<Vec<Vec<f32>>> = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+    let diff = max_diff(&ours, &theirs, &r.attention_mask);
+    println!("trained adapter in PEFT: max |logit diff| = {diff:.3e}");
+    assert!(diff <= 1e-4, "{diff}");
+}
