@@ -10,11 +10,7 @@ writes reference.json with the logits of the adapted model (eval mode, float32) 
 fixture's reference batch (input_ids, attention_mask, position_ids: row 1 left-padded) and of the
 merged model (`merge_and_unload`).
 
-Also writes nf4/reference.json for crates/peft/tests/nf4.rs: NF4 block-wise quantization of a
-fixed tensor, computed by a transcription of bitsandbytes' algorithm (bitsandbytes itself needs a
-GPU build; this is its `quantize_4bit(quant_type="nf4", blocksize=64, compress_statistics=False)`
-written out: code book from `get_4bit_type("nf4")`, decision thresholds from csrc/kernels.cu's
-`dQuantizeNF4`, scale `1/absmax` per block, first value in the high nibble).
+The NF4 goldens (crates/peft/tests/fixtures/nf4) come from scripts/make_nf4_goldens.py.
 
 usage: make_peft_goldens.py [--out crates/peft/tests/fixtures]
        (run with the interpreter printed by `bash scripts/reference_env.sh`)
@@ -98,59 +94,12 @@ def make(name, case, out_root):
     print(out_dir)
 
 
-# bitsandbytes' NF4 code book and dQuantizeNF4's thresholds (ascending), as float32.
-NF4_CODE = [-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
-            -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
-            0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
-            0.7229568362236023, 1.0]
-NF4_THRESHOLDS = [-0.8480964004993439, -0.6106329262256622, -0.4599952697753906, -0.33967943489551544,
-                  -0.23460740596055984, -0.13791173323988914, -0.045525018125772476, 0.03979014977812767,
-                  0.1202552504837513, 0.2035212516784668, 0.2920137718319893, 0.3893125355243683,
-                  0.5016634166240692, 0.6427869200706482, 0.8614784181118011]
-
-
-def nf4_quantize(values, blocksize=64):
-    x = values.float().reshape(-1)
-    code = torch.tensor(NF4_CODE, dtype=torch.float32)
-    thresholds = torch.tensor(NF4_THRESHOLDS, dtype=torch.float32)
-    absmax, codes = [], []
-    for block in x.split(blocksize):
-        m = block.abs().max()
-        absmax.append(m)
-        inv = torch.where(m > 0, torch.tensor(1.0) / m, torch.tensor(0.0))
-        scaled = block * inv
-        codes.append((scaled[:, None] > thresholds[None, :]).sum(1))  # dQuantizeNF4: count of `x > t`
-    codes = torch.cat(codes).to(torch.uint8)
-    if codes.numel() % 2:
-        codes = torch.cat([codes, torch.zeros(1, dtype=torch.uint8)])
-    packed = (codes[0::2] << 4) | codes[1::2]
-    absmax = torch.stack(absmax)
-    dequant = code[codes[: x.numel()].long()] * absmax.repeat_interleave(blocksize)[: x.numel()]
-    return packed, absmax, dequant
-
-
-def make_nf4(out_root):
-    gen = torch.Generator().manual_seed(4)
-    # 3 full blocks of N(0, 0.02²) weights, one all-zero block, a short odd tail of 37 values,
-    # and the code book itself (times 0.5) so every index appears.
-    values = torch.cat([torch.randn(192, generator=gen) * 0.02, torch.zeros(64), torch.tensor(NF4_CODE) * 0.5,
-                        torch.randn(37, generator=gen)])
-    packed, absmax, dequant = nf4_quantize(values)
-    out_dir = os.path.join(out_root, "nf4")
-    os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "reference.json"), "w") as f:
-        json.dump(dict(blocksize=64, values=values.tolist(), packed=packed.tolist(), absmax=absmax.tolist(),
-                       dequantized=dequant.tolist()), f, separators=(",", ":"))
-    print(out_dir)
-
-
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default="crates/peft/tests/fixtures")
     args = parser.parse_args()
     for name, case in CASES.items():
         make(name, case, args.out)
-    make_nf4(args.out)
 
 
 if __name__ == "__main__":

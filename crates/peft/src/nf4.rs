@@ -1,14 +1,23 @@
 //! 4-bit NormalFloat (NF4) block-wise quantization as bitsandbytes' `quantize_4bit(quant_type="nf4")`
-//! (QLoRA's storage format for frozen base weights), on the host. Not yet used by the model:
-//! this is the storage half of QLoRA; see docs/peft.md.
+//! (QLoRA's storage format for frozen base weights), on the host, with optional double
+//! quantization of the block scales (`compress_statistics=True`). Not yet used by the model: this
+//! is the storage half of QLoRA; see docs/peft.md.
 //!
 //! Values are split into blocks of [`BLOCK_SIZE`] (the last may be shorter); each block stores
-//! its absolute maximum (f32) and, per value, the 4-bit index of the [`NF4_CODE`] entry nearest
-//! to `value · (1 / absmax)`, two per byte, the first value in the high nibble. The nearest entry
+//! its absolute maximum and, per value, the 4-bit index of the [`NF4_CODE`] entry nearest to
+//! `value · (1 / absmax)`, two per byte, the first value in the high nibble. The nearest entry
 //! is found as bitsandbytes' `dQuantizeNF4` does: comparisons against its midpoint thresholds
-//! ([`NF4_THRESHOLDS`]), a value exactly on one going to the lower entry. Dequantization
-//! is `NF4_CODE[index] · absmax`. Double quantization of the absmax values
-//! (`compress_statistics=True`) is not implemented.
+//! ([`NF4_THRESHOLDS`]), a value exactly on one going to the lower entry. An all-zero block
+//! scales by `1 / 0 = inf`, `0 · inf` is NaN, which passes no threshold: index 0, as in
+//! bitsandbytes. Dequantization is `NF4_CODE[index] · absmax`.
+//!
+//! The absmax values are kept as f32 ([`Absmax::F32`], 4 bytes per block) or double-quantized
+//! ([`Absmax::DoubleQuantized`], about 1 byte per block): `offset = mean(absmax)`, and
+//! `absmax - offset` is quantized block-wise ([`NESTED_BLOCK_SIZE`] per block) to 8-bit indices into
+//! bitsandbytes' dynamic map ([`create_dynamic_map`]) by [`quantize_blockwise`]; the scale used
+//! is then `dequantize_blockwise(..) + offset`. Both follow the CUDA kernels QLoRA runs
+//! (`kQuantizeBlockwise`, `dQuantize`), computed with IEEE f32 (bitsandbytes builds them with
+//! `--use_fast_math`, whose reciprocal may differ by an ulp).
 
 /// bitsandbytes' NF4 code book (`get_4bit_type("nf4")`): quantiles of N(0, 1) scaled to
 /// [-1, 1], with an exact zero.
@@ -35,15 +44,76 @@ pub const NF4_CODE: [f32; 16] = [
 /// bitsandbytes' default block size for 4-bit quantization.
 pub const BLOCK_SIZE: usize = 64;
 
+/// Block size of the double quantization of the absmax values (fixed in bitsandbytes'
+/// `quantize_4bit`).
+pub const NESTED_BLOCK_SIZE: usize = 256;
+
 /// A quantized tensor: packed 4-bit indices and one absmax per block.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Nf4Tensor {
     /// `ceil(len / 2)` bytes, first value of each pair in the high nibble.
     pub packed: Vec<u8>,
     /// One per block of [`BLOCK_SIZE`] values.
-    pub absmax: Vec<f32>,
+    pub absmax: Absmax,
     /// Number of values.
     pub len: usize,
+}
+
+impl Nf4Tensor {
+    /// Bytes of the quantized form: packed indices plus block statistics (the constant code
+    /// books, which bitsandbytes also keeps per tensor, are not counted).
+    pub fn storage_bytes(&self) -> usize {
+        self.packed.len() + self.absmax.storage_bytes()
+    }
+}
+
+/// The per-block absmax of an [`Nf4Tensor`].
+#[derive(Debug, Clone, PartialEq)]
+pub enum Absmax {
+    /// One f32 per block (`compress_statistics=False`).
+    F32(Vec<f32>),
+    /// Double quantization (`compress_statistics=True`): `absmax - offset` as 8-bit indices into
+    /// [`create_dynamic_map`], with one f32 absmax per [`NESTED_BLOCK_SIZE`] indices.
+    DoubleQuantized {
+        /// One per block of the tensor.
+        codes: Vec<u8>,
+        /// bitsandbytes' `state2.absmax`: one per [`NESTED_BLOCK_SIZE`] codes.
+        state2_absmax: Vec<f32>,
+        /// The mean of the original absmax values.
+        offset: f32,
+    },
+}
+
+impl Absmax {
+    /// Double-quantizes `absmax` as bitsandbytes' `quantize_4bit(compress_statistics=True)`:
+    /// `offset = mean(absmax)` (taken in f64 and rounded; torch's f32 sum, in its own order, may
+    /// differ in the last bit), then [`quantize_blockwise`] of `absmax - offset`.
+    pub fn double_quantize(absmax: &[f32]) -> Absmax {
+        let sum: f64 = absmax.iter().map(|&a| f64::from(a)).sum();
+        let offset = (sum / absmax.len() as f64) as f32;
+        let centered: Vec<f32> = absmax.iter().map(|&a| a - offset).collect();
+        let (codes, state2_absmax) = quantize_blockwise(&centered);
+        Absmax::DoubleQuantized { codes, state2_absmax, offset }
+    }
+
+    /// The absmax of every block: stored, or `dequantize_blockwise(codes, state2_absmax) + offset`.
+    pub fn values(&self) -> Vec<f32> {
+        match self {
+            Absmax::F32(values) => values.clone(),
+            Absmax::DoubleQuantized { codes, state2_absmax, offset } => {
+                dequantize_blockwise(codes, state2_absmax).iter().map(|&a| a + offset).collect()
+            }
+        }
+    }
+
+    /// Bytes these statistics occupy: 4 per block, or 1 per block plus 4 per nested block plus
+    /// 4 for the offset.
+    pub fn storage_bytes(&self) -> usize {
+        match self {
+            Absmax::F32(values) => 4 * values.len(),
+            Absmax::DoubleQuantized { codes, state2_absmax, .. } => codes.len() + 4 * state2_absmax.len() + 4,
+        }
+    }
 }
 
 /// The decision thresholds of bitsandbytes' `dQuantizeNF4` (csrc/kernels.cu), ascending: the
@@ -73,27 +143,103 @@ pub fn nearest_code(x: f32) -> u8 {
     NF4_THRESHOLDS.iter().filter(|&&t| x > t).count() as u8
 }
 
-/// Quantizes `values` block-wise. A block of zeros stores absmax 0 and the zero code.
+/// Quantizes `values` block-wise with f32 absmax values (`compress_statistics=False`).
 pub fn quantize(values: &[f32]) -> Nf4Tensor {
+    quantize_with(values, false)
+}
+
+/// Quantizes `values` block-wise; with `double_quant` the absmax values are double-quantized
+/// ([`Absmax::double_quantize`]). The packed indices do not depend on it.
+pub fn quantize_with(values: &[f32], double_quant: bool) -> Nf4Tensor {
     let mut absmax = Vec::with_capacity(values.len().div_ceil(BLOCK_SIZE));
     let mut codes = Vec::with_capacity(values.len());
     for block in values.chunks(BLOCK_SIZE) {
         let max = block.iter().fold(0f32, |m, v| m.max(v.abs()));
         absmax.push(max);
-        let inv = if max > 0.0 { 1.0 / max } else { 0.0 };
+        let inv = 1.0 / max;
         codes.extend(block.iter().map(|&v| nearest_code(v * inv)));
     }
     let packed = codes.chunks(2).map(|p| (p[0] << 4) | p.get(1).copied().unwrap_or(0)).collect();
+    let absmax = if double_quant { Absmax::double_quantize(&absmax) } else { Absmax::F32(absmax) };
     Nf4Tensor { packed, absmax, len: values.len() }
 }
 
 /// The values `t` stands for: `NF4_CODE[index] · absmax` of the value's block.
 pub fn dequantize(t: &Nf4Tensor) -> Vec<f32> {
+    let absmax = t.absmax.values();
     (0..t.len)
         .map(|i| {
             let byte = t.packed[i / 2];
             let code = if i % 2 == 0 { byte >> 4 } else { byte & 0x0f };
-            NF4_CODE[code as usize] * t.absmax[i / BLOCK_SIZE]
+            NF4_CODE[code as usize] * absmax[i / BLOCK_SIZE]
         })
         .collect()
+}
+
+/// `torch.linspace(start, end, steps)` in f32 as torch's AVX2/AVX-512 CPU kernels compute it:
+/// the first half `start + step·i`, the rest `end - step·(steps - 1 - i)`, each one fused
+/// multiply-add.
+fn linspace(start: f32, end: f32, steps: usize) -> Vec<f32> {
+    let step = (end - start) / (steps - 1) as f32;
+    let half = steps / 2;
+    let up = (0..half).map(|i| step.mul_add(i as f32, start));
+    let down = (half..steps).map(|i| (-step).mul_add((steps - 1 - i) as f32, end));
+    up.chain(down).collect()
+}
+
+/// bitsandbytes' 8-bit dynamic map, `create_dynamic_map(signed=True, max_exponent_bits=7,
+/// total_bits=8)`, ascending: for `i` in 0..7, the midpoints of `linspace(0.1, 1, 2^i + 1)`
+/// times `10^(i-6)`, with both signs, plus 0 and 1 (range [-0.99297, 1]).
+pub fn create_dynamic_map() -> [f32; 256] {
+    const SCALES: [f64; 7] = [1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0];
+    let mut data = vec![0.0, 1.0];
+    for (i, &scale) in SCALES.iter().enumerate() {
+        let bounds = linspace(0.1, 1.0, (1 << i) + 1);
+        for pair in bounds.windows(2) {
+            let value = (pair[0] + pair[1]) / 2.0 * scale as f32;
+            data.extend([value, -value]);
+        }
+    }
+    data.sort_by(f32::total_cmp);
+    data.try_into().expect("2 + 2·(2⁷ - 1) = 256 entries")
+}
+
+/// Index of the `code` entry (ascending) nearest to `x`, as bitsandbytes' `dQuantize<0>`: a
+/// seven-step binary search from index 127 ends on an even index `p` with `x` in
+/// `(code[p-1], code[p+1]]`, then `x` goes to the neighbour past their f32 midpoint. A value
+/// exactly on a midpoint stays at `p` (ties go to the even index); NaN ends at index 0.
+pub fn nearest_dynamic_code(code: &[f32; 256], x: f32) -> u8 {
+    let mut p = 127;
+    for step in [64, 32, 16, 8, 4, 2, 1] {
+        p = if x > code[p] { p + step } else { p - step };
+    }
+    let val = code[p];
+    let above = x > val;
+    let other = if above { p + 1 } else { p.saturating_sub(1) };
+    let midpoint = (code[other] + val) * 0.5;
+    let past_midpoint = if above { x > midpoint } else { x < midpoint };
+    (if past_midpoint { other } else { p }) as u8
+}
+
+/// 8-bit block-wise quantization as bitsandbytes' `quantize_blockwise(values,
+/// blocksize=NESTED_BLOCK_SIZE)` with the [`create_dynamic_map`] code: per block its absmax and,
+/// per value, [`nearest_dynamic_code`] of `value · (1 / absmax)` (an all-zero block gives NaN
+/// and index 0). Returns `(codes, absmax)`.
+pub fn quantize_blockwise(values: &[f32]) -> (Vec<u8>, Vec<f32>) {
+    let code = create_dynamic_map();
+    let mut codes = Vec::with_capacity(values.len());
+    let mut absmax = Vec::with_capacity(values.len().div_ceil(NESTED_BLOCK_SIZE));
+    for block in values.chunks(NESTED_BLOCK_SIZE) {
+        let max = block.iter().fold(0f32, |m, v| m.max(v.abs()));
+        absmax.push(max);
+        let inv = 1.0 / max;
+        codes.extend(block.iter().map(|&v| nearest_dynamic_code(&code, v * inv)));
+    }
+    (codes, absmax)
+}
+
+/// Inverse of [`quantize_blockwise`]: `code[index] · absmax` of the value's block.
+pub fn dequantize_blockwise(codes: &[u8], absmax: &[f32]) -> Vec<f32> {
+    let code = create_dynamic_map();
+    codes.iter().enumerate().map(|(i, &c)| code[c as usize] * absmax[i / NESTED_BLOCK_SIZE]).collect()
 }
