@@ -33,7 +33,7 @@ impl QuantConfig {
 
     /// `values` (`[out, in]` row-major) as a frozen NF4 weight.
     pub fn quantize(&self, values: &[f32], dims: [usize; 2]) -> Arc<dyn CompressedWeight> {
-        Arc::new(Nf4Weight { dims, tensor: nf4::quantize(values), config: *self })
+        Arc::new(Nf4Weight { dims, tensor: nf4::quantize_with(values, self.double_quant), config: *self })
     }
 }
 
@@ -55,7 +55,7 @@ impl CompressedWeight for Nf4Weight {
     }
 
     fn storage_bytes(&self) -> usize {
-        self.tensor.packed.len() + self.tensor.absmax.len() * std::mem::size_of::<f32>()
+        self.tensor.storage_bytes()
     }
 
     fn recompress(&self, values: &[f32]) -> Arc<dyn CompressedWeight> {

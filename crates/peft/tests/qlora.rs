@@ -25,13 +25,17 @@ fn values<B: Backend>(t: Tensor<B, 2>) -> Vec<f32> {
 
 /// The dense model whose decoder linear weights are the NF4 round trip of the originals.
 fn dequantized_dense<B: Backend>(name: &str) -> CausalLm<B> {
+    dequantized_dense_with::<B>(name, false)
+}
+
+fn dequantized_dense_with<B: Backend>(name: &str, double_quant: bool) -> CausalLm<B> {
     let mut model = load_pretrained::<B>(&base_fixture(name), &Default::default()).unwrap();
     for (path, lin) in linear_layers_mut(&mut model) {
         if path == "lm_head" {
             continue;
         }
         let dims = lin.dims();
-        let roundtrip = nf4::dequantize(&nf4::quantize(&values(lin.weight.val())));
+        let roundtrip = nf4::dequantize(&nf4::quantize_with(&values(lin.weight.val()), double_quant));
         lin.weight = Param::from_tensor(Tensor::from_data(TensorData::new(roundtrip, dims), &lin.weight.device()));
     }
     model
@@ -59,6 +63,27 @@ fn four_bit_base_computes_what_its_dequantized_dense_model_computes() {
     let ratio = linear_bytes as f64 / (2 * linear_params) as f64;
     assert!((0.28..=0.29).contains(&ratio), "NF4 bytes / bf16 bytes = {ratio}");
     assert!(base_weight_bytes(&quantized) < base_weight_bytes(&dense));
+}
+
+fn linear_bytes_per_bf16_byte<B: Backend>(model: &CausalLm<B>) -> f64 {
+    let layers: Vec<_> = linear_layers(model).into_iter().filter(|(p, _)| p != "lm_head").collect();
+    let params: usize = layers.iter().map(|(_, l)| l.dims().iter().product::<usize>()).sum();
+    let bytes: usize = layers.iter().map(|(_, l)| l.compressed.as_ref().unwrap().storage_bytes()).sum();
+    bytes as f64 / (2 * params) as f64
+}
+
+#[test]
+fn double_quantization_shrinks_the_statistics_and_stays_exact_to_its_dequantization() {
+    let load = |double_quant| load_pretrained_4bit::<Cpu>(&base_fixture("tiny-llama"), &Default::default(), QuantConfig { double_quant }).unwrap();
+    let (single, double) = (load(false), load(true));
+    let (rs, rd) = (linear_bytes_per_bf16_byte(&single), linear_bytes_per_bf16_byte(&double));
+    println!("NF4 bytes per bf16 byte: single {rs:.4}, double {rd:.4}");
+    assert!(rd < rs && rd < 0.27, "single {rs}, double {rd}");
+    let r = reference("tiny-llama-lora");
+    let batch = reference_batch(&r);
+    let dense = dequantized_dense_with::<Cpu>("tiny-llama", true);
+    let diff = max_diff(&logits(&double, &batch), &logits(&dense, &batch), &r.attention_mask);
+    assert!(diff <= 1e-5, "logits differ by {diff}");
 }
 
 #[test]
