@@ -1,3 +1,4 @@
+#![warn(missing_docs)]
 //! `alignment-distributed`: multi-process data-parallel training (issue #7).
 //!
 //! - [`DistEnv`] reads rank and world from torchrun's or Slurm's environment variables.

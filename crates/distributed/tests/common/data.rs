@@ -5,7 +5,11 @@
 pub fn value(rank: usize, i: usize) -> f32 {
     let base = ((i * 7919 + rank * 104_729 + 13) % 1000) as f32 + 0.123_456_7;
     let scale = 10f32.powi(((i + 3 * rank) % 7) as i32 - 3);
-    let sign = if (i + rank) % 3 == 0 { -1.0 } else { 1.0 };
+    let sign = if (i + rank).is_multiple_of(3) {
+        -1.0
+    } else {
+        1.0
+    };
     sign * base * scale
 }
 

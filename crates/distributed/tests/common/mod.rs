@@ -11,7 +11,11 @@ pub const WORKER: &str = env!("CARGO_BIN_EXE_dist-test-worker");
 
 /// A port free a moment ago.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// Starts `n` workers `WORKER args` with torchrun's variables on 127.0.0.1.
@@ -51,10 +55,20 @@ pub fn wait_all(children: Vec<Child>, limit: Duration) -> (Vec<Output>, Duration
     for child in &mut children {
         let _ = child.kill();
     }
-    (children.into_iter().map(|c| c.wait_with_output().unwrap()).collect(), elapsed)
+    (
+        children
+            .into_iter()
+            .map(|c| c.wait_with_output().unwrap())
+            .collect(),
+        elapsed,
+    )
 }
 
 /// stdout and stderr of a process, for assertion messages.
 pub fn text(output: &Output) -> String {
-    format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr))
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    )
 }
