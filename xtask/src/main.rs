@@ -5,7 +5,10 @@
 //!   recipes (SmolLM2-135M-Instruct and the repo's tiny-chat data, `recipes/smollm2-135m/`);
 //!   `--full` runs the real `recipes/zephyr-7b-beta/{sft,dpo}/config_full.yaml` (Mistral-7B:
 //!   needs the model locally and a GPU build, `--features cuda`).
-//! - `launch`: multi-process training, not implemented yet (issue #7); it says so.
+//! - `launch --nproc N [--master-port P] [--config_file accelerate.yaml] -- <program> <args...>`:
+//!   N copies of the program with torchrun's variables (RANK, WORLD_SIZE, LOCAL_RANK,
+//!   LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT), output prefixed by rank; if one rank fails
+//!   the others are stopped and the command fails naming it (`alignment_distributed::launch`).
 
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
@@ -39,8 +42,22 @@ enum Command {
     },
     /// Launch N training processes with torchrun-style environment variables.
     Launch {
+        /// Number of processes (ranks); defaults to the config file's num_processes.
         #[arg(long)]
-        nproc: usize,
+        nproc: Option<usize>,
+        /// MASTER_PORT for the rendezvous (default: a free port).
+        #[arg(long)]
+        master_port: Option<u16>,
+        /// MASTER_ADDR for the rendezvous.
+        #[arg(long, default_value = "127.0.0.1")]
+        master_addr: String,
+        /// An accelerate-style config (recipes/accelerate_configs/*.yaml): passed to the ranks
+        /// as ALIGNMENT_ACCELERATE_CONFIG (the ZeRO stage) and the default for --nproc.
+        #[arg(long = "config_file", alias = "config-file")]
+        config_file: Option<PathBuf>,
+        /// The program and its arguments, after `--`.
+        #[arg(last = true, required = true)]
+        command: Vec<std::ffi::OsString>,
     },
 }
 
@@ -85,8 +102,26 @@ fn main() -> anyhow::Result<()> {
             println!("replicated {recipe}: SFT model in {}, DPO model in {}", sft_dir.display(), dpo_dir.display());
             Ok(())
         }
-        Command::Launch { nproc } => {
-            bail!("`launch --nproc {nproc}` is not implemented yet: distributed training (issue #7) is not in this version")
+        Command::Launch { nproc, master_port, master_addr, config_file, command } => {
+            use alignment_distributed::launch::{launch, LaunchSpec};
+            use alignment_distributed::zero::{AccelerateConfig, ACCELERATE_CONFIG_VAR};
+            let config = config_file.as_deref().map(AccelerateConfig::from_path).transpose()?;
+            let nproc = match (nproc, &config) {
+                (Some(n), _) => n,
+                (None, Some(config)) => config.processes_per_machine(),
+                (None, None) => bail!("give --nproc N (or --config_file with num_processes)"),
+            };
+            let (program, args) = command.split_first().context("no program after `--`")?;
+            let mut spec = LaunchSpec::new(nproc, program.clone(), args.iter().cloned());
+            spec.master_addr = master_addr;
+            spec.master_port = master_port;
+            if let (Some(path), Some(config)) = (&config_file, &config) {
+                let path = std::fs::canonicalize(path).with_context(|| format!("{}", path.display()))?;
+                spec.env.push((ACCELERATE_CONFIG_VAR.into(), path.into_os_string()));
+                eprintln!("xtask: {nproc} ranks, {} ({})", config.stage, config_file.as_ref().map(|p| p.display().to_string()).unwrap_or_default());
+            }
+            launch(&spec)?;
+            Ok(())
         }
     }
 }
