@@ -17,7 +17,7 @@ use alignment_models::{load_pretrained, CausalLm};
 use alignment_peft::{apply_lora, load_adapter, load_pretrained_4bit, merge_lora, LoraConfig, QuantConfig, TargetModules, ADAPTER_CONFIG};
 use alignment_objectives::{DpoConfig, DpoLossType, OrpoConfig, Reduction};
 use alignment_trainer::tasks::{precompute_reference, DpoTask, OrpoTask, PreferencePair, SftTask};
-use alignment_trainer::{train, AdapterOutput, Recipe, Sequence, TrainError, TrainOutcome, TrainerConfig};
+use alignment_trainer::{train_with, AdapterOutput, DataParallel, Recipe, Sequence, TrainError, TrainOutcome, TrainerConfig};
 use burn::module::{AutodiffModule, Module, ModuleMapper, Param};
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::Tensor;
@@ -311,7 +311,11 @@ pub fn preference_examples(recipe: &Recipe, tools: &TextTools, dataset: &Dataset
 }
 
 /// Runs `objective` with `recipe` on backend `B`: the whole script. `quiet` hides the progress bar.
+/// Launched as one of several ranks (`cargo xtask launch`, torchrun/Slurm variables), it trains
+/// data-parallel with the ZeRO stage of the accelerate config the launcher names.
 pub fn run<B: AutodiffBackend>(objective: Objective, recipe: &Recipe, device: &B::Device, quiet: bool) -> Result<TrainOutcome, RunError> {
+    let mut parallel = DataParallel::from_env()?;
+    let is_main = parallel.as_ref().is_none_or(|p| p.is_main());
     let model_dir = resolve_model(&recipe.model_name_or_path)?;
     let tokenizer_dir = match &recipe.tokenizer_name_or_path {
         Some(t) => resolve_model(t)?,
@@ -340,7 +344,7 @@ pub fn run<B: AutodiffBackend>(objective: Objective, recipe: &Recipe, device: &B
                 .parse()
                 .map_err(|e: alignment_objectives::ObjectiveError| RunError::Unsupported { key: "reduce_loss", message: e.to_string() })?;
             let task = SftTask { reduction, pad_id: tools.pad_id, name };
-            train(model, &task, &train_examples, &eval_examples, &config, device)?.1
+            train_with(model, &task, &train_examples, &eval_examples, &config, device, parallel.as_mut())?.1
         }
         Objective::Dpo => {
             let mut train_pairs = preference_examples(recipe, &tools, &train_set, objective)?;
@@ -369,7 +373,7 @@ pub fn run<B: AutodiffBackend>(objective: Objective, recipe: &Recipe, device: &B
             }
             drop(frozen);
             let task = DpoTask { config: dpo, pad_id: tools.pad_id };
-            train(model, &task, &train_pairs, &eval_pairs, &config, device)?.1
+            train_with(model, &task, &train_pairs, &eval_pairs, &config, device, parallel.as_mut())?.1
         }
         Objective::Orpo => {
             let train_pairs = preference_examples(recipe, &tools, &train_set, objective)?;
@@ -377,10 +381,10 @@ pub fn run<B: AutodiffBackend>(objective: Objective, recipe: &Recipe, device: &B
             let orpo = OrpoConfig { beta: recipe.beta };
             orpo.validate().map_err(|e| RunError::Unsupported { key: "beta", message: e.to_string() })?;
             let task = OrpoTask { config: orpo, pad_id: tools.pad_id };
-            train(model, &task, &train_pairs, &eval_pairs, &config, device)?.1
+            train_with(model, &task, &train_pairs, &eval_pairs, &config, device, parallel.as_mut())?.1
         }
     };
-    if recipe.push_to_hub {
+    if recipe.push_to_hub && is_main {
         let id = recipe.hub_model_id.clone().unwrap_or_else(|| {
             recipe.output_dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into())
         });

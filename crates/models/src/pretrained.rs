@@ -103,9 +103,7 @@ pub fn from_checkpoint_with<B: Backend>(
         };
         layers.push((p, self_attn, mlp));
     }
-    drop(linear);
     let lm_head = if config.tie_word_embeddings { None } else { Some(dense_linear("lm_head.weight".into(), v, h)?) };
-    drop(dense_linear);
 
     let mut norm = |name: String| -> Result<RmsNorm<B>, ModelError> {
         Ok(RmsNorm {

@@ -9,6 +9,7 @@
 //! trait between loop and objective), [`train`] (the loop), [`checkpoint`], [`logging`].
 
 pub mod checkpoint;
+pub mod data_parallel;
 pub mod logging;
 pub mod optimizer;
 pub mod recipe;
@@ -21,7 +22,8 @@ pub mod train;
 pub use recipe::{Recipe, RecipeError, ResumeFrom};
 pub use sequence::{collate, Sequence, IGNORE_INDEX};
 pub use task::{MetricValues, Task};
-pub use train::{evaluate, train, AdapterOutput, StepPlan, TrainOutcome, TrainerConfig};
+pub use data_parallel::DataParallel;
+pub use train::{evaluate, train, train_with, AdapterOutput, StepPlan, TrainOutcome, TrainerConfig};
 
 use std::path::PathBuf;
 
@@ -52,6 +54,9 @@ pub enum TrainError {
     /// Adapters could not be saved or restored.
     #[error(transparent)]
     Peft(#[from] alignment_peft::PeftError),
+    /// A collective failed: a rank died, timed out or disagreed.
+    #[error(transparent)]
+    Distributed(#[from] alignment_distributed::DistError),
     /// There is nothing to train on.
     #[error("the {what} is empty")]
     EmptyDataset { what: String },

@@ -34,6 +34,24 @@ impl MetricsAccumulator {
         self.entries.iter().map(|(n, s, w)| (format!("{prefix}{n}"), if *w > 0.0 { s / w } else { f64::NAN })).collect()
     }
 
+    /// Every metric as (name, weighted sum, total weight), in first-seen order.
+    pub fn sums(&self) -> Vec<(String, f64, f64)> {
+        self.entries.clone()
+    }
+
+    /// Adds weighted sums as [`Self::sums`] returns them (e.g. summed over ranks).
+    pub fn add_sums(&mut self, sums: &[(String, f64, f64)]) {
+        for (name, sum, weight) in sums {
+            match self.entries.iter_mut().find(|(n, _, _)| n == name) {
+                Some(entry) => {
+                    entry.1 += sum;
+                    entry.2 += weight;
+                }
+                None => self.entries.push((name.clone(), *sum, *weight)),
+            }
+        }
+    }
+
     /// Whether nothing was added.
     pub fn is_empty(&self) -> bool {
         self.entries.is_empty()

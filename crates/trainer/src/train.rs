@@ -13,6 +13,7 @@
 //! moments, so a run resumed from a checkpoint logs the same losses as one never stopped.
 
 use crate::checkpoint::{self, TrainerState};
+use crate::data_parallel::DataParallel;
 use crate::logging::{self, MetricsAccumulator, MetricsLog};
 use crate::optimizer::{AdamW, AdamWConfig};
 use crate::recipe::{Recipe, ResumeFrom};
@@ -154,11 +155,13 @@ impl TrainerConfig {
         })
     }
 
-    fn fingerprint(&self, num_examples: usize, task: &str) -> String {
+    /// Settings a resume must share; `world_size` enters through the global batch only, so a
+    /// run checkpointed on N ranks resumes on M with the same global batch.
+    fn fingerprint(&self, num_examples: usize, task: &str, world_size: usize) -> String {
         let lora = self.adapter.as_ref().map(|a| format!("|lora r={} alpha={} targets={:?} rslora={}", a.lora.r, a.lora.alpha, a.lora.target_modules, a.lora.use_rslora));
         format!(
             "{task}|n={num_examples}|bs={}|ga={}|seed={}|lr={}|{:?}|warmup={}/{}|epochs={}|max_steps={:?}{}",
-            self.train_batch_size,
+            self.train_batch_size * world_size,
             self.gradient_accumulation_steps,
             self.seed,
             self.learning_rate,
@@ -249,11 +252,30 @@ pub fn train<B: AutodiffBackend, T: Task>(
     config: &TrainerConfig,
     device: &B::Device,
 ) -> Result<(CausalLm<B>, TrainOutcome), TrainError> {
+    train_with(model, task, train, eval, config, device, None)
+}
+
+/// [`train`], as one rank of a data-parallel group when `parallel` is given (see
+/// [`crate::data_parallel`]): `config.train_batch_size` is then the per-rank batch, the global
+/// batch is that times the number of ranks, and only rank 0 writes files.
+pub fn train_with<B: AutodiffBackend, T: Task>(
+    model: CausalLm<B>,
+    task: &T,
+    train: &[T::Example],
+    eval: &[T::Example],
+    config: &TrainerConfig,
+    device: &B::Device,
+    mut parallel: Option<&mut DataParallel>,
+) -> Result<(CausalLm<B>, TrainOutcome), TrainError> {
     if train.is_empty() {
         return Err(TrainError::EmptyDataset { what: format!("{} training set", task.name()) });
     }
-    let plan = StepPlan::new(train.len(), config);
-    let fingerprint = config.fingerprint(train.len(), task.name());
+    let world = parallel.as_ref().map_or(1, |p| p.world_size());
+    let is_main = parallel.as_ref().is_none_or(|p| p.is_main());
+    // The step plan of the global batch: every rank walks the same micro-batches.
+    let global = TrainerConfig { train_batch_size: config.train_batch_size * world, ..config.clone() };
+    let plan = StepPlan::new(train.len(), &global);
+    let fingerprint = config.fingerprint(train.len(), task.name(), world);
     let mut optimizer = AdamW::<B::InnerBackend>::new(config.adamw);
     let mut model = model;
     let mut start = 0;
@@ -272,16 +294,34 @@ pub fn train<B: AutodiffBackend, T: Task>(
         };
         checkpoint::load_optimizer(dir, &mut optimizer, &state, device)?;
         start = state.global_step;
+        if let Some(p) = parallel.as_deref_mut() {
+            p.restore_optimizer(&model, &optimizer)?; // this rank's shard of the moments
+            optimizer.state.clear();
+        }
     }
-    std::fs::create_dir_all(&config.output_dir).map_err(|e| alignment_core::IoError::new("creating directory", &config.output_dir, e))?;
-    let mut log = MetricsLog::open(&config.output_dir.join("metrics.jsonl"), config.resume_from.as_ref().map(|_| start))?;
+    if let Some(p) = parallel.as_deref_mut() {
+        model = p.broadcast_parameters(model)?;
+    }
+    let mut log = if is_main {
+        std::fs::create_dir_all(&config.output_dir).map_err(|e| alignment_core::IoError::new("creating directory", &config.output_dir, e))?;
+        Some(MetricsLog::open(&config.output_dir.join("metrics.jsonl"), config.resume_from.as_ref().map(|_| start))?)
+    } else {
+        None
+    };
+    let mut write_log = |entry| -> Result<(), TrainError> {
+        if let Some(log) = log.as_mut() {
+            log.write(entry)?;
+        }
+        Ok(())
+    };
     let schedule = Schedule::new(config.schedule, config.learning_rate, plan.total_steps as usize, config.warmup_ratio, config.warmup_steps);
-    let bar = logging::progress_bar(plan.total_steps, start, config.quiet);
+    let bar = logging::progress_bar(plan.total_steps, start, config.quiet || !is_main);
     let epoch_of = |step: u64| step as f64 / plan.steps_per_epoch as f64;
 
+    // Every rank evaluates the whole eval set (identical weights, identical results); rank 0 logs.
     if config.eval_on_start && start == 0 && !eval.is_empty() {
         let metrics = evaluate(&model.valid(), task, eval, config.eval_batch_size, device);
-        log.write(logging::entry(0, 0.0, &metrics))?;
+        write_log(logging::entry(0, 0.0, &metrics))?;
     }
 
     let mut window = MetricsAccumulator::default();
@@ -290,22 +330,45 @@ pub fn train<B: AutodiffBackend, T: Task>(
     let mut total_tokens = 0usize;
     for step in start..plan.total_steps {
         let step_start = Instant::now();
-        let micro_batches = plan.micro_batches(step, train.len(), config);
+        let micro_batches = plan.micro_batches(step, train.len(), &global);
         let batches: Vec<Vec<&T::Example>> = micro_batches.iter().map(|ids| ids.iter().map(|&i| &train[i]).collect()).collect();
+        // Normalised by the weight of the whole global step, whichever rank computes a part.
         let step_weight: f64 = batches.iter().map(|b| task.weight(b)).sum::<f64>().max(f64::MIN_POSITIVE);
         let mut accumulator = GradientsAccumulator::<CausalLm<B>>::new();
-        for examples in &batches {
+        let mut step_metrics = MetricsAccumulator::default();
+        let mut step_tokens = 0;
+        for batch in &batches {
+            let examples = match parallel.as_deref() {
+                Some(p) => p.part(batch),
+                None => &batch[..],
+            };
+            if examples.is_empty() {
+                continue;
+            }
             let (loss_sum, metrics) = task.loss(&model, examples, device);
             let loss = loss_sum / step_weight;
             let grads = GradientsParams::from_grads(loss.backward(), &model);
             accumulator.accumulate(&model, grads);
-            window.add(metrics.iter().map(|(k, v)| (k.as_str(), *v)), task.weight(examples));
-            let tokens = task.num_tokens(examples);
-            window_tokens += tokens;
-            total_tokens += tokens;
+            step_metrics.add(metrics.iter().map(|(k, v)| (k.as_str(), *v)), task.weight(examples));
+            step_tokens += task.num_tokens(examples);
         }
+        if let Some(p) = parallel.as_deref_mut() {
+            let (sums, tokens) = p.reduce_metrics(step_metrics.sums(), step_tokens)?;
+            step_metrics.clear();
+            step_metrics.add_sums(&sums);
+            step_tokens = tokens;
+        }
+        window.add_sums(&step_metrics.sums());
+        window_tokens += step_tokens;
+        total_tokens += step_tokens;
         let lr = schedule.lr(step as usize);
-        let (updated, report) = optimizer.step(lr, model, &accumulator.grads());
+        let (updated, report) = match parallel.as_deref_mut() {
+            None => optimizer.step(lr, model, &accumulator.grads()),
+            Some(p) => {
+                optimizer.step += 1;
+                p.step(&config.adamw, optimizer.step, lr, model, &accumulator.grads())?
+            }
+        };
         model = updated;
         window.add([("grad_norm", report.grad_norm)], 1.0);
         window_seconds += step_start.elapsed().as_secs_f64();
@@ -321,7 +384,7 @@ pub fn train<B: AutodiffBackend, T: Task>(
             values.push(("num_tokens".into(), total_tokens as f64));
             let loss = values.iter().find(|(k, _)| k == "loss").map_or(f64::NAN, |(_, v)| *v);
             bar.set_message(format!("loss {loss:.4} lr {lr:.2e} {:.0} tok/s", window_tokens as f64 / elapsed));
-            log.write(logging::entry(done, epoch_of(done), &values))?;
+            write_log(logging::entry(done, epoch_of(done), &values))?;
             window.clear();
             window_tokens = 0;
             window_seconds = 0.0;
@@ -332,7 +395,7 @@ pub fn train<B: AutodiffBackend, T: Task>(
             let metrics = evaluate(&model.valid(), task, eval, config.eval_batch_size, device);
             let loss = metrics.iter().find(|(k, _)| k == "eval_loss").map_or(f64::NAN, |(_, v)| *v);
             bar.println(format!("step {done}: eval_loss {loss:.4}"));
-            log.write(logging::entry(done, epoch_of(done), &metrics))?;
+            write_log(logging::entry(done, epoch_of(done), &metrics))?;
         }
         let save_now = match config.save {
             SaveStrategy::Steps(n) => done % n == 0 && !last,
@@ -341,22 +404,42 @@ pub fn train<B: AutodiffBackend, T: Task>(
         };
         if save_now {
             let state = TrainerState { global_step: done, total_steps: plan.total_steps, optimizer_step: optimizer.step, fingerprint: fingerprint.clone() };
-            let inner = model.valid();
-            checkpoint::save_checkpoint(
-                &config.output_dir,
-                &inner,
-                config.adapter.as_ref(),
-                &optimizer,
-                &state,
-                config.tokenizer_dir.as_deref(),
-                config.save_total_limit,
-            )?;
+            let gathered;
+            let moments = match parallel.as_deref_mut() {
+                None => &optimizer,
+                Some(p) => {
+                    gathered = p.gather_optimizer(config.adamw, optimizer.step, device)?; // collective
+                    &gathered
+                }
+            };
+            if is_main {
+                let inner = model.valid();
+                checkpoint::save_checkpoint(
+                    &config.output_dir,
+                    &inner,
+                    config.adapter.as_ref(),
+                    moments,
+                    &state,
+                    config.tokenizer_dir.as_deref(),
+                    config.save_total_limit,
+                )?;
+            }
+            if let Some(p) = parallel.as_deref_mut() {
+                p.barrier()?;
+            }
         }
     }
     bar.finish();
-    let model_dir = save_final(&model.valid(), config)?;
-    let _ = logging::plot_losses(log.history(), &config.output_dir.join("loss.svg"), &format!("{} loss", task.name()));
-    Ok((model, TrainOutcome { steps: plan.total_steps, history: log.history().to_vec(), model_dir }))
+    let history = log.as_ref().map(|l| l.history().to_vec()).unwrap_or_default();
+    if is_main {
+        save_final(&model.valid(), config)?;
+        let _ = logging::plot_losses(&history, &config.output_dir.join("loss.svg"), &format!("{} loss", task.name()));
+    }
+    if let Some(p) = parallel {
+        eprintln!("{}", p.memory_summary());
+        p.barrier()?;
+    }
+    Ok((model, TrainOutcome { steps: plan.total_steps, history, model_dir: config.output_dir.clone() }))
 }
 
 /// Saves the final model (or, with adapters, the adapter directory) into `output_dir` itself

@@ -1,0 +1,435 @@
+//! Data-parallel training across processes — DDP and ZeRO stages 1-3 — on the collectives of
+//! `alignment-distributed`: everything the loop does differently when there are N ranks.
+//!
+//! ```text
+//! every rank: the same permutation of the examples; each micro-batch of the global step is
+//!             split into N contiguous parts and rank r computes part r (loss ÷ global weight)
+//! gradients → one flat host vector, in module order of the trainable parameters
+//!   DDP:      all-reduce                 → every rank holds the summed gradient
+//!   ZeRO-1:   all-reduce, keep own shard → AdamW moments only for the own shard
+//!   ZeRO-2/3: reduce-scatter             → own shard of the gradient and of the moments
+//! global gradient norm (partial sums of squares all-reduced) → clip coefficient
+//! AdamW on the owned range only; ZeRO-1/2/3: all-gather the updated parameters
+//! parameters written back into the model (identical on every rank)
+//! ```
+//!
+//! Sums run in rank order on every rank (see `alignment-distributed`), so all ranks hold
+//! bit-identical weights and a run's losses match the one-process run with the same global
+//! batch up to the reordering of float sums (tests/data_parallel.rs). Checkpoints hold the full,
+//! gathered optimizer state in the one-process format, so a run saved by N ranks resumes on M.
+//!
+//! What is not realized: burn's modules hold every parameter, and the backward pass produces
+//! every gradient, so ZeRO-2's and ZeRO-3's savings apply to the state kept *between* steps
+//! (gradient shard, moments shard; ZeRO-3's parameter shard is the source of truth that is
+//! gathered each step) rather than to the peak inside the backward pass, and ZeRO-3 does not
+//! gather layer by layer. See docs/distributed.md.
+
+use crate::optimizer::{excluded_from_decay, AdamW, AdamWConfig, Moments, StepReport};
+use crate::TrainError;
+use alignment_distributed::{AccelerateConfig, Communicator, DistEnv, ShardLayout, TcpCommunicator, ZeroPlan, ZeroStage};
+use burn::module::{AutodiffModule, ModuleMapper, ModuleVisitor, Param, ParamId};
+use burn::optim::GradientsParams;
+use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::{Tensor, TensorData};
+use std::collections::HashMap;
+
+/// Summed metrics: (name, Σ value·weight, Σ weight), as `MetricsAccumulator::sums` gives them.
+pub type MetricSums = Vec<(String, f64, f64)>;
+
+/// One trainable parameter's place in the flat vectors.
+#[derive(Debug, Clone)]
+struct Segment {
+    path: String,
+    id: ParamId,
+    offset: usize,
+    len: usize,
+    decay: bool,
+}
+
+/// The sharded optimizer state of this rank.
+#[derive(Debug)]
+struct Shards {
+    segments: Vec<Segment>,
+    plan: ZeroPlan,
+    /// AdamW moments of `plan.owned_range()`.
+    exp_avg: Vec<f32>,
+    exp_avg_sq: Vec<f32>,
+    /// ZeRO-3: this rank's shard of the parameters, kept between steps.
+    param_shard: Vec<f32>,
+    /// Length of the summed-gradient buffer the reduction leaves on this rank: all of it for
+    /// DDP and ZeRO-1 (all-reduce), the own shard for ZeRO-2/3 (reduce-scatter).
+    reduced_grad_len: usize,
+}
+
+/// Bytes of training state one rank keeps between steps, by kind (what the stage shards).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct HeldState {
+    /// Trainable parameters held as this rank's own (ZeRO-3: its shard; else all).
+    pub params: usize,
+    /// Summed gradients kept after the reduction.
+    pub grads: usize,
+    /// AdamW moments.
+    pub optimizer: usize,
+}
+
+/// A data-parallel group seen from one rank: its communicator and ZeRO stage.
+pub struct DataParallel {
+    comm: Box<dyn Communicator>,
+    stage: ZeroStage,
+    shards: Option<Shards>,
+    metric_names: Option<Vec<String>>,
+}
+
+impl std::fmt::Debug for DataParallel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "DataParallel {{ rank {}/{}, {:?} }}", self.rank(), self.world_size(), self.stage)
+    }
+}
+
+impl DataParallel {
+    /// A group over `comm` with `stage`.
+    pub fn new(comm: Box<dyn Communicator>, stage: ZeroStage) -> Self {
+        Self { comm, stage, shards: None, metric_names: None }
+    }
+
+    /// The group the environment describes (torchrun/Slurm variables, the accelerate config
+    /// named by `ALIGNMENT_ACCELERATE_CONFIG`; DDP when none), `None` for a single process.
+    pub fn from_env() -> Result<Option<Self>, TrainError> {
+        if DistEnv::from_env()?.is_none() {
+            return Ok(None);
+        }
+        let stage = AccelerateConfig::from_env()?.map_or(ZeroStage::Ddp, |c| c.stage);
+        let comm = TcpCommunicator::from_env()?.expect("the environment describes a multi-process job");
+        Ok(Some(Self::new(Box::new(comm), stage)))
+    }
+
+    /// This process's rank.
+    pub fn rank(&self) -> usize {
+        self.comm.rank()
+    }
+
+    /// Number of ranks.
+    pub fn world_size(&self) -> usize {
+        self.comm.world_size()
+    }
+
+    /// The ZeRO stage.
+    pub fn stage(&self) -> ZeroStage {
+        self.stage
+    }
+
+    /// Rank 0 writes logs, checkpoints and the final model.
+    pub fn is_main(&self) -> bool {
+        self.rank() == 0
+    }
+
+    /// Waits for every rank (e.g. while rank 0 saves a checkpoint).
+    pub fn barrier(&mut self) -> Result<(), TrainError> {
+        Ok(self.comm.barrier()?)
+    }
+
+    /// This rank's part of a micro-batch of the global step: contiguous, sizes differing by at
+    /// most one, earlier ranks taking the extra examples.
+    pub fn part<'a, T>(&self, micro_batch: &'a [T]) -> &'a [T] {
+        let layout = ShardLayout::new(micro_batch.len(), self.world_size());
+        &micro_batch[layout.range(self.rank())]
+    }
+
+    /// Makes every rank start from rank 0's trainable parameters.
+    pub fn broadcast_parameters<B: AutodiffBackend, M: AutodiffModule<B>>(&mut self, model: M) -> Result<M, TrainError> {
+        let segments = segments(&model);
+        let mut flat = flatten_params(&model, &segments);
+        self.comm.broadcast(&mut flat, 0)?;
+        Ok(write_params(model, &segments, &flat))
+    }
+
+    /// Sums the step's metric sums over ranks: `local` holds this rank's (name, Σ value·weight,
+    /// Σ weight); the result holds the group's. A rank without examples in the step contributes
+    /// zeros under the names seen before.
+    pub fn reduce_metrics(&mut self, local: MetricSums, tokens: usize) -> Result<(MetricSums, usize), TrainError> {
+        let names: Vec<String> = if local.is_empty() {
+            self.metric_names.clone().ok_or_else(|| TrainError::Config {
+                key: "per_device_train_batch_size".into(),
+                message: format!("rank {} got no examples in its first step: use at least as many examples per step as ranks", self.rank()),
+            })?
+        } else {
+            local.iter().map(|(n, _, _)| n.clone()).collect()
+        };
+        self.metric_names = Some(names.clone());
+        let mut flat: Vec<f32> = Vec::with_capacity(2 * names.len() + 1);
+        for name in &names {
+            let (s, w) = local.iter().find(|(n, _, _)| n == name).map_or((0.0, 0.0), |(_, s, w)| (*s, *w));
+            flat.extend([s as f32, w as f32]);
+        }
+        flat.push(tokens as f32);
+        self.comm.all_reduce_sum(&mut flat)?;
+        let total = names.into_iter().enumerate().map(|(i, n)| (n, flat[2 * i] as f64, flat[2 * i + 1] as f64)).collect();
+        Ok((total, *flat.last().expect("token count") as usize))
+    }
+
+    /// One synchronized AdamW update with learning rate `lr` from this rank's (already
+    /// globally normalised) gradients `grads`.
+    pub fn step<B: AutodiffBackend, M: AutodiffModule<B>>(
+        &mut self,
+        config: &AdamWConfig,
+        optimizer_step: u64,
+        lr: f64,
+        model: M,
+        grads: &GradientsParams,
+    ) -> Result<(M, StepReport), TrainError> {
+        let shards = self.shards(&model)?;
+        let mut flat_grads = flatten_grads::<B, M>(&model, grads, &shards.segments);
+        let plan = shards.plan;
+        let owned_grads = plan.reduce_gradients(&mut *self.comm, &mut flat_grads)?;
+        drop(flat_grads);
+        let grad_norm = plan.global_sq_norm(&mut *self.comm, &owned_grads)?.sqrt();
+        let clip_coef = match config.max_grad_norm {
+            Some(max) if max > 0.0 => (max / (grad_norm + 1e-6)).min(1.0),
+            _ => 1.0,
+        };
+        let shards = self.shards.as_mut().expect("built above");
+        let range = plan.owned_range();
+        let mut owned_params = match self.stage {
+            ZeroStage::Zero3 => std::mem::take(&mut shards.param_shard),
+            _ => flatten_params(&model, &shards.segments)[range.clone()].to_vec(),
+        };
+        // DDP and ZeRO-1 hold the whole summed gradient; the update uses the owned range of it.
+        let update_grads = if owned_grads.len() == range.len() { &owned_grads[..] } else { &owned_grads[range.clone()] };
+        adamw_update(config, optimizer_step, lr, clip_coef, &shards.segments, range.start, &mut owned_params, update_grads, &mut shards.exp_avg, &mut shards.exp_avg_sq);
+        let full = match self.stage {
+            ZeroStage::Ddp => owned_params.clone(),
+            _ => plan.gather_parameters(&mut *self.comm, &owned_params)?,
+        };
+        let shards = self.shards.as_mut().expect("built above");
+        shards.reduced_grad_len = if self.stage.shards_gradients() { owned_grads.len() } else { plan.layout.len() };
+        if self.stage == ZeroStage::Zero3 {
+            shards.param_shard = owned_params;
+        }
+        let model = write_params(model, &shards.segments, &full);
+        Ok((model, StepReport { grad_norm, clip_coef }))
+    }
+
+    /// The whole optimizer state in the one-process format (moments gathered from all ranks),
+    /// for rank 0 to checkpoint. Every rank must call it (it is a collective).
+    pub fn gather_optimizer<B: Backend>(&mut self, config: AdamWConfig, step: u64, device: &B::Device) -> Result<AdamW<B>, TrainError> {
+        let mut optimizer = AdamW::new(config);
+        optimizer.step = step;
+        let Some(shards) = &self.shards else { return Ok(optimizer) };
+        let (exp_avg, exp_avg_sq) = match self.stage {
+            ZeroStage::Ddp => (shards.exp_avg.clone(), shards.exp_avg_sq.clone()),
+            _ => (self.comm.all_gather(&shards.exp_avg, &shards.plan.layout)?, self.comm.all_gather(&shards.exp_avg_sq, &shards.plan.layout)?),
+        };
+        if exp_avg.is_empty() {
+            return Ok(optimizer);
+        }
+        for s in &shards.segments {
+            let tensor = |v: &[f32]| Tensor::<B, 1>::from_data(TensorData::new(v[s.offset..s.offset + s.len].to_vec(), [s.len]), device);
+            optimizer.state.insert(s.path.clone(), Moments { exp_avg: tensor(&exp_avg), exp_avg_sq: tensor(&exp_avg_sq) });
+        }
+        Ok(optimizer)
+    }
+
+    /// Takes this rank's part of a restored one-process optimizer state (resume on any number
+    /// of ranks). `model` gives the parameter order.
+    pub fn restore_optimizer<B: AutodiffBackend, M: AutodiffModule<B>>(&mut self, model: &M, optimizer: &AdamW<B::InnerBackend>) -> Result<(), TrainError> {
+        self.shards(model)?;
+        let shards = self.shards.as_mut().expect("built above");
+        let total: usize = shards.segments.iter().map(|s| s.len).sum();
+        let (mut m, mut v) = (vec![0f32; total], vec![0f32; total]);
+        for s in &shards.segments {
+            let Some(moments) = optimizer.state.get(&s.path) else { continue };
+            let values = |t: &Tensor<B::InnerBackend, 1>| t.clone().into_data().convert::<f32>().into_vec::<f32>().expect("f32 after convert");
+            m[s.offset..s.offset + s.len].copy_from_slice(&values(&moments.exp_avg));
+            v[s.offset..s.offset + s.len].copy_from_slice(&values(&moments.exp_avg_sq));
+        }
+        let range = shards.plan.owned_range();
+        shards.exp_avg = m[range.clone()].to_vec();
+        shards.exp_avg_sq = v[range].to_vec();
+        Ok(())
+    }
+
+    /// One line for the rank's log: what it keeps between steps and its peak resident memory.
+    pub fn memory_summary(&self) -> String {
+        let held = self.held_state();
+        let mib = |b: usize| b as f64 / (1024.0 * 1024.0);
+        let peak = peak_rss_bytes().map_or("unknown".to_string(), |b| format!("{:.0} MiB", mib(b)));
+        format!(
+            "rank {}/{} ({:?}): kept between steps: parameters {:.1} MiB, gradients {:.1} MiB, AdamW moments {:.1} MiB; peak RSS {peak}",
+            self.rank(),
+            self.world_size(),
+            self.stage,
+            mib(held.params),
+            mib(held.grads),
+            mib(held.optimizer)
+        )
+    }
+
+    /// What this rank keeps between steps.
+    pub fn held_state(&self) -> HeldState {
+        let Some(s) = &self.shards else { return HeldState::default() };
+        let total: usize = s.segments.iter().map(|s| s.len).sum();
+        let params = if self.stage == ZeroStage::Zero3 { s.param_shard.len() } else { total };
+        HeldState { params: 4 * params, grads: 4 * s.reduced_grad_len, optimizer: 4 * (s.exp_avg.len() + s.exp_avg_sq.len()) }
+    }
+
+    /// The flat layout and moment buffers, built on first use from `model`'s trainable
+    /// parameters.
+    fn shards<B: AutodiffBackend, M: AutodiffModule<B>>(&mut self, model: &M) -> Result<&mut Shards, TrainError> {
+        if self.shards.is_none() {
+            let segments = segments(model);
+            let total = segments.iter().map(|s| s.len).sum();
+            let plan = ZeroPlan::new(self.stage, total, &*self.comm);
+            let owned = plan.owned_range().len();
+            let param_shard = if self.stage == ZeroStage::Zero3 { flatten_params(model, &segments)[plan.owned_range()].to_vec() } else { Vec::new() };
+            self.shards = Some(Shards { segments, plan, exp_avg: vec![0.0; owned], exp_avg_sq: vec![0.0; owned], param_shard, reduced_grad_len: 0 });
+        }
+        Ok(self.shards.as_mut().expect("built above"))
+    }
+}
+
+/// The process's peak resident set size (`VmHWM`, Linux), if known.
+pub fn peak_rss_bytes() -> Option<usize> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let kb: usize = status.lines().find(|l| l.starts_with("VmHWM"))?.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+/// The AdamW update of `crate::optimizer` on flat f32 buffers covering `[start, start + len)`
+/// of the parameter vector: same operations in the same order.
+#[allow(clippy::too_many_arguments)]
+fn adamw_update(
+    c: &AdamWConfig,
+    step: u64,
+    lr: f64,
+    clip_coef: f64,
+    segments: &[Segment],
+    start: usize,
+    params: &mut [f32],
+    grads: &[f32],
+    exp_avg: &mut [f32],
+    exp_avg_sq: &mut [f32],
+) {
+    let t = step as i32;
+    let (b1, b2, one_minus_b1, one_minus_b2) = (c.beta1 as f32, c.beta2 as f32, (1.0 - c.beta1) as f32, (1.0 - c.beta2) as f32);
+    let bias1 = 1.0 - c.beta1.powi(t);
+    let bias2 = 1.0 - c.beta2.powi(t);
+    let (sqrt_bias2, eps, step_size, decay) = (bias2.sqrt() as f32, c.epsilon as f32, (lr / bias1) as f32, (lr * c.weight_decay) as f32);
+    let clip = clip_coef as f32;
+    for s in segments {
+        let lo = s.offset.max(start);
+        let hi = (s.offset + s.len).min(start + params.len());
+        for i in lo..hi {
+            let j = i - start;
+            let g = if clip_coef < 1.0 { grads[j] * clip } else { grads[j] };
+            let mut p = params[j];
+            if c.weight_decay > 0.0 && s.decay {
+                p -= p * decay;
+            }
+            exp_avg[j] = exp_avg[j] * b1 + g * one_minus_b1;
+            exp_avg_sq[j] = exp_avg_sq[j] * b2 + g * g * one_minus_b2;
+            let denom = exp_avg_sq[j].sqrt() / sqrt_bias2 + eps;
+            params[j] = p - (exp_avg[j] / denom) * step_size;
+        }
+    }
+}
+
+/// The trainable parameters of `model` in module order, with their offsets.
+fn segments<B: AutodiffBackend, M: AutodiffModule<B>>(model: &M) -> Vec<Segment> {
+    let mut visitor = Trainable { path: Vec::new(), segments: Vec::new(), offset: 0 };
+    model.visit(&mut visitor);
+    visitor.segments
+}
+
+struct Trainable {
+    path: Vec<String>,
+    segments: Vec<Segment>,
+    offset: usize,
+}
+
+impl<B: AutodiffBackend> ModuleVisitor<B> for Trainable {
+    fn enter_module(&mut self, name: &str, _container_type: &str) {
+        self.path.push(name.to_string());
+    }
+
+    fn exit_module(&mut self, _name: &str, _container_type: &str) {
+        self.path.pop();
+    }
+
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+        if !param.is_require_grad() {
+            return;
+        }
+        let path = self.path.join(".");
+        let len = param.shape().num_elements();
+        let decay = !excluded_from_decay(&path);
+        self.segments.push(Segment { path, id: param.id, offset: self.offset, len, decay });
+        self.offset += len;
+    }
+}
+
+fn host<B: Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
+    t.into_data().convert::<f32>().into_vec::<f32>().expect("f32 after convert")
+}
+
+/// The trainable parameters' values, concatenated in segment order.
+fn flatten_params<B: AutodiffBackend, M: AutodiffModule<B>>(model: &M, segments: &[Segment]) -> Vec<f32> {
+    struct Collect<'a> {
+        by_id: HashMap<ParamId, &'a Segment>,
+        out: Vec<f32>,
+    }
+    impl<B: AutodiffBackend> ModuleVisitor<B> for Collect<'_> {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+            if let Some(s) = self.by_id.get(&param.id) {
+                debug_assert_eq!(s.offset, self.out.len());
+                self.out.extend(host(param.val().inner()));
+            }
+        }
+    }
+    let mut visitor = Collect { by_id: segments.iter().map(|s| (s.id, s)).collect(), out: Vec::new() };
+    model.visit(&mut visitor);
+    visitor.out
+}
+
+/// This rank's gradients of the trainable parameters, concatenated in segment order (zeros
+/// for a parameter without gradient, e.g. a rank that had no examples).
+fn flatten_grads<B: AutodiffBackend, M: AutodiffModule<B>>(model: &M, grads: &GradientsParams, segments: &[Segment]) -> Vec<f32> {
+    struct Collect<'a> {
+        grads: &'a GradientsParams,
+        by_id: HashMap<ParamId, &'a Segment>,
+        out: Vec<f32>,
+    }
+    impl<B: AutodiffBackend> ModuleVisitor<B> for Collect<'_> {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+            if let Some(s) = self.by_id.get(&param.id) {
+                match self.grads.get::<B::InnerBackend, D>(param.id) {
+                    Some(g) => self.out.extend(host(g)),
+                    None => self.out.resize(self.out.len() + s.len, 0.0),
+                }
+            }
+        }
+    }
+    let mut visitor = Collect { grads, by_id: segments.iter().map(|s| (s.id, s)).collect(), out: Vec::new() };
+    model.visit(&mut visitor);
+    visitor.out
+}
+
+/// `model` with its trainable parameters replaced by the values of `flat` (segment order).
+fn write_params<B: AutodiffBackend, M: AutodiffModule<B>>(model: M, segments: &[Segment], flat: &[f32]) -> M {
+    struct Write<'a> {
+        by_id: HashMap<ParamId, &'a Segment>,
+        flat: &'a [f32],
+    }
+    impl<B: AutodiffBackend> ModuleMapper<B> for Write<'_> {
+        fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
+            let Some(s) = self.by_id.get(&param.id).copied() else { return param };
+            let (id, tensor, mapper) = param.consume();
+            let shape = tensor.shape();
+            let device = tensor.device();
+            let values = TensorData::new(self.flat[s.offset..s.offset + s.len].to_vec(), shape);
+            let inner = Tensor::<B::InnerBackend, D>::from_data(values, &device);
+            Param::from_mapped_value(id, Tensor::from_inner(inner).require_grad(), mapper)
+        }
+    }
+    let mut mapper = Write { by_id: segments.iter().map(|s| (s.id, s)).collect(), flat };
+    model.map(&mut mapper)
+}
