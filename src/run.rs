@@ -16,7 +16,7 @@ use alignment_data::{pack, tokenize_conversation, tokenize_text, ChatTemplate, D
 use alignment_models::{load_pretrained, CausalLm};
 use alignment_peft::{apply_lora, load_adapter, load_pretrained_4bit, merge_lora, LoraConfig, QuantConfig, TargetModules, ADAPTER_CONFIG};
 use alignment_objectives::{DpoConfig, DpoLossType, OrpoConfig, Reduction};
-use alignment_trainer::tasks::{precompute_reference, DpoTask, OrpoTask, PreferencePair, SftTask};
+use alignment_trainer::tasks::{precompute_reference, DpoTask, OrpoTask, PreferencePair, ReferenceCache, SftTask};
 use alignment_trainer::{train_with, AdapterOutput, DataParallel, Recipe, Sequence, TrainError, TrainOutcome, TrainerConfig};
 use burn::module::{AutodiffModule, Module, ModuleMapper, Param};
 use burn::tensor::backend::{AutodiffBackend, Backend};
@@ -362,7 +362,7 @@ pub fn run<B: AutodiffBackend>(objective: Objective, recipe: &Recipe, device: &B
             dpo.validate().map_err(|e| RunError::Unsupported { key: "label_smoothing", message: e.to_string() })?;
             // The reference model is the starting model: its log-probs, computed once and cached.
             let frozen = model.valid();
-            let cache = reference::cache_dir().join("reference-logps");
+            let cache = ReferenceCache::new(&reference::cache_dir().join("reference-logps"), &frozen);
             let batch = config.eval_batch_size;
             precompute_reference(&frozen, &mut train_pairs, batch, tools.pad_id, Some(&cache), device)
                 .map_err(TrainError::from)?;

@@ -157,7 +157,14 @@ fn values<B: Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
 /// Every parameter of `model` under its Hugging Face name, in checkpoint order.
 pub fn named_tensors<B: Backend>(model: &CausalLm<B>) -> Vec<NamedTensor> {
     let mut out = Vec::new();
-    let mut push = |name: String, shape: Vec<usize>, v: Vec<f32>| out.push(NamedTensor { name, shape, values: v });
+    for_each_named_tensor(model, |t| out.push(t));
+    out
+}
+
+/// Calls `f` with each parameter of `model` under its Hugging Face name, in checkpoint order,
+/// one tensor at a time (a 4-bit layer is expanded only while `f` holds it).
+pub fn for_each_named_tensor<B: Backend>(model: &CausalLm<B>, mut f: impl FnMut(NamedTensor)) {
+    let mut push = |name: String, shape: Vec<usize>, v: Vec<f32>| f(NamedTensor { name, shape, values: v });
     let w2 = |l: &Linear<B>| (l.dims().to_vec(), values(l.dense_weight()));
     push("model.embed_tokens.weight".into(), model.embed_tokens.dims().to_vec(), values(model.embed_tokens.val()));
     for (l, layer) in model.layers.iter().enumerate() {
@@ -175,7 +182,6 @@ pub fn named_tensors<B: Backend>(model: &CausalLm<B>) -> Vec<NamedTensor> {
         let (shape, v) = w2(head);
         push("lm_head.weight".into(), shape, v);
     }
-    out
 }
 
 /// Saves `model` to `dir` (config.json + model.safetensors), atomically: the directory appears

@@ -19,7 +19,7 @@ use burn::tensor::{Tensor, TensorData};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use std::io::Write as _;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 /// A prompt with a chosen and a rejected completion, tokenized as prompt+completion rows.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -93,18 +93,57 @@ impl Task for DpoTask {
     }
 }
 
+/// Where reference log-probs are cached: a directory, and the digest of the reference model's
+/// weights (hashed once, tensor by tensor, however many pair sets are then computed).
+#[derive(Debug, Clone)]
+pub struct ReferenceCache {
+    dir: PathBuf,
+    weights_digest: String,
+}
+
+impl ReferenceCache {
+    /// A cache in `dir` for the log-probs of `model`.
+    pub fn new<B: Backend>(dir: &Path, model: &CausalLm<B>) -> Self {
+        let mut hash = Sha256::new();
+        alignment_models::pretrained::for_each_named_tensor(model, |tensor| {
+            hash.update(tensor.name.as_bytes());
+            tensor.values.iter().for_each(|v| hash.update(v.to_le_bytes()));
+        });
+        Self { dir: dir.to_path_buf(), weights_digest: hex(hash.finalize().as_slice()) }
+    }
+
+    /// The file for `pairs`: the weights' digest and every pair's tokens and labels, hashed.
+    fn file(&self, pairs: &[PreferencePair]) -> PathBuf {
+        let mut hash = Sha256::new();
+        hash.update(self.weights_digest.as_bytes());
+        for p in pairs {
+            for s in [&p.chosen, &p.rejected] {
+                hash.update((s.input_ids.len() as u64).to_le_bytes());
+                s.input_ids.iter().for_each(|i| hash.update(i.to_le_bytes()));
+                s.labels.iter().for_each(|l| hash.update(l.to_le_bytes()));
+            }
+        }
+        self.dir.join(format!("{}.json", hex(hash.finalize().as_slice())))
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
 /// Fills `reference` of every pair with the log-probs of `model` (the starting weights), in
-/// batches of `batch_size`. With `cache_dir`, results are stored under a key hashing the model's
-/// weights and every pair's tokens, and reused when the same model and data come again.
+/// batches of `batch_size`. With a `cache` (made from the same model), results are stored under
+/// a key hashing the model's weights and every pair's tokens, and reused when the same model and
+/// data come again.
 pub fn precompute_reference<B: Backend>(
     model: &CausalLm<B>,
     pairs: &mut [PreferencePair],
     batch_size: usize,
     pad_id: u32,
-    cache_dir: Option<&Path>,
+    cache: Option<&ReferenceCache>,
     device: &B::Device,
 ) -> Result<(), alignment_core::IoError> {
-    let cache_file = cache_dir.map(|dir| dir.join(format!("{}.json", reference_key(model, pairs))));
+    let cache_file = cache.map(|c| c.file(pairs));
     if let Some(file) = &cache_file {
         if let Ok(text) = std::fs::read_to_string(file) {
             if let Ok(values) = serde_json::from_str::<Vec<[f64; 2]>>(&text) {
@@ -134,22 +173,4 @@ pub fn precompute_reference<B: Backend>(
     Ok(())
 }
 
-/// sha256 over the model's weights and the pairs' tokens and labels.
-fn reference_key<B: Backend>(model: &CausalLm<B>, pairs: &[PreferencePair]) -> String {
-    let mut hash = Sha256::new();
-    for tensor in alignment_models::pretrained::named_tensors(model) {
-        hash.update(tensor.name.as_bytes());
-        for v in &tensor.values {
-            hash.update(v.to_le_bytes());
-        }
-    }
-    for p in pairs {
-        for s in [&p.chosen, &p.rejected] {
-            hash.update((s.input_ids.len() as u64).to_le_bytes());
-            s.input_ids.iter().for_each(|i| hash.update(i.to_le_bytes()));
-            s.labels.iter().for_each(|l| hash.update(l.to_le_bytes()));
-        }
-    }
-    hash.finalize().iter().map(|b| format!("{b:02x}")).collect()
-}
 
