@@ -180,7 +180,8 @@ impl<B: Backend> ModuleMapper<B> for Unfreeze {
 /// - the base of `model_dir`, with decoder linear weights in 4-bit NF4 when `load_in_4bit`;
 /// - when `model_dir` is a PEFT adapter (e.g. the SFT stage's output, as the handbook's DPO
 ///   QLoRA recipe starts from `zephyr-7b-sft-qlora`), its base with the adapter merged in, as
-///   TRL merges a `PeftModel` before training new adapters;
+///   TRL merges a `PeftModel` before training new adapters (the new adapter then names that
+///   adapter directory as its base; TRL names the SFT base and so loses the SFT adapter);
 /// - with `use_peft`, fresh LoRA adapters on top (everything else frozen), saved in PEFT layout.
 pub fn load_model<B: AutodiffBackend>(recipe: &Recipe, model_dir: &Path, device: &B::Device) -> Result<(CausalLm<B>, Option<AdapterOutput>), RunError> {
     if recipe.load_in_8bit {
@@ -193,37 +194,44 @@ pub fn load_model<B: AutodiffBackend>(recipe: &Recipe, model_dir: &Path, device:
         return Err(RunError::Unsupported { key: "lora_modules_to_save", message: "training full copies of modules beside the adapters is not implemented".into() });
     }
     let quant = if recipe.load_in_4bit { Some(QuantConfig::from_recipe(&recipe.bnb_4bit_quant_type, recipe.use_bnb_nested_quant)?) } else { None };
-    let load_base = |dir: &Path| -> Result<CausalLm<B>, RunError> {
-        Ok(match quant {
-            Some(q) => load_pretrained_4bit(dir, device, q)?,
-            None => load_pretrained(dir, device)?,
-        })
-    };
-    let (model, base_name) = if !model_dir.join("config.json").is_file() && model_dir.join(ADAPTER_CONFIG).is_file() {
-        let base_name = adapter_base_model(model_dir)?;
-        let (with_adapter, _) = load_adapter(load_base(&resolve_model(&base_name)?)?, model_dir)?;
-        let merged = merge_lora(with_adapter);
-        (if recipe.use_peft { merged } else { merged.map(&mut Unfreeze) }, base_name)
-    } else {
-        (load_base(model_dir)?, recipe.model_name_or_path.clone())
-    };
+    let model = load_merged::<B>(model_dir, device, quant, 0)?;
+    let model = if is_adapter_dir(model_dir) && !recipe.use_peft { model.map(&mut Unfreeze) } else { model };
     if !recipe.use_peft {
         return Ok((model, None));
     }
     let lora = lora_config(recipe)?;
     let model = apply_lora(model, &lora, recipe.seed)?;
-    Ok((model, Some(AdapterOutput { lora, base_model_name_or_path: base_name })))
+    // The new adapter applies to what the run started from: for a run started from an adapter
+    // (DPO after QLoRA SFT) that is the adapter directory, which resolves to its base plus that
+    // adapter, so loading the result (here, or with transformers + PEFT) keeps the SFT stage.
+    Ok((model, Some(AdapterOutput { lora, base_model_name_or_path: recipe.model_name_or_path.clone() })))
+}
+
+fn is_adapter_dir(dir: &Path) -> bool {
+    !dir.join("config.json").is_file() && dir.join(ADAPTER_CONFIG).is_file()
+}
+
+/// The model in `dir`; for a PEFT adapter directory, its base (resolved and loaded the same way,
+/// so chains of adapters work) with the adapter merged in. `quant` loads the base in 4-bit.
+fn load_merged<B: Backend>(dir: &Path, device: &B::Device, quant: Option<QuantConfig>, depth: usize) -> Result<CausalLm<B>, RunError> {
+    if !is_adapter_dir(dir) {
+        return Ok(match quant {
+            Some(q) => load_pretrained_4bit(dir, device, q)?,
+            None => load_pretrained(dir, device)?,
+        });
+    }
+    if depth >= 8 {
+        return Err(RunError::Unsupported { key: "model_name_or_path", message: format!("{}: more than 8 adapters chained through base_model_name_or_path", dir.display()) });
+    }
+    let base = resolve_model(&adapter_base_model(dir)?)?;
+    let (with_adapter, _) = load_adapter(load_merged(&base, device, quant, depth + 1)?, dir)?;
+    Ok(merge_lora(with_adapter))
 }
 
 /// A model directory, or a PEFT adapter directory as its (full-precision) base with the adapter
 /// merged in: what generation and evaluation load.
 pub fn load_for_inference<B: Backend>(dir: &Path, device: &B::Device) -> Result<CausalLm<B>, RunError> {
-    if !dir.join("config.json").is_file() && dir.join(ADAPTER_CONFIG).is_file() {
-        let base = resolve_model(&adapter_base_model(dir)?)?;
-        let (model, _) = load_adapter(load_pretrained(&base, device)?, dir)?;
-        return Ok(merge_lora(model));
-    }
-    Ok(load_pretrained(dir, device)?)
+    load_merged(dir, device, None, 0)
 }
 
 /// `base_model_name_or_path` of the adapter in `dir`.

@@ -85,7 +85,10 @@ fn qlora_sft_lowers_the_loss_and_dpo_starts_from_its_adapter() {
     let logged = &outcome.history[0];
     assert!(logged.get("rewards/margins").and_then(|v| v.as_f64()).is_some_and(f64::is_finite), "{logged:?}");
     let config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dpo_dir.join("adapter_config.json")).unwrap()).unwrap();
-    assert_eq!(config["base_model_name_or_path"], "HuggingFaceTB/SmolLM2-135M-Instruct", "the SFT adapter's base");
+    assert_eq!(config["base_model_name_or_path"], sft_dir.display().to_string(), "the DPO adapter applies on top of the SFT adapter");
+    // Loading the DPO adapter chains through the SFT adapter to the base.
+    let merged = alignment_handbook::run::load_for_inference::<Cpu>(&dpo_dir, &device).unwrap();
+    assert_eq!(merged.config.num_layers, 30);
 }
 
 #[test]
