@@ -4,16 +4,9 @@
 mod common;
 
 use alignment_distributed::ShardLayout;
+use common::data::bits;
 use common::{data, spawn, text, wait_all};
 use std::time::Duration;
-
-fn bits(values: &[f32]) -> String {
-    values
-        .iter()
-        .map(|v| format!("{:08x}", v.to_bits()))
-        .collect::<Vec<_>>()
-        .join(" ")
-}
 
 /// What every rank must report, computed serially: sums in rank order.
 fn expected(rank: usize, n: usize) -> String {

@@ -15,6 +15,7 @@
 
 #[path = "../../tests/common/data.rs"]
 mod data;
+use data::bits;
 
 use alignment_distributed::launch::{launch, LaunchSpec};
 use alignment_distributed::{Communicator, DistEnv, DistError, ShardLayout, TcpCommunicator};
@@ -30,14 +31,6 @@ fn connect() -> TcpCommunicator {
             std::process::exit(2)
         }
     }
-}
-
-fn bits(values: &[f32]) -> String {
-    values
-        .iter()
-        .map(|v| format!("{:08x}", v.to_bits()))
-        .collect::<Vec<_>>()
-        .join(" ")
 }
 
 fn collectives(out_dir: &str) -> Result<(), DistError> {

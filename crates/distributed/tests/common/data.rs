@@ -20,3 +20,12 @@ pub fn buffer(rank: usize, len: usize) -> Vec<f32> {
 
 /// The buffer lengths the collectives test uses (empty, fewer values than ranks, uneven, large).
 pub const LENGTHS: [usize; 5] = [0, 2, 7, 1001, (1 << 18) + 3];
+
+/// Values as their bit patterns (hex), for bit-for-bit comparisons between processes.
+pub fn bits(values: &[f32]) -> String {
+    values
+        .iter()
+        .map(|v| format!("{:08x}", v.to_bits()))
+        .collect::<Vec<_>>()
+        .join(" ")
+}

@@ -11,11 +11,7 @@ pub const WORKER: &str = env!("CARGO_BIN_EXE_dist-test-worker");
 
 /// A port free a moment ago.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    alignment_distributed::launch::free_port().unwrap()
 }
 
 /// Starts `n` workers `WORKER args` with torchrun's variables on 127.0.0.1.
