@@ -58,11 +58,9 @@ struct Args {
     write: Option<PathBuf>,
 }
 
-/// A `/proc/self/status` field in bytes (`VmRSS`, `VmHWM`).
+/// A `/proc/self/status` field in bytes (`VmRSS`, `VmHWM`); the benchmark needs Linux.
 fn status_bytes(field: &str) -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").expect("reading /proc/self/status (Linux only)");
-    let line = status.lines().find(|l| l.starts_with(field)).unwrap_or_else(|| panic!("{field} in /proc/self/status"));
-    line.split_whitespace().nth(1).and_then(|kb| kb.parse::<u64>().ok()).expect("a kB value") * 1024
+    alignment_core::memory::status_bytes(field).unwrap_or_else(|| panic!("{field} in /proc/self/status (Linux only)"))
 }
 
 /// Resets `VmHWM` to the current RSS (Linux ≥ 4.0).

@@ -14,7 +14,7 @@ use alignment_data::preference::{tokenize_orpo, tokenize_preference_text, Trunca
 use alignment_data::source::DatasetLoader;
 use alignment_data::{pack, tokenize_conversation, tokenize_text, ChatTemplate, DataError, Dataset, TokenizedExample};
 use alignment_models::{load_pretrained, CausalLm};
-use alignment_peft::{apply_lora, load_adapter, load_pretrained_4bit, merge_lora, LoraConfig, QuantConfig, TargetModules, ADAPTER_CONFIG};
+use alignment_peft::{apply_lora, load_adapter, read_adapter_base_model, load_pretrained_4bit, merge_lora, LoraConfig, QuantConfig, TargetModules, ADAPTER_CONFIG};
 use alignment_objectives::{DpoConfig, DpoLossType, OrpoConfig, Reduction};
 use alignment_trainer::tasks::{precompute_reference, DpoTask, OrpoTask, PreferencePair, ReferenceCache, SftTask};
 use alignment_trainer::{train_with, AdapterOutput, DataParallel, Recipe, Sequence, TrainError, TrainOutcome, TrainerConfig};
@@ -223,7 +223,7 @@ fn load_merged<B: Backend>(dir: &Path, device: &B::Device, quant: Option<QuantCo
     if depth >= 8 {
         return Err(RunError::Unsupported { key: "model_name_or_path", message: format!("{}: more than 8 adapters chained through base_model_name_or_path", dir.display()) });
     }
-    let base = resolve_model(&adapter_base_model(dir)?)?;
+    let base = resolve_model(&read_adapter_base_model(dir)?)?;
     let (with_adapter, _) = load_adapter(load_merged(&base, device, quant, depth + 1)?, dir)?;
     Ok(merge_lora(with_adapter))
 }
@@ -232,17 +232,6 @@ fn load_merged<B: Backend>(dir: &Path, device: &B::Device, quant: Option<QuantCo
 /// merged in: what generation and evaluation load.
 pub fn load_for_inference<B: Backend>(dir: &Path, device: &B::Device) -> Result<CausalLm<B>, RunError> {
     load_merged(dir, device, None, 0)
-}
-
-/// `base_model_name_or_path` of the adapter in `dir`.
-fn adapter_base_model(dir: &Path) -> Result<String, RunError> {
-    let path = dir.join(ADAPTER_CONFIG);
-    let text = std::fs::read_to_string(&path).map_err(|e| TrainError::from(alignment_core::IoError::new("reading", &path, e)))?;
-    let json: serde_json::Value = serde_json::from_str(&text).map_err(|e| RunError::Unsupported { key: "model_name_or_path", message: format!("{}: {e}", path.display()) })?;
-    json.get("base_model_name_or_path").and_then(|v| v.as_str()).map(String::from).ok_or_else(|| RunError::Unsupported {
-        key: "model_name_or_path",
-        message: format!("{} names no base_model_name_or_path", path.display()),
-    })
 }
 
 fn location(dataset: &Dataset, row: usize) -> String {

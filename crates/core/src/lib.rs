@@ -6,5 +6,6 @@
 
 pub mod atomic;
 pub mod backend;
+pub mod memory;
 
 pub use atomic::{write_atomic, AtomicDir, IoError};

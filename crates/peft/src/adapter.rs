@@ -123,16 +123,32 @@ fn read_safetensors(path: &Path) -> Result<BTreeMap<String, RawTensor>, PeftErro
     Ok(out)
 }
 
-/// Reads `dir/adapter_config.json` (see [`LoraConfig::from_adapter_json`]).
-pub fn read_adapter_config(dir: &Path) -> Result<LoraConfig, PeftError> {
+/// `dir/adapter_config.json` parsed, with its path.
+fn read_adapter_json(dir: &Path) -> Result<(serde_json::Value, PathBuf), PeftError> {
     let path = dir.join(ADAPTER_CONFIG);
     let text = std::fs::read_to_string(&path).map_err(|e| IoError::new("reading", &path, e))?;
-    let json: serde_json::Value = serde_json::from_str(&text).map_err(|e| PeftError::AdapterConfig {
+    let json = serde_json::from_str(&text).map_err(|e| PeftError::AdapterConfig {
         path: path.clone(),
         field: "<root>".into(),
         message: e.to_string(),
     })?;
+    Ok((json, path))
+}
+
+/// Reads `dir/adapter_config.json` (see [`LoraConfig::from_adapter_json`]).
+pub fn read_adapter_config(dir: &Path) -> Result<LoraConfig, PeftError> {
+    let (json, path) = read_adapter_json(dir)?;
     LoraConfig::from_adapter_json(&json, &path)
+}
+
+/// `base_model_name_or_path` of the adapter in `dir`: the model it applies to.
+pub fn read_adapter_base_model(dir: &Path) -> Result<String, PeftError> {
+    let (json, path) = read_adapter_json(dir)?;
+    json.get("base_model_name_or_path").and_then(|v| v.as_str()).map(String::from).ok_or(PeftError::AdapterConfig {
+        path,
+        field: "base_model_name_or_path".into(),
+        message: "missing or not a string".into(),
+    })
 }
 
 /// Loads a PEFT LoRA adapter directory onto `model` (a plain base model), like

@@ -46,19 +46,6 @@ fn peft_adapter_on_gemma_matches_peft() {
     golden("tiny-gemma-lora", 6, 4.0);
 }
 
-/// Loads `base` + `adapter` with PEFT and prints the logits of the batch as JSON.
-const PEFT_LOGITS: &str = r#"
-import json, sys, torch
-from peft import PeftModel
-from transformers import AutoModelForCausalLM
-base, adapter, batch = sys.argv[1], sys.argv[2], json.load(open(sys.argv[3]))
-model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), adapter)
-model.eval()
-with torch.no_grad():
-    out = model(**{k: torch.tensor(v) for k, v in batch.items()}).logits
-print(json.dumps(out.tolist()))
-"#;
-
 #[test]
 fn peft_loads_our_adapter() {
     let reference = reference("tiny-llama-lora");
@@ -90,15 +77,7 @@ fn peft_loads_our_adapter() {
     assert!(names.contains("base_model.model.model.layers.0.self_attn.k_proj.lora_A.weight"));
     assert!(names.contains("base_model.model.lm_head.lora_B.weight"));
 
-    let batch_json = tmp.path().join("batch.json");
-    let json = serde_json::json!({
-        "input_ids": reference.input_ids,
-        "attention_mask": reference.attention_mask,
-        "position_ids": reference.position_ids,
-    });
-    std::fs::write(&batch_json, json.to_string()).unwrap();
-    let stdout = run_python(PEFT_LOGITS, &[&base_dir, &dir, &batch_json]);
-    let theirs: Vec<Vec<Vec<f32>>> = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+    let theirs = peft_logits(&base_dir, &dir, &reference);
     let diff = max_diff(&ours, &theirs, &reference.attention_mask);
     println!("our adapter in PEFT: max |logit diff| = {diff:.3e}");
     assert!(diff <= 1e-4, "{diff}");

@@ -96,18 +96,6 @@ fn qlora_trains_saves_adapters_and_resumes_exactly() {
     assert!(final_a == final_b, "the same final adapter");
 }
 
-const PEFT_LOGITS: &str = r#"
-import json, sys, torch
-from peft import PeftModel
-from transformers import AutoModelForCausalLM
-base, adapter, batch = sys.argv[1], sys.argv[2], json.load(open(sys.argv[3]))
-model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), adapter)
-model.eval()
-with torch.no_grad():
-    out = model(**{k: torch.tensor(v) for k, v in batch.items()}).logits
-print(json.dumps(out.tolist()))
-"#;
-
 #[test]
 fn an_adapter_trained_here_gives_the_same_logits_in_peft() {
     let tmp = tempfile::tempdir().unwrap();
@@ -126,11 +114,7 @@ fn an_adapter_trained_here_gives_the_same_logits_in_peft() {
     let plain = logits(&load_base("tiny-llama"), &batch);
     assert!(max_diff(&ours, &plain, &r.attention_mask) > 1e-2, "training should have moved the adapters");
 
-    let batch_json = tmp.path().join("batch.json");
-    let json = serde_json::json!({"input_ids": r.input_ids, "attention_mask": r.attention_mask, "position_ids": r.position_ids});
-    std::fs::write(&batch_json, json.to_string()).unwrap();
-    let stdout = run_python(PEFT_LOGITS, &[&base_dir, &output, &batch_json]);
-    let theirs: Vec<Vec<Vec<f32>>> = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+    let theirs = peft_logits(&base_dir, &output, &r);
     let diff = max_diff(&ours, &theirs, &r.attention_mask);
     println!("trained adapter in PEFT: max |logit diff| = {diff:.3e}");
     assert!(diff <= 1e-4, "{diff}");

@@ -252,7 +252,7 @@ impl DataParallel {
     pub fn memory_summary(&self) -> String {
         let held = self.held_state();
         let mib = |b: usize| b as f64 / (1024.0 * 1024.0);
-        let peak = peak_rss_bytes().map_or("unknown".to_string(), |b| format!("{:.0} MiB", mib(b)));
+        let peak = alignment_core::memory::peak_rss_bytes().map_or("unknown".to_string(), |b| format!("{:.0} MiB", mib(b as usize)));
         format!(
             "rank {}/{} ({:?}): kept between steps: parameters {:.1} MiB, gradients {:.1} MiB, AdamW moments {:.1} MiB; peak RSS {peak}",
             self.rank(),
@@ -285,13 +285,6 @@ impl DataParallel {
         }
         Ok(self.shards.as_mut().expect("built above"))
     }
-}
-
-/// The process's peak resident set size (`VmHWM`, Linux), if known.
-pub fn peak_rss_bytes() -> Option<usize> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let kb: usize = status.lines().find(|l| l.starts_with("VmHWM"))?.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb * 1024)
 }
 
 /// The AdamW update of `crate::optimizer` on flat f32 buffers covering `[start, start + len)`

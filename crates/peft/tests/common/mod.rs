@@ -94,3 +94,27 @@ pub fn run_python(code: &str, args: &[&Path]) -> String {
     assert!(out.status.success(), "python failed:\n{}", String::from_utf8_lossy(&out.stderr));
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
+
+/// Loads `base` + `adapter` with PEFT and prints the logits of the batch as JSON.
+const PEFT_LOGITS: &str = r#"
+import json, sys, torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+base, adapter, batch = sys.argv[1], sys.argv[2], json.load(open(sys.argv[3]))
+model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), adapter)
+model.eval()
+with torch.no_grad():
+    out = model(**{k: torch.tensor(v) for k, v in batch.items()}).logits
+print(json.dumps(out.tolist()))
+"#;
+
+/// The logits PyPI `peft` computes for `base` + the adapter in `adapter` on the reference batch
+/// of `r` (`[batch][seq][vocab]`).
+pub fn peft_logits(base: &Path, adapter: &Path, r: &Reference) -> Vec<Vec<Vec<f32>>> {
+    let tmp = tempfile::tempdir().unwrap();
+    let batch_json = tmp.path().join("batch.json");
+    let json = serde_json::json!({"input_ids": r.input_ids, "attention_mask": r.attention_mask, "position_ids": r.position_ids});
+    std::fs::write(&batch_json, json.to_string()).unwrap();
+    let stdout = run_python(PEFT_LOGITS, &[base, adapter, &batch_json]);
+    serde_json::from_str(stdout.lines().last().unwrap()).unwrap()
+}
