@@ -8,16 +8,15 @@
 //! LOCAL_RANK, MASTER_ADDR, MASTER_PORT) and the stage's accelerate config, running the
 //! `#[ignore]`d entry point below.
 
+mod common;
+
 use alignment_core::backend::CpuAutodiff;
 use alignment_distributed::launch::free_port;
 use alignment_models::{load_pretrained, CausalLm};
-use alignment_objectives::Reduction;
 use alignment_trainer::checkpoint::list_checkpoints;
-use alignment_trainer::tasks::SftTask;
 use alignment_trainer::train::SaveStrategy;
-use alignment_trainer::{train, train_with, DataParallel, MetricValues, Recipe, Sequence, Task, TrainerConfig, IGNORE_INDEX};
-use burn::tensor::backend::Backend;
-use burn::tensor::Tensor;
+use alignment_trainer::{train, train_with, DataParallel, Recipe, TrainerConfig};
+use common::{fixture, task, HookedSft};
 use serde_json::json;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -29,20 +28,8 @@ fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
 }
 
-fn fixture() -> PathBuf {
-    repo().join("crates/models/tests/fixtures/tiny-llama")
-}
-
-/// 30 sequences of 6..=17 tokens, the first third of each unlabelled.
-fn examples() -> Vec<Sequence> {
-    (0..30u32)
-        .map(|i| {
-            let len = 6 + (i as usize * 5) % 12;
-            let ids: Vec<u32> = (0..len as u32).map(|t| (i * 37 + t * 11 + 3) % 256).collect();
-            let labels = ids.iter().enumerate().map(|(t, &id)| if t < len / 3 { IGNORE_INDEX } else { id as i64 }).collect();
-            Sequence::new(ids, labels)
-        })
-        .collect()
+fn examples() -> Vec<alignment_trainer::Sequence> {
+    common::examples(30)
 }
 
 /// The run's settings with `per_device` examples per rank and micro-batch.
@@ -59,38 +46,6 @@ fn config(output_dir: &Path, per_device: usize, resume_from: Option<PathBuf>) ->
     config.save = SaveStrategy::Steps(3);
     config.resume_from = resume_from;
     config
-}
-
-/// SFT that makes its process exit when the rank named by `DP_TEST_DIE_RANK` reaches
-/// `DP_TEST_DIE_CALL` loss evaluations (a rank dying mid-run).
-struct MaybeDying {
-    inner: SftTask,
-    die_after: Option<usize>,
-    calls: std::cell::Cell<usize>,
-}
-
-impl Task for MaybeDying {
-    type Example = Sequence;
-    fn name(&self) -> &'static str {
-        self.inner.name()
-    }
-    fn weight(&self, examples: &[&Sequence]) -> f64 {
-        self.inner.weight(examples)
-    }
-    fn num_tokens(&self, examples: &[&Sequence]) -> usize {
-        self.inner.num_tokens(examples)
-    }
-    fn loss<B: Backend>(&self, model: &CausalLm<B>, examples: &[&Sequence], device: &B::Device) -> (Tensor<B, 1>, MetricValues) {
-        self.calls.set(self.calls.get() + 1);
-        if self.die_after.is_some_and(|n| self.calls.get() > n) {
-            std::process::exit(3);
-        }
-        self.inner.loss(model, examples, device)
-    }
-}
-
-fn task() -> SftTask {
-    SftTask { reduction: Reduction::Mean, pad_id: 0, name: "sft" }
 }
 
 fn losses(history: &[serde_json::Map<String, serde_json::Value>]) -> Vec<(u64, f64)> {
@@ -120,7 +75,18 @@ fn rank_process_entry_point() {
         (Ok(r), Ok(n)) if r.parse::<usize>().unwrap() == rank => Some(n.parse().unwrap()),
         _ => None,
     };
-    let task = MaybeDying { inner: task(), die_after, calls: Default::default() };
+    // With DP_TEST_DIE_RANK/DP_TEST_DIE_CALL, that rank's process exits once it has evaluated
+    // the loss DP_TEST_DIE_CALL times (a rank dying mid-run).
+    let calls = std::cell::Cell::new(0usize);
+    let task = HookedSft {
+        inner: task(),
+        before_loss: || {
+            calls.set(calls.get() + 1);
+            if die_after.is_some_and(|n| calls.get() > n) {
+                std::process::exit(3);
+            }
+        },
+    };
     let device = Default::default();
     let model = load_pretrained::<CpuAutodiff>(&fixture(), &device).unwrap();
     let config = config(&out.join("run"), GLOBAL_BATCH / world, resume);

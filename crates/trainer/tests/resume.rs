@@ -5,35 +5,17 @@
 //! `#[ignore]`d entry point below; steps after the first checkpoint are slowed down so the parent
 //! can SIGKILL the child mid-run, as `kill -9` would.
 
+mod common;
+
 use alignment_core::backend::CpuAutodiff;
 use alignment_models::load_pretrained;
-use alignment_objectives::Reduction;
 use alignment_trainer::checkpoint::list_checkpoints;
-use alignment_trainer::tasks::SftTask;
 use alignment_trainer::train::SaveStrategy;
-use alignment_trainer::{train, MetricValues, Recipe, Sequence, Task, TrainError, TrainerConfig, IGNORE_INDEX};
-use alignment_models::CausalLm;
-use burn::tensor::backend::Backend;
-use burn::tensor::Tensor;
+use alignment_trainer::{train, Recipe, TrainError, TrainerConfig};
+use common::{examples, fixture, task, HookedSft};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
-
-fn fixture() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models/tests/fixtures/tiny-llama")
-}
-
-/// 24 sequences of 6..=17 tokens, the first third of each unlabelled (a "prompt").
-fn examples() -> Vec<Sequence> {
-    (0..24u32)
-        .map(|i| {
-            let len = 6 + (i as usize * 5) % 12;
-            let ids: Vec<u32> = (0..len as u32).map(|t| (i * 37 + t * 11 + 3) % 256).collect();
-            let labels = ids.iter().enumerate().map(|(t, &id)| if t < len / 3 { IGNORE_INDEX } else { id as i64 }).collect();
-            Sequence::new(ids, labels)
-        })
-        .collect()
-}
 
 fn config(output_dir: &Path) -> TrainerConfig {
     let recipe = Recipe::from_yaml_str(
@@ -46,35 +28,6 @@ fn config(output_dir: &Path) -> TrainerConfig {
     let mut config = TrainerConfig::from_recipe(&recipe).unwrap();
     config.quiet = true;
     config
-}
-
-fn task() -> SftTask {
-    SftTask { reduction: Reduction::Mean, pad_id: 0, name: "sft" }
-}
-
-/// SftTask that sleeps after the first checkpoint exists, so the parent can kill the process.
-struct SlowAfterCheckpoint {
-    inner: SftTask,
-    output_dir: PathBuf,
-}
-
-impl Task for SlowAfterCheckpoint {
-    type Example = Sequence;
-    fn name(&self) -> &'static str {
-        self.inner.name()
-    }
-    fn weight(&self, examples: &[&Sequence]) -> f64 {
-        self.inner.weight(examples)
-    }
-    fn num_tokens(&self, examples: &[&Sequence]) -> usize {
-        self.inner.num_tokens(examples)
-    }
-    fn loss<B: Backend>(&self, model: &CausalLm<B>, examples: &[&Sequence], device: &B::Device) -> (Tensor<B, 1>, MetricValues) {
-        if !list_checkpoints(&self.output_dir).is_empty() {
-            std::thread::sleep(Duration::from_millis(300));
-        }
-        self.inner.loss(model, examples, device)
-    }
 }
 
 fn losses(output_dir: &Path) -> Vec<(u64, f64)> {
@@ -93,8 +46,16 @@ fn child_process_entry_point() {
     let dir = PathBuf::from(dir);
     let device = Default::default();
     let model = load_pretrained::<CpuAutodiff>(&fixture(), &device).unwrap();
-    let slow = SlowAfterCheckpoint { inner: task(), output_dir: dir.clone() };
-    train(model, &slow, &examples(), &[], &config(&dir), &device).unwrap();
+    // Steps after the first checkpoint are slowed down so the parent can kill the process.
+    let slow = HookedSft {
+        inner: task(),
+        before_loss: || {
+            if !list_checkpoints(&dir).is_empty() {
+                std::thread::sleep(Duration::from_millis(300));
+            }
+        },
+    };
+    train(model, &slow, &examples(24), &[], &config(&dir), &device).unwrap();
 }
 
 #[test]
@@ -105,7 +66,7 @@ fn killed_run_resumes_with_identical_losses() {
     // Reference: never interrupted.
     let straight = root.path().join("straight");
     let model = load_pretrained::<CpuAutodiff>(&fixture(), &device).unwrap();
-    let (_, outcome) = train(model, &task(), &examples(), &[], &config(&straight), &device).unwrap();
+    let (_, outcome) = train(model, &task(), &examples(24), &[], &config(&straight), &device).unwrap();
     assert_eq!(outcome.steps, 8);
     let expected = losses(&straight);
     assert_eq!(expected.len(), 8);
@@ -133,7 +94,7 @@ fn killed_run_resumes_with_identical_losses() {
     let mut resume = config(&killed);
     resume.resume_from = list_checkpoints(&killed).pop().map(|(_, p)| p);
     let model = load_pretrained::<CpuAutodiff>(&fixture(), &device).unwrap();
-    train(model, &task(), &examples(), &[], &resume, &device).unwrap();
+    train(model, &task(), &examples(24), &[], &resume, &device).unwrap();
     let resumed = losses(&killed);
     assert_eq!(resumed.iter().map(|(s, _)| *s).collect::<Vec<_>>(), (1..=8).collect::<Vec<_>>());
     let max_diff = expected.iter().zip(&resumed).map(|((_, a), (_, b))| (a - b).abs() / a.abs()).fold(0.0, f64::max);
@@ -152,12 +113,12 @@ fn resume_with_other_settings_is_refused() {
     first.max_steps = Some(4);
     first.save = SaveStrategy::Steps(2);
     let model = load_pretrained::<CpuAutodiff>(&fixture(), &device).unwrap();
-    train(model, &task(), &examples(), &[], &first, &device).unwrap();
+    train(model, &task(), &examples(24), &[], &first, &device).unwrap();
     let mut other = config(&dir);
     other.train_batch_size = 4;
     other.resume_from = list_checkpoints(&dir).pop().map(|(_, p)| p);
     let model = load_pretrained::<CpuAutodiff>(&fixture(), &device).unwrap();
-    let err = train(model, &task(), &examples(), &[], &other, &device).unwrap_err();
+    let err = train(model, &task(), &examples(24), &[], &other, &device).unwrap_err();
     assert!(matches!(err, TrainError::Resume { .. }), "{err}");
     assert!(err.to_string().contains("bs=3") && err.to_string().contains("bs=4"), "{err}");
 }

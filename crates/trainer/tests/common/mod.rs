@@ -1,0 +1,57 @@
+//! Helpers shared by the trainer's multi-process tests (resume.rs, data_parallel.rs).
+
+#![allow(dead_code)]
+
+use alignment_models::CausalLm;
+use alignment_objectives::Reduction;
+use alignment_trainer::tasks::SftTask;
+use alignment_trainer::{MetricValues, Sequence, Task, IGNORE_INDEX};
+use burn::tensor::backend::Backend;
+use burn::tensor::Tensor;
+use std::path::PathBuf;
+
+/// The tiny random Llama checkpoint of the models crate.
+pub fn fixture() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models/tests/fixtures/tiny-llama")
+}
+
+/// `n` sequences of 6..=17 tokens, the first third of each unlabelled (a "prompt").
+pub fn examples(n: u32) -> Vec<Sequence> {
+    (0..n)
+        .map(|i| {
+            let len = 6 + (i as usize * 5) % 12;
+            let ids: Vec<u32> = (0..len as u32).map(|t| (i * 37 + t * 11 + 3) % 256).collect();
+            let labels = ids.iter().enumerate().map(|(t, &id)| if t < len / 3 { IGNORE_INDEX } else { id as i64 }).collect();
+            Sequence::new(ids, labels)
+        })
+        .collect()
+}
+
+/// Token-mean SFT.
+pub fn task() -> SftTask {
+    SftTask { reduction: Reduction::Mean, pad_id: 0, name: "sft" }
+}
+
+/// SFT that runs `before_loss` before each loss evaluation: how a test slows, counts or ends
+/// the process it runs in at a chosen point of training.
+pub struct HookedSft<F: Fn()> {
+    pub inner: SftTask,
+    pub before_loss: F,
+}
+
+impl<F: Fn()> Task for HookedSft<F> {
+    type Example = Sequence;
+    fn name(&self) -> &'static str {
+        self.inner.name()
+    }
+    fn weight(&self, examples: &[&Sequence]) -> f64 {
+        self.inner.weight(examples)
+    }
+    fn num_tokens(&self, examples: &[&Sequence]) -> usize {
+        self.inner.num_tokens(examples)
+    }
+    fn loss<B: Backend>(&self, model: &CausalLm<B>, examples: &[&Sequence], device: &B::Device) -> (Tensor<B, 1>, MetricValues) {
+        (self.before_loss)();
+        self.inner.loss(model, examples, device)
+    }
+}
