@@ -56,9 +56,6 @@ struct Shards {
     exp_avg_sq: Vec<f32>,
     /// ZeRO-3: this rank's shard of the parameters, kept between steps.
     param_shard: Vec<f32>,
-    /// Length of the summed-gradient buffer the reduction leaves on this rank: all of it for
-    /// DDP and ZeRO-1 (all-reduce), the own shard for ZeRO-2/3 (reduce-scatter).
-    reduced_grad_len: usize,
 }
 
 /// Bytes of training state one rank keeps between steps, by kind (what the stage shards).
@@ -177,34 +174,38 @@ impl DataParallel {
         model: M,
         grads: &GradientsParams,
     ) -> Result<(M, StepReport), TrainError> {
-        let shards = self.shards(&model)?;
-        let mut flat_grads = flatten_grads::<B, M>(&model, grads, &shards.segments);
+        self.ensure_shards(&model);
+        let Self { comm, stage, shards, .. } = self;
+        let (comm, stage, shards) = (&mut **comm, *stage, shards.as_mut().expect("built by ensure_shards"));
         let plan = shards.plan;
-        let owned_grads = plan.reduce_gradients(&mut *self.comm, &mut flat_grads)?;
+        let mut flat_grads = flatten_grads::<B, M>(&model, grads, &shards.segments);
+        let owned_grads = plan.reduce_gradients(comm, &mut flat_grads)?; // the owned range of the sum
         drop(flat_grads);
-        let grad_norm = plan.global_sq_norm(&mut *self.comm, &owned_grads)?.sqrt();
+        let grad_norm = plan.global_sq_norm(comm, &owned_grads)?.sqrt();
         let clip_coef = match config.max_grad_norm {
             Some(max) if max > 0.0 => (max / (grad_norm + 1e-6)).min(1.0),
             _ => 1.0,
         };
-        let shards = self.shards.as_mut().expect("built above");
         let range = plan.owned_range();
-        let mut owned_params = match self.stage {
+        let mut owned_params = match stage {
             ZeroStage::Zero3 => std::mem::take(&mut shards.param_shard),
-            _ => flatten_params(&model, &shards.segments)[range.clone()].to_vec(),
+            _ => {
+                let mut all = flatten_params(&model, &shards.segments);
+                all.truncate(range.end);
+                all.drain(..range.start);
+                all
+            }
         };
-        // DDP and ZeRO-1 hold the whole summed gradient; the update uses the owned range of it.
-        let update_grads = if owned_grads.len() == range.len() { &owned_grads[..] } else { &owned_grads[range.clone()] };
-        adamw_update(config, optimizer_step, lr, clip_coef, &shards.segments, range.start, &mut owned_params, update_grads, &mut shards.exp_avg, &mut shards.exp_avg_sq);
-        let full = match self.stage {
-            ZeroStage::Ddp => owned_params.clone(),
-            _ => plan.gather_parameters(&mut *self.comm, &owned_params)?,
+        adamw_update(config, optimizer_step, lr, clip_coef, &shards.segments, range.start, &mut owned_params, &owned_grads, &mut shards.exp_avg, &mut shards.exp_avg_sq);
+        let full = match stage {
+            ZeroStage::Ddp => owned_params, // every rank updated everything
+            ZeroStage::Zero1 | ZeroStage::Zero2 => plan.gather_parameters(comm, &owned_params)?,
+            ZeroStage::Zero3 => {
+                let full = plan.gather_parameters(comm, &owned_params)?;
+                shards.param_shard = owned_params;
+                full
+            }
         };
-        let shards = self.shards.as_mut().expect("built above");
-        shards.reduced_grad_len = if self.stage.shards_gradients() { owned_grads.len() } else { plan.layout.len() };
-        if self.stage == ZeroStage::Zero3 {
-            shards.param_shard = owned_params;
-        }
         let model = write_params(model, &shards.segments, &full);
         Ok((model, StepReport { grad_norm, clip_coef }))
     }
@@ -232,8 +233,8 @@ impl DataParallel {
     /// Takes this rank's part of a restored one-process optimizer state (resume on any number
     /// of ranks). `model` gives the parameter order.
     pub fn restore_optimizer<B: AutodiffBackend, M: AutodiffModule<B>>(&mut self, model: &M, optimizer: &AdamW<B::InnerBackend>) -> Result<(), TrainError> {
-        self.shards(model)?;
-        let shards = self.shards.as_mut().expect("built above");
+        self.ensure_shards(model);
+        let shards = self.shards.as_mut().expect("built by ensure_shards");
         let total: usize = shards.segments.iter().map(|s| s.len).sum();
         let (mut m, mut v) = (vec![0f32; total], vec![0f32; total]);
         for s in &shards.segments {
@@ -269,21 +270,23 @@ impl DataParallel {
         let Some(s) = &self.shards else { return HeldState::default() };
         let total: usize = s.segments.iter().map(|s| s.len).sum();
         let params = if self.stage == ZeroStage::Zero3 { s.param_shard.len() } else { total };
-        HeldState { params: 4 * params, grads: 4 * s.reduced_grad_len, optimizer: 4 * (s.exp_avg.len() + s.exp_avg_sq.len()) }
+        // The summed gradient a reduction leaves: all of it for DDP and ZeRO-1 (all-reduce), the
+        // own shard for ZeRO-2/3 (reduce-scatter).
+        let grads = if self.stage.shards_gradients() { s.plan.owned_range().len() } else { total };
+        HeldState { params: 4 * params, grads: 4 * grads, optimizer: 4 * (s.exp_avg.len() + s.exp_avg_sq.len()) }
     }
 
-    /// The flat layout and moment buffers, built on first use from `model`'s trainable
-    /// parameters.
-    fn shards<B: AutodiffBackend, M: AutodiffModule<B>>(&mut self, model: &M) -> Result<&mut Shards, TrainError> {
+    /// Builds the flat layout and moment buffers from `model`'s trainable parameters on first
+    /// use.
+    fn ensure_shards<B: AutodiffBackend, M: AutodiffModule<B>>(&mut self, model: &M) {
         if self.shards.is_none() {
             let segments = segments(model);
             let total = segments.iter().map(|s| s.len).sum();
             let plan = ZeroPlan::new(self.stage, total, &*self.comm);
             let owned = plan.owned_range().len();
             let param_shard = if self.stage == ZeroStage::Zero3 { flatten_params(model, &segments)[plan.owned_range()].to_vec() } else { Vec::new() };
-            self.shards = Some(Shards { segments, plan, exp_avg: vec![0.0; owned], exp_avg_sq: vec![0.0; owned], param_shard, reduced_grad_len: 0 });
+            self.shards = Some(Shards { segments, plan, exp_avg: vec![0.0; owned], exp_avg_sq: vec![0.0; owned], param_shard });
         }
-        Ok(self.shards.as_mut().expect("built above"))
     }
 }
 
