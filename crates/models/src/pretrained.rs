@@ -13,6 +13,7 @@ use crate::weights::{write_safetensors, Checkpoint, NamedTensor, SaveDtype};
 use alignment_core::AtomicDir;
 use burn::module::Param;
 use burn::tensor::{backend::Backend, Tensor, TensorData};
+use std::cell::RefCell;
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -59,27 +60,25 @@ pub fn from_checkpoint_with<B: Backend>(
     device: &B::Device,
     compress: Option<Compressor>,
 ) -> Result<CausalLm<B>, ModelError> {
-    let mut used = BTreeSet::new();
-    let mut used_compressed = Vec::new();
-    let mut read = |name: String, shape: Vec<usize>| -> Result<TensorData, ModelError> {
+    let used = RefCell::new(BTreeSet::new());
+    let read = |name: String, shape: Vec<usize>| -> Result<TensorData, ModelError> {
         let values = checkpoint.read_f32(&name, &shape)?;
-        used.insert(name);
+        used.borrow_mut().insert(name);
         Ok(TensorData::new(values, shape))
     };
     let (h, i, v) = (config.hidden_size, config.intermediate_size, config.vocab_size);
     let (q_out, kv_out) = (config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim);
     let family = FamilySpec::for_config(&config);
 
-    let mut dense_linear = |name: String, out: usize, inp: usize| -> Result<Linear<B>, ModelError> {
+    let dense_linear = |name: String, out: usize, inp: usize| -> Result<Linear<B>, ModelError> {
         Ok(Linear::new(Tensor::from_data(read(name, vec![out, inp])?, device)))
     };
-    let mut linear = |name: String, out: usize, inp: usize| -> Result<Linear<B>, ModelError> {
+    let linear = |name: String, out: usize, inp: usize| -> Result<Linear<B>, ModelError> {
         match compress {
             None => dense_linear(name, out, inp),
             Some(compress) => {
-                let values = checkpoint.read_f32(&name, &[out, inp])?;
-                used_compressed.push(name);
-                Ok(Linear::from_compressed(compress(&values, [out, inp]), device))
+                let data = read(name, vec![out, inp])?;
+                Ok(Linear::from_compressed(compress(data.as_slice::<f32>().expect("read as f32"), [out, inp]), device))
             }
         }
     };
@@ -105,7 +104,7 @@ pub fn from_checkpoint_with<B: Backend>(
     }
     let lm_head = if config.tie_word_embeddings { None } else { Some(dense_linear("lm_head.weight".into(), v, h)?) };
 
-    let mut norm = |name: String| -> Result<RmsNorm<B>, ModelError> {
+    let norm = |name: String| -> Result<RmsNorm<B>, ModelError> {
         Ok(RmsNorm {
             weight: Param::from_tensor(Tensor::from_data(read(name, vec![h])?, device)),
             eps: config.rms_norm_eps,
@@ -126,7 +125,7 @@ pub fn from_checkpoint_with<B: Backend>(
     let final_norm = norm("model.norm.weight".into())?;
     let embed = read("model.embed_tokens.weight".into(), vec![v, h])?;
 
-    used.extend(used_compressed);
+    let used = used.into_inner();
     // Tied checkpoints sometimes still carry lm_head.weight; rotary caches of old exports are derived.
     let unexpected: Vec<String> = checkpoint
         .names()
