@@ -74,11 +74,11 @@ if [ "${#todo[@]}" -gt 0 ] || [ "${#todo_no_deps[@]}" -gt 0 ]; then
     constraints="$(mktemp)"
     trap 'rm -f "$constraints"' EXIT
     for entry in "${requirements[@]}"; do echo "${entry%% *}"; done >"$constraints"
-    if [ "${#todo[@]}" -gt 0 ] && ! "$python" -m pip install --quiet -c "$constraints" "${todo[@]}" >&2; then
+    if [ "${#todo[@]}" -gt 0 ] && ! "$python" -m pip install --quiet --no-cache-dir -c "$constraints" "${todo[@]}" >&2; then
         echo "error: pip could not install ${todo[*]} into $venv" >&2
         exit 1
     fi
-    if [ "${#todo_no_deps[@]}" -gt 0 ] && ! "$python" -m pip install --quiet --no-deps "${todo_no_deps[@]}" >&2; then
+    if [ "${#todo_no_deps[@]}" -gt 0 ] && ! "$python" -m pip install --quiet --no-cache-dir --no-deps "${todo_no_deps[@]}" >&2; then
         echo "error: pip could not install ${todo_no_deps[*]} into $venv" >&2
         exit 1
     fi

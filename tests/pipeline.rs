@@ -55,6 +55,9 @@ fn every_objective_trains_one_step_on_smollm2() {
         assert!(out.join("tokenizer.json").is_file() && out.join("metrics.jsonl").is_file(), "{task}");
         let pushed = alignment_handbook::run::resolve_model(&format!("pipeline-test/{task}")).unwrap();
         assert_eq!(std::fs::read(pushed.join("model.safetensors")).unwrap(), std::fs::read(out.join("model.safetensors")).unwrap());
+        // Each task leaves two copies of a 135M model: free the disk before the next one.
+        std::fs::remove_dir_all(&out).unwrap();
+        std::fs::remove_dir_all(&pushed).unwrap();
     }
 }
 
