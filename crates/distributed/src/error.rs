@@ -73,6 +73,14 @@ pub enum DistError {
         /// Expected versus received.
         detail: String,
     },
+    /// The ranks called collectives for different things (their passes diverged).
+    #[error("rank {rank}: the ranks diverged: {detail}")]
+    Diverged {
+        /// The rank reporting.
+        rank: usize,
+        /// What differed.
+        detail: String,
+    },
     /// A call with arguments that cannot be right (wrong buffer length, root out of range...).
     #[error("rank {rank}: invalid argument: {detail}")]
     InvalidArgument {

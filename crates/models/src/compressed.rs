@@ -1,26 +1,29 @@
-//! Frozen base weights held compressed (QLoRA's 4-bit NF4) and expanded only while a matmul
-//! needs them.
+//! Base weights held in a compact form and expanded only while a matmul needs them: QLoRA's
+//! frozen 4-bit NF4 weights, and ZeRO-3's weights partitioned across ranks (each rank holds
+//! 1/N; expanding is an all-gather).
 //!
-//! A [`crate::layers::Linear`] whose base weight is frozen may keep it as a
-//! [`CompressedWeight`] instead of a dense tensor. The projection `y = x Wᵀ` then expands `W`
-//! for the product and drops it right after, in the forward pass *and* in the backward pass:
+//! A [`crate::layers::Linear`] may keep its base weight as a [`CompressedWeight`] instead of a
+//! dense tensor. The projection `y = x Wᵀ` then expands `W` for the product and drops it right
+//! after, in the forward pass *and* in the backward pass:
 //!
 //! ```text
-//! forward:   W = expand(q);  y = x Wᵀ;  drop W        (q: the compressed weight, ~0.28× bf16)
-//! backward:  W = expand(q);  ∂x = ∂y W;  drop W        (no ∂W: the base is frozen)
+//! forward:   W = expand(q);  y = x Wᵀ;  drop W        (q: the compact weight)
+//! backward:  W = expand(q);  ∂x = ∂y W;  drop W
+//!            trainable q only: ∂W = ∂yᵀ x, handed to q.accumulate_gradient (ZeRO-3: reduce-scattered)
 //! ```
 //!
 //! burn's own matmul would keep `W` alive in the autodiff graph until the backward pass (it
 //! saves both operands), so every layer's dense weight would be resident at once and the memory
 //! saving would be lost. [`project_compressed`] therefore records its own autodiff step, whose
-//! saved state is the compressed weight. That step is written for burn's `Autodiff<I>` and
-//! selected at run time for the backends this crate is built with (`ndarray`, `cuda` features);
-//! on any other backend the plain (memory-hungry but correct) matmul is used.
+//! saved state is the compact weight (and, for a trainable one, the input `x`, which burn's
+//! matmul would save as well). That step is written for burn's `Autodiff<I>` and selected at run
+//! time for the backends this crate is built with (`ndarray`, `cuda` features); on any other
+//! backend the plain matmul is used, which keeps `W` and gives no gradient to a trainable `q`.
 
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;
 use burn::backend::autodiff::grads::Gradients;
-use burn::backend::autodiff::ops::{unary, Backward, Ops, OpsKind};
+use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::Autodiff;
 use burn::tensor::backend::Backend;
 use burn::tensor::{Tensor, TensorData, TensorPrimitive};
@@ -28,8 +31,9 @@ use std::any::Any;
 use std::fmt::Debug;
 use std::sync::Arc;
 
-/// A frozen `[out, in]` weight in a compact storage format, expandable to dense f32 values.
-/// Implemented by `alignment-peft`'s NF4 weights.
+/// An `[out, in]` weight in a compact storage format, expandable to dense f32 values.
+/// Implemented by `alignment-peft`'s NF4 weights (frozen) and `alignment-trainer`'s ZeRO-3
+/// shards (trainable).
 pub trait CompressedWeight: Debug + Send + Sync {
     /// `[out_features, in_features]`.
     fn dims(&self) -> [usize; 2];
@@ -40,6 +44,14 @@ pub trait CompressedWeight: Debug + Send + Sync {
     /// `values` (`[out, in]`, row-major) compressed in the same format, e.g. to store a merged
     /// weight again as compactly as the original.
     fn recompress(&self, values: &[f32]) -> Arc<dyn CompressedWeight>;
+    /// Whether the weight is trained where it is stored: the backward pass then computes `∂W`
+    /// and hands it to [`CompressedWeight::accumulate_gradient`]. `false` (frozen) by default.
+    fn is_trainable(&self) -> bool {
+        false
+    }
+    /// Receives `∂L/∂W` (row-major `[out, in]`) of one backward pass through one matmul; called
+    /// only when [`CompressedWeight::is_trainable`].
+    fn accumulate_gradient(&self, _grad: Vec<f32>) {}
 }
 
 /// The dense `[out, in]` tensor `weight` stands for, on `device`.
@@ -54,6 +66,23 @@ pub fn project_compressed<B: Backend>(x: Tensor<B, 3>, weight: &Arc<dyn Compress
     let [out, _] = weight.dims();
     let rows = x.reshape([batch * seq, inner]);
     matmul_dispatch(rows, weight).reshape([batch, seq, out])
+}
+
+/// Whether `B` is an autodiff backend with the recorded step (those of the enabled `ndarray` /
+/// `cuda` features). Elsewhere the plain matmul runs, which gives a trainable compressed weight
+/// no gradient, so its users (ZeRO-3) check this first.
+pub fn records_backward<B: Backend>() -> bool {
+    let backend = std::any::TypeId::of::<B>();
+    #[cfg(feature = "ndarray")]
+    if backend == std::any::TypeId::of::<Autodiff<burn::backend::NdArray<f32>>>() {
+        return true;
+    }
+    #[cfg(feature = "cuda")]
+    if backend == std::any::TypeId::of::<Autodiff<burn::backend::Cuda<f32, i32>>>() || backend == std::any::TypeId::of::<Autodiff<burn::backend::Cuda<burn::tensor::bf16, i32>>>() {
+        return true;
+    }
+    let _ = backend;
+    false
 }
 
 /// Picks the recorded-step implementation when `B` is an autodiff backend this crate knows.
@@ -91,34 +120,49 @@ fn on_autodiff<B: Backend, I: Backend>(x: Tensor<B, 2>, weight: &Arc<dyn Compres
     }
 }
 
-/// The backward step of `y = x Wᵀ` with a frozen compressed `W`: `∂x = ∂y W`, expanding `W`
-/// again from its compressed state.
+/// The backward step of `y = x Wᵀ` with a compact `W`: `∂x = ∂y W`, expanding `W` again from
+/// its compact state, and for a trainable `W` also `∂W = ∂yᵀ x` (from the saved `x`).
 #[derive(Debug)]
 #[cfg_attr(not(any(feature = "ndarray", feature = "cuda")), allow(dead_code))]
 struct CompressedMatmulBackward;
 
 impl<I: Backend> Backward<I, 1> for CompressedMatmulBackward {
-    type State = (Arc<dyn CompressedWeight>, I::Device);
+    /// The weight, the device, and `x` when the weight is trainable.
+    type State = (Arc<dyn CompressedWeight>, I::Device, Option<I::FloatTensorPrimitive>);
 
     fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _checkpointer: &mut Checkpointer) {
-        let (weight, device) = ops.state;
-        unary::<I, _>(ops.parents, ops.node, grads, |grad_y| {
+        let (weight, device, x) = ops.state;
+        let [parent] = ops.parents;
+        let grad_y = grads.consume::<I>(&ops.node);
+        if let Some(x) = x {
+            let grad_w = I::float_matmul(I::float_transpose(grad_y.clone()), x);
+            let values = Tensor::<I, 2>::from_primitive(TensorPrimitive::Float(grad_w)).into_data().convert::<f32>();
+            weight.accumulate_gradient(values.into_vec::<f32>().expect("f32 after convert"));
+        }
+        if let Some(parent) = parent {
             let w = expand::<I>(weight.as_ref(), &device).into_primitive().tensor();
-            I::float_matmul(grad_y, w)
-        });
+            grads.register::<I>(parent.id, I::float_matmul(grad_y, w));
+        }
     }
 }
 
 #[cfg_attr(not(any(feature = "ndarray", feature = "cuda")), allow(dead_code))]
-/// `x Wᵀ` on `Autodiff<I>`, recording [`CompressedMatmulBackward`] (state: the compressed `W`).
+/// `x Wᵀ` on `Autodiff<I>`, recording [`CompressedMatmulBackward`] (state: the compact `W`, and
+/// `x` when `W` is trainable; an untracked `x` is then tracked so that the step runs).
 fn recorded_matmul<I: Backend>(x: Tensor<Autodiff<I>, 2>, weight: &Arc<dyn CompressedWeight>) -> Tensor<Autodiff<I>, 2> {
-    let x = x.into_primitive().tensor();
+    let mut x = x.into_primitive().tensor();
+    if weight.is_trainable() && !x.is_tracked() {
+        x = x.require_grad();
+    }
     let device = I::float_device(&x.primitive);
     let w = expand::<I>(weight.as_ref(), &device).into_primitive().tensor();
     // (W xᵀ)ᵀ rather than x Wᵀ: only the activations are transposed (see layers::project).
     let y = I::float_transpose(I::float_matmul(w, I::float_transpose(x.primitive.clone())));
     let y = match <CompressedMatmulBackward as Backward<I, 1>>::prepare::<NoCheckpointing>(CompressedMatmulBackward, [x.node.clone()]).compute_bound().stateful() {
-        OpsKind::Tracked(prep) => prep.finish((weight.clone(), device), y),
+        OpsKind::Tracked(prep) => {
+            let saved_x = weight.is_trainable().then(|| x.primitive.clone());
+            prep.finish((weight.clone(), device, saved_x), y)
+        }
         OpsKind::UnTracked(prep) => prep.finish(y),
     };
     Tensor::from_primitive(TensorPrimitive::Float(y))

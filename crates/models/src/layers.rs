@@ -10,14 +10,14 @@ use std::sync::Arc;
 /// so loading and saving never transposes. With a [`LoraAdapter`] attached (see the
 /// `alignment-peft` crate) the map becomes `y = x Wᵀ + s · (drop(x) Aᵀ) Bᵀ`, as PEFT's `lora.Linear`.
 ///
-/// The base weight is either the dense parameter `weight` or, for a frozen base (QLoRA),
-/// `compressed`, in which case `weight` is an empty `[0, 0]` placeholder and the dense values
+/// The base weight is either the dense parameter `weight` or `compressed` (QLoRA's frozen NF4
+/// base, or this rank's ZeRO-3 shard), in which case `weight` is an empty `[0, 0]` placeholder and the dense values
 /// exist only while a matmul runs (see [`crate::compressed`]).
 #[derive(Module, Debug)]
 pub struct Linear<B: Backend> {
     /// `[out_features, in_features]`; `[0, 0]` when the weight is held in `compressed`.
     pub weight: Param<Tensor<B, 2>>,
-    /// The frozen base weight in compact form (e.g. NF4), `None` for a dense layer.
+    /// The base weight in compact form (NF4, a ZeRO-3 shard), `None` for a dense layer.
     #[module(skip)]
     pub compressed: Option<Arc<dyn CompressedWeight>>,
     /// Low-rank update, `None` for a plain layer. Not part of the model's own checkpoint

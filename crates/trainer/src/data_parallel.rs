@@ -13,20 +13,28 @@
 //! parameters written back into the model (identical on every rank)
 //! ```
 //!
+//! ZeRO-3 also partitions the decoder's projection weights themselves ([`crate::zero3`]): they
+//! are all-gathered per matmul inside the forward and backward passes, their gradients are
+//! reduce-scattered inside the backward pass, and AdamW updates each rank's shard in place, so
+//! they are never whole between steps. The flat vector above then holds the rest (embedding,
+//! norms, adapters).
+//!
 //! Sums run in rank order on every rank (see `alignment-distributed`), so all ranks hold
 //! bit-identical weights and a run's losses match the one-process run with the same global
 //! batch up to the reordering of float sums (tests/data_parallel.rs). Checkpoints hold the full,
 //! gathered optimizer state in the one-process format, so a run saved by N ranks resumes on M.
 //!
-//! What is not realized: burn's modules hold every parameter, and the backward pass produces
-//! every gradient, so ZeRO-2's and ZeRO-3's savings apply to the state kept *between* steps
-//! (gradient shard, moments shard; ZeRO-3's parameter shard is the source of truth that is
-//! gathered each step) rather than to the peak inside the backward pass, and ZeRO-3 does not
-//! gather layer by layer. See docs/distributed.md.
+//! For the flat vector, burn's backward pass produces every gradient at once, so ZeRO-2 shards
+//! the gradient kept after the reduction, not the peak inside the backward pass (ZeRO-3's
+//! projections do reduce inside it). See docs/distributed.md.
 
 use crate::optimizer::{excluded_from_decay, AdamW, AdamWConfig, Moments, StepReport};
+use crate::zero3::{self, Group, ShardedWeight};
 use crate::TrainError;
 use alignment_distributed::{AccelerateConfig, Communicator, DistEnv, ShardLayout, TcpCommunicator, ZeroPlan, ZeroStage};
+use alignment_models::CausalLm;
+use std::ops::Range;
+use std::sync::Arc;
 use burn::module::{AutodiffModule, ModuleMapper, ModuleVisitor, Param, ParamId};
 use burn::optim::GradientsParams;
 use burn::tensor::backend::{AutodiffBackend, Backend};
@@ -54,8 +62,21 @@ struct Shards {
     /// AdamW moments of `plan.owned_range()`.
     exp_avg: Vec<f32>,
     exp_avg_sq: Vec<f32>,
-    /// ZeRO-3: this rank's shard of the parameters, kept between steps.
-    param_shard: Vec<f32>,
+}
+
+/// A ZeRO-3 weight and the AdamW moments of this rank's shard of it.
+#[derive(Debug)]
+struct PartitionedParam {
+    weight: Arc<ShardedWeight>,
+    exp_avg: Vec<f32>,
+    exp_avg_sq: Vec<f32>,
+}
+
+impl PartitionedParam {
+    fn new(weight: Arc<ShardedWeight>) -> Self {
+        let owned = weight.values().len();
+        Self { weight, exp_avg: vec![0.0; owned], exp_avg_sq: vec![0.0; owned] }
+    }
 }
 
 /// Bytes of training state one rank keeps between steps, by kind (what the stage shards).
@@ -71,9 +92,11 @@ pub struct HeldState {
 
 /// A data-parallel group seen from one rank: its communicator and ZeRO stage.
 pub struct DataParallel {
-    comm: Box<dyn Communicator>,
+    group: Arc<Group>,
     stage: ZeroStage,
     shards: Option<Shards>,
+    /// ZeRO-3's partitioned projections, in module order (empty before [`DataParallel::partition`]).
+    partitioned: Vec<PartitionedParam>,
     metric_names: Option<Vec<String>>,
 }
 
@@ -86,7 +109,7 @@ impl std::fmt::Debug for DataParallel {
 impl DataParallel {
     /// A group over `comm` with `stage`.
     pub fn new(comm: Box<dyn Communicator>, stage: ZeroStage) -> Self {
-        Self { comm, stage, shards: None, metric_names: None }
+        Self { group: Arc::new(Group::new(comm)), stage, shards: None, partitioned: Vec::new(), metric_names: None }
     }
 
     /// The group the environment describes (torchrun/Slurm variables, the accelerate config
@@ -102,12 +125,12 @@ impl DataParallel {
 
     /// This process's rank.
     pub fn rank(&self) -> usize {
-        self.comm.rank()
+        self.group.lock().rank()
     }
 
     /// Number of ranks.
     pub fn world_size(&self) -> usize {
-        self.comm.world_size()
+        self.group.lock().world_size()
     }
 
     /// The ZeRO stage.
@@ -122,7 +145,40 @@ impl DataParallel {
 
     /// Waits for every rank (e.g. while rank 0 saves a checkpoint).
     pub fn barrier(&mut self) -> Result<(), TrainError> {
-        Ok(self.comm.barrier()?)
+        Ok(self.group.lock().barrier()?)
+    }
+
+    /// ZeRO-3: replaces the model's trainable projections by this rank's shards of them (see
+    /// [`crate::zero3`]); other stages return `model` as it is. Call once, after
+    /// [`DataParallel::broadcast_parameters`].
+    pub fn partition<B: AutodiffBackend>(&mut self, model: CausalLm<B>) -> Result<CausalLm<B>, TrainError> {
+        if self.stage != ZeroStage::Zero3 {
+            return Ok(model);
+        }
+        let (model, sharded) = zero3::partition(model, &self.group)?;
+        self.partitioned = sharded.into_iter().map(PartitionedParam::new).collect();
+        Ok(model)
+    }
+
+    /// Whether every rank must run each forward and backward pass together (ZeRO-3 gathers
+    /// weights inside them): a rank without examples then runs a zero-weighted pass.
+    pub fn needs_lockstep(&self) -> bool {
+        !self.partitioned.is_empty()
+    }
+
+    /// The first failure of a collective inside the last forward/backward pass (ZeRO-3).
+    pub fn check(&self) -> Result<(), TrainError> {
+        Ok(self.group.check()?)
+    }
+
+    /// The model with every partitioned weight whole again, identical on every rank (a
+    /// collective with ZeRO-3; a clone otherwise), e.g. for rank 0 to save.
+    pub fn gathered<B: Backend>(&self, model: &CausalLm<B>) -> Result<CausalLm<B>, TrainError> {
+        if self.partitioned.is_empty() {
+            return Ok(model.clone());
+        }
+        let weights: Vec<Arc<ShardedWeight>> = self.partitioned.iter().map(|p| p.weight.clone()).collect();
+        Ok(zero3::gathered(model, &weights)?)
     }
 
     /// This rank's part of a micro-batch of the global step: contiguous, sizes differing by at
@@ -136,7 +192,7 @@ impl DataParallel {
     pub fn broadcast_parameters<B: AutodiffBackend, M: AutodiffModule<B>>(&mut self, model: M) -> Result<M, TrainError> {
         let segments = segments(&model);
         let mut flat = flatten_params(&model, &segments);
-        self.comm.broadcast(&mut flat, 0)?;
+        self.group.lock().broadcast(&mut flat, 0)?;
         Ok(write_params(model, &segments, &flat))
     }
 
@@ -159,7 +215,7 @@ impl DataParallel {
             flat.extend([s as f32, w as f32]);
         }
         flat.push(tokens as f32);
-        self.comm.all_reduce_sum(&mut flat)?;
+        self.group.lock().all_reduce_sum(&mut flat)?;
         let total = names.into_iter().enumerate().map(|(i, n)| (n, flat[2 * i] as f64, flat[2 * i + 1] as f64)).collect();
         Ok((total, *flat.last().expect("token count") as usize))
     }
@@ -175,36 +231,42 @@ impl DataParallel {
         grads: &GradientsParams,
     ) -> Result<(M, StepReport), TrainError> {
         self.ensure_shards(&model);
-        let Self { comm, stage, shards, .. } = self;
+        let Self { group, stage, shards, partitioned, .. } = self;
+        let mut comm = group.lock();
         let (comm, stage, shards) = (&mut **comm, *stage, shards.as_mut().expect("built by ensure_shards"));
         let plan = shards.plan;
         let mut flat_grads = flatten_grads::<B, M>(&model, grads, &shards.segments);
         let owned_grads = plan.reduce_gradients(comm, &mut flat_grads)?; // the owned range of the sum
         drop(flat_grads);
-        let grad_norm = plan.global_sq_norm(comm, &owned_grads)?.sqrt();
+        // ZeRO-3's projections: their gradient shards were summed inside the backward pass.
+        let partitioned_grads: Vec<Vec<f32>> = partitioned.iter().map(|p| p.weight.take_gradient()).collect();
+        let grad_norm = if partitioned.is_empty() {
+            plan.global_sq_norm(comm, &owned_grads)?.sqrt()
+        } else {
+            let local: f64 = owned_grads.iter().chain(partitioned_grads.iter().flatten()).map(|&g| g as f64 * g as f64).sum();
+            let mut partial = [local as f32];
+            comm.all_reduce_sum(&mut partial)?;
+            (partial[0] as f64).sqrt()
+        };
         let clip_coef = match config.max_grad_norm {
             Some(max) if max > 0.0 => (max / (grad_norm + 1e-6)).min(1.0),
             _ => 1.0,
         };
         let range = plan.owned_range();
-        let mut owned_params = match stage {
-            ZeroStage::Zero3 => std::mem::take(&mut shards.param_shard),
-            _ => {
-                let mut all = flatten_params(&model, &shards.segments);
-                all.truncate(range.end);
-                all.drain(..range.start);
-                all
-            }
-        };
-        adamw_update(config, optimizer_step, lr, clip_coef, &shards.segments, range.start, &mut owned_params, &owned_grads, &mut shards.exp_avg, &mut shards.exp_avg_sq);
+        let mut owned_params = flatten_params(&model, &shards.segments);
+        owned_params.truncate(range.end);
+        owned_params.drain(..range.start);
+        let pieces: Vec<(Range<usize>, bool)> = shards.segments.iter().map(|s| (s.offset..s.offset + s.len, s.decay)).collect();
+        adamw_update(config, optimizer_step, lr, clip_coef, &pieces, range.start, &mut owned_params, &owned_grads, &mut shards.exp_avg, &mut shards.exp_avg_sq);
+        for (p, grad) in partitioned.iter_mut().zip(&partitioned_grads) {
+            let whole = 0..p.weight.layout().len();
+            let pieces = [(whole, !excluded_from_decay(&p.weight.path))];
+            let mut values = p.weight.values();
+            adamw_update(config, optimizer_step, lr, clip_coef, &pieces, p.weight.owned_start(), &mut values, grad, &mut p.exp_avg, &mut p.exp_avg_sq);
+        }
         let full = match stage {
             ZeroStage::Ddp => owned_params, // every rank updated everything
-            ZeroStage::Zero1 | ZeroStage::Zero2 => plan.gather_parameters(comm, &owned_params)?,
-            ZeroStage::Zero3 => {
-                let full = plan.gather_parameters(comm, &owned_params)?;
-                shards.param_shard = owned_params;
-                full
-            }
+            ZeroStage::Zero1 | ZeroStage::Zero2 | ZeroStage::Zero3 => plan.gather_parameters(comm, &owned_params)?,
         };
         let model = write_params(model, &shards.segments, &full);
         Ok((model, StepReport { grad_norm, clip_coef }))
@@ -216,9 +278,16 @@ impl DataParallel {
         let mut optimizer = AdamW::new(config);
         optimizer.step = step;
         let Some(shards) = &self.shards else { return Ok(optimizer) };
+        let mut comm = self.group.lock();
+        for p in &self.partitioned {
+            let layout = p.weight.layout();
+            let tensor = |v: Vec<f32>| Tensor::<B, 1>::from_data(TensorData::new(v, [layout.len()]), device);
+            let moments = Moments { exp_avg: tensor(comm.all_gather(&p.exp_avg, layout)?), exp_avg_sq: tensor(comm.all_gather(&p.exp_avg_sq, layout)?) };
+            optimizer.state.insert(p.weight.path.clone(), moments);
+        }
         let (exp_avg, exp_avg_sq) = match self.stage {
             ZeroStage::Ddp => (shards.exp_avg.clone(), shards.exp_avg_sq.clone()),
-            _ => (self.comm.all_gather(&shards.exp_avg, &shards.plan.layout)?, self.comm.all_gather(&shards.exp_avg_sq, &shards.plan.layout)?),
+            _ => (comm.all_gather(&shards.exp_avg, &shards.plan.layout)?, comm.all_gather(&shards.exp_avg_sq, &shards.plan.layout)?),
         };
         if exp_avg.is_empty() {
             return Ok(optimizer);
@@ -231,7 +300,7 @@ impl DataParallel {
     }
 
     /// Takes this rank's part of a restored one-process optimizer state (resume on any number
-    /// of ranks). `model` gives the parameter order.
+    /// of ranks). `model` gives the parameter order; call after [`DataParallel::partition`].
     pub fn restore_optimizer<B: AutodiffBackend, M: AutodiffModule<B>>(&mut self, model: &M, optimizer: &AdamW<B::InnerBackend>) -> Result<(), TrainError> {
         self.ensure_shards(model);
         let shards = self.shards.as_mut().expect("built by ensure_shards");
@@ -246,6 +315,14 @@ impl DataParallel {
         let range = shards.plan.owned_range();
         shards.exp_avg = m[range.clone()].to_vec();
         shards.exp_avg_sq = v[range].to_vec();
+        for p in &mut self.partitioned {
+            let Some(moments) = optimizer.state.get(&p.weight.path) else { continue };
+            let start = p.weight.owned_start();
+            let len = p.exp_avg.len();
+            let values = |t: &Tensor<B::InnerBackend, 1>| t.clone().into_data().convert::<f32>().into_vec::<f32>().expect("f32 after convert");
+            p.exp_avg = values(&moments.exp_avg)[start..start + len].to_vec();
+            p.exp_avg_sq = values(&moments.exp_avg_sq)[start..start + len].to_vec();
+        }
         Ok(())
     }
 
@@ -269,11 +346,12 @@ impl DataParallel {
     pub fn held_state(&self) -> HeldState {
         let Some(s) = &self.shards else { return HeldState::default() };
         let total: usize = s.segments.iter().map(|s| s.len).sum();
-        let params = if self.stage == ZeroStage::Zero3 { s.param_shard.len() } else { total };
         // The summed gradient a reduction leaves: all of it for DDP and ZeRO-1 (all-reduce), the
         // own shard for ZeRO-2/3 (reduce-scatter).
         let grads = if self.stage.shards_gradients() { s.plan.owned_range().len() } else { total };
-        HeldState { params: 4 * params, grads: 4 * grads, optimizer: 4 * (s.exp_avg.len() + s.exp_avg_sq.len()) }
+        // ZeRO-3's projections: only the own shard of values, gradient and moments.
+        let shard: usize = self.partitioned.iter().map(|p| p.exp_avg.len()).sum();
+        HeldState { params: 4 * (total + shard), grads: 4 * (grads + shard), optimizer: 4 * (s.exp_avg.len() + s.exp_avg_sq.len() + 2 * shard) }
     }
 
     /// Builds the flat layout and moment buffers from `model`'s trainable parameters on first
@@ -282,23 +360,23 @@ impl DataParallel {
         if self.shards.is_none() {
             let segments = segments(model);
             let total = segments.iter().map(|s| s.len).sum();
-            let plan = ZeroPlan::new(self.stage, total, &*self.comm);
+            let plan = ZeroPlan::new(self.stage, total, &**self.group.lock());
             let owned = plan.owned_range().len();
-            let param_shard = if self.stage == ZeroStage::Zero3 { flatten_params(model, &segments)[plan.owned_range()].to_vec() } else { Vec::new() };
-            self.shards = Some(Shards { segments, plan, exp_avg: vec![0.0; owned], exp_avg_sq: vec![0.0; owned], param_shard });
+            self.shards = Some(Shards { segments, plan, exp_avg: vec![0.0; owned], exp_avg_sq: vec![0.0; owned] });
         }
     }
 }
 
 /// The AdamW update of `crate::optimizer` on flat f32 buffers covering `[start, start + len)`
-/// of the parameter vector: same operations in the same order.
+/// of a numbering in which `pieces` are the parameters (their range, whether weight decay
+/// applies): same operations in the same order.
 #[allow(clippy::too_many_arguments)]
 fn adamw_update(
     c: &AdamWConfig,
     step: u64,
     lr: f64,
     clip_coef: f64,
-    segments: &[Segment],
+    pieces: &[(Range<usize>, bool)],
     start: usize,
     params: &mut [f32],
     grads: &[f32],
@@ -311,14 +389,14 @@ fn adamw_update(
     let bias2 = 1.0 - c.beta2.powi(t);
     let (sqrt_bias2, eps, step_size, decay) = (bias2.sqrt() as f32, c.epsilon as f32, (lr / bias1) as f32, (lr * c.weight_decay) as f32);
     let clip = clip_coef as f32;
-    for s in segments {
-        let lo = s.offset.max(start);
-        let hi = (s.offset + s.len).min(start + params.len());
+    for (piece, decays) in pieces {
+        let lo = piece.start.max(start);
+        let hi = piece.end.min(start + params.len());
         for i in lo..hi {
             let j = i - start;
             let g = if clip_coef < 1.0 { grads[j] * clip } else { grads[j] };
             let mut p = params[j];
-            if c.weight_decay > 0.0 && s.decay {
+            if c.weight_decay > 0.0 && *decays {
                 p -= p * decay;
             }
             exp_avg[j] = exp_avg[j] * b1 + g * one_minus_b1;

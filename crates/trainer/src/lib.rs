@@ -6,7 +6,8 @@
 //! `alignment-objectives` to the loop (`tasks/sft.rs`, `tasks/dpo.rs`, `tasks/orpo.rs`).
 //!
 //! Files: [`recipe`] (keys), [`schedule`], [`optimizer`], [`sequence`] (collation), [`task`] (the
-//! trait between loop and objective), [`train`] (the loop), [`checkpoint`], [`logging`].
+//! trait between loop and objective), [`train`] (the loop), [`checkpoint`], [`logging`],
+//! [`data_parallel`] (N ranks, DDP/ZeRO) with [`zero3`] (weights partitioned inside the passes).
 
 pub mod checkpoint;
 pub mod data_parallel;
@@ -18,6 +19,7 @@ pub mod sequence;
 pub mod task;
 pub mod tasks;
 pub mod train;
+pub mod zero3;
 
 pub use recipe::{Recipe, RecipeError, ResumeFrom};
 pub use sequence::{collate, Sequence, IGNORE_INDEX};

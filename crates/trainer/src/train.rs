@@ -294,13 +294,14 @@ pub fn train_with<B: AutodiffBackend, T: Task>(
         };
         checkpoint::load_optimizer(dir, &mut optimizer, &state, device)?;
         start = state.global_step;
-        if let Some(p) = parallel.as_deref_mut() {
-            p.restore_optimizer(&model, &optimizer)?; // this rank's shard of the moments
-            optimizer.state.clear();
-        }
     }
     if let Some(p) = parallel.as_deref_mut() {
         model = p.broadcast_parameters(model)?;
+        model = p.partition(model)?; // ZeRO-3: each rank keeps its shard of the projections
+        if config.resume_from.is_some() {
+            p.restore_optimizer(&model, &optimizer)?; // this rank's shard of the moments
+            optimizer.state.clear();
+        }
     }
     let mut log = if is_main {
         std::fs::create_dir_all(&config.output_dir).map_err(|e| alignment_core::IoError::new("creating directory", &config.output_dir, e))?;
@@ -321,6 +322,7 @@ pub fn train_with<B: AutodiffBackend, T: Task>(
     // Every rank evaluates the whole eval set (identical weights, identical results); rank 0 logs.
     if config.eval_on_start && start == 0 && !eval.is_empty() {
         let metrics = evaluate(&model.valid(), task, eval, config.eval_batch_size, device);
+        check(parallel.as_deref())?;
         write_log(logging::entry(0, 0.0, &metrics))?;
     }
 
@@ -338,19 +340,25 @@ pub fn train_with<B: AutodiffBackend, T: Task>(
         let mut step_metrics = MetricsAccumulator::default();
         let mut step_tokens = 0;
         for batch in &batches {
-            let examples = match parallel.as_deref() {
-                Some(p) => p.part(batch),
-                None => &batch[..],
+            // `counted: false` is a zero-weighted pass of a rank without examples, run only to
+            // take part in ZeRO-3's collectives inside the passes.
+            let (examples, counted) = match parallel.as_deref() {
+                None => (&batch[..], true),
+                Some(p) if p.part(batch).is_empty() && p.needs_lockstep() => (&batch[..1], false),
+                Some(p) => (p.part(batch), true),
             };
             if examples.is_empty() {
                 continue;
             }
             let (loss_sum, metrics) = task.loss(&model, examples, device);
-            let loss = loss_sum / step_weight;
+            let loss = loss_sum.mul_scalar(if counted { 1.0 / step_weight } else { 0.0 });
             let grads = GradientsParams::from_grads(loss.backward(), &model);
+            check(parallel.as_deref())?;
             accumulator.accumulate(&model, grads);
-            step_metrics.add(metrics.iter().map(|(k, v)| (k.as_str(), *v)), task.weight(examples));
-            step_tokens += task.num_tokens(examples);
+            if counted {
+                step_metrics.add(metrics.iter().map(|(k, v)| (k.as_str(), *v)), task.weight(examples));
+                step_tokens += task.num_tokens(examples);
+            }
         }
         if let Some(p) = parallel.as_deref_mut() {
             let (sums, tokens) = p.reduce_metrics(step_metrics.sums(), step_tokens)?;
@@ -393,6 +401,7 @@ pub fn train_with<B: AutodiffBackend, T: Task>(
         let eval_now = config.eval_steps.is_some_and(|n| done % n.max(1) == 0) || (last && config.eval_steps.is_some());
         if eval_now && !eval.is_empty() {
             let metrics = evaluate(&model.valid(), task, eval, config.eval_batch_size, device);
+            check(parallel.as_deref())?;
             let loss = metrics.iter().find(|(k, _)| k == "eval_loss").map_or(f64::NAN, |(_, v)| *v);
             bar.println(format!("step {done}: eval_loss {loss:.4}"));
             write_log(logging::entry(done, epoch_of(done), &metrics))?;
@@ -405,15 +414,14 @@ pub fn train_with<B: AutodiffBackend, T: Task>(
         if save_now {
             let state = TrainerState { global_step: done, total_steps: plan.total_steps, optimizer_step: optimizer.step, fingerprint: fingerprint.clone() };
             let gathered;
-            let moments = match parallel.as_deref_mut() {
-                None => &optimizer,
+            let (moments, inner) = match parallel.as_deref_mut() {
+                None => (&optimizer, model.valid()),
                 Some(p) => {
                     gathered = p.gather_optimizer(config.adamw, optimizer.step, device)?; // collective
-                    &gathered
+                    (&gathered, p.gathered(&model.valid())?) // collective with ZeRO-3
                 }
             };
             if is_main {
-                let inner = model.valid();
                 checkpoint::save_checkpoint(
                     &config.output_dir,
                     &inner,
@@ -430,6 +438,9 @@ pub fn train_with<B: AutodiffBackend, T: Task>(
         }
     }
     bar.finish();
+    if let Some(p) = parallel.as_deref() {
+        model = p.gathered(&model)?; // the whole model on every rank (collective with ZeRO-3)
+    }
     let history = log.as_ref().map(|l| l.history().to_vec()).unwrap_or_default();
     if is_main {
         save_final(&model.valid(), config)?;
@@ -440,6 +451,12 @@ pub fn train_with<B: AutodiffBackend, T: Task>(
         p.barrier()?;
     }
     Ok((model, TrainOutcome { steps: plan.total_steps, history, model_dir: config.output_dir.clone() }))
+}
+
+/// The first failure of a collective inside the last forward/backward pass (ZeRO-3 gathers
+/// and reduces inside them, where errors cannot be returned).
+fn check(parallel: Option<&DataParallel>) -> Result<(), TrainError> {
+    parallel.map_or(Ok(()), DataParallel::check)
 }
 
 /// Saves the final model (or, with adapters, the adapter directory) into `output_dir` itself

@@ -1,0 +1,249 @@
+//! ZeRO-3's parameter partitioning, layer by layer: each decoder projection (and an untied
+//! `lm_head`) lives on every rank as a 1/N shard, is all-gathered for each matmul of the forward
+//! and backward pass and dropped after it, and its gradient is reduce-scattered inside the
+//! backward pass into the owning rank's shard.
+//!
+//! ```text
+//! forward,  per projection:  W = all_gather(shards);  y = x Wᵀ;  drop W
+//! backward, per projection:  W = all_gather(shards);  ∂x = ∂y W;  drop W
+//!                            ∂W = ∂yᵀ x;  own ∂W shard += reduce_scatter(∂W);  drop ∂W
+//! optimizer step:            AdamW on the own shard; nothing is gathered
+//! ```
+//!
+//! The mechanism is `alignment_models::compressed` (QLoRA's expand-per-matmul with its own
+//! recorded backward step): a [`ShardedWeight`] is a [`CompressedWeight`] whose expansion is an
+//! all-gather and which is trainable. Collectives inside the passes require every rank to run
+//! the same forward and backward passes in the same order (the loop gives a rank without
+//! examples a zero-weighted pass); each gradient reduction first checks that all ranks are at the
+//! same weight, so a divergence is an error, not a silent mix-up.
+//!
+//! The embedding and the norms stay whole in the model and are partitioned as ZeRO-2 does
+//! (gradient and optimizer state); for a 7B Llama/Mistral they are ~2% of the parameters.
+
+use alignment_distributed::{Communicator, DistError, ShardLayout};
+use crate::TrainError;
+use alignment_models::compressed::{self, CompressedWeight};
+use alignment_models::layers::Linear;
+use alignment_models::CausalLm;
+use burn::tensor::backend::Backend;
+use burn::tensor::{Tensor, TensorData};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+/// A communicator shared by the loop and the sharded weights, which call collectives from
+/// inside the forward and backward passes, where errors cannot be returned: the first failure
+/// is kept here and reported by [`Group::check`] after the pass.
+pub struct Group {
+    comm: Mutex<Box<dyn Communicator>>,
+    failure: Mutex<Option<DistError>>,
+}
+
+impl std::fmt::Debug for Group {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let comm = self.lock();
+        write!(f, "Group {{ rank {}/{} }}", comm.rank(), comm.world_size())
+    }
+}
+
+impl Group {
+    /// A group over `comm`.
+    pub fn new(comm: Box<dyn Communicator>) -> Self {
+        Self { comm: Mutex::new(comm), failure: Mutex::new(None) }
+    }
+
+    /// The communicator, for collectives whose errors the caller returns.
+    pub fn lock(&self) -> MutexGuard<'_, Box<dyn Communicator>> {
+        self.comm.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Runs `collective` for a caller that cannot return errors: `None` after a failure (this
+    /// one, kept for [`Group::check`], or an earlier one).
+    fn run<T>(&self, collective: impl FnOnce(&mut dyn Communicator) -> Result<T, DistError>) -> Option<T> {
+        let mut failure = self.failure.lock().unwrap_or_else(|p| p.into_inner());
+        if failure.is_some() {
+            return None;
+        }
+        match collective(&mut **self.lock()) {
+            Ok(value) => Some(value),
+            Err(e) => {
+                *failure = Some(e);
+                None
+            }
+        }
+    }
+
+    /// The first failure of a collective run inside a forward or backward pass, if any.
+    pub fn check(&self) -> Result<(), DistError> {
+        match self.failure.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+}
+
+/// One `[out, in]` weight partitioned over the ranks: this rank's contiguous range of its
+/// row-major values, and the summed gradient of that range since the last optimizer step.
+#[derive(Debug)]
+pub struct ShardedWeight {
+    /// The parameter's path (`layers.0.self_attn.q_proj.weight`): optimizer state key.
+    pub path: String,
+    /// Position among the model's sharded weights: what the ranks compare before reducing.
+    index: usize,
+    dims: [usize; 2],
+    layout: ShardLayout,
+    rank: usize,
+    group: Arc<Group>,
+    values: Mutex<Vec<f32>>,
+    grad: Mutex<Vec<f32>>,
+}
+
+impl ShardedWeight {
+    /// This rank's shard of `dense` (`[out, in]`, row-major).
+    fn new(path: String, index: usize, dims: [usize; 2], dense: &[f32], group: Arc<Group>) -> Self {
+        let (rank, world) = {
+            let comm = group.lock();
+            (comm.rank(), comm.world_size())
+        };
+        let layout = ShardLayout::new(dims[0] * dims[1], world);
+        let range = layout.range(rank);
+        let owned = range.len();
+        Self { path, index, dims, layout, rank, group, values: Mutex::new(dense[range].to_vec()), grad: Mutex::new(vec![0.0; owned]) }
+    }
+
+    /// Offset of this rank's shard in the flattened weight.
+    pub fn owned_start(&self) -> usize {
+        self.layout.range(self.rank).start
+    }
+
+    /// This rank's values, to update in place.
+    pub fn values(&self) -> MutexGuard<'_, Vec<f32>> {
+        self.values.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The summed gradient of this rank's shard since the last call, reset to zero.
+    pub fn take_gradient(&self) -> Vec<f32> {
+        let mut grad = self.grad.lock().unwrap_or_else(|p| p.into_inner());
+        let zeros = vec![0.0; grad.len()];
+        std::mem::replace(&mut *grad, zeros)
+    }
+
+    /// The whole weight on every rank (a collective).
+    pub fn gather(&self) -> Result<Vec<f32>, DistError> {
+        let values = self.values();
+        self.group.lock().all_gather(&values, &self.layout)
+    }
+
+    /// The whole layout of the flattened weight.
+    pub fn layout(&self) -> &ShardLayout {
+        &self.layout
+    }
+}
+
+impl CompressedWeight for ShardedWeight {
+    fn dims(&self) -> [usize; 2] {
+        self.dims
+    }
+
+    /// All-gathers the shards; zeros after a failed collective (the loop reports the failure).
+    fn expand(&self) -> Vec<f32> {
+        let values = self.values();
+        self.group.run(|comm| comm.all_gather(&values, &self.layout)).unwrap_or_else(|| vec![0.0; self.layout.len()])
+    }
+
+    fn storage_bytes(&self) -> usize {
+        4 * self.layout.range(self.rank).len()
+    }
+
+    fn recompress(&self, values: &[f32]) -> Arc<dyn CompressedWeight> {
+        Arc::new(Self::new(self.path.clone(), self.index, self.dims, values, self.group.clone()))
+    }
+
+    fn is_trainable(&self) -> bool {
+        true
+    }
+
+    /// Reduce-scatters `grad` and adds this rank's part to the shard's gradient, after checking
+    /// that every rank is reducing this same weight.
+    fn accumulate_gradient(&self, grad: Vec<f32>) {
+        let index = self.index;
+        let summed = self.group.run(|comm| {
+            let world = comm.world_size();
+            let mut at = [index as f32];
+            comm.all_reduce_sum(&mut at)?;
+            if at[0] != (index * world) as f32 {
+                return Err(DistError::Diverged {
+                    rank: comm.rank(),
+                    detail: format!(
+                        "ranks reduce different weights in the backward pass (this rank: {}, #{index}): their forward passes differed",
+                        self.path
+                    ),
+                });
+            }
+            comm.reduce_scatter_sum(&grad, &self.layout)
+        });
+        if let Some(part) = summed {
+            let mut own = self.grad.lock().unwrap_or_else(|p| p.into_inner());
+            own.iter_mut().zip(part).for_each(|(g, p)| *g += p);
+        }
+    }
+}
+
+/// The linear maps ZeRO-3 partitions, with their parameter paths: every trainable dense
+/// projection of the decoder layers and an untied `lm_head`, in module order.
+fn partitionable<B: Backend>(model: &mut CausalLm<B>) -> Vec<(String, &mut Linear<B>)> {
+    let mut out = Vec::new();
+    for (i, layer) in model.layers.iter_mut().enumerate() {
+        for (name, linear) in layer.linears_mut() {
+            out.push((format!("layers.{i}.{name}.weight"), linear));
+        }
+    }
+    if let Some(head) = model.lm_head.as_mut() {
+        out.push(("lm_head.weight".to_string(), head));
+    }
+    out.retain(|(_, linear)| linear.compressed.is_none() && linear.weight.is_require_grad());
+    out
+}
+
+/// Replaces each trainable dense projection of `model` by this rank's shard of it (adapters are
+/// kept). Returns the model and its sharded weights in module order. Fails on a backend whose
+/// backward pass would not compute the shards' gradients (see `compressed::records_backward`).
+pub fn partition<B: Backend>(mut model: CausalLm<B>, group: &Arc<Group>) -> Result<(CausalLm<B>, Vec<Arc<ShardedWeight>>), TrainError> {
+    if !compressed::records_backward::<B>() {
+        return Err(TrainError::Config {
+            key: "zero_stage".into(),
+            message: format!(
+                "ZeRO-3 partitions weights only on the autodiff backends alignment-models is built for (features `ndarray`, `cuda`), not on {}",
+                std::any::type_name::<B>()
+            ),
+        });
+    }
+    let mut sharded = Vec::new();
+    for (index, (path, linear)) in partitionable(&mut model).into_iter().enumerate() {
+        let dims = linear.dims();
+        let device = linear.weight.device();
+        let dense = linear.weight.val().into_data().convert::<f32>().into_vec::<f32>().expect("f32 after convert");
+        let weight = Arc::new(ShardedWeight::new(path, index, dims, &dense, group.clone()));
+        drop(dense);
+        let lora = linear.lora.take();
+        *linear = Linear::from_compressed(weight.clone(), &device);
+        linear.lora = lora;
+        sharded.push(weight);
+    }
+    Ok((model, sharded))
+}
+
+/// `model` with its `sharded` projections (as [`partition`] returned them) gathered back into
+/// dense, trainable parameters (a collective: every rank calls it), e.g. to save the model.
+pub fn gathered<B: Backend>(model: &CausalLm<B>, sharded: &[Arc<ShardedWeight>]) -> Result<CausalLm<B>, DistError> {
+    let mut model = model.clone();
+    let layers = model.layers.iter_mut().flat_map(|l| l.linears_mut().into_iter().map(|(_, linear)| linear));
+    // A frozen compressed base (QLoRA) is the same on every rank and stays as it is.
+    let partitioned = layers.chain(model.lm_head.as_mut()).filter(|l| l.compressed.as_ref().is_some_and(|w| w.is_trainable()));
+    for (linear, weight) in partitioned.zip(sharded) {
+        let dense = weight.gather()?;
+        let tensor = Tensor::<B, 2>::from_data(TensorData::new(dense, weight.dims), &linear.weight.device());
+        let lora = linear.lora.take();
+        *linear = Linear::new(tensor);
+        linear.lora = lora;
+    }
+    Ok(model)
+}

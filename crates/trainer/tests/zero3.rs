@@ -1,0 +1,74 @@
+//! ZeRO-3's partitioned projections inside one process (a world of one): the model with its
+//! projections held as `ShardedWeight`s computes the dense model's loss, hands each projection
+//! the dense model's weight gradient through the recorded backward step (and every other
+//! parameter its usual gradient), and gathers back to the same weights. The multi-rank
+//! behaviour (halves, collectives inside the passes) is in data_parallel.rs.
+
+mod common;
+
+use alignment_core::backend::CpuAutodiff;
+use alignment_distributed::LocalCommunicator;
+use alignment_models::load_pretrained;
+use alignment_trainer::zero3::{gathered, partition, Group};
+use alignment_trainer::Task;
+use burn::module::AutodiffModule;
+use burn::tensor::backend::Backend;
+use burn::tensor::Tensor;
+use common::{examples, fixture, task};
+use std::sync::Arc;
+
+fn values<B: Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
+    t.into_data().convert::<f32>().into_vec().unwrap()
+}
+
+fn max_abs_difference(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+}
+
+#[test]
+fn partitioned_projections_get_the_dense_gradients_and_gather_back() {
+    let device = Default::default();
+    let dense = load_pretrained::<CpuAutodiff>(&fixture(), &device).unwrap();
+    let group = Arc::new(Group::new(Box::new(LocalCommunicator::new())));
+    let (sharded, weights) = partition(dense.clone(), &group).unwrap();
+    assert_eq!(weights.len(), 7 * dense.layers.len() + usize::from(dense.lm_head.is_some()));
+    for layer in &sharded.layers {
+        for (name, linear) in layer.linears() {
+            assert_eq!(linear.weight.dims(), [0, 0], "{name}: the dense parameter is gone");
+            assert!(linear.compressed.is_some(), "{name}");
+        }
+    }
+
+    let data = examples(3);
+    let batch: Vec<_> = data.iter().collect();
+    let sft = task();
+    let (dense_loss, _) = sft.loss(&dense, &batch, &device);
+    let (sharded_loss, _) = sft.loss(&sharded, &batch, &device);
+    let (dense_loss, sharded_loss) = (values(dense_loss.clone())[0], values(sharded_loss.clone())[0]);
+    assert!((dense_loss - sharded_loss).abs() <= 1e-6 * dense_loss.abs(), "{dense_loss} vs {sharded_loss}");
+
+    let dense_grads = sft.loss(&dense, &batch, &device).0.backward();
+    let sharded_grads = sft.loss(&sharded, &batch, &device).0.backward();
+    group.check().unwrap();
+    let dense_linears = dense.layers.iter().flat_map(|l| l.linears().map(|(_, linear)| linear.weight.clone()));
+    let mut worst = 0.0f32;
+    for (weight, dense_weight) in weights.iter().zip(dense_linears) {
+        let expected = values(dense_weight.grad(&dense_grads).unwrap());
+        let got = weight.take_gradient();
+        let scale = expected.iter().fold(0.0f32, |m, g| m.max(g.abs()));
+        let diff = max_abs_difference(&expected, &got);
+        worst = worst.max(diff / scale);
+        assert!(diff <= 1e-5 * scale, "{}: ∂W differs by {diff:e} (largest {scale:e})", weight.path);
+        assert!(weight.take_gradient().iter().all(|&g| g == 0.0), "taking the gradient resets it");
+    }
+    println!("largest ∂W difference relative to the largest entry: {worst:.2e}");
+    // The embedding (tied head) and norms stay ordinary parameters with ordinary gradients.
+    let embedding = |m: &alignment_models::CausalLm<CpuAutodiff>, g| values(m.embed_tokens.grad(g).unwrap());
+    let diff = max_abs_difference(&embedding(&dense, &dense_grads), &embedding(&sharded, &sharded_grads));
+    assert!(diff <= 1e-6, "embedding gradient differs by {diff:e}");
+
+    let whole = gathered(&sharded.valid(), &weights).unwrap();
+    let digest = |m: &alignment_models::CausalLm<_>| alignment_models::pretrained::named_tensors(m).into_iter().map(|t| (t.name, t.values)).collect::<Vec<_>>();
+    assert!(digest(&whole) == digest(&dense.valid()), "gathering gives back the exact weights");
+}
