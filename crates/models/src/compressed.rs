@@ -26,7 +26,7 @@ use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::Autodiff;
 use burn::tensor::backend::Backend;
-use burn::tensor::{Tensor, TensorData, TensorPrimitive};
+use burn::tensor::{IndexingUpdateOp, Int, Tensor, TensorData, TensorPrimitive};
 use std::any::Any;
 use std::fmt::Debug;
 use std::sync::Arc;
@@ -85,39 +85,113 @@ pub fn records_backward<B: Backend>() -> bool {
     false
 }
 
+/// Returns from the enclosing function with `$op::<B, I>(value, args..)`'s result when `B` is
+/// `Autodiff<I>` for a backend `I` of the enabled features; otherwise evaluates to `value`.
+macro_rules! on_recording_backends {
+    ($op:ident, $value:expr $(, $arg:expr)*) => {{
+        let value = $value;
+        #[cfg(feature = "ndarray")]
+        let value = match $op::<B, burn::backend::NdArray<f32>>(value $(, $arg)*) {
+            Ok(y) => return y,
+            Err(value) => value,
+        };
+        #[cfg(feature = "cuda")]
+        let value = match $op::<B, burn::backend::Cuda<f32, i32>>(value $(, $arg)*) {
+            Ok(y) => return y,
+            Err(value) => value,
+        };
+        #[cfg(feature = "cuda")]
+        let value = match $op::<B, burn::backend::Cuda<burn::tensor::bf16, i32>>(value $(, $arg)*) {
+            Ok(y) => return y,
+            Err(value) => value,
+        };
+        value
+    }};
+}
+
 /// Picks the recorded-step implementation when `B` is an autodiff backend this crate knows.
 fn matmul_dispatch<B: Backend>(x: Tensor<B, 2>, weight: &Arc<dyn CompressedWeight>) -> Tensor<B, 2> {
-    #[cfg(feature = "ndarray")]
-    let x = match on_autodiff::<B, burn::backend::NdArray<f32>>(x, weight) {
-        Ok(y) => return y,
-        Err(x) => x,
-    };
-    #[cfg(feature = "cuda")]
-    let x = match on_autodiff::<B, burn::backend::Cuda<f32, i32>>(x, weight) {
-        Ok(y) => return y,
-        Err(x) => x,
-    };
-    #[cfg(feature = "cuda")]
-    let x = match on_autodiff::<B, burn::backend::Cuda<burn::tensor::bf16, i32>>(x, weight) {
-        Ok(y) => return y,
-        Err(x) => x,
-    };
+    let x = on_recording_backends!(matmul_on_autodiff, x, weight);
     // Inference backends (nothing is recorded) and backends without a recorded step.
     let w = expand::<B>(weight.as_ref(), &x.device());
     w.matmul(x.transpose()).transpose()
 }
 
+/// `value` as `To` when it is one: how a `Tensor<B, ..>` is seen as `Tensor<Autodiff<I>, ..>`
+/// once `B` is known to be `Autodiff<I>`.
+#[cfg_attr(not(any(feature = "ndarray", feature = "cuda")), allow(dead_code))]
+fn cast<From: 'static, To: 'static>(value: From) -> Result<To, From> {
+    let boxed: Box<dyn Any> = Box::new(value);
+    match boxed.downcast::<To>() {
+        Ok(value) => Ok(*value),
+        Err(boxed) => Err(*boxed.downcast::<From>().expect("the value boxed above")),
+    }
+}
+
 #[cfg_attr(not(any(feature = "ndarray", feature = "cuda")), allow(dead_code))]
 /// Runs [`recorded_matmul`] when `B` is `Autodiff<I>`; gives `x` back otherwise.
-fn on_autodiff<B: Backend, I: Backend>(x: Tensor<B, 2>, weight: &Arc<dyn CompressedWeight>) -> Result<Tensor<B, 2>, Tensor<B, 2>> {
-    let boxed: Box<dyn Any> = Box::new(x);
-    match boxed.downcast::<Tensor<Autodiff<I>, 2>>() {
-        Ok(x) => {
-            let y: Box<dyn Any> = Box::new(recorded_matmul::<I>(*x, weight));
-            Ok(*y.downcast::<Tensor<B, 2>>().expect("B is Autodiff<I>"))
-        }
-        Err(boxed) => Err(*boxed.downcast::<Tensor<B, 2>>().expect("the value boxed above")),
+fn matmul_on_autodiff<B: Backend, I: Backend>(x: Tensor<B, 2>, weight: &Arc<dyn CompressedWeight>) -> Result<Tensor<B, 2>, Tensor<B, 2>> {
+    let x = cast::<_, Tensor<Autodiff<I>, 2>>(x)?;
+    Ok(cast(recorded_matmul::<I>(x, weight)).expect("B is Autodiff<I>"))
+}
+
+/// The rows of a compact embedding `W: [vocab, hidden]` for token `ids: [batch, seq]`, giving
+/// `[batch, seq, hidden]`. A trainable `W` receives `∂W` (the output gradient's rows summed per
+/// token id) through a recorded step; a frozen one is just expanded and indexed.
+pub fn embed_compressed<B: Backend>(ids: Tensor<B, 2, Int>, weight: &Arc<dyn CompressedWeight>) -> Tensor<B, 3> {
+    let ids = if weight.is_trainable() { on_recording_backends!(embedding_on_autodiff, ids, weight) } else { ids };
+    let [batch, seq] = ids.dims();
+    let [_, hidden] = weight.dims();
+    let w = expand::<B>(weight.as_ref(), &ids.device());
+    w.select(0, ids.reshape([batch * seq])).reshape([batch, seq, hidden])
+}
+
+#[cfg_attr(not(any(feature = "ndarray", feature = "cuda")), allow(dead_code))]
+/// Runs [`recorded_embedding`] when `B` is `Autodiff<I>`; gives `ids` back otherwise.
+fn embedding_on_autodiff<B: Backend, I: Backend>(ids: Tensor<B, 2, Int>, weight: &Arc<dyn CompressedWeight>) -> Result<Tensor<B, 3>, Tensor<B, 2, Int>> {
+    let ids = cast::<_, Tensor<Autodiff<I>, 2, Int>>(ids)?;
+    Ok(cast(recorded_embedding::<I>(ids, weight)).expect("B is Autodiff<I>"))
+}
+
+/// The backward step of an embedding lookup in a trainable compact `W`: `∂W` is the output
+/// gradient's rows added at their token ids, handed to `W`.
+#[derive(Debug)]
+#[cfg_attr(not(any(feature = "ndarray", feature = "cuda")), allow(dead_code))]
+struct CompressedEmbeddingBackward;
+
+impl<I: Backend> Backward<I, 1> for CompressedEmbeddingBackward {
+    /// The weight and the flattened token ids.
+    type State = (Arc<dyn CompressedWeight>, I::IntTensorPrimitive);
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _checkpointer: &mut Checkpointer) {
+        let (weight, ids) = ops.state;
+        let ids = Tensor::<I, 1, Int>::from_primitive(ids);
+        let [vocab, hidden] = weight.dims();
+        let grad_y = Tensor::<I, 3>::from_primitive(TensorPrimitive::Float(grads.consume::<I>(&ops.node)));
+        let rows = grad_y.reshape([ids.dims()[0], hidden]);
+        let grad_w = Tensor::<I, 2>::zeros([vocab, hidden], &rows.device()).select_assign(0, ids, rows, IndexingUpdateOp::Add);
+        weight.accumulate_gradient(grad_w.into_data().convert::<f32>().into_vec::<f32>().expect("f32 after convert"));
+        // The parent is the anchor of `recorded_embedding`: it gets no gradient.
     }
+}
+
+#[cfg_attr(not(any(feature = "ndarray", feature = "cuda")), allow(dead_code))]
+/// The embedding lookup on `Autodiff<I>`, recording [`CompressedEmbeddingBackward`]. Token ids
+/// carry no gradient, so the step hangs off a fresh one-value leaf (the anchor) that makes it
+/// part of the graph.
+fn recorded_embedding<I: Backend>(ids: Tensor<Autodiff<I>, 2, Int>, weight: &Arc<dyn CompressedWeight>) -> Tensor<Autodiff<I>, 3> {
+    let [batch, seq] = ids.dims();
+    let [_, hidden] = weight.dims();
+    let ids = ids.inner().reshape([batch * seq]);
+    let device = ids.device();
+    let w = expand::<I>(weight.as_ref(), &device);
+    let y = w.select(0, ids.clone()).reshape([batch, seq, hidden]).into_primitive().tensor();
+    let anchor = Tensor::<Autodiff<I>, 1>::zeros([1], &device).require_grad().into_primitive().tensor();
+    let y = match <CompressedEmbeddingBackward as Backward<I, 1>>::prepare::<NoCheckpointing>(CompressedEmbeddingBackward, [anchor.node.clone()]).compute_bound().stateful() {
+        OpsKind::Tracked(prep) => prep.finish((weight.clone(), ids.into_primitive()), y),
+        OpsKind::UnTracked(prep) => prep.finish(y),
+    };
+    Tensor::from_primitive(TensorPrimitive::Float(y))
 }
 
 /// The backward step of `y = x Wᵀ` with a compact `W`: `∂x = ∂y W`, expanding `W` again from

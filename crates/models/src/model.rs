@@ -3,6 +3,7 @@
 //! Family differences are the switches in [`crate::family::FamilySpec`].
 
 use crate::attention::{Attention, AttentionMask, LayerCache, MaskSpec};
+use crate::compressed::{self, CompressedWeight};
 use crate::config::{Activation, ModelConfig};
 use crate::family::FamilySpec;
 use crate::layers::{Linear, RmsNorm};
@@ -10,6 +11,7 @@ use crate::rope;
 use burn::module::{Module, Param};
 use burn::tensor::activation::{gelu, gelu_approximate, silu};
 use burn::tensor::{backend::Backend, Int, Tensor, TensorData};
+use std::sync::Arc;
 
 /// Gated MLP: `down(act(gate(x)) * up(x))`.
 #[derive(Module, Debug)]
@@ -123,7 +125,7 @@ impl Batch {
 /// A causal language model of any supported family.
 #[derive(Module, Debug)]
 pub struct CausalLm<B: Backend> {
-    /// `[vocab, hidden]`.
+    /// `[vocab, hidden]`; `[0, 0]` when the embedding is held in `embed_compressed`.
     pub embed_tokens: Param<Tensor<B, 2>>,
     pub layers: Vec<DecoderLayer<B>>,
     pub norm: RmsNorm<B>,
@@ -135,6 +137,9 @@ pub struct CausalLm<B: Backend> {
     pub family: FamilySpec,
     #[module(skip)]
     pub inv_freq: Vec<f32>,
+    /// The embedding in compact form (a ZeRO-3 shard), `None` when `embed_tokens` holds it.
+    #[module(skip)]
+    pub embed_compressed: Option<Arc<dyn CompressedWeight>>,
 }
 
 impl<B: Backend> CausalLm<B> {
@@ -146,7 +151,10 @@ impl<B: Backend> CausalLm<B> {
         let [b, t] = batch.dims();
         let ids: Vec<i64> = batch.input_ids.iter().flatten().map(|&i| i as i64).collect();
         let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [b, t]), &device);
-        let mut x = burn::tensor::module::embedding(self.embed_tokens.val(), ids);
+        let mut x = match &self.embed_compressed {
+            Some(weight) => compressed::embed_compressed(ids, weight),
+            None => burn::tensor::module::embedding(self.embed_tokens.val(), ids),
+        };
         if let Some(scale) = self.family.embedding_scale {
             x = x * scale;
         }
@@ -173,7 +181,26 @@ impl<B: Backend> CausalLm<B> {
     pub fn project(&self, hidden: Tensor<B, 3>) -> Tensor<B, 3> {
         match &self.lm_head {
             Some(head) => head.forward(hidden),
-            None => crate::layers::project(hidden, self.embed_tokens.val()),
+            None => match &self.embed_compressed {
+                Some(weight) => compressed::project_compressed(hidden, weight),
+                None => crate::layers::project(hidden, self.embed_tokens.val()),
+            },
+        }
+    }
+
+    /// `[vocab, hidden]` of the embedding, whatever the storage.
+    pub fn embedding_dims(&self) -> [usize; 2] {
+        match &self.embed_compressed {
+            Some(weight) => weight.dims(),
+            None => self.embed_tokens.dims(),
+        }
+    }
+
+    /// The embedding as a dense tensor (expanded when compressed).
+    pub fn embedding_weight(&self) -> Tensor<B, 2> {
+        match &self.embed_compressed {
+            Some(weight) => compressed::expand::<B>(weight.as_ref(), &self.embed_tokens.device()),
+            None => self.embed_tokens.val(),
         }
     }
 

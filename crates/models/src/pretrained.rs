@@ -146,6 +146,7 @@ pub fn from_checkpoint_with<B: Backend>(
         config,
         family,
         inv_freq,
+        embed_compressed: None,
     })
 }
 
@@ -165,7 +166,7 @@ pub fn named_tensors<B: Backend>(model: &CausalLm<B>) -> Vec<NamedTensor> {
 pub fn for_each_named_tensor<B: Backend>(model: &CausalLm<B>, mut f: impl FnMut(NamedTensor)) {
     let mut push = |name: String, shape: Vec<usize>, v: Vec<f32>| f(NamedTensor { name, shape, values: v });
     let w2 = |l: &Linear<B>| (l.dims().to_vec(), values(l.dense_weight()));
-    push("model.embed_tokens.weight".into(), model.embed_tokens.dims().to_vec(), values(model.embed_tokens.val()));
+    push("model.embed_tokens.weight".into(), model.embedding_dims().to_vec(), values(model.embedding_weight()));
     for (l, layer) in model.layers.iter().enumerate() {
         let p = format!("model.layers.{l}");
         for (name, lin) in layer.linears() {

@@ -73,7 +73,7 @@ pub fn load_pretrained_4bit<B: Backend>(dir: &Path, device: &B::Device, config: 
 /// Bytes held by the base weights of `model`: compressed layers at their storage size, every
 /// other parameter at 4 bytes per value (f32).
 pub fn base_weight_bytes<B: Backend>(model: &CausalLm<B>) -> usize {
-    let mut bytes = model.embed_tokens.dims().iter().product::<usize>() * 4;
+    let mut bytes = model.embedding_dims().iter().product::<usize>() * 4;
     for (_, lin) in crate::lora::linear_layers(model) {
         bytes += match &lin.compressed {
             Some(c) => c.storage_bytes(),

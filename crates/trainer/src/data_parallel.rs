@@ -13,11 +13,11 @@
 //! parameters written back into the model (identical on every rank)
 //! ```
 //!
-//! ZeRO-3 also partitions the decoder's projection weights themselves ([`crate::zero3`]): they
-//! are all-gathered per matmul inside the forward and backward passes, their gradients are
-//! reduce-scattered inside the backward pass, and AdamW updates each rank's shard in place, so
-//! they are never whole between steps. The flat vector above then holds the rest (embedding,
-//! norms, adapters).
+//! ZeRO-3 also partitions the weights themselves — the embedding and the decoder projections
+//! ([`crate::zero3`]): they are all-gathered per use inside the forward and backward passes,
+//! their gradients are reduce-scattered inside the backward pass, and AdamW updates each rank's
+//! shard in place, so they are never whole between steps. The flat vector above then holds the
+//! rest (norms, adapters).
 //!
 //! Sums run in rank order on every rank (see `alignment-distributed`), so all ranks hold
 //! bit-identical weights and a run's losses match the one-process run with the same global
@@ -26,7 +26,7 @@
 //!
 //! For the flat vector, burn's backward pass produces every gradient at once, so ZeRO-2 shards
 //! the gradient kept after the reduction, not the peak inside the backward pass (ZeRO-3's
-//! projections do reduce inside it). See docs/distributed.md.
+//! partitioned weights do reduce inside it). See docs/distributed.md.
 
 use crate::optimizer::{excluded_from_decay, AdamW, AdamWConfig, Moments, StepReport};
 use crate::zero3::{self, Group, ShardedWeight};
@@ -95,9 +95,11 @@ pub struct DataParallel {
     group: Arc<Group>,
     stage: ZeroStage,
     shards: Option<Shards>,
-    /// ZeRO-3's partitioned projections, in module order (empty before [`DataParallel::partition`]).
+    /// ZeRO-3's partitioned weights, in module order (empty before [`DataParallel::partition`]).
     partitioned: Vec<PartitionedParam>,
     metric_names: Option<Vec<String>>,
+    /// Peak RSS at the end of the training steps ([`DataParallel::note_training_peak`]).
+    training_peak: Option<u64>,
 }
 
 impl std::fmt::Debug for DataParallel {
@@ -109,7 +111,7 @@ impl std::fmt::Debug for DataParallel {
 impl DataParallel {
     /// A group over `comm` with `stage`.
     pub fn new(comm: Box<dyn Communicator>, stage: ZeroStage) -> Self {
-        Self { group: Arc::new(Group::new(comm)), stage, shards: None, partitioned: Vec::new(), metric_names: None }
+        Self { group: Arc::new(Group::new(comm)), stage, shards: None, partitioned: Vec::new(), metric_names: None, training_peak: None }
     }
 
     /// The group the environment describes (torchrun/Slurm variables, the accelerate config
@@ -148,8 +150,8 @@ impl DataParallel {
         Ok(self.group.lock().barrier()?)
     }
 
-    /// ZeRO-3: replaces the model's trainable projections by this rank's shards of them (see
-    /// [`crate::zero3`]); other stages return `model` as it is. Call once, after
+    /// ZeRO-3: replaces the model's trainable embedding and projections by this rank's shards
+    /// of them (see [`crate::zero3`]); other stages return `model` as it is. Call once, after
     /// [`DataParallel::broadcast_parameters`].
     pub fn partition<B: AutodiffBackend>(&mut self, model: CausalLm<B>) -> Result<CausalLm<B>, TrainError> {
         if self.stage != ZeroStage::Zero3 {
@@ -238,7 +240,7 @@ impl DataParallel {
         let mut flat_grads = flatten_grads::<B, M>(&model, grads, &shards.segments);
         let owned_grads = plan.reduce_gradients(comm, &mut flat_grads)?; // the owned range of the sum
         drop(flat_grads);
-        // ZeRO-3's projections: their gradient shards were summed inside the backward pass.
+        // ZeRO-3's partitioned weights: their gradient shards were summed inside the backward pass.
         let partitioned_grads: Vec<Vec<f32>> = partitioned.iter().map(|p| p.weight.take_gradient()).collect();
         let grad_norm = if partitioned.is_empty() {
             plan.global_sq_norm(comm, &owned_grads)?.sqrt()
@@ -326,11 +328,19 @@ impl DataParallel {
         Ok(())
     }
 
-    /// One line for the rank's log: what it keeps between steps and its peak resident memory.
+    /// Records the process's peak resident memory so far as the training steps' peak (the loop
+    /// calls it after its last step, before the final model is gathered and saved).
+    pub fn note_training_peak(&mut self) {
+        self.training_peak = alignment_core::memory::peak_rss_bytes();
+    }
+
+    /// One line for the rank's log: what it keeps between steps and its peak resident memory
+    /// during the steps and overall.
     pub fn memory_summary(&self) -> String {
         let held = self.held_state();
         let mib = |b: usize| b as f64 / (1024.0 * 1024.0);
-        let peak = alignment_core::memory::peak_rss_bytes().map_or("unknown".to_string(), |b| format!("{:.0} MiB", mib(b as usize)));
+        let show = |b: Option<u64>| b.map_or("unknown".to_string(), |b| format!("{:.0} MiB", mib(b as usize)));
+        let peak = format!("{} during the steps, {} overall", show(self.training_peak), show(alignment_core::memory::peak_rss_bytes()));
         format!(
             "rank {}/{} ({:?}): kept between steps: parameters {:.1} MiB, gradients {:.1} MiB, AdamW moments {:.1} MiB; peak RSS {peak}",
             self.rank(),
@@ -349,7 +359,7 @@ impl DataParallel {
         // The summed gradient a reduction leaves: all of it for DDP and ZeRO-1 (all-reduce), the
         // own shard for ZeRO-2/3 (reduce-scatter).
         let grads = if self.stage.shards_gradients() { s.plan.owned_range().len() } else { total };
-        // ZeRO-3's projections: only the own shard of values, gradient and moments.
+        // ZeRO-3's partitioned weights: only the own shard of values, gradient and moments.
         let shard: usize = self.partitioned.iter().map(|p| p.exp_avg.len()).sum();
         HeldState { params: 4 * (total + shard), grads: 4 * (grads + shard), optimizer: 4 * (s.exp_avg.len() + s.exp_avg_sq.len() + 2 * shard) }
     }

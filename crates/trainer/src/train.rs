@@ -297,7 +297,7 @@ pub fn train_with<B: AutodiffBackend, T: Task>(
     }
     if let Some(p) = parallel.as_deref_mut() {
         model = p.broadcast_parameters(model)?;
-        model = p.partition(model)?; // ZeRO-3: each rank keeps its shard of the projections
+        model = p.partition(model)?; // ZeRO-3: each rank keeps its shard of the embedding and projections
         if config.resume_from.is_some() {
             p.restore_optimizer(&model, &optimizer)?; // this rank's shard of the moments
             optimizer.state.clear();
@@ -438,7 +438,8 @@ pub fn train_with<B: AutodiffBackend, T: Task>(
         }
     }
     bar.finish();
-    if let Some(p) = parallel.as_deref() {
+    if let Some(p) = parallel.as_deref_mut() {
+        p.note_training_peak();
         model = p.gathered(&model)?; // the whole model on every rank (collective with ZeRO-3)
     }
     let history = log.as_ref().map(|l| l.history().to_vec()).unwrap_or_default();

@@ -1,7 +1,7 @@
-//! ZeRO-3's parameter partitioning, layer by layer: each decoder projection (and an untied
-//! `lm_head`) lives on every rank as a 1/N shard, is all-gathered for each matmul of the forward
-//! and backward pass and dropped after it, and its gradient is reduce-scattered inside the
-//! backward pass into the owning rank's shard.
+//! ZeRO-3's parameter partitioning, layer by layer: the embedding, each decoder projection and an
+//! untied `lm_head` live on every rank as 1/N shards, are all-gathered for each use in the
+//! forward and backward pass (a lookup, a matmul) and dropped after it, and their gradients are
+//! reduce-scattered inside the backward pass into the owning rank's shard.
 //!
 //! ```text
 //! forward,  per projection:  W = all_gather(shards);  y = x Wᵀ;  drop W
@@ -17,14 +17,16 @@
 //! examples a zero-weighted pass); each gradient reduction first checks that all ranks are at the
 //! same weight, so a divergence is an error, not a silent mix-up.
 //!
-//! The embedding and the norms stay whole in the model and are partitioned as ZeRO-2 does
-//! (gradient and optimizer state); for a 7B Llama/Mistral they are ~2% of the parameters.
+//! The norms (one `hidden`-sized vector each, ~0.003 % of a 7B model) stay whole in the model
+//! and are partitioned as ZeRO-2 does (gradient and optimizer state), as DeepSpeed keeps
+//! parameters below its persistence threshold whole.
 
 use alignment_distributed::{Communicator, DistError, ShardLayout};
 use crate::TrainError;
 use alignment_models::compressed::{self, CompressedWeight};
 use alignment_models::layers::Linear;
 use alignment_models::CausalLm;
+use burn::module::Param;
 use burn::tensor::backend::Backend;
 use burn::tensor::{Tensor, TensorData};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -203,8 +205,9 @@ fn partitionable<B: Backend>(model: &mut CausalLm<B>) -> Vec<(String, &mut Linea
     out
 }
 
-/// Replaces each trainable dense projection of `model` by this rank's shard of it (adapters are
-/// kept). Returns the model and its sharded weights in module order. Fails on a backend whose
+/// Replaces the trainable embedding and each trainable dense projection of `model` by this
+/// rank's shard of it (adapters are kept). Returns the model and its sharded weights in module
+/// order (embedding first). Fails on a backend whose
 /// backward pass would not compute the shards' gradients (see `compressed::records_backward`).
 pub fn partition<B: Backend>(mut model: CausalLm<B>, group: &Arc<Group>) -> Result<(CausalLm<B>, Vec<Arc<ShardedWeight>>), TrainError> {
     if !compressed::records_backward::<B>() {
@@ -217,7 +220,18 @@ pub fn partition<B: Backend>(mut model: CausalLm<B>, group: &Arc<Group>) -> Resu
         });
     }
     let mut sharded = Vec::new();
+    if model.embed_compressed.is_none() && model.embed_tokens.is_require_grad() {
+        let device = model.embed_tokens.device();
+        let dims = model.embed_tokens.dims();
+        let dense = model.embed_tokens.val().into_data().convert::<f32>().into_vec::<f32>().expect("f32 after convert");
+        let weight = Arc::new(ShardedWeight::new("embed_tokens".into(), 0, dims, &dense, group.clone()));
+        model.embed_tokens = Param::from_tensor(Tensor::zeros([0, 0], &device)).set_require_grad(false);
+        model.embed_compressed = Some(weight.clone());
+        sharded.push(weight);
+    }
+    let first = sharded.len();
     for (index, (path, linear)) in partitionable(&mut model).into_iter().enumerate() {
+        let index = first + index;
         let dims = linear.dims();
         let device = linear.weight.device();
         let dense = linear.weight.val().into_data().convert::<f32>().into_vec::<f32>().expect("f32 after convert");
@@ -235,6 +249,14 @@ pub fn partition<B: Backend>(mut model: CausalLm<B>, group: &Arc<Group>) -> Resu
 /// dense, trainable parameters (a collective: every rank calls it), e.g. to save the model.
 pub fn gathered<B: Backend>(model: &CausalLm<B>, sharded: &[Arc<ShardedWeight>]) -> Result<CausalLm<B>, DistError> {
     let mut model = model.clone();
+    let mut sharded = sharded.iter();
+    if model.embed_compressed.as_ref().is_some_and(|w| w.is_trainable()) {
+        let weight = sharded.next().expect("the embedding is the first sharded weight");
+        let dense = weight.gather()?;
+        let device = model.embed_tokens.device();
+        model.embed_tokens = Param::from_tensor(Tensor::from_data(TensorData::new(dense, weight.dims), &device));
+        model.embed_compressed = None;
+    }
     let layers = model.layers.iter_mut().flat_map(|l| l.linears_mut().into_iter().map(|(_, linear)| linear));
     // A frozen compressed base (QLoRA) is the same on every rank and stays as it is.
     let partitioned = layers.chain(model.lm_head.as_mut()).filter(|l| l.compressed.as_ref().is_some_and(|w| w.is_trainable()));

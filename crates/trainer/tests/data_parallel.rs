@@ -1,7 +1,7 @@
 //! Data-parallel training across real processes (DDP, ZeRO-1/2/3 over the TCP communicator):
 //! two ranks with the same global batch log the loss curve of one process (≤1e-5 relative) and
 //! end with bit-identical weights on every rank; the state each rank keeps shrinks as the stage
-//! rises (ZeRO-3: the decoder projections are held as half-shards, gathered per matmul); a
+//! rises (ZeRO-3: the embedding and projections are held as half-shards, gathered per use); a
 //! checkpoint written by 2 ranks resumes on 1 and one written by 1 resumes on 2 (ZeRO-2 and
 //! ZeRO-3 both ways); a rank that dies — between steps or inside ZeRO-3's passes — makes the
 //! others stop with an error naming it instead of hanging.
@@ -67,10 +67,12 @@ fn logged(history: &[serde_json::Map<String, serde_json::Value>], key: &str) -> 
     history.iter().filter_map(|e| Some((e.get("step")?.as_u64()?, e.get(key)?.as_f64()?))).collect()
 }
 
-/// Values in the decoder projections (and an untied `lm_head`): what ZeRO-3 partitions.
-fn projection_values(model: &CausalLm<CpuAutodiff>) -> usize {
+/// Values in the embedding, the decoder projections and an untied `lm_head`: what ZeRO-3
+/// partitions.
+fn partitioned_values(model: &CausalLm<CpuAutodiff>) -> usize {
     let layers = model.layers.iter().flat_map(|l| l.linears().map(|(_, linear)| linear.dims()));
-    layers.chain(model.lm_head.iter().map(|h| h.dims())).map(|[o, i]| o * i).sum()
+    let dims = std::iter::once(model.embedding_dims()).chain(layers).chain(model.lm_head.iter().map(|h| h.dims()));
+    dims.map(|[o, i]| o * i).sum()
 }
 
 fn weights_digest(model: &CausalLm<CpuAutodiff>) -> Vec<u32> {
@@ -202,18 +204,18 @@ fn two_ranks_match_one_process_for_every_stage_and_shard_their_state() {
         assert!(out.join("run/checkpoint-3/optimizer.safetensors").is_file(), "{stage}: rank 0 saves checkpoints");
     }
     // Persistent state per rank: DDP keeps everything; ZeRO-1 shards the moments, ZeRO-2 also
-    // the gradients (halves on 2 ranks, up to a few bytes per shard), ZeRO-3 also the decoder
-    // projections' values (the embedding and norms stay whole: `rest` below).
+    // the gradients (halves on 2 ranks, up to a few bytes per shard), ZeRO-3 also the values of
+    // the embedding and projections (the norms stay whole: `rest` below).
     let full = held[0].1 .0;
-    let projections = 4 * projection_values(&load_pretrained::<CpuAutodiff>(&fixture(), &device).unwrap()) as u64;
-    let rest = full - projections;
+    let partitioned = 4 * partitioned_values(&load_pretrained::<CpuAutodiff>(&fixture(), &device).unwrap()) as u64;
+    let rest = full - partitioned;
     let near = |x: u64, y: u64| x.abs_diff(y) <= 64;
     let half = |x: u64| near(x, full / 2);
     let (ddp, z1, z2, z3) = (&held[0], &held[1], &held[2], &held[3]);
     assert!(ddp.1 .0 == full && ddp.2 .0 == full && ddp.3 .0 == 2 * full, "{ddp:?}");
     assert!(z1.1 .0 == full && z1.2 .0 == full && half(z1.3 .0 / 2), "{z1:?}");
     assert!(z2.1 .0 == full && half(z2.2 .0) && half(z2.3 .0 / 2), "{z2:?}");
-    assert!(near(z3.1 .0, rest + projections / 2) && half(z3.2 .0) && half(z3.3 .0 / 2), "{z3:?} (projections {projections} of {full} bytes)");
+    assert!(near(z3.1 .0, rest + partitioned / 2) && half(z3.2 .0) && half(z3.3 .0 / 2), "{z3:?} (partitioned {partitioned} of {full} bytes)");
     for (stage, (p0, p1), (g0, g1), (o0, o1)) in &held {
         println!("| {stage} | {p0} / {p1} | {g0} / {g1} | {o0} / {o1} | {} / {} |", p0 + g0 + o0, p1 + g1 + o1);
     }

@@ -1,7 +1,7 @@
-//! ZeRO-3's partitioned projections inside one process (a world of one): the model with its
-//! projections held as `ShardedWeight`s computes the dense model's loss, hands each projection
-//! the dense model's weight gradient through the recorded backward step (and every other
-//! parameter its usual gradient), and gathers back to the same weights. The multi-rank
+//! ZeRO-3's partitioned weights inside one process (a world of one): the model with its
+//! embedding and projections held as `ShardedWeight`s computes the dense model's loss, hands
+//! each of them the dense model's weight gradient through the recorded backward steps (the
+//! norms keep their usual gradients), and gathers back to the same weights. The multi-rank
 //! behaviour (halves, collectives inside the passes) is in data_parallel.rs.
 
 mod common;
@@ -27,12 +27,13 @@ fn max_abs_difference(a: &[f32], b: &[f32]) -> f32 {
 }
 
 #[test]
-fn partitioned_projections_get_the_dense_gradients_and_gather_back() {
+fn partitioned_weights_get_the_dense_gradients_and_gather_back() {
     let device = Default::default();
     let dense = load_pretrained::<CpuAutodiff>(&fixture(), &device).unwrap();
     let group = Arc::new(Group::new(Box::new(LocalCommunicator::new())));
     let (sharded, weights) = partition(dense.clone(), &group).unwrap();
-    assert_eq!(weights.len(), 7 * dense.layers.len() + usize::from(dense.lm_head.is_some()));
+    assert_eq!(weights.len(), 1 + 7 * dense.layers.len() + usize::from(dense.lm_head.is_some()));
+    assert_eq!(sharded.embed_tokens.dims(), [0, 0], "the dense embedding is gone");
     for layer in &sharded.layers {
         for (name, linear) in layer.linears() {
             assert_eq!(linear.weight.dims(), [0, 0], "{name}: the dense parameter is gone");
@@ -51,10 +52,11 @@ fn partitioned_projections_get_the_dense_gradients_and_gather_back() {
     let dense_grads = sft.loss(&dense, &batch, &device).0.backward();
     let sharded_grads = sft.loss(&sharded, &batch, &device).0.backward();
     group.check().unwrap();
-    let dense_linears = dense.layers.iter().flat_map(|l| l.linears().map(|(_, linear)| linear.weight.clone()));
+    let dense_linears = dense.layers.iter().flat_map(|l| l.linears().map(|(_, linear)| values(linear.weight.grad(&dense_grads).unwrap())));
+    // The embedding first (tied: its gradient sums the lookup's and the head's).
+    let dense_weights = std::iter::once(values(dense.embed_tokens.grad(&dense_grads).unwrap())).chain(dense_linears);
     let mut worst = 0.0f32;
-    for (weight, dense_weight) in weights.iter().zip(dense_linears) {
-        let expected = values(dense_weight.grad(&dense_grads).unwrap());
+    for (weight, expected) in weights.iter().zip(dense_weights) {
         let got = weight.take_gradient();
         let scale = expected.iter().fold(0.0f32, |m, g| m.max(g.abs()));
         let diff = max_abs_difference(&expected, &got);
@@ -63,10 +65,10 @@ fn partitioned_projections_get_the_dense_gradients_and_gather_back() {
         assert!(weight.take_gradient().iter().all(|&g| g == 0.0), "taking the gradient resets it");
     }
     println!("largest ∂W difference relative to the largest entry: {worst:.2e}");
-    // The embedding (tied head) and norms stay ordinary parameters with ordinary gradients.
-    let embedding = |m: &alignment_models::CausalLm<CpuAutodiff>, g| values(m.embed_tokens.grad(g).unwrap());
-    let diff = max_abs_difference(&embedding(&dense, &dense_grads), &embedding(&sharded, &sharded_grads));
-    assert!(diff <= 1e-6, "embedding gradient differs by {diff:e}");
+    // The norms stay ordinary parameters with ordinary gradients.
+    let norm = |m: &alignment_models::CausalLm<CpuAutodiff>, g| values(m.norm.weight.grad(g).unwrap());
+    let diff = max_abs_difference(&norm(&dense, &dense_grads), &norm(&sharded, &sharded_grads));
+    assert!(diff <= 1e-6, "final norm gradient differs by {diff:e}");
 
     let whole = gathered(&sharded.valid(), &weights).unwrap();
     let digest = |m: &alignment_models::CausalLm<_>| alignment_models::pretrained::named_tensors(m).into_iter().map(|t| (t.name, t.values)).collect::<Vec<_>>();
