@@ -32,6 +32,7 @@ use crate::optimizer::{excluded_from_decay, AdamW, AdamWConfig, Moments, StepRep
 use crate::zero3::{self, Group, ShardedWeight};
 use crate::TrainError;
 use alignment_distributed::{AccelerateConfig, Communicator, DistEnv, ShardLayout, TcpCommunicator, ZeroPlan, ZeroStage};
+use alignment_models::compressed::CompressedWeight;
 use alignment_models::CausalLm;
 use std::ops::Range;
 use std::sync::Arc;
@@ -96,6 +97,8 @@ pub struct DataParallel {
     stage: ZeroStage,
     shards: Option<Shards>,
     /// ZeRO-3's partitioned weights, in module order (empty before [`DataParallel::partition`]).
+    sharded: Vec<Arc<ShardedWeight>>,
+    /// The trainable ones among them, with their moments.
     partitioned: Vec<PartitionedParam>,
     metric_names: Option<Vec<String>>,
     /// Peak RSS at the end of the training steps ([`DataParallel::note_training_peak`]).
@@ -111,7 +114,7 @@ impl std::fmt::Debug for DataParallel {
 impl DataParallel {
     /// A group over `comm` with `stage`.
     pub fn new(comm: Box<dyn Communicator>, stage: ZeroStage) -> Self {
-        Self { group: Arc::new(Group::new(comm)), stage, shards: None, partitioned: Vec::new(), metric_names: None, training_peak: None }
+        Self { group: Arc::new(Group::new(comm)), stage, shards: None, sharded: Vec::new(), partitioned: Vec::new(), metric_names: None, training_peak: None }
     }
 
     /// The group the environment describes (torchrun/Slurm variables, the accelerate config
@@ -158,14 +161,15 @@ impl DataParallel {
             return Ok(model);
         }
         let (model, sharded) = zero3::partition(model, &self.group)?;
-        self.partitioned = sharded.into_iter().map(PartitionedParam::new).collect();
+        self.partitioned = sharded.iter().filter(|w| w.is_trainable()).cloned().map(PartitionedParam::new).collect();
+        self.sharded = sharded;
         Ok(model)
     }
 
     /// Whether every rank must run each forward and backward pass together (ZeRO-3 gathers
     /// weights inside them): a rank without examples then runs a zero-weighted pass.
     pub fn needs_lockstep(&self) -> bool {
-        !self.partitioned.is_empty()
+        !self.sharded.is_empty()
     }
 
     /// The first failure of a collective inside the last forward/backward pass (ZeRO-3).
@@ -176,11 +180,10 @@ impl DataParallel {
     /// The model with every partitioned weight whole again, identical on every rank (a
     /// collective with ZeRO-3; a clone otherwise), e.g. for rank 0 to save.
     pub fn gathered<B: Backend>(&self, model: &CausalLm<B>) -> Result<CausalLm<B>, TrainError> {
-        if self.partitioned.is_empty() {
+        if self.sharded.is_empty() {
             return Ok(model.clone());
         }
-        let weights: Vec<Arc<ShardedWeight>> = self.partitioned.iter().map(|p| p.weight.clone()).collect();
-        Ok(zero3::gathered(model, &weights)?)
+        Ok(zero3::gathered(model, &self.sharded)?)
     }
 
     /// This rank's part of a micro-batch of the global step: contiguous, sizes differing by at

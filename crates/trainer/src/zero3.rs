@@ -12,14 +12,15 @@
 //!
 //! The mechanism is `alignment_models::compressed` (QLoRA's expand-per-matmul with its own
 //! recorded backward step): a [`ShardedWeight`] is a [`CompressedWeight`] whose expansion is an
-//! all-gather and which is trainable. Collectives inside the passes require every rank to run
+//! all-gather and which is trainable (unless its parameter was frozen, as a LoRA base is: then
+//! it is only gathered). Collectives inside the passes require every rank to run
 //! the same forward and backward passes in the same order (the loop gives a rank without
 //! examples a zero-weighted pass); each gradient reduction first checks that all ranks are at the
 //! same weight, so a divergence is an error, not a silent mix-up.
 //!
 //! The norms (one `hidden`-sized vector each, ~0.003 % of a 7B model) stay whole in the model
 //! and are partitioned as ZeRO-2 does (gradient and optimizer state), as DeepSpeed keeps
-//! parameters below its persistence threshold whole.
+//! parameters below its persistence threshold whole. QLoRA's NF4 base is not partitioned.
 
 use alignment_distributed::{Communicator, DistError, ShardLayout};
 use crate::TrainError;
@@ -93,6 +94,8 @@ pub struct ShardedWeight {
     dims: [usize; 2],
     layout: ShardLayout,
     rank: usize,
+    /// Frozen weights (a LoRA base) are only gathered, never given a gradient.
+    trainable: bool,
     group: Arc<Group>,
     values: Mutex<Vec<f32>>,
     grad: Mutex<Vec<f32>>,
@@ -100,15 +103,15 @@ pub struct ShardedWeight {
 
 impl ShardedWeight {
     /// This rank's shard of `dense` (`[out, in]`, row-major).
-    fn new(path: String, index: usize, dims: [usize; 2], dense: &[f32], group: Arc<Group>) -> Self {
+    fn new(path: String, index: usize, dims: [usize; 2], dense: &[f32], trainable: bool, group: Arc<Group>) -> Self {
         let (rank, world) = {
             let comm = group.lock();
             (comm.rank(), comm.world_size())
         };
         let layout = ShardLayout::new(dims[0] * dims[1], world);
         let range = layout.range(rank);
-        let owned = range.len();
-        Self { path, index, dims, layout, rank, group, values: Mutex::new(dense[range].to_vec()), grad: Mutex::new(vec![0.0; owned]) }
+        let grad = vec![0.0; if trainable { range.len() } else { 0 }];
+        Self { path, index, dims, layout, rank, trainable, group, values: Mutex::new(dense[range].to_vec()), grad: Mutex::new(grad) }
     }
 
     /// Offset of this rank's shard in the flattened weight.
@@ -156,11 +159,11 @@ impl CompressedWeight for ShardedWeight {
     }
 
     fn recompress(&self, values: &[f32]) -> Arc<dyn CompressedWeight> {
-        Arc::new(Self::new(self.path.clone(), self.index, self.dims, values, self.group.clone()))
+        Arc::new(Self::new(self.path.clone(), self.index, self.dims, values, self.trainable, self.group.clone()))
     }
 
     fn is_trainable(&self) -> bool {
-        true
+        self.trainable
     }
 
     /// Reduce-scatters `grad` and adds this rank's part to the shard's gradient, after checking
@@ -189,8 +192,9 @@ impl CompressedWeight for ShardedWeight {
     }
 }
 
-/// The linear maps ZeRO-3 partitions, with their parameter paths: every trainable dense
-/// projection of the decoder layers and an untied `lm_head`, in module order.
+/// The linear maps ZeRO-3 partitions, with their parameter paths: every dense projection of
+/// the decoder layers and an untied `lm_head`, in module order (not QLoRA's NF4 weights, which
+/// are compact already).
 fn partitionable<B: Backend>(model: &mut CausalLm<B>) -> Vec<(String, &mut Linear<B>)> {
     let mut out = Vec::new();
     for (i, layer) in model.layers.iter_mut().enumerate() {
@@ -201,14 +205,21 @@ fn partitionable<B: Backend>(model: &mut CausalLm<B>) -> Vec<(String, &mut Linea
     if let Some(head) = model.lm_head.as_mut() {
         out.push(("lm_head.weight".to_string(), head));
     }
-    out.retain(|(_, linear)| linear.compressed.is_none() && linear.weight.is_require_grad());
+    out.retain(|(_, linear)| linear.compressed.is_none());
     out
 }
 
-/// Replaces the trainable embedding and each trainable dense projection of `model` by this
-/// rank's shard of it (adapters are kept). Returns the model and its sharded weights in module
-/// order (embedding first). Fails on a backend whose
-/// backward pass would not compute the shards' gradients (see `compressed::records_backward`).
+/// This rank's shard of a dense `weight` parameter, and the empty placeholder that replaces it.
+fn shard_of<B: Backend>(weight: &Param<Tensor<B, 2>>, path: String, index: usize, group: &Arc<Group>) -> (Arc<ShardedWeight>, Param<Tensor<B, 2>>) {
+    let dense = weight.val().into_data().convert::<f32>().into_vec::<f32>().expect("f32 after convert");
+    let sharded = Arc::new(ShardedWeight::new(path, index, weight.dims(), &dense, weight.is_require_grad(), group.clone()));
+    (sharded, Param::from_tensor(Tensor::zeros([0, 0], &weight.device())).set_require_grad(false))
+}
+
+/// Replaces the embedding and each dense projection of `model` by this rank's shard of it
+/// (trainable or frozen, as the parameter was; adapters are kept). Returns the model and its
+/// sharded weights in module order (embedding first). Fails on a backend whose backward pass
+/// would not compute the shards' gradients (see `compressed::records_backward`).
 pub fn partition<B: Backend>(mut model: CausalLm<B>, group: &Arc<Group>) -> Result<(CausalLm<B>, Vec<Arc<ShardedWeight>>), TrainError> {
     if !compressed::records_backward::<B>() {
         return Err(TrainError::Config {
@@ -220,52 +231,49 @@ pub fn partition<B: Backend>(mut model: CausalLm<B>, group: &Arc<Group>) -> Resu
         });
     }
     let mut sharded = Vec::new();
-    if model.embed_compressed.is_none() && model.embed_tokens.is_require_grad() {
-        let device = model.embed_tokens.device();
-        let dims = model.embed_tokens.dims();
-        let dense = model.embed_tokens.val().into_data().convert::<f32>().into_vec::<f32>().expect("f32 after convert");
-        let weight = Arc::new(ShardedWeight::new("embed_tokens".into(), 0, dims, &dense, group.clone()));
-        model.embed_tokens = Param::from_tensor(Tensor::zeros([0, 0], &device)).set_require_grad(false);
+    if model.embed_compressed.is_none() {
+        let (weight, placeholder) = shard_of(&model.embed_tokens, "embed_tokens".into(), 0, group);
+        model.embed_tokens = placeholder;
         model.embed_compressed = Some(weight.clone());
         sharded.push(weight);
     }
     let first = sharded.len();
     for (index, (path, linear)) in partitionable(&mut model).into_iter().enumerate() {
-        let index = first + index;
-        let dims = linear.dims();
-        let device = linear.weight.device();
-        let dense = linear.weight.val().into_data().convert::<f32>().into_vec::<f32>().expect("f32 after convert");
-        let weight = Arc::new(ShardedWeight::new(path, index, dims, &dense, group.clone()));
-        drop(dense);
-        let lora = linear.lora.take();
-        *linear = Linear::from_compressed(weight.clone(), &device);
-        linear.lora = lora;
+        let (weight, placeholder) = shard_of(&linear.weight, path, first + index, group);
+        linear.weight = placeholder;
+        linear.compressed = Some(weight.clone());
         sharded.push(weight);
     }
     Ok((model, sharded))
 }
 
-/// `model` with its `sharded` projections (as [`partition`] returned them) gathered back into
-/// dense, trainable parameters (a collective: every rank calls it), e.g. to save the model.
+/// The one of `sharded` that `weight` is, if any.
+fn find<'a>(weight: &Option<Arc<dyn CompressedWeight>>, sharded: &'a [Arc<ShardedWeight>]) -> Option<&'a Arc<ShardedWeight>> {
+    let weight = weight.as_ref()?;
+    sharded.iter().find(|s| std::ptr::addr_eq(Arc::as_ptr(weight), Arc::as_ptr(s)))
+}
+
+/// The dense parameter for a gathered weight (trainable as the weight was).
+fn dense_param<B: Backend>(weight: &ShardedWeight, device: &B::Device) -> Result<Param<Tensor<B, 2>>, DistError> {
+    let tensor = Tensor::<B, 2>::from_data(TensorData::new(weight.gather()?, weight.dims), device);
+    Ok(Param::from_tensor(tensor).set_require_grad(weight.trainable))
+}
+
+/// `model` with its `sharded` weights (as [`partition`] returned them) gathered back into dense
+/// parameters (a collective: every rank calls it), e.g. to save the model.
 pub fn gathered<B: Backend>(model: &CausalLm<B>, sharded: &[Arc<ShardedWeight>]) -> Result<CausalLm<B>, DistError> {
     let mut model = model.clone();
-    let mut sharded = sharded.iter();
-    if model.embed_compressed.as_ref().is_some_and(|w| w.is_trainable()) {
-        let weight = sharded.next().expect("the embedding is the first sharded weight");
-        let dense = weight.gather()?;
-        let device = model.embed_tokens.device();
-        model.embed_tokens = Param::from_tensor(Tensor::from_data(TensorData::new(dense, weight.dims), &device));
+    if let Some(weight) = find(&model.embed_compressed, sharded) {
+        model.embed_tokens = dense_param(weight, &model.embed_tokens.device())?;
         model.embed_compressed = None;
     }
     let layers = model.layers.iter_mut().flat_map(|l| l.linears_mut().into_iter().map(|(_, linear)| linear));
-    // A frozen compressed base (QLoRA) is the same on every rank and stays as it is.
-    let partitioned = layers.chain(model.lm_head.as_mut()).filter(|l| l.compressed.as_ref().is_some_and(|w| w.is_trainable()));
-    for (linear, weight) in partitioned.zip(sharded) {
-        let dense = weight.gather()?;
-        let tensor = Tensor::<B, 2>::from_data(TensorData::new(dense, weight.dims), &linear.weight.device());
-        let lora = linear.lora.take();
-        *linear = Linear::new(tensor);
-        linear.lora = lora;
+    for linear in layers.chain(model.lm_head.as_mut()) {
+        // A QLoRA base is not one of them: it is the same on every rank and stays compact.
+        if let Some(weight) = find(&linear.compressed, sharded) {
+            linear.weight = dense_param(weight, &linear.weight.device())?;
+            linear.compressed = None;
+        }
     }
     Ok(model)
 }

@@ -17,7 +17,8 @@ use alignment_distributed::launch::free_port;
 use alignment_models::{load_pretrained, CausalLm};
 use alignment_trainer::checkpoint::list_checkpoints;
 use alignment_trainer::train::SaveStrategy;
-use alignment_trainer::{train, train_with, DataParallel, Recipe, TrainerConfig};
+use alignment_peft::{apply_lora, LoraConfig, TargetModules};
+use alignment_trainer::{train, train_with, AdapterOutput, DataParallel, Recipe, TrainerConfig};
 use common::{fixture, task, HookedSft};
 use serde_json::json;
 use std::path::{Path, PathBuf};
@@ -112,7 +113,8 @@ fn rank_process_entry_point() {
     };
     let device = Default::default();
     let model = load_pretrained::<CpuAutodiff>(&fixture(), &device).unwrap();
-    let config = config(&out.join("run"), GLOBAL_BATCH / world, resume);
+    let mut config = config(&out.join("run"), GLOBAL_BATCH / world, resume);
+    let model = if std::env::var("DP_TEST_LORA").is_ok() { with_lora(model, &mut config) } else { model };
     match train_with(model, &task, &examples(), &eval_examples(), &config, &device, Some(&mut parallel)) {
         Ok((model, outcome)) => {
             let held = parallel.held_state();
@@ -127,6 +129,13 @@ fn rank_process_entry_point() {
             std::process::exit(2);
         }
     }
+}
+
+/// `model` with LoRA adapters on all linear maps, `config` saving adapters.
+fn with_lora(model: CausalLm<CpuAutodiff>, config: &mut TrainerConfig) -> CausalLm<CpuAutodiff> {
+    let lora = LoraConfig::new(4, 8.0, TargetModules::AllLinear);
+    config.adapter = Some(AdapterOutput { lora: lora.clone(), base_model_name_or_path: fixture().display().to_string() });
+    apply_lora(model, &lora, 0).unwrap()
 }
 
 /// Runs `world` rank processes with the accelerate config `stage_config`; returns their outputs.
@@ -219,6 +228,23 @@ fn two_ranks_match_one_process_for_every_stage_and_shard_their_state() {
     for (stage, (p0, p1), (g0, g1), (o0, o1)) in &held {
         println!("| {stage} | {p0} / {p1} | {g0} / {g1} | {o0} / {o1} | {} / {} |", p0 + g0 + o0, p1 + g1 + o1);
     }
+}
+
+/// LoRA under ZeRO-3: the frozen base is partitioned too (only gathered, never given a
+/// gradient); the adapters train as in one process.
+#[test]
+fn lora_on_zero3_ranks_matches_one_process() {
+    let root = tempfile::tempdir().unwrap();
+    let device = Default::default();
+    let mut single_config = config(&root.path().join("single"), GLOBAL_BATCH, None);
+    let model = with_lora(load_pretrained::<CpuAutodiff>(&fixture(), &device).unwrap(), &mut single_config);
+    let (_, single) = train(model, &task(), &examples(), &eval_examples(), &single_config, &device).unwrap();
+    let out = root.path().join("ranks");
+    check_ok(&launch(2, "deepspeed_zero3.yaml", &out, &[("DP_TEST_LORA", "1".into())]));
+    let diff = max_relative_difference(&losses(&single.history), &report_losses(&report(&out, 0)));
+    println!("LoRA, ZeRO-3: max relative loss difference vs one process {diff:.2e}");
+    assert!(diff <= 1e-5, "{diff:e}");
+    assert!(out.join("run/adapter_model.safetensors").is_file(), "rank 0 saves the adapter");
 }
 
 #[test]

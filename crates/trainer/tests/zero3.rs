@@ -74,3 +74,35 @@ fn partitioned_weights_get_the_dense_gradients_and_gather_back() {
     let digest = |m: &alignment_models::CausalLm<_>| alignment_models::pretrained::named_tensors(m).into_iter().map(|t| (t.name, t.values)).collect::<Vec<_>>();
     assert!(digest(&whole) == digest(&dense.valid()), "gathering gives back the exact weights");
 }
+
+/// With LoRA the base is frozen: it is partitioned all the same (only gathered, no gradient is
+/// computed for it), and the adapters get the dense model's gradients.
+#[test]
+fn a_frozen_lora_base_is_partitioned_and_adapters_get_the_dense_gradients() {
+    use alignment_models::compressed::CompressedWeight;
+    use alignment_peft::{apply_lora, LoraConfig, TargetModules};
+    let device = Default::default();
+    let lora = LoraConfig::new(4, 8.0, TargetModules::AllLinear);
+    let dense = apply_lora(load_pretrained::<CpuAutodiff>(&fixture(), &device).unwrap(), &lora, 0).unwrap();
+    let group = Arc::new(Group::new(Box::new(LocalCommunicator::new())));
+    let (sharded, weights) = partition(dense.clone(), &group).unwrap();
+    assert_eq!(weights.len(), 1 + 7 * dense.layers.len() + usize::from(dense.lm_head.is_some()));
+    assert!(weights.iter().all(|w| !w.is_trainable()), "the base is frozen");
+
+    let data = examples(3);
+    let batch: Vec<_> = data.iter().collect();
+    let dense_grads = task().loss(&dense, &batch, &device).0.backward();
+    let sharded_grads = task().loss(&sharded, &batch, &device).0.backward();
+    group.check().unwrap();
+    let adapters = |m: &alignment_models::CausalLm<CpuAutodiff>, g| -> Vec<Vec<f32>> {
+        m.layers.iter().flat_map(|l| l.linears().map(|(_, linear)| linear.lora.as_ref().unwrap())).flat_map(|a| [values(a.a.grad(g).unwrap()), values(a.b.grad(g).unwrap())]).collect()
+    };
+    let (expected, got) = (adapters(&dense, &dense_grads), adapters(&sharded, &sharded_grads));
+    assert_eq!(expected.len(), 2 * 7 * dense.layers.len());
+    for (e, g) in expected.iter().zip(&got) {
+        let scale = e.iter().fold(0.0f32, |m, x| m.max(x.abs()));
+        assert!(max_abs_difference(e, g) <= 1e-5 * scale.max(1e-12), "adapter gradient differs");
+    }
+    let whole = gathered(&sharded.valid(), &weights).unwrap();
+    assert!(!whole.embed_tokens.is_require_grad() && !whole.layers[0].self_attn.q_proj.weight.is_require_grad(), "gathered weights stay frozen");
+}
