@@ -193,12 +193,35 @@ impl DataParallel {
         &micro_batch[layout.range(self.rank())]
     }
 
-    /// Makes every rank start from rank 0's trainable parameters.
+    /// Makes every rank start from rank 0's trainable parameters, one tensor at a time (so the
+    /// transient copy is one tensor, not the whole model).
     pub fn broadcast_parameters<B: AutodiffBackend, M: AutodiffModule<B>>(&mut self, model: M) -> Result<M, TrainError> {
-        let segments = segments(&model);
-        let mut flat = flatten_params(&model, &segments);
-        self.group.lock().broadcast(&mut flat, 0)?;
-        Ok(write_params(model, &segments, &flat))
+        struct Broadcast<'a> {
+            comm: &'a mut dyn Communicator,
+            failure: Option<alignment_distributed::DistError>,
+        }
+        impl<B: AutodiffBackend> ModuleMapper<B> for Broadcast<'_> {
+            fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
+                if !param.is_require_grad() || self.failure.is_some() {
+                    return param;
+                }
+                let (id, tensor, mapper) = param.consume();
+                let (shape, device) = (tensor.shape(), tensor.device());
+                let mut values = host(tensor.inner());
+                if let Err(e) = self.comm.broadcast(&mut values, 0) {
+                    self.failure = Some(e);
+                }
+                let inner = Tensor::<B::InnerBackend, D>::from_data(TensorData::new(values, shape), &device);
+                Param::from_mapped_value(id, Tensor::from_inner(inner).require_grad(), mapper)
+            }
+        }
+        let mut comm = self.group.lock();
+        let mut broadcast = Broadcast { comm: &mut **comm, failure: None };
+        let model = model.map(&mut broadcast);
+        match broadcast.failure {
+            Some(e) => Err(e.into()),
+            None => Ok(model),
+        }
     }
 
     /// Sums the step's metric sums over ranks: `local` holds this rank's (name, Σ value·weight,
