@@ -318,12 +318,13 @@ impl ZeroPlan {
 
     /// The squared global norm of the summed gradient from each rank's owned part (for
     /// clipping): the partial sums of squares are all-reduced when the gradient is sharded.
-    pub fn global_sq_norm(
+    /// `owned_grads` may chain several buffers (ZeRO-3's partitioned weights keep their own).
+    pub fn global_sq_norm<'a>(
         &self,
         comm: &mut dyn Communicator,
-        owned_grads: &[f32],
+        owned_grads: impl IntoIterator<Item = &'a f32>,
     ) -> Result<f64, DistError> {
-        let local: f64 = owned_grads.iter().map(|&g| g as f64 * g as f64).sum();
+        let local: f64 = owned_grads.into_iter().map(|&g| g as f64 * g as f64).sum();
         if !self.stage.shards_optimizer_state() {
             return Ok(local);
         }

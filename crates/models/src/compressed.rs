@@ -68,23 +68,6 @@ pub fn project_compressed<B: Backend>(x: Tensor<B, 3>, weight: &Arc<dyn Compress
     matmul_dispatch(rows, weight).reshape([batch, seq, out])
 }
 
-/// Whether `B` is an autodiff backend with the recorded step (those of the enabled `ndarray` /
-/// `cuda` features). Elsewhere the plain matmul runs, which gives a trainable compressed weight
-/// no gradient, so its users (ZeRO-3) check this first.
-pub fn records_backward<B: Backend>() -> bool {
-    let backend = std::any::TypeId::of::<B>();
-    #[cfg(feature = "ndarray")]
-    if backend == std::any::TypeId::of::<Autodiff<burn::backend::NdArray<f32>>>() {
-        return true;
-    }
-    #[cfg(feature = "cuda")]
-    if backend == std::any::TypeId::of::<Autodiff<burn::backend::Cuda<f32, i32>>>() || backend == std::any::TypeId::of::<Autodiff<burn::backend::Cuda<burn::tensor::bf16, i32>>>() {
-        return true;
-    }
-    let _ = backend;
-    false
-}
-
 /// Returns from the enclosing function with `$op::<B, I>(value, args..)`'s result when `B` is
 /// `Autodiff<I>` for a backend `I` of the enabled features; otherwise evaluates to `value`.
 macro_rules! on_recording_backends {
@@ -107,6 +90,24 @@ macro_rules! on_recording_backends {
         };
         value
     }};
+}
+
+/// Whether `B` is an autodiff backend with the recorded step (those of the enabled `ndarray` /
+/// `cuda` features). Elsewhere the plain matmul runs, which gives a trainable compressed weight
+/// no gradient, so its users (ZeRO-3) check this first.
+pub fn records_backward<B: Backend>() -> bool {
+    on_recording_backends!(is_autodiff_of, ());
+    false
+}
+
+#[cfg_attr(not(any(feature = "ndarray", feature = "cuda")), allow(dead_code))]
+/// `Ok(true)` when `B` is `Autodiff<I>` (for [`records_backward`]).
+fn is_autodiff_of<B: Backend, I: Backend>(_: ()) -> Result<bool, ()> {
+    if std::any::TypeId::of::<B>() == std::any::TypeId::of::<Autodiff<I>>() {
+        Ok(true)
+    } else {
+        Err(())
+    }
 }
 
 /// Picks the recorded-step implementation when `B` is an autodiff backend this crate knows.

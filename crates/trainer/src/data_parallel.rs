@@ -268,14 +268,7 @@ impl DataParallel {
         drop(flat_grads);
         // ZeRO-3's partitioned weights: their gradient shards were summed inside the backward pass.
         let partitioned_grads: Vec<Vec<f32>> = partitioned.iter().map(|p| p.weight.take_gradient()).collect();
-        let grad_norm = if partitioned.is_empty() {
-            plan.global_sq_norm(comm, &owned_grads)?.sqrt()
-        } else {
-            let local: f64 = owned_grads.iter().chain(partitioned_grads.iter().flatten()).map(|&g| g as f64 * g as f64).sum();
-            let mut partial = [local as f32];
-            comm.all_reduce_sum(&mut partial)?;
-            (partial[0] as f64).sqrt()
-        };
+        let grad_norm = plan.global_sq_norm(comm, owned_grads.iter().chain(partitioned_grads.iter().flatten()))?.sqrt();
         let clip_coef = match config.max_grad_norm {
             Some(max) if max > 0.0 => (max / (grad_norm + 1e-6)).min(1.0),
             _ => 1.0,
@@ -336,9 +329,8 @@ impl DataParallel {
         let (mut m, mut v) = (vec![0f32; total], vec![0f32; total]);
         for s in &shards.segments {
             let Some(moments) = optimizer.state.get(&s.path) else { continue };
-            let values = |t: &Tensor<B::InnerBackend, 1>| t.clone().into_data().convert::<f32>().into_vec::<f32>().expect("f32 after convert");
-            m[s.offset..s.offset + s.len].copy_from_slice(&values(&moments.exp_avg));
-            v[s.offset..s.offset + s.len].copy_from_slice(&values(&moments.exp_avg_sq));
+            m[s.offset..s.offset + s.len].copy_from_slice(&host(moments.exp_avg.clone()));
+            v[s.offset..s.offset + s.len].copy_from_slice(&host(moments.exp_avg_sq.clone()));
         }
         let range = shards.plan.owned_range();
         shards.exp_avg = m[range.clone()].to_vec();
@@ -347,9 +339,8 @@ impl DataParallel {
             let Some(moments) = optimizer.state.get(&p.weight.path) else { continue };
             let start = p.weight.owned_start();
             let len = p.exp_avg.len();
-            let values = |t: &Tensor<B::InnerBackend, 1>| t.clone().into_data().convert::<f32>().into_vec::<f32>().expect("f32 after convert");
-            p.exp_avg = values(&moments.exp_avg)[start..start + len].to_vec();
-            p.exp_avg_sq = values(&moments.exp_avg_sq)[start..start + len].to_vec();
+            p.exp_avg = host(moments.exp_avg.clone())[start..start + len].to_vec();
+            p.exp_avg_sq = host(moments.exp_avg_sq.clone())[start..start + len].to_vec();
         }
         Ok(())
     }

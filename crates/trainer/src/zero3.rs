@@ -27,6 +27,7 @@ use crate::TrainError;
 use alignment_models::compressed::{self, CompressedWeight};
 use alignment_models::layers::Linear;
 use alignment_models::CausalLm;
+use alignment_peft::lora::linear_layers_mut;
 use burn::module::Param;
 use burn::tensor::backend::Backend;
 use burn::tensor::{Tensor, TensorData};
@@ -196,17 +197,9 @@ impl CompressedWeight for ShardedWeight {
 /// the decoder layers and an untied `lm_head`, in module order (not QLoRA's NF4 weights, which
 /// are compact already).
 fn partitionable<B: Backend>(model: &mut CausalLm<B>) -> Vec<(String, &mut Linear<B>)> {
-    let mut out = Vec::new();
-    for (i, layer) in model.layers.iter_mut().enumerate() {
-        for (name, linear) in layer.linears_mut() {
-            out.push((format!("layers.{i}.{name}.weight"), linear));
-        }
-    }
-    if let Some(head) = model.lm_head.as_mut() {
-        out.push(("lm_head.weight".to_string(), head));
-    }
-    out.retain(|(_, linear)| linear.compressed.is_none());
-    out
+    // PEFT's module paths (`model.layers.0.self_attn.q_proj`, `lm_head`) → parameter paths.
+    let parameter_path = |peft: String| format!("{}.weight", peft.strip_prefix("model.").unwrap_or(&peft));
+    linear_layers_mut(model).into_iter().filter(|(_, linear)| linear.compressed.is_none()).map(|(path, linear)| (parameter_path(path), linear)).collect()
 }
 
 /// This rank's shard of a dense `weight` parameter, and the empty placeholder that replaces it.
@@ -267,8 +260,7 @@ pub fn gathered<B: Backend>(model: &CausalLm<B>, sharded: &[Arc<ShardedWeight>])
         model.embed_tokens = dense_param(weight, &model.embed_tokens.device())?;
         model.embed_compressed = None;
     }
-    let layers = model.layers.iter_mut().flat_map(|l| l.linears_mut().into_iter().map(|(_, linear)| linear));
-    for linear in layers.chain(model.lm_head.as_mut()) {
+    for (_, linear) in linear_layers_mut(&mut model) {
         // A QLoRA base is not one of them: it is the same on every rank and stays compact.
         if let Some(weight) = find(&linear.compressed, sharded) {
             linear.weight = dense_param(weight, &linear.weight.device())?;
