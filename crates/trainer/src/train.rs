@@ -344,8 +344,10 @@ pub fn train_with<B: AutodiffBackend, T: Task>(
             // take part in ZeRO-3's collectives inside the passes.
             let (examples, counted) = match parallel.as_deref() {
                 None => (&batch[..], true),
-                Some(p) if p.part(batch).is_empty() && p.needs_lockstep() => (&batch[..1], false),
-                Some(p) => (p.part(batch), true),
+                Some(p) => match p.part(batch) {
+                    [] if p.needs_lockstep() => (&batch[..1], false),
+                    part => (part, true),
+                },
             };
             if examples.is_empty() {
                 continue;
