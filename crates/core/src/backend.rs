@@ -27,3 +27,7 @@ pub type GpuAutodiff = burn::backend::Autodiff<Gpu>;
 #[cfg(feature = "tch")]
 /// libtorch backend (burn-tch), linked against a pip-installed torch 2.9 (`LIBTORCH_USE_PYTORCH=1`).
 pub type Torch = burn::backend::LibTorch<f32>;
+
+#[cfg(feature = "tch")]
+/// libtorch backend computing in bf16 (on CUDA devices).
+pub type TorchBf16 = burn::backend::LibTorch<burn::tensor::bf16>;

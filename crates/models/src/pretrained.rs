@@ -61,55 +61,114 @@ pub fn from_checkpoint_with<B: Backend>(
     compress: Option<Compressor>,
 ) -> Result<CausalLm<B>, ModelError> {
     let used = RefCell::new(BTreeSet::new());
-    let read = |name: String, shape: Vec<usize>| -> Result<TensorData, ModelError> {
-        let values = checkpoint.read_f32(&name, &shape)?;
-        used.borrow_mut().insert(name);
-        Ok(TensorData::new(values, shape))
+    let read = |name: &str, shape: &[usize]| -> Result<TensorData, ModelError> {
+        let values = checkpoint.read_f32(name, shape)?;
+        used.borrow_mut().insert(name.to_string());
+        Ok(TensorData::new(values, shape.to_vec()))
     };
+    let tie = config.tie_word_embeddings;
+    let model = assemble(config, device, |name, shape, role| {
+        let data = read(name, shape)?;
+        Ok(match (role, compress) {
+            (WeightRole::DecoderLinear, Some(compress)) => {
+                let dims = [shape[0], shape[1]];
+                Weight::Compressed(compress(data.as_slice::<f32>().expect("read as f32"), dims))
+            }
+            _ => Weight::Dense(data),
+        })
+    })?;
+    let used = used.into_inner();
+    // Tied checkpoints sometimes still carry lm_head.weight; rotary caches of old exports are derived.
+    let unexpected: Vec<String> = checkpoint
+        .names()
+        .into_iter()
+        .filter(|n| !used.contains(n))
+        .filter(|n| !(tie && n == "lm_head.weight"))
+        .filter(|n| !n.ends_with("rotary_emb.inv_freq"))
+        .collect();
+    if !unexpected.is_empty() {
+        return Err(ModelError::UnexpectedTensors { path: checkpoint.path(), names: unexpected });
+    }
+    Ok(model)
+}
+
+/// What a weight is for, so a weight source can treat them differently (QLoRA compresses only
+/// the decoder layers' linear weights; random initialisation sets norms to one).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WeightRole {
+    /// The token embedding `[vocab, hidden]`.
+    Embedding,
+    /// A q/k/v/o/gate/up/down projection `[out, in]` of a decoder layer.
+    DecoderLinear,
+    /// An untied `lm_head` `[vocab, hidden]`.
+    Head,
+    /// An RMSNorm scale `[hidden]`.
+    Norm,
+}
+
+/// A weight as a source hands it to [`assemble`].
+pub enum Weight<B: Backend> {
+    /// Host values, uploaded to the device.
+    Dense(TensorData),
+    /// A tensor already on the device.
+    Tensor(Tensor<B, 2>),
+    /// A compact frozen linear weight (decoder linears only).
+    Compressed(Arc<dyn CompressedWeight>),
+}
+
+/// Builds the model `config` describes, asking `weight(name, shape, role)` for every parameter
+/// under its Hugging Face name, in checkpoint order: the one place that knows the model's
+/// parameter layout, shared by checkpoint loading and random initialisation ([`crate::init`]).
+pub fn assemble<B: Backend>(
+    config: ModelConfig,
+    device: &B::Device,
+    mut weight: impl FnMut(&str, &[usize], WeightRole) -> Result<Weight<B>, ModelError>,
+) -> Result<CausalLm<B>, ModelError> {
     let (h, i, v) = (config.hidden_size, config.intermediate_size, config.vocab_size);
     let (q_out, kv_out) = (config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim);
     let family = FamilySpec::for_config(&config);
-
-    let dense_linear = |name: String, out: usize, inp: usize| -> Result<Linear<B>, ModelError> {
-        Ok(Linear::new(Tensor::from_data(read(name, vec![out, inp])?, device)))
-    };
-    let linear = |name: String, out: usize, inp: usize| -> Result<Linear<B>, ModelError> {
-        match compress {
-            None => dense_linear(name, out, inp),
-            Some(compress) => {
-                let data = read(name, vec![out, inp])?;
-                Ok(Linear::from_compressed(compress(data.as_slice::<f32>().expect("read as f32"), [out, inp]), device))
-            }
+    let dense = |w: Weight<B>| -> Tensor<B, 2> {
+        match w {
+            Weight::Dense(data) => Tensor::from_data(data, device),
+            Weight::Tensor(t) => t,
+            Weight::Compressed(c) => crate::compressed::expand::<B>(c.as_ref(), device),
         }
+    };
+    let mut linear = |name: String, out: usize, inp: usize, role: WeightRole| -> Result<Linear<B>, ModelError> {
+        Ok(match weight(&name, &[out, inp], role)? {
+            Weight::Compressed(c) => Linear::from_compressed(c, device),
+            other => Linear::new(dense(other)),
+        })
     };
     let mut layers = Vec::with_capacity(config.num_layers);
     for l in 0..config.num_layers {
         let p = format!("model.layers.{l}");
+        let d = WeightRole::DecoderLinear;
         let self_attn = Attention {
-            q_proj: linear(format!("{p}.self_attn.q_proj.weight"), q_out, h)?,
-            k_proj: linear(format!("{p}.self_attn.k_proj.weight"), kv_out, h)?,
-            v_proj: linear(format!("{p}.self_attn.v_proj.weight"), kv_out, h)?,
-            o_proj: linear(format!("{p}.self_attn.o_proj.weight"), h, q_out)?,
+            q_proj: linear(format!("{p}.self_attn.q_proj.weight"), q_out, h, d)?,
+            k_proj: linear(format!("{p}.self_attn.k_proj.weight"), kv_out, h, d)?,
+            v_proj: linear(format!("{p}.self_attn.v_proj.weight"), kv_out, h, d)?,
+            o_proj: linear(format!("{p}.self_attn.o_proj.weight"), h, q_out, d)?,
             num_heads: config.num_heads,
             num_kv_heads: config.num_kv_heads,
             head_dim: config.head_dim,
         };
         let mlp = Mlp {
-            gate_proj: linear(format!("{p}.mlp.gate_proj.weight"), i, h)?,
-            up_proj: linear(format!("{p}.mlp.up_proj.weight"), i, h)?,
-            down_proj: linear(format!("{p}.mlp.down_proj.weight"), h, i)?,
+            gate_proj: linear(format!("{p}.mlp.gate_proj.weight"), i, h, d)?,
+            up_proj: linear(format!("{p}.mlp.up_proj.weight"), i, h, d)?,
+            down_proj: linear(format!("{p}.mlp.down_proj.weight"), h, i, d)?,
             activation: config.activation,
         };
         layers.push((p, self_attn, mlp));
     }
-    let lm_head = if config.tie_word_embeddings { None } else { Some(dense_linear("lm_head.weight".into(), v, h)?) };
+    let lm_head = if config.tie_word_embeddings { None } else { Some(linear("lm_head.weight".into(), v, h, WeightRole::Head)?) };
 
-    let norm = |name: String| -> Result<RmsNorm<B>, ModelError> {
-        Ok(RmsNorm {
-            weight: Param::from_tensor(Tensor::from_data(read(name, vec![h])?, device)),
-            eps: config.rms_norm_eps,
-            unit_offset: family.norm_unit_offset,
-        })
+    let mut norm = |name: String| -> Result<RmsNorm<B>, ModelError> {
+        let scale = match weight(&name, &[h], WeightRole::Norm)? {
+            Weight::Dense(data) => Tensor::from_data(data, device),
+            other => dense(other).reshape([h]),
+        };
+        Ok(RmsNorm { weight: Param::from_tensor(scale), eps: config.rms_norm_eps, unit_offset: family.norm_unit_offset })
     };
     let layers = layers
         .into_iter()
@@ -123,23 +182,10 @@ pub fn from_checkpoint_with<B: Backend>(
         })
         .collect::<Result<Vec<_>, ModelError>>()?;
     let final_norm = norm("model.norm.weight".into())?;
-    let embed = read("model.embed_tokens.weight".into(), vec![v, h])?;
-
-    let used = used.into_inner();
-    // Tied checkpoints sometimes still carry lm_head.weight; rotary caches of old exports are derived.
-    let unexpected: Vec<String> = checkpoint
-        .names()
-        .into_iter()
-        .filter(|n| !used.contains(n))
-        .filter(|n| !(config.tie_word_embeddings && n == "lm_head.weight"))
-        .filter(|n| !n.ends_with("rotary_emb.inv_freq"))
-        .collect();
-    if !unexpected.is_empty() {
-        return Err(ModelError::UnexpectedTensors { path: checkpoint.path(), names: unexpected });
-    }
+    let embed = dense(weight("model.embed_tokens.weight", &[v, h], WeightRole::Embedding)?);
     let inv_freq = rope::inverse_frequencies(config.head_dim, config.rope_theta, &config.rope_scaling);
     Ok(CausalLm {
-        embed_tokens: Param::from_tensor(Tensor::from_data(embed, device)),
+        embed_tokens: Param::from_tensor(embed),
         layers,
         norm: final_norm,
         lm_head,

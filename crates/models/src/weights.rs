@@ -40,6 +40,15 @@ impl Checkpoint {
         } else {
             vec![dir.join("model.safetensors")]
         };
+        Self::open_files(paths)
+    }
+
+    /// Opens one safetensors file (of any name).
+    pub fn open_file(path: &Path) -> Result<Self, ModelError> {
+        Self::open_files(vec![path.to_path_buf()])
+    }
+
+    fn open_files(paths: Vec<PathBuf>) -> Result<Self, ModelError> {
         let mut files = Vec::new();
         let mut file_of = HashMap::new();
         for path in paths {

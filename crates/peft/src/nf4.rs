@@ -150,30 +150,39 @@ pub fn quantize(values: &[f32]) -> Nf4Tensor {
 
 /// Quantizes `values` block-wise; with `double_quant` the absmax values are double-quantized
 /// ([`Absmax::double_quantize`]). The packed indices do not depend on it.
+/// Blocks are independent, so they are quantized on every core (rayon); the result does not
+/// depend on the thread count.
 pub fn quantize_with(values: &[f32], double_quant: bool) -> Nf4Tensor {
-    let mut absmax = Vec::with_capacity(values.len().div_ceil(BLOCK_SIZE));
-    let mut codes = Vec::with_capacity(values.len());
-    for block in values.chunks(BLOCK_SIZE) {
-        let max = block.iter().fold(0f32, |m, v| m.max(v.abs()));
-        absmax.push(max);
-        let inv = 1.0 / max;
-        codes.extend(block.iter().map(|&v| nearest_code(v * inv)));
-    }
-    let packed = codes.chunks(2).map(|p| (p[0] << 4) | p.get(1).copied().unwrap_or(0)).collect();
+    use rayon::prelude::*;
+    let (absmax, packed): (Vec<f32>, Vec<Vec<u8>>) = values
+        .par_chunks(BLOCK_SIZE)
+        .map(|block| {
+            let max = block.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let inv = 1.0 / max;
+            // BLOCK_SIZE is even, so only the last block can end in half a byte.
+            let packed = block.chunks(2).map(|p| (nearest_code(p[0] * inv) << 4) | p.get(1).map_or(0, |&v| nearest_code(v * inv))).collect();
+            (max, packed)
+        })
+        .unzip();
+    let packed = packed.concat();
     let absmax = if double_quant { Absmax::double_quantize(&absmax) } else { Absmax::F32(absmax) };
     Nf4Tensor { packed, absmax, len: values.len() }
 }
 
 /// The values `t` stands for: `NF4_CODE[index] · absmax` of the value's block.
+/// Blocks are expanded on every core (rayon).
 pub fn dequantize(t: &Nf4Tensor) -> Vec<f32> {
+    use rayon::prelude::*;
     let absmax = t.absmax.values();
-    (0..t.len)
-        .map(|i| {
-            let byte = t.packed[i / 2];
+    let mut values = vec![0f32; t.len];
+    values.par_chunks_mut(BLOCK_SIZE).zip(t.packed.par_chunks(BLOCK_SIZE / 2)).zip(absmax.par_iter()).for_each(|((out, bytes), &scale)| {
+        for (i, v) in out.iter_mut().enumerate() {
+            let byte = bytes[i / 2];
             let code = if i % 2 == 0 { byte >> 4 } else { byte & 0x0f };
-            NF4_CODE[code as usize] * absmax[i / BLOCK_SIZE]
-        })
-        .collect()
+            *v = NF4_CODE[code as usize] * scale;
+        }
+    });
+    values
 }
 
 /// `torch.linspace(start, end, steps)` in f32 as torch's AVX2/AVX-512 CPU kernels compute it:

@@ -1,0 +1,104 @@
+//! Models with random weights, built from a config alone: benchmarks on shapes whose real
+//! weights would not travel (a 1B or 7B model on a GPU machine reached through a 64 MiB
+//! upload), and tests that need no checkpoint.
+//!
+//! Initialisation follows transformers' `_init_weights` for these families: every projection
+//! and the embedding drawn from N(0, `initializer_range`) (0.02 unless config.json says
+//! otherwise), RMSNorm scales one (zero for Gemma, whose norm computes `1 + w`). Dense weights
+//! are drawn on the device by the backend's generator (`B::seed`), so a 1B model costs no host
+//! work; weights a `compress`or turns into a compact form (QLoRA's NF4) are drawn on the host
+//! from a seeded generator, in parallel, since compression needs host values.
+
+use crate::config::ModelConfig;
+use crate::pretrained::{assemble, Compressor, Weight, WeightRole};
+use crate::{CausalLm, ModelError};
+use burn::tensor::{backend::Backend, Distribution, Tensor, TensorData};
+
+/// transformers' default `initializer_range`.
+const DEFAULT_INIT_STD: f64 = 0.02;
+
+/// A model shaped by `config` with random weights (see the module documentation). `compress`
+/// turns each decoder-layer linear weight into a compact frozen one, as
+/// [`crate::load_pretrained_compressed`] does when loading.
+pub fn random_model<B: Backend>(
+    config: ModelConfig,
+    seed: u64,
+    device: &B::Device,
+    compress: Option<Compressor>,
+) -> Result<CausalLm<B>, ModelError> {
+    let std = config.raw.get("initializer_range").and_then(|v| v.as_f64()).unwrap_or(DEFAULT_INIT_STD);
+    let norm_value = if crate::family::FamilySpec::for_config(&config).norm_unit_offset { 0.0 } else { 1.0 };
+    B::seed(device, seed);
+    let mut index = 0u64;
+    assemble(config, device, |_name, shape, role| {
+        index += 1;
+        Ok(match (role, compress) {
+            (WeightRole::Norm, _) => Weight::Dense(TensorData::new(vec![norm_value; shape[0]], shape.to_vec())),
+            (WeightRole::DecoderLinear, Some(compress)) => {
+                let values = host_normal_like(shape[0] * shape[1], std, seed ^ index.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+                Weight::Compressed(compress(&values, [shape[0], shape[1]]))
+            }
+            _ => Weight::Tensor(Tensor::random([shape[0], shape[1]], Distribution::Normal(0.0, std), device)),
+        })
+    })
+}
+
+/// `n` values with mean 0 and standard deviation `std` (uniform on ±√3·std: the same first two
+/// moments as the normal law, at a fraction of the cost), drawn by splitmix64 streams seeded
+/// from `seed`, one per chunk, on every core.
+pub fn host_normal_like(n: usize, std: f64, seed: u64) -> Vec<f32> {
+    let mut values = vec![0f32; n];
+    let threads = std::thread::available_parallelism().map_or(1, |t| t.get());
+    let chunk = n.div_ceil(threads).max(1 << 16);
+    let half_width = (3f64.sqrt() * std) as f32;
+    std::thread::scope(|scope| {
+        for (c, part) in values.chunks_mut(chunk).enumerate() {
+            scope.spawn(move || {
+                let mut state = seed ^ (c as u64).wrapping_mul(0xD1B5_4A32_D192_ED03);
+                for v in part {
+                    state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+                    let mut z = state;
+                    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+                    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+                    z ^= z >> 31;
+                    let unit = (z >> 40) as f32 / (1u64 << 24) as f32; // [0, 1)
+                    *v = (2.0 * unit - 1.0) * half_width;
+                }
+            });
+        }
+    });
+    values
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use alignment_core::backend::Cpu;
+
+    const TINY: &str = r#"{"model_type": "llama", "vocab_size": 64, "hidden_size": 16, "intermediate_size": 32,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "tie_word_embeddings": false}"#;
+
+    #[test]
+    fn random_model_has_the_config_shapes_and_init_statistics() {
+        let config = ModelConfig::from_json_str(TINY).unwrap();
+        let model = random_model::<Cpu>(config.clone(), 7, &Default::default(), None).unwrap();
+        let names = crate::pretrained::named_tensors(&model);
+        assert_eq!(names.iter().map(|t| t.values.len()).sum::<usize>(), config.num_parameters());
+        let embed = names.iter().find(|t| t.name == "model.embed_tokens.weight").unwrap();
+        let mean = embed.values.iter().sum::<f32>() / embed.values.len() as f32;
+        let var = embed.values.iter().map(|v| (v - mean).powi(2)).sum::<f32>() / embed.values.len() as f32;
+        assert!(mean.abs() < 0.005 && (var.sqrt() - 0.02).abs() < 0.004, "mean {mean} std {}", var.sqrt());
+        let norm = names.iter().find(|t| t.name == "model.norm.weight").unwrap();
+        assert!(norm.values.iter().all(|&v| v == 1.0));
+    }
+
+    #[test]
+    fn host_values_are_seeded_and_have_the_requested_moments() {
+        let a = host_normal_like(300_000, 0.02, 3);
+        assert_eq!(a, host_normal_like(300_000, 0.02, 3));
+        assert_ne!(a, host_normal_like(300_000, 0.02, 4));
+        let mean = a.iter().map(|&v| v as f64).sum::<f64>() / a.len() as f64;
+        let std = (a.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / a.len() as f64).sqrt();
+        assert!(mean.abs() < 1e-4 && (std - 0.02).abs() < 2e-4, "mean {mean} std {std}");
+    }
+}

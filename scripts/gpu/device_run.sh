@@ -1,0 +1,178 @@
+#!/usr/bin/env bash
+# Runs ON THE GPU MACHINE (or, with DRY_RUN=1, here on the CPU): the prepared measurements of
+# issue #12 in one command, within a time budget, writing everything under $OUT.
+#
+#   bash scripts/gpu/device_run.sh [PLAN]        PLAN: first (default) | second | check | dry
+#
+# Expects the staged folder (scripts/gpu/run.sh stage): $GPU_DIR/bin/bench_train (built with
+# --features cuda) and $GPU_DIR/reference/ (the CPU's values for the correctness check).
+# Order of work, most important first, each step skipped once the budget is spent:
+#   1. environment (GPU, driver, CUDA paths, torch) — printed, so a failure is explainable;
+#   2. correctness: SFT / DPO / LoRA / QLoRA steps on the tiny fixture vs the CPU (f32, bf16);
+#   3. the NCCL communicator at world size 1 vs one process;
+#   4. throughput: ours and PyTorch's on the same shapes, peak device memory sampled by nvidia-smi.
+# The last lines printed are the tables of scripts/gpu/report.py.
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+PLAN="${1:-first}"
+GPU_DIR="${GPU_DIR:-.gpu}"
+OUT="${OUT:-$GPU_DIR/out}"
+BUDGET_S="${BUDGET_S:-450}"
+RUN_TIMEOUT_S="${RUN_TIMEOUT_S:-150}"
+BIN="$GPU_DIR/bin/bench_train"
+PY="${PYTHON:-python3}"
+mkdir -p "$OUT"
+START=$(date +%s)
+LOG="$OUT/log.txt"
+RESULTS="$OUT/results.jsonl"
+: >"$RESULTS"
+exec > >(tee -a "$LOG") 2>&1
+
+elapsed() { echo $(($(date +%s) - START)); }
+left() { echo $((BUDGET_S - $(elapsed))); }
+say() { echo "[$(elapsed)s] $*"; }
+
+if [ "$PLAN" = dry ]; then
+    DRY_RUN=1
+fi
+DRY_RUN="${DRY_RUN:-0}"
+
+# --- 1. environment ------------------------------------------------------------------------
+say "plan $PLAN, budget ${BUDGET_S}s, binary $(ls -la "$BIN" 2>&1 | awk '{print $5, $9}')"
+if [ "$DRY_RUN" = 1 ]; then
+    OURS_BACKENDS="${OURS_BACKENDS:-cpu}"
+    CHECK_BACKENDS="${CHECK_BACKENDS:-cpu}"
+else
+    OURS_BACKENDS="${OURS_BACKENDS:-cuda-bf16 cuda}"
+    CHECK_BACKENDS="${CHECK_BACKENDS:-cuda cuda-bf16}"
+    nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv,noheader || true
+    # NVRTC compiles burn's kernels and needs CUDA's headers (cubecl reads CUDA_PATH).
+    if [ -z "${CUDA_PATH:-}" ]; then
+        for c in /usr/local/cuda "$(dirname "$(dirname "$(command -v nvcc 2>/dev/null || echo /x/x)")")"; do
+            if [ -f "$c/include/cuda_runtime.h" ]; then export CUDA_PATH="$c"; break; fi
+        done
+    fi
+    # cudarc loads libnvrtc.so.13 / libnccl.so by name: link what is installed into one folder.
+    LIBS=/tmp/cuda-libs
+    mkdir -p "$LIBS"
+    SITE=$("$PY" -c 'import site; print(" ".join(site.getsitepackages()))' 2>/dev/null)
+    for pattern in 'libnvrtc.so.1[0-9]' 'libnvrtc-builtins.so.1[0-9]*' 'libnccl.so.2' 'libcudart.so.1[0-9]'; do
+        found=$(find ${CUDA_PATH:+$CUDA_PATH/lib64} $SITE/nvidia -name "$pattern" 2>/dev/null | head -1)
+        if [ -n "$found" ]; then
+            ln -sf "$found" "$LIBS/$(basename "$found")"
+            case "$pattern" in libnccl*) ln -sf "$found" "$LIBS/libnccl.so" ;; esac
+            export LD_LIBRARY_PATH="$(dirname "$found"):${LD_LIBRARY_PATH:-}"
+        else
+            say "not found: $pattern"
+        fi
+    done
+    export LD_LIBRARY_PATH="$LIBS:${LD_LIBRARY_PATH:-}"
+    say "CUDA_PATH=${CUDA_PATH:-unset}; LD_LIBRARY_PATH=$LD_LIBRARY_PATH"
+    ls "$LIBS"
+fi
+"$PY" -c 'import torch, transformers; print("torch", torch.__version__, "cuda", torch.version.cuda, "available", torch.cuda.is_available(), "| transformers", transformers.__version__)' || say "python reference not importable"
+
+# Runs one measurement, sampling device memory, and appends its JSON line (plus the peak and
+# the wall time) to $RESULTS; a failure is recorded with the end of its output.
+measure() {
+    local label="$1"
+    shift
+    local budget
+    budget=$(left)
+    if [ "$budget" -lt 20 ]; then
+        say "skip $label (budget spent)"
+        echo "{\"label\": \"$label\", \"skipped\": \"budget\"}" >>"$RESULTS"
+        return
+    fi
+    local limit=$((budget < RUN_TIMEOUT_S ? budget : RUN_TIMEOUT_S))
+    local mem="$OUT/mem.$$.txt" sampler=""
+    if [ "$DRY_RUN" != 1 ]; then
+        nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 100 >"$mem" 2>/dev/null &
+        sampler=$!
+    fi
+    local t0 rc
+    t0=$(date +%s.%N)
+    timeout --signal=KILL "$limit" "$@" >"$OUT/run.out" 2>"$OUT/run.err"
+    rc=$?
+    [ -n "$sampler" ] && kill "$sampler" 2>/dev/null && wait "$sampler" 2>/dev/null
+    "$PY" - "$label" "$rc" "$t0" "$mem" "$OUT/run.out" "$OUT/run.err" >>"$RESULTS" <<'EOF'
+import json, sys, time
+label, rc, t0, mem, out, err = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), sys.argv[4], sys.argv[5], sys.argv[6]
+lines = [l for l in open(out).read().splitlines() if l.startswith("{")]
+row = json.loads(lines[-1]) if lines else {}
+row["label"], row["exit_code"], row["wall_seconds"] = label, rc, time.time() - t0
+try:
+    used = [float(x) for x in open(mem).read().split() if x.strip()]
+    if used:
+        row["peak_device_mib"] = max(used) - used[0]
+except OSError:
+    pass
+if rc != 0 or not lines:
+    row["error"] = (open(err).read() + open(out).read())[-1500:]
+print(json.dumps(row))
+EOF
+    say "$label: exit $rc, $(tail -c 300 "$OUT/run.err" | tr '\n' ' ' | tail -c 200)"
+    rm -f "$mem"
+}
+
+# --- 2. correctness ------------------------------------------------------------------------
+run_checks() {
+    for backend in $CHECK_BACKENDS; do
+        say "check $backend"
+        timeout --signal=KILL 240 "$BIN" check --backend "$backend" --reference "$GPU_DIR/reference" --report "$OUT/check-$backend.json" || say "check $backend: FAILED (exit $?)"
+    done
+}
+
+# --- 3. NCCL -------------------------------------------------------------------------------
+run_nccl() {
+    [ "$DRY_RUN" = 1 ] && return
+    say "nccl"
+    timeout --signal=KILL 60 "$BIN" nccl >"$OUT/nccl.txt" 2>&1
+    say "nccl: exit $? — $(tail -c 400 "$OUT/nccl.txt" | tr '\n' ' ')"
+}
+
+# --- 4. throughput -------------------------------------------------------------------------
+# bench SHAPE TASK SEQ BATCH ACCUM: ours on each backend of $OURS_BACKENDS, then PyTorch.
+bench() {
+    local shape="$1" task="$2" seq="$3" batch="$4" accum="$5"
+    local common=(--shape "scripts/gpu/shapes/$shape.json" --task "$task" --seq "$seq" --batch "$batch" --accum "$accum" --warmup "${WARMUP:-2}" --steps "${STEPS:-5}")
+    for backend in $OURS_BACKENDS; do
+        measure "ours $backend $shape $task s$seq b$batch" "$BIN" train --backend "$backend" "${common[@]}"
+    done
+    measure "torch $shape $task s$seq b$batch" "$PY" scripts/gpu/torch_baseline.py "${common[@]}"
+}
+
+case "$PLAN" in
+    dry)
+        run_checks
+        bench tiny sft 64 2 2
+        bench tiny dpo 64 2 1
+        bench tiny lora 64 2 1
+        bench tiny qlora 64 2 1
+        ;;
+    check)
+        run_checks
+        run_nccl
+        ;;
+    first)
+        run_checks
+        run_nccl
+        bench smollm2-135m sft 1024 4 1
+        bench llama-3.2-1b sft 1024 4 1
+        bench llama-3.2-1b dpo 1024 2 1
+        OURS_BACKENDS=cuda-bf16 bench llama-3.2-1b sft 2048 2 1
+        OURS_BACKENDS=cuda-bf16 bench mistral-7b qlora 2048 1 1
+        ;;
+    second)
+        OURS_BACKENDS=cuda-bf16 bench smollm2-135m dpo 1024 2 1
+        OURS_BACKENDS=cuda-bf16 bench llama-3.2-1b dpo 2048 1 1
+        OURS_BACKENDS=cuda-bf16 bench llama-3.2-1b lora 1024 4 1
+        OURS_BACKENDS=cuda-bf16 bench smollm2-135m sft 2048 2 1
+        ;;
+    *)
+        echo "unknown plan $PLAN (first, second, check, dry)"
+        exit 2
+        ;;
+esac
+say "done"
+"$PY" scripts/gpu/report.py "$RESULTS" --checks "$OUT" || true

@@ -1,0 +1,86 @@
+#!/usr/bin/env python3
+"""Tables from a device run (scripts/gpu/device_run.sh): the correctness checks, and ours vs
+PyTorch on each shape, as markdown ready for docs/performance.md.
+
+    python3 scripts/gpu/report.py OUT/results.jsonl --checks OUT
+"""
+
+import argparse
+import glob
+import json
+import os
+
+
+def fmt(value, spec):
+    return "–" if value is None else format(value, spec)
+
+
+def qlora_bound_mib(shape_path, seq, batch, rank=16):
+    """The arithmetic memory floor of a QLoRA step: NF4 base (4 bits + one f32 absmax per 64
+    values, double-quantized to ≈ 1 byte per 64), bf16 embedding and head, f32 adapters with
+    their gradients and two AdamW moments, and the bf16 input of every layer (what gradient
+    checkpointing must keep). Everything else (recomputed activations, logits, workspace) is
+    extra."""
+    with open(shape_path) as f:
+        c = json.load(f)
+    h, i, v, layers = c["hidden_size"], c["intermediate_size"], c["vocab_size"], c["num_hidden_layers"]
+    head_dim = c.get("head_dim") or h // c["num_attention_heads"]
+    q, kv = c["num_attention_heads"] * head_dim, c.get("num_key_value_heads", c["num_attention_heads"]) * head_dim
+    linears = [(q, h), (kv, h), (kv, h), (h, q), (i, h), (i, h), (h, i)]
+    base = layers * sum(o * n for o, n in linears)
+    nf4 = base * (0.5 + 1 / 64)
+    embed = v * h * 2 * (1 if c.get("tie_word_embeddings") else 2)
+    adapters = layers * sum(rank * (o + n) for o, n in linears)
+    activations = layers * batch * seq * h * 2
+    return (nf4 + embed + adapters * 16 + activations) / 2**20
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("results")
+    p.add_argument("--checks", help="folder with check-*.json")
+    args = p.parse_args()
+
+    if args.checks:
+        for path in sorted(glob.glob(os.path.join(args.checks, "check-*.json"))):
+            report = json.load(open(path))
+            print(f"\nCorrectness, {report.get('backend')} vs CPU (relative; tolerance {next((r['tolerance'] for r in report.values() if isinstance(r, dict)), '?')}):\n")
+            print("| case | max rel. scalar (losses, metrics, grad norm) | max rel. gradient (‖Δ‖/‖g‖ per tensor) | result |")
+            print("|---|---|---|---|")
+            for case, r in report.items():
+                if isinstance(r, dict):
+                    print(f"| {case} | {r['max_rel_scalar']:.2e} | {r['max_rel_grad']:.2e} | {'pass' if r['pass'] else 'FAIL: ' + r['worst']} |")
+
+    rows = [json.loads(l) for l in open(args.results) if l.strip()]
+    groups = {}
+    for r in rows:
+        if "shape" in r:
+            groups.setdefault((r["shape"], r["task"], r.get("seq"), r.get("batch")), []).append(r)
+    print("\nThroughput (median step after warm-up; MFU against 989 TFLOP/s; peak = device memory sampled by nvidia-smi):\n")
+    print("| shape | task | seq × batch | implementation | tokens/s | step ms | MFU | peak MiB | × PyTorch tokens/s | × PyTorch memory |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for (shape, task, seq, batch), group in groups.items():
+        torch_row = next((r for r in group if r.get("impl") == "torch" and "tokens_per_second" in r), None)
+        for r in group:
+            name = r.get("backend", r.get("impl"))
+            if "error" in r or "tokens_per_second" not in r:
+                why = r.get("skipped") or (r.get("error", "").strip().splitlines() or ["failed"])[-1][:120]
+                print(f"| {shape} | {task} | {seq} × {batch} | {name} | – | – | – | – | – | {why} |")
+                continue
+            ratio = mem_ratio = None
+            if torch_row and r is not torch_row:
+                ratio = r["tokens_per_second"] / torch_row["tokens_per_second"]
+                if r.get("peak_device_mib") and torch_row.get("peak_device_mib"):
+                    mem_ratio = r["peak_device_mib"] / torch_row["peak_device_mib"]
+            print(
+                f"| {shape} | {task} | {seq} × {batch} | {name} | {r['tokens_per_second']:.0f} | {r['median_step_seconds'] * 1000:.0f} | "
+                f"{r['mfu'] * 100:.1f}% | {fmt(r.get('peak_device_mib'), '.0f')} | {fmt(ratio, '.2f')} | {fmt(mem_ratio, '.2f')} |"
+            )
+        if task == "qlora":
+            path = os.path.join(os.path.dirname(__file__), "shapes", f"{shape}.json")
+            if os.path.exists(path):
+                print(f"| {shape} | qlora | {seq} × {batch} | arithmetic floor | | | | {qlora_bound_mib(path, seq, batch):.0f} | | |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# Prepares and rehearses the GPU measurements of issue #12 (docs/performance.md).
+#
+#   bash scripts/gpu/run.sh stage     build bench_train with --features cuda (no CUDA needed to
+#                                     build), put it and the CPU's reference values in .gpu/,
+#                                     and print the device command to run
+#   bash scripts/gpu/run.sh dry-run   the same pipeline on the CPU here: a CPU-only build in
+#                                     .gpu-dry/, device_run.sh's `dry` plan (checks, ours and
+#                                     PyTorch's steps on a tiny shape) with the reference venv
+#   bash scripts/gpu/run.sh report DIR   tables from the files a device run brought back
+#
+# .gpu/ and .gpu-dry/ are ignored by git; the device tool carries .gpu/ ("carry": [".gpu"]).
+# The tracked files the run needs (scripts/gpu/, the tiny fixtures) travel with the tree.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+cmd="${1:-stage}"
+
+# Builds bench_train with `$1` features into `$2`/bin and writes the CPU's check values.
+build_into() {
+    local features="$1" dir="$2"
+    echo "building bench_train (release, features: ${features:-default}) ..." >&2
+    cargo build --release --example bench_train ${features:+--features "$features"} >&2
+    mkdir -p "$dir/bin"
+    cp target/release/examples/bench_train "$dir/bin/bench_train"
+    strip "$dir/bin/bench_train" 2>/dev/null || true
+    rm -rf "$dir/reference"
+    "$dir/bin/bench_train" check --backend cpu --write-reference "$dir/reference" >&2
+}
+
+case "$cmd" in
+    stage)
+        build_into cuda .gpu
+        size=$(du -sb .gpu | cut -f1)
+        tree=$(git ls-files -z | xargs -0 du -cb | tail -1 | cut -f1)
+        echo "staged .gpu/ ($((size / 1048576)) MiB; tracked tree $((tree / 1048576)) MiB; the device takes 64 MiB in all)" >&2
+        cat <<EOF
+Device command (the device tool's run; ≤ 8 minutes, leaving time for a second run):
+  command:   OUT=\$OUT bash scripts/gpu/device_run.sh first
+  carry:     [".gpu"]
+  timeout_s: 500
+Second run if time is left: the same with 'second' instead of 'first'.
+Afterwards: bash scripts/gpu/run.sh report <files_at folder>, then docs/performance.md.
+EOF
+        ;;
+    dry-run)
+        build_into "" .gpu-dry
+        python="$(bash scripts/reference_env.sh)"
+        GPU_DIR=.gpu-dry OUT=.gpu-dry/out PYTHON="$python" BUDGET_S="${BUDGET_S:-600}" bash scripts/gpu/device_run.sh dry
+        ;;
+    report)
+        dir="${2:?usage: run.sh report DIR}"
+        python3 scripts/gpu/report.py "$dir/results.jsonl" --checks "$dir"
+        ;;
+    *)
+        echo "usage: run.sh stage | dry-run | report DIR" >&2
+        exit 2
+        ;;
+esac
