@@ -155,7 +155,11 @@ macro_rules! with_backend {
                 let $device = burn::backend::libtorch::LibTorchDevice::Cuda(0);
                 $body
             }
-            other => Err(format!("backend `{other}` is not built into this binary (features: cpu{}{})", if cfg!(feature = "cuda") { ", cuda, cuda-bf16" } else { "" }, if cfg!(feature = "tch") { ", tch-cpu, tch-cuda, tch-cuda-bf16" } else { "" })),
+            other => Err(format!(
+                "backend `{other}` is not built into this binary (features: cpu{}{})",
+                if cfg!(feature = "cuda") { ", cuda, cuda-bf16" } else { "" },
+                if cfg!(feature = "tch") { ", tch-cpu, tch-cuda, tch-cuda-bf16" } else { "" }
+            )),
         }
     }};
 }
@@ -248,7 +252,11 @@ fn count_params<B: AutodiffBackend>(model: &CausalLm<B>) -> (usize, usize) {
     let mut count = Count(0, 0);
     model.visit(&mut count);
     // Compressed (NF4) layers hold their weights outside burn's parameters.
-    let compressed: usize = alignment_peft::lora::linear_layers(model).iter().filter(|(_, l)| l.compressed.is_some()).map(|(_, l)| l.dims().iter().product::<usize>()).sum();
+    let compressed: usize = alignment_peft::lora::linear_layers(model)
+        .iter()
+        .filter(|(_, l)| l.compressed.is_some())
+        .map(|(_, l)| l.dims().iter().product::<usize>())
+        .sum();
     (count.0, count.1 + compressed)
 }
 
@@ -463,21 +471,34 @@ fn run_check<B: AutodiffBackend>(args: &CheckArgs, device: &B::Device) -> Result
         let values = run_case::<B>(&fixture, kind, lora, nf4, device)?;
         if let Some(dir) = &args.write_reference {
             std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-            std::fs::write(dir.join(format!("{name}.json")), serde_json::to_string_pretty(&values.scalars).expect("json")).map_err(|e| e.to_string())?;
+            std::fs::write(dir.join(format!("{name}.json")), serde_json::to_string_pretty(&values.scalars).expect("json"))
+                .map_err(|e| e.to_string())?;
             let tensors: Vec<alignment_models::weights::NamedTensor> = values
                 .grads
                 .iter()
                 .map(|(k, v)| alignment_models::weights::NamedTensor { name: k.clone(), shape: vec![v.len()], values: v.clone() })
                 .collect();
-            alignment_models::weights::write_safetensors(&dir.join(format!("{name}.safetensors")), &tensors, alignment_models::SaveDtype::F32)
-                .map_err(|e| e.to_string())?;
-            println!("{name:<8} wrote reference ({} scalars, {} gradients) in {:.1}s", values.scalars.len(), values.grads.len(), start.elapsed().as_secs_f64());
+            alignment_models::weights::write_safetensors(
+                &dir.join(format!("{name}.safetensors")),
+                &tensors,
+                alignment_models::SaveDtype::F32,
+            )
+            .map_err(|e| e.to_string())?;
+            println!(
+                "{name:<8} wrote reference ({} scalars, {} gradients) in {:.1}s",
+                values.scalars.len(),
+                values.grads.len(),
+                start.elapsed().as_secs_f64()
+            );
         }
         if let Some(dir) = &args.reference {
             let (scalar_err, grad_err, worst) = compare(dir, name, &values)?;
             let pass = scalar_err <= tolerance && grad_err <= tolerance;
             all_pass &= pass;
-            println!("{name:<8} {scalar_err:>14.3e} {grad_err:>14.3e} {tolerance:>10.0e}  {} (worst: {worst})", if pass { "PASS" } else { "FAIL" });
+            println!(
+                "{name:<8} {scalar_err:>14.3e} {grad_err:>14.3e} {tolerance:>10.0e}  {} (worst: {worst})",
+                if pass { "PASS" } else { "FAIL" }
+            );
             report.insert(name.into(), json!({"max_rel_scalar": scalar_err, "max_rel_grad": grad_err, "tolerance": tolerance, "pass": pass, "worst": worst, "seconds": start.elapsed().as_secs_f64()}));
         }
     }
@@ -507,11 +528,13 @@ fn compare(dir: &Path, name: &str, values: &CaseValues) -> Result<(f64, f64, Str
             (worst, worst_err) = (k.clone(), err);
         }
     }
-    let checkpoint = alignment_models::weights::Checkpoint::open_file(&dir.join(format!("{name}.safetensors"))).map_err(|e| e.to_string())?;
+    let checkpoint =
+        alignment_models::weights::Checkpoint::open_file(&dir.join(format!("{name}.safetensors"))).map_err(|e| e.to_string())?;
     for k in checkpoint.names() {
         let got = values.grads.get(&k).ok_or_else(|| format!("{name}: no gradient for {k}"))?;
         let expected = checkpoint.read_f32(&k, &[got.len()]).map_err(|e| e.to_string())?;
-        let (diff, norm) = got.iter().zip(&expected).fold((0f64, 0f64), |(d, n), (&a, &b)| (d + ((a - b) as f64).powi(2), n + (b as f64).powi(2)));
+        let (diff, norm) =
+            got.iter().zip(&expected).fold((0f64, 0f64), |(d, n), (&a, &b)| (d + ((a - b) as f64).powi(2), n + (b as f64).powi(2)));
         let err = diff.sqrt() / norm.sqrt().max(1e-12);
         let err = if err.is_nan() { f64::INFINITY } else { err };
         grad_err = grad_err.max(err);

@@ -11,8 +11,8 @@
 use alignment_handbook::core::backend::Cpu;
 use alignment_handbook::data::chat_template::{ChatTemplate, Message};
 use alignment_handbook::models::{generate, GenerationConfig};
-use alignment_handbook::run::load_for_inference;
 use alignment_handbook::reference::smollm2_dir;
+use alignment_handbook::run::load_for_inference;
 use anyhow::Context;
 use clap::Parser;
 use std::io::Write;

@@ -8,14 +8,19 @@
 //! ```
 
 use crate::reference;
-use alignment_data::format::{format_row, maybe_insert_system_message, messages_from_json, FormatOptions, Formatted, RowRef, Task as DataTask};
+use alignment_data::format::{
+    format_row, maybe_insert_system_message, messages_from_json, FormatOptions, Formatted, RowRef, Task as DataTask,
+};
 use alignment_data::mixer::{mix_datasets, DatasetMixer, MixerConfig, MixerEntry};
 use alignment_data::preference::{tokenize_orpo, tokenize_preference_text, TruncationMode};
 use alignment_data::source::DatasetLoader;
 use alignment_data::{pack, tokenize_conversation, tokenize_text, ChatTemplate, DataError, Dataset, TokenizedExample};
 use alignment_models::{load_pretrained, CausalLm};
-use alignment_peft::{apply_lora, load_adapter, read_adapter_base_model, load_pretrained_4bit, merge_lora, LoraConfig, QuantConfig, TargetModules, ADAPTER_CONFIG};
 use alignment_objectives::{DpoConfig, DpoLossType, OrpoConfig, Reduction};
+use alignment_peft::{
+    apply_lora, load_adapter, load_pretrained_4bit, merge_lora, read_adapter_base_model, LoraConfig, QuantConfig, TargetModules,
+    ADAPTER_CONFIG,
+};
 use alignment_trainer::tasks::{precompute_reference, DpoTask, OrpoTask, PreferencePair, ReferenceCache, SftTask};
 use alignment_trainer::{train_with, AdapterOutput, DataParallel, Recipe, Sequence, TrainError, TrainOutcome, TrainerConfig};
 use burn::module::{AutodiffModule, Module, ModuleMapper, Param};
@@ -129,7 +134,8 @@ impl TextTools {
             template = template.with_template(source)?;
         }
         let id = |token: Option<&str>| token.and_then(|t| tokenizer.token_to_id(t));
-        let eos_id = id(template.eos_token()).ok_or_else(|| RunError::Tokenizer { path: path.clone(), message: "no eos_token in tokenizer_config.json".into() })?;
+        let eos_id = id(template.eos_token())
+            .ok_or_else(|| RunError::Tokenizer { path: path.clone(), message: "no eos_token in tokenizer_config.json".into() })?;
         let pad_id = id(template.tokens().pad_token.as_deref()).unwrap_or(eos_id);
         let bos_id = id(template.bos_token());
         Ok(Self { tokenizer, template, pad_id, eos_id, bos_id })
@@ -138,8 +144,7 @@ impl TextTools {
 
 /// The recipe's data settings as the mixer's configuration (YAML order of `dataset_mixer` kept).
 pub fn mixer_config(recipe: &Recipe) -> Result<MixerConfig, RunError> {
-    let entries: Vec<MixerEntry> =
-        recipe.dataset_mixer_in_order().into_iter().map(|(id, fraction)| MixerEntry { id, fraction }).collect();
+    let entries: Vec<MixerEntry> = recipe.dataset_mixer_in_order().into_iter().map(|(id, fraction)| MixerEntry { id, fraction }).collect();
     if entries.is_empty() {
         return Err(RunError::Unsupported { key: "dataset_mixer", message: "the recipe names no dataset".into() });
     }
@@ -183,17 +188,31 @@ impl<B: Backend> ModuleMapper<B> for Unfreeze {
 ///   TRL merges a `PeftModel` before training new adapters (the new adapter then names that
 ///   adapter directory as its base; TRL names the SFT base and so loses the SFT adapter);
 /// - with `use_peft`, fresh LoRA adapters on top (everything else frozen), saved in PEFT layout.
-pub fn load_model<B: AutodiffBackend>(recipe: &Recipe, model_dir: &Path, device: &B::Device) -> Result<(CausalLm<B>, Option<AdapterOutput>), RunError> {
+pub fn load_model<B: AutodiffBackend>(
+    recipe: &Recipe,
+    model_dir: &Path,
+    device: &B::Device,
+) -> Result<(CausalLm<B>, Option<AdapterOutput>), RunError> {
     if recipe.load_in_8bit {
-        return Err(RunError::Unsupported { key: "load_in_8bit", message: "8-bit loading is not implemented; use load_in_4bit (QLoRA, NF4)".into() });
+        return Err(RunError::Unsupported {
+            key: "load_in_8bit",
+            message: "8-bit loading is not implemented; use load_in_4bit (QLoRA, NF4)".into(),
+        });
     }
     if recipe.load_in_4bit && !recipe.use_peft {
-        return Err(RunError::Unsupported { key: "load_in_4bit", message: "a 4-bit base cannot be trained itself; set use_peft: true (QLoRA) as TRL requires".into() });
+        return Err(RunError::Unsupported {
+            key: "load_in_4bit",
+            message: "a 4-bit base cannot be trained itself; set use_peft: true (QLoRA) as TRL requires".into(),
+        });
     }
     if recipe.lora_modules_to_save.as_ref().is_some_and(|m| !m.is_empty()) {
-        return Err(RunError::Unsupported { key: "lora_modules_to_save", message: "training full copies of modules beside the adapters is not implemented".into() });
+        return Err(RunError::Unsupported {
+            key: "lora_modules_to_save",
+            message: "training full copies of modules beside the adapters is not implemented".into(),
+        });
     }
-    let quant = if recipe.load_in_4bit { Some(QuantConfig::from_recipe(&recipe.bnb_4bit_quant_type, recipe.use_bnb_nested_quant)?) } else { None };
+    let quant =
+        if recipe.load_in_4bit { Some(QuantConfig::from_recipe(&recipe.bnb_4bit_quant_type, recipe.use_bnb_nested_quant)?) } else { None };
     let model = load_merged::<B>(model_dir, device, quant, 0)?;
     let model = if is_adapter_dir(model_dir) && !recipe.use_peft { model.map(&mut Unfreeze) } else { model };
     if !recipe.use_peft {
@@ -221,7 +240,10 @@ fn load_merged<B: Backend>(dir: &Path, device: &B::Device, quant: Option<QuantCo
         });
     }
     if depth >= 8 {
-        return Err(RunError::Unsupported { key: "model_name_or_path", message: format!("{}: more than 8 adapters chained through base_model_name_or_path", dir.display()) });
+        return Err(RunError::Unsupported {
+            key: "model_name_or_path",
+            message: format!("{}: more than 8 adapters chained through base_model_name_or_path", dir.display()),
+        });
     }
     let base = resolve_model(&read_adapter_base_model(dir)?)?;
     let (with_adapter, _) = load_adapter(load_merged(&base, device, quant, depth + 1)?, dir)?;
@@ -257,7 +279,14 @@ pub fn sft_examples(recipe: &Recipe, tools: &TextTools, dataset: &Dataset) -> Re
         if recipe.auto_insert_empty_system_msg {
             maybe_insert_system_message(&mut messages, &tools.template);
         }
-        let example = tokenize_conversation(&tools.template, &tools.tokenizer, &messages, recipe.assistant_only_loss, max_length, &location(dataset, i))?;
+        let example = tokenize_conversation(
+            &tools.template,
+            &tools.tokenizer,
+            &messages,
+            recipe.assistant_only_loss,
+            max_length,
+            &location(dataset, i),
+        )?;
         examples.push(example);
     }
     Ok(finish_lm_examples(examples, recipe.packing, max_length, tools.pad_id))
@@ -285,8 +314,14 @@ fn finish_lm_examples(examples: Vec<TokenizedExample>, packing: bool, max_length
 
 /// Preference pairs for DPO (TRL's DPOTrainer tokenization of the handbook's formatted
 /// prompt/chosen/rejected texts, truncated to `max_length`) or ORPO (ORPOTrainer's).
-pub fn preference_examples(recipe: &Recipe, tools: &TextTools, dataset: &Dataset, objective: Objective) -> Result<Vec<PreferencePair>, RunError> {
-    let options = FormatOptions { auto_insert_empty_system_msg: recipe.auto_insert_empty_system_msg, text_column: recipe.text_column.clone() };
+pub fn preference_examples(
+    recipe: &Recipe,
+    tools: &TextTools,
+    dataset: &Dataset,
+    objective: Objective,
+) -> Result<Vec<PreferencePair>, RunError> {
+    let options =
+        FormatOptions { auto_insert_empty_system_msg: recipe.auto_insert_empty_system_msg, text_column: recipe.text_column.clone() };
     let task = if objective == Objective::Orpo { DataTask::Orpo } else { DataTask::Dpo };
     let mode: TruncationMode = recipe
         .truncation_side
@@ -339,11 +374,13 @@ pub fn run<B: AutodiffBackend>(objective: Objective, recipe: &Recipe, device: &B
     config.quiet = quiet;
     let (model, adapter) = load_model::<B>(recipe, &model_dir, device)?;
     config.adapter = adapter;
-    let eval_preferences =
-        |test: &Option<Dataset>| test.as_ref().map(|t| preference_examples(recipe, &tools, t, objective)).transpose().map(Option::unwrap_or_default);
+    let eval_preferences = |test: &Option<Dataset>| {
+        test.as_ref().map(|t| preference_examples(recipe, &tools, t, objective)).transpose().map(Option::unwrap_or_default)
+    };
     let outcome = match objective {
         Objective::Sft | Objective::Cpt => {
-            let build = |d: &Dataset| if objective == Objective::Sft { sft_examples(recipe, &tools, d) } else { cpt_examples(recipe, &tools, d) };
+            let build =
+                |d: &Dataset| if objective == Objective::Sft { sft_examples(recipe, &tools, d) } else { cpt_examples(recipe, &tools, d) };
             let train_examples = build(&train_set)?;
             let eval_examples = test_set.as_ref().map(build).transpose()?.unwrap_or_default();
             let name = if objective == Objective::Sft { "sft" } else { "cpt" };
@@ -360,20 +397,17 @@ pub fn run<B: AutodiffBackend>(objective: Objective, recipe: &Recipe, device: &B
             if train_pairs.is_empty() {
                 return Err(RunError::NoExamples { split: "train", max_length: recipe.max_length });
             }
-            let loss_type: DpoLossType = recipe
-                .loss_type
-                .as_deref()
-                .unwrap_or("sigmoid")
-                .parse()
-                .map_err(|e: alignment_objectives::ObjectiveError| RunError::Unsupported { key: "loss_type", message: e.to_string() })?;
+            let loss_type: DpoLossType =
+                recipe.loss_type.as_deref().unwrap_or("sigmoid").parse().map_err(|e: alignment_objectives::ObjectiveError| {
+                    RunError::Unsupported { key: "loss_type", message: e.to_string() }
+                })?;
             let dpo = DpoConfig { beta: recipe.beta, loss_type, label_smoothing: recipe.label_smoothing };
             dpo.validate().map_err(|e| RunError::Unsupported { key: "label_smoothing", message: e.to_string() })?;
             // The reference model is the starting model: its log-probs, computed once and cached.
             let frozen = model.valid();
             let cache = ReferenceCache::new(&reference::cache_dir().join("reference-logps"), &frozen);
             let batch = config.eval_batch_size;
-            precompute_reference(&frozen, &mut train_pairs, batch, tools.pad_id, Some(&cache), device)
-                .map_err(TrainError::from)?;
+            precompute_reference(&frozen, &mut train_pairs, batch, tools.pad_id, Some(&cache), device).map_err(TrainError::from)?;
             if config.eval_steps.is_some() || config.eval_on_start {
                 precompute_reference(&frozen, &mut eval_pairs, batch, tools.pad_id, Some(&cache), device).map_err(TrainError::from)?;
             } else {
@@ -393,9 +427,10 @@ pub fn run<B: AutodiffBackend>(objective: Objective, recipe: &Recipe, device: &B
         }
     };
     if recipe.push_to_hub && is_main {
-        let id = recipe.hub_model_id.clone().unwrap_or_else(|| {
-            recipe.output_dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into())
-        });
+        let id = recipe
+            .hub_model_id
+            .clone()
+            .unwrap_or_else(|| recipe.output_dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into()));
         let pushed = push_to_local_hub(&outcome.model_dir, &id)?;
         eprintln!("pushed the model to the local hub: {}", pushed.display());
     }

@@ -72,7 +72,15 @@ fn qlora_sft_lowers_the_loss_and_dpo_starts_from_its_adapter() {
         "sft",
         "config_qlora.yaml",
         &sft_dir,
-        &["--max_steps=8", "--learning_rate=1.0e-3", "--lora_dropout=0.0", "--eval_strategy=steps", "--eval_steps=8", "--eval_on_start=true", "--dataset_splits=[train_sft, test_sft]"],
+        &[
+            "--max_steps=8",
+            "--learning_rate=1.0e-3",
+            "--lora_dropout=0.0",
+            "--eval_strategy=steps",
+            "--eval_steps=8",
+            "--eval_on_start=true",
+            "--dataset_splits=[train_sft, test_sft]",
+        ],
     );
     let outcome = run::<CpuAutodiff>(Objective::Sft, &sft, &device, true).unwrap();
     let eval: Vec<f64> = outcome.history.iter().filter_map(|e| e.get("eval_loss").and_then(|v| v.as_f64())).collect();
@@ -100,8 +108,13 @@ fn unsupported_and_invalid_settings_name_the_key() {
     let device = Default::default();
     let err = run::<CpuAutodiff>(Objective::Sft, &recipe("sft", root.path(), &["--load_in_4bit=true"]), &device, true).unwrap_err();
     assert!(matches!(err, RunError::Unsupported { key: "load_in_4bit", .. }) && err.to_string().contains("use_peft"), "{err}");
-    let err = run::<CpuAutodiff>(Objective::Sft, &recipe("sft", root.path(), &["--use_peft=true", "--lora_target_modules=[q_proj, qq_proj]"]), &device, true)
-        .unwrap_err();
+    let err = run::<CpuAutodiff>(
+        Objective::Sft,
+        &recipe("sft", root.path(), &["--use_peft=true", "--lora_target_modules=[q_proj, qq_proj]"]),
+        &device,
+        true,
+    )
+    .unwrap_err();
     assert!(err.to_string().contains("qq_proj"), "{err}");
     let err = run::<CpuAutodiff>(Objective::Sft, &recipe("sft", root.path(), &["--reduce_loss=average"]), &device, true).unwrap_err();
     assert!(matches!(err, RunError::Unsupported { key: "reduce_loss", .. }) && err.to_string().contains("sum"), "{err}");

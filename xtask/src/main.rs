@@ -123,7 +123,11 @@ fn main() -> anyhow::Result<()> {
             if let (Some(path), Some(config)) = (&config_file, &config) {
                 let path = std::fs::canonicalize(path).with_context(|| format!("{}", path.display()))?;
                 spec.env.push((ACCELERATE_CONFIG_VAR.into(), path.into_os_string()));
-                eprintln!("xtask: {nproc} ranks, {} ({})", config.stage, config_file.as_ref().map(|p| p.display().to_string()).unwrap_or_default());
+                eprintln!(
+                    "xtask: {nproc} ranks, {} ({})",
+                    config.stage,
+                    config_file.as_ref().map(|p| p.display().to_string()).unwrap_or_default()
+                );
             }
             launch(&spec)?;
             Ok(())

@@ -97,8 +97,7 @@ impl AtomicDir {
         if had_old {
             fs::rename(&self.target, &old).map_err(|e| IoError::new("moving aside", &self.target, e))?;
         }
-        fs::rename(&self.staging, &self.target)
-            .map_err(|e| IoError::new("renaming into place", &self.target, e))?;
+        fs::rename(&self.staging, &self.target).map_err(|e| IoError::new("renaming into place", &self.target, e))?;
         if had_old {
             let _ = fs::remove_dir_all(&old);
         }

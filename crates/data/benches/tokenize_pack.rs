@@ -16,8 +16,8 @@
 //! `cargo bench -p alignment-data --bench tokenize_pack -- --warm-up-time 1 --measurement-time 5`
 
 use alignment_data::{
-    best_fit_decreasing, format_row, pack, packing_efficiency, tokenize_conversation, tokenize_lm_text, ChatTemplate,
-    FormatOptions, Message, RowRef, Task, TokenizedExample,
+    best_fit_decreasing, format_row, pack, packing_efficiency, tokenize_conversation, tokenize_lm_text, ChatTemplate, FormatOptions,
+    Message, RowRef, Task, TokenizedExample,
 };
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use serde_json::{json, Map, Value as Json};
@@ -56,11 +56,68 @@ impl Rng {
 }
 
 const WORDS: &[&str] = &[
-    "the", "model", "learns", "to", "answer", "questions", "about", "history", "science", "and", "code", "with", "care",
-    "Paris", "is", "capital", "of", "France", "a", "transformer", "uses", "attention", "over", "tokens", "in", "context",
-    "gradient", "descent", "updates", "weights", "each", "step", "Python", "function", "returns", "list", "numbers",
-    "because", "however", "therefore", "example", "first", "second", "finally", "résumé", "naïve", "café", "東京", "🙂",
-    "data", "set", "training", "loss", "decreases", "when", "learning", "rate", "warms", "up", "then", "decays", "cosine",
+    "the",
+    "model",
+    "learns",
+    "to",
+    "answer",
+    "questions",
+    "about",
+    "history",
+    "science",
+    "and",
+    "code",
+    "with",
+    "care",
+    "Paris",
+    "is",
+    "capital",
+    "of",
+    "France",
+    "a",
+    "transformer",
+    "uses",
+    "attention",
+    "over",
+    "tokens",
+    "in",
+    "context",
+    "gradient",
+    "descent",
+    "updates",
+    "weights",
+    "each",
+    "step",
+    "Python",
+    "function",
+    "returns",
+    "list",
+    "numbers",
+    "because",
+    "however",
+    "therefore",
+    "example",
+    "first",
+    "second",
+    "finally",
+    "résumé",
+    "naïve",
+    "café",
+    "東京",
+    "🙂",
+    "data",
+    "set",
+    "training",
+    "loss",
+    "decreases",
+    "when",
+    "learning",
+    "rate",
+    "warms",
+    "up",
+    "then",
+    "decays",
+    "cosine",
 ];
 
 fn sentence(rng: &mut Rng, words: usize) -> String {
@@ -99,9 +156,9 @@ fn conversations(n: usize) -> Vec<Vec<Message>> {
 }
 
 fn tokenizer_dir() -> PathBuf {
-    let cache = std::env::var_os("ALIGNMENT_HANDBOOK_CACHE").map(PathBuf::from).unwrap_or_else(|| {
-        PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/alignment-handbook")
-    });
+    let cache = std::env::var_os("ALIGNMENT_HANDBOOK_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/alignment-handbook"));
     let smollm2 = cache.join("models/SmolLM2-135M-Instruct");
     if smollm2.join("tokenizer.json").is_file() && smollm2.join("tokenizer_config.json").is_file() {
         eprintln!("tokenizer: SmolLM2-135M-Instruct ({})", smollm2.display());
@@ -154,14 +211,10 @@ fn bench(c: &mut Criterion) {
     let template = ChatTemplate::from_tokenizer_config(&dir.join("tokenizer_config.json")).expect("chat template");
     let eos = template.eos_token().map(String::from);
     let convs = conversations(CONVERSATIONS);
-    let rows: Vec<Map<String, Json>> =
-        convs.iter().map(|m| json!({ "messages": m }).as_object().unwrap().clone()).collect();
+    let rows: Vec<Map<String, Json>> = convs.iter().map(|m| json!({ "messages": m }).as_object().unwrap().clone()).collect();
 
     let assistant_only = |convs: &[Vec<Message>]| -> Vec<TokenizedExample> {
-        convs
-            .iter()
-            .map(|m| tokenize_conversation(&template, &tokenizer, m, true, Some(ROW_LENGTH), "bench").unwrap())
-            .collect()
+        convs.iter().map(|m| tokenize_conversation(&template, &tokenizer, m, true, Some(ROW_LENGTH), "bench").unwrap()).collect()
     };
     let examples = assistant_only(&convs);
     let tokens: usize = examples.iter().map(|e| e.input_ids.len()).sum();

@@ -77,12 +77,7 @@ impl SpecialTokens {
             Json::Object(o) => o.get("content")?.as_str().map(String::from),
             _ => None,
         };
-        Self {
-            bos_token: token("bos_token"),
-            eos_token: token("eos_token"),
-            unk_token: token("unk_token"),
-            pad_token: token("pad_token"),
-        }
+        Self { bos_token: token("bos_token"), eos_token: token("eos_token"), unk_token: token("unk_token"), pad_token: token("pad_token") }
     }
 
     fn entries(&self) -> impl Iterator<Item = (&'static str, &String)> {

@@ -82,11 +82,7 @@ impl Dataset {
         let rows = indices
             .iter()
             .map(|&i| {
-                self.rows.get(i).cloned().ok_or_else(|| DataError::RowOutOfRange {
-                    dataset: self.name.clone(),
-                    index: i,
-                    len: self.len(),
-                })
+                self.rows.get(i).cloned().ok_or_else(|| DataError::RowOutOfRange { dataset: self.name.clone(), index: i, len: self.len() })
             })
             .collect::<Result<_, _>>()?;
         Ok(Self { name: self.name.clone(), columns: self.columns.clone(), rows })
@@ -106,11 +102,7 @@ impl Dataset {
     /// the dataset when one is absent.
     pub fn select_columns(self, columns: &[String]) -> Result<Self, DataError> {
         if let Some(missing) = columns.iter().find(|c| !self.columns.contains(c)) {
-            return Err(DataError::MissingColumn {
-                dataset: self.name,
-                column: missing.clone(),
-                available: self.columns,
-            });
+            return Err(DataError::MissingColumn { dataset: self.name, column: missing.clone(), available: self.columns });
         }
         Ok(Self::with_columns(self.name, columns.to_vec(), self.rows))
     }

@@ -46,13 +46,10 @@ impl HubConfig {
     /// count as unset.
     pub fn from_vars(var: impl Fn(&str) -> Option<String>) -> Self {
         let get = |name: &str| var(name).filter(|v| !v.trim().is_empty());
-        let endpoint = get("HF_ENDPOINT")
-            .map(|e| e.trim_end_matches('/').to_string())
-            .unwrap_or_else(|| DEFAULT_ENDPOINT.to_string());
+        let endpoint = get("HF_ENDPOINT").map(|e| e.trim_end_matches('/').to_string()).unwrap_or_else(|| DEFAULT_ENDPOINT.to_string());
         let hf_home = get("HF_HOME").map(PathBuf::from).unwrap_or_else(|| {
-            let cache = get("XDG_CACHE_HOME")
-                .map(PathBuf::from)
-                .unwrap_or_else(|| PathBuf::from(get("HOME").unwrap_or_default()).join(".cache"));
+            let cache =
+                get("XDG_CACHE_HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from(get("HOME").unwrap_or_default()).join(".cache"));
             cache.join("huggingface")
         });
         let cache_dir = get("HF_HUB_CACHE").map(PathBuf::from).unwrap_or_else(|| hf_home.join("hub"));
@@ -60,9 +57,8 @@ impl HubConfig {
             .iter()
             .any(|name| var(name).is_some_and(|v| matches!(v.trim().to_ascii_uppercase().as_str(), "1" | "ON" | "YES" | "TRUE")));
         let token_file = get("HF_TOKEN_PATH").map(PathBuf::from).unwrap_or_else(|| hf_home.join("token"));
-        let token = get("HF_TOKEN").or_else(|| {
-            std::fs::read_to_string(token_file).ok().map(|t| t.trim().to_string()).filter(|t| !t.is_empty())
-        });
+        let token =
+            get("HF_TOKEN").or_else(|| std::fs::read_to_string(token_file).ok().map(|t| t.trim().to_string()).filter(|t| !t.is_empty()));
         Self { endpoint, cache_dir, offline, token }
     }
 }
@@ -156,18 +152,11 @@ impl HubClient {
             return Err(self.offline_miss(repo, format!("split `{split}`")));
         }
         if chosen.is_empty() {
-            let found = snapshot
-                .files
-                .iter()
-                .filter(|f| DATA_EXTENSIONS.iter().any(|ext| f.ends_with(&format!(".{ext}"))))
-                .cloned()
-                .collect();
+            let found =
+                snapshot.files.iter().filter(|f| DATA_EXTENSIONS.iter().any(|ext| f.ends_with(&format!(".{ext}")))).cloned().collect();
             return Err(DataError::MissingSplit { dataset: repo.to_string(), split: split.to_string(), found });
         }
-        let paths = chosen
-            .iter()
-            .map(|file| self.fetch(repo, revision, &snapshot, file))
-            .collect::<Result<Vec<_>, _>>()?;
+        let paths = chosen.iter().map(|file| self.fetch(repo, revision, &snapshot, file)).collect::<Result<Vec<_>, _>>()?;
         let name = match config {
             Some(c) => format!("{repo}/{c}:{split}"),
             None => format!("{repo}:{split}"),

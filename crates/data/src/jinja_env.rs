@@ -116,9 +116,7 @@ fn indent_unit(indent: &Value) -> Result<String, Error> {
     if let Some(s) = indent.as_str() {
         return Ok(s.to_string());
     }
-    let n = indent
-        .as_i64()
-        .ok_or_else(|| Error::new(ErrorKind::InvalidOperation, "tojson indent must be an integer or a string"))?;
+    let n = indent.as_i64().ok_or_else(|| Error::new(ErrorKind::InvalidOperation, "tojson indent must be an integer or a string"))?;
     Ok(" ".repeat(n.max(0) as usize))
 }
 

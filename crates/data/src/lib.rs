@@ -5,28 +5,33 @@
 
 pub mod chat_template;
 pub mod dataset;
-pub mod hub;
-pub mod mixer;
-pub mod parquet_file;
-pub mod shuffle;
-pub mod source;
 pub mod error;
 pub mod format;
-pub mod pack;
-pub mod preference;
-pub mod tokenize;
+pub mod hub;
 mod jinja_env;
+pub mod mixer;
+pub mod pack;
+pub mod parquet_file;
+pub mod preference;
 mod pyjson;
 mod pystr;
+pub mod shuffle;
+pub mod source;
+pub mod tokenize;
 
 pub use chat_template::{validate_messages, ChatTemplate, Message, SpecialTokens, VALID_ROLES, ZEPHYR_TEMPLATE};
-pub use error::DataError;
-pub use format::{format_row, maybe_insert_system_message, messages_from_json, split_preference, FormatOptions, Formatted, PreferenceMessages, RowRef, Task};
-pub use pack::{best_fit_decreasing, pack, pack_in_batches, packing_efficiency, PackedRow};
-pub use preference::{tokenize_orpo, tokenize_preference_conversation, tokenize_preference_text, OrpoExample, PreferenceIds, TruncationMode};
-pub use tokenize::{tokenize_conversation, tokenize_lm_text, tokenize_text, TokenizedExample, IGNORE_INDEX};
 pub use dataset::{Dataset, Row, TestSize};
+pub use error::DataError;
+pub use format::{
+    format_row, maybe_insert_system_message, messages_from_json, split_preference, FormatOptions, Formatted, PreferenceMessages, RowRef,
+    Task,
+};
 pub use hub::{HubClient, HubConfig, RepoSnapshot};
 pub use mixer::{mix_datasets, mix_mixture, DatasetMixer, DatasetMixture, MixedSplits, MixerConfig, MixerEntry, MixtureDataset};
+pub use pack::{best_fit_decreasing, pack, pack_in_batches, packing_efficiency, PackedRow};
+pub use preference::{
+    tokenize_orpo, tokenize_preference_conversation, tokenize_preference_text, OrpoExample, PreferenceIds, TruncationMode,
+};
 pub use shuffle::{permutation, NumpyRng};
 pub use source::{load_file, load_local, resolve_split_files, DatasetLoader, SplitSource};
+pub use tokenize::{tokenize_conversation, tokenize_lm_text, tokenize_text, TokenizedExample, IGNORE_INDEX};

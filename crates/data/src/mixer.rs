@@ -92,14 +92,7 @@ pub struct MixerConfig {
 impl MixerConfig {
     /// A config with the handbook's defaults for everything but the mixer.
     pub fn new(dataset_mixer: DatasetMixer) -> Self {
-        Self {
-            dataset_mixer,
-            dataset_splits: default_splits(),
-            dataset_configs: None,
-            columns_to_keep: None,
-            shuffle: true,
-            seed: 42,
-        }
+        Self { dataset_mixer, dataset_splits: default_splits(), dataset_configs: None, columns_to_keep: None, shuffle: true, seed: 42 }
     }
 }
 
@@ -187,8 +180,7 @@ pub fn mix_datasets(config: &MixerConfig, source: &dyn SplitSource) -> Result<Mi
     if let Some(configs) = &config.dataset_configs {
         if !configs.is_empty() && configs.len() != entries.len() {
             return Err(DataError::InvalidMixer {
-                message: "The number of given dataset config names must be the same as the given number of datasets."
-                    .to_string(),
+                message: "The number of given dataset config names must be the same as the given number of datasets.".to_string(),
             });
         }
     }

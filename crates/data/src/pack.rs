@@ -106,7 +106,11 @@ fn build_row(examples: &[TokenizedExample], members: &[usize], row_length: usize
 pub fn packing_efficiency(rows: &[PackedRow]) -> f64 {
     let total: usize = rows.iter().map(|r| r.attention_mask.len()).sum();
     let used: usize = rows.iter().map(|r| r.attention_mask.iter().filter(|&&m| m).count()).sum();
-    if total == 0 { 0.0 } else { used as f64 / total as f64 }
+    if total == 0 {
+        0.0
+    } else {
+        used as f64 / total as f64
+    }
 }
 
 #[cfg(test)]

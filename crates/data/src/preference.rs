@@ -63,7 +63,11 @@ impl PreferenceIds {
     /// is the longest prefix the tokenized prompt shares with both full sequences.
     pub fn from_full(prompt: &[u32], prompt_chosen: &[u32], prompt_rejected: &[u32]) -> Self {
         let len = common_prefix_length(prompt, prompt_chosen).min(common_prefix_length(prompt, prompt_rejected));
-        Self { prompt_ids: prompt[..len].to_vec(), chosen_ids: prompt_chosen[len..].to_vec(), rejected_ids: prompt_rejected[len..].to_vec() }
+        Self {
+            prompt_ids: prompt[..len].to_vec(),
+            chosen_ids: prompt_chosen[len..].to_vec(),
+            rejected_ids: prompt_rejected[len..].to_vec(),
+        }
     }
 
     /// Whether TRL keeps the row: under `keep_start` with a `max_length`, a prompt of
@@ -84,9 +88,8 @@ impl PreferenceIds {
 
     fn sequence(&self, completion: &[u32], max_length: Option<usize>, mode: TruncationMode) -> TokenizedExample {
         let input_ids: Vec<u32> = self.prompt_ids.iter().chain(completion).copied().collect();
-        let labels: Vec<i64> = std::iter::repeat_n(IGNORE_INDEX, self.prompt_ids.len())
-            .chain(completion.iter().map(|&id| id as i64))
-            .collect();
+        let labels: Vec<i64> =
+            std::iter::repeat_n(IGNORE_INDEX, self.prompt_ids.len()).chain(completion.iter().map(|&id| id as i64)).collect();
         let range = match (max_length, mode) {
             (Some(max), TruncationMode::KeepStart) => 0..input_ids.len().min(max),
             (Some(max), TruncationMode::KeepEnd) => input_ids.len().saturating_sub(max)..input_ids.len(),

@@ -143,7 +143,9 @@ fn key_text(key: &Value) -> Result<String, Error> {
         ValueKind::Bool => if key.is_true() { "true" } else { "false" }.into(),
         ValueKind::Number if key.is_integer() => key.to_string(),
         ValueKind::Number => json_float(key)?,
-        _ => return Err(Error::new(ErrorKind::InvalidOperation, format!("keys must be str, int, float, bool or None, not {}", key.kind()))),
+        _ => {
+            return Err(Error::new(ErrorKind::InvalidOperation, format!("keys must be str, int, float, bool or None, not {}", key.kind())))
+        }
     })
 }
 

@@ -109,9 +109,7 @@ pub(crate) fn repr(value: &Value) -> String {
         },
         ValueKind::Map => match value.try_iter() {
             Ok(keys) => {
-                let items: Vec<String> = keys
-                    .map(|k| format!("{}: {}", repr(&k), repr(&value.get_item(&k).unwrap_or_default())))
-                    .collect();
+                let items: Vec<String> = keys.map(|k| format!("{}: {}", repr(&k), repr(&value.get_item(&k).unwrap_or_default()))).collect();
                 format!("{{{}}}", items.join(", "))
             }
             Err(_) => value.to_string(),

@@ -63,11 +63,9 @@ pub fn is_hub_id(id: &str) -> bool {
     let parts: Vec<&str> = id.split('/').collect();
     !parts.is_empty()
         && parts.len() <= 2
-        && parts.iter().all(|p| {
-            !p.is_empty()
-                && !p.starts_with('.')
-                && p.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
-        })
+        && parts
+            .iter()
+            .all(|p| !p.is_empty() && !p.starts_with('.') && p.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')))
 }
 
 /// One split of a local dataset: a data file (which only has the split `train`, as
@@ -151,9 +149,7 @@ pub fn resolve_split_files(files: &[String], split: &str, config: Option<&str>) 
         .filter_map(|f| f.strip_prefix(prefix.as_str()).map(|rel| (f, rel)))
         .collect();
     let named = |base: &str| {
-        base.strip_prefix(split).is_some_and(|rest| {
-            rest.starts_with('-') || extension(base).is_some_and(|ext| rest == format!(".{ext}"))
-        })
+        base.strip_prefix(split).is_some_and(|rest| rest.starts_with('-') || extension(base).is_some_and(|ext| rest == format!(".{ext}")))
     };
     let direct: Vec<String> = candidates
         .iter()
@@ -170,11 +166,7 @@ pub fn resolve_split_files(files: &[String], split: &str, config: Option<&str>) 
     if prefix.is_empty() {
         dirs.push(format!("default/{split}/"));
     }
-    candidates
-        .iter()
-        .filter(|(_, rel)| dirs.iter().any(|d| rel.starts_with(d.as_str())))
-        .map(|(f, _)| (*f).clone())
-        .collect()
+    candidates.iter().filter(|(_, rel)| dirs.iter().any(|d| rel.starts_with(d.as_str()))).map(|(f, _)| (*f).clone()).collect()
 }
 
 /// Every file under `root` (following symlinks, as the hub cache's snapshots are links), as
@@ -222,9 +214,7 @@ fn read_json(path: &Path, name: &str) -> Result<Dataset, DataError> {
         Ok(rows) => Ok(Dataset::from_rows(name, rows)),
         // A `.json` file that is not JSON Lines may be one object of columns.
         Err(line_error) => match serde_json::from_str::<Value>(text) {
-            Ok(Value::Object(columns)) => {
-                columnar_rows(columns).map(|rows| Dataset::from_rows(name, rows)).map_err(invalid)
-            }
+            Ok(Value::Object(columns)) => columnar_rows(columns).map(|rows| Dataset::from_rows(name, rows)).map_err(invalid),
             _ => Err(line_error),
         },
     }

@@ -144,11 +144,8 @@ pub fn tokenize_conversation(
     location: &str,
 ) -> Result<TokenizedExample, DataError> {
     validate_messages(messages, location)?;
-    let (text, spans) = if assistant_only {
-        render_with_assistant_spans(template, messages)?
-    } else {
-        (template.render(messages, false)?, Vec::new())
-    };
+    let (text, spans) =
+        if assistant_only { render_with_assistant_spans(template, messages)? } else { (template.render(messages, false)?, Vec::new()) };
     let encoding = encode(tokenizer, &text, false, location)?;
     let mut input_ids = encoding.get_ids().to_vec();
     let mut labels: Vec<i64> = if assistant_only {

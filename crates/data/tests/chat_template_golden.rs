@@ -40,8 +40,7 @@ fn load_templates(goldens: &Json) -> BTreeMap<String, ChatTemplate> {
     for (name, spec) in goldens["templates"].as_object().expect("templates") {
         let file = fixtures().join(spec["file"].as_str().expect("file"));
         let source = std::fs::read_to_string(&file).unwrap_or_else(|e| panic!("{}: {e}", file.display()));
-        let template = ChatTemplate::new(name.clone(), source, tokens(&spec["special_tokens"]))
-            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        let template = ChatTemplate::new(name.clone(), source, tokens(&spec["special_tokens"])).unwrap_or_else(|e| panic!("{name}: {e}"));
         templates.insert(name.clone(), template);
     }
     templates
@@ -225,7 +224,9 @@ fn syntax_and_raise_errors_name_the_template() {
     let template = ChatTemplate::new("gemma", gemma, SpecialTokens::bos_eos("<bos>", "<eos>")).unwrap();
     let err = template.render(&chat(), true).unwrap_err();
     match &err {
-        DataError::TemplateRaised { name, message } => assert_eq!((name.as_str(), message.as_str()), ("gemma", "System role not supported")),
+        DataError::TemplateRaised { name, message } => {
+            assert_eq!((name.as_str(), message.as_str()), ("gemma", "System role not supported"))
+        }
         other => panic!("expected TemplateRaised, got {other:?}"),
     }
 

@@ -4,8 +4,8 @@
 //! `tokenization_golden.rs`.)
 
 use alignment_data::{
-    format_row, maybe_insert_system_message, messages_from_json, split_preference, ChatTemplate, DataError, FormatOptions,
-    Formatted, Message, RowRef, SpecialTokens, Task,
+    format_row, maybe_insert_system_message, messages_from_json, split_preference, ChatTemplate, DataError, FormatOptions, Formatted,
+    Message, RowRef, SpecialTokens, Task,
 };
 use serde_json::{json, Map, Value as Json};
 
@@ -15,8 +15,7 @@ fn zephyr() -> ChatTemplate {
 
 /// A template that never mentions a system turn: nothing is inserted.
 fn plain() -> ChatTemplate {
-    ChatTemplate::new("plain", "{% for m in messages %}[{{ m['role'] }}]{{ m['content'] }}{% endfor %}", SpecialTokens::default())
-        .unwrap()
+    ChatTemplate::new("plain", "{% for m in messages %}[{{ m['role'] }}]{{ m['content'] }}{% endfor %}", SpecialTokens::default()).unwrap()
 }
 
 /// A Llama-2-like template that writes BOS first, as some do.
@@ -139,10 +138,8 @@ fn a_missing_column_is_named_with_the_columns_present() {
 fn an_unknown_role_is_named_with_its_index_and_column() {
     let err = error(json!({"messages": [m("user", "Q"), m("tool", "x")]}), Task::Sft);
     assert!(err.contains("column `messages`") && err.contains("message 1") && err.contains("`tool`"), "{err}");
-    let err = error(
-        json!({"chosen": [m("user", "Q"), m("assistant", "a")], "rejected": [m("human", "Q"), m("assistant", "b")]}),
-        Task::Dpo,
-    );
+    let err =
+        error(json!({"chosen": [m("user", "Q"), m("assistant", "a")], "rejected": [m("human", "Q"), m("assistant", "b")]}), Task::Dpo);
     assert!(err.contains("column `rejected`") && err.contains("message 0") && err.contains("`human`"), "{err}");
 }
 
@@ -159,10 +156,8 @@ fn empty_conversations_are_errors() {
 
 #[test]
 fn chosen_and_rejected_must_share_their_prompt_turns() {
-    let err = error(
-        json!({"chosen": [m("user", "Q1"), m("assistant", "a")], "rejected": [m("user", "Q2"), m("assistant", "b")]}),
-        Task::Dpo,
-    );
+    let err =
+        error(json!({"chosen": [m("user", "Q1"), m("assistant", "a")], "rejected": [m("user", "Q2"), m("assistant", "b")]}), Task::Dpo);
     assert!(err.contains("differ at message 0") && err.contains("\"Q1\" vs \"Q2\""), "{err}");
     let err = error(
         json!({"chosen": [m("user", "Q"), m("assistant", "a"), m("user", "more"), m("assistant", "c")], "rejected": [m("user", "Q"), m("assistant", "b")]}),

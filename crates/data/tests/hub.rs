@@ -92,8 +92,7 @@ fn respond(repos: &BTreeMap<String, RepoDir>, request: tiny_http::Request) {
                 files.extend(repo.listed_extra.iter().cloned());
                 let siblings: Vec<Value> = files.iter().map(|f| json!({ "rfilename": f })).collect();
                 let body = json!({ "id": format!("{}/{}", parts[0], parts[1]), "sha": COMMIT, "siblings": siblings });
-                let response = tiny_http::Response::from_string(body.to_string())
-                    .with_header(header("Content-Type", "application/json"));
+                let response = tiny_http::Response::from_string(body.to_string()).with_header(header("Content-Type", "application/json"));
                 let _ = request.respond(response);
                 return;
             }
@@ -109,11 +108,7 @@ fn respond(repos: &BTreeMap<String, RepoDir>, request: tiny_http::Request) {
                 let path = repo.root.join(parts[4]);
                 if let Ok(bytes) = std::fs::read(&path) {
                     let etag: String = Sha256::digest(&bytes).iter().map(|b| format!("{b:02x}")).collect();
-                    let range = request
-                        .headers()
-                        .iter()
-                        .find(|h| h.field.equiv("Range"))
-                        .map(|h| h.value.as_str().to_string());
+                    let range = request.headers().iter().find(|h| h.field.equiv("Range")).map(|h| h.value.as_str().to_string());
                     let (start, end) = match range.as_deref().and_then(|r| r.strip_prefix("bytes=")) {
                         Some(spec) => {
                             let (a, b) = spec.split_once('-').unwrap();

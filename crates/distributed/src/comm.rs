@@ -25,11 +25,7 @@ pub trait Communicator: Send {
 
     /// Sums `buffer` (the full `layout.len()` values) over all ranks and returns this rank's
     /// shard of the sum, `layout.range(rank())`.
-    fn reduce_scatter_sum(
-        &mut self,
-        buffer: &[f32],
-        layout: &ShardLayout,
-    ) -> Result<Vec<f32>, DistError>;
+    fn reduce_scatter_sum(&mut self, buffer: &[f32], layout: &ShardLayout) -> Result<Vec<f32>, DistError>;
 
     /// Concatenates every rank's `shard` (this rank's is `layout.range(rank())` long) in rank
     /// order into the full buffer of `layout.len()` values, identical on every rank.
@@ -47,51 +43,29 @@ pub trait Communicator: Send {
 }
 
 /// Checks shared by the implementations: the layout matches the world and the buffer.
-pub(crate) fn check_layout(
-    rank: usize,
-    world_size: usize,
-    layout: &ShardLayout,
-    len: usize,
-    what: &str,
-) -> Result<(), DistError> {
+pub(crate) fn check_layout(rank: usize, world_size: usize, layout: &ShardLayout, len: usize, what: &str) -> Result<(), DistError> {
     if layout.world_size() != world_size {
         return Err(DistError::InvalidArgument {
             rank,
-            detail: format!(
-                "{what}: layout is for {} ranks but the world has {world_size}",
-                layout.world_size()
-            ),
+            detail: format!("{what}: layout is for {} ranks but the world has {world_size}", layout.world_size()),
         });
     }
     if len != layout.len() {
         return Err(DistError::InvalidArgument {
             rank,
-            detail: format!(
-                "{what}: buffer has {len} values but the layout {}",
-                layout.len()
-            ),
+            detail: format!("{what}: buffer has {len} values but the layout {}", layout.len()),
         });
     }
     Ok(())
 }
 
 /// Checks that a shard has the length the layout gives this rank.
-pub(crate) fn check_shard(
-    rank: usize,
-    world_size: usize,
-    layout: &ShardLayout,
-    shard_len: usize,
-    what: &str,
-) -> Result<(), DistError> {
+pub(crate) fn check_shard(rank: usize, world_size: usize, layout: &ShardLayout, shard_len: usize, what: &str) -> Result<(), DistError> {
     check_layout(rank, world_size, layout, layout.len(), what)?;
     if shard_len != layout.shard_len(rank) {
         return Err(DistError::InvalidArgument {
             rank,
-            detail: format!(
-                "{what}: shard has {shard_len} values but rank {rank} owns {} of {}",
-                layout.shard_len(rank),
-                layout.len()
-            ),
+            detail: format!("{what}: shard has {shard_len} values but rank {rank} owns {} of {}", layout.shard_len(rank), layout.len()),
         });
     }
     Ok(())
@@ -121,11 +95,7 @@ impl Communicator for LocalCommunicator {
         Ok(())
     }
 
-    fn reduce_scatter_sum(
-        &mut self,
-        buffer: &[f32],
-        layout: &ShardLayout,
-    ) -> Result<Vec<f32>, DistError> {
+    fn reduce_scatter_sum(&mut self, buffer: &[f32], layout: &ShardLayout) -> Result<Vec<f32>, DistError> {
         check_layout(0, 1, layout, buffer.len(), "reduce_scatter")?;
         Ok(buffer.to_vec())
     }
@@ -137,10 +107,7 @@ impl Communicator for LocalCommunicator {
 
     fn broadcast(&mut self, _buffer: &mut [f32], root: usize) -> Result<(), DistError> {
         if root != 0 {
-            return Err(DistError::InvalidArgument {
-                rank: 0,
-                detail: format!("broadcast root {root} out of range for world size 1"),
-            });
+            return Err(DistError::InvalidArgument { rank: 0, detail: format!("broadcast root {root} out of range for world size 1") });
         }
         Ok(())
     }

@@ -28,28 +28,16 @@ pub const TIMEOUT_VAR: &str = "ALIGNMENT_DIST_TIMEOUT_S";
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
 
 fn invalid(var: &str, value: &str, reason: impl Into<String>) -> DistError {
-    DistError::Env {
-        var: var.into(),
-        value: value.into(),
-        reason: reason.into(),
-    }
+    DistError::Env { var: var.into(), value: value.into(), reason: reason.into() }
 }
 
 /// The first of `names` that is set, with its name.
-fn first_set(
-    get: &dyn Fn(&str) -> Option<String>,
-    names: &[&'static str],
-) -> Option<(&'static str, String)> {
-    names
-        .iter()
-        .find_map(|name| get(name).map(|value| (*name, value)))
+fn first_set(get: &dyn Fn(&str) -> Option<String>, names: &[&'static str]) -> Option<(&'static str, String)> {
+    names.iter().find_map(|name| get(name).map(|value| (*name, value)))
 }
 
 fn parse_usize(var: &str, value: &str) -> Result<usize, DistError> {
-    value
-        .trim()
-        .parse::<usize>()
-        .map_err(|_| invalid(var, value, "expected a non-negative integer"))
+    value.trim().parse::<usize>().map_err(|_| invalid(var, value, "expected a non-negative integer"))
 }
 
 impl DistEnv {
@@ -71,32 +59,18 @@ impl DistEnv {
         };
         let world_size = parse_usize(world_var, &world_value)?;
         if world_size == 0 {
-            return Err(invalid(
-                world_var,
-                &world_value,
-                "the world size must be at least 1",
-            ));
+            return Err(invalid(world_var, &world_value, "the world size must be at least 1"));
         }
         let rank = match first_set(get, &["RANK", "SLURM_PROCID"]) {
             Some((var, value)) => {
                 let rank = parse_usize(var, &value)?;
                 if rank >= world_size {
-                    return Err(invalid(
-                        var,
-                        &value,
-                        format!("rank must be below the world size {world_size} ({world_var})"),
-                    ));
+                    return Err(invalid(var, &value, format!("rank must be below the world size {world_size} ({world_var})")));
                 }
                 rank
             }
             None if world_size == 1 => 0,
-            None => {
-                return Err(invalid(
-                    "RANK",
-                    "",
-                    format!("not set (nor SLURM_PROCID) although {world_var}={world_size}"),
-                ))
-            }
+            None => return Err(invalid("RANK", "", format!("not set (nor SLURM_PROCID) although {world_var}={world_size}"))),
         };
         if world_size == 1 {
             return Ok(None);
@@ -105,53 +79,25 @@ impl DistEnv {
             Some((var, value)) => {
                 let local_rank = parse_usize(var, &value)?;
                 if local_rank >= world_size {
-                    return Err(invalid(
-                        var,
-                        &value,
-                        format!("local rank must be below the world size {world_size}"),
-                    ));
+                    return Err(invalid(var, &value, format!("local rank must be below the world size {world_size}")));
                 }
                 local_rank
             }
-            None => {
-                return Err(invalid(
-                    "LOCAL_RANK",
-                    "",
-                    format!("not set (nor SLURM_LOCALID) although {world_var}={world_size}"),
-                ))
-            }
+            None => return Err(invalid("LOCAL_RANK", "", format!("not set (nor SLURM_LOCALID) although {world_var}={world_size}"))),
         };
         let master_addr = match get("MASTER_ADDR") {
             Some(addr) if !addr.trim().is_empty() => addr.trim().to_string(),
             Some(addr) => return Err(invalid("MASTER_ADDR", &addr, "empty")),
-            None => {
-                return Err(invalid(
-                    "MASTER_ADDR",
-                    "",
-                    format!("not set although {world_var}={world_size} (the host of rank 0)"),
-                ))
-            }
+            None => return Err(invalid("MASTER_ADDR", "", format!("not set although {world_var}={world_size} (the host of rank 0)"))),
         };
         let master_port = match get("MASTER_PORT") {
             Some(value) => match value.trim().parse::<u16>() {
-                Ok(0) | Err(_) => {
-                    return Err(invalid(
-                        "MASTER_PORT",
-                        &value,
-                        "expected a port number 1-65535",
-                    ))
-                }
+                Ok(0) | Err(_) => return Err(invalid("MASTER_PORT", &value, "expected a port number 1-65535")),
                 Ok(port) => port,
             },
             None => DEFAULT_MASTER_PORT,
         };
-        Ok(Some(DistEnv {
-            rank,
-            world_size,
-            local_rank,
-            master_addr,
-            master_port,
-        }))
+        Ok(Some(DistEnv { rank, world_size, local_rank, master_addr, master_port }))
     }
 
     /// Whether this is rank 0 (the one that logs, evaluates and saves).
@@ -181,13 +127,7 @@ pub fn timeout_from_value(value: Option<&str>) -> Result<Duration, DistError> {
         return Ok(DEFAULT_TIMEOUT);
     };
     match value.trim().parse::<f64>() {
-        Ok(seconds) if seconds.is_finite() && seconds > 0.0 && seconds < 1e9 => {
-            Ok(Duration::from_secs_f64(seconds))
-        }
-        _ => Err(invalid(
-            TIMEOUT_VAR,
-            value,
-            "expected a positive number of seconds",
-        )),
+        Ok(seconds) if seconds.is_finite() && seconds > 0.0 && seconds < 1e9 => Ok(Duration::from_secs_f64(seconds)),
+        _ => Err(invalid(TIMEOUT_VAR, value, "expected a positive number of seconds")),
     }
 }

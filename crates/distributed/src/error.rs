@@ -40,9 +40,7 @@ pub enum DistError {
         source: std::io::Error,
     },
     /// A peer closed its connection: it exited, crashed or gave up after its own error.
-    #[error(
-        "rank {rank}: rank {peer} closed the connection during {op} (it exited, crashed or failed)"
-    )]
+    #[error("rank {rank}: rank {peer} closed the connection during {op} (it exited, crashed or failed)")]
     PeerClosed {
         /// The rank reporting.
         rank: usize,

@@ -35,11 +35,7 @@ pub struct LaunchSpec {
 
 impl LaunchSpec {
     /// `nproc` copies of `program args` on 127.0.0.1 with a free port.
-    pub fn new(
-        nproc: usize,
-        program: impl Into<OsString>,
-        args: impl IntoIterator<Item = impl Into<OsString>>,
-    ) -> Self {
+    pub fn new(nproc: usize, program: impl Into<OsString>, args: impl IntoIterator<Item = impl Into<OsString>>) -> Self {
         LaunchSpec {
             nproc,
             master_addr: "127.0.0.1".into(),
@@ -53,15 +49,9 @@ impl LaunchSpec {
 
 /// A port that was free a moment ago (bound to port 0, then released).
 pub fn free_port() -> Result<u16, DistError> {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| DistError::Launch {
-        detail: format!("cannot find a free port: {e}"),
-    })?;
-    listener
-        .local_addr()
-        .map(|a| a.port())
-        .map_err(|e| DistError::Launch {
-            detail: format!("cannot find a free port: {e}"),
-        })
+    let listener =
+        std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| DistError::Launch { detail: format!("cannot find a free port: {e}") })?;
+    listener.local_addr().map(|a| a.port()).map_err(|e| DistError::Launch { detail: format!("cannot find a free port: {e}") })
 }
 
 fn describe(status: ExitStatus) -> String {
@@ -79,11 +69,7 @@ fn describe(status: ExitStatus) -> String {
 }
 
 /// Copies `from` line by line to stdout or stderr, each line prefixed by `[rank N] `.
-fn forward(
-    from: impl Read + Send + 'static,
-    rank: usize,
-    to_stderr: bool,
-) -> std::thread::JoinHandle<()> {
+fn forward(from: impl Read + Send + 'static, rank: usize, to_stderr: bool) -> std::thread::JoinHandle<()> {
     std::thread::spawn(move || {
         let mut reader = BufReader::new(from);
         let mut line = Vec::new();
@@ -97,11 +83,7 @@ fn forward(
                     }
                     let mut text = format!("[rank {rank}] ").into_bytes();
                     text.extend_from_slice(&line);
-                    let _ = if to_stderr {
-                        std::io::stderr().lock().write_all(&text)
-                    } else {
-                        std::io::stdout().lock().write_all(&text)
-                    };
+                    let _ = if to_stderr { std::io::stderr().lock().write_all(&text) } else { std::io::stdout().lock().write_all(&text) };
                 }
             }
         }
@@ -145,9 +127,7 @@ const GRACE: Duration = Duration::from_secs(3);
 /// with status 0.
 pub fn launch(spec: &LaunchSpec) -> Result<(), DistError> {
     if spec.nproc == 0 {
-        return Err(DistError::Launch {
-            detail: "--nproc must be at least 1".into(),
-        });
+        return Err(DistError::Launch { detail: "--nproc must be at least 1".into() });
     }
     let port = match spec.master_port {
         Some(port) => port,
@@ -183,9 +163,7 @@ pub fn launch(spec: &LaunchSpec) -> Result<(), DistError> {
                 stop_all(&pids, SIGKILL);
                 drop(events);
                 for _ in exits.iter() {}
-                return Err(DistError::Launch {
-                    detail: format!("cannot start rank {rank} ({:?}): {e}", spec.program),
-                });
+                return Err(DistError::Launch { detail: format!("cannot start rank {rank} ({:?}): {e}", spec.program) });
             }
         };
         threads.push(forward(child.stdout.take().expect("piped"), rank, false));
@@ -206,12 +184,8 @@ pub fn launch(spec: &LaunchSpec) -> Result<(), DistError> {
     let mut remaining = spec.nproc;
     while remaining > 0 {
         let event = match stop_deadline {
-            None => exits
-                .recv()
-                .map_err(|_| mpsc::RecvTimeoutError::Disconnected),
-            Some(deadline) => {
-                exits.recv_timeout(deadline.saturating_duration_since(Instant::now()))
-            }
+            None => exits.recv().map_err(|_| mpsc::RecvTimeoutError::Disconnected),
+            Some(deadline) => exits.recv_timeout(deadline.saturating_duration_since(Instant::now())),
         };
         match event {
             Ok((rank, status)) => {
@@ -244,11 +218,7 @@ pub fn launch(spec: &LaunchSpec) -> Result<(), DistError> {
         let _ = thread.join();
     }
     match failure {
-        Some((rank, status)) => Err(DistError::RankFailed {
-            rank,
-            status,
-            others: also_failed,
-        }),
+        Some((rank, status)) => Err(DistError::RankFailed { rank, status, others: also_failed }),
         None => Ok(()),
     }
 }

@@ -43,10 +43,7 @@ unsafe impl Send for NcclCommunicator {}
 
 impl std::fmt::Debug for NcclCommunicator {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("NcclCommunicator")
-            .field("rank", &self.rank)
-            .field("world_size", &self.world_size)
-            .finish()
+        f.debug_struct("NcclCommunicator").field("rank", &self.rank).field("world_size", &self.world_size).finish()
     }
 }
 
@@ -56,16 +53,9 @@ impl NcclCommunicator {
     pub fn connect(env: &DistEnv, timeout: Duration) -> Result<Self, DistError> {
         let mut tcp = TcpCommunicator::connect(env, timeout)?;
         let rank = env.rank;
-        let nccl_error = |op: &str, detail: String| DistError::Nccl {
-            rank,
-            op: op.to_string(),
-            detail,
-        };
-        let ctx = CudaContext::new(env.local_rank)
-            .map_err(|e| nccl_error("cuCtxCreate", format!("GPU {}: {e:?}", env.local_rank)))?;
-        let stream = ctx
-            .new_stream()
-            .map_err(|e| nccl_error("cuStreamCreate", format!("{e:?}")))?;
+        let nccl_error = |op: &str, detail: String| DistError::Nccl { rank, op: op.to_string(), detail };
+        let ctx = CudaContext::new(env.local_rank).map_err(|e| nccl_error("cuCtxCreate", format!("GPU {}: {e:?}", env.local_rank)))?;
+        let stream = ctx.new_stream().map_err(|e| nccl_error("cuStreamCreate", format!("{e:?}")))?;
         let mut id_bytes = if rank == 0 {
             let id = Id::new().map_err(|e| nccl_error("ncclGetUniqueId", format!("{e:?}")))?;
             id.internal().iter().map(|&c| c as u8).collect()
@@ -78,23 +68,10 @@ impl NcclCommunicator {
             .map(|&b| b as std::ffi::c_char)
             .collect::<Vec<_>>()
             .try_into()
-            .map_err(|_| {
-                nccl_error(
-                    "unique id exchange",
-                    format!("received {} bytes instead of 128", id_bytes.len()),
-                )
-            })?;
+            .map_err(|_| nccl_error("unique id exchange", format!("received {} bytes instead of 128", id_bytes.len())))?;
         let comm = Comm::from_rank(stream.clone(), rank, env.world_size, Id::uninit(internal))
             .map_err(|e| nccl_error("ncclCommInitRank", format!("{e:?}")))?;
-        Ok(NcclCommunicator {
-            rank,
-            world_size: env.world_size,
-            stream,
-            comm,
-            tcp,
-            timeout,
-            failed: None,
-        })
+        Ok(NcclCommunicator { rank, world_size: env.world_size, stream, comm, tcp, timeout, failed: None })
     }
 
     /// [`NcclCommunicator::connect`] from the environment; `Ok(None)` outside a multi-process job.
@@ -118,20 +95,13 @@ impl NcclCommunicator {
 
     fn check(&self) -> Result<(), DistError> {
         match &self.failed {
-            Some(first_error) => Err(DistError::Poisoned {
-                rank: self.rank,
-                first_error: first_error.clone(),
-            }),
+            Some(first_error) => Err(DistError::Poisoned { rank: self.rank, first_error: first_error.clone() }),
             None => Ok(()),
         }
     }
 
     fn fail(&mut self, op: &str, detail: String) -> DistError {
-        let error = DistError::Nccl {
-            rank: self.rank,
-            op: op.to_string(),
-            detail,
-        };
+        let error = DistError::Nccl { rank: self.rank, op: op.to_string(), detail };
         self.failed = Some(error.to_string());
         error
     }
@@ -159,20 +129,11 @@ impl NcclCommunicator {
 
     fn upload(&mut self, op: &str, values: &[f32]) -> Result<CudaSlice<f32>, DistError> {
         // NCCL and CUDA reject zero-sized buffers in places: keep at least one element.
-        let result = if values.is_empty() {
-            self.stream.alloc_zeros::<f32>(1)
-        } else {
-            self.stream.clone_htod(values)
-        };
+        let result = if values.is_empty() { self.stream.alloc_zeros::<f32>(1) } else { self.stream.clone_htod(values) };
         result.map_err(|e| self.fail(op, format!("host to device copy: {e:?}")))
     }
 
-    fn download(
-        &mut self,
-        op: &str,
-        slice: &CudaSlice<f32>,
-        len: usize,
-    ) -> Result<Vec<f32>, DistError> {
+    fn download(&mut self, op: &str, slice: &CudaSlice<f32>, len: usize) -> Result<Vec<f32>, DistError> {
         let mut out = match self.stream.clone_dtoh(slice) {
             Ok(out) => out,
             Err(e) => return Err(self.fail(op, format!("device to host copy: {e:?}"))),
@@ -184,11 +145,7 @@ impl NcclCommunicator {
         Ok(out)
     }
 
-    fn nccl<T>(
-        &mut self,
-        op: &str,
-        result: Result<T, cudarc::nccl::result::NcclError>,
-    ) -> Result<(), DistError> {
+    fn nccl<T>(&mut self, op: &str, result: Result<T, cudarc::nccl::result::NcclError>) -> Result<(), DistError> {
         match result {
             Ok(_) => self.wait(op),
             Err(e) => Err(self.fail(op, format!("{:?}", e.0))),
@@ -218,19 +175,9 @@ impl Communicator for NcclCommunicator {
         Ok(())
     }
 
-    fn reduce_scatter_sum(
-        &mut self,
-        buffer: &[f32],
-        layout: &ShardLayout,
-    ) -> Result<Vec<f32>, DistError> {
+    fn reduce_scatter_sum(&mut self, buffer: &[f32], layout: &ShardLayout) -> Result<Vec<f32>, DistError> {
         self.check()?;
-        check_layout(
-            self.rank,
-            self.world_size,
-            layout,
-            buffer.len(),
-            "reduce_scatter",
-        )?;
+        check_layout(self.rank, self.world_size, layout, buffer.len(), "reduce_scatter")?;
         let chunk = layout.max_shard_len().max(1);
         let mut padded = vec![0f32; chunk * self.world_size];
         for r in 0..self.world_size {
@@ -246,13 +193,7 @@ impl Communicator for NcclCommunicator {
 
     fn all_gather(&mut self, shard: &[f32], layout: &ShardLayout) -> Result<Vec<f32>, DistError> {
         self.check()?;
-        check_shard(
-            self.rank,
-            self.world_size,
-            layout,
-            shard.len(),
-            "all_gather",
-        )?;
+        check_shard(self.rank, self.world_size, layout, shard.len(), "all_gather")?;
         let chunk = layout.max_shard_len().max(1);
         let mut padded = vec![0f32; chunk];
         padded[..shard.len()].copy_from_slice(shard);
@@ -261,9 +202,7 @@ impl Communicator for NcclCommunicator {
         let result = self.comm.all_gather(&send, &mut recv);
         self.nccl("all_gather", result)?;
         let gathered = self.download("all_gather", &recv, chunk * self.world_size)?;
-        Ok((0..self.world_size)
-            .flat_map(|r| gathered[r * chunk..r * chunk + layout.shard_len(r)].to_vec())
-            .collect())
+        Ok((0..self.world_size).flat_map(|r| gathered[r * chunk..r * chunk + layout.shard_len(r)].to_vec()).collect())
     }
 
     fn broadcast(&mut self, buffer: &mut [f32], root: usize) -> Result<(), DistError> {
@@ -271,10 +210,7 @@ impl Communicator for NcclCommunicator {
         if root >= self.world_size {
             return Err(DistError::InvalidArgument {
                 rank: self.rank,
-                detail: format!(
-                    "broadcast: root {root} out of range for world size {}",
-                    self.world_size
-                ),
+                detail: format!("broadcast: root {root} out of range for world size {}", self.world_size),
             });
         }
         if buffer.is_empty() {

@@ -40,11 +40,7 @@ impl ShardLayout {
 
     /// The values `rank` owns. Panics if `rank >= world_size`.
     pub fn range(&self, rank: usize) -> Range<usize> {
-        assert!(
-            rank < self.world_size,
-            "rank {rank} out of range for world size {}",
-            self.world_size
-        );
+        assert!(rank < self.world_size, "rank {rank} out of range for world size {}", self.world_size);
         let base = self.len / self.world_size;
         let extra = self.len % self.world_size;
         let start = rank * base + rank.min(extra);
@@ -64,13 +60,7 @@ impl ShardLayout {
 
     /// Which rank owns value `index`. Panics if `index >= len`.
     pub fn owner(&self, index: usize) -> usize {
-        assert!(
-            index < self.len,
-            "index {index} out of range for {} values",
-            self.len
-        );
-        (0..self.world_size)
-            .find(|&r| self.range(r).contains(&index))
-            .expect("ranges cover the buffer")
+        assert!(index < self.len, "index {index} out of range for {} values", self.len);
+        (0..self.world_size).find(|&r| self.range(r).contains(&index)).expect("ranges cover the buffer")
     }
 }

@@ -68,12 +68,7 @@ impl ZeroStage {
 
     /// Persistent bytes per rank for a model of `n_params` parameters (the ZeRO paper's model
     /// states; activations, temporary buffers and ZeRO-3's gathered layer are not included).
-    pub fn memory_per_rank(
-        self,
-        n_params: u64,
-        world_size: usize,
-        bytes: StateBytes,
-    ) -> MemoryPerRank {
+    pub fn memory_per_rank(self, n_params: u64, world_size: usize, bytes: StateBytes) -> MemoryPerRank {
         let f = self.fractions(world_size);
         let n = n_params as f64;
         MemoryPerRank {
@@ -120,17 +115,9 @@ pub struct StateBytes {
 impl StateBytes {
     /// Mixed precision as DeepSpeed/the ZeRO paper: bf16 params and grads, fp32 master weights
     /// plus fp32 Adam m and v (2 + 2 + 12 = 16 bytes per parameter).
-    pub const BF16_MIXED_ADAM: StateBytes = StateBytes {
-        param: 2,
-        grad: 2,
-        optimizer: 12,
-    };
+    pub const BF16_MIXED_ADAM: StateBytes = StateBytes { param: 2, grad: 2, optimizer: 12 };
     /// Everything in fp32, as the CPU trainer today: params, grads, Adam m and v (4 + 4 + 8).
-    pub const FP32_ADAM: StateBytes = StateBytes {
-        param: 4,
-        grad: 4,
-        optimizer: 8,
-    };
+    pub const FP32_ADAM: StateBytes = StateBytes { param: 4, grad: 4, optimizer: 8 };
 }
 
 /// Persistent bytes on one rank.
@@ -188,10 +175,8 @@ struct RawDeepSpeed {
 impl AccelerateConfig {
     /// Reads and checks a config file.
     pub fn from_path(path: &Path) -> Result<Self, DistError> {
-        let text = std::fs::read_to_string(path).map_err(|e| DistError::Config {
-            path: path.display().to_string(),
-            detail: e.to_string(),
-        })?;
+        let text =
+            std::fs::read_to_string(path).map_err(|e| DistError::Config { path: path.display().to_string(), detail: e.to_string() })?;
         Self::parse(&text, &path.display().to_string())
     }
 
@@ -207,18 +192,16 @@ impl AccelerateConfig {
     /// Parses YAML text; `origin` names it in errors. Unsupported settings (FSDP, offloading,
     /// TPU types, an unknown ZeRO stage) are errors naming the field.
     pub fn parse(text: &str, origin: &str) -> Result<Self, DistError> {
-        let error = |detail: String| DistError::Config {
-            path: origin.to_string(),
-            detail,
-        };
-        let raw: RawConfig = serde_yaml::from_str(text)
-            .map_err(|e| error(format!("not a valid accelerate config: {e}")))?;
+        let error = |detail: String| DistError::Config { path: origin.to_string(), detail };
+        let raw: RawConfig = serde_yaml::from_str(text).map_err(|e| error(format!("not a valid accelerate config: {e}")))?;
         let distributed_type = raw.distributed_type.unwrap_or_else(|| "NO".into());
         let stage = match distributed_type.as_str() {
             "NO" | "MULTI_GPU" | "MULTI_CPU" => ZeroStage::Ddp,
             "DEEPSPEED" => {
                 let ds = raw.deepspeed_config.ok_or_else(|| error("distributed_type DEEPSPEED needs a deepspeed_config section".into()))?;
-                for (field, value) in [("offload_optimizer_device", &ds.offload_optimizer_device), ("offload_param_device", &ds.offload_param_device)] {
+                for (field, value) in
+                    [("offload_optimizer_device", &ds.offload_optimizer_device), ("offload_param_device", &ds.offload_param_device)]
+                {
                     if let Some(value) = value {
                         if value != "none" {
                             return Err(error(format!("deepspeed_config.{field}: {value:?} is not supported (only none)")));
@@ -226,30 +209,24 @@ impl AccelerateConfig {
                     }
                 }
                 let n = ds.zero_stage.ok_or_else(|| error("deepspeed_config.zero_stage is missing".into()))?;
-                ZeroStage::from_deepspeed_stage(n).ok_or_else(|| error(format!("deepspeed_config.zero_stage: {n} is not a ZeRO stage (0-3)")))?
+                ZeroStage::from_deepspeed_stage(n)
+                    .ok_or_else(|| error(format!("deepspeed_config.zero_stage: {n} is not a ZeRO stage (0-3)")))?
             }
-            "FSDP" => return Err(error("distributed_type FSDP is not supported: use DEEPSPEED with zero_stage 3 (the same sharding)".into())),
+            "FSDP" => {
+                return Err(error("distributed_type FSDP is not supported: use DEEPSPEED with zero_stage 3 (the same sharding)".into()))
+            }
             other => return Err(error(format!("distributed_type {other:?} is not supported (NO, MULTI_GPU, MULTI_CPU, DEEPSPEED)"))),
         };
         let num_processes = raw.num_processes.unwrap_or(1);
         let num_machines = raw.num_machines.unwrap_or(1);
         if num_processes == 0 || num_machines == 0 {
-            return Err(error(
-                "num_processes and num_machines must be at least 1".into(),
-            ));
+            return Err(error("num_processes and num_machines must be at least 1".into()));
         }
         if !num_processes.is_multiple_of(num_machines) {
-            return Err(error(format!(
-                "num_processes {num_processes} is not a multiple of num_machines {num_machines}"
-            )));
+            return Err(error(format!("num_processes {num_processes} is not a multiple of num_machines {num_machines}")));
         }
         let _ = raw.use_cpu;
-        Ok(AccelerateConfig {
-            stage,
-            num_processes,
-            num_machines,
-            mixed_precision: raw.mixed_precision.unwrap_or_else(|| "no".into()),
-        })
+        Ok(AccelerateConfig { stage, num_processes, num_machines, mixed_precision: raw.mixed_precision.unwrap_or_else(|| "no".into()) })
     }
 
     /// Processes per machine.
@@ -278,11 +255,7 @@ pub struct ZeroPlan {
 impl ZeroPlan {
     /// The plan for `len` parameters on `comm`'s world.
     pub fn new(stage: ZeroStage, len: usize, comm: &dyn Communicator) -> Self {
-        ZeroPlan {
-            stage,
-            layout: ShardLayout::new(len, comm.world_size()),
-            rank: comm.rank(),
-        }
+        ZeroPlan { stage, layout: ShardLayout::new(len, comm.world_size()), rank: comm.rank() }
     }
 
     /// The parameters whose optimizer state this rank keeps and updates: all of them for DDP,
@@ -298,11 +271,7 @@ impl ZeroPlan {
     /// Sums `grads` (the full flat gradient of this rank's share of the batch) over the ranks and
     /// returns the summed gradient of [`ZeroPlan::owned_range`]: DDP all-reduces and keeps all,
     /// ZeRO-1 all-reduces and keeps its shard, ZeRO-2/3 reduce-scatter.
-    pub fn reduce_gradients(
-        &self,
-        comm: &mut dyn Communicator,
-        grads: &mut [f32],
-    ) -> Result<Vec<f32>, DistError> {
+    pub fn reduce_gradients(&self, comm: &mut dyn Communicator, grads: &mut [f32]) -> Result<Vec<f32>, DistError> {
         match self.stage {
             ZeroStage::Ddp => {
                 comm.all_reduce_sum(grads)?;
@@ -335,11 +304,7 @@ impl ZeroPlan {
 
     /// Every rank's updated owned parameters, concatenated: the full flat parameter buffer (DDP
     /// returns `owned` itself, as every rank updated everything).
-    pub fn gather_parameters(
-        &self,
-        comm: &mut dyn Communicator,
-        owned: &[f32],
-    ) -> Result<Vec<f32>, DistError> {
+    pub fn gather_parameters(&self, comm: &mut dyn Communicator, owned: &[f32]) -> Result<Vec<f32>, DistError> {
         if self.stage.shards_optimizer_state() {
             comm.all_gather(owned, &self.layout)
         } else {

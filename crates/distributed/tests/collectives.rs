@@ -21,9 +21,7 @@ fn expected(rank: usize, n: usize) -> String {
         }
         out += &format!("all_reduce {len} {}\n", bits(&sum));
         out += &format!("reduce_scatter {len} {}\n", bits(&sum[layout.range(rank)]));
-        let gathered: Vec<f32> = (0..n)
-            .flat_map(|r| data::buffer(r, len)[layout.range(r)].to_vec())
-            .collect();
+        let gathered: Vec<f32> = (0..n).flat_map(|r| data::buffer(r, len)[layout.range(r)].to_vec()).collect();
         out += &format!("all_gather {len} {}\n", bits(&gathered));
         for root in 0..n {
             out += &format!("broadcast{root} {len} {}\n", bits(&data::buffer(root, len)));
@@ -37,21 +35,14 @@ fn check_collectives(n: usize) {
     let children = spawn(n, &["collectives", dir.path().to_str().unwrap()], "20");
     let (outputs, _) = wait_all(children, Duration::from_secs(60));
     for (rank, output) in outputs.iter().enumerate() {
-        assert!(
-            output.status.success(),
-            "rank {rank} failed: {}",
-            text(output)
-        );
+        assert!(output.status.success(), "rank {rank} failed: {}", text(output));
     }
     for rank in 0..n {
         let got = std::fs::read_to_string(dir.path().join(format!("rank{rank}.txt"))).unwrap();
         let want = expected(rank, n);
         for (g, w) in got.lines().zip(want.lines()) {
             let name: String = w.split(' ').take(2).collect::<Vec<_>>().join(" ");
-            assert!(
-                g == w,
-                "rank {rank} of {n}: {name} differs from the serial result"
-            );
+            assert!(g == w, "rank {rank} of {n}: {name} differs from the serial result");
         }
         assert_eq!(got.lines().count(), want.lines().count());
     }
@@ -72,12 +63,8 @@ fn the_rank_order_sum_is_not_trivially_order_independent() {
     // Guard for the test data: summing in another order changes bits, so the tests above
     // really check the rank order.
     let len = 1001;
-    let forward: Vec<f32> = (0..len)
-        .map(|i| (data::value(0, i) + data::value(1, i)) + data::value(2, i))
-        .collect();
-    let backward: Vec<f32> = (0..len)
-        .map(|i| (data::value(2, i) + data::value(1, i)) + data::value(0, i))
-        .collect();
+    let forward: Vec<f32> = (0..len).map(|i| (data::value(0, i) + data::value(1, i)) + data::value(2, i)).collect();
+    let backward: Vec<f32> = (0..len).map(|i| (data::value(2, i) + data::value(1, i)) + data::value(0, i)).collect();
     assert_ne!(bits(&forward), bits(&backward));
 }
 
@@ -86,18 +73,12 @@ fn a_rank_that_exits_makes_the_others_fail_at_once() {
     // Timeout 30 s: the others must notice the closed connections, not wait for the timeout.
     let children = spawn(3, &["die", "1"], "30");
     let (outputs, elapsed) = wait_all(children, Duration::from_secs(20));
-    assert!(
-        elapsed < Duration::from_secs(10),
-        "took {elapsed:?}: the survivors waited instead of failing"
-    );
+    assert!(elapsed < Duration::from_secs(10), "took {elapsed:?}: the survivors waited instead of failing");
     assert_eq!(outputs[1].status.code(), Some(3), "{}", text(&outputs[1]));
     for rank in [0, 2] {
         let out = text(&outputs[rank]);
         assert_eq!(outputs[rank].status.code(), Some(42), "rank {rank}: {out}");
-        assert!(
-            out.contains(&format!("rank {rank}:")) && out.contains("closed the connection"),
-            "rank {rank}: {out}"
-        );
+        assert!(out.contains(&format!("rank {rank}:")) && out.contains("closed the connection"), "rank {rank}: {out}");
     }
 }
 
@@ -113,17 +94,9 @@ fn a_silent_rank_makes_the_others_time_out() {
         let out = text(&outputs[rank]);
         assert_eq!(outputs[rank].status.code(), Some(42), "rank {rank}: {out}");
         // Either this rank timed out on rank 2, or the rank that did shut its links first.
-        assert!(
-            out.contains("no progress from rank 2") || out.contains("closed the connection"),
-            "rank {rank}: {out}"
-        );
+        assert!(out.contains("no progress from rank 2") || out.contains("closed the connection"), "rank {rank}: {out}");
     }
-    assert!(
-        outputs
-            .iter()
-            .any(|o| text(o).contains("no progress from rank 2")),
-        "nobody reported the timeout"
-    );
+    assert!(outputs.iter().any(|o| text(o).contains("no progress from rank 2")), "nobody reported the timeout");
 }
 
 #[test]
@@ -133,10 +106,7 @@ fn different_collectives_on_different_ranks_are_a_protocol_error() {
     assert!(elapsed < Duration::from_secs(10), "took {elapsed:?}");
     let all: String = outputs.iter().map(text).collect();
     assert!(all.contains("protocol mismatch"), "{all}");
-    assert!(
-        all.contains("barrier") && all.contains("reduce_scatter"),
-        "{all}"
-    );
+    assert!(all.contains("barrier") && all.contains("reduce_scatter"), "{all}");
 }
 
 #[test]

@@ -8,13 +8,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 fn run_launcher(args: &[&str]) -> (std::process::Output, Duration) {
-    let child = Command::new(WORKER)
-        .arg("launch")
-        .args(args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let child = Command::new(WORKER).arg("launch").args(args).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
     let (mut outputs, elapsed) = wait_all(vec![child], Duration::from_secs(30));
     (outputs.remove(0), elapsed)
 }
@@ -25,12 +19,7 @@ fn launched_ranks_get_torchrun_variables_and_prefixed_output() {
     let out = text(&output);
     assert!(output.status.success(), "{out}");
     for rank in 0..3 {
-        assert!(
-            out.contains(&format!(
-                "[rank {rank}] hello from rank {rank} of 3 (local {rank}) via 127.0.0.1:"
-            )),
-            "{out}"
-        );
+        assert!(out.contains(&format!("[rank {rank}] hello from rank {rank} of 3 (local {rank}) via 127.0.0.1:")), "{out}");
     }
 }
 
@@ -41,12 +30,7 @@ fn launched_ranks_run_collectives() {
     assert!(output.status.success(), "{}", text(&output));
     let a = std::fs::read_to_string(dir.path().join("rank0.txt")).unwrap();
     let b = std::fs::read_to_string(dir.path().join("rank1.txt")).unwrap();
-    let all_reduce = |s: &str| {
-        s.lines()
-            .filter(|l| l.starts_with("all_reduce"))
-            .map(String::from)
-            .collect::<Vec<_>>()
-    };
+    let all_reduce = |s: &str| s.lines().filter(|l| l.starts_with("all_reduce")).map(String::from).collect::<Vec<_>>();
     assert_eq!(all_reduce(&a), all_reduce(&b));
 }
 
@@ -55,15 +39,9 @@ fn a_failing_rank_stops_the_others_and_is_named() {
     // Ranks 0 and 2 would sleep 60 s; rank 1 exits 7 after 200 ms.
     let (output, elapsed) = run_launcher(&["3", WORKER, "fail", "1"]);
     let out = text(&output);
-    assert!(
-        elapsed < Duration::from_secs(10),
-        "took {elapsed:?}: the launcher did not stop the others\n{out}"
-    );
+    assert!(elapsed < Duration::from_secs(10), "took {elapsed:?}: the launcher did not stop the others\n{out}");
     assert_eq!(output.status.code(), Some(1), "{out}");
-    assert!(
-        out.contains("rank 1 failed (exit code 7); the other ranks were stopped"),
-        "{out}"
-    );
+    assert!(out.contains("rank 1 failed (exit code 7); the other ranks were stopped"), "{out}");
     assert!(out.contains("[rank 1] rank 1 fails on purpose"), "{out}");
 }
 
@@ -75,8 +53,5 @@ fn a_dying_rank_is_named_with_the_ones_it_took_down() {
     let out = text(&output);
     assert!(elapsed < Duration::from_secs(10), "took {elapsed:?}\n{out}");
     assert_eq!(output.status.code(), Some(1), "{out}");
-    assert!(
-        out.contains("rank 1 failed (exit code 3)") || out.contains("rank 1: exit code 3"),
-        "{out}"
-    );
+    assert!(out.contains("rank 1 failed (exit code 3)") || out.contains("rank 1: exit code 3"), "{out}");
 }

@@ -2,17 +2,12 @@
 //! synchronisation run on 1, 2 and 3 ranks (threads with TCP communicators) against serial SGD.
 
 use alignment_distributed::zero::{StateBytes, ZeroPlan};
-use alignment_distributed::{
-    AccelerateConfig, Communicator, DistEnv, LocalCommunicator, ShardLayout, TcpCommunicator,
-    ZeroStage,
-};
+use alignment_distributed::{AccelerateConfig, Communicator, DistEnv, LocalCommunicator, ShardLayout, TcpCommunicator, ZeroStage};
 use std::path::Path;
 use std::time::Duration;
 
 fn config(name: &str) -> AccelerateConfig {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../recipes/accelerate_configs")
-        .join(name);
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../recipes/accelerate_configs").join(name);
     AccelerateConfig::from_path(&path).unwrap()
 }
 
@@ -26,39 +21,22 @@ fn the_four_recipe_configs() {
     ] {
         let c = config(file);
         assert_eq!(c.stage, stage, "{file}");
-        assert_eq!(
-            (c.num_processes, c.num_machines, c.processes_per_machine()),
-            (8, 1, 8),
-            "{file}"
-        );
+        assert_eq!((c.num_processes, c.num_machines, c.processes_per_machine()), (8, 1, 8), "{file}");
         assert_eq!(c.mixed_precision, "bf16");
     }
 }
 
 #[test]
 fn unsupported_configs_name_the_field() {
-    let err = |yaml: &str| {
-        AccelerateConfig::parse(yaml, "test.yaml")
-            .unwrap_err()
-            .to_string()
-    };
+    let err = |yaml: &str| AccelerateConfig::parse(yaml, "test.yaml").unwrap_err().to_string();
     assert!(err("distributed_type: FSDP\n").contains("FSDP is not supported"));
-    assert!(
-        err("distributed_type: DEEPSPEED\ndeepspeed_config:\n  zero_stage: 4\n")
-            .contains("deepspeed_config.zero_stage: 4")
-    );
+    assert!(err("distributed_type: DEEPSPEED\ndeepspeed_config:\n  zero_stage: 4\n").contains("deepspeed_config.zero_stage: 4"));
     assert!(err("distributed_type: DEEPSPEED\n").contains("deepspeed_config section"));
-    assert!(err("distributed_type: DEEPSPEED\ndeepspeed_config:\n  zero_stage: 3\n  offload_optimizer_device: cpu\n").contains("offload_optimizer_device"));
-    assert!(
-        err("distributed_type: MULTI_GPU\nnum_processes: 3\nnum_machines: 2\n")
-            .contains("not a multiple")
-    );
+    assert!(err("distributed_type: DEEPSPEED\ndeepspeed_config:\n  zero_stage: 3\n  offload_optimizer_device: cpu\n")
+        .contains("offload_optimizer_device"));
+    assert!(err("distributed_type: MULTI_GPU\nnum_processes: 3\nnum_machines: 2\n").contains("not a multiple"));
     assert!(err("distributed_type: [").starts_with("accelerate config test.yaml:"));
-    let zero0 = AccelerateConfig::parse(
-        "distributed_type: DEEPSPEED\ndeepspeed_config:\n  zero_stage: 0\n",
-        "x",
-    )
-    .unwrap();
+    let zero0 = AccelerateConfig::parse("distributed_type: DEEPSPEED\ndeepspeed_config:\n  zero_stage: 0\n", "x").unwrap();
     assert_eq!((zero0.stage, zero0.num_processes), (ZeroStage::Ddp, 1));
 }
 
@@ -71,11 +49,7 @@ fn shard_layouts_are_contiguous_and_cover_the_buffer() {
             for rank in 0..world {
                 let range = layout.range(rank);
                 assert_eq!(range.start, next);
-                assert!(
-                    range.len() == layout.max_shard_len()
-                        || range.len() + 1 == layout.max_shard_len()
-                        || len == 0
-                );
+                assert!(range.len() == layout.max_shard_len() || range.len() + 1 == layout.max_shard_len() || len == 0);
                 for i in range.clone() {
                     assert_eq!(layout.owner(i), rank);
                 }
@@ -99,11 +73,7 @@ fn what_each_stage_keeps_per_rank() {
     assert_eq!(f(ZeroStage::Zero2), (1.0, 0.125, 0.125));
     assert_eq!(f(ZeroStage::Zero3), (0.125, 0.125, 0.125));
     // The ZeRO paper's 7.5B example on 64 GPUs: 120 GB, 31.4 GB, 16.6 GB, 1.88 GB.
-    let gb = |s: ZeroStage| {
-        s.memory_per_rank(7_500_000_000, 64, StateBytes::BF16_MIXED_ADAM)
-            .total()
-            / 1e9
-    };
+    let gb = |s: ZeroStage| s.memory_per_rank(7_500_000_000, 64, StateBytes::BF16_MIXED_ADAM).total() / 1e9;
     assert_eq!(gb(ZeroStage::Ddp).round(), 120.0);
     assert!((gb(ZeroStage::Zero1) - 31.4).abs() < 0.1);
     assert!((gb(ZeroStage::Zero2) - 16.6).abs() < 0.1);
@@ -116,18 +86,11 @@ fn train(comm: &mut dyn Communicator, stage: ZeroStage, len: usize, steps: usize
     let mut params: Vec<f32> = (0..len).map(|i| (i as f32 * 0.37).sin()).collect();
     for step in 0..steps {
         // Each rank's gradient depends on its rank, the step and the current parameters.
-        let mut grads: Vec<f32> = params
-            .iter()
-            .enumerate()
-            .map(|(i, p)| p * 0.5 + ((i + 3 * comm.rank() + step) as f32 * 0.11).cos())
-            .collect();
+        let mut grads: Vec<f32> =
+            params.iter().enumerate().map(|(i, p)| p * 0.5 + ((i + 3 * comm.rank() + step) as f32 * 0.11).cos()).collect();
         let owned_grads = plan.reduce_gradients(comm, &mut grads).unwrap();
         let range = plan.owned_range();
-        let owned: Vec<f32> = params[range]
-            .iter()
-            .zip(&owned_grads)
-            .map(|(p, g)| p - 0.01 * g)
-            .collect();
+        let owned: Vec<f32> = params[range].iter().zip(&owned_grads).map(|(p, g)| p - 0.01 * g).collect();
         params = plan.gather_parameters(comm, &owned).unwrap();
     }
     params
@@ -153,37 +116,18 @@ fn serial(world: usize, len: usize, steps: usize) -> Vec<f32> {
 #[test]
 fn every_stage_trains_like_the_serial_computation() {
     let (len, steps) = (101, 5);
-    assert_eq!(
-        train(&mut LocalCommunicator::new(), ZeroStage::Zero3, len, steps),
-        serial(1, len, steps)
-    );
+    assert_eq!(train(&mut LocalCommunicator::new(), ZeroStage::Zero3, len, steps), serial(1, len, steps));
     for world in [2, 3] {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
         let results: Vec<Vec<Vec<f32>>> = std::thread::scope(|scope| {
             let handles: Vec<_> = (0..world)
                 .map(|rank| {
                     scope.spawn(move || {
-                        let env = DistEnv {
-                            rank,
-                            world_size: world,
-                            local_rank: rank,
-                            master_addr: "127.0.0.1".into(),
-                            master_port: port,
-                        };
-                        let mut comm =
-                            TcpCommunicator::connect(&env, Duration::from_secs(20)).unwrap();
-                        [
-                            ZeroStage::Ddp,
-                            ZeroStage::Zero1,
-                            ZeroStage::Zero2,
-                            ZeroStage::Zero3,
-                        ]
-                        .map(|s| train(&mut comm, s, len, steps))
-                        .to_vec()
+                        let env = DistEnv { rank, world_size: world, local_rank: rank, master_addr: "127.0.0.1".into(), master_port: port };
+                        let mut comm = TcpCommunicator::connect(&env, Duration::from_secs(20)).unwrap();
+                        [ZeroStage::Ddp, ZeroStage::Zero1, ZeroStage::Zero2, ZeroStage::Zero3]
+                            .map(|s| train(&mut comm, s, len, steps))
+                            .to_vec()
                     })
                 })
                 .collect();

@@ -149,7 +149,10 @@ pub fn embed_compressed<B: Backend>(ids: Tensor<B, 2, Int>, weight: &Arc<dyn Com
 
 #[cfg_attr(not(any(feature = "ndarray", feature = "cuda")), allow(dead_code))]
 /// Runs [`recorded_embedding`] when `B` is `Autodiff<I>`; gives `ids` back otherwise.
-fn embedding_on_autodiff<B: Backend, I: Backend>(ids: Tensor<B, 2, Int>, weight: &Arc<dyn CompressedWeight>) -> Result<Tensor<B, 3>, Tensor<B, 2, Int>> {
+fn embedding_on_autodiff<B: Backend, I: Backend>(
+    ids: Tensor<B, 2, Int>,
+    weight: &Arc<dyn CompressedWeight>,
+) -> Result<Tensor<B, 3>, Tensor<B, 2, Int>> {
     let ids = cast::<_, Tensor<Autodiff<I>, 2, Int>>(ids)?;
     Ok(cast(recorded_embedding::<I>(ids, weight)).expect("B is Autodiff<I>"))
 }
@@ -188,7 +191,13 @@ fn recorded_embedding<I: Backend>(ids: Tensor<Autodiff<I>, 2, Int>, weight: &Arc
     let w = expand::<I>(weight.as_ref(), &device);
     let y = w.select(0, ids.clone()).reshape([batch, seq, hidden]).into_primitive().tensor();
     let anchor = Tensor::<Autodiff<I>, 1>::zeros([1], &device).require_grad().into_primitive().tensor();
-    let y = match <CompressedEmbeddingBackward as Backward<I, 1>>::prepare::<NoCheckpointing>(CompressedEmbeddingBackward, [anchor.node.clone()]).compute_bound().stateful() {
+    let y = match <CompressedEmbeddingBackward as Backward<I, 1>>::prepare::<NoCheckpointing>(
+        CompressedEmbeddingBackward,
+        [anchor.node.clone()],
+    )
+    .compute_bound()
+    .stateful()
+    {
         OpsKind::Tracked(prep) => prep.finish((weight.clone(), ids.into_primitive()), y),
         OpsKind::UnTracked(prep) => prep.finish(y),
     };
@@ -233,7 +242,10 @@ fn recorded_matmul<I: Backend>(x: Tensor<Autodiff<I>, 2>, weight: &Arc<dyn Compr
     let w = expand::<I>(weight.as_ref(), &device).into_primitive().tensor();
     // (W xᵀ)ᵀ rather than x Wᵀ: only the activations are transposed (see layers::project).
     let y = I::float_transpose(I::float_matmul(w, I::float_transpose(x.primitive.clone())));
-    let y = match <CompressedMatmulBackward as Backward<I, 1>>::prepare::<NoCheckpointing>(CompressedMatmulBackward, [x.node.clone()]).compute_bound().stateful() {
+    let y = match <CompressedMatmulBackward as Backward<I, 1>>::prepare::<NoCheckpointing>(CompressedMatmulBackward, [x.node.clone()])
+        .compute_bound()
+        .stateful()
+    {
         OpsKind::Tracked(prep) => {
             let saved_x = weight.is_trainable().then(|| x.primitive.clone());
             prep.finish((weight.clone(), device, saved_x), y)

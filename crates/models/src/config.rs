@@ -169,10 +169,8 @@ impl ModelConfig {
 
         // RoPE: transformers <5 writes rope_theta + rope_scaling; 5.x writes rope_parameters.
         let rope_params = f.rope_parameters.clone().or(f.rope_scaling.clone()).filter(|v| !v.is_null());
-        let rope_theta = f
-            .rope_theta
-            .or_else(|| rope_params.as_ref().and_then(|p| p.get("rope_theta")).and_then(Value::as_f64))
-            .unwrap_or(10000.0);
+        let rope_theta =
+            f.rope_theta.or_else(|| rope_params.as_ref().and_then(|p| p.get("rope_theta")).and_then(Value::as_f64)).unwrap_or(10000.0);
         let rope_scaling = parse_rope_scaling(rope_params.as_ref())?;
 
         let sliding_window = match (architecture, &f.sliding_window, f.use_sliding_window) {
@@ -221,9 +219,9 @@ fn parse_rope_scaling(params: Option<&Value>) -> Result<RopeScaling, ModelError>
     let Some(p) = params else { return Ok(RopeScaling::None) };
     let rope_type = p.get("rope_type").or_else(|| p.get("type")).and_then(Value::as_str).unwrap_or("default");
     let num = |key: &str| -> Result<f64, ModelError> {
-        p.get(key).and_then(Value::as_f64).ok_or_else(|| {
-            unsupported(&format!("rope_scaling.{key}"), "missing", &format!("required by rope_type {rope_type}"))
-        })
+        p.get(key)
+            .and_then(Value::as_f64)
+            .ok_or_else(|| unsupported(&format!("rope_scaling.{key}"), "missing", &format!("required by rope_type {rope_type}")))
     };
     Ok(match rope_type {
         "default" => RopeScaling::None,

@@ -71,8 +71,7 @@ fn argmax(row: &[f32]) -> u32 {
 
 fn sample(row: &[f32], config: &GenerationConfig, rng: &mut StdRng) -> u32 {
     let max = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
-    let mut probs: Vec<(usize, f32)> =
-        row.iter().enumerate().map(|(i, &v)| (i, ((v - max) / config.temperature).exp())).collect();
+    let mut probs: Vec<(usize, f32)> = row.iter().enumerate().map(|(i, &v)| (i, ((v - max) / config.temperature).exp())).collect();
     let total: f32 = probs.iter().map(|p| p.1).sum();
     probs.iter_mut().for_each(|p| p.1 /= total);
     probs.sort_by(|a, b| b.1.total_cmp(&a.1));

@@ -19,11 +19,11 @@ pub mod pretrained;
 pub mod rope;
 pub mod weights;
 
+pub use compressed::CompressedWeight;
 pub use config::{Architecture, ModelConfig};
 pub use error::ModelError;
 pub use generate::{generate, GenerationConfig};
-pub use model::{Batch, CausalLm, KvCache};
-pub use compressed::CompressedWeight;
 pub use init::random_model;
+pub use model::{Batch, CausalLm, KvCache};
 pub use pretrained::{load_pretrained, load_pretrained_compressed, save_pretrained, write_pretrained};
 pub use weights::SaveDtype;

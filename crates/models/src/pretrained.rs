@@ -20,13 +20,8 @@ use std::sync::Arc;
 
 /// Files next to the weights that describe the tokenizer and generation defaults; copied along
 /// when a model is saved so the output directory is complete.
-pub const TOKENIZER_FILES: &[&str] = &[
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "generation_config.json",
-    "chat_template.jinja",
-];
+pub const TOKENIZER_FILES: &[&str] =
+    &["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json", "chat_template.jinja"];
 
 /// Reads `dir/config.json` and the weights next to it.
 pub fn load_pretrained<B: Backend>(dir: &Path, device: &B::Device) -> Result<CausalLm<B>, ModelError> {

@@ -10,8 +10,7 @@ use burn::tensor::{backend::Backend, Tensor, TensorData};
 /// Inverse frequencies, one per pair of head dimensions (`head_dim / 2` values).
 pub fn inverse_frequencies(head_dim: usize, theta: f64, scaling: &RopeScaling) -> Vec<f32> {
     let base = theta as f32;
-    let default: Vec<f32> =
-        (0..head_dim).step_by(2).map(|i| 1.0 / base.powf(i as f32 / head_dim as f32)).collect();
+    let default: Vec<f32> = (0..head_dim).step_by(2).map(|i| 1.0 / base.powf(i as f32 / head_dim as f32)).collect();
     match *scaling {
         RopeScaling::None => default,
         RopeScaling::Linear { factor } => default.iter().map(|f| f / factor as f32).collect(),
@@ -40,11 +39,7 @@ pub fn inverse_frequencies(head_dim: usize, theta: f64, scaling: &RopeScaling) -
 
 /// `cos` and `sin` tables for the given positions, shaped `[batch, 1, seq, head_dim]` so they
 /// broadcast over heads.
-pub fn cos_sin<B: Backend>(
-    inv_freq: &[f32],
-    positions: &[Vec<i64>],
-    device: &B::Device,
-) -> (Tensor<B, 4>, Tensor<B, 4>) {
+pub fn cos_sin<B: Backend>(inv_freq: &[f32], positions: &[Vec<i64>], device: &B::Device) -> (Tensor<B, 4>, Tensor<B, 4>) {
     let batch = positions.len();
     let seq = positions.first().map_or(0, Vec::len);
     let half = inv_freq.len();

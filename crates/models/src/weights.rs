@@ -28,11 +28,12 @@ impl Checkpoint {
         let index = dir.join("model.safetensors.index.json");
         let paths: Vec<PathBuf> = if index.exists() {
             let text = std::fs::read_to_string(&index).map_err(|e| io_err("reading", &index, e))?;
-            let json: serde_json::Value = serde_json::from_str(&text)
-                .map_err(|e| ModelError::CorruptedWeights { path: index.clone(), message: e.to_string() })?;
-            let map = json.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| {
-                ModelError::CorruptedWeights { path: index.clone(), message: "no `weight_map` object".into() }
-            })?;
+            let json: serde_json::Value =
+                serde_json::from_str(&text).map_err(|e| ModelError::CorruptedWeights { path: index.clone(), message: e.to_string() })?;
+            let map = json
+                .get("weight_map")
+                .and_then(|m| m.as_object())
+                .ok_or_else(|| ModelError::CorruptedWeights { path: index.clone(), message: "no `weight_map` object".into() })?;
             let mut shards: Vec<String> = map.values().filter_map(|v| v.as_str().map(String::from)).collect();
             shards.sort();
             shards.dedup();
@@ -84,10 +85,7 @@ impl Checkpoint {
 
     /// Reads `name` as f32, checking it has `expected` shape.
     pub fn read_f32(&self, name: &str, expected: &[usize]) -> Result<Vec<f32>, ModelError> {
-        let &index = self
-            .file_of
-            .get(name)
-            .ok_or_else(|| ModelError::MissingTensor { name: name.into(), path: self.path() })?;
+        let &index = self.file_of.get(name).ok_or_else(|| ModelError::MissingTensor { name: name.into(), path: self.path() })?;
         let file = &self.files[index];
         let info = file.metadata.info(name).expect("indexed above");
         if info.shape != expected {
@@ -97,9 +95,7 @@ impl Checkpoint {
         let bytes = &file.map[start..8 + file.header_len + info.data_offsets.1];
         let values = match info.dtype {
             Dtype::F32 => bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
-            Dtype::BF16 => {
-                bytes.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect()
-            }
+            Dtype::BF16 => bytes.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
             Dtype::F16 => bytes.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
             other => return Err(ModelError::UnsupportedDtype { name: name.into(), dtype: format!("{other:?}") }),
         };

@@ -30,8 +30,7 @@ fn save_then_load_gives_identical_logits() {
         let model = load_pretrained::<Cpu>(&fixture(name), &Default::default()).unwrap();
         save_pretrained(&model, &target, SaveDtype::F32, None).unwrap();
         assert_eq!(logits(&fixture(name)), logits(&target), "{name}");
-        let config: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(target.join("config.json")).unwrap()).unwrap();
+        let config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(target.join("config.json")).unwrap()).unwrap();
         assert_eq!(config["torch_dtype"], "float32");
     }
 }

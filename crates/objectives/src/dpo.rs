@@ -88,11 +88,7 @@ impl FromStr for DpoLossType {
             "ipo" => Ok(DpoLossType::Ipo),
             "hinge" => Ok(DpoLossType::Hinge),
             "robust" => Ok(DpoLossType::Robust),
-            other => Err(ObjectiveError::UnknownValue {
-                what: "DPO loss_type",
-                given: other.to_string(),
-                valid: &Self::NAMES,
-            }),
+            other => Err(ObjectiveError::UnknownValue { what: "DPO loss_type", given: other.to_string(), valid: &Self::NAMES }),
         }
     }
 }
@@ -130,12 +126,10 @@ impl DpoConfig {
             return Err(ObjectiveError::InvalidConfig(format!("DPO beta must be a positive number, got {}", self.beta)));
         }
         match self.loss_type {
-            DpoLossType::Robust if !(0.0..0.5).contains(&self.label_smoothing) => {
-                Err(ObjectiveError::InvalidConfig(format!(
-                    "label_smoothing must lie in [0, 0.5) for the robust DPO loss, got {}",
-                    self.label_smoothing
-                )))
-            }
+            DpoLossType::Robust if !(0.0..0.5).contains(&self.label_smoothing) => Err(ObjectiveError::InvalidConfig(format!(
+                "label_smoothing must lie in [0, 0.5) for the robust DPO loss, got {}",
+                self.label_smoothing
+            ))),
             DpoLossType::Robust => Ok(()),
             other if self.label_smoothing != 0.0 => Err(ObjectiveError::InvalidConfig(format!(
                 "label_smoothing = {} has no effect on the {other} DPO loss in TRL 1.x (only robust reads it); \
@@ -245,8 +239,7 @@ impl<B: Backend> DpoOutput<B> {
         let total = |i: usize| rows[i].iter().sum::<f64>();
         let loss = rows[0].first().copied().unwrap_or(0.0);
         let (chosen_rewards, rejected_rewards) = (&rows[1], &rows[2]);
-        let accuracies: Vec<f64> =
-            chosen_rewards.iter().zip(rejected_rewards).map(|(c, r)| if c > r { 1.0 } else { 0.0 }).collect();
+        let accuracies: Vec<f64> = chosen_rewards.iter().zip(rejected_rewards).map(|(c, r)| if c > r { 1.0 } else { 0.0 }).collect();
         let margins: Vec<f64> = chosen_rewards.iter().zip(rejected_rewards).map(|(c, r)| c - r).collect();
         let (chosen_tokens, rejected_tokens) = (total(5), total(6));
         Metrics::new()

@@ -133,10 +133,7 @@ pub fn sequence_logps<B: Backend>(logits: Tensor<B, 3>, labels: Tensor<B, 2, Int
 ///
 /// # Panics
 /// If any label set's shape differs from the logits' `[batch, seq]`.
-pub fn sequence_logps_many<B: Backend>(
-    logits: Tensor<B, 3>,
-    label_sets: Vec<Tensor<B, 2, Int>>,
-) -> Vec<SequenceLogps<B>> {
+pub fn sequence_logps_many<B: Backend>(logits: Tensor<B, 3>, label_sets: Vec<Tensor<B, 2, Int>>) -> Vec<SequenceLogps<B>> {
     let [b, t, _v] = logits.dims();
     for labels in &label_sets {
         assert_eq!(labels.dims(), [b, t], "labels must be [batch, seq] = [{b}, {t}] like the logits");
@@ -163,10 +160,7 @@ pub(crate) fn logsumexp_vocab<B: Backend>(logits: Tensor<B, 3>) -> Tensor<B, 3> 
 /// `[batch]` summed log-probabilities of `labels` under `logits`, without the statistics pass:
 /// the cheapest path, for losses whose metrics are not wanted.
 /// Returns `(sum, num_tokens)`, both `[batch]`.
-pub(crate) fn sequence_logps_sum<B: Backend>(
-    logits: Tensor<B, 3>,
-    labels: Tensor<B, 2, Int>,
-) -> (Tensor<B, 1>, Tensor<B, 1>) {
+pub(crate) fn sequence_logps_sum<B: Backend>(logits: Tensor<B, 3>, labels: Tensor<B, 2, Int>) -> (Tensor<B, 1>, Tensor<B, 1>) {
     let [b, t, _v] = logits.dims();
     assert_eq!(labels.dims(), [b, t], "labels must be [batch, seq] = [{b}, {t}] like the logits");
     let targets = ShiftedTargets::new(labels);

@@ -144,8 +144,7 @@ impl<B: Backend> OrpoOutput<B> {
         ]);
         let first = |i: usize| rows[i].first().copied().unwrap_or(0.0);
         let (chosen_rewards, rejected_rewards) = (&rows[2], &rows[3]);
-        let accuracies: Vec<f64> =
-            chosen_rewards.iter().zip(rejected_rewards).map(|(c, r)| if c > r { 1.0 } else { 0.0 }).collect();
+        let accuracies: Vec<f64> = chosen_rewards.iter().zip(rejected_rewards).map(|(c, r)| if c > r { 1.0 } else { 0.0 }).collect();
         let margins: Vec<f64> = chosen_rewards.iter().zip(rejected_rewards).map(|(c, r)| c - r).collect();
         Metrics::new()
             .with("loss", first(0))

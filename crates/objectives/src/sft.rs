@@ -57,11 +57,7 @@ impl FromStr for Reduction {
         match s {
             "mean" => Ok(Reduction::Mean),
             "sum" => Ok(Reduction::Sum),
-            other => Err(ObjectiveError::UnknownValue {
-                what: "reduce_loss",
-                given: other.to_string(),
-                valid: &["mean", "sum"],
-            }),
+            other => Err(ObjectiveError::UnknownValue { what: "reduce_loss", given: other.to_string(), valid: &["mean", "sum"] }),
         }
     }
 }
@@ -71,11 +67,7 @@ impl FromStr for Reduction {
 /// `logits` `[batch, seq, vocab]`, `labels` `[batch, seq]` in the input-ids layout with
 /// [`IGNORE_INDEX`](crate::IGNORE_INDEX) on tokens not scored (shifted inside, see
 /// [`sequence_logps`]). The cheapest entry point: no metrics are computed.
-pub fn causal_lm_loss<B: Backend>(
-    logits: Tensor<B, 3>,
-    labels: Tensor<B, 2, Int>,
-    reduction: Reduction,
-) -> Tensor<B, 1> {
+pub fn causal_lm_loss<B: Backend>(logits: Tensor<B, 3>, labels: Tensor<B, 2, Int>, reduction: Reduction) -> Tensor<B, 1> {
     let (sum, num_tokens) = sequence_logps_sum(logits, labels);
     reduction.apply(-sum.sum(), num_tokens.sum())
 }
@@ -118,9 +110,6 @@ impl<B: Backend> SftOutput<B> {
             self.logps.num_correct.clone().sum(),
         ]);
         let (loss, tokens, entropy, correct) = (rows[0][0], rows[1][0], rows[2][0], rows[3][0]);
-        Metrics::new()
-            .with("loss", loss)
-            .with("entropy", ratio(entropy, tokens))
-            .with("mean_token_accuracy", ratio(correct, tokens))
+        Metrics::new().with("loss", loss).with("entropy", ratio(entropy, tokens)).with("mean_token_accuracy", ratio(correct, tokens))
     }
 }

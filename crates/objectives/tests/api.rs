@@ -3,8 +3,8 @@
 
 use alignment_core::backend::CpuAutodiff;
 use alignment_objectives::{
-    causal_lm_loss, dpo_loss, num_scored_tokens, orpo_loss, sequence_logps, DpoConfig, DpoLossType, Metrics,
-    ObjectiveError, OrpoConfig, Reduction, IGNORE_INDEX,
+    causal_lm_loss, dpo_loss, num_scored_tokens, orpo_loss, sequence_logps, DpoConfig, DpoLossType, Metrics, ObjectiveError, OrpoConfig,
+    Reduction, IGNORE_INDEX,
 };
 use burn::tensor::{Int, Tensor, TensorData};
 
@@ -28,10 +28,7 @@ fn values(t: Tensor<B, 1>) -> Vec<f64> {
 #[test]
 fn unknown_dpo_loss_type_lists_the_valid_ones() {
     let err = "sigmoidd".parse::<DpoLossType>().unwrap_err();
-    assert_eq!(
-        err.to_string(),
-        r#"unknown DPO loss_type "sigmoidd": expected one of sigmoid, ipo, hinge, robust"#
-    );
+    assert_eq!(err.to_string(), r#"unknown DPO loss_type "sigmoidd": expected one of sigmoid, ipo, hinge, robust"#);
     // TRL has more loss types; the ones not implemented here are refused the same way.
     assert!(matches!("exo_pair".parse::<DpoLossType>(), Err(ObjectiveError::UnknownValue { .. })));
     for name in DpoLossType::NAMES {

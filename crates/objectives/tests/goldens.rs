@@ -9,8 +9,8 @@
 
 use alignment_core::backend::CpuAutodiff;
 use alignment_objectives::{
-    causal_lm_loss, causal_lm_loss_sum, dpo_loss, orpo_loss, sequence_logps, sequence_logps_many, sft_loss, DpoConfig,
-    Metrics, OrpoConfig, Reduction,
+    causal_lm_loss, causal_lm_loss_sum, dpo_loss, orpo_loss, sequence_logps, sequence_logps_many, sft_loss, DpoConfig, Metrics, OrpoConfig,
+    Reduction,
 };
 use burn::tensor::{backend::AutodiffBackend, Int, Tensor, TensorData};
 use serde::Deserialize;
@@ -93,8 +93,7 @@ impl Fixture {
     /// Fresh leaf logits `[2B, T, V]` tracking gradients.
     fn leaf(&self) -> Tensor<B, 3> {
         let [_, t, v] = self.shape;
-        Tensor::<B, 3>::from_data(TensorData::new(self.logits.clone(), [self.rows(), t, v]), &Default::default())
-            .require_grad()
+        Tensor::<B, 3>::from_data(TensorData::new(self.logits.clone(), [self.rows(), t, v]), &Default::default()).require_grad()
     }
     fn int(&self, values: &[i64]) -> Tensor<B, 2, Int> {
         Tensor::from_data(TensorData::new(values.to_vec(), [self.rows(), self.shape[1]]), &Default::default())
@@ -134,10 +133,7 @@ fn check_metrics(what: &str, got: &Metrics, want: &BTreeMap<String, f64>) {
     let mut names: Vec<&str> = got.iter().map(|(n, _)| n).collect();
     names.sort_unstable();
     assert_eq!(names, expected, "{what}: metric names differ from TRL's");
-    let diff = expected
-        .iter()
-        .map(|name| (got.get(name).unwrap() - want[*name]).abs())
-        .fold(0.0f64, f64::max);
+    let diff = expected.iter().map(|name| (got.get(name).unwrap() - want[*name]).abs()).fold(0.0f64, f64::max);
     assert!(diff <= TOL, "{what}: metrics differ by {diff:e}\n got  {got:?}\n want {want:?}");
     println!("{:<52} max abs diff {diff:.2e}", format!("{what} metrics ({})", expected.len()));
 }
@@ -165,10 +161,7 @@ fn sft_losses_match_trl_and_transformers() {
     let b = f.shape[0];
     let labels = f.full_labels().narrow(0, 0, b);
     let [_, t, v] = f.shape;
-    let leaf = || {
-        Tensor::<B, 3>::from_data(TensorData::new(f.logits[..b * t * v].to_vec(), [b, t, v]), &Default::default())
-            .require_grad()
-    };
+    let leaf = || Tensor::<B, 3>::from_data(TensorData::new(f.logits[..b * t * v].to_vec(), [b, t, v]), &Default::default()).require_grad();
 
     // Token mean: TRL SFTTrainer.compute_loss without num_items_in_batch.
     let x = leaf();
@@ -205,23 +198,13 @@ fn dpo_losses_match_trl() {
     let b = f.shape[0];
     let mut seen = Vec::new();
     for case in &f.dpo {
-        let config = DpoConfig {
-            beta: case.beta,
-            loss_type: case.loss_type.parse().unwrap(),
-            label_smoothing: case.label_smoothing,
-        };
+        let config = DpoConfig { beta: case.beta, loss_type: case.loss_type.parse().unwrap(), label_smoothing: case.label_smoothing };
         config.validate().unwrap();
         let name = format!("dpo {} beta={} ls={}", case.loss_type, case.beta, case.label_smoothing);
         // One forward over [chosen; rejected], as TRL concatenates them, then split.
         let leaf = f.leaf();
         let (chosen, rejected) = sequence_logps(leaf.clone(), f.labels()).split_at(b);
-        let out = dpo_loss(
-            &chosen,
-            &rejected,
-            f.floats(&f.reference_chosen),
-            f.floats(&f.reference_rejected),
-            &config,
-        );
+        let out = dpo_loss(&chosen, &rejected, f.floats(&f.reference_chosen), f.floats(&f.reference_rejected), &config);
         check(&format!("{name} loss"), &values(out.loss.clone()), &[case.case.loss]);
         check_metrics(&name, &out.metrics(), &case.case.metrics);
         let grads = out.loss.backward();
@@ -248,10 +231,7 @@ fn orpo_loss_matches_trl() {
         let rejected_logits = leaf.clone().narrow(0, b, b);
         // Chosen rows: completion labels for the odds ratio, prompt+completion labels for the NLL,
         // from one logsumexp.
-        let mut chosen = sequence_logps_many(
-            chosen_logits,
-            vec![f.labels().narrow(0, 0, b), f.full_labels().narrow(0, 0, b)],
-        );
+        let mut chosen = sequence_logps_many(chosen_logits, vec![f.labels().narrow(0, 0, b), f.full_labels().narrow(0, 0, b)]);
         let chosen_full = chosen.pop().unwrap();
         let chosen = chosen.pop().unwrap();
         let rejected = sequence_logps(rejected_logits, f.labels().narrow(0, b, b));

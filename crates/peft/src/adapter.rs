@@ -63,7 +63,12 @@ pub fn save_adapter<B: Backend>(
 
 /// Writes the files of [`save_adapter`] into an existing directory, without atomicity: for
 /// callers assembling a larger directory (a training checkpoint) in their own staging area.
-pub fn write_adapter<B: Backend>(model: &CausalLm<B>, dir: &Path, config: &LoraConfig, base_model_name_or_path: &str) -> Result<(), PeftError> {
+pub fn write_adapter<B: Backend>(
+    model: &CausalLm<B>,
+    dir: &Path,
+    config: &LoraConfig,
+    base_model_name_or_path: &str,
+) -> Result<(), PeftError> {
     check_matches_config(model, config)?;
     write_safetensors(&dir.join(ADAPTER_WEIGHTS), &adapter_tensors(model), SaveDtype::F32)?;
     let json = serde_json::to_string_pretty(&config.to_adapter_json(base_model_name_or_path)).expect("JSON serializes");

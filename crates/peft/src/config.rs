@@ -24,9 +24,7 @@ impl TargetModules {
     /// Whether the module at `path` (PEFT's path inside the `*ForCausalLM`) is targeted.
     pub fn matches(&self, path: &str) -> bool {
         match self {
-            TargetModules::AllLinear => {
-                path != "lm_head" && ALL_LINEAR.iter().any(|n| path.ends_with(&format!(".{n}")))
-            }
+            TargetModules::AllLinear => path != "lm_head" && ALL_LINEAR.iter().any(|n| path.ends_with(&format!(".{n}"))),
             TargetModules::Names(names) => names.iter().any(|n| suffix_match(path, n)),
         }
     }
@@ -96,11 +94,7 @@ impl LoraConfig {
         targets.sort();
         targets.dedup();
         // PEFT types lora_alpha as int; keep integral values integral.
-        let alpha = if self.alpha.fract() == 0.0 && self.alpha.abs() < 1e15 {
-            json!(self.alpha as i64)
-        } else {
-            json!(self.alpha)
-        };
+        let alpha = if self.alpha.fract() == 0.0 && self.alpha.abs() < 1e15 { json!(self.alpha as i64) } else { json!(self.alpha) };
         json!({
             "alpha_pattern": {},
             "auto_mapping": null,
@@ -137,11 +131,7 @@ impl LoraConfig {
     /// implement (DoRA, biases, `modules_to_save`, per-module ranks, ...) are errors naming the
     /// field when they hold anything but their default.
     pub fn from_adapter_json(json: &Value, path: &Path) -> Result<Self, PeftError> {
-        let err = |field: &str, message: String| PeftError::AdapterConfig {
-            path: path.to_path_buf(),
-            field: field.into(),
-            message,
-        };
+        let err = |field: &str, message: String| PeftError::AdapterConfig { path: path.to_path_buf(), field: field.into(), message };
         let obj = json.as_object().ok_or_else(|| err("<root>", "not a JSON object".into()))?;
         let get = |k: &str| obj.get(k).filter(|v| !v.is_null());
         match get("peft_type").and_then(Value::as_str) {

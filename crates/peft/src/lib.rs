@@ -24,7 +24,9 @@ pub mod lora;
 pub mod nf4;
 pub mod qlora;
 
-pub use adapter::{load_adapter, read_adapter_base_model, read_adapter_config, save_adapter, write_adapter, ADAPTER_CONFIG, ADAPTER_WEIGHTS};
+pub use adapter::{
+    load_adapter, read_adapter_base_model, read_adapter_config, save_adapter, write_adapter, ADAPTER_CONFIG, ADAPTER_WEIGHTS,
+};
 pub use config::{LoraConfig, TargetModules, ALL_LINEAR};
 pub use error::PeftError;
 pub use lora::{apply_lora, has_lora, merge_lora, num_lora_params, remove_lora};

@@ -43,10 +43,8 @@ pub fn linear_layers<B: Backend>(model: &CausalLm<B>) -> Vec<(String, &Linear<B>
 pub fn targeted_paths<B: Backend>(model: &CausalLm<B>, config: &LoraConfig) -> Result<Vec<String>, PeftError> {
     let paths: Vec<String> = linear_layers(model).into_iter().map(|(p, _)| p).collect();
     if let crate::TargetModules::Names(names) = &config.target_modules {
-        let unmatched: Vec<&String> = names
-            .iter()
-            .filter(|n| !paths.iter().any(|p| crate::TargetModules::Names(vec![(*n).clone()]).matches(p)))
-            .collect();
+        let unmatched: Vec<&String> =
+            names.iter().filter(|n| !paths.iter().any(|p| crate::TargetModules::Names(vec![(*n).clone()]).matches(p))).collect();
         if !unmatched.is_empty() {
             return Err(PeftError::InvalidConfig(format!(
                 "target modules {unmatched:?} not found in the model (linear layers are q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj{})",

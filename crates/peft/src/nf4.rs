@@ -160,7 +160,8 @@ pub fn quantize_with(values: &[f32], double_quant: bool) -> Nf4Tensor {
             let max = block.iter().fold(0f32, |m, v| m.max(v.abs()));
             let inv = 1.0 / max;
             // BLOCK_SIZE is even, so only the last block can end in half a byte.
-            let packed = block.chunks(2).map(|p| (nearest_code(p[0] * inv) << 4) | p.get(1).map_or(0, |&v| nearest_code(v * inv))).collect();
+            let packed =
+                block.chunks(2).map(|p| (nearest_code(p[0] * inv) << 4) | p.get(1).map_or(0, |&v| nearest_code(v * inv))).collect();
             (max, packed)
         })
         .unzip();

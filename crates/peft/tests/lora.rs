@@ -36,11 +36,7 @@ impl<B: Backend> ModuleVisitor<B> for Ids {
 }
 
 fn adapter_ids<B: Backend>(model: &CausalLm<B>) -> BTreeSet<ParamId> {
-    linear_layers(model)
-        .iter()
-        .filter_map(|(_, l)| l.lora.as_ref())
-        .flat_map(|a| [a.a.id, a.b.id])
-        .collect()
+    linear_layers(model).iter().filter_map(|(_, l)| l.lora.as_ref()).flat_map(|a| [a.a.id, a.b.id]).collect()
 }
 
 #[test]
@@ -72,9 +68,8 @@ fn init_follows_peft_and_leaves_the_function_unchanged() {
     // Same seed, same adapters; other seed, other adapters.
     let again = apply_lora(load_base("tiny-llama"), &all_linear(4, 8.0), 0).unwrap();
     let other = apply_lora(load_base("tiny-llama"), &all_linear(4, 8.0), 1).unwrap();
-    let a0 = |m: &CausalLm<Cpu>| -> Vec<f32> {
-        m.layers[0].self_attn.q_proj.lora.as_ref().unwrap().a.val().into_data().into_vec().unwrap()
-    };
+    let a0 =
+        |m: &CausalLm<Cpu>| -> Vec<f32> { m.layers[0].self_attn.q_proj.lora.as_ref().unwrap().a.val().into_data().into_vec().unwrap() };
     assert_eq!(a0(&model), a0(&again));
     assert_ne!(a0(&model), a0(&other));
     // rsLoRA scaling.
@@ -121,16 +116,18 @@ fn only_adapters_get_gradients_and_optimizer_state() {
         }
     }
 
-    let weights_before: Vec<Vec<f32>> =
-        linear_layers(&model).iter().map(|(_, l)| l.weight.val().into_data().into_vec().unwrap()).collect();
+    let weights_before: Vec<Vec<f32>> = linear_layers(&model).iter().map(|(_, l)| l.weight.val().into_data().into_vec().unwrap()).collect();
     let q_a_before: Vec<f32> = model.layers[0].self_attn.q_proj.lora.as_ref().unwrap().a.val().into_data().into_vec().unwrap();
     let mut optimizer = AdamW::<Cpu>::new(AdamWConfig { weight_decay: 0.1, ..Default::default() });
     let (model, _report) = optimizer.step::<CpuAutodiff, _>(1e-3, model, &grads);
-    println!("AdamW moments: {:?}", { let mut k: Vec<_> = optimizer.state.keys().collect(); k.sort(); k });
+    println!("AdamW moments: {:?}", {
+        let mut k: Vec<_> = optimizer.state.keys().collect();
+        k.sort();
+        k
+    });
     assert_eq!(optimizer.state.len(), adapters.len(), "moments: {:?}", optimizer.state.keys().collect::<Vec<_>>());
     assert!(optimizer.state.keys().all(|k| k.contains("lora")), "{:?}", optimizer.state.keys().collect::<Vec<_>>());
-    let weights_after: Vec<Vec<f32>> =
-        linear_layers(&model).iter().map(|(_, l)| l.weight.val().into_data().into_vec().unwrap()).collect();
+    let weights_after: Vec<Vec<f32>> = linear_layers(&model).iter().map(|(_, l)| l.weight.val().into_data().into_vec().unwrap()).collect();
     assert_eq!(weights_before, weights_after, "base weights must not move");
     let q_a_after: Vec<f32> = model.layers[0].self_attn.q_proj.lora.as_ref().unwrap().a.val().into_data().into_vec().unwrap();
     assert_ne!(q_a_before, q_a_after, "adapters are updated");
@@ -215,24 +212,33 @@ fn load_errors_name_the_problem() {
     copy_fixture("tiny-llama-lora", &dir);
     edit_config(&dir, |j| j["target_modules"] = serde_json::json!(["q_proj", "v_proj", "k_proj"]));
     let err = load_adapter(load_base("tiny-llama"), &dir).unwrap_err();
-    assert!(matches!(&err, PeftError::MissingTensors { names, .. }
-        if names.contains(&"base_model.model.model.layers.0.self_attn.k_proj.lora_A.weight".to_string())), "{err}");
+    assert!(
+        matches!(&err, PeftError::MissingTensors { names, .. }
+        if names.contains(&"base_model.model.model.layers.0.self_attn.k_proj.lora_A.weight".to_string())),
+        "{err}"
+    );
 
     // Tensors of an untargeted module: unexpected, named.
     let dir = tmp.path().join("unexpected");
     copy_fixture("tiny-llama-lora", &dir);
     edit_config(&dir, |j| j["target_modules"] = serde_json::json!(["q_proj"]));
     let err = load_adapter(load_base("tiny-llama"), &dir).unwrap_err();
-    assert!(matches!(&err, PeftError::UnexpectedTensors { names, .. }
-        if names.len() == 4 && names[0].contains("v_proj")), "{err}");
+    assert!(
+        matches!(&err, PeftError::UnexpectedTensors { names, .. }
+        if names.len() == 4 && names[0].contains("v_proj")),
+        "{err}"
+    );
 
     // Wrong rank: shape mismatch, named.
     let dir = tmp.path().join("rank");
     copy_fixture("tiny-llama-lora", &dir);
     edit_config(&dir, |j| j["r"] = serde_json::json!(8));
     let err = load_adapter(load_base("tiny-llama"), &dir).unwrap_err();
-    assert!(matches!(&err, PeftError::ShapeMismatch { name, expected, found }
-        if name.ends_with("q_proj.lora_A.weight") && expected == &vec![8, 64] && found == &vec![4, 64]), "{err}");
+    assert!(
+        matches!(&err, PeftError::ShapeMismatch { name, expected, found }
+        if name.ends_with("q_proj.lora_A.weight") && expected == &vec![8, 64] && found == &vec![4, 64]),
+        "{err}"
+    );
 
     // Unsupported PEFT features are refused by field name.
     for (field, value) in [
@@ -261,8 +267,8 @@ fn load_errors_name_the_problem() {
     let err = save_adapter(&model, &tmp.path().join("bad-save"), &LoraConfig::new(4, 8.0, names(&["v_proj"])), "x").unwrap_err();
     assert!(matches!(err, PeftError::State(_)), "{err}");
     assert!(!tmp.path().join("bad-save").exists());
-    let err = save_adapter(&load_base("tiny-llama"), &tmp.path().join("none"), &LoraConfig::new(4, 8.0, names(&["q_proj"])), "x")
-        .unwrap_err();
+    let err =
+        save_adapter(&load_base("tiny-llama"), &tmp.path().join("none"), &LoraConfig::new(4, 8.0, names(&["q_proj"])), "x").unwrap_err();
     assert!(matches!(err, PeftError::State(_)), "{err}");
 }
 
@@ -288,8 +294,8 @@ fn saved_config_has_peft_fields() {
     let targets: BTreeSet<&str> = json["target_modules"].as_array().unwrap().iter().map(|v| v.as_str().unwrap()).collect();
     assert_eq!(targets, alignment_peft::ALL_LINEAR.into_iter().collect());
     // Reads back to the same config.
-    assert_eq!(alignment_peft::read_adapter_config(&dir).unwrap(), LoraConfig {
-        target_modules: TargetModules::Names(targets.iter().map(|s| s.to_string()).collect()),
-        ..config
-    });
+    assert_eq!(
+        alignment_peft::read_adapter_config(&dir).unwrap(),
+        LoraConfig { target_modules: TargetModules::Names(targets.iter().map(|s| s.to_string()).collect()), ..config }
+    );
 }

@@ -2,8 +2,8 @@
 //! (scripts/make_nf4_goldens.py; bitsandbytes itself is not installable without a GPU build).
 
 use alignment_peft::nf4::{
-    create_dynamic_map, dequantize, nearest_code, nearest_dynamic_code, quantize, quantize_blockwise, quantize_with,
-    Absmax, Nf4Tensor, BLOCK_SIZE, NESTED_BLOCK_SIZE, NF4_CODE,
+    create_dynamic_map, dequantize, nearest_code, nearest_dynamic_code, quantize, quantize_blockwise, quantize_with, Absmax, Nf4Tensor,
+    BLOCK_SIZE, NESTED_BLOCK_SIZE, NF4_CODE,
 };
 use rand::{Rng, SeedableRng};
 use serde::de::DeserializeOwned;
@@ -132,9 +132,7 @@ fn double_quant_matches_bitsandbytes() {
         // within two ulps of the offset (relative differences are large only where the scale
         // nearly cancels: an all-zero block dequantizes to -(its absmax residual), ~1e-5 here).
         let q = quantize_with(&case.values, true);
-        let Absmax::DoubleQuantized { codes, offset, .. } = &q.absmax else {
-            panic!("{}: not double-quantized", case.name)
-        };
+        let Absmax::DoubleQuantized { codes, offset, .. } = &q.absmax else { panic!("{}: not double-quantized", case.name) };
         assert!(max_relative_diff(&[*offset], &[case.offset]) <= f32::EPSILON, "{}: {offset}", case.name);
         assert_eq!(codes, &case.codes, "{}", case.name);
         let diff = dequantize(&q).iter().zip(&case.dequantized).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);

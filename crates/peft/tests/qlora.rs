@@ -58,7 +58,8 @@ fn four_bit_base_computes_what_its_dequantized_dense_model_computes() {
     assert!(diff <= 1e-5, "logits differ by {diff}");
 
     // 4 bits per value + one f32 absmax per 64 values: 4.5 bits, 0.28× of bf16.
-    let linear_params: usize = linear_layers(&quantized).iter().filter(|(p, _)| p != "lm_head").map(|(_, l)| l.dims().iter().product::<usize>()).sum();
+    let linear_params: usize =
+        linear_layers(&quantized).iter().filter(|(p, _)| p != "lm_head").map(|(_, l)| l.dims().iter().product::<usize>()).sum();
     let linear_bytes: usize = linear_layers(&quantized).iter().filter_map(|(_, l)| l.compressed.as_ref()).map(|c| c.storage_bytes()).sum();
     let ratio = linear_bytes as f64 / (2 * linear_params) as f64;
     assert!((0.28..=0.29).contains(&ratio), "NF4 bytes / bf16 bytes = {ratio}");
@@ -74,7 +75,8 @@ fn linear_bytes_per_bf16_byte<B: Backend>(model: &CausalLm<B>) -> f64 {
 
 #[test]
 fn double_quantization_shrinks_the_statistics_and_stays_exact_to_its_dequantization() {
-    let load = |double_quant| load_pretrained_4bit::<Cpu>(&base_fixture("tiny-llama"), &Default::default(), QuantConfig { double_quant }).unwrap();
+    let load =
+        |double_quant| load_pretrained_4bit::<Cpu>(&base_fixture("tiny-llama"), &Default::default(), QuantConfig { double_quant }).unwrap();
     let (single, double) = (load(false), load(true));
     let (rs, rd) = (linear_bytes_per_bf16_byte(&single), linear_bytes_per_bf16_byte(&double));
     println!("NF4 bytes per bf16 byte: single {rs:.4}, double {rd:.4}");
@@ -176,8 +178,11 @@ fn merging_into_a_four_bit_base_quantizes_the_merged_weight_again() {
         .map(|merged| nf4::dequantize(&nf4::quantize(&merged)))
         .collect();
     let merged = merge_lora(model);
-    let found: Vec<Vec<f32>> =
-        linear_layers(&merged).iter().filter(|(p, _)| p != "lm_head").map(|(_, l)| l.compressed.as_ref().expect("still 4-bit").expand()).collect();
+    let found: Vec<Vec<f32>> = linear_layers(&merged)
+        .iter()
+        .filter(|(p, _)| p != "lm_head")
+        .map(|(_, l)| l.compressed.as_ref().expect("still 4-bit").expand())
+        .collect();
     assert_eq!(found, expected);
 }
 

@@ -51,10 +51,7 @@ fn qlora_model() -> CausalLm<CpuAutodiff> {
 }
 
 fn losses(history: &[serde_json::Map<String, serde_json::Value>]) -> Vec<(u64, f64)> {
-    history
-        .iter()
-        .filter_map(|e| Some((e.get("step")?.as_u64()?, e.get("loss")?.as_f64()?)))
-        .collect()
+    history.iter().filter_map(|e| Some((e.get("step")?.as_u64()?, e.get("loss")?.as_f64()?))).collect()
 }
 
 #[test]

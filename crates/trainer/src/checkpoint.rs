@@ -60,7 +60,12 @@ pub fn list_checkpoints(output_dir: &Path) -> Vec<(u64, PathBuf)> {
 /// Writes the trained weights into `dir`: the full model, or only the adapters when `adapter` is
 /// set; tokenizer files are copied from `tokenizer_from` either way. Not atomic: callers write
 /// into a staging directory.
-pub fn write_weights<B: Backend>(model: &CausalLm<B>, dir: &Path, adapter: Option<&AdapterOutput>, tokenizer_from: Option<&Path>) -> Result<(), TrainError> {
+pub fn write_weights<B: Backend>(
+    model: &CausalLm<B>,
+    dir: &Path,
+    adapter: Option<&AdapterOutput>,
+    tokenizer_from: Option<&Path>,
+) -> Result<(), TrainError> {
     match adapter {
         None => write_pretrained(model, dir, SaveDtype::F32, tokenizer_from)?,
         Some(a) => {
@@ -118,7 +123,12 @@ pub fn read_state(dir: &Path) -> Result<TrainerState, TrainError> {
 }
 
 /// Restores AdamW's moments and step from a checkpoint.
-pub fn load_optimizer<B: Backend>(dir: &Path, optimizer: &mut AdamW<B>, state: &TrainerState, device: &B::Device) -> Result<(), TrainError> {
+pub fn load_optimizer<B: Backend>(
+    dir: &Path,
+    optimizer: &mut AdamW<B>,
+    state: &TrainerState,
+    device: &B::Device,
+) -> Result<(), TrainError> {
     let path = dir.join(OPTIMIZER_FILE);
     let bytes = std::fs::read(&path).map_err(|e| alignment_core::IoError::new("reading", &path, e))?;
     let corrupt = |message: String| TrainError::Checkpoint { path: path.clone(), message };

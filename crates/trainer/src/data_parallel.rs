@@ -34,13 +34,13 @@ use crate::TrainError;
 use alignment_distributed::{AccelerateConfig, Communicator, DistEnv, ShardLayout, TcpCommunicator, ZeroPlan, ZeroStage};
 use alignment_models::compressed::CompressedWeight;
 use alignment_models::CausalLm;
-use std::ops::Range;
-use std::sync::Arc;
 use burn::module::{AutodiffModule, ModuleMapper, ModuleVisitor, Param, ParamId};
 use burn::optim::GradientsParams;
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Tensor, TensorData};
 use std::collections::HashMap;
+use std::ops::Range;
+use std::sync::Arc;
 
 /// Summed metrics: (name, Σ value·weight, Σ weight), as `MetricsAccumulator::sums` gives them.
 pub type MetricSums = Vec<(String, f64, f64)>;
@@ -114,7 +114,15 @@ impl std::fmt::Debug for DataParallel {
 impl DataParallel {
     /// A group over `comm` with `stage`.
     pub fn new(comm: Box<dyn Communicator>, stage: ZeroStage) -> Self {
-        Self { group: Arc::new(Group::new(comm)), stage, shards: None, sharded: Vec::new(), partitioned: Vec::new(), metric_names: None, training_peak: None }
+        Self {
+            group: Arc::new(Group::new(comm)),
+            stage,
+            shards: None,
+            sharded: Vec::new(),
+            partitioned: Vec::new(),
+            metric_names: None,
+            training_peak: None,
+        }
     }
 
     /// The group the environment describes (torchrun/Slurm variables, the accelerate config
@@ -278,12 +286,34 @@ impl DataParallel {
         owned_params.truncate(range.end);
         owned_params.drain(..range.start);
         let pieces: Vec<(Range<usize>, bool)> = shards.segments.iter().map(|s| (s.offset..s.offset + s.len, s.decay)).collect();
-        adamw_update(config, optimizer_step, lr, clip_coef, &pieces, range.start, &mut owned_params, &owned_grads, &mut shards.exp_avg, &mut shards.exp_avg_sq);
+        adamw_update(
+            config,
+            optimizer_step,
+            lr,
+            clip_coef,
+            &pieces,
+            range.start,
+            &mut owned_params,
+            &owned_grads,
+            &mut shards.exp_avg,
+            &mut shards.exp_avg_sq,
+        );
         for (p, grad) in partitioned.iter_mut().zip(&partitioned_grads) {
             let whole = 0..p.weight.layout().len();
             let pieces = [(whole, !excluded_from_decay(&p.weight.path))];
             let mut values = p.weight.values();
-            adamw_update(config, optimizer_step, lr, clip_coef, &pieces, p.weight.owned_start(), &mut values, grad, &mut p.exp_avg, &mut p.exp_avg_sq);
+            adamw_update(
+                config,
+                optimizer_step,
+                lr,
+                clip_coef,
+                &pieces,
+                p.weight.owned_start(),
+                &mut values,
+                grad,
+                &mut p.exp_avg,
+                &mut p.exp_avg_sq,
+            );
         }
         let full = match stage {
             ZeroStage::Ddp => owned_params, // every rank updated everything
@@ -303,7 +333,10 @@ impl DataParallel {
         for p in &self.partitioned {
             let layout = p.weight.layout();
             let tensor = |v: Vec<f32>| Tensor::<B, 1>::from_data(TensorData::new(v, [layout.len()]), device);
-            let moments = Moments { exp_avg: tensor(comm.all_gather(&p.exp_avg, layout)?), exp_avg_sq: tensor(comm.all_gather(&p.exp_avg_sq, layout)?) };
+            let moments = Moments {
+                exp_avg: tensor(comm.all_gather(&p.exp_avg, layout)?),
+                exp_avg_sq: tensor(comm.all_gather(&p.exp_avg_sq, layout)?),
+            };
             optimizer.state.insert(p.weight.path.clone(), moments);
         }
         let (exp_avg, exp_avg_sq) = match self.stage {
@@ -322,7 +355,11 @@ impl DataParallel {
 
     /// Takes this rank's part of a restored one-process optimizer state (resume on any number
     /// of ranks). `model` gives the parameter order; call after [`DataParallel::partition`].
-    pub fn restore_optimizer<B: AutodiffBackend, M: AutodiffModule<B>>(&mut self, model: &M, optimizer: &AdamW<B::InnerBackend>) -> Result<(), TrainError> {
+    pub fn restore_optimizer<B: AutodiffBackend, M: AutodiffModule<B>>(
+        &mut self,
+        model: &M,
+        optimizer: &AdamW<B::InnerBackend>,
+    ) -> Result<(), TrainError> {
         self.ensure_shards(model);
         let shards = self.shards.as_mut().expect("built by ensure_shards");
         let total: usize = shards.segments.iter().map(|s| s.len).sum();
@@ -378,7 +415,11 @@ impl DataParallel {
         let grads = if self.stage.shards_gradients() { s.plan.owned_range().len() } else { total };
         // ZeRO-3's partitioned weights: only the own shard of values, gradient and moments.
         let shard: usize = self.partitioned.iter().map(|p| p.exp_avg.len()).sum();
-        HeldState { params: 4 * (total + shard), grads: 4 * (grads + shard), optimizer: 4 * (s.exp_avg.len() + s.exp_avg_sq.len() + 2 * shard) }
+        HeldState {
+            params: 4 * (total + shard),
+            grads: 4 * (grads + shard),
+            optimizer: 4 * (s.exp_avg.len() + s.exp_avg_sq.len() + 2 * shard),
+        }
     }
 
     /// Builds the flat layout and moment buffers from `model`'s trainable parameters on first

@@ -21,10 +21,10 @@ pub mod tasks;
 pub mod train;
 pub mod zero3;
 
+pub use data_parallel::DataParallel;
 pub use recipe::{Recipe, RecipeError, ResumeFrom};
 pub use sequence::{collate, Sequence, IGNORE_INDEX};
 pub use task::{MetricValues, Task};
-pub use data_parallel::DataParallel;
 pub use train::{evaluate, train, train_with, AdapterOutput, StepPlan, TrainOutcome, TrainerConfig};
 
 use std::path::PathBuf;

@@ -131,8 +131,7 @@ pub fn entry(step: u64, epoch: f64, values: &[(String, f64)]) -> Map<String, Val
 pub fn progress_bar(total_steps: u64, start: u64, quiet: bool) -> ProgressBar {
     let bar = if quiet { ProgressBar::hidden() } else { ProgressBar::new(total_steps) };
     bar.set_style(
-        ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} steps (eta {eta}) {msg}")
-            .expect("valid template"),
+        ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} steps (eta {eta}) {msg}").expect("valid template"),
     );
     bar.set_position(start);
     bar
@@ -142,11 +141,7 @@ pub fn progress_bar(total_steps: u64, start: u64, quiet: bool) -> ProgressBar {
 pub fn plot_losses(history: &[Map<String, Value>], path: &Path, title: &str) -> Result<(), String> {
     use plotters::prelude::*;
     let series = |key: &str| -> Vec<(f64, f64)> {
-        history
-            .iter()
-            .filter_map(|e| Some((e.get("step")?.as_f64()?, e.get(key)?.as_f64()?)))
-            .filter(|(_, v)| v.is_finite())
-            .collect()
+        history.iter().filter_map(|e| Some((e.get("step")?.as_f64()?, e.get(key)?.as_f64()?))).filter(|(_, v)| v.is_finite()).collect()
     };
     let train = series("loss");
     let eval = series("eval_loss");
@@ -154,9 +149,8 @@ pub fn plot_losses(history: &[Map<String, Value>], path: &Path, title: &str) -> 
         return Ok(());
     }
     let all: Vec<&(f64, f64)> = train.iter().chain(&eval).collect();
-    let (x_max, y_min, y_max) = all.iter().fold((1.0f64, f64::INFINITY, f64::NEG_INFINITY), |(x, lo, hi), (s, v)| {
-        (x.max(*s), lo.min(*v), hi.max(*v))
-    });
+    let (x_max, y_min, y_max) =
+        all.iter().fold((1.0f64, f64::INFINITY, f64::NEG_INFINITY), |(x, lo, hi), (s, v)| (x.max(*s), lo.min(*v), hi.max(*v)));
     let pad = ((y_max - y_min) * 0.05).max(1e-3);
     let mut svg = String::new();
     {

@@ -111,8 +111,6 @@ impl<AD: AutodiffBackend> ModuleVisitor<AD> for GradNorm<'_, AD::InnerBackend> {
     }
 }
 
-
-
 struct Update<'a, AD: AutodiffBackend> {
     optimizer: &'a mut AdamW<AD::InnerBackend>,
     grads: &'a GradientsParams,
@@ -147,10 +145,8 @@ impl<AD: AutodiffBackend> ModuleMapper<AD> for Update<'_, AD> {
             p = p.clone() - p * (self.lr * c.weight_decay);
         }
         let g_flat: Tensor<AD::InnerBackend, 1> = g.reshape([numel]);
-        let moments = self.optimizer.state.remove(&path).unwrap_or_else(|| Moments {
-            exp_avg: g_flat.zeros_like(),
-            exp_avg_sq: g_flat.zeros_like(),
-        });
+        let moments =
+            self.optimizer.state.remove(&path).unwrap_or_else(|| Moments { exp_avg: g_flat.zeros_like(), exp_avg_sq: g_flat.zeros_like() });
         let exp_avg = moments.exp_avg * c.beta1 + g_flat.clone() * (1.0 - c.beta1);
         let exp_avg_sq = moments.exp_avg_sq * c.beta2 + g_flat.square() * (1.0 - c.beta2);
         let bias1 = 1.0 - c.beta1.powi(t);

@@ -285,10 +285,8 @@ impl Recipe {
 
     /// Reads `path` and applies `overrides` (`--key=value` strings) on top.
     pub fn load(path: &Path, overrides: &[String]) -> Result<Self, RecipeError> {
-        let text = std::fs::read_to_string(path).map_err(|e| RecipeError::Invalid {
-            source_name: path.display().to_string(),
-            message: e.to_string(),
-        })?;
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| RecipeError::Invalid { source_name: path.display().to_string(), message: e.to_string() })?;
         Self::from_yaml_str(&text, &path.display().to_string(), overrides)
     }
 
@@ -382,8 +380,7 @@ fn check_keys<'a>(keys: impl Iterator<Item = &'a String>, source_name: &str) -> 
     let valid = Recipe::keys();
     for key in keys {
         if !valid.contains(key) {
-            let mut ranked: Vec<(f64, &String)> =
-                valid.iter().map(|v| (strsim::jaro_winkler(key, v), v)).collect();
+            let mut ranked: Vec<(f64, &String)> = valid.iter().map(|v| (strsim::jaro_winkler(key, v), v)).collect();
             ranked.sort_by(|a, b| b.0.total_cmp(&a.0));
             let suggestions = ranked.iter().take(3).map(|(_, v)| v.as_str()).collect::<Vec<_>>().join(", ");
             return Err(RecipeError::UnknownKey { key: key.clone(), source_name: source_name.into(), suggestions });

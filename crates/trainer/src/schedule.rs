@@ -41,8 +41,7 @@ pub struct Schedule {
 impl Schedule {
     /// Builds a schedule; `warmup_steps` wins over `warmup_ratio` when non-zero, as in transformers.
     pub fn new(kind: ScheduleKind, peak_lr: f64, total_steps: usize, warmup_ratio: f64, warmup_steps: usize) -> Self {
-        let warmup_steps =
-            if warmup_steps > 0 { warmup_steps } else { (total_steps as f64 * warmup_ratio).ceil() as usize };
+        let warmup_steps = if warmup_steps > 0 { warmup_steps } else { (total_steps as f64 * warmup_ratio).ceil() as usize };
         Self { kind, peak_lr, warmup_steps, total_steps }
     }
 

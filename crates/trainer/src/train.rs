@@ -87,22 +87,26 @@ pub struct TrainerConfig {
 impl TrainerConfig {
     /// Reads the loop's settings from a recipe (transformers' TrainingArguments semantics).
     pub fn from_recipe(recipe: &Recipe) -> Result<Self, TrainError> {
-        let schedule = recipe
-            .lr_scheduler_type
-            .parse()
-            .map_err(|e: crate::schedule::UnknownSchedule| TrainError::Config { key: "lr_scheduler_type".into(), message: e.to_string() })?;
+        let schedule = recipe.lr_scheduler_type.parse().map_err(|e: crate::schedule::UnknownSchedule| TrainError::Config {
+            key: "lr_scheduler_type".into(),
+            message: e.to_string(),
+        })?;
         let strategy = recipe.eval_strategy.as_deref().or(recipe.evaluation_strategy.as_deref()).unwrap_or("no");
         let eval_steps = match strategy {
             "steps" => Some(recipe.eval_steps.unwrap_or(recipe.logging_steps) as u64),
             "no" if recipe.do_eval => recipe.eval_steps.map(|s| s as u64),
             "no" | "epoch" => None,
-            other => return Err(TrainError::Config { key: "eval_strategy".into(), message: format!("`{other}` (expected no, steps or epoch)") }),
+            other => {
+                return Err(TrainError::Config { key: "eval_strategy".into(), message: format!("`{other}` (expected no, steps or epoch)") })
+            }
         };
         let save = match recipe.save_strategy.as_str() {
             "steps" => SaveStrategy::Steps(recipe.save_steps.max(1) as u64),
             "epoch" => SaveStrategy::Epoch,
             "no" => SaveStrategy::No,
-            other => return Err(TrainError::Config { key: "save_strategy".into(), message: format!("`{other}` (expected no, steps or epoch)") }),
+            other => {
+                return Err(TrainError::Config { key: "save_strategy".into(), message: format!("`{other}` (expected no, steps or epoch)") })
+            }
         };
         if recipe.per_device_train_batch_size == 0 || recipe.gradient_accumulation_steps == 0 {
             return Err(TrainError::Config {
@@ -112,15 +116,12 @@ impl TrainerConfig {
         }
         let resume_from = match &recipe.resume_from_checkpoint {
             None | Some(ResumeFrom::Latest(false)) => None,
-            Some(ResumeFrom::Latest(true)) => Some(
-                checkpoint::list_checkpoints(&recipe.output_dir)
-                    .pop()
-                    .map(|(_, p)| p)
-                    .ok_or_else(|| TrainError::Config {
-                        key: "resume_from_checkpoint".into(),
-                        message: format!("no checkpoint-* directory in {}", recipe.output_dir.display()),
-                    })?,
-            ),
+            Some(ResumeFrom::Latest(true)) => {
+                Some(checkpoint::list_checkpoints(&recipe.output_dir).pop().map(|(_, p)| p).ok_or_else(|| TrainError::Config {
+                    key: "resume_from_checkpoint".into(),
+                    message: format!("no checkpoint-* directory in {}", recipe.output_dir.display()),
+                })?)
+            }
             Some(ResumeFrom::Path(path)) => Some(path.clone()),
         };
         Ok(Self {
@@ -158,7 +159,9 @@ impl TrainerConfig {
     /// Settings a resume must share; `world_size` enters through the global batch only, so a
     /// run checkpointed on N ranks resumes on M with the same global batch.
     fn fingerprint(&self, num_examples: usize, task: &str, world_size: usize) -> String {
-        let lora = self.adapter.as_ref().map(|a| format!("|lora r={} alpha={} targets={:?} rslora={}", a.lora.r, a.lora.alpha, a.lora.target_modules, a.lora.use_rslora));
+        let lora = self.adapter.as_ref().map(|a| {
+            format!("|lora r={} alpha={} targets={:?} rslora={}", a.lora.r, a.lora.alpha, a.lora.target_modules, a.lora.use_rslora)
+        });
         format!(
             "{task}|n={num_examples}|bs={}|ga={}|seed={}|lr={}|{:?}|warmup={}/{}|epochs={}|max_steps={:?}{}",
             self.train_batch_size * world_size,
@@ -199,9 +202,7 @@ impl StepPlan {
         let order = epoch_order(num_examples, config.seed, epoch);
         let first = (step % self.steps_per_epoch) as usize * config.gradient_accumulation_steps;
         let last = (first + config.gradient_accumulation_steps).min(self.micro_batches_per_epoch);
-        (first..last)
-            .map(|m| order[m * config.train_batch_size..((m + 1) * config.train_batch_size).min(num_examples)].to_vec())
-            .collect()
+        (first..last).map(|m| order[m * config.train_batch_size..((m + 1) * config.train_batch_size).min(num_examples)].to_vec()).collect()
     }
 }
 
@@ -284,7 +285,10 @@ pub fn train_with<B: AutodiffBackend, T: Task>(
         if state.fingerprint != fingerprint {
             return Err(TrainError::Resume {
                 path: dir.clone(),
-                message: format!("the checkpoint was made with other settings:\n  checkpoint: {}\n  now:        {fingerprint}", state.fingerprint),
+                message: format!(
+                    "the checkpoint was made with other settings:\n  checkpoint: {}\n  now:        {fingerprint}",
+                    state.fingerprint
+                ),
             });
         }
         model = match &config.adapter {
@@ -304,7 +308,8 @@ pub fn train_with<B: AutodiffBackend, T: Task>(
         }
     }
     let mut log = if is_main {
-        std::fs::create_dir_all(&config.output_dir).map_err(|e| alignment_core::IoError::new("creating directory", &config.output_dir, e))?;
+        std::fs::create_dir_all(&config.output_dir)
+            .map_err(|e| alignment_core::IoError::new("creating directory", &config.output_dir, e))?;
         Some(MetricsLog::open(&config.output_dir.join("metrics.jsonl"), config.resume_from.as_ref().map(|_| start))?)
     } else {
         None
@@ -315,7 +320,8 @@ pub fn train_with<B: AutodiffBackend, T: Task>(
         }
         Ok(())
     };
-    let schedule = Schedule::new(config.schedule, config.learning_rate, plan.total_steps as usize, config.warmup_ratio, config.warmup_steps);
+    let schedule =
+        Schedule::new(config.schedule, config.learning_rate, plan.total_steps as usize, config.warmup_ratio, config.warmup_steps);
     let bar = logging::progress_bar(plan.total_steps, start, config.quiet || !is_main);
     let epoch_of = |step: u64| step as f64 / plan.steps_per_epoch as f64;
 
@@ -414,7 +420,12 @@ pub fn train_with<B: AutodiffBackend, T: Task>(
             SaveStrategy::No => false,
         };
         if save_now {
-            let state = TrainerState { global_step: done, total_steps: plan.total_steps, optimizer_step: optimizer.step, fingerprint: fingerprint.clone() };
+            let state = TrainerState {
+                global_step: done,
+                total_steps: plan.total_steps,
+                optimizer_step: optimizer.step,
+                fingerprint: fingerprint.clone(),
+            };
             let gathered;
             let (moments, inner) = match parallel.as_deref_mut() {
                 None => (&optimizer, model.valid()),

@@ -22,8 +22,8 @@
 //! and are partitioned as ZeRO-2 does (gradient and optimizer state), as DeepSpeed keeps
 //! parameters below its persistence threshold whole. QLoRA's NF4 base is not partitioned.
 
-use alignment_distributed::{Communicator, DistError, ShardLayout};
 use crate::TrainError;
+use alignment_distributed::{Communicator, DistError, ShardLayout};
 use alignment_models::compressed::{self, CompressedWeight};
 use alignment_models::layers::Linear;
 use alignment_models::CausalLm;
@@ -199,11 +199,20 @@ impl CompressedWeight for ShardedWeight {
 fn partitionable<B: Backend>(model: &mut CausalLm<B>) -> Vec<(String, &mut Linear<B>)> {
     // PEFT's module paths (`model.layers.0.self_attn.q_proj`, `lm_head`) → parameter paths.
     let parameter_path = |peft: String| format!("{}.weight", peft.strip_prefix("model.").unwrap_or(&peft));
-    linear_layers_mut(model).into_iter().filter(|(_, linear)| linear.compressed.is_none()).map(|(path, linear)| (parameter_path(path), linear)).collect()
+    linear_layers_mut(model)
+        .into_iter()
+        .filter(|(_, linear)| linear.compressed.is_none())
+        .map(|(path, linear)| (parameter_path(path), linear))
+        .collect()
 }
 
 /// This rank's shard of a dense `weight` parameter, and the empty placeholder that replaces it.
-fn shard_of<B: Backend>(weight: &Param<Tensor<B, 2>>, path: String, index: usize, group: &Arc<Group>) -> (Arc<ShardedWeight>, Param<Tensor<B, 2>>) {
+fn shard_of<B: Backend>(
+    weight: &Param<Tensor<B, 2>>,
+    path: String,
+    index: usize,
+    group: &Arc<Group>,
+) -> (Arc<ShardedWeight>, Param<Tensor<B, 2>>) {
     let dense = weight.val().into_data().convert::<f32>().into_vec::<f32>().expect("f32 after convert");
     let sharded = Arc::new(ShardedWeight::new(path, index, weight.dims(), &dense, weight.is_require_grad(), group.clone()));
     (sharded, Param::from_tensor(Tensor::zeros([0, 0], &weight.device())).set_require_grad(false))

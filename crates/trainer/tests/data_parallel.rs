@@ -15,9 +15,9 @@ mod common;
 use alignment_core::backend::CpuAutodiff;
 use alignment_distributed::launch::free_port;
 use alignment_models::{load_pretrained, CausalLm};
+use alignment_peft::{apply_lora, LoraConfig, TargetModules};
 use alignment_trainer::checkpoint::list_checkpoints;
 use alignment_trainer::train::SaveStrategy;
-use alignment_peft::{apply_lora, LoraConfig, TargetModules};
 use alignment_trainer::{train, train_with, AdapterOutput, DataParallel, Recipe, TrainerConfig};
 use common::{fixture, task, HookedSft};
 use serde_json::json;
@@ -79,11 +79,14 @@ fn partitioned_values(model: &CausalLm<CpuAutodiff>) -> usize {
 fn weights_digest(model: &CausalLm<CpuAutodiff>) -> Vec<u32> {
     use burn::module::AutodiffModule;
     let inner = model.valid();
-    alignment_models::pretrained::named_tensors(&inner).iter().flat_map(|t| t.values.iter().map(|v| v.to_bits())).fold(vec![0u32; 4], |mut acc, bits| {
-        acc[0] = acc[0].wrapping_mul(31).wrapping_add(bits);
-        acc[1] ^= bits.rotate_left(acc[0] % 32);
-        acc
-    })
+    alignment_models::pretrained::named_tensors(&inner).iter().flat_map(|t| t.values.iter().map(|v| v.to_bits())).fold(
+        vec![0u32; 4],
+        |mut acc, bits| {
+            acc[0] = acc[0].wrapping_mul(31).wrapping_add(bits);
+            acc[1] ^= bits.rotate_left(acc[0] % 32);
+            acc
+        },
+    )
 }
 
 #[test]
@@ -195,7 +198,8 @@ fn two_ranks_match_one_process_for_every_stage_and_shard_their_state() {
     let root = tempfile::tempdir().unwrap();
     let device = Default::default();
     let model = load_pretrained::<CpuAutodiff>(&fixture(), &device).unwrap();
-    let (_, single) = train(model, &task(), &examples(), &eval_examples(), &config(&root.path().join("single"), GLOBAL_BATCH, None), &device).unwrap();
+    let (_, single) =
+        train(model, &task(), &examples(), &eval_examples(), &config(&root.path().join("single"), GLOBAL_BATCH, None), &device).unwrap();
     let expected = losses(&single.history);
     assert_eq!(expected.len(), STEPS as usize);
     let expected_eval = logged(&single.history, "eval_loss");
@@ -229,7 +233,10 @@ fn two_ranks_match_one_process_for_every_stage_and_shard_their_state() {
     assert!(ddp.1 .0 == full && ddp.2 .0 == full && ddp.3 .0 == 2 * full, "{ddp:?}");
     assert!(z1.1 .0 == full && z1.2 .0 == full && half(z1.3 .0 / 2), "{z1:?}");
     assert!(z2.1 .0 == full && half(z2.2 .0) && half(z2.3 .0 / 2), "{z2:?}");
-    assert!(near(z3.1 .0, rest + partitioned / 2) && half(z3.2 .0) && half(z3.3 .0 / 2), "{z3:?} (partitioned {partitioned} of {full} bytes)");
+    assert!(
+        near(z3.1 .0, rest + partitioned / 2) && half(z3.2 .0) && half(z3.3 .0 / 2),
+        "{z3:?} (partitioned {partitioned} of {full} bytes)"
+    );
     for (stage, (p0, p1), (g0, g1), (o0, o1)) in &held {
         println!("| {stage} | {p0} / {p1} | {g0} / {g1} | {o0} / {o1} | {} / {} |", p0 + g0 + o0, p1 + g1 + o1);
     }
@@ -268,7 +275,8 @@ fn checkpoints_move_between_world_sizes() {
         let checkpoint = list_checkpoints(&two.join("run")).pop().unwrap().1;
         let model = load_pretrained::<CpuAutodiff>(&fixture(), &device).unwrap();
         let one = root.path().join(format!("one-{stage}"));
-        let (_, resumed) = train(model, &task(), &examples(), &eval_examples(), &config(&one, GLOBAL_BATCH, Some(checkpoint)), &device).unwrap();
+        let (_, resumed) =
+            train(model, &task(), &examples(), &eval_examples(), &config(&one, GLOBAL_BATCH, Some(checkpoint)), &device).unwrap();
         let after: Vec<(u64, f64)> = losses(&resumed.history).into_iter().filter(|(s, _)| *s > 3).collect();
         let diff = max_relative_difference(&expected[3..], &after);
         println!("{stage}: 2 ranks → 1 process: max relative difference {diff:.2e}");

@@ -30,8 +30,7 @@ fn zephyr_recipes_load_with_handbook_hyperparameters() {
 
 #[test]
 fn command_line_overrides_win_and_are_typed() {
-    let overrides = ["--learning_rate=1e-4", "--num_train_epochs=5", "--lora_target_modules=[q_proj, v_proj]"]
-        .map(String::from);
+    let overrides = ["--learning_rate=1e-4", "--num_train_epochs=5", "--lora_target_modules=[q_proj, v_proj]"].map(String::from);
     let r = Recipe::load(&recipe("zephyr-7b-beta/sft/config_qlora.yaml"), &overrides).unwrap();
     assert_eq!(r.learning_rate, 1e-4);
     assert_eq!(r.num_train_epochs, 5.0);
@@ -57,10 +56,7 @@ fn unknown_key_lists_nearest_valid_keys() {
 fn wrong_types_and_malformed_overrides_are_errors() {
     let err = Recipe::from_yaml_str("learning_rate: fast\n", "t.yaml", &[]).unwrap_err().to_string();
     assert!(err.contains("learning_rate") || err.contains("invalid"), "{err}");
-    assert!(matches!(
-        Recipe::from_yaml_str("seed: 1\n", "t", &["learning_rate=1".into()]),
-        Err(RecipeError::MalformedOverride(_))
-    ));
+    assert!(matches!(Recipe::from_yaml_str("seed: 1\n", "t", &["learning_rate=1".into()]), Err(RecipeError::MalformedOverride(_))));
 }
 
 #[test]

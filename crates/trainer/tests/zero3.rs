@@ -71,7 +71,9 @@ fn partitioned_weights_get_the_dense_gradients_and_gather_back() {
     assert!(diff <= 1e-6, "final norm gradient differs by {diff:e}");
 
     let whole = gathered(&sharded.valid(), &weights).unwrap();
-    let digest = |m: &alignment_models::CausalLm<_>| alignment_models::pretrained::named_tensors(m).into_iter().map(|t| (t.name, t.values)).collect::<Vec<_>>();
+    let digest = |m: &alignment_models::CausalLm<_>| {
+        alignment_models::pretrained::named_tensors(m).into_iter().map(|t| (t.name, t.values)).collect::<Vec<_>>()
+    };
     assert!(digest(&whole) == digest(&dense.valid()), "gathering gives back the exact weights");
 }
 
@@ -95,7 +97,11 @@ fn a_frozen_lora_base_is_partitioned_and_adapters_get_the_dense_gradients() {
     let sharded_grads = task().loss(&sharded, &batch, &device).0.backward();
     group.check().unwrap();
     let adapters = |m: &alignment_models::CausalLm<CpuAutodiff>, g| -> Vec<Vec<f32>> {
-        m.layers.iter().flat_map(|l| l.linears().map(|(_, linear)| linear.lora.as_ref().unwrap())).flat_map(|a| [values(a.a.grad(g).unwrap()), values(a.b.grad(g).unwrap())]).collect()
+        m.layers
+            .iter()
+            .flat_map(|l| l.linears().map(|(_, linear)| linear.lora.as_ref().unwrap()))
+            .flat_map(|a| [values(a.a.grad(g).unwrap()), values(a.b.grad(g).unwrap())])
+            .collect()
     };
     let (expected, got) = (adapters(&dense, &dense_grads), adapters(&sharded, &sharded_grads));
     assert_eq!(expected.len(), 2 * 7 * dense.layers.len());
@@ -104,5 +110,8 @@ fn a_frozen_lora_base_is_partitioned_and_adapters_get_the_dense_gradients() {
         assert!(max_abs_difference(e, g) <= 1e-5 * scale.max(1e-12), "adapter gradient differs");
     }
     let whole = gathered(&sharded.valid(), &weights).unwrap();
-    assert!(!whole.embed_tokens.is_require_grad() && !whole.layers[0].self_attn.q_proj.weight.is_require_grad(), "gathered weights stay frozen");
+    assert!(
+        !whole.embed_tokens.is_require_grad() && !whole.layers[0].self_attn.q_proj.weight.is_require_grad(),
+        "gathered weights stay frozen"
+    );
 }

@@ -6,8 +6,8 @@
 
 use alignment_data::{
     best_fit_decreasing, format_row, split_preference, tokenize_conversation, tokenize_lm_text, tokenize_orpo,
-    tokenize_preference_conversation, tokenize_preference_text, ChatTemplate, FormatOptions, Formatted, Message, RowRef,
-    SpecialTokens, Task, TokenizedExample, TruncationMode, IGNORE_INDEX,
+    tokenize_preference_conversation, tokenize_preference_text, ChatTemplate, FormatOptions, Formatted, Message, RowRef, SpecialTokens,
+    Task, TokenizedExample, TruncationMode, IGNORE_INDEX,
 };
 use serde_json::{Map, Value as Json};
 use std::collections::BTreeMap;

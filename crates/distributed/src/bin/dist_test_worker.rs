@@ -64,11 +64,7 @@ fn expect_failure(comm: &mut TcpCommunicator) -> ! {
     for _ in 0..100 {
         let mut buffer = data::buffer(comm.rank(), 1000);
         if let Err(e) = comm.all_reduce_sum(&mut buffer) {
-            println!(
-                "rank {} error after {:.2}s: {e}",
-                comm.rank(),
-                start.elapsed().as_secs_f64()
-            );
+            println!("rank {} error after {:.2}s: {e}", comm.rank(), start.elapsed().as_secs_f64());
             std::process::exit(42);
         }
     }
@@ -102,11 +98,7 @@ fn main() {
         }
         "mismatch" => {
             let mut comm = connect();
-            let result = if comm.rank() == 1 {
-                comm.barrier()
-            } else {
-                comm.all_reduce_sum(&mut [1.0; 10])
-            };
+            let result = if comm.rank() == 1 { comm.barrier() } else { comm.all_reduce_sum(&mut [1.0; 10]) };
             match result {
                 Err(e) => {
                     println!("rank {} error: {e}", comm.rank());
@@ -128,13 +120,7 @@ fn main() {
         }
         "hello" => {
             let env = DistEnv::from_env().unwrap().expect("launched");
-            println!(
-                "hello from rank {} of {} (local {}) via {}",
-                env.rank,
-                env.world_size,
-                env.local_rank,
-                env.master()
-            );
+            println!("hello from rank {} of {} (local {}) via {}", env.rank, env.world_size, env.local_rank, env.master());
         }
         "launch" => {
             let nproc: usize = args[2].parse().unwrap();
@@ -145,9 +131,7 @@ fn main() {
             }
         }
         _ => {
-            eprintln!(
-                "usage: dist-test-worker collectives|die|hang|mismatch|fail|hello|launch ..."
-            );
+            eprintln!("usage: dist-test-worker collectives|die|hang|mismatch|fail|hello|launch ...");
             std::process::exit(64);
         }
     }

@@ -49,14 +49,7 @@ impl TcpCommunicator {
     /// `timeout`; `timeout` is also the collectives' timeout for a silent peer.
     pub fn connect(env: &DistEnv, timeout: Duration) -> Result<Self, DistError> {
         let links = rendezvous::connect_mesh(env, timeout)?;
-        let mut comm = TcpCommunicator {
-            rank: env.rank,
-            world_size: env.world_size,
-            links,
-            seq: 0,
-            timeout,
-            failed: None,
-        };
+        let mut comm = TcpCommunicator { rank: env.rank, world_size: env.world_size, links, seq: 0, timeout, failed: None };
         comm.barrier()?;
         Ok(comm)
     }
@@ -97,10 +90,7 @@ impl TcpCommunicator {
         if root >= self.world_size {
             return Err(DistError::InvalidArgument {
                 rank: self.rank,
-                detail: format!(
-                    "{what}: root {root} out of range for world size {}",
-                    self.world_size
-                ),
+                detail: format!("{what}: root {root} out of range for world size {}", self.world_size),
             });
         }
         Ok(())
@@ -108,17 +98,9 @@ impl TcpCommunicator {
 
     /// Sends `sends` and receives one message from each of `recvs` (peer, expected byte length
     /// or any), all concurrently; returns the received payloads in `recvs` order.
-    fn exchange(
-        &mut self,
-        op: u32,
-        sends: &[Send],
-        recvs: &[(usize, Option<usize>)],
-    ) -> Result<Vec<Vec<u8>>, DistError> {
+    fn exchange(&mut self, op: u32, sends: &[Send], recvs: &[(usize, Option<usize>)]) -> Result<Vec<Vec<u8>>, DistError> {
         if let Some(first_error) = &self.failed {
-            return Err(DistError::Poisoned {
-                rank: self.rank,
-                first_error: first_error.clone(),
-            });
+            return Err(DistError::Poisoned { rank: self.rank, first_error: first_error.clone() });
         }
         self.seq += 1;
         let (rank, seq, timeout, links) = (self.rank, self.seq, self.timeout, &self.links);
@@ -139,11 +121,7 @@ impl TcpCommunicator {
             for &(peer, payload) in sends {
                 let (fail, op_name) = (&fail, &op_name);
                 scope.spawn(move || {
-                    let header = Header {
-                        op,
-                        seq,
-                        bytes: payload.len() as u64,
-                    };
+                    let header = Header { op, seq, bytes: payload.len() as u64 };
                     if let Err(e) = wire::send(link(peer), header, payload) {
                         fail(wire::io_error(rank, peer, op_name, e, timeout));
                     }
@@ -185,19 +163,13 @@ impl TcpCommunicator {
                     })
                 })
                 .collect();
-            handles
-                .into_iter()
-                .map(|h| h.join().unwrap_or(None))
-                .collect()
+            handles.into_iter().map(|h| h.join().unwrap_or(None)).collect()
         });
         if let Some(error) = first_error.into_inner().unwrap_or_else(|e| e.into_inner()) {
             self.failed = Some(error.to_string());
             return Err(error);
         }
-        Ok(received
-            .into_iter()
-            .map(|r| r.expect("no error, so every message arrived"))
-            .collect())
+        Ok(received.into_iter().map(|r| r.expect("no error, so every message arrived")).collect())
     }
 }
 
@@ -207,10 +179,7 @@ fn as_bytes(values: &[f32]) -> &[u8] {
 
 /// Received bytes as `f32` (copied: a `Vec<u8>` is not aligned for `f32`).
 fn to_f32(bytes: &[u8]) -> Vec<f32> {
-    bytes
-        .chunks_exact(4)
-        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-        .collect()
+    bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
 }
 
 impl Communicator for TcpCommunicator {
@@ -230,25 +199,11 @@ impl Communicator for TcpCommunicator {
         Ok(())
     }
 
-    fn reduce_scatter_sum(
-        &mut self,
-        buffer: &[f32],
-        layout: &ShardLayout,
-    ) -> Result<Vec<f32>, DistError> {
-        check_layout(
-            self.rank,
-            self.world_size,
-            layout,
-            buffer.len(),
-            "reduce_scatter",
-        )?;
+    fn reduce_scatter_sum(&mut self, buffer: &[f32], layout: &ShardLayout) -> Result<Vec<f32>, DistError> {
+        check_layout(self.rank, self.world_size, layout, buffer.len(), "reduce_scatter")?;
         let own = layout.range(self.rank);
-        let sends: Vec<Send> = self
-            .peers()
-            .map(|p| (p, as_bytes(&buffer[layout.range(p)])))
-            .collect();
-        let recvs: Vec<(usize, Option<usize>)> =
-            self.peers().map(|p| (p, Some(own.len() * 4))).collect();
+        let sends: Vec<Send> = self.peers().map(|p| (p, as_bytes(&buffer[layout.range(p)]))).collect();
+        let recvs: Vec<(usize, Option<usize>)> = self.peers().map(|p| (p, Some(own.len() * 4))).collect();
         let received = self.exchange(Op::ReduceScatter as u32, &sends, &recvs)?;
         // Contributions in rank order; this rank's own at its index.
         let mut contributions: Vec<Vec<f32>> = received.iter().map(|b| to_f32(b)).collect();
@@ -264,18 +219,9 @@ impl Communicator for TcpCommunicator {
     }
 
     fn all_gather(&mut self, shard: &[f32], layout: &ShardLayout) -> Result<Vec<f32>, DistError> {
-        check_shard(
-            self.rank,
-            self.world_size,
-            layout,
-            shard.len(),
-            "all_gather",
-        )?;
+        check_shard(self.rank, self.world_size, layout, shard.len(), "all_gather")?;
         let sends: Vec<Send> = self.peers().map(|p| (p, as_bytes(shard))).collect();
-        let recvs: Vec<(usize, Option<usize>)> = self
-            .peers()
-            .map(|p| (p, Some(layout.shard_len(p) * 4)))
-            .collect();
+        let recvs: Vec<(usize, Option<usize>)> = self.peers().map(|p| (p, Some(layout.shard_len(p) * 4))).collect();
         let received = self.exchange(Op::AllGather as u32, &sends, &recvs)?;
         let mut received = received.into_iter();
         let mut full = Vec::with_capacity(layout.len());

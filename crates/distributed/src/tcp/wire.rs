@@ -6,10 +6,7 @@ use std::io::{self, Read, Write};
 use std::net::TcpStream;
 use std::time::Duration;
 
-const _: () = assert!(
-    cfg!(target_endian = "little"),
-    "the TCP transport sends f32 in little-endian byte order"
-);
+const _: () = assert!(cfg!(target_endian = "little"), "the TCP transport sends f32 in little-endian byte order");
 
 /// "ALDT": alignment-distributed transport.
 const MAGIC: u32 = 0x414c_4454;
@@ -79,16 +76,9 @@ pub(crate) fn recv_header(mut stream: &TcpStream) -> io::Result<Header> {
         u64::from_le_bytes(bytes)
     };
     if word(0..4) as u32 != MAGIC {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidData,
-            "not an alignment-distributed message (bad magic)",
-        ));
+        return Err(io::Error::new(io::ErrorKind::InvalidData, "not an alignment-distributed message (bad magic)"));
     }
-    Ok(Header {
-        op: word(4..8) as u32,
-        seq: word(8..16),
-        bytes: word(16..24),
-    })
+    Ok(Header { op: word(4..8) as u32, seq: word(8..16), bytes: word(16..24) })
 }
 
 /// Reads exactly `out.len()` bytes of payload.
@@ -98,38 +88,14 @@ pub(crate) fn recv_payload(mut stream: &TcpStream, out: &mut [u8]) -> io::Result
 
 /// Translates a socket error into the crate's error: a closed or reset connection is
 /// [`DistError::PeerClosed`], an expired socket timeout [`DistError::Timeout`].
-pub(crate) fn io_error(
-    rank: usize,
-    peer: usize,
-    op: &str,
-    error: io::Error,
-    timeout: Duration,
-) -> DistError {
+pub(crate) fn io_error(rank: usize, peer: usize, op: &str, error: io::Error, timeout: Duration) -> DistError {
     use io::ErrorKind::*;
     match error.kind() {
         UnexpectedEof | ConnectionReset | ConnectionAborted | BrokenPipe | NotConnected => {
-            DistError::PeerClosed {
-                rank,
-                peer,
-                op: op.to_string(),
-            }
+            DistError::PeerClosed { rank, peer, op: op.to_string() }
         }
-        WouldBlock | TimedOut => DistError::Timeout {
-            rank,
-            peer,
-            op: op.to_string(),
-            timeout,
-        },
-        InvalidData => DistError::Protocol {
-            rank,
-            peer,
-            detail: format!("during {op}: {error}"),
-        },
-        _ => DistError::Io {
-            rank,
-            peer,
-            op: op.to_string(),
-            source: error,
-        },
+        WouldBlock | TimedOut => DistError::Timeout { rank, peer, op: op.to_string(), timeout },
+        InvalidData => DistError::Protocol { rank, peer, detail: format!("during {op}: {error}") },
+        _ => DistError::Io { rank, peer, op: op.to_string(), source: error },
     }
 }

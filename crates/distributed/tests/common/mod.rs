@@ -51,20 +51,10 @@ pub fn wait_all(children: Vec<Child>, limit: Duration) -> (Vec<Output>, Duration
     for child in &mut children {
         let _ = child.kill();
     }
-    (
-        children
-            .into_iter()
-            .map(|c| c.wait_with_output().unwrap())
-            .collect(),
-        elapsed,
-    )
+    (children.into_iter().map(|c| c.wait_with_output().unwrap()).collect(), elapsed)
 }
 
 /// stdout and stderr of a process, for assertion messages.
 pub fn text(output: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    )
+    format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr))
 }

@@ -82,7 +82,8 @@ impl Task for DpoTask {
     fn loss<B: Backend>(&self, model: &CausalLm<B>, pairs: &[&PreferencePair], device: &B::Device) -> (Tensor<B, 1>, MetricValues) {
         let n = pairs.len();
         let (chosen, rejected) = concatenated_forward(model, pairs, self.pad_id, device).split_at(n);
-        let reference_of = |p: &&PreferencePair| p.reference.expect("reference log-probs are computed before training (precompute_reference)");
+        let reference_of =
+            |p: &&PreferencePair| p.reference.expect("reference log-probs are computed before training (precompute_reference)");
         let column = |i: usize| {
             let values: Vec<f32> = pairs.iter().map(|p| reference_of(p)[i] as f32).collect();
             Tensor::<B, 1>::from_data(TensorData::new(values, [n]), device)
@@ -172,5 +173,3 @@ pub fn precompute_reference<B: Backend>(
     }
     Ok(())
 }
-
-

@@ -45,11 +45,8 @@ impl Task for SftTask {
         let (batch, labels) = collate::<B>(examples, self.pad_id, device);
         let out = sft_loss(model.forward(&batch, None), labels, Reduction::Sum);
         let scored = examples.iter().map(|e| e.num_scored()).sum::<usize>().max(1) as f64;
-        let metrics: MetricValues = out
-            .metrics()
-            .iter()
-            .map(|(name, value)| (name.to_string(), if name == "loss" { value / scored } else { value }))
-            .collect();
+        let metrics: MetricValues =
+            out.metrics().iter().map(|(name, value)| (name.to_string(), if name == "loss" { value / scored } else { value })).collect();
         let loss_sum = out.loss;
         (loss_sum, metrics)
     }
