@@ -25,7 +25,10 @@ use alignment_trainer::optimizer::{AdamW, AdamWConfig};
 use alignment_trainer::tasks::SftTask;
 use alignment_trainer::{Sequence, Task};
 use burn::module::{AutodiffModule, Module};
-use burn::optim::GradientsParams;
+use alignment_objectives::chunk_tokens_for;
+use alignment_trainer::train::HEAD_CHUNK_VALUES;
+use alignment_trainer::{forward_backward, StepOptions};
+use burn::optim::GradientsAccumulator;
 use clap::Parser;
 use serde_json::json;
 use std::path::PathBuf;
@@ -56,6 +59,12 @@ struct Args {
     /// Write the markdown report here (with `--mode all`).
     #[arg(long)]
     write: Option<PathBuf>,
+    /// Recompute each layer in the backward pass (always on for `qlora`, as in the trainer).
+    #[arg(long)]
+    gradient_checkpointing: bool,
+    /// Compute the head in chunks, never holding the full logits.
+    #[arg(long)]
+    chunked_head: bool,
 }
 
 /// A `/proc/self/status` field in bytes (`VmRSS`, `VmHWM`); the benchmark needs Linux.
@@ -174,11 +183,17 @@ fn measure(args: &Args, mode: &str) {
     let mut model = model;
     let mut losses = Vec::new();
     let start = Instant::now();
+    // As the trainer does: a 4-bit base always trains with gradient checkpointing.
+    let options = StepOptions {
+        gradient_checkpointing: args.gradient_checkpointing || mode == "qlora",
+        head_chunk_tokens: args.chunked_head.then(|| chunk_tokens_for(vocab as usize, HEAD_CHUNK_VALUES)),
+        dropout_seed: 0,
+    };
     for _ in 0..args.steps {
-        let (loss, _) = task.loss(&model, &refs, &device);
-        losses.push(loss.clone().into_scalar() as f64 / task.weight(&refs));
-        let grads = GradientsParams::from_grads(loss.backward(), &model);
-        model = optimizer.step(1e-4, model, &grads).0;
+        let mut accumulator = GradientsAccumulator::new();
+        let metrics = forward_backward(&model, &task, &refs, 1.0 / task.weight(&refs), &options, &mut accumulator, &device);
+        losses.push(metrics.read().get("loss").unwrap_or(f64::NAN));
+        model = optimizer.step(1e-4, model, &accumulator.grads()).0;
     }
     let step_seconds = start.elapsed().as_secs_f64() / args.steps as f64;
     let moments: usize = optimizer.state.values().map(|m| 2 * 4 * m.exp_avg.shape().num_elements()).sum();
@@ -195,6 +210,8 @@ fn measure(args: &Args, mode: &str) {
         "load_seconds": load_seconds,
         "step_seconds": step_seconds,
         "losses": losses,
+        "gradient_checkpointing": options.gradient_checkpointing,
+        "chunked_head": args.chunked_head,
     });
     println!("{report}");
 }
@@ -213,6 +230,8 @@ fn main() {
         let out = Command::new(&exe)
             .args(["--model", &args.model, "--mode", mode, "--steps", &args.steps.to_string()])
             .args(["--batch", &args.batch.to_string(), "--seq", &args.seq.to_string(), "--rank", &args.rank.to_string()])
+            .args(args.gradient_checkpointing.then_some("--gradient-checkpointing"))
+            .args(args.chunked_head.then_some("--chunked-head"))
             .output()
             .expect("running the measurement child");
         assert!(out.status.success(), "{mode} failed:\n{}", String::from_utf8_lossy(&out.stderr));
@@ -241,16 +260,19 @@ fn main() {
     println!("raw: {}", serde_json::Value::Array(rows.clone()));
     if let Some(path) = &args.write {
         let text = std::fs::read_to_string(path).unwrap_or_default();
-        let (begin, end) = (format!("<!-- bench_memory:{}:begin -->", args.model), format!("<!-- bench_memory:{}:end -->", args.model));
+        let key = format!("{}{}{}", args.model, if args.gradient_checkpointing { ":checkpointed" } else { "" }, if args.chunked_head { ":chunked" } else { "" });
+        let (begin, end) = (format!("<!-- bench_memory:{key}:begin -->"), format!("<!-- bench_memory:{key}:end -->"));
         let (begin, end) = (begin.as_str(), end.as_str());
         let block = format!(
             "{begin}\nModel `{}`, batch {}×{} tokens, LoRA r={} on all linear layers, {} updates, f32 compute, \
-             QLoRA with NF4 + double quantization. Measured {}.\n\n{table}\n<details><summary>raw</summary>\n\n```json\n{}\n```\n</details>\n{end}",
+             QLoRA with NF4 + double quantization (always with gradient checkpointing); gradient checkpointing {}, chunked head {}. Measured {}.\n\n{table}\n<details><summary>raw</summary>\n\n```json\n{}\n```\n</details>\n{end}",
             args.model,
             args.batch,
             args.seq,
             args.rank,
             args.steps,
+            if args.gradient_checkpointing { "on" } else { "off" },
+            if args.chunked_head { "on" } else { "off" },
             Command::new("date").arg("-u").arg("+%Y-%m-%d").output().map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string()).unwrap_or_default(),
             serde_json::to_string_pretty(&rows).expect("JSON")
         );

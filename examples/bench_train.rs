@@ -22,9 +22,11 @@
 use alignment_models::{random_model, CausalLm, ModelConfig};
 use alignment_objectives::{DpoConfig, Reduction};
 use alignment_peft::{apply_lora, LoraConfig, QuantConfig, TargetModules};
-use alignment_trainer::optimizer::{AdamW, AdamWConfig};
+use alignment_objectives::{chunk_tokens_for, DeferredMetrics};
+use alignment_trainer::optimizer::{AdamW, AdamWConfig, DeviceStepReport};
+use alignment_trainer::train::HEAD_CHUNK_VALUES;
 use alignment_trainer::tasks::{DpoTask, PreferencePair, SftTask};
-use alignment_trainer::{Sequence, Task, IGNORE_INDEX};
+use alignment_trainer::{forward_backward, Sequence, StepOptions, Task, IGNORE_INDEX};
 use burn::module::{Module, ModuleVisitor, Param};
 use burn::optim::{GradientsAccumulator, GradientsParams};
 use burn::tensor::backend::{AutodiffBackend, Backend};
@@ -82,6 +84,12 @@ struct TrainArgs {
     peak_tflops: f64,
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Recompute each layer in the backward pass (`gradient_checkpointing: true`).
+    #[arg(long)]
+    gradient_checkpointing: bool,
+    /// Compute the head in chunks, never holding the full logits (`use_liger_kernel: true`).
+    #[arg(long)]
+    chunked_head: bool,
 }
 
 #[derive(Parser)]
@@ -175,32 +183,41 @@ fn dispatch_check(args: &CheckArgs) -> Result<(), String> {
 // ---------------------------------------------------------------------------------------------
 // The training step, as the trainer's loop runs it (crates/trainer/src/train.rs).
 
-/// One optimizer step over `micro_batches`: each micro-batch's summed loss divided by the step's
-/// total weight, backward, gradients accumulated, then AdamW. Returns the updated model, the
-/// mean loss, the step's metrics (weighted means), the gradients and the global grad norm.
+/// One optimizer step over `micro_batches`, as the trainer's loop runs it: each micro-batch's
+/// forward and backward pass (`step::forward_backward`, shaped by `options`) with its loss
+/// divided by the step's total weight, gradients accumulated, then AdamW. Returns the updated
+/// model, the step's pending metrics with their weights, the gradients and the device report.
+#[allow(clippy::type_complexity)]
 fn train_step<B: AutodiffBackend, T: Task>(
     model: CausalLm<B>,
     task: &T,
     micro_batches: &[Vec<&T::Example>],
     optimizer: &mut AdamW<B::InnerBackend>,
     lr: f64,
+    options: &StepOptions,
     device: &B::Device,
-) -> (CausalLm<B>, BTreeMap<String, f64>, GradientsParams, f64) {
+) -> (CausalLm<B>, Vec<(DeferredMetrics<B>, f64)>, GradientsParams, DeviceStepReport<B::InnerBackend>) {
     let step_weight: f64 = micro_batches.iter().map(|b| task.weight(b)).sum::<f64>().max(f64::MIN_POSITIVE);
     let mut accumulator = GradientsAccumulator::<CausalLm<B>>::new();
-    let mut metrics = BTreeMap::<String, f64>::new();
+    let mut pending = Vec::new();
     for batch in micro_batches {
-        let (loss_sum, values) = task.loss(&model, batch, device);
-        let grads = GradientsParams::from_grads(loss_sum.mul_scalar(1.0 / step_weight).backward(), &model);
-        accumulator.accumulate(&model, grads);
-        let w = task.weight(batch) / step_weight;
-        for (k, v) in values {
-            *metrics.entry(k).or_default() += v * w;
-        }
+        let metrics = forward_backward(&model, task, batch, 1.0 / step_weight, options, &mut accumulator, device);
+        pending.push((metrics, task.weight(batch) / step_weight));
     }
     let grads = accumulator.grads();
     let (model, report) = optimizer.step(lr, model, &grads);
-    (model, metrics, grads, report.grad_norm)
+    (model, pending, grads, report)
+}
+
+/// The weighted means of a step's pending metrics (reads them from the device).
+fn read_metrics<B: Backend>(pending: Vec<(DeferredMetrics<B>, f64)>) -> BTreeMap<String, f64> {
+    let mut metrics = BTreeMap::<String, f64>::new();
+    for (deferred, w) in pending {
+        for (k, v) in deferred.read().iter() {
+            *metrics.entry(k.to_string()).or_default() += v * w;
+        }
+    }
+    metrics
 }
 
 /// Deterministic pseudo-random token ids in `1..vocab` (splitmix64).
@@ -251,10 +268,10 @@ fn count_params<B: AutodiffBackend>(model: &CausalLm<B>) -> (usize, usize) {
     }
     let mut count = Count(0, 0);
     model.visit(&mut count);
-    // Compressed (NF4) layers hold their weights outside burn's parameters.
+    // Quantized (NF4) weights are integer tensors, not float parameters.
     let compressed: usize = alignment_peft::lora::linear_layers(model)
         .iter()
-        .filter(|(_, l)| l.compressed.is_some())
+        .filter(|(_, l)| l.quantized.is_some())
         .map(|(_, l)| l.dims().iter().product::<usize>())
         .sum();
     (count.0, count.1 + compressed)
@@ -288,10 +305,10 @@ fn run_train<B: AutodiffBackend>(args: &TrainArgs, device: &B::Device) -> Result
     let config = ModelConfig::from_file(&args.shape).map_err(|e| e.to_string())?;
     let load_start = Instant::now();
     let quant = QuantConfig { double_quant: true };
-    let compress = |values: &[f32], dims: [usize; 2]| quant.quantize(values, dims);
+    let quantize = |values: &[f32], dims: [usize; 2]| quant.quantize(values, dims);
     let model = match args.task.as_str() {
         "sft" | "dpo" | "lora" => random_model::<B>(config.clone(), args.seed, device, None),
-        "qlora" => random_model::<B>(config.clone(), args.seed, device, Some(&compress)),
+        "qlora" => random_model::<B>(config.clone(), args.seed, device, Some(&quantize)),
         other => return Err(format!("--task {other}: expected sft, dpo, lora or qlora")),
     }
     .map_err(|e| e.to_string())?;
@@ -309,6 +326,12 @@ fn run_train<B: AutodiffBackend>(args: &TrainArgs, device: &B::Device) -> Result
     let mut optimizer = AdamW::<B::InnerBackend>::new(AdamWConfig::default());
     let lr = 1e-5;
     let total_steps = args.warmup + args.steps;
+    // As the trainer does: a 4-bit base always trains with gradient checkpointing.
+    let options = StepOptions {
+        gradient_checkpointing: args.gradient_checkpointing || args.task == "qlora",
+        head_chunk_tokens: args.chunked_head.then(|| chunk_tokens_for(vocab, HEAD_CHUNK_VALUES)),
+        dropout_seed: 0,
+    };
     let mut step_seconds = Vec::new();
     let mut losses = Vec::new();
     let mut model = model;
@@ -321,13 +344,13 @@ fn run_train<B: AutodiffBackend>(args: &TrainArgs, device: &B::Device) -> Result
             tokens_per_step = pairs.iter().map(|p| p.num_tokens()).sum::<usize>();
             for step in 0..total_steps {
                 let start = Instant::now();
-                let (updated, metrics, _, _) = train_step(model, &task, &batches, &mut optimizer, lr, device);
+                let (updated, pending, _, _) = train_step(model, &task, &batches, &mut optimizer, lr, &options, device);
                 model = updated;
                 B::sync(device).map_err(|e| format!("{e:?}"))?;
                 if step >= args.warmup {
                     step_seconds.push(start.elapsed().as_secs_f64());
                 }
-                losses.push(metrics.get("loss").copied().unwrap_or(f64::NAN));
+                losses.push(read_metrics(pending).get("loss").copied().unwrap_or(f64::NAN));
             }
         }
         _ => {
@@ -337,13 +360,13 @@ fn run_train<B: AutodiffBackend>(args: &TrainArgs, device: &B::Device) -> Result
             tokens_per_step = rows.iter().map(Sequence::num_tokens).sum::<usize>();
             for step in 0..total_steps {
                 let start = Instant::now();
-                let (updated, metrics, _, _) = train_step(model, &task, &batches, &mut optimizer, lr, device);
+                let (updated, pending, _, _) = train_step(model, &task, &batches, &mut optimizer, lr, &options, device);
                 model = updated;
                 B::sync(device).map_err(|e| format!("{e:?}"))?;
                 if step >= args.warmup {
                     step_seconds.push(start.elapsed().as_secs_f64());
                 }
-                losses.push(metrics.get("loss").copied().unwrap_or(f64::NAN));
+                losses.push(read_metrics(pending).get("loss").copied().unwrap_or(f64::NAN));
             }
         }
     }
@@ -370,6 +393,8 @@ fn run_train<B: AutodiffBackend>(args: &TrainArgs, device: &B::Device) -> Result
         "achieved_tflops": achieved_tflops,
         "mfu": achieved_tflops / args.peak_tflops,
         "losses": losses,
+        "gradient_checkpointing": args.gradient_checkpointing,
+        "chunked_head": args.chunked_head,
         "peak_rss_mib": alignment_core::memory::status_bytes("VmHWM").map(|b| b as f64 / 1048576.0),
     });
     println!("{line}");
@@ -437,17 +462,20 @@ fn run_case<B: AutodiffBackend>(fixture: &Path, kind: &str, lora: bool, nf4: boo
     let lengths = [13usize, 9, 11, 6];
     for step in 0..2 {
         let lr = 1e-3;
-        let (updated, metrics, grads, grad_norm) = if kind == "dpo" {
+        let options = StepOptions::default();
+        let (updated, pending, grads, report) = if kind == "dpo" {
             let task = DpoTask { config: DpoConfig::default(), pad_id: 0 };
             let pairs: Vec<PreferencePair> = lengths.iter().enumerate().map(|(i, &n)| dpo_pair(n, vocab, 77 + i as u64)).collect();
             let batches: Vec<Vec<&PreferencePair>> = pairs.chunks(2).map(|c| c.iter().collect()).collect();
-            train_step(model, &task, &batches, &mut optimizer, lr, device)
+            train_step(model, &task, &batches, &mut optimizer, lr, &options, device)
         } else {
             let task = SftTask { reduction: Reduction::Mean, pad_id: 0, name: "sft" };
             let rows: Vec<Sequence> = lengths.iter().enumerate().map(|(i, &n)| sft_row(n, vocab, 77 + i as u64)).collect();
             let batches: Vec<Vec<&Sequence>> = rows.chunks(2).map(|c| c.iter().collect()).collect();
-            train_step(model, &task, &batches, &mut optimizer, lr, device)
+            train_step(model, &task, &batches, &mut optimizer, lr, &options, device)
         };
+        let metrics = read_metrics(pending);
+        let grad_norm = report.read().grad_norm;
         for (k, v) in metrics {
             scalars.insert(format!("step{step}/{k}"), json!(v));
         }

@@ -4,7 +4,7 @@
 use crate::layers::Linear;
 use crate::rope;
 use burn::module::Module;
-use burn::tensor::{activation::softmax, backend::Backend, Bool, Tensor, TensorData};
+use burn::tensor::{activation::softmax, backend::Backend, Bool, Int, Tensor, TensorData};
 
 /// Score given to masked positions. Finite (not -inf) so that a fully masked row — a padding
 /// query — yields a harmless uniform distribution instead of NaNs that would leak through `0 * NaN`.
@@ -18,7 +18,7 @@ pub struct LayerCache<B: Backend> {
 }
 
 /// Which keys each query may see, as a `[batch, 1, queries, keys]` boolean tensor where `true`
-/// means *masked*. Built once per forward pass on the host and shared by all layers.
+/// means *masked*. Built once per forward pass, on the device, and shared by all layers.
 #[derive(Debug, Clone)]
 pub struct AttentionMask<B: Backend> {
     pub masked: Tensor<B, 4, Bool>,
@@ -39,22 +39,34 @@ pub struct MaskSpec<'a> {
 impl<B: Backend> AttentionMask<B> {
     /// Causal mask for `queries` new positions after `past` cached ones, plus padding, document
     /// boundaries and sliding window from `spec`.
+    ///
+    /// Computed with tensor operations on `device` from index ranges and the padding/document
+    /// rows (uploaded once), so a GPU builds it without a host loop over `batch × queries × keys`.
     pub fn new(batch: usize, past: usize, queries: usize, spec: &MaskSpec, device: &B::Device) -> Self {
         let keys = past + queries;
-        let mut masked = Vec::with_capacity(batch * queries * keys);
-        for b in 0..batch {
-            for qi in 0..queries {
-                let i = past + qi;
-                for j in 0..keys {
-                    let future = j > i;
-                    let outside_window = spec.sliding_window.is_some_and(|w| j + w <= i);
-                    let padding = spec.key_is_token.is_some_and(|k| !k[b][j]);
-                    let other_doc = spec.document_ids.is_some_and(|d| d[b][j] != d[b][i]);
-                    masked.push(future || outside_window || padding || other_doc);
-                }
-            }
+        // Query i (absolute position past + qi) and key j.
+        let query_pos = Tensor::<B, 1, Int>::arange(past as i64..keys as i64, device).reshape([1, 1, queries, 1]);
+        let key_pos = Tensor::<B, 1, Int>::arange(0..keys as i64, device).reshape([1, 1, 1, keys]);
+        let query_pos = query_pos.expand([1, 1, queries, keys]);
+        let key_pos = key_pos.expand([1, 1, queries, keys]);
+        let mut masked = key_pos.clone().greater(query_pos.clone()); // future keys
+        if let Some(window) = spec.sliding_window {
+            // Outside the window: j + window <= i.
+            masked = masked.bool_or(key_pos.add_scalar(window as i64).lower_equal(query_pos));
         }
-        let masked = Tensor::from_data(TensorData::new(masked, [batch, 1, queries, keys]), device);
+        let mut masked = masked.expand([batch, 1, queries, keys]);
+        if let Some(rows) = spec.key_is_token {
+            let flat: Vec<bool> = rows.iter().flat_map(|r| r.iter().map(|&is_token| !is_token)).collect();
+            let padding = Tensor::<B, 2, Bool>::from_data(TensorData::new(flat, [batch, keys]), device);
+            masked = masked.bool_or(padding.reshape([batch, 1, 1, keys]).expand([batch, 1, queries, keys]));
+        }
+        if let Some(rows) = spec.document_ids {
+            let flat: Vec<i64> = rows.iter().flat_map(|r| r.iter().map(|&d| d as i64)).collect();
+            let docs = Tensor::<B, 2, Int>::from_data(TensorData::new(flat, [batch, keys]), device);
+            let query_docs = docs.clone().slice([0..batch, past..keys]).reshape([batch, 1, queries, 1]).expand([batch, 1, queries, keys]);
+            let key_docs = docs.reshape([batch, 1, 1, keys]).expand([batch, 1, queries, keys]);
+            masked = masked.bool_or(query_docs.not_equal(key_docs));
+        }
         Self { masked }
     }
 }
@@ -115,4 +127,51 @@ fn repeat_kv<B: Backend>(x: Tensor<B, 4>, times: usize) -> Tensor<B, 4> {
     }
     let [b, kvh, s, d] = x.dims();
     x.unsqueeze_dim::<5>(2).expand([b, kvh, times, s, d]).reshape([b, kvh * times, s, d])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use alignment_core::backend::Cpu;
+
+    /// The mask's definition, one key at a time.
+    fn reference(batch: usize, past: usize, queries: usize, spec: &MaskSpec) -> Vec<bool> {
+        let keys = past + queries;
+        let mut masked = Vec::new();
+        for b in 0..batch {
+            for qi in 0..queries {
+                let i = past + qi;
+                for j in 0..keys {
+                    let future = j > i;
+                    let outside_window = spec.sliding_window.is_some_and(|w| j + w <= i);
+                    let padding = spec.key_is_token.is_some_and(|k| !k[b][j]);
+                    let other_doc = spec.document_ids.is_some_and(|d| d[b][j] != d[b][i]);
+                    masked.push(future || outside_window || padding || other_doc);
+                }
+            }
+        }
+        masked
+    }
+
+    #[test]
+    fn device_mask_equals_the_definition() {
+        let padding = vec![vec![true; 7], vec![true, true, true, true, true, false, false]];
+        let documents = vec![vec![0, 0, 0, 1, 1, 2, 2], vec![0, 1, 1, 1, 1, 2, 2]];
+        for past in [0, 3] {
+            let queries = 7 - past;
+            for window in [None, Some(2), Some(5)] {
+                for (pad, docs) in [(false, false), (true, false), (false, true), (true, true)] {
+                    let spec = MaskSpec {
+                        key_is_token: pad.then_some(&padding[..]),
+                        document_ids: docs.then_some(&documents[..]),
+                        sliding_window: window,
+                    };
+                    let mask = AttentionMask::<Cpu>::new(2, past, queries, &spec, &Default::default());
+                    assert_eq!(mask.masked.dims(), [2, 1, queries, 7]);
+                    let got = mask.masked.into_data().into_vec::<bool>().unwrap();
+                    assert_eq!(got, reference(2, past, queries, &spec), "past {past} window {window:?} pad {pad} docs {docs}");
+                }
+            }
+        }
+    }
 }

@@ -6,25 +6,26 @@
 //! and the embedding drawn from N(0, `initializer_range`) (0.02 unless config.json says
 //! otherwise), RMSNorm scales one (zero for Gemma, whose norm computes `1 + w`). Dense weights
 //! are drawn on the device by the backend's generator (`B::seed`), so a 1B model costs no host
-//! work; weights a `compress`or turns into a compact form (QLoRA's NF4) are drawn on the host
-//! from a seeded generator, in parallel, since compression needs host values.
+//! work; weights a quantizer turns into a compact form (QLoRA's NF4) are drawn on the host
+//! from a seeded generator, in parallel, since quantization needs host values.
 
 use crate::config::ModelConfig;
-use crate::pretrained::{assemble, Compressor, Weight, WeightRole};
+use crate::pretrained::{assemble, Quantizer, Weight, WeightRole};
+use crate::quantized::QuantizedWeight;
 use crate::{CausalLm, ModelError};
 use burn::tensor::{backend::Backend, Distribution, Tensor, TensorData};
 
 /// transformers' default `initializer_range`.
 const DEFAULT_INIT_STD: f64 = 0.02;
 
-/// A model shaped by `config` with random weights (see the module documentation). `compress`
-/// turns each decoder-layer linear weight into a compact frozen one, as
-/// [`crate::load_pretrained_compressed`] does when loading.
+/// A model shaped by `config` with random weights (see the module documentation). `quantize`
+/// turns each decoder-layer linear weight into a frozen quantized one, as
+/// [`crate::pretrained::load_pretrained_quantized`] does when loading.
 pub fn random_model<B: Backend>(
     config: ModelConfig,
     seed: u64,
     device: &B::Device,
-    compress: Option<Compressor>,
+    quantize: Option<Quantizer>,
 ) -> Result<CausalLm<B>, ModelError> {
     let std = config.raw.get("initializer_range").and_then(|v| v.as_f64()).unwrap_or(DEFAULT_INIT_STD);
     let norm_value = if crate::family::FamilySpec::for_config(&config).norm_unit_offset { 0.0 } else { 1.0 };
@@ -32,11 +33,11 @@ pub fn random_model<B: Backend>(
     let mut index = 0u64;
     assemble(config, device, |_name, shape, role| {
         index += 1;
-        Ok(match (role, compress) {
+        Ok(match (role, quantize) {
             (WeightRole::Norm, _) => Weight::Dense(TensorData::new(vec![norm_value; shape[0]], shape.to_vec())),
-            (WeightRole::DecoderLinear, Some(compress)) => {
+            (WeightRole::DecoderLinear, Some(quantize)) => {
                 let values = host_normal_like(shape[0] * shape[1], std, seed ^ index.wrapping_mul(0x9E37_79B9_7F4A_7C15));
-                Weight::Compressed(compress(&values, [shape[0], shape[1]]))
+                Weight::Quantized(QuantizedWeight::from_parts(&quantize(&values, [shape[0], shape[1]]), device))
             }
             _ => Weight::Tensor(Tensor::random([shape[0], shape[1]], Distribution::Normal(0.0, std), device)),
         })

@@ -2,6 +2,7 @@
 //! LoRA adapter, optionally with its frozen weight held compressed) and RMSNorm.
 
 use crate::compressed::{self, CompressedWeight};
+use crate::quantized::QuantizedWeight;
 use burn::module::{Module, Param};
 use burn::tensor::{backend::Backend, Distribution, Tensor};
 use std::sync::Arc;
@@ -17,9 +18,11 @@ use std::sync::Arc;
 pub struct Linear<B: Backend> {
     /// `[out_features, in_features]`; `[0, 0]` when the weight is held in `compressed`.
     pub weight: Param<Tensor<B, 2>>,
-    /// The base weight in compact form (NF4, a ZeRO-3 shard), `None` for a dense layer.
+    /// The base weight held outside the device (a ZeRO-3 shard), `None` otherwise.
     #[module(skip)]
     pub compressed: Option<Arc<dyn CompressedWeight>>,
+    /// The frozen base weight block-quantized on the device (QLoRA's NF4), `None` otherwise.
+    pub quantized: Option<QuantizedWeight<B>>,
     /// Low-rank update, `None` for a plain layer. Not part of the model's own checkpoint
     /// (`pretrained::named_tensors` lists base weights only); adapters are saved separately.
     pub lora: Option<LoraAdapter<B>>,
@@ -28,36 +31,45 @@ pub struct Linear<B: Backend> {
 impl<B: Backend> Linear<B> {
     /// Wraps a `[out, in]` weight, without adapter.
     pub fn new(weight: Tensor<B, 2>) -> Self {
-        Self { weight: Param::from_tensor(weight), compressed: None, lora: None }
+        Self { weight: Param::from_tensor(weight), compressed: None, quantized: None, lora: None }
     }
 
     /// A layer whose frozen weight stays compressed; `device` holds the (empty) dense placeholder.
     pub fn from_compressed(weight: Arc<dyn CompressedWeight>, device: &B::Device) -> Self {
         let placeholder = Tensor::<B, 2>::zeros([0, 0], device);
-        Self { weight: Param::from_tensor(placeholder).set_require_grad(false), compressed: Some(weight), lora: None }
+        Self { weight: Param::from_tensor(placeholder).set_require_grad(false), compressed: Some(weight), quantized: None, lora: None }
+    }
+
+    /// A layer whose frozen weight stays block-quantized on the device ([`QuantizedWeight`]).
+    pub fn from_quantized(weight: QuantizedWeight<B>) -> Self {
+        let placeholder = Tensor::<B, 2>::zeros([0, 0], &weight.code_book.device());
+        Self { weight: Param::from_tensor(placeholder).set_require_grad(false), compressed: None, quantized: Some(weight), lora: None }
     }
 
     /// `[out_features, in_features]`, whatever the storage.
     pub fn dims(&self) -> [usize; 2] {
-        match &self.compressed {
-            Some(c) => c.dims(),
-            None => self.weight.dims(),
+        match (&self.quantized, &self.compressed) {
+            (Some(q), _) => q.dims,
+            (None, Some(c)) => c.dims(),
+            (None, None) => self.weight.dims(),
         }
     }
 
     /// The base weight as a dense tensor (expanded when compressed).
     pub fn dense_weight(&self) -> Tensor<B, 2> {
-        match &self.compressed {
-            Some(c) => compressed::expand::<B>(c.as_ref(), &self.weight.device()),
-            None => self.weight.val(),
+        match (&self.quantized, &self.compressed) {
+            (Some(q), _) => q.dequantize(),
+            (None, Some(c)) => compressed::expand::<B>(c.as_ref(), &self.weight.device()),
+            (None, None) => self.weight.val(),
         }
     }
 
     /// Applies the map to `[batch, seq, in]`, giving `[batch, seq, out]`.
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        let base = |x| match &self.compressed {
-            Some(c) => compressed::project_compressed(x, c),
-            None => project(x, self.weight.val()),
+        let base = |x| match (&self.quantized, &self.compressed) {
+            (Some(q), _) => project(x, q.dequantize()),
+            (None, Some(c)) => compressed::project_compressed(x, c),
+            (None, None) => project(x, self.weight.val()),
         };
         match &self.lora {
             None => base(x),
@@ -79,17 +91,21 @@ pub struct LoraAdapter<B: Backend> {
     /// `lora_alpha / r`, or `lora_alpha / sqrt(r)` with rsLoRA.
     #[module(skip)]
     pub scaling: f64,
-    /// Dropout probability applied to the adapter's input (PEFT's `lora_dropout`). Active only on
-    /// an autodiff backend (training), like burn's `Dropout`; the mask comes from the backend's
-    /// random generator (`B::seed`).
+    /// Dropout probability applied to the adapter's input (PEFT's `lora_dropout`). Active on an
+    /// autodiff backend (training), like burn's `Dropout`, or when [`Self::force_dropout`] is
+    /// set; the mask comes from the backend's random generator (`B::seed`).
     #[module(skip)]
     pub dropout: f64,
+    /// Drop also without autodiff: set on the copy that gradient checkpointing runs forward on
+    /// the inner backend, so that its masks (replayed from the same seed) are the training ones.
+    #[module(skip)]
+    pub force_dropout: bool,
 }
 
 impl<B: Backend> LoraAdapter<B> {
     /// `s · (drop(x) Aᵀ) Bᵀ` for `x: [batch, seq, in]`, giving `[batch, seq, out]`.
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        let x = if self.dropout > 0.0 && B::ad_enabled(&x.device()) {
+        let x = if self.dropout > 0.0 && (self.force_dropout || B::ad_enabled(&x.device())) {
             let keep = 1.0 - self.dropout;
             x.clone() * x.random_like(Distribution::Bernoulli(keep)) * (1.0 / keep)
         } else {

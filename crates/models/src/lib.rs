@@ -16,14 +16,16 @@ pub mod init;
 pub mod layers;
 pub mod model;
 pub mod pretrained;
+pub mod quantized;
 pub mod rope;
 pub mod weights;
 
 pub use compressed::CompressedWeight;
+pub use quantized::{QuantizedParts, QuantizedWeight, ScaleParts};
 pub use config::{Architecture, ModelConfig};
 pub use error::ModelError;
 pub use generate::{generate, GenerationConfig};
 pub use init::random_model;
-pub use model::{Batch, CausalLm, KvCache};
-pub use pretrained::{load_pretrained, load_pretrained_compressed, save_pretrained, write_pretrained};
+pub use model::{Batch, CausalLm, KvCache, LayerInputs};
+pub use pretrained::{load_pretrained, load_pretrained_quantized, save_pretrained, write_pretrained};
 pub use weights::SaveDtype;

@@ -46,6 +46,14 @@ pub struct DecoderLayer<B: Backend> {
 }
 
 impl<B: Backend> DecoderLayer<B> {
+    /// `[batch, seq, hidden]` → `[batch, seq, hidden]`: `x + attn(norm(x))`, then `x + mlp(norm(x))`.
+    /// With a cache slot, this step's keys and values are appended to it.
+    pub fn forward(&self, x: Tensor<B, 3>, inputs: &LayerInputs<B>, cache: Option<&mut Option<LayerCache<B>>>) -> Tensor<B, 3> {
+        let attn = self.self_attn.forward(self.input_layernorm.forward(x.clone()), &inputs.cos, &inputs.sin, &inputs.mask, cache);
+        let x = x + attn;
+        x.clone() + self.mlp.forward(self.post_attention_layernorm.forward(x))
+    }
+
     /// The layer's linear projections under their Hugging Face names (relative to the layer),
     /// in checkpoint order: what saving, loading and adapters iterate over.
     pub fn linears(&self) -> [(&'static str, &Linear<B>); 7] {
@@ -97,6 +105,16 @@ impl<B: Backend> KvCache<B> {
     }
 }
 
+/// Per-forward-pass inputs shared by every decoder layer.
+#[derive(Debug, Clone)]
+pub struct LayerInputs<B: Backend> {
+    /// Which keys each query sees.
+    pub mask: AttentionMask<B>,
+    /// RoPE tables `[batch, 1, seq, head_dim]`.
+    pub cos: Tensor<B, 4>,
+    pub sin: Tensor<B, 4>,
+}
+
 /// A batch of token sequences with their positions and visibility.
 #[derive(Debug, Clone)]
 pub struct Batch {
@@ -146,19 +164,44 @@ impl<B: Backend> CausalLm<B> {
     /// Hidden states after the final norm, `[batch, seq, hidden]`. With a cache, `batch` holds only
     /// the new tokens (positions and masks for the full cached length are the caller's business:
     /// `attention_mask`, when given, covers cached + new keys).
+    ///
+    /// The same computation as [`Self::embed`], then every [`DecoderLayer::forward`] with
+    /// [`Self::layer_inputs`], then the final norm: callers that need the layers one at a time
+    /// (gradient checkpointing) use those pieces.
     pub fn hidden_states(&self, batch: &Batch, cache: Option<&mut KvCache<B>>) -> Tensor<B, 3> {
+        let past = cache.as_ref().map_or(0, |c| c.len());
+        let inputs = self.layer_inputs(batch, past);
+        let mut x = self.embed(batch);
+        let mut cache = cache;
+        for (i, layer) in self.layers.iter().enumerate() {
+            let slot = cache.as_deref_mut().map(|c| &mut c.layers[i]);
+            x = layer.forward(x, &inputs, slot);
+        }
+        self.norm.forward(x)
+    }
+
+    /// Token embeddings of `batch` (scaled for Gemma), `[batch, seq, hidden]`: the first layer's input.
+    pub fn embed(&self, batch: &Batch) -> Tensor<B, 3> {
         let device = self.embed_tokens.device();
         let [b, t] = batch.dims();
         let ids: Vec<i64> = batch.input_ids.iter().flatten().map(|&i| i as i64).collect();
         let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [b, t]), &device);
-        let mut x = match &self.embed_compressed {
+        let x = match &self.embed_compressed {
             Some(weight) => compressed::embed_compressed(ids, weight),
             None => burn::tensor::module::embedding(self.embed_tokens.val(), ids),
         };
-        if let Some(scale) = self.family.embedding_scale {
-            x = x * scale;
+        match self.family.embedding_scale {
+            Some(scale) => x * scale,
+            None => x,
         }
-        let past = cache.as_ref().map_or(0, |c| c.len());
+    }
+
+    /// What every layer of one forward pass shares: the attention mask (causal, padding, packed
+    /// documents, sliding window) and the RoPE tables for `batch`'s positions, after `past`
+    /// cached positions. Built on the device.
+    pub fn layer_inputs(&self, batch: &Batch, past: usize) -> LayerInputs<B> {
+        let device = self.embed_tokens.device();
+        let [b, t] = batch.dims();
         let spec = MaskSpec {
             key_is_token: batch.attention_mask.as_deref(),
             document_ids: batch.document_ids.as_deref(),
@@ -166,15 +209,7 @@ impl<B: Backend> CausalLm<B> {
         };
         let mask = AttentionMask::new(b, past, t, &spec, &device);
         let (cos, sin) = rope::cos_sin::<B>(&self.inv_freq, &batch.position_ids, &device);
-
-        let mut cache = cache;
-        for (i, layer) in self.layers.iter().enumerate() {
-            let slot = cache.as_deref_mut().map(|c| &mut c.layers[i]);
-            let attn = layer.self_attn.forward(layer.input_layernorm.forward(x.clone()), &cos, &sin, &mask, slot);
-            x = x + attn;
-            x = x.clone() + layer.mlp.forward(layer.post_attention_layernorm.forward(x));
-        }
-        self.norm.forward(x)
+        LayerInputs { mask, cos, sin }
     }
 
     /// Projects hidden states `[batch, seq, hidden]` to vocabulary logits `[batch, seq, vocab]`.
@@ -194,6 +229,25 @@ impl<B: Backend> CausalLm<B> {
             Some(weight) => weight.dims(),
             None => self.embed_tokens.dims(),
         }
+    }
+
+    /// The head as a dense `[vocab, hidden]` tensor: `lm_head`, or the embedding when tied
+    /// (expanded when compressed).
+    pub fn head_weight(&self) -> Tensor<B, 2> {
+        match &self.lm_head {
+            Some(head) => head.dense_weight(),
+            None => self.embedding_weight(),
+        }
+    }
+
+    /// Whether any decoder weight is block-quantized (QLoRA's 4-bit base).
+    pub fn has_quantized_layers(&self) -> bool {
+        self.layers.iter().any(|l| l.linears().iter().any(|(_, lin)| lin.quantized.is_some()))
+    }
+
+    /// Whether any LoRA adapter applies dropout (its masks then come from the backend's RNG).
+    pub fn has_lora_dropout(&self) -> bool {
+        self.layers.iter().any(|l| l.linears().iter().any(|(_, lin)| lin.lora.as_ref().is_some_and(|a| a.dropout > 0.0)))
     }
 
     /// The embedding as a dense tensor (expanded when compressed).

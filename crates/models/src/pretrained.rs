@@ -2,7 +2,7 @@
 //! layout (config.json + model.safetensors), loadable by `transformers.AutoModelForCausalLM`.
 
 use crate::attention::Attention;
-use crate::compressed::CompressedWeight;
+use crate::quantized::{QuantizedParts, QuantizedWeight};
 use crate::config::ModelConfig;
 use crate::error::{io_err, ModelError};
 use crate::family::FamilySpec;
@@ -16,7 +16,6 @@ use burn::tensor::{backend::Backend, Tensor, TensorData};
 use std::cell::RefCell;
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 /// Files next to the weights that describe the tokenizer and generation defaults; copied along
 /// when a model is saved so the output directory is complete.
@@ -30,16 +29,17 @@ pub fn load_pretrained<B: Backend>(dir: &Path, device: &B::Device) -> Result<Cau
     from_checkpoint(config, &checkpoint, device)
 }
 
-/// Turns a decoder layer's linear weight (`[out, in]` values) into a frozen compressed one while
+/// Turns a decoder layer's linear weight (`[out, in]` values) into a frozen quantized one while
 /// loading (QLoRA's 4-bit base), so the dense weights are never all resident at once.
-pub type Compressor<'a> = &'a dyn Fn(&[f32], [usize; 2]) -> Arc<dyn CompressedWeight>;
+pub type Quantizer<'a> = &'a dyn Fn(&[f32], [usize; 2]) -> QuantizedParts;
 
-/// [`load_pretrained`] with every decoder-layer linear weight compressed by `compress` as it is
-/// read (embeddings, norms and an untied `lm_head` stay dense, as bitsandbytes leaves them).
-pub fn load_pretrained_compressed<B: Backend>(dir: &Path, device: &B::Device, compress: Compressor) -> Result<CausalLm<B>, ModelError> {
+/// [`load_pretrained`] with every decoder-layer linear weight quantized by `quantize` as it is
+/// read and put on the device in that form (embeddings, norms and an untied `lm_head` stay
+/// dense, as bitsandbytes leaves them).
+pub fn load_pretrained_quantized<B: Backend>(dir: &Path, device: &B::Device, quantize: Quantizer) -> Result<CausalLm<B>, ModelError> {
     let config = ModelConfig::from_file(&dir.join("config.json"))?;
     let checkpoint = Checkpoint::open(dir)?;
-    from_checkpoint_with(config, &checkpoint, device, Some(compress))
+    from_checkpoint_with(config, &checkpoint, device, Some(quantize))
 }
 
 /// Builds the model described by `config` from `checkpoint`, verifying every shape and that no
@@ -48,12 +48,12 @@ pub fn from_checkpoint<B: Backend>(config: ModelConfig, checkpoint: &Checkpoint,
     from_checkpoint_with(config, checkpoint, device, None)
 }
 
-/// [`from_checkpoint`], compressing decoder-layer linear weights with `compress` when given.
+/// [`from_checkpoint`], quantizing decoder-layer linear weights with `quantize` when given.
 pub fn from_checkpoint_with<B: Backend>(
     config: ModelConfig,
     checkpoint: &Checkpoint,
     device: &B::Device,
-    compress: Option<Compressor>,
+    quantize: Option<Quantizer>,
 ) -> Result<CausalLm<B>, ModelError> {
     let used = RefCell::new(BTreeSet::new());
     let read = |name: &str, shape: &[usize]| -> Result<TensorData, ModelError> {
@@ -64,10 +64,10 @@ pub fn from_checkpoint_with<B: Backend>(
     let tie = config.tie_word_embeddings;
     let model = assemble(config, device, |name, shape, role| {
         let data = read(name, shape)?;
-        Ok(match (role, compress) {
-            (WeightRole::DecoderLinear, Some(compress)) => {
-                let dims = [shape[0], shape[1]];
-                Weight::Compressed(compress(data.as_slice::<f32>().expect("read as f32"), dims))
+        Ok(match (role, quantize) {
+            (WeightRole::DecoderLinear, Some(quantize)) => {
+                let parts = quantize(data.as_slice::<f32>().expect("read as f32"), [shape[0], shape[1]]);
+                Weight::Quantized(QuantizedWeight::from_parts(&parts, device))
             }
             _ => Weight::Dense(data),
         })
@@ -107,8 +107,8 @@ pub enum Weight<B: Backend> {
     Dense(TensorData),
     /// A tensor already on the device.
     Tensor(Tensor<B, 2>),
-    /// A compact frozen linear weight (decoder linears only).
-    Compressed(Arc<dyn CompressedWeight>),
+    /// A block-quantized frozen linear weight (decoder linears only).
+    Quantized(QuantizedWeight<B>),
 }
 
 /// Builds the model `config` describes, asking `weight(name, shape, role)` for every parameter
@@ -126,12 +126,12 @@ pub fn assemble<B: Backend>(
         match w {
             Weight::Dense(data) => Tensor::from_data(data, device),
             Weight::Tensor(t) => t,
-            Weight::Compressed(c) => crate::compressed::expand::<B>(c.as_ref(), device),
+            Weight::Quantized(q) => q.dequantize(),
         }
     };
     let mut linear = |name: String, out: usize, inp: usize, role: WeightRole| -> Result<Linear<B>, ModelError> {
         Ok(match weight(&name, &[out, inp], role)? {
-            Weight::Compressed(c) => Linear::from_compressed(c, device),
+            Weight::Quantized(q) => Linear::from_quantized(q),
             other => Linear::new(dense(other)),
         })
     };

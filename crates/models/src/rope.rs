@@ -38,20 +38,17 @@ pub fn inverse_frequencies(head_dim: usize, theta: f64, scaling: &RopeScaling) -
 }
 
 /// `cos` and `sin` tables for the given positions, shaped `[batch, 1, seq, head_dim]` so they
-/// broadcast over heads.
+/// broadcast over heads. The angles `position × inv_freq` are one f32 product each, computed on
+/// `device` (positions are exact in f32 below 2²⁴), the same values a host loop would give.
 pub fn cos_sin<B: Backend>(inv_freq: &[f32], positions: &[Vec<i64>], device: &B::Device) -> (Tensor<B, 4>, Tensor<B, 4>) {
     let batch = positions.len();
     let seq = positions.first().map_or(0, Vec::len);
     let half = inv_freq.len();
-    let mut angles = Vec::with_capacity(batch * seq * half * 2);
-    for row in positions {
-        for &p in row {
-            let start = angles.len();
-            angles.extend(inv_freq.iter().map(|f| f * p as f32));
-            angles.extend_from_within(start..start + half);
-        }
-    }
-    let angles = Tensor::<B, 4>::from_data(TensorData::new(angles, [batch, 1, seq, 2 * half]), device);
+    let flat: Vec<f32> = positions.iter().flatten().map(|&p| p as f32).collect();
+    let positions = Tensor::<B, 4>::from_data(TensorData::new(flat, [batch, 1, seq, 1]), device);
+    let inv_freq = Tensor::<B, 4>::from_data(TensorData::new(inv_freq.to_vec(), [1, 1, 1, half]), device);
+    let angles = positions.expand([batch, 1, seq, half]) * inv_freq.expand([batch, 1, seq, half]);
+    let angles = Tensor::cat(vec![angles.clone(), angles], 3);
     (angles.clone().cos(), angles.sin())
 }
 

@@ -42,7 +42,7 @@
 //! starts at position 0 (no prompt at all).
 
 use crate::logprobs::SequenceLogps;
-use crate::metrics::{host, mean, ratio, Metrics};
+use crate::metrics::{mean, ratio, DeferredMetrics, Metrics};
 use crate::ObjectiveError;
 use burn::tensor::activation::{log_sigmoid, relu};
 use burn::tensor::{backend::Backend, Tensor};
@@ -221,8 +221,13 @@ impl<B: Backend> DpoOutput<B> {
     ///
     /// TRL's `num_tokens` (running total of input tokens) is the trainer's to add.
     pub fn metrics(&self) -> Metrics {
+        self.deferred_metrics().read()
+    }
+
+    /// [`Self::metrics`], read later ([`DeferredMetrics`]).
+    pub fn deferred_metrics(&self) -> DeferredMetrics<B> {
         let (c, r) = (&self.chosen, &self.rejected);
-        let rows = host(vec![
+        let rows = vec![
             self.loss.clone().detach().expand([c.batch_size()]),
             self.chosen_rewards.clone(),
             self.rejected_rewards.clone(),
@@ -235,24 +240,26 @@ impl<B: Backend> DpoOutput<B> {
             c.entropy_sum.clone(),
             r.entropy_sum.clone(),
             c.num_correct.clone(),
-        ]);
-        let total = |i: usize| rows[i].iter().sum::<f64>();
-        let loss = rows[0].first().copied().unwrap_or(0.0);
-        let (chosen_rewards, rejected_rewards) = (&rows[1], &rows[2]);
-        let accuracies: Vec<f64> = chosen_rewards.iter().zip(rejected_rewards).map(|(c, r)| if c > r { 1.0 } else { 0.0 }).collect();
-        let margins: Vec<f64> = chosen_rewards.iter().zip(rejected_rewards).map(|(c, r)| c - r).collect();
-        let (chosen_tokens, rejected_tokens) = (total(5), total(6));
-        Metrics::new()
-            .with("loss", loss)
-            .with("entropy", ratio(total(9) + total(10), chosen_tokens + rejected_tokens))
-            .with("logits/chosen", ratio(total(7), chosen_tokens))
-            .with("logits/rejected", ratio(total(8), rejected_tokens))
-            .with("mean_token_accuracy", ratio(total(11), chosen_tokens))
-            .with("rewards/chosen", mean(chosen_rewards))
-            .with("rewards/rejected", mean(rejected_rewards))
-            .with("rewards/accuracies", mean(&accuracies))
-            .with("rewards/margins", mean(&margins))
-            .with("logps/chosen", mean(&rows[3]))
-            .with("logps/rejected", mean(&rows[4]))
+        ];
+        DeferredMetrics::new(rows, |rows| {
+            let total = |i: usize| rows[i].iter().sum::<f64>();
+            let loss = rows[0].first().copied().unwrap_or(0.0);
+            let (chosen_rewards, rejected_rewards) = (&rows[1], &rows[2]);
+            let accuracies: Vec<f64> = chosen_rewards.iter().zip(rejected_rewards).map(|(c, r)| if c > r { 1.0 } else { 0.0 }).collect();
+            let margins: Vec<f64> = chosen_rewards.iter().zip(rejected_rewards).map(|(c, r)| c - r).collect();
+            let (chosen_tokens, rejected_tokens) = (total(5), total(6));
+            Metrics::new()
+                .with("loss", loss)
+                .with("entropy", ratio(total(9) + total(10), chosen_tokens + rejected_tokens))
+                .with("logits/chosen", ratio(total(7), chosen_tokens))
+                .with("logits/rejected", ratio(total(8), rejected_tokens))
+                .with("mean_token_accuracy", ratio(total(11), chosen_tokens))
+                .with("rewards/chosen", mean(chosen_rewards))
+                .with("rewards/rejected", mean(rejected_rewards))
+                .with("rewards/accuracies", mean(&accuracies))
+                .with("rewards/margins", mean(&margins))
+                .with("logps/chosen", mean(&rows[3]))
+                .with("logps/rejected", mean(&rows[4]))
+        })
     }
 }

@@ -56,15 +56,17 @@
 
 #![warn(missing_docs)]
 
+pub mod chunked;
 pub mod dpo;
 pub mod logprobs;
 pub mod metrics;
 pub mod orpo;
 pub mod sft;
 
+pub use chunked::{chunk_tokens_for, chunked_logps_backward, chunked_sequence_logps, HeadGradients};
 pub use dpo::{dpo_loss, DpoConfig, DpoLossType, DpoOutput};
 pub use logprobs::{num_scored_tokens, sequence_logps, sequence_logps_many, SequenceLogps, IGNORE_INDEX};
-pub use metrics::Metrics;
+pub use metrics::{DeferredMetrics, Metrics};
 pub use orpo::{orpo_loss, OrpoConfig, OrpoOutput};
 pub use sft::{causal_lm_loss, causal_lm_loss_sum, sft_loss, Reduction, SftOutput};
 

@@ -179,17 +179,17 @@ pub fn num_scored_tokens<B: Backend>(labels: &Tensor<B, 2, Int>) -> usize {
 
 /// Labels shifted one step left (`targets[:, t] = labels[:, t + 1]`, last column ignored), with
 /// ignored entries replaced by token 0 so they can be gathered, and the float mask of scored ones.
-struct ShiftedTargets<B: Backend> {
+pub(crate) struct ShiftedTargets<B: Backend> {
     /// `[batch, seq]` gatherable token ids.
-    safe: Tensor<B, 2, Int>,
+    pub(crate) safe: Tensor<B, 2, Int>,
     /// `[batch, seq]` 1.0 where scored.
-    mask: Tensor<B, 2>,
+    pub(crate) mask: Tensor<B, 2>,
     /// `[batch, seq]` true where scored.
-    scored: Tensor<B, 2, Bool>,
+    pub(crate) scored: Tensor<B, 2, Bool>,
 }
 
 impl<B: Backend> ShiftedTargets<B> {
-    fn new(labels: Tensor<B, 2, Int>) -> Self {
+    pub(crate) fn new(labels: Tensor<B, 2, Int>) -> Self {
         let [b, t] = labels.dims();
         let device = labels.device();
         let pad = Tensor::<B, 2, Int>::full([b, 1], IGNORE_INDEX, &device);
@@ -201,37 +201,36 @@ impl<B: Backend> ShiftedTargets<B> {
 }
 
 /// Detached per-position statistics of the next-token distributions, shared by label sets.
-struct TokenStats<B: Backend> {
+pub(crate) struct TokenStats<B: Backend> {
     /// `[batch, seq]` mean logit over the vocabulary.
-    mean_logit: Tensor<B, 2>,
+    pub(crate) mean_logit: Tensor<B, 2>,
     /// `[batch]` mean of `mean_logit` over positions `0..seq-1`.
-    mean_logit_all: Tensor<B, 1>,
+    pub(crate) mean_logit_all: Tensor<B, 1>,
     /// `[batch, seq]` entropy.
-    entropy: Tensor<B, 2>,
+    pub(crate) entropy: Tensor<B, 2>,
     /// `[batch, seq]` most likely next token.
-    argmax: Tensor<B, 2, Int>,
+    pub(crate) argmax: Tensor<B, 2, Int>,
 }
 
 impl<B: Backend> TokenStats<B> {
     /// `logits` and `lse` detached.
     fn new(logits: Tensor<B, 3>, lse: Tensor<B, 3>) -> Self {
-        let [b, t, _] = logits.dims();
-        let mean_logit: Tensor<B, 2> = logits.clone().mean_dim(2).squeeze_dim(2);
+        let (mean_logit, entropy, argmax) = position_stats(logits, lse);
+        Self::from_positions(mean_logit, entropy, argmax)
+    }
+
+    /// From the per-position values (`[batch, seq]` each).
+    pub(crate) fn from_positions(mean_logit: Tensor<B, 2>, entropy: Tensor<B, 2>, argmax: Tensor<B, 2, Int>) -> Self {
+        let [b, t] = mean_logit.dims();
         let mean_logit_all = if t > 1 {
             mean_logit.clone().slice([0..b, 0..t - 1]).mean_dim(1).squeeze_dim(1)
         } else {
-            Tensor::zeros([b], &logits.device())
+            Tensor::zeros([b], &mean_logit.device())
         };
-        // H = Σ p (logsumexp(z) − z) with p = softmax(z): a sum of non-negative terms, more
-        // accurate in f32 than the algebraically equal logsumexp(z) − Σ p z, which cancels when
-        // the distribution is peaked (TRL's kernel uses the latter; they agree to ~1e-6 here).
-        let neg_logp = lse - logits.clone();
-        let entropy: Tensor<B, 2> = ((-neg_logp.clone()).exp() * neg_logp).sum_dim(2).squeeze_dim(2);
-        let argmax = logits.argmax(2).squeeze_dim(2);
         Self { mean_logit, mean_logit_all, entropy, argmax }
     }
 
-    fn reduce(&self, sum: Tensor<B, 1>, targets: &ShiftedTargets<B>) -> SequenceLogps<B> {
+    pub(crate) fn reduce(&self, sum: Tensor<B, 1>, targets: &ShiftedTargets<B>) -> SequenceLogps<B> {
         let mask = targets.mask.clone();
         let row = |t: Tensor<B, 2>| -> Tensor<B, 1> { t.sum_dim(1).squeeze_dim(1) };
         let num_tokens = row(mask.clone());
@@ -245,4 +244,17 @@ impl<B: Backend> TokenStats<B> {
             num_tokens,
         }
     }
+}
+
+/// Per-position mean logit, entropy and argmax of `logits` `[batch, seq, vocab]` given their
+/// `logsumexp` `[batch, seq, 1]` (both detached), each `[batch, seq]`.
+pub(crate) fn position_stats<B: Backend>(logits: Tensor<B, 3>, lse: Tensor<B, 3>) -> (Tensor<B, 2>, Tensor<B, 2>, Tensor<B, 2, Int>) {
+    let mean_logit: Tensor<B, 2> = logits.clone().mean_dim(2).squeeze_dim(2);
+    // H = Σ p (logsumexp(z) − z) with p = softmax(z): a sum of non-negative terms, more
+    // accurate in f32 than the algebraically equal logsumexp(z) − Σ p z, which cancels when
+    // the distribution is peaked (TRL's kernel uses the latter; they agree to ~1e-6 here).
+    let neg_logp = lse - logits.clone();
+    let entropy: Tensor<B, 2> = ((-neg_logp.clone()).exp() * neg_logp).sum_dim(2).squeeze_dim(2);
+    let argmax = logits.argmax(2).squeeze_dim(2);
+    (mean_logit, entropy, argmax)
 }

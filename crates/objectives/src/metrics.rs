@@ -116,6 +116,39 @@ impl FromIterator<(String, f64)> for Metrics {
     }
 }
 
+/// Metrics still on the device: the equally long `[n]` rows an objective reads, and the host
+/// function that turns them into named values. A trainer keeps these through a logging window
+/// and reads them once there ([`DeferredMetrics::read`]: one device-to-host transfer), so no
+/// step waits on the device for numbers nobody looks at yet.
+pub struct DeferredMetrics<B: burn::tensor::backend::Backend> {
+    rows: Vec<burn::tensor::Tensor<B, 1>>,
+    finish: Box<dyn FnOnce(&[Vec<f64>]) -> Metrics + Send>,
+}
+
+impl<B: burn::tensor::backend::Backend> DeferredMetrics<B> {
+    /// `rows` (detached, equally long), turned into metrics by `finish` once read.
+    pub fn new(rows: Vec<burn::tensor::Tensor<B, 1>>, finish: impl FnOnce(&[Vec<f64>]) -> Metrics + Send + 'static) -> Self {
+        Self { rows, finish: Box::new(finish) }
+    }
+
+    /// Reads the rows (waiting for the device) and computes the metrics.
+    pub fn read(self) -> Metrics {
+        (self.finish)(&host(self.rows))
+    }
+
+    /// The same metrics, rewritten by `f` after reading (e.g. a value rescaled by the caller).
+    pub fn map(self, f: impl FnOnce(Metrics) -> Metrics + Send + 'static) -> Self {
+        let finish = self.finish;
+        Self { rows: self.rows, finish: Box::new(move |rows| f(finish(rows))) }
+    }
+}
+
+impl<B: burn::tensor::backend::Backend> std::fmt::Debug for DeferredMetrics<B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DeferredMetrics").field("rows", &self.rows.len()).finish()
+    }
+}
+
 /// Reads equally long `[n]` tensors back to the host as `f64`s, in one transfer.
 pub(crate) fn host<B: burn::tensor::backend::Backend>(rows: Vec<burn::tensor::Tensor<B, 1>>) -> Vec<Vec<f64>> {
     let k = rows.len();

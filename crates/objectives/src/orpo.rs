@@ -22,7 +22,7 @@
 //!   mean.
 
 use crate::logprobs::SequenceLogps;
-use crate::metrics::{host, mean, Metrics};
+use crate::metrics::{mean, DeferredMetrics, Metrics};
 use crate::ObjectiveError;
 use burn::tensor::activation::log_sigmoid;
 use burn::tensor::{backend::Backend, Tensor};
@@ -129,8 +129,13 @@ impl<B: Backend> OrpoOutput<B> {
     /// `nll_loss`, `log_odds_ratio` (mean of `log σ(log_odds)`, despite the name) and
     /// `log_odds_chosen` (mean of `log_odds`). Reads the values back in one transfer.
     pub fn metrics(&self) -> Metrics {
+        self.deferred_metrics().read()
+    }
+
+    /// [`Self::metrics`], read later ([`DeferredMetrics`]).
+    pub fn deferred_metrics(&self) -> DeferredMetrics<B> {
         let n = self.losses.dims()[0];
-        let rows = host(vec![
+        let rows = vec![
             self.loss.clone().detach().expand([n]),
             self.nll_loss.clone().detach().expand([n]),
             self.chosen_rewards.clone(),
@@ -141,23 +146,25 @@ impl<B: Backend> OrpoOutput<B> {
             self.rejected_logits.clone(),
             self.ratio.clone(),
             self.log_odds.clone(),
-        ]);
-        let first = |i: usize| rows[i].first().copied().unwrap_or(0.0);
-        let (chosen_rewards, rejected_rewards) = (&rows[2], &rows[3]);
-        let accuracies: Vec<f64> = chosen_rewards.iter().zip(rejected_rewards).map(|(c, r)| if c > r { 1.0 } else { 0.0 }).collect();
-        let margins: Vec<f64> = chosen_rewards.iter().zip(rejected_rewards).map(|(c, r)| c - r).collect();
-        Metrics::new()
-            .with("loss", first(0))
-            .with("rewards/chosen", mean(chosen_rewards))
-            .with("rewards/rejected", mean(rejected_rewards))
-            .with("rewards/accuracies", mean(&accuracies))
-            .with("rewards/margins", mean(&margins))
-            .with("logps/rejected", mean(&rows[5]))
-            .with("logps/chosen", mean(&rows[4]))
-            .with("logits/rejected", mean(&rows[7]))
-            .with("logits/chosen", mean(&rows[6]))
-            .with("nll_loss", first(1))
-            .with("log_odds_ratio", mean(&rows[8]))
-            .with("log_odds_chosen", mean(&rows[9]))
+        ];
+        DeferredMetrics::new(rows, |rows| {
+            let first = |i: usize| rows[i].first().copied().unwrap_or(0.0);
+            let (chosen_rewards, rejected_rewards) = (&rows[2], &rows[3]);
+            let accuracies: Vec<f64> = chosen_rewards.iter().zip(rejected_rewards).map(|(c, r)| if c > r { 1.0 } else { 0.0 }).collect();
+            let margins: Vec<f64> = chosen_rewards.iter().zip(rejected_rewards).map(|(c, r)| c - r).collect();
+            Metrics::new()
+                .with("loss", first(0))
+                .with("rewards/chosen", mean(chosen_rewards))
+                .with("rewards/rejected", mean(rejected_rewards))
+                .with("rewards/accuracies", mean(&accuracies))
+                .with("rewards/margins", mean(&margins))
+                .with("logps/rejected", mean(&rows[5]))
+                .with("logps/chosen", mean(&rows[4]))
+                .with("logits/rejected", mean(&rows[7]))
+                .with("logits/chosen", mean(&rows[6]))
+                .with("nll_loss", first(1))
+                .with("log_odds_ratio", mean(&rows[8]))
+                .with("log_odds_chosen", mean(&rows[9]))
+        })
     }
 }

@@ -11,7 +11,7 @@
 //! it; and its metrics (lines 1639–1657): `entropy`, `mean_token_accuracy`, `num_tokens`.
 
 use crate::logprobs::{sequence_logps, sequence_logps_sum, SequenceLogps};
-use crate::metrics::{host, ratio, Metrics};
+use crate::metrics::{ratio, DeferredMetrics, Metrics};
 use crate::ObjectiveError;
 use burn::tensor::{backend::Backend, Int, Tensor};
 use std::str::FromStr;
@@ -103,13 +103,20 @@ impl<B: Backend> SftOutput<B> {
     /// training (`attention_mask.sum()` accumulated over steps, prompt included), which only the
     /// trainer knows.
     pub fn metrics(&self) -> Metrics {
-        let rows = host(vec![
+        self.deferred_metrics().read()
+    }
+
+    /// [`Self::metrics`], read later ([`DeferredMetrics`]).
+    pub fn deferred_metrics(&self) -> DeferredMetrics<B> {
+        let rows = vec![
             self.loss.clone().detach(),
             self.logps.num_tokens.clone().sum(),
             self.logps.entropy_sum.clone().sum(),
             self.logps.num_correct.clone().sum(),
-        ]);
-        let (loss, tokens, entropy, correct) = (rows[0][0], rows[1][0], rows[2][0], rows[3][0]);
-        Metrics::new().with("loss", loss).with("entropy", ratio(entropy, tokens)).with("mean_token_accuracy", ratio(correct, tokens))
+        ];
+        DeferredMetrics::new(rows, |rows| {
+            let (loss, tokens, entropy, correct) = (rows[0][0], rows[1][0], rows[2][0], rows[3][0]);
+            Metrics::new().with("loss", loss).with("entropy", ratio(entropy, tokens)).with("mean_token_accuracy", ratio(correct, tokens))
+        })
     }
 }

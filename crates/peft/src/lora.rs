@@ -3,7 +3,8 @@
 use crate::config::LoraConfig;
 use crate::error::PeftError;
 use alignment_models::layers::{Linear, LoraAdapter};
-use alignment_models::CausalLm;
+use crate::qlora::QuantConfig;
+use alignment_models::{CausalLm, QuantizedWeight};
 use burn::module::{Module, Param};
 use burn::tensor::{backend::Backend, Tensor, TensorData};
 use rand::{Rng, SeedableRng};
@@ -86,7 +87,7 @@ pub fn apply_lora<B: Backend>(model: CausalLm<B>, config: &LoraConfig, seed: u64
 
 /// An adapter from its two factors (trainable parameters) and `config`'s scaling and dropout.
 pub fn adapter<B: Backend>(a: Tensor<B, 2>, b: Tensor<B, 2>, config: &LoraConfig) -> LoraAdapter<B> {
-    LoraAdapter { a: Param::from_tensor(a), b: Param::from_tensor(b), scaling: config.scaling(), dropout: config.dropout }
+    LoraAdapter { a: Param::from_tensor(a), b: Param::from_tensor(b), scaling: config.scaling(), dropout: config.dropout, force_dropout: false }
 }
 
 /// Whether any linear layer of `model` carries an adapter.
@@ -97,14 +98,15 @@ pub fn has_lora<B: Backend>(model: &CausalLm<B>) -> bool {
 /// Folds every adapter into its base weight, `W ← W + s·B·A` (PEFT's `merge_and_unload`), and
 /// drops the adapters: the result is a plain model that `save_pretrained` writes in full HF
 /// layout. Merged weights keep their base parameter's id and `require_grad` flag (frozen after
-/// [`apply_lora`]). A compressed (4-bit) base is expanded, merged and compressed again in its
+/// [`apply_lora`]). A quantized (4-bit) base is dequantized, merged and quantized again in its
 /// format, as PEFT merges into bitsandbytes' `Linear4bit`.
 pub fn merge_lora<B: Backend>(mut model: CausalLm<B>) -> CausalLm<B> {
     for (_, lin) in linear_layers_mut(&mut model) {
         let Some(lora) = lin.lora.take() else { continue };
-        if let Some(compressed) = &lin.compressed {
-            let merged = (lin.dense_weight() + lora.delta_weight()).into_data().convert::<f32>();
-            lin.compressed = Some(compressed.recompress(&merged.into_vec::<f32>().expect("f32 after convert")));
+        if let Some(quantized) = &lin.quantized {
+            let merged = (quantized.dequantize() + lora.delta_weight()).into_data().convert::<f32>();
+            let parts = QuantConfig::of(quantized).quantize(&merged.into_vec::<f32>().expect("f32 after convert"), quantized.dims);
+            lin.quantized = Some(QuantizedWeight::from_parts(&parts, &quantized.code_book.device()));
             continue;
         }
         let weight = lin.weight.val();

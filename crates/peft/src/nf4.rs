@@ -60,6 +60,23 @@ pub struct Nf4Tensor {
 }
 
 impl Nf4Tensor {
+    /// The same values in `alignment_models::quantized`'s layout, for a `[out, in]` weight: what
+    /// the model puts on its device and dequantizes there.
+    pub fn into_parts(self, dims: [usize; 2]) -> alignment_models::QuantizedParts {
+        use alignment_models::ScaleParts;
+        let scales = match self.absmax {
+            Absmax::F32(values) => ScaleParts::Plain(values),
+            Absmax::DoubleQuantized { codes, state2_absmax, offset } => ScaleParts::Nested {
+                indices: codes,
+                code_book: create_dynamic_map().to_vec(),
+                scales: state2_absmax,
+                offset,
+                block_size: NESTED_BLOCK_SIZE,
+            },
+        };
+        alignment_models::QuantizedParts { dims, packed_bytes: self.packed, code_book: NF4_CODE.to_vec(), block_size: BLOCK_SIZE, scales }
+    }
+
     /// Bytes of the quantized form: packed indices plus block statistics (the constant code
     /// books, which bitsandbytes also keeps per tensor, are not counted).
     pub fn storage_bytes(&self) -> usize {

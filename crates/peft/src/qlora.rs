@@ -1,5 +1,6 @@
 //! QLoRA's frozen 4-bit base: decoder-layer linear weights stored as NF4 ([`crate::nf4`]) and
-//! expanded only while a matmul runs (`alignment_models::compressed`), with LoRA adapters
+//! held on the device and dequantized there only while a matmul runs
+//! (`alignment_models::quantized`), with LoRA adapters
 //! trained on top in full precision.
 //!
 //! This is what transformers does for `BitsAndBytesConfig(load_in_4bit=True,
@@ -8,12 +9,10 @@
 //! at a time while loading, so the dense model is never resident as a whole.
 
 use crate::error::PeftError;
-use crate::nf4::{self, Nf4Tensor};
-use alignment_models::compressed::CompressedWeight;
-use alignment_models::{load_pretrained_compressed, CausalLm};
+use crate::nf4;
+use alignment_models::{load_pretrained_quantized, CausalLm, QuantizedParts, QuantizedWeight};
 use burn::tensor::backend::Backend;
 use std::path::Path;
-use std::sync::Arc;
 
 /// How base weights are quantized (the recipe's `bnb_4bit_quant_type`, `use_bnb_nested_quant`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -31,43 +30,22 @@ impl QuantConfig {
         }
     }
 
-    /// `values` (`[out, in]` row-major) as a frozen NF4 weight.
-    pub fn quantize(&self, values: &[f32], dims: [usize; 2]) -> Arc<dyn CompressedWeight> {
-        Arc::new(Nf4Weight { dims, tensor: nf4::quantize_with(values, self.double_quant), config: *self })
-    }
-}
-
-/// A frozen `[out, in]` linear weight in NF4.
-#[derive(Debug)]
-pub struct Nf4Weight {
-    dims: [usize; 2],
-    tensor: Nf4Tensor,
-    config: QuantConfig,
-}
-
-impl CompressedWeight for Nf4Weight {
-    fn dims(&self) -> [usize; 2] {
-        self.dims
+    /// `values` (`[out, in]` row-major) quantized to NF4, as host parts ready for the device.
+    pub fn quantize(&self, values: &[f32], dims: [usize; 2]) -> QuantizedParts {
+        nf4::quantize_with(values, self.double_quant).into_parts(dims)
     }
 
-    fn expand(&self) -> Vec<f32> {
-        nf4::dequantize(&self.tensor)
-    }
-
-    fn storage_bytes(&self) -> usize {
-        self.tensor.storage_bytes()
-    }
-
-    fn recompress(&self, values: &[f32]) -> Arc<dyn CompressedWeight> {
-        self.config.quantize(values, self.dims)
+    /// The configuration `weight` was quantized with (double quantization or not).
+    pub fn of<B: Backend>(weight: &QuantizedWeight<B>) -> Self {
+        Self { double_quant: weight.nested.is_some() }
     }
 }
 
 /// Loads a Hugging Face model directory with its decoder-layer linear weights quantized to NF4
 /// as they are read.
 pub fn load_pretrained_4bit<B: Backend>(dir: &Path, device: &B::Device, config: QuantConfig) -> Result<CausalLm<B>, PeftError> {
-    let compress = |values: &[f32], dims: [usize; 2]| config.quantize(values, dims);
-    Ok(load_pretrained_compressed(dir, device, &compress)?)
+    let quantize = |values: &[f32], dims: [usize; 2]| config.quantize(values, dims);
+    Ok(load_pretrained_quantized(dir, device, &quantize)?)
 }
 
 /// Bytes held by the base weights of `model`: compressed layers at their storage size, every
@@ -75,8 +53,8 @@ pub fn load_pretrained_4bit<B: Backend>(dir: &Path, device: &B::Device, config: 
 pub fn base_weight_bytes<B: Backend>(model: &CausalLm<B>) -> usize {
     let mut bytes = model.embedding_dims().iter().product::<usize>() * 4;
     for (_, lin) in crate::lora::linear_layers(model) {
-        bytes += match &lin.compressed {
-            Some(c) => c.storage_bytes(),
+        bytes += match &lin.quantized {
+            Some(q) => q.storage_bytes(),
             None => lin.dims().iter().product::<usize>() * 4,
         };
     }

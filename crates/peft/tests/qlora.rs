@@ -1,12 +1,10 @@
 //! QLoRA: a base model whose decoder linear weights stay NF4 computes exactly what the dense
-//! model with those dequantized weights computes — logits and adapter gradients — while the
-//! dense weights are expanded per matmul, again in the backward pass, and never kept.
+//! model with those dequantized weights computes — logits and adapter gradients. The 4-bit
+//! weights live on the device as tensors and are dequantized there, bit for bit as on the host.
 
 mod common;
 
 use alignment_core::backend::{Cpu, CpuAutodiff};
-use alignment_models::compressed::CompressedWeight;
-use alignment_models::layers::Linear;
 use alignment_models::{load_pretrained, CausalLm};
 use alignment_peft::lora::{linear_layers, linear_layers_mut};
 use alignment_peft::nf4;
@@ -16,8 +14,6 @@ use burn::module::Param;
 use burn::optim::GradientsParams;
 use burn::tensor::{backend::Backend, Tensor, TensorData};
 use common::*;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
 
 fn values<B: Backend>(t: Tensor<B, 2>) -> Vec<f32> {
     t.into_data().convert::<f32>().into_vec().unwrap()
@@ -45,9 +41,9 @@ fn dequantized_dense_with<B: Backend>(name: &str, double_quant: bool) -> CausalL
 fn four_bit_base_computes_what_its_dequantized_dense_model_computes() {
     let quantized = load_pretrained_4bit::<Cpu>(&base_fixture("tiny-llama"), &Default::default(), QuantConfig::default()).unwrap();
     for (path, lin) in linear_layers(&quantized) {
-        let expect_compressed = path != "lm_head";
-        assert_eq!(lin.compressed.is_some(), expect_compressed, "{path}");
-        if expect_compressed {
+        let expect_quantized = path != "lm_head";
+        assert_eq!(lin.quantized.is_some(), expect_quantized, "{path}");
+        if expect_quantized {
             assert_eq!(lin.weight.dims(), [0, 0], "{path}: no dense copy is kept");
         }
     }
@@ -60,7 +56,7 @@ fn four_bit_base_computes_what_its_dequantized_dense_model_computes() {
     // 4 bits per value + one f32 absmax per 64 values: 4.5 bits, 0.28× of bf16.
     let linear_params: usize =
         linear_layers(&quantized).iter().filter(|(p, _)| p != "lm_head").map(|(_, l)| l.dims().iter().product::<usize>()).sum();
-    let linear_bytes: usize = linear_layers(&quantized).iter().filter_map(|(_, l)| l.compressed.as_ref()).map(|c| c.storage_bytes()).sum();
+    let linear_bytes: usize = linear_layers(&quantized).iter().filter_map(|(_, l)| l.quantized.as_ref()).map(|q| q.storage_bytes()).sum();
     let ratio = linear_bytes as f64 / (2 * linear_params) as f64;
     assert!((0.28..=0.29).contains(&ratio), "NF4 bytes / bf16 bytes = {ratio}");
     assert!(base_weight_bytes(&quantized) < base_weight_bytes(&dense));
@@ -69,7 +65,7 @@ fn four_bit_base_computes_what_its_dequantized_dense_model_computes() {
 fn linear_bytes_per_bf16_byte<B: Backend>(model: &CausalLm<B>) -> f64 {
     let layers: Vec<_> = linear_layers(model).into_iter().filter(|(p, _)| p != "lm_head").collect();
     let params: usize = layers.iter().map(|(_, l)| l.dims().iter().product::<usize>()).sum();
-    let bytes: usize = layers.iter().map(|(_, l)| l.compressed.as_ref().unwrap().storage_bytes()).sum();
+    let bytes: usize = layers.iter().map(|(_, l)| l.quantized.as_ref().unwrap().storage_bytes()).sum();
     bytes as f64 / (2 * params) as f64
 }
 
@@ -117,54 +113,27 @@ fn adapter_gradients_through_a_four_bit_base_match_the_dense_graph() {
     assert_eq!(compared, 28, "A and B of 14 adapters");
 }
 
-/// A compressed weight that counts how often it is expanded.
-#[derive(Debug)]
-struct Counting {
-    inner: Arc<dyn CompressedWeight>,
-    expansions: Arc<AtomicUsize>,
-}
-
-impl CompressedWeight for Counting {
-    fn dims(&self) -> [usize; 2] {
-        self.inner.dims()
-    }
-    fn expand(&self) -> Vec<f32> {
-        self.expansions.fetch_add(1, Ordering::SeqCst);
-        self.inner.expand()
-    }
-    fn storage_bytes(&self) -> usize {
-        self.inner.storage_bytes()
-    }
-    fn recompress(&self, values: &[f32]) -> Arc<dyn CompressedWeight> {
-        self.inner.recompress(values)
-    }
-}
-
 #[test]
-fn the_backward_pass_expands_weights_again_instead_of_keeping_them() {
-    let adapter = peft_fixture("tiny-llama-rslora-all-linear");
-    let quantized = load_pretrained_4bit::<CpuAutodiff>(&base_fixture("tiny-llama"), &Default::default(), QuantConfig::default()).unwrap();
-    let (mut model, _) = load_adapter(quantized, &adapter).unwrap();
-    let expansions = Arc::new(AtomicUsize::new(0));
-    let mut layers = 0;
-    for (_, lin) in linear_layers_mut(&mut model) {
-        if let Some(inner) = lin.compressed.take() {
-            let device = lin.weight.device();
-            let lora = lin.lora.take();
-            *lin = Linear::from_compressed(Arc::new(Counting { inner, expansions: expansions.clone() }), &device);
-            lin.lora = lora;
-            layers += 1;
-        }
+fn device_dequantization_gives_the_host_bits() {
+    // Sizes that are not multiples of the block (64), of the packing (8 per integer) or of the
+    // nested block (256 scales), and an all-zero block (its index 0 and absmax 0).
+    for (len, double_quant) in [(64 * 300 + 37, true), (64 * 300 + 37, false), (8 * 5 + 3, true), (64 * 257, true)] {
+        let mut values: Vec<f32> = (0..len).map(|i| ((i as f32 * 0.7311).sin() * (1.0 + (i % 97) as f32 * 0.03)).powi(3)).collect();
+        values[64..128].iter_mut().for_each(|v| *v = 0.0);
+        let host = nf4::quantize_with(&values, double_quant);
+        let expected = nf4::dequantize(&host);
+        let weight = alignment_models::QuantizedWeight::<Cpu>::from_parts(&host.clone().into_parts([1, len]), &Default::default());
+        let device: Vec<f32> = values_1d(weight.dequantize().reshape([len]));
+        assert!(
+            device.iter().zip(&expected).all(|(a, b)| a.to_bits() == b.to_bits()),
+            "len {len}, double quant {double_quant}: the device's dequantization differs from the host's"
+        );
+        assert_eq!(weight.storage_bytes(), host.storage_bytes(), "len {len}");
     }
-    let r = reference("tiny-llama-rslora-all-linear");
-    let loss = model.forward(&reference_batch(&r), None).powf_scalar(2.0).mean();
-    assert_eq!(expansions.load(Ordering::SeqCst), layers, "one expansion per layer in the forward pass");
-    let _grads = loss.backward();
-    // burn's own matmul would have kept the expanded weights from the forward pass; the recorded
-    // step holds only the compressed weight and expands it once more for ∂x — except where ∂x is
-    // not needed: layer 0's q/k/v read the normed embeddings, which depend on frozen weights only.
-    let backward = expansions.load(Ordering::SeqCst) - layers;
-    assert_eq!(backward, layers - 3, "one more expansion per layer whose input needs a gradient");
+}
+
+fn values_1d(t: Tensor<Cpu, 1>) -> Vec<f32> {
+    t.into_data().convert::<f32>().into_vec().unwrap()
 }
 
 #[test]
@@ -181,7 +150,7 @@ fn merging_into_a_four_bit_base_quantizes_the_merged_weight_again() {
     let found: Vec<Vec<f32>> = linear_layers(&merged)
         .iter()
         .filter(|(p, _)| p != "lm_head")
-        .map(|(_, l)| l.compressed.as_ref().expect("still 4-bit").expand())
+        .map(|(_, l)| values(l.quantized.as_ref().expect("still 4-bit").dequantize()))
         .collect();
     assert_eq!(found, expected);
 }

@@ -16,6 +16,7 @@ pub mod optimizer;
 pub mod recipe;
 pub mod schedule;
 pub mod sequence;
+pub mod step;
 pub mod task;
 pub mod tasks;
 pub mod train;
@@ -24,8 +25,9 @@ pub mod zero3;
 pub use data_parallel::DataParallel;
 pub use recipe::{Recipe, RecipeError, ResumeFrom};
 pub use sequence::{collate, Sequence, IGNORE_INDEX};
-pub use task::{MetricValues, Task};
-pub use train::{evaluate, train, train_with, AdapterOutput, StepPlan, TrainOutcome, TrainerConfig};
+pub use step::{forward_backward, StepOptions};
+pub use task::{metric_values, MetricValues, Scoring, Task};
+pub use train::{evaluate, evaluate_with, train, train_with, AdapterOutput, StepPlan, TrainOutcome, TrainerConfig};
 
 use std::path::PathBuf;
 

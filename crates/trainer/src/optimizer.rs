@@ -17,7 +17,7 @@
 use burn::module::{AutodiffModule, ModuleMapper, ModuleVisitor, Param, ParamId};
 use burn::optim::GradientsParams;
 use burn::tensor::backend::{AutodiffBackend, Backend};
-use burn::tensor::{ElementConversion, Tensor};
+use burn::tensor::Tensor;
 use std::collections::HashMap;
 
 /// AdamW hyper-parameters (TrainingArguments names).
@@ -63,6 +63,22 @@ pub struct StepReport {
     pub clip_coef: f64,
 }
 
+/// [`StepReport`] still on the device (`[1]` tensors): the one-process step computes the norm
+/// and the clipping factor without reading them back; the loop reads them when it logs.
+#[derive(Debug, Clone)]
+pub struct DeviceStepReport<B: Backend> {
+    pub grad_norm: Tensor<B, 1>,
+    pub clip_coef: Tensor<B, 1>,
+}
+
+impl<B: Backend> DeviceStepReport<B> {
+    /// Reads both values (waits for the device).
+    pub fn read(&self) -> StepReport {
+        let values: Vec<f64> = Tensor::cat(vec![self.grad_norm.clone(), self.clip_coef.clone()], 0).into_data().iter::<f64>().collect();
+        StepReport { grad_norm: values[0], clip_coef: values[1] }
+    }
+}
+
 /// Whether transformers would exempt this parameter from weight decay: biases and the weights
 /// of normalisation layers.
 pub fn excluded_from_decay(path: &str) -> bool {
@@ -76,37 +92,44 @@ impl<B: Backend> AdamW<B> {
     }
 
     /// Applies one update with learning rate `lr` to every parameter of `module` that has a
-    /// gradient in `grads`, clipping by global norm first.
-    pub fn step<AD, M>(&mut self, lr: f64, module: M, grads: &GradientsParams) -> (M, StepReport)
+    /// gradient in `grads`, clipping by global norm first. Nothing is read back from the device:
+    /// the norm and the clipping factor are `[1]` tensors, the factor multiplies every gradient
+    /// (as `torch.nn.utils.clip_grad_norm_` does, `min(1, max_norm / (‖g‖ + 1e-6))`).
+    pub fn step<AD, M>(&mut self, lr: f64, module: M, grads: &GradientsParams) -> (M, DeviceStepReport<B>)
     where
         AD: AutodiffBackend<InnerBackend = B>,
         M: AutodiffModule<AD>,
     {
-        let mut norm = GradNorm::<B> { grads, sum_squares: 0.0, _b: Default::default() };
+        let mut norm = GradNorm::<B> { grads, sum_squares: None };
         module.visit(&mut norm);
-        let grad_norm = norm.sum_squares.sqrt();
+        let sum_squares = norm.sum_squares.unwrap_or_else(|| Tensor::zeros([1], &Default::default()));
+        let grad_norm = sum_squares.sqrt();
         let clip_coef = match self.config.max_grad_norm {
-            Some(max) if max > 0.0 => (max / (grad_norm + 1e-6)).min(1.0),
-            _ => 1.0,
+            Some(max) if max > 0.0 => Some((grad_norm.clone().add_scalar(1e-6)).recip().mul_scalar(max).clamp_max(1.0)),
+            _ => None,
         };
         self.step += 1;
-        let mut mapper = Update::<AD> { optimizer: self, grads, lr, clip_coef, path: Vec::new() };
+        let mut mapper = Update::<AD> { optimizer: self, grads, lr, clip_coef: clip_coef.clone(), path: Vec::new() };
         let module = module.map(&mut mapper);
-        (module, StepReport { grad_norm, clip_coef })
+        let clip_coef = clip_coef.unwrap_or_else(|| grad_norm.ones_like());
+        (module, DeviceStepReport { grad_norm, clip_coef })
     }
 }
 
 struct GradNorm<'a, B: Backend> {
     grads: &'a GradientsParams,
-    sum_squares: f64,
-    _b: std::marker::PhantomData<B>,
+    /// `[1]`, on the gradients' device.
+    sum_squares: Option<Tensor<B, 1>>,
 }
 
 impl<AD: AutodiffBackend> ModuleVisitor<AD> for GradNorm<'_, AD::InnerBackend> {
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<AD, D>>) {
         if let Some(g) = self.grads.get::<AD::InnerBackend, D>(param.id) {
-            let s: f64 = g.square().sum().into_scalar().elem::<f64>();
-            self.sum_squares += s;
+            let s = g.square().sum();
+            self.sum_squares = Some(match self.sum_squares.take() {
+                Some(total) => total + s,
+                None => s,
+            });
         }
     }
 }
@@ -115,7 +138,8 @@ struct Update<'a, AD: AutodiffBackend> {
     optimizer: &'a mut AdamW<AD::InnerBackend>,
     grads: &'a GradientsParams,
     lr: f64,
-    clip_coef: f64,
+    /// `[1]` clipping factor, `None` without clipping.
+    clip_coef: Option<Tensor<AD::InnerBackend, 1>>,
     path: Vec<String>,
 }
 
@@ -140,7 +164,10 @@ impl<AD: AutodiffBackend> ModuleMapper<AD> for Update<'_, AD> {
         let numel = shape.num_elements();
 
         let mut p = tensor.inner();
-        let g = if self.clip_coef < 1.0 { grad * self.clip_coef } else { grad };
+        let g = match &self.clip_coef {
+            Some(coef) => grad * coef.clone().reshape([1; D]),
+            None => grad,
+        };
         if c.weight_decay > 0.0 && !excluded_from_decay(&path) {
             p = p.clone() - p * (self.lr * c.weight_decay);
         }

@@ -112,6 +112,9 @@ pub struct Recipe {
     pub gradient_accumulation_steps: usize,
     pub gradient_checkpointing: bool,
     pub gradient_checkpointing_kwargs: Option<serde_json::Value>,
+    /// transformers' switch for Liger's fused kernels; here it selects the chunked head (the
+    /// logits computed a chunk of tokens at a time, never held whole).
+    pub use_liger_kernel: bool,
     pub weight_decay: f64,
     pub adam_beta1: f64,
     pub adam_beta2: f64,
@@ -219,6 +222,7 @@ impl Default for Recipe {
             gradient_accumulation_steps: 1,
             gradient_checkpointing: false,
             gradient_checkpointing_kwargs: None,
+            use_liger_kernel: false,
             weight_decay: 0.0,
             adam_beta1: 0.9,
             adam_beta2: 0.999,

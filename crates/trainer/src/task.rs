@@ -1,18 +1,34 @@
-//! The seam between the training loop and an objective: what one example is, how a micro-batch
-//! of them becomes a loss, and how much each counts.
+//! The seam between the training loop and an objective: what one example is, which rows and
+//! labels a micro-batch of them puts through the model, how the per-row log-probabilities
+//! become a loss, and how much each micro-batch counts.
 //!
-//! The loop is objective-agnostic. Each optimizer step sums [`Task::loss`] over its micro-batches
-//! and divides by the total [`Task::weight`] of the step, so the gradient equals that of one big
+//! The loop is objective-agnostic. Each optimizer step sums the micro-batches' losses and
+//! divides by the total [`Task::weight`] of the step, so the gradient equals that of one big
 //! batch: a token-mean for SFT/CPT (transformers' `num_items_in_batch` normalisation), a pair-mean
 //! for DPO/ORPO. The per-objective files (`tasks/sft.rs`, `tasks/dpo.rs`, `tasks/orpo.rs`) are
 //! where the objectives differ.
+//!
+//! An objective never sees logits: it gets [`SequenceLogps`] — per-row sums of the labelled
+//! tokens' log-probabilities and the statistics TRL logs — for each of its label sets. That is
+//! what lets the step compute them from the full logits ([`Task::loss`]) or chunk by chunk from
+//! the hidden states without ever holding the logits (`crate::step`), with the same result.
 
-use alignment_models::CausalLm;
+use alignment_models::{Batch, CausalLm};
+use alignment_objectives::logprobs::sequence_logps_many;
+use alignment_objectives::{DeferredMetrics, SequenceLogps};
 use burn::tensor::backend::Backend;
-use burn::tensor::Tensor;
+use burn::tensor::{Int, Tensor};
 
 /// Named metric values of a micro-batch (means over its examples), TRL's names.
 pub type MetricValues = Vec<(String, f64)>;
+
+/// What one forward pass scores for a micro-batch: the padded rows and one or more label sets
+/// over them (`[rows, seq]` each, `IGNORE_INDEX` where nothing is scored).
+#[derive(Debug, Clone)]
+pub struct Scoring<B: Backend> {
+    pub batch: Batch,
+    pub label_sets: Vec<Tensor<B, 2, Int>>,
+}
 
 /// An objective as the training loop drives it.
 pub trait Task {
@@ -28,8 +44,31 @@ pub trait Task {
     /// Real (non-padding) tokens the forward pass processes, for tokens/s.
     fn num_tokens(&self, examples: &[&Self::Example]) -> usize;
 
+    /// The rows and label sets the forward pass of `examples` scores.
+    fn scoring<B: Backend>(&self, examples: &[&Self::Example], device: &B::Device) -> Scoring<B>;
+
     /// The loss of `examples` summed (not averaged) over what [`Task::weight`] counts, shape
-    /// `[1]`, and their metrics as means. Runs on the autodiff backend in training and on the
-    /// inner backend in evaluation.
-    fn loss<B: Backend>(&self, model: &CausalLm<B>, examples: &[&Self::Example], device: &B::Device) -> (Tensor<B, 1>, MetricValues);
+    /// `[1]`, and their metrics (as means, read later), from the per-row log-probabilities of
+    /// each label set of [`Task::scoring`], in its order. Only `SequenceLogps::sum` may carry
+    /// gradient.
+    fn loss_from_logps<B: Backend>(
+        &self,
+        logps: Vec<SequenceLogps<B>>,
+        examples: &[&Self::Example],
+        device: &B::Device,
+    ) -> (Tensor<B, 1>, DeferredMetrics<B>);
+
+    /// The loss and metrics of `examples` through the full logits: the plain path (evaluation,
+    /// tests, training without the chunked head). Reads the metrics back at once.
+    fn loss<B: Backend>(&self, model: &CausalLm<B>, examples: &[&Self::Example], device: &B::Device) -> (Tensor<B, 1>, MetricValues) {
+        let scoring = self.scoring::<B>(examples, device);
+        let logps = sequence_logps_many(model.forward(&scoring.batch, None), scoring.label_sets);
+        let (loss, metrics) = self.loss_from_logps(logps, examples, device);
+        (loss, metric_values(metrics))
+    }
+}
+
+/// Reads deferred metrics into `(name, value)` pairs.
+pub fn metric_values<B: Backend>(metrics: DeferredMetrics<B>) -> MetricValues {
+    metrics.read().iter().map(|(k, v)| (k.to_string(), v)).collect()
 }

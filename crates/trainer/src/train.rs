@@ -18,16 +18,23 @@ use crate::logging::{self, MetricsAccumulator, MetricsLog};
 use crate::optimizer::{AdamW, AdamWConfig};
 use crate::recipe::{Recipe, ResumeFrom};
 use crate::schedule::{Schedule, ScheduleKind};
-use crate::task::Task;
+use crate::step::{forward_backward, StepOptions};
+use crate::task::{metric_values, Task};
 use crate::TrainError;
 use alignment_models::{load_pretrained, CausalLm};
 use burn::module::AutodiffModule;
-use burn::optim::{GradientsAccumulator, GradientsParams};
+use alignment_objectives::DeferredMetrics;
+use burn::optim::GradientsAccumulator;
+use burn::tensor::Tensor;
 use burn::tensor::backend::AutodiffBackend;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use std::path::PathBuf;
 use std::time::Instant;
+
+/// Logits per head chunk with `use_liger_kernel` (2²⁵ values, 128 MiB in f32): 256 tokens of a
+/// 128k vocabulary, 682 of SmolLM2's 49k.
+pub const HEAD_CHUNK_VALUES: usize = 1 << 25;
 
 /// When to save checkpoints (`save_strategy`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -82,6 +89,10 @@ pub struct TrainerConfig {
     pub quiet: bool,
     /// Save adapters instead of the full model (set by the caller that attached them).
     pub adapter: Option<AdapterOutput>,
+    /// The shape of each micro-batch's forward and backward pass (checkpointing, chunked head).
+    pub step: StepOptions,
+    /// Compute the head in chunks (`use_liger_kernel`); the chunk size follows the vocabulary.
+    pub chunked_head: bool,
 }
 
 impl TrainerConfig {
@@ -153,6 +164,12 @@ impl TrainerConfig {
             tokenizer_dir: None,
             quiet: false,
             adapter: None,
+            step: StepOptions {
+                gradient_checkpointing: recipe.gradient_checkpointing,
+                head_chunk_tokens: None,
+                dropout_seed: 0,
+            },
+            chunked_head: recipe.use_liger_kernel,
         })
     }
 
@@ -234,10 +251,31 @@ pub fn evaluate<B: burn::tensor::backend::Backend, T: Task>(
     batch_size: usize,
     device: &B::Device,
 ) -> Vec<(String, f64)> {
+    evaluate_with(model, task, examples, batch_size, None, device)
+}
+
+/// [`evaluate`], computing the head `head_chunk_tokens` tokens at a time when given (the
+/// chunked head of training: the full logits never exist).
+pub fn evaluate_with<B: burn::tensor::backend::Backend, T: Task>(
+    model: &CausalLm<B>,
+    task: &T,
+    examples: &[T::Example],
+    batch_size: usize,
+    head_chunk_tokens: Option<usize>,
+    device: &B::Device,
+) -> Vec<(String, f64)> {
     let mut acc = MetricsAccumulator::default();
     for chunk in examples.chunks(batch_size.max(1)) {
         let refs: Vec<&T::Example> = chunk.iter().collect();
-        let (_, metrics) = task.loss(model, &refs, device);
+        let metrics = match head_chunk_tokens {
+            None => task.loss(model, &refs, device).1,
+            Some(tokens) => {
+                let scoring = task.scoring::<B>(&refs, device);
+                let hidden = model.hidden_states(&scoring.batch, None);
+                let logps = alignment_objectives::chunked_sequence_logps(hidden, model.head_weight(), scoring.label_sets, tokens);
+                metric_values(task.loss_from_logps(logps, &refs, device).1)
+            }
+        };
         acc.add(metrics.iter().map(|(k, v)| (k.as_str(), *v)), task.weight(&refs));
     }
     acc.means("eval_")
@@ -278,6 +316,18 @@ pub fn train_with<B: AutodiffBackend, T: Task>(
     let plan = StepPlan::new(train.len(), &global);
     let fingerprint = config.fingerprint(train.len(), task.name(), world);
     let mut optimizer = AdamW::<B::InnerBackend>::new(config.adamw);
+    let mut config = config.clone();
+    if model.has_quantized_layers() && !config.step.gradient_checkpointing {
+        // burn's matmul keeps its operands for the backward pass: without checkpointing every
+        // layer's dequantized weight would stay resident (PEFT's prepare_model_for_kbit_training
+        // turns checkpointing on by default for the same reason).
+        eprintln!("note: the 4-bit base trains with gradient checkpointing (its layers are dequantized one at a time)");
+        config.step.gradient_checkpointing = true;
+    }
+    if config.chunked_head {
+        config.step.head_chunk_tokens = Some(alignment_objectives::chunk_tokens_for(model.config.vocab_size, HEAD_CHUNK_VALUES));
+    }
+    let config = &config;
     let mut model = model;
     let mut start = 0;
     if let Some(dir) = &config.resume_from {
@@ -327,12 +377,16 @@ pub fn train_with<B: AutodiffBackend, T: Task>(
 
     // Every rank evaluates the whole eval set (identical weights, identical results); rank 0 logs.
     if config.eval_on_start && start == 0 && !eval.is_empty() {
-        let metrics = evaluate(&model.valid(), task, eval, config.eval_batch_size, device);
+        let metrics = evaluate_with(&model.valid(), task, eval, config.eval_batch_size, config.step.head_chunk_tokens, device);
         check(parallel.as_deref())?;
         write_log(logging::entry(0, 0.0, &metrics))?;
     }
 
     let mut window = MetricsAccumulator::default();
+    // Metrics and gradient norms of the window's steps, still on the device (one process):
+    // read when the window is logged, so no step waits for the device.
+    let mut pending: Vec<(DeferredMetrics<B>, f64)> = Vec::new();
+    let mut pending_norms: Vec<Tensor<B::InnerBackend, 1>> = Vec::new();
     let mut window_tokens = 0usize;
     let mut window_seconds = 0.0f64; // training time only: evaluation and saving are excluded
     let mut total_tokens = 0usize;
@@ -343,9 +397,9 @@ pub fn train_with<B: AutodiffBackend, T: Task>(
         // Normalised by the weight of the whole global step, whichever rank computes a part.
         let step_weight: f64 = batches.iter().map(|b| task.weight(b)).sum::<f64>().max(f64::MIN_POSITIVE);
         let mut accumulator = GradientsAccumulator::<CausalLm<B>>::new();
-        let mut step_metrics = MetricsAccumulator::default();
+        let mut step_pending = Vec::new();
         let mut step_tokens = 0;
-        for batch in &batches {
+        for (micro, batch) in batches.iter().enumerate() {
             // `counted: false` is a zero-weighted pass of a rank without examples, run only to
             // take part in ZeRO-3's collectives inside the passes.
             let (examples, counted) = match parallel.as_deref() {
@@ -358,41 +412,61 @@ pub fn train_with<B: AutodiffBackend, T: Task>(
             if examples.is_empty() {
                 continue;
             }
-            let (loss_sum, metrics) = task.loss(&model, examples, device);
-            let loss = loss_sum.mul_scalar(if counted { 1.0 / step_weight } else { 0.0 });
-            let grads = GradientsParams::from_grads(loss.backward(), &model);
+            let options = StepOptions { dropout_seed: dropout_seed(config.seed, step, micro), ..config.step };
+            let scale = if counted { 1.0 / step_weight } else { 0.0 };
+            let metrics = forward_backward(&model, task, examples, scale, &options, &mut accumulator, device);
             check(parallel.as_deref())?;
-            accumulator.accumulate(&model, grads);
             if counted {
-                step_metrics.add(metrics.iter().map(|(k, v)| (k.as_str(), *v)), task.weight(examples));
+                step_pending.push((metrics, task.weight(examples)));
                 step_tokens += task.num_tokens(examples);
             }
         }
         if let Some(p) = parallel.as_deref_mut() {
+            // The ranks' metrics are summed now (a collective), so they are read every step.
+            let mut step_metrics = MetricsAccumulator::default();
+            for (metrics, weight) in step_pending.drain(..) {
+                step_metrics.add(metric_values(metrics).iter().map(|(k, v)| (k.as_str(), *v)), weight);
+            }
             let (sums, tokens) = p.reduce_metrics(step_metrics.sums(), step_tokens)?;
-            step_metrics.clear();
-            step_metrics.add_sums(&sums);
+            window.add_sums(&sums);
             step_tokens = tokens;
         }
-        window.add_sums(&step_metrics.sums());
+        pending.append(&mut step_pending);
         window_tokens += step_tokens;
         total_tokens += step_tokens;
         let lr = schedule.lr(step as usize);
-        let (updated, report) = match parallel.as_deref_mut() {
-            None => optimizer.step(lr, model, &accumulator.grads()),
+        let grads = accumulator.grads();
+        model = match parallel.as_deref_mut() {
+            None => {
+                let (updated, report) = optimizer.step(lr, model, &grads);
+                pending_norms.push(report.grad_norm);
+                updated
+            }
             Some(p) => {
                 optimizer.step += 1;
-                p.step(&config.adamw, optimizer.step, lr, model, &accumulator.grads())?
+                let (updated, report) = p.step(&config.adamw, optimizer.step, lr, model, &grads)?;
+                window.add([("grad_norm", report.grad_norm)], 1.0);
+                updated
             }
         };
-        model = updated;
-        window.add([("grad_norm", report.grad_norm)], 1.0);
         window_seconds += step_start.elapsed().as_secs_f64();
         let done = step + 1;
         bar.set_position(done);
 
         let last = done == plan.total_steps;
         if done % config.logging_steps == 0 || (config.logging_first_step && done == 1) || last {
+            // Reading waits for the device to finish the window's steps: training time.
+            let read_start = Instant::now();
+            for (metrics, weight) in pending.drain(..) {
+                window.add(metric_values(metrics).iter().map(|(k, v)| (k.as_str(), *v)), weight);
+            }
+            if !pending_norms.is_empty() {
+                let norms: Vec<f64> = Tensor::cat(std::mem::take(&mut pending_norms), 0).into_data().iter::<f64>().collect();
+                for norm in norms {
+                    window.add([("grad_norm", norm)], 1.0);
+                }
+            }
+            window_seconds += read_start.elapsed().as_secs_f64();
             let elapsed = window_seconds.max(1e-9);
             let mut values = window.means("");
             values.push(("learning_rate".into(), lr));
@@ -408,7 +482,7 @@ pub fn train_with<B: AutodiffBackend, T: Task>(
         let epoch_end = done % plan.steps_per_epoch == 0;
         let eval_now = config.eval_steps.is_some_and(|n| done % n.max(1) == 0) || (last && config.eval_steps.is_some());
         if eval_now && !eval.is_empty() {
-            let metrics = evaluate(&model.valid(), task, eval, config.eval_batch_size, device);
+            let metrics = evaluate_with(&model.valid(), task, eval, config.eval_batch_size, config.step.head_chunk_tokens, device);
             check(parallel.as_deref())?;
             let loss = metrics.iter().find(|(k, _)| k == "eval_loss").map_or(f64::NAN, |(_, v)| *v);
             bar.println(format!("step {done}: eval_loss {loss:.4}"));
@@ -465,6 +539,12 @@ pub fn train_with<B: AutodiffBackend, T: Task>(
         p.barrier()?;
     }
     Ok((model, TrainOutcome { steps: plan.total_steps, history, model_dir: config.output_dir.clone() }))
+}
+
+/// The seed of micro-batch `micro`'s LoRA dropout masks at `step`: a function of the run's seed
+/// and the position in it, so a resumed run draws the same masks.
+fn dropout_seed(seed: u64, step: u64, micro: usize) -> u64 {
+    seed.wrapping_mul(0x2545_F491_4F6C_DD1D) ^ step.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ (micro as u64).wrapping_add(1).wrapping_mul(0xBF58_476D_1CE4_E5B9)
 }
 
 /// The first failure of a collective inside the last forward/backward pass (ZeRO-3 gathers

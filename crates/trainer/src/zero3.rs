@@ -201,7 +201,7 @@ fn partitionable<B: Backend>(model: &mut CausalLm<B>) -> Vec<(String, &mut Linea
     let parameter_path = |peft: String| format!("{}.weight", peft.strip_prefix("model.").unwrap_or(&peft));
     linear_layers_mut(model)
         .into_iter()
-        .filter(|(_, linear)| linear.compressed.is_none())
+        .filter(|(_, linear)| linear.compressed.is_none() && linear.quantized.is_none())
         .map(|(path, linear)| (parameter_path(path), linear))
         .collect()
 }

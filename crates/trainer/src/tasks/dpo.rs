@@ -10,10 +10,11 @@
 //! step would give the same numbers at twice the forward cost.
 
 use crate::sequence::{collate, Sequence};
-use crate::task::{MetricValues, Task};
+use crate::task::{Scoring, Task};
 use alignment_models::CausalLm;
 use alignment_objectives::dpo::{dpo_loss, DpoConfig};
 use alignment_objectives::logprobs::sequence_logps;
+use alignment_objectives::{DeferredMetrics, SequenceLogps};
 use burn::tensor::backend::Backend;
 use burn::tensor::{Tensor, TensorData};
 use serde::{Deserialize, Serialize};
@@ -79,18 +80,21 @@ impl Task for DpoTask {
         examples.iter().map(|p| p.num_tokens()).sum()
     }
 
-    fn loss<B: Backend>(&self, model: &CausalLm<B>, pairs: &[&PreferencePair], device: &B::Device) -> (Tensor<B, 1>, MetricValues) {
+    fn scoring<B: Backend>(&self, pairs: &[&PreferencePair], device: &B::Device) -> Scoring<B> {
+        let (batch, labels) = collate::<B>(&concatenated_rows(pairs), self.pad_id, device);
+        Scoring { batch, label_sets: vec![labels] }
+    }
+
+    fn loss_from_logps<B: Backend>(&self, mut logps: Vec<SequenceLogps<B>>, pairs: &[&PreferencePair], device: &B::Device) -> (Tensor<B, 1>, DeferredMetrics<B>) {
         let n = pairs.len();
-        let (chosen, rejected) = concatenated_forward(model, pairs, self.pad_id, device).split_at(n);
-        let reference_of =
-            |p: &&PreferencePair| p.reference.expect("reference log-probs are computed before training (precompute_reference)");
+        let (chosen, rejected) = logps.pop().expect("one label set").split_at(n);
+        let reference_of = |p: &&PreferencePair| p.reference.expect("reference log-probs are computed before training (precompute_reference)");
         let column = |i: usize| {
             let values: Vec<f32> = pairs.iter().map(|p| reference_of(p)[i] as f32).collect();
             Tensor::<B, 1>::from_data(TensorData::new(values, [n]), device)
         };
         let out = dpo_loss(&chosen, &rejected, column(0), column(1), &self.config);
-        let metrics = out.metrics().iter().map(|(k, v)| (k.to_string(), v)).collect();
-        (out.losses.sum(), metrics)
+        (out.losses.clone().sum(), out.deferred_metrics())
     }
 }
 

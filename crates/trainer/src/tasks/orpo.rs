@@ -4,10 +4,9 @@
 //! (`alignment_objectives::orpo`).
 
 use crate::sequence::{collate, IGNORE_INDEX};
-use crate::task::{MetricValues, Task};
+use crate::task::{Scoring, Task};
 use crate::tasks::dpo::{concatenated_rows, PreferencePair};
-use alignment_models::CausalLm;
-use alignment_objectives::logprobs::sequence_logps_many;
+use alignment_objectives::{DeferredMetrics, SequenceLogps};
 use alignment_objectives::orpo::{orpo_loss, OrpoConfig};
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData};
@@ -34,8 +33,7 @@ impl Task for OrpoTask {
         examples.iter().map(|p| p.num_tokens()).sum()
     }
 
-    fn loss<B: Backend>(&self, model: &CausalLm<B>, pairs: &[&PreferencePair], device: &B::Device) -> (Tensor<B, 1>, MetricValues) {
-        let n = pairs.len();
+    fn scoring<B: Backend>(&self, pairs: &[&PreferencePair], device: &B::Device) -> Scoring<B> {
         let rows = concatenated_rows(pairs);
         let (batch, completion_labels) = collate::<B>(&rows, self.pad_id, device);
         // TRL's NLL term: labels = input ids wherever the attention mask is 1 (prompt included).
@@ -47,14 +45,17 @@ impl Task for OrpoTask {
             .flat_map(|(ids, row)| ids.iter().enumerate().map(move |(t, &id)| if t < row.num_tokens() { id as i64 } else { IGNORE_INDEX }))
             .collect();
         let full_labels = Tensor::<B, 2, Int>::from_data(TensorData::new(full, [rows_n, width]), device);
-        let mut scored = sequence_logps_many(model.forward(&batch, None), vec![completion_labels, full_labels]);
-        let full = scored.pop().expect("two label sets");
-        let completion = scored.pop().expect("two label sets");
+        Scoring { batch, label_sets: vec![completion_labels, full_labels] }
+    }
+
+    fn loss_from_logps<B: Backend>(&self, mut logps: Vec<SequenceLogps<B>>, pairs: &[&PreferencePair], _device: &B::Device) -> (Tensor<B, 1>, DeferredMetrics<B>) {
+        let n = pairs.len();
+        let full = logps.pop().expect("two label sets");
+        let completion = logps.pop().expect("two label sets");
         let (chosen, rejected) = completion.split_at(n);
         let (chosen_full, _) = full.split_at(n);
         let out = orpo_loss(&chosen, &rejected, chosen_full.mean_nll(), &self.config);
-        let metrics = out.metrics().iter().map(|(k, v)| (k.to_string(), v)).collect();
         // The step's loss is the mean over pairs: scale this micro-batch's mean by its size.
-        (out.loss * n as f64, metrics)
+        (out.loss.clone() * n as f64, out.deferred_metrics())
     }
 }

@@ -4,9 +4,9 @@
 //! loss per micro-batch with open-instruct's `reduce_loss: sum`.
 
 use crate::sequence::{collate, Sequence};
-use crate::task::{MetricValues, Task};
-use alignment_models::CausalLm;
-use alignment_objectives::sft::{sft_loss, Reduction};
+use crate::task::{Scoring, Task};
+use alignment_objectives::sft::{Reduction, SftOutput};
+use alignment_objectives::{DeferredMetrics, SequenceLogps};
 use burn::tensor::backend::Backend;
 use burn::tensor::Tensor;
 
@@ -41,13 +41,18 @@ impl Task for SftTask {
         examples.iter().map(|e| e.num_tokens()).sum()
     }
 
-    fn loss<B: Backend>(&self, model: &CausalLm<B>, examples: &[&Sequence], device: &B::Device) -> (Tensor<B, 1>, MetricValues) {
+    fn scoring<B: Backend>(&self, examples: &[&Sequence], device: &B::Device) -> Scoring<B> {
         let (batch, labels) = collate::<B>(examples, self.pad_id, device);
-        let out = sft_loss(model.forward(&batch, None), labels, Reduction::Sum);
+        Scoring { batch, label_sets: vec![labels] }
+    }
+
+    fn loss_from_logps<B: Backend>(&self, mut logps: Vec<SequenceLogps<B>>, examples: &[&Sequence], _device: &B::Device) -> (Tensor<B, 1>, DeferredMetrics<B>) {
+        let logps = logps.pop().expect("one label set");
+        let loss_sum = logps.sum_nll();
+        let out = SftOutput { loss: loss_sum, logps };
+        // The logged loss is this micro-batch's token mean (the count is known on the host).
         let scored = examples.iter().map(|e| e.num_scored()).sum::<usize>().max(1) as f64;
-        let metrics: MetricValues =
-            out.metrics().iter().map(|(name, value)| (name.to_string(), if name == "loss" { value / scored } else { value })).collect();
-        let loss_sum = out.loss;
-        (loss_sum, metrics)
+        let metrics = out.deferred_metrics().map(move |m| m.iter().map(|(name, value)| (name.to_string(), if name == "loss" { value / scored } else { value })).collect());
+        (out.loss, metrics)
     }
 }

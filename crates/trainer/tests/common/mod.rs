@@ -2,10 +2,9 @@
 
 #![allow(dead_code)]
 
-use alignment_models::CausalLm;
-use alignment_objectives::Reduction;
+use alignment_objectives::{DeferredMetrics, Reduction, SequenceLogps};
 use alignment_trainer::tasks::SftTask;
-use alignment_trainer::{MetricValues, Sequence, Task, IGNORE_INDEX};
+use alignment_trainer::{Scoring, Sequence, Task, IGNORE_INDEX};
 use burn::tensor::backend::Backend;
 use burn::tensor::Tensor;
 use std::path::PathBuf;
@@ -32,7 +31,7 @@ pub fn task() -> SftTask {
     SftTask { reduction: Reduction::Mean, pad_id: 0, name: "sft" }
 }
 
-/// SFT that runs `before_loss` before each loss evaluation: how a test slows, counts or ends
+/// SFT that runs `before_loss` before each micro-batch's forward pass: how a test slows, counts or ends
 /// the process it runs in at a chosen point of training.
 pub struct HookedSft<F: Fn()> {
     pub inner: SftTask,
@@ -50,8 +49,11 @@ impl<F: Fn()> Task for HookedSft<F> {
     fn num_tokens(&self, examples: &[&Sequence]) -> usize {
         self.inner.num_tokens(examples)
     }
-    fn loss<B: Backend>(&self, model: &CausalLm<B>, examples: &[&Sequence], device: &B::Device) -> (Tensor<B, 1>, MetricValues) {
+    fn scoring<B: Backend>(&self, examples: &[&Sequence], device: &B::Device) -> Scoring<B> {
         (self.before_loss)();
-        self.inner.loss(model, examples, device)
+        self.inner.scoring(examples, device)
+    }
+    fn loss_from_logps<B: Backend>(&self, logps: Vec<SequenceLogps<B>>, examples: &[&Sequence], device: &B::Device) -> (Tensor<B, 1>, DeferredMetrics<B>) {
+        self.inner.loss_from_logps(logps, examples, device)
     }
 }
