@@ -3,8 +3,9 @@
 //! (`config.json`, `model.safetensors` or a sharded index, f32/bf16/f16 weights), runs the
 //! forward pass with causal, padding, sliding-window and packed-document masks, generates text
 //! with a key/value cache, and saves back in the layout transformers loads. Logits match
-//! transformers to 1e-4 on tiny random checkpoints (tests/parity.rs). It knows nothing of
-//! datasets, losses or optimisers.
+//! transformers to 1e-4 on tiny random checkpoints (tests/parity.rs). It also reads llama.cpp's
+//! GGUF files ([`gguf`]: dequantised, renamed and converted back to the Hugging Face layout, with
+//! the tokenizer the file describes). It knows nothing of datasets, losses or optimisers.
 
 pub mod attention;
 pub mod compressed;
@@ -12,6 +13,7 @@ pub mod config;
 pub mod error;
 pub mod family;
 pub mod generate;
+pub mod gguf;
 pub mod init;
 pub mod layers;
 pub mod model;
@@ -23,6 +25,7 @@ pub use compressed::CompressedWeight;
 pub use config::{Architecture, ModelConfig};
 pub use error::ModelError;
 pub use generate::{generate, GenerationConfig};
+pub use gguf::{convert_gguf, load_gguf, GgufModel};
 pub use init::random_model;
 pub use model::{Batch, CausalLm, KvCache};
 pub use pretrained::{load_pretrained, load_pretrained_compressed, save_pretrained, write_pretrained};
