@@ -20,6 +20,7 @@ use sha2::{Digest, Sha256};
 use std::fs::File;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 /// The PyPI index used when `$ALIGNMENT_HANDBOOK_PYPI_INDEX` is not set.
@@ -59,8 +60,26 @@ fn download_error(url: &str, message: impl ToString) -> ReferenceError {
     ReferenceError::Download { url: url.to_string(), message: message.to_string() }
 }
 
+/// An HTTP client trusting Mozilla's root certificates and the system's (so a TLS-inspecting
+/// proxy whose CA is installed system-wide works, as it does for pip and cargo), honouring
+/// `HTTPS_PROXY`/`ALL_PROXY`.
 fn agent() -> ureq::Agent {
-    ureq::AgentBuilder::new().timeout_connect(Duration::from_secs(30)).timeout_read(Duration::from_secs(120)).build()
+    let mut roots = rustls::RootCertStore::empty();
+    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    let native = rustls_native_certs::load_native_certs();
+    roots.add_parsable_certificates(native.certs);
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("ring supports the default TLS versions")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    ureq::AgentBuilder::new()
+        .tls_config(Arc::new(tls))
+        .try_proxy_from_env(true)
+        .timeout_connect(Duration::from_secs(30))
+        .timeout_read(Duration::from_secs(120))
+        .build()
 }
 
 fn get(agent: &ureq::Agent, url: &str, accept: &str) -> Result<ureq::Response, ReferenceError> {
