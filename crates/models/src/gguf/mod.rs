@@ -168,7 +168,7 @@ fn hf_name(gguf: &str) -> Option<String> {
 /// Undoes llama.cpp's `permute(w, n_head)`: within each head, GGUF row `2 d + j` is Hugging Face
 /// row `j * dim + d` (`dim` = half the head's rows).
 fn unpermute_rows(values: &[f32], rows: usize, cols: usize, heads: usize) -> Result<Vec<f32>, String> {
-    if heads == 0 || rows % (2 * heads) != 0 {
+    if heads == 0 || !rows.is_multiple_of(2 * heads) {
         return Err(format!("{rows} rows do not split into {heads} heads of rotary pairs"));
     }
     let dim = rows / heads / 2;

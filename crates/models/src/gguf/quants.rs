@@ -120,7 +120,7 @@ impl GgmlType {
     pub fn dequantize(self, bytes: &[u8], n: usize) -> Result<Vec<f32>, String> {
         let (block, type_size) =
             self.block().ok_or_else(|| format!("{} cannot be dequantised (supported: {})", self.name(), Self::SUPPORTED))?;
-        if n % block != 0 || bytes.len() != n / block * type_size {
+        if !n.is_multiple_of(block) || bytes.len() != n / block * type_size {
             return Err(format!("{} values of {} need {} bytes, found {}", n, self.name(), n.div_ceil(block) * type_size, bytes.len()));
         }
         let mut out = vec![0f32; n];
