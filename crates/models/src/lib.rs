@@ -9,6 +9,8 @@
 pub mod attention;
 pub mod compressed;
 pub mod config;
+#[cfg(feature = "ndarray")]
+mod cpu;
 pub mod decode;
 pub mod error;
 pub mod family;
