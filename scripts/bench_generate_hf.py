@@ -7,7 +7,7 @@ Request JSON: {"prompts": [[ids...], ...], "batch_sizes": [1, 8], "new_tokens": 
   For each batch size b, the first b prompts are left-padded (pad = eos) and generated greedily for
   exactly new_tokens tokens (no stopping at EOS, so both sides produce the same number of tokens),
   with the KV cache, float32, transformers' default attention. The first run warms up; the best of
-  `repeats` timed runs is reported.
+  `repeats` timed runs is reported (repeats 0: one run, no warm-up, for tests that need the tokens).
 Output JSON: {"transformers_version", "torch_version", "threads",
               "runs": [{"batch_size", "seconds", "tokens_per_second", "tokens": [[ids...], ...]}]}
 """
@@ -54,9 +54,11 @@ def main():
                     temperature=None, top_p=None, top_k=None,
                 )
 
-        out = run()  # warm-up
+        repeats = int(request.get("repeats", 1))
+        if repeats > 0:
+            run()  # warm-up
         best = None
-        for _ in range(int(request.get("repeats", 1))):
+        for _ in range(max(repeats, 1)):
             start = time.perf_counter()
             out = run()
             seconds = time.perf_counter() - start
