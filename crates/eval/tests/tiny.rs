@@ -130,7 +130,7 @@ fn every_task_runs_and_writes_the_judges_formats() {
 fn stop_strings_cut_the_completion() {
     let model = tiny_model(2);
     let prompt = model.chat_prompt(&[alignment_data::Message::new("user", "hi")], "t").unwrap();
-    let free = model.generate(&[prompt.clone()], &alignment_eval::SamplingParams::greedy(12), &Progress::hidden()).unwrap();
+    let free = model.generate(std::slice::from_ref(&prompt), &alignment_eval::SamplingParams::greedy(12), &Progress::hidden()).unwrap();
     let text = &free[0].text;
     // Stop at the first character generated, if any: the completion becomes empty and ends early.
     if let Some(first) = text.chars().next() {

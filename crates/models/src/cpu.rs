@@ -115,8 +115,9 @@ pub(crate) fn project<B: Backend>(x: Tensor<B, 3>, w: Tensor<B, 2>) -> Result<Te
     }
     let x: Tensor<Cpu, 3> = cast(x).unwrap_or_else(|_| unreachable!("B is NdArray<f32>"));
     let w: Tensor<Cpu, 2> = cast(w).unwrap_or_else(|_| unreachable!("B is NdArray<f32>"));
-    let give_back =
-        |x: Tensor<Cpu, 3>, w: Tensor<Cpu, 2>| Err((cast(x).ok().expect("B is NdArray<f32>"), cast(w).ok().expect("B is NdArray<f32>")));
+    let give_back = |x: Tensor<Cpu, 3>, w: Tensor<Cpu, 2>| {
+        Err((cast(x).unwrap_or_else(|_| unreachable!("B is NdArray<f32>")), cast(w).unwrap_or_else(|_| unreachable!("B is NdArray<f32>"))))
+    };
     let [batch, seq, inner] = x.dims();
     let (TensorPrimitive::Float(xp), TensorPrimitive::Float(wp)) = (x.clone().into_primitive(), w.clone().into_primitive()) else {
         return give_back(x, w);
@@ -133,5 +134,5 @@ pub(crate) fn project<B: Backend>(x: Tensor<B, 3>, w: Tensor<B, 2>) -> Result<Te
     let out = y.ncols();
     let y = y.into_shape_with_order((batch, seq, out)).expect("a standard-layout [batch * seq, out] array");
     let y = NdArrayTensor::from(y.into_dyn().into_shared());
-    Ok(cast(Tensor::<Cpu, 3>::from_primitive(TensorPrimitive::Float(y))).ok().expect("B is NdArray<f32>"))
+    Ok(cast(Tensor::<Cpu, 3>::from_primitive(TensorPrimitive::Float(y))).unwrap_or_else(|_| unreachable!("B is NdArray<f32>")))
 }

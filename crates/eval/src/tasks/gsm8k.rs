@@ -173,7 +173,7 @@ mod tests {
     fn prompts_follow_open_instruct() {
         let e = Problem { question: "1+1?".into(), solution: "1+1=2.\n#### 2".into(), answer: "2".into() };
         assert_eq!(
-            prompt_prefix(&[e.clone()]),
+            prompt_prefix(std::slice::from_ref(&e)),
             "Answer the following questions.\n\nQuestion: 1+1?\nAnswer: 1+1=2. So the answer is 2.\n\n"
         );
         assert_eq!(prompt_prefix(&[]), "Answer the following question.\n\n");

@@ -374,9 +374,11 @@ pub struct IfEvalPrompt {
     pub instructions: Vec<Instruction>,
 }
 
-/// Reads the rows; prompts with an instruction outside [`SUPPORTED`] are returned separately (by
-/// key) with the unsupported ids.
-pub fn prompts(dataset: &Dataset) -> Result<(Vec<IfEvalPrompt>, Vec<(Value, Vec<String>)>), EvalError> {
+/// A skipped prompt: its key and the instruction ids outside [`SUPPORTED`].
+pub type Skipped = (Value, Vec<String>);
+
+/// Reads the rows; prompts with an instruction outside [`SUPPORTED`] are returned separately.
+pub fn prompts(dataset: &Dataset) -> Result<(Vec<IfEvalPrompt>, Vec<Skipped>), EvalError> {
     let mut kept = Vec::new();
     let mut skipped = Vec::new();
     for (i, row) in dataset.rows.iter().enumerate() {
