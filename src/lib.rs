@@ -8,6 +8,7 @@
 
 pub use alignment_core as core;
 pub use alignment_data as data;
+pub use alignment_eval as eval;
 pub use alignment_models as models;
 pub use alignment_objectives as objectives;
 pub use alignment_trainer as trainer;
