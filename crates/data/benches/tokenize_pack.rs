@@ -8,10 +8,10 @@
 //! - `pack_only`: best-fit-decreasing packing of already tokenized examples.
 //!
 //! Tokenizer: SmolLM2-135M-Instruct from `$ALIGNMENT_HANDBOOK_CACHE` (default
-//! `~/.cache/alignment-handbook`)`/models/SmolLM2-135M-Instruct`, made by
-//! `scripts/convert_smollm2.py`; when it is absent, the tiny tokenizer of the test fixtures, with
-//! a message saying so (its numbers are not comparable). Also prints packing efficiency on the
-//! conversations and on a log-normal length distribution.
+//! `~/.cache/alignment-handbook`)`/models/SmolLM2-135M-Instruct`, made on the first use of the
+//! default model (any example without `--model_name_or_path`); when it is absent, the tiny
+//! tokenizer of the test fixtures, with a message saying so (its numbers are not comparable).
+//! Also prints packing efficiency on the conversations and on a log-normal length distribution.
 //!
 //! `cargo bench -p alignment-data --bench tokenize_pack -- --warm-up-time 1 --measurement-time 5`
 
@@ -166,8 +166,8 @@ fn tokenizer_dir() -> PathBuf {
     }
     let tiny = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tokenization/tiny-chatml");
     eprintln!(
-        "tokenizer: SmolLM2-135M-Instruct not found at {} (make it with `$(bash scripts/reference_env.sh) \
-         scripts/convert_smollm2.py`); using the tiny test tokenizer {} instead: its numbers are NOT comparable",
+        "tokenizer: SmolLM2-135M-Instruct not found at {} (make it with `cargo run --release --example generate -- \
+         --prompt Hi`); using the tiny test tokenizer {} instead: its numbers are NOT comparable",
         smollm2.display(),
         tiny.display()
     );

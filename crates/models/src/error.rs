@@ -29,6 +29,10 @@ pub enum ModelError {
     /// The checkpoint has tensors the architecture does not use.
     #[error("unexpected tensors in {path}: {names:?}")]
     UnexpectedTensors { path: PathBuf, names: Vec<String> },
+    /// A GGUF file is malformed, or asks for something this reader does not support; the
+    /// message names the metadata key or tensor.
+    #[error("GGUF file {path}: {message}")]
+    Gguf { path: PathBuf, message: String },
     /// A generation request is malformed (empty prompt, ...).
     #[error("invalid generation request: {0}")]
     Generation(String),

@@ -1,10 +1,11 @@
 //! Autoregressive decoding with a key/value cache: greedy (temperature 0) or sampled with
 //! temperature and nucleus (top-p) filtering.
 
+use crate::decode::generate_batch;
 use crate::error::ModelError;
-use crate::model::{Batch, CausalLm, KvCache};
+use crate::model::CausalLm;
 use burn::tensor::backend::Backend;
-use rand::{rngs::StdRng, Rng, SeedableRng};
+use rand::{rngs::StdRng, Rng};
 
 /// How to decode.
 #[derive(Debug, Clone)]
@@ -29,6 +30,7 @@ impl Default for GenerationConfig {
 
 /// Generates a continuation of `prompt`, calling `on_token` as each token is chosen (for
 /// streaming output). Returns the new tokens, including a final stop token if one was produced.
+/// A batch of one for [`crate::decode::generate_batch`].
 pub fn generate<B: Backend>(
     model: &CausalLm<B>,
     prompt: &[u32],
@@ -38,25 +40,27 @@ pub fn generate<B: Backend>(
     if prompt.is_empty() {
         return Err(ModelError::Generation("the prompt has no tokens".into()));
     }
-    let mut rng = StdRng::seed_from_u64(config.seed);
-    let mut cache = KvCache::new(model.layers.len());
-    let mut generated = Vec::new();
-    let mut step = Batch::from_ids(vec![prompt.to_vec()]);
-    for _ in 0..config.max_new_tokens {
-        let logits = model.forward(&step, Some(&mut cache));
-        let [_, seq, vocab] = logits.dims();
-        let last = logits.slice([0..1, seq - 1..seq, 0..vocab]);
-        let row: Vec<f32> = last.into_data().convert::<f32>().into_vec().expect("f32 after convert");
-        let token = if config.temperature <= 0.0 { argmax(&row) } else { sample(&row, config, &mut rng) };
-        generated.push(token);
-        on_token(token);
-        if config.stop_tokens.contains(&token) {
-            break;
-        }
-        let position = cache.len() as i64;
-        step = Batch { input_ids: vec![vec![token]], position_ids: vec![vec![position]], attention_mask: None, document_ids: None };
+    let mut streamed = 0;
+    let mut generations = generate_batch(model, &[prompt.to_vec()], config, |_, tokens| {
+        tokens[streamed..].iter().for_each(|&t| on_token(t));
+        streamed = tokens.len();
+        false
+    })?;
+    let tokens = generations.pop().map(|g| g.tokens).unwrap_or_default();
+    // The callback does not see the token that ended generation on a stop token.
+    tokens[streamed.min(tokens.len())..].iter().for_each(|&t| on_token(t));
+    Ok(tokens)
+}
+
+/// The next token from one row of logits: the argmax when `config.temperature` is 0 (ties to the
+/// lowest id, as `torch.argmax`), else a draw from the temperature-scaled, top-p-filtered
+/// distribution.
+pub(crate) fn choose_token(row: &[f32], config: &GenerationConfig, rng: &mut StdRng) -> u32 {
+    if config.temperature <= 0.0 {
+        argmax(row)
+    } else {
+        sample(row, config, rng)
     }
-    Ok(generated)
 }
 
 fn argmax(row: &[f32]) -> u32 {

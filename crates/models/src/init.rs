@@ -4,16 +4,17 @@
 //!
 //! Initialisation follows transformers' `_init_weights` for these families: every projection
 //! and the embedding drawn from N(0, `initializer_range`) (0.02 unless config.json says
-//! otherwise), RMSNorm scales one (zero for Gemma, whose norm computes `1 + w`). Dense weights
-//! are drawn on the device by the backend's generator (`B::seed`), so a 1B model costs no host
-//! work; weights a quantizer turns into a compact form (QLoRA's NF4) are drawn on the host
-//! from a seeded generator, in parallel, since quantization needs host values.
+//! otherwise), RMSNorm scales one (zero for Gemma, whose norm computes `1 + w`). Every weight is
+//! drawn on the host from its own seeded stream (seed and tensor index), in parallel, one tensor
+//! at a time: the same seed gives the same model whatever else runs at the time — the backend's
+//! generator (`B::seed`) is global to the process, so two models built at once from it (two
+//! tests in parallel) would share one stream and differ.
 
 use crate::config::ModelConfig;
 use crate::pretrained::{assemble, Quantizer, Weight, WeightRole};
 use crate::quantized::QuantizedWeight;
 use crate::{CausalLm, ModelError};
-use burn::tensor::{backend::Backend, Distribution, Tensor, TensorData};
+use burn::tensor::{backend::Backend, TensorData};
 
 /// transformers' default `initializer_range`.
 const DEFAULT_INIT_STD: f64 = 0.02;
@@ -29,17 +30,18 @@ pub fn random_model<B: Backend>(
 ) -> Result<CausalLm<B>, ModelError> {
     let std = config.raw.get("initializer_range").and_then(|v| v.as_f64()).unwrap_or(DEFAULT_INIT_STD);
     let norm_value = if crate::family::FamilySpec::for_config(&config).norm_unit_offset { 0.0 } else { 1.0 };
-    B::seed(device, seed);
     let mut index = 0u64;
     assemble(config, device, |_name, shape, role| {
         index += 1;
+        if role == WeightRole::Norm {
+            return Ok(Weight::Dense(TensorData::new(vec![norm_value; shape[0]], shape.to_vec())));
+        }
+        let values = host_normal_like(shape[0] * shape[1], std, seed ^ index.wrapping_mul(0x9E37_79B9_7F4A_7C15));
         Ok(match (role, quantize) {
-            (WeightRole::Norm, _) => Weight::Dense(TensorData::new(vec![norm_value; shape[0]], shape.to_vec())),
             (WeightRole::DecoderLinear, Some(quantize)) => {
-                let values = host_normal_like(shape[0] * shape[1], std, seed ^ index.wrapping_mul(0x9E37_79B9_7F4A_7C15));
                 Weight::Quantized(QuantizedWeight::from_parts(&quantize(&values, [shape[0], shape[1]]), device))
             }
-            _ => Weight::Tensor(Tensor::random([shape[0], shape[1]], Distribution::Normal(0.0, std), device)),
+            _ => Weight::Dense(TensorData::new(values, shape.to_vec())),
         })
     })
 }
@@ -91,6 +93,21 @@ mod tests {
         assert!(mean.abs() < 0.005 && (var.sqrt() - 0.02).abs() < 0.004, "mean {mean} std {}", var.sqrt());
         let norm = names.iter().find(|t| t.name == "model.norm.weight").unwrap();
         assert!(norm.values.iter().all(|&v| v == 1.0));
+    }
+
+    #[test]
+    fn a_seed_gives_one_model_even_when_models_are_built_at_once() {
+        let build = || {
+            let model = random_model::<Cpu>(ModelConfig::from_json_str(TINY).unwrap(), 11, &Default::default(), None).unwrap();
+            crate::pretrained::named_tensors(&model).into_iter().map(|t| t.values).collect::<Vec<_>>()
+        };
+        let (a, b) = std::thread::scope(|s| {
+            let a = s.spawn(build);
+            let b = s.spawn(build);
+            (a.join().unwrap(), b.join().unwrap())
+        });
+        assert_eq!(a, b);
+        assert_eq!(a, build());
     }
 
     #[test]

@@ -124,7 +124,13 @@ impl<B: Backend> LoraAdapter<B> {
 ///
 /// Computed as `(W xᵀ)ᵀ`: only the activations are transposed, never the (large) weight, which
 /// the ndarray backend would otherwise copy into a contiguous transposed buffer on every call.
+/// On `NdArray<f32>` itself (inference) `W` is read in place instead ([`crate::cpu`]).
 pub fn project<B: Backend>(x: Tensor<B, 3>, w: Tensor<B, 2>) -> Tensor<B, 3> {
+    #[cfg(feature = "ndarray")]
+    let (x, w) = match crate::cpu::project(x, w) {
+        Ok(y) => return y,
+        Err(inputs) => inputs,
+    };
     let [batch, seq, inner] = x.dims();
     let out = w.dims()[0];
     w.matmul(x.reshape([batch * seq, inner]).transpose()).transpose().reshape([batch, seq, out])

@@ -2,16 +2,22 @@
 //! written in burn, generic over the backend. It reads a Hugging Face model directory
 //! (`config.json`, `model.safetensors` or a sharded index, f32/bf16/f16 weights), runs the
 //! forward pass with causal, padding, sliding-window and packed-document masks, generates text
-//! with a key/value cache, and saves back in the layout transformers loads. Logits match
-//! transformers to 1e-4 on tiny random checkpoints (tests/parity.rs). It knows nothing of
-//! datasets, losses or optimisers.
+//! with a key/value cache (one prompt, or a left-padded batch: [`decode`]), and saves back in the
+//! layout transformers loads. Logits match transformers to 1e-4 on tiny random checkpoints
+//! (tests/parity.rs). It also reads llama.cpp's GGUF files ([`gguf`]: dequantised, renamed and
+//! converted back to the Hugging Face layout, with the tokenizer the file describes). It knows
+//! nothing of datasets, losses or optimisers.
 
 pub mod attention;
 pub mod compressed;
 pub mod config;
+#[cfg(feature = "ndarray")]
+mod cpu;
+pub mod decode;
 pub mod error;
 pub mod family;
 pub mod generate;
+pub mod gguf;
 pub mod init;
 pub mod layers;
 pub mod model;
@@ -23,8 +29,10 @@ pub mod weights;
 pub use compressed::CompressedWeight;
 pub use quantized::{QuantizedParts, QuantizedWeight, ScaleParts};
 pub use config::{Architecture, ModelConfig};
+pub use decode::{generate_batch, generate_batch_seeded, FinishReason, Generation};
 pub use error::ModelError;
 pub use generate::{generate, GenerationConfig};
+pub use gguf::{convert_gguf, load_gguf, GgufModel};
 pub use init::random_model;
 pub use model::{Batch, CausalLm, KvCache, LayerInputs};
 pub use pretrained::{load_pretrained, load_pretrained_quantized, save_pretrained, write_pretrained};
