@@ -122,7 +122,7 @@ fn smollm2() -> PathBuf {
 
 // ---- rows ---------------------------------------------------------------------------------------
 
-fn read_rows(file: &str) -> Vec<Map<String, Json>> {
+fn read_rows(file: &str) -> Rows {
     let text = std::fs::read_to_string(repo_root().join("data/tiny-chat").join(file)).unwrap();
     text.lines().filter(|l| !l.trim().is_empty()).map(|l| serde_json::from_str(l).unwrap()).collect()
 }
@@ -136,9 +136,11 @@ fn but_last(v: &Json) -> Json {
     json!(a[..a.len() - 1])
 }
 
+type Rows = Vec<Map<String, Json>>;
+
 /// The rows of kind `kind` (see the script) handed to TRL, and the raw file rows ours must treat
 /// the same way (`None` where the kind rewrites the rows).
-fn rows_of(kind: &str) -> (Vec<Map<String, Json>>, Option<Vec<Map<String, Json>>>) {
+fn rows_of(kind: &str) -> (Rows, Option<Rows>) {
     let obj = |v: Json| v.as_object().unwrap().clone();
     match kind {
         "messages" => {
@@ -174,16 +176,15 @@ struct Context {
 }
 
 fn recipe_for(case: &Json, golden: &Json) -> Recipe {
-    let mut recipe = Recipe::default();
-    recipe.max_length = usize_of(&case["max_length"]);
-    recipe.truncation_mode = case["truncation_mode"].as_str().map(String::from);
-    recipe.assistant_only_loss = case["assistant_only_loss"].as_bool().unwrap_or(false);
-    recipe.beta = case["beta"].as_f64().unwrap_or(0.1);
-    recipe.per_device_eval_batch_size = usize_of(&case["batch"]).unwrap();
-    if case["template"] == "zephyr" {
-        recipe.chat_template = Some(golden["zephyr_template"].as_str().unwrap().to_string());
+    Recipe {
+        max_length: usize_of(&case["max_length"]),
+        truncation_mode: case["truncation_mode"].as_str().map(String::from),
+        assistant_only_loss: case["assistant_only_loss"].as_bool().unwrap_or(false),
+        beta: case["beta"].as_f64().unwrap_or(0.1),
+        per_device_eval_batch_size: usize_of(&case["batch"]).unwrap(),
+        chat_template: (case["template"] == "zephyr").then(|| golden["zephyr_template"].as_str().unwrap().to_string()),
+        ..Recipe::default()
     }
-    recipe
 }
 
 /// TRL's SFT example of `row` from the compact encoding.
@@ -206,7 +207,7 @@ fn golden_sft(template: &Json, entry: &Json, row: &str) -> TokenizedExample {
 fn golden_orpo(template: &Json, row: &str, lengths: &Json) -> (TokenizedExample, TokenizedExample) {
     let entry = &template["orpo"][row];
     let side = |name: &str, len: usize| {
-        let prompt = ids(entry.get(&format!("{name}_prompt")).unwrap_or(&entry["prompt"]));
+        let prompt = ids(entry.get(format!("{name}_prompt")).unwrap_or(&entry["prompt"]));
         let answer = ids(&entry[name]);
         let answer = &answer[..len];
         let labels = std::iter::repeat_n(IGNORE_INDEX, prompt.len()).chain(answer.iter().map(|&i| i as i64)).collect();
