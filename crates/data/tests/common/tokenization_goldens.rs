@@ -7,8 +7,8 @@
 
 use alignment_data::{
     best_fit_decreasing, format_row, tokenize_conversation, tokenize_dpo_row, tokenize_lm_text, tokenize_orpo, tokenize_orpo_row,
-    tokenize_preference_text, tokenize_sft_row, ChatTemplate, FormatOptions, Formatted, Message, PreferenceRow, RowRef, SftOptions,
-    SftRow, SpecialTokens, Task, TokenizedExample, TruncationMode, IGNORE_INDEX,
+    tokenize_preference_text, tokenize_sft_row, ChatTemplate, FormatOptions, Formatted, Message, PreferenceRow, RowRef, SftOptions, SftRow,
+    SpecialTokens, Task, TokenizedExample, TruncationMode, IGNORE_INDEX,
 };
 use serde_json::{Map, Value as Json};
 use std::collections::BTreeMap;
