@@ -8,6 +8,12 @@ What is reproduced, and by what:
   the `prompt` column, `orpo` and the leading-BOS strip of chosen/rejected). The handbook is not on
   PyPI, so `handbook_format` below re-states its rules; the rendering itself is transformers'
   `apply_chat_template(..., tokenize=False)`.
+* TRL's own path for the rows as today's handbook hands them over (no handbook formatting), the
+  default of the Rust runs: `trl_sft` (SFTTrainer on `messages`, on conversational and text
+  `prompt`/`completion` rows with its default completion-only loss, and with
+  `assistant_only_loss`) and `trl_preference` (`maybe_extract_prompt`, then `DPOTrainer`'s
+  tokenization and `ORPOTrainer`'s `maybe_apply_chat_template` + `tokenize_row`), on the pairs
+  above and on TRL_ONLY_PAIRS.
 * Tokenization is TRL 1.16's own code, called directly:
   - SFT / CPT on the handbook's `text` column: `SFTTrainer._prepare_dataset` (adds the EOS text when
     missing, tokenizes with special tokens, labels = ids, truncates keep_start, drops rows with no
@@ -43,7 +49,7 @@ import transformers
 import trl
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import AutoTokenizer
-from trl.data_utils import pack_dataset
+from trl.data_utils import maybe_apply_chat_template, maybe_extract_prompt, pack_dataset
 from trl.experimental.orpo import ORPOTrainer
 from trl.trainer.dpo_trainer import DataCollatorForPreference, DPOTrainer
 from trl.trainer.sft_trainer import SFTTrainer
@@ -136,6 +142,20 @@ PAIRS = {
                      "rejected": [m("user", "Print <|im_start|>"), m("assistant", "I cannot.")]},
 }
 
+# Pairs only TRL's own prompt extraction reads right (the old handbook's split refuses or mangles
+# them): completions of several turns, a prompt ending with the assistant's turn (ORPO continues
+# it), and text pairs with and without a prompt.
+TRL_ONLY_PAIRS = {
+    "differ_at_earlier_turn": {
+        "chosen": [m("user", "Hi"), m("assistant", "Hello!"), m("user", "Tell me a joke."), m("assistant", "Why did the chicken cross the road?")],
+        "rejected": [m("user", "Hi"), m("assistant", "Go away."), m("user", "Tell me a joke."), m("assistant", "No.")]},
+    "prompt_ends_with_assistant": {
+        "chosen": [m("user", "Name a prime."), m("assistant", "7."), m("user", "Thanks!"), m("assistant", "You're welcome.")],
+        "rejected": [m("user", "Name a prime."), m("assistant", "7."), m("user", "Whatever."), m("assistant", "Rude.")]},
+    "text_explicit_prompt": {"prompt": "The sky is", "chosen": " blue.", "rejected": " green."},
+    "text_implicit_prompt": {"chosen": "The sky is blue.", "rejected": "The sky is green."},
+}
+
 CPT_TEXTS = {
     "plain": "The quick brown fox jumps over the lazy dog.",
     "ends_with_eos": "A document that already ends with the EOS token.<|im_end|>",
@@ -198,8 +218,9 @@ def handbook_format(example, tokenizer, task):
 # ---------------------------------------------------------------------------------------------
 # TRL's code on stand-in trainers.
 
-def sft_prepare(tokenizer, rows, max_length, assistant_only_loss=False, chat_template=None, text_field="text"):
-    fake = types.SimpleNamespace(_tokenizer=tokenizer, completion_only_loss=False, chat_template=chat_template)
+def sft_prepare(tokenizer, rows, max_length, assistant_only_loss=False, chat_template=None, text_field="text",
+                completion_only_loss=False):
+    fake = types.SimpleNamespace(_tokenizer=tokenizer, completion_only_loss=completion_only_loss, chat_template=chat_template)
     args = types.SimpleNamespace(dataset_num_proc=None, dataset_text_field=text_field, max_length=max_length,
                                  truncation_mode="keep_start", assistant_only_loss=assistant_only_loss,
                                  shuffle_dataset=False, packing_strategy="bfd", seed=42)
@@ -306,8 +327,9 @@ def goldens(dir_, name):
         "conversations": CONVERSATIONS,
         "pairs": PAIRS,
         "cpt_texts": CPT_TEXTS,
-        "sft": [], "sft_assistant_only": [], "generation": [], "rm": [], "dpo": [], "dpo_conversational": [],
-        "orpo": [], "cpt": [],
+        "trl_only_pairs": TRL_ONLY_PAIRS,
+        "sft": [], "sft_assistant_only": [], "generation": [], "rm": [], "dpo": [], "orpo": [], "cpt": [],
+        "trl_sft": [], "trl_preference": [],
     }
     for tname, tok in tokenizers_.items():
         conv_names = list(CONVERSATIONS)
@@ -366,28 +388,92 @@ def goldens(dir_, name):
                     out["orpo"].append({"template": tname, "pair": p, "max_length": max_length, **{k: row[k] for k in keys}})
                 except ValueError as e:
                     out["orpo"].append({"template": tname, "pair": p, "max_length": max_length, "error": str(e)})
-        # TRL on conversational preference data (no handbook formatting): prompt = chosen[:-1] etc.
-        conv_rows = []
-        for p in pair_names:
-            pair = PAIRS[p]
-            if is_openai_format(pair.get("prompt")):
-                conv_rows.append({"prompt": pair["prompt"], "chosen": pair["chosen"], "rejected": pair["rejected"]})
-            else:
-                conv_rows.append({"prompt": pair["chosen"][:-1], "chosen": pair["chosen"][-1:], "rejected": pair["rejected"][-1:]})
-        prepared = dpo_prepare(tok, conv_rows, None, "keep_start")
-        for i, p in enumerate(pair_names):
-            out["dpo_conversational"].append({
-                "template": tname, "pair": p, "prompt_ids": prepared[i]["prompt_ids"],
-                "chosen_ids": prepared[i]["chosen_ids"], "rejected_ids": prepared[i]["rejected_ids"]})
+        # TRL's own path on the rows as they are (today's handbook).
+        trl_sft(out, tname, tok, gen_tok)
+        for p, pair in list(PAIRS.items()) + list(TRL_ONLY_PAIRS.items()):
+            row = maybe_extract_prompt(copy.deepcopy(pair))
+            row = {k: row[k] for k in ("prompt", "chosen", "rejected")}
+            case = {"template": tname, "pair": p}
+            case.update({k: v for k, v in dpo_prepare(tok, [row], None, "keep_start")[0].items()
+                         if k in ("prompt_ids", "chosen_ids", "rejected_ids")})
+            texts = maybe_apply_chat_template(row, tok)
+            case["orpo"] = []
+            whole = None
+            for max_length in ORPO_MAX_LENGTHS:  # the longest first: the others' ids are its prefixes
+                try:
+                    o = orpo_tokenize(tok, texts["prompt"], texts["chosen"], texts["rejected"], max_length)
+                    if whole is None:
+                        whole = o
+                        case.update(orpo_chosen_ids=o["chosen_input_ids"], orpo_rejected_ids=o["rejected_input_ids"])
+                    case["orpo"].append({"max_length": max_length, **orpo_compact(o, whole)})
+                except ValueError as e:
+                    case["orpo"].append({"max_length": max_length, "error": str(e)})
+            out["trl_preference"].append(case)
 
     tok = tokenizers_["chatml"]
     names = list(CPT_TEXTS)
+    # Text prompt-completion rows (template-free): EOS added to the completion, the prompt masked.
+    text_rows = [{"prompt": CPT_TEXTS[n][:len(CPT_TEXTS[n]) // 3], "completion": CPT_TEXTS[n][len(CPT_TEXTS[n]) // 3:]}
+                 for n in names]
+    for max_length in SFT_MAX_LENGTHS:
+        prepared = sft_prepare(tok, text_rows, max_length, completion_only_loss=True)
+        for i, n in enumerate(names):
+            case = {"template": "chatml", "kind": "text_prompt_completion", "row": text_rows[i], "max_length": max_length}
+            if i in prepared:
+                case.update(compact_labels(prepared[i]["input_ids"], prepared[i]["labels"]))
+            else:
+                case["dropped"] = True
+            out["trl_sft"].append(case)
     for max_length in SFT_MAX_LENGTHS:
         prepared = sft_prepare(tok, [{"text": CPT_TEXTS[n]} for n in names], max_length)
         for i, n in enumerate(names):
             out["cpt"].append({"text": n, "max_length": max_length, "input_ids": prepared[i]["input_ids"],
                                "labels": prepared[i]["labels"]})
     return out
+
+
+def compact_labels(input_ids, labels):
+    """`input_ids` and `label_mask`, a string with "1" where the label is the id and "0" where it is -100."""
+    assert all(label in (token, -100) for token, label in zip(input_ids, labels)) and len(labels) == len(input_ids)
+    return {"input_ids": input_ids, "label_mask": "".join("1" if label != -100 else "0" for label in labels)}
+
+
+def orpo_compact(row, whole):
+    """An ORPO row as the lengths of its prompt and its (truncated) sequences, whose ids are prefixes of `whole`'s."""
+    entry = {}
+    for side in ("chosen", "rejected"):
+        ids, labels = row[f"{side}_input_ids"], row[f"{side}_labels"]
+        prompt_len = sum(1 for label in labels if label == -100)
+        assert labels == [-100] * prompt_len + ids[prompt_len:]
+        assert whole[f"{side}_input_ids"][:len(ids)] == ids
+        entry[f"{side}_len"], entry[f"{side}_prompt_len"] = len(ids), prompt_len
+    return entry
+
+
+def trl_sft(out, tname, tok, gen_tok):
+    """SFTTrainer on conversations as they are: `messages` (every token labelled) and conversational
+    prompt/completion (TRL's default completion-only loss, also with assistant_only_loss)."""
+    conv_names = list(CONVERSATIONS)
+    kinds = {
+        "messages": lambda c: {"messages": CONVERSATIONS[c]},
+        "prompt_completion": lambda c: {"prompt": CONVERSATIONS[c][:-1], "completion": CONVERSATIONS[c][-1:]},
+    }
+    for kind, make in kinds.items():
+        rows = [make(c) for c in conv_names]
+        # (`messages` with assistant_only_loss is the `sft_assistant_only` section.)
+        settings = [(False, n) for n in SFT_MAX_LENGTHS] if kind == "messages" else [(False, None), (True, None), (True, 48)]
+        for assistant_only, max_length in settings:
+            prepared = sft_prepare(gen_tok if assistant_only else tok, rows, max_length, assistant_only_loss=assistant_only,
+                                   chat_template=GENERATION_TEMPLATES[tname] if assistant_only else None,
+                                   completion_only_loss=kind == "prompt_completion")
+            for i, c in enumerate(conv_names):
+                case = {"template": tname, "kind": kind, "conversation": c, "assistant_only_loss": assistant_only,
+                        "max_length": max_length}
+                if i in prepared:
+                    case.update(compact_labels(prepared[i]["input_ids"], prepared[i]["labels"]))
+                else:
+                    case["dropped"] = True
+                out["trl_sft"].append(case)
 
 
 def write(data, path):

@@ -8,13 +8,12 @@
 //! ```
 
 use crate::reference;
-use alignment_data::format::{
-    format_row, maybe_insert_system_message, messages_from_json, FormatOptions, Formatted, RowRef, Task as DataTask,
-};
+use alignment_data::format::{format_row, FormatOptions, Formatted, RowRef, Task as DataTask};
 use alignment_data::mixer::{mix_datasets, DatasetMixer, MixerConfig, MixerEntry};
-use alignment_data::preference::{tokenize_orpo, tokenize_preference_text, TruncationMode};
+use alignment_data::preference::{tokenize_dpo_row, tokenize_orpo_row, PreferenceRow};
+use alignment_data::sft::{tokenize_sft_row, SftOptions, SftRow};
 use alignment_data::source::DatasetLoader;
-use alignment_data::{pack, tokenize_conversation, tokenize_text, ChatTemplate, DataError, Dataset, TokenizedExample};
+use alignment_data::{pack, tokenize_text, ChatTemplate, DataError, Dataset, TokenizedExample, TruncationMode};
 use alignment_models::{load_pretrained, CausalLm};
 use alignment_objectives::{DpoConfig, DpoLossType, OrpoConfig, Reduction};
 use alignment_peft::{
@@ -273,34 +272,58 @@ fn location(dataset: &Dataset, row: usize) -> String {
     RowRef::new(&dataset.name, row).to_string()
 }
 
-/// SFT examples: each conversation (with the handbook's empty system turn inserted) tokenized,
-/// labelled on assistant turns when `assistant_only_loss`, else on every token; packed when
-/// `packing`.
+/// What TRL 1.16's `SFTConfig`, `DPOConfig` and `ORPOConfig` default `max_length` to.
+pub const TRL_DEFAULT_MAX_LENGTH: usize = 1024;
+
+fn truncation_mode(recipe: &Recipe) -> Result<TruncationMode, RunError> {
+    recipe.truncation_mode().map_err(|e| RunError::Unsupported { key: "truncation_mode", message: e.to_string() })
+}
+
+/// The old handbook's formatting options (`legacy_formatting: true`).
+fn legacy_options(recipe: &Recipe) -> FormatOptions {
+    FormatOptions {
+        auto_insert_empty_system_msg: recipe.auto_insert_empty_system_msg.unwrap_or(true),
+        text_column: recipe.text_column.clone(),
+    }
+}
+
+/// SFT examples, as TRL 1.16's `SFTTrainer` builds them from the rows today's handbook passes it
+/// (`alignment_data::sft`): conversations rendered by the chat template as at inference,
+/// `assistant_only_loss` / `completion_only_loss` masks, truncated to `max_length`
+/// (`max_seq_length`; default 1024) by `truncation_mode`, rows left without a label dropped;
+/// packed when `packing`. With `legacy_formatting: true`, each conversation is first formatted
+/// as the old handbook did (`alignment_data::format`, empty system turn inserted) and TRL's
+/// text-row path tokenizes the text.
 pub fn sft_examples(recipe: &Recipe, tools: &TextTools, dataset: &Dataset) -> Result<Vec<Sequence>, RunError> {
-    let max_length = recipe.sft_max_length();
+    let max_length = recipe.sft_max_length().or(Some(TRL_DEFAULT_MAX_LENGTH));
+    let options = SftOptions {
+        max_length,
+        truncation_mode: truncation_mode(recipe)?,
+        packing: recipe.packing,
+        assistant_only_loss: recipe.assistant_only_loss,
+        completion_only_loss: recipe.completion_only_loss,
+        dataset_text_field: recipe.dataset_text_field.clone().unwrap_or_else(|| "text".into()),
+    };
+    if recipe.legacy_formatting && recipe.assistant_only_loss {
+        return Err(RunError::Unsupported {
+            key: "assistant_only_loss",
+            message: "needs conversations, and legacy_formatting hands TRL formatted text (the old handbook predates assistant_only_loss)"
+                .into(),
+        });
+    }
     let mut examples = Vec::with_capacity(dataset.len());
     for (i, row) in dataset.rows.iter().enumerate() {
         let at = RowRef::new(&dataset.name, i);
-        let value = row.get("messages").ok_or_else(|| DataError::RowMissingColumn {
-            dataset: dataset.name.clone(),
-            row: i,
-            column: "messages".into(),
-            task: "sft".into(),
-            present: row.keys().cloned().collect::<Vec<_>>().join(", "),
-        })?;
-        let mut messages = messages_from_json(value, at, "messages")?;
-        if recipe.auto_insert_empty_system_msg {
-            maybe_insert_system_message(&mut messages, &tools.template);
+        let sft_row = if recipe.legacy_formatting {
+            let formatted = format_row(row, &tools.template, DataTask::Sft, &legacy_options(recipe), at)?;
+            SftRow::Text(formatted.text().unwrap_or_default().to_string())
+        } else {
+            SftRow::from_row(row, &options.dataset_text_field, at)?
+        };
+        let eos = tools.template.eos_token();
+        if let Some(example) = tokenize_sft_row(&tools.template, &tools.tokenizer, &sft_row, &options, eos, at)? {
+            examples.push(example);
         }
-        let example = tokenize_conversation(
-            &tools.template,
-            &tools.tokenizer,
-            &messages,
-            recipe.assistant_only_loss,
-            max_length,
-            &location(dataset, i),
-        )?;
-        examples.push(example);
     }
     Ok(finish_lm_examples(examples, recipe.packing, max_length, tools.pad_id))
 }
@@ -325,41 +348,43 @@ fn finish_lm_examples(examples: Vec<TokenizedExample>, packing: bool, max_length
     }
 }
 
-/// Preference pairs for DPO (TRL's DPOTrainer tokenization of the handbook's formatted
-/// prompt/chosen/rejected texts, truncated to `max_length`) or ORPO (ORPOTrainer's).
+/// Preference pairs for DPO or ORPO, as TRL 1.16's `DPOTrainer` (prompt extraction,
+/// tokenization, `DataCollatorForPreference`'s truncation to `max_length` by `truncation_mode`,
+/// rows whose prompt fills `max_length` dropped under `keep_start`) and `ORPOTrainer`
+/// (`apply_chat_template`, `tokenize_row`) build them from the rows today's handbook passes
+/// (`alignment_data::preference`); `max_length` defaults to TRL's 1024. With
+/// `legacy_formatting: true`, rows are first formatted to texts as the old handbook did.
 pub fn preference_examples(
     recipe: &Recipe,
     tools: &TextTools,
     dataset: &Dataset,
     objective: Objective,
 ) -> Result<Vec<PreferencePair>, RunError> {
-    let options =
-        FormatOptions { auto_insert_empty_system_msg: recipe.auto_insert_empty_system_msg, text_column: recipe.text_column.clone() };
     let task = if objective == Objective::Orpo { DataTask::Orpo } else { DataTask::Dpo };
-    let mode: TruncationMode = recipe
-        .truncation_side
-        .as_deref()
-        .map(|s| if s == "left" { "keep_end" } else { "keep_start" })
-        .unwrap_or("keep_start")
-        .parse()
-        .expect("valid mode");
+    let mode = truncation_mode(recipe)?;
+    let max_length = recipe.max_length.unwrap_or(TRL_DEFAULT_MAX_LENGTH);
     let mut pairs = Vec::with_capacity(dataset.len());
     for (i, row) in dataset.rows.iter().enumerate() {
         let at = RowRef::new(&dataset.name, i);
-        let Formatted::Preference { prompt, chosen, rejected } = format_row(row, &tools.template, task, &options, at)? else {
-            unreachable!("dpo/orpo rows format to preference triples")
+        let pair = if recipe.legacy_formatting {
+            let Formatted::Preference { prompt, chosen, rejected } = format_row(row, &tools.template, task, &legacy_options(recipe), at)?
+            else {
+                unreachable!("dpo/orpo rows format to preference triples")
+            };
+            PreferenceRow::Text { prompt, chosen, rejected }
+        } else {
+            PreferenceRow::from_row(row, task.name(), at)?
         };
         let here = location(dataset, i);
         let (chosen, rejected) = if objective == Objective::Orpo {
-            let max = recipe.max_length.unwrap_or(512);
-            let e = tokenize_orpo(&tools.tokenizer, &prompt, &chosen, &rejected, tools.bos_id, tools.eos_id, max, &here)?;
+            let e = tokenize_orpo_row(&tools.template, &tools.tokenizer, &pair, tools.bos_id, tools.eos_id, max_length, &here)?;
             (e.chosen, e.rejected)
         } else {
-            let ids = tokenize_preference_text(&tools.tokenizer, &prompt, &chosen, &rejected, tools.template.eos_token(), &here)?;
-            if !ids.kept(recipe.max_length, mode) {
+            let ids = tokenize_dpo_row(&tools.template, &tools.tokenizer, &pair, &here)?;
+            if !ids.kept(Some(max_length), mode) {
                 continue;
             }
-            ids.sequences(recipe.max_length, mode)
+            ids.sequences(Some(max_length), mode)
         };
         pairs.push(PreferencePair { chosen: chosen.into(), rejected: rejected.into(), reference: None });
     }

@@ -16,6 +16,8 @@ fn smollm2_tokenization_matches_trl() {
     let text = std::fs::read_to_string(&path).expect("smollm2.json (run scripts/make_tokenization_goldens.py)");
     let goldens: serde_json::Value = serde_json::from_str(&text).expect("smollm2.json parses");
     let (failures, checked) = tokenization_goldens::check(&goldens, &dir);
-    assert!(checked.get("dpo").copied().unwrap_or(0) > 0 && checked.get("sft_assistant_only").copied().unwrap_or(0) > 0);
+    for section in ["dpo", "sft_assistant_only", "trl_sft", "trl_preference"] {
+        assert!(checked.get(section).copied().unwrap_or(0) > 0, "no `{section}` case was checked: {checked:?}");
+    }
     assert!(failures.is_empty(), "{} cases differ from TRL/handbook (checked {checked:?}):\n\n{}", failures.len(), failures.join("\n\n"));
 }

@@ -3,7 +3,7 @@
 //!
 //! - `sft_assistant_only`: `tokenize_conversation(assistant_only=true)` (prefix rendering to find
 //!   the assistant's tokens; TRL's `assistant_only_loss`) + best-fit packing;
-//! - `sft_text`: the handbook's path — `format_row(Task::Sft)` (empty system turn, render),
+//! - `sft_text`: the old handbook's path (`legacy_formatting: true`) — `format_row(Task::Sft)` (empty system turn, render),
 //!   `tokenize_lm_text` (TRL's text rows), packing;
 //! - `pack_only`: best-fit-decreasing packing of already tokenized examples.
 //!

@@ -181,6 +181,35 @@ impl ChatTemplate {
         template.render(Value::from(ctx)).map_err(|e| self.render_error(e))
     }
 
+    /// Renders `messages` so that the text ends inside the last message, for the model to continue
+    /// it: transformers' `apply_chat_template(..., continue_final_message=True)`. A marker is
+    /// appended to the last message's content, the conversation rendered, and the text cut where
+    /// the marker starts (and right-trimmed when the template trimmed what followed the content).
+    pub fn render_continuing(&self, messages: &[Message]) -> Result<String, DataError> {
+        const TAG: &str = "CONTINUE_FINAL_MESSAGE_TAG ";
+        let Some(last) = messages.last() else {
+            return Err(DataError::EmptyConversation { location: format!("chat template `{}` (continue_final_message)", self.name) });
+        };
+        let refuse = |message: String| DataError::TemplateRender { message: format!("`{}`: continue_final_message: {message}", self.name) };
+        if !self.source.contains("content") {
+            return Err(refuse("\"content\" is not an accepted field in the chat template".into()));
+        }
+        let mut tagged = messages.to_vec();
+        tagged.last_mut().expect("not empty").content.push_str(TAG);
+        let rendered = self.render(&tagged, false)?;
+        let marker = TAG.trim();
+        match rendered.rfind(marker) {
+            Some(at) if rendered.contains(last.content.trim()) => {
+                if rendered[at..].starts_with(TAG) {
+                    Ok(rendered[..at].to_string())
+                } else {
+                    Ok(rendered[..at].trim_end().to_string())
+                }
+            }
+            _ => Err(refuse(format!("the final message {:?} does not appear in the rendered chat", last.content.trim()))),
+        }
+    }
+
     fn render_error(&self, e: minijinja::Error) -> DataError {
         let mut source = std::error::Error::source(&e);
         while let Some(s) = source {

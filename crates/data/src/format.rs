@@ -1,5 +1,9 @@
-//! Per-task formatting of dataset rows into text, as alignment-handbook does before handing the
-//! rows to TRL.
+//! The old handbook's per-task formatting of dataset rows into text — the **legacy** path, used
+//! only with the recipe key `legacy_formatting: true` (and for CPT's raw text column). Today's
+//! handbook passes conversations to TRL unformatted; that default path is [`crate::sft`] and
+//! [`crate::preference`]. With a template that has a default system prompt (SmolLM2, Qwen) the two
+//! differ in every example: the empty system turn inserted here replaces that prompt, and DPO's
+//! chosen/rejected rendered on their own carry the template's system prompt and role header.
 //!
 //! Reproduces `apply_chat_template(example, tokenizer, task, auto_insert_empty_system_msg)` and
 //! `maybe_insert_system_message` of alignment-handbook v0.4 (`src/alignment/data.py`, the version

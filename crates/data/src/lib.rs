@@ -15,6 +15,7 @@ pub mod parquet_file;
 pub mod preference;
 mod pyjson;
 mod pystr;
+pub mod sft;
 pub mod shuffle;
 pub mod source;
 pub mod tokenize;
@@ -30,8 +31,10 @@ pub use hub::{HubClient, HubConfig, RepoSnapshot};
 pub use mixer::{mix_datasets, mix_mixture, DatasetMixer, DatasetMixture, MixedSplits, MixerConfig, MixerEntry, MixtureDataset};
 pub use pack::{best_fit_decreasing, pack, pack_in_batches, packing_efficiency, PackedRow};
 pub use preference::{
-    tokenize_orpo, tokenize_preference_conversation, tokenize_preference_text, OrpoExample, PreferenceIds, TruncationMode,
+    extract_prompt, render_preference, tokenize_dpo_row, tokenize_orpo, tokenize_orpo_row, tokenize_preference_conversation,
+    tokenize_preference_text, OrpoExample, PreferenceIds, PreferenceRow,
 };
+pub use sft::{tokenize_sft_row, SftOptions, SftRow};
 pub use shuffle::{permutation, NumpyRng};
 pub use source::{load_file, load_local, resolve_split_files, DatasetLoader, SplitSource};
-pub use tokenize::{tokenize_conversation, tokenize_lm_text, tokenize_text, TokenizedExample, IGNORE_INDEX};
+pub use tokenize::{tokenize_conversation, tokenize_lm_text, tokenize_text, TokenizedExample, TruncationMode, IGNORE_INDEX};

@@ -1,10 +1,19 @@
-//! Preference pairs to token ids, as TRL 1.16 prepares them for DPO and ORPO.
+//! Preference pairs to token ids, as TRL 1.16 prepares them for DPO and ORPO — what today's
+//! handbook (`scripts/dpo.py`, `scripts/orpo.py`, which pass the rows to TRL unformatted) trains on.
 //!
-//! **DPO** (`trl.DPOTrainer._prepare_dataset` + `DataCollatorForPreference`):
-//! - text rows (what the handbook's formatting produces, [`crate::format`]): the EOS text is
-//!   appended to chosen and rejected unless they end with it; `prompt`, `prompt + chosen` and
-//!   `prompt + rejected` (string concatenation) are tokenized with the tokenizer's special tokens
-//!   ([`tokenize_preference_text`]);
+//! **Rows** ([`PreferenceRow::from_row`], TRL's `maybe_extract_prompt`): `chosen` and `rejected`
+//! are both conversations or both strings. A `prompt` of the same kind is the explicit prompt;
+//! otherwise (no `prompt`, or one of the other kind, such as UltraFeedback's string `prompt` beside
+//! conversational pairs) the prompt is the longest shared prefix of `chosen` and `rejected`, whole
+//! messages for conversations, characters for strings ([`extract_prompt`]), and each completion is
+//! the rest. (TRL's `DPOTrainer` extracts only when there is no `prompt` column at all and fails on
+//! a string `prompt` beside conversations; today's handbook recipes keep only `chosen` and
+//! `rejected` for that reason. Its `ORPOTrainer` extracts as here.)
+//!
+//! **DPO** (`trl.DPOTrainer._prepare_dataset` + `DataCollatorForPreference`, [`tokenize_dpo_row`]):
+//! - text rows: the EOS text is appended to chosen and rejected unless they end with it;
+//!   `prompt`, `prompt + chosen` and `prompt + rejected` (string concatenation) are tokenized with
+//!   the tokenizer's special tokens ([`tokenize_preference_text`]);
 //! - conversational rows: the prompt is rendered with the generation prompt, `prompt + chosen` and
 //!   `prompt + rejected` without, each tokenized without special tokens
 //!   ([`tokenize_preference_conversation`]);
@@ -15,35 +24,21 @@
 //! - the collator concatenates prompt + completion, truncates each sequence to `max_length`
 //!   (keep the start, or the end), and marks the completion ([`PreferenceIds::sequences`]).
 //!
-//! **ORPO** (`trl.experimental.orpo.ORPOTrainer.tokenize_row`, on the handbook's text rows):
-//! [`tokenize_orpo`].
+//! **ORPO** (`trl.experimental.orpo.ORPOTrainer`, [`tokenize_orpo_row`]): conversations are first
+//! rendered to text as TRL's `apply_chat_template` does for an explicit prompt
+//! ([`render_preference`]), then `ORPOTrainer.tokenize_row` tokenizes the texts
+//! ([`tokenize_orpo`]).
+//!
+//! The old handbook's formatting (the legacy opt-in, [`crate::format`]) produces text rows, which
+//! go through the same text paths.
 
 use crate::chat_template::{ChatTemplate, Message};
 use crate::error::DataError;
-use crate::tokenize::{encode_ids, TokenizedExample, IGNORE_INDEX};
+use crate::format::{messages_from_json, PreferenceMessages, RowRef};
+pub use crate::tokenize::TruncationMode;
+use crate::tokenize::{common_prefix_length, encode_ids, TokenizedExample, IGNORE_INDEX};
+use serde_json::{Map, Value as Json};
 use tokenizers::Tokenizer;
-
-/// Which end of a too-long sequence truncation keeps (TRL's `truncation_mode`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum TruncationMode {
-    /// `keep_start` (TRL's default): drop tokens from the end.
-    #[default]
-    KeepStart,
-    /// `keep_end` (deprecated in TRL 1.16): drop tokens from the start.
-    KeepEnd,
-}
-
-impl std::str::FromStr for TruncationMode {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "keep_start" => Ok(Self::KeepStart),
-            "keep_end" => Ok(Self::KeepEnd),
-            other => Err(format!("Unsupported truncation mode: {other}, expected 'keep_start' or 'keep_end'")),
-        }
-    }
-}
 
 /// A tokenized preference pair before truncation (TRL's `prompt_ids`, `chosen_ids`,
 /// `rejected_ids` dataset columns).
@@ -52,10 +47,6 @@ pub struct PreferenceIds {
     pub prompt_ids: Vec<u32>,
     pub chosen_ids: Vec<u32>,
     pub rejected_ids: Vec<u32>,
-}
-
-fn common_prefix_length(a: &[u32], b: &[u32]) -> usize {
-    a.iter().zip(b).take_while(|(x, y)| x == y).count()
 }
 
 impl PreferenceIds {
@@ -135,6 +126,162 @@ pub fn tokenize_preference_conversation(
     let chosen_full = encode_ids(tokenizer, &template.render(&joined(chosen), false)?, false, location)?;
     let rejected_full = encode_ids(tokenizer, &template.render(&joined(rejected), false)?, false, location)?;
     Ok(PreferenceIds::from_full(&prompt_ids, &chosen_full, &rejected_full))
+}
+
+/// A preference row as TRL reads it (see the module docs).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PreferenceRow {
+    /// Conversations: prompt, chosen and rejected messages.
+    Conversation(PreferenceMessages),
+    /// Strings.
+    Text { prompt: String, chosen: String, rejected: String },
+}
+
+impl PreferenceRow {
+    /// Reads `row`'s `chosen`, `rejected` and optional `prompt` as TRL's `maybe_extract_prompt`
+    /// does. `task` (`dpo`, `orpo`) names the task in errors. A pair with no shared prompt is an
+    /// error (TRL would fail on the empty prompt).
+    pub fn from_row(row: &Map<String, Json>, task: &str, at: RowRef<'_>) -> Result<Self, DataError> {
+        let column = |name: &str| {
+            row.get(name).ok_or_else(|| DataError::RowMissingColumn {
+                dataset: at.dataset.into(),
+                row: at.row,
+                column: name.into(),
+                task: task.into(),
+                present: row.keys().cloned().collect::<Vec<_>>().join(", "),
+            })
+        };
+        let no_prompt = || DataError::EmptyConversation {
+            location: format!(
+                "{at}: the prompt (`chosen` and `rejected` share no leading message or text, and there is no `prompt` of their kind)"
+            ),
+        };
+        match (column("chosen")?, column("rejected")?) {
+            (chosen @ Json::Array(_), rejected @ Json::Array(_)) => {
+                let chosen = messages_from_json(chosen, at, "chosen")?;
+                let rejected = messages_from_json(rejected, at, "rejected")?;
+                if let Some(prompt @ Json::Array(_)) = row.get("prompt") {
+                    let prompt = messages_from_json(prompt, at, "prompt")?;
+                    return Ok(PreferenceRow::Conversation(PreferenceMessages { prompt, chosen, rejected }));
+                }
+                let (prompt, chosen, rejected) = extract_prompt(&chosen, &rejected, |_| false);
+                if prompt.is_empty() {
+                    return Err(no_prompt());
+                }
+                Ok(PreferenceRow::Conversation(PreferenceMessages { prompt, chosen, rejected }))
+            }
+            (Json::String(chosen), Json::String(rejected)) => {
+                if let Some(Json::String(prompt)) = row.get("prompt") {
+                    return Ok(PreferenceRow::Text { prompt: prompt.clone(), chosen: chosen.clone(), rejected: rejected.clone() });
+                }
+                let (c, r): (Vec<char>, Vec<char>) = (chosen.chars().collect(), rejected.chars().collect());
+                let (prompt, chosen, rejected) = extract_prompt(&c, &r, |ch| *ch == ' ');
+                if prompt.is_empty() {
+                    return Err(no_prompt());
+                }
+                Ok(PreferenceRow::Text {
+                    prompt: prompt.into_iter().collect(),
+                    chosen: chosen.into_iter().collect(),
+                    rejected: rejected.into_iter().collect(),
+                })
+            }
+            _ => Err(DataError::InvalidColumn {
+                dataset: at.dataset.into(),
+                row: at.row,
+                column: "chosen".into(),
+                message: "`chosen` and `rejected` must both be lists of messages or both be strings".into(),
+            }),
+        }
+    }
+}
+
+/// TRL's `extract_prompt`: the prompt is `chosen[..i]`, where `i` is the first index at which
+/// `chosen` and `rejected` differ (one back when the item before it is a space, `is_space`, as TRL
+/// does for strings), or the last index of the shorter one when they do not differ; the
+/// completions are the rest. Empty inputs give an empty prompt.
+pub fn extract_prompt<T: PartialEq + Clone>(chosen: &[T], rejected: &[T], is_space: impl Fn(&T) -> bool) -> (Vec<T>, Vec<T>, Vec<T>) {
+    let shorter = chosen.len().min(rejected.len());
+    let mut idx = shorter.saturating_sub(1);
+    if let Some(first_difference) = (0..shorter).find(|&i| chosen[i] != rejected[i]) {
+        idx = first_difference;
+        // TRL reads chosen[idx - 1] (the last item when idx is 0, a Python negative index); an
+        // empty prompt is refused by the callers either way, so only idx > 0 matters.
+        if idx > 0 && is_space(&chosen[idx - 1]) {
+            idx -= 1;
+        }
+    }
+    (chosen[..idx].to_vec(), chosen[idx..].to_vec(), rejected[idx..].to_vec())
+}
+
+/// TRL's `apply_chat_template` of an explicit-prompt preference example (what `ORPOTrainer` runs
+/// on conversations): the prompt rendered with the generation prompt when its last turn is the
+/// user's, continuing the final message when it is the assistant's; `prompt + chosen` and
+/// `prompt + rejected` rendered whole; the prompt text cut to what both share with it (templates
+/// that render the prompt differently alone), and each completion the rest of its text.
+pub fn render_preference(
+    template: &ChatTemplate,
+    messages: &PreferenceMessages,
+    location: &str,
+) -> Result<(String, String, String), DataError> {
+    let PreferenceMessages { prompt, chosen, rejected } = messages;
+    let prompt_text = match prompt.last().map(|m| m.role.as_str()) {
+        Some("user" | "tool") => template.render(prompt, true)?,
+        Some("assistant") => template.render_continuing(prompt)?,
+        Some(other) => {
+            return Err(DataError::PreferenceTokens {
+                location: location.into(),
+                message: format!("Invalid role in the last message: {other}"),
+            })
+        }
+        None => return Err(DataError::EmptyConversation { location: format!("{location} (the prompt)") }),
+    };
+    let joined = |completion: &[Message]| prompt.iter().chain(completion).cloned().collect::<Vec<_>>();
+    let prompt_chosen = template.render(&joined(chosen), false)?;
+    let prompt_rejected = template.render(&joined(rejected), false)?;
+    let shared = common_prefix_bytes(&prompt_text, &prompt_chosen).min(common_prefix_bytes(&prompt_text, &prompt_rejected));
+    Ok((prompt_text[..shared].to_string(), prompt_chosen[shared..].to_string(), prompt_rejected[shared..].to_string()))
+}
+
+/// Byte length of the longest common prefix of `a` and `b`, in whole characters.
+fn common_prefix_bytes(a: &str, b: &str) -> usize {
+    a.char_indices().zip(b.chars()).find(|((_, x), y)| x != y).map_or_else(|| a.len().min(b.len()), |((i, _), _)| i)
+}
+
+/// TRL's DPO tokenization of a row (conversations or text, see the module docs); then
+/// [`PreferenceIds::kept`] and [`PreferenceIds::sequences`] apply `max_length`.
+pub fn tokenize_dpo_row(
+    template: &ChatTemplate,
+    tokenizer: &Tokenizer,
+    row: &PreferenceRow,
+    location: &str,
+) -> Result<PreferenceIds, DataError> {
+    match row {
+        PreferenceRow::Conversation(m) => {
+            tokenize_preference_conversation(template, tokenizer, &m.prompt, &m.chosen, &m.rejected, location)
+        }
+        PreferenceRow::Text { prompt, chosen, rejected } => {
+            tokenize_preference_text(tokenizer, prompt, chosen, rejected, template.eos_token(), location)
+        }
+    }
+}
+
+/// TRL's ORPO preparation of a row: conversations rendered by [`render_preference`], then
+/// [`tokenize_orpo`] on the texts.
+#[allow(clippy::too_many_arguments)]
+pub fn tokenize_orpo_row(
+    template: &ChatTemplate,
+    tokenizer: &Tokenizer,
+    row: &PreferenceRow,
+    bos_id: Option<u32>,
+    eos_id: u32,
+    max_length: usize,
+    location: &str,
+) -> Result<OrpoExample, DataError> {
+    let (prompt, chosen, rejected) = match row {
+        PreferenceRow::Conversation(m) => render_preference(template, m, location)?,
+        PreferenceRow::Text { prompt, chosen, rejected } => (prompt.clone(), chosen.clone(), rejected.clone()),
+    };
+    tokenize_orpo(tokenizer, &prompt, &chosen, &rejected, bos_id, eos_id, max_length, location)
 }
 
 /// An ORPO row as `ORPOTrainer.tokenize_row` leaves it: the prompt, and prompt + completion for

@@ -111,7 +111,40 @@ pub fn overlap_mask(offsets: &[(usize, usize)], spans: &[(usize, usize)]) -> Vec
     mask
 }
 
-fn encode(tokenizer: &Tokenizer, text: &str, add_special_tokens: bool, location: &str) -> Result<tokenizers::Encoding, DataError> {
+/// Which end of a too-long sequence truncation keeps (TRL's `truncation_mode`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum TruncationMode {
+    /// `keep_start` (TRL's default): drop tokens from the end.
+    #[default]
+    KeepStart,
+    /// `keep_end` (deprecated in TRL 1.16): drop tokens from the start.
+    KeepEnd,
+}
+
+impl std::str::FromStr for TruncationMode {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "keep_start" => Ok(Self::KeepStart),
+            "keep_end" => Ok(Self::KeepEnd),
+            other => Err(format!("Unsupported truncation mode: {other}, expected 'keep_start' or 'keep_end'")),
+        }
+    }
+}
+
+/// Number of leading ids `a` and `b` share (TRL's `common_prefix_length`): where a completion
+/// starts when the tokenized prompt is not a prefix of the tokenized prompt + completion.
+pub fn common_prefix_length(a: &[u32], b: &[u32]) -> usize {
+    a.iter().zip(b).take_while(|(x, y)| x == y).count()
+}
+
+pub(crate) fn encode(
+    tokenizer: &Tokenizer,
+    text: &str,
+    add_special_tokens: bool,
+    location: &str,
+) -> Result<tokenizers::Encoding, DataError> {
     tokenizer.encode(text, add_special_tokens).map_err(|e| DataError::Tokenizer { location: location.into(), message: e.to_string() })
 }
 

@@ -1,4 +1,5 @@
-//! Per-task formatting (alignment-handbook v0.4's `apply_chat_template`) on hand-written rows:
+//! The legacy per-task formatting (alignment-handbook v0.4's `apply_chat_template`, used with
+//! `legacy_formatting: true`) on hand-written rows:
 //! what each task produces, and the errors for malformed rows, which must name the dataset, the
 //! row and the column. (Byte-exact agreement with the handbook + transformers on many rows is in
 //! `tokenization_golden.rs`.)

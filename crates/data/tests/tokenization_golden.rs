@@ -16,7 +16,8 @@ fn tiny_tokenizer_goldens_match_trl() {
     let text = std::fs::read_to_string(fixtures.join("tiny.json")).expect("tiny.json (run scripts/make_tokenization_goldens.py)");
     let goldens: serde_json::Value = serde_json::from_str(&text).expect("tiny.json parses");
     let (failures, checked) = tokenization_goldens::check(&goldens, &fixtures.join("tiny-chatml"));
-    for section in ["sft", "sft_assistant_only", "generation", "rm", "dpo", "dpo collated", "orpo", "dpo_conversational", "cpt", "packing"]
+    for section in
+        ["sft", "sft_assistant_only", "generation", "rm", "dpo", "dpo collated", "orpo", "trl_sft", "trl_preference", "cpt", "packing"]
     {
         assert!(checked.get(section).copied().unwrap_or(0) > 0, "no `{section}` case was checked: {checked:?}");
     }

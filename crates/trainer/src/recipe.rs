@@ -77,8 +77,18 @@ pub struct Recipe {
     pub columns_to_keep: Option<Vec<String>>,
     pub shuffle: bool,
     pub preprocessing_num_workers: Option<usize>,
+    /// The old handbook's tokenizer truncation side: `left` is TRL's `truncation_mode: keep_end`,
+    /// `right` `keep_start`. Prefer `truncation_mode`.
     pub truncation_side: Option<String>,
-    pub auto_insert_empty_system_msg: bool,
+    /// TRL's `truncation_mode` for SFT and DPO: `keep_start` (default) or `keep_end`.
+    pub truncation_mode: Option<String>,
+    /// Format rows as the old handbook did (alignment-handbook v0.4's `apply_chat_template(task)`:
+    /// an empty system turn inserted, DPO/ORPO chosen and rejected rendered on their own) and hand
+    /// TRL the texts, instead of today's handbook, which hands TRL the conversations (default).
+    pub legacy_formatting: bool,
+    /// Legacy formatting only (`legacy_formatting: true`, where it defaults to true): insert an
+    /// empty system turn when the template mentions one.
+    pub auto_insert_empty_system_msg: Option<bool>,
     pub text_column: String,
     pub dataset_text_field: Option<String>,
     pub dataset_kwargs: Option<serde_json::Value>,
@@ -194,7 +204,9 @@ impl Default for Recipe {
             shuffle: true,
             preprocessing_num_workers: None,
             truncation_side: None,
-            auto_insert_empty_system_msg: true,
+            truncation_mode: None,
+            legacy_formatting: false,
+            auto_insert_empty_system_msg: None,
             text_column: "text".into(),
             dataset_text_field: None,
             dataset_kwargs: None,
@@ -276,6 +288,11 @@ pub const INERT_KEYS: &[&str] = &[
     "hub_strategy",
     "hub_private_repo",
     "dataset_kwargs",
+    // TRL 1.16 has no prompt/completion truncation for decoder-only models: only `max_length`
+    // truncates (DPOConfig dropped `max_prompt_length`; ORPOConfig uses `max_completion_length`
+    // for encoder-decoders only).
+    "max_prompt_length",
+    "max_completion_length",
 ];
 
 impl Recipe {
@@ -344,11 +361,40 @@ impl Recipe {
         ordered
     }
 
-    /// Keys that were set to a non-default value but have no effect in this implementation.
+    /// Keys that were set to a non-default value but have no effect in this implementation (or
+    /// with this recipe's other settings: `auto_insert_empty_system_msg` without
+    /// `legacy_formatting`).
     pub fn inert_keys_set(&self) -> Vec<&'static str> {
         let this = serde_json::to_value(self).expect("serializable");
         let default = serde_json::to_value(Recipe::default()).expect("serializable");
-        INERT_KEYS.iter().copied().filter(|k| this[k] != default[k]).collect()
+        let mut inert: Vec<&'static str> = INERT_KEYS.iter().copied().filter(|k| this[k] != default[k]).collect();
+        if self.auto_insert_empty_system_msg.is_some() && !self.legacy_formatting {
+            inert.push("auto_insert_empty_system_msg (only read with legacy_formatting: true)");
+        }
+        inert
+    }
+
+    /// TRL's `truncation_mode`, from `truncation_mode` or the old handbook's `truncation_side`
+    /// (`left` = `keep_end`); an error for other values or when the two disagree.
+    pub fn truncation_mode(&self) -> Result<alignment_data::TruncationMode, RecipeError> {
+        let invalid = |message: String| RecipeError::Invalid { source_name: "recipe".into(), message };
+        let from_side = match self.truncation_side.as_deref() {
+            None => None,
+            Some("left") => Some("keep_end"),
+            Some("right") => Some("keep_start"),
+            Some(other) => return Err(invalid(format!("truncation_side `{other}`: expected `left` or `right`"))),
+        };
+        match (self.truncation_mode.as_deref(), from_side) {
+            (Some(mode @ ("keep_start" | "keep_end")), side) => match side {
+                Some(side) if side != mode => Err(invalid(format!(
+                    "truncation_mode `{mode}` contradicts truncation_side `{}`",
+                    self.truncation_side.as_deref().unwrap_or_default()
+                ))),
+                _ => Ok(mode.parse().expect("a valid mode")),
+            },
+            (Some(other), _) => Err(invalid(format!("truncation_mode `{other}`: expected `keep_start` or `keep_end`"))),
+            (None, side) => Ok(side.unwrap_or("keep_start").parse().expect("a valid mode")),
+        }
     }
 
     /// The maximum sequence length for SFT/CPT: `max_seq_length` (handbook) or `max_length` (TRL ≥ 0.20).

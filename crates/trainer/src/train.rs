@@ -242,8 +242,11 @@ pub struct TrainOutcome {
     pub model_dir: PathBuf,
 }
 
-/// Evaluates `task` on `examples` (no gradients) and returns its metrics averaged by weight,
-/// each prefixed `eval_`.
+/// Evaluates `task` on `examples` (no gradients) in batches of `batch_size`, in order, and
+/// returns its metrics, each prefixed `eval_`, averaged over the batches as transformers' and
+/// TRL's `evaluate()` do: `eval_loss` is the mean of the batches' losses weighted by their
+/// number of rows (`Trainer.evaluation_loop`), every other metric the plain mean of the
+/// batches' values (the trainers' `log`).
 pub fn evaluate<B: burn::tensor::backend::Backend, T: Task>(
     model: &CausalLm<B>,
     task: &T,
@@ -276,7 +279,10 @@ pub fn evaluate_with<B: burn::tensor::backend::Backend, T: Task>(
                 metric_values(task.loss_from_logps(logps, &refs, device).1)
             }
         };
-        acc.add(metrics.iter().map(|(k, v)| (k.as_str(), *v)), task.weight(&refs));
+        for (name, value) in &metrics {
+            let weight = if name == "loss" { chunk.len() as f64 } else { 1.0 };
+            acc.add([(name.as_str(), *value)], weight);
+        }
     }
     acc.means("eval_")
 }

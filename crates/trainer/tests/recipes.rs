@@ -97,3 +97,26 @@ fn small_cpu_recipes_load() {
         alignment_trainer::TrainerConfig::from_recipe(&r).unwrap();
     }
 }
+
+#[test]
+fn formatting_and_truncation_keys_follow_todays_handbook() {
+    let r = Recipe::from_yaml_str("max_length: 256\n", "t", &[]).unwrap();
+    assert!(!r.legacy_formatting, "TRL's conversational formatting is the default");
+    assert_eq!(r.truncation_mode().unwrap(), alignment_data::TruncationMode::KeepStart);
+    assert!(r.inert_keys_set().is_empty());
+    // The old handbook's keys: the system-turn switch only acts with legacy formatting, and TRL 1.16
+    // has no prompt-length truncation for decoder-only models.
+    let r = Recipe::from_yaml_str("auto_insert_empty_system_msg: false\nmax_prompt_length: 128\n", "t", &[]).unwrap();
+    let inert = r.inert_keys_set();
+    assert!(inert.contains(&"max_prompt_length"), "{inert:?}");
+    assert!(inert.iter().any(|k| k.starts_with("auto_insert_empty_system_msg")), "{inert:?}");
+    let r = Recipe::from_yaml_str("legacy_formatting: true\nauto_insert_empty_system_msg: false\n", "t", &[]).unwrap();
+    assert!(r.legacy_formatting && r.inert_keys_set().is_empty());
+    // truncation_side (the old tokenizer setting) maps onto TRL's truncation_mode; a contradiction is an error.
+    let r = Recipe::from_yaml_str("truncation_side: left\n", "t", &[]).unwrap();
+    assert_eq!(r.truncation_mode().unwrap(), alignment_data::TruncationMode::KeepEnd);
+    let r = Recipe::from_yaml_str("truncation_side: left\ntruncation_mode: keep_start\n", "t", &[]).unwrap();
+    assert!(r.truncation_mode().unwrap_err().to_string().contains("contradicts"));
+    let r = Recipe::from_yaml_str("truncation_mode: keep_middle\n", "t", &[]).unwrap();
+    assert!(r.truncation_mode().unwrap_err().to_string().contains("keep_middle"));
+}

@@ -1,13 +1,14 @@
-//! Checks a goldens file made by `scripts/make_tokenization_goldens.py` (handbook formatting,
-//! TRL 1.16 tokenization of SFT / assistant-only SFT / DPO / ORPO / CPT rows, TRL's BFD packing)
+//! Checks a goldens file made by `scripts/make_tokenization_goldens.py` (the old handbook's
+//! formatting, TRL 1.16 tokenization of SFT / assistant-only SFT / DPO / ORPO / CPT rows, TRL's own
+//! path on unformatted conversations and text pairs, TRL's BFD packing)
 //! against this crate, with the tokenizer the goldens were made with. Shared by the data crate's
 //! `tests/tokenization_golden.rs` (the committed tiny tokenizer) and the root package's
 //! `tests/data_tokenization_golden.rs` (SmolLM2-135M-Instruct), hence a `#[path]` module.
 
 use alignment_data::{
-    best_fit_decreasing, format_row, split_preference, tokenize_conversation, tokenize_lm_text, tokenize_orpo,
-    tokenize_preference_conversation, tokenize_preference_text, ChatTemplate, FormatOptions, Formatted, Message, RowRef, SpecialTokens,
-    Task, TokenizedExample, TruncationMode, IGNORE_INDEX,
+    best_fit_decreasing, format_row, tokenize_conversation, tokenize_dpo_row, tokenize_lm_text, tokenize_orpo, tokenize_orpo_row,
+    tokenize_preference_text, tokenize_sft_row, ChatTemplate, FormatOptions, Formatted, Message, PreferenceRow, RowRef, SftOptions, SftRow,
+    SpecialTokens, Task, TokenizedExample, TruncationMode, IGNORE_INDEX,
 };
 use serde_json::{Map, Value as Json};
 use std::collections::BTreeMap;
@@ -183,16 +184,93 @@ pub fn check(goldens: &Json, tokenizer_dir: &Path) -> (Vec<String>, Checked) {
         }
         count("orpo");
     }
-    for case in goldens["dpo_conversational"].as_array().unwrap() {
+    // TRL's own path on the rows as they are (today's handbook, the runs' default).
+    for case in goldens["trl_sft"].as_array().unwrap() {
+        let kind = case["kind"].as_str().unwrap();
+        let template = &templates[case["template"].as_str().unwrap()];
+        let (label, sft_row) = match kind {
+            "text_prompt_completion" => {
+                let r = &case["row"];
+                let row = SftRow::PromptCompletion {
+                    prompt: r["prompt"].as_str().unwrap().into(),
+                    completion: r["completion"].as_str().unwrap().into(),
+                };
+                (format!("trl_sft {kind} {:?}", r["prompt"]), row)
+            }
+            _ => {
+                let c = case["conversation"].as_str().unwrap();
+                let conv = messages(&conversations[c]);
+                let row = match kind {
+                    "messages" => SftRow::Conversation(conv),
+                    _ => SftRow::ConversationalPromptCompletion {
+                        prompt: conv[..conv.len() - 1].to_vec(),
+                        completion: conv[conv.len() - 1..].to_vec(),
+                    },
+                };
+                (format!("trl_sft {}/{kind}/{c}", case["template"]), row)
+            }
+        };
+        let assistant_only = case["assistant_only_loss"].as_bool().unwrap_or(false);
+        let label = format!("{label} assistant_only_loss={assistant_only} max_length={:?}", max_length(case));
+        let options = SftOptions { max_length: max_length(case), assistant_only_loss: assistant_only, ..SftOptions::default() };
+        let got = tokenize_sft_row(template, &tokenizer, &sft_row, &options, eos.as_deref(), at).unwrap();
+        match (case.get("dropped").and_then(Json::as_bool), got) {
+            (Some(true), None) => {}
+            (Some(true), Some(_)) => f.0.push(format!("{label}: TRL drops the row, ours keeps it")),
+            (_, None) => f.0.push(format!("{label}: ours drops the row, TRL keeps it")),
+            (_, Some(got)) => {
+                let want_ids = ids(&case["input_ids"]);
+                let want_labels: Vec<i64> = want_ids
+                    .iter()
+                    .zip(case["label_mask"].as_str().unwrap().chars())
+                    .map(|(&id, m)| if m == '1' { id as i64 } else { IGNORE_INDEX })
+                    .collect();
+                f.eq(&label, "input_ids", want_ids, got.input_ids);
+                f.eq(&label, "labels", want_labels, got.labels);
+            }
+        }
+        count("trl_sft");
+    }
+    let trl_pairs: Map<String, Json> = pairs
+        .as_object()
+        .unwrap()
+        .iter()
+        .chain(goldens["trl_only_pairs"].as_object().unwrap())
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    for case in goldens["trl_preference"].as_array().unwrap() {
         let (t, p) = (case["template"].as_str().unwrap(), case["pair"].as_str().unwrap());
-        let label = format!("dpo_conversational {t}/{p}");
-        let split = split_preference(pairs[p].as_object().unwrap(), Task::Dpo, at).unwrap();
-        let got =
-            tokenize_preference_conversation(&templates[t], &tokenizer, &split.prompt, &split.chosen, &split.rejected, &label).unwrap();
+        let label = format!("trl_preference {t}/{p}");
+        let row = PreferenceRow::from_row(trl_pairs[p].as_object().unwrap(), "dpo", at).unwrap();
+        let got = tokenize_dpo_row(&templates[t], &tokenizer, &row, &label).unwrap();
         f.eq(&label, "prompt_ids", ids(&case["prompt_ids"]), got.prompt_ids);
         f.eq(&label, "chosen_ids", ids(&case["chosen_ids"]), got.chosen_ids);
         f.eq(&label, "rejected_ids", ids(&case["rejected_ids"]), got.rejected_ids);
-        count("dpo_conversational");
+        for entry in case["orpo"].as_array().unwrap() {
+            let max = max_length(entry).unwrap();
+            let label = format!("{label} orpo max_length={max}");
+            match (tokenize_orpo_row(&templates[t], &tokenizer, &row, bos_id, eos_id, max, &label), entry.get("error")) {
+                (Ok(got), None) => {
+                    for (side, seq, whole) in [("chosen", got.chosen, "orpo_chosen_ids"), ("rejected", got.rejected, "orpo_rejected_ids")] {
+                        let len = entry[format!("{side}_len")].as_u64().unwrap() as usize;
+                        let prompt_len = entry[format!("{side}_prompt_len")].as_u64().unwrap() as usize;
+                        let want_ids = ids(&case[whole])[..len].to_vec();
+                        let want_labels: Vec<i64> =
+                            want_ids.iter().enumerate().map(|(i, &id)| if i < prompt_len { IGNORE_INDEX } else { id as i64 }).collect();
+                        f.eq(&label, &format!("{side} input_ids"), want_ids, seq.input_ids);
+                        f.eq(&label, &format!("{side} labels"), want_labels, seq.labels);
+                    }
+                }
+                (Err(e), Some(want)) => {
+                    if !e.to_string().contains(want.as_str().unwrap()) {
+                        f.0.push(format!("{label}: TRL raised {want}, we raised {e}"));
+                    }
+                }
+                (Ok(_), Some(want)) => f.0.push(format!("{label}: TRL raised {want}, we did not")),
+                (Err(e), None) => f.0.push(format!("{label}: we raised {e}, TRL did not")),
+            }
+        }
+        count("trl_preference");
     }
     for case in goldens["cpt"].as_array().unwrap() {
         let name = case["text"].as_str().unwrap();
