@@ -371,6 +371,9 @@ impl Recipe {
         if self.auto_insert_empty_system_msg.is_some() && !self.legacy_formatting {
             inert.push("auto_insert_empty_system_msg (only read with legacy_formatting: true)");
         }
+        if self.bf16 {
+            inert.push("bf16 (training computes in f32: bf16 mixed precision is not implemented yet)");
+        }
         inert
     }
 
