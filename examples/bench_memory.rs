@@ -18,16 +18,16 @@ use alignment_core::backend::{Cpu, CpuAutodiff};
 use alignment_handbook::run::resolve_model;
 use alignment_models::weights::{write_safetensors, NamedTensor};
 use alignment_models::{load_pretrained, CausalLm, SaveDtype};
+use alignment_objectives::chunk_tokens_for;
 use alignment_objectives::Reduction;
 use alignment_peft::qlora::{base_weight_bytes, load_pretrained_4bit};
 use alignment_peft::{apply_lora, num_lora_params, LoraConfig, QuantConfig, TargetModules};
 use alignment_trainer::optimizer::{AdamW, AdamWConfig};
 use alignment_trainer::tasks::SftTask;
-use alignment_trainer::{Sequence, Task};
-use burn::module::{AutodiffModule, Module};
-use alignment_objectives::chunk_tokens_for;
 use alignment_trainer::train::HEAD_CHUNK_VALUES;
 use alignment_trainer::{forward_backward, StepOptions};
+use alignment_trainer::{Sequence, Task};
+use burn::module::{AutodiffModule, Module};
 use burn::optim::GradientsAccumulator;
 use clap::Parser;
 use serde_json::json;
@@ -260,7 +260,12 @@ fn main() {
     println!("raw: {}", serde_json::Value::Array(rows.clone()));
     if let Some(path) = &args.write {
         let text = std::fs::read_to_string(path).unwrap_or_default();
-        let key = format!("{}{}{}", args.model, if args.gradient_checkpointing { ":checkpointed" } else { "" }, if args.chunked_head { ":chunked" } else { "" });
+        let key = format!(
+            "{}{}{}",
+            args.model,
+            if args.gradient_checkpointing { ":checkpointed" } else { "" },
+            if args.chunked_head { ":chunked" } else { "" }
+        );
         let (begin, end) = (format!("<!-- bench_memory:{key}:begin -->"), format!("<!-- bench_memory:{key}:end -->"));
         let (begin, end) = (begin.as_str(), end.as_str());
         let block = format!(

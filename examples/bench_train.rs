@@ -20,12 +20,12 @@
 //! backend wrote (`--write-reference` on the CPU, `--reference` on the GPU).
 
 use alignment_models::{random_model, CausalLm, ModelConfig};
+use alignment_objectives::{chunk_tokens_for, DeferredMetrics};
 use alignment_objectives::{DpoConfig, Reduction};
 use alignment_peft::{apply_lora, LoraConfig, QuantConfig, TargetModules};
-use alignment_objectives::{chunk_tokens_for, DeferredMetrics};
 use alignment_trainer::optimizer::{AdamW, AdamWConfig, DeviceStepReport};
-use alignment_trainer::train::HEAD_CHUNK_VALUES;
 use alignment_trainer::tasks::{DpoTask, PreferencePair, SftTask};
+use alignment_trainer::train::HEAD_CHUNK_VALUES;
 use alignment_trainer::{forward_backward, Sequence, StepOptions, Task, IGNORE_INDEX};
 use burn::module::{Module, ModuleVisitor, Param};
 use burn::optim::{GradientsAccumulator, GradientsParams};

@@ -27,7 +27,6 @@ pub mod rope;
 pub mod weights;
 
 pub use compressed::CompressedWeight;
-pub use quantized::{QuantizedParts, QuantizedWeight, ScaleParts};
 pub use config::{Architecture, ModelConfig};
 pub use decode::{generate_batch, generate_batch_seeded, FinishReason, Generation};
 pub use error::ModelError;
@@ -36,4 +35,5 @@ pub use gguf::{convert_gguf, load_gguf, GgufModel};
 pub use init::random_model;
 pub use model::{Batch, CausalLm, KvCache, LayerInputs};
 pub use pretrained::{load_pretrained, load_pretrained_quantized, save_pretrained, write_pretrained};
+pub use quantized::{QuantizedParts, QuantizedWeight, ScaleParts};
 pub use weights::SaveDtype;

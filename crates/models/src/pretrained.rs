@@ -2,12 +2,12 @@
 //! layout (config.json + model.safetensors), loadable by `transformers.AutoModelForCausalLM`.
 
 use crate::attention::Attention;
-use crate::quantized::{QuantizedParts, QuantizedWeight};
 use crate::config::ModelConfig;
 use crate::error::{io_err, ModelError};
 use crate::family::FamilySpec;
 use crate::layers::{Linear, RmsNorm};
 use crate::model::{CausalLm, DecoderLayer, Mlp};
+use crate::quantized::{QuantizedParts, QuantizedWeight};
 use crate::rope;
 use crate::weights::{write_safetensors, Checkpoint, NamedTensor, SaveDtype};
 use alignment_core::AtomicDir;

@@ -230,12 +230,8 @@ mod tests {
         let logits = project(h.clone().reshape([rows * seq, width]), w.clone()).reshape([rows, seq, vocab]);
         let ad_sets = sets.iter().map(|s| Tensor::<CpuAutodiff, 2, Int>::from_inner(s.clone())).collect();
         let full = sequence_logps_many(logits, ad_sets);
-        let objective = full
-            .iter()
-            .zip(&upstream)
-            .map(|(s, u)| (s.sum.clone() * Tensor::from_inner(u.clone())).sum())
-            .reduce(|a, b| a + b)
-            .unwrap();
+        let objective =
+            full.iter().zip(&upstream).map(|(s, u)| (s.sum.clone() * Tensor::from_inner(u.clone())).sum()).reduce(|a, b| a + b).unwrap();
         let grads = objective.backward();
         let (dh, dw) = (h.grad(&grads).unwrap(), w.grad(&grads).unwrap());
         for chunk in [1, 5, 64] {

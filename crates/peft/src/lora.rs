@@ -2,8 +2,8 @@
 
 use crate::config::LoraConfig;
 use crate::error::PeftError;
-use alignment_models::layers::{Linear, LoraAdapter};
 use crate::qlora::QuantConfig;
+use alignment_models::layers::{Linear, LoraAdapter};
 use alignment_models::{CausalLm, QuantizedWeight};
 use burn::module::{Module, Param};
 use burn::tensor::{backend::Backend, Tensor, TensorData};
@@ -87,7 +87,13 @@ pub fn apply_lora<B: Backend>(model: CausalLm<B>, config: &LoraConfig, seed: u64
 
 /// An adapter from its two factors (trainable parameters) and `config`'s scaling and dropout.
 pub fn adapter<B: Backend>(a: Tensor<B, 2>, b: Tensor<B, 2>, config: &LoraConfig) -> LoraAdapter<B> {
-    LoraAdapter { a: Param::from_tensor(a), b: Param::from_tensor(b), scaling: config.scaling(), dropout: config.dropout, force_dropout: false }
+    LoraAdapter {
+        a: Param::from_tensor(a),
+        b: Param::from_tensor(b),
+        scaling: config.scaling(),
+        dropout: config.dropout,
+        force_dropout: false,
+    }
 }
 
 /// Whether any linear layer of `model` carries an adapter.

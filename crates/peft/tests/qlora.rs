@@ -119,7 +119,9 @@ fn device_dequantization_gives_the_host_bits() {
     // nested block (256 scales), and an all-zero block (its index 0 and absmax 0).
     for (len, double_quant) in [(64 * 300 + 37, true), (64 * 300 + 37, false), (8 * 5 + 3, true), (64 * 257, true)] {
         let mut values: Vec<f32> = (0..len).map(|i| ((i as f32 * 0.7311).sin() * (1.0 + (i % 97) as f32 * 0.03)).powi(3)).collect();
-        values[64..128].iter_mut().for_each(|v| *v = 0.0);
+        if len >= 128 {
+            values[64..128].iter_mut().for_each(|v| *v = 0.0);
+        }
         let host = nf4::quantize_with(&values, double_quant);
         let expected = nf4::dequantize(&host);
         let weight = alignment_models::QuantizedWeight::<Cpu>::from_parts(&host.clone().into_parts([1, len]), &Default::default());

@@ -22,11 +22,11 @@ use crate::step::{forward_backward, StepOptions};
 use crate::task::{metric_values, Task};
 use crate::TrainError;
 use alignment_models::{load_pretrained, CausalLm};
-use burn::module::AutodiffModule;
 use alignment_objectives::DeferredMetrics;
+use burn::module::AutodiffModule;
 use burn::optim::GradientsAccumulator;
-use burn::tensor::Tensor;
 use burn::tensor::backend::AutodiffBackend;
+use burn::tensor::Tensor;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use std::path::PathBuf;
@@ -164,11 +164,7 @@ impl TrainerConfig {
             tokenizer_dir: None,
             quiet: false,
             adapter: None,
-            step: StepOptions {
-                gradient_checkpointing: recipe.gradient_checkpointing,
-                head_chunk_tokens: None,
-                dropout_seed: 0,
-            },
+            step: StepOptions { gradient_checkpointing: recipe.gradient_checkpointing, head_chunk_tokens: None, dropout_seed: 0 },
             chunked_head: recipe.use_liger_kernel,
         })
     }
@@ -550,7 +546,9 @@ pub fn train_with<B: AutodiffBackend, T: Task>(
 /// The seed of micro-batch `micro`'s LoRA dropout masks at `step`: a function of the run's seed
 /// and the position in it, so a resumed run draws the same masks.
 fn dropout_seed(seed: u64, step: u64, micro: usize) -> u64 {
-    seed.wrapping_mul(0x2545_F491_4F6C_DD1D) ^ step.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ (micro as u64).wrapping_add(1).wrapping_mul(0xBF58_476D_1CE4_E5B9)
+    seed.wrapping_mul(0x2545_F491_4F6C_DD1D)
+        ^ step.wrapping_mul(0x9E37_79B9_7F4A_7C15)
+        ^ (micro as u64).wrapping_add(1).wrapping_mul(0xBF58_476D_1CE4_E5B9)
 }
 
 /// The first failure of a collective inside the last forward/backward pass (ZeRO-3 gathers

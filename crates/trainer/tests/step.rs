@@ -49,14 +49,27 @@ fn named_gradients(model: &CausalLm<B>, grads: &GradientsParams) -> BTreeMap<Str
 }
 
 /// Metrics and gradients of two micro-batches (scales 0.25 and 0.5) under `options`.
-fn run<T: Task>(model: &CausalLm<B>, task: &T, examples: &[T::Example], options: StepOptions) -> (Vec<(String, f64)>, BTreeMap<String, Vec<f32>>) {
+fn run<T: Task>(
+    model: &CausalLm<B>,
+    task: &T,
+    examples: &[T::Example],
+    options: StepOptions,
+) -> (Vec<(String, f64)>, BTreeMap<String, Vec<f32>>) {
     let device = Default::default();
     let mut accumulator = GradientsAccumulator::new();
     let refs: Vec<&T::Example> = examples.iter().collect();
     let (first, second) = refs.split_at(refs.len() / 2);
     let mut metrics = Vec::new();
     for (part, scale) in [(first, 0.25), (second, 0.5)] {
-        let m = forward_backward(model, task, part, scale, &StepOptions { dropout_seed: 17 + metrics.len() as u64, ..options }, &mut accumulator, &device);
+        let m = forward_backward(
+            model,
+            task,
+            part,
+            scale,
+            &StepOptions { dropout_seed: 17 + metrics.len() as u64, ..options },
+            &mut accumulator,
+            &device,
+        );
         metrics.extend(m.read().iter().map(|(k, v)| (k.to_string(), v)));
     }
     (metrics, named_gradients(model, &accumulator.grads()))

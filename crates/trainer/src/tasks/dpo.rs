@@ -85,10 +85,16 @@ impl Task for DpoTask {
         Scoring { batch, label_sets: vec![labels] }
     }
 
-    fn loss_from_logps<B: Backend>(&self, mut logps: Vec<SequenceLogps<B>>, pairs: &[&PreferencePair], device: &B::Device) -> (Tensor<B, 1>, DeferredMetrics<B>) {
+    fn loss_from_logps<B: Backend>(
+        &self,
+        mut logps: Vec<SequenceLogps<B>>,
+        pairs: &[&PreferencePair],
+        device: &B::Device,
+    ) -> (Tensor<B, 1>, DeferredMetrics<B>) {
         let n = pairs.len();
         let (chosen, rejected) = logps.pop().expect("one label set").split_at(n);
-        let reference_of = |p: &&PreferencePair| p.reference.expect("reference log-probs are computed before training (precompute_reference)");
+        let reference_of =
+            |p: &&PreferencePair| p.reference.expect("reference log-probs are computed before training (precompute_reference)");
         let column = |i: usize| {
             let values: Vec<f32> = pairs.iter().map(|p| reference_of(p)[i] as f32).collect();
             Tensor::<B, 1>::from_data(TensorData::new(values, [n]), device)

@@ -6,8 +6,8 @@
 use crate::sequence::{collate, IGNORE_INDEX};
 use crate::task::{Scoring, Task};
 use crate::tasks::dpo::{concatenated_rows, PreferencePair};
-use alignment_objectives::{DeferredMetrics, SequenceLogps};
 use alignment_objectives::orpo::{orpo_loss, OrpoConfig};
+use alignment_objectives::{DeferredMetrics, SequenceLogps};
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData};
 
@@ -48,7 +48,12 @@ impl Task for OrpoTask {
         Scoring { batch, label_sets: vec![completion_labels, full_labels] }
     }
 
-    fn loss_from_logps<B: Backend>(&self, mut logps: Vec<SequenceLogps<B>>, pairs: &[&PreferencePair], _device: &B::Device) -> (Tensor<B, 1>, DeferredMetrics<B>) {
+    fn loss_from_logps<B: Backend>(
+        &self,
+        mut logps: Vec<SequenceLogps<B>>,
+        pairs: &[&PreferencePair],
+        _device: &B::Device,
+    ) -> (Tensor<B, 1>, DeferredMetrics<B>) {
         let n = pairs.len();
         let full = logps.pop().expect("two label sets");
         let completion = logps.pop().expect("two label sets");

@@ -46,13 +46,20 @@ impl Task for SftTask {
         Scoring { batch, label_sets: vec![labels] }
     }
 
-    fn loss_from_logps<B: Backend>(&self, mut logps: Vec<SequenceLogps<B>>, examples: &[&Sequence], _device: &B::Device) -> (Tensor<B, 1>, DeferredMetrics<B>) {
+    fn loss_from_logps<B: Backend>(
+        &self,
+        mut logps: Vec<SequenceLogps<B>>,
+        examples: &[&Sequence],
+        _device: &B::Device,
+    ) -> (Tensor<B, 1>, DeferredMetrics<B>) {
         let logps = logps.pop().expect("one label set");
         let loss_sum = logps.sum_nll();
         let out = SftOutput { loss: loss_sum, logps };
         // The logged loss is this micro-batch's token mean (the count is known on the host).
         let scored = examples.iter().map(|e| e.num_scored()).sum::<usize>().max(1) as f64;
-        let metrics = out.deferred_metrics().map(move |m| m.iter().map(|(name, value)| (name.to_string(), if name == "loss" { value / scored } else { value })).collect());
+        let metrics = out
+            .deferred_metrics()
+            .map(move |m| m.iter().map(|(name, value)| (name.to_string(), if name == "loss" { value / scored } else { value })).collect());
         (out.loss, metrics)
     }
 }

@@ -53,7 +53,12 @@ impl<F: Fn()> Task for HookedSft<F> {
         (self.before_loss)();
         self.inner.scoring(examples, device)
     }
-    fn loss_from_logps<B: Backend>(&self, logps: Vec<SequenceLogps<B>>, examples: &[&Sequence], device: &B::Device) -> (Tensor<B, 1>, DeferredMetrics<B>) {
+    fn loss_from_logps<B: Backend>(
+        &self,
+        logps: Vec<SequenceLogps<B>>,
+        examples: &[&Sequence],
+        device: &B::Device,
+    ) -> (Tensor<B, 1>, DeferredMetrics<B>) {
         self.inner.loss_from_logps(logps, examples, device)
     }
 }
