@@ -493,7 +493,7 @@ fn run_check<B: AutodiffBackend>(args: &CheckArgs, device: &B::Device) -> Result
     let tolerance = if args.backend.ends_with("bf16") { 2e-2 } else { 1e-4 };
     let mut report = Map::new();
     let mut all_pass = true;
-    println!("{:<8} {:>14} {:>14} {:>10}  {}", "case", "max rel scalar", "max rel grad", "tolerance", "result");
+    println!("{:<8} {:>14} {:>14} {:>10}  result", "case", "max rel scalar", "max rel grad", "tolerance");
     for (name, kind, lora, nf4) in CASES {
         let start = Instant::now();
         let values = run_case::<B>(&fixture, kind, lora, nf4, device)?;

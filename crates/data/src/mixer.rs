@@ -160,7 +160,7 @@ fn is_train_split(split: &str) -> Result<bool, DataError> {
 /// `int(fraction * len)` with the handbook's checks: negative/NaN fractions are refused, and a
 /// count past the end is an error as `select(range(n))` raises.
 fn fraction_rows(dataset: &Dataset, fraction: f64) -> Result<usize, DataError> {
-    if !(fraction >= 0.0) || !fraction.is_finite() {
+    if !fraction.is_finite() || fraction < 0.0 {
         return Err(DataError::InvalidFraction { dataset: dataset.name.clone(), fraction });
     }
     let requested = (fraction * dataset.len() as f64) as usize;
@@ -185,7 +185,7 @@ pub fn mix_datasets(config: &MixerConfig, source: &dyn SplitSource) -> Result<Mi
         }
     }
     let kinds = config.dataset_splits.iter().map(|s| is_train_split(s)).collect::<Result<Vec<_>, _>>()?;
-    if let Some(bad) = entries.iter().find(|e| !(e.fraction >= 0.0) || !e.fraction.is_finite()) {
+    if let Some(bad) = entries.iter().find(|e| !e.fraction.is_finite() || e.fraction < 0.0) {
         return Err(DataError::InvalidFraction { dataset: bad.id.clone(), fraction: bad.fraction });
     }
     let mut train_parts = Vec::new();

@@ -155,8 +155,8 @@ mod tests {
 
     #[test]
     fn device_mask_equals_the_definition() {
-        let padding = vec![vec![true; 7], vec![true, true, true, true, true, false, false]];
-        let documents = vec![vec![0, 0, 0, 1, 1, 2, 2], vec![0, 1, 1, 1, 1, 2, 2]];
+        let padding = [vec![true; 7], vec![true, true, true, true, true, false, false]];
+        let documents = [vec![0, 0, 0, 1, 1, 2, 2], vec![0, 1, 1, 1, 1, 2, 2]];
         for past in [0, 3] {
             let queries = 7 - past;
             for window in [None, Some(2), Some(5)] {

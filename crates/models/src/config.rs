@@ -158,11 +158,11 @@ impl ModelConfig {
             "gelu" => Activation::Gelu,
             other => return Err(unsupported("hidden_act", other, "supported: silu, gelu, gelu_pytorch_tanh")),
         };
-        if f.num_attention_heads == 0 || f.hidden_size % f.num_attention_heads != 0 && f.head_dim.is_none() {
+        if f.num_attention_heads == 0 || !f.hidden_size.is_multiple_of(f.num_attention_heads) && f.head_dim.is_none() {
             return Err(unsupported("num_attention_heads", f.num_attention_heads, "must divide hidden_size"));
         }
         let num_kv_heads = f.num_key_value_heads.unwrap_or(f.num_attention_heads);
-        if num_kv_heads == 0 || f.num_attention_heads % num_kv_heads != 0 {
+        if num_kv_heads == 0 || !f.num_attention_heads.is_multiple_of(num_kv_heads) {
             return Err(unsupported("num_key_value_heads", num_kv_heads, "must divide num_attention_heads"));
         }
         let head_dim = f.head_dim.unwrap_or(f.hidden_size / f.num_attention_heads);

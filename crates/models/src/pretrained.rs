@@ -102,6 +102,7 @@ pub enum WeightRole {
 }
 
 /// A weight as a source hands it to [`assemble`].
+#[allow(clippy::large_enum_variant)] // one per tensor, moved once: boxing buys nothing
 pub enum Weight<B: Backend> {
     /// Host values, uploaded to the device.
     Dense(TensorData),

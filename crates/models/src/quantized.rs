@@ -151,7 +151,7 @@ impl<B: Backend> QuantizedWeight<B> {
                 packed.clone().bitwise_right_shift_scalar(shift.elem()).bitwise_and_scalar(15i64.elem())
             })
             .collect();
-        let indices = Tensor::stack::<2>(nibbles, 1).reshape([words * INDICES_PER_INT]).slice([0..n]);
+        let indices = Tensor::stack::<2>(nibbles, 1).reshape([words * INDICES_PER_INT]).narrow(0, 0, n);
         let values = self.code_book.val().select(0, indices);
         scale_blocks(values, self.block_scales(), self.block_size, n).reshape([out, inp])
     }
@@ -173,5 +173,5 @@ fn scale_blocks<B: Backend>(values: Tensor<B, 1>, scales: Tensor<B, 1>, block: u
     let blocks = len.div_ceil(block);
     let padded = blocks * block;
     let values = if padded > len { Tensor::cat(vec![values, Tensor::zeros([padded - len], &scales.device())], 0) } else { values };
-    (values.reshape([blocks, block]) * scales.reshape([blocks, 1])).reshape([padded]).slice([0..len])
+    (values.reshape([blocks, block]) * scales.reshape([blocks, 1])).reshape([padded]).narrow(0, 0, len)
 }

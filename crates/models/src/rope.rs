@@ -24,7 +24,7 @@ pub fn inverse_frequencies(head_dim: usize, theta: f64, scaling: &RopeScaling) -
                 .map(|&f| {
                     let wavelen = 2.0 * std::f32::consts::PI / f;
                     let scaled = if wavelen > low_freq_wavelen { f / factor } else { f };
-                    let is_medium = !(wavelen < high_freq_wavelen) && !(wavelen > low_freq_wavelen);
+                    let is_medium = (high_freq_wavelen..=low_freq_wavelen).contains(&wavelen);
                     if is_medium {
                         let smooth = (old_len / wavelen - low) / (high - low);
                         (1.0 - smooth) * scaled / factor + smooth * scaled

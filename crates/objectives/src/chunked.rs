@@ -68,7 +68,7 @@ pub fn chunked_sequence_logps<B: Backend>(
         let logits = project(flat.clone().slice([start..end, 0..width]), weight.clone()).unsqueeze_dim::<3>(0); // [1, c, vocab]
         let lse = logsumexp_vocab(logits.clone());
         for (set, (safe, _)) in flat_targets.iter().enumerate() {
-            let ids = safe.clone().slice([start..end]).reshape([1, end - start, 1]);
+            let ids = safe.clone().narrow(0, start, end - start).reshape([1, end - start, 1]);
             let logp: Tensor<B, 3> = logits.clone().gather(2, ids) - lse.clone();
             picked[set].push(logp.reshape([end - start]));
         }
@@ -98,6 +98,9 @@ pub struct HeadGradients<B: Backend> {
     pub weight: Option<Tensor<B, 2>>,
 }
 
+/// Per flattened token: its (safe) target id and its row's upstream gradient where scored.
+type TokenWeights<B> = (Tensor<B, 1, Int>, Tensor<B, 1>);
+
 /// Pass 2: the gradients of `Σ_sets Σ_rows upstream[set][row] · sum[set][row]` (the sums of
 /// [`chunked_sequence_logps`]) with respect to `hidden` and, if `weight_grad`, the head
 /// `weight`, recomputing each chunk's logits on the autodiff backend `B` and differentiating
@@ -117,7 +120,7 @@ pub fn chunked_logps_backward<B: AutodiffBackend>(
     let flat = hidden.reshape([n, width]);
     let targets: Vec<ShiftedTargets<B::InnerBackend>> = label_sets.into_iter().map(ShiftedTargets::new).collect();
     // Per token: its row's upstream gradient where scored, 0 elsewhere.
-    let token_weights: Vec<(Tensor<B::InnerBackend, 1, Int>, Tensor<B::InnerBackend, 1>)> = targets
+    let token_weights: Vec<TokenWeights<B::InnerBackend>> = targets
         .iter()
         .zip(upstream)
         .map(|(t, up)| {
@@ -137,9 +140,9 @@ pub fn chunked_logps_backward<B: AutodiffBackend>(
         let lse = logsumexp_vocab(logits.clone());
         let mut total: Option<Tensor<B, 1>> = None;
         for (safe, per_token) in &token_weights {
-            let ids = Tensor::<B, 3, Int>::from_inner(safe.clone().slice([start..end]).reshape([1, end - start, 1]));
+            let ids = Tensor::<B, 3, Int>::from_inner(safe.clone().narrow(0, start, end - start).reshape([1, end - start, 1]));
             let logp: Tensor<B, 1> = (logits.clone().gather(2, ids) - lse.clone()).reshape([end - start]);
-            let term = (logp * Tensor::from_inner(per_token.clone().slice([start..end]))).sum();
+            let term = (logp * Tensor::from_inner(per_token.clone().narrow(0, start, end - start))).sum();
             total = Some(match total {
                 Some(t) => t + term,
                 None => term,

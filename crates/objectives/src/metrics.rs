@@ -122,8 +122,11 @@ impl FromIterator<(String, f64)> for Metrics {
 /// step waits on the device for numbers nobody looks at yet.
 pub struct DeferredMetrics<B: burn::tensor::backend::Backend> {
     rows: Vec<burn::tensor::Tensor<B, 1>>,
-    finish: Box<dyn FnOnce(&[Vec<f64>]) -> Metrics + Send>,
+    finish: FinishMetrics,
 }
+
+/// Turns the rows read from the device into named metrics.
+type FinishMetrics = Box<dyn FnOnce(&[Vec<f64>]) -> Metrics + Send>;
 
 impl<B: burn::tensor::backend::Backend> DeferredMetrics<B> {
     /// `rows` (detached, equally long), turned into metrics by `finish` once read.

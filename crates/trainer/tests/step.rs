@@ -48,13 +48,11 @@ fn named_gradients(model: &CausalLm<B>, grads: &GradientsParams) -> BTreeMap<Str
     collect.out
 }
 
+/// Gradients by parameter path.
+type Gradients = BTreeMap<String, Vec<f32>>;
+
 /// Metrics and gradients of two micro-batches (scales 0.25 and 0.5) under `options`.
-fn run<T: Task>(
-    model: &CausalLm<B>,
-    task: &T,
-    examples: &[T::Example],
-    options: StepOptions,
-) -> (Vec<(String, f64)>, BTreeMap<String, Vec<f32>>) {
+fn run<T: Task>(model: &CausalLm<B>, task: &T, examples: &[T::Example], options: StepOptions) -> (Vec<(String, f64)>, Gradients) {
     let device = Default::default();
     let mut accumulator = GradientsAccumulator::new();
     let refs: Vec<&T::Example> = examples.iter().collect();
