@@ -133,19 +133,26 @@ run_nccl() {
 
 # --- 4. throughput -------------------------------------------------------------------------
 # bench SHAPE TASK SEQ BATCH ACCUM: ours on each backend of $OURS_BACKENDS, then PyTorch.
+# LEAN=1: ours with --gradient-checkpointing --chunked-head, PyTorch with --grad-checkpointing
+# (the recipes' `gradient_checkpointing: true`; PyTorch has no chunked head without Liger).
 bench() {
     local shape="$1" task="$2" seq="$3" batch="$4" accum="$5"
     local common=(--shape "scripts/gpu/shapes/$shape.json" --task "$task" --seq "$seq" --batch "$batch" --accum "$accum" --warmup "${WARMUP:-2}" --steps "${STEPS:-5}")
+    local ours=() torch=() tag=""
+    if [ "${LEAN:-0}" = 1 ]; then
+        ours=(--gradient-checkpointing --chunked-head) torch=(--grad-checkpointing) tag=" lean"
+    fi
     for backend in $OURS_BACKENDS; do
-        measure "ours $backend $shape $task s$seq b$batch" "$BIN" train --backend "$backend" "${common[@]}"
+        measure "ours $backend $shape $task s$seq b$batch$tag" "$BIN" train --backend "$backend" "${common[@]}" "${ours[@]}"
     done
-    measure "torch $shape $task s$seq b$batch" "$PY" scripts/gpu/torch_baseline.py "${common[@]}"
+    measure "torch $shape $task s$seq b$batch$tag" "$PY" scripts/gpu/torch_baseline.py "${common[@]}" "${torch[@]}"
 }
 
 case "$PLAN" in
     dry)
         run_checks
         bench tiny sft 64 2 2
+        LEAN=1 bench tiny sft 64 2 2
         bench tiny dpo 64 2 1
         bench tiny lora 64 2 1
         bench tiny qlora 64 2 1
@@ -159,6 +166,7 @@ case "$PLAN" in
         run_nccl
         bench smollm2-135m sft 1024 4 1
         bench llama-3.2-1b sft 1024 4 1
+        LEAN=1 bench llama-3.2-1b sft 1024 4 1
         bench llama-3.2-1b dpo 1024 2 1
         OURS_BACKENDS=cuda-bf16 bench llama-3.2-1b sft 2048 2 1
         OURS_BACKENDS=cuda-bf16 bench mistral-7b qlora 2048 1 1

@@ -55,14 +55,17 @@ def main():
     groups = {}
     for r in rows:
         if "shape" in r:
-            groups.setdefault((r["shape"], r["task"], r.get("seq"), r.get("batch")), []).append(r)
+            # Runs with gradient checkpointing (ours: also the chunked head) compare among themselves.
+            lean = bool(r.get("gradient_checkpointing") or r.get("chunked_head") or str(r.get("backend", "")).endswith("-gc"))
+            groups.setdefault((r["shape"], r["task"], r.get("seq"), r.get("batch"), lean), []).append(r)
     print("\nThroughput (median step after warm-up; MFU against 989 TFLOP/s; peak = device memory sampled by nvidia-smi):\n")
     print("| shape | task | seq × batch | implementation | tokens/s | step ms | MFU | peak MiB | × PyTorch tokens/s | × PyTorch memory |")
     print("|---|---|---|---|---|---|---|---|---|---|")
-    for (shape, task, seq, batch), group in groups.items():
+    for (shape, task, seq, batch, _lean), group in groups.items():
         torch_row = next((r for r in group if r.get("impl") == "torch" and "tokens_per_second" in r), None)
         for r in group:
             name = r.get("backend", r.get("impl"))
+            name += "".join(f" +{flag}" for flag in ("gradient_checkpointing", "chunked_head") if r.get(flag))
             if "error" in r or "tokens_per_second" not in r:
                 why = r.get("skipped") or (r.get("error", "").strip().splitlines() or ["failed"])[-1][:120]
                 print(f"| {shape} | {task} | {seq} × {batch} | {name} | – | – | – | – | – | {why} |")
