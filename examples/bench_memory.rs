@@ -18,13 +18,11 @@ use alignment_core::backend::{Cpu, CpuAutodiff};
 use alignment_handbook::run::resolve_model;
 use alignment_models::weights::{write_safetensors, NamedTensor};
 use alignment_models::{load_pretrained, CausalLm, SaveDtype};
-use alignment_objectives::chunk_tokens_for;
 use alignment_objectives::Reduction;
 use alignment_peft::qlora::{base_weight_bytes, load_pretrained_4bit};
 use alignment_peft::{apply_lora, num_lora_params, LoraConfig, QuantConfig, TargetModules};
 use alignment_trainer::optimizer::{AdamW, AdamWConfig};
 use alignment_trainer::tasks::SftTask;
-use alignment_trainer::train::HEAD_CHUNK_VALUES;
 use alignment_trainer::{forward_backward, StepOptions};
 use alignment_trainer::{Sequence, Task};
 use burn::module::{AutodiffModule, Module};
@@ -183,12 +181,8 @@ fn measure(args: &Args, mode: &str) {
     let mut model = model;
     let mut losses = Vec::new();
     let start = Instant::now();
-    // As the trainer does: a 4-bit base always trains with gradient checkpointing.
-    let options = StepOptions {
-        gradient_checkpointing: args.gradient_checkpointing || mode == "qlora",
-        head_chunk_tokens: args.chunked_head.then(|| chunk_tokens_for(vocab as usize, HEAD_CHUNK_VALUES)),
-        dropout_seed: 0,
-    };
+    // As the trainer does (a 4-bit base always trains with gradient checkpointing).
+    let options = StepOptions::for_model(&model, args.gradient_checkpointing, args.chunked_head);
     for _ in 0..args.steps {
         let mut accumulator = GradientsAccumulator::new();
         let metrics = forward_backward(&model, &task, &refs, 1.0 / task.weight(&refs), &options, &mut accumulator, &device);

@@ -20,12 +20,11 @@
 //! backend wrote (`--write-reference` on the CPU, `--reference` on the GPU).
 
 use alignment_models::{random_model, CausalLm, ModelConfig};
-use alignment_objectives::{chunk_tokens_for, DeferredMetrics};
+use alignment_objectives::DeferredMetrics;
 use alignment_objectives::{DpoConfig, Reduction};
 use alignment_peft::{apply_lora, LoraConfig, QuantConfig, TargetModules};
 use alignment_trainer::optimizer::{AdamW, AdamWConfig, DeviceStepReport};
 use alignment_trainer::tasks::{DpoTask, PreferencePair, SftTask};
-use alignment_trainer::train::HEAD_CHUNK_VALUES;
 use alignment_trainer::{forward_backward, Sequence, StepOptions, Task, IGNORE_INDEX};
 use burn::module::{Module, ModuleVisitor, Param};
 use burn::optim::{GradientsAccumulator, GradientsParams};
@@ -326,12 +325,8 @@ fn run_train<B: AutodiffBackend>(args: &TrainArgs, device: &B::Device) -> Result
     let mut optimizer = AdamW::<B::InnerBackend>::new(AdamWConfig::default());
     let lr = 1e-5;
     let total_steps = args.warmup + args.steps;
-    // As the trainer does: a 4-bit base always trains with gradient checkpointing.
-    let options = StepOptions {
-        gradient_checkpointing: args.gradient_checkpointing || args.task == "qlora",
-        head_chunk_tokens: args.chunked_head.then(|| chunk_tokens_for(vocab, HEAD_CHUNK_VALUES)),
-        dropout_seed: 0,
-    };
+    // As the trainer does (a 4-bit base always trains with gradient checkpointing).
+    let options = StepOptions::for_model(&model, args.gradient_checkpointing, args.chunked_head);
     let mut step_seconds = Vec::new();
     let mut losses = Vec::new();
     let mut model = model;

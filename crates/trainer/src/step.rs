@@ -30,7 +30,7 @@
 use crate::task::Task;
 use alignment_models::CausalLm;
 use alignment_objectives::logprobs::sequence_logps_many;
-use alignment_objectives::{chunked_logps_backward, chunked_sequence_logps, DeferredMetrics, SequenceLogps};
+use alignment_objectives::{chunk_tokens_for, chunked_logps_backward, chunked_sequence_logps, DeferredMetrics, SequenceLogps};
 use burn::module::AutodiffModule;
 use burn::optim::{GradientsAccumulator, GradientsParams};
 use burn::tensor::backend::{AutodiffBackend, Backend};
@@ -47,6 +47,25 @@ pub struct StepOptions {
     pub head_chunk_tokens: Option<usize>,
     /// Seed of the dropout masks replayed under checkpointing (varied per micro-batch by the caller).
     pub dropout_seed: u64,
+}
+
+/// Logits per head chunk with `use_liger_kernel` (2²⁵ values, 128 MiB in f32): 256 tokens of a
+/// 128k vocabulary, 682 of SmolLM2's 49k.
+pub const HEAD_CHUNK_VALUES: usize = 1 << 25;
+
+impl StepOptions {
+    /// The step a run takes on `model` when asked for `gradient_checkpointing` and `chunked_head`:
+    /// a 4-bit base is always checkpointed (burn's matmul keeps its operands for the backward
+    /// pass, so every dequantized layer weight would otherwise stay resident — PEFT's
+    /// `prepare_model_for_kbit_training` turns checkpointing on for the same reason), and the
+    /// head chunk follows the vocabulary ([`HEAD_CHUNK_VALUES`]).
+    pub fn for_model<B: Backend>(model: &CausalLm<B>, gradient_checkpointing: bool, chunked_head: bool) -> Self {
+        StepOptions {
+            gradient_checkpointing: gradient_checkpointing || model.has_quantized_layers(),
+            head_chunk_tokens: chunked_head.then(|| chunk_tokens_for(model.config.vocab_size, HEAD_CHUNK_VALUES)),
+            dropout_seed: 0,
+        }
+    }
 }
 
 /// Runs `task` on `examples`, adding the gradients of `scale × loss` to `accumulator`, and

@@ -32,9 +32,7 @@ use rand::SeedableRng;
 use std::path::PathBuf;
 use std::time::Instant;
 
-/// Logits per head chunk with `use_liger_kernel` (2²⁵ values, 128 MiB in f32): 256 tokens of a
-/// 128k vocabulary, 682 of SmolLM2's 49k.
-pub const HEAD_CHUNK_VALUES: usize = 1 << 25;
+pub use crate::step::HEAD_CHUNK_VALUES;
 
 /// When to save checkpoints (`save_strategy`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -319,15 +317,10 @@ pub fn train_with<B: AutodiffBackend, T: Task>(
     let fingerprint = config.fingerprint(train.len(), task.name(), world);
     let mut optimizer = AdamW::<B::InnerBackend>::new(config.adamw);
     let mut config = config.clone();
-    if model.has_quantized_layers() && !config.step.gradient_checkpointing {
-        // burn's matmul keeps its operands for the backward pass: without checkpointing every
-        // layer's dequantized weight would stay resident (PEFT's prepare_model_for_kbit_training
-        // turns checkpointing on by default for the same reason).
+    let recipe_checkpointing = config.step.gradient_checkpointing;
+    config.step = StepOptions::for_model(&model, config.step.gradient_checkpointing, config.chunked_head);
+    if model.has_quantized_layers() && !recipe_checkpointing {
         eprintln!("note: the 4-bit base trains with gradient checkpointing (its layers are dequantized one at a time)");
-        config.step.gradient_checkpointing = true;
-    }
-    if config.chunked_head {
-        config.step.head_chunk_tokens = Some(alignment_objectives::chunk_tokens_for(model.config.vocab_size, HEAD_CHUNK_VALUES));
     }
     let config = &config;
     let mut model = model;
