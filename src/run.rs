@@ -9,19 +9,16 @@
 
 use crate::reference;
 use alignment_data::format::{format_row, FormatOptions, Formatted, RowRef, Task as DataTask};
-use alignment_data::mixer::{mix_datasets, DatasetMixer, MixerConfig, MixerEntry};
 use alignment_data::preference::{tokenize_dpo_row, tokenize_orpo_row, PreferenceRow};
 use alignment_data::sft::{tokenize_sft_row, SftOptions, SftRow};
 use alignment_data::source::DatasetLoader;
 use alignment_data::{pack, tokenize_text, ChatTemplate, DataError, Dataset, TokenizedExample, TruncationMode};
 use alignment_models::{load_pretrained, CausalLm};
-use alignment_objectives::{DpoConfig, DpoLossType, OrpoConfig, Reduction};
-use alignment_peft::{
-    apply_lora, load_adapter, load_pretrained_4bit, merge_lora, read_adapter_base_model, LoraConfig, QuantConfig, TargetModules,
-    ADAPTER_CONFIG,
-};
+use alignment_objectives::{DpoConfig, DpoLossType, OrpoConfig};
+use alignment_peft::{apply_lora, load_adapter, load_pretrained_4bit, merge_lora, read_adapter_base_model, QuantConfig, ADAPTER_CONFIG};
+use alignment_trainer::components::{self, DataSource};
 use alignment_trainer::tasks::{precompute_reference, DpoTask, OrpoTask, PreferencePair, ReferenceCache, SftTask};
-use alignment_trainer::{train_with, AdapterOutput, DataParallel, Recipe, Sequence, TrainError, TrainOutcome, TrainerConfig};
+use alignment_trainer::{train_with, AdapterOutput, DataParallel, Recipe, RecipeError, Sequence, TrainError, TrainOutcome, TrainerConfig};
 use burn::module::{AutodiffModule, Module, ModuleMapper, Param};
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::Tensor;
@@ -54,6 +51,8 @@ pub enum RunError {
     Reference(#[from] reference::ReferenceError),
     #[error(transparent)]
     Peft(#[from] alignment_peft::PeftError),
+    #[error(transparent)]
+    Recipe(#[from] RecipeError),
     /// The recipe asks for something this implementation does not do (yet).
     #[error("recipe setting `{key}`: {message}")]
     Unsupported { key: &'static str, message: String },
@@ -154,36 +153,6 @@ impl TextTools {
     }
 }
 
-/// The recipe's data settings as the mixer's configuration (YAML order of `dataset_mixer` kept).
-pub fn mixer_config(recipe: &Recipe) -> Result<MixerConfig, RunError> {
-    let entries: Vec<MixerEntry> = recipe.dataset_mixer_in_order().into_iter().map(|(id, fraction)| MixerEntry { id, fraction }).collect();
-    if entries.is_empty() {
-        return Err(RunError::Unsupported { key: "dataset_mixer", message: "the recipe names no dataset".into() });
-    }
-    let mut config = MixerConfig::new(DatasetMixer(entries));
-    config.dataset_splits = recipe.dataset_splits.clone();
-    config.dataset_configs = recipe.dataset_configs.clone();
-    config.columns_to_keep = recipe.columns_to_keep.clone();
-    config.shuffle = recipe.shuffle;
-    Ok(config)
-}
-
-/// The recipe's LoRA settings (TRL's `get_peft_config`): `lora_target_modules` absent means
-/// PEFT's default for Llama/Mistral/Gemma (`q_proj`, `v_proj`); `[all-linear]` every linear
-/// layer but the head.
-pub fn lora_config(recipe: &Recipe) -> Result<LoraConfig, RunError> {
-    let target_modules = match recipe.lora_target_modules.as_deref() {
-        None => TargetModules::Names(vec!["q_proj".into(), "v_proj".into()]),
-        Some([one]) if one == "all-linear" => TargetModules::AllLinear,
-        Some(names) => TargetModules::Names(names.to_vec()),
-    };
-    let mut config = LoraConfig::new(recipe.lora_r, recipe.lora_alpha as f64, target_modules);
-    config.dropout = recipe.lora_dropout;
-    config.use_rslora = recipe.use_rslora;
-    config.validate()?;
-    Ok(config)
-}
-
 /// Makes every parameter trainable again (after merging an adapter into a frozen base).
 struct Unfreeze;
 
@@ -230,7 +199,7 @@ pub fn load_model<B: AutodiffBackend>(
     if !recipe.use_peft {
         return Ok((model, None));
     }
-    let lora = lora_config(recipe)?;
+    let lora = components::lora_config(recipe)?;
     let model = apply_lora(model, &lora, recipe.seed)?;
     // The new adapter applies to what the run started from: for a run started from an adapter
     // (DPO after QLoRA SFT) that is the adapter directory, which resolves to its base plus that
@@ -276,7 +245,7 @@ fn location(dataset: &Dataset, row: usize) -> String {
 pub const TRL_DEFAULT_MAX_LENGTH: usize = 1024;
 
 fn truncation_mode(recipe: &Recipe) -> Result<TruncationMode, RunError> {
-    recipe.truncation_mode().map_err(|e| RunError::Unsupported { key: "truncation_mode", message: e.to_string() })
+    Ok(components::truncation_mode(recipe)?)
 }
 
 /// The old handbook's formatting options (`legacy_formatting: true`).
@@ -403,9 +372,13 @@ pub fn run<B: AutodiffBackend>(objective: Objective, recipe: &Recipe, device: &B
         None => model_dir.clone(),
     };
     let tools = TextTools::load(&tokenizer_dir, recipe.chat_template.as_deref())?;
-    let splits = mix_datasets(&mixer_config(recipe)?, &DatasetLoader::from_env()?)?;
-    let train_set = splits.train.ok_or(RunError::NoExamples { split: "train", max_length: recipe.max_length })?;
-    let test_set = splits.test;
+    let data = DataSource::from_recipe(recipe)?.load(
+        &DatasetLoader::from_env()?,
+        &recipe.dataset_train_split,
+        &recipe.dataset_test_split,
+        components::evaluates(recipe),
+    )?;
+    let (train_set, test_set) = (data.train, data.eval);
 
     let mut config = TrainerConfig::from_recipe(recipe)?;
     config.tokenizer_dir = Some(tokenizer_dir);
@@ -422,10 +395,7 @@ pub fn run<B: AutodiffBackend>(objective: Objective, recipe: &Recipe, device: &B
             let train_examples = build(&train_set)?;
             let eval_examples = test_set.as_ref().map(build).transpose()?.unwrap_or_default();
             let name = if objective == Objective::Sft { "sft" } else { "cpt" };
-            let reduction: Reduction = recipe
-                .reduce_loss
-                .parse()
-                .map_err(|e: alignment_objectives::ObjectiveError| RunError::Unsupported { key: "reduce_loss", message: e.to_string() })?;
+            let reduction = components::reduction(recipe)?;
             let task = SftTask { reduction, pad_id: tools.pad_id, name };
             train_with(model, &task, &train_examples, &eval_examples, &config, device, parallel.as_mut())?.1
         }
@@ -446,7 +416,7 @@ pub fn run<B: AutodiffBackend>(objective: Objective, recipe: &Recipe, device: &B
             let cache = ReferenceCache::new(&reference::cache_dir().join("reference-logps"), &frozen);
             let batch = config.eval_batch_size;
             precompute_reference(&frozen, &mut train_pairs, batch, tools.pad_id, Some(&cache), device).map_err(TrainError::from)?;
-            if config.eval_steps.is_some() || config.eval_on_start {
+            if config.eval_steps.is_some() || config.eval_every_epoch || config.eval_on_start {
                 precompute_reference(&frozen, &mut eval_pairs, batch, tools.pad_id, Some(&cache), device).map_err(TrainError::from)?;
             } else {
                 eval_pairs.clear(); // never evaluated: skip the reference pass over them

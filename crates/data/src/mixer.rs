@@ -105,6 +105,7 @@ fn default_weight() -> Option<f64> {
 
 /// One dataset of a `dataset_mixture`.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct MixtureDataset {
     /// Hub id or local path.
     pub id: String,
@@ -125,6 +126,7 @@ pub struct MixtureDataset {
 
 /// The newer handbook's `dataset_mixture`.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct DatasetMixture {
     /// The datasets, in order.
     pub datasets: Vec<MixtureDataset>,

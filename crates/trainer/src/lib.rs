@@ -10,6 +10,7 @@
 //! [`data_parallel`] (N ranks, DDP/ZeRO) with [`zero3`] (weights partitioned inside the passes).
 
 pub mod checkpoint;
+pub mod components;
 pub mod data_parallel;
 pub mod logging;
 pub mod optimizer;

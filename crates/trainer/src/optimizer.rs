@@ -13,6 +13,10 @@
 //! ```
 //! Moments live on the inner (non-autodiff) backend, keyed by parameter path so they can be
 //! checkpointed and restored by name.
+//!
+//! `optim: rmsprop` swaps the update for `torch.optim.RMSprop` with transformers' arguments
+//! (`α = 0.99`, `ε = 1e-8`, weight decay added to the gradient, no momentum), after the same
+//! clipping: `v ← αv + (1−α)g² ; p ← p − lr · g / (√v + ε)`; `v` is kept as `exp_avg_sq`.
 
 use burn::module::{AutodiffModule, ModuleMapper, ModuleVisitor, Param, ParamId};
 use burn::optim::GradientsParams;
@@ -29,11 +33,40 @@ pub struct AdamWConfig {
     pub weight_decay: f64,
     /// Global-norm clipping threshold; `None` or ≤ 0 disables clipping.
     pub max_grad_norm: Option<f64>,
+    /// The update applied after clipping (`optim`).
+    pub rule: UpdateRule,
 }
 
 impl Default for AdamWConfig {
     fn default() -> Self {
-        Self { beta1: 0.9, beta2: 0.999, epsilon: 1e-8, weight_decay: 0.0, max_grad_norm: Some(1.0) }
+        Self { beta1: 0.9, beta2: 0.999, epsilon: 1e-8, weight_decay: 0.0, max_grad_norm: Some(1.0), rule: UpdateRule::AdamW }
+    }
+}
+
+/// The update rule an `optim` value selects.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum UpdateRule {
+    /// `torch.optim.AdamW` (`adamw_torch`, `adamw_torch_fused`, and `paged_adamw_32bit`, whose
+    /// update is the same: paging only moves the moments between GPU and host memory).
+    #[default]
+    AdamW,
+    /// `torch.optim.RMSprop` with transformers' defaults (`rmsprop`).
+    RmsProp,
+}
+
+impl UpdateRule {
+    /// The rule of transformers' `optim` value `name`; an error naming the values this
+    /// implementation has for the others (8-bit optimizers among them).
+    pub fn from_optim(name: &str) -> Result<Self, String> {
+        match name {
+            "adamw_torch" | "adamw_torch_fused" | "paged_adamw_32bit" => Ok(UpdateRule::AdamW),
+            "rmsprop" => Ok(UpdateRule::RmsProp),
+            "adamw_bnb_8bit" | "adamw_8bit" | "paged_adamw_8bit" | "rmsprop_bnb_8bit" | "lion_8bit" | "paged_lion_8bit" => Err(format!(
+                "`{name}`: 8-bit optimizers (bitsandbytes' block-quantised moments) are not implemented; \
+                 use adamw_torch (or paged_adamw_32bit, the same update)"
+            )),
+            other => Err(format!("`{other}` is not implemented (supported: adamw_torch, adamw_torch_fused, paged_adamw_32bit, rmsprop)")),
+        }
     }
 }
 
@@ -168,20 +201,44 @@ impl<AD: AutodiffBackend> ModuleMapper<AD> for Update<'_, AD> {
             Some(coef) => grad * coef.clone().reshape([1; D]),
             None => grad,
         };
-        if c.weight_decay > 0.0 && !excluded_from_decay(&path) {
-            p = p.clone() - p * (self.lr * c.weight_decay);
-        }
         let g_flat: Tensor<AD::InnerBackend, 1> = g.reshape([numel]);
-        let moments =
-            self.optimizer.state.remove(&path).unwrap_or_else(|| Moments { exp_avg: g_flat.zeros_like(), exp_avg_sq: g_flat.zeros_like() });
-        let exp_avg = moments.exp_avg * c.beta1 + g_flat.clone() * (1.0 - c.beta1);
-        let exp_avg_sq = moments.exp_avg_sq * c.beta2 + g_flat.square() * (1.0 - c.beta2);
-        let bias1 = 1.0 - c.beta1.powi(t);
-        let bias2 = 1.0 - c.beta2.powi(t);
-        let denom = exp_avg_sq.clone().sqrt() / bias2.sqrt() + c.epsilon;
-        let update = (exp_avg.clone() / denom) * (self.lr / bias1);
-        let p = p - update.reshape(shape);
-        self.optimizer.state.insert(path, Moments { exp_avg, exp_avg_sq });
+        let (p, moments) = match c.rule {
+            UpdateRule::AdamW => {
+                if c.weight_decay > 0.0 && !excluded_from_decay(&path) {
+                    p = p.clone() - p * (self.lr * c.weight_decay);
+                }
+                let moments = self
+                    .optimizer
+                    .state
+                    .remove(&path)
+                    .unwrap_or_else(|| Moments { exp_avg: g_flat.zeros_like(), exp_avg_sq: g_flat.zeros_like() });
+                let exp_avg = moments.exp_avg * c.beta1 + g_flat.clone() * (1.0 - c.beta1);
+                let exp_avg_sq = moments.exp_avg_sq * c.beta2 + g_flat.square() * (1.0 - c.beta2);
+                let bias1 = 1.0 - c.beta1.powi(t);
+                let bias2 = 1.0 - c.beta2.powi(t);
+                let denom = exp_avg_sq.clone().sqrt() / bias2.sqrt() + c.epsilon;
+                let update = (exp_avg.clone() / denom) * (self.lr / bias1);
+                (p - update.reshape(shape), Moments { exp_avg, exp_avg_sq })
+            }
+            UpdateRule::RmsProp => {
+                const ALPHA: f64 = 0.99;
+                const EPS: f64 = 1e-8;
+                let g_flat = if c.weight_decay > 0.0 && !excluded_from_decay(&path) {
+                    g_flat + p.clone().reshape([numel]) * c.weight_decay
+                } else {
+                    g_flat
+                };
+                let square_avg = match self.optimizer.state.remove(&path) {
+                    Some(m) => m.exp_avg_sq,
+                    None => g_flat.zeros_like(),
+                };
+                let square_avg = square_avg * ALPHA + g_flat.clone().square() * (1.0 - ALPHA);
+                let update = g_flat / (square_avg.clone().sqrt() + EPS) * self.lr;
+                let device = update.device();
+                (p - update.reshape(shape), Moments { exp_avg: Tensor::zeros([0], &device), exp_avg_sq: square_avg })
+            }
+        };
+        self.optimizer.state.insert(path, moments);
 
         let mut tensor = Tensor::from_inner(p);
         if require_grad {

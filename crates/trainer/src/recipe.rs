@@ -26,6 +26,9 @@ pub enum RecipeError {
     /// The YAML is malformed or a value has the wrong type.
     #[error("invalid recipe {source_name}: {message}")]
     Invalid { source_name: String, message: String },
+    /// A value is out of range or contradicts another key.
+    #[error("recipe key `{key}`: {message}")]
+    Value { key: String, message: String },
 }
 
 fn default_revision() -> String {
@@ -92,12 +95,30 @@ pub struct Recipe {
     pub text_column: String,
     pub dataset_text_field: Option<String>,
     pub dataset_kwargs: Option<serde_json::Value>,
+    /// Today's handbook mixer: `{datasets: [{id, config, split, columns, weight}], seed,
+    /// test_split_size}` (parsed by [`crate::components::dataset_mixture`]).
+    pub dataset_mixture: Option<serde_json::Value>,
+    /// TRL's `ScriptArguments.dataset_name`: one hub dataset (or local path), all of its splits.
+    pub dataset_name: Option<String>,
+    /// The config of `dataset_name`.
+    pub dataset_config: Option<String>,
+    /// The split trained on (`train`): of `dataset_name`'s splits, or of the mixture's.
+    pub dataset_train_split: String,
+    /// The split evaluated on (`test`), read only when `eval_strategy` is not `no`.
+    pub dataset_test_split: String,
+    pub dataset_num_proc: Option<usize>,
+    /// TRL's `eos_token`: the token that ends each turn and is appended to examples, replacing
+    /// the tokenizer's.
+    pub eos_token: Option<String>,
     // --- sequence lengths, packing ---
     pub max_seq_length: Option<usize>,
     pub max_length: Option<usize>,
     pub max_prompt_length: Option<usize>,
     pub max_completion_length: Option<usize>,
     pub packing: bool,
+    /// TRL's packing strategy: `bfd` (best-fit decreasing; `ffd` is TRL < 0.20's name for it).
+    pub packing_strategy: String,
+    pub padding_free: bool,
     pub assistant_only_loss: bool,
     /// SFT/CPT loss reduction, open-instruct's `reduce_loss`: `mean` (token mean over each
     /// optimizer step, transformers' default) or `sum` (summed token losses, divided only by the
@@ -113,6 +134,9 @@ pub struct Recipe {
     // --- optimisation (transformers TrainingArguments) ---
     pub learning_rate: f64,
     pub lr_scheduler_type: String,
+    /// Extra schedule arguments, as transformers' (`min_lr_rate`/`min_lr` for
+    /// `cosine_with_min_lr`, `timescale` for `inverse_sqrt`, `num_cycles` for `cosine`).
+    pub lr_scheduler_kwargs: Option<serde_json::Value>,
     pub warmup_ratio: f64,
     pub warmup_steps: usize,
     pub num_train_epochs: f64,
@@ -136,22 +160,29 @@ pub struct Recipe {
     pub tf32: Option<bool>,
     pub seed: u64,
     pub data_seed: Option<u64>,
+    pub average_tokens_across_devices: bool,
+    pub ddp_timeout: u64,
     // --- evaluation, logging, saving ---
+    pub do_train: bool,
     pub do_eval: bool,
     pub eval_strategy: Option<String>,
     pub evaluation_strategy: Option<String>,
-    pub eval_steps: Option<usize>,
-    pub logging_steps: usize,
+    /// Updates between evaluations; below 1, a fraction of the run's total updates.
+    pub eval_steps: Option<f64>,
+    /// Updates between log lines; below 1, a fraction of the total.
+    pub logging_steps: f64,
     pub logging_strategy: String,
     pub logging_first_step: bool,
     pub log_level: String,
     pub output_dir: PathBuf,
     pub overwrite_output_dir: bool,
     pub save_strategy: String,
-    pub save_steps: usize,
+    /// Updates between checkpoints; below 1, a fraction of the total.
+    pub save_steps: f64,
     pub save_total_limit: Option<usize>,
     pub save_only_model: bool,
     pub hub_model_id: Option<String>,
+    pub hub_model_revision: Option<String>,
     pub hub_strategy: Option<String>,
     pub hub_private_repo: Option<bool>,
     pub push_to_hub: bool,
@@ -210,11 +241,20 @@ impl Default for Recipe {
             text_column: "text".into(),
             dataset_text_field: None,
             dataset_kwargs: None,
+            dataset_mixture: None,
+            dataset_name: None,
+            dataset_config: None,
+            dataset_train_split: "train".into(),
+            dataset_test_split: "test".into(),
+            dataset_num_proc: None,
+            eos_token: None,
             max_seq_length: None,
             max_length: None,
             max_prompt_length: None,
             max_completion_length: None,
             packing: false,
+            packing_strategy: "bfd".into(),
+            padding_free: false,
             assistant_only_loss: false,
             reduce_loss: "mean".into(),
             completion_only_loss: None,
@@ -225,6 +265,7 @@ impl Default for Recipe {
             reference_free: false,
             learning_rate: 5e-5,
             lr_scheduler_type: "linear".into(),
+            lr_scheduler_kwargs: None,
             warmup_ratio: 0.0,
             warmup_steps: 0,
             num_train_epochs: 3.0,
@@ -246,21 +287,25 @@ impl Default for Recipe {
             tf32: None,
             seed: 42,
             data_seed: None,
+            average_tokens_across_devices: true,
+            ddp_timeout: 1800,
+            do_train: false,
             do_eval: false,
             eval_strategy: None,
             evaluation_strategy: None,
             eval_steps: None,
-            logging_steps: 500,
+            logging_steps: 500.0,
             logging_strategy: "steps".into(),
             logging_first_step: false,
             log_level: "passive".into(),
             output_dir: PathBuf::from("trainer_output"),
             overwrite_output_dir: false,
             save_strategy: "steps".into(),
-            save_steps: 500,
+            save_steps: 500.0,
             save_total_limit: None,
             save_only_model: false,
             hub_model_id: None,
+            hub_model_revision: None,
             hub_strategy: None,
             hub_private_repo: None,
             push_to_hub: false,
@@ -274,25 +319,124 @@ impl Default for Recipe {
     }
 }
 
-/// Keys accepted for compatibility with the Python stack that have no effect here.
-pub const INERT_KEYS: &[&str] = &[
-    "use_flash_attention_2",
-    "attn_implementation",
-    "trust_remote_code",
-    "preprocessing_num_workers",
-    "gradient_checkpointing_kwargs",
-    "report_to",
-    "remove_unused_columns",
-    "log_level",
-    "tf32",
-    "hub_strategy",
-    "hub_private_repo",
-    "dataset_kwargs",
+/// Keys accepted so that the handbook's recipes load unchanged but that change nothing here,
+/// each with the reason. A run names those its recipe sets (to a non-default value) in one note
+/// ([`Recipe::inert_keys_set`]); every other key acts ([`ACTING_KEYS`]).
+pub const INERT_KEYS: &[(&str, &str)] = &[
+    ("torch_dtype", "weights are loaded and trained in f32"),
+    ("attn_implementation", "there is one attention implementation"),
+    ("use_flash_attention_2", "there is one attention implementation"),
+    ("trust_remote_code", "no remote code is run: the Llama, Mistral and Gemma families are built in"),
+    ("bnb_4bit_quant_storage", "NF4 codes are stored packed, whatever the storage type"),
+    ("preprocessing_num_workers", "tokenization runs in one process"),
+    ("dataset_num_proc", "tokenization runs in one process"),
+    ("dataset_kwargs", "examples are built as TRL builds them without it"),
     // TRL 1.16 has no prompt/completion truncation for decoder-only models: only `max_length`
     // truncates (DPOConfig dropped `max_prompt_length`; ORPOConfig uses `max_completion_length`
     // for encoder-decoders only).
-    "max_prompt_length",
-    "max_completion_length",
+    ("max_prompt_length", "TRL 1.16 truncates decoder-only models by max_length only"),
+    ("max_completion_length", "TRL 1.16 truncates decoder-only models by max_length only"),
+    ("padding_free", "batches are padded, which gives the same losses"),
+    ("precompute_ref_log_probs", "reference log-probs are always computed once, before training"),
+    ("gradient_checkpointing_kwargs", "checkpointing here has no reentrant variant"),
+    ("bf16", "training computes in f32: bf16 mixed precision is not implemented yet"),
+    ("fp16", "training computes in f32"),
+    ("tf32", "no TF32 matmuls here"),
+    ("average_tokens_across_devices", "losses are always normalised by the tokens of the whole global batch"),
+    ("ddp_timeout", "collectives wait without a timeout"),
+    ("do_train", "the handbook's scripts always train"),
+    ("data_seed", "the data order is seeded by seed"),
+    ("log_level", "progress and notes go to stderr"),
+    ("report_to", "metrics go to output_dir/metrics.jsonl and loss.svg"),
+    ("remove_unused_columns", "only the columns an objective reads are used"),
+    ("run_name", "there is no experiment tracker"),
+    ("hub_strategy", "push_to_hub publishes the final model to the local hub"),
+    ("hub_private_repo", "push_to_hub publishes the final model to the local hub"),
+    ("hub_model_revision", "the local hub keeps one revision per model"),
+    ("save_only_model", "checkpoints always hold the optimizer state (for exact resume)"),
+];
+
+/// Keys that change what a run does (or are refused with an error naming them when set to
+/// something not implemented). With [`INERT_KEYS`], every key of [`Recipe`].
+pub const ACTING_KEYS: &[&str] = &[
+    "model_name_or_path",
+    "model_revision",
+    "tokenizer_name_or_path",
+    "use_peft",
+    "lora_r",
+    "lora_alpha",
+    "lora_dropout",
+    "lora_target_modules",
+    "lora_modules_to_save",
+    "use_rslora",
+    "load_in_8bit",
+    "load_in_4bit",
+    "bnb_4bit_quant_type",
+    "use_bnb_nested_quant",
+    "chat_template",
+    "dataset_mixer",
+    "dataset_splits",
+    "dataset_configs",
+    "columns_to_keep",
+    "shuffle",
+    "truncation_side",
+    "truncation_mode",
+    "legacy_formatting",
+    "auto_insert_empty_system_msg",
+    "text_column",
+    "dataset_text_field",
+    "dataset_mixture",
+    "dataset_name",
+    "dataset_config",
+    "dataset_train_split",
+    "dataset_test_split",
+    "eos_token",
+    "max_seq_length",
+    "max_length",
+    "packing",
+    "packing_strategy",
+    "assistant_only_loss",
+    "reduce_loss",
+    "completion_only_loss",
+    "beta",
+    "loss_type",
+    "label_smoothing",
+    "reference_free",
+    "learning_rate",
+    "lr_scheduler_type",
+    "lr_scheduler_kwargs",
+    "warmup_ratio",
+    "warmup_steps",
+    "num_train_epochs",
+    "max_steps",
+    "per_device_train_batch_size",
+    "per_device_eval_batch_size",
+    "gradient_accumulation_steps",
+    "gradient_checkpointing",
+    "use_liger_kernel",
+    "weight_decay",
+    "adam_beta1",
+    "adam_beta2",
+    "adam_epsilon",
+    "max_grad_norm",
+    "optim",
+    "seed",
+    "do_eval",
+    "eval_strategy",
+    "evaluation_strategy",
+    "eval_steps",
+    "logging_steps",
+    "logging_strategy",
+    "logging_first_step",
+    "output_dir",
+    "overwrite_output_dir",
+    "save_strategy",
+    "save_steps",
+    "save_total_limit",
+    "hub_model_id",
+    "push_to_hub",
+    "resume_from_checkpoint",
+    "eval_on_start",
 ];
 
 impl Recipe {
@@ -311,23 +455,33 @@ impl Recipe {
         Self::from_yaml_str(&text, &path.display().to_string(), overrides)
     }
 
-    /// Parses recipe YAML (named `source_name` in errors) with `overrides` applied.
+    /// Parses recipe YAML (named `source_name` in errors) with `overrides` applied, and checks
+    /// the values ([`Recipe::validate`]). A type error names the key and where it was written —
+    /// the file, or the command-line override.
     pub fn from_yaml_str(yaml: &str, source_name: &str, overrides: &[String]) -> Result<Self, RecipeError> {
-        let file_keys: BTreeMap<String, serde_yaml_value::Value> = Figment::from(Yaml::string(yaml))
-            .extract()
-            .map_err(|e| RecipeError::Invalid { source_name: source_name.into(), message: e.to_string() })?;
+        let invalid =
+            |source_name: &str, e: figment::Error| RecipeError::Invalid { source_name: source_name.into(), message: figment_message(e) };
+        // serde_yaml refuses a key written twice (figment would keep the last one silently).
+        if let Err(e) = serde_yaml::from_str::<serde_yaml::Value>(yaml) {
+            return Err(RecipeError::Invalid { source_name: source_name.into(), message: e.to_string() });
+        }
+        let file_keys: BTreeMap<String, serde_yaml_value::Value> =
+            Figment::from(Yaml::string(yaml)).extract().map_err(|e| invalid(source_name, e))?;
         check_keys(file_keys.keys(), source_name)?;
-        let mut figment = Figment::from(Serialized::defaults(Recipe::default())).merge(Yaml::string(yaml));
+        let defaults = || Figment::from(Serialized::defaults(Recipe::default()));
+        // Type errors in the file are reported against the file alone.
+        defaults().merge(Yaml::string(yaml)).extract::<Recipe>().map_err(|e| invalid(source_name, e))?;
+        let mut figment = defaults().merge(Yaml::string(yaml));
         for raw in overrides {
             let (key, value) = parse_override(raw)?;
             check_keys(std::iter::once(&key), "command line")?;
-            let value: serde_yaml_value::Value = Figment::from(Yaml::string(&format!("v: {value}")))
-                .extract_inner("v")
-                .map_err(|e| RecipeError::Invalid { source_name: format!("override {raw}"), message: e.to_string() })?;
+            let here = format!("command-line override `{raw}`");
+            let value: serde_yaml_value::Value =
+                Figment::from(Yaml::string(&format!("v: {value}"))).extract_inner("v").map_err(|e| invalid(&here, e))?;
+            defaults().merge(Serialized::default(&key, value.clone())).extract::<Recipe>().map_err(|e| invalid(&here, e))?;
             figment = figment.merge(Serialized::default(&key, value));
         }
-        let mut recipe: Recipe =
-            figment.extract().map_err(|e| RecipeError::Invalid { source_name: source_name.into(), message: e.to_string() })?;
+        let mut recipe: Recipe = figment.extract().map_err(|e| invalid(source_name, e))?;
         // figment's maps are sorted; take the mixer's order from the YAML itself (last one wins).
         let mut order = mixer_order(yaml);
         for raw in overrides {
@@ -345,6 +499,7 @@ impl Recipe {
             }
         }
         recipe.dataset_mixer_order = order;
+        recipe.validate()?;
         Ok(recipe)
     }
 
@@ -361,26 +516,141 @@ impl Recipe {
         ordered
     }
 
-    /// Keys that were set to a non-default value but have no effect in this implementation (or
-    /// with this recipe's other settings: `auto_insert_empty_system_msg` without
-    /// `legacy_formatting`).
-    pub fn inert_keys_set(&self) -> Vec<&'static str> {
+    /// Keys set to a non-default value that have no effect here, each as `key (why)`, and keys
+    /// that act only with settings this recipe lacks (`auto_insert_empty_system_msg` without
+    /// `legacy_formatting`) or are read under another name (`packing_strategy: ffd`).
+    pub fn inert_keys_set(&self) -> Vec<String> {
         let this = serde_json::to_value(self).expect("serializable");
         let default = serde_json::to_value(Recipe::default()).expect("serializable");
-        let mut inert: Vec<&'static str> = INERT_KEYS.iter().copied().filter(|k| this[k] != default[k]).collect();
+        let mut inert: Vec<String> =
+            INERT_KEYS.iter().filter(|(k, _)| this[k] != default[k]).map(|(k, why)| format!("{k} ({why})")).collect();
         if self.auto_insert_empty_system_msg.is_some() && !self.legacy_formatting {
-            inert.push("auto_insert_empty_system_msg (only read with legacy_formatting: true)");
+            inert.push("auto_insert_empty_system_msg (only read with legacy_formatting: true)".into());
         }
-        if self.bf16 {
-            inert.push("bf16 (training computes in f32: bf16 mixed precision is not implemented yet)");
+        if self.dataset_mixture.is_some() || self.dataset_name.is_some() {
+            for (key, set) in [
+                ("dataset_splits", self.dataset_splits != default_splits()),
+                ("dataset_configs", self.dataset_configs.is_some()),
+                ("columns_to_keep", self.columns_to_keep.is_some()),
+                ("shuffle", !self.shuffle),
+            ] {
+                if set {
+                    inert.push(format!("{key} (only read with dataset_mixer)"));
+                }
+            }
+        }
+        if self.packing_strategy == "ffd" {
+            inert.push("packing_strategy: ffd (TRL < 0.20's name: packed best-fit decreasing, TRL 1.16's bfd)".into());
         }
         inert
+    }
+
+    /// Checks the values a run cannot make sense of, naming the key as the recipe wrote it:
+    /// non-finite or negative rates, betas outside `[0, 1)`, zero intervals and sizes,
+    /// contradictory pairs (`eval_strategy` and `evaluation_strategy`, `bf16` and `fp16`,
+    /// two dataset sources), an empty `output_dir`.
+    pub fn validate(&self) -> Result<(), RecipeError> {
+        let bad = |key: &str, message: String| Err(RecipeError::Value { key: key.into(), message });
+        let finite_non_negative = [
+            ("learning_rate", self.learning_rate),
+            ("weight_decay", self.weight_decay),
+            ("adam_epsilon", self.adam_epsilon),
+            ("max_grad_norm", self.max_grad_norm),
+            ("warmup_ratio", self.warmup_ratio),
+            ("lora_dropout", self.lora_dropout),
+            ("label_smoothing", self.label_smoothing),
+        ];
+        for (key, value) in finite_non_negative {
+            if !value.is_finite() || value < 0.0 {
+                return bad(key, format!("{value}: must be a finite number ≥ 0"));
+            }
+        }
+        for (key, value) in [("adam_beta1", self.adam_beta1), ("adam_beta2", self.adam_beta2)] {
+            if !(0.0..1.0).contains(&value) {
+                return bad(key, format!("{value}: must be in [0, 1)"));
+            }
+        }
+        if self.warmup_ratio > 1.0 {
+            return bad("warmup_ratio", format!("{}: a fraction of the run, at most 1", self.warmup_ratio));
+        }
+        if self.lora_dropout >= 1.0 {
+            return bad("lora_dropout", format!("{}: must be below 1", self.lora_dropout));
+        }
+        if !self.beta.is_finite() || self.beta <= 0.0 {
+            return bad("beta", format!("{}: must be a finite number > 0", self.beta));
+        }
+        if self.max_steps <= 0 && !(self.num_train_epochs.is_finite() && self.num_train_epochs > 0.0) {
+            return bad("num_train_epochs", format!("{}: must be > 0 (or set max_steps)", self.num_train_epochs));
+        }
+        let mut intervals = vec![("logging_steps", self.logging_steps), ("save_steps", self.save_steps)];
+        intervals.extend(self.eval_steps.map(|v| ("eval_steps", v)));
+        for (key, value) in intervals {
+            if !value.is_finite() || value <= 0.0 {
+                return bad(key, format!("{value}: must be a positive number of steps, or a fraction of the run below 1"));
+            }
+        }
+        for (key, value) in [
+            ("per_device_train_batch_size", self.per_device_train_batch_size),
+            ("per_device_eval_batch_size", self.per_device_eval_batch_size),
+            ("gradient_accumulation_steps", self.gradient_accumulation_steps),
+        ] {
+            if value == 0 {
+                return bad(key, "must be at least 1".into());
+            }
+        }
+        for (key, value) in [("max_length", self.max_length), ("max_seq_length", self.max_seq_length)] {
+            if value == Some(0) {
+                return bad(key, "must be at least 1".into());
+            }
+        }
+        if self.use_peft && self.lora_r == 0 {
+            return bad("lora_r", "must be at least 1".into());
+        }
+        if let (Some(a), Some(b)) = (&self.eval_strategy, &self.evaluation_strategy) {
+            return bad(
+                "evaluation_strategy",
+                format!("`{b}` given together with eval_strategy `{a}`: evaluation_strategy is its old name; keep one"),
+            );
+        }
+        if self.bf16 && self.fp16 {
+            return bad("fp16", "bf16 and fp16 are both true: choose one".into());
+        }
+        if self.output_dir.as_os_str().is_empty() {
+            return bad("output_dir", "is empty (it would write into the current directory); name a directory".into());
+        }
+        let sources: Vec<&str> = [
+            ("dataset_mixer", self.dataset_mixer.is_some()),
+            ("dataset_mixture", self.dataset_mixture.is_some()),
+            ("dataset_name", self.dataset_name.is_some()),
+        ]
+        .into_iter()
+        .filter_map(|(k, set)| set.then_some(k))
+        .collect();
+        if sources.len() > 1 {
+            return bad(sources[1], format!("the recipe names its data with both {}: keep one", sources.join(" and ")));
+        }
+        if !matches!(self.logging_strategy.as_str(), "steps") {
+            return bad("logging_strategy", format!("`{}`: only `steps` is implemented (with logging_steps)", self.logging_strategy));
+        }
+        if !matches!(self.packing_strategy.as_str(), "bfd" | "ffd") {
+            return bad(
+                "packing_strategy",
+                format!("`{}`: only bfd (best-fit decreasing; ffd is its TRL < 0.20 name) is implemented", self.packing_strategy),
+            );
+        }
+        if self.reference_free {
+            return bad("reference_free", "true is not implemented: DPO here always scores against the reference model".into());
+        }
+        Ok(())
     }
 
     /// TRL's `truncation_mode`, from `truncation_mode` or the old handbook's `truncation_side`
     /// (`left` = `keep_end`); an error for other values or when the two disagree.
     pub fn truncation_mode(&self) -> Result<alignment_data::TruncationMode, RecipeError> {
-        let invalid = |message: String| RecipeError::Invalid { source_name: "recipe".into(), message };
+        let invalid = |message: String| RecipeError::Value {
+            key: if self.truncation_mode.is_some() { "truncation_mode" } else { "truncation_side" }.into(),
+            message,
+        };
         let from_side = match self.truncation_side.as_deref() {
             None => None,
             Some("left") => Some("keep_end"),
@@ -412,6 +682,16 @@ fn mixer_order(yaml: &str) -> Vec<String> {
     match top.get("dataset_mixer") {
         Some(serde_yaml::Value::Mapping(m)) => m.keys().filter_map(|k| k.as_str().map(String::from)).collect(),
         _ => Vec::new(),
+    }
+}
+
+/// A figment error as `key: what is wrong`, without figment's own source locations.
+fn figment_message(e: figment::Error) -> String {
+    let key = e.path.iter().filter(|p| p.as_str() != "default").cloned().collect::<Vec<_>>().join(".");
+    if key.is_empty() {
+        e.kind.to_string()
+    } else {
+        format!("`{key}`: {}", e.kind)
     }
 }
 

@@ -15,7 +15,7 @@
 use crate::checkpoint::{self, TrainerState};
 use crate::data_parallel::DataParallel;
 use crate::logging::{self, MetricsAccumulator, MetricsLog};
-use crate::optimizer::{AdamW, AdamWConfig};
+use crate::optimizer::{AdamW, AdamWConfig, UpdateRule};
 use crate::recipe::{Recipe, ResumeFrom};
 use crate::schedule::{Schedule, ScheduleKind};
 use crate::step::{forward_backward, StepOptions};
@@ -43,6 +43,35 @@ pub enum SaveStrategy {
     Steps(u64),
     /// At the end of each epoch.
     Epoch,
+}
+
+/// Intervals given as a fraction of the run's total updates, as transformers reads
+/// `logging_steps`/`eval_steps`/`save_steps` below 1: `ceil(total × fraction)` updates.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct FractionalSteps {
+    pub logging: Option<f64>,
+    pub eval: Option<f64>,
+    pub save: Option<f64>,
+}
+
+impl TrainerConfig {
+    /// This config with its fractional intervals turned into updates for a run of `total_steps`.
+    pub fn with_intervals_for(&self, total_steps: u64) -> TrainerConfig {
+        let steps = |fraction: f64| ((total_steps as f64 * fraction).ceil() as u64).max(1);
+        let mut config = self.clone();
+        let f = self.fractional_steps;
+        if let Some(x) = f.logging {
+            config.logging_steps = steps(x);
+        }
+        if let Some(x) = f.eval {
+            config.eval_steps = Some(steps(x));
+        }
+        if let (Some(x), SaveStrategy::Steps(_)) = (f.save, config.save) {
+            config.save = SaveStrategy::Steps(steps(x));
+        }
+        config.fractional_steps = FractionalSteps::default();
+        config
+    }
 }
 
 /// What is saved when only LoRA adapters train (`use_peft`): PEFT's adapter directory, in
@@ -74,6 +103,11 @@ pub struct TrainerConfig {
     pub logging_first_step: bool,
     /// Evaluate every N updates (and at the end) when set.
     pub eval_steps: Option<u64>,
+    /// Evaluate at the end of every epoch (`eval_strategy: epoch`).
+    pub eval_every_epoch: bool,
+    /// `logging_steps`, `eval_steps`, `save_steps` given as fractions of the run (below 1):
+    /// they replace the integer intervals once the total number of updates is known.
+    pub fractional_steps: FractionalSteps,
     /// Evaluate before the first update (`eval_on_start`).
     pub eval_on_start: bool,
     pub save: SaveStrategy,
@@ -96,33 +130,60 @@ pub struct TrainerConfig {
 impl TrainerConfig {
     /// Reads the loop's settings from a recipe (transformers' TrainingArguments semantics).
     pub fn from_recipe(recipe: &Recipe) -> Result<Self, TrainError> {
-        let schedule = recipe.lr_scheduler_type.parse().map_err(|e: crate::schedule::UnknownSchedule| TrainError::Config {
-            key: "lr_scheduler_type".into(),
-            message: e.to_string(),
-        })?;
+        let config_error = |key: &str, message: String| TrainError::Config { key: key.into(), message };
+        let schedule = ScheduleKind::from_recipe(&recipe.lr_scheduler_type, recipe.lr_scheduler_kwargs.as_ref(), recipe.learning_rate)
+            .map_err(|e| match e {
+                crate::schedule::ScheduleError::Unknown(_) => config_error("lr_scheduler_type", e.to_string()),
+                crate::schedule::ScheduleError::Kwargs(m) => config_error("lr_scheduler_kwargs", m),
+            })?;
         let strategy = recipe.eval_strategy.as_deref().or(recipe.evaluation_strategy.as_deref()).unwrap_or("no");
-        let eval_steps = match strategy {
-            "steps" => Some(recipe.eval_steps.unwrap_or(recipe.logging_steps) as u64),
-            "no" if recipe.do_eval => recipe.eval_steps.map(|s| s as u64),
-            "no" | "epoch" => None,
-            other => {
-                return Err(TrainError::Config { key: "eval_strategy".into(), message: format!("`{other}` (expected no, steps or epoch)") })
+        // An interval in updates, or (below 1) a fraction of the run resolved once its length is known.
+        let interval = |key: &str, value: f64| -> Result<(u64, Option<f64>), TrainError> {
+            if !value.is_finite() || value <= 0.0 {
+                return Err(config_error(key, format!("{value}: must be a positive number of steps, or a fraction of the run below 1")));
             }
+            if value < 1.0 {
+                return Ok((1, Some(value)));
+            }
+            if value.fract() != 0.0 {
+                return Err(config_error(key, format!("{value}: a number of steps ≥ 1 must be whole (fractions of the run are below 1)")));
+            }
+            Ok((value as u64, None))
+        };
+        let (logging_steps, logging_fraction) = interval("logging_steps", recipe.logging_steps)?;
+        let mut fractions = FractionalSteps { logging: logging_fraction, ..Default::default() };
+        let (eval_steps, eval_every_epoch) = match (strategy, recipe.eval_steps) {
+            ("steps", Some(n)) | ("no", Some(n)) if strategy == "steps" || recipe.do_eval => {
+                let (steps, fraction) = interval("eval_steps", n)?;
+                fractions.eval = fraction;
+                (Some(steps), false)
+            }
+            // transformers: eval_steps defaults to logging_steps
+            ("steps", None) => {
+                fractions.eval = logging_fraction;
+                (Some(logging_steps), false)
+            }
+            ("no", _) => (None, false),
+            ("epoch", _) => (None, true),
+            (other, _) => return Err(config_error("eval_strategy", format!("`{other}` (expected no, steps or epoch)"))),
         };
         let save = match recipe.save_strategy.as_str() {
-            "steps" => SaveStrategy::Steps(recipe.save_steps.max(1) as u64),
+            "steps" => {
+                let (steps, fraction) = interval("save_steps", recipe.save_steps)?;
+                fractions.save = fraction;
+                SaveStrategy::Steps(steps)
+            }
             "epoch" => SaveStrategy::Epoch,
             "no" => SaveStrategy::No,
-            other => {
-                return Err(TrainError::Config { key: "save_strategy".into(), message: format!("`{other}` (expected no, steps or epoch)") })
-            }
+            other => return Err(config_error("save_strategy", format!("`{other}` (expected no, steps or epoch)"))),
         };
-        if recipe.per_device_train_batch_size == 0 || recipe.gradient_accumulation_steps == 0 {
-            return Err(TrainError::Config {
-                key: "per_device_train_batch_size".into(),
-                message: "batch size and gradient_accumulation_steps must be positive".into(),
-            });
+        if recipe.per_device_train_batch_size == 0 {
+            return Err(config_error("per_device_train_batch_size", "must be at least 1".into()));
         }
+        if recipe.gradient_accumulation_steps == 0 {
+            return Err(config_error("gradient_accumulation_steps", "must be at least 1".into()));
+        }
+        let rule = UpdateRule::from_optim(&recipe.optim).map_err(|m| config_error("optim", m))?;
         let resume_from = match &recipe.resume_from_checkpoint {
             None | Some(ResumeFrom::Latest(false)) => None,
             Some(ResumeFrom::Latest(true)) => {
@@ -149,11 +210,14 @@ impl TrainerConfig {
                 epsilon: recipe.adam_epsilon,
                 weight_decay: recipe.weight_decay,
                 max_grad_norm: Some(recipe.max_grad_norm),
+                rule,
             },
             seed: recipe.seed,
-            logging_steps: recipe.logging_steps.max(1) as u64,
+            logging_steps,
             logging_first_step: recipe.logging_first_step,
             eval_steps,
+            eval_every_epoch,
+            fractional_steps: fractions,
             eval_on_start: recipe.eval_on_start,
             save,
             save_total_limit: recipe.save_total_limit,
@@ -310,13 +374,19 @@ pub fn train_with<B: AutodiffBackend, T: Task>(
         return Err(TrainError::EmptyDataset { what: format!("{} training set", task.name()) });
     }
     let world = parallel.as_ref().map_or(1, |p| p.world_size());
+    if parallel.is_some() && config.adamw.rule != UpdateRule::AdamW {
+        return Err(TrainError::Config {
+            key: "optim".into(),
+            message: format!("{:?} is implemented for one process only; data-parallel runs (DDP, ZeRO) use AdamW", config.adamw.rule),
+        });
+    }
     let is_main = parallel.as_ref().is_none_or(|p| p.is_main());
     // The step plan of the global batch: every rank walks the same micro-batches.
     let global = TrainerConfig { train_batch_size: config.train_batch_size * world, ..config.clone() };
     let plan = StepPlan::new(train.len(), &global);
     let fingerprint = config.fingerprint(train.len(), task.name(), world);
     let mut optimizer = AdamW::<B::InnerBackend>::new(config.adamw);
-    let mut config = config.clone();
+    let mut config = config.with_intervals_for(plan.total_steps);
     let recipe_checkpointing = config.step.gradient_checkpointing;
     config.step = StepOptions::for_model(&model, config.step.gradient_checkpointing, config.chunked_head);
     if model.has_quantized_layers() && !recipe_checkpointing {
@@ -475,7 +545,9 @@ pub fn train_with<B: AutodiffBackend, T: Task>(
             window_seconds = 0.0;
         }
         let epoch_end = done % plan.steps_per_epoch == 0;
-        let eval_now = config.eval_steps.is_some_and(|n| done % n.max(1) == 0) || (last && config.eval_steps.is_some());
+        let eval_now = config.eval_steps.is_some_and(|n| done % n.max(1) == 0)
+            || (last && config.eval_steps.is_some())
+            || (config.eval_every_epoch && (epoch_end || last));
         if eval_now && !eval.is_empty() {
             let metrics = evaluate_with(&model.valid(), task, eval, config.eval_batch_size, config.step.head_chunk_tokens, device);
             check(parallel.as_deref())?;

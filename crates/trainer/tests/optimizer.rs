@@ -1,8 +1,9 @@
-//! AdamW + global-norm clipping against torch.optim.AdamW and clip_grad_norm_ (golden values
-//! from scripts/make_optimizer_goldens.py), including the no-decay rule for norm weights.
+//! AdamW (and RMSprop) + global-norm clipping against torch.optim.AdamW / torch.optim.RMSprop
+//! and clip_grad_norm_ (golden values from scripts/make_optimizer_goldens.py), including the
+//! no-decay rule for norm weights.
 
 use alignment_core::backend::CpuAutodiff;
-use alignment_trainer::optimizer::{AdamW, AdamWConfig};
+use alignment_trainer::optimizer::{AdamW, AdamWConfig, UpdateRule};
 use burn::module::{Module, Param};
 use burn::optim::GradientsParams;
 use burn::tensor::{backend::Backend, Tensor, TensorData};
@@ -20,7 +21,20 @@ fn floats(v: &Value) -> Vec<f32> {
 
 #[test]
 fn adamw_with_clipping_matches_torch() {
-    let golden: Value = serde_json::from_str(include_str!("fixtures/adamw.json")).unwrap();
+    check_against_torch(include_str!("fixtures/adamw.json"), UpdateRule::AdamW);
+}
+
+#[test]
+fn rmsprop_with_clipping_matches_torch() {
+    check_against_torch(include_str!("fixtures/rmsprop.json"), UpdateRule::RmsProp);
+    assert_eq!(UpdateRule::from_optim("rmsprop").unwrap(), UpdateRule::RmsProp);
+    assert_eq!(UpdateRule::from_optim("paged_adamw_32bit").unwrap(), UpdateRule::AdamW);
+    let eight_bit = UpdateRule::from_optim("adamw_bnb_8bit").unwrap_err();
+    assert!(eight_bit.contains("adamw_bnb_8bit") && eight_bit.contains("8-bit"), "{eight_bit}");
+}
+
+fn check_against_torch(golden: &str, rule: UpdateRule) {
+    let golden: Value = serde_json::from_str(golden).unwrap();
     let device = Default::default();
     let init = &golden["init"];
     let t2 = |v: &Value, shape: [usize; 2]| Tensor::<CpuAutodiff, 2>::from_data(TensorData::new(floats(v), shape), &device);
@@ -30,6 +44,7 @@ fn adamw_with_clipping_matches_torch() {
     let config = AdamWConfig {
         weight_decay: golden["weight_decay"].as_f64().unwrap(),
         max_grad_norm: golden["max_grad_norm"].as_f64(),
+        rule,
         ..Default::default()
     };
     let mut optimizer = AdamW::new(config);

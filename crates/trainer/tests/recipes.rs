@@ -16,7 +16,7 @@ fn zephyr_recipes_load_with_handbook_hyperparameters() {
     assert_eq!(sft.dataset_splits, vec!["train_sft", "test_sft"]);
     assert_eq!(sft.dataset_mixer.as_ref().unwrap()["HuggingFaceH4/ultrachat_200k"], 1.0);
     assert!(sft.chat_template.as_ref().unwrap().starts_with("{% for message in messages %}\n"));
-    assert!(sft.inert_keys_set().contains(&"use_flash_attention_2"));
+    assert!(sft.inert_keys_set().iter().any(|k| k.starts_with("use_flash_attention_2 (")));
     assert!(sft.inert_keys_set().iter().any(|k| k.starts_with("bf16")), "bf16: true computes in f32 here, and the run says so");
 
     let dpo = Recipe::load(&recipe("zephyr-7b-beta/dpo/config_full.yaml"), &[]).unwrap();
@@ -109,7 +109,7 @@ fn formatting_and_truncation_keys_follow_todays_handbook() {
     // has no prompt-length truncation for decoder-only models.
     let r = Recipe::from_yaml_str("auto_insert_empty_system_msg: false\nmax_prompt_length: 128\n", "t", &[]).unwrap();
     let inert = r.inert_keys_set();
-    assert!(inert.contains(&"max_prompt_length"), "{inert:?}");
+    assert!(inert.iter().any(|k| k.starts_with("max_prompt_length (")), "{inert:?}");
     assert!(inert.iter().any(|k| k.starts_with("auto_insert_empty_system_msg")), "{inert:?}");
     let r = Recipe::from_yaml_str("legacy_formatting: true\nauto_insert_empty_system_msg: false\n", "t", &[]).unwrap();
     assert!(r.legacy_formatting && r.inert_keys_set().is_empty());
@@ -120,4 +120,109 @@ fn formatting_and_truncation_keys_follow_todays_handbook() {
     assert!(r.truncation_mode().unwrap_err().to_string().contains("contradicts"));
     let r = Recipe::from_yaml_str("truncation_mode: keep_middle\n", "t", &[]).unwrap();
     assert!(r.truncation_mode().unwrap_err().to_string().contains("keep_middle"));
+}
+
+#[test]
+fn every_key_either_acts_or_is_announced() {
+    use alignment_trainer::recipe::{ACTING_KEYS, INERT_KEYS};
+    let inert: Vec<&str> = INERT_KEYS.iter().map(|(k, _)| *k).collect();
+    for key in Recipe::keys() {
+        let (acts, silent) = (ACTING_KEYS.contains(&key.as_str()), inert.contains(&key.as_str()));
+        assert!(acts ^ silent, "recipe key `{key}` must be in exactly one of ACTING_KEYS and INERT_KEYS");
+    }
+    for key in ACTING_KEYS.iter().chain(&inert) {
+        assert!(Recipe::keys().iter().any(|k| k == key), "`{key}` is listed but is not a recipe key");
+    }
+    // Setting an inert key to something else than its default is named in the run's note, with why.
+    let r = Recipe::from_yaml_str("torch_dtype: bfloat16\nfp16: true\ndataset_num_proc: 12\nddp_timeout: 100\n", "t", &[]).unwrap();
+    let note = r.inert_keys_set().join(", ");
+    for key in ["torch_dtype (", "fp16 (", "dataset_num_proc (", "ddp_timeout ("] {
+        assert!(note.contains(key), "{note}");
+    }
+}
+
+fn value_error(yaml: &str, overrides: &[&str]) -> (String, String) {
+    let overrides: Vec<String> = overrides.iter().map(|s| s.to_string()).collect();
+    match Recipe::from_yaml_str(yaml, "recipe.yaml", &overrides) {
+        Err(RecipeError::Value { key, message }) => (key, message),
+        other => panic!("{yaml:?} {overrides:?}: expected a value error, got {other:?}"),
+    }
+}
+
+#[test]
+fn nonsense_values_are_errors_naming_their_key() {
+    for (yaml, key) in [
+        ("learning_rate: .nan\n", "learning_rate"),
+        ("learning_rate: -1e-5\n", "learning_rate"),
+        ("adam_beta1: 1.0\n", "adam_beta1"),
+        ("adam_beta2: -0.1\n", "adam_beta2"),
+        ("save_steps: 0\n", "save_steps"),
+        ("logging_steps: 0\n", "logging_steps"),
+        ("eval_steps: -2\n", "eval_steps"),
+        ("gradient_accumulation_steps: 0\n", "gradient_accumulation_steps"),
+        ("per_device_train_batch_size: 0\n", "per_device_train_batch_size"),
+        ("beta: 0\n", "beta"),
+        ("warmup_ratio: 1.5\n", "warmup_ratio"),
+        ("max_length: 0\n", "max_length"),
+        ("eval_strategy: steps\nevaluation_strategy: steps\n", "evaluation_strategy"),
+        ("bf16: true\nfp16: true\n", "fp16"),
+        ("output_dir: ''\n", "output_dir"),
+        ("num_train_epochs: 0\n", "num_train_epochs"),
+        ("dataset_mixer: {a: 1}\ndataset_name: b\n", "dataset_name"),
+        ("packing_strategy: wrapped\n", "packing_strategy"),
+        ("reference_free: true\n", "reference_free"),
+    ] {
+        let (got, message) = value_error(yaml, &[]);
+        assert_eq!(got, key, "{yaml:?}: {message}");
+    }
+    // The same through a command-line override.
+    assert_eq!(value_error("", &["--learning_rate=-1"]).0, "learning_rate");
+}
+
+#[test]
+fn errors_point_at_where_the_value_was_written() {
+    // A type error in an override blames the override, names the key, and shows no source location of ours.
+    let err = Recipe::from_yaml_str("learning_rate: 1e-5\n", "recipe.yaml", &["--max_steps=ten".to_string()]).unwrap_err().to_string();
+    assert!(err.contains("--max_steps=ten") && err.contains("max_steps") && !err.contains("recipe.yaml") && !err.contains(".rs:"), "{err}");
+    // One in the file blames the file.
+    let err = Recipe::from_yaml_str("max_steps: ten\n", "recipe.yaml", &[]).unwrap_err().to_string();
+    assert!(err.contains("recipe.yaml") && err.contains("max_steps") && !err.contains(".rs:"), "{err}");
+    // A key written twice is refused, not silently last-one-wins.
+    let err = Recipe::from_yaml_str("learning_rate: 1e-5\nlearning_rate: 2e-5\n", "recipe.yaml", &[]).unwrap_err().to_string();
+    assert!(err.contains("duplicate") && err.contains("learning_rate"), "{err}");
+}
+
+#[test]
+fn todays_handbook_data_keys_are_read() {
+    use alignment_trainer::components::DataSource;
+    let yaml = "dataset_mixture:\n  datasets:\n    - id: org/a\n      config: default\n      split: train_sft\n      columns: [messages]\n      weight: 0.5\n    - id: org/b\n      split: test_sft\n  seed: 3\n  test_split_size: 0.1\n";
+    let r = Recipe::from_yaml_str(yaml, "t", &[]).unwrap();
+    let DataSource::Mixture(m) = DataSource::from_recipe(&r).unwrap() else { panic!("a mixture") };
+    assert_eq!((m.datasets.len(), m.seed, m.datasets[0].weight, m.datasets[1].weight), (2, 3, Some(0.5), Some(1.0)));
+    assert_eq!(m.datasets[0].config.as_deref(), Some("default"));
+    let typo = Recipe::from_yaml_str("dataset_mixture:\n  datasets:\n    - id: org/a\n      wieght: 0.5\n", "t", &[]).unwrap();
+    let err = DataSource::from_recipe(&typo).unwrap_err().to_string();
+    assert!(err.contains("dataset_mixture") && err.contains("wieght"), "{err}");
+    let r = Recipe::from_yaml_str("dataset_name: org/smoltalk\ndataset_config: all\n", "t", &[]).unwrap();
+    assert_eq!(DataSource::from_recipe(&r).unwrap(), DataSource::Named { id: "org/smoltalk".into(), config: Some("all".into()) });
+    let none = Recipe::from_yaml_str("learning_rate: 1e-5\n", "t", &[]).unwrap();
+    assert!(DataSource::from_recipe(&none).unwrap_err().to_string().contains("names no dataset"));
+}
+
+#[test]
+fn fractional_and_epoch_intervals_follow_transformers() {
+    use alignment_trainer::train::SaveStrategy;
+    let r = Recipe::from_yaml_str("save_strategy: steps\nsave_steps: 0.25\nlogging_steps: 0.1\neval_strategy: epoch\n", "t", &[]).unwrap();
+    let config = alignment_trainer::TrainerConfig::from_recipe(&r).unwrap();
+    assert!(config.eval_every_epoch && config.eval_steps.is_none());
+    let resolved = config.with_intervals_for(10);
+    assert_eq!(resolved.save, SaveStrategy::Steps(3)); // ceil(10 × 0.25)
+    assert_eq!(resolved.logging_steps, 1);
+    assert_eq!(config.with_intervals_for(95).logging_steps, 10); // ceil(9.5)
+    let r = Recipe::from_yaml_str("save_steps: 2.5\n", "t", &[]).unwrap();
+    let err = alignment_trainer::TrainerConfig::from_recipe(&r).unwrap_err().to_string();
+    assert!(err.contains("save_steps"), "{err}");
+    let r = Recipe::from_yaml_str("optim: adamw_bnb_8bit\n", "t", &[]).unwrap();
+    let err = alignment_trainer::TrainerConfig::from_recipe(&r).unwrap_err().to_string();
+    assert!(err.contains("optim") && err.contains("8-bit"), "{err}");
 }

@@ -1,0 +1,141 @@
+//! Recipe interpretation: the one place where a [`Recipe`]'s keys become the components a run
+//! is built from — the data source (classic `dataset_mixer`, today's `dataset_mixture`, or TRL's
+//! `dataset_name`), the LoRA configuration, the loss reduction — with errors naming the recipe
+//! key at fault. The trainer's own settings are read by [`crate::TrainerConfig::from_recipe`];
+//! the binaries only wire these together.
+
+use crate::recipe::{Recipe, RecipeError};
+use alignment_data::mixer::{mix_datasets, mix_mixture, DatasetMixer, DatasetMixture, MixedSplits, MixerConfig, MixerEntry};
+use alignment_data::{DataError, Dataset, SplitSource};
+use alignment_peft::{LoraConfig, TargetModules};
+
+fn value_error(key: &str, message: impl Into<String>) -> RecipeError {
+    RecipeError::Value { key: key.into(), message: message.into() }
+}
+
+/// Where a run's rows come from, as the recipe names them.
+#[derive(Debug, Clone, PartialEq)]
+pub enum DataSource {
+    /// The old handbook's `dataset_mixer` (+ `dataset_splits`, `dataset_configs`, ...).
+    Mixer(MixerConfig),
+    /// Today's handbook's `dataset_mixture`, whose result has `train` (and, with
+    /// `test_split_size`, `test`) splits.
+    Mixture(DatasetMixture),
+    /// TRL's `dataset_name` (+ `dataset_config`): one dataset, its splits by name.
+    Named { id: String, config: Option<String> },
+}
+
+/// The train and evaluation rows of a run: the recipe's `dataset_train_split` and (when the run
+/// evaluates) `dataset_test_split` of its data source.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RunData {
+    pub train: Dataset,
+    pub eval: Option<Dataset>,
+}
+
+impl DataSource {
+    /// The data source the recipe names (exactly one of `dataset_mixer`, `dataset_mixture`,
+    /// `dataset_name`; [`Recipe::validate`] refuses two).
+    pub fn from_recipe(recipe: &Recipe) -> Result<Self, RecipeError> {
+        if let Some(value) = &recipe.dataset_mixture {
+            let mixture: DatasetMixture = serde_json::from_value(value.clone()).map_err(|e| {
+                value_error(
+                    "dataset_mixture",
+                    format!("{e} (expected {{datasets: [{{id, config, split, columns, weight}}], seed, test_split_size}})"),
+                )
+            })?;
+            if mixture.datasets.is_empty() {
+                return Err(value_error("dataset_mixture", "`datasets` is empty"));
+            }
+            return Ok(DataSource::Mixture(mixture));
+        }
+        if let Some(id) = &recipe.dataset_name {
+            return Ok(DataSource::Named { id: id.clone(), config: recipe.dataset_config.clone() });
+        }
+        let entries: Vec<MixerEntry> =
+            recipe.dataset_mixer_in_order().into_iter().map(|(id, fraction)| MixerEntry { id, fraction }).collect();
+        if entries.is_empty() {
+            return Err(value_error("dataset_mixture", "the recipe names no dataset (set dataset_mixture, dataset_name or dataset_mixer)"));
+        }
+        let mut config = MixerConfig::new(DatasetMixer(entries));
+        config.dataset_splits = recipe.dataset_splits.clone();
+        config.dataset_configs = recipe.dataset_configs.clone();
+        config.columns_to_keep = recipe.columns_to_keep.clone();
+        config.shuffle = recipe.shuffle;
+        Ok(DataSource::Mixer(config))
+    }
+
+    /// Loads the rows: `train_split` always, `test_split` when `evaluates` (as the handbook's
+    /// scripts pass `dataset[dataset_test_split]` only when `eval_strategy` is not `no`). The
+    /// classic mixer's splits are its mixed `train` and `test` sets.
+    pub fn load(&self, source: &dyn SplitSource, train_split: &str, test_split: &str, evaluates: bool) -> Result<RunData, DataError> {
+        let missing = |what: &str, split: &str, have: &[&str]| DataError::InvalidMixer {
+            message: format!("the data has no `{split}` split for {what} (it has: {have:?}); set dataset_{what}_split"),
+        };
+        match self {
+            DataSource::Named { id, config } => {
+                let train = source.load_split(id, config.as_deref(), train_split)?;
+                let eval = if evaluates { Some(source.load_split(id, config.as_deref(), test_split)?) } else { None };
+                Ok(RunData { train, eval })
+            }
+            DataSource::Mixer(_) | DataSource::Mixture(_) => {
+                let MixedSplits { train, test } = match self {
+                    DataSource::Mixer(config) => mix_datasets(config, source)?,
+                    DataSource::Mixture(mixture) => mix_mixture(mixture, source)?,
+                    DataSource::Named { .. } => unreachable!(),
+                };
+                let have: Vec<&str> =
+                    [("train", train.is_some()), ("test", test.is_some())].into_iter().filter(|(_, h)| *h).map(|(s, _)| s).collect();
+                let pick = |split: &str, train: &Option<Dataset>, test: &Option<Dataset>| match split {
+                    "train" => train.clone(),
+                    "test" => test.clone(),
+                    _ => None,
+                };
+                let train_rows = pick(train_split, &train, &test).ok_or_else(|| missing("train", train_split, &have))?;
+                let eval = if evaluates {
+                    match self {
+                        // The classic mixer's test splits are optional: no test split, no evaluation.
+                        DataSource::Mixer(_) => pick(test_split, &train, &test),
+                        _ => Some(pick(test_split, &train, &test).ok_or_else(|| missing("test", test_split, &have))?),
+                    }
+                } else {
+                    None
+                };
+                Ok(RunData { train: train_rows, eval })
+            }
+        }
+    }
+}
+
+/// Whether the recipe evaluates during training (`eval_strategy`/`evaluation_strategy` other
+/// than `no`, `do_eval` with `eval_steps`, or `eval_on_start`).
+pub fn evaluates(recipe: &Recipe) -> bool {
+    let strategy = recipe.eval_strategy.as_deref().or(recipe.evaluation_strategy.as_deref()).unwrap_or("no");
+    strategy != "no" || (recipe.do_eval && recipe.eval_steps.is_some()) || recipe.eval_on_start
+}
+
+/// The recipe's LoRA settings (TRL's `get_peft_config`): `lora_target_modules` absent means
+/// PEFT's default for Llama/Mistral/Gemma (`q_proj`, `v_proj`); `[all-linear]` every linear
+/// layer but the head.
+pub fn lora_config(recipe: &Recipe) -> Result<LoraConfig, alignment_peft::PeftError> {
+    let target_modules = match recipe.lora_target_modules.as_deref() {
+        None => TargetModules::Names(vec!["q_proj".into(), "v_proj".into()]),
+        Some([one]) if one == "all-linear" => TargetModules::AllLinear,
+        Some(names) => TargetModules::Names(names.to_vec()),
+    };
+    let mut config = LoraConfig::new(recipe.lora_r, recipe.lora_alpha as f64, target_modules);
+    config.dropout = recipe.lora_dropout;
+    config.use_rslora = recipe.use_rslora;
+    config.validate()?;
+    Ok(config)
+}
+
+/// The SFT/CPT loss reduction (`reduce_loss`).
+pub fn reduction(recipe: &Recipe) -> Result<alignment_objectives::Reduction, RecipeError> {
+    recipe.reduce_loss.parse().map_err(|e: alignment_objectives::ObjectiveError| value_error("reduce_loss", e.to_string()))
+}
+
+/// TRL's `truncation_mode` (from `truncation_mode` or the old `truncation_side`).
+pub fn truncation_mode(recipe: &Recipe) -> Result<alignment_data::TruncationMode, RecipeError> {
+    recipe.truncation_mode()
+}
