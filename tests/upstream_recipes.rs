@@ -1,0 +1,290 @@
+//! Every training recipe of the upstream handbook (`recipes/upstream/`, verbatim copies) runs
+//! unchanged for two updates, as a user would run it: only `--model_name_or_path` (a small local
+//! model with SmolLM2's tokenizer), `--max_steps`, batch sizes and `--output_dir` on the command
+//! line. Their datasets come from a local HTTP server standing in for the hub (HF_ENDPOINT):
+//! for every dataset, config and split a recipe names, a repo with a README `configs:` block
+//! naming each split's files, as the real repos are laid out (JSON Lines files of `data/tiny-chat`
+//! rows instead of parquet, enough of them for each recipe's `test_split_size`).
+
+use alignment_handbook::core::backend::{Cpu, CpuAutodiff};
+use alignment_handbook::models::weights::SaveDtype;
+use alignment_handbook::models::{random_model, save_pretrained, ModelConfig};
+use alignment_handbook::reference::{repo_root, smollm2_dir};
+use alignment_handbook::run::{run, Objective};
+use alignment_handbook::trainer::components::DataSource;
+use alignment_handbook::trainer::Recipe;
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+const COMMIT: &str = "0123456789abcdef0123456789abcdef01234567";
+/// Rows per stand-in split: more than any recipe's `test_split_size` needs (3000 over 4 splits).
+const ROWS_PER_SPLIT: usize = 1100;
+
+/// The upstream recipes, by the script that runs them.
+fn upstream_recipes() -> Vec<(PathBuf, Objective)> {
+    let root = repo_root().join("recipes/upstream");
+    let mut found = Vec::new();
+    let mut stack = vec![root.clone()];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                stack.push(path);
+            } else if path.extension().is_some_and(|e| e == "yaml") {
+                let stage = path.parent().unwrap().file_name().unwrap().to_str().unwrap().to_string();
+                let objective = match stage.as_str() {
+                    "sft" => Objective::Sft,
+                    "dpo" => Objective::Dpo,
+                    "orpo" => Objective::Orpo,
+                    other => panic!("{}: unknown stage {other}", path.display()),
+                };
+                found.push((path, objective));
+            }
+        }
+    }
+    found.sort_by(|a, b| a.0.cmp(&b.0));
+    found
+}
+
+/// Tokens kept from SmolLM2's vocabulary: every byte symbol and special token, and the merges
+/// that stay inside it (the head and the log-softmax cost ∝ vocabulary: 24× cheaper than 49 152).
+const VOCAB: usize = 2048;
+
+/// A Llama with SmolLM2's chat template and special tokens, its BPE vocabulary cut to [`VOCAB`]
+/// tokens, 2 small layers, random weights.
+fn tiny_model(dir: &Path) -> PathBuf {
+    let smollm2 = smollm2_dir().unwrap();
+    let mut config: Value = serde_json::from_str(&std::fs::read_to_string(smollm2.join("config.json")).unwrap()).unwrap();
+    for (key, value) in [
+        ("hidden_size", 32),
+        ("intermediate_size", 64),
+        ("num_hidden_layers", 2),
+        ("num_attention_heads", 4),
+        ("num_key_value_heads", 2),
+        ("vocab_size", VOCAB),
+    ] {
+        config[key] = json!(value);
+    }
+    let config = ModelConfig::from_json_str(&config.to_string()).unwrap();
+    let model = random_model::<Cpu>(config, 5, &Default::default(), None).unwrap();
+    let saved = save_pretrained(&model, &dir.join("tiny-smollm2"), SaveDtype::F32, Some(&smollm2)).unwrap();
+    let mut tokenizer: Value = serde_json::from_str(&std::fs::read_to_string(smollm2.join("tokenizer.json")).unwrap()).unwrap();
+    let vocab = tokenizer["model"]["vocab"].as_object_mut().unwrap();
+    vocab.retain(|_, id| id.as_u64().unwrap() < VOCAB as u64);
+    let kept: BTreeSet<String> = vocab.keys().cloned().collect();
+    let merges = tokenizer["model"]["merges"].as_array_mut().unwrap();
+    merges.retain(|m| {
+        let (a, b) = (m[0].as_str().unwrap(), m[1].as_str().unwrap());
+        kept.contains(a) && kept.contains(b) && kept.contains(&format!("{a}{b}"))
+    });
+    assert!(tokenizer["added_tokens"].as_array().unwrap().iter().all(|t| t["id"].as_u64().unwrap() < VOCAB as u64));
+    std::fs::write(saved.join("tokenizer.json"), tokenizer.to_string()).unwrap();
+    saved
+}
+
+/// What one stand-in repo holds: its (config, split) pairs and whether rows are preference pairs
+/// and carry `chat_template_kwargs`.
+#[derive(Default)]
+struct RepoPlan {
+    splits: BTreeSet<(String, String)>,
+    preference: bool,
+    template_kwargs: bool,
+}
+
+fn read_jsonl(name: &str) -> Vec<serde_json::Map<String, Value>> {
+    let text = std::fs::read_to_string(repo_root().join("data/tiny-chat").join(name)).unwrap();
+    text.lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+}
+
+/// Writes the stand-in repos under `root/<org>/<name>` and returns their directories by id.
+fn write_repos(root: &Path, plans: &BTreeMap<String, RepoPlan>) -> BTreeMap<String, PathBuf> {
+    let sft = read_jsonl("train_sft.jsonl");
+    let prefs = read_jsonl("train_prefs.jsonl");
+    let mut dirs = BTreeMap::new();
+    for (id, plan) in plans {
+        let dir = root.join(id);
+        let mut configs: BTreeMap<&str, Vec<(&str, String)>> = BTreeMap::new();
+        for (config, split) in &plan.splits {
+            let file = if config == "default" { format!("data/{split}-00000-of-00001.jsonl") } else { format!("data/{config}/{split}-00000-of-00001.jsonl") };
+            let path = dir.join(&file);
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            let source = if plan.preference { &prefs } else { &sft };
+            let mut lines = String::new();
+            for i in 0..ROWS_PER_SPLIT {
+                let mut row = source[i % source.len()].clone();
+                if plan.template_kwargs {
+                    row.insert("chat_template_kwargs".into(), json!({"enable_thinking": i % 2 == 0}));
+                }
+                lines.push_str(&Value::Object(row).to_string());
+                lines.push('\n');
+            }
+            std::fs::write(&path, lines).unwrap();
+            configs.entry(config.as_str()).or_default().push((split.as_str(), file.replace("-00000-of-00001", "-*")));
+        }
+        let mut readme = String::from("---\nconfigs:\n");
+        for (config, splits) in &configs {
+            readme.push_str(&format!("- config_name: {config}\n  data_files:\n"));
+            for (split, pattern) in splits {
+                readme.push_str(&format!("  - split: {split}\n    path: {pattern}\n"));
+            }
+        }
+        readme.push_str("---\n# stand-in\n");
+        std::fs::write(dir.join("README.md"), readme).unwrap();
+        dirs.insert(id.clone(), dir);
+    }
+    dirs
+}
+
+fn list_files(root: &Path) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                stack.push(path);
+            } else {
+                out.push(path.strip_prefix(root).unwrap().to_string_lossy().replace('\\', "/"));
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+fn header(name: &str, value: &str) -> tiny_http::Header {
+    tiny_http::Header::from_bytes(name.as_bytes(), value.as_bytes()).unwrap()
+}
+
+/// The hub's dataset API for the stand-in repos: the listing
+/// (`/api/datasets/{repo}/revision/{rev}`) and files (`/datasets/{repo}/resolve/{rev}/{file}`,
+/// with the ETag / X-Repo-Commit / Content-Range headers hf-hub reads).
+fn serve(repos: BTreeMap<String, PathBuf>) -> (String, Arc<tiny_http::Server>) {
+    let server = Arc::new(tiny_http::Server::http("127.0.0.1:0").unwrap());
+    let url = format!("http://{}", server.server_addr().to_ip().unwrap());
+    let srv = Arc::clone(&server);
+    std::thread::spawn(move || {
+        for request in srv.incoming_requests() {
+            let url = request.url().to_string();
+            let not_found = || tiny_http::Response::from_string("not found").with_status_code(404);
+            let repo_of = |rest: &str, marker: &str| -> Option<(PathBuf, String)> {
+                let parts: Vec<&str> = rest.splitn(5, '/').collect();
+                if parts.len() < 4 || parts[2] != marker {
+                    return None;
+                }
+                let dir = repos.get(&format!("{}/{}", parts[0], parts[1]))?.clone();
+                Some((dir, parts.get(4).map(|s| s.to_string()).unwrap_or_default()))
+            };
+            if let Some((dir, _)) = url.strip_prefix("/api/datasets/").and_then(|r| repo_of(r, "revision")) {
+                let siblings: Vec<Value> = list_files(&dir).iter().map(|f| json!({ "rfilename": f })).collect();
+                let body = json!({ "sha": COMMIT, "siblings": siblings });
+                let _ = request.respond(tiny_http::Response::from_string(body.to_string()).with_header(header("Content-Type", "application/json")));
+                continue;
+            }
+            if let Some((dir, file)) = url.strip_prefix("/datasets/").and_then(|r| repo_of(r, "resolve")) {
+                if let Ok(bytes) = std::fs::read(dir.join(&file)) {
+                    let etag: String = Sha256::digest(&bytes).iter().map(|b| format!("{b:02x}")).collect();
+                    let range = request.headers().iter().find(|h| h.field.equiv("Range")).map(|h| h.value.as_str().to_string());
+                    let (start, end) = match range.as_deref().and_then(|r| r.strip_prefix("bytes=")).and_then(|s| s.split_once('-')) {
+                        Some((a, b)) => {
+                            let a: usize = a.parse().unwrap();
+                            (a, if b.is_empty() { bytes.len() - 1 } else { b.parse::<usize>().unwrap().min(bytes.len() - 1) })
+                        }
+                        None => (0, bytes.len() - 1),
+                    };
+                    let response = tiny_http::Response::from_data(bytes[start..=end].to_vec())
+                        .with_status_code(if range.is_some() { 206 } else { 200 })
+                        .with_header(header("ETag", &format!("\"{etag}\"")))
+                        .with_header(header("X-Repo-Commit", COMMIT))
+                        .with_header(header("Content-Range", &format!("bytes {start}-{end}/{}", bytes.len())));
+                    let _ = request.respond(response);
+                    continue;
+                }
+            }
+            let _ = request.respond(not_found());
+        }
+    });
+    (url, server)
+}
+
+#[test]
+fn every_upstream_recipe_runs_unchanged() {
+    let recipes = upstream_recipes();
+    assert!(recipes.len() >= 22, "the upstream recipes are in recipes/upstream: found {}", recipes.len());
+    let root = tempfile::tempdir().unwrap();
+
+    // What each recipe reads, as the run itself interprets it.
+    let mut plans: BTreeMap<String, RepoPlan> = BTreeMap::new();
+    for (path, objective) in &recipes {
+        let recipe = Recipe::load(path, &[]).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        let preference = *objective != Objective::Sft;
+        match DataSource::from_recipe(&recipe).unwrap() {
+            DataSource::Mixture(mixture) => {
+                for d in mixture.datasets {
+                    let plan = plans.entry(d.id).or_default();
+                    plan.splits.insert((d.config.unwrap_or_else(|| "default".into()), d.split));
+                    plan.preference |= preference;
+                    plan.template_kwargs |= d.columns.iter().flatten().any(|c| c == "chat_template_kwargs");
+                }
+            }
+            DataSource::Named { id, config } => {
+                let plan = plans.entry(id).or_default();
+                for split in [&recipe.dataset_train_split, &recipe.dataset_test_split] {
+                    plan.splits.insert((config.clone().unwrap_or_else(|| "default".into()), split.clone()));
+                }
+                plan.preference |= preference;
+            }
+            DataSource::Mixer(mixer) => {
+                for entry in mixer.dataset_mixer.0 {
+                    let plan = plans.entry(entry.id).or_default();
+                    for split in &mixer.dataset_splits {
+                        plan.splits.insert(("default".into(), split.clone()));
+                    }
+                    plan.preference |= preference;
+                }
+            }
+        }
+    }
+    let repos = write_repos(&root.path().join("repos"), &plans);
+    let (url, server) = serve(repos);
+    std::env::set_var("HF_ENDPOINT", &url);
+    std::env::set_var("HF_HOME", root.path().join("hf-home"));
+    std::env::remove_var("HF_HUB_OFFLINE");
+    std::env::set_var("ALIGNMENT_HANDBOOK_LOCAL_HUB", root.path().join("local-hub"));
+    let model = tiny_model(root.path());
+
+    let mut failures = Vec::new();
+    for (path, objective) in &recipes {
+        let started = std::time::Instant::now();
+        let name = path.strip_prefix(repo_root().join("recipes/upstream")).unwrap().display().to_string().replace(['/', '.'], "_");
+        let out = root.path().join("runs").join(&name);
+        let overrides: Vec<String> = vec![
+            format!("--model_name_or_path={}", model.display()),
+            "--max_steps=2".into(),
+            "--per_device_train_batch_size=2".into(),
+            "--per_device_eval_batch_size=16".into(),
+            "--gradient_accumulation_steps=1".into(),
+            format!("--output_dir={}", out.display()),
+        ];
+        let outcome = Recipe::load(path, &overrides)
+            .map_err(|e| e.to_string())
+            .and_then(|recipe| run::<CpuAutodiff>(*objective, &recipe, &Default::default(), true).map_err(|e| e.to_string()));
+        match outcome {
+            Ok(outcome) => {
+                let logged = outcome.history.iter().find(|e| e.contains_key("loss"));
+                let loss = logged.and_then(|e| e["loss"].as_f64());
+                if outcome.steps != 2 || !loss.is_some_and(f64::is_finite) {
+                    failures.push(format!("{name}: {} steps, logged loss {loss:?}", outcome.steps));
+                }
+            }
+            Err(e) => failures.push(format!("{name}: {e}")),
+        }
+        eprintln!("{name}: {:.1} s{}", started.elapsed().as_secs_f64(), if failures.last().is_some_and(|f| f.starts_with(&name)) { " (failed)" } else { "" });
+        let _ = std::fs::remove_dir_all(&out);
+    }
+    server.unblock();
+    assert!(failures.is_empty(), "{} of {} upstream recipes failed:\n{}", failures.len(), recipes.len(), failures.join("\n"));
+}
