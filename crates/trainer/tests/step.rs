@@ -8,7 +8,7 @@ use alignment_core::backend::CpuAutodiff;
 use alignment_models::{load_pretrained, CausalLm};
 use alignment_objectives::{DpoConfig, OrpoConfig};
 use alignment_peft::{apply_lora, load_pretrained_4bit, LoraConfig, QuantConfig, TargetModules};
-use alignment_trainer::tasks::{DpoTask, OrpoTask, PreferencePair};
+use alignment_trainer::tasks::{DpoTask, OrpoTask, PreferencePair, ReferenceLogps};
 use alignment_trainer::{forward_backward, Sequence, StepOptions, Task, IGNORE_INDEX};
 use burn::module::{Module, ModuleVisitor, Param};
 use burn::optim::{GradientsAccumulator, GradientsParams};
@@ -124,7 +124,9 @@ fn pairs(n: u32) -> Vec<PreferencePair> {
                 let labels = ids.iter().enumerate().map(|(t, &id)| if t < prompt.len() { IGNORE_INDEX } else { id as i64 }).collect();
                 Sequence::new(ids, labels)
             };
-            PreferencePair { chosen: row(1, 3 + i % 4), rejected: row(2, 5 - i % 3), reference: Some([-20.0 - i as f64, -22.5 + i as f64]) }
+            let (chosen, rejected) = (-20.0 - i as f64, -22.5 + i as f64);
+            let reference = ReferenceLogps { chosen, rejected, tails: Some([chosen / 4.0, rejected / 3.0]) };
+            PreferencePair { chosen: row(1, 3 + i % 4), rejected: row(2, 5 - i % 3), reference: Some(reference) }
         })
         .collect()
 }
@@ -156,6 +158,22 @@ fn dpo_and_orpo() {
     let device = Default::default();
     let model = load_pretrained::<B>(&fixture("tiny-llama"), &device).unwrap();
     assert_modes_agree("dpo", &model, &DpoTask { config: DpoConfig::default(), pad_id: 0 }, &pairs(4));
+    // Weighted lists with LD-DPO (two label sets) and WPO weights (the extra statistic), in
+    // every mode. AOT sorts the pairs of the micro-batch and refuses WPO, so it goes without.
+    let sorted = DpoConfig {
+        ld_alpha: Some(0.3),
+        label_smoothing: 0.1,
+        ..DpoConfig::from_names(&["sigmoid_norm", "bco_pair", "aot_unpaired"], Some(&[0.5, 0.25, 1.0])).unwrap()
+    };
+    sorted.validate().unwrap();
+    assert_modes_agree("dpo list+ld", &model, &DpoTask { config: sorted, pad_id: 0 }, &pairs(4));
+    let wpo = DpoConfig {
+        use_weighting: true,
+        ld_alpha: Some(0.3),
+        ..DpoConfig::from_names(&["sigmoid_norm", "bco_pair"], Some(&[0.5, 0.25])).unwrap()
+    };
+    wpo.validate().unwrap();
+    assert_modes_agree("dpo wpo+ld", &model, &DpoTask { config: wpo, pad_id: 0 }, &pairs(4));
     assert_modes_agree("orpo", &model, &OrpoTask { config: OrpoConfig::default(), pad_id: 0 }, &pairs(4));
 }
 
