@@ -8,8 +8,8 @@ use alignment_core::backend::CpuAutodiff;
 use alignment_models::{load_pretrained, CausalLm};
 use alignment_objectives::{DpoConfig, OrpoConfig};
 use alignment_peft::{apply_lora, load_pretrained_4bit, LoraConfig, QuantConfig, TargetModules};
-use alignment_trainer::tasks::{DpoTask, OrpoTask, PreferencePair, ReferenceLogps};
-use alignment_trainer::{forward_backward, Sequence, StepOptions, Task, IGNORE_INDEX};
+use alignment_trainer::tasks::{precompute_reference, DpoTask, OrpoTask, PreferencePair, ReferenceLogps};
+use alignment_trainer::{evaluate_with, forward_backward, Sequence, StepOptions, Task, IGNORE_INDEX};
 use burn::module::{Module, ModuleVisitor, Param};
 use burn::optim::{GradientsAccumulator, GradientsParams};
 use burn::tensor::backend::AutodiffBackend;
@@ -175,6 +175,34 @@ fn dpo_and_orpo() {
     wpo.validate().unwrap();
     assert_modes_agree("dpo wpo+ld", &model, &DpoTask { config: wpo, pad_id: 0 }, &pairs(4));
     assert_modes_agree("orpo", &model, &OrpoTask { config: OrpoConfig::default(), pad_id: 0 }, &pairs(4));
+}
+
+/// The reference precomputed from the policy itself (in batches padded differently from the
+/// evaluation's): every log-ratio is 0 whatever `ld_alpha`, so sigmoid DPO is ln 2 and the rewards
+/// 0 — only if the reference's LD-weighted log-probs are the policy's. `ld_alpha` = 1 is plain
+/// DPO; other values change the logged log-probs.
+#[test]
+fn dpo_reference_from_the_policy_gives_zero_margins_for_any_ld_alpha() {
+    let device = Default::default();
+    let model = load_pretrained::<B>(&fixture("tiny-llama"), &device).unwrap();
+    let mut examples = pairs(4);
+    precompute_reference(&model, &mut examples, 3, 0, None, &device).unwrap();
+    assert!(examples.iter().all(|p| p.reference.is_some_and(|r| r.tails.is_some())));
+    let mut logps = Vec::new();
+    for ld_alpha in [None, Some(0.0), Some(0.3), Some(1.0)] {
+        for head_chunk_tokens in [None, Some(5)] {
+            let task = DpoTask { config: DpoConfig { ld_alpha, ..DpoConfig::default() }, pad_id: 0 };
+            let metrics: BTreeMap<String, f64> =
+                evaluate_with(&model, &task, &examples, 4, head_chunk_tokens, &device).into_iter().collect();
+            let what = format!("ld_alpha {ld_alpha:?}, head chunk {head_chunk_tokens:?}");
+            assert!((metrics["eval_loss"] - std::f64::consts::LN_2).abs() < 1e-5, "{what}: {metrics:?}");
+            assert!(metrics["eval_rewards/margins"].abs() < 1e-5 && metrics["eval_rewards/chosen"].abs() < 1e-5, "{what}: {metrics:?}");
+            logps.push((ld_alpha, metrics["eval_logps/chosen"]));
+        }
+    }
+    let of = |alpha: Option<f64>| logps.iter().find(|(a, _)| *a == alpha).unwrap().1;
+    assert!((of(None) - of(Some(1.0))).abs() < 1e-4, "{logps:?}");
+    assert!(of(Some(0.0)) > of(Some(0.3)) && of(Some(0.3)) > of(None), "dropping tail tokens raises the log-probs: {logps:?}");
 }
 
 #[test]
