@@ -24,7 +24,7 @@ use alignment_objectives::DeferredMetrics;
 use alignment_objectives::{DpoConfig, Reduction};
 use alignment_peft::{apply_lora, LoraConfig, QuantConfig, TargetModules};
 use alignment_trainer::optimizer::{AdamW, AdamWConfig, DeviceStepReport};
-use alignment_trainer::tasks::{DpoTask, PreferencePair, SftTask};
+use alignment_trainer::tasks::{DpoTask, PreferencePair, ReferenceLogps, SftTask};
 use alignment_trainer::{forward_backward, Sequence, StepOptions, Task, IGNORE_INDEX};
 use burn::module::{Module, ModuleVisitor, Param};
 use burn::optim::{GradientsAccumulator, GradientsParams};
@@ -250,7 +250,7 @@ fn dpo_pair(len: usize, vocab: usize, seed: u64) -> PreferencePair {
         let labels = ids.iter().enumerate().map(|(i, &t)| if i < prompt.len() { IGNORE_INDEX } else { t as i64 }).collect();
         Sequence::new(ids, labels)
     };
-    PreferencePair { chosen: row(1), rejected: row(2), reference: Some([-(len as f64), -(len as f64) * 1.1]) }
+    PreferencePair { chosen: row(1), rejected: row(2), reference: Some(ReferenceLogps::new(-(len as f64), -(len as f64) * 1.1)) }
 }
 
 /// Parameters with a gradient (trainable) and in total.

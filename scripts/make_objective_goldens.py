@@ -10,8 +10,14 @@ What is called, per objective (trl==1.16.0, transformers==5.24.0, torch==2.9.1):
   `self`, for the token mean and for a `num_items_in_batch` normaliser; the `sum` reduction is
   transformers' `ForCausalLMLoss` with `num_items_in_batch=1`, i.e. the summed token cross entropy
   that open-instruct's `reduce_loss: sum` computes with `CrossEntropyLoss(reduction="sum")`.
-- DPO: `DPOTrainer._compute_loss` (trl/trainer/dpo_trainer.py), called unbound on a stand-in `self`,
-  with precomputed reference log-probs (`precompute_ref_log_probs=True` path).
+- DPO: `DPOTrainer._compute_loss` (trl/trainer/dpo_trainer.py), called unbound on a stand-in `self`
+  set as `DPOTrainer.__init__` sets it, with precomputed reference log-probs
+  (`precompute_ref_log_probs=True` path), for every `loss_type` of TRL 1.16 at two betas, the
+  loss-specific settings (label_smoothing, discopop_tau), `loss_type` lists with and without
+  `loss_weights`, `use_weighting` (WPO), `ld_alpha` (LD-DPO) and the f-divergences; the gradient
+  is taken w.r.t. the per-token log-probs the loss is computed from. Also which loss types TRL
+  itself fails on with `use_weighting`, and `DPOTrainer.compute_ref_log_probs` (LD-DPO's
+  reference log-probs) on other logits. Written to dpo.json (same inputs as objectives.json).
 - ORPO: `ORPOTrainer.get_batch_loss_metrics` (trl/experimental/orpo/orpo_trainer.py), unbound, which
   runs the real `concatenated_forward`, `get_batch_logps` and `odds_ratio_loss`.
 
@@ -19,8 +25,9 @@ The "model" is a stand-in whose logits are a leaf tensor: the fused LM head mult
 states" (the logits) by an identity `lm_head.weight`, which is exact in float32, so the gradient
 TRL's kernels return for the hidden states is the gradient w.r.t. the logits.
 
-usage: make_objective_goldens.py  (writes crates/objectives/tests/fixtures/objectives.json)
+usage: make_objective_goldens.py  (writes crates/objectives/tests/fixtures/objectives.json and dpo.json)
 """
+import contextlib
 import importlib.metadata
 import json
 import os
@@ -48,6 +55,7 @@ class StandInLm(torch.nn.Module):
     def __init__(self, logits, fused_outputs):
         super().__init__()
         self.leaf = logits
+        self.is_gradient_checkpointing = False
         self.lm_head = torch.nn.Linear(V, V, bias=False)
         with torch.no_grad():
             self.lm_head.weight.copy_(torch.eye(V))
@@ -73,6 +81,8 @@ def identity_accelerator():
         gather=lambda x: x,
         parallelism_config=None,
         num_processes=1,
+        autocast=contextlib.nullcontext,
+        unwrap_model=lambda m: m,
     )
 
 
@@ -196,27 +206,62 @@ ref_chosen = torch.tensor(fixture["reference_chosen"])
 ref_rejected = torch.tensor(fixture["reference_rejected"])
 
 
-def dpo(loss_type, beta, label_smoothing):
-    x = leaf(logits)
-    model = StandInLm(x, ("log_probs", "entropy", "mean_logits", "is_top1"))
-    model.train()
-    self = SimpleNamespace(
+DPO_DEFAULTS = dict(
+    beta=0.1,
+    label_smoothing=0.0,
+    loss_weights=None,
+    use_weighting=False,
+    ld_alpha=None,
+    discopop_tau=0.05,
+    f_divergence_type="reverse_kl",
+    f_alpha_divergence_coef=0.5,
+)
+
+
+def dpo_self(model, loss_types, settings, precompute=True, ref_model=None):
+    """A stand-in `self` for DPOTrainer methods, set the way DPOTrainer.__init__ sets it (lines 800-830)."""
+    return SimpleNamespace(
         model=model,
+        ref_model=ref_model,
         accelerator=identity_accelerator(),
         aux_loss_enabled=False,
-        ld_alpha=None,
-        precompute_ref_logps=True,
-        f_divergence_type="reverse_kl",
-        loss_types=[loss_type],
-        loss_weights=[1.0],
-        beta=beta,
-        label_smoothing=label_smoothing,
-        use_weighting=False,
+        ld_alpha=settings["ld_alpha"],
+        precompute_ref_logps=precompute,
+        f_divergence_type=settings["f_divergence_type"],
+        f_alpha_divergence_coef=settings["f_alpha_divergence_coef"],
+        loss_types=loss_types,
+        loss_weights=settings["loss_weights"] or [1.0] * len(loss_types),
+        beta=settings["beta"],
+        label_smoothing=settings["label_smoothing"],
+        use_weighting=settings["use_weighting"],
         _metrics={"train": defaultdict(list), "eval": defaultdict(list)},
         _total_train_tokens=0,
         _tp_size=1,
-        args=SimpleNamespace(gradient_checkpointing_kwargs=None),
+        args=SimpleNamespace(gradient_checkpointing_kwargs=None, discopop_tau=settings["discopop_tau"]),
     )
+
+
+def dpo(loss_type, **overrides):
+    """TRL's DPO loss, metrics and gradient w.r.t. the policy's per-token log-probs for `loss_type`
+    (a name or a list)."""
+    settings = {**DPO_DEFAULTS, **overrides}
+    loss_types = [loss_type] if isinstance(loss_type, str) else list(loss_type)
+    outputs = ("log_probs", "entropy", "mean_logits", "is_top1")
+    if settings["use_weighting"]:
+        outputs += ("log_sum_sq_probs",)
+    model = StandInLm(leaf(logits), outputs)
+    model.train()
+    # Keep the per-token log-probs TRL's loss is computed from, to read their gradient.
+    fused_forward, seen = model.forward, []
+
+    def forward(*args, **kwargs):
+        out = fused_forward(*args, **kwargs)
+        out.log_probs.retain_grad()
+        seen.append(out.log_probs)
+        return out
+
+    model.forward = forward
+    self = dpo_self(model, loss_types, settings)
     inputs = {
         "input_ids": ids,
         "attention_mask": attn,
@@ -228,25 +273,103 @@ def dpo(loss_type, beta, label_smoothing):
     loss.backward()
     metrics = {k: v[-1] for k, v in self._metrics["train"].items()}
     metrics["loss"] = loss.item()
+    # [2B, T-1]: position t is the log-prob of token t+1. TRL sums every position (the log-probs of
+    # unscored ones are 0), so only the scored positions' gradients mean anything.
+    (per_token,) = seen
     return {
-        "loss_type": loss_type,
-        "beta": beta,
-        "label_smoothing": label_smoothing,
+        "loss_type": loss_types,
+        **settings,
         "loss": loss.item(),
         "metrics": metrics,
-        "grad": flat(x.grad),
+        "grad_per_token_logps": flat(per_token.grad * comp[:, 1:]),
     }
 
 
-fixture["dpo"] = [
-    dpo(loss_type, beta, ls)
-    for loss_type, smoothings in [("sigmoid", [0.0]), ("hinge", [0.0]), ("ipo", [0.0]), ("robust", [0.0, 0.1])]
-    for beta in [0.1, 0.5]
-    for ls in smoothings
+ALL_LOSS_TYPES = [
+    "sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard",
+    "aot", "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm",
 ]
-# TRL 1.16 reads label_smoothing only in the robust (and exo_pair) losses: sigmoid with 0.1 is sigmoid.
-ls_sigmoid = dpo("sigmoid", 0.1, 0.1)
-assert ls_sigmoid["loss"] == fixture["dpo"][0]["loss"], "TRL 1.16 sigmoid ignores label_smoothing"
+# Every loss type at both betas (exo_pair needs label_smoothing > 0: TRL raises otherwise).
+cases = [
+    dpo(loss_type, beta=beta, label_smoothing=1e-3 if loss_type == "exo_pair" else 0.0)
+    for loss_type in ALL_LOSS_TYPES
+    for beta in [0.1, 0.5]
+]
+# The loss-specific settings.
+cases += [
+    dpo("robust", beta=0.1, label_smoothing=0.1),
+    dpo("robust", beta=0.5, label_smoothing=0.1),
+    dpo("exo_pair", beta=0.1, label_smoothing=0.2),
+    dpo("aot", beta=0.5, label_smoothing=0.1),
+    dpo("aot_unpaired", beta=0.5, label_smoothing=0.1),
+    dpo("discopop", beta=0.5, discopop_tau=0.5),
+]
+# Combinations (MPO's sigmoid + bco_pair + sft with weights; unweighted lists).
+cases += [
+    dpo(["sigmoid", "bco_pair", "sft"], loss_weights=[0.8, 0.2, 1.0]),
+    dpo(["sigmoid", "ipo"], beta=0.5),
+    dpo(["robust", "hinge", "apo_zero"], loss_weights=[0.5, 2.0, -0.25], label_smoothing=0.1),
+]
+# WPO weighting, LD-DPO and both together (and with the list form).
+cases += [
+    dpo("sigmoid", use_weighting=True),
+    dpo("ipo", beta=0.5, use_weighting=True),
+    dpo(["sigmoid", "bco_pair"], loss_weights=[0.8, 0.2], use_weighting=True),
+    dpo("sigmoid", ld_alpha=0.5),
+    dpo("ipo", beta=0.5, ld_alpha=0.0),
+    dpo(["sigmoid", "sft"], loss_weights=[1.0, 0.5], ld_alpha=0.3),
+    dpo("sigmoid_norm", ld_alpha=1.0),
+    dpo("sigmoid_norm", beta=0.5, ld_alpha=0.5, use_weighting=True),
+]
+# The f-divergences.
+cases += [
+    dpo("sigmoid", f_divergence_type="forward_kl"),
+    dpo("sigmoid", f_divergence_type="js_divergence"),
+    dpo("sigmoid", f_divergence_type="alpha_divergence", f_alpha_divergence_coef=0.5),
+    dpo("ipo", beta=0.5, f_divergence_type="alpha_divergence", f_alpha_divergence_coef=1.5),
+    dpo("hinge", f_divergence_type="alpha_divergence", f_alpha_divergence_coef=1.0),
+    dpo(["robust", "sft", "discopop"], beta=0.5, label_smoothing=0.1, f_divergence_type="js_divergence"),
+]
+
+# TRL 1.16 reads label_smoothing only in robust, exo_pair, aot and aot_unpaired: sigmoid with 0.1 is sigmoid.
+assert dpo("sigmoid", label_smoothing=0.1)["loss"] == cases[0]["loss"], "TRL 1.16 sigmoid ignores label_smoothing"
+
+# What TRL 1.16 fails on inside the loss itself: WPO weights are applied in place
+# (`per_sequence_loss *= ...`), which breaks autograd for the losses whose last operation keeps its
+# output for the backward pass (and `sft`'s expanded scalar). The Rust side refuses these up front.
+def weighting_failure(loss_type):
+    try:
+        dpo(loss_type, label_smoothing=1e-3 if loss_type == "exo_pair" else 0.0, use_weighting=True)
+        return None
+    except (RuntimeError, NotImplementedError) as e:
+        return str(e).splitlines()[0]
+
+
+weighting_failures = {t: weighting_failure(t) for t in ALL_LOSS_TYPES if t not in ("aot", "aot_unpaired")}
+weighting_failures = {t: e for t, e in weighting_failures.items() if e is not None}
+print("use_weighting fails in TRL for:", sorted(weighting_failures))
+
+
+# LD-DPO's reference log-probs: TRL's own `compute_ref_log_probs` (used for precompute_ref_log_probs)
+# on other logits, for each alpha.
+def reference_ld(ld_alpha):
+    with torch.no_grad():
+        model = StandInLm(reference_logits.clone(), ("log_probs",))
+        model.eval()
+        self = dpo_self(model, ["sigmoid"], {**DPO_DEFAULTS, "ld_alpha": ld_alpha})
+        chosen, rejected = DPOTrainer.compute_ref_log_probs(self, model, {"input_ids": ids, "attention_mask": attn, "completion_mask": comp})
+    return {"ld_alpha": ld_alpha, "chosen": flat(chosen), "rejected": flat(rejected)}
+
+
+reference_logits = torch.randn(2 * B, T, V) * 2.0
+dpo_fixture = {
+    "versions": fixture["versions"],
+    "note": "inputs (logits, labels, reference log-probs) are those of objectives.json",
+    "cases": cases,
+    "use_weighting_fails": weighting_failures,
+    "reference_logits": flat(reference_logits),
+    "reference_ld": [reference_ld(None), reference_ld(0.0), reference_ld(0.4), reference_ld(1.0)],
+}
 
 
 # ---- ORPO --------------------------------------------------------------------------------------
@@ -281,9 +404,11 @@ def orpo(beta):
 
 fixture["orpo"] = [orpo(0.1), orpo(0.5)]
 
-out = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "crates/objectives/tests/fixtures/objectives.json")
-os.makedirs(os.path.dirname(out), exist_ok=True)
-with open(out, "w") as f:
-    json.dump(fixture, f, separators=(",", ":"))
-    f.write("\n")
-print(os.path.normpath(out))
+fixtures = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "crates/objectives/tests/fixtures")
+os.makedirs(fixtures, exist_ok=True)
+for name, value in [("objectives.json", fixture), ("dpo.json", dpo_fixture)]:
+    out = os.path.join(fixtures, name)
+    with open(out, "w") as f:
+        json.dump(value, f, separators=(",", ":"))
+        f.write("\n")
+    print(os.path.normpath(out))

@@ -323,7 +323,7 @@ fn check_case(ctx: &Context, case: &Json) -> (Vec<String>, f64) {
                 let mut pairs = preference_examples(&recipe, tools, &eval_set, Objective::Dpo).unwrap();
                 let reference = &ctx.models[ctx.golden["reference_model"].as_str().unwrap()];
                 precompute_reference(reference, &mut pairs, batch, tools.pad_id, None, &device).unwrap();
-                let config = DpoConfig { beta: recipe.beta, loss_type: DpoLossType::Sigmoid, label_smoothing: 0.0 };
+                let config = DpoConfig { beta: recipe.beta, ..DpoConfig::with_loss(DpoLossType::Sigmoid) };
                 evaluate(model, &DpoTask { config, pad_id: tools.pad_id }, &pairs, batch, &device)
             })
         }

@@ -19,7 +19,7 @@
 //! projection is computed as `(W hᵀ)ᵀ`, the model's own `layers::project`, so chunked and full
 //! logits are the same products.
 
-use crate::logprobs::{logsumexp_vocab, position_stats, SequenceLogps, ShiftedTargets, TokenStats};
+use crate::logprobs::{logsumexp_vocab, position_stats, ExtraStats, PositionStats, SequenceLogps, ShiftedTargets, TokenStats};
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Int, Tensor};
 
@@ -49,6 +49,18 @@ pub fn chunked_sequence_logps<B: Backend>(
     label_sets: Vec<Tensor<B, 2, Int>>,
     chunk_tokens: usize,
 ) -> Vec<SequenceLogps<B>> {
+    chunked_sequence_logps_with(hidden, weight, label_sets, chunk_tokens, ExtraStats::default())
+}
+
+/// [`chunked_sequence_logps`] with the optional statistics `extra` asks for
+/// ([`crate::sequence_logps_with`]).
+pub fn chunked_sequence_logps_with<B: Backend>(
+    hidden: Tensor<B, 3>,
+    weight: Tensor<B, 2>,
+    label_sets: Vec<Tensor<B, 2, Int>>,
+    chunk_tokens: usize,
+    extra: ExtraStats,
+) -> Vec<SequenceLogps<B>> {
     let [rows, seq, width] = hidden.dims();
     let n = rows * seq;
     let flat = hidden.reshape([n, width]);
@@ -60,7 +72,7 @@ pub fn chunked_sequence_logps<B: Backend>(
         })
         .collect();
     let flat_targets = flat_targets(&targets, n);
-    let (mut mean_logit, mut entropy, mut argmax) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut mean_logit, mut entropy, mut argmax, mut sum_sq) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let mut picked: Vec<Vec<Tensor<B, 1>>> = vec![Vec::new(); targets.len()];
     let chunk = chunk_tokens.max(1);
     for start in (0..n).step_by(chunk) {
@@ -72,13 +84,19 @@ pub fn chunked_sequence_logps<B: Backend>(
             let logp: Tensor<B, 3> = logits.clone().gather(2, ids) - lse.clone();
             picked[set].push(logp.reshape([end - start]));
         }
-        let (m, e, a) = position_stats(logits, lse);
-        mean_logit.push(m.reshape([end - start]));
-        entropy.push(e.reshape([end - start]));
-        argmax.push(a.reshape([end - start]));
+        let stats = position_stats(logits, lse, extra);
+        mean_logit.push(stats.mean_logit.reshape([end - start]));
+        entropy.push(stats.entropy.reshape([end - start]));
+        argmax.push(stats.argmax.reshape([end - start]));
+        sum_sq.extend(stats.log_sum_sq_probs.map(|t| t.reshape([end - start])));
     }
     let joined = |parts: Vec<Tensor<B, 1>>| Tensor::cat(parts, 0).reshape([rows, seq]);
-    let stats = TokenStats::from_positions(joined(mean_logit), joined(entropy), Tensor::cat(argmax, 0).reshape([rows, seq]));
+    let stats = TokenStats::from_positions(PositionStats {
+        mean_logit: joined(mean_logit),
+        entropy: joined(entropy),
+        argmax: Tensor::cat(argmax, 0).reshape([rows, seq]),
+        log_sum_sq_probs: extra.log_sum_sq_probs.then(|| joined(sum_sq)),
+    });
     targets
         .iter()
         .zip(picked)
@@ -166,7 +184,7 @@ pub fn chunked_logps_backward<B: AutodiffBackend>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::logprobs::sequence_logps_many;
+    use crate::logprobs::sequence_logps_with;
     use crate::IGNORE_INDEX;
     use alignment_core::backend::{Cpu, CpuAutodiff};
     use burn::tensor::{Distribution, TensorData};
@@ -201,10 +219,12 @@ mod tests {
         let (hidden, weight, sets) = setup();
         let [rows, seq, width] = hidden.dims();
         let logits = project(hidden.clone().reshape([rows * seq, width]), weight.clone()).reshape([rows, seq, weight.dims()[0]]);
-        let full = sequence_logps_many(logits, sets.clone());
+        let extra = ExtraStats { log_sum_sq_probs: true };
+        let full = sequence_logps_with(logits, sets.clone(), extra);
         for chunk in [1, 4, 7, 64] {
-            let chunked = chunked_sequence_logps(hidden.clone(), weight.clone(), sets.clone(), chunk);
+            let chunked = chunked_sequence_logps_with(hidden.clone(), weight.clone(), sets.clone(), chunk, extra);
             for (a, b) in chunked.iter().zip(&full) {
+                let (a_sq, b_sq) = (a.log_sum_sq_probs.clone().unwrap(), b.log_sum_sq_probs.clone().unwrap());
                 for (x, y) in [
                     (&a.sum, &b.sum),
                     (&a.num_tokens, &b.num_tokens),
@@ -212,6 +232,7 @@ mod tests {
                     (&a.mean_logits_all, &b.mean_logits_all),
                     (&a.entropy_sum, &b.entropy_sum),
                     (&a.num_correct, &b.num_correct),
+                    (&a_sq, &b_sq),
                 ] {
                     let err = relative(&values(x.clone()), &values(y.clone()));
                     assert!(err <= 1e-6, "chunk {chunk}: relative difference {err}");
@@ -232,7 +253,7 @@ mod tests {
         let w = Tensor::<CpuAutodiff, 2>::from_inner(weight.clone()).require_grad();
         let logits = project(h.clone().reshape([rows * seq, width]), w.clone()).reshape([rows, seq, vocab]);
         let ad_sets = sets.iter().map(|s| Tensor::<CpuAutodiff, 2, Int>::from_inner(s.clone())).collect();
-        let full = sequence_logps_many(logits, ad_sets);
+        let full = crate::logprobs::sequence_logps_many(logits, ad_sets);
         let objective =
             full.iter().zip(&upstream).map(|(s, u)| (s.sum.clone() * Tensor::from_inner(u.clone())).sum()).reduce(|a, b| a + b).unwrap();
         let grads = objective.backward();

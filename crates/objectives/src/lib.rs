@@ -10,14 +10,16 @@
 //! - `sft.rs` — SFT and CPT: next-token cross entropy ([`causal_lm_loss`], [`sft_loss`]) reduced
 //!   as a token mean, a sum (open-instruct) or over transformers' `num_items_in_batch`
 //!   ([`Reduction`]).
-//! - `dpo.rs` — DPO with the sigmoid / IPO / hinge / robust losses ([`dpo_loss`]).
+//! - `dpo.rs` — DPO with every TRL 1.16 `loss_type` (sigmoid, IPO, hinge, robust, EXO, NCA,
+//!   BCO, SPPO, AOT, APO, DiscoPOP, SFT, ...), alone or weighted together, WPO, LD-DPO and the
+//!   f-divergences ([`dpo_loss`]).
 //! - `orpo.rs` — ORPO: NLL plus an odds-ratio term, no reference model ([`orpo_loss`]).
 //! - `metrics.rs` — [`Metrics`]: ordered `(name, value)` pairs, averaged over micro-batches,
 //!   serialised as one JSON object.
 //!
 //! **New here?** Read `sft.rs`, then `dpo.rs`: its module documentation lists what makes DPO
 //! differ from SFT (pairs of completions, summed sequence log-probs, a frozen reference model, a
-//! margin loss), and the code is the four formulas of TRL's `_compute_loss`.
+//! margin loss), and the code is the formulas of TRL's `_compute_loss`.
 //!
 //! # Conventions
 //!
@@ -47,8 +49,9 @@
 //! let chosen = sequence_logps(logits(0.0), labels.clone());
 //! let rejected = sequence_logps(logits(1.0), labels);
 //! let reference = Tensor::<B, 1>::from_floats([-5.0, -6.0], &device);
-//! let config = DpoConfig { beta: 0.1, loss_type: "sigmoid".parse().unwrap(), label_smoothing: 0.0 };
-//! assert_eq!(config.loss_type, DpoLossType::Sigmoid);
+//! let config = DpoConfig { beta: 0.1, ..DpoConfig::from_names(&["sigmoid"], None).unwrap() };
+//! config.validate().unwrap();
+//! assert_eq!(config.losses, vec![(DpoLossType::Sigmoid, 1.0)]);
 //! let out = dpo_loss(&chosen, &rejected, reference.clone(), reference, &config);
 //! let _grads = out.loss.backward();
 //! assert!(out.metrics().get("rewards/margins").is_some());
@@ -63,9 +66,9 @@ pub mod metrics;
 pub mod orpo;
 pub mod sft;
 
-pub use chunked::{chunk_tokens_for, chunked_logps_backward, chunked_sequence_logps, HeadGradients};
-pub use dpo::{dpo_loss, DpoConfig, DpoLossType, DpoOutput};
-pub use logprobs::{num_scored_tokens, sequence_logps, sequence_logps_many, SequenceLogps, IGNORE_INDEX};
+pub use chunked::{chunk_tokens_for, chunked_logps_backward, chunked_sequence_logps, chunked_sequence_logps_with, HeadGradients};
+pub use dpo::{dpo_loss, dpo_loss_with_tails, ld_tail_labels, DpoConfig, DpoLossType, DpoOutput, FDivergence};
+pub use logprobs::{num_scored_tokens, sequence_logps, sequence_logps_many, sequence_logps_with, ExtraStats, SequenceLogps, IGNORE_INDEX};
 pub use metrics::{DeferredMetrics, Metrics};
 pub use orpo::{orpo_loss, OrpoConfig, OrpoOutput};
 pub use sft::{causal_lm_loss, causal_lm_loss_sum, sft_loss, Reduction, SftOutput};
@@ -86,4 +89,23 @@ pub enum ObjectiveError {
     /// A combination of settings that the objective cannot honour; the message says why.
     #[error("{0}")]
     InvalidConfig(String),
+    /// A setting that the objective cannot honour, named by its recipe key (`beta`,
+    /// `loss_weights`, `label_smoothing`, ...); the message says why.
+    #[error("{key}: {message}")]
+    InvalidKey {
+        /// The recipe key at fault, as TRL spells it.
+        key: &'static str,
+        /// What is wrong with it.
+        message: String,
+    },
+}
+
+impl ObjectiveError {
+    /// The recipe key at fault, when the error names one.
+    pub fn key(&self) -> Option<&'static str> {
+        match self {
+            ObjectiveError::InvalidKey { key, .. } => Some(key),
+            _ => None,
+        }
+    }
 }

@@ -23,7 +23,8 @@
 //! float32 when training in bf16.
 //!
 //! The per-token diagnostics TRL logs (mean logit, entropy, top-1 accuracy) are computed from a
-//! detached copy of the logits, outside the autodiff graph.
+//! detached copy of the logits, outside the autodiff graph, and so is the one statistic only some
+//! losses ask for ([`ExtraStats`]: WPO's `log Σ_v p_v²`).
 
 use burn::tensor::{backend::Backend, Bool, Int, Tensor};
 
@@ -58,6 +59,19 @@ pub struct SequenceLogps<B: Backend> {
     /// go to the lowest token id, as TRL's `is_top1` and `argmax`). Feeds `mean_token_accuracy`.
     /// Detached.
     pub num_correct: Tensor<B, 1>,
+    /// `[batch]` sum over the scored tokens of `log Σ_v p_v²`, the log-probability that two draws
+    /// from the next-token distribution agree (TRL's `log_sum_sq_probs`, which DPO's WPO weights
+    /// subtract from the token log-probs). Detached. `None` unless asked for with
+    /// [`ExtraStats::log_sum_sq_probs`].
+    pub log_sum_sq_probs: Option<Tensor<B, 1>>,
+}
+
+/// Per-token statistics computed only when an objective asks for them (each costs one more pass
+/// over the `[rows, seq, vocab]` probabilities). The default asks for none.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ExtraStats {
+    /// Fill [`SequenceLogps::log_sum_sq_probs`] (DPO's `use_weighting`).
+    pub log_sum_sq_probs: bool,
 }
 
 impl<B: Backend> SequenceLogps<B> {
@@ -107,6 +121,7 @@ impl<B: Backend> SequenceLogps<B> {
             mean_logits_all: part(&self.mean_logits_all, start, len),
             entropy_sum: part(&self.entropy_sum, start, len),
             num_correct: part(&self.num_correct, start, len),
+            log_sum_sq_probs: self.log_sum_sq_probs.as_ref().map(|t| part(t, start, len)),
         };
         (take(0, index), take(index, n - index))
     }
@@ -134,12 +149,24 @@ pub fn sequence_logps<B: Backend>(logits: Tensor<B, 3>, labels: Tensor<B, 2, Int
 /// # Panics
 /// If any label set's shape differs from the logits' `[batch, seq]`.
 pub fn sequence_logps_many<B: Backend>(logits: Tensor<B, 3>, label_sets: Vec<Tensor<B, 2, Int>>) -> Vec<SequenceLogps<B>> {
+    sequence_logps_with(logits, label_sets, ExtraStats::default())
+}
+
+/// [`sequence_logps_many`] with the optional statistics `extra` asks for.
+///
+/// # Panics
+/// If any label set's shape differs from the logits' `[batch, seq]`.
+pub fn sequence_logps_with<B: Backend>(
+    logits: Tensor<B, 3>,
+    label_sets: Vec<Tensor<B, 2, Int>>,
+    extra: ExtraStats,
+) -> Vec<SequenceLogps<B>> {
     let [b, t, _v] = logits.dims();
     for labels in &label_sets {
         assert_eq!(labels.dims(), [b, t], "labels must be [batch, seq] = [{b}, {t}] like the logits");
     }
     let lse = logsumexp_vocab(logits.clone());
-    let stats = TokenStats::new(logits.clone().detach(), lse.clone().detach());
+    let stats = TokenStats::new(logits.clone().detach(), lse.clone().detach(), extra);
     label_sets
         .into_iter()
         .map(|labels| {
@@ -210,24 +237,27 @@ pub(crate) struct TokenStats<B: Backend> {
     pub(crate) entropy: Tensor<B, 2>,
     /// `[batch, seq]` most likely next token.
     pub(crate) argmax: Tensor<B, 2, Int>,
+    /// `[batch, seq]` `log Σ_v p_v²`, when asked for.
+    pub(crate) log_sum_sq_probs: Option<Tensor<B, 2>>,
 }
 
 impl<B: Backend> TokenStats<B> {
     /// `logits` and `lse` detached.
-    fn new(logits: Tensor<B, 3>, lse: Tensor<B, 3>) -> Self {
-        let (mean_logit, entropy, argmax) = position_stats(logits, lse);
-        Self::from_positions(mean_logit, entropy, argmax)
+    fn new(logits: Tensor<B, 3>, lse: Tensor<B, 3>, extra: ExtraStats) -> Self {
+        let stats = position_stats(logits, lse, extra);
+        Self::from_positions(stats)
     }
 
     /// From the per-position values (`[batch, seq]` each).
-    pub(crate) fn from_positions(mean_logit: Tensor<B, 2>, entropy: Tensor<B, 2>, argmax: Tensor<B, 2, Int>) -> Self {
+    pub(crate) fn from_positions(stats: PositionStats<B>) -> Self {
+        let PositionStats { mean_logit, entropy, argmax, log_sum_sq_probs } = stats;
         let [b, t] = mean_logit.dims();
         let mean_logit_all = if t > 1 {
             mean_logit.clone().slice([0..b, 0..t - 1]).mean_dim(1).squeeze_dim(1)
         } else {
             Tensor::zeros([b], &mean_logit.device())
         };
-        Self { mean_logit, mean_logit_all, entropy, argmax }
+        Self { mean_logit, mean_logit_all, entropy, argmax, log_sum_sq_probs }
     }
 
     pub(crate) fn reduce(&self, sum: Tensor<B, 1>, targets: &ShiftedTargets<B>) -> SequenceLogps<B> {
@@ -239,6 +269,7 @@ impl<B: Backend> TokenStats<B> {
             sum,
             mean_logits: row(self.mean_logit.clone() * mask.clone()) / num_tokens.clone().clamp_min(1.0),
             mean_logits_all: self.mean_logit_all.clone(),
+            log_sum_sq_probs: self.log_sum_sq_probs.clone().map(|t| row(t * mask.clone())),
             entropy_sum: row(self.entropy.clone() * mask),
             num_correct: row(correct),
             num_tokens,
@@ -246,15 +277,26 @@ impl<B: Backend> TokenStats<B> {
     }
 }
 
-/// Per-position mean logit, entropy and argmax of `logits` `[batch, seq, vocab]` given their
-/// `logsumexp` `[batch, seq, 1]` (both detached), each `[batch, seq]`.
-pub(crate) fn position_stats<B: Backend>(logits: Tensor<B, 3>, lse: Tensor<B, 3>) -> (Tensor<B, 2>, Tensor<B, 2>, Tensor<B, 2, Int>) {
+/// Per-position statistics of the next-token distributions, `[batch, seq]` each.
+pub(crate) struct PositionStats<B: Backend> {
+    pub(crate) mean_logit: Tensor<B, 2>,
+    pub(crate) entropy: Tensor<B, 2>,
+    pub(crate) argmax: Tensor<B, 2, Int>,
+    pub(crate) log_sum_sq_probs: Option<Tensor<B, 2>>,
+}
+
+/// Per-position mean logit, entropy, argmax (and what `extra` asks for) of `logits`
+/// `[batch, seq, vocab]` given their `logsumexp` `[batch, seq, 1]` (both detached).
+pub(crate) fn position_stats<B: Backend>(logits: Tensor<B, 3>, lse: Tensor<B, 3>, extra: ExtraStats) -> PositionStats<B> {
     let mean_logit: Tensor<B, 2> = logits.clone().mean_dim(2).squeeze_dim(2);
     // H = Σ p (logsumexp(z) − z) with p = softmax(z): a sum of non-negative terms, more
     // accurate in f32 than the algebraically equal logsumexp(z) − Σ p z, which cancels when
     // the distribution is peaked (TRL's kernel uses the latter; they agree to ~1e-6 here).
     let neg_logp = lse - logits.clone();
-    let entropy: Tensor<B, 2> = ((-neg_logp.clone()).exp() * neg_logp).sum_dim(2).squeeze_dim(2);
+    let probs = (-neg_logp.clone()).exp();
+    // log Σ p² ≥ −log V: no underflow to guard against.
+    let log_sum_sq_probs = extra.log_sum_sq_probs.then(|| (probs.clone() * probs.clone()).sum_dim(2).log().squeeze_dim(2));
+    let entropy: Tensor<B, 2> = (probs * neg_logp).sum_dim(2).squeeze_dim(2);
     let argmax = logits.argmax(2).squeeze_dim(2);
-    (mean_logit, entropy, argmax)
+    PositionStats { mean_logit, entropy, argmax, log_sum_sq_probs }
 }

@@ -1,16 +1,19 @@
 //! Parity with TRL 1.16.0 / transformers 5.24.0 / torch 2.9.1: losses, every logged metric and the
-//! gradient w.r.t. the policy logits, on the CPU autodiff backend, to 1e-5 (max abs).
+//! gradient w.r.t. the policy logits (DPO: w.r.t. the policy's per-token log-probs), on the CPU
+//! autodiff backend, to 1e-5 (max abs; relative for DPO values above 1).
 //!
-//! Fixture: `tests/fixtures/objectives.json`, written by `scripts/make_objective_goldens.py`, which
-//! calls TRL's own `SFTTrainer.compute_loss`, `DPOTrainer._compute_loss` and
+//! Fixtures: `tests/fixtures/objectives.json` and `tests/fixtures/dpo.json`, written by
+//! `scripts/make_objective_goldens.py`, which calls TRL's own `SFTTrainer.compute_loss`,
+//! `DPOTrainer._compute_loss` (every `loss_type`, lists with `loss_weights`, `use_weighting`,
+//! `ld_alpha`, the f-divergences), `DPOTrainer.compute_ref_log_probs` and
 //! `ORPOTrainer.get_batch_loss_metrics` (see its docstring). Inputs: logits `[2·3, 7, 11]`
 //! (three chosen rows, then three rejected rows) with prompt prefixes and padding masked by
 //! `-100`, and precomputed reference log-probs.
 
 use alignment_core::backend::CpuAutodiff;
 use alignment_objectives::{
-    causal_lm_loss, causal_lm_loss_sum, dpo_loss, orpo_loss, sequence_logps, sequence_logps_many, sft_loss, DpoConfig, Metrics, OrpoConfig,
-    Reduction,
+    causal_lm_loss, causal_lm_loss_sum, dpo_loss_with_tails, ld_tail_labels, orpo_loss, sequence_logps, sequence_logps_many,
+    sequence_logps_with, sft_loss, DpoConfig, DpoLossType, ExtraStats, Metrics, OrpoConfig, Reduction, SequenceLogps,
 };
 use burn::tensor::{backend::AutodiffBackend, Int, Tensor, TensorData};
 use serde::Deserialize;
@@ -30,7 +33,6 @@ struct Fixture {
     reference_rejected: Vec<f32>,
     sequence_logps: SequenceGolden,
     sft: SftGolden,
-    dpo: Vec<DpoCase>,
     orpo: Vec<OrpoCase>,
 }
 
@@ -63,12 +65,75 @@ struct SftGolden {
 }
 
 #[derive(Deserialize)]
+struct DpoFixture {
+    versions: BTreeMap<String, String>,
+    cases: Vec<DpoCase>,
+    use_weighting_fails: BTreeMap<String, String>,
+    reference_logits: Vec<f32>,
+    reference_ld: Vec<ReferenceLd>,
+}
+
+#[derive(Deserialize)]
 struct DpoCase {
-    loss_type: String,
+    loss_type: Vec<String>,
     beta: f64,
     label_smoothing: f64,
-    #[serde(flatten)]
-    case: LossCase,
+    loss_weights: Option<Vec<f64>>,
+    use_weighting: bool,
+    ld_alpha: Option<f64>,
+    discopop_tau: f64,
+    f_divergence_type: String,
+    f_alpha_divergence_coef: f64,
+    loss: f64,
+    metrics: BTreeMap<String, f64>,
+    /// `[2B, T-1]`: position `t` is the log-prob of token `t + 1`; 0 where nothing is scored.
+    grad_per_token_logps: Vec<f64>,
+}
+
+#[derive(Deserialize)]
+struct ReferenceLd {
+    ld_alpha: Option<f64>,
+    chosen: Vec<f64>,
+    rejected: Vec<f64>,
+}
+
+impl DpoCase {
+    fn name(&self) -> String {
+        let mut name = format!("dpo {:?} beta={}", self.loss_type, self.beta);
+        for (key, value, default) in [
+            ("ls", self.label_smoothing, 0.0),
+            ("tau", self.discopop_tau, 0.05),
+            ("f_alpha", self.f_alpha_divergence_coef, 0.5),
+            ("ld_alpha", self.ld_alpha.unwrap_or(-1.0), -1.0),
+        ] {
+            if value != default {
+                name += &format!(" {key}={value}");
+            }
+        }
+        if let Some(w) = &self.loss_weights {
+            name += &format!(" weights={w:?}");
+        }
+        if self.use_weighting {
+            name += " wpo";
+        }
+        if self.f_divergence_type != "reverse_kl" {
+            name += &format!(" {}", self.f_divergence_type);
+        }
+        name
+    }
+
+    fn config(&self) -> DpoConfig {
+        DpoConfig {
+            beta: self.beta,
+            label_smoothing: self.label_smoothing,
+            use_weighting: self.use_weighting,
+            ld_alpha: self.ld_alpha,
+            discopop_tau: self.discopop_tau,
+            f_divergence_type: self.f_divergence_type.parse().unwrap(),
+            f_alpha_divergence_coef: self.f_alpha_divergence_coef,
+            ..DpoConfig::from_names(&self.loss_type, self.loss_weights.as_deref()).unwrap()
+        }
+    }
 }
 
 #[derive(Deserialize)]
@@ -76,6 +141,14 @@ struct OrpoCase {
     beta: f64,
     #[serde(flatten)]
     case: LossCase,
+}
+
+fn dpo_fixture() -> DpoFixture {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/dpo.json");
+    let text = std::fs::read_to_string(path).expect("read the DPO fixture");
+    let fixture: DpoFixture = serde_json::from_str(&text).expect("parse the DPO fixture");
+    assert_eq!(fixture.versions.get("trl").map(String::as_str), Some("1.16.0"));
+    fixture
 }
 
 fn fixture() -> Fixture {
@@ -192,31 +265,127 @@ fn sft_losses_match_trl_and_transformers() {
     check("causal_lm_loss Reduction::Sum", &values(via_reduction), &[f.sft.sum.loss]);
 }
 
+/// `|got − want| ≤ TOL · max(1, |want|)` for every value, asserted, and printed.
+fn check_relative(what: &str, got: &[f64], want: &[f64]) {
+    assert_eq!(got.len(), want.len(), "{what}: {} values, golden has {}", got.len(), want.len());
+    let worst = got.iter().zip(want).map(|(g, w)| (g - w).abs() / w.abs().max(1.0)).fold(0.0f64, f64::max);
+    assert!(worst.is_finite() && worst <= TOL, "{what}: differs by {worst:e} (relative above 1)\n got  {got:?}\n want {want:?}");
+    println!("{what:<72} max diff {worst:.2e}");
+}
+
+/// The scored positions of `labels` after the shift, `[rows][seq - 1]`: 1 where label `t + 1` counts.
+fn shifted_masks(labels: Tensor<B, 2, Int>) -> Vec<Vec<f64>> {
+    let [rows, seq] = labels.dims();
+    let values: Vec<i64> = labels.into_data().iter::<i64>().collect();
+    (0..rows).map(|r| (1..seq).map(|t| if values[r * seq + t] == -100 { 0.0 } else { 1.0 }).collect()).collect()
+}
+
+/// `logps` with its `sum` replaced by a leaf that tracks gradients (what the chunked training
+/// step does: the objective differentiates the per-row sums only).
+fn with_leaf_sum(logps: SequenceLogps<B>) -> (SequenceLogps<B>, Tensor<B, 1>) {
+    let leaf = logps.sum.clone().detach().require_grad();
+    (SequenceLogps { sum: leaf.clone(), ..logps }, leaf)
+}
+
 #[test]
 fn dpo_losses_match_trl() {
     let f = fixture();
+    let golden = dpo_fixture();
     let b = f.shape[0];
-    let mut seen = Vec::new();
-    for case in &f.dpo {
-        let config = DpoConfig { beta: case.beta, loss_type: case.loss_type.parse().unwrap(), label_smoothing: case.label_smoothing };
-        config.validate().unwrap();
-        let name = format!("dpo {} beta={} ls={}", case.loss_type, case.beta, case.label_smoothing);
-        // One forward over [chosen; rejected], as TRL concatenates them, then split.
-        let leaf = f.leaf();
-        let (chosen, rejected) = sequence_logps(leaf.clone(), f.labels()).split_at(b);
-        let out = dpo_loss(&chosen, &rejected, f.floats(&f.reference_chosen), f.floats(&f.reference_rejected), &config);
-        check(&format!("{name} loss"), &values(out.loss.clone()), &[case.case.loss]);
-        check_metrics(&name, &out.metrics(), &case.case.metrics);
+    let mut seen: Vec<&DpoCase> = Vec::new();
+    for case in &golden.cases {
+        let config = case.config();
+        config.validate().unwrap_or_else(|e| panic!("{}: {e}", case.name()));
+        let name = case.name();
+        // One forward over [chosen; rejected], as TRL concatenates them; LD-DPO scores the tail
+        // tokens as a second label set, WPO asks for log Σ p².
+        let mut label_sets = vec![f.labels()];
+        if config.ld_alpha.is_some() {
+            label_sets.push(ld_tail_labels(f.labels()));
+        }
+        let masks: Vec<Vec<Vec<f64>>> = label_sets.iter().map(|l| shifted_masks(l.clone())).collect();
+        let extra = ExtraStats { log_sum_sq_probs: config.needs_log_sum_sq_probs() };
+        let (scored, leaves): (Vec<_>, Vec<_>) = sequence_logps_with(f.leaf(), label_sets, extra).into_iter().map(with_leaf_sum).unzip();
+        let halves: Vec<(SequenceLogps<B>, SequenceLogps<B>)> = scored.into_iter().map(|s| s.split_at(b)).collect();
+        let (chosen, rejected) = &halves[0];
+        let tails = halves.get(1).map(|(c, r)| (c, r));
+        let out = dpo_loss_with_tails(chosen, rejected, tails, f.floats(&f.reference_chosen), f.floats(&f.reference_rejected), &config);
+        check_relative(&format!("{name} loss"), &values(out.loss.clone()), &[case.loss]);
+        let metrics = out.metrics();
+        let expected: Vec<&str> = case.metrics.keys().map(String::as_str).filter(|k| *k != "num_tokens").collect();
+        let mut names: Vec<&str> = metrics.iter().map(|(n, _)| n).collect();
+        names.sort_unstable();
+        assert_eq!(names, expected, "{name}: metric names differ from TRL's");
+        let got: Vec<f64> = expected.iter().map(|n| metrics.get(n).unwrap()).collect();
+        let want: Vec<f64> = expected.iter().map(|n| case.metrics[*n]).collect();
+        check_relative(&format!("{name} metrics ({})", expected.len()), &got, &want);
+        // ∂loss/∂(token log-prob) = Σ over the label sets scoring it of ∂loss/∂(its row's sum).
         let grads = out.loss.backward();
-        check(&format!("{name} grad"), &inner_values(leaf.grad(&grads).unwrap()), &case.case.grad);
-        seen.push((case.loss_type.clone(), case.beta, case.label_smoothing));
+        let row_grads: Vec<Vec<f64>> =
+            leaves.iter().map(|l| l.grad(&grads).map_or(vec![0.0; 2 * b], |g| g.into_data().iter::<f64>().collect())).collect();
+        let per_token: Vec<f64> = (0..2 * b)
+            .flat_map(|r| {
+                let (masks, row_grads) = (&masks, &row_grads);
+                (0..f.shape[1] - 1).map(move |t| (0..masks.len()).map(|s| row_grads[s][r] * masks[s][r][t]).sum::<f64>())
+            })
+            .collect();
+        check_relative(&format!("{name} grad"), &per_token, &case.grad_per_token_logps);
+        seen.push(case);
     }
-    for loss_type in ["sigmoid", "ipo", "hinge", "robust"] {
+    // Coverage: every loss type at both betas, the list form, WPO, LD-DPO, the f-divergences.
+    for loss_type in DpoLossType::NAMES {
         for beta in [0.1, 0.5] {
-            assert!(seen.iter().any(|(l, b, _)| l == loss_type && *b == beta), "no golden for {loss_type} beta={beta}");
+            assert!(seen.iter().any(|c| c.loss_type == [loss_type] && c.beta == beta), "no golden for {loss_type} beta={beta}");
         }
     }
-    assert!(seen.iter().any(|(l, _, ls)| l == "robust" && *ls == 0.1), "no golden for robust with label smoothing");
+    assert!(seen.iter().any(|c| c.loss_type.len() > 1 && c.loss_weights.is_some()));
+    assert!(seen.iter().any(|c| c.loss_type.len() > 1 && c.loss_weights.is_none()));
+    assert!(seen.iter().any(|c| c.use_weighting) && seen.iter().any(|c| c.ld_alpha == Some(0.0)));
+    for divergence in ["forward_kl", "js_divergence", "alpha_divergence"] {
+        assert!(seen.iter().any(|c| c.f_divergence_type == divergence), "no golden for {divergence}");
+    }
+}
+
+#[test]
+fn dpo_refuses_what_trl_fails_on() {
+    let golden = dpo_fixture();
+    // WPO with each loss type: refused exactly where TRL raises (aot, aot_unpaired) or fails
+    // in autograd (recorded by the golden script).
+    for loss_type in DpoLossType::ALL {
+        let label_smoothing = if loss_type == DpoLossType::ExoPair { 1e-3 } else { 0.0 };
+        let config = DpoConfig { use_weighting: true, label_smoothing, ..DpoConfig::with_loss(loss_type) };
+        let trl_fails =
+            golden.use_weighting_fails.contains_key(loss_type.as_str()) || matches!(loss_type, DpoLossType::Aot | DpoLossType::AotUnpaired);
+        match config.validate() {
+            Ok(()) => assert!(!trl_fails, "{loss_type} with use_weighting fails in TRL but was accepted"),
+            Err(e) => {
+                assert!(trl_fails, "{loss_type} with use_weighting works in TRL but was refused: {e}");
+                assert_eq!(e.key(), Some("use_weighting"));
+            }
+        }
+    }
+}
+
+#[test]
+fn ld_dpo_reference_logps_match_trl() {
+    let f = fixture();
+    let golden = dpo_fixture();
+    let [rows, t, v] = [f.rows(), f.shape[1], f.shape[2]];
+    let logits = Tensor::<B, 3>::from_data(TensorData::new(golden.reference_logits.clone(), [rows, t, v]), &Default::default());
+    let mut scored = sequence_logps_many(logits, vec![f.labels(), ld_tail_labels(f.labels())]);
+    let tail = scored.pop().unwrap().sum;
+    let sum = scored.pop().unwrap().sum;
+    assert!(golden.reference_ld.iter().any(|r| r.ld_alpha.is_none()) && golden.reference_ld.iter().any(|r| r.ld_alpha == Some(0.0)));
+    for reference in &golden.reference_ld {
+        let config = DpoConfig { ld_alpha: reference.ld_alpha, ..DpoConfig::default() };
+        let logps = values(config.ld_logps(sum.clone(), Some(tail.clone())));
+        let want: Vec<f64> = reference.chosen.iter().chain(&reference.rejected).copied().collect();
+        check_relative(&format!("reference logps ld_alpha={:?}", reference.ld_alpha), &logps, &want);
+        // The host-side form the trainer applies to precomputed values.
+        let (sums, tails) = (values(sum.clone()), values(tail.clone()));
+        let host: Vec<f64> = sums.iter().zip(&tails).map(|(s, t)| config.ld_logp(*s, *t)).collect();
+        check_relative(&format!("reference logps ld_alpha={:?} (f64)", reference.ld_alpha), &host, &want);
+    }
 }
 
 #[test]

@@ -29,8 +29,8 @@
 
 use crate::task::Task;
 use alignment_models::CausalLm;
-use alignment_objectives::logprobs::sequence_logps_many;
-use alignment_objectives::{chunk_tokens_for, chunked_logps_backward, chunked_sequence_logps, DeferredMetrics, SequenceLogps};
+use alignment_objectives::logprobs::sequence_logps_with;
+use alignment_objectives::{chunk_tokens_for, chunked_logps_backward, chunked_sequence_logps_with, DeferredMetrics, SequenceLogps};
 use burn::module::AutodiffModule;
 use burn::optim::{GradientsAccumulator, GradientsParams};
 use burn::tensor::backend::{AutodiffBackend, Backend};
@@ -118,7 +118,7 @@ pub fn forward_backward<B: AutodiffBackend, T: Task>(
     // The head and the loss: gradients of everything above `hidden`, and ∂hidden.
     let metrics = match options.head_chunk_tokens {
         None => {
-            let logps = sequence_logps_many(model.project(hidden), scoring.label_sets);
+            let logps = sequence_logps_with(model.project(hidden), scoring.label_sets, task.extra_stats());
             let (loss, metrics) = task.loss_from_logps(logps, examples, device);
             let grads = loss.mul_scalar(scale).backward();
             let top_grad = checkpoints.as_ref().and_then(|(_, top)| top.grad(&grads));
@@ -132,7 +132,7 @@ pub fn forward_backward<B: AutodiffBackend, T: Task>(
             let label_sets: Vec<Tensor<B::InnerBackend, 2, Int>> = scoring.label_sets.into_iter().map(Tensor::inner).collect();
             let hidden_values = hidden.clone().inner();
             let weight = model.head_weight().inner();
-            let logps = chunked_sequence_logps(hidden_values.clone(), weight.clone(), label_sets.clone(), chunk);
+            let logps = chunked_sequence_logps_with(hidden_values.clone(), weight.clone(), label_sets.clone(), chunk, task.extra_stats());
             // The objective on leaves standing for the per-row sums: its backward pass gives
             // ∂loss/∂sum, all that pass 2 needs.
             let leaves: Vec<Tensor<B, 1>> = logps.iter().map(|l| Tensor::from_inner(l.sum.clone()).require_grad()).collect();
@@ -200,6 +200,7 @@ fn on_autodiff<B: AutodiffBackend>(logps: SequenceLogps<B::InnerBackend>, leaf: 
         mean_logits_all: Tensor::from_inner(logps.mean_logits_all),
         entropy_sum: Tensor::from_inner(logps.entropy_sum),
         num_correct: Tensor::from_inner(logps.num_correct),
+        log_sum_sq_probs: logps.log_sum_sq_probs.map(Tensor::from_inner),
     }
 }
 

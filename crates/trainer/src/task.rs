@@ -14,8 +14,8 @@
 //! the hidden states without ever holding the logits (`crate::step`), with the same result.
 
 use alignment_models::{Batch, CausalLm};
-use alignment_objectives::logprobs::sequence_logps_many;
-use alignment_objectives::{DeferredMetrics, SequenceLogps};
+use alignment_objectives::logprobs::sequence_logps_with;
+use alignment_objectives::{DeferredMetrics, ExtraStats, SequenceLogps};
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor};
 
@@ -47,6 +47,11 @@ pub trait Task {
     /// The rows and label sets the forward pass of `examples` scores.
     fn scoring<B: Backend>(&self, examples: &[&Self::Example], device: &B::Device) -> Scoring<B>;
 
+    /// The optional per-token statistics [`Task::loss_from_logps`] reads (none by default).
+    fn extra_stats(&self) -> ExtraStats {
+        ExtraStats::default()
+    }
+
     /// The loss of `examples` summed (not averaged) over what [`Task::weight`] counts, shape
     /// `[1]`, and their metrics (as means, read later), from the per-row log-probabilities of
     /// each label set of [`Task::scoring`], in its order. Only `SequenceLogps::sum` may carry
@@ -62,7 +67,7 @@ pub trait Task {
     /// tests, training without the chunked head). Reads the metrics back at once.
     fn loss<B: Backend>(&self, model: &CausalLm<B>, examples: &[&Self::Example], device: &B::Device) -> (Tensor<B, 1>, MetricValues) {
         let scoring = self.scoring::<B>(examples, device);
-        let logps = sequence_logps_many(model.forward(&scoring.batch, None), scoring.label_sets);
+        let logps = sequence_logps_with(model.forward(&scoring.batch, None), scoring.label_sets, self.extra_stats());
         let (loss, metrics) = self.loss_from_logps(logps, examples, device);
         (loss, metric_values(metrics))
     }

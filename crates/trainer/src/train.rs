@@ -333,7 +333,13 @@ pub fn evaluate_with<B: burn::tensor::backend::Backend, T: Task>(
             Some(tokens) => {
                 let scoring = task.scoring::<B>(&refs, device);
                 let hidden = model.hidden_states(&scoring.batch, None);
-                let logps = alignment_objectives::chunked_sequence_logps(hidden, model.head_weight(), scoring.label_sets, tokens);
+                let logps = alignment_objectives::chunked_sequence_logps_with(
+                    hidden,
+                    model.head_weight(),
+                    scoring.label_sets,
+                    tokens,
+                    task.extra_stats(),
+                );
                 metric_values(task.loss_from_logps(logps, &refs, device).1)
             }
         };

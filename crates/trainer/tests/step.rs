@@ -8,8 +8,8 @@ use alignment_core::backend::CpuAutodiff;
 use alignment_models::{load_pretrained, CausalLm};
 use alignment_objectives::{DpoConfig, OrpoConfig};
 use alignment_peft::{apply_lora, load_pretrained_4bit, LoraConfig, QuantConfig, TargetModules};
-use alignment_trainer::tasks::{DpoTask, OrpoTask, PreferencePair};
-use alignment_trainer::{forward_backward, Sequence, StepOptions, Task, IGNORE_INDEX};
+use alignment_trainer::tasks::{precompute_reference, DpoTask, OrpoTask, PreferencePair, ReferenceLogps};
+use alignment_trainer::{evaluate_with, forward_backward, Sequence, StepOptions, Task, IGNORE_INDEX};
 use burn::module::{Module, ModuleVisitor, Param};
 use burn::optim::{GradientsAccumulator, GradientsParams};
 use burn::tensor::backend::AutodiffBackend;
@@ -124,7 +124,9 @@ fn pairs(n: u32) -> Vec<PreferencePair> {
                 let labels = ids.iter().enumerate().map(|(t, &id)| if t < prompt.len() { IGNORE_INDEX } else { id as i64 }).collect();
                 Sequence::new(ids, labels)
             };
-            PreferencePair { chosen: row(1, 3 + i % 4), rejected: row(2, 5 - i % 3), reference: Some([-20.0 - i as f64, -22.5 + i as f64]) }
+            let (chosen, rejected) = (-20.0 - i as f64, -22.5 + i as f64);
+            let reference = ReferenceLogps { chosen, rejected, tails: Some([chosen / 4.0, rejected / 3.0]) };
+            PreferencePair { chosen: row(1, 3 + i % 4), rejected: row(2, 5 - i % 3), reference: Some(reference) }
         })
         .collect()
 }
@@ -156,7 +158,51 @@ fn dpo_and_orpo() {
     let device = Default::default();
     let model = load_pretrained::<B>(&fixture("tiny-llama"), &device).unwrap();
     assert_modes_agree("dpo", &model, &DpoTask { config: DpoConfig::default(), pad_id: 0 }, &pairs(4));
+    // Weighted lists with LD-DPO (two label sets) and WPO weights (the extra statistic), in
+    // every mode. AOT sorts the pairs of the micro-batch and refuses WPO, so it goes without.
+    let sorted = DpoConfig {
+        ld_alpha: Some(0.3),
+        label_smoothing: 0.1,
+        ..DpoConfig::from_names(&["sigmoid_norm", "bco_pair", "aot_unpaired"], Some(&[0.5, 0.25, 1.0])).unwrap()
+    };
+    sorted.validate().unwrap();
+    assert_modes_agree("dpo list+ld", &model, &DpoTask { config: sorted, pad_id: 0 }, &pairs(4));
+    let wpo = DpoConfig {
+        use_weighting: true,
+        ld_alpha: Some(0.3),
+        ..DpoConfig::from_names(&["sigmoid_norm", "bco_pair"], Some(&[0.5, 0.25])).unwrap()
+    };
+    wpo.validate().unwrap();
+    assert_modes_agree("dpo wpo+ld", &model, &DpoTask { config: wpo, pad_id: 0 }, &pairs(4));
     assert_modes_agree("orpo", &model, &OrpoTask { config: OrpoConfig::default(), pad_id: 0 }, &pairs(4));
+}
+
+/// The reference precomputed from the policy itself (in batches padded differently from the
+/// evaluation's): every log-ratio is 0 whatever `ld_alpha`, so sigmoid DPO is ln 2 and the rewards
+/// 0 — only if the reference's LD-weighted log-probs are the policy's. `ld_alpha` = 1 is plain
+/// DPO; other values change the logged log-probs.
+#[test]
+fn dpo_reference_from_the_policy_gives_zero_margins_for_any_ld_alpha() {
+    let device = Default::default();
+    let model = load_pretrained::<B>(&fixture("tiny-llama"), &device).unwrap();
+    let mut examples = pairs(4);
+    precompute_reference(&model, &mut examples, 3, 0, None, &device).unwrap();
+    assert!(examples.iter().all(|p| p.reference.is_some_and(|r| r.tails.is_some())));
+    let mut logps = Vec::new();
+    for ld_alpha in [None, Some(0.0), Some(0.3), Some(1.0)] {
+        for head_chunk_tokens in [None, Some(5)] {
+            let task = DpoTask { config: DpoConfig { ld_alpha, ..DpoConfig::default() }, pad_id: 0 };
+            let metrics: BTreeMap<String, f64> =
+                evaluate_with(&model, &task, &examples, 4, head_chunk_tokens, &device).into_iter().collect();
+            let what = format!("ld_alpha {ld_alpha:?}, head chunk {head_chunk_tokens:?}");
+            assert!((metrics["eval_loss"] - std::f64::consts::LN_2).abs() < 1e-5, "{what}: {metrics:?}");
+            assert!(metrics["eval_rewards/margins"].abs() < 1e-5 && metrics["eval_rewards/chosen"].abs() < 1e-5, "{what}: {metrics:?}");
+            logps.push((ld_alpha, metrics["eval_logps/chosen"]));
+        }
+    }
+    let of = |alpha: Option<f64>| logps.iter().find(|(a, _)| *a == alpha).unwrap().1;
+    assert!((of(None) - of(Some(1.0))).abs() < 1e-4, "{logps:?}");
+    assert!(of(Some(0.0)) > of(Some(0.3)) && of(Some(0.3)) > of(None), "dropping tail tokens raises the log-probs: {logps:?}");
 }
 
 #[test]

@@ -8,13 +8,20 @@
 //! once, before training, from the starting weights ([`precompute_reference`]) and cached on
 //! disk, as TRL's `precompute_ref_log_probs` and open-instruct do; a frozen copy evaluated each
 //! step would give the same numbers at twice the forward cost.
+//!
+//! Every TRL 1.16 `loss_type` works from the same per-row sums, with two additions the task asks
+//! the step for: LD-DPO (`ld_alpha`) scores the completion tokens past the pair's shared length
+//! as a second label set, and WPO (`use_weighting`) asks for `log Σ p²` per token
+//! ([`Task::extra_stats`]). The reference's tail sums are precomputed with its sums, whatever the
+//! configuration, so one cache serves every `ld_alpha`. No loss type keeps state across steps in
+//! TRL 1.16 (`bco_pair` has no running reward mean there), so there is nothing to checkpoint.
 
 use crate::sequence::{collate, Sequence};
 use crate::task::{Scoring, Task};
 use alignment_models::CausalLm;
-use alignment_objectives::dpo::{dpo_loss, DpoConfig};
-use alignment_objectives::logprobs::sequence_logps;
-use alignment_objectives::{DeferredMetrics, SequenceLogps};
+use alignment_objectives::dpo::{dpo_loss_with_tails, ld_tail_row, DpoConfig};
+use alignment_objectives::logprobs::sequence_logps_many;
+use alignment_objectives::{DeferredMetrics, ExtraStats, SequenceLogps};
 use burn::tensor::backend::Backend;
 use burn::tensor::{Tensor, TensorData};
 use serde::{Deserialize, Serialize};
@@ -29,14 +36,52 @@ pub struct PreferencePair {
     pub chosen: Sequence,
     /// Prompt + rejected completion; labels on the completion only.
     pub rejected: Sequence,
-    /// The reference model's summed completion log-probs `[chosen, rejected]`, once computed.
-    pub reference: Option<[f64; 2]>,
+    /// The reference model's summed completion log-probs, once computed ([`precompute_reference`]).
+    pub reference: Option<ReferenceLogps>,
+}
+
+/// The reference model's log-probs of a pair's completions, summed over completion tokens.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct ReferenceLogps {
+    /// Of the chosen completion.
+    pub chosen: f64,
+    /// Of the rejected completion.
+    pub rejected: f64,
+    /// `[chosen, rejected]` over the tokens past the pair's shared completion length only, for
+    /// LD-DPO (`ld_alpha`); `None` if not computed.
+    pub tails: Option<[f64; 2]>,
+}
+
+impl ReferenceLogps {
+    /// Sums without tails (enough unless `ld_alpha` is set).
+    pub fn new(chosen: f64, rejected: f64) -> Self {
+        Self { chosen, rejected, tails: None }
+    }
+
+    /// `[chosen, rejected]` as the loss uses them: LD-weighted with `config.ld_alpha`.
+    ///
+    /// # Panics
+    /// If `ld_alpha` is set and the tails were not computed.
+    pub fn for_config(&self, config: &DpoConfig) -> [f64; 2] {
+        match (config.ld_alpha, self.tails) {
+            (None, _) => [self.chosen, self.rejected],
+            (Some(_), Some([c, r])) => [config.ld_logp(self.chosen, c), config.ld_logp(self.rejected, r)],
+            (Some(_), None) => panic!("ld_alpha needs the reference's tail log-probs (precompute_reference computes them)"),
+        }
+    }
 }
 
 impl PreferencePair {
     /// Real tokens of both rows.
     pub fn num_tokens(&self) -> usize {
         self.chosen.num_tokens() + self.rejected.num_tokens()
+    }
+
+    /// LD-DPO's tail rows: the chosen and rejected rows labelled only past the pair's shared
+    /// completion length `min(|y_w|, |y_l|)` (TRL's `tail_mask`).
+    pub fn tails(&self) -> [Sequence; 2] {
+        let shared = self.chosen.num_scored().min(self.rejected.num_scored());
+        [&self.chosen, &self.rejected].map(|row| Sequence { labels: ld_tail_row(&row.labels, shared), ..row.clone() })
     }
 }
 
@@ -46,23 +91,42 @@ pub fn concatenated_rows<'a>(pairs: &[&'a PreferencePair]) -> Vec<&'a Sequence> 
     pairs.iter().map(|p| &p.chosen).chain(pairs.iter().map(|p| &p.rejected)).collect()
 }
 
+/// The label sets of `pairs`' concatenated rows: the completions, and with `ld` the tails
+/// ([`PreferencePair::tails`]), padded alike.
+fn label_sets<B: Backend>(pairs: &[&PreferencePair], ld: bool, pad_id: u32, device: &B::Device) -> Scoring<B> {
+    let (batch, labels) = collate::<B>(&concatenated_rows(pairs), pad_id, device);
+    let mut label_sets = vec![labels];
+    if ld {
+        let tails: Vec<[Sequence; 2]> = pairs.iter().map(|p| p.tails()).collect();
+        let rows: Vec<&Sequence> = tails.iter().map(|[c, _]| c).chain(tails.iter().map(|[_, r]| r)).collect();
+        label_sets.push(collate::<B>(&rows, pad_id, device).1);
+    }
+    Scoring { batch, label_sets }
+}
+
 /// DPO with TRL's loss variants.
 #[derive(Debug, Clone)]
 pub struct DpoTask {
+    /// The loss types, their weights and settings.
     pub config: DpoConfig,
+    /// Token id padding the rows.
     pub pad_id: u32,
 }
 
 /// Scores chosen and rejected rows of `pairs` in one forward pass: per-row summed completion
-/// log-probs, completion token counts and mean completion logits, chosen rows first.
+/// log-probs and the tails' (chosen rows first), as `[chosen, rejected, chosen tail, rejected
+/// tail]` per pair.
 fn concatenated_forward<B: Backend>(
     model: &CausalLm<B>,
     pairs: &[&PreferencePair],
     pad_id: u32,
     device: &B::Device,
-) -> alignment_objectives::logprobs::SequenceLogps<B> {
-    let (batch, labels) = collate::<B>(&concatenated_rows(pairs), pad_id, device);
-    sequence_logps(model.forward(&batch, None), labels)
+) -> Vec<ReferenceLogps> {
+    let scoring = label_sets::<B>(pairs, true, pad_id, device);
+    let scored = sequence_logps_many(model.forward(&scoring.batch, None), scoring.label_sets);
+    let sums: Vec<Vec<f64>> = scored.into_iter().map(|s| s.sum.into_data().iter::<f64>().collect()).collect();
+    let n = pairs.len();
+    (0..n).map(|i| ReferenceLogps { chosen: sums[0][i], rejected: sums[0][n + i], tails: Some([sums[1][i], sums[1][n + i]]) }).collect()
 }
 
 impl Task for DpoTask {
@@ -81,25 +145,33 @@ impl Task for DpoTask {
     }
 
     fn scoring<B: Backend>(&self, pairs: &[&PreferencePair], device: &B::Device) -> Scoring<B> {
-        let (batch, labels) = collate::<B>(&concatenated_rows(pairs), self.pad_id, device);
-        Scoring { batch, label_sets: vec![labels] }
+        label_sets(pairs, self.config.ld_alpha.is_some(), self.pad_id, device)
+    }
+
+    fn extra_stats(&self) -> ExtraStats {
+        ExtraStats { log_sum_sq_probs: self.config.needs_log_sum_sq_probs() }
     }
 
     fn loss_from_logps<B: Backend>(
         &self,
-        mut logps: Vec<SequenceLogps<B>>,
+        logps: Vec<SequenceLogps<B>>,
         pairs: &[&PreferencePair],
         device: &B::Device,
     ) -> (Tensor<B, 1>, DeferredMetrics<B>) {
         let n = pairs.len();
-        let (chosen, rejected) = logps.pop().expect("one label set").split_at(n);
-        let reference_of =
-            |p: &&PreferencePair| p.reference.expect("reference log-probs are computed before training (precompute_reference)");
+        let mut halves = logps.into_iter().map(|l| l.split_at(n));
+        let (chosen, rejected) = halves.next().expect("the completions' label set");
+        let tails = halves.next();
+        let references: Vec<[f64; 2]> = pairs
+            .iter()
+            .map(|p| p.reference.expect("reference log-probs are computed before training (precompute_reference)").for_config(&self.config))
+            .collect();
         let column = |i: usize| {
-            let values: Vec<f32> = pairs.iter().map(|p| reference_of(p)[i] as f32).collect();
+            let values: Vec<f32> = references.iter().map(|r| r[i] as f32).collect();
             Tensor::<B, 1>::from_data(TensorData::new(values, [n]), device)
         };
-        let out = dpo_loss(&chosen, &rejected, column(0), column(1), &self.config);
+        let tails = tails.as_ref().map(|(c, r)| (c, r));
+        let out = dpo_loss_with_tails(&chosen, &rejected, tails, column(0), column(1), &self.config);
         (out.losses.clone().sum(), out.deferred_metrics())
     }
 }
@@ -142,10 +214,11 @@ fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// Fills `reference` of every pair with the log-probs of `model` (the starting weights), in
-/// batches of `batch_size`. With a `cache` (made from the same model), results are stored under
-/// a key hashing the model's weights and every pair's tokens, and reused when the same model and
-/// data come again.
+/// Fills `reference` of every pair with the log-probs of `model` (the starting weights), sums
+/// and LD-DPO tails, in batches of `batch_size`. With a `cache` (made from the same model),
+/// results are stored under a key hashing the model's weights and every pair's tokens, and
+/// reused when the same model and data come again (a cache file in another format is
+/// recomputed).
 pub fn precompute_reference<B: Backend>(
     model: &CausalLm<B>,
     pairs: &mut [PreferencePair],
@@ -157,7 +230,7 @@ pub fn precompute_reference<B: Backend>(
     let cache_file = cache.map(|c| c.file(pairs));
     if let Some(file) = &cache_file {
         if let Ok(text) = std::fs::read_to_string(file) {
-            if let Ok(values) = serde_json::from_str::<Vec<[f64; 2]>>(&text) {
+            if let Ok(values) = serde_json::from_str::<Vec<ReferenceLogps>>(&text) {
                 if values.len() == pairs.len() {
                     for (p, v) in pairs.iter_mut().zip(values) {
                         p.reference = Some(v);
@@ -170,9 +243,7 @@ pub fn precompute_reference<B: Backend>(
     let mut values = Vec::with_capacity(pairs.len());
     for chunk in pairs.chunks(batch_size.max(1)) {
         let refs: Vec<&PreferencePair> = chunk.iter().collect();
-        let sums = concatenated_forward(model, &refs, pad_id, device).sum.into_data().convert::<f64>().into_vec::<f64>().expect("f64");
-        let n = chunk.len();
-        values.extend((0..n).map(|i| [sums[i], sums[n + i]]));
+        values.extend(concatenated_forward(model, &refs, pad_id, device));
     }
     for (p, v) in pairs.iter_mut().zip(&values) {
         p.reference = Some(*v);

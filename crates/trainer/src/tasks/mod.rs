@@ -5,6 +5,6 @@ pub mod dpo;
 pub mod orpo;
 pub mod sft;
 
-pub use dpo::{precompute_reference, DpoTask, PreferencePair, ReferenceCache};
+pub use dpo::{precompute_reference, DpoTask, PreferencePair, ReferenceCache, ReferenceLogps};
 pub use orpo::OrpoTask;
 pub use sft::SftTask;
