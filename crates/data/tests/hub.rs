@@ -508,3 +508,38 @@ fn a_dataset_id_neither_local_nor_on_the_hub_says_both() {
     let err = loader.load_split("HuggingFaceH4/ultrachat_mini", None, "validation").unwrap_err();
     assert!(matches!(&err, DataError::MissingSplit { .. }), "{err}");
 }
+
+/// `datasets` 5.2's own answers (scripts/make_data_files_goldens.py): for each README and file
+/// list, the files of each (config, split), or the error it raises.
+#[test]
+fn dataset_card_resolution_matches_the_datasets_library() {
+    let goldens: Value = serde_json::from_str(&std::fs::read_to_string(fixtures().join("data_files_goldens.json")).unwrap()).unwrap();
+    let mut checked = 0;
+    for case in goldens["cases"].as_array().unwrap() {
+        let mut files: Vec<String> = case["files"].as_array().unwrap().iter().map(|f| f.as_str().unwrap().to_string()).collect();
+        files.push("README.md".into());
+        files.sort();
+        let readme = case["readme"].as_str().unwrap();
+        for query in case["queries"].as_array().unwrap() {
+            let (config, split) = (query["config"].as_str(), query["split"].as_str().unwrap());
+            let at = format!("{} {config:?} {split}", case["name"]);
+            let got = alignment_data::data_files::resolve_data_files(&files, Some(readme), "ds", config, split);
+            match (query.get("files"), got) {
+                (Some(want), Ok(got)) => assert_eq!(&serde_json::json!(got), want, "{at}"),
+                (None, Err(err)) => {
+                    let kind = match err {
+                        DataError::NoDefaultConfig { .. } => "no_default_config",
+                        DataError::UnknownConfig { .. } => "unknown_config",
+                        DataError::MissingConfigSplit { .. } => "missing_split",
+                        DataError::DataFilesNotFound { .. } => "file_not_found",
+                        other => panic!("{at}: {other}"),
+                    };
+                    assert_eq!(kind, query["error"], "{at}");
+                }
+                (want, got) => panic!("{at}: datasets gives {want:?} / {}, we give {got:?}", query["error"]),
+            }
+            checked += 1;
+        }
+    }
+    assert_eq!(checked, 25);
+}
