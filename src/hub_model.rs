@@ -49,6 +49,9 @@ pub enum HubModelError {
     /// The repo has no weights in a format read here.
     #[error("hub model `{repo}` at revision `{revision}` has neither model.safetensors, model.safetensors.index.json nor a PEFT adapter (adapter_config.json + adapter_model.safetensors); its files: {files:?}")]
     NoWeights { repo: String, revision: String, files: Vec<String> },
+    /// The download lock could not be taken.
+    #[error("locking {path}: {message}")]
+    Lock { path: PathBuf, message: String },
     /// `model.safetensors.index.json` is not the index transformers writes.
     #[error("{path}: not a safetensors index ({message})")]
     BadIndex { path: PathBuf, message: String },
@@ -101,6 +104,9 @@ pub fn resolve(config: &HubConfig, repo: &str, revision: &str) -> Result<PathBuf
         Err(e) => return Err(unavailable(e.to_string())),
     };
     let snapshot = snapshot_dir(&config.cache_dir, repo, &info.sha);
+    // One process downloads at a time (data-parallel ranks start together); hf-hub's own blob
+    // lock gives up after five seconds and would download again.
+    let _lock = DownloadLock::acquire(&config.cache_dir, repo)?;
     let listed: Vec<String> = info.siblings.into_iter().map(|s| s.rfilename).collect();
     let fetch = |file: &str| -> Result<PathBuf, HubModelError> {
         let cached = snapshot.join(file);
@@ -139,6 +145,28 @@ pub fn resolve(config: &HubConfig, repo: &str, revision: &str) -> Result<PathBuf
         }
     }
     Ok(snapshot)
+}
+
+/// An exclusive lock on `{cache}/.locks/models--org--name.download.lock` (beside the locks
+/// `huggingface_hub` keeps there), released when dropped.
+struct DownloadLock(std::fs::File);
+
+impl DownloadLock {
+    fn acquire(cache_dir: &Path, repo: &str) -> Result<Self, HubModelError> {
+        let dir = cache_dir.join(".locks");
+        let path = dir.join(format!("{}.download.lock", Repo::model(repo.into()).folder_name()));
+        let failed = |e: std::io::Error| HubModelError::Lock { path: path.clone(), message: e.to_string() };
+        std::fs::create_dir_all(&dir).map_err(failed)?;
+        let file = std::fs::File::create(&path).map_err(failed)?;
+        file.lock().map_err(failed)?;
+        Ok(Self(file))
+    }
+}
+
+impl Drop for DownloadLock {
+    fn drop(&mut self) {
+        let _ = self.0.unlock();
+    }
 }
 
 /// `{cache}/models--org--name/snapshots/{commit}`.

@@ -129,6 +129,17 @@ fn hub_models_download_into_the_hub_cache_and_load_like_the_local_directory() {
         ["config.json", "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors", "model.safetensors.index.json"]
     );
     assert_eq!(logits(&sharded_dir), want);
+    // Several processes (ranks) at once: one downloads, the others wait and find the files.
+    let sharded_requests = || hub.requests().iter().filter(|u| u.contains("tiny-llama-sharded/resolve/")).count();
+    let one_download = sharded_requests();
+    let other_cache = tempfile::tempdir().unwrap();
+    let concurrent = hub_config(&hub.url, other_cache.path(), false);
+    let dirs: Vec<PathBuf> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..3).map(|_| s.spawn(|| resolve(&concurrent, "test/tiny-llama-sharded", "main").unwrap())).collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert!(dirs.iter().all(|d| d == &dirs[0] && d.starts_with(other_cache.path())), "{dirs:?}");
+    assert_eq!(sharded_requests(), 2 * one_download, "each file downloaded once more, not three times");
 
     // Another revision of the same repo: its own commit, ref and snapshot.
     let v2 = resolve(&online, "test/tiny-llama", "v2").unwrap();
