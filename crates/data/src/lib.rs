@@ -4,6 +4,7 @@
 //! training.
 
 pub mod chat_template;
+pub mod data_files;
 pub mod dataset;
 pub mod error;
 pub mod format;

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 
 use serde_json::Value;
 
+use crate::data_files::{resolve_data_files, README};
 use crate::dataset::{Dataset, Row};
 use crate::error::DataError;
 use crate::hub::{HubClient, HubConfig};
@@ -50,10 +51,25 @@ impl SplitSource for DatasetLoader {
         if path.exists() {
             return load_local(path, config, split);
         }
+        let cwd = || std::env::current_dir().unwrap_or_default();
         match &self.hub {
-            Some(hub) if is_hub_id(id) => hub.load_split(id, config, split),
-            _ => Err(DataError::DatasetNotFound { id: id.to_string() }),
+            // The repo itself could not be listed: say the id is not a local path either.
+            Some(hub) if is_hub_id(id) => hub.load_split(id, config, split).map_err(|e| match is_repo_miss(&e) {
+                true => DataError::NotLocalNorHub { id: id.to_string(), cwd: cwd(), hub: Box::new(e) },
+                false => e,
+            }),
+            _ => Err(DataError::DatasetNotFound { id: id.to_string(), cwd: cwd() }),
         }
+    }
+}
+
+/// Whether a hub error means the repo could not be found or reached at all (as opposed to a
+/// missing file or split of a repo that exists).
+fn is_repo_miss(error: &DataError) -> bool {
+    match error {
+        DataError::Hub { file: None, .. } => true,
+        DataError::HubOfflineMiss { what, .. } => what == crate::hub::REPO_LISTING,
+        _ => false,
     }
 }
 
@@ -69,8 +85,8 @@ pub fn is_hub_id(id: &str) -> bool {
 }
 
 /// One split of a local dataset: a data file (which only has the split `train`, as
-/// `load_dataset("json", data_files=file)` names it) or a directory resolved by
-/// [`resolve_split_files`].
+/// `load_dataset("json", data_files=file)` names it) or a directory resolved as `datasets` does
+/// ([`resolve_data_files`]: its README.md's `configs:`, else [`resolve_split_files`]).
 pub fn load_local(path: &Path, config: Option<&str>, split: &str) -> Result<Dataset, DataError> {
     let name = format!("{}:{split}", path.display());
     if path.is_file() {
@@ -84,7 +100,12 @@ pub fn load_local(path: &Path, config: Option<&str>, split: &str) -> Result<Data
         return load_file(path, &name);
     }
     let files = list_files(path)?;
-    let chosen = resolve_split_files(&files, split, config);
+    let readme_path = path.join(README);
+    let readme = match readme_path.is_file() {
+        true => Some(std::fs::read_to_string(&readme_path).map_err(|source| DataError::Io { path: readme_path.clone(), source })?),
+        false => None,
+    };
+    let chosen = resolve_data_files(&files, readme.as_deref(), &path.display().to_string(), config, split)?;
     if chosen.is_empty() {
         return Err(DataError::MissingSplit {
             dataset: path.display().to_string(),
@@ -124,7 +145,7 @@ fn is_data_file(file: &str) -> bool {
 }
 
 /// The data files of `split` among `files` (paths relative to the dataset root, `/`-separated,
-/// sorted). The rule, a subset of `datasets`' inference plus the split-named directories the
+/// sorted) for a dataset without README `configs:` ([`resolve_data_files`] applies those first). The rule, a subset of `datasets`' inference plus the split-named directories the
 /// hub's parquet conversion writes:
 ///
 /// 1. With a `config` other than `default`, only files under `{config}/` count, and the paths

@@ -346,7 +346,7 @@ fn mixer_errors_name_what_is_wrong() {
     assert!(matches!(mix_datasets(&config, &loader), Err(DataError::InvalidMixer { .. })));
 
     let err = mix_datasets(&classic(&[("no/such/dir", 1.0)], &["train"], None), &loader).unwrap_err();
-    assert!(matches!(&err, DataError::DatasetNotFound { id } if id == "no/such/dir"));
+    assert!(matches!(&err, DataError::DatasetNotFound { id, .. } if id == "no/such/dir"));
     let err = mix_datasets(&classic(&[("org/name", 1.0)], &["train"], None), &loader).unwrap_err();
     assert!(matches!(err, DataError::DatasetNotFound { .. }), "a hub id without a hub client");
 
