@@ -1,6 +1,8 @@
 //! Every rendering in `fixtures/chat_templates/goldens.json` (made by transformers'
 //! `apply_chat_template(..., tokenize=False)`, `scripts/make_chat_template_goldens.py`) must be
-//! reproduced byte for byte, and every `raise_exception` with the same message.
+//! reproduced byte for byte, and every `raise_exception` with the same message; for templates
+//! with `{% generation %}` blocks, the spans transformers' AssistantTracker records too.
+//! `strftime_now` reads the goldens' fixed clock.
 
 use alignment_data::{ChatTemplate, DataError, SpecialTokens};
 use serde_json::{Map, Value as Json};
@@ -35,13 +37,25 @@ fn visible(s: &str) -> String {
         .collect()
 }
 
+/// The clock the goldens were rendered with.
+fn fixed_now(goldens: &Json) -> chrono::NaiveDateTime {
+    goldens["now"].as_str().expect("now").parse().expect("an ISO date and time")
+}
+
+/// Byte ranges of `text` as character ranges (transformers counts characters).
+fn char_spans(text: &str, spans: &[(usize, usize)]) -> Vec<(usize, usize)> {
+    let chars = |byte: usize| text[..byte].chars().count();
+    spans.iter().map(|&(start, end)| (chars(start), chars(end))).collect()
+}
+
 fn load_templates(goldens: &Json) -> BTreeMap<String, ChatTemplate> {
+    let now = fixed_now(goldens);
     let mut templates = BTreeMap::new();
     for (name, spec) in goldens["templates"].as_object().expect("templates") {
         let file = fixtures().join(spec["file"].as_str().expect("file"));
         let source = std::fs::read_to_string(&file).unwrap_or_else(|e| panic!("{}: {e}", file.display()));
         let template = ChatTemplate::new(name.clone(), source, tokens(&spec["special_tokens"])).unwrap_or_else(|e| panic!("{name}: {e}"));
-        templates.insert(name.clone(), template);
+        templates.insert(name.clone(), template.with_fixed_now(now));
     }
     templates
 }
@@ -53,6 +67,7 @@ fn renders_match_transformers_byte_for_byte() {
     let conversations = goldens["conversations"].as_object().expect("conversations");
     let cases = goldens["cases"].as_array().expect("cases");
     let mut failures = Vec::new();
+    let mut spans_checked = BTreeMap::new();
     for case in cases {
         let name = case["template"].as_str().expect("template");
         let conversation = case["conversation"].as_str().expect("conversation");
@@ -61,7 +76,23 @@ fn renders_match_transformers_byte_for_byte() {
         let messages = messages.as_array().expect("messages are a list");
         let kwargs = case.get("kwargs").and_then(Json::as_object).cloned().unwrap_or_else(Map::new);
         let label = format!("{name} / {conversation} / add_generation_prompt={add_generation_prompt}");
-        let got = templates[name].render_with(messages, add_generation_prompt, &kwargs);
+        let template = &templates[name];
+        let got = template.render_with(messages, add_generation_prompt, &kwargs);
+        if let (Some(want), Ok(text)) = (case.get("generation_spans"), &got) {
+            let want: Vec<(usize, usize)> = serde_json::from_value(want.clone()).expect("spans");
+            match template.render_with_generation_spans(messages, add_generation_prompt, &kwargs) {
+                Ok((tracked, spans)) if &tracked == text && char_spans(text, &spans) == want => {}
+                Ok((tracked, spans)) => failures.push(format!(
+                    "{label}: generation spans differ: transformers {want:?}, ours {:?} (text identical: {})",
+                    char_spans(&tracked, &spans),
+                    &tracked == text
+                )),
+                Err(e) => failures.push(format!("{label}: rendering with generation spans failed: {e}")),
+            }
+        }
+        if case.get("generation_spans").is_some() {
+            *spans_checked.entry(name.to_string()).or_insert(0) += 1;
+        }
         match (case.get("expected").and_then(Json::as_str), case.get("error").and_then(Json::as_str), got) {
             (Some(want), _, Ok(got)) if got == want => {}
             (Some(want), _, Ok(got)) => {
@@ -77,6 +108,9 @@ fn renders_match_transformers_byte_for_byte() {
         }
     }
     assert!(failures.is_empty(), "{} of {} cases differ from transformers:\n\n{}", failures.len(), cases.len(), failures.join("\n\n"));
+    for name in ["smollm3", "chatml-generation", "zephyr-generation"] {
+        assert!(spans_checked.get(name).copied().unwrap_or(0) > 10, "too few generation spans of `{name}` checked: {spans_checked:?}");
+    }
     println!("{} chat-template renderings identical to transformers {}", cases.len(), goldens["transformers_version"]);
 }
 
