@@ -274,3 +274,35 @@ fn chat_templates_can_be_shared_across_threads() {
     fn assert_send_sync<T: Send + Sync>() {}
     assert_send_sync::<ChatTemplate>();
 }
+
+#[test]
+fn generation_blocks_markers_eos_override_and_refusals() {
+    let chat = serde_json::json!([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}]);
+    let chat = chat.as_array().unwrap();
+    let source = "{% for m in messages %}{% if m.role == 'assistant' %}{%- generation -%}\n{{ m.content + eos_token }}{% endgeneration %}\
+                  {% else %}{{ m.content }}{% endif %}{% endfor %}";
+    let template = ChatTemplate::new("t", source, SpecialTokens::bos_eos("<s>", "</s>")).unwrap();
+    assert!(template.has_generation_markers());
+    assert_eq!(template.render_with_generation_spans(chat, false, &Map::new()).unwrap(), ("HiYo</s>".to_string(), vec![(2, 8)]));
+    // The EOS override is the template's `eos_token` too.
+    let eos = template.with_eos_token("<|im_end|>");
+    assert_eq!((eos.render_with(chat, false, &Map::new()).unwrap().as_str(), eos.eos_token()), ("HiYo<|im_end|>", Some("<|im_end|>")));
+    // Text that holds the marker characters, and nested blocks, are refused rather than misread.
+    let marked = serde_json::json!([{"role": "assistant", "content": "a\u{FDD0}b"}]);
+    assert!(template.render_with_generation_spans(marked.as_array().unwrap(), false, &Map::new()).is_err());
+    assert_eq!(template.render_with(marked.as_array().unwrap(), false, &Map::new()).unwrap(), "a\u{FDD0}b</s>");
+    let nested =
+        ChatTemplate::new("n", "{% generation %}a{% generation %}b{% endgeneration %}{% endgeneration %}", SpecialTokens::default());
+    let err = nested.unwrap().render_with_generation_spans(chat, false, &Map::new()).unwrap_err();
+    assert!(err.to_string().contains("inside another"), "{err}");
+    // TRL's marker test: whitespace control variants count, other words and expressions do not.
+    for (source, marked) in [
+        ("{%generation%}{%endgeneration%}", true),
+        ("{%- generation -%}{% endgeneration %}", true),
+        ("{{ 'generation' }}{% if generation %}{% endif %}", false),
+    ] {
+        assert_eq!(ChatTemplate::new("m", source, SpecialTokens::default()).unwrap().has_generation_markers(), marked, "{source}");
+    }
+    let plain = ChatTemplate::new("p", "{{ messages[0].content }}", SpecialTokens::default()).unwrap();
+    assert_eq!(plain.render_with_generation_spans(chat, false, &Map::new()).unwrap(), ("Hi".to_string(), vec![]));
+}
