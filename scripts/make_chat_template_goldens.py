@@ -5,22 +5,51 @@ public tokenizer_config.json of the model named in TEMPLATES) is rendered over a
 conversations, with add_generation_prompt true and false, by transformers' own
 `apply_chat_template(..., tokenize=False)` on a tokenizer whose special tokens are the model's.
 A conversation the template rejects with raise_exception is recorded as an expected error with
-its message. The Rust side must reproduce every byte.
+its message. The Rust side must reproduce every byte. For templates with `{% generation %}`
+blocks, each case also records the character spans transformers' AssistantTracker finds
+(`render_jinja_template(..., return_assistant_tokens_mask=True)`), as `generation_spans`.
+`strftime_now` reads a fixed clock (FIXED_NOW, monkeypatched into transformers), which the Rust
+test fixes too.
+
+It also writes trl_templates.json: what TRL 1.16's own trainers make of rows rendered with
+SmolLM3's template (its `chat_template_kwargs` column, `assistant_only_loss` on its generation
+blocks, `SFTConfig.eos_token`), with the small tokenizer of
+crates/data/tests/fixtures/tokenization/tiny-chatml; see `trl_goldens`.
 
 usage: make_chat_template_goldens.py   (run with the reference venv, scripts/reference_env.sh;
-        writes crates/data/tests/fixtures/chat_templates/goldens.json)
+        writes crates/data/tests/fixtures/chat_templates/{goldens,trl_templates}.json)
 """
+import copy
+import datetime
 import hashlib
 import json
 import os
+import re
+import sys
+import tempfile
 
+import datasets
 import jinja2
 import tokenizers
 import transformers
 from tokenizers import Tokenizer, models
 from transformers import PreTrainedTokenizerFast
+from transformers.utils import chat_template_utils
 
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "crates/data/tests/fixtures/chat_templates")
+TINY_TOKENIZER = os.path.join(FIXTURES, "..", "tokenization", "tiny-chatml")
+
+# The clock `strftime_now` reads (SmolLM3's template prints today's date).
+FIXED_NOW = datetime.datetime(2025, 7, 4, 13, 5, 9)
+
+
+class FixedDatetime(datetime.datetime):
+    @classmethod
+    def now(cls, tz=None):
+        return FIXED_NOW
+
+
+chat_template_utils.datetime = FixedDatetime
 
 # name -> (where the template comes from, special tokens of that tokenizer)
 TEMPLATES = {
@@ -46,6 +75,16 @@ TEMPLATES = {
                                       "pad_token": "<\uff5cend\u2581of\u2581sentence\uff5c>"}),
     "openchat-3.5-0106": ("openchat/openchat-3.5-0106",
                           {"bos_token": "<s>", "eos_token": "<|end_of_turn|>", "unk_token": "<unk>"}),
+    # The `chat_template` of alignment-handbook's recipes/smollm3/sft/sft.yaml (commit 925acdf), with
+    # {% generation %} blocks, strftime_now and the enable_thinking / xml_tools / python_tools
+    # variables. It reads no special token.
+    "smollm3": ("alignment-handbook recipes/smollm3/sft/sft.yaml `chat_template`",
+                {"eos_token": "<|im_end|>", "pad_token": "<|im_end|>"}),
+    # scripts/make_tokenization_goldens.py's ChatML and Zephyr templates with {% generation %}.
+    "chatml-generation": ("scripts/make_tokenization_goldens.py CHATML_GENERATION",
+                          {"bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "pad_token": "<|im_end|>"}),
+    "zephyr-generation": ("scripts/make_tokenization_goldens.py ZEPHYR_GENERATION",
+                          {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}),
 }
 
 
@@ -121,6 +160,19 @@ SPECIAL_CASES = {
          {}),
         ("tools_without_user_message", [m("system", "Only a system message.")], {"tools": [WEATHER_TOOL]}),
     ],
+    "smollm3": [
+        ("enable_thinking_false", CONVERSATIONS["multi_turn"], {"enable_thinking": False}),
+        ("enable_thinking_true", CONVERSATIONS["multi_turn"], {"enable_thinking": True}),
+        # smoltalk2's `chat_template_kwargs` struct: every field present, unset ones None.
+        ("smoltalk2_kwargs", CONVERSATIONS["single_turn"],
+         {"custom_instructions": None, "enable_thinking": False, "python_tools": None, "xml_tools": None}),
+        ("system_no_think", [m("system", "Be brief. /no_think"), m("user", "Hi"), m("assistant", "\n\nHello")], {}),
+        ("system_think", [m("system", "Think hard /think  "), m("user", "Hi"), m("assistant", "Hello")],
+         {"enable_thinking": False}),
+        ("system_override", [m("system", "/system_override Only this. /think"), m("user", "Hi"), m("assistant", "Hey")], {}),
+        ("tools", CONVERSATIONS["single_turn"], {"tools": [WEATHER_TOOL], "python_tools": "def f(x: int) -> int: ..."}),
+        ("xml_tools_kwarg", CONVERSATIONS["with_system"], {"xml_tools": "<tools>custom</tools>", "enable_thinking": None}),
+    ],
 }
 
 # Small templates probing Jinja semantics a chat template can observe (Python printing of values,
@@ -180,6 +232,19 @@ def make_tokenizer(template, special_tokens):
     return PreTrainedTokenizerFast(tokenizer_object=backend, chat_template=template, **special_tokens)
 
 
+def has_generation(template):
+    return re.search(r"\{\%-?\s*generation\s*-?\%\}", template) is not None
+
+
+def generation_spans(tokenizer, messages, add_generation_prompt, tools, documents, kwargs):
+    """transformers' AssistantTracker spans (character offsets) and the text rendered with them."""
+    template_kwargs = {**tokenizer.special_tokens_map, **kwargs}
+    rendered, spans = chat_template_utils.render_jinja_template(
+        conversations=[copy.deepcopy(messages)], tools=tools, documents=documents, chat_template=tokenizer.chat_template,
+        return_assistant_tokens_mask=True, add_generation_prompt=add_generation_prompt, **template_kwargs)
+    return rendered[0], [list(span) for span in spans[0]]
+
+
 def render(tokenizer, messages, add_generation_prompt, kwargs):
     kwargs = dict(kwargs)
     tools = kwargs.pop("tools", None)
@@ -187,6 +252,10 @@ def render(tokenizer, messages, add_generation_prompt, kwargs):
     try:
         text = tokenizer.apply_chat_template(messages, tools=tools, documents=documents, tokenize=False,
                                              add_generation_prompt=add_generation_prompt, **kwargs)
+        if has_generation(tokenizer.chat_template):
+            tracked, spans = generation_spans(tokenizer, messages, add_generation_prompt, tools, documents, kwargs)
+            assert tracked == text, "rendering with the tracker changes the text"
+            return {"expected": text, "generation_spans": spans}
         return {"expected": text}
     except jinja2.exceptions.TemplateError as e:
         # Only raise_exception raises the bare TemplateError; anything else (syntax, undefined) is a bug here.
@@ -221,6 +290,7 @@ def main():
         probes.append(probe)
     out = {
         "generator": "scripts/make_chat_template_goldens.py",
+        "now": FIXED_NOW.isoformat(),
         "transformers_version": transformers.__version__,
         "jinja2_version": jinja2.__version__,
         "tokenizers_version": tokenizers.__version__,
@@ -235,6 +305,113 @@ def main():
         f.write("\n")
     errors = sum("error" in c for c in cases)
     print(f"{path}: {len(cases)} cases ({errors} expected errors), {len(probes)} probes, transformers {transformers.__version__}")
+    trl_goldens()
+
+
+# ---------------------------------------------------------------------------------------------
+# TRL 1.16's trainers on rows rendered with SmolLM3's template.
+
+def trl_goldens():
+    """SFTTrainer (real, on a 1-layer random Llama) and DPOTrainer / ORPOTrainer's tokenization
+    (the stand-ins of make_tokenization_goldens.py) on rows with a `chat_template_kwargs` column.
+    Each case records the rows as the `datasets` table holds them (a struct column gives every
+    row every field, None where unset) and, per kept row, `input_ids` and `label_mask` ("1" where
+    the label is the id, "0" where it is -100)."""
+    import torch
+    import trl
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from trl import SFTConfig, SFTTrainer
+    from trl.data_utils import maybe_apply_chat_template, maybe_extract_prompt
+
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from make_tokenization_goldens import CONVERSATIONS as CONVS, GENERATION_TEMPLATES, PAIRS, compact_labels, dpo_prepare, \
+        orpo_tokenize
+
+    transformers.logging.set_verbosity_error()
+    datasets.disable_progress_bars()
+    templates = {name: open(os.path.join(FIXTURES, f"{name}.jinja"), encoding="utf-8").read()
+                 for name in ("smollm3", "zephyr-generation", "chatml-generation", "smollm2-135m-instruct")}
+    assert templates["chatml-generation"] == GENERATION_TEMPLATES["chatml"]
+    assert templates["zephyr-generation"] == GENERATION_TEMPLATES["zephyr"]
+
+    def tokenizer(template):
+        tok = AutoTokenizer.from_pretrained(TINY_TOKENIZER)
+        tok.chat_template = templates[template]
+        return tok
+
+    def model(tok):
+        torch.manual_seed(0)
+        config = LlamaConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                             num_attention_heads=2, num_key_value_heads=1, pad_token_id=tok.pad_token_id,
+                             eos_token_id=tok.eos_token_id)
+        return LlamaForCausalLM(config)
+
+    thinking = [{"enable_thinking": False}, {"enable_thinking": True}, {"enable_thinking": None}]
+    names = ["single_turn", "with_system", "multi_turn", "unicode", "whitespace", "empty_assistant",
+             "special_text_in_content"]
+    messages_rows = [{"messages": CONVS[c], "chat_template_kwargs": thinking[i % 3]} for i, c in enumerate(names)]
+    prompt_completion_rows = [{"prompt": CONVS[c][:-1], "completion": CONVS[c][-1:], "chat_template_kwargs": thinking[i % 3]}
+                              for i, c in enumerate(names)]
+    text_rows = [{"text": CONVS[c][-1]["content"] or "empty"} for c in names] + [{"text": "ends with eos<|endoftext|>"}]
+
+    cases = []
+
+    def sft(name, template, rows, **config):
+        tok = tokenizer(template)
+        table = datasets.Dataset.from_list([dict(r, idx=i) for i, r in enumerate(rows)])
+        case = {"name": name, "objective": "sft", "template": template, "rows": [
+            {k: v for k, v in r.items() if k != "idx"} for r in table.to_list()], "config": config}
+        with tempfile.TemporaryDirectory() as tmp:
+            args = SFTConfig(output_dir=tmp, report_to="none", use_cpu=True, bf16=False, **config)
+            try:
+                trainer = SFTTrainer(model=model(tok), args=args, train_dataset=table, processing_class=tok)
+            except (ValueError, RuntimeError) as e:
+                case["error"] = str(e)
+                cases.append(case)
+                return
+            case["eos_token"] = tok.eos_token
+            case["examples"] = {str(r["idx"]): compact_labels(r["input_ids"], r["labels"]) for r in trainer.train_dataset}
+        cases.append(case)
+
+    sft("smollm3 assistant_only_loss", "smollm3", messages_rows, assistant_only_loss=True, eos_token="<|im_end|>",
+        max_length=None)
+    sft("smollm3 assistant_only_loss max_length 230", "smollm3", messages_rows, assistant_only_loss=True, max_length=230)
+    sft("smollm3 every token", "smollm3", messages_rows, max_length=None)
+    sft("smollm3 prompt-completion assistant_only_loss", "smollm3", prompt_completion_rows, assistant_only_loss=True,
+        max_length=None)
+    sft("zephyr-generation eos_token override", "zephyr-generation", messages_rows, assistant_only_loss=True,
+        eos_token="<|endoftext|>", max_length=None)
+    sft("text eos_token override", "smollm3", text_rows, eos_token="<|endoftext|>", max_length=None)
+    sft("no generation markers", "smollm2-135m-instruct", messages_rows, assistant_only_loss=True, max_length=None)
+    sft("unknown eos_token", "smollm3", messages_rows, eos_token="<|not_a_token|>", max_length=None)
+
+    pair_names = ["simple", "with_system", "multi_turn", "unicode", "whitespace", "empty_rejected"]
+    pair_rows = [dict(PAIRS[p], chat_template_kwargs=thinking[i % 3]) for i, p in enumerate(pair_names)]
+    tok = tokenizer("smollm3")
+    table = datasets.Dataset.from_list(pair_rows).to_list()
+    prepared = dpo_prepare(tok, [{k: v for k, v in r.items()} for r in table], None, "keep_start")
+    dpo = {"name": "smollm3 dpo", "objective": "dpo", "template": "smollm3", "rows": table, "examples": {}}
+    for i in range(len(table)):
+        dpo["examples"][str(i)] = {k: prepared[i][k] for k in ("prompt_ids", "chosen_ids", "rejected_ids")}
+    cases.append(dpo)
+    orpo = {"name": "smollm3 orpo", "objective": "orpo", "template": "smollm3", "rows": table, "max_length": 1024,
+            "examples": {}}
+    for i, row in enumerate(table):
+        # `datasets.map` keeps the columns a function does not return (`chat_template_kwargs` here).
+        texts = maybe_apply_chat_template(dict(row, **maybe_extract_prompt(copy.deepcopy(row))), tok)
+        o = orpo_tokenize(tok, texts["prompt"], texts["chosen"], texts["rejected"], 1024)
+        orpo["examples"][str(i)] = {k: o[k] for k in ("chosen_input_ids", "chosen_labels", "rejected_input_ids",
+                                                      "rejected_labels")}
+    cases.append(orpo)
+
+    out = {"about": f"made by scripts/make_chat_template_goldens.py with trl {trl.__version__}, transformers "
+                    f"{transformers.__version__}; tokenizer crates/data/tests/fixtures/tokenization/tiny-chatml",
+           "now": FIXED_NOW.isoformat(), "cases": cases}
+    path = os.path.join(FIXTURES, "trl_templates.json")
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(out, f, ensure_ascii=False, separators=(",", ":"))
+        f.write("\n")
+    print(f"{path}: {len(cases)} cases")
 
 
 if __name__ == "__main__":

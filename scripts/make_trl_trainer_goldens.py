@@ -25,8 +25,8 @@ All in float32 (`bf16=False`, which TRL's configs otherwise default to, autocast
 
 `assistant_only_loss`: TRL 1.16 refuses templates without `{% generation %}` markers it has no
 training variant of (SmolLM2's, Zephyr), so TRL gets the same templates with markers around what
-an assistant turn adds after the generation prompt (checked to render byte-identical text) —
-what the Rust side finds by rendering prefixes of the plain template.
+an assistant turn adds after the generation prompt (checked to render byte-identical text); the
+Rust test gives its runs the same marked templates (the data crate's chat-template fixtures).
 
 Compact encoding (asserted against TRL's output here): per template, `sft_ids` holds each row's
 tokenized conversation; an SFT case's example is `{"span": [start, end]}` (the slice of those ids

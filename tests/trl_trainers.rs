@@ -175,14 +175,38 @@ struct Context {
     models: BTreeMap<String, CausalLm<Cpu>>,
 }
 
+/// The case's template with `{% generation %}` blocks, which TRL gets for `assistant_only_loss`
+/// (`make_tokenization_goldens.py`'s CHATML_GENERATION / ZEPHYR_GENERATION, the data crate's
+/// chat-template fixtures).
+fn generation_template(template: &str) -> String {
+    let file = if template == "zephyr" { "zephyr-generation.jinja" } else { "chatml-generation.jinja" };
+    std::fs::read_to_string(repo_root().join("crates/data/tests/fixtures/chat_templates").join(file)).unwrap()
+}
+
+/// Which tools (template) a case uses: its template, with generation blocks for assistant_only_loss.
+fn tools_key(case: &Json) -> String {
+    let template = case["template"].as_str().unwrap();
+    if case["assistant_only_loss"].as_bool().unwrap_or(false) {
+        format!("{template} generation")
+    } else {
+        template.to_string()
+    }
+}
+
 fn recipe_for(case: &Json, golden: &Json) -> Recipe {
+    let assistant_only_loss = case["assistant_only_loss"].as_bool().unwrap_or(false);
+    let chat_template = if assistant_only_loss {
+        Some(generation_template(case["template"].as_str().unwrap()))
+    } else {
+        (case["template"] == "zephyr").then(|| golden["zephyr_template"].as_str().unwrap().to_string())
+    };
     Recipe {
         max_length: usize_of(&case["max_length"]),
         truncation_mode: case["truncation_mode"].as_str().map(String::from),
-        assistant_only_loss: case["assistant_only_loss"].as_bool().unwrap_or(false),
+        assistant_only_loss,
         beta: case["beta"].as_f64().unwrap_or(0.1),
         per_device_eval_batch_size: usize_of(&case["batch"]).unwrap(),
-        chat_template: (case["template"] == "zephyr").then(|| golden["zephyr_template"].as_str().unwrap().to_string()),
+        chat_template,
         ..Recipe::default()
     }
 }
@@ -224,7 +248,7 @@ fn example_of(s: &Sequence) -> TokenizedExample {
 fn check_case(ctx: &Context, case: &Json) -> (Vec<String>, f64) {
     let name = case["name"].as_str().unwrap();
     let template = &ctx.golden["templates"][case["template"].as_str().unwrap()];
-    let tools = &ctx.tools[case["template"].as_str().unwrap()];
+    let tools = &ctx.tools[&tools_key(case)];
     let recipe = recipe_for(case, &ctx.golden);
     let (rows, raw) = rows_of(case["rows"].as_str().unwrap());
     let dataset = Dataset::from_rows(format!("tiny-chat {}", case["rows"]), rows.clone());
@@ -392,6 +416,8 @@ fn check_cases(select: impl Fn(&Json) -> bool) {
     let tools = BTreeMap::from([
         ("smollm2".to_string(), TextTools::load(&smollm2(), None).unwrap()),
         ("zephyr".to_string(), TextTools::load(&smollm2(), Some(&zephyr)).unwrap()),
+        ("smollm2 generation".to_string(), TextTools::load(&smollm2(), Some(&generation_template("smollm2"))).unwrap()),
+        ("zephyr generation".to_string(), TextTools::load(&smollm2(), Some(&generation_template("zephyr"))).unwrap()),
     ]);
     let cases: Vec<Json> = cases.into_iter().cloned().collect();
     let ctx = Context { golden, tools, models };

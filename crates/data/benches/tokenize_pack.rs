@@ -1,8 +1,9 @@
 //! Throughput of the SFT data path on one core: render the chat template, tokenize, label and
 //! pack synthetic chat conversations, in tokens per second (criterion's "elements").
 //!
-//! - `sft_assistant_only`: `tokenize_conversation(assistant_only=true)` (prefix rendering to find
-//!   the assistant's tokens; TRL's `assistant_only_loss`) + best-fit packing;
+//! - `sft_assistant_only`: `tokenize_conversation(assistant_only=true)` (TRL's `assistant_only_loss`:
+//!   the tokenizer's ChatML template with `{% generation %}` blocks, the test fixture
+//!   `chatml-generation.jinja`, renders and marks the assistant's text) + best-fit packing;
 //! - `sft_text`: the old handbook's path (`legacy_formatting: true`) — `format_row(Task::Sft)` (empty system turn, render),
 //!   `tokenize_lm_text` (TRL's text rows), packing;
 //! - `pack_only`: best-fit-decreasing packing of already tokenized examples.
@@ -213,8 +214,9 @@ fn bench(c: &mut Criterion) {
     let convs = conversations(CONVERSATIONS);
     let rows: Vec<Map<String, Json>> = convs.iter().map(|m| json!({ "messages": m }).as_object().unwrap().clone()).collect();
 
+    let marked = template.with_template(include_str!("../tests/fixtures/chat_templates/chatml-generation.jinja")).expect("ChatML template");
     let assistant_only = |convs: &[Vec<Message>]| -> Vec<TokenizedExample> {
-        convs.iter().map(|m| tokenize_conversation(&template, &tokenizer, m, true, Some(ROW_LENGTH), "bench").unwrap()).collect()
+        convs.iter().map(|m| tokenize_conversation(&marked, &tokenizer, m, true, Some(ROW_LENGTH), "bench").unwrap()).collect()
     };
     let examples = assistant_only(&convs);
     let tokens: usize = examples.iter().map(|e| e.input_ids.len()).sum();

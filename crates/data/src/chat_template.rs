@@ -4,9 +4,15 @@
 //! `add_generation_prompt`, `tools` and `documents` (none unless given), the tokenizer's special
 //! tokens that are set (`bos_token`, `eos_token`, `unk_token`, `pad_token`) and any extra template
 //! variables (`date_string`, `tools_in_user_message`, ...), which override the special tokens.
+//!
+//! `{% generation %}…{% endgeneration %}` blocks render their body, and
+//! [`ChatTemplate::render_with_generation_spans`] also returns where each block's output lies in
+//! the text: transformers' `return_assistant_tokens_mask=True`, which TRL's `assistant_only_loss`
+//! trains on. `strftime_now` reads the local clock unless [`ChatTemplate::with_fixed_now`] fixes it.
 
 use crate::error::DataError;
-use crate::jinja_env::{self, RaisedException};
+use crate::format::RowRef;
+use crate::jinja_env::{self, RaisedException, GENERATION_END, GENERATION_START, TRACK_GENERATION};
 use minijinja::{Environment, Value};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value as Json};
@@ -94,16 +100,21 @@ pub struct ChatTemplate {
     name: String,
     source: String,
     tokens: SpecialTokens,
+    now: Option<chrono::NaiveDateTime>,
 }
 
 impl ChatTemplate {
     /// Compiles `source` (Jinja) with transformers' settings; `name` appears in errors.
     pub fn new(name: impl Into<String>, source: impl Into<String>, tokens: SpecialTokens) -> Result<Self, DataError> {
-        let (name, source) = (name.into(), source.into());
-        let mut env = jinja_env::environment();
-        env.add_template_owned(name.clone(), jinja_env::normalize_newlines(&source))
+        Self::compile(name.into(), source.into(), tokens, None)
+    }
+
+    fn compile(name: String, source: String, tokens: SpecialTokens, now: Option<chrono::NaiveDateTime>) -> Result<Self, DataError> {
+        let mut env = jinja_env::environment(now);
+        let compiled = jinja_env::rewrite_generation_tags(&jinja_env::normalize_newlines(&source));
+        env.add_template_owned(name.clone(), compiled)
             .map_err(|e| DataError::TemplateSyntax { name: name.clone(), message: e.to_string() })?;
-        Ok(Self { env, name, source, tokens })
+        Ok(Self { env, name, source, tokens, now })
     }
 
     /// The handbook's Zephyr template ([`ZEPHYR_TEMPLATE`]) with `tokens`.
@@ -142,12 +153,43 @@ impl ChatTemplate {
 
     /// The same template with other special tokens.
     pub fn with_tokens(&self, tokens: SpecialTokens) -> Self {
-        Self::new(self.name.clone(), self.source.clone(), tokens).expect("the template compiled before")
+        Self::compile(self.name.clone(), self.source.clone(), tokens, self.now).expect("the template compiled before")
+    }
+
+    /// The same template with `eos_token` as the tokenizer's EOS text: what TRL's
+    /// `SFTConfig.eos_token` does (`tokenizer.eos_token = eos_token`), so the template's
+    /// `eos_token` variable and [`Self::eos_token`] (the EOS text TRL appends to text rows) change.
+    /// [`crate::sft::override_eos_token`] also checks that the tokenizer knows the token.
+    pub fn with_eos_token(&self, eos_token: impl Into<String>) -> Self {
+        self.with_tokens(SpecialTokens { eos_token: Some(eos_token.into()), ..self.tokens.clone() })
+    }
+
+    /// The same template with `strftime_now` reading `now` instead of the local clock (templates
+    /// that print today's date, such as SmolLM3's, render reproducibly).
+    pub fn with_fixed_now(&self, now: chrono::NaiveDateTime) -> Self {
+        Self::compile(self.name.clone(), self.source.clone(), self.tokens.clone(), Some(now)).expect("the template compiled before")
     }
 
     /// Another template with the same special tokens (a recipe's `chat_template:` override).
     pub fn with_template(&self, source: &str) -> Result<Self, DataError> {
-        Self::new("chat_template", source, self.tokens.clone())
+        Self::compile("chat_template".into(), source.into(), self.tokens.clone(), self.now)
+    }
+
+    /// Whether the source has `{% generation %}` markers, by TRL's test (`has_generation_markers`:
+    /// the regex `\{%-?\s*generation\s*-?%\}`).
+    pub fn has_generation_markers(&self) -> bool {
+        let mut rest = self.source.as_str();
+        while let Some(at) = rest.find("{%") {
+            rest = &rest[at + 2..];
+            let body = rest.strip_prefix('-').unwrap_or(rest).trim_start();
+            if let Some(after) = body.strip_prefix("generation") {
+                let after = after.trim_start();
+                if after.strip_prefix('-').unwrap_or(after).starts_with("%}") {
+                    return true;
+                }
+            }
+        }
+        false
     }
 
     /// Renders `messages`; with `add_generation_prompt` the template appends the assistant header.
@@ -164,6 +206,46 @@ impl ChatTemplate {
         add_generation_prompt: bool,
         kwargs: &Map<String, Json>,
     ) -> Result<String, DataError> {
+        self.render_inner(messages, add_generation_prompt, kwargs, false)
+    }
+
+    /// Renders as [`Self::render_with`] and returns the byte ranges of the text that the
+    /// template's `{% generation %}` blocks wrote, in order: transformers'
+    /// `apply_chat_template(..., return_assistant_tokens_mask=True)` spans (which it counts in
+    /// characters; bytes here, to match the tokenizer's byte offsets — see
+    /// [`crate::tokenize::overlap_mask`]). No blocks, no spans. A generation block nested in
+    /// another is refused (transformers' spans would be relative to different texts).
+    pub fn render_with_generation_spans<M: Serialize>(
+        &self,
+        messages: &[M],
+        add_generation_prompt: bool,
+        kwargs: &Map<String, Json>,
+    ) -> Result<(String, Vec<(usize, usize)>), DataError> {
+        let marked = self.render_inner(messages, add_generation_prompt, kwargs, true)?;
+        let mut text = String::with_capacity(marked.len());
+        let (mut spans, mut open) = (Vec::new(), None);
+        for c in marked.chars() {
+            match c {
+                GENERATION_START if open.is_none() => open = Some(text.len()),
+                GENERATION_END if open.is_some() => spans.push((open.take().unwrap_or_default(), text.len())),
+                GENERATION_START | GENERATION_END => {
+                    return Err(DataError::TemplateRender {
+                        message: format!("`{}`: a {{% generation %}} block inside another is not supported", self.name),
+                    })
+                }
+                c => text.push(c),
+            }
+        }
+        Ok((text, spans))
+    }
+
+    fn render_inner<M: Serialize>(
+        &self,
+        messages: &[M],
+        add_generation_prompt: bool,
+        kwargs: &Map<String, Json>,
+        track_generation: bool,
+    ) -> Result<String, DataError> {
         if messages.is_empty() {
             return Err(DataError::EmptyConversation { location: format!("chat template `{}`", self.name) });
         }
@@ -174,6 +256,17 @@ impl ChatTemplate {
         }
         for key in ["tools", "documents"] {
             ctx.insert(key.into(), kwargs.get(key).map_or(Value::from(()), Value::from_serialize));
+        }
+        if track_generation {
+            if messages.iter().chain(kwargs.values()).any(has_generation_marker) {
+                return Err(DataError::TemplateRender {
+                    message: format!(
+                        "`{}`: the conversation contains U+FDD0 or U+FDD1, the noncharacters that mark generation blocks",
+                        self.name
+                    ),
+                });
+            }
+            ctx.insert(TRACK_GENERATION.into(), Value::from(true));
         }
         ctx.insert("messages".into(), Value::from_serialize(&messages));
         ctx.insert("add_generation_prompt".into(), Value::from(add_generation_prompt));
@@ -186,6 +279,11 @@ impl ChatTemplate {
     /// appended to the last message's content, the conversation rendered, and the text cut where
     /// the marker starts (and right-trimmed when the template trimmed what followed the content).
     pub fn render_continuing(&self, messages: &[Message]) -> Result<String, DataError> {
+        self.render_continuing_with(messages, &Map::new())
+    }
+
+    /// [`Self::render_continuing`] with extra template variables (see [`Self::render_with`]).
+    pub fn render_continuing_with(&self, messages: &[Message], kwargs: &Map<String, Json>) -> Result<String, DataError> {
         const TAG: &str = "CONTINUE_FINAL_MESSAGE_TAG ";
         let Some(last) = messages.last() else {
             return Err(DataError::EmptyConversation { location: format!("chat template `{}` (continue_final_message)", self.name) });
@@ -196,7 +294,7 @@ impl ChatTemplate {
         }
         let mut tagged = messages.to_vec();
         tagged.last_mut().expect("not empty").content.push_str(TAG);
-        let rendered = self.render(&tagged, false)?;
+        let rendered = self.render_with(&tagged, false, kwargs)?;
         let marker = TAG.trim();
         match rendered.rfind(marker) {
             Some(at) if rendered.contains(last.content.trim()) => {
@@ -244,6 +342,47 @@ impl ChatTemplate {
     /// The beginning-of-sequence token text, if the tokenizer has one.
     pub fn bos_token(&self) -> Option<&str> {
         self.tokens.bos_token.as_deref()
+    }
+}
+
+/// The extra template variables TRL 1.16 renders a dataset row with: its `tools` column (a JSON
+/// string is parsed, as TRL does) when `with_tools` (SFT and DPO tokenization read it; ORPO's
+/// `maybe_apply_chat_template` does not), then every entry of its `chat_template_kwargs` column
+/// (`**example.get("chat_template_kwargs", {})`, e.g. SmolLM3's `enable_thinking`), which
+/// overrides `tools` and the special tokens. Null columns count as absent.
+pub fn row_template_kwargs(row: &Map<String, Json>, with_tools: bool, at: RowRef<'_>) -> Result<Map<String, Json>, DataError> {
+    let invalid = |column: &str, message: String| DataError::InvalidColumn {
+        dataset: at.dataset.into(),
+        row: at.row,
+        column: column.into(),
+        message,
+    };
+    let mut kwargs = Map::new();
+    match row.get("tools") {
+        Some(Json::String(text)) if with_tools => {
+            let tools = serde_json::from_str(text).map_err(|e| invalid("tools", format!("not valid JSON: {e}")))?;
+            kwargs.insert("tools".into(), tools);
+        }
+        Some(tools) if with_tools && !tools.is_null() => {
+            kwargs.insert("tools".into(), tools.clone());
+        }
+        _ => {}
+    }
+    match row.get("chat_template_kwargs") {
+        None | Some(Json::Null) => {}
+        Some(Json::Object(extra)) => kwargs.extend(extra.iter().map(|(k, v)| (k.clone(), v.clone()))),
+        Some(other) => return Err(invalid("chat_template_kwargs", format!("expected a mapping of template variables, got {other}"))),
+    }
+    Ok(kwargs)
+}
+
+/// Whether a string in `value` holds one of the noncharacters that mark generation blocks.
+fn has_generation_marker(value: &Json) -> bool {
+    match value {
+        Json::String(s) => s.contains([GENERATION_START, GENERATION_END]),
+        Json::Array(items) => items.iter().any(has_generation_marker),
+        Json::Object(fields) => fields.iter().any(|(k, v)| k.contains([GENERATION_START, GENERATION_END]) || has_generation_marker(v)),
+        _ => false,
     }
 }
 

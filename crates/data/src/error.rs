@@ -20,6 +20,15 @@ pub enum DataError {
     /// The template called `raise_exception(message)` (e.g. roles that do not alternate).
     #[error("chat template `{name}` raised: {message}")]
     TemplateRaised { name: String, message: String },
+    /// `assistant_only_loss` with a template that has no `{% generation %}` blocks: TRL 1.16 swaps
+    /// in a training variant for the model templates it ships one for and refuses the others.
+    #[error(
+        "chat template `{name}`: The chat template is not training-compatible (missing prefix-preservation or `{{% generation %}}` \
+         markers) and patching is not supported for this template. Please manually modify the chat template for training. \
+         (assistant_only_loss trains on what the template's {{% generation %}} ... {{% endgeneration %}} blocks write, as TRL 1.16 does; \
+         put them around each assistant turn's content and end-of-turn token, or give a recipe `chat_template` that has them)"
+    )]
+    TemplateNotTrainable { name: String },
     /// Rendering failed for another reason (type error, unknown filter, ...); the message
     /// starts with the template's name.
     #[error("chat template rendering failed: {message}")]
@@ -48,6 +57,9 @@ pub enum DataError {
     /// A task name other than sft, generation, rm, dpo, orpo, cpt.
     #[error("unknown task `{name}` (expected one of sft, generation, rm, dpo, orpo, cpt)")]
     UnknownTask { name: String },
+    /// A token a setting names (`key`, e.g. `eos_token`) is not in the tokenizer's vocabulary.
+    #[error("`{key}`: {message}")]
+    UnknownToken { key: String, message: String },
     /// Preference tokenization refused a pair (TRL's checks, e.g. ORPO's prompt tokens of chosen
     /// and rejected differing by more than the last token).
     #[error("{location}: {message}")]

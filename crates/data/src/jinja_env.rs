@@ -1,8 +1,17 @@
 //! The Jinja environment transformers renders chat templates in (`_compile_jinja_template` in
 //! `transformers/utils/chat_template_utils.py`), rebuilt on minijinja: `trim_blocks`,
 //! `lstrip_blocks`, loop controls, the `raise_exception` and `strftime_now` globals, the `tojson`
-//! override, and Python's semantics where templates can observe them (Python string methods,
-//! `str()` of values, Python whitespace in `trim`).
+//! override, the `{% generation %}` tag of its `AssistantTracker` extension, and Python's
+//! semantics where templates can observe them (Python string methods, `str()` of values, Python
+//! whitespace in `trim`). (`dict` and `namespace`, its other globals, are minijinja built-ins.)
+//!
+//! `{% generation %}…{% endgeneration %}`: minijinja has no custom tags, so before compiling,
+//! [`rewrite_generation_tags`] turns them into `{% call __generation() %}…{% endcall %}`, a block
+//! tag like the original (so `trim_blocks`, `lstrip_blocks` and `-` whitespace control act the
+//! same) whose body is a macro, as the extension's `CallBlock` body is in Jinja2. `__generation`
+//! returns the body unchanged, or, when the render tracks spans (the [`TRACK_GENERATION`]
+//! variable is set), wrapped in two Unicode noncharacters that
+//! [`crate::chat_template::ChatTemplate::render_with_generation_spans`] strips and records.
 
 use crate::pyjson::{self, DumpOptions};
 use crate::pystr;
@@ -22,8 +31,16 @@ impl std::fmt::Display for RaisedException {
 
 impl std::error::Error for RaisedException {}
 
-/// A fresh environment with transformers' settings.
-pub(crate) fn environment() -> Environment<'static> {
+/// Opens a generation block in a tracked render's output (a noncharacter: never in a dataset).
+pub(crate) const GENERATION_START: char = '\u{FDD0}';
+/// Closes a generation block in a tracked render's output.
+pub(crate) const GENERATION_END: char = '\u{FDD1}';
+/// The template variable that turns span tracking on (a name no template uses).
+pub(crate) const TRACK_GENERATION: &str = "__track_generation_spans";
+
+/// A fresh environment with transformers' settings; `strftime_now` reads the local clock, or
+/// `now` when given (a fixed clock for reproducible renders and tests).
+pub(crate) fn environment(now: Option<chrono::NaiveDateTime>) -> Environment<'static> {
     let mut env = Environment::new();
     env.set_trim_blocks(true);
     env.set_lstrip_blocks(true);
@@ -31,7 +48,8 @@ pub(crate) fn environment() -> Environment<'static> {
     env.set_formatter(python_formatter);
     env.set_unknown_method_callback(python_methods);
     env.add_function("raise_exception", raise_exception);
-    env.add_function("strftime_now", strftime_now);
+    env.add_function("strftime_now", move |format: &str| strftime(format, now.unwrap_or_else(|| chrono::Local::now().naive_local())));
+    env.add_function("__generation", generation_block);
     env.add_filter("tojson", tojson);
     env.add_filter("trim", trim);
     env.add_filter("title", |s: Value| pystr::title_filter(&pystr::to_str(&s)));
@@ -83,14 +101,103 @@ fn raise_exception(message: Value) -> Result<Value, Error> {
     Err(Error::new(ErrorKind::InvalidOperation, message.clone()).with_source(RaisedException(message)))
 }
 
-/// `strftime_now(format)`: `datetime.now().strftime(format)`, in local time.
-fn strftime_now(format: &str) -> Result<String, Error> {
+/// `strftime_now(format)`: `datetime.now().strftime(format)` (local time), here `now` formatted.
+fn strftime(format: &str, now: chrono::NaiveDateTime) -> Result<String, Error> {
     use chrono::format::{Item, StrftimeItems};
     let items: Vec<Item> = StrftimeItems::new(format).collect();
     if items.iter().any(|item| matches!(item, Item::Error)) {
         return Err(Error::new(ErrorKind::InvalidOperation, format!("invalid strftime format {format:?}")));
     }
-    Ok(chrono::Local::now().format_with_items(items.into_iter()).to_string())
+    Ok(now.format_with_items(items.into_iter()).to_string())
+}
+
+/// The body of a `{% generation %}` block (its `caller`), marked when the render tracks spans.
+fn generation_block(state: &State, kwargs: Kwargs) -> Result<Value, Error> {
+    let caller: Value = kwargs.get("caller")?;
+    kwargs.assert_all_used()?;
+    let body = caller.call(state, &[])?;
+    if !state.lookup(TRACK_GENERATION).is_some_and(|v| v.is_true()) {
+        return Ok(body);
+    }
+    let body = body.as_str().map_or_else(|| pystr::to_str(&body), String::from);
+    Ok(Value::from_safe_string(format!("{GENERATION_START}{body}{GENERATION_END}")))
+}
+
+/// Rewrites the `{% generation %}` and `{% endgeneration %}` tags of a template source (with any
+/// `-`/`+` whitespace control) into `{% call __generation() %}` and `{% endcall %}`, leaving
+/// comments, `{% raw %}` blocks, expressions and string literals alone.
+pub(crate) fn rewrite_generation_tags(source: &str) -> String {
+    let mut out = String::with_capacity(source.len());
+    let mut copied = 0;
+    let mut i = 0;
+    while let Some(found) = source[i..].find('{') {
+        let at = i + found;
+        i = match source.as_bytes().get(at + 1) {
+            Some(b'#') => source[at + 2..].find("#}").map_or(source.len(), |end| at + 2 + end + 2),
+            Some(b'{') => tag_end(source, at + 2, "}}"),
+            Some(b'%') => {
+                let end = tag_end(source, at + 2, "%}");
+                let inner = &source[at + 2..end.saturating_sub(2).max(at + 2)];
+                let lead = inner.strip_prefix(['-', '+']).map_or("", |_| &inner[..1]);
+                let body = &inner[lead.len()..];
+                let trail = body.strip_suffix(['-', '+']).map_or("", |_| &body[body.len() - 1..]);
+                let word = body[..body.len() - trail.len()].trim();
+                let replacement = match word {
+                    "generation" => Some("call __generation()"),
+                    "endgeneration" => Some("endcall"),
+                    _ => None,
+                };
+                if let Some(replacement) = replacement {
+                    out.push_str(&source[copied..at]);
+                    out.push_str(&format!("{{%{lead} {replacement} {trail}%}}"));
+                    copied = end;
+                }
+                if word == "raw" {
+                    raw_block_end(source, end)
+                } else {
+                    end
+                }
+            }
+            _ => at + 1,
+        };
+    }
+    out.push_str(&source[copied..]);
+    out
+}
+
+/// Where a tag opened before `from` ends: just past `close`, skipping string literals.
+fn tag_end(source: &str, from: usize, close: &str) -> usize {
+    let bytes = source.as_bytes();
+    let mut i = from;
+    while i < bytes.len() {
+        match bytes[i] {
+            quote @ (b'\'' | b'"') => {
+                i += 1;
+                while i < bytes.len() && bytes[i] != quote {
+                    i += if bytes[i] == b'\\' { 2 } else { 1 };
+                }
+                i += 1;
+            }
+            _ if source[i..].starts_with(close) => return i + close.len(),
+            _ => i += 1,
+        }
+    }
+    source.len()
+}
+
+/// Just past the `{% endraw %}` tag that closes a raw block whose opening tag ends at `from`.
+fn raw_block_end(source: &str, from: usize) -> usize {
+    let mut i = from;
+    while let Some(found) = source[i..].find("{%") {
+        let at = i + found;
+        let end = tag_end(source, at + 2, "%}");
+        let inner = source[at + 2..end.saturating_sub(2).max(at + 2)].trim_matches(|c: char| c == '-' || c == '+' || c.is_whitespace());
+        if inner == "endraw" {
+            return end;
+        }
+        i = at + 2;
+    }
+    source.len()
 }
 
 /// transformers' `tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False)`.
@@ -164,8 +271,8 @@ mod tests {
     use super::*;
 
     fn render(source: &str, ctx: Value) -> Result<String, Error> {
-        let mut env = environment();
-        env.add_template_owned("t", normalize_newlines(source))?;
+        let mut env = environment(None);
+        env.add_template_owned("t", rewrite_generation_tags(&normalize_newlines(source)))?;
         env.get_template("t")?.render(ctx)
     }
 
@@ -194,6 +301,33 @@ mod tests {
         let out = render("{{ strftime_now('%Y-%m-%d') }}", Value::UNDEFINED).unwrap();
         assert_eq!(out, chrono::Local::now().format("%Y-%m-%d").to_string());
         assert!(render("{{ strftime_now('%Q') }}", Value::UNDEFINED).is_err());
+    }
+
+    #[test]
+    fn strftime_now_reads_a_fixed_clock() {
+        let now = chrono::NaiveDate::from_ymd_opt(2025, 7, 4).unwrap().and_hms_opt(13, 5, 9).unwrap();
+        let mut env = environment(Some(now));
+        env.add_template("t", "{{ strftime_now('%d %B %Y %H:%M:%S %a %b %j') }}").unwrap();
+        assert_eq!(env.get_template("t").unwrap().render(Value::UNDEFINED).unwrap(), "04 July 2025 13:05:09 Fri Jul 185");
+    }
+
+    #[test]
+    fn generation_tags_become_call_blocks() {
+        let source = "{%- generation -%}a{% endgeneration %}{%generation%}{%+ endgeneration-%}\
+                      {# {% generation %} #}{{ '{% generation %}' }}{% raw %}{% generation %}{% endraw %}{% if x %}{% endif %}";
+        assert_eq!(
+            rewrite_generation_tags(source),
+            "{%- call __generation() -%}a{% endcall %}{% call __generation() %}{%+ endcall -%}\
+             {# {% generation %} #}{{ '{% generation %}' }}{% raw %}{% generation %}{% endraw %}{% if x %}{% endif %}"
+        );
+        // Jinja2 (transformers' extension) gives the same: block-tag whitespace rules, and a `set`
+        // inside the block stays inside it (the body is a macro there too).
+        let source =
+            "{% for m in ['a', 'b'] %}\n  {% generation %}\n{{ m }}\n{% set x = 1 %}{{ x }}\n  {% endgeneration %}{{ x }}\n{% endfor %}";
+        assert_eq!(render(source, Value::UNDEFINED).unwrap(), "a\n1\n\nb\n1\n\n");
+        let tracked = Value::from_serialize(serde_json::json!({TRACK_GENERATION: true}));
+        let out = render("<{% generation %}x{{ 1 }}{% endgeneration %}>", tracked).unwrap();
+        assert_eq!(out, format!("<{GENERATION_START}x1{GENERATION_END}>"));
     }
 
     #[test]

@@ -21,7 +21,7 @@ pub mod shuffle;
 pub mod source;
 pub mod tokenize;
 
-pub use chat_template::{validate_messages, ChatTemplate, Message, SpecialTokens, VALID_ROLES, ZEPHYR_TEMPLATE};
+pub use chat_template::{row_template_kwargs, validate_messages, ChatTemplate, Message, SpecialTokens, VALID_ROLES, ZEPHYR_TEMPLATE};
 pub use dataset::{Dataset, Row, TestSize};
 pub use error::DataError;
 pub use format::{
@@ -32,10 +32,13 @@ pub use hub::{HubClient, HubConfig, RepoSnapshot};
 pub use mixer::{mix_datasets, mix_mixture, DatasetMixer, DatasetMixture, MixedSplits, MixerConfig, MixerEntry, MixtureDataset};
 pub use pack::{best_fit_decreasing, pack, pack_in_batches, packing_efficiency, PackedRow};
 pub use preference::{
-    extract_prompt, render_preference, tokenize_dpo_row, tokenize_orpo, tokenize_orpo_row, tokenize_preference_conversation,
-    tokenize_preference_text, OrpoExample, PreferenceIds, PreferenceRow,
+    extract_prompt, render_preference, render_preference_with, tokenize_dpo_row, tokenize_dpo_row_with, tokenize_orpo, tokenize_orpo_row,
+    tokenize_orpo_row_with, tokenize_preference_conversation, tokenize_preference_conversation_with, tokenize_preference_text, OrpoExample,
+    PreferenceIds, PreferenceRow,
 };
-pub use sft::{tokenize_sft_row, SftOptions, SftRow};
+pub use sft::{override_eos_token, tokenize_sft_row, tokenize_sft_row_with, SftOptions, SftRow};
 pub use shuffle::{permutation, NumpyRng};
 pub use source::{load_file, load_local, resolve_split_files, DatasetLoader, SplitSource};
-pub use tokenize::{tokenize_conversation, tokenize_lm_text, tokenize_text, TokenizedExample, TruncationMode, IGNORE_INDEX};
+pub use tokenize::{
+    tokenize_conversation, tokenize_conversation_with, tokenize_lm_text, tokenize_text, TokenizedExample, TruncationMode, IGNORE_INDEX,
+};

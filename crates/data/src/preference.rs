@@ -121,10 +121,24 @@ pub fn tokenize_preference_conversation(
     rejected: &[Message],
     location: &str,
 ) -> Result<PreferenceIds, DataError> {
+    tokenize_preference_conversation_with(template, tokenizer, prompt, chosen, rejected, &Map::new(), location)
+}
+
+/// [`tokenize_preference_conversation`] with extra template variables `kwargs` for every
+/// rendering (TRL's `{"tools": ..., **example["chat_template_kwargs"]}`).
+pub fn tokenize_preference_conversation_with(
+    template: &ChatTemplate,
+    tokenizer: &Tokenizer,
+    prompt: &[Message],
+    chosen: &[Message],
+    rejected: &[Message],
+    kwargs: &Map<String, Json>,
+    location: &str,
+) -> Result<PreferenceIds, DataError> {
     let joined = |completion: &[Message]| prompt.iter().chain(completion).cloned().collect::<Vec<_>>();
-    let prompt_ids = encode_ids(tokenizer, &template.render(prompt, true)?, false, location)?;
-    let chosen_full = encode_ids(tokenizer, &template.render(&joined(chosen), false)?, false, location)?;
-    let rejected_full = encode_ids(tokenizer, &template.render(&joined(rejected), false)?, false, location)?;
+    let prompt_ids = encode_ids(tokenizer, &template.render_with(prompt, true, kwargs)?, false, location)?;
+    let chosen_full = encode_ids(tokenizer, &template.render_with(&joined(chosen), false, kwargs)?, false, location)?;
+    let rejected_full = encode_ids(tokenizer, &template.render_with(&joined(rejected), false, kwargs)?, false, location)?;
     Ok(PreferenceIds::from_full(&prompt_ids, &chosen_full, &rejected_full))
 }
 
@@ -223,10 +237,21 @@ pub fn render_preference(
     messages: &PreferenceMessages,
     location: &str,
 ) -> Result<(String, String, String), DataError> {
+    render_preference_with(template, messages, &Map::new(), location)
+}
+
+/// [`render_preference`] with extra template variables `kwargs` for every rendering (TRL's
+/// `maybe_apply_chat_template` passes the row's `chat_template_kwargs`).
+pub fn render_preference_with(
+    template: &ChatTemplate,
+    messages: &PreferenceMessages,
+    kwargs: &Map<String, Json>,
+    location: &str,
+) -> Result<(String, String, String), DataError> {
     let PreferenceMessages { prompt, chosen, rejected } = messages;
     let prompt_text = match prompt.last().map(|m| m.role.as_str()) {
-        Some("user" | "tool") => template.render(prompt, true)?,
-        Some("assistant") => template.render_continuing(prompt)?,
+        Some("user" | "tool") => template.render_with(prompt, true, kwargs)?,
+        Some("assistant") => template.render_continuing_with(prompt, kwargs)?,
         Some(other) => {
             return Err(DataError::PreferenceTokens {
                 location: location.into(),
@@ -236,8 +261,8 @@ pub fn render_preference(
         None => return Err(DataError::EmptyConversation { location: format!("{location} (the prompt)") }),
     };
     let joined = |completion: &[Message]| prompt.iter().chain(completion).cloned().collect::<Vec<_>>();
-    let prompt_chosen = template.render(&joined(chosen), false)?;
-    let prompt_rejected = template.render(&joined(rejected), false)?;
+    let prompt_chosen = template.render_with(&joined(chosen), false, kwargs)?;
+    let prompt_rejected = template.render_with(&joined(rejected), false, kwargs)?;
     let shared = common_prefix_bytes(&prompt_text, &prompt_chosen).min(common_prefix_bytes(&prompt_text, &prompt_rejected));
     Ok((prompt_text[..shared].to_string(), prompt_chosen[shared..].to_string(), prompt_rejected[shared..].to_string()))
 }
@@ -255,9 +280,22 @@ pub fn tokenize_dpo_row(
     row: &PreferenceRow,
     location: &str,
 ) -> Result<PreferenceIds, DataError> {
+    tokenize_dpo_row_with(template, tokenizer, row, &Map::new(), location)
+}
+
+/// [`tokenize_dpo_row`] with the row's extra template variables `kwargs` (its `tools` and
+/// `chat_template_kwargs` columns, [`crate::chat_template::row_template_kwargs`] with tools),
+/// which TRL passes to the renderings of conversational rows.
+pub fn tokenize_dpo_row_with(
+    template: &ChatTemplate,
+    tokenizer: &Tokenizer,
+    row: &PreferenceRow,
+    kwargs: &Map<String, Json>,
+    location: &str,
+) -> Result<PreferenceIds, DataError> {
     match row {
         PreferenceRow::Conversation(m) => {
-            tokenize_preference_conversation(template, tokenizer, &m.prompt, &m.chosen, &m.rejected, location)
+            tokenize_preference_conversation_with(template, tokenizer, &m.prompt, &m.chosen, &m.rejected, kwargs, location)
         }
         PreferenceRow::Text { prompt, chosen, rejected } => {
             tokenize_preference_text(tokenizer, prompt, chosen, rejected, template.eos_token(), location)
@@ -277,8 +315,25 @@ pub fn tokenize_orpo_row(
     max_length: usize,
     location: &str,
 ) -> Result<OrpoExample, DataError> {
+    tokenize_orpo_row_with(template, tokenizer, row, &Map::new(), bos_id, eos_id, max_length, location)
+}
+
+/// [`tokenize_orpo_row`] with the row's `chat_template_kwargs` as extra template variables
+/// ([`crate::chat_template::row_template_kwargs`] without tools: ORPO's
+/// `maybe_apply_chat_template` reads only that column).
+#[allow(clippy::too_many_arguments)]
+pub fn tokenize_orpo_row_with(
+    template: &ChatTemplate,
+    tokenizer: &Tokenizer,
+    row: &PreferenceRow,
+    kwargs: &Map<String, Json>,
+    bos_id: Option<u32>,
+    eos_id: u32,
+    max_length: usize,
+    location: &str,
+) -> Result<OrpoExample, DataError> {
     let (prompt, chosen, rejected) = match row {
-        PreferenceRow::Conversation(m) => render_preference(template, m, location)?,
+        PreferenceRow::Conversation(m) => render_preference_with(template, m, kwargs, location)?,
         PreferenceRow::Text { prompt, chosen, rejected } => (prompt.clone(), chosen.clone(), rejected.clone()),
     };
     tokenize_orpo(tokenizer, &prompt, &chosen, &rejected, bos_id, eos_id, max_length, location)

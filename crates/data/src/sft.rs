@@ -15,8 +15,12 @@
 //! prompt-completion rows) the prompt is masked — the prompt is the longest common prefix of the
 //! tokenized prompt (conversations: rendered with the generation prompt) and the tokenized
 //! `prompt + completion`; with `assistant_only_loss` (conversations only) only the assistant turns'
-//! tokens stay labelled (see [`crate::tokenize::tokenize_conversation`] for how they are found);
-//! a row with no assistant token is an error, as TRL raises. Masked labels are `IGNORE_INDEX`.
+//! tokens stay labelled: those the template's `{% generation %}` blocks wrote (see
+//! [`crate::tokenize::tokenize_conversation`]); a template without such blocks, and a row with no
+//! assistant token, are errors, as TRL raises. Masked labels are `IGNORE_INDEX`.
+//!
+//! A row's `chat_template_kwargs` (and `tools`) reach the template through
+//! [`tokenize_sft_row_with`]; TRL's `SFTConfig.eos_token` is [`override_eos_token`].
 //!
 //! Without packing, `input_ids` and labels are truncated to `max_length` by `truncation_mode`, and
 //! a row left with no label is dropped ([`tokenize_sft_row`] returns `None`). With packing, rows
@@ -31,7 +35,7 @@ use crate::chat_template::{ChatTemplate, Message};
 use crate::error::DataError;
 use crate::format::{messages_from_json, RowRef};
 use crate::tokenize::{
-    common_prefix_length, encode, encode_ids, overlap_mask, render_with_assistant_spans, tokenize_conversation, TokenizedExample,
+    common_prefix_length, encode, encode_ids, overlap_mask, render_with_assistant_spans, tokenize_conversation_with, TokenizedExample,
     TruncationMode, IGNORE_INDEX,
 };
 use serde_json::{Map, Value as Json};
@@ -154,6 +158,21 @@ pub fn tokenize_sft_row(
     eos_token: Option<&str>,
     at: RowRef<'_>,
 ) -> Result<Option<TokenizedExample>, DataError> {
+    tokenize_sft_row_with(template, tokenizer, row, &Map::new(), options, eos_token, at)
+}
+
+/// [`tokenize_sft_row`] with the row's extra template variables `kwargs` (its `tools` and
+/// `chat_template_kwargs` columns, [`crate::chat_template::row_template_kwargs`] with tools),
+/// which TRL passes to every rendering of a conversational row.
+pub fn tokenize_sft_row_with(
+    template: &ChatTemplate,
+    tokenizer: &Tokenizer,
+    row: &SftRow,
+    kwargs: &Map<String, Json>,
+    options: &SftOptions,
+    eos_token: Option<&str>,
+    at: RowRef<'_>,
+) -> Result<Option<TokenizedExample>, DataError> {
     let location = at.to_string();
     if options.assistant_only_loss && !row.is_conversational() {
         return Err(DataError::InvalidColumn {
@@ -167,19 +186,19 @@ pub fn tokenize_sft_row(
     }
     let mut example = match row {
         SftRow::Conversation(messages) => {
-            let example = tokenize_conversation(template, tokenizer, messages, options.assistant_only_loss, None, &location)?;
+            let example = tokenize_conversation_with(template, tokenizer, messages, kwargs, options.assistant_only_loss, None, &location)?;
             if options.assistant_only_loss && example.num_trained_tokens() == 0 {
                 return Err(no_assistant_token(at, "messages"));
             }
             example
         }
         SftRow::ConversationalPromptCompletion { prompt, completion } => {
-            let prompt_ids = encode_ids(tokenizer, &template.render(prompt, true)?, false, &location)?;
+            let prompt_ids = encode_ids(tokenizer, &template.render_with(prompt, true, kwargs)?, false, &location)?;
             let joined: Vec<Message> = prompt.iter().chain(completion).cloned().collect();
             let (text, spans) = if options.assistant_only_loss {
-                render_with_assistant_spans(template, &joined)?
+                render_with_assistant_spans(template, &joined, kwargs)?
             } else {
-                (template.render(&joined, false)?, Vec::new())
+                (template.render_with(&joined, false, kwargs)?, Vec::new())
             };
             let encoding = encode(tokenizer, &text, false, &location)?;
             let ids = encoding.get_ids().to_vec();
@@ -215,8 +234,26 @@ fn no_assistant_token(at: RowRef<'_>, column: &str) -> DataError {
         dataset: at.dataset.into(),
         row: at.row,
         column: column.into(),
-        message: "`assistant_only_loss` is set but the conversation has no assistant token to train on (TRL raises the same)".into(),
+        message: "You're using `assistant_only_loss=True`, but at least one example has no assistant tokens (no token of the \
+                  conversation lies in the chat template's {% generation %} blocks; TRL raises the same)"
+            .into(),
     }
+}
+
+/// TRL's `SFTConfig.eos_token`: the template rendering with `eos_token` as the tokenizer's EOS
+/// text ([`ChatTemplate::with_eos_token`]; its `eos_token` variable, and the EOS text appended to
+/// text rows, pass [`ChatTemplate::eos_token`] to [`tokenize_sft_row`]) and the token's id, which
+/// the model's `eos_token_id` (and generation config) should then be set to, as TRL does. A token
+/// the tokenizer's vocabulary lacks is refused with TRL's error.
+pub fn override_eos_token(template: &ChatTemplate, tokenizer: &Tokenizer, eos_token: &str) -> Result<(ChatTemplate, u32), DataError> {
+    let id = tokenizer.token_to_id(eos_token).ok_or_else(|| DataError::UnknownToken {
+        key: "eos_token".into(),
+        message: format!(
+            "The specified `eos_token` ('{eos_token}') is not found in the vocabulary of the given `processing_class`. \
+             Ensure that the `eos_token` exists in the vocabulary before using it as an EOS token."
+        ),
+    })?;
+    Ok((template.with_eos_token(eos_token), id))
 }
 
 /// Labels of a prompt-completion row: the ids, masked on the first `prompt_len` tokens when

@@ -5,15 +5,15 @@
 //!   (CPT); EOS text appended when missing, tokenized with special tokens, every token labelled;
 //! - conversations ([`tokenize_conversation`]): rendered with the chat template, tokenized
 //!   without special tokens; with `assistant_only` only the assistant's tokens are labelled
-//!   (TRL's `assistant_only_loss`), found by rendering growing prefixes (`messages[..i]` with the
-//!   generation prompt, then `messages[..=i]`), so any template works without `{% generation %}`
-//!   markers.
+//!   (TRL's `assistant_only_loss`): those overlapping what the template's `{% generation %}`
+//!   blocks wrote, as transformers' `return_assistant_tokens_mask` finds them.
 //!
 //! Both truncate to `max_length` keeping the start (TRL's default `truncation_mode`). Tokens that
 //! do not count in the loss get the label `IGNORE_INDEX` (-100, as PyTorch and TRL).
 
 use crate::chat_template::{validate_messages, ChatTemplate, Message};
 use crate::error::DataError;
+use serde_json::{Map, Value as Json};
 use tokenizers::Tokenizer;
 
 /// Label of tokens that do not contribute to the loss.
@@ -45,51 +45,19 @@ impl TokenizedExample {
     }
 }
 
-/// Byte ranges of the rendered conversation written by assistant turns (content and the
-/// template's closing tokens, e.g. `<|im_end|>\n`, which the model must learn to emit).
-pub fn assistant_spans(template: &ChatTemplate, messages: &[Message]) -> Result<Vec<(usize, usize)>, DataError> {
-    Ok(render_with_assistant_spans(template, messages)?.1)
-}
-
-/// Renders `messages` and finds the assistant spans: turn *i*'s span is what `messages[..=i]`
-/// adds to `messages[..i]` rendered with the generation prompt. Each prefix is rendered once;
-/// when the conversation ends with an assistant turn its last prefix rendering is the text.
-/// Errors when a rendering does not extend the previous one (a template that rewrites earlier
-/// turns depending on later ones), since the spans could not be located.
-pub fn render_with_assistant_spans(template: &ChatTemplate, messages: &[Message]) -> Result<(String, Vec<(usize, usize)>), DataError> {
-    let cannot = |i: usize, why: &str| DataError::TemplateRender {
-        message: format!("`{}`: cannot locate the tokens of assistant turn {i}: {why}", template.name()),
-    };
-    let mut spans = Vec::new();
-    let mut throughs = Vec::new();
-    for (i, m) in messages.iter().enumerate() {
-        if m.role != "assistant" {
-            continue;
-        }
-        if i == 0 {
-            return Err(cannot(i, "the conversation opens with it, and an empty conversation cannot be rendered"));
-        }
-        let before = template.render(&messages[..i], true)?;
-        let through = template.render(&messages[..=i], false)?;
-        if through.len() <= before.len() || !through.starts_with(&before) {
-            return Err(cannot(i, "rendering it does not extend the rendering of the turns before it with the generation prompt"));
-        }
-        spans.push((before.len(), through.len()));
-        throughs.push((i, through));
+/// Renders `messages` (with extra template variables `kwargs`) and finds the assistant's text as
+/// TRL 1.16's `assistant_only_loss` does: the byte ranges the template's `{% generation %}`
+/// blocks wrote ([`ChatTemplate::render_with_generation_spans`]). A template without such blocks
+/// is refused with TRL's error ([`DataError::TemplateNotTrainable`]).
+pub fn render_with_assistant_spans(
+    template: &ChatTemplate,
+    messages: &[Message],
+    kwargs: &Map<String, Json>,
+) -> Result<(String, Vec<(usize, usize)>), DataError> {
+    if !template.has_generation_markers() {
+        return Err(DataError::TemplateNotTrainable { name: template.name().into() });
     }
-    let text = match throughs.pop() {
-        Some((_, last)) if messages.last().is_some_and(|m| m.role == "assistant") => last,
-        other => {
-            throughs.extend(other);
-            template.render(messages, false)?
-        }
-    };
-    for (i, through) in &throughs {
-        if !text.starts_with(through.as_str()) {
-            return Err(cannot(*i, "the whole conversation renders it differently from its prefix"));
-        }
-    }
-    Ok((text, spans))
+    template.render_with_generation_spans(messages, false, kwargs)
 }
 
 /// Which tokens overlap one of `spans` (byte ranges), given each token's byte `offsets`: the rule
@@ -158,13 +126,10 @@ pub fn encode_ids(tokenizer: &Tokenizer, text: &str, add_special_tokens: bool, l
 /// (the template writes them), and truncated to `max_length` keeping the start.
 ///
 /// With `assistant_only` (TRL's `assistant_only_loss=True`), only assistant tokens are labelled:
-/// TRL takes them from transformers' `return_assistant_tokens_mask`, which needs a template with
-/// `{% generation %}` markers; here the assistant spans are found by prefix rendering instead
-/// ([`assistant_spans`]: what turn *i* adds after `messages[..i]` with the generation prompt), and
-/// tokens are mapped to spans with transformers' overlap rule ([`overlap_mask`]). That equals
-/// transformers' mask for a template whose generation block covers exactly what follows the
-/// generation prompt (golden-tested with ChatML and Zephyr). Without `assistant_only`, every
-/// token is labelled.
+/// those overlapping a span the template's `{% generation %}` blocks wrote
+/// ([`render_with_assistant_spans`], [`overlap_mask`]), as transformers'
+/// `return_assistant_tokens_mask` marks them; a template without such blocks is an error, as in
+/// TRL. Without `assistant_only`, every token is labelled.
 ///
 /// TRL drops an example whose labels are all `IGNORE_INDEX` after truncation; check
 /// [`TokenizedExample::num_trained_tokens`] to do the same.
@@ -176,9 +141,26 @@ pub fn tokenize_conversation(
     max_length: Option<usize>,
     location: &str,
 ) -> Result<TokenizedExample, DataError> {
+    tokenize_conversation_with(template, tokenizer, messages, &Map::new(), assistant_only, max_length, location)
+}
+
+/// [`tokenize_conversation`] with extra template variables (a row's `chat_template_kwargs`, see
+/// [`crate::chat_template::row_template_kwargs`]).
+pub fn tokenize_conversation_with(
+    template: &ChatTemplate,
+    tokenizer: &Tokenizer,
+    messages: &[Message],
+    kwargs: &Map<String, Json>,
+    assistant_only: bool,
+    max_length: Option<usize>,
+    location: &str,
+) -> Result<TokenizedExample, DataError> {
     validate_messages(messages, location)?;
-    let (text, spans) =
-        if assistant_only { render_with_assistant_spans(template, messages)? } else { (template.render(messages, false)?, Vec::new()) };
+    let (text, spans) = if assistant_only {
+        render_with_assistant_spans(template, messages, kwargs)?
+    } else {
+        (template.render_with(messages, false, kwargs)?, Vec::new())
+    };
     let encoding = encode(tokenizer, &text, false, location)?;
     let mut input_ids = encoding.get_ids().to_vec();
     let mut labels: Vec<i64> = if assistant_only {

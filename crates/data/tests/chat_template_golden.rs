@@ -1,6 +1,8 @@
 //! Every rendering in `fixtures/chat_templates/goldens.json` (made by transformers'
 //! `apply_chat_template(..., tokenize=False)`, `scripts/make_chat_template_goldens.py`) must be
-//! reproduced byte for byte, and every `raise_exception` with the same message.
+//! reproduced byte for byte, and every `raise_exception` with the same message; for templates
+//! with `{% generation %}` blocks, the spans transformers' AssistantTracker records too.
+//! `strftime_now` reads the goldens' fixed clock.
 
 use alignment_data::{ChatTemplate, DataError, SpecialTokens};
 use serde_json::{Map, Value as Json};
@@ -35,13 +37,25 @@ fn visible(s: &str) -> String {
         .collect()
 }
 
+/// The clock the goldens were rendered with.
+fn fixed_now(goldens: &Json) -> chrono::NaiveDateTime {
+    goldens["now"].as_str().expect("now").parse().expect("an ISO date and time")
+}
+
+/// Byte ranges of `text` as character ranges (transformers counts characters).
+fn char_spans(text: &str, spans: &[(usize, usize)]) -> Vec<(usize, usize)> {
+    let chars = |byte: usize| text[..byte].chars().count();
+    spans.iter().map(|&(start, end)| (chars(start), chars(end))).collect()
+}
+
 fn load_templates(goldens: &Json) -> BTreeMap<String, ChatTemplate> {
+    let now = fixed_now(goldens);
     let mut templates = BTreeMap::new();
     for (name, spec) in goldens["templates"].as_object().expect("templates") {
         let file = fixtures().join(spec["file"].as_str().expect("file"));
         let source = std::fs::read_to_string(&file).unwrap_or_else(|e| panic!("{}: {e}", file.display()));
         let template = ChatTemplate::new(name.clone(), source, tokens(&spec["special_tokens"])).unwrap_or_else(|e| panic!("{name}: {e}"));
-        templates.insert(name.clone(), template);
+        templates.insert(name.clone(), template.with_fixed_now(now));
     }
     templates
 }
@@ -53,6 +67,7 @@ fn renders_match_transformers_byte_for_byte() {
     let conversations = goldens["conversations"].as_object().expect("conversations");
     let cases = goldens["cases"].as_array().expect("cases");
     let mut failures = Vec::new();
+    let mut spans_checked = BTreeMap::new();
     for case in cases {
         let name = case["template"].as_str().expect("template");
         let conversation = case["conversation"].as_str().expect("conversation");
@@ -61,7 +76,23 @@ fn renders_match_transformers_byte_for_byte() {
         let messages = messages.as_array().expect("messages are a list");
         let kwargs = case.get("kwargs").and_then(Json::as_object).cloned().unwrap_or_else(Map::new);
         let label = format!("{name} / {conversation} / add_generation_prompt={add_generation_prompt}");
-        let got = templates[name].render_with(messages, add_generation_prompt, &kwargs);
+        let template = &templates[name];
+        let got = template.render_with(messages, add_generation_prompt, &kwargs);
+        if let (Some(want), Ok(text)) = (case.get("generation_spans"), &got) {
+            let want: Vec<(usize, usize)> = serde_json::from_value(want.clone()).expect("spans");
+            match template.render_with_generation_spans(messages, add_generation_prompt, &kwargs) {
+                Ok((tracked, spans)) if &tracked == text && char_spans(text, &spans) == want => {}
+                Ok((tracked, spans)) => failures.push(format!(
+                    "{label}: generation spans differ: transformers {want:?}, ours {:?} (text identical: {})",
+                    char_spans(&tracked, &spans),
+                    &tracked == text
+                )),
+                Err(e) => failures.push(format!("{label}: rendering with generation spans failed: {e}")),
+            }
+        }
+        if case.get("generation_spans").is_some() {
+            *spans_checked.entry(name.to_string()).or_insert(0) += 1;
+        }
         match (case.get("expected").and_then(Json::as_str), case.get("error").and_then(Json::as_str), got) {
             (Some(want), _, Ok(got)) if got == want => {}
             (Some(want), _, Ok(got)) => {
@@ -77,6 +108,9 @@ fn renders_match_transformers_byte_for_byte() {
         }
     }
     assert!(failures.is_empty(), "{} of {} cases differ from transformers:\n\n{}", failures.len(), cases.len(), failures.join("\n\n"));
+    for name in ["smollm3", "chatml-generation", "zephyr-generation"] {
+        assert!(spans_checked.get(name).copied().unwrap_or(0) > 10, "too few generation spans of `{name}` checked: {spans_checked:?}");
+    }
     println!("{} chat-template renderings identical to transformers {}", cases.len(), goldens["transformers_version"]);
 }
 
@@ -239,4 +273,36 @@ fn syntax_and_raise_errors_name_the_template() {
 fn chat_templates_can_be_shared_across_threads() {
     fn assert_send_sync<T: Send + Sync>() {}
     assert_send_sync::<ChatTemplate>();
+}
+
+#[test]
+fn generation_blocks_markers_eos_override_and_refusals() {
+    let chat = serde_json::json!([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}]);
+    let chat = chat.as_array().unwrap();
+    let source = "{% for m in messages %}{% if m.role == 'assistant' %}{%- generation -%}\n{{ m.content + eos_token }}{% endgeneration %}\
+                  {% else %}{{ m.content }}{% endif %}{% endfor %}";
+    let template = ChatTemplate::new("t", source, SpecialTokens::bos_eos("<s>", "</s>")).unwrap();
+    assert!(template.has_generation_markers());
+    assert_eq!(template.render_with_generation_spans(chat, false, &Map::new()).unwrap(), ("HiYo</s>".to_string(), vec![(2, 8)]));
+    // The EOS override is the template's `eos_token` too.
+    let eos = template.with_eos_token("<|im_end|>");
+    assert_eq!((eos.render_with(chat, false, &Map::new()).unwrap().as_str(), eos.eos_token()), ("HiYo<|im_end|>", Some("<|im_end|>")));
+    // Text that holds the marker characters, and nested blocks, are refused rather than misread.
+    let marked = serde_json::json!([{"role": "assistant", "content": "a\u{FDD0}b"}]);
+    assert!(template.render_with_generation_spans(marked.as_array().unwrap(), false, &Map::new()).is_err());
+    assert_eq!(template.render_with(marked.as_array().unwrap(), false, &Map::new()).unwrap(), "a\u{FDD0}b</s>");
+    let nested =
+        ChatTemplate::new("n", "{% generation %}a{% generation %}b{% endgeneration %}{% endgeneration %}", SpecialTokens::default());
+    let err = nested.unwrap().render_with_generation_spans(chat, false, &Map::new()).unwrap_err();
+    assert!(err.to_string().contains("inside another"), "{err}");
+    // TRL's marker test: whitespace control variants count, other words and expressions do not.
+    for (source, marked) in [
+        ("{%generation%}{%endgeneration%}", true),
+        ("{%- generation -%}{% endgeneration %}", true),
+        ("{{ 'generation' }}{% if generation %}{% endif %}", false),
+    ] {
+        assert_eq!(ChatTemplate::new("m", source, SpecialTokens::default()).unwrap().has_generation_markers(), marked, "{source}");
+    }
+    let plain = ChatTemplate::new("p", "{{ messages[0].content }}", SpecialTokens::default()).unwrap();
+    assert_eq!(plain.render_with_generation_spans(chat, false, &Map::new()).unwrap(), ("Hi".to_string(), vec![]));
 }

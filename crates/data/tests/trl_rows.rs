@@ -5,8 +5,8 @@
 
 use alignment_data::sft::{tokenize_sft_row, truncate, SftOptions, SftRow};
 use alignment_data::{
-    extract_prompt, render_preference, ChatTemplate, Message, PreferenceMessages, PreferenceRow, RowRef, SpecialTokens, TokenizedExample,
-    TruncationMode, IGNORE_INDEX,
+    extract_prompt, render_preference, ChatTemplate, DataError, Message, PreferenceMessages, PreferenceRow, RowRef, SpecialTokens,
+    TokenizedExample, TruncationMode, IGNORE_INDEX,
 };
 use serde_json::{json, Map, Value as Json};
 use std::path::Path;
@@ -193,11 +193,24 @@ fn sft_masks_drops_and_refuses_as_trl() {
     // ... but not when packing (the packer cuts rows).
     let packed = SftOptions { packing: true, ..short };
     assert!(tokenize_sft_row(&t, &tok, &pc, &packed, Some("</s>"), at()).unwrap().is_some());
-    // assistant_only_loss: plain text is refused, and so is a conversation with no assistant turn.
+    // assistant_only_loss: plain text is refused, so is a template without {% generation %}
+    // blocks, and a conversation with no assistant token (TRL's errors).
     let assistant = SftOptions { assistant_only_loss: true, ..options };
     let err = tokenize_sft_row(&t, &tok, &SftRow::Text("doc".into()), &assistant, Some("</s>"), at()).unwrap_err().to_string();
     assert!(err.contains("row 17") && err.contains("needs conversations"), "{err}");
+    let conversation = SftRow::Conversation(vec![msg("user", "Q"), msg("assistant", "A")]);
+    let err = tokenize_sft_row(&t, &tok, &conversation, &assistant, Some("</s>"), at()).unwrap_err();
+    assert!(matches!(&err, DataError::TemplateNotTrainable { name } if name == "plain"), "{err}");
+    assert!(err.to_string().contains("not training-compatible"), "{err}");
+    let marked = t
+        .with_template(
+            "{% for m in messages %}[{{ m['role'] }}]{% if m['role'] == 'assistant' %}{% generation %}{{ m['content'] }}{% endgeneration %}\
+             {% else %}{{ m['content'] }}{% endif %}{% endfor %}",
+        )
+        .unwrap();
+    let e = tokenize_sft_row(&marked, &tok, &conversation, &assistant, Some("</s>"), at()).unwrap().unwrap();
+    assert!(e.num_trained_tokens() > 0 && e.num_trained_tokens() < e.input_ids.len(), "{e:?}");
     let no_assistant = SftRow::Conversation(vec![msg("user", "Q")]);
-    let err = tokenize_sft_row(&t, &tok, &no_assistant, &assistant, Some("</s>"), at()).unwrap_err().to_string();
-    assert!(err.contains("row 17") && err.contains("no assistant token"), "{err}");
+    let err = tokenize_sft_row(&marked, &tok, &no_assistant, &assistant, Some("</s>"), at()).unwrap_err().to_string();
+    assert!(err.contains("row 17") && err.contains("no assistant tokens"), "{err}");
 }

@@ -81,6 +81,13 @@ pub fn check(goldens: &Json, tokenizer_dir: &Path) -> (Vec<String>, Checked) {
         .iter()
         .map(|(name, source)| (name.clone(), ChatTemplate::new(name.clone(), source.as_str().unwrap(), tokens.clone()).unwrap()))
         .collect();
+    // TRL gets the same templates with {% generation %} blocks for assistant_only_loss, as we do.
+    let generation_templates: BTreeMap<String, ChatTemplate> = goldens["generation_templates"]
+        .as_object()
+        .expect("generation_templates")
+        .iter()
+        .map(|(name, source)| (name.clone(), ChatTemplate::new(name.clone(), source.as_str().unwrap(), tokens.clone()).unwrap()))
+        .collect();
     let conversations = &goldens["conversations"];
     let pairs = &goldens["pairs"];
     let options = FormatOptions::default();
@@ -108,7 +115,8 @@ pub fn check(goldens: &Json, tokenizer_dir: &Path) -> (Vec<String>, Checked) {
     for case in goldens["sft_assistant_only"].as_array().unwrap() {
         let (t, c) = (case["template"].as_str().unwrap(), case["conversation"].as_str().unwrap());
         let label = format!("sft_assistant_only {t}/{c}/max_length={:?}", max_length(case));
-        let got = tokenize_conversation(&templates[t], &tokenizer, &messages(&conversations[c]), true, max_length(case), &label).unwrap();
+        let template = &generation_templates[t];
+        let got = tokenize_conversation(template, &tokenizer, &messages(&conversations[c]), true, max_length(case), &label).unwrap();
         f.example(&label, case, &got);
         count("sft_assistant_only");
     }
@@ -187,7 +195,12 @@ pub fn check(goldens: &Json, tokenizer_dir: &Path) -> (Vec<String>, Checked) {
     // TRL's own path on the rows as they are (today's handbook, the runs' default).
     for case in goldens["trl_sft"].as_array().unwrap() {
         let kind = case["kind"].as_str().unwrap();
-        let template = &templates[case["template"].as_str().unwrap()];
+        let assistant_only = case["assistant_only_loss"].as_bool().unwrap_or(false);
+        let template = if assistant_only {
+            &generation_templates[case["template"].as_str().unwrap()]
+        } else {
+            &templates[case["template"].as_str().unwrap()]
+        };
         let (label, sft_row) = match kind {
             "text_prompt_completion" => {
                 let r = &case["row"];
@@ -210,7 +223,6 @@ pub fn check(goldens: &Json, tokenizer_dir: &Path) -> (Vec<String>, Checked) {
                 (format!("trl_sft {}/{kind}/{c}", case["template"]), row)
             }
         };
-        let assistant_only = case["assistant_only_loss"].as_bool().unwrap_or(false);
         let label = format!("{label} assistant_only_loss={assistant_only} max_length={:?}", max_length(case));
         let options = SftOptions { max_length: max_length(case), assistant_only_loss: assistant_only, ..SftOptions::default() };
         let got = tokenize_sft_row(template, &tokenizer, &sft_row, &options, eos.as_deref(), at).unwrap();
