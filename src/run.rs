@@ -9,16 +9,18 @@
 
 use crate::reference;
 use alignment_data::format::{format_row, FormatOptions, Formatted, RowRef, Task as DataTask};
-use alignment_data::preference::{tokenize_dpo_row, tokenize_orpo_row, PreferenceRow};
-use alignment_data::sft::{tokenize_sft_row, SftOptions, SftRow};
+use alignment_data::chat_template::row_template_kwargs;
+use alignment_data::preference::{tokenize_dpo_row_with, tokenize_orpo_row_with, PreferenceRow};
+use alignment_data::sft::{override_eos_token, tokenize_sft_row_with, SftOptions, SftRow};
 use alignment_data::source::DatasetLoader;
 use alignment_data::{pack, tokenize_text, ChatTemplate, DataError, Dataset, TokenizedExample, TruncationMode};
 use alignment_models::{load_pretrained, CausalLm};
-use alignment_objectives::{DpoConfig, DpoLossType, OrpoConfig};
 use alignment_peft::{apply_lora, load_adapter, load_pretrained_4bit, merge_lora, read_adapter_base_model, QuantConfig, ADAPTER_CONFIG};
 use alignment_trainer::components::{self, DataSource};
 use alignment_trainer::tasks::{precompute_reference, DpoTask, OrpoTask, PreferencePair, ReferenceCache, SftTask};
-use alignment_trainer::{train_with, AdapterOutput, DataParallel, Recipe, RecipeError, Sequence, TrainError, TrainOutcome, TrainerConfig};
+use alignment_trainer::{
+    train_with, AdapterOutput, DataParallel, Recipe, RecipeError, Sequence, StepPlan, TrainError, TrainOutcome, TrainerConfig,
+};
 use burn::module::{AutodiffModule, Module, ModuleMapper, Param};
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::Tensor;
@@ -168,6 +170,19 @@ impl TextTools {
         let bos_id = id(template.bos_token());
         Ok(Self { tokenizer, template, pad_id, eos_id, bos_id })
     }
+
+    /// TRL's `eos_token` (SFTConfig): `token` ends each turn and every example instead of the
+    /// tokenizer's, and pads when the tokenizer has no padding token.
+    pub fn override_eos(&mut self, token: &str) -> Result<(), RunError> {
+        let (template, eos_id) = override_eos_token(&self.template, &self.tokenizer, token)?;
+        let has_pad = template.tokens().pad_token.as_deref().and_then(|t| self.tokenizer.token_to_id(t)).is_some();
+        if !has_pad {
+            self.pad_id = eos_id;
+        }
+        self.template = template;
+        self.eos_id = eos_id;
+        Ok(())
+    }
 }
 
 /// Makes every parameter trainable again (after merging an adapter into a frozen base).
@@ -307,7 +322,8 @@ pub fn sft_examples(recipe: &Recipe, tools: &TextTools, dataset: &Dataset) -> Re
             SftRow::from_row(row, &options.dataset_text_field, at)?
         };
         let eos = tools.template.eos_token();
-        if let Some(example) = tokenize_sft_row(&tools.template, &tools.tokenizer, &sft_row, &options, eos, at)? {
+        let kwargs = row_template_kwargs(row, true, at)?;
+        if let Some(example) = tokenize_sft_row_with(&tools.template, &tools.tokenizer, &sft_row, &kwargs, &options, eos, at)? {
             examples.push(example);
         }
     }
@@ -363,10 +379,12 @@ pub fn preference_examples(
         };
         let here = location(dataset, i);
         let (chosen, rejected) = if objective == Objective::Orpo {
-            let e = tokenize_orpo_row(&tools.template, &tools.tokenizer, &pair, tools.bos_id, tools.eos_id, max_length, &here)?;
+            let kwargs = row_template_kwargs(row, false, at)?;
+            let e = tokenize_orpo_row_with(&tools.template, &tools.tokenizer, &pair, &kwargs, tools.bos_id, tools.eos_id, max_length, &here)?;
             (e.chosen, e.rejected)
         } else {
-            let ids = tokenize_dpo_row(&tools.template, &tools.tokenizer, &pair, &here)?;
+            let kwargs = row_template_kwargs(row, true, at)?;
+            let ids = tokenize_dpo_row_with(&tools.template, &tools.tokenizer, &pair, &kwargs, &here)?;
             if !ids.kept(Some(max_length), mode) {
                 continue;
             }
@@ -388,7 +406,16 @@ pub fn run<B: AutodiffBackend>(objective: Objective, recipe: &Recipe, device: &B
         Some(t) => resolve_model_at(t, &recipe.model_revision)?,
         None => model_dir.clone(),
     };
-    let tools = TextTools::load(&tokenizer_dir, recipe.chat_template.as_deref())?;
+    let mut tools = TextTools::load(&tokenizer_dir, recipe.chat_template.as_deref())?;
+    if let Some(token) = &recipe.eos_token {
+        if !matches!(objective, Objective::Sft | Objective::Cpt) {
+            return Err(RunError::Unsupported {
+                key: "eos_token",
+                message: "is an SFT setting (TRL's DPOConfig and ORPOConfig have no eos_token)".into(),
+            });
+        }
+        tools.override_eos(token)?;
+    }
     let data = DataSource::from_recipe(recipe)?.load(
         &DatasetLoader::from_env()?,
         &recipe.dataset_train_split,
@@ -422,17 +449,25 @@ pub fn run<B: AutodiffBackend>(objective: Objective, recipe: &Recipe, device: &B
             if train_pairs.is_empty() {
                 return Err(RunError::NoExamples { split: "train", max_length: recipe.max_length });
             }
-            let loss_type: DpoLossType =
-                recipe.loss_type.as_deref().unwrap_or("sigmoid").parse().map_err(|e: alignment_objectives::ObjectiveError| {
-                    RunError::Unsupported { key: "loss_type", message: e.to_string() }
-                })?;
-            let dpo = DpoConfig { beta: recipe.beta, loss_type, label_smoothing: recipe.label_smoothing };
-            dpo.validate().map_err(|e| RunError::Unsupported { key: "label_smoothing", message: e.to_string() })?;
+            let dpo = components::dpo_config(recipe)?;
             // The reference model is the starting model: its log-probs, computed once and cached.
             let frozen = model.valid();
             let cache = ReferenceCache::new(&reference::cache_dir().join("reference-logps"), &frozen);
             let batch = config.eval_batch_size;
-            precompute_reference(&frozen, &mut train_pairs, batch, tools.pad_id, Some(&cache), device).map_err(TrainError::from)?;
+            // Only for the pairs the run will visit (a `max_steps` run may stop within its first epoch).
+            let world = parallel.as_ref().map_or(1, |p| p.world_size());
+            let global = TrainerConfig { train_batch_size: config.train_batch_size * world, ..config.clone() };
+            match StepPlan::new(train_pairs.len(), &global).examples_used(train_pairs.len(), &global) {
+                None => precompute_reference(&frozen, &mut train_pairs, batch, tools.pad_id, Some(&cache), device)
+                    .map_err(TrainError::from)?,
+                Some(used) => {
+                    let mut visited: Vec<PreferencePair> = used.iter().map(|&i| train_pairs[i].clone()).collect();
+                    precompute_reference(&frozen, &mut visited, batch, tools.pad_id, Some(&cache), device).map_err(TrainError::from)?;
+                    for (i, pair) in used.into_iter().zip(visited) {
+                        train_pairs[i] = pair;
+                    }
+                }
+            }
             if config.eval_steps.is_some() || config.eval_every_epoch || config.eval_on_start {
                 precompute_reference(&frozen, &mut eval_pairs, batch, tools.pad_id, Some(&cache), device).map_err(TrainError::from)?;
             } else {
@@ -445,8 +480,7 @@ pub fn run<B: AutodiffBackend>(objective: Objective, recipe: &Recipe, device: &B
         Objective::Orpo => {
             let train_pairs = preference_examples(recipe, &tools, &train_set, objective)?;
             let eval_pairs = eval_preferences(&test_set)?;
-            let orpo = OrpoConfig { beta: recipe.beta };
-            orpo.validate().map_err(|e| RunError::Unsupported { key: "beta", message: e.to_string() })?;
+            let orpo = components::orpo_config(recipe)?;
             let task = OrpoTask { config: orpo, pad_id: tools.pad_id };
             train_with(model, &task, &train_pairs, &eval_pairs, &config, device, parallel.as_mut())?.1
         }

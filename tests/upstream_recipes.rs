@@ -3,7 +3,7 @@
 //! model with SmolLM2's tokenizer), `--max_steps`, batch sizes and `--output_dir` on the command
 //! line. Their datasets come from a local HTTP server standing in for the hub (HF_ENDPOINT):
 //! for every dataset, config and split a recipe names, a repo with a README `configs:` block
-//! naming each split's files, as the real repos are laid out (JSON Lines files of `data/tiny-chat`
+//! naming each split's files, as the real repos are laid out (JSON Lines files of short synthetic
 //! rows instead of parquet, enough of them for each recipe's `test_split_size`).
 
 use alignment_handbook::core::backend::{Cpu, CpuAutodiff};
@@ -94,15 +94,32 @@ struct RepoPlan {
     template_kwargs: bool,
 }
 
-fn read_jsonl(name: &str) -> Vec<serde_json::Map<String, Value>> {
-    let text = std::fs::read_to_string(repo_root().join("data/tiny-chat").join(name)).unwrap();
-    text.lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+/// Stand-in row `i`: a short conversation (SFT) or preference pair in the hub datasets'
+/// columns (`prompt`, `chosen`, `rejected`, `messages`, scores), kept short so that recipes
+/// evaluating on thousands of rows stay quick.
+fn stand_in_row(i: usize, preference: bool) -> serde_json::Map<String, Value> {
+    let (a, b) = (i % 97, i % 13);
+    let question = format!("What is {a} plus {b}?");
+    let user = json!({"role": "user", "content": question});
+    let answer = |sum: usize| json!({"role": "assistant", "content": format!("{a} plus {b} is {sum}.")});
+    let row = if preference {
+        json!({
+            "prompt": question,
+            "chosen": [user, answer(a + b)],
+            "rejected": [user, answer(a + b + 1)],
+            "messages": [user, answer(a + b)],
+            "score_chosen": 8.0,
+            "score_rejected": 3.0,
+        })
+    } else {
+        json!({"prompt": question, "messages": [user, answer(a + b)]})
+    };
+    let Value::Object(map) = row else { unreachable!() };
+    map
 }
 
 /// Writes the stand-in repos under `root/<org>/<name>` and returns their directories by id.
 fn write_repos(root: &Path, plans: &BTreeMap<String, RepoPlan>) -> BTreeMap<String, PathBuf> {
-    let sft = read_jsonl("train_sft.jsonl");
-    let prefs = read_jsonl("train_prefs.jsonl");
     let mut dirs = BTreeMap::new();
     for (id, plan) in plans {
         let dir = root.join(id);
@@ -111,10 +128,9 @@ fn write_repos(root: &Path, plans: &BTreeMap<String, RepoPlan>) -> BTreeMap<Stri
             let file = if config == "default" { format!("data/{split}-00000-of-00001.jsonl") } else { format!("data/{config}/{split}-00000-of-00001.jsonl") };
             let path = dir.join(&file);
             std::fs::create_dir_all(path.parent().unwrap()).unwrap();
-            let source = if plan.preference { &prefs } else { &sft };
             let mut lines = String::new();
             for i in 0..ROWS_PER_SPLIT {
-                let mut row = source[i % source.len()].clone();
+                let mut row = stand_in_row(i, plan.preference);
                 if plan.template_kwargs {
                     row.insert("chat_template_kwargs".into(), json!({"enable_thinking": i % 2 == 0}));
                 }

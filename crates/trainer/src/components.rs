@@ -139,3 +139,33 @@ pub fn reduction(recipe: &Recipe) -> Result<alignment_objectives::Reduction, Rec
 pub fn truncation_mode(recipe: &Recipe) -> Result<alignment_data::TruncationMode, RecipeError> {
     recipe.truncation_mode()
 }
+
+/// The DPO objective of the recipe (TRL 1.16's `DPOConfig` keys: `beta`, `loss_type` as one
+/// name or a list, `loss_weights`, `label_smoothing`, `use_weighting`, `ld_alpha`,
+/// `discopop_tau`, `f_divergence_type`, `f_alpha_divergence_coef`), validated as TRL validates
+/// it; an error names the key at fault.
+pub fn dpo_config(recipe: &Recipe) -> Result<alignment_objectives::DpoConfig, RecipeError> {
+    let objective_error = |e: alignment_objectives::ObjectiveError| value_error(e.key().unwrap_or("loss_type"), e.to_string());
+    let names = recipe.loss_type.as_ref().map(|l| l.to_vec()).unwrap_or_else(|| vec!["sigmoid".into()]);
+    let base = alignment_objectives::DpoConfig::from_names(&names, recipe.loss_weights.as_deref()).map_err(objective_error)?;
+    let f_divergence_type = recipe.f_divergence_type.parse().map_err(objective_error)?;
+    let config = alignment_objectives::DpoConfig {
+        beta: recipe.beta,
+        label_smoothing: recipe.label_smoothing,
+        use_weighting: recipe.use_weighting,
+        ld_alpha: recipe.ld_alpha,
+        discopop_tau: recipe.discopop_tau,
+        f_divergence_type,
+        f_alpha_divergence_coef: recipe.f_alpha_divergence_coef,
+        ..base
+    };
+    config.validate().map_err(objective_error)?;
+    Ok(config)
+}
+
+/// The ORPO objective of the recipe (`beta`).
+pub fn orpo_config(recipe: &Recipe) -> Result<alignment_objectives::OrpoConfig, RecipeError> {
+    let config = alignment_objectives::OrpoConfig { beta: recipe.beta };
+    config.validate().map_err(|e| value_error("beta", e.to_string()))?;
+    Ok(config)
+}

@@ -127,8 +127,18 @@ pub struct Recipe {
     pub completion_only_loss: Option<bool>,
     // --- preference objectives ---
     pub beta: f64,
-    pub loss_type: Option<String>,
+    /// TRL's DPO `loss_type`: one name or a list (summed with `loss_weights`).
+    pub loss_type: Option<OneOrMany>,
+    /// Weights of the `loss_type` list (default 1 each).
+    pub loss_weights: Option<Vec<f64>>,
     pub label_smoothing: f64,
+    /// WPO: weight each pair by the policy's length-normalised probabilities.
+    pub use_weighting: bool,
+    /// LD-DPO's weight of the log-probs past the pair's shared length.
+    pub ld_alpha: Option<f64>,
+    pub discopop_tau: f64,
+    pub f_divergence_type: String,
+    pub f_alpha_divergence_coef: f64,
     pub precompute_ref_log_probs: bool,
     pub reference_free: bool,
     // --- optimisation (transformers TrainingArguments) ---
@@ -193,6 +203,24 @@ pub struct Recipe {
     pub resume_from_checkpoint: Option<ResumeFrom>,
     /// Evaluate once before training (transformers' `eval_on_start`).
     pub eval_on_start: bool,
+}
+
+/// A key that takes one value or a list of them (TRL's `loss_type`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum OneOrMany {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl OneOrMany {
+    /// The values, one or many.
+    pub fn to_vec(&self) -> Vec<String> {
+        match self {
+            OneOrMany::One(one) => vec![one.clone()],
+            OneOrMany::Many(many) => many.clone(),
+        }
+    }
 }
 
 /// `resume_from_checkpoint`: a flag or a path, as in transformers.
@@ -260,7 +288,13 @@ impl Default for Recipe {
             completion_only_loss: None,
             beta: 0.1,
             loss_type: None,
+            loss_weights: None,
             label_smoothing: 0.0,
+            use_weighting: false,
+            ld_alpha: None,
+            discopop_tau: 0.05,
+            f_divergence_type: "reverse_kl".into(),
+            f_alpha_divergence_coef: 0.5,
             precompute_ref_log_probs: false,
             reference_free: false,
             learning_rate: 5e-5,

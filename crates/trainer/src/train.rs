@@ -281,6 +281,23 @@ impl StepPlan {
     }
 }
 
+impl StepPlan {
+    /// The examples the run's updates visit, when that is not all of them: a run that stops
+    /// (`max_steps`) within its first epoch sees only the head of that epoch's order. `None`
+    /// when every example is visited. Lets per-example work done before training (DPO's
+    /// reference log-probs) skip what the run will never read.
+    pub fn examples_used(&self, num_examples: usize, config: &TrainerConfig) -> Option<Vec<usize>> {
+        if self.total_steps >= self.steps_per_epoch {
+            return None;
+        }
+        let micro_batches = self.total_steps as usize * config.gradient_accumulation_steps;
+        let count = (micro_batches * config.train_batch_size).min(num_examples);
+        let mut used = epoch_order(num_examples, config.seed, 0)[..count].to_vec();
+        used.sort_unstable();
+        Some(used)
+    }
+}
+
 /// The shuffled order of the examples in `epoch`: a ChaCha8 permutation seeded by (seed, epoch).
 pub fn epoch_order(n: usize, seed: u64, epoch: u64) -> Vec<usize> {
     let mut order: Vec<usize> = (0..n).collect();
