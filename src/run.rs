@@ -63,6 +63,13 @@ pub enum RunError {
     /// The tokenizer could not be read.
     #[error("reading the tokenizer {path}: {message}")]
     Tokenizer { path: PathBuf, message: String },
+    /// The training set is empty; `reason` says why (fraction 0, no train split, every row
+    /// dropped by truncation), with counts.
+    #[error("the training set is empty: {reason}")]
+    EmptyTrainingSet { reason: String },
+    /// The tokenizer has ids the model has no embedding for.
+    #[error("the tokenizer {tokenizer} has {tokenizer_size} token ids (with added tokens), but the model {model} has a vocabulary of {model_size} (config.json vocab_size): they do not belong together")]
+    VocabMismatch { tokenizer: PathBuf, tokenizer_size: usize, model: String, model_size: usize },
     /// Tokenization left nothing to train on.
     #[error("no {split} examples left after formatting and truncation (max_length {max_length:?})")]
     NoExamples { split: &'static str, max_length: Option<usize> },
@@ -269,7 +276,40 @@ pub fn load_for_inference<B: Backend>(dir: &Path, device: &B::Device) -> Result<
 }
 
 fn location(dataset: &Dataset, row: usize) -> String {
-    RowRef::new(&dataset.name, row).to_string()
+    let origin = dataset.origin(row);
+    RowRef::new(&origin.label(), origin.row).to_string()
+}
+
+/// Why the training set is empty: `built` examples from the mixed train split `rows` (`None`
+/// when the recipe's splits give no train split).
+fn empty_training_set(recipe: &Recipe, rows: Option<usize>, what: &str) -> RunError {
+    let reason = match rows {
+        None => format!("dataset_splits {:?} name no train split (one whose name contains `train`)", recipe.dataset_splits),
+        Some(0) => {
+            let mixer: Vec<String> = recipe.dataset_mixer_in_order().iter().map(|(id, f)| format!("{id}: {f}")).collect();
+            format!(
+                "the train split has no rows: dataset_mixer {{{}}} takes int(fraction × rows) of each (a fraction of 0, or an empty file, takes none)",
+                mixer.join(", ")
+            )
+        }
+        Some(n) => format!("all {n} rows of the train split were dropped: {what}"),
+    };
+    RunError::EmptyTrainingSet { reason }
+}
+
+/// Refuses a tokenizer with more ids than the model has embeddings (the tokenizer of another
+/// model, or an adapter whose base is another model): such ids would index past the embedding.
+pub fn check_vocabulary(tools: &TextTools, tokenizer_dir: &Path, model_name: &str, model_size: usize) -> Result<(), RunError> {
+    let tokenizer_size = tools.tokenizer.get_vocab(true).values().max().map_or(0, |&max| max as usize + 1);
+    if tokenizer_size > model_size {
+        return Err(RunError::VocabMismatch {
+            tokenizer: tokenizer_dir.to_path_buf(),
+            tokenizer_size,
+            model: model_name.into(),
+            model_size,
+        });
+    }
+    Ok(())
 }
 
 /// What TRL 1.16's `SFTConfig`, `DPOConfig` and `ORPOConfig` default `max_length` to.
@@ -313,7 +353,9 @@ pub fn sft_examples(recipe: &Recipe, tools: &TextTools, dataset: &Dataset) -> Re
     }
     let mut examples = Vec::with_capacity(dataset.len());
     for (i, row) in dataset.rows.iter().enumerate() {
-        let at = RowRef::new(&dataset.name, i);
+        let origin = dataset.origin(i);
+        let label = origin.label();
+        let at = RowRef::new(&label, origin.row);
         let sft_row = if recipe.legacy_formatting {
             let formatted = format_row(row, &tools.template, DataTask::Sft, &legacy_options(recipe), at)?;
             SftRow::Text(formatted.text().unwrap_or_default().to_string())
@@ -334,7 +376,9 @@ pub fn cpt_examples(recipe: &Recipe, tools: &TextTools, dataset: &Dataset) -> Re
     let options = FormatOptions { auto_insert_empty_system_msg: false, text_column: recipe.text_column.clone() };
     let mut examples = Vec::with_capacity(dataset.len());
     for (i, row) in dataset.rows.iter().enumerate() {
-        let formatted = format_row(row, &tools.template, DataTask::Cpt, &options, RowRef::new(&dataset.name, i))?;
+        let origin = dataset.origin(i);
+        let label = origin.label();
+        let formatted = format_row(row, &tools.template, DataTask::Cpt, &options, RowRef::new(&label, origin.row))?;
         let text = formatted.text().unwrap_or_default();
         examples.push(tokenize_text(&tools.tokenizer, text, Some(tools.eos_id), &location(dataset, i))?);
     }
@@ -364,8 +408,11 @@ pub fn preference_examples(
     let mode = truncation_mode(recipe)?;
     let max_length = recipe.max_length.unwrap_or(TRL_DEFAULT_MAX_LENGTH);
     let mut pairs = Vec::with_capacity(dataset.len());
+    let mut orpo_dropped = 0usize;
     for (i, row) in dataset.rows.iter().enumerate() {
-        let at = RowRef::new(&dataset.name, i);
+        let origin = dataset.origin(i);
+        let label = origin.label();
+        let at = RowRef::new(&label, origin.row);
         let pair = if recipe.legacy_formatting {
             let Formatted::Preference { prompt, chosen, rejected } = format_row(row, &tools.template, task, &legacy_options(recipe), at)?
             else {
@@ -378,6 +425,12 @@ pub fn preference_examples(
         let here = location(dataset, i);
         let (chosen, rejected) = if objective == Objective::Orpo {
             let e = tokenize_orpo_row(&tools.template, &tools.tokenizer, &pair, tools.bos_id, tools.eos_id, max_length, &here)?;
+            if e.chosen.num_trained_tokens() == 0 || e.rejected.num_trained_tokens() == 0 {
+                // Nothing of a completion survived truncation (the prompt fills max_length): the
+                // pair would score no token, as DPO drops it.
+                orpo_dropped += 1;
+                continue;
+            }
             (e.chosen, e.rejected)
         } else {
             let ids = tokenize_dpo_row(&tools.template, &tools.tokenizer, &pair, &here)?;
@@ -387,6 +440,13 @@ pub fn preference_examples(
             ids.sequences(Some(max_length), mode)
         };
         pairs.push(PreferencePair { chosen: chosen.into(), rejected: rejected.into(), reference: None });
+    }
+    if orpo_dropped > 0 {
+        eprintln!(
+            "note: {}: dropped {orpo_dropped} of {} pairs whose prompt leaves no room for the completion within max_length {max_length}",
+            dataset.name,
+            dataset.len()
+        );
     }
     Ok(pairs)
 }
@@ -404,13 +464,18 @@ pub fn run<B: AutodiffBackend>(objective: Objective, recipe: &Recipe, device: &B
     };
     let tools = TextTools::load(&tokenizer_dir, recipe.chat_template.as_deref())?;
     let splits = mix_datasets(&mixer_config(recipe)?, &DatasetLoader::from_env()?)?;
-    let train_set = splits.train.ok_or(RunError::NoExamples { split: "train", max_length: recipe.max_length })?;
+    let train_set = splits.train.ok_or_else(|| empty_training_set(recipe, None, ""))?;
     let test_set = splits.test;
 
     let mut config = TrainerConfig::from_recipe(recipe)?;
+    if is_main {
+        // Refused before the model loads; a previous run's files are only replaced once training starts.
+        alignment_trainer::output_dir::check_reusable(&config.output_dir, config.resume_from.is_some(), config.overwrite_output_dir)?;
+    }
+    let (model, adapter) = load_model::<B>(recipe, &model_dir, device)?;
+    check_vocabulary(&tools, &tokenizer_dir, &recipe.model_name_or_path, model.config.vocab_size)?;
     config.tokenizer_dir = Some(tokenizer_dir);
     config.quiet = quiet;
-    let (model, adapter) = load_model::<B>(recipe, &model_dir, device)?;
     config.adapter = adapter;
     let eval_preferences = |test: &Option<Dataset>| {
         test.as_ref().map(|t| preference_examples(recipe, &tools, t, objective)).transpose().map(Option::unwrap_or_default)
@@ -420,6 +485,11 @@ pub fn run<B: AutodiffBackend>(objective: Objective, recipe: &Recipe, device: &B
             let build =
                 |d: &Dataset| if objective == Objective::Sft { sft_examples(recipe, &tools, d) } else { cpt_examples(recipe, &tools, d) };
             let train_examples = build(&train_set)?;
+            if train_examples.is_empty() {
+                let max_length = recipe.sft_max_length().unwrap_or(TRL_DEFAULT_MAX_LENGTH);
+                let why = format!("none keeps a scored token after truncation to max_seq_length {max_length} (assistant_only_loss: {}, truncation_mode: {:?})", recipe.assistant_only_loss, recipe.truncation_mode.as_deref().unwrap_or("keep_start"));
+                return Err(empty_training_set(recipe, Some(train_set.len()), &why));
+            }
             let eval_examples = test_set.as_ref().map(build).transpose()?.unwrap_or_default();
             let name = if objective == Objective::Sft { "sft" } else { "cpt" };
             let reduction: Reduction = recipe
@@ -433,7 +503,9 @@ pub fn run<B: AutodiffBackend>(objective: Objective, recipe: &Recipe, device: &B
             let mut train_pairs = preference_examples(recipe, &tools, &train_set, objective)?;
             let mut eval_pairs = eval_preferences(&test_set)?;
             if train_pairs.is_empty() {
-                return Err(RunError::NoExamples { split: "train", max_length: recipe.max_length });
+                let why =
+                    format!("every prompt fills max_length {} (DPO drops such pairs)", recipe.max_length.unwrap_or(TRL_DEFAULT_MAX_LENGTH));
+                return Err(empty_training_set(recipe, Some(train_set.len()), &why));
             }
             let loss_type: DpoLossType =
                 recipe.loss_type.as_deref().unwrap_or("sigmoid").parse().map_err(|e: alignment_objectives::ObjectiveError| {
@@ -458,6 +530,13 @@ pub fn run<B: AutodiffBackend>(objective: Objective, recipe: &Recipe, device: &B
         Objective::Orpo => {
             let train_pairs = preference_examples(recipe, &tools, &train_set, objective)?;
             let eval_pairs = eval_preferences(&test_set)?;
+            if train_pairs.is_empty() {
+                let why = format!(
+                    "every prompt leaves no room for a completion within max_length {}",
+                    recipe.max_length.unwrap_or(TRL_DEFAULT_MAX_LENGTH)
+                );
+                return Err(empty_training_set(recipe, Some(train_set.len()), &why));
+            }
             let orpo = OrpoConfig { beta: recipe.beta };
             orpo.validate().map_err(|e| RunError::Unsupported { key: "beta", message: e.to_string() })?;
             let task = OrpoTask { config: orpo, pad_id: tools.pad_id };

@@ -7,10 +7,10 @@ use std::path::{Path, PathBuf};
 use serde_json::Value;
 
 use crate::dataset::{Dataset, Row, RowOrigin};
-use std::sync::Arc;
 use crate::error::DataError;
 use crate::hub::{HubClient, HubConfig};
 use crate::parquet_file::read_parquet;
+use std::sync::Arc;
 
 /// File extensions read as data; any other file in a dataset directory is ignored.
 pub const DATA_EXTENSIONS: [&str; 3] = ["parquet", "jsonl", "json"];

@@ -124,7 +124,8 @@ pub fn save_checkpoint<B: Backend>(
     }
     write_safetensors(&staging.path().join(OPTIMIZER_FILE), &tensors, SaveDtype::F32)?;
     let state_path = staging.path().join(STATE_FILE);
-    let json = serde_json::to_string_pretty(state).map_err(|e| TrainError::Checkpoint { path: state_path.clone(), message: e.to_string() })?;
+    let json =
+        serde_json::to_string_pretty(state).map_err(|e| TrainError::Checkpoint { path: state_path.clone(), message: e.to_string() })?;
     std::fs::write(&state_path, json + "\n").map_err(|e| alignment_core::IoError::new("writing", &state_path, e))?;
     let saved = staging.commit()?;
     if let Some(keep) = keep.filter(|&k| k > 0) {

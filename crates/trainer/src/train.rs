@@ -496,7 +496,8 @@ pub fn train_with<B: AutodiffBackend, T: Task>(
     let mut pending = Pending::<B>::default();
     let mut last_saved: Option<PathBuf> = None;
     let describe = |step: u64, what: &str, value: f64, last_saved: &Option<PathBuf>| {
-        let examples: Vec<&T::Example> = plan.micro_batches(step - 1, train.len(), &global).into_iter().flatten().map(|i| &train[i]).collect();
+        let examples: Vec<&T::Example> =
+            plan.micro_batches(step - 1, train.len(), &global).into_iter().flatten().map(|i| &train[i]).collect();
         let scored: usize = examples.iter().flat_map(|e| task.sequences(e)).map(|s| s.num_scored()).sum();
         TrainError::NonFinite {
             step,
@@ -636,16 +637,18 @@ pub fn train_with<B: AutodiffBackend, T: Task>(
                 }
             };
             if is_main {
-                last_saved = Some(checkpoint::save_checkpoint(
-                    &config.output_dir,
-                    &inner,
-                    config.adapter.as_ref(),
-                    moments,
-                    &state,
-                    config.tokenizer_dir.as_deref(),
-                    config.save_total_limit,
-                )
-                .map_err(|e| non_finite_update(e, done))?);
+                last_saved = Some(
+                    checkpoint::save_checkpoint(
+                        &config.output_dir,
+                        &inner,
+                        config.adapter.as_ref(),
+                        moments,
+                        &state,
+                        config.tokenizer_dir.as_deref(),
+                        config.save_total_limit,
+                    )
+                    .map_err(|e| non_finite_update(e, done))?,
+                );
             }
             if let Some(p) = parallel.as_deref_mut() {
                 p.barrier()?;
