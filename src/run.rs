@@ -280,8 +280,9 @@ fn location(dataset: &Dataset, row: usize) -> String {
     RowRef::new(&origin.label(), origin.row).to_string()
 }
 
-/// Why the training set is empty: `built` examples from the mixed train split `rows` (`None`
-/// when the recipe's splits give no train split).
+/// The error for an empty training set, saying why: `rows` is the number of rows of the mixed
+/// train split (`None` when the recipe's splits give no train split), `what` why every one of
+/// them was dropped when there were some.
 fn empty_training_set(recipe: &Recipe, rows: Option<usize>, what: &str) -> RunError {
     let reason = match rows {
         None => format!("dataset_splits {:?} name no train split (one whose name contains `train`)", recipe.dataset_splits),
