@@ -13,8 +13,9 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-/// The example binary `name`, built beside this test (cargo builds the examples with the tests;
-/// a lone `cargo test --test bad_input` builds them here first).
+/// The example binary `name`, built beside this test: `cargo test` builds the examples with the
+/// tests; a lone `cargo test --test bad_input` builds a missing one here, but uses an existing one
+/// as it is (after changing the sources, `cargo build --examples` first).
 fn binary(name: &str) -> PathBuf {
     let exe = std::env::current_exe().unwrap();
     let profile_dir = exe.parent().and_then(Path::parent).unwrap().to_path_buf();
@@ -184,6 +185,19 @@ fn bad_input_fails_naming_the_culprit_and_leaves_output_dir_untouched() {
                 vec![]
             },
             expect: &["output_dir", "metrics.jsonl", "overwrite_output_dir"],
+        },
+        Case {
+            name: "an overwrite that fails before training starts",
+            binary: "zephyr_sft",
+            objective: "sft",
+            recipe: "overwrite_output_dir: true\n",
+            setup: |s| {
+                std::fs::create_dir_all(&s.out).unwrap();
+                std::fs::write(s.out.join("metrics.jsonl"), b"{\"step\": 7, \"loss\": 1.0}\n").unwrap();
+                std::fs::write(s.out.join("model.safetensors"), b"the previous run's model").unwrap();
+                vec!["--learning_rate=.nan".into()]
+            },
+            expect: &["learning_rate"],
         },
         Case {
             name: "a dataset fraction of 0",

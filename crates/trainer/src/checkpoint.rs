@@ -175,3 +175,25 @@ pub fn load_optimizer<B: Backend>(
     optimizer.step = state.optimizer_step;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_latest_checkpoint_is_the_most_recently_saved() {
+        let dir = tempfile::tempdir().unwrap();
+        let now = std::time::SystemTime::now();
+        // checkpoint-8 is left from an abandoned continuation; the run resumed from
+        // checkpoint-4 and has since saved checkpoint-6.
+        for (step, age) in [(4, 30), (8, 20), (6, 10)] {
+            let ckpt = checkpoint_dir(dir.path(), step);
+            std::fs::create_dir_all(&ckpt).unwrap();
+            let file = std::fs::File::create(ckpt.join(STATE_FILE)).unwrap();
+            file.set_modified(now - std::time::Duration::from_secs(age)).unwrap();
+        }
+        let order: Vec<u64> = checkpoints_by_recency(dir.path()).into_iter().map(|(s, _)| s).collect();
+        assert_eq!(order, vec![4, 8, 6]);
+        assert_eq!(latest_checkpoint(dir.path()), Some(checkpoint_dir(dir.path(), 6)));
+    }
+}
