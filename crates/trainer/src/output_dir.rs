@@ -103,6 +103,22 @@ pub fn check_reusable(output_dir: &Path, resuming: bool, overwrite: bool) -> Res
     Err(TrainError::OutputDirInUse { path: output_dir.to_path_buf(), found: format!("{}{more}", shown.join(", ")) })
 }
 
+/// Refuses to clear `output_dir` when it is the directory the tokenizer (and so usually the
+/// model) is read from: its files are still needed, and the previous model would be lost.
+pub fn refuse_source_dir(output_dir: &Path, source: Option<&Path>) -> Result<(), TrainError> {
+    let same = |a: &Path, b: &Path| a.canonicalize().ok().is_some_and(|a| b.canonicalize().ok().is_some_and(|b| a == b));
+    match source {
+        Some(source) if same(output_dir, source) => Err(TrainError::Config {
+            key: "output_dir".into(),
+            message: format!(
+                "{} is also where the model and tokenizer are read from; overwrite_output_dir would delete them: choose another output_dir",
+                output_dir.display()
+            ),
+        }),
+        _ => Ok(()),
+    }
+}
+
 /// Removes what a previous run left in `output_dir` (`overwrite_output_dir: true`): its
 /// checkpoints and the files a run writes; anything else stays. Prints what was removed.
 pub fn clear_previous_run(output_dir: &Path) -> Result<(), TrainError> {
@@ -159,6 +175,8 @@ mod tests {
         assert!(err.contains("metrics.jsonl") && err.contains("overwrite_output_dir"), "{err}");
         check_reusable(dir.path(), true, false).unwrap();
         check_reusable(dir.path(), false, true).unwrap();
+        assert!(refuse_source_dir(dir.path(), Some(dir.path())).unwrap_err().to_string().contains("another output_dir"));
+        refuse_source_dir(dir.path(), None).unwrap();
         clear_previous_run(dir.path()).unwrap();
         assert_eq!(previous_run_files(dir.path()), vec!["notes.txt".to_string()], "only the run's own files are removed");
     }

@@ -463,6 +463,7 @@ pub fn train_with<B: AutodiffBackend, T: Task>(
         output_dir::remove_stale_staging(&config.output_dir);
         output_dir::check_reusable(&config.output_dir, config.resume_from.is_some(), config.overwrite_output_dir)?;
         if config.overwrite_output_dir && config.resume_from.is_none() {
+            output_dir::refuse_source_dir(&config.output_dir, config.tokenizer_dir.as_deref())?;
             output_dir::clear_previous_run(&config.output_dir)?;
         }
         std::fs::create_dir_all(&config.output_dir)
