@@ -85,7 +85,7 @@ fn main() -> anyhow::Result<()> {
         generated_ids.push(token);
         // Decode the whole continuation each time so multi-byte characters print correctly.
         if let Ok(text) = tokenizer.decode(&generated_ids, true) {
-            print!("{}", &text[shown.len().min(text.len())..]);
+            print!("{}", text.get(shown.len()..).unwrap_or_default());
             let _ = std::io::stdout().flush();
             shown = text;
         }

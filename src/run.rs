@@ -8,8 +8,8 @@
 //! ```
 
 use crate::reference;
-use alignment_data::format::{format_row, FormatOptions, Formatted, RowRef, Task as DataTask};
 use alignment_data::chat_template::row_template_kwargs;
+use alignment_data::format::{format_row, FormatOptions, Formatted, RowRef, Task as DataTask};
 use alignment_data::preference::{tokenize_dpo_row_with, tokenize_orpo_row_with, PreferenceRow};
 use alignment_data::sft::{override_eos_token, tokenize_sft_row_with, SftOptions, SftRow};
 use alignment_data::source::DatasetLoader;
@@ -68,6 +68,13 @@ pub enum RunError {
     /// The tokenizer could not be read.
     #[error("reading the tokenizer {path}: {message}")]
     Tokenizer { path: PathBuf, message: String },
+    /// The training set is empty; `reason` says why (fraction 0, no train split, every row
+    /// dropped by truncation), with counts.
+    #[error("the training set is empty: {reason}")]
+    EmptyTrainingSet { reason: String },
+    /// The tokenizer has ids the model has no embedding for.
+    #[error("the tokenizer {tokenizer} has {tokenizer_size} token ids (with added tokens), but the model {model} has a vocabulary of {model_size} (config.json vocab_size): they do not belong together")]
+    VocabMismatch { tokenizer: PathBuf, tokenizer_size: usize, model: String, model_size: usize },
     /// Tokenization left nothing to train on.
     #[error("no {split} examples left after formatting and truncation (max_length {max_length:?})")]
     NoExamples { split: &'static str, max_length: Option<usize> },
@@ -270,7 +277,49 @@ pub fn load_for_inference<B: Backend>(dir: &Path, device: &B::Device) -> Result<
 }
 
 fn location(dataset: &Dataset, row: usize) -> String {
-    RowRef::new(&dataset.name, row).to_string()
+    let origin = dataset.origin(row);
+    RowRef::new(&origin.label(), origin.row).to_string()
+}
+
+/// The error for an empty training set, saying why: `rows` is the number of rows of the mixed
+/// train split (`None` when the recipe's splits give no train split), `what` why every one of
+/// them was dropped when there were some.
+fn empty_training_set(recipe: &Recipe, rows: Option<usize>, what: &str) -> RunError {
+    let reason = match rows {
+        None => format!("dataset_splits {:?} name no train split (one whose name contains `train`)", recipe.dataset_splits),
+        Some(0) if recipe.dataset_mixture.is_some() => {
+            "the train split has no rows: dataset_mixture takes int(weight × rows) of each dataset (a weight of 0, or an empty file, takes none)".into()
+        }
+        Some(0) if recipe.dataset_name.is_some() => format!(
+            "split `{}` of dataset_name `{}` has no rows",
+            recipe.dataset_train_split,
+            recipe.dataset_name.as_deref().unwrap_or_default()
+        ),
+        Some(0) => {
+            let mixer: Vec<String> = recipe.dataset_mixer_in_order().iter().map(|(id, f)| format!("{id}: {f}")).collect();
+            format!(
+                "the train split has no rows: dataset_mixer {{{}}} takes int(fraction × rows) of each (a fraction of 0, or an empty file, takes none)",
+                mixer.join(", ")
+            )
+        }
+        Some(n) => format!("all {n} rows of the train split were dropped: {what}"),
+    };
+    RunError::EmptyTrainingSet { reason }
+}
+
+/// Refuses a tokenizer with more ids than the model has embeddings (the tokenizer of another
+/// model, or an adapter whose base is another model): such ids would index past the embedding.
+pub fn check_vocabulary(tools: &TextTools, tokenizer_dir: &Path, model_name: &str, model_size: usize) -> Result<(), RunError> {
+    let tokenizer_size = tools.tokenizer.get_vocab(true).values().max().map_or(0, |&max| max as usize + 1);
+    if tokenizer_size > model_size {
+        return Err(RunError::VocabMismatch {
+            tokenizer: tokenizer_dir.to_path_buf(),
+            tokenizer_size,
+            model: model_name.into(),
+            model_size,
+        });
+    }
+    Ok(())
 }
 
 /// What TRL 1.16's `SFTConfig`, `DPOConfig` and `ORPOConfig` default `max_length` to.
@@ -314,7 +363,9 @@ pub fn sft_examples(recipe: &Recipe, tools: &TextTools, dataset: &Dataset) -> Re
     }
     let mut examples = Vec::with_capacity(dataset.len());
     for (i, row) in dataset.rows.iter().enumerate() {
-        let at = RowRef::new(&dataset.name, i);
+        let origin = dataset.origin(i);
+        let label = origin.label();
+        let at = RowRef::new(&label, origin.row);
         let sft_row = if recipe.legacy_formatting {
             let formatted = format_row(row, &tools.template, DataTask::Sft, &legacy_options(recipe), at)?;
             SftRow::Text(formatted.text().unwrap_or_default().to_string())
@@ -336,7 +387,9 @@ pub fn cpt_examples(recipe: &Recipe, tools: &TextTools, dataset: &Dataset) -> Re
     let options = FormatOptions { auto_insert_empty_system_msg: false, text_column: recipe.text_column.clone() };
     let mut examples = Vec::with_capacity(dataset.len());
     for (i, row) in dataset.rows.iter().enumerate() {
-        let formatted = format_row(row, &tools.template, DataTask::Cpt, &options, RowRef::new(&dataset.name, i))?;
+        let origin = dataset.origin(i);
+        let label = origin.label();
+        let formatted = format_row(row, &tools.template, DataTask::Cpt, &options, RowRef::new(&label, origin.row))?;
         let text = formatted.text().unwrap_or_default();
         examples.push(tokenize_text(&tools.tokenizer, text, Some(tools.eos_id), &location(dataset, i))?);
     }
@@ -366,8 +419,11 @@ pub fn preference_examples(
     let mode = truncation_mode(recipe)?;
     let max_length = recipe.max_length.unwrap_or(TRL_DEFAULT_MAX_LENGTH);
     let mut pairs = Vec::with_capacity(dataset.len());
+    let mut orpo_dropped = 0usize;
     for (i, row) in dataset.rows.iter().enumerate() {
-        let at = RowRef::new(&dataset.name, i);
+        let origin = dataset.origin(i);
+        let label = origin.label();
+        let at = RowRef::new(&label, origin.row);
         let pair = if recipe.legacy_formatting {
             let Formatted::Preference { prompt, chosen, rejected } = format_row(row, &tools.template, task, &legacy_options(recipe), at)?
             else {
@@ -380,7 +436,14 @@ pub fn preference_examples(
         let here = location(dataset, i);
         let (chosen, rejected) = if objective == Objective::Orpo {
             let kwargs = row_template_kwargs(row, false, at)?;
-            let e = tokenize_orpo_row_with(&tools.template, &tools.tokenizer, &pair, &kwargs, tools.bos_id, tools.eos_id, max_length, &here)?;
+            let e =
+                tokenize_orpo_row_with(&tools.template, &tools.tokenizer, &pair, &kwargs, tools.bos_id, tools.eos_id, max_length, &here)?;
+            if e.chosen.num_trained_tokens() == 0 || e.rejected.num_trained_tokens() == 0 {
+                // Nothing of a completion survived truncation (the prompt fills max_length): the
+                // pair would score no token, as DPO drops it.
+                orpo_dropped += 1;
+                continue;
+            }
             (e.chosen, e.rejected)
         } else {
             let kwargs = row_template_kwargs(row, true, at)?;
@@ -391,6 +454,13 @@ pub fn preference_examples(
             ids.sequences(Some(max_length), mode)
         };
         pairs.push(PreferencePair { chosen: chosen.into(), rejected: rejected.into(), reference: None });
+    }
+    if orpo_dropped > 0 {
+        eprintln!(
+            "note: {}: dropped {orpo_dropped} of {} pairs whose prompt leaves no room for the completion within max_length {max_length}",
+            dataset.name,
+            dataset.len()
+        );
     }
     Ok(pairs)
 }
@@ -425,9 +495,14 @@ pub fn run<B: AutodiffBackend>(objective: Objective, recipe: &Recipe, device: &B
     let (train_set, test_set) = (data.train, data.eval);
 
     let mut config = TrainerConfig::from_recipe(recipe)?;
+    if is_main {
+        // Refused before the model loads; a previous run's files are only replaced once training starts.
+        alignment_trainer::output_dir::check_reusable(&config.output_dir, config.resume_from.is_some(), config.overwrite_output_dir)?;
+    }
+    let (model, adapter) = load_model::<B>(recipe, &model_dir, device)?;
+    check_vocabulary(&tools, &tokenizer_dir, &recipe.model_name_or_path, model.config.vocab_size)?;
     config.tokenizer_dir = Some(tokenizer_dir);
     config.quiet = quiet;
-    let (model, adapter) = load_model::<B>(recipe, &model_dir, device)?;
     config.adapter = adapter;
     let eval_preferences = |test: &Option<Dataset>| {
         test.as_ref().map(|t| preference_examples(recipe, &tools, t, objective)).transpose().map(Option::unwrap_or_default)
@@ -437,6 +512,11 @@ pub fn run<B: AutodiffBackend>(objective: Objective, recipe: &Recipe, device: &B
             let build =
                 |d: &Dataset| if objective == Objective::Sft { sft_examples(recipe, &tools, d) } else { cpt_examples(recipe, &tools, d) };
             let train_examples = build(&train_set)?;
+            if train_examples.is_empty() {
+                let max_length = recipe.sft_max_length().unwrap_or(TRL_DEFAULT_MAX_LENGTH);
+                let why = format!("none keeps a scored token after truncation to max_seq_length {max_length} (assistant_only_loss: {}, truncation_mode: {:?})", recipe.assistant_only_loss, recipe.truncation_mode.as_deref().unwrap_or("keep_start"));
+                return Err(empty_training_set(recipe, Some(train_set.len()), &why));
+            }
             let eval_examples = test_set.as_ref().map(build).transpose()?.unwrap_or_default();
             let name = if objective == Objective::Sft { "sft" } else { "cpt" };
             let reduction = components::reduction(recipe)?;
@@ -447,7 +527,9 @@ pub fn run<B: AutodiffBackend>(objective: Objective, recipe: &Recipe, device: &B
             let mut train_pairs = preference_examples(recipe, &tools, &train_set, objective)?;
             let mut eval_pairs = eval_preferences(&test_set)?;
             if train_pairs.is_empty() {
-                return Err(RunError::NoExamples { split: "train", max_length: recipe.max_length });
+                let why =
+                    format!("every prompt fills max_length {} (DPO drops such pairs)", recipe.max_length.unwrap_or(TRL_DEFAULT_MAX_LENGTH));
+                return Err(empty_training_set(recipe, Some(train_set.len()), &why));
             }
             let dpo = components::dpo_config(recipe)?;
             // The reference model is the starting model: its log-probs, computed once and cached.
@@ -458,8 +540,9 @@ pub fn run<B: AutodiffBackend>(objective: Objective, recipe: &Recipe, device: &B
             let world = parallel.as_ref().map_or(1, |p| p.world_size());
             let global = TrainerConfig { train_batch_size: config.train_batch_size * world, ..config.clone() };
             match StepPlan::new(train_pairs.len(), &global).examples_used(train_pairs.len(), &global) {
-                None => precompute_reference(&frozen, &mut train_pairs, batch, tools.pad_id, Some(&cache), device)
-                    .map_err(TrainError::from)?,
+                None => {
+                    precompute_reference(&frozen, &mut train_pairs, batch, tools.pad_id, Some(&cache), device).map_err(TrainError::from)?
+                }
                 Some(used) => {
                     let mut visited: Vec<PreferencePair> = used.iter().map(|&i| train_pairs[i].clone()).collect();
                     precompute_reference(&frozen, &mut visited, batch, tools.pad_id, Some(&cache), device).map_err(TrainError::from)?;
@@ -480,6 +563,13 @@ pub fn run<B: AutodiffBackend>(objective: Objective, recipe: &Recipe, device: &B
         Objective::Orpo => {
             let train_pairs = preference_examples(recipe, &tools, &train_set, objective)?;
             let eval_pairs = eval_preferences(&test_set)?;
+            if train_pairs.is_empty() {
+                let why = format!(
+                    "every prompt leaves no room for a completion within max_length {}",
+                    recipe.max_length.unwrap_or(TRL_DEFAULT_MAX_LENGTH)
+                );
+                return Err(empty_training_set(recipe, Some(train_set.len()), &why));
+            }
             let orpo = components::orpo_config(recipe)?;
             let task = OrpoTask { config: orpo, pad_id: tools.pad_id };
             train_with(model, &task, &train_pairs, &eval_pairs, &config, device, parallel.as_mut())?.1

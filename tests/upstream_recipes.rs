@@ -90,6 +90,9 @@ fn tiny_model(dir: &Path) -> PathBuf {
 #[derive(Default)]
 struct RepoPlan {
     splits: BTreeSet<(String, String)>,
+    /// Read by a packing recipe (`max_length` up to 65 536 tokens per packed row): a couple of
+    /// rows per split, so the packed rows stay a few thousand tokens long.
+    packed: bool,
     preference: bool,
     template_kwargs: bool,
 }
@@ -125,11 +128,15 @@ fn write_repos(root: &Path, plans: &BTreeMap<String, RepoPlan>) -> BTreeMap<Stri
         let dir = root.join(id);
         let mut configs: BTreeMap<&str, Vec<(&str, String)>> = BTreeMap::new();
         for (config, split) in &plan.splits {
-            let file = if config == "default" { format!("data/{split}-00000-of-00001.jsonl") } else { format!("data/{config}/{split}-00000-of-00001.jsonl") };
+            let file = if config == "default" {
+                format!("data/{split}-00000-of-00001.jsonl")
+            } else {
+                format!("data/{config}/{split}-00000-of-00001.jsonl")
+            };
             let path = dir.join(&file);
             std::fs::create_dir_all(path.parent().unwrap()).unwrap();
             let mut lines = String::new();
-            for i in 0..ROWS_PER_SPLIT {
+            for i in 0..if plan.packed { 2 } else { ROWS_PER_SPLIT } {
                 let mut row = stand_in_row(i, plan.preference);
                 if plan.template_kwargs {
                     row.insert("chat_template_kwargs".into(), json!({"enable_thinking": i % 2 == 0}));
@@ -197,7 +204,8 @@ fn serve(repos: BTreeMap<String, PathBuf>) -> (String, Arc<tiny_http::Server>) {
             if let Some((dir, _)) = url.strip_prefix("/api/datasets/").and_then(|r| repo_of(r, "revision")) {
                 let siblings: Vec<Value> = list_files(&dir).iter().map(|f| json!({ "rfilename": f })).collect();
                 let body = json!({ "sha": COMMIT, "siblings": siblings });
-                let _ = request.respond(tiny_http::Response::from_string(body.to_string()).with_header(header("Content-Type", "application/json")));
+                let _ = request
+                    .respond(tiny_http::Response::from_string(body.to_string()).with_header(header("Content-Type", "application/json")));
                 continue;
             }
             if let Some((dir, file)) = url.strip_prefix("/datasets/").and_then(|r| repo_of(r, "resolve")) {
@@ -243,6 +251,7 @@ fn every_upstream_recipe_runs_unchanged() {
                     let plan = plans.entry(d.id).or_default();
                     plan.splits.insert((d.config.unwrap_or_else(|| "default".into()), d.split));
                     plan.preference |= preference;
+                    plan.packed |= recipe.packing;
                     plan.template_kwargs |= d.columns.iter().flatten().any(|c| c == "chat_template_kwargs");
                 }
             }
@@ -298,7 +307,11 @@ fn every_upstream_recipe_runs_unchanged() {
             }
             Err(e) => failures.push(format!("{name}: {e}")),
         }
-        eprintln!("{name}: {:.1} s{}", started.elapsed().as_secs_f64(), if failures.last().is_some_and(|f| f.starts_with(&name)) { " (failed)" } else { "" });
+        eprintln!(
+            "{name}: {:.1} s{}",
+            started.elapsed().as_secs_f64(),
+            if failures.last().is_some_and(|f| f.starts_with(&name)) { " (failed)" } else { "" }
+        );
         let _ = std::fs::remove_dir_all(&out);
     }
     server.unblock();

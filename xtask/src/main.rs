@@ -40,9 +40,12 @@ enum Command {
         /// Build the examples with the CUDA backend.
         #[arg(long)]
         cuda: bool,
-        /// Where the two runs write (`<dir>/sft`, `<dir>/dpo`).
-        #[arg(long, default_value = "data/replicate-zephyr")]
-        output_dir: PathBuf,
+        /// Where the two runs write (`<dir>/sft`, `<dir>/dpo`); default `data/replicate-zephyr`,
+        /// with `-full` and/or `-qlora` appended for those variants, so no variant writes into
+        /// another's directories. Each run replaces what an earlier run of the same variant left
+        /// there (`--overwrite_output_dir=true`).
+        #[arg(long)]
+        output_dir: Option<PathBuf>,
         /// Do not evaluate the models after training.
         #[arg(long)]
         no_eval: bool,
@@ -159,6 +162,12 @@ fn evaluate_stages(
     Ok(())
 }
 
+/// Where `replicate` writes by default: one directory per variant (`data/replicate-zephyr`,
+/// `-qlora`, `-full`, `-full-qlora`), so a QLoRA run never writes beside a full run's model.
+fn default_replicate_dir(full: bool, qlora: bool) -> PathBuf {
+    PathBuf::from(format!("data/replicate-zephyr{}{}", if full { "-full" } else { "" }, if qlora { "-qlora" } else { "" }))
+}
+
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Replicate { recipe, full, qlora, cuda, output_dir, no_eval, eval_only, eval_max_new_tokens, eval_limit, overrides } => {
@@ -172,14 +181,18 @@ fn main() -> anyhow::Result<()> {
                 (false, false) => "config_cpu.yaml",
             };
             let (sft_recipe, dpo_recipe) = (format!("recipes/{family}/sft/{config}"), format!("recipes/{family}/dpo/{config}"));
+            let output_dir = output_dir.unwrap_or_else(|| default_replicate_dir(full, qlora));
             let sft_dir = output_dir.join("sft");
             let dpo_dir = output_dir.join("dpo");
             if !eval_only {
-                let mut sft_args = vec![format!("--output_dir={}", sft_dir.display())];
+                let mut sft_args = vec![format!("--output_dir={}", sft_dir.display()), "--overwrite_output_dir=true".to_string()];
                 sft_args.extend(overrides.iter().cloned());
                 run_example("zephyr_sft", &repo_root().join(&sft_recipe), &sft_args, cuda)?;
-                let mut dpo_args =
-                    vec![format!("--output_dir={}", dpo_dir.display()), format!("--model_name_or_path={}", sft_dir.display())];
+                let mut dpo_args = vec![
+                    format!("--output_dir={}", dpo_dir.display()),
+                    format!("--model_name_or_path={}", sft_dir.display()),
+                    "--overwrite_output_dir=true".to_string(),
+                ];
                 dpo_args.extend(overrides.iter().cloned());
                 run_example("zephyr_dpo", &repo_root().join(&dpo_recipe), &dpo_args, cuda)?;
                 println!("replicated {recipe}: SFT model in {}, DPO model in {}", sft_dir.display(), dpo_dir.display());

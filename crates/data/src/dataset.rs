@@ -3,6 +3,7 @@
 //! train_test_split), each with Hugging Face `datasets`' semantics.
 
 use serde_json::{Map, Value};
+use std::sync::Arc;
 
 use crate::error::DataError;
 use crate::shuffle::permutation;
@@ -11,11 +12,34 @@ use crate::shuffle::permutation;
 /// `messages` column holds an array of `{"content": ..., "role": ...}` objects.
 pub type Row = Map<String, Value>;
 
+/// Where one row came from, for error messages: its file (or hub split) and its index there,
+/// plus its line in a JSON Lines file. It follows the row through selection, concatenation and
+/// shuffling, so a bad row of a shuffled mix is reported where the user can find it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RowOrigin {
+    /// The file, or `repo[/config]:split` of a hub dataset.
+    pub source: Arc<str>,
+    /// The row's index in `source` (0-based, as `dataset[i]` indexes it).
+    pub row: usize,
+    /// The row's line in a JSON Lines file (1-based).
+    pub line: Option<usize>,
+}
+
+impl RowOrigin {
+    /// `source` with the line appended as `path:line` when known: the name an error gives.
+    pub fn label(&self) -> String {
+        match self.line {
+            Some(line) => format!("{}:{line}", self.source),
+            None => self.source.to_string(),
+        }
+    }
+}
+
 /// A table of rows sharing one column list, with a name for error messages
 /// (e.g. `HuggingFaceH4/ultrachat_200k:train_sft`). Every row has exactly the columns in
 /// [`Dataset::columns`], in that order; a value absent from a JSON line is `null`, as `datasets`
 /// fills it.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub struct Dataset {
     /// Where the rows came from, for error messages.
     pub name: String,
@@ -23,6 +47,16 @@ pub struct Dataset {
     pub columns: Vec<String>,
     /// The rows; each has exactly `columns`, in order.
     pub rows: Vec<Row>,
+    /// Where each row came from ([`Dataset::origin`]); empty means row `i` is row `i` of `name`.
+    pub origins: Vec<RowOrigin>,
+}
+
+/// Datasets are equal when their name, columns and rows are; where the rows came from is not
+/// compared.
+impl PartialEq for Dataset {
+    fn eq(&self, other: &Self) -> bool {
+        self.name == other.name && self.columns == other.columns && self.rows == other.rows
+    }
 }
 
 /// `test_size` of `train_test_split`: a fraction in (0, 1) or a number of rows, as in `datasets`
@@ -64,7 +98,27 @@ impl Dataset {
     /// `null` and keys outside `columns` are dropped.
     pub fn with_columns(name: impl Into<String>, columns: Vec<String>, rows: Vec<Row>) -> Self {
         let rows = rows.into_iter().map(|row| conform(row, &columns)).collect();
-        Self { name: name.into(), columns, rows }
+        Self { name: name.into(), columns, rows, origins: Vec::new() }
+    }
+
+    /// The dataset with each row's origin given (one per row, in order).
+    pub fn with_origins(mut self, origins: Vec<RowOrigin>) -> Self {
+        debug_assert_eq!(origins.len(), self.rows.len());
+        self.origins = if origins.len() == self.rows.len() { origins } else { Vec::new() };
+        self
+    }
+
+    /// Where row `i` came from: recorded by the loader, else row `i` of this dataset's name.
+    pub fn origin(&self, i: usize) -> RowOrigin {
+        self.origins.get(i).cloned().unwrap_or_else(|| RowOrigin { source: Arc::from(self.name.as_str()), row: i, line: None })
+    }
+
+    fn all_origins(&self) -> Vec<RowOrigin> {
+        if self.origins.len() == self.rows.len() {
+            return self.origins.clone();
+        }
+        let source: Arc<str> = Arc::from(self.name.as_str());
+        (0..self.rows.len()).map(|row| RowOrigin { source: source.clone(), row, line: None }).collect()
     }
 
     /// Number of rows.
@@ -85,7 +139,8 @@ impl Dataset {
                 self.rows.get(i).cloned().ok_or_else(|| DataError::RowOutOfRange { dataset: self.name.clone(), index: i, len: self.len() })
             })
             .collect::<Result<_, _>>()?;
-        Ok(Self { name: self.name.clone(), columns: self.columns.clone(), rows })
+        let origins = indices.iter().map(|&i| self.origin(i)).collect();
+        Ok(Self { name: self.name.clone(), columns: self.columns.clone(), rows, origins })
     }
 
     /// `Dataset.select(range(n))`: the first `n` rows (an error past the end, as in `datasets`).
@@ -95,7 +150,9 @@ impl Dataset {
         }
         let mut rows = self.rows;
         rows.truncate(n);
-        Ok(Self { rows, ..self })
+        let mut origins = self.origins;
+        origins.truncate(n);
+        Ok(Self { rows, origins, ..self })
     }
 
     /// `Dataset.select_columns(columns)`: exactly these columns, in this order; an error naming
@@ -104,7 +161,8 @@ impl Dataset {
         if let Some(missing) = columns.iter().find(|c| !self.columns.contains(c)) {
             return Err(DataError::MissingColumn { dataset: self.name, column: missing.clone(), available: self.columns });
         }
-        Ok(Self::with_columns(self.name, columns.to_vec(), self.rows))
+        let origins = self.origins;
+        Ok(Self { origins, ..Self::with_columns(self.name, columns.to_vec(), self.rows) })
     }
 
     /// The handbook's `remove_columns([c for c in columns if c not in keep])`: the dataset's own
@@ -115,7 +173,8 @@ impl Dataset {
         if columns.is_empty() {
             return Err(DataError::NoColumnsKept { dataset: self.name, keep: keep.to_vec(), available: self.columns });
         }
-        Ok(Self::with_columns(self.name, columns, self.rows))
+        let origins = self.origins;
+        Ok(Self { origins, ..Self::with_columns(self.name, columns, self.rows) })
     }
 
     /// `concatenate_datasets(parts)`: rows in order; the columns are the first part's followed by
@@ -129,16 +188,19 @@ impl Dataset {
                 }
             }
         }
+        let keep_origins = parts.iter().any(|p| !p.origins.is_empty());
+        let origins: Vec<RowOrigin> = if keep_origins { parts.iter().flat_map(|p| p.all_origins()).collect() } else { Vec::new() };
         let rows = parts.into_iter().flat_map(|p| p.rows).collect();
-        Self::with_columns(name, columns, rows)
+        Self { origins, ..Self::with_columns(name, columns, rows) }
     }
 
     /// `Dataset.shuffle(seed=seed)`: the rows in the order `np.random.default_rng(seed).permutation(len)`.
     pub fn shuffle(self, seed: u64) -> Self {
         let order = permutation(seed, self.len());
+        let origins = order.iter().map(|&i| self.origin(i)).collect();
         let mut slots: Vec<Option<Row>> = self.rows.into_iter().map(Some).collect();
-        let rows = order.into_iter().map(|i| slots[i].take().expect("a permutation")).collect();
-        Self { name: self.name, columns: self.columns, rows }
+        let rows = order.into_iter().filter_map(|i| slots[i].take()).collect();
+        Self { name: self.name, columns: self.columns, rows, origins }
     }
 
     /// `Dataset.train_test_split(test_size=..., seed=seed)` (shuffled, not stratified): returns

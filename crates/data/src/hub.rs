@@ -177,7 +177,11 @@ impl HubClient {
             Some(c) => format!("{repo}/{c}:{split}"),
             None => format!("{repo}:{split}"),
         };
-        load_files(&paths, &name)
+        // Rows are reported as rows of the hub split, not of the cached files.
+        let dataset = load_files(&paths, &name)?;
+        let source: std::sync::Arc<str> = std::sync::Arc::from(name.as_str());
+        let origins = (0..dataset.len()).map(|row| crate::dataset::RowOrigin { source: source.clone(), row, line: None }).collect();
+        Ok(dataset.with_origins(origins))
     }
 
     /// `{cache}/datasets--org--name`.

@@ -22,7 +22,7 @@ pub mod source;
 pub mod tokenize;
 
 pub use chat_template::{row_template_kwargs, validate_messages, ChatTemplate, Message, SpecialTokens, VALID_ROLES, ZEPHYR_TEMPLATE};
-pub use dataset::{Dataset, Row, TestSize};
+pub use dataset::{Dataset, Row, RowOrigin, TestSize};
 pub use error::DataError;
 pub use format::{
     format_row, maybe_insert_system_message, messages_from_json, split_preference, FormatOptions, Formatted, PreferenceMessages, RowRef,

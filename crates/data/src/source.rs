@@ -7,10 +7,11 @@ use std::path::{Path, PathBuf};
 use serde_json::Value;
 
 use crate::data_files::{resolve_data_files, README};
-use crate::dataset::{Dataset, Row};
+use crate::dataset::{Dataset, Row, RowOrigin};
 use crate::error::DataError;
 use crate::hub::{HubClient, HubConfig};
 use crate::parquet_file::read_parquet;
+use std::sync::Arc;
 
 /// File extensions read as data; any other file in a dataset directory is ignored.
 pub const DATA_EXTENSIONS: [&str; 3] = ["parquet", "jsonl", "json"];
@@ -127,12 +128,20 @@ pub fn load_files(paths: &[PathBuf], name: &str) -> Result<Dataset, DataError> {
 /// One data file, by extension: `.parquet`, or `.jsonl` / `.json` (JSON Lines, a JSON array of
 /// objects — or of strings, which become `{"text": ...}` — or one object of equal-length column
 /// arrays).
+///
+/// Each row records its origin (the file, its row index there, and its line in a JSON Lines
+/// file), which errors about the row name.
 pub fn load_file(path: &Path, name: &str) -> Result<Dataset, DataError> {
-    match extension(&path.to_string_lossy()) {
-        Some("parquet") => read_parquet(path, name),
-        Some("jsonl" | "json") => read_json(path, name),
-        _ => Err(DataError::UnsupportedFile { path: path.to_path_buf() }),
-    }
+    let (dataset, lines) = match extension(&path.to_string_lossy()) {
+        Some("parquet") => (read_parquet(path, name)?, None),
+        Some("jsonl" | "json") => read_json(path, name)?,
+        _ => return Err(DataError::UnsupportedFile { path: path.to_path_buf() }),
+    };
+    let source: Arc<str> = Arc::from(path.display().to_string().as_str());
+    let origins = (0..dataset.len())
+        .map(|row| RowOrigin { source: source.clone(), row, line: lines.as_ref().and_then(|l: &Vec<usize>| l.get(row).copied()) })
+        .collect();
+    Ok(dataset.with_origins(origins))
 }
 
 fn extension(file: &str) -> Option<&str> {
@@ -214,7 +223,8 @@ pub fn list_files(root: &Path) -> Result<Vec<String>, DataError> {
     Ok(out)
 }
 
-fn read_json(path: &Path, name: &str) -> Result<Dataset, DataError> {
+/// The rows of a `.json`/`.jsonl` file, with each row's line when the file is JSON Lines.
+fn read_json(path: &Path, name: &str) -> Result<(Dataset, Option<Vec<usize>>), DataError> {
     let text = std::fs::read_to_string(path).map_err(|source| DataError::Io { path: path.to_path_buf(), source })?;
     let text = text.strip_prefix('\u{feff}').unwrap_or(&text);
     let invalid = |message: String| DataError::InvalidJson { path: path.to_path_buf(), message };
@@ -229,19 +239,22 @@ fn read_json(path: &Path, name: &str) -> Result<Dataset, DataError> {
                 other => Err(invalid(format!("array element {i} is not an object: {other}"))),
             })
             .collect::<Result<Vec<_>, _>>()?;
-        return Ok(Dataset::from_rows(name, rows));
+        return Ok((Dataset::from_rows(name, rows), None));
     }
     match read_json_lines(path, text) {
-        Ok(rows) => Ok(Dataset::from_rows(name, rows)),
+        Ok(rows) => {
+            let (rows, lines): (Vec<Row>, Vec<usize>) = rows.into_iter().unzip();
+            Ok((Dataset::from_rows(name, rows), Some(lines)))
+        }
         // A `.json` file that is not JSON Lines may be one object of columns.
         Err(line_error) => match serde_json::from_str::<Value>(text) {
-            Ok(Value::Object(columns)) => columnar_rows(columns).map(|rows| Dataset::from_rows(name, rows)).map_err(invalid),
+            Ok(Value::Object(columns)) => columnar_rows(columns).map(|rows| (Dataset::from_rows(name, rows), None)).map_err(invalid),
             _ => Err(line_error),
         },
     }
 }
 
-fn read_json_lines(path: &Path, text: &str) -> Result<Vec<Row>, DataError> {
+fn read_json_lines(path: &Path, text: &str) -> Result<Vec<(Row, usize)>, DataError> {
     let mut rows = Vec::new();
     for (index, line) in text.lines().enumerate() {
         if line.trim().is_empty() {
@@ -249,7 +262,7 @@ fn read_json_lines(path: &Path, text: &str) -> Result<Vec<Row>, DataError> {
         }
         let malformed = |message: String| DataError::MalformedJsonLine { path: path.to_path_buf(), line: index + 1, message };
         match serde_json::from_str::<Value>(line).map_err(|e| malformed(e.to_string()))? {
-            Value::Object(row) => rows.push(row),
+            Value::Object(row) => rows.push((row, index + 1)),
             other => return Err(malformed(format!("expected a JSON object, found {other}"))),
         }
     }

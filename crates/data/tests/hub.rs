@@ -50,6 +50,9 @@ fn hub_download_cache_and_offline() {
     assert_eq!(ds.rows, local.rows, "the same rows as the local directory, shard order kept");
     assert_eq!(ds.columns, local.columns);
     assert_eq!(ds.name, "HuggingFaceH4/ultrachat_mini:train_sft");
+    // A row is reported as a row of the hub split, not of a cached shard file.
+    let last = ds.origin(ds.len() - 1);
+    assert_eq!((last.label(), last.row), ("HuggingFaceH4/ultrachat_mini:train_sft".to_string(), ds.len() - 1));
     assert_eq!(hub.downloads(), 2 * 2, "a metadata and a content request per shard");
 
     // huggingface_hub's cache layout: refs/main → commit, snapshots/<commit>/<file> → blob.

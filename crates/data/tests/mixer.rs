@@ -430,3 +430,31 @@ fn dataset_operations_follow_datasets() {
     assert_eq!(selected.columns, ["z", "x"], "select_columns order");
     assert_eq!(index_dataset(0).shuffle(42).len(), 0);
 }
+
+/// A row of a shuffled mix still knows its file and line: errors about it point there, not to
+/// its position in the mix.
+#[test]
+fn mixed_rows_keep_their_file_and_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = dir.path().join("a");
+    let b = dir.path().join("b");
+    for (root, tag) in [(&a, "a"), (&b, "b")] {
+        std::fs::create_dir_all(root).unwrap();
+        // A blank line first: line numbers count it, row indices do not.
+        let lines: Vec<String> = (0..20).map(|i| format!("{{\"text\": \"{tag}{i}\"}}")).collect();
+        std::fs::write(root.join("train.jsonl"), format!("\n{}\n", lines.join("\n"))).unwrap();
+    }
+    let config = classic(&[(&a.display().to_string(), 1.0), (&b.display().to_string(), 0.5)], &["train"], None);
+    let mixed = mix_datasets(&config, &DatasetLoader::local_only()).unwrap().train.unwrap();
+    assert_eq!(mixed.len(), 30);
+    for i in 0..mixed.len() {
+        let text = mixed.rows[i]["text"].as_str().unwrap();
+        let (tag, n) = text.split_at(1);
+        let n: usize = n.parse().unwrap();
+        let origin = mixed.origin(i);
+        let file = if tag == "a" { &a } else { &b };
+        assert_eq!(&*origin.source, file.join("train.jsonl").display().to_string(), "row {i}");
+        assert_eq!((origin.row, origin.line), (n, Some(n + 2)), "row {i} ({text})");
+        assert_eq!(origin.label(), format!("{}:{}", file.join("train.jsonl").display(), n + 2));
+    }
+}

@@ -33,6 +33,9 @@ pub enum ModelError {
     /// message names the metadata key or tensor.
     #[error("GGUF file {path}: {message}")]
     Gguf { path: PathBuf, message: String },
+    /// A tensor holds NaN or infinite values (found when loading or before saving).
+    #[error("tensor `{name}` ({path}) holds {count} non-finite values (the first, {value}, at element {index}): refusing weights that make every output NaN")]
+    NonFiniteWeights { name: String, path: PathBuf, index: usize, value: f32, count: usize },
     /// A generation request is malformed (empty prompt, ...).
     #[error("invalid generation request: {0}")]
     Generation(String),

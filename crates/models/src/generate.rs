@@ -30,7 +30,8 @@ impl Default for GenerationConfig {
 
 /// Generates a continuation of `prompt`, calling `on_token` as each token is chosen (for
 /// streaming output). Returns the new tokens, including a final stop token if one was produced.
-/// A batch of one for [`crate::decode::generate_batch`].
+/// A batch of one for [`crate::decode::generate_batch`]; a prompt that fills the model's context
+/// (`max_position_embeddings`) is refused.
 pub fn generate<B: Backend>(
     model: &CausalLm<B>,
     prompt: &[u32],
@@ -39,6 +40,13 @@ pub fn generate<B: Backend>(
 ) -> Result<Vec<u32>, ModelError> {
     if prompt.is_empty() {
         return Err(ModelError::Generation("the prompt has no tokens".into()));
+    }
+    let context = model.config.max_position_embeddings;
+    if prompt.len() >= context {
+        return Err(ModelError::Generation(format!(
+            "the prompt has {} tokens, which leaves no room in the model's context of {context} tokens (max_position_embeddings in config.json); shorten the prompt",
+            prompt.len()
+        )));
     }
     let mut streamed = 0;
     let mut generations = generate_batch(model, &[prompt.to_vec()], config, |_, tokens| {

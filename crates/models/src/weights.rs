@@ -93,12 +93,13 @@ impl Checkpoint {
         }
         let start = 8 + file.header_len + info.data_offsets.0;
         let bytes = &file.map[start..8 + file.header_len + info.data_offsets.1];
-        let values = match info.dtype {
+        let values: Vec<f32> = match info.dtype {
             Dtype::F32 => bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
             Dtype::BF16 => bytes.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
             Dtype::F16 => bytes.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
             other => return Err(ModelError::UnsupportedDtype { name: name.into(), dtype: format!("{other:?}") }),
         };
+        check_finite(name, &values, &self.path())?;
         Ok(values)
     }
 }
@@ -130,6 +131,9 @@ pub struct NamedTensor {
 /// Writes `tensors` as one safetensors file with the `{"format": "pt"}` metadata transformers
 /// expects. The caller is responsible for atomicity (write into an [`alignment_core::AtomicDir`]).
 pub fn write_safetensors(path: &Path, tensors: &[NamedTensor], dtype: SaveDtype) -> Result<(), ModelError> {
+    for t in tensors {
+        check_finite(&t.name, &t.values, path)?;
+    }
     let encoded: Vec<(String, Vec<usize>, Vec<u8>)> = tensors
         .iter()
         .map(|t| {
@@ -156,4 +160,19 @@ pub fn write_safetensors(path: &Path, tensors: &[NamedTensor], dtype: SaveDtype)
         safetensors::SafeTensorError::IoError(io) => io_err("writing", path, io),
         other => ModelError::CorruptedWeights { path: path.into(), message: other.to_string() },
     })
+}
+
+/// Refuses a tensor holding NaN or ±inf ([`ModelError::NonFiniteWeights`]): such weights are
+/// neither loaded nor saved, since every output of the model would be NaN.
+pub fn check_finite(name: &str, values: &[f32], path: &Path) -> Result<(), ModelError> {
+    match values.iter().position(|v| !v.is_finite()) {
+        None => Ok(()),
+        Some(index) => Err(ModelError::NonFiniteWeights {
+            name: name.into(),
+            path: path.into(),
+            index,
+            value: values[index],
+            count: values.iter().filter(|v| !v.is_finite()).count(),
+        }),
+    }
 }

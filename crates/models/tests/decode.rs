@@ -104,3 +104,13 @@ fn bad_prompts_are_errors_naming_the_prompt() {
     assert!(err.contains("prompt 0") && err.contains("1000000"), "{err}");
     assert!(generate_batch(&model, &[], &config, |_, _| false).unwrap().is_empty());
 }
+
+#[test]
+fn a_prompt_that_fills_the_context_is_refused() {
+    let (mut model, _) = load("tiny-llama");
+    model.config.max_position_embeddings = 6;
+    let config = GenerationConfig { max_new_tokens: 2, ..Default::default() };
+    let err = generate(&model, &[1; 6], &config, |_| {}).unwrap_err().to_string();
+    assert!(err.contains("6 tokens") && err.contains("max_position_embeddings"), "{err}");
+    assert_eq!(generate(&model, &[1; 5], &config, |_| {}).unwrap().len(), 2, "a shorter prompt still generates");
+}

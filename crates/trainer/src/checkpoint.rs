@@ -57,6 +57,26 @@ pub fn list_checkpoints(output_dir: &Path) -> Vec<(u64, PathBuf)> {
     found
 }
 
+/// Complete checkpoints in `output_dir`, least recently saved first (by the time their
+/// `trainer_state.json` was written, then by step): after a resume from an earlier checkpoint,
+/// the checkpoints of the abandoned continuation count as older than the new ones.
+pub fn checkpoints_by_recency(output_dir: &Path) -> Vec<(u64, PathBuf)> {
+    let mut found: Vec<(std::time::SystemTime, u64, PathBuf)> = list_checkpoints(output_dir)
+        .into_iter()
+        .map(|(step, dir)| {
+            let saved = std::fs::metadata(dir.join(STATE_FILE)).and_then(|m| m.modified()).unwrap_or(std::time::UNIX_EPOCH);
+            (saved, step, dir)
+        })
+        .collect();
+    found.sort();
+    found.into_iter().map(|(_, step, dir)| (step, dir)).collect()
+}
+
+/// The most recently saved checkpoint in `output_dir` (`resume_from_checkpoint: true`).
+pub fn latest_checkpoint(output_dir: &Path) -> Option<PathBuf> {
+    checkpoints_by_recency(output_dir).pop().map(|(_, dir)| dir)
+}
+
 /// Writes the trained weights into `dir`: the full model, or only the adapters when `adapter` is
 /// set; tokenizer files are copied from `tokenizer_from` either way. Not atomic: callers write
 /// into a staging directory.
@@ -78,7 +98,8 @@ pub fn write_weights<B: Backend>(
     Ok(())
 }
 
-/// Saves a checkpoint atomically and removes the oldest ones beyond `keep` (`save_total_limit`).
+/// Saves a checkpoint atomically and removes the least recently saved ones beyond `keep`
+/// (`save_total_limit`; the one just saved is the most recent).
 pub fn save_checkpoint<B: Backend>(
     output_dir: &Path,
     model: &CausalLm<B>,
@@ -103,12 +124,13 @@ pub fn save_checkpoint<B: Backend>(
     }
     write_safetensors(&staging.path().join(OPTIMIZER_FILE), &tensors, SaveDtype::F32)?;
     let state_path = staging.path().join(STATE_FILE);
-    let json = serde_json::to_string_pretty(state).expect("state serializes");
+    let json =
+        serde_json::to_string_pretty(state).map_err(|e| TrainError::Checkpoint { path: state_path.clone(), message: e.to_string() })?;
     std::fs::write(&state_path, json + "\n").map_err(|e| alignment_core::IoError::new("writing", &state_path, e))?;
     let saved = staging.commit()?;
     if let Some(keep) = keep.filter(|&k| k > 0) {
-        let all = list_checkpoints(output_dir);
-        for (_, old) in all.iter().take(all.len().saturating_sub(keep)) {
+        let all = checkpoints_by_recency(output_dir);
+        for (_, old) in all.iter().take(all.len().saturating_sub(keep)).filter(|(_, dir)| *dir != saved) {
             let _ = std::fs::remove_dir_all(old);
         }
     }
@@ -152,4 +174,26 @@ pub fn load_optimizer<B: Backend>(
     }
     optimizer.step = state.optimizer_step;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_latest_checkpoint_is_the_most_recently_saved() {
+        let dir = tempfile::tempdir().unwrap();
+        let now = std::time::SystemTime::now();
+        // checkpoint-8 is left from an abandoned continuation; the run resumed from
+        // checkpoint-4 and has since saved checkpoint-6.
+        for (step, age) in [(4, 30), (8, 20), (6, 10)] {
+            let ckpt = checkpoint_dir(dir.path(), step);
+            std::fs::create_dir_all(&ckpt).unwrap();
+            let file = std::fs::File::create(ckpt.join(STATE_FILE)).unwrap();
+            file.set_modified(now - std::time::Duration::from_secs(age)).unwrap();
+        }
+        let order: Vec<u64> = checkpoints_by_recency(dir.path()).into_iter().map(|(s, _)| s).collect();
+        assert_eq!(order, vec![4, 8, 6]);
+        assert_eq!(latest_checkpoint(dir.path()), Some(checkpoint_dir(dir.path(), 6)));
+    }
 }

@@ -4,7 +4,13 @@
 //! key at fault. The trainer's own settings are read by [`crate::TrainerConfig::from_recipe`];
 //! the binaries only wire these together.
 
-use crate::recipe::{Recipe, RecipeError};
+use crate::checkpoint;
+use crate::optimizer::{AdamWConfig, UpdateRule};
+use crate::recipe::{Recipe, RecipeError, ResumeFrom};
+use crate::schedule::ScheduleKind;
+use crate::step::StepOptions;
+use crate::train::{FractionalSteps, SaveStrategy, TrainerConfig};
+use crate::TrainError;
 use alignment_data::mixer::{mix_datasets, mix_mixture, DatasetMixer, DatasetMixture, MixedSplits, MixerConfig, MixerEntry};
 use alignment_data::{DataError, Dataset, SplitSource};
 use alignment_peft::{LoraConfig, TargetModules};
@@ -168,4 +174,144 @@ pub fn orpo_config(recipe: &Recipe) -> Result<alignment_objectives::OrpoConfig, 
     let config = alignment_objectives::OrpoConfig { beta: recipe.beta };
     config.validate().map_err(|e| value_error("beta", e.to_string()))?;
     Ok(config)
+}
+
+/// The training loop's settings (transformers' TrainingArguments semantics): the schedule and
+/// its kwargs, intervals (counts, fractions of the run, or `epoch`), the update rule (`optim`),
+/// batch sizes, the checkpoint to resume from; an error names the key at fault.
+pub fn trainer_config(recipe: &Recipe) -> Result<TrainerConfig, TrainError> {
+    let config_error = |key: &str, message: String| TrainError::Config { key: key.into(), message };
+    let schedule = ScheduleKind::from_recipe(&recipe.lr_scheduler_type, recipe.lr_scheduler_kwargs.as_ref(), recipe.learning_rate)
+        .map_err(|e| match e {
+            crate::schedule::ScheduleError::Unknown(_) => config_error("lr_scheduler_type", e.to_string()),
+            crate::schedule::ScheduleError::Kwargs(m) => config_error("lr_scheduler_kwargs", m),
+        })?;
+    let strategy = recipe.eval_strategy.as_deref().or(recipe.evaluation_strategy.as_deref()).unwrap_or("no");
+    // An interval in updates, or (below 1) a fraction of the run resolved once its length is known.
+    let interval = |key: &str, value: f64| -> Result<(u64, Option<f64>), TrainError> {
+        if !value.is_finite() || value <= 0.0 {
+            return Err(config_error(key, format!("{value}: must be a positive number of steps, or a fraction of the run below 1")));
+        }
+        if value < 1.0 {
+            return Ok((1, Some(value)));
+        }
+        if value.fract() != 0.0 {
+            return Err(config_error(key, format!("{value}: a number of steps ≥ 1 must be whole (fractions of the run are below 1)")));
+        }
+        Ok((value as u64, None))
+    };
+    let (logging_steps, logging_fraction) = interval("logging_steps", recipe.logging_steps)?;
+    let mut fractions = FractionalSteps { logging: logging_fraction, ..Default::default() };
+    let (eval_steps, eval_every_epoch) = match (strategy, recipe.eval_steps) {
+        ("steps", Some(n)) | ("no", Some(n)) if strategy == "steps" || recipe.do_eval => {
+            let (steps, fraction) = interval("eval_steps", n)?;
+            fractions.eval = fraction;
+            (Some(steps), false)
+        }
+        // transformers: eval_steps defaults to logging_steps
+        ("steps", None) => {
+            fractions.eval = logging_fraction;
+            (Some(logging_steps), false)
+        }
+        ("no", _) => (None, false),
+        ("epoch", _) => (None, true),
+        (other, _) => return Err(config_error("eval_strategy", format!("`{other}` (expected no, steps or epoch)"))),
+    };
+    let save = match recipe.save_strategy.as_str() {
+        "steps" => {
+            let (steps, fraction) = interval("save_steps", recipe.save_steps)?;
+            fractions.save = fraction;
+            SaveStrategy::Steps(steps)
+        }
+        "epoch" => SaveStrategy::Epoch,
+        "no" => SaveStrategy::No,
+        other => return Err(config_error("save_strategy", format!("`{other}` (expected no, steps or epoch)"))),
+    };
+    if recipe.per_device_train_batch_size == 0 {
+        return Err(config_error("per_device_train_batch_size", "must be at least 1".into()));
+    }
+    if recipe.gradient_accumulation_steps == 0 {
+        return Err(config_error("gradient_accumulation_steps", "must be at least 1".into()));
+    }
+    let rule = UpdateRule::from_optim(&recipe.optim).map_err(|m| config_error("optim", m))?;
+    if !recipe.learning_rate.is_finite() || recipe.learning_rate < 0.0 {
+        return Err(TrainError::Config {
+            key: "learning_rate".into(),
+            message: format!("{} (expected a finite, non-negative number)", recipe.learning_rate),
+        });
+    }
+    let resume_from = match &recipe.resume_from_checkpoint {
+        None | Some(ResumeFrom::Latest(false)) => None,
+        Some(ResumeFrom::Latest(true)) => Some(checkpoint::latest_checkpoint(&recipe.output_dir).ok_or_else(|| TrainError::Config {
+            key: "resume_from_checkpoint".into(),
+            message: format!("no checkpoint-* directory in {}", recipe.output_dir.display()),
+        })?),
+        Some(ResumeFrom::Path(path)) => Some(path.clone()),
+    };
+    Ok(TrainerConfig {
+        learning_rate: recipe.learning_rate,
+        schedule,
+        warmup_ratio: recipe.warmup_ratio,
+        warmup_steps: recipe.warmup_steps,
+        num_train_epochs: recipe.num_train_epochs,
+        max_steps: (recipe.max_steps > 0).then_some(recipe.max_steps as u64),
+        train_batch_size: recipe.per_device_train_batch_size,
+        eval_batch_size: recipe.per_device_eval_batch_size.max(1),
+        gradient_accumulation_steps: recipe.gradient_accumulation_steps,
+        adamw: AdamWConfig {
+            beta1: recipe.adam_beta1,
+            beta2: recipe.adam_beta2,
+            epsilon: recipe.adam_epsilon,
+            weight_decay: recipe.weight_decay,
+            max_grad_norm: Some(recipe.max_grad_norm),
+            rule,
+        },
+        seed: recipe.seed,
+        logging_steps,
+        logging_first_step: recipe.logging_first_step,
+        eval_steps,
+        eval_every_epoch,
+        fractional_steps: fractions,
+        eval_on_start: recipe.eval_on_start,
+        save,
+        save_total_limit: recipe.save_total_limit,
+        output_dir: recipe.output_dir.clone(),
+        resume_from,
+        tokenizer_dir: None,
+        quiet: false,
+        adapter: None,
+        step: StepOptions { gradient_checkpointing: recipe.gradient_checkpointing, head_chunk_tokens: None, dropout_seed: 0 },
+        chunked_head: recipe.use_liger_kernel,
+        overwrite_output_dir: recipe.overwrite_output_dir,
+        resume_settings: resume_settings(recipe),
+    })
+}
+
+/// The recipe keys outside [`TrainerConfig`] that change what a run computes, for the resume
+/// fingerprint (their effect on the examples is also in its data hash; naming them says why).
+pub(crate) fn resume_settings(recipe: &Recipe) -> Vec<(String, String)> {
+    let show = |v: &dyn std::fmt::Debug| format!("{v:?}");
+    vec![
+        ("dataset_mixer".into(), show(&recipe.dataset_mixer_in_order())),
+        ("dataset_splits".into(), show(&recipe.dataset_splits)),
+        ("max_seq_length".into(), show(&recipe.sft_max_length())),
+        ("max_length".into(), show(&recipe.max_length)),
+        ("truncation_mode".into(), show(&recipe.truncation_mode)),
+        ("packing".into(), recipe.packing.to_string()),
+        ("assistant_only_loss".into(), recipe.assistant_only_loss.to_string()),
+        ("completion_only_loss".into(), show(&recipe.completion_only_loss)),
+        ("beta".into(), recipe.beta.to_string()),
+        ("loss_type".into(), show(&recipe.loss_type)),
+        ("label_smoothing".into(), recipe.label_smoothing.to_string()),
+        ("dataset_mixture".into(), show(&recipe.dataset_mixture)),
+        ("dataset_name".into(), show(&(&recipe.dataset_name, &recipe.dataset_config))),
+        ("dataset_train_split".into(), recipe.dataset_train_split.clone()),
+        ("eos_token".into(), show(&recipe.eos_token)),
+        ("loss_weights".into(), show(&recipe.loss_weights)),
+        ("use_weighting".into(), recipe.use_weighting.to_string()),
+        ("ld_alpha".into(), show(&recipe.ld_alpha)),
+        ("discopop_tau".into(), recipe.discopop_tau.to_string()),
+        ("f_divergence".into(), format!("{} {}", recipe.f_divergence_type, recipe.f_alpha_divergence_coef)),
+        ("optim".into(), recipe.optim.clone()),
+    ]
 }

@@ -14,6 +14,7 @@ pub mod components;
 pub mod data_parallel;
 pub mod logging;
 pub mod optimizer;
+pub mod output_dir;
 pub mod recipe;
 pub mod schedule;
 pub mod sequence;
@@ -65,4 +66,17 @@ pub enum TrainError {
     /// There is nothing to train on.
     #[error("the {what} is empty")]
     EmptyDataset { what: String },
+    /// `output_dir` holds a previous run's files and the run neither resumes nor overwrites.
+    #[error("output_dir {path} already holds a previous run's files ({found}); set `overwrite_output_dir: true` to replace them, `resume_from_checkpoint` to continue that run, or choose another output_dir")]
+    OutputDirInUse { path: PathBuf, found: String },
+    /// A token id is outside the model's vocabulary (the tokenizer belongs to another model).
+    #[error("{example} has token id {id}, but the model's vocabulary has {vocab_size} entries (config.json vocab_size): the tokenizer{} does not belong to this model", tokenizer.as_ref().map(|p| format!(" in {}", p.display())).unwrap_or_default())]
+    TokenOutOfVocab { id: u32, vocab_size: usize, example: String, tokenizer: Option<PathBuf> },
+    /// An update left weights NaN or infinite (its loss and gradient were finite, e.g. a learning
+    /// rate past f32's range); the save was refused.
+    #[error("optimizer step {step}: the update left non-finite weights, so nothing was saved: {source}")]
+    NonFiniteUpdate { step: u64, source: alignment_models::ModelError },
+    /// A loss or gradient norm became NaN or infinite; nothing non-finite was saved.
+    #[error("optimizer step {step}: the {what} is {value} (the step's batch: {rows} rows, {tokens} tokens, {scored} scored); stopping before anything non-finite is saved{saved}")]
+    NonFinite { step: u64, what: String, value: f64, rows: usize, tokens: usize, scored: f64, saved: String },
 }

@@ -16,22 +16,39 @@ pub struct MetricsAccumulator {
 }
 
 impl MetricsAccumulator {
-    /// Adds `metrics`, each weighted by `weight` (label tokens for SFT, pairs for DPO).
+    /// Adds `metrics`, each weighted by `weight` (label tokens for SFT, pairs for DPO). A
+    /// micro-batch of weight 0 (no scored token) contributes nothing: its undefined means
+    /// (accuracy over no token) do not turn the window's into NaN.
     pub fn add<'a>(&mut self, metrics: impl IntoIterator<Item = (&'a str, f64)>, weight: f64) {
         for (name, value) in metrics {
+            let (sum, weight) = if weight == 0.0 { (0.0, 0.0) } else { (value * weight, weight) };
             match self.entries.iter_mut().find(|(n, _, _)| n == name) {
                 Some(entry) => {
-                    entry.1 += value * weight;
+                    entry.1 += sum;
                     entry.2 += weight;
                 }
-                None => self.entries.push((name.to_string(), value * weight, weight)),
+                None => self.entries.push((name.to_string(), sum, weight)),
             }
         }
     }
 
-    /// The weighted means, in first-seen order, each name prefixed with `prefix`.
+    /// The weighted means, in first-seen order, each name prefixed with `prefix`. With no weight
+    /// at all, the loss is 0 (steps that scored nothing have loss 0, as TRL's `clamp(min=1)`
+    /// gives) and every other metric undefined (NaN, logged as null).
     pub fn means(&self, prefix: &str) -> Vec<(String, f64)> {
-        self.entries.iter().map(|(n, s, w)| (format!("{prefix}{n}"), if *w > 0.0 { s / w } else { f64::NAN })).collect()
+        self.entries
+            .iter()
+            .map(|(n, s, w)| {
+                let mean = if *w > 0.0 {
+                    s / w
+                } else if n == "loss" {
+                    0.0
+                } else {
+                    f64::NAN
+                };
+                (format!("{prefix}{n}"), mean)
+            })
+            .collect()
     }
 
     /// Every metric as (name, weighted sum, total weight), in first-seen order.

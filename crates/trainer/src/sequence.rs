@@ -4,6 +4,13 @@
 //! taken), RoPE positions and — for packed rows — the document each token belongs to. Collation
 //! right-pads a micro-batch to its longest row (as TRL's collators do), masking padded keys and
 //! labelling padding `IGNORE_INDEX`, so padding never changes a loss.
+//!
+//! A packed row is scored as TRL 1.16 scores a padding-free batch: each document attends only to
+//! itself, with its own positions, and its first token is not predicted from the document
+//! before it (TRL sets `labels[position_ids == 0] = -100`). Collation therefore puts each
+//! document of a packed row in a row of its own: the same logits as a block-diagonal mask over
+//! the whole row, at the cost of the documents' lengths squared instead of the row's (a 64k-token
+//! packed row of short conversations would otherwise hold a 64k × 64k score matrix per head).
 
 use alignment_models::Batch;
 use burn::tensor::backend::Backend;
@@ -48,9 +55,39 @@ impl Sequence {
     }
 
     /// Number of tokens scored by the loss (labels other than [`IGNORE_INDEX`] after the first
-    /// position, since the first token is never predicted).
+    /// position of each document, since a document's first token is never predicted).
     pub fn num_scored(&self) -> usize {
-        self.labels.iter().skip(1).filter(|&&l| l != IGNORE_INDEX).count()
+        if self.document_ids.is_none() {
+            return self.labels.iter().skip(1).filter(|&&l| l != IGNORE_INDEX).count();
+        }
+        self.documents().iter().map(Sequence::num_scored).sum()
+    }
+
+    /// The documents of a packed row as unpacked sequences (their own labels and positions,
+    /// padding dropped); an unpacked sequence is its own only document.
+    pub fn documents(&self) -> Vec<Sequence> {
+        let Some(docs) = &self.document_ids else { return vec![self.clone()] };
+        let real = |t: usize| self.attention_mask.as_ref().is_none_or(|m| m[t]);
+        let mut out: Vec<Sequence> = Vec::new();
+        let mut start = 0;
+        while start < self.len() {
+            let mut end = start + 1;
+            while end < self.len() && docs[end] == docs[start] {
+                end += 1;
+            }
+            let tokens: Vec<usize> = (start..end).filter(|&t| real(t)).collect();
+            if !tokens.is_empty() {
+                out.push(Sequence {
+                    input_ids: tokens.iter().map(|&t| self.input_ids[t]).collect(),
+                    labels: tokens.iter().map(|&t| self.labels[t]).collect(),
+                    position_ids: tokens.iter().map(|&t| self.position_ids[t]).collect(),
+                    document_ids: None,
+                    attention_mask: None,
+                });
+            }
+            start = end;
+        }
+        out
     }
 
     /// Number of real (non-padding) tokens.
@@ -66,7 +103,17 @@ impl From<alignment_data::TokenizedExample> for Sequence {
 }
 
 impl From<alignment_data::PackedRow> for Sequence {
-    fn from(r: alignment_data::PackedRow) -> Self {
+    /// The packed row without its trailing padding, as TRL leaves packed rows (its collator pads
+    /// each batch to its longest row): padding is masked and unscored, so this changes no
+    /// result, only how long a batch of short rows is.
+    fn from(mut r: alignment_data::PackedRow) -> Self {
+        let len = r.attention_mask.iter().rposition(|&real| real).map_or(0, |last| last + 1);
+        for v in [&mut r.labels, &mut r.position_ids] {
+            v.truncate(len);
+        }
+        r.input_ids.truncate(len);
+        r.document_ids.truncate(len);
+        r.attention_mask.truncate(len);
         Sequence {
             input_ids: r.input_ids,
             labels: r.labels,
@@ -78,14 +125,17 @@ impl From<alignment_data::PackedRow> for Sequence {
 }
 
 /// Right-pads `rows` to the longest one with `pad_id` and returns the model batch and the labels
-/// `[rows, seq]` (padding labelled [`IGNORE_INDEX`]).
+/// `[rows, seq]` (padding labelled [`IGNORE_INDEX`]). Packed rows become one row per document
+/// (see the module documentation).
 pub fn collate<B: Backend>(rows: &[&Sequence], pad_id: u32, device: &B::Device) -> (Batch, Tensor<B, 2, Int>) {
+    if rows.iter().any(|r| r.document_ids.is_some()) {
+        let documents: Vec<Sequence> = rows.iter().flat_map(|r| r.documents()).collect();
+        return collate(&documents.iter().collect::<Vec<_>>(), pad_id, device);
+    }
     let width = rows.iter().map(|r| r.len()).max().unwrap_or(0);
     let needs_mask = rows.iter().any(|r| r.len() < width || r.attention_mask.is_some());
-    let packed = rows.iter().any(|r| r.document_ids.is_some());
     let mut batch = Batch { input_ids: Vec::new(), position_ids: Vec::new(), attention_mask: None, document_ids: None };
     let mut masks = Vec::new();
-    let mut documents = Vec::new();
     let mut labels = Vec::with_capacity(rows.len() * width);
     for row in rows {
         let pad = width - row.len();
@@ -99,18 +149,11 @@ pub fn collate<B: Backend>(rows: &[&Sequence], pad_id: u32, device: &B::Device) 
         let mut mask = row.attention_mask.clone().unwrap_or_else(|| vec![true; row.len()]);
         mask.extend(std::iter::repeat_n(false, pad));
         masks.push(mask);
-        let mut docs = row.document_ids.clone().unwrap_or_else(|| vec![0; row.len()]);
-        let pad_doc = docs.iter().max().map_or(0, |d| d + 1);
-        docs.extend(std::iter::repeat_n(pad_doc, pad));
-        documents.push(docs);
         labels.extend(&row.labels);
         labels.extend(std::iter::repeat_n(IGNORE_INDEX, pad));
     }
     if needs_mask {
         batch.attention_mask = Some(masks);
-    }
-    if packed {
-        batch.document_ids = Some(documents);
     }
     let labels = Tensor::from_data(TensorData::new(labels, [rows.len(), width]), device);
     (batch, labels)
@@ -132,5 +175,30 @@ mod tests {
         assert_eq!(labels.into_data().into_vec::<i64>().unwrap(), vec![IGNORE_INDEX, 6, 7, 8, IGNORE_INDEX, IGNORE_INDEX]);
         assert_eq!(a.num_scored(), 2);
         assert!(batch.document_ids.is_none());
+    }
+
+    #[test]
+    fn packed_rows_are_scored_document_by_document() {
+        let doc = |ids: Vec<u32>| alignment_data::TokenizedExample { labels: ids.iter().map(|&i| i as i64).collect(), input_ids: ids };
+        let rows = alignment_data::pack(&[doc(vec![1, 2, 3]), doc(vec![4, 5])], 8, 0);
+        let seq = Sequence::from(rows[0].clone());
+        // TRL: the first token of each document is not predicted (from the document before it).
+        assert_eq!(seq.num_scored(), 3);
+        let (batch, labels) = collate::<Cpu>(&[&seq], 0, &Default::default());
+        assert_eq!(batch.input_ids, vec![vec![1, 2, 3], vec![4, 5, 0]]);
+        assert_eq!(batch.position_ids, vec![vec![0, 1, 2], vec![0, 1, 2]]);
+        assert!(batch.document_ids.is_none());
+        assert_eq!(labels.into_data().into_vec::<i64>().unwrap(), vec![1, 2, 3, 4, 5, IGNORE_INDEX]);
+    }
+
+    #[test]
+    fn packed_rows_drop_their_trailing_padding() {
+        let doc = |ids: Vec<u32>| alignment_data::TokenizedExample { labels: ids.iter().map(|&i| i as i64).collect(), input_ids: ids };
+        let rows = alignment_data::pack(&[doc(vec![1, 2, 3]), doc(vec![4, 5])], 8, 0);
+        assert_eq!(rows[0].input_ids.len(), 8, "pack pads to the row length");
+        let seq = Sequence::from(rows[0].clone());
+        assert_eq!(seq.input_ids, vec![1, 2, 3, 4, 5]);
+        assert_eq!((seq.labels.len(), seq.position_ids, seq.document_ids.unwrap()), (5, vec![0, 1, 2, 0, 1], vec![0, 0, 0, 1, 1]));
+        assert_eq!(seq.attention_mask.unwrap(), vec![true; 5]);
     }
 }

@@ -44,6 +44,13 @@ pub trait Task {
     /// Real (non-padding) tokens the forward pass processes, for tokens/s.
     fn num_tokens(&self, examples: &[&Self::Example]) -> usize;
 
+    /// The token sequences of one example (its row, or a pair's chosen and rejected rows): what
+    /// the loop checks against the model's vocabulary and hashes into the resume fingerprint.
+    /// The default, none, skips both.
+    fn sequences<'a>(&self, _example: &'a Self::Example) -> Vec<&'a crate::Sequence> {
+        Vec::new()
+    }
+
     /// The rows and label sets the forward pass of `examples` scores.
     fn scoring<B: Backend>(&self, examples: &[&Self::Example], device: &B::Device) -> Scoring<B>;
 

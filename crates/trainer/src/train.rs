@@ -16,7 +16,8 @@ use crate::checkpoint::{self, TrainerState};
 use crate::data_parallel::DataParallel;
 use crate::logging::{self, MetricsAccumulator, MetricsLog};
 use crate::optimizer::{AdamW, AdamWConfig, UpdateRule};
-use crate::recipe::{Recipe, ResumeFrom};
+use crate::output_dir;
+use crate::recipe::Recipe;
 use crate::schedule::{Schedule, ScheduleKind};
 use crate::step::{forward_backward, StepOptions};
 use crate::task::{metric_values, Task};
@@ -125,132 +126,106 @@ pub struct TrainerConfig {
     pub step: StepOptions,
     /// Compute the head in chunks (`use_liger_kernel`); the chunk size follows the vocabulary.
     pub chunked_head: bool,
+    /// Replace a previous run's files in `output_dir` (`overwrite_output_dir`); without it a used
+    /// `output_dir` is refused unless the run resumes ([`crate::output_dir`]).
+    pub overwrite_output_dir: bool,
+    /// Recipe settings that shape the examples or the objective (`max_seq_length`,
+    /// `assistant_only_loss`, `beta`, ...), as `(key, value)`: part of the resume fingerprint, so
+    /// a resume with another value is refused naming the key.
+    pub resume_settings: Vec<(String, String)>,
 }
 
 impl TrainerConfig {
     /// Reads the loop's settings from a recipe (transformers' TrainingArguments semantics).
     pub fn from_recipe(recipe: &Recipe) -> Result<Self, TrainError> {
-        let config_error = |key: &str, message: String| TrainError::Config { key: key.into(), message };
-        let schedule = ScheduleKind::from_recipe(&recipe.lr_scheduler_type, recipe.lr_scheduler_kwargs.as_ref(), recipe.learning_rate)
-            .map_err(|e| match e {
-                crate::schedule::ScheduleError::Unknown(_) => config_error("lr_scheduler_type", e.to_string()),
-                crate::schedule::ScheduleError::Kwargs(m) => config_error("lr_scheduler_kwargs", m),
-            })?;
-        let strategy = recipe.eval_strategy.as_deref().or(recipe.evaluation_strategy.as_deref()).unwrap_or("no");
-        // An interval in updates, or (below 1) a fraction of the run resolved once its length is known.
-        let interval = |key: &str, value: f64| -> Result<(u64, Option<f64>), TrainError> {
-            if !value.is_finite() || value <= 0.0 {
-                return Err(config_error(key, format!("{value}: must be a positive number of steps, or a fraction of the run below 1")));
-            }
-            if value < 1.0 {
-                return Ok((1, Some(value)));
-            }
-            if value.fract() != 0.0 {
-                return Err(config_error(key, format!("{value}: a number of steps ≥ 1 must be whole (fractions of the run are below 1)")));
-            }
-            Ok((value as u64, None))
-        };
-        let (logging_steps, logging_fraction) = interval("logging_steps", recipe.logging_steps)?;
-        let mut fractions = FractionalSteps { logging: logging_fraction, ..Default::default() };
-        let (eval_steps, eval_every_epoch) = match (strategy, recipe.eval_steps) {
-            ("steps", Some(n)) | ("no", Some(n)) if strategy == "steps" || recipe.do_eval => {
-                let (steps, fraction) = interval("eval_steps", n)?;
-                fractions.eval = fraction;
-                (Some(steps), false)
-            }
-            // transformers: eval_steps defaults to logging_steps
-            ("steps", None) => {
-                fractions.eval = logging_fraction;
-                (Some(logging_steps), false)
-            }
-            ("no", _) => (None, false),
-            ("epoch", _) => (None, true),
-            (other, _) => return Err(config_error("eval_strategy", format!("`{other}` (expected no, steps or epoch)"))),
-        };
-        let save = match recipe.save_strategy.as_str() {
-            "steps" => {
-                let (steps, fraction) = interval("save_steps", recipe.save_steps)?;
-                fractions.save = fraction;
-                SaveStrategy::Steps(steps)
-            }
-            "epoch" => SaveStrategy::Epoch,
-            "no" => SaveStrategy::No,
-            other => return Err(config_error("save_strategy", format!("`{other}` (expected no, steps or epoch)"))),
-        };
-        if recipe.per_device_train_batch_size == 0 {
-            return Err(config_error("per_device_train_batch_size", "must be at least 1".into()));
-        }
-        if recipe.gradient_accumulation_steps == 0 {
-            return Err(config_error("gradient_accumulation_steps", "must be at least 1".into()));
-        }
-        let rule = UpdateRule::from_optim(&recipe.optim).map_err(|m| config_error("optim", m))?;
-        let resume_from = match &recipe.resume_from_checkpoint {
-            None | Some(ResumeFrom::Latest(false)) => None,
-            Some(ResumeFrom::Latest(true)) => {
-                Some(checkpoint::list_checkpoints(&recipe.output_dir).pop().map(|(_, p)| p).ok_or_else(|| TrainError::Config {
-                    key: "resume_from_checkpoint".into(),
-                    message: format!("no checkpoint-* directory in {}", recipe.output_dir.display()),
-                })?)
-            }
-            Some(ResumeFrom::Path(path)) => Some(path.clone()),
-        };
-        Ok(Self {
-            learning_rate: recipe.learning_rate,
-            schedule,
-            warmup_ratio: recipe.warmup_ratio,
-            warmup_steps: recipe.warmup_steps,
-            num_train_epochs: recipe.num_train_epochs,
-            max_steps: (recipe.max_steps > 0).then_some(recipe.max_steps as u64),
-            train_batch_size: recipe.per_device_train_batch_size,
-            eval_batch_size: recipe.per_device_eval_batch_size.max(1),
-            gradient_accumulation_steps: recipe.gradient_accumulation_steps,
-            adamw: AdamWConfig {
-                beta1: recipe.adam_beta1,
-                beta2: recipe.adam_beta2,
-                epsilon: recipe.adam_epsilon,
-                weight_decay: recipe.weight_decay,
-                max_grad_norm: Some(recipe.max_grad_norm),
-                rule,
-            },
-            seed: recipe.seed,
-            logging_steps,
-            logging_first_step: recipe.logging_first_step,
-            eval_steps,
-            eval_every_epoch,
-            fractional_steps: fractions,
-            eval_on_start: recipe.eval_on_start,
-            save,
-            save_total_limit: recipe.save_total_limit,
-            output_dir: recipe.output_dir.clone(),
-            resume_from,
-            tokenizer_dir: None,
-            quiet: false,
-            adapter: None,
-            step: StepOptions { gradient_checkpointing: recipe.gradient_checkpointing, head_chunk_tokens: None, dropout_seed: 0 },
-            chunked_head: recipe.use_liger_kernel,
-        })
+        crate::components::trainer_config(recipe)
     }
 
-    /// Settings a resume must share; `world_size` enters through the global batch only, so a
-    /// run checkpointed on N ranks resumes on M with the same global batch.
-    fn fingerprint(&self, num_examples: usize, task: &str, world_size: usize) -> String {
-        let lora = self.adapter.as_ref().map(|a| {
-            format!("|lora r={} alpha={} targets={:?} rslora={}", a.lora.r, a.lora.alpha, a.lora.target_modules, a.lora.use_rslora)
-        });
-        format!(
-            "{task}|n={num_examples}|bs={}|ga={}|seed={}|lr={}|{:?}|warmup={}/{}|epochs={}|max_steps={:?}{}",
-            self.train_batch_size * world_size,
-            self.gradient_accumulation_steps,
-            self.seed,
-            self.learning_rate,
-            self.schedule,
-            self.warmup_ratio,
-            self.warmup_steps,
-            self.num_train_epochs,
-            self.max_steps,
-            lora.unwrap_or_default()
-        )
+    /// Settings a resume must share, as `key=value` lines; `world_size` enters through the
+    /// global batch only, so a run checkpointed on N ranks resumes on M with the same global
+    /// batch. `data` is a hash of the tokenized examples (contents, order, labels): another
+    /// dataset, split, fraction or tokenization is a different run.
+    fn fingerprint(&self, data: &str, num_examples: usize, task: &str, world_size: usize) -> String {
+        let a = &self.adamw;
+        let mut pairs: Vec<(String, String)> = vec![
+            ("task".into(), task.into()),
+            ("examples".into(), num_examples.to_string()),
+            ("data".into(), data.into()),
+            ("global_batch_size".into(), (self.train_batch_size * world_size).to_string()),
+            ("gradient_accumulation_steps".into(), self.gradient_accumulation_steps.to_string()),
+            ("seed".into(), self.seed.to_string()),
+            ("learning_rate".into(), self.learning_rate.to_string()),
+            ("lr_scheduler_type".into(), format!("{:?}", self.schedule)),
+            ("warmup_ratio".into(), self.warmup_ratio.to_string()),
+            ("warmup_steps".into(), self.warmup_steps.to_string()),
+            ("num_train_epochs".into(), self.num_train_epochs.to_string()),
+            ("max_steps".into(), format!("{:?}", self.max_steps)),
+            ("weight_decay".into(), a.weight_decay.to_string()),
+            ("max_grad_norm".into(), format!("{:?}", a.max_grad_norm)),
+            ("adam_beta1".into(), a.beta1.to_string()),
+            ("adam_beta2".into(), a.beta2.to_string()),
+            ("adam_epsilon".into(), a.epsilon.to_string()),
+        ];
+        if let Some(a) = &self.adapter {
+            pairs.push((
+                "lora".into(),
+                format!("r={} alpha={} targets={:?} rslora={}", a.lora.r, a.lora.alpha, a.lora.target_modules, a.lora.use_rslora),
+            ));
+        }
+        pairs.extend(self.resume_settings.iter().cloned());
+        pairs.iter().map(|(k, v)| format!("{k}={}", v.replace('\n', " "))).collect::<Vec<_>>().join("\n")
     }
+}
+
+/// Why a checkpoint's fingerprint differs from this run's: each changed setting named, with its
+/// value then and now.
+fn fingerprint_difference(checkpoint: &str, now: &str) -> String {
+    let parse = |s: &str| -> Option<Vec<(String, String)>> {
+        s.lines().map(|l| l.split_once('=').map(|(k, v)| (k.to_string(), v.to_string()))).collect()
+    };
+    let (Some(then), Some(current)) = (parse(checkpoint), parse(now)) else {
+        return format!("the checkpoint was made with other settings:\n  checkpoint: {checkpoint}\n  now:        {now}");
+    };
+    let mut changed = Vec::new();
+    for (key, value) in &current {
+        match then.iter().find(|(k, _)| k == key) {
+            Some((_, old)) if old != value => changed.push(format!("`{key}` was {old} in the checkpoint, now {value}")),
+            None => changed.push(format!("`{key}` (now {value}) is not recorded in the checkpoint")),
+            _ => {}
+        }
+    }
+    for (key, old) in &then {
+        if !current.iter().any(|(k, _)| k == key) {
+            changed.push(format!("`{key}` was {old} in the checkpoint and is not set now"));
+        }
+    }
+    format!("the run's settings changed since the checkpoint:\n  {}", changed.join("\n  "))
+}
+
+/// A stable hash (SHA-256, first 16 hex digits) of every example's token ids and labels, in order.
+fn data_hash<T: Task>(task: &T, examples: &[T::Example]) -> String {
+    use sha2::{Digest, Sha256};
+    let mut hasher = Sha256::new();
+    for example in examples {
+        for sequence in task.sequences(example) {
+            hasher.update((sequence.input_ids.len() as u64).to_le_bytes());
+            for id in &sequence.input_ids {
+                hasher.update(id.to_le_bytes());
+            }
+            for label in &sequence.labels {
+                hasher.update(label.to_le_bytes());
+            }
+        }
+        hasher.update([0xff]);
+    }
+    hasher.finalize().iter().take(8).map(|b| format!("{b:02x}")).collect()
+}
+
+/// The first token id at or past `vocab_size` in `examples`, with the example's index.
+fn out_of_vocab<T: Task>(task: &T, examples: &[T::Example], vocab_size: usize) -> Option<(usize, u32)> {
+    examples.iter().enumerate().find_map(|(i, e)| {
+        task.sequences(e).iter().flat_map(|s| s.input_ids.iter()).find(|&&id| id as usize >= vocab_size).map(|&id| (i, id))
+    })
 }
 
 /// How the examples are walked: micro-batches per epoch and updates in total.
@@ -407,7 +382,18 @@ pub fn train_with<B: AutodiffBackend, T: Task>(
     // The step plan of the global batch: every rank walks the same micro-batches.
     let global = TrainerConfig { train_batch_size: config.train_batch_size * world, ..config.clone() };
     let plan = StepPlan::new(train.len(), &global);
-    let fingerprint = config.fingerprint(train.len(), task.name(), world);
+    let vocab_size = model.config.vocab_size;
+    for (split, examples) in [("training", train), ("evaluation", eval)] {
+        if let Some((index, id)) = out_of_vocab(task, examples, vocab_size) {
+            return Err(TrainError::TokenOutOfVocab {
+                id,
+                vocab_size,
+                example: format!("{split} example {index}"),
+                tokenizer: config.tokenizer_dir.clone(),
+            });
+        }
+    }
+    let fingerprint = config.fingerprint(&data_hash(task, train), train.len(), task.name(), world);
     let mut optimizer = AdamW::<B::InnerBackend>::new(config.adamw);
     let mut config = config.with_intervals_for(plan.total_steps);
     let recipe_checkpointing = config.step.gradient_checkpointing;
@@ -421,13 +407,7 @@ pub fn train_with<B: AutodiffBackend, T: Task>(
     if let Some(dir) = &config.resume_from {
         let state = checkpoint::read_state(dir)?;
         if state.fingerprint != fingerprint {
-            return Err(TrainError::Resume {
-                path: dir.clone(),
-                message: format!(
-                    "the checkpoint was made with other settings:\n  checkpoint: {}\n  now:        {fingerprint}",
-                    state.fingerprint
-                ),
-            });
+            return Err(TrainError::Resume { path: dir.clone(), message: fingerprint_difference(&state.fingerprint, &fingerprint) });
         }
         model = match &config.adapter {
             None => load_pretrained::<B>(dir, device)?,
@@ -446,6 +426,14 @@ pub fn train_with<B: AutodiffBackend, T: Task>(
         }
     }
     let mut log = if is_main {
+        // The run is known to start: the output_dir rules apply now, and only now is a
+        // previous run's output replaced (crate::output_dir).
+        output_dir::remove_stale_staging(&config.output_dir);
+        output_dir::check_reusable(&config.output_dir, config.resume_from.is_some(), config.overwrite_output_dir)?;
+        if config.overwrite_output_dir && config.resume_from.is_none() {
+            output_dir::refuse_source_dir(&config.output_dir, config.tokenizer_dir.as_deref())?;
+            output_dir::clear_previous_run(&config.output_dir)?;
+        }
         std::fs::create_dir_all(&config.output_dir)
             .map_err(|e| alignment_core::IoError::new("creating directory", &config.output_dir, e))?;
         Some(MetricsLog::open(&config.output_dir.join("metrics.jsonl"), config.resume_from.as_ref().map(|_| start))?)
@@ -472,9 +460,27 @@ pub fn train_with<B: AutodiffBackend, T: Task>(
 
     let mut window = MetricsAccumulator::default();
     // Metrics and gradient norms of the window's steps, still on the device (one process):
-    // read when the window is logged, so no step waits for the device.
-    let mut pending: Vec<(DeferredMetrics<B>, f64)> = Vec::new();
-    let mut pending_norms: Vec<Tensor<B::InnerBackend, 1>> = Vec::new();
+    // read when the window is logged or a checkpoint is saved, so no step waits for the device;
+    // they are checked for non-finite values then, before anything is written.
+    let mut pending = Pending::<B>::default();
+    let mut last_saved: Option<PathBuf> = None;
+    let describe = |step: u64, what: &str, value: f64, last_saved: &Option<PathBuf>| {
+        let examples: Vec<&T::Example> =
+            plan.micro_batches(step - 1, train.len(), &global).into_iter().flatten().map(|i| &train[i]).collect();
+        let scored: usize = examples.iter().flat_map(|e| task.sequences(e)).map(|s| s.num_scored()).sum();
+        TrainError::NonFinite {
+            step,
+            what: what.into(),
+            value,
+            rows: examples.len(),
+            tokens: task.num_tokens(&examples),
+            scored: scored as f64,
+            saved: match last_saved {
+                Some(dir) => format!("; the last checkpoint, {}, predates the step", dir.display()),
+                None => "; no checkpoint was saved".into(),
+            },
+        }
+    };
     let mut window_tokens = 0usize;
     let mut window_seconds = 0.0f64; // training time only: evaluation and saving are excluded
     let mut total_tokens = 0usize;
@@ -482,8 +488,9 @@ pub fn train_with<B: AutodiffBackend, T: Task>(
         let step_start = Instant::now();
         let micro_batches = plan.micro_batches(step, train.len(), &global);
         let batches: Vec<Vec<&T::Example>> = micro_batches.iter().map(|ids| ids.iter().map(|&i| &train[i]).collect()).collect();
-        // Normalised by the weight of the whole global step, whichever rank computes a part.
-        let step_weight: f64 = batches.iter().map(|b| task.weight(b)).sum::<f64>().max(f64::MIN_POSITIVE);
+        // Normalised by the weight of the whole global step, whichever rank computes a part; a
+        // step that scores nothing divides by 1 (TRL's `clamp(min=1)`): loss 0, no gradient.
+        let step_weight: f64 = batches.iter().map(|b| task.weight(b)).sum::<f64>().max(1.0);
         let mut accumulator = GradientsAccumulator::<CausalLm<B>>::new();
         let mut step_pending = Vec::new();
         let mut step_tokens = 0;
@@ -505,21 +512,21 @@ pub fn train_with<B: AutodiffBackend, T: Task>(
             let metrics = forward_backward(&model, task, examples, scale, &options, &mut accumulator, device);
             check(parallel.as_deref())?;
             if counted {
-                step_pending.push((metrics, task.weight(examples)));
+                step_pending.push((step + 1, metrics, task.weight(examples)));
                 step_tokens += task.num_tokens(examples);
             }
         }
         if let Some(p) = parallel.as_deref_mut() {
             // The ranks' metrics are summed now (a collective), so they are read every step.
             let mut step_metrics = MetricsAccumulator::default();
-            for (metrics, weight) in step_pending.drain(..) {
+            for (_, metrics, weight) in step_pending.drain(..) {
                 step_metrics.add(metric_values(metrics).iter().map(|(k, v)| (k.as_str(), *v)), weight);
             }
             let (sums, tokens) = p.reduce_metrics(step_metrics.sums(), step_tokens)?;
             window.add_sums(&sums);
             step_tokens = tokens;
         }
-        pending.append(&mut step_pending);
+        pending.metrics.append(&mut step_pending);
         window_tokens += step_tokens;
         total_tokens += step_tokens;
         let lr = schedule.lr(step as usize);
@@ -527,12 +534,19 @@ pub fn train_with<B: AutodiffBackend, T: Task>(
         model = match parallel.as_deref_mut() {
             None => {
                 let (updated, report) = optimizer.step(lr, model, &grads);
-                pending_norms.push(report.grad_norm);
+                pending.norms.push((step + 1, report.grad_norm));
                 updated
             }
             Some(p) => {
                 optimizer.step += 1;
                 let (updated, report) = p.step(&config.adamw, optimizer.step, lr, model, &grads)?;
+                // Read every step here anyway (the ranks agreed on it through a collective).
+                if !report.grad_norm.is_finite() {
+                    return Err(describe(step + 1, "gradient norm", report.grad_norm, &last_saved));
+                }
+                if let Some((_, loss)) = window.means("").into_iter().find(|(k, v)| k == "loss" && !v.is_finite()) {
+                    return Err(describe(step + 1, "loss", loss, &last_saved));
+                }
                 window.add([("grad_norm", report.grad_norm)], 1.0);
                 updated
             }
@@ -545,15 +559,8 @@ pub fn train_with<B: AutodiffBackend, T: Task>(
         if done % config.logging_steps == 0 || (config.logging_first_step && done == 1) || last {
             // Reading waits for the device to finish the window's steps: training time.
             let read_start = Instant::now();
-            for (metrics, weight) in pending.drain(..) {
-                window.add(metric_values(metrics).iter().map(|(k, v)| (k.as_str(), *v)), weight);
-            }
-            if !pending_norms.is_empty() {
-                let norms: Vec<f64> = Tensor::cat(std::mem::take(&mut pending_norms), 0).into_data().iter::<f64>().collect();
-                for norm in norms {
-                    window.add([("grad_norm", norm)], 1.0);
-                }
-            }
+            pending.settle().map_err(|(step, what, value)| describe(step, what, value, &last_saved))?;
+            pending.drain_into(&mut window);
             window_seconds += read_start.elapsed().as_secs_f64();
             let elapsed = window_seconds.max(1e-9);
             let mut values = window.means("");
@@ -584,6 +591,8 @@ pub fn train_with<B: AutodiffBackend, T: Task>(
             SaveStrategy::No => false,
         };
         if save_now {
+            // Nothing non-finite is saved: the window's deferred values are read and checked first.
+            pending.settle().map_err(|(step, what, value)| describe(step, what, value, &last_saved))?;
             let state = TrainerState {
                 global_step: done,
                 total_steps: plan.total_steps,
@@ -599,15 +608,18 @@ pub fn train_with<B: AutodiffBackend, T: Task>(
                 }
             };
             if is_main {
-                checkpoint::save_checkpoint(
-                    &config.output_dir,
-                    &inner,
-                    config.adapter.as_ref(),
-                    moments,
-                    &state,
-                    config.tokenizer_dir.as_deref(),
-                    config.save_total_limit,
-                )?;
+                last_saved = Some(
+                    checkpoint::save_checkpoint(
+                        &config.output_dir,
+                        &inner,
+                        config.adapter.as_ref(),
+                        moments,
+                        &state,
+                        config.tokenizer_dir.as_deref(),
+                        config.save_total_limit,
+                    )
+                    .map_err(|e| non_finite_update(e, done))?,
+                );
             }
             if let Some(p) = parallel.as_deref_mut() {
                 p.barrier()?;
@@ -615,13 +627,14 @@ pub fn train_with<B: AutodiffBackend, T: Task>(
         }
     }
     bar.finish();
+    pending.settle().map_err(|(step, what, value)| describe(step, what, value, &last_saved))?;
     if let Some(p) = parallel.as_deref_mut() {
         p.note_training_peak();
         model = p.gathered(&model)?; // the whole model on every rank (collective with ZeRO-3)
     }
     let history = log.as_ref().map(|l| l.history().to_vec()).unwrap_or_default();
     if is_main {
-        save_final(&model.valid(), config)?;
+        save_final(&model.valid(), config).map_err(|e| non_finite_update(e, plan.total_steps))?;
         let _ = logging::plot_losses(&history, &config.output_dir.join("loss.svg"), &format!("{} loss", task.name()));
     }
     if let Some(p) = parallel {
@@ -629,6 +642,14 @@ pub fn train_with<B: AutodiffBackend, T: Task>(
         p.barrier()?;
     }
     Ok((model, TrainOutcome { steps: plan.total_steps, history, model_dir: config.output_dir.clone() }))
+}
+
+/// A save refused for non-finite weights, as the error of the update that made them.
+fn non_finite_update(error: TrainError, step: u64) -> TrainError {
+    match error {
+        TrainError::Model(source @ alignment_models::ModelError::NonFiniteWeights { .. }) => TrainError::NonFiniteUpdate { step, source },
+        other => other,
+    }
 }
 
 /// The seed of micro-batch `micro`'s LoRA dropout masks at `step`: a function of the run's seed
@@ -664,4 +685,56 @@ fn save_final<B: burn::tensor::backend::Backend>(model: &CausalLm<B>, config: &T
         std::fs::rename(&from, &to).map_err(|e| alignment_core::IoError::new("renaming into place", &to, e))?;
     }
     Ok(config.output_dir.clone())
+}
+
+/// The loop's values still on the device (one process): each micro-batch's metrics and each
+/// step's gradient norm, tagged with the (1-based) optimizer step, read together when a window is
+/// logged or a checkpoint saved ([`Pending::settle`]) — one wait for the device per window
+/// rather than per step.
+struct Pending<B: AutodiffBackend> {
+    metrics: Vec<(u64, DeferredMetrics<B>, f64)>,
+    norms: Vec<(u64, Tensor<B::InnerBackend, 1>)>,
+    read_metrics: Vec<(u64, crate::MetricValues, f64)>,
+    read_norms: Vec<(u64, f64)>,
+}
+
+impl<B: AutodiffBackend> Default for Pending<B> {
+    fn default() -> Self {
+        Self { metrics: Vec::new(), norms: Vec::new(), read_metrics: Vec::new(), read_norms: Vec::new() }
+    }
+}
+
+impl<B: AutodiffBackend> Pending<B> {
+    /// Reads what is still on the device and checks it: the first step whose loss or gradient
+    /// norm is NaN or infinite, as `(step, what, value)`.
+    fn settle(&mut self) -> Result<(), (u64, &'static str, f64)> {
+        for (step, metrics, weight) in self.metrics.drain(..) {
+            self.read_metrics.push((step, metric_values(metrics), weight));
+        }
+        if !self.norms.is_empty() {
+            let (steps, tensors): (Vec<u64>, Vec<_>) = std::mem::take(&mut self.norms).into_iter().unzip();
+            let values = Tensor::cat(tensors, 0).into_data().iter::<f64>().collect::<Vec<f64>>();
+            self.read_norms.extend(steps.into_iter().zip(values));
+        }
+        let bad_loss = self
+            .read_metrics
+            .iter()
+            .find_map(|(step, values, _)| values.iter().find(|(k, v)| k == "loss" && !v.is_finite()).map(|(_, v)| (*step, "loss", *v)));
+        let bad_norm = self.read_norms.iter().find(|(_, v)| !v.is_finite()).map(|&(step, v)| (step, "gradient norm", v));
+        match (bad_loss, bad_norm) {
+            (Some(a), Some(b)) => Err(if b.0 < a.0 { b } else { a }),
+            (Some(bad), None) | (None, Some(bad)) => Err(bad),
+            (None, None) => Ok(()),
+        }
+    }
+
+    /// Moves the read values into the logging window.
+    fn drain_into(&mut self, window: &mut MetricsAccumulator) {
+        for (_, values, weight) in self.read_metrics.drain(..) {
+            window.add(values.iter().map(|(k, v)| (k.as_str(), *v)), weight);
+        }
+        for (_, norm) in self.read_norms.drain(..) {
+            window.add([("grad_norm", norm)], 1.0);
+        }
+    }
 }

@@ -226,3 +226,11 @@ fn fractional_and_epoch_intervals_follow_transformers() {
     let err = alignment_trainer::TrainerConfig::from_recipe(&r).unwrap_err().to_string();
     assert!(err.contains("optim") && err.contains("8-bit"), "{err}");
 }
+
+#[test]
+fn docs_name_every_inert_key() {
+    let doc = std::fs::read_to_string(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../docs/recipes.md")).unwrap();
+    for (key, why) in alignment_trainer::recipe::INERT_KEYS {
+        assert!(doc.contains(&format!("| `{key}` | {why} |")), "docs/recipes.md lacks the row of `{key}`");
+    }
+}

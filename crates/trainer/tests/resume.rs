@@ -114,11 +114,40 @@ fn resume_with_other_settings_is_refused() {
     first.save = SaveStrategy::Steps(2);
     let model = load_pretrained::<CpuAutodiff>(&fixture(), &device).unwrap();
     train(model, &task(), &examples(24), &[], &first, &device).unwrap();
+    let checkpoint = list_checkpoints(&dir).pop().map(|(_, p)| p);
+    let same_count_other_tokens = {
+        let mut e = examples(24);
+        e[5].input_ids[2] += 1;
+        e
+    };
+    // Each change is refused, naming the setting with its value then and now.
+    type Change = fn(&mut alignment_trainer::TrainerConfig);
+    let changes: [(&str, Change, &str); 5] = [
+        ("global_batch_size", |c| c.train_batch_size = 4, "was 3 in the checkpoint, now 4"),
+        ("weight_decay", |c| c.adamw.weight_decay = 0.1, "was 0.01 in the checkpoint, now 0.1"),
+        ("max_grad_norm", |c| c.adamw.max_grad_norm = Some(0.5), "was Some(1.0) in the checkpoint, now Some(0.5)"),
+        ("assistant_only_loss", |c| set(c, "assistant_only_loss", "true"), "was false in the checkpoint, now true"),
+        ("max_seq_length", |c| set(c, "max_seq_length", "Some(64)"), "was None in the checkpoint, now Some(64)"),
+    ];
+    fn set(config: &mut alignment_trainer::TrainerConfig, key: &str, value: &str) {
+        config.resume_settings.iter_mut().find(|(k, _)| k == key).unwrap().1 = value.into();
+    }
+    for (key, change, then_now) in changes {
+        let mut other = config(&dir);
+        other.max_steps = first.max_steps;
+        change(&mut other);
+        other.resume_from = checkpoint.clone();
+        let model = load_pretrained::<CpuAutodiff>(&fixture(), &device).unwrap();
+        let err = train(model, &task(), &examples(24), &[], &other, &device).unwrap_err();
+        assert!(matches!(err, TrainError::Resume { .. }), "{err}");
+        let message = err.to_string();
+        assert!(message.contains(&format!("`{key}` {then_now}")) && message.lines().count() == 2, "{key}: {message}");
+    }
+    // Other data, even with as many examples, is another run.
     let mut other = config(&dir);
-    other.train_batch_size = 4;
-    other.resume_from = list_checkpoints(&dir).pop().map(|(_, p)| p);
+    other.max_steps = first.max_steps;
+    other.resume_from = checkpoint.clone();
     let model = load_pretrained::<CpuAutodiff>(&fixture(), &device).unwrap();
-    let err = train(model, &task(), &examples(24), &[], &other, &device).unwrap_err();
-    assert!(matches!(err, TrainError::Resume { .. }), "{err}");
-    assert!(err.to_string().contains("bs=3") && err.to_string().contains("bs=4"), "{err}");
+    let err = train(model, &task(), &same_count_other_tokens, &[], &other, &device).unwrap_err().to_string();
+    assert!(err.contains("`data` was ") && !err.contains("`examples`"), "{err}");
 }

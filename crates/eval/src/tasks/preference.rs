@@ -63,7 +63,9 @@ pub fn tokenize_pairs<B: Backend>(
 ) -> Result<Vec<TokenizedPair>, EvalError> {
     let mut pairs = Vec::new();
     for (i, row) in dataset.rows.iter().enumerate() {
-        let at = RowRef::new(&dataset.name, i);
+        let origin = dataset.origin(i); // the row's file and line, not its index in a mix
+        let label = origin.label();
+        let at = RowRef::new(&label, origin.row);
         let messages = split_preference(row, DataTask::Dpo, at)?;
         let location = at.to_string();
         let ids = tokenize_preference_conversation(

@@ -140,6 +140,10 @@ impl Task for DpoTask {
         examples.len() as f64
     }
 
+    fn sequences<'a>(&self, example: &'a PreferencePair) -> Vec<&'a Sequence> {
+        vec![&example.chosen, &example.rejected]
+    }
+
     fn num_tokens(&self, examples: &[&PreferencePair]) -> usize {
         examples.iter().map(|p| p.num_tokens()).sum()
     }

@@ -3,7 +3,7 @@
 //! and the odds ratio of chosen over rejected, from length-averaged log-probs, is pushed up
 //! (`alignment_objectives::orpo`).
 
-use crate::sequence::{collate, IGNORE_INDEX};
+use crate::sequence::{collate, Sequence, IGNORE_INDEX};
 use crate::task::{Scoring, Task};
 use crate::tasks::dpo::{concatenated_rows, PreferencePair};
 use alignment_objectives::orpo::{orpo_loss, OrpoConfig};
@@ -27,6 +27,10 @@ impl Task for OrpoTask {
 
     fn weight(&self, examples: &[&PreferencePair]) -> f64 {
         examples.len() as f64
+    }
+
+    fn sequences<'a>(&self, example: &'a PreferencePair) -> Vec<&'a Sequence> {
+        vec![&example.chosen, &example.rejected]
     }
 
     fn num_tokens(&self, examples: &[&PreferencePair]) -> usize {

@@ -37,6 +37,10 @@ impl Task for SftTask {
         }
     }
 
+    fn sequences<'a>(&self, example: &'a Sequence) -> Vec<&'a Sequence> {
+        vec![example]
+    }
+
     fn num_tokens(&self, examples: &[&Sequence]) -> usize {
         examples.iter().map(|e| e.num_tokens()).sum()
     }

@@ -49,6 +49,9 @@ impl<F: Fn()> Task for HookedSft<F> {
     fn num_tokens(&self, examples: &[&Sequence]) -> usize {
         self.inner.num_tokens(examples)
     }
+    fn sequences<'a>(&self, example: &'a Sequence) -> Vec<&'a Sequence> {
+        self.inner.sequences(example)
+    }
     fn scoring<B: Backend>(&self, examples: &[&Sequence], device: &B::Device) -> Scoring<B> {
         (self.before_loss)();
         self.inner.scoring(examples, device)
