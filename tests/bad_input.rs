@@ -88,6 +88,22 @@ impl Scene {
             self.data.display(),
             self.out.display()
         );
+        // `extra` replaces the base keys it sets (a key written twice is itself an error).
+        let key = |line: &str| line.split(':').next().unwrap_or_default().trim().to_string();
+        let replaced: Vec<String> = extra.lines().filter(|l| !l.starts_with(' ') && l.contains(':')).map(key).collect();
+        let (base, _) = text.split_at(text.len() - extra.len());
+        let mut kept = String::new();
+        let mut skipping = false;
+        for line in base.lines() {
+            if !line.starts_with(' ') {
+                skipping = replaced.contains(&key(line));
+            }
+            if !skipping {
+                kept.push_str(line);
+                kept.push('\n');
+            }
+        }
+        let text = kept + extra;
         let path = self.root.join(format!("{objective}.yaml"));
         std::fs::write(&path, text).unwrap();
         path

@@ -97,7 +97,15 @@ impl DataSource {
                     "test" => test.clone(),
                     _ => None,
                 };
-                let train_rows = pick(train_split, &train, &test).ok_or_else(|| missing("train", train_split, &have))?;
+                let train_rows = pick(train_split, &train, &test).ok_or_else(|| match self {
+                    DataSource::Mixer(config) if train.is_none() => DataError::InvalidMixer {
+                        message: format!(
+                            "the training set is empty: dataset_splits {:?} name no train split (one whose name contains `train`)",
+                            config.dataset_splits
+                        ),
+                    },
+                    _ => missing("train", train_split, &have),
+                })?;
                 let eval = if evaluates {
                     match self {
                         // The classic mixer's test splits are optional: no test split, no evaluation.

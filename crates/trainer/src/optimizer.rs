@@ -47,7 +47,8 @@ impl Default for AdamWConfig {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum UpdateRule {
     /// `torch.optim.AdamW` (`adamw_torch`, `adamw_torch_fused`, and `paged_adamw_32bit`, whose
-    /// update is the same: paging only moves the moments between GPU and host memory).
+    /// update is the same: paging only moves the moments between GPU and host memory; also
+    /// `adamw_bnb_8bit`, run with 32-bit moments, which the run announces).
     #[default]
     AdamW,
     /// `torch.optim.RMSprop` with transformers' defaults (`rmsprop`).
@@ -56,14 +57,17 @@ pub enum UpdateRule {
 
 impl UpdateRule {
     /// The rule of transformers' `optim` value `name`; an error naming the values this
-    /// implementation has for the others (8-bit optimizers among them).
+    /// implementation has for the others (8-bit RMSprop and Lion among them).
     pub fn from_optim(name: &str) -> Result<Self, String> {
         match name {
             "adamw_torch" | "adamw_torch_fused" | "paged_adamw_32bit" => Ok(UpdateRule::AdamW),
+            // bitsandbytes' 8-bit AdamW approximates this update with block-quantised moments;
+            // the moments stay 32-bit here (the run's note says so).
+            "adamw_bnb_8bit" | "adamw_8bit" | "paged_adamw_8bit" => Ok(UpdateRule::AdamW),
             "rmsprop" => Ok(UpdateRule::RmsProp),
-            "adamw_bnb_8bit" | "adamw_8bit" | "paged_adamw_8bit" | "rmsprop_bnb_8bit" | "lion_8bit" | "paged_lion_8bit" => Err(format!(
-                "`{name}`: 8-bit optimizers (bitsandbytes' block-quantised moments) are not implemented; \
-                 use adamw_torch (or paged_adamw_32bit, the same update)"
+            "rmsprop_bnb_8bit" | "lion_8bit" | "paged_lion_8bit" => Err(format!(
+                "`{name}`: 8-bit RMSprop/Lion (bitsandbytes' block-quantised moments) are not implemented; \
+                 use rmsprop or adamw_torch"
             )),
             other => Err(format!("`{other}` is not implemented (supported: adamw_torch, adamw_torch_fused, paged_adamw_32bit, rmsprop)")),
         }

@@ -435,6 +435,12 @@ pub const ACTING_KEYS: &[&str] = &[
     "beta",
     "loss_type",
     "label_smoothing",
+    "loss_weights",
+    "use_weighting",
+    "ld_alpha",
+    "discopop_tau",
+    "f_divergence_type",
+    "f_alpha_divergence_coef",
     "reference_free",
     "learning_rate",
     "lr_scheduler_type",
@@ -572,6 +578,12 @@ impl Recipe {
                     inert.push(format!("{key} (only read with dataset_mixer)"));
                 }
             }
+        }
+        if matches!(self.optim.as_str(), "adamw_bnb_8bit" | "adamw_8bit" | "paged_adamw_8bit") {
+            inert.push(format!(
+                "optim: {} (8-bit moments are not implemented: the run uses AdamW with 32-bit moments, the update bitsandbytes approximates)",
+                self.optim
+            ));
         }
         if self.packing_strategy == "ffd" {
             inert.push("packing_strategy: ffd (TRL < 0.20's name: packed best-fit decreasing, TRL 1.16's bfd)".into());

@@ -13,12 +13,16 @@ use common::{examples, fixture, task};
 use std::path::Path;
 
 fn config(output_dir: &Path, extra: &str) -> TrainerConfig {
-    let recipe = Recipe::from_yaml_str(
-        &format!("learning_rate: 1.0e-3\nmax_steps: 2\nper_device_train_batch_size: 2\nlogging_steps: 1\nsave_strategy: \"no\"\n{extra}"),
-        "test recipe",
-        &[format!("--output_dir={}", output_dir.display())],
-    )
-    .unwrap();
+    // `extra` replaces the base keys it sets (a key written twice is an error).
+    let set_by_extra = |line: &str| extra.lines().any(|e| e.split(':').next() == line.split(':').next());
+    let base: String =
+        ["learning_rate: 1.0e-3", "max_steps: 2", "per_device_train_batch_size: 2", "logging_steps: 1", "save_strategy: \"no\""]
+            .iter()
+            .filter(|line| !set_by_extra(line))
+            .map(|line| format!("{line}\n"))
+            .collect();
+    let recipe =
+        Recipe::from_yaml_str(&format!("{base}{extra}"), "test recipe", &[format!("--output_dir={}", output_dir.display())]).unwrap();
     let mut config = TrainerConfig::from_recipe(&recipe).unwrap();
     config.quiet = true;
     config
