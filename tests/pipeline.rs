@@ -117,7 +117,7 @@ fn unsupported_and_invalid_settings_name_the_key() {
     .unwrap_err();
     assert!(err.to_string().contains("qq_proj"), "{err}");
     let err = run::<CpuAutodiff>(Objective::Sft, &recipe("sft", root.path(), &["--reduce_loss=average"]), &device, true).unwrap_err();
-    assert!(matches!(err, RunError::Unsupported { key: "reduce_loss", .. }) && err.to_string().contains("sum"), "{err}");
+    assert!(err.to_string().contains("`reduce_loss`") && err.to_string().contains("sum"), "{err}");
     let err = run::<CpuAutodiff>(Objective::Dpo, &recipe("dpo", root.path(), &["--loss_type=sigmoidd"]), &device, true).unwrap_err();
     assert!(err.to_string().contains("sigmoidd") && err.to_string().contains("ipo"), "{err}");
     let err = run::<CpuAutodiff>(Objective::Sft, &recipe("sft", root.path(), &["--dataset_splits=[train_sft, validation]"]), &device, true)
