@@ -6,6 +6,9 @@
 //! naming each split's files, as the real repos are laid out (JSON Lines files of short synthetic
 //! rows instead of parquet, enough of them for each recipe's `test_split_size`).
 
+#[path = "../crates/data/tests/common/fake_hub.rs"]
+mod fake_hub;
+
 use alignment_handbook::core::backend::{Cpu, CpuAutodiff};
 use alignment_handbook::models::weights::SaveDtype;
 use alignment_handbook::models::{random_model, save_pretrained, ModelConfig};
@@ -13,40 +16,30 @@ use alignment_handbook::reference::{repo_root, smollm2_dir};
 use alignment_handbook::run::{run, Objective};
 use alignment_handbook::trainer::components::DataSource;
 use alignment_handbook::trainer::Recipe;
+use fake_hub::{files_under, FakeHub, FakeRepo};
 use serde_json::{json, Value};
-use sha2::{Digest, Sha256};
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
-
-const COMMIT: &str = "0123456789abcdef0123456789abcdef01234567";
 /// Rows per stand-in split: more than any recipe's `test_split_size` needs (3000 over 4 splits).
 const ROWS_PER_SPLIT: usize = 1100;
 
 /// The upstream recipes, by the script that runs them.
 fn upstream_recipes() -> Vec<(PathBuf, Objective)> {
     let root = repo_root().join("recipes/upstream");
-    let mut found = Vec::new();
-    let mut stack = vec![root.clone()];
-    while let Some(dir) = stack.pop() {
-        for entry in std::fs::read_dir(&dir).unwrap() {
-            let path = entry.unwrap().path();
-            if path.is_dir() {
-                stack.push(path);
-            } else if path.extension().is_some_and(|e| e == "yaml") {
-                let stage = path.parent().unwrap().file_name().unwrap().to_str().unwrap().to_string();
-                let objective = match stage.as_str() {
-                    "sft" => Objective::Sft,
-                    "dpo" => Objective::Dpo,
-                    "orpo" => Objective::Orpo,
-                    other => panic!("{}: unknown stage {other}", path.display()),
-                };
-                found.push((path, objective));
-            }
-        }
-    }
-    found.sort_by(|a, b| a.0.cmp(&b.0));
-    found
+    files_under(&root)
+        .into_iter()
+        .filter(|f| f.ends_with(".yaml"))
+        .map(|file| {
+            let path = root.join(&file);
+            let objective = match path.parent().unwrap().file_name().unwrap().to_str().unwrap() {
+                "sft" => Objective::Sft,
+                "dpo" => Objective::Dpo,
+                "orpo" => Objective::Orpo,
+                other => panic!("{file}: unknown stage {other}"),
+            };
+            (path, objective)
+        })
+        .collect()
 }
 
 /// Tokens kept from SmolLM2's vocabulary: every byte symbol and special token, and the merges
@@ -161,79 +154,6 @@ fn write_repos(root: &Path, plans: &BTreeMap<String, RepoPlan>) -> BTreeMap<Stri
     dirs
 }
 
-fn list_files(root: &Path) -> Vec<String> {
-    let mut out = Vec::new();
-    let mut stack = vec![root.to_path_buf()];
-    while let Some(dir) = stack.pop() {
-        for entry in std::fs::read_dir(&dir).unwrap() {
-            let path = entry.unwrap().path();
-            if path.is_dir() {
-                stack.push(path);
-            } else {
-                out.push(path.strip_prefix(root).unwrap().to_string_lossy().replace('\\', "/"));
-            }
-        }
-    }
-    out.sort();
-    out
-}
-
-fn header(name: &str, value: &str) -> tiny_http::Header {
-    tiny_http::Header::from_bytes(name.as_bytes(), value.as_bytes()).unwrap()
-}
-
-/// The hub's dataset API for the stand-in repos: the listing
-/// (`/api/datasets/{repo}/revision/{rev}`) and files (`/datasets/{repo}/resolve/{rev}/{file}`,
-/// with the ETag / X-Repo-Commit / Content-Range headers hf-hub reads).
-fn serve(repos: BTreeMap<String, PathBuf>) -> (String, Arc<tiny_http::Server>) {
-    let server = Arc::new(tiny_http::Server::http("127.0.0.1:0").unwrap());
-    let url = format!("http://{}", server.server_addr().to_ip().unwrap());
-    let srv = Arc::clone(&server);
-    std::thread::spawn(move || {
-        for request in srv.incoming_requests() {
-            let url = request.url().to_string();
-            let not_found = || tiny_http::Response::from_string("not found").with_status_code(404);
-            let repo_of = |rest: &str, marker: &str| -> Option<(PathBuf, String)> {
-                let parts: Vec<&str> = rest.splitn(5, '/').collect();
-                if parts.len() < 4 || parts[2] != marker {
-                    return None;
-                }
-                let dir = repos.get(&format!("{}/{}", parts[0], parts[1]))?.clone();
-                Some((dir, parts.get(4).map(|s| s.to_string()).unwrap_or_default()))
-            };
-            if let Some((dir, _)) = url.strip_prefix("/api/datasets/").and_then(|r| repo_of(r, "revision")) {
-                let siblings: Vec<Value> = list_files(&dir).iter().map(|f| json!({ "rfilename": f })).collect();
-                let body = json!({ "sha": COMMIT, "siblings": siblings });
-                let _ = request
-                    .respond(tiny_http::Response::from_string(body.to_string()).with_header(header("Content-Type", "application/json")));
-                continue;
-            }
-            if let Some((dir, file)) = url.strip_prefix("/datasets/").and_then(|r| repo_of(r, "resolve")) {
-                if let Ok(bytes) = std::fs::read(dir.join(&file)) {
-                    let etag: String = Sha256::digest(&bytes).iter().map(|b| format!("{b:02x}")).collect();
-                    let range = request.headers().iter().find(|h| h.field.equiv("Range")).map(|h| h.value.as_str().to_string());
-                    let (start, end) = match range.as_deref().and_then(|r| r.strip_prefix("bytes=")).and_then(|s| s.split_once('-')) {
-                        Some((a, b)) => {
-                            let a: usize = a.parse().unwrap();
-                            (a, if b.is_empty() { bytes.len() - 1 } else { b.parse::<usize>().unwrap().min(bytes.len() - 1) })
-                        }
-                        None => (0, bytes.len() - 1),
-                    };
-                    let response = tiny_http::Response::from_data(bytes[start..=end].to_vec())
-                        .with_status_code(if range.is_some() { 206 } else { 200 })
-                        .with_header(header("ETag", &format!("\"{etag}\"")))
-                        .with_header(header("X-Repo-Commit", COMMIT))
-                        .with_header(header("Content-Range", &format!("bytes {start}-{end}/{}", bytes.len())));
-                    let _ = request.respond(response);
-                    continue;
-                }
-            }
-            let _ = request.respond(not_found());
-        }
-    });
-    (url, server)
-}
-
 #[test]
 fn every_upstream_recipe_runs_unchanged() {
     let recipes = upstream_recipes();
@@ -274,8 +194,8 @@ fn every_upstream_recipe_runs_unchanged() {
         }
     }
     let repos = write_repos(&root.path().join("repos"), &plans);
-    let (url, server) = serve(repos);
-    std::env::set_var("HF_ENDPOINT", &url);
+    let hub = FakeHub::start(repos.into_iter().map(|(id, dir)| FakeRepo::dataset(&id, dir)).collect());
+    std::env::set_var("HF_ENDPOINT", &hub.url);
     std::env::set_var("HF_HOME", root.path().join("hf-home"));
     std::env::remove_var("HF_HUB_OFFLINE");
     std::env::set_var("ALIGNMENT_HANDBOOK_LOCAL_HUB", root.path().join("local-hub"));
@@ -314,6 +234,6 @@ fn every_upstream_recipe_runs_unchanged() {
         );
         let _ = std::fs::remove_dir_all(&out);
     }
-    server.unblock();
+    drop(hub);
     assert!(failures.is_empty(), "{} of {} upstream recipes failed:\n{}", failures.len(), recipes.len(), failures.join("\n"));
 }
