@@ -281,28 +281,27 @@ fn location(dataset: &Dataset, row: usize) -> String {
     RowRef::new(&origin.label(), origin.row).to_string()
 }
 
-/// The error for an empty training set, saying why: `rows` is the number of rows of the mixed
-/// train split (`None` when the recipe's splits give no train split), `what` why every one of
-/// them was dropped when there were some.
-fn empty_training_set(recipe: &Recipe, rows: Option<usize>, what: &str) -> RunError {
+/// The error for an empty training set, saying why: `rows` is the number of rows of the train
+/// split (a missing train split is refused earlier, by `DataSource::load`), `what` why every one
+/// of them was dropped when there were some.
+fn empty_training_set(recipe: &Recipe, rows: usize, what: &str) -> RunError {
     let reason = match rows {
-        None => format!("dataset_splits {:?} name no train split (one whose name contains `train`)", recipe.dataset_splits),
-        Some(0) if recipe.dataset_mixture.is_some() => {
+        0 if recipe.dataset_mixture.is_some() => {
             "the train split has no rows: dataset_mixture takes int(weight × rows) of each dataset (a weight of 0, or an empty file, takes none)".into()
         }
-        Some(0) if recipe.dataset_name.is_some() => format!(
+        0 if recipe.dataset_name.is_some() => format!(
             "split `{}` of dataset_name `{}` has no rows",
             recipe.dataset_train_split,
             recipe.dataset_name.as_deref().unwrap_or_default()
         ),
-        Some(0) => {
+        0 => {
             let mixer: Vec<String> = recipe.dataset_mixer_in_order().iter().map(|(id, f)| format!("{id}: {f}")).collect();
             format!(
                 "the train split has no rows: dataset_mixer {{{}}} takes int(fraction × rows) of each (a fraction of 0, or an empty file, takes none)",
                 mixer.join(", ")
             )
         }
-        Some(n) => format!("all {n} rows of the train split were dropped: {what}"),
+        n => format!("all {n} rows of the train split were dropped: {what}"),
     };
     RunError::EmptyTrainingSet { reason }
 }
@@ -515,7 +514,7 @@ pub fn run<B: AutodiffBackend>(objective: Objective, recipe: &Recipe, device: &B
             if train_examples.is_empty() {
                 let max_length = recipe.sft_max_length().unwrap_or(TRL_DEFAULT_MAX_LENGTH);
                 let why = format!("none keeps a scored token after truncation to max_seq_length {max_length} (assistant_only_loss: {}, truncation_mode: {:?})", recipe.assistant_only_loss, recipe.truncation_mode.as_deref().unwrap_or("keep_start"));
-                return Err(empty_training_set(recipe, Some(train_set.len()), &why));
+                return Err(empty_training_set(recipe, train_set.len(), &why));
             }
             let eval_examples = test_set.as_ref().map(build).transpose()?.unwrap_or_default();
             let name = if objective == Objective::Sft { "sft" } else { "cpt" };
@@ -529,7 +528,7 @@ pub fn run<B: AutodiffBackend>(objective: Objective, recipe: &Recipe, device: &B
             if train_pairs.is_empty() {
                 let why =
                     format!("every prompt fills max_length {} (DPO drops such pairs)", recipe.max_length.unwrap_or(TRL_DEFAULT_MAX_LENGTH));
-                return Err(empty_training_set(recipe, Some(train_set.len()), &why));
+                return Err(empty_training_set(recipe, train_set.len(), &why));
             }
             let dpo = components::dpo_config(recipe)?;
             // The reference model is the starting model: its log-probs, computed once and cached.
@@ -568,7 +567,7 @@ pub fn run<B: AutodiffBackend>(objective: Objective, recipe: &Recipe, device: &B
                     "every prompt leaves no room for a completion within max_length {}",
                     recipe.max_length.unwrap_or(TRL_DEFAULT_MAX_LENGTH)
                 );
-                return Err(empty_training_set(recipe, Some(train_set.len()), &why));
+                return Err(empty_training_set(recipe, train_set.len(), &why));
             }
             let orpo = components::orpo_config(recipe)?;
             let task = OrpoTask { config: orpo, pad_id: tools.pad_id };
