@@ -91,6 +91,7 @@ fn best_of<T>(repeats: usize, mut f: impl FnMut() -> T) -> (f64, T) {
 }
 
 fn main() -> anyhow::Result<()> {
+    alignment_core::memory::retain_freed_memory();
     let args = Args::parse();
     anyhow::ensure!(args.batch_sizes.iter().all(|&b| (1..=PROMPTS.len()).contains(&b)), "batch sizes must be 1..=8");
     let dir = match &args.model {

@@ -211,6 +211,7 @@ fn measure(args: &Args, mode: &str) {
 }
 
 fn main() {
+    alignment_core::memory::retain_freed_memory();
     let args = Args::parse();
     if args.mode != "all" {
         measure(&args, &args.mode);

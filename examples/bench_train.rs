@@ -110,6 +110,7 @@ struct CheckArgs {
 }
 
 fn main() {
+    alignment_core::memory::retain_freed_memory();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Train(args) => dispatch_train(&args),

@@ -172,6 +172,7 @@ fn run<B: Backend>(args: Args, device: &B::Device) -> anyhow::Result<()> {
 }
 
 fn main() -> anyhow::Result<()> {
+    alignment_core::memory::retain_freed_memory();
     let args = Args::parse();
     if !args.compare.is_empty() {
         let reports = args.compare.iter().map(|p| EvalReport::read(p)).collect::<Result<Vec<_>, _>>()?;

@@ -45,6 +45,7 @@ struct Args {
 }
 
 fn main() -> anyhow::Result<()> {
+    alignment_core::memory::retain_freed_memory();
     let args = Args::parse();
     let dir = match args.model {
         Some(model) => resolve_model(&model.to_string_lossy())?,

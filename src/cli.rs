@@ -9,6 +9,7 @@ use std::path::PathBuf;
 /// runs `objective` on the CPU backend (or the GPU one when built with `--features cuda`) and
 /// prints where the results are. Exits non-zero with the error's message on failure.
 pub fn main_for(objective: Objective, default_recipe: &str) {
+    alignment_core::memory::retain_freed_memory();
     if let Err(message) = try_main(objective, default_recipe) {
         eprintln!("error: {message}");
         std::process::exit(1);

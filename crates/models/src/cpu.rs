@@ -24,7 +24,8 @@ const DOT_ROWS: usize = 8;
 
 type Cpu = NdArray<f32>;
 
-fn cast<From: 'static, To: 'static>(value: From) -> Result<To, From> {
+/// `value` as `To` when it is one (a tensor of a generic backend seen as the concrete one).
+pub(crate) fn cast<From: 'static, To: 'static>(value: From) -> Result<To, From> {
     let boxed: Box<dyn Any> = Box::new(value);
     match boxed.downcast::<To>() {
         Ok(value) => Ok(*value),

@@ -124,10 +124,17 @@ impl<B: Backend> LoraAdapter<B> {
 ///
 /// Computed as `(W xᵀ)ᵀ`: only the activations are transposed, never the (large) weight, which
 /// the ndarray backend would otherwise copy into a contiguous transposed buffer on every call.
-/// On `NdArray<f32>` itself (inference) `W` is read in place instead ([`crate::cpu`]).
+/// On `NdArray<f32>` itself (inference) `W` is read in place instead ([`crate::cpu`]), and under
+/// `Autodiff<NdArray<f32>>` (training) forward and backward are GEMMs on views
+/// ([`crate::cpu_autodiff`]).
 pub fn project<B: Backend>(x: Tensor<B, 3>, w: Tensor<B, 2>) -> Tensor<B, 3> {
     #[cfg(feature = "ndarray")]
     let (x, w) = match crate::cpu::project(x, w) {
+        Ok(y) => return y,
+        Err(inputs) => inputs,
+    };
+    #[cfg(feature = "ndarray")]
+    let (x, w) = match crate::cpu_autodiff::project(x, w) {
         Ok(y) => return y,
         Err(inputs) => inputs,
     };

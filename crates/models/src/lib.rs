@@ -13,6 +13,8 @@ pub mod compressed;
 pub mod config;
 #[cfg(feature = "ndarray")]
 mod cpu;
+#[cfg(feature = "ndarray")]
+mod cpu_autodiff;
 pub mod decode;
 pub mod error;
 pub mod family;
