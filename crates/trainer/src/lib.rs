@@ -11,6 +11,8 @@
 
 pub mod checkpoint;
 pub mod components;
+#[cfg(feature = "ndarray")]
+mod cpu_adamw;
 pub mod data_parallel;
 pub mod logging;
 pub mod optimizer;

@@ -12,7 +12,8 @@
 //! p ← p − lr/(1−β₁ᵗ) · m / (√v/√(1−β₂ᵗ) + ε)
 //! ```
 //! Moments live on the inner (non-autodiff) backend, keyed by parameter path so they can be
-//! checkpointed and restored by name.
+//! checkpointed and restored by name. On the CPU backend the update runs as one threaded pass
+//! per parameter (`cpu_adamw.rs`), bit-identical to the tensor operations of `adamw_on_tensors`.
 //!
 //! `optim: rmsprop` swaps the update for `torch.optim.RMSprop` with transformers' arguments
 //! (`α = 0.99`, `ε = 1e-8`, weight decay added to the gradient, no momentum), after the same
@@ -200,33 +201,36 @@ impl<AD: AutodiffBackend> ModuleMapper<AD> for Update<'_, AD> {
         let shape = tensor.shape();
         let numel = shape.num_elements();
 
-        let mut p = tensor.inner();
-        let g = match &self.clip_coef {
-            Some(coef) => grad * coef.clone().reshape([1; D]),
-            None => grad,
+        let p = tensor.inner();
+        let device = p.device();
+        let clipped = |grad: Tensor<AD::InnerBackend, D>| -> Tensor<AD::InnerBackend, 1> {
+            let g = match &self.clip_coef {
+                Some(coef) => grad * coef.clone().reshape([1; D]),
+                None => grad,
+            };
+            g.reshape([numel])
         };
-        let g_flat: Tensor<AD::InnerBackend, 1> = g.reshape([numel]);
         let (p, moments) = match c.rule {
             UpdateRule::AdamW => {
-                if c.weight_decay > 0.0 && !excluded_from_decay(&path) {
-                    p = p.clone() - p * (self.lr * c.weight_decay);
-                }
                 let moments = self
                     .optimizer
                     .state
                     .remove(&path)
-                    .unwrap_or_else(|| Moments { exp_avg: g_flat.zeros_like(), exp_avg_sq: g_flat.zeros_like() });
-                let exp_avg = moments.exp_avg * c.beta1 + g_flat.clone() * (1.0 - c.beta1);
-                let exp_avg_sq = moments.exp_avg_sq * c.beta2 + g_flat.square() * (1.0 - c.beta2);
-                let bias1 = 1.0 - c.beta1.powi(t);
-                let bias2 = 1.0 - c.beta2.powi(t);
-                let denom = exp_avg_sq.clone().sqrt() / bias2.sqrt() + c.epsilon;
-                let update = (exp_avg.clone() / denom) * (self.lr / bias1);
-                (p - update.reshape(shape), Moments { exp_avg, exp_avg_sq })
+                    .unwrap_or_else(|| Moments { exp_avg: Tensor::zeros([numel], &device), exp_avg_sq: Tensor::zeros([numel], &device) });
+                let scalars = AdamWScalars::new(&c, self.lr, t, !excluded_from_decay(&path));
+                #[cfg(feature = "ndarray")]
+                if crate::cpu_adamw::applies::<AD::InnerBackend>() {
+                    let clip = self.clip_coef.clone().map(|coef| burn::tensor::ElementConversion::elem::<f32>(coef.into_scalar()));
+                    let (p, moments) = crate::cpu_adamw::update(p, grad, moments, &scalars, clip);
+                    self.optimizer.state.insert(path, moments);
+                    return Param::from_mapped_value(id, with_grad(Tensor::from_inner(p), require_grad), mapper);
+                }
+                adamw_on_tensors(p, clipped(grad), moments, &scalars)
             }
             UpdateRule::RmsProp => {
                 const ALPHA: f64 = 0.99;
                 const EPS: f64 = 1e-8;
+                let g_flat = clipped(grad);
                 let g_flat = if c.weight_decay > 0.0 && !excluded_from_decay(&path) {
                     g_flat + p.clone().reshape([numel]) * c.weight_decay
                 } else {
@@ -238,16 +242,72 @@ impl<AD: AutodiffBackend> ModuleMapper<AD> for Update<'_, AD> {
                 };
                 let square_avg = square_avg * ALPHA + g_flat.clone().square() * (1.0 - ALPHA);
                 let update = g_flat / (square_avg.clone().sqrt() + EPS) * self.lr;
-                let device = update.device();
                 (p - update.reshape(shape), Moments { exp_avg: Tensor::zeros([0], &device), exp_avg_sq: square_avg })
             }
         };
         self.optimizer.state.insert(path, moments);
 
-        let mut tensor = Tensor::from_inner(p);
-        if require_grad {
-            tensor = tensor.require_grad();
-        }
-        Param::from_mapped_value(id, tensor, mapper)
+        Param::from_mapped_value(id, with_grad(Tensor::from_inner(p), require_grad), mapper)
     }
+}
+
+/// `tensor`, tracked again when the parameter was.
+fn with_grad<AD: AutodiffBackend, const D: usize>(tensor: Tensor<AD, D>, require_grad: bool) -> Tensor<AD, D> {
+    if require_grad {
+        tensor.require_grad()
+    } else {
+        tensor
+    }
+}
+
+/// One AdamW update's scalars, rounded to f32 as the tensor operations round them.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct AdamWScalars {
+    /// `lr · wd`, `None` for a parameter without decay.
+    pub decay: Option<f32>,
+    pub beta1: f32,
+    pub one_minus_beta1: f32,
+    pub beta2: f32,
+    pub one_minus_beta2: f32,
+    /// `√(1 − β₂ᵗ)`.
+    pub sqrt_bias2: f32,
+    pub epsilon: f32,
+    /// `lr / (1 − β₁ᵗ)`.
+    pub step_size: f32,
+}
+
+impl AdamWScalars {
+    pub(crate) fn new(c: &AdamWConfig, lr: f64, t: i32, decays: bool) -> Self {
+        let (bias1, bias2) = (1.0 - c.beta1.powi(t), 1.0 - c.beta2.powi(t));
+        Self {
+            decay: (c.weight_decay > 0.0 && decays).then_some((lr * c.weight_decay) as f32),
+            beta1: c.beta1 as f32,
+            one_minus_beta1: (1.0 - c.beta1) as f32,
+            beta2: c.beta2 as f32,
+            one_minus_beta2: (1.0 - c.beta2) as f32,
+            sqrt_bias2: bias2.sqrt() as f32,
+            epsilon: c.epsilon as f32,
+            step_size: (lr / bias1) as f32,
+        }
+    }
+}
+
+/// The AdamW update of one parameter `p` with its (clipped, flattened) gradient, by tensor
+/// operations on any backend. `crate::cpu_adamw` does the same f32 operations in one pass.
+pub(crate) fn adamw_on_tensors<B: Backend, const D: usize>(
+    p: Tensor<B, D>,
+    g_flat: Tensor<B, 1>,
+    moments: Moments<B>,
+    s: &AdamWScalars,
+) -> (Tensor<B, D>, Moments<B>) {
+    let shape = p.shape();
+    let p = match s.decay {
+        Some(decay) => p.clone() - p * decay,
+        None => p,
+    };
+    let exp_avg = moments.exp_avg * s.beta1 + g_flat.clone() * s.one_minus_beta1;
+    let exp_avg_sq = moments.exp_avg_sq * s.beta2 + g_flat.square() * s.one_minus_beta2;
+    let denom = exp_avg_sq.clone().sqrt() / s.sqrt_bias2 + s.epsilon;
+    let update = (exp_avg.clone() / denom) * s.step_size;
+    (p - update.reshape(shape), Moments { exp_avg, exp_avg_sq })
 }
