@@ -3,6 +3,17 @@
 //! Library code is generic over `burn::tensor::backend::Backend`; binaries and tests pick one of
 //! the aliases below. `Autodiff<_>` wraps a backend to record the graph for training.
 
+/// `value` as `To` when it is one, else `value` back: how a tensor of a generic backend `B` is
+/// seen as a concrete backend's tensor once `B` is known (by `TypeId`) to be that backend, for
+/// the code paths written for one backend (the CPU's GEMMs on views, recorded autodiff steps).
+pub fn downcast<From: 'static, To: 'static>(value: From) -> Result<To, From> {
+    let boxed: Box<dyn std::any::Any> = Box::new(value);
+    match boxed.downcast::<To>() {
+        Ok(value) => Ok(*value),
+        Err(boxed) => Err(*boxed.downcast::<From>().expect("the value boxed above")),
+    }
+}
+
 #[cfg(feature = "ndarray")]
 /// CPU backend used by tests and CI: pure Rust, f32.
 pub type Cpu = burn::backend::NdArray<f32>;

@@ -20,6 +20,7 @@
 //! time for the backends this crate is built with (`ndarray`, `cuda` features); on any other
 //! backend the plain matmul is used, which keeps `W` and gives no gradient to a trainable `q`.
 
+use alignment_core::backend::downcast as cast;
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;
 use burn::backend::autodiff::grads::Gradients;
@@ -27,7 +28,6 @@ use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::Autodiff;
 use burn::tensor::backend::Backend;
 use burn::tensor::{IndexingUpdateOp, Int, Tensor, TensorData, TensorPrimitive};
-use std::any::Any;
 use std::fmt::Debug;
 use std::sync::Arc;
 
@@ -116,17 +116,6 @@ fn matmul_dispatch<B: Backend>(x: Tensor<B, 2>, weight: &Arc<dyn CompressedWeigh
     // Inference backends (nothing is recorded) and backends without a recorded step.
     let w = expand::<B>(weight.as_ref(), &x.device());
     w.matmul(x.transpose()).transpose()
-}
-
-/// `value` as `To` when it is one: how a `Tensor<B, ..>` is seen as `Tensor<Autodiff<I>, ..>`
-/// once `B` is known to be `Autodiff<I>`.
-#[cfg_attr(not(any(feature = "ndarray", feature = "cuda")), allow(dead_code))]
-fn cast<From: 'static, To: 'static>(value: From) -> Result<To, From> {
-    let boxed: Box<dyn Any> = Box::new(value);
-    match boxed.downcast::<To>() {
-        Ok(value) => Ok(*value),
-        Err(boxed) => Err(*boxed.downcast::<From>().expect("the value boxed above")),
-    }
 }
 
 #[cfg_attr(not(any(feature = "ndarray", feature = "cuda")), allow(dead_code))]

@@ -17,21 +17,13 @@ use burn::backend::ndarray::{NdArray, NdArrayTensor};
 use burn::tensor::{backend::Backend, Tensor, TensorPrimitive};
 use ndarray::{linalg::general_mat_mul, Array2, ArrayView2, Ix2};
 use rayon::prelude::*;
-use std::any::Any;
 
 /// Rows up to which the dot-product path runs (above, the GEMM is faster).
 const DOT_ROWS: usize = 8;
 
 type Cpu = NdArray<f32>;
 
-/// `value` as `To` when it is one (a tensor of a generic backend seen as the concrete one).
-pub(crate) fn cast<From: 'static, To: 'static>(value: From) -> Result<To, From> {
-    let boxed: Box<dyn Any> = Box::new(value);
-    match boxed.downcast::<To>() {
-        Ok(value) => Ok(*value),
-        Err(boxed) => Err(*boxed.downcast::<From>().expect("the value boxed above")),
-    }
-}
+pub(crate) use alignment_core::backend::downcast as cast;
 
 /// Lanes of the dot products: eight independent partial sums per input row, so the compiler
 /// vectorizes them (one AVX register each) without reordering a float reduction.

@@ -11,7 +11,6 @@ use burn::backend::ndarray::{NdArray, NdArrayTensor};
 use burn::tensor::{backend::Backend, Tensor, TensorPrimitive};
 use ndarray::{ArcArray, Array, IxDyn};
 use rayon::prelude::*;
-use std::any::Any;
 
 type Cpu = NdArray<f32>;
 
@@ -24,8 +23,7 @@ pub(crate) fn applies<B: Backend>() -> bool {
 }
 
 fn cast<From: 'static, To: 'static>(value: From) -> To {
-    let boxed: Box<dyn Any> = Box::new(value);
-    *boxed.downcast::<To>().unwrap_or_else(|_| panic!("cpu_adamw::update called on a backend other than NdArray<f32>"))
+    alignment_core::backend::downcast(value).unwrap_or_else(|_| panic!("cpu_adamw::update called on a backend other than NdArray<f32>"))
 }
 
 /// The tensor's values as an owned, standard-layout array (copied only when shared or strided).

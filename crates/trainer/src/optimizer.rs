@@ -147,7 +147,13 @@ impl<B: Backend> AdamW<B> {
             _ => None,
         };
         self.step += 1;
-        let mut mapper = Update::<AD> { optimizer: self, grads, lr, clip_coef: clip_coef.clone(), path: Vec::new() };
+        // The CPU backend's one-pass AdamW takes the clipping factor as a number: read once here.
+        #[cfg(feature = "ndarray")]
+        let cpu_clip = crate::cpu_adamw::applies::<B>()
+            .then(|| clip_coef.clone().map(|coef| burn::tensor::ElementConversion::elem::<f32>(coef.into_scalar())));
+        #[cfg(not(feature = "ndarray"))]
+        let cpu_clip = None;
+        let mut mapper = Update::<AD> { optimizer: self, grads, lr, clip_coef: clip_coef.clone(), cpu_clip, path: Vec::new() };
         let module = module.map(&mut mapper);
         let clip_coef = clip_coef.unwrap_or_else(|| grad_norm.ones_like());
         (module, DeviceStepReport { grad_norm, clip_coef })
@@ -178,6 +184,9 @@ struct Update<'a, AD: AutodiffBackend> {
     lr: f64,
     /// `[1]` clipping factor, `None` without clipping.
     clip_coef: Option<Tensor<AD::InnerBackend, 1>>,
+    /// `Some` when AdamW runs as the CPU backend's one pass (`cpu_adamw`), holding the clipping
+    /// factor's value (`None` without clipping).
+    cpu_clip: Option<Option<f32>>,
     path: Vec<String>,
 }
 
@@ -218,14 +227,11 @@ impl<AD: AutodiffBackend> ModuleMapper<AD> for Update<'_, AD> {
                     .remove(&path)
                     .unwrap_or_else(|| Moments { exp_avg: Tensor::zeros([numel], &device), exp_avg_sq: Tensor::zeros([numel], &device) });
                 let scalars = AdamWScalars::new(&c, self.lr, t, !excluded_from_decay(&path));
-                #[cfg(feature = "ndarray")]
-                if crate::cpu_adamw::applies::<AD::InnerBackend>() {
-                    let clip = self.clip_coef.clone().map(|coef| burn::tensor::ElementConversion::elem::<f32>(coef.into_scalar()));
-                    let (p, moments) = crate::cpu_adamw::update(p, grad, moments, &scalars, clip);
-                    self.optimizer.state.insert(path, moments);
-                    return Param::from_mapped_value(id, with_grad(Tensor::from_inner(p), require_grad), mapper);
+                match self.cpu_clip {
+                    #[cfg(feature = "ndarray")]
+                    Some(clip) => crate::cpu_adamw::update(p, grad, moments, &scalars, clip),
+                    _ => adamw_on_tensors(p, clipped(grad), moments, &scalars),
                 }
-                adamw_on_tensors(p, clipped(grad), moments, &scalars)
             }
             UpdateRule::RmsProp => {
                 const ALPHA: f64 = 0.99;
