@@ -9,7 +9,6 @@
 #
 #   bash scripts/bench_cpu.sh                    # sft and dpo, 12 steps (2 warm-up)
 #   TASKS=sft STEPS=8 bash scripts/bench_cpu.sh  # one task, fewer steps
-#   FEATURES=flex BACKEND=flex bash scripts/bench_cpu.sh   # ours on another CPU backend
 #
 # Both sides use every core (torch: torch.set_num_threads(os.cpu_count())). Run it on a quiet
 # machine: the other side's numbers suffer from anything else running, torch's more (its threads
@@ -22,11 +21,7 @@ WARMUP="${WARMUP:-2}"
 OUT="${OUT:-target/bench-cpu.jsonl}"
 cache="${ALIGNMENT_HANDBOOK_CACHE:-$HOME/.cache/alignment-handbook}"
 
-features=()
-[[ -n "${FEATURES:-}" ]] && features=(--features "$FEATURES")
-backend=()
-[[ -n "${BACKEND:-}" ]] && backend=(--backend "$BACKEND")
-cargo build --release --example zephyr_sft --example zephyr_dpo "${features[@]}" >&2
+cargo build --release --example zephyr_sft --example zephyr_dpo >&2
 python="$(bash scripts/reference_env.sh | tail -n 1)"
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
@@ -36,7 +31,7 @@ mkdir -p "$(dirname "$OUT")"
 for task in $TASKS; do
     recipe="recipes/smollm2-135m/$task/config_cpu.yaml"
     echo "== $task: ours ($recipe, $STEPS steps)" >&2
-    target/release/examples/zephyr_"$task" "$recipe" "${backend[@]}" --max_steps="$STEPS" --logging_steps=1 \
+    target/release/examples/zephyr_"$task" "$recipe" --max_steps="$STEPS" --logging_steps=1 \
         --eval_strategy=no --eval_on_start=false --save_strategy=no --output_dir="$work/ours-$task" >&2
     # One logging window per step: its tokens from the running total, its seconds from its rate.
     "$python" - "$work/ours-$task/metrics.jsonl" "$task" "$WARMUP" >>"$OUT" <<'EOF'
