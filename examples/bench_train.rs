@@ -1,5 +1,5 @@
 //! The training-step benchmark and the GPU correctness check (issue #12), one binary for every
-//! backend this build has (`ndarray` always; `cuda`, `tch` by feature), so the same code runs
+//! backend this build has (`ndarray` always; `cuda`, `tch`, `wgpu` by feature), so the same code runs
 //! as a dry run on the CPU here and for real on the GPU machine.
 //!
 //! ```text
@@ -15,25 +15,24 @@
 //! prints one JSON line: step times, median, tokens/s, model FLOPs utilisation. PyTorch's side
 //! of the same measurement is `scripts/gpu/torch_baseline.py`; `scripts/gpu/run.sh` stages both.
 //!
-//! `check` runs two optimizer steps of SFT, DPO, LoRA and QLoRA on the committed tiny Llama
-//! fixture and compares losses, metrics and the second step's gradients with values the CPU
-//! backend wrote (`--write-reference` on the CPU, `--reference` on the GPU).
+//! `check` runs the cases of `alignment_handbook::step_check` (two optimizer steps of SFT, DPO,
+//! LoRA, QLoRA and the lean step, on the committed tiny Llama fixture) and compares losses,
+//! metrics and the second step's gradients with values the CPU backend wrote
+//! (`--write-reference` on the CPU, `--reference` on the GPU).
 
+use alignment_handbook::step_check::{self, dpo_pair, read_metrics, sft_row, train_step};
 use alignment_models::{random_model, CausalLm, ModelConfig};
-use alignment_objectives::DeferredMetrics;
 use alignment_objectives::{DpoConfig, Reduction};
 use alignment_peft::{apply_lora, LoraConfig, QuantConfig, TargetModules};
-use alignment_trainer::optimizer::{AdamW, AdamWConfig, DeviceStepReport};
-use alignment_trainer::tasks::{DpoTask, PreferencePair, ReferenceLogps, SftTask};
-use alignment_trainer::{forward_backward, Sequence, StepOptions, Task, IGNORE_INDEX};
+use alignment_trainer::optimizer::{AdamW, AdamWConfig};
+use alignment_trainer::tasks::{DpoTask, PreferencePair, SftTask};
+use alignment_trainer::{Sequence, StepOptions};
 use burn::module::{Module, ModuleVisitor, Param};
-use burn::optim::{GradientsAccumulator, GradientsParams};
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::Tensor;
 use clap::{Parser, Subcommand};
-use serde_json::{json, Map, Value};
-use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use serde_json::{json, Map};
+use std::path::PathBuf;
 use std::time::Instant;
 
 #[derive(Parser)]
@@ -54,7 +53,7 @@ enum Command {
 
 #[derive(Parser)]
 struct TrainArgs {
-    /// `cpu`, `cuda` (f32), `cuda-bf16`, `tch-cpu`, `tch-cuda`, `tch-cuda-bf16` (those built in).
+    /// `cpu`, `cuda` (f32), `cuda-bf16`, `tch-cpu`, `tch-cuda`, `tch-cuda-bf16`, `wgpu` (those built in).
     #[arg(long, default_value = "cpu")]
     backend: String,
     /// A config.json giving the model's shape.
@@ -163,10 +162,17 @@ macro_rules! with_backend {
                 let $device = burn::backend::libtorch::LibTorchDevice::Cuda(0);
                 $body
             }
+            #[cfg(feature = "wgpu")]
+            "wgpu" => {
+                type $b = alignment_core::backend::WgpuAutodiff;
+                let $device = burn::backend::wgpu::WgpuDevice::default();
+                $body
+            }
             other => Err(format!(
-                "backend `{other}` is not built into this binary (features: cpu{}{})",
+                "backend `{other}` is not built into this binary (features: cpu{}{}{})",
                 if cfg!(feature = "cuda") { ", cuda, cuda-bf16" } else { "" },
-                if cfg!(feature = "tch") { ", tch-cpu, tch-cuda, tch-cuda-bf16" } else { "" }
+                if cfg!(feature = "tch") { ", tch-cpu, tch-cuda, tch-cuda-bf16" } else { "" },
+                if cfg!(feature = "wgpu") { ", wgpu" } else { "" }
             )),
         }
     }};
@@ -178,80 +184,6 @@ fn dispatch_train(args: &TrainArgs) -> Result<(), String> {
 
 fn dispatch_check(args: &CheckArgs) -> Result<(), String> {
     with_backend!(args.backend.as_str(), |B, device| run_check::<B>(args, &device))
-}
-
-// ---------------------------------------------------------------------------------------------
-// The training step, as the trainer's loop runs it (crates/trainer/src/train.rs).
-
-/// One optimizer step over `micro_batches`, as the trainer's loop runs it: each micro-batch's
-/// forward and backward pass (`step::forward_backward`, shaped by `options`) with its loss
-/// divided by the step's total weight, gradients accumulated, then AdamW. Returns the updated
-/// model, the step's pending metrics with their weights, the gradients and the device report.
-#[allow(clippy::type_complexity)]
-fn train_step<B: AutodiffBackend, T: Task>(
-    model: CausalLm<B>,
-    task: &T,
-    micro_batches: &[Vec<&T::Example>],
-    optimizer: &mut AdamW<B::InnerBackend>,
-    lr: f64,
-    options: &StepOptions,
-    device: &B::Device,
-) -> (CausalLm<B>, Vec<(DeferredMetrics<B>, f64)>, GradientsParams, DeviceStepReport<B::InnerBackend>) {
-    let step_weight: f64 = micro_batches.iter().map(|b| task.weight(b)).sum::<f64>().max(f64::MIN_POSITIVE);
-    let mut accumulator = GradientsAccumulator::<CausalLm<B>>::new();
-    let mut pending = Vec::new();
-    for batch in micro_batches {
-        let metrics = forward_backward(&model, task, batch, 1.0 / step_weight, options, &mut accumulator, device);
-        pending.push((metrics, task.weight(batch) / step_weight));
-    }
-    let grads = accumulator.grads();
-    let (model, report) = optimizer.step(lr, model, &grads);
-    (model, pending, grads, report)
-}
-
-/// The weighted means of a step's pending metrics (reads them from the device).
-fn read_metrics<B: Backend>(pending: Vec<(DeferredMetrics<B>, f64)>) -> BTreeMap<String, f64> {
-    let mut metrics = BTreeMap::<String, f64>::new();
-    for (deferred, w) in pending {
-        for (k, v) in deferred.read().iter() {
-            *metrics.entry(k.to_string()).or_default() += v * w;
-        }
-    }
-    metrics
-}
-
-/// Deterministic pseudo-random token ids in `1..vocab` (splitmix64).
-fn random_tokens(n: usize, vocab: usize, seed: u64) -> Vec<u32> {
-    let mut state = seed;
-    (0..n)
-        .map(|_| {
-            state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-            let mut z = state;
-            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-            1 + ((z ^ (z >> 31)) % (vocab as u64 - 1)) as u32
-        })
-        .collect()
-}
-
-/// An SFT row of `len` tokens, every token scored.
-fn sft_row(len: usize, vocab: usize, seed: u64) -> Sequence {
-    let ids = random_tokens(len, vocab, seed);
-    let labels = ids.iter().map(|&i| i as i64).collect();
-    Sequence::new(ids, labels)
-}
-
-/// A preference pair: a shared prompt of `len / 2` tokens, then different completions, each row
-/// `len` tokens; the reference log-probs are fixed numbers (precomputed in a real run).
-fn dpo_pair(len: usize, vocab: usize, seed: u64) -> PreferencePair {
-    let prompt = random_tokens(len / 2, vocab, seed);
-    let row = |salt: u64| {
-        let mut ids = prompt.clone();
-        ids.extend(random_tokens(len - prompt.len(), vocab, seed ^ salt));
-        let labels = ids.iter().enumerate().map(|(i, &t)| if i < prompt.len() { IGNORE_INDEX } else { t as i64 }).collect();
-        Sequence::new(ids, labels)
-    };
-    PreferencePair { chosen: row(1), rejected: row(2), reference: Some(ReferenceLogps::new(-(len as f64), -(len as f64) * 1.1)) }
 }
 
 /// Parameters with a gradient (trainable) and in total.
@@ -398,91 +330,7 @@ fn run_train<B: AutodiffBackend>(args: &TrainArgs, device: &B::Device) -> Result
 }
 
 // ---------------------------------------------------------------------------------------------
-// Correctness on the tiny fixtures: this backend against the CPU's values.
-
-/// The cases of `check`: (name, task kind, with LoRA, with an NF4 base).
-const CASES: [(&str, &str, bool, bool); 4] =
-    [("sft", "sft", false, false), ("dpo", "dpo", false, false), ("lora", "sft", true, false), ("qlora", "sft", true, true)];
-
-/// Gradients by parameter path (`layers.0.self_attn.q_proj.weight`, ...), flattened to f32.
-fn named_gradients<B: AutodiffBackend>(model: &CausalLm<B>, grads: &GradientsParams) -> BTreeMap<String, Vec<f32>> {
-    struct Collect<'a> {
-        grads: &'a GradientsParams,
-        path: Vec<String>,
-        out: BTreeMap<String, Vec<f32>>,
-    }
-    impl<B: AutodiffBackend> ModuleVisitor<B> for Collect<'_> {
-        fn enter_module(&mut self, name: &str, _: &str) {
-            self.path.push(name.to_string());
-        }
-        fn exit_module(&mut self, _: &str, _: &str) {
-            self.path.pop();
-        }
-        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
-            if let Some(g) = self.grads.get::<B::InnerBackend, D>(param.id) {
-                let values = g.into_data().convert::<f32>().into_vec::<f32>().expect("f32 after convert");
-                self.out.insert(self.path.join("."), values);
-            }
-        }
-    }
-    let mut collect = Collect { grads, path: Vec::new(), out: BTreeMap::new() };
-    model.visit(&mut collect);
-    collect.out
-}
-
-/// What one case produced: per-step scalars and the second step's gradients.
-struct CaseValues {
-    scalars: Map<String, Value>,
-    grads: BTreeMap<String, Vec<f32>>,
-}
-
-fn run_case<B: AutodiffBackend>(fixture: &Path, kind: &str, lora: bool, nf4: bool, device: &B::Device) -> Result<CaseValues, String> {
-    let quant = QuantConfig { double_quant: true };
-    let model: CausalLm<B> = if nf4 {
-        alignment_peft::load_pretrained_4bit(fixture, device, quant).map_err(|e| e.to_string())?
-    } else {
-        alignment_models::load_pretrained(fixture, device).map_err(|e| e.to_string())?
-    };
-    let vocab = model.config.vocab_size;
-    let mut model = if lora {
-        let mut config = LoraConfig::new(4, 8.0, TargetModules::AllLinear);
-        config.dropout = 0.0;
-        apply_lora(model, &config, 5).map_err(|e| e.to_string())?
-    } else {
-        model
-    };
-    let mut optimizer = AdamW::<B::InnerBackend>::new(AdamWConfig::default());
-    let mut scalars = Map::new();
-    let mut last_grads = BTreeMap::new();
-    // Rows of unequal lengths, so padding and its masks are exercised; two micro-batches.
-    let lengths = [13usize, 9, 11, 6];
-    for step in 0..2 {
-        let lr = 1e-3;
-        let options = StepOptions::default();
-        let (updated, pending, grads, report) = if kind == "dpo" {
-            let task = DpoTask { config: DpoConfig::default(), pad_id: 0 };
-            let pairs: Vec<PreferencePair> = lengths.iter().enumerate().map(|(i, &n)| dpo_pair(n, vocab, 77 + i as u64)).collect();
-            let batches: Vec<Vec<&PreferencePair>> = pairs.chunks(2).map(|c| c.iter().collect()).collect();
-            train_step(model, &task, &batches, &mut optimizer, lr, &options, device)
-        } else {
-            let task = SftTask { reduction: Reduction::Mean, pad_id: 0, name: "sft" };
-            let rows: Vec<Sequence> = lengths.iter().enumerate().map(|(i, &n)| sft_row(n, vocab, 77 + i as u64)).collect();
-            let batches: Vec<Vec<&Sequence>> = rows.chunks(2).map(|c| c.iter().collect()).collect();
-            train_step(model, &task, &batches, &mut optimizer, lr, &options, device)
-        };
-        let metrics = read_metrics(pending);
-        let grad_norm = report.read().grad_norm;
-        for (k, v) in metrics {
-            scalars.insert(format!("step{step}/{k}"), json!(v));
-        }
-        scalars.insert(format!("step{step}/grad_norm"), json!(grad_norm));
-        if step == 1 {
-            last_grads = named_gradients(&updated, &grads);
-        }
-        model = updated;
-    }
-    Ok(CaseValues { scalars, grads: last_grads })
-}
+// Correctness on the tiny fixtures: this backend against the CPU's values (step_check).
 
 fn run_check<B: AutodiffBackend>(args: &CheckArgs, device: &B::Device) -> Result<(), String> {
     let fixture = args.fixtures.join("tiny-llama");
@@ -490,24 +338,12 @@ fn run_check<B: AutodiffBackend>(args: &CheckArgs, device: &B::Device) -> Result
     let mut report = Map::new();
     let mut all_pass = true;
     println!("{:<8} {:>14} {:>14} {:>10}  result", "case", "max rel scalar", "max rel grad", "tolerance");
-    for (name, kind, lora, nf4) in CASES {
+    for case in step_check::CASES {
+        let name = case.name;
         let start = Instant::now();
-        let values = run_case::<B>(&fixture, kind, lora, nf4, device)?;
+        let values = step_check::run_case::<B>(&fixture, case, device).map_err(|e| e.to_string())?;
         if let Some(dir) = &args.write_reference {
-            std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-            std::fs::write(dir.join(format!("{name}.json")), serde_json::to_string_pretty(&values.scalars).expect("json"))
-                .map_err(|e| e.to_string())?;
-            let tensors: Vec<alignment_models::weights::NamedTensor> = values
-                .grads
-                .iter()
-                .map(|(k, v)| alignment_models::weights::NamedTensor { name: k.clone(), shape: vec![v.len()], values: v.clone() })
-                .collect();
-            alignment_models::weights::write_safetensors(
-                &dir.join(format!("{name}.safetensors")),
-                &tensors,
-                alignment_models::SaveDtype::F32,
-            )
-            .map_err(|e| e.to_string())?;
+            step_check::write_reference(dir, name, &values).map_err(|e| e.to_string())?;
             println!(
                 "{name:<8} wrote reference ({} scalars, {} gradients) in {:.1}s",
                 values.scalars.len(),
@@ -516,14 +352,19 @@ fn run_check<B: AutodiffBackend>(args: &CheckArgs, device: &B::Device) -> Result
             );
         }
         if let Some(dir) = &args.reference {
-            let (scalar_err, grad_err, worst) = compare(dir, name, &values)?;
-            let pass = scalar_err <= tolerance && grad_err <= tolerance;
+            let expected = step_check::read_reference(dir, name).map_err(|e| e.to_string())?;
+            let diff = step_check::compare(&values, &expected);
+            let pass = diff.within(tolerance);
             all_pass &= pass;
+            let missing = if diff.missing.is_empty() { String::new() } else { format!(", missing: {}", diff.missing.join(" ")) };
             println!(
-                "{name:<8} {scalar_err:>14.3e} {grad_err:>14.3e} {tolerance:>10.0e}  {} (worst: {worst})",
-                if pass { "PASS" } else { "FAIL" }
+                "{name:<8} {:>14.3e} {:>14.3e} {tolerance:>10.0e}  {} (worst: {}{missing})",
+                diff.max_rel_scalar,
+                diff.max_rel_grad,
+                if pass { "PASS" } else { "FAIL" },
+                diff.worst
             );
-            report.insert(name.into(), json!({"max_rel_scalar": scalar_err, "max_rel_grad": grad_err, "tolerance": tolerance, "pass": pass, "worst": worst, "seconds": start.elapsed().as_secs_f64()}));
+            report.insert(name.into(), json!({"max_rel_scalar": diff.max_rel_scalar, "max_rel_grad": diff.max_rel_grad, "tolerance": tolerance, "pass": pass, "worst": diff.worst, "missing": diff.missing, "seconds": start.elapsed().as_secs_f64()}));
         }
     }
     if let Some(path) = &args.report {
@@ -534,39 +375,6 @@ fn run_check<B: AutodiffBackend>(args: &CheckArgs, device: &B::Device) -> Result
         return Err(format!("{} differs from the CPU reference beyond {tolerance:e}", args.backend));
     }
     Ok(())
-}
-
-/// Largest relative difference of the scalars (|a - b| / max(|b|, 1e-6)) and of the gradients
-/// (‖a - b‖ / ‖b‖ per tensor) against the reference in `dir`, and the worst item's name.
-fn compare(dir: &Path, name: &str, values: &CaseValues) -> Result<(f64, f64, String), String> {
-    let text = std::fs::read_to_string(dir.join(format!("{name}.json"))).map_err(|e| format!("{}: {e}", dir.display()))?;
-    let reference: Map<String, Value> = serde_json::from_str(&text).map_err(|e| e.to_string())?;
-    let (mut scalar_err, mut grad_err, mut worst, mut worst_err) = (0f64, 0f64, String::new(), -1f64);
-    for (k, expected) in &reference {
-        let expected = expected.as_f64().unwrap_or(f64::NAN);
-        let got = values.scalars.get(k).and_then(Value::as_f64).ok_or_else(|| format!("{name}: no value for {k}"))?;
-        let err = (got - expected).abs() / expected.abs().max(1e-6);
-        let err = if err.is_nan() { f64::INFINITY } else { err };
-        scalar_err = scalar_err.max(err);
-        if err > worst_err {
-            (worst, worst_err) = (k.clone(), err);
-        }
-    }
-    let checkpoint =
-        alignment_models::weights::Checkpoint::open_file(&dir.join(format!("{name}.safetensors"))).map_err(|e| e.to_string())?;
-    for k in checkpoint.names() {
-        let got = values.grads.get(&k).ok_or_else(|| format!("{name}: no gradient for {k}"))?;
-        let expected = checkpoint.read_f32(&k, &[got.len()]).map_err(|e| e.to_string())?;
-        let (diff, norm) =
-            got.iter().zip(&expected).fold((0f64, 0f64), |(d, n), (&a, &b)| (d + ((a - b) as f64).powi(2), n + (b as f64).powi(2)));
-        let err = diff.sqrt() / norm.sqrt().max(1e-12);
-        let err = if err.is_nan() { f64::INFINITY } else { err };
-        grad_err = grad_err.max(err);
-        if err > worst_err {
-            (worst, worst_err) = (k.clone(), err);
-        }
-    }
-    Ok((scalar_err, grad_err, worst))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -601,7 +409,10 @@ fn nccl_check() -> Result<(), String> {
     for (op, same) in &results {
         println!("nccl {op:<20} {}", if *same { "equal to one process" } else { "DIFFERS" });
     }
-    println!("{}", json!({"nccl": results.iter().map(|(op, same)| (op.to_string(), json!(same))).collect::<Map<String, Value>>()}));
+    println!(
+        "{}",
+        json!({"nccl": results.iter().map(|(op, same)| (op.to_string(), json!(same))).collect::<Map<String, serde_json::Value>>()})
+    );
     if results.iter().all(|(_, same)| *same) {
         Ok(())
     } else {

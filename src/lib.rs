@@ -19,3 +19,4 @@ pub mod hub_model;
 pub mod pypi;
 pub mod reference;
 pub mod run;
+pub mod step_check;

@@ -7,6 +7,8 @@
 #   bash scripts/gpu/run.sh dry-run   the same pipeline on the CPU here: a CPU-only build in
 #                                     .gpu-dry/, device_run.sh's `dry` plan (checks, ours and
 #                                     PyTorch's steps on a tiny shape) with the reference venv
+#   bash scripts/gpu/run.sh dry-run wgpu   the same, ours on burn's wgpu backend (CubeCL, the
+#                                     kernels cuda runs) over Mesa's software Vulkan
 #   bash scripts/gpu/run.sh report DIR   tables from the files a device run brought back
 #
 # .gpu/ and .gpu-dry/ are ignored by git; the device tool carries .gpu/ ("carry": [".gpu"]).
@@ -43,7 +45,16 @@ Afterwards: bash scripts/gpu/run.sh report <files_at folder>, then docs/performa
 EOF
         ;;
     dry-run)
-        build_into "" .gpu-dry
+        backend="${2:-cpu}"
+        case "$backend" in
+            cpu) build_into "" .gpu-dry ;;
+            wgpu)
+                bash scripts/vulkan_env.sh
+                build_into wgpu .gpu-dry
+                export OURS_BACKENDS=wgpu CHECK_BACKENDS=wgpu
+                ;;
+            *) echo "usage: run.sh dry-run [cpu|wgpu]" >&2; exit 2 ;;
+        esac
         python="$(bash scripts/reference_env.sh)"
         GPU_DIR=.gpu-dry OUT=.gpu-dry/out PYTHON="$python" BUDGET_S="${BUDGET_S:-600}" bash scripts/gpu/device_run.sh dry
         ;;
@@ -52,7 +63,7 @@ EOF
         python3 scripts/gpu/report.py "$dir/results.jsonl" --checks "$dir"
         ;;
     *)
-        echo "usage: run.sh stage | dry-run | report DIR" >&2
+        echo "usage: run.sh stage | dry-run [cpu|wgpu] | report DIR" >&2
         exit 2
         ;;
 esac

@@ -42,3 +42,12 @@ pub type Torch = burn::backend::LibTorch<f32>;
 #[cfg(feature = "tch")]
 /// libtorch backend computing in bf16 (on CUDA devices).
 pub type TorchBf16 = burn::backend::LibTorch<burn::tensor::bf16>;
+
+#[cfg(feature = "wgpu")]
+/// WebGPU backend (burn-wgpu / CubeCL, f32): the same CubeCL kernels as [`Gpu`], on any Vulkan
+/// device, Mesa's software lavapipe included, which is how CI runs the GPU code path.
+pub type Wgpu = burn::backend::Wgpu<f32, i32>;
+
+#[cfg(feature = "wgpu")]
+/// The WebGPU backend with gradient tracking.
+pub type WgpuAutodiff = burn::backend::Autodiff<Wgpu>;

@@ -78,6 +78,12 @@ impl Checkpoint {
         self.file_of.contains_key(name)
     }
 
+    /// The shape of `name`, if the checkpoint holds it.
+    pub fn shape(&self, name: &str) -> Option<Vec<usize>> {
+        let &index = self.file_of.get(name)?;
+        self.files[index].metadata.info(name).map(|info| info.shape.clone())
+    }
+
     /// Where the checkpoint was read from (first file), for error messages.
     pub fn path(&self) -> PathBuf {
         self.files.first().map(|f| f.path.clone()).unwrap_or_default()
