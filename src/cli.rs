@@ -52,7 +52,11 @@ fn run_on_backend(objective: Objective, recipe: &Recipe) -> Result<alignment_tra
 }
 
 #[cfg(feature = "cuda")]
+/// On GPU `LOCAL_RANK` (torchrun's, or Slurm's `SLURM_LOCALID`), so that the ranks of a node
+/// use one GPU each; GPU 0 for a single process.
 fn run_on_backend(objective: Objective, recipe: &Recipe) -> Result<alignment_trainer::TrainOutcome, String> {
     use alignment_core::backend::GpuAutodiff;
-    run::<GpuAutodiff>(objective, recipe, &Default::default(), false).map_err(|e| e.to_string())
+    let local_rank = alignment_distributed::DistEnv::from_env().map_err(|e| e.to_string())?.map_or(0, |env| env.local_rank);
+    let device = burn::backend::cuda::CudaDevice::new(local_rank);
+    run::<GpuAutodiff>(objective, recipe, &device, false).map_err(|e| e.to_string())
 }

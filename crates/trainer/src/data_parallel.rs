@@ -31,7 +31,9 @@
 use crate::optimizer::{excluded_from_decay, AdamW, AdamWConfig, Moments, StepReport};
 use crate::zero3::{self, Group, ShardedWeight};
 use crate::TrainError;
-use alignment_distributed::{AccelerateConfig, Communicator, DistEnv, ShardLayout, TcpCommunicator, ZeroPlan, ZeroStage};
+#[cfg(not(feature = "cuda"))]
+use alignment_distributed::TcpCommunicator;
+use alignment_distributed::{AccelerateConfig, Communicator, DistEnv, ShardLayout, ZeroPlan, ZeroStage};
 use alignment_models::compressed::CompressedWeight;
 use alignment_models::CausalLm;
 use burn::module::{AutodiffModule, ModuleMapper, ModuleVisitor, Param, ParamId};
@@ -127,13 +129,19 @@ impl DataParallel {
 
     /// The group the environment describes (torchrun/Slurm variables, the accelerate config
     /// named by `ALIGNMENT_ACCELERATE_CONFIG`; DDP when none), `None` for a single process.
+    /// Collectives go through NCCL in a `cuda` build (each rank on GPU `LOCAL_RANK`, NVLink
+    /// between them), through TCP otherwise.
     pub fn from_env() -> Result<Option<Self>, TrainError> {
-        if DistEnv::from_env()?.is_none() {
+        let Some(env) = DistEnv::from_env()? else {
             return Ok(None);
-        }
+        };
         let stage = AccelerateConfig::from_env()?.map_or(ZeroStage::Ddp, |c| c.stage);
-        let comm = TcpCommunicator::from_env()?.expect("the environment describes a multi-process job");
-        Ok(Some(Self::new(Box::new(comm), stage)))
+        let timeout = alignment_distributed::timeout_from_env()?;
+        #[cfg(feature = "cuda")]
+        let comm: Box<dyn Communicator> = Box::new(alignment_distributed::NcclCommunicator::connect(&env, timeout)?);
+        #[cfg(not(feature = "cuda"))]
+        let comm: Box<dyn Communicator> = Box::new(TcpCommunicator::connect(&env, timeout)?);
+        Ok(Some(Self::new(comm, stage)))
     }
 
     /// This process's rank.
