@@ -6,8 +6,10 @@
 //! buffers) per generated token of a 135M model, whose tied 49152 × 576 head alone took 175 ms
 //! a call. Here `W` is read in place:
 //! - few rows (decoding: one token per sequence, up to 8): each row of `W` is multiplied with
-//!   every input row while in L1 (eight-lane partial sums, AVX2 + FMA when the CPU has them),
-//!   output features split across threads — `W` streams through memory once, unpacked;
+//!   every input row while in L1 (eight-lane partial sums, one AVX2 register per input row with
+//!   the row count a constant, FMA when the CPU has it), output features split across threads —
+//!   `W` streams through memory once, unpacked. Every output sums in the same order whatever the
+//!   number of rows, so a prompt decodes to the same bits alone or in a batch of up to eight;
 //! - more rows (prefill, scoring): `matrixmultiply`'s GEMM (what burn calls) on views.
 //!
 //! Only for `NdArray<f32>` itself: under `Autodiff` (training) the tensors are not NdArray's and
@@ -25,49 +27,102 @@ type Cpu = NdArray<f32>;
 
 pub(crate) use alignment_core::backend::downcast as cast;
 
-/// Lanes of the dot products: eight independent partial sums per input row, so the compiler
-/// vectorizes them (one AVX register each) without reordering a float reduction.
+/// Lanes of the dot products: eight independent partial sums per (row of `W`, input row), so
+/// each is one AVX register, summed in order at the end.
 const LANES: usize = 8;
 
-macro_rules! row_dots {
-    ($name:ident, $fma:expr $(, #[$attr:meta])?) => {
-        /// `out[r] = Σ_k w[k] x[r][k]` for the rows of `x` (`rows` rows of `w.len()` values).
-        $(#[$attr])?
-        unsafe fn $name(w: &[f32], x: &[f32], out: &mut [f32]) {
-            let inner = w.len();
-            let rows = out.len();
-            let mut acc = [[0f32; LANES]; DOT_ROWS];
-            let whole = inner / LANES * LANES;
-            let mut k = 0;
-            while k < whole {
-                let wk = &w[k..k + LANES];
-                for r in 0..rows {
-                    let xk = &x[r * inner + k..r * inner + k + LANES];
-                    for j in 0..LANES {
-                        acc[r][j] = $fma(wk[j], xk[j], acc[r][j]);
-                    }
-                }
-                k += LANES;
-            }
-            for r in 0..rows {
-                let mut sum = acc[r].iter().sum::<f32>();
-                for k in whole..inner {
-                    sum += w[k] * x[r * inner + k];
-                }
-                out[r] = sum;
+/// `out[r] = Σ_k w[k] x[r][k]` for one row `w` of `W` and the `R` rows of `x` (`R · w.len()`
+/// values): eight lanes of partial sums per output, summed in order, then the remainder.
+fn row_dots_plain<const R: usize>(w: &[f32], x: &[f32], out: &mut [f32]) {
+    let inner = w.len();
+    let mut acc = [[0f32; LANES]; R];
+    let whole = inner / LANES * LANES;
+    for k in (0..whole).step_by(LANES) {
+        let wk = &w[k..k + LANES];
+        for (r, acc) in acc.iter_mut().enumerate() {
+            for (j, a) in acc.iter_mut().enumerate() {
+                *a += wk[j] * x[r * inner + k + j];
             }
         }
-    };
+    }
+    for (r, acc) in acc.iter().enumerate() {
+        let mut sum = acc.iter().sum::<f32>();
+        for k in whole..inner {
+            sum += w[k] * x[r * inner + k];
+        }
+        out[r] = sum;
+    }
 }
 
-row_dots!(row_dots_plain, |a: f32, b: f32, c: f32| a * b + c);
+/// [`row_dots_plain`] with AVX2 FMA intrinsics: one register per input row, each lane one fused
+/// multiply-add per step (as `f32::mul_add`). `R` is a constant so that the `R` accumulators stay
+/// in registers — written as plain Rust over `[[f32; 8]; R]`, LLVM left it scalar, with spills.
+///
+/// # Safety
+/// The CPU must have AVX2 and FMA.
 #[cfg(target_arch = "x86_64")]
-row_dots!(row_dots_fma, |a: f32, b: f32, c: f32| a.mul_add(b, c), #[target_feature(enable = "avx2,fma")]);
+#[target_feature(enable = "avx2,fma")]
+unsafe fn row_dots_fma<const R: usize>(w: &[f32], x: &[f32], out: &mut [f32]) {
+    use std::arch::x86_64::{__m256, _mm256_fmadd_ps, _mm256_loadu_ps, _mm256_setzero_ps, _mm256_storeu_ps};
+    let inner = w.len();
+    assert!(x.len() >= R * inner && out.len() >= R, "row_dots_fma: operand sizes");
+    let mut acc: [__m256; R] = [_mm256_setzero_ps(); R];
+    let whole = inner / LANES * LANES;
+    let (wp, xp) = (w.as_ptr(), x.as_ptr());
+    for k in (0..whole).step_by(LANES) {
+        // SAFETY: k + LANES ≤ inner, so every load stays inside `w` and the rows of `x`.
+        let wk = unsafe { _mm256_loadu_ps(wp.add(k)) };
+        for (r, a) in acc.iter_mut().enumerate() {
+            *a = _mm256_fmadd_ps(wk, unsafe { _mm256_loadu_ps(xp.add(r * inner + k)) }, *a);
+        }
+    }
+    for (r, acc) in acc.iter().enumerate() {
+        let mut lanes = [0f32; LANES];
+        // SAFETY: `lanes` holds eight f32.
+        unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), *acc) };
+        let mut sum = lanes.iter().sum::<f32>();
+        for k in whole..inner {
+            sum += w[k] * x[r * inner + k];
+        }
+        out[r] = sum;
+    }
+}
+
+/// `y[o · R + r]` for every row `o` of `w` (`y.len() / R` rows of `inner` values) and the `R` rows
+/// of `x`, one row of `W` at a time (several at once measured slower: the rows of `W` then
+/// stream in parallel).
+fn rows_times<const R: usize>(w: &[f32], x: &[f32], inner: usize, y: &mut [f32], fma: bool) {
+    for (o, out) in y.chunks_exact_mut(R).enumerate() {
+        let w_row = &w[o * inner..(o + 1) * inner];
+        // SAFETY: the FMA variant runs only where the CPU has AVX2 and FMA.
+        #[cfg(target_arch = "x86_64")]
+        if fma {
+            unsafe { row_dots_fma::<R>(w_row, x, out) };
+            continue;
+        }
+        row_dots_plain::<R>(w_row, x, out);
+    }
+    let _ = fma;
+}
+
+/// [`rows_times`] for `rows` input rows (1 to [`DOT_ROWS`]).
+fn dots_for_rows(rows: usize, w: &[f32], x: &[f32], inner: usize, y: &mut [f32], fma: bool) {
+    match rows {
+        1 => rows_times::<1>(w, x, inner, y, fma),
+        2 => rows_times::<2>(w, x, inner, y, fma),
+        3 => rows_times::<3>(w, x, inner, y, fma),
+        4 => rows_times::<4>(w, x, inner, y, fma),
+        5 => rows_times::<5>(w, x, inner, y, fma),
+        6 => rows_times::<6>(w, x, inner, y, fma),
+        7 => rows_times::<7>(w, x, inner, y, fma),
+        _ => rows_times::<8>(w, x, inner, y, fma),
+    }
+}
 
 /// `x Wᵀ` for `x: [rows, in]` and `W: [out, in]` (views), as a new `[rows, out]` array.
 fn multiply(x: ArrayView2<f32>, w: ArrayView2<f32>) -> Array2<f32> {
     let (rows, out) = (x.nrows(), w.nrows());
-    let (Some(w_slice), true) = (w.as_slice(), rows <= DOT_ROWS) else {
+    let (Some(w_slice), true) = (w.as_slice(), (1..=DOT_ROWS).contains(&rows)) else {
         let mut y = Array2::<f32>::zeros((rows, out));
         general_mat_mul(1.0, &x, &w.t(), 0.0, &mut y);
         return y;
@@ -79,23 +134,15 @@ fn multiply(x: ArrayView2<f32>, w: ArrayView2<f32>) -> Array2<f32> {
     let fma = std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma");
     #[cfg(not(target_arch = "x86_64"))]
     let fma = false;
-    // y is [out, rows] while filled (one row of W per output row), then transposed.
+    // y is [out, rows] while filled (one row of W per output row), then transposed; the threads
+    // take chunks of output features.
     let mut yt = vec![0f32; out * rows];
     let chunk = out.div_ceil(rayon::current_num_threads().max(1) * 4).max(64);
-    yt.par_chunks_mut(chunk * rows).enumerate().for_each(|(c, block)| {
-        for (i, y) in block.chunks_mut(rows).enumerate() {
-            let o = c * chunk + i;
-            let w_row = &w_slice[o * inner..(o + 1) * inner];
-            // SAFETY: the FMA variant runs only where the CPU has AVX2 and FMA.
-            #[cfg(target_arch = "x86_64")]
-            if fma {
-                unsafe { row_dots_fma(w_row, x_slice, y) };
-                continue;
-            }
-            unsafe { row_dots_plain(w_row, x_slice, y) };
-        }
+    yt.par_chunks_mut(chunk * rows).enumerate().for_each(|(c, y)| {
+        let first = c * chunk;
+        let w_rows = &w_slice[first * inner..(first + y.len() / rows) * inner];
+        dots_for_rows(rows, w_rows, x_slice, inner, y, fma);
     });
-    let _ = fma;
     Array2::from_shape_vec((out, rows), yt).expect("out × rows values").reversed_axes().as_standard_layout().into_owned()
 }
 

@@ -25,6 +25,8 @@
 
 use crate::attention::Attention;
 use crate::compressed;
+#[cfg(feature = "ndarray")]
+use crate::cpu_decode;
 use crate::error::ModelError;
 use crate::generate::{choose_token, GenerationConfig};
 use crate::model::CausalLm;
@@ -100,17 +102,66 @@ fn mask<B: Backend>(visible: &[Vec<bool>], start: usize, queries: usize, window:
     Tensor::from_data(TensorData::new(masked, [visible.len(), 1, 1, queries, keys]), device)
 }
 
+/// What a layer's attention needs besides its input: the rotary tables and the mask as tensors
+/// (any number of new tokens, any backend), or, for one new token per row on the CPU backend,
+/// what [`cpu_decode::attend_one`] reads.
+enum Context<B: Backend> {
+    Tensors {
+        cos: Tensor<B, 4>,
+        sin: Tensor<B, 4>,
+        masked: Tensor<B, 5, Bool>,
+    },
+    #[cfg(feature = "ndarray")]
+    CpuStep(cpu_decode::Step),
+}
+
+/// The [`Context::CpuStep`] of a step of one new token per row on the CPU backend; `None`
+/// elsewhere.
+#[cfg(feature = "ndarray")]
+fn cpu_step<B: Backend>(model: &CausalLm<B>, positions: &[Vec<i64>], visible: &[Vec<bool>], start: usize) -> Option<Context<B>> {
+    if positions.first().map(Vec::len) != Some(1) || !cpu_decode::applies::<B>() {
+        return None;
+    }
+    let new_positions: Vec<i64> = positions.iter().map(|p| p[0]).collect();
+    let (cos, sin) = cpu_decode::cos_sin_rows(&model.inv_freq, &new_positions);
+    let attn = &model.layers.first()?.self_attn;
+    Some(Context::CpuStep(cpu_decode::Step {
+        num_heads: attn.num_heads,
+        num_kv_heads: attn.num_kv_heads,
+        head_dim: attn.head_dim,
+        index: start,
+        visible: visible.to_vec(),
+        window: model.config.sliding_window,
+        cos,
+        sin,
+    }))
+}
+
+#[cfg(not(feature = "ndarray"))]
+fn cpu_step<B: Backend>(_: &CausalLm<B>, _: &[Vec<i64>], _: &[Vec<bool>], _: usize) -> Option<Context<B>> {
+    None
+}
+
 /// Self-attention of `x` (`[rows, t, hidden]`, at cache indices `start..start + t`) over the cached
 /// keys before it and its own; writes its keys and values into `slot`.
 fn attend<B: Backend>(
     attn: &Attention<B>,
     x: Tensor<B, 3>,
-    cos: &Tensor<B, 4>,
-    sin: &Tensor<B, 4>,
-    masked: &Tensor<B, 5, Bool>,
+    context: &Context<B>,
     slot: &mut Option<(Tensor<B, 4>, Tensor<B, 4>)>,
     start: usize,
 ) -> Tensor<B, 3> {
+    let (cos, sin, masked) = match context {
+        Context::Tensors { cos, sin, masked } => (cos, sin, masked),
+        #[cfg(feature = "ndarray")]
+        Context::CpuStep(step) => {
+            let (q, k, v) = (attn.q_proj.forward(x.clone()), attn.k_proj.forward(x.clone()), attn.v_proj.forward(x));
+            let (keys, values) = slot.take().expect("the cache holds every layer");
+            let (out, keys, values) = cpu_decode::attend_one(q, k, v, keys, values, step);
+            *slot = Some((keys, values));
+            return attn.o_proj.forward(out);
+        }
+    };
     let [rows, t, _] = x.dims();
     let (h, kvh, d) = (attn.num_heads, attn.num_kv_heads, attn.head_dim);
     let groups = h / kvh;
@@ -138,7 +189,8 @@ fn attend<B: Backend>(
 }
 
 /// Hidden states before the final norm for `ids` (`[rows][t]`, at cache indices `start..`, RoPE
-/// positions `positions`), updating `cache`.
+/// positions `positions`), updating `cache`. `fused`: one new token per row on the CPU backend
+/// takes [`cpu_decode`]'s one-pass attention (`false` only to compare the two paths in tests).
 fn forward<B: Backend>(
     model: &CausalLm<B>,
     ids: &[Vec<u32>],
@@ -146,6 +198,7 @@ fn forward<B: Backend>(
     visible: &[Vec<bool>],
     cache: &mut Cache<B>,
     start: usize,
+    fused: bool,
 ) -> Tensor<B, 3> {
     let device = model.embed_tokens.device();
     let (rows, t) = (ids.len(), ids[0].len());
@@ -158,10 +211,13 @@ fn forward<B: Backend>(
     if let Some(scale) = model.family.embedding_scale {
         x = x * scale;
     }
-    let masked = mask::<B>(visible, start, t, model.config.sliding_window, &device);
-    let (cos, sin) = rope::cos_sin::<B>(&model.inv_freq, positions, &device);
+    let context = fused.then(|| cpu_step(model, positions, visible, start)).flatten().unwrap_or_else(|| {
+        let masked = mask::<B>(visible, start, t, model.config.sliding_window, &device);
+        let (cos, sin) = rope::cos_sin::<B>(&model.inv_freq, positions, &device);
+        Context::Tensors { cos, sin, masked }
+    });
     for (layer, slot) in model.layers.iter().zip(cache.layers.iter_mut()) {
-        let attn = attend(&layer.self_attn, layer.input_layernorm.forward(x.clone()), &cos, &sin, &masked, slot, start);
+        let attn = attend(&layer.self_attn, layer.input_layernorm.forward(x.clone()), &context, slot, start);
         x = x + attn;
         x = x.clone() + layer.mlp.forward(layer.post_attention_layernorm.forward(x));
     }
@@ -225,7 +281,7 @@ pub fn generate_batch_seeded<B: Backend>(
     let positions: Vec<Vec<i64>> =
         prompts.iter().map(|p| std::iter::repeat_n(1, width - p.len()).chain(0..p.len() as i64).collect()).collect();
     let mut cache = Cache::new(model, prompts.len(), capacity, &device);
-    let hidden = forward(model, &padded, &positions, &visible, &mut cache, 0);
+    let hidden = forward(model, &padded, &positions, &visible, &mut cache, 0, true);
     let [rows, _, dim] = hidden.dims();
     let mut last = hidden.slice([0..rows, width - 1..width, 0..dim]);
     let mut len = width;
@@ -269,7 +325,62 @@ pub fn generate_batch_seeded<B: Backend>(
         let ids: Vec<Vec<u32>> = next.into_iter().map(|t| vec![t]).collect();
         let positions: Vec<Vec<i64>> = next_position.iter().map(|&p| vec![p]).collect();
         next_position.iter_mut().for_each(|p| *p += 1);
-        last = forward(model, &ids, &positions, &visible, &mut cache, len);
+        last = forward(model, &ids, &positions, &visible, &mut cache, len, true);
         len += 1;
+    }
+}
+
+#[cfg(all(test, feature = "ndarray"))]
+mod tests {
+    use super::*;
+    use alignment_core::backend::Cpu;
+
+    /// Max |a - b| over two tensors of the same shape.
+    fn max_diff<const D: usize>(a: Tensor<Cpu, D>, b: Tensor<Cpu, D>) -> f32 {
+        (a - b).abs().max().into_scalar()
+    }
+
+    /// Decoding steps through `cpu_decode` against the same steps through burn's operations:
+    /// three left-padded rows, grouped-query heads, with and without a sliding window.
+    #[test]
+    fn fused_cpu_step_equals_the_tensor_path() {
+        let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+        for (fixture, window) in [("tiny-llama", None), ("tiny-llama", Some(4)), ("tiny-mistral", Some(4))] {
+            let device = Default::default();
+            let mut model: CausalLm<Cpu> = crate::load_pretrained(&fixtures.join(fixture), &device).unwrap();
+            model.config.sliding_window = window;
+            let prompts: [&[u32]; 3] = [&[5, 9, 2, 7, 11, 3], &[4, 8], &[1, 2, 3, 4]];
+            let width = 6;
+            let capacity = width + 3;
+            let padded: Vec<Vec<u32>> =
+                prompts.iter().map(|p| std::iter::repeat_n(0, width - p.len()).chain(p.iter().copied()).collect()).collect();
+            let positions: Vec<Vec<i64>> =
+                prompts.iter().map(|p| std::iter::repeat_n(1, width - p.len()).chain(0..p.len() as i64).collect()).collect();
+            let visible: Vec<Vec<bool>> = prompts.iter().map(|p| (0..capacity).map(|j| j >= width - p.len()).collect()).collect();
+            let mut fused_cache = Cache::new(&model, 3, capacity, &device);
+            let mut plain_cache = Cache::new(&model, 3, capacity, &device);
+            forward(&model, &padded, &positions, &visible, &mut fused_cache, 0, true);
+            forward(&model, &padded, &positions, &visible, &mut plain_cache, 0, true);
+            // Two steps, so that the second attends to a key the fused path wrote.
+            for step in 0..2u32 {
+                let ids: Vec<Vec<u32>> = vec![vec![17 + step], vec![23], vec![42]];
+                let positions: Vec<Vec<i64>> = prompts.iter().map(|p| vec![(p.len() + step as usize) as i64]).collect();
+                let start = width + step as usize;
+                let fused = forward(&model, &ids, &positions, &visible, &mut fused_cache, start, true);
+                let plain = forward(&model, &ids, &positions, &visible, &mut plain_cache, start, false);
+                let diff = max_diff(fused, plain);
+                assert!(diff < 1e-5, "{fixture} window {window:?} step {step}: hidden states differ by {diff}");
+                for (layer, (f, p)) in fused_cache.layers.iter().zip(&plain_cache.layers).enumerate() {
+                    let ((fk, fv), (pk, pv)) = (f.clone().unwrap(), p.clone().unwrap());
+                    let (dk, dv) = (max_diff(fk, pk), max_diff(fv, pv));
+                    if layer == 0 && step == 0 {
+                        // Keys and values of equal inputs, rotated by rope::apply's f32
+                        // operations: the same bits (later layers see the attention's rounding).
+                        assert_eq!((dk, dv), (0.0, 0.0), "{fixture}: layer 0's cached keys and values");
+                    }
+                    assert!(dk < 1e-5 && dv < 1e-5, "{fixture} layer {layer} step {step}: cache differs by {dk}, {dv}");
+                }
+            }
+        }
     }
 }

@@ -15,6 +15,8 @@ pub mod config;
 mod cpu;
 #[cfg(feature = "ndarray")]
 mod cpu_autodiff;
+#[cfg(feature = "ndarray")]
+mod cpu_decode;
 pub mod decode;
 pub mod error;
 pub mod family;
