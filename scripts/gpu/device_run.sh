@@ -4,8 +4,8 @@
 #
 #   bash scripts/gpu/device_run.sh [PLAN]        PLAN: first (default) | second | check | dry
 #
-# Expects the staged folder (scripts/gpu/run.sh stage): $GPU_DIR/bin/bench_train (built with
-# --features cuda) and $GPU_DIR/reference/ (the CPU's values for the correctness check).
+# Expects the staged folder (scripts/gpu/run.sh stage): $GPU_DIR/bin/bench_train or its .xz (built
+# with --features cuda) and $GPU_DIR/reference/ (the CPU's values for the correctness check).
 # Order of work, most important first, each step skipped once the budget is spent:
 #   1. environment (GPU, driver, CUDA paths, torch) — printed, so a failure is explainable;
 #   2. correctness: SFT / DPO / LoRA / QLoRA steps on the tiny fixture vs the CPU (f32, bf16);
@@ -38,6 +38,10 @@ fi
 DRY_RUN="${DRY_RUN:-0}"
 
 # --- 1. environment ------------------------------------------------------------------------
+if [ ! -x "$BIN" ] && [ -f "$BIN.xz" ]; then
+    # run.sh stage ships the binary xz-compressed (it would take most of the 64 MiB carry).
+    "$PY" -c 'import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2], "wb"))' "$BIN.xz" "$BIN" && chmod +x "$BIN"
+fi
 say "plan $PLAN, budget ${BUDGET_S}s, binary $(ls -la "$BIN" 2>&1 | awk '{print $5, $9}')"
 if [ "$DRY_RUN" = 1 ]; then
     OURS_BACKENDS="${OURS_BACKENDS:-cpu}"
