@@ -17,8 +17,9 @@
 //!
 //! `check` runs the cases of `alignment_handbook::step_check` (two optimizer steps of SFT, DPO,
 //! LoRA, QLoRA and the lean step, on the committed tiny Llama fixture) and compares losses,
-//! metrics and the second step's gradients with values the CPU backend wrote
-//! (`--write-reference` on the CPU, `--reference` on the GPU).
+//! metrics and the first step's gradients with values the CPU backend wrote
+//! (`--write-reference` on the CPU, `--reference` on the GPU). A mixed-precision backend
+//! (`cuda-bf16`) is compared with the same f32 values, within `step_check::MIXED_TOLERANCE`.
 
 use alignment_handbook::step_check::{self, dpo_pair, read_metrics, sft_row, train_step};
 use alignment_models::{random_model, CausalLm, ModelConfig};
@@ -29,7 +30,7 @@ use alignment_trainer::tasks::{DpoTask, PreferencePair, SftTask};
 use alignment_trainer::{Sequence, StepOptions};
 use burn::module::{Module, ModuleVisitor, Param};
 use burn::tensor::backend::{AutodiffBackend, Backend};
-use burn::tensor::Tensor;
+use burn::tensor::{FloatDType, Tensor};
 use clap::{Parser, Subcommand};
 use serde_json::{json, Map};
 use std::path::PathBuf;
@@ -53,7 +54,9 @@ enum Command {
 
 #[derive(Parser)]
 struct TrainArgs {
-    /// `cpu`, `cuda` (f32), `cuda-bf16`, `tch-cpu`, `tch-cuda`, `tch-cuda-bf16`, `wgpu` (those built in).
+    /// `cpu`, `cuda` (f32), `cuda-bf16` (mixed: bf16 products over f32 parameters, what
+    /// `bf16: true` runs), `cuda-pure-bf16` (everything bf16), the same for `tch-cuda`, `tch-cpu`,
+    /// `wgpu`, `wgpu-f16` (mixed with f16) — those built in.
     #[arg(long, default_value = "cpu")]
     backend: String,
     /// A config.json giving the model's shape.
@@ -125,65 +128,93 @@ fn main() {
 /// Runs `$body` with `B` bound to the autodiff backend named by `$name` and `$device` to its
 /// device, for the backends compiled into this binary.
 macro_rules! with_backend {
-    ($name:expr, |$b:ident, $device:ident| $body:expr) => {{
+    ($name:expr, |$b:ident, $device:ident, $dtype:ident| $body:expr) => {{
         match $name {
             "cpu" => {
                 type $b = alignment_core::backend::CpuAutodiff;
                 let $device = Default::default();
+                let $dtype: Option<FloatDType> = None;
                 $body
             }
             #[cfg(feature = "cuda")]
             "cuda" => {
                 type $b = burn::backend::Autodiff<alignment_core::backend::Gpu>;
                 let $device = burn::backend::cuda::CudaDevice::new(0);
+                let $dtype: Option<FloatDType> = None;
                 $body
             }
             #[cfg(feature = "cuda")]
             "cuda-bf16" => {
+                type $b = burn::backend::Autodiff<alignment_core::backend::Gpu>;
+                let $device = burn::backend::cuda::CudaDevice::new(0);
+                let $dtype: Option<FloatDType> = Some(FloatDType::BF16);
+                $body
+            }
+            #[cfg(feature = "cuda")]
+            "cuda-pure-bf16" => {
                 type $b = burn::backend::Autodiff<alignment_core::backend::GpuBf16>;
                 let $device = burn::backend::cuda::CudaDevice::new(0);
+                let $dtype: Option<FloatDType> = None;
                 $body
             }
             #[cfg(feature = "tch")]
             "tch-cpu" => {
                 type $b = burn::backend::Autodiff<alignment_core::backend::Torch>;
                 let $device = burn::backend::libtorch::LibTorchDevice::Cpu;
+                let $dtype: Option<FloatDType> = None;
                 $body
             }
             #[cfg(feature = "tch")]
             "tch-cuda" => {
                 type $b = burn::backend::Autodiff<alignment_core::backend::Torch>;
                 let $device = burn::backend::libtorch::LibTorchDevice::Cuda(0);
+                let $dtype: Option<FloatDType> = None;
                 $body
             }
             #[cfg(feature = "tch")]
             "tch-cuda-bf16" => {
+                type $b = burn::backend::Autodiff<alignment_core::backend::Torch>;
+                let $device = burn::backend::libtorch::LibTorchDevice::Cuda(0);
+                let $dtype: Option<FloatDType> = Some(FloatDType::BF16);
+                $body
+            }
+            #[cfg(feature = "tch")]
+            "tch-cuda-pure-bf16" => {
                 type $b = burn::backend::Autodiff<alignment_core::backend::TorchBf16>;
                 let $device = burn::backend::libtorch::LibTorchDevice::Cuda(0);
+                let $dtype: Option<FloatDType> = None;
                 $body
             }
             #[cfg(feature = "wgpu")]
             "wgpu" => {
                 type $b = alignment_core::backend::WgpuAutodiff;
                 let $device = burn::backend::wgpu::WgpuDevice::default();
+                let $dtype: Option<FloatDType> = None;
+                $body
+            }
+            #[cfg(feature = "wgpu")]
+            "wgpu-f16" => {
+                type $b = alignment_core::backend::WgpuAutodiff;
+                let $device = burn::backend::wgpu::WgpuDevice::default();
+                let $dtype: Option<FloatDType> = Some(FloatDType::F16);
                 $body
             }
             other => Err(format!(
                 "backend `{other}` is not built into this binary (features: cpu{}{}{})",
-                if cfg!(feature = "cuda") { ", cuda, cuda-bf16" } else { "" },
-                if cfg!(feature = "tch") { ", tch-cpu, tch-cuda, tch-cuda-bf16" } else { "" },
-                if cfg!(feature = "wgpu") { ", wgpu" } else { "" }
+                if cfg!(feature = "cuda") { ", cuda, cuda-bf16, cuda-pure-bf16" } else { "" },
+                if cfg!(feature = "tch") { ", tch-cpu, tch-cuda, tch-cuda-bf16, tch-cuda-pure-bf16" } else { "" },
+                if cfg!(feature = "wgpu") { ", wgpu, wgpu-f16" } else { "" }
             )),
         }
     }};
 }
 
 fn dispatch_train(args: &TrainArgs) -> Result<(), String> {
-    with_backend!(args.backend.as_str(), |B, device| run_train::<B>(args, &device))
+    with_backend!(args.backend.as_str(), |B, device, dtype| run_train::<B>(args, dtype, &device))
 }
 
 fn dispatch_check(args: &CheckArgs) -> Result<(), String> {
-    with_backend!(args.backend.as_str(), |B, device| run_check::<B>(args, &device))
+    with_backend!(args.backend.as_str(), |B, device, dtype| run_check::<B>(args, dtype, &device))
 }
 
 /// Parameters with a gradient (trainable) and in total.
@@ -233,7 +264,7 @@ fn median(values: &[f64]) -> f64 {
     }
 }
 
-fn run_train<B: AutodiffBackend>(args: &TrainArgs, device: &B::Device) -> Result<(), String> {
+fn run_train<B: AutodiffBackend>(args: &TrainArgs, matmul_dtype: Option<FloatDType>, device: &B::Device) -> Result<(), String> {
     let config = ModelConfig::from_file(&args.shape).map_err(|e| e.to_string())?;
     let load_start = Instant::now();
     let quant = QuantConfig { double_quant: true };
@@ -244,13 +275,14 @@ fn run_train<B: AutodiffBackend>(args: &TrainArgs, device: &B::Device) -> Result
         other => return Err(format!("--task {other}: expected sft, dpo, lora or qlora")),
     }
     .map_err(|e| e.to_string())?;
-    let model = if matches!(args.task.as_str(), "lora" | "qlora") {
+    let mut model = if matches!(args.task.as_str(), "lora" | "qlora") {
         let mut lora = LoraConfig::new(16, 32.0, TargetModules::AllLinear);
         lora.dropout = 0.0;
         apply_lora(model, &lora, args.seed).map_err(|e| e.to_string())?
     } else {
         model
     };
+    model.set_matmul_dtype(matmul_dtype);
     B::sync(device).map_err(|e| format!("{e:?}"))?;
     let load_seconds = load_start.elapsed().as_secs_f64();
     let (trainable, total) = count_params(&model);
@@ -262,7 +294,6 @@ fn run_train<B: AutodiffBackend>(args: &TrainArgs, device: &B::Device) -> Result
     let options = StepOptions::for_model(&model, args.gradient_checkpointing, args.chunked_head);
     let mut step_seconds = Vec::new();
     let mut losses = Vec::new();
-    let mut model = model;
     let tokens_per_step;
     match args.task.as_str() {
         "dpo" => {
@@ -323,6 +354,7 @@ fn run_train<B: AutodiffBackend>(args: &TrainArgs, device: &B::Device) -> Result
         "losses": losses,
         "gradient_checkpointing": args.gradient_checkpointing,
         "chunked_head": args.chunked_head,
+        "matmul_dtype": matmul_dtype.map(|d| format!("{d:?}")),
         "peak_rss_mib": alignment_core::memory::status_bytes("VmHWM").map(|b| b as f64 / 1048576.0),
     });
     println!("{line}");
@@ -332,16 +364,16 @@ fn run_train<B: AutodiffBackend>(args: &TrainArgs, device: &B::Device) -> Result
 // ---------------------------------------------------------------------------------------------
 // Correctness on the tiny fixtures: this backend against the CPU's values (step_check).
 
-fn run_check<B: AutodiffBackend>(args: &CheckArgs, device: &B::Device) -> Result<(), String> {
+fn run_check<B: AutodiffBackend>(args: &CheckArgs, matmul_dtype: Option<FloatDType>, device: &B::Device) -> Result<(), String> {
     let fixture = args.fixtures.join("tiny-llama");
-    let tolerance = if args.backend.ends_with("bf16") { 2e-2 } else { 1e-4 };
+    let tolerance = if args.backend.ends_with("pure-bf16") { step_check::MIXED_TOLERANCE } else { step_check::tolerance(matmul_dtype) };
     let mut report = Map::new();
     let mut all_pass = true;
     println!("{:<8} {:>14} {:>14} {:>10}  result", "case", "max rel scalar", "max rel grad", "tolerance");
     for case in step_check::CASES {
         let name = case.name;
         let start = Instant::now();
-        let values = step_check::run_case::<B>(&fixture, case, device).map_err(|e| e.to_string())?;
+        let values = step_check::run_case::<B>(&fixture, case, matmul_dtype, device).map_err(|e| e.to_string())?;
         if let Some(dir) = &args.write_reference {
             step_check::write_reference(dir, name, &values).map_err(|e| e.to_string())?;
             println!(

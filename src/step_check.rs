@@ -8,6 +8,10 @@
 //! The step is the trainer's own: its tasks (`SftTask`, `DpoTask`), `forward_backward` with its
 //! options, gradient accumulation over two micro-batches of unequal lengths (so padding and its
 //! masks are exercised), and our AdamW with global-norm clipping.
+//!
+//! Every case also runs under mixed precision (`bf16: true`: the products in bf16 on CUDA, in
+//! f16 on Vulkan, over f32 parameters; [`alignment_core::precision`]) against the same f32
+//! reference, within [`MIXED_TOLERANCE`] instead of [`F32_TOLERANCE`].
 
 use crate::models::{CausalLm, SaveDtype};
 use crate::objectives::{DeferredMetrics, DpoConfig, Reduction};
@@ -18,7 +22,7 @@ use alignment_peft::{apply_lora, LoraConfig, QuantConfig, TargetModules};
 use burn::module::{Module, ModuleVisitor, Param};
 use burn::optim::{GradientsAccumulator, GradientsParams};
 use burn::tensor::backend::{AutodiffBackend, Backend};
-use burn::tensor::Tensor;
+use burn::tensor::{FloatDType, Tensor};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
@@ -62,6 +66,20 @@ pub const CASES: [Case; 6] = [
     Case { name: "dpo-lean", preference: true, lora: false, nf4: false, lean: true },
 ];
 
+/// How close a backend computing in f32 must come to the CPU's values (relative).
+pub const F32_TOLERANCE: f64 = 1e-4;
+
+/// How close a run whose products are in a half type must come to the CPU's f32 values.
+pub const MIXED_TOLERANCE: f64 = 2e-2;
+
+/// [`F32_TOLERANCE`], or [`MIXED_TOLERANCE`] when the products run in `matmul_dtype`.
+pub fn tolerance(matmul_dtype: Option<FloatDType>) -> f64 {
+    match matmul_dtype {
+        Some(FloatDType::BF16 | FloatDType::F16) => MIXED_TOLERANCE,
+        _ => F32_TOLERANCE,
+    }
+}
+
 /// Head chunk of the lean cases, in tokens: the check's micro-batches have 2 × 13 positions.
 const LEAN_HEAD_CHUNK_TOKENS: usize = 5;
 
@@ -97,8 +115,14 @@ fn fill_lora_b<B: Backend>(model: &mut CausalLm<B>, config: &LoraConfig) {
 }
 
 /// Runs `case` on backend `B` from the Llama checkpoint in `fixture` (the tiny one:
-/// `crates/models/tests/fixtures/tiny-llama`).
-pub fn run_case<B: AutodiffBackend>(fixture: &Path, case: Case, device: &B::Device) -> Result<CaseValues, CheckError> {
+/// `crates/models/tests/fixtures/tiny-llama`), its matrix products in `matmul_dtype` (mixed
+/// precision) when given.
+pub fn run_case<B: AutodiffBackend>(
+    fixture: &Path,
+    case: Case,
+    matmul_dtype: Option<FloatDType>,
+    device: &B::Device,
+) -> Result<CaseValues, CheckError> {
     let fixture_error = |e: &dyn std::fmt::Display| CheckError::Fixture { path: fixture.to_path_buf(), message: e.to_string() };
     let model: CausalLm<B> = if case.nf4 {
         alignment_peft::load_pretrained_4bit(fixture, device, QuantConfig { double_quant: true }).map_err(|e| fixture_error(&e))?
@@ -115,6 +139,7 @@ pub fn run_case<B: AutodiffBackend>(fixture: &Path, case: Case, device: &B::Devi
     } else {
         model
     };
+    model.set_matmul_dtype(matmul_dtype);
     let mut options = StepOptions::for_model(&model, case.lean, false);
     if case.lean {
         options.head_chunk_tokens = Some(LEAN_HEAD_CHUNK_TOKENS);
@@ -147,10 +172,16 @@ pub fn run_case<B: AutodiffBackend>(fixture: &Path, case: Case, device: &B::Devi
     Ok(values)
 }
 
+/// The smallest magnitude a scalar is compared relative to. DPO's `logits/chosen` is a mean of
+/// logits over the vocabulary, −0.001 on the tiny model, so a difference of 2e-5 (f16 products)
+/// would read as 2 %; 0.1 is below every loss, log-probability, reward and grad norm of the
+/// cases, which stay compared relative to themselves.
+pub const SCALAR_FLOOR: f64 = 0.1;
+
 /// How far a backend's values are from the reference's.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Difference {
-    /// Largest `|got - expected| / max(|expected|, 1e-6)` over the scalars.
+    /// Largest `|got - expected| / max(|expected|, SCALAR_FLOOR)` over the scalars.
     pub max_rel_scalar: f64,
     /// Largest `‖got - expected‖ / ‖expected‖` over the gradient tensors.
     pub max_rel_grad: f64,
@@ -182,7 +213,7 @@ pub fn compare(got: &CaseValues, expected: &CaseValues) -> Difference {
             diff.missing.push(k.clone());
             continue;
         };
-        let err = (g - e).abs() / e.abs().max(1e-6);
+        let err = (g - e).abs() / e.abs().max(SCALAR_FLOOR);
         let err = if err.is_nan() { f64::INFINITY } else { err };
         diff.max_rel_scalar = diff.max_rel_scalar.max(err);
         note(k, err, &mut diff);

@@ -8,7 +8,8 @@
 # with --features cuda) and $GPU_DIR/reference/ (the CPU's values for the correctness check).
 # Order of work, most important first, each step skipped once the budget is spent:
 #   1. environment (GPU, driver, CUDA paths, torch) — printed, so a failure is explainable;
-#   2. correctness: SFT / DPO / LoRA / QLoRA steps on the tiny fixture vs the CPU (f32, bf16);
+#   2. correctness: SFT / DPO / LoRA / QLoRA steps on the tiny fixture vs the CPU (f32, and
+#      cuda-bf16: mixed precision, bf16 products over f32 parameters, as `bf16: true`);
 #   3. the NCCL communicator at world size 1 vs one process;
 #   4. throughput: ours and PyTorch's on the same shapes, peak device memory sampled by nvidia-smi.
 # The last lines printed are the tables of scripts/gpu/report.py.

@@ -54,7 +54,7 @@ EOF
             wgpu)
                 bash scripts/vulkan_env.sh
                 build_into wgpu .gpu-dry
-                export OURS_BACKENDS=wgpu CHECK_BACKENDS=wgpu
+                export OURS_BACKENDS="wgpu-f16 wgpu" CHECK_BACKENDS="wgpu wgpu-f16"
                 ;;
             *) echo "usage: run.sh dry-run [cpu|wgpu]" >&2; exit 2 ;;
         esac

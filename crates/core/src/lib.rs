@@ -7,5 +7,6 @@
 pub mod atomic;
 pub mod backend;
 pub mod memory;
+pub mod precision;
 
 pub use atomic::{write_atomic, AtomicDir, IoError};

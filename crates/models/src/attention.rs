@@ -3,8 +3,9 @@
 
 use crate::layers::Linear;
 use crate::rope;
+use alignment_core::precision::matmul_in;
 use burn::module::Module;
-use burn::tensor::{activation::softmax, backend::Backend, Bool, Int, Tensor, TensorData};
+use burn::tensor::{activation::softmax, backend::Backend, Bool, FloatDType, Int, Tensor, TensorData};
 
 /// Score given to masked positions. Finite (not -inf) so that a fully masked row — a padding
 /// query — yields a harmless uniform distribution instead of NaNs that would leak through `0 * NaN`.
@@ -81,6 +82,10 @@ pub struct Attention<B: Backend> {
     pub num_heads: usize,
     pub num_kv_heads: usize,
     pub head_dim: usize,
+    /// The type of the two attention products (scores, weighted values) under mixed precision;
+    /// the softmax stays in the tensors' own type. `None`: no casts.
+    #[module(skip)]
+    pub matmul_dtype: Option<FloatDType>,
 }
 
 impl<B: Backend> Attention<B> {
@@ -111,10 +116,10 @@ impl<B: Backend> Attention<B> {
         let keys = k.dims()[2];
         let (k, v) = (repeat_kv(k, h / kvh), repeat_kv(v, h / kvh));
 
-        let scores = q.matmul(k.swap_dims(2, 3)) * (d as f64).powf(-0.5);
+        let scores = matmul_in(q, k.swap_dims(2, 3), self.matmul_dtype) * (d as f64).powf(-0.5);
         let scores = scores.mask_fill(mask.masked.clone().expand([batch, h, seq, keys]), MASKED_SCORE);
         let probs = softmax(scores, 3);
-        let out = probs.matmul(v).swap_dims(1, 2).reshape([batch, seq, h * d]);
+        let out = matmul_in(probs, v, self.matmul_dtype).swap_dims(1, 2).reshape([batch, seq, h * d]);
         self.o_proj.forward(out)
     }
 }

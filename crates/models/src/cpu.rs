@@ -54,6 +54,14 @@ fn row_dots_plain<const R: usize>(w: &[f32], x: &[f32], out: &mut [f32]) {
     }
 }
 
+/// `Σ a[i] b[i]` with eight partial sums ([`row_dots_plain`] for one row): the attention scores
+/// of the decoding step (`cpu_decode`), summed as the projections sum.
+pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut out = [0f32];
+    row_dots_plain::<1>(a, b, &mut out);
+    out[0]
+}
+
 /// [`row_dots_plain`] with AVX2 FMA intrinsics: one register per input row, each lane one fused
 /// multiply-add per step (as `f32::mul_add`). `R` is a constant so that the `R` accumulators stay
 /// in registers — written as plain Rust over `[[f32; 8]; R]`, LLVM left it scalar, with spills.

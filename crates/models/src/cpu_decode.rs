@@ -84,22 +84,6 @@ fn rotate(x: &mut [f32], cos: &[f32], sin: &[f32]) {
     }
 }
 
-/// `Σ a[i] b[i]` with eight partial sums (so it vectorizes without reordering across calls).
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; 8];
-    let whole = a.len() / 8 * 8;
-    for (ca, cb) in a[..whole].chunks_exact(8).zip(b[..whole].chunks_exact(8)) {
-        for j in 0..8 {
-            acc[j] += ca[j] * cb[j];
-        }
-    }
-    let mut sum: f32 = acc.iter().sum();
-    for i in whole..a.len() {
-        sum += a[i] * b[i];
-    }
-    sum
-}
-
 /// One decoding step's attention on the CPU backend: `q`, `k`, `v` are the projections of the
 /// new tokens (`[rows, 1, heads · head_dim]` and `[rows, 1, kv_heads · head_dim]`), `keys` and
 /// `values` the cache (`[rows, kv_heads, capacity, head_dim]`), which receives the rotated key and
@@ -158,7 +142,7 @@ pub(crate) fn attend_one<B: Backend>(
         let i = step.index;
         let seen = |j: usize| step.visible[r][j] && step.window.is_none_or(|w| j + w > i);
         let mut scores: Vec<f32> = (0..=i)
-            .map(|j| if seen(j) { dot(query, &key_cache[base + j * d..base + (j + 1) * d]) * scale } else { f32::NEG_INFINITY })
+            .map(|j| if seen(j) { crate::cpu::dot(query, &key_cache[base + j * d..base + (j + 1) * d]) * scale } else { f32::NEG_INFINITY })
             .collect();
         let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
         let mut sum = 0f32;

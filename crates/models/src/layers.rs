@@ -3,8 +3,9 @@
 
 use crate::compressed::{self, CompressedWeight};
 use crate::quantized::QuantizedWeight;
+use alignment_core::precision::matmul_in;
 use burn::module::{Module, Param};
-use burn::tensor::{backend::Backend, Distribution, Tensor};
+use burn::tensor::{backend::Backend, Distribution, FloatDType, Tensor};
 use std::sync::Arc;
 
 /// `y = x Wᵀ`, with `W` stored `[out_features, in_features]` exactly as Hugging Face stores it,
@@ -26,24 +27,40 @@ pub struct Linear<B: Backend> {
     /// Low-rank update, `None` for a plain layer. Not part of the model's own checkpoint
     /// (`pretrained::named_tensors` lists base weights only); adapters are saved separately.
     pub lora: Option<LoraAdapter<B>>,
+    /// The type the products run in under mixed precision ([`alignment_core::precision`]);
+    /// `None`: the tensors' own. Set for the whole model by `CausalLm::set_matmul_dtype`.
+    #[module(skip)]
+    pub matmul_dtype: Option<FloatDType>,
 }
 
 impl<B: Backend> Linear<B> {
     /// Wraps a `[out, in]` weight, without adapter.
     pub fn new(weight: Tensor<B, 2>) -> Self {
-        Self { weight: Param::from_tensor(weight), compressed: None, quantized: None, lora: None }
+        Self { weight: Param::from_tensor(weight), compressed: None, quantized: None, lora: None, matmul_dtype: None }
     }
 
     /// A layer whose frozen weight stays compressed; `device` holds the (empty) dense placeholder.
     pub fn from_compressed(weight: Arc<dyn CompressedWeight>, device: &B::Device) -> Self {
         let placeholder = Tensor::<B, 2>::zeros([0, 0], device);
-        Self { weight: Param::from_tensor(placeholder).set_require_grad(false), compressed: Some(weight), quantized: None, lora: None }
+        Self {
+            weight: Param::from_tensor(placeholder).set_require_grad(false),
+            compressed: Some(weight),
+            quantized: None,
+            lora: None,
+            matmul_dtype: None,
+        }
     }
 
     /// A layer whose frozen weight stays block-quantized on the device ([`QuantizedWeight`]).
     pub fn from_quantized(weight: QuantizedWeight<B>) -> Self {
         let placeholder = Tensor::<B, 2>::zeros([0, 0], &weight.code_book.device());
-        Self { weight: Param::from_tensor(placeholder).set_require_grad(false), compressed: None, quantized: Some(weight), lora: None }
+        Self {
+            weight: Param::from_tensor(placeholder).set_require_grad(false),
+            compressed: None,
+            quantized: Some(weight),
+            lora: None,
+            matmul_dtype: None,
+        }
     }
 
     /// `[out_features, in_features]`, whatever the storage.
@@ -64,16 +81,19 @@ impl<B: Backend> Linear<B> {
         }
     }
 
-    /// Applies the map to `[batch, seq, in]`, giving `[batch, seq, out]`.
+    /// Applies the map to `[batch, seq, in]`, giving `[batch, seq, out]`. Under mixed precision
+    /// the products (base and adapter) run in [`Self::matmul_dtype`], except a ZeRO-3 shard's,
+    /// whose recorded step gathers f32 weights on the host.
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        let dtype = self.matmul_dtype;
         let base = |x| match (&self.quantized, &self.compressed) {
-            (Some(q), _) => project(x, q.dequantize()),
+            (Some(q), _) => project_in(x, q.dequantize(), dtype),
             (None, Some(c)) => compressed::project_compressed(x, c),
-            (None, None) => project(x, self.weight.val()),
+            (None, None) => project_in(x, self.weight.val(), dtype),
         };
         match &self.lora {
             None => base(x),
-            Some(lora) => base(x.clone()) + lora.forward(x),
+            Some(lora) => base(x.clone()) + lora.forward_in(x, dtype),
         }
     }
 }
@@ -105,13 +125,18 @@ pub struct LoraAdapter<B: Backend> {
 impl<B: Backend> LoraAdapter<B> {
     /// `s · (drop(x) Aᵀ) Bᵀ` for `x: [batch, seq, in]`, giving `[batch, seq, out]`.
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        self.forward_in(x, None)
+    }
+
+    /// [`Self::forward`] with both products in `dtype` (mixed precision, as the base layer's).
+    pub fn forward_in(&self, x: Tensor<B, 3>, dtype: Option<FloatDType>) -> Tensor<B, 3> {
         let x = if self.dropout > 0.0 && (self.force_dropout || B::ad_enabled(&x.device())) {
             let keep = 1.0 - self.dropout;
             x.clone() * x.random_like(Distribution::Bernoulli(keep)) * (1.0 / keep)
         } else {
             x
         };
-        project(project(x, self.a.val()), self.b.val()) * self.scaling
+        project_in(project_in(x, self.a.val(), dtype), self.b.val(), dtype) * self.scaling
     }
 
     /// The dense update `s · B A`, `[out, in]` (what merging adds to the base weight).
@@ -141,6 +166,18 @@ pub fn project<B: Backend>(x: Tensor<B, 3>, w: Tensor<B, 2>) -> Tensor<B, 3> {
     let [batch, seq, inner] = x.dims();
     let out = w.dims()[0];
     w.matmul(x.reshape([batch * seq, inner]).transpose()).transpose().reshape([batch, seq, out])
+}
+
+/// [`project`] with the product computed in `dtype` ([`alignment_core::precision`]: operands
+/// cast to it, the result cast back); `None`: [`project`] itself.
+pub fn project_in<B: Backend>(x: Tensor<B, 3>, w: Tensor<B, 2>, dtype: Option<FloatDType>) -> Tensor<B, 3> {
+    let Some(dtype) = dtype.filter(|&d| burn::tensor::DType::from(d) != x.dtype()) else {
+        return project(x, w);
+    };
+    let [batch, seq, inner] = x.dims();
+    let out = w.dims()[0];
+    let product = matmul_in(w, x.reshape([batch * seq, inner]).transpose(), Some(dtype));
+    product.transpose().reshape([batch, seq, out])
 }
 
 /// Root-mean-square normalisation: `x / sqrt(mean(x²) + eps) * scale`, where `scale` is `w`

@@ -10,7 +10,7 @@ use crate::layers::{Linear, RmsNorm};
 use crate::rope;
 use burn::module::{Module, Param};
 use burn::tensor::activation::{gelu, gelu_approximate, silu};
-use burn::tensor::{backend::Backend, Int, Tensor, TensorData};
+use burn::tensor::{backend::Backend, FloatDType, Int, Tensor, TensorData};
 use std::sync::Arc;
 
 /// Gated MLP: `down(act(gate(x)) * up(x))`.
@@ -158,6 +158,10 @@ pub struct CausalLm<B: Backend> {
     /// The embedding in compact form (a ZeRO-3 shard), `None` when `embed_tokens` holds it.
     #[module(skip)]
     pub embed_compressed: Option<Arc<dyn CompressedWeight>>,
+    /// The type the matrix products run in under mixed precision (`bf16: true`), `None`: the
+    /// parameters' own. Set with [`Self::set_matmul_dtype`], which tells every layer.
+    #[module(skip)]
+    pub matmul_dtype: Option<FloatDType>,
 }
 
 impl<B: Backend> CausalLm<B> {
@@ -218,8 +222,24 @@ impl<B: Backend> CausalLm<B> {
             Some(head) => head.forward(hidden),
             None => match &self.embed_compressed {
                 Some(weight) => compressed::project_compressed(hidden, weight),
-                None => crate::layers::project(hidden, self.embed_tokens.val()),
+                None => crate::layers::project_in(hidden, self.embed_tokens.val(), self.matmul_dtype),
             },
+        }
+    }
+
+    /// Runs every matrix product of the model (projections, adapters, attention, head) in
+    /// `dtype` from now on, the parameters staying in their own type: mixed precision
+    /// ([`alignment_core::precision`]). `None` turns it off.
+    pub fn set_matmul_dtype(&mut self, dtype: Option<FloatDType>) {
+        self.matmul_dtype = dtype;
+        for layer in &mut self.layers {
+            layer.self_attn.matmul_dtype = dtype;
+            for (_, linear) in layer.linears_mut() {
+                linear.matmul_dtype = dtype;
+            }
+        }
+        if let Some(head) = self.lm_head.as_mut() {
+            head.matmul_dtype = dtype;
         }
     }
 
@@ -237,6 +257,16 @@ impl<B: Backend> CausalLm<B> {
         match &self.lm_head {
             Some(head) => head.dense_weight(),
             None => self.embedding_weight(),
+        }
+    }
+
+    /// [`Self::head_weight`] in the type the products run in ([`Self::matmul_dtype`]), cast
+    /// once: what a chunked head multiplies every chunk of hidden states by.
+    pub fn head_weight_for_products(&self) -> Tensor<B, 2> {
+        let weight = self.head_weight();
+        match self.matmul_dtype {
+            Some(dtype) => weight.cast(dtype),
+            None => weight,
         }
     }
 

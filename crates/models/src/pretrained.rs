@@ -148,6 +148,7 @@ pub fn assemble<B: Backend>(
             num_heads: config.num_heads,
             num_kv_heads: config.num_kv_heads,
             head_dim: config.head_dim,
+            matmul_dtype: None,
         };
         let mlp = Mlp {
             gate_proj: linear(format!("{p}.mlp.gate_proj.weight"), i, h, d)?,
@@ -189,6 +190,7 @@ pub fn assemble<B: Backend>(
         family,
         inv_freq,
         embed_compressed: None,
+        matmul_dtype: None,
     })
 }
 

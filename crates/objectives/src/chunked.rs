@@ -18,10 +18,14 @@
 //! Pass 2 recomputes one head matmul per chunk (the price of never storing logits). The
 //! projection is computed as `(W hᵀ)ᵀ`, the model's own `layers::project`, so chunked and full
 //! logits are the same products.
+//!
+//! Mixed precision: the products run in the head weight's type. A caller that computes in bf16
+//! passes the weight cast once (not once per chunk); each chunk of hidden states is cast to it,
+//! and the logits come back in the hidden states' type (f32), in which everything else runs.
 
 use crate::logprobs::{logsumexp_vocab, position_stats, ExtraStats, PositionStats, SequenceLogps, ShiftedTargets, TokenStats};
 use burn::tensor::backend::{AutodiffBackend, Backend};
-use burn::tensor::{Int, Tensor};
+use burn::tensor::{FloatDType, Int, Tensor};
 
 /// Tokens per chunk that keep one chunk's logits near `budget_values` values (at least 64):
 /// e.g. 2²⁵ values (128 MiB in f32) is 256 tokens of a 128k vocabulary.
@@ -29,9 +33,12 @@ pub fn chunk_tokens_for(vocab: usize, budget_values: usize) -> usize {
     (budget_values / vocab.max(1)).max(64)
 }
 
-/// `h Wᵀ` for `h: [n, hidden]`, `W: [vocab, hidden]`, computed as `(W hᵀ)ᵀ` like the model's head.
+/// `h Wᵀ` for `h: [n, hidden]`, `W: [vocab, hidden]`, computed as `(W hᵀ)ᵀ` like the model's
+/// head, in `W`'s type; the logits in `h`'s.
 fn project<B: Backend>(h: Tensor<B, 2>, weight: Tensor<B, 2>) -> Tensor<B, 2> {
-    weight.matmul(h.transpose()).transpose()
+    let out = h.dtype();
+    let h = h.cast(FloatDType::from(weight.dtype()));
+    weight.matmul(h.transpose()).transpose().cast(FloatDType::from(out))
 }
 
 /// The flattened shifted targets of each label set: gatherable ids and the scored mask, `[n]`.
@@ -41,7 +48,7 @@ fn flat_targets<B: Backend>(targets: &[ShiftedTargets<B>], n: usize) -> Vec<(Ten
 
 /// Pass 1: [`crate::sequence_logps_many`] of the logits `hidden Wᵀ`, computed `chunk_tokens`
 /// positions at a time. `hidden` is `[rows, seq, hidden]` (after the final norm), `weight` the
-/// head `[vocab, hidden]`; each label set `[rows, seq]`. Pass tensors without a graph (the
+/// head `[vocab, hidden]` in the type the products run in; each label set `[rows, seq]`. Pass tensors without a graph (the
 /// inner backend, or detached): nothing here is meant to be differentiated.
 pub fn chunked_sequence_logps<B: Backend>(
     hidden: Tensor<B, 3>,
@@ -123,7 +130,8 @@ type TokenWeights<B> = (Tensor<B, 1, Int>, Tensor<B, 1>);
 /// [`chunked_sequence_logps`]) with respect to `hidden` and, if `weight_grad`, the head
 /// `weight`, recomputing each chunk's logits on the autodiff backend `B` and differentiating
 /// the chunk alone. `hidden`, `weight` and `upstream` (`[rows]` per label set, typically
-/// `∂loss/∂sum`) are values of `B`'s inner backend.
+/// `∂loss/∂sum`) are values of `B`'s inner backend; the products run in `weight`'s type and both
+/// gradients come back in `hidden`'s.
 pub fn chunked_logps_backward<B: AutodiffBackend>(
     hidden: Tensor<B::InnerBackend, 3>,
     weight: Tensor<B::InnerBackend, 2>,
@@ -170,7 +178,7 @@ pub fn chunked_logps_backward<B: AutodiffBackend>(
         let grads = total.backward();
         hidden_grads.push(h.grad(&grads).expect("the chunk's hidden states are a leaf that requires grad"));
         if weight_grad {
-            let g = w.grad(&grads).expect("the head weight is a leaf that requires grad");
+            let g = w.grad(&grads).expect("the head weight is a leaf that requires grad").cast(FloatDType::from(flat.dtype()));
             weight_total = Some(match weight_total {
                 Some(acc) => acc + g,
                 None => g,

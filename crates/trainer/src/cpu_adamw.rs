@@ -2,20 +2,17 @@
 //!
 //! The tensor formulation (`optimizer::adamw_on_tensors`) makes about a dozen passes over each
 //! parameter, each a fresh allocation, single-threaded on burn-ndarray: ≈ 7 % of a SmolLM2 SFT
-//! step (docs/performance.md). Here the same f32 operations, in the same order for each element,
-//! run in one pass over the parameter, its gradient and both moments, split across threads, so
-//! the results are bit-identical (the test below), and with them checkpoints and resumes.
+//! step (docs/performance.md). Here the burn-ndarray arrays are handed, without copies, to the
+//! host pass `optimizer::adamw_on_slices` (the same f32 operations in the same order for each
+//! element, split across threads), so the results are bit-identical (the test below), and with
+//! them checkpoints and resumes.
 
-use crate::optimizer::{AdamWScalars, Moments};
+use crate::optimizer::{adamw_on_slices, AdamWScalars, Moments};
 use burn::backend::ndarray::{NdArray, NdArrayTensor};
 use burn::tensor::{backend::Backend, Tensor, TensorPrimitive};
 use ndarray::{ArcArray, Array, IxDyn};
-use rayon::prelude::*;
 
 type Cpu = NdArray<f32>;
-
-/// Elements per task: large enough to amortise scheduling, small enough to balance two cores.
-const CHUNK: usize = 1 << 16;
 
 /// Whether `B` is the CPU backend this pass is written for.
 pub(crate) fn applies<B: Backend>() -> bool {
@@ -56,33 +53,14 @@ pub(crate) fn update<B: Backend, const D: usize>(
 ) -> (Tensor<B, D>, Moments<B>) {
     let (mut p, g) = (owned(p), owned(grad));
     let (mut m, mut v) = (owned(moments.exp_avg), owned(moments.exp_avg_sq));
-    {
-        let p = p.as_slice_mut().expect("standard layout");
-        let g = g.as_slice().expect("standard layout");
-        let (m, v) = (m.as_slice_mut().expect("standard layout"), v.as_slice_mut().expect("standard layout"));
-        assert!(p.len() == g.len() && p.len() == m.len() && p.len() == v.len(), "AdamW: parameter, gradient and moments differ in size");
-        p.par_chunks_mut(CHUNK).zip(g.par_chunks(CHUNK)).zip(m.par_chunks_mut(CHUNK)).zip(v.par_chunks_mut(CHUNK)).for_each(
-            |(((p, g), m), v)| {
-                for i in 0..p.len() {
-                    // The operations of `adamw_on_tensors`, element by element, in its order.
-                    let g = match clip {
-                        Some(coef) => g[i] * coef,
-                        None => g[i],
-                    };
-                    let mut param = p[i];
-                    if let Some(decay) = s.decay {
-                        param = param - param * decay;
-                    }
-                    let exp_avg = m[i] * s.beta1 + g * s.one_minus_beta1;
-                    let exp_avg_sq = v[i] * s.beta2 + (g * g) * s.one_minus_beta2;
-                    let denom = exp_avg_sq.sqrt() / s.sqrt_bias2 + s.epsilon;
-                    p[i] = param - (exp_avg / denom) * s.step_size;
-                    m[i] = exp_avg;
-                    v[i] = exp_avg_sq;
-                }
-            },
-        );
-    }
+    adamw_on_slices(
+        s,
+        clip,
+        p.as_slice_mut().expect("standard layout"),
+        g.as_slice().expect("standard layout"),
+        m.as_slice_mut().expect("standard layout"),
+        v.as_slice_mut().expect("standard layout"),
+    );
     let flat = [m.len()];
     let (m, v) = (m.into_shape_with_order(IxDyn(&flat)).expect("flat"), v.into_shape_with_order(IxDyn(&flat)).expect("flat"));
     (tensor(p), Moments { exp_avg: tensor(m), exp_avg_sq: tensor(v) })
@@ -100,8 +78,8 @@ mod tests {
         let config = AdamWConfig { weight_decay: 0.1, ..Default::default() };
         for (step, decays, clip) in [(1, true, Some(0.37f32)), (7, false, None), (1000, true, None)] {
             // Sizes around the chunk boundary, and moments from an earlier step.
-            let p = Tensor::<Cpu, 2>::random([3, CHUNK / 2 + 5], Distribution::Normal(0.0, 1.0), &device);
-            let g = Tensor::<Cpu, 2>::random([3, CHUNK / 2 + 5], Distribution::Normal(0.0, 0.1), &device);
+            let p = Tensor::<Cpu, 2>::random([3, (1 << 16) / 2 + 5], Distribution::Normal(0.0, 1.0), &device);
+            let g = Tensor::<Cpu, 2>::random([3, (1 << 16) / 2 + 5], Distribution::Normal(0.0, 0.1), &device);
             let n = p.shape().num_elements();
             let m = Tensor::<Cpu, 1>::random([n], Distribution::Normal(0.0, 0.01), &device);
             let v = Tensor::<Cpu, 1>::random([n], Distribution::Uniform(0.0, 0.001), &device);

@@ -28,7 +28,7 @@
 //! the gradient kept after the reduction, not the peak inside the backward pass (ZeRO-3's
 //! partitioned weights do reduce inside it). See docs/distributed.md.
 
-use crate::optimizer::{excluded_from_decay, AdamW, AdamWConfig, Moments, StepReport};
+use crate::optimizer::{adamw_on_slices, excluded_from_decay, AdamW, AdamWConfig, AdamWScalars, Moments, StepReport};
 use crate::zero3::{self, Group, ShardedWeight};
 use crate::TrainError;
 #[cfg(not(feature = "cuda"))]
@@ -105,6 +105,9 @@ pub struct DataParallel {
     metric_names: Option<Vec<String>>,
     /// Peak RSS at the end of the training steps ([`DataParallel::note_training_peak`]).
     training_peak: Option<u64>,
+    /// The accelerate config's `mixed_precision` (`no`, `bf16`, `fp16`): what the launcher
+    /// asked of every rank, on top of the recipe's `bf16`.
+    pub mixed_precision: String,
 }
 
 impl std::fmt::Debug for DataParallel {
@@ -124,6 +127,7 @@ impl DataParallel {
             partitioned: Vec::new(),
             metric_names: None,
             training_peak: None,
+            mixed_precision: "no".into(),
         }
     }
 
@@ -135,13 +139,18 @@ impl DataParallel {
         let Some(env) = DistEnv::from_env()? else {
             return Ok(None);
         };
-        let stage = AccelerateConfig::from_env()?.map_or(ZeroStage::Ddp, |c| c.stage);
+        let accelerate = AccelerateConfig::from_env()?;
+        let stage = accelerate.as_ref().map_or(ZeroStage::Ddp, |c| c.stage);
         let timeout = alignment_distributed::timeout_from_env()?;
         #[cfg(feature = "cuda")]
         let comm: Box<dyn Communicator> = Box::new(alignment_distributed::NcclCommunicator::connect(&env, timeout)?);
         #[cfg(not(feature = "cuda"))]
         let comm: Box<dyn Communicator> = Box::new(TcpCommunicator::connect(&env, timeout)?);
-        Ok(Some(Self::new(comm, stage)))
+        let mut group = Self::new(comm, stage);
+        if let Some(config) = accelerate {
+            group.mixed_precision = config.mixed_precision;
+        }
+        Ok(Some(group))
     }
 
     /// This process's rank.
@@ -443,9 +452,9 @@ impl DataParallel {
     }
 }
 
-/// The AdamW update of `crate::optimizer` on flat f32 buffers covering `[start, start + len)`
-/// of a numbering in which `pieces` are the parameters (their range, whether weight decay
-/// applies): same operations in the same order.
+/// The AdamW update of `crate::optimizer` ([`adamw_on_slices`], the host pass the one-process
+/// CPU step also runs) on flat f32 buffers covering `[start, start + len)` of a numbering in
+/// which `pieces` are the parameters (their range, whether weight decay applies).
 #[allow(clippy::too_many_arguments)]
 fn adamw_update(
     c: &AdamWConfig,
@@ -459,27 +468,17 @@ fn adamw_update(
     exp_avg: &mut [f32],
     exp_avg_sq: &mut [f32],
 ) {
-    let t = step as i32;
-    let (b1, b2, one_minus_b1, one_minus_b2) = (c.beta1 as f32, c.beta2 as f32, (1.0 - c.beta1) as f32, (1.0 - c.beta2) as f32);
-    let bias1 = 1.0 - c.beta1.powi(t);
-    let bias2 = 1.0 - c.beta2.powi(t);
-    let (sqrt_bias2, eps, step_size, decay) = (bias2.sqrt() as f32, c.epsilon as f32, (lr / bias1) as f32, (lr * c.weight_decay) as f32);
-    let clip = clip_coef as f32;
+    // `min(1, ·)` is exactly 1 when not clipping; the one-process step multiplies by it, which
+    // leaves every gradient's bits unchanged, so skipping it here is the same update.
+    let clip = (clip_coef < 1.0).then_some(clip_coef as f32);
     for (piece, decays) in pieces {
-        let lo = piece.start.max(start);
-        let hi = piece.end.min(start + params.len());
-        for i in lo..hi {
-            let j = i - start;
-            let g = if clip_coef < 1.0 { grads[j] * clip } else { grads[j] };
-            let mut p = params[j];
-            if c.weight_decay > 0.0 && *decays {
-                p -= p * decay;
-            }
-            exp_avg[j] = exp_avg[j] * b1 + g * one_minus_b1;
-            exp_avg_sq[j] = exp_avg_sq[j] * b2 + g * g * one_minus_b2;
-            let denom = exp_avg_sq[j].sqrt() / sqrt_bias2 + eps;
-            params[j] = p - (exp_avg[j] / denom) * step_size;
+        let (lo, hi) = (piece.start.max(start), piece.end.min(start + params.len()));
+        if lo >= hi {
+            continue;
         }
+        let scalars = AdamWScalars::new(c, lr, step as i32, *decays);
+        let r = lo - start..hi - start;
+        adamw_on_slices(&scalars, clip, &mut params[r.clone()], &grads[r.clone()], &mut exp_avg[r.clone()], &mut exp_avg_sq[r]);
     }
 }
 

@@ -12,8 +12,11 @@
 //! p ← p − lr/(1−β₁ᵗ) · m / (√v/√(1−β₂ᵗ) + ε)
 //! ```
 //! Moments live on the inner (non-autodiff) backend, keyed by parameter path so they can be
-//! checkpointed and restored by name. On the CPU backend the update runs as one threaded pass
-//! per parameter (`cpu_adamw.rs`), bit-identical to the tensor operations of `adamw_on_tensors`.
+//! checkpointed and restored by name. The update is written twice, as tensor operations
+//! (`adamw_on_tensors`, any backend) and as one threaded pass over host buffers
+//! ([`adamw_on_slices`]), with the same f32 operations in the same order, so the two are
+//! bit-identical (`cpu_adamw.rs`'s test). The host pass serves the CPU backend's one-process
+//! step (`cpu_adamw.rs`) and every data-parallel stage's owned shard (`data_parallel.rs`).
 //!
 //! `optim: rmsprop` swaps the update for `torch.optim.RMSprop` with transformers' arguments
 //! (`α = 0.99`, `ε = 1e-8`, weight decay added to the gradient, no momentum), after the same
@@ -296,6 +299,40 @@ impl AdamWScalars {
             step_size: (lr / bias1) as f32,
         }
     }
+}
+
+/// Elements per task of [`adamw_on_slices`]: large enough to amortise scheduling, small enough
+/// to balance the cores.
+const HOST_CHUNK: usize = 1 << 16;
+
+/// The AdamW update of `p` from its raw gradient `g` (multiplied by `clip` first when clipping)
+/// and its moments `m`, `v`, in place, split across threads: the operations of
+/// [`adamw_on_tensors`], element by element, in its order.
+pub(crate) fn adamw_on_slices(s: &AdamWScalars, clip: Option<f32>, p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32]) {
+    use rayon::prelude::*;
+    assert!(p.len() == g.len() && p.len() == m.len() && p.len() == v.len(), "AdamW: parameter, gradient and moments differ in size");
+    p.par_chunks_mut(HOST_CHUNK)
+        .zip(g.par_chunks(HOST_CHUNK))
+        .zip(m.par_chunks_mut(HOST_CHUNK))
+        .zip(v.par_chunks_mut(HOST_CHUNK))
+        .for_each(|(((p, g), m), v)| {
+            for i in 0..p.len() {
+                let g = match clip {
+                    Some(coef) => g[i] * coef,
+                    None => g[i],
+                };
+                let mut param = p[i];
+                if let Some(decay) = s.decay {
+                    param = param - param * decay;
+                }
+                let exp_avg = m[i] * s.beta1 + g * s.one_minus_beta1;
+                let exp_avg_sq = v[i] * s.beta2 + (g * g) * s.one_minus_beta2;
+                let denom = exp_avg_sq.sqrt() / s.sqrt_bias2 + s.epsilon;
+                p[i] = param - (exp_avg / denom) * s.step_size;
+                m[i] = exp_avg;
+                v[i] = exp_avg_sq;
+            }
+        });
 }
 
 /// The AdamW update of one parameter `p` with its (clipped, flattened) gradient, by tensor

@@ -357,7 +357,7 @@ impl Default for Recipe {
 /// each with the reason. A run names those its recipe sets (to a non-default value) in one note
 /// ([`Recipe::inert_keys_set`]); every other key acts ([`ACTING_KEYS`]).
 pub const INERT_KEYS: &[(&str, &str)] = &[
-    ("torch_dtype", "weights are loaded and trained in f32"),
+    ("torch_dtype", "parameters are loaded and kept in f32 (bf16: true runs the products in bf16); the model is saved in its source dtype"),
     ("attn_implementation", "there is one attention implementation"),
     ("use_flash_attention_2", "there is one attention implementation"),
     ("trust_remote_code", "no remote code is run: the Llama, Mistral and Gemma families are built in"),
@@ -373,8 +373,7 @@ pub const INERT_KEYS: &[(&str, &str)] = &[
     ("padding_free", "batches are padded, which gives the same losses"),
     ("precompute_ref_log_probs", "reference log-probs are always computed once, before training"),
     ("gradient_checkpointing_kwargs", "checkpointing here has no reentrant variant"),
-    ("bf16", "training computes in f32: bf16 mixed precision is not implemented yet"),
-    ("fp16", "training computes in f32"),
+    ("fp16", "training computes in f32 (fp16 mixed precision, with its loss scaling, is not implemented: use bf16)"),
     ("tf32", "no TF32 matmuls here"),
     ("average_tokens_across_devices", "losses are always normalised by the tokens of the whole global batch"),
     ("ddp_timeout", "collectives wait without a timeout"),
@@ -454,6 +453,7 @@ pub const ACTING_KEYS: &[&str] = &[
     "gradient_accumulation_steps",
     "gradient_checkpointing",
     "use_liger_kernel",
+    "bf16",
     "weight_decay",
     "adam_beta1",
     "adam_beta2",

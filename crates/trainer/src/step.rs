@@ -131,7 +131,7 @@ pub fn forward_backward<B: AutodiffBackend, T: Task>(
         Some(chunk) => {
             let label_sets: Vec<Tensor<B::InnerBackend, 2, Int>> = scoring.label_sets.into_iter().map(Tensor::inner).collect();
             let hidden_values = hidden.clone().inner();
-            let weight = model.head_weight().inner();
+            let weight = model.head_weight_for_products().inner();
             let logps = chunked_sequence_logps_with(hidden_values.clone(), weight.clone(), label_sets.clone(), chunk, task.extra_stats());
             // The objective on leaves standing for the per-row sums: its backward pass gives
             // ∂loss/∂sum, all that pass 2 needs.

@@ -22,12 +22,13 @@ use crate::schedule::{Schedule, ScheduleKind};
 use crate::step::{forward_backward, StepOptions};
 use crate::task::{metric_values, Task};
 use crate::TrainError;
+use alignment_core::precision;
 use alignment_models::{load_pretrained, CausalLm};
 use alignment_objectives::DeferredMetrics;
 use burn::module::AutodiffModule;
 use burn::optim::GradientsAccumulator;
 use burn::tensor::backend::AutodiffBackend;
-use burn::tensor::Tensor;
+use burn::tensor::{FloatDType, Tensor};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use std::path::PathBuf;
@@ -126,6 +127,10 @@ pub struct TrainerConfig {
     pub step: StepOptions,
     /// Compute the head in chunks (`use_liger_kernel`); the chunk size follows the vocabulary.
     pub chunked_head: bool,
+    /// Mixed precision (`bf16: true`): the matrix products in bf16 over f32 parameters,
+    /// gradients and AdamW moments, where the backend has bf16 arithmetic (CUDA); elsewhere the
+    /// run says in one line that it computes in f32.
+    pub bf16: bool,
     /// Replace a previous run's files in `output_dir` (`overwrite_output_dir`); without it a used
     /// `output_dir` is refused unless the run resumes ([`crate::output_dir`]).
     pub overwrite_output_dir: bool,
@@ -327,7 +332,7 @@ pub fn evaluate_with<B: burn::tensor::backend::Backend, T: Task>(
                 let hidden = model.hidden_states(&scoring.batch, None);
                 let logps = alignment_objectives::chunked_sequence_logps_with(
                     hidden,
-                    model.head_weight(),
+                    model.head_weight_for_products(),
                     scoring.label_sets,
                     tokens,
                     task.extra_stats(),
@@ -424,6 +429,17 @@ pub fn train_with<B: AutodiffBackend, T: Task>(
             p.restore_optimizer(&model, &optimizer)?; // this rank's shard of the moments
             optimizer.state.clear();
         }
+    }
+    // The recipe's `bf16`, or the accelerate config's `mixed_precision` under a launcher.
+    let launcher_precision = parallel.as_ref().map_or("no", |p| p.mixed_precision.as_str());
+    if config.bf16 || launcher_precision == "bf16" {
+        if precision::supported::<B>(FloatDType::BF16, device) {
+            model.set_matmul_dtype(Some(FloatDType::BF16));
+        } else if is_main {
+            eprintln!("note: bf16: this backend has no bf16 arithmetic; training computes in f32");
+        }
+    } else if launcher_precision == "fp16" && is_main {
+        eprintln!("note: mixed_precision: fp16 (accelerate config) is not implemented; training computes in f32 (use bf16)");
     }
     let mut log = if is_main {
         // The run is known to start: the output_dir rules apply now, and only now is a

@@ -17,7 +17,8 @@ fn zephyr_recipes_load_with_handbook_hyperparameters() {
     assert_eq!(sft.dataset_mixer.as_ref().unwrap()["HuggingFaceH4/ultrachat_200k"], 1.0);
     assert!(sft.chat_template.as_ref().unwrap().starts_with("{% for message in messages %}\n"));
     assert!(sft.inert_keys_set().iter().any(|k| k.starts_with("use_flash_attention_2 (")));
-    assert!(sft.inert_keys_set().iter().any(|k| k.starts_with("bf16")), "bf16: true computes in f32 here, and the run says so");
+    assert!(sft.bf16 && !sft.inert_keys_set().iter().any(|k| k.starts_with("bf16")), "bf16: true is mixed precision, an acting key");
+    assert!(alignment_trainer::TrainerConfig::from_recipe(&sft).unwrap().bf16);
 
     let dpo = Recipe::load(&recipe("zephyr-7b-beta/dpo/config_full.yaml"), &[]).unwrap();
     assert_eq!((dpo.beta, dpo.learning_rate, dpo.max_length, dpo.max_prompt_length), (0.01, 5.0e-7, Some(1024), Some(512)));
