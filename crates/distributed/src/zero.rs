@@ -150,6 +150,12 @@ pub struct AccelerateConfig {
     pub num_machines: usize,
     /// `mixed_precision` (`no`, `bf16`, `fp16`), `no` when absent.
     pub mixed_precision: String,
+    /// `deepspeed_config.offload_optimizer_device: cpu` (DeepSpeed-Chat's `--offload`): f32
+    /// master weights and AdamW moments in host memory, updated there on all cores. The
+    /// data-parallel step of this implementation keeps them there whatever this says (its
+    /// optimizer runs on host buffers, `trainer::data_parallel`), so `cpu` is what every run
+    /// gets today and `none` does not yet move them to the device.
+    pub offload_optimizer: bool,
 }
 
 /// Environment variable naming the accelerate config the launcher used.
@@ -195,18 +201,22 @@ impl AccelerateConfig {
         let error = |detail: String| DistError::Config { path: origin.to_string(), detail };
         let raw: RawConfig = serde_yaml::from_str(text).map_err(|e| error(format!("not a valid accelerate config: {e}")))?;
         let distributed_type = raw.distributed_type.unwrap_or_else(|| "NO".into());
+        let mut offload_optimizer = false;
         let stage = match distributed_type.as_str() {
             "NO" | "MULTI_GPU" | "MULTI_CPU" => ZeroStage::Ddp,
             "DEEPSPEED" => {
                 let ds = raw.deepspeed_config.ok_or_else(|| error("distributed_type DEEPSPEED needs a deepspeed_config section".into()))?;
-                for (field, value) in
-                    [("offload_optimizer_device", &ds.offload_optimizer_device), ("offload_param_device", &ds.offload_param_device)]
-                {
-                    if let Some(value) = value {
-                        if value != "none" {
-                            return Err(error(format!("deepspeed_config.{field}: {value:?} is not supported (only none)")));
-                        }
+                match ds.offload_optimizer_device.as_deref() {
+                    None | Some("none") => {}
+                    Some("cpu") => offload_optimizer = true,
+                    Some(other) => {
+                        return Err(error(format!("deepspeed_config.offload_optimizer_device: {other:?} is not supported (none or cpu)")))
                     }
+                }
+                if let Some(value) = ds.offload_param_device.as_deref().filter(|&v| v != "none") {
+                    return Err(error(format!(
+                        "deepspeed_config.offload_param_device: {value:?} is not supported (only none: parameters stay on the device)"
+                    )));
                 }
                 let n = ds.zero_stage.ok_or_else(|| error("deepspeed_config.zero_stage is missing".into()))?;
                 ZeroStage::from_deepspeed_stage(n)
@@ -226,7 +236,13 @@ impl AccelerateConfig {
             return Err(error(format!("num_processes {num_processes} is not a multiple of num_machines {num_machines}")));
         }
         let _ = raw.use_cpu;
-        Ok(AccelerateConfig { stage, num_processes, num_machines, mixed_precision: raw.mixed_precision.unwrap_or_else(|| "no".into()) })
+        Ok(AccelerateConfig {
+            stage,
+            num_processes,
+            num_machines,
+            mixed_precision: raw.mixed_precision.unwrap_or_else(|| "no".into()),
+            offload_optimizer,
+        })
     }
 
     /// Processes per machine.

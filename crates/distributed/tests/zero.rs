@@ -32,8 +32,13 @@ fn unsupported_configs_name_the_field() {
     assert!(err("distributed_type: FSDP\n").contains("FSDP is not supported"));
     assert!(err("distributed_type: DEEPSPEED\ndeepspeed_config:\n  zero_stage: 4\n").contains("deepspeed_config.zero_stage: 4"));
     assert!(err("distributed_type: DEEPSPEED\n").contains("deepspeed_config section"));
-    assert!(err("distributed_type: DEEPSPEED\ndeepspeed_config:\n  zero_stage: 3\n  offload_optimizer_device: cpu\n")
-        .contains("offload_optimizer_device"));
+    assert!(err("distributed_type: DEEPSPEED\ndeepspeed_config:\n  zero_stage: 3\n  offload_optimizer_device: nvme\n")
+        .contains("offload_optimizer_device: \"nvme\""));
+    assert!(err("distributed_type: DEEPSPEED\ndeepspeed_config:\n  zero_stage: 3\n  offload_param_device: cpu\n")
+        .contains("offload_param_device: \"cpu\""));
+    let offload = "distributed_type: DEEPSPEED\ndeepspeed_config:\n  zero_stage: 2\n  offload_optimizer_device: cpu\n";
+    let offload = AccelerateConfig::parse(offload, "x").unwrap();
+    assert!(offload.offload_optimizer && offload.stage == ZeroStage::Zero2, "the optimizer state on the host is what ZeRO runs here");
     assert!(err("distributed_type: MULTI_GPU\nnum_processes: 3\nnum_machines: 2\n").contains("not a multiple"));
     assert!(err("distributed_type: [").starts_with("accelerate config test.yaml:"));
     let zero0 = AccelerateConfig::parse("distributed_type: DEEPSPEED\ndeepspeed_config:\n  zero_stage: 0\n", "x").unwrap();

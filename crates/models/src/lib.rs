@@ -17,6 +17,8 @@ mod cpu;
 mod cpu_autodiff;
 #[cfg(feature = "ndarray")]
 mod cpu_decode;
+#[cfg(feature = "ndarray")]
+mod cpu_gate;
 pub mod decode;
 pub mod error;
 pub mod family;

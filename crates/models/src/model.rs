@@ -27,13 +27,25 @@ impl<B: Backend> Mlp<B> {
     /// `[batch, seq, hidden]` → `[batch, seq, hidden]`.
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         let gate = self.gate_proj.forward(x.clone());
-        let gate = match self.activation {
-            Activation::Silu => silu(gate),
-            Activation::GeluTanh => gelu_approximate(gate),
-            Activation::Gelu => gelu(gate),
+        let up = self.up_proj.forward(x);
+        let hidden = match self.activation {
+            Activation::Silu => silu_times(gate, up),
+            Activation::GeluTanh => gelu_approximate(gate) * up,
+            Activation::Gelu => gelu(gate) * up,
         };
-        self.down_proj.forward(gate * self.up_proj.forward(x))
+        self.down_proj.forward(hidden)
     }
+}
+
+/// `silu(gate) · up`, the gated MLP's product: one threaded pass on the CPU backend (a recorded
+/// step under autodiff; `cpu_gate.rs`), burn's operations elsewhere.
+pub fn silu_times<B: Backend>(gate: Tensor<B, 3>, up: Tensor<B, 3>) -> Tensor<B, 3> {
+    #[cfg(feature = "ndarray")]
+    let (gate, up) = match crate::cpu_gate::silu_gate(gate, up) {
+        Ok(hidden) => return hidden,
+        Err(inputs) => inputs,
+    };
+    silu(gate) * up
 }
 
 /// One transformer block: `x + attn(norm(x))`, then `x + mlp(norm(x))`.

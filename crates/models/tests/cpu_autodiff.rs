@@ -1,7 +1,8 @@
 //! The CPU backend's recorded linear map (`cpu_autodiff`, what `layers::project` runs under
 //! `Autodiff<NdArray<f32>>`) against burn's own autodiff matmul on the same backend: the same
 //! output, `∂x` and `∂W` (up to the GEMM's summation order), whichever inputs are tracked, for
-//! strided inputs, and for a weight used twice in one graph (a tied head).
+//! strided inputs, and for a weight used twice in one graph (a tied head). Likewise the gated
+//! MLP's fused `silu(g) · u` (`cpu_gate`) against burn's `silu` and product.
 
 use alignment_core::backend::CpuAutodiff as B;
 use alignment_models::layers::project;
@@ -85,4 +86,49 @@ fn recorded_projection_accumulates_a_weight_used_twice() {
     let loss = plain(a).sum() + plain(b).powf_scalar(2.0).sum();
     let grads = loss.backward();
     assert_close("∂W", Tensor::<B, 2>::from_inner(ours), Tensor::from_inner(w_ref.grad(&grads).unwrap()));
+}
+
+/// `silu(g) · u` fused (`model::silu_times`) against burn's `silu(g) * u`: output, `∂g`, `∂u`
+/// under autodiff, whichever inputs are tracked; the forward pass alone on the inner backend;
+/// a strided input; more elements than one thread's chunk.
+#[test]
+fn fused_silu_gate_equals_burns_operations() {
+    use alignment_models::model::silu_times;
+    use burn::tensor::activation::silu;
+    for (shape, strided) in [([2, 3, 5], false), ([2, 40, 600], false), ([3, 4, 6], true)] {
+        // Strided: `g` a transposed view of a [seq, batch, width] tensor.
+        let g = if strided { random([shape[1], shape[0], shape[2]], 11).swap_dims(0, 1) } else { random(shape, 11) };
+        let u = random(shape, 12) * 2.0;
+        let weights = random(shape, 14).inner();
+        for (track_g, track_u) in [(true, true), (true, false), (false, true)] {
+            let run = |f: &dyn Fn(Tensor<B, 3>, Tensor<B, 3>) -> Tensor<B, 3>| {
+                let leaf = |t: &Tensor<B, 3>, track: bool| {
+                    let t = Tensor::<B, 3>::from_inner(t.clone().inner());
+                    if track {
+                        t.require_grad()
+                    } else {
+                        t
+                    }
+                };
+                let (g, u) = (leaf(&g, track_g), leaf(&u, track_u));
+                let h = f(g.clone(), u.clone());
+                let grads = (h.clone() * Tensor::from_inner(weights.clone())).sum().backward();
+                (h.inner(), g.grad(&grads), u.grad(&grads))
+            };
+            let (h, dg, du) = run(&|g, u| silu_times(g, u));
+            let (h_ref, dg_ref, du_ref) = run(&|g, u| silu(g) * u);
+            assert_close("h", Tensor::<B, 3>::from_inner(h), Tensor::from_inner(h_ref));
+            assert_eq!((dg.is_some(), du.is_some()), (track_g, track_u), "gradients exactly for the tracked inputs");
+            if let (Some(a), Some(b)) = (dg, dg_ref) {
+                assert_close("∂g", Tensor::<B, 3>::from_inner(a), Tensor::from_inner(b));
+            }
+            if let (Some(a), Some(b)) = (du, du_ref) {
+                assert_close("∂u", Tensor::<B, 3>::from_inner(a), Tensor::from_inner(b));
+            }
+        }
+        // The inference backend: forward only.
+        let (gi, ui) = (g.clone().inner(), u.clone().inner());
+        let fused = silu_times(gi.clone(), ui.clone());
+        assert_close("h (inner backend)", Tensor::<B, 3>::from_inner(fused), Tensor::from_inner(silu(gi) * ui));
+    }
 }
