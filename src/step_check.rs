@@ -114,22 +114,21 @@ fn fill_lora_b<B: Backend>(model: &mut CausalLm<B>, config: &LoraConfig) {
     }
 }
 
-/// Runs `case` on backend `B` from the Llama checkpoint in `fixture` (the tiny one:
-/// `crates/models/tests/fixtures/tiny-llama`), its matrix products in `matmul_dtype` (mixed
-/// precision) when given.
-pub fn run_case<B: AutodiffBackend>(
+/// The model and step options of `case` on backend `B`, from the Llama checkpoint in `fixture`
+/// (the tiny one: `crates/models/tests/fixtures/tiny-llama`), its matrix products in
+/// `matmul_dtype` (mixed precision) when given.
+pub fn prepare_case<B: AutodiffBackend>(
     fixture: &Path,
     case: Case,
     matmul_dtype: Option<FloatDType>,
     device: &B::Device,
-) -> Result<CaseValues, CheckError> {
+) -> Result<(CausalLm<B>, StepOptions), CheckError> {
     let fixture_error = |e: &dyn std::fmt::Display| CheckError::Fixture { path: fixture.to_path_buf(), message: e.to_string() };
     let model: CausalLm<B> = if case.nf4 {
         alignment_peft::load_pretrained_4bit(fixture, device, QuantConfig { double_quant: true }).map_err(|e| fixture_error(&e))?
     } else {
         crate::models::load_pretrained(fixture, device).map_err(|e| fixture_error(&e))?
     };
-    let vocab = model.config.vocab_size;
     let mut model = if case.lora {
         let mut config = LoraConfig::new(4, 8.0, TargetModules::AllLinear);
         config.dropout = 0.0;
@@ -144,22 +143,52 @@ pub fn run_case<B: AutodiffBackend>(
     if case.lean {
         options.head_chunk_tokens = Some(LEAN_HEAD_CHUNK_TOKENS);
     }
+    Ok((model, options))
+}
+
+/// What one optimizer step of a case leaves: the updated model, its metrics still on the device
+/// (one entry per micro-batch, with its weight), the gradients, and the device report.
+pub type CaseStep<B> =
+    (CausalLm<B>, Vec<(DeferredMetrics<B>, f64)>, GradientsParams, DeviceStepReport<<B as AutodiffBackend>::InnerBackend>);
+
+/// One optimizer step of `case`: two micro-batches of rows 13 + 9 and 11 + 6 tokens long (pairs
+/// of such rows for DPO), learning rate 1e-3. Nothing is read back from the device.
+pub fn case_step<B: AutodiffBackend>(
+    model: CausalLm<B>,
+    case: Case,
+    optimizer: &mut AdamW<B::InnerBackend>,
+    options: &StepOptions,
+    device: &B::Device,
+) -> CaseStep<B> {
+    let vocab = model.config.vocab_size;
+    let lengths = [13usize, 9, 11, 6];
+    let lr = 1e-3;
+    if case.preference {
+        let task = DpoTask { config: DpoConfig::default(), pad_id: 0 };
+        let pairs: Vec<PreferencePair> = lengths.iter().enumerate().map(|(i, &n)| dpo_pair(n, vocab, 77 + i as u64)).collect();
+        let batches: Vec<Vec<&PreferencePair>> = pairs.chunks(2).map(|c| c.iter().collect()).collect();
+        train_step(model, &task, &batches, optimizer, lr, options, device)
+    } else {
+        let task = SftTask { reduction: Reduction::Mean, pad_id: 0, name: "sft" };
+        let rows: Vec<Sequence> = lengths.iter().enumerate().map(|(i, &n)| sft_row(n, vocab, 77 + i as u64)).collect();
+        let batches: Vec<Vec<&Sequence>> = rows.chunks(2).map(|c| c.iter().collect()).collect();
+        train_step(model, &task, &batches, optimizer, lr, options, device)
+    }
+}
+
+/// Runs `case` on backend `B` ([`prepare_case`], then [`STEPS`] of [`case_step`]), reading each
+/// step's metrics and grad norm, and the first step's gradients.
+pub fn run_case<B: AutodiffBackend>(
+    fixture: &Path,
+    case: Case,
+    matmul_dtype: Option<FloatDType>,
+    device: &B::Device,
+) -> Result<CaseValues, CheckError> {
+    let (mut model, options) = prepare_case::<B>(fixture, case, matmul_dtype, device)?;
     let mut optimizer = AdamW::<B::InnerBackend>::new(AdamWConfig::default());
     let mut values = CaseValues::default();
-    let lengths = [13usize, 9, 11, 6];
     for step in 0..STEPS {
-        let lr = 1e-3;
-        let (updated, pending, grads, report) = if case.preference {
-            let task = DpoTask { config: DpoConfig::default(), pad_id: 0 };
-            let pairs: Vec<PreferencePair> = lengths.iter().enumerate().map(|(i, &n)| dpo_pair(n, vocab, 77 + i as u64)).collect();
-            let batches: Vec<Vec<&PreferencePair>> = pairs.chunks(2).map(|c| c.iter().collect()).collect();
-            train_step(model, &task, &batches, &mut optimizer, lr, &options, device)
-        } else {
-            let task = SftTask { reduction: Reduction::Mean, pad_id: 0, name: "sft" };
-            let rows: Vec<Sequence> = lengths.iter().enumerate().map(|(i, &n)| sft_row(n, vocab, 77 + i as u64)).collect();
-            let batches: Vec<Vec<&Sequence>> = rows.chunks(2).map(|c| c.iter().collect()).collect();
-            train_step(model, &task, &batches, &mut optimizer, lr, &options, device)
-        };
+        let (updated, pending, grads, report) = case_step(model, case, &mut optimizer, &options, device);
         for (k, v) in read_metrics(pending) {
             values.scalars.insert(format!("step{step}/{k}"), v);
         }
