@@ -53,6 +53,11 @@ EOF
             cpu) build_into "" .gpu-dry ;;
             wgpu)
                 bash scripts/vulkan_env.sh
+                # The Vulkan loader wants a runtime directory (as scripts/test.sh sets up).
+                if [ -z "${XDG_RUNTIME_DIR:-}" ] || [ ! -d "$XDG_RUNTIME_DIR" ]; then
+                    export XDG_RUNTIME_DIR="${TMPDIR:-/tmp}/alignment-handbook-xdg-$(id -u)"
+                    mkdir -p -m 700 "$XDG_RUNTIME_DIR"
+                fi
                 build_into wgpu .gpu-dry
                 export OURS_BACKENDS="wgpu-f16 wgpu" CHECK_BACKENDS="wgpu wgpu-f16"
                 ;;
