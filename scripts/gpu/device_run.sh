@@ -181,6 +181,8 @@ case "$PLAN" in
         OURS_BACKENDS=cuda-bf16 bench llama-3.2-1b dpo 2048 1 1
         OURS_BACKENDS=cuda-bf16 bench llama-3.2-1b lora 1024 4 1
         OURS_BACKENDS=cuda-bf16 bench smollm2-135m sft 2048 2 1
+        # What mixed precision's casts cost: every tensor bf16 (moments too) on the same shape.
+        OURS_BACKENDS=cuda-pure-bf16 bench smollm2-135m sft 1024 4 1
         ;;
     *)
         echo "unknown plan $PLAN (first, second, check, dry)"
