@@ -125,78 +125,67 @@ fn main() {
     }
 }
 
-/// Runs `$body` with `B` bound to the autodiff backend named by `$name` and `$device` to its
-/// device, for the backends compiled into this binary.
+/// The type a backend name's matrix products run in: mixed precision for `-bf16` and `-f16`
+/// (bf16/f16 products over f32 parameters, what `bf16: true` runs), `None` otherwise (f32, or
+/// `-pure-bf16`, whose tensors are all bf16).
+fn matmul_dtype_of(backend: &str) -> Option<FloatDType> {
+    if backend.ends_with("-pure-bf16") {
+        None
+    } else if backend.ends_with("-bf16") {
+        Some(FloatDType::BF16)
+    } else if backend.ends_with("-f16") {
+        Some(FloatDType::F16)
+    } else {
+        None
+    }
+}
+
+/// Runs `$body` with `B` bound to the autodiff backend named by `$name`, `$device` to its
+/// device and `$dtype` to its products' type ([`matmul_dtype_of`]), for the backends compiled
+/// into this binary.
 macro_rules! with_backend {
     ($name:expr, |$b:ident, $device:ident, $dtype:ident| $body:expr) => {{
+        let $dtype = matmul_dtype_of($name);
         match $name {
             "cpu" => {
                 type $b = alignment_core::backend::CpuAutodiff;
                 let $device = Default::default();
-                let $dtype: Option<FloatDType> = None;
                 $body
             }
             #[cfg(feature = "cuda")]
-            "cuda" => {
+            "cuda" | "cuda-bf16" => {
                 type $b = burn::backend::Autodiff<alignment_core::backend::Gpu>;
                 let $device = burn::backend::cuda::CudaDevice::new(0);
-                let $dtype: Option<FloatDType> = None;
-                $body
-            }
-            #[cfg(feature = "cuda")]
-            "cuda-bf16" => {
-                type $b = burn::backend::Autodiff<alignment_core::backend::Gpu>;
-                let $device = burn::backend::cuda::CudaDevice::new(0);
-                let $dtype: Option<FloatDType> = Some(FloatDType::BF16);
                 $body
             }
             #[cfg(feature = "cuda")]
             "cuda-pure-bf16" => {
                 type $b = burn::backend::Autodiff<alignment_core::backend::GpuBf16>;
                 let $device = burn::backend::cuda::CudaDevice::new(0);
-                let $dtype: Option<FloatDType> = None;
                 $body
             }
             #[cfg(feature = "tch")]
             "tch-cpu" => {
                 type $b = burn::backend::Autodiff<alignment_core::backend::Torch>;
                 let $device = burn::backend::libtorch::LibTorchDevice::Cpu;
-                let $dtype: Option<FloatDType> = None;
                 $body
             }
             #[cfg(feature = "tch")]
-            "tch-cuda" => {
+            "tch-cuda" | "tch-cuda-bf16" => {
                 type $b = burn::backend::Autodiff<alignment_core::backend::Torch>;
                 let $device = burn::backend::libtorch::LibTorchDevice::Cuda(0);
-                let $dtype: Option<FloatDType> = None;
-                $body
-            }
-            #[cfg(feature = "tch")]
-            "tch-cuda-bf16" => {
-                type $b = burn::backend::Autodiff<alignment_core::backend::Torch>;
-                let $device = burn::backend::libtorch::LibTorchDevice::Cuda(0);
-                let $dtype: Option<FloatDType> = Some(FloatDType::BF16);
                 $body
             }
             #[cfg(feature = "tch")]
             "tch-cuda-pure-bf16" => {
                 type $b = burn::backend::Autodiff<alignment_core::backend::TorchBf16>;
                 let $device = burn::backend::libtorch::LibTorchDevice::Cuda(0);
-                let $dtype: Option<FloatDType> = None;
                 $body
             }
             #[cfg(feature = "wgpu")]
-            "wgpu" => {
+            "wgpu" | "wgpu-f16" => {
                 type $b = alignment_core::backend::WgpuAutodiff;
                 let $device = burn::backend::wgpu::WgpuDevice::default();
-                let $dtype: Option<FloatDType> = None;
-                $body
-            }
-            #[cfg(feature = "wgpu")]
-            "wgpu-f16" => {
-                type $b = alignment_core::backend::WgpuAutodiff;
-                let $device = burn::backend::wgpu::WgpuDevice::default();
-                let $dtype: Option<FloatDType> = Some(FloatDType::F16);
                 $body
             }
             other => Err(format!(

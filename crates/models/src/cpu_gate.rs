@@ -34,6 +34,11 @@ type Train = Autodiff<Cpu>;
 /// Elements per task: large enough to amortise scheduling, small enough to balance the cores.
 const CHUNK: usize = 1 << 14;
 
+/// `value` as `To`, which the caller has checked (by `TypeId`) is its type.
+fn retype<From: 'static, To: 'static>(value: From) -> To {
+    crate::cpu::cast(value).unwrap_or_else(|_| unreachable!("the backend type was checked"))
+}
+
 fn sigmoid(x: f32) -> f32 {
     1.0 / (1.0 + (-x).exp())
 }
@@ -89,24 +94,22 @@ pub(crate) fn silu_gate<B: Backend>(gate: Tensor<B, 3>, up: Tensor<B, 3>) -> Res
         return Err((gate, up));
     }
     if TypeId::of::<B>() == TypeId::of::<Cpu>() {
-        let (g, u): (Tensor<Cpu, 3>, Tensor<Cpu, 3>) =
-            (crate::cpu::cast(gate).unwrap_or_else(|_| unreachable!()), crate::cpu::cast(up).unwrap_or_else(|_| unreachable!()));
+        let (g, u): (Tensor<Cpu, 3>, Tensor<Cpu, 3>) = (retype(gate), retype(up));
         let (gp, up_) = (g.clone().into_primitive().tensor(), u.clone().into_primitive().tensor());
         let (Some(gv), Some(uv)) = (values(&gp), values(&up_)) else {
-            return Err((crate::cpu::cast(g).unwrap_or_else(|_| unreachable!()), crate::cpu::cast(u).unwrap_or_else(|_| unreachable!())));
+            return Err((retype(g), retype(u)));
         };
         let h = tensor(forward_values(slice(&gv), slice(&uv)), gv.shape());
-        return Ok(crate::cpu::cast(Tensor::<Cpu, 3>::from_primitive(TensorPrimitive::Float(h))).unwrap_or_else(|_| unreachable!()));
+        return Ok(retype(Tensor::<Cpu, 3>::from_primitive(TensorPrimitive::Float(h))));
     }
     if TypeId::of::<B>() != TypeId::of::<Train>() {
         return Err((gate, up));
     }
-    let (g, u): (Tensor<Train, 3>, Tensor<Train, 3>) =
-        (crate::cpu::cast(gate).unwrap_or_else(|_| unreachable!()), crate::cpu::cast(up).unwrap_or_else(|_| unreachable!()));
+    let (g, u): (Tensor<Train, 3>, Tensor<Train, 3>) = (retype(gate), retype(up));
     let (gp, up_) = (g.clone().into_primitive().tensor(), u.clone().into_primitive().tensor());
     let h = match (values(&gp.primitive), values(&up_.primitive)) {
         (Some(gv), Some(uv)) => tensor(forward_values(slice(&gv), slice(&uv)), gv.shape()),
-        _ => return Err((crate::cpu::cast(g).unwrap_or_else(|_| unreachable!()), crate::cpu::cast(u).unwrap_or_else(|_| unreachable!()))),
+        _ => return Err((retype(g), retype(u))),
     };
     let prepared =
         <SiluGateBackward as Backward<Cpu, 2>>::prepare::<NoCheckpointing>(SiluGateBackward, [gp.node.clone(), up_.node.clone()]);
@@ -114,7 +117,7 @@ pub(crate) fn silu_gate<B: Backend>(gate: Tensor<B, 3>, up: Tensor<B, 3>) -> Res
         OpsKind::Tracked(prep) => prep.finish((gp.primitive.clone(), up_.primitive.clone()), h),
         OpsKind::UnTracked(prep) => prep.finish(h),
     };
-    Ok(crate::cpu::cast(Tensor::<Train, 3>::from_primitive(TensorPrimitive::Float(h))).unwrap_or_else(|_| unreachable!()))
+    Ok(retype(Tensor::<Train, 3>::from_primitive(TensorPrimitive::Float(h))))
 }
 
 /// The backward step of [`silu_gate`]; its state is `(gate, up)`.

@@ -163,21 +163,23 @@ pub fn project<B: Backend>(x: Tensor<B, 3>, w: Tensor<B, 2>) -> Tensor<B, 3> {
         Ok(y) => return y,
         Err(inputs) => inputs,
     };
-    let [batch, seq, inner] = x.dims();
-    let out = w.dims()[0];
-    w.matmul(x.reshape([batch * seq, inner]).transpose()).transpose().reshape([batch, seq, out])
+    project_with_matmul(x, w, None)
 }
 
 /// [`project`] with the product computed in `dtype` ([`alignment_core::precision`]: operands
 /// cast to it, the result cast back); `None`: [`project`] itself.
 pub fn project_in<B: Backend>(x: Tensor<B, 3>, w: Tensor<B, 2>, dtype: Option<FloatDType>) -> Tensor<B, 3> {
-    let Some(dtype) = dtype.filter(|&d| burn::tensor::DType::from(d) != x.dtype()) else {
-        return project(x, w);
-    };
+    match dtype.filter(|&d| burn::tensor::DType::from(d) != x.dtype()) {
+        None => project(x, w),
+        Some(dtype) => project_with_matmul(x, w, Some(dtype)),
+    }
+}
+
+/// `(W xᵀ)ᵀ` by burn's matmul (in `dtype` when given), the path of every backend but the CPU's.
+fn project_with_matmul<B: Backend>(x: Tensor<B, 3>, w: Tensor<B, 2>, dtype: Option<FloatDType>) -> Tensor<B, 3> {
     let [batch, seq, inner] = x.dims();
     let out = w.dims()[0];
-    let product = matmul_in(w, x.reshape([batch * seq, inner]).transpose(), Some(dtype));
-    product.transpose().reshape([batch, seq, out])
+    matmul_in(w, x.reshape([batch * seq, inner]).transpose(), dtype).transpose().reshape([batch, seq, out])
 }
 
 /// Root-mean-square normalisation: `x / sqrt(mean(x²) + eps) * scale`, where `scale` is `w`

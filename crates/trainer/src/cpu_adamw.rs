@@ -69,7 +69,7 @@ pub(crate) fn update<B: Backend, const D: usize>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::optimizer::{adamw_on_tensors, AdamWConfig};
+    use crate::optimizer::{adamw_on_tensors, AdamWConfig, HOST_CHUNK};
     use burn::tensor::Distribution;
 
     #[test]
@@ -78,8 +78,8 @@ mod tests {
         let config = AdamWConfig { weight_decay: 0.1, ..Default::default() };
         for (step, decays, clip) in [(1, true, Some(0.37f32)), (7, false, None), (1000, true, None)] {
             // Sizes around the chunk boundary, and moments from an earlier step.
-            let p = Tensor::<Cpu, 2>::random([3, (1 << 16) / 2 + 5], Distribution::Normal(0.0, 1.0), &device);
-            let g = Tensor::<Cpu, 2>::random([3, (1 << 16) / 2 + 5], Distribution::Normal(0.0, 0.1), &device);
+            let p = Tensor::<Cpu, 2>::random([3, HOST_CHUNK / 2 + 5], Distribution::Normal(0.0, 1.0), &device);
+            let g = Tensor::<Cpu, 2>::random([3, HOST_CHUNK / 2 + 5], Distribution::Normal(0.0, 0.1), &device);
             let n = p.shape().num_elements();
             let m = Tensor::<Cpu, 1>::random([n], Distribution::Normal(0.0, 0.01), &device);
             let v = Tensor::<Cpu, 1>::random([n], Distribution::Uniform(0.0, 0.001), &device);

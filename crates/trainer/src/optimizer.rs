@@ -303,7 +303,7 @@ impl AdamWScalars {
 
 /// Elements per task of [`adamw_on_slices`]: large enough to amortise scheduling, small enough
 /// to balance the cores.
-const HOST_CHUNK: usize = 1 << 16;
+pub(crate) const HOST_CHUNK: usize = 1 << 16;
 
 /// The AdamW update of `p` from its raw gradient `g` (multiplied by `clip` first when clipping)
 /// and its moments `m`, `v`, in place, split across threads: the operations of
