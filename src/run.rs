@@ -19,7 +19,7 @@ use alignment_peft::{apply_lora, load_adapter, load_pretrained_4bit, merge_lora,
 use alignment_trainer::components::{self, DataSource};
 use alignment_trainer::tasks::{precompute_reference, DpoTask, OrpoTask, PreferencePair, ReferenceCache, SftTask};
 use alignment_trainer::{
-    train_with, AdapterOutput, DataParallel, Recipe, RecipeError, Sequence, StepPlan, TrainError, TrainOutcome, TrainerConfig,
+    train_with, AdapterOutput, Parallelism, Recipe, RecipeError, Sequence, StepPlan, Strategy, TrainError, TrainOutcome, TrainerConfig,
 };
 use burn::module::{AutodiffModule, Module, ModuleMapper, Param};
 use burn::tensor::backend::{AutodiffBackend, Backend};
@@ -468,8 +468,8 @@ pub fn preference_examples(
 /// Launched as one of several ranks (`cargo xtask launch`, torchrun/Slurm variables), it trains
 /// data-parallel with the ZeRO stage of the accelerate config the launcher names.
 pub fn run<B: AutodiffBackend>(objective: Objective, recipe: &Recipe, device: &B::Device, quiet: bool) -> Result<TrainOutcome, RunError> {
-    let mut parallel = DataParallel::from_env()?;
-    let is_main = parallel.as_ref().is_none_or(|p| p.is_main());
+    let mut strategy = Parallelism::from_env()?;
+    let is_main = strategy.is_main();
     let model_dir = resolve_model_at(&recipe.model_name_or_path, &recipe.model_revision)?;
     let tokenizer_dir = match &recipe.tokenizer_name_or_path {
         Some(t) => resolve_model_at(t, &recipe.model_revision)?,
@@ -520,7 +520,7 @@ pub fn run<B: AutodiffBackend>(objective: Objective, recipe: &Recipe, device: &B
             let name = if objective == Objective::Sft { "sft" } else { "cpt" };
             let reduction = components::reduction(recipe)?;
             let task = SftTask { reduction, pad_id: tools.pad_id, name };
-            train_with(model, &task, &train_examples, &eval_examples, &config, device, parallel.as_mut())?.1
+            train_with(model, &task, &train_examples, &eval_examples, &config, device, &mut strategy)?.1
         }
         Objective::Dpo => {
             let mut train_pairs = preference_examples(recipe, &tools, &train_set, objective)?;
@@ -536,8 +536,7 @@ pub fn run<B: AutodiffBackend>(objective: Objective, recipe: &Recipe, device: &B
             let cache = ReferenceCache::new(&reference::cache_dir().join("reference-logps"), &frozen);
             let batch = config.eval_batch_size;
             // Only for the pairs the run will visit (a `max_steps` run may stop within its first epoch).
-            let world = parallel.as_ref().map_or(1, |p| p.world_size());
-            let global = TrainerConfig { train_batch_size: config.train_batch_size * world, ..config.clone() };
+            let global = TrainerConfig { train_batch_size: config.train_batch_size * strategy.world_size(), ..config.clone() };
             match StepPlan::new(train_pairs.len(), &global).examples_used(train_pairs.len(), &global) {
                 None => {
                     precompute_reference(&frozen, &mut train_pairs, batch, tools.pad_id, Some(&cache), device).map_err(TrainError::from)?
@@ -557,7 +556,7 @@ pub fn run<B: AutodiffBackend>(objective: Objective, recipe: &Recipe, device: &B
             }
             drop(frozen);
             let task = DpoTask { config: dpo, pad_id: tools.pad_id };
-            train_with(model, &task, &train_pairs, &eval_pairs, &config, device, parallel.as_mut())?.1
+            train_with(model, &task, &train_pairs, &eval_pairs, &config, device, &mut strategy)?.1
         }
         Objective::Orpo => {
             let train_pairs = preference_examples(recipe, &tools, &train_set, objective)?;
@@ -571,7 +570,7 @@ pub fn run<B: AutodiffBackend>(objective: Objective, recipe: &Recipe, device: &B
             }
             let orpo = components::orpo_config(recipe)?;
             let task = OrpoTask { config: orpo, pad_id: tools.pad_id };
-            train_with(model, &task, &train_pairs, &eval_pairs, &config, device, parallel.as_mut())?.1
+            train_with(model, &task, &train_pairs, &eval_pairs, &config, device, &mut strategy)?.1
         }
     };
     if recipe.push_to_hub && is_main {

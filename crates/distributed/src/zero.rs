@@ -154,8 +154,9 @@ pub struct AccelerateConfig {
     /// master weights and AdamW moments in host memory, updated there on all cores. The
     /// data-parallel step of this implementation keeps them there whatever this says (its
     /// optimizer runs on host buffers, `trainer::data_parallel`), so `cpu` is what every run
-    /// gets today and `none` does not yet move them to the device.
-    pub offload_optimizer: bool,
+    /// gets today and `none` does not yet move them to the device (the trainer says so when
+    /// the config names `none`). `None` when the config does not name it.
+    pub offload_optimizer: Option<bool>,
 }
 
 /// Environment variable naming the accelerate config the launcher used.
@@ -201,14 +202,15 @@ impl AccelerateConfig {
         let error = |detail: String| DistError::Config { path: origin.to_string(), detail };
         let raw: RawConfig = serde_yaml::from_str(text).map_err(|e| error(format!("not a valid accelerate config: {e}")))?;
         let distributed_type = raw.distributed_type.unwrap_or_else(|| "NO".into());
-        let mut offload_optimizer = false;
+        let mut offload_optimizer = None;
         let stage = match distributed_type.as_str() {
             "NO" | "MULTI_GPU" | "MULTI_CPU" => ZeroStage::Ddp,
             "DEEPSPEED" => {
                 let ds = raw.deepspeed_config.ok_or_else(|| error("distributed_type DEEPSPEED needs a deepspeed_config section".into()))?;
                 match ds.offload_optimizer_device.as_deref() {
-                    None | Some("none") => {}
-                    Some("cpu") => offload_optimizer = true,
+                    None => {}
+                    Some("none") => offload_optimizer = Some(false),
+                    Some("cpu") => offload_optimizer = Some(true),
                     Some(other) => {
                         return Err(error(format!("deepspeed_config.offload_optimizer_device: {other:?} is not supported (none or cpu)")))
                     }

@@ -38,7 +38,10 @@ fn unsupported_configs_name_the_field() {
         .contains("offload_param_device: \"cpu\""));
     let offload = "distributed_type: DEEPSPEED\ndeepspeed_config:\n  zero_stage: 2\n  offload_optimizer_device: cpu\n";
     let offload = AccelerateConfig::parse(offload, "x").unwrap();
-    assert!(offload.offload_optimizer && offload.stage == ZeroStage::Zero2, "the optimizer state on the host is what ZeRO runs here");
+    assert!(
+        offload.offload_optimizer == Some(true) && offload.stage == ZeroStage::Zero2,
+        "the optimizer state on the host is what ZeRO runs here"
+    );
     assert!(err("distributed_type: MULTI_GPU\nnum_processes: 3\nnum_machines: 2\n").contains("not a multiple"));
     assert!(err("distributed_type: [").starts_with("accelerate config test.yaml:"));
     let zero0 = AccelerateConfig::parse("distributed_type: DEEPSPEED\ndeepspeed_config:\n  zero_stage: 0\n", "x").unwrap();

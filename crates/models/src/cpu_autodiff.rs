@@ -17,6 +17,7 @@
 //! any other backend gets its tensors back and runs burn's matmul. The values equal burn's up to
 //! the summation order inside the GEMM (tests: `tests/cpu_autodiff.rs`).
 
+use crate::cpu::{f32_values, retype};
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;
 use burn::backend::autodiff::grads::Gradients;
@@ -36,17 +37,14 @@ pub(crate) fn project<B: Backend>(x: Tensor<B, 3>, w: Tensor<B, 2>) -> Result<Te
     if std::any::TypeId::of::<B>() != std::any::TypeId::of::<Train>() {
         return Err((x, w));
     }
-    let x: Tensor<Train, 3> = crate::cpu::cast(x).unwrap_or_else(|_| unreachable!("B is Autodiff<NdArray<f32>>"));
-    let w: Tensor<Train, 2> = crate::cpu::cast(w).unwrap_or_else(|_| unreachable!("B is Autodiff<NdArray<f32>>"));
+    let (x, w): (Tensor<Train, 3>, Tensor<Train, 2>) = (retype(x), retype(w));
     let [batch, seq, _] = x.dims();
     let out = w.dims()[0];
     let (x, w) = (x.into_primitive().tensor(), w.into_primitive().tensor());
     let Some(y) = product(&x.primitive, &w.primitive, Side::Plain, Side::Transposed) else {
         let x = Tensor::<Train, 3>::from_primitive(TensorPrimitive::Float(x));
         let w = Tensor::<Train, 2>::from_primitive(TensorPrimitive::Float(w));
-        let x = crate::cpu::cast(x).unwrap_or_else(|_| unreachable!("B is Autodiff<NdArray<f32>>"));
-        let w = crate::cpu::cast(w).unwrap_or_else(|_| unreachable!("B is Autodiff<NdArray<f32>>"));
-        return Err((x, w));
+        return Err((retype(x), retype(w)));
     };
     let y =
         NdArrayTensor::from(y.into_shape_with_order((batch, seq, out)).expect("[rows, out] in standard layout").into_dyn().into_shared());
@@ -61,7 +59,7 @@ pub(crate) fn project<B: Backend>(x: Tensor<B, 3>, w: Tensor<B, 2>) -> Result<Te
         OpsKind::UnTracked(prep) => prep.finish(y),
     };
     let y = Tensor::<Train, 3>::from_primitive(TensorPrimitive::Float(y));
-    Ok(crate::cpu::cast(y).unwrap_or_else(|_| unreachable!("B is Autodiff<NdArray<f32>>")))
+    Ok(retype(y))
 }
 
 /// How a GEMM reads one operand: as stored or transposed (through its strides, no copy).
@@ -88,17 +86,13 @@ fn oriented(m: ArrayView2<'_, f32>, side: Side) -> ArrayView2<'_, f32> {
     }
 }
 
-/// The tensor's f32 values as `[leading dims, last dim]`: a view when the layout allows it
-/// (standard layout, the usual case), a copy otherwise.
+/// The tensor's f32 values as `[leading dims, last dim]`: a view when they are in standard
+/// layout (the usual case), a copy otherwise.
 fn matrix(t: &NdArrayTensor) -> Option<CowArray<'_, f32, Ix2>> {
-    let NdArrayTensor::F32(storage) = t else { return None };
-    let view = storage.view();
-    let cols = view.shape().last().copied().unwrap_or(1);
-    let rows = view.shape()[..view.ndim().saturating_sub(1)].iter().product();
-    Some(match view.clone().into_shape_with_order((rows, cols)) {
-        Ok(matrix) => CowArray::from(matrix),
-        Err(_) => CowArray::from(view.to_shape((rows, cols)).expect("a tensor flattens to [leading dims, last dim]").into_owned()),
-    })
+    let values = f32_values(t)?;
+    let cols = values.shape().last().copied().unwrap_or(1);
+    let rows = values.shape()[..values.ndim().saturating_sub(1)].iter().product();
+    Some(values.into_shape_with_order((rows, cols)).expect("standard layout flattens to [leading dims, last dim]"))
 }
 
 /// What the backward step needs: `x` when `W` wants a gradient, `W` when `x` does.

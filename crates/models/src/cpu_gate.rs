@@ -17,6 +17,7 @@
 //! gets its tensors back and runs burn's operations. The values equal burn's to f32 rounding
 //! (`tests/cpu_autodiff.rs`).
 
+use crate::cpu::{f32_values, retype};
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;
 use burn::backend::autodiff::grads::Gradients;
@@ -33,11 +34,6 @@ type Train = Autodiff<Cpu>;
 
 /// Elements per task: large enough to amortise scheduling, small enough to balance the cores.
 const CHUNK: usize = 1 << 14;
-
-/// `value` as `To`, which the caller has checked (by `TypeId`) is its type.
-fn retype<From: 'static, To: 'static>(value: From) -> To {
-    crate::cpu::cast(value).unwrap_or_else(|_| unreachable!("the backend type was checked"))
-}
 
 fn sigmoid(x: f32) -> f32 {
     1.0 / (1.0 + (-x).exp())
@@ -69,14 +65,6 @@ fn backward_values(g: &[f32], u: &[f32], dh: &[f32]) -> (Vec<f32>, Vec<f32>) {
     (dg, du)
 }
 
-/// The tensor's f32 values in standard layout (a view when they already are), `None` when the
-/// storage is not f32.
-fn values(t: &NdArrayTensor) -> Option<CowArray<'_, f32, IxDyn>> {
-    let NdArrayTensor::F32(storage) = t else { return None };
-    let view = storage.view();
-    Some(if view.is_standard_layout() { CowArray::from(view) } else { CowArray::from(view.as_standard_layout().into_owned()) })
-}
-
 fn slice<'a>(a: &'a CowArray<'_, f32, IxDyn>) -> &'a [f32] {
     a.as_slice().expect("standard layout")
 }
@@ -96,7 +84,7 @@ pub(crate) fn silu_gate<B: Backend>(gate: Tensor<B, 3>, up: Tensor<B, 3>) -> Res
     if TypeId::of::<B>() == TypeId::of::<Cpu>() {
         let (g, u): (Tensor<Cpu, 3>, Tensor<Cpu, 3>) = (retype(gate), retype(up));
         let (gp, up_) = (g.clone().into_primitive().tensor(), u.clone().into_primitive().tensor());
-        let (Some(gv), Some(uv)) = (values(&gp), values(&up_)) else {
+        let (Some(gv), Some(uv)) = (f32_values(&gp), f32_values(&up_)) else {
             return Err((retype(g), retype(u)));
         };
         let h = tensor(forward_values(slice(&gv), slice(&uv)), gv.shape());
@@ -107,7 +95,7 @@ pub(crate) fn silu_gate<B: Backend>(gate: Tensor<B, 3>, up: Tensor<B, 3>) -> Res
     }
     let (g, u): (Tensor<Train, 3>, Tensor<Train, 3>) = (retype(gate), retype(up));
     let (gp, up_) = (g.clone().into_primitive().tensor(), u.clone().into_primitive().tensor());
-    let h = match (values(&gp.primitive), values(&up_.primitive)) {
+    let h = match (f32_values(&gp.primitive), f32_values(&up_.primitive)) {
         (Some(gv), Some(uv)) => tensor(forward_values(slice(&gv), slice(&uv)), gv.shape()),
         _ => return Err((retype(g), retype(u))),
     };
@@ -131,7 +119,7 @@ impl Backward<Cpu, 2> for SiluGateBackward {
         let (g, u) = ops.state;
         let [g_node, u_node] = ops.parents;
         let dh = grads.consume::<Cpu>(&ops.node);
-        let (gv, uv, dhv) = (values(&g).expect("f32"), values(&u).expect("f32"), values(&dh).expect("f32"));
+        let (gv, uv, dhv) = (f32_values(&g).expect("f32"), f32_values(&u).expect("f32"), f32_values(&dh).expect("f32"));
         let (dg, du) = backward_values(slice(&gv), slice(&uv), slice(&dhv));
         let shape = gv.shape().to_vec();
         if let Some(node) = g_node {

@@ -108,6 +108,9 @@ pub struct DataParallel {
     /// The accelerate config's `mixed_precision` (`no`, `bf16`, `fp16`): what the launcher
     /// asked of every rank, on top of the recipe's `bf16`.
     pub mixed_precision: String,
+    /// The accelerate config's `deepspeed_config.offload_optimizer_device` (`Some(true)`: cpu,
+    /// `Some(false)`: none, which is not implemented: the optimizer state stays on the host).
+    pub offload_optimizer: Option<bool>,
 }
 
 impl std::fmt::Debug for DataParallel {
@@ -128,6 +131,7 @@ impl DataParallel {
             metric_names: None,
             training_peak: None,
             mixed_precision: "no".into(),
+            offload_optimizer: None,
         }
     }
 
@@ -149,6 +153,7 @@ impl DataParallel {
         let mut group = Self::new(comm, stage);
         if let Some(config) = accelerate {
             group.mixed_precision = config.mixed_precision;
+            group.offload_optimizer = config.offload_optimizer;
         }
         Ok(Some(group))
     }

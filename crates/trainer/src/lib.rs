@@ -21,6 +21,7 @@ pub mod recipe;
 pub mod schedule;
 pub mod sequence;
 pub mod step;
+pub mod strategy;
 pub mod task;
 pub mod tasks;
 pub mod train;
@@ -30,6 +31,7 @@ pub use data_parallel::DataParallel;
 pub use recipe::{Recipe, RecipeError, ResumeFrom};
 pub use sequence::{collate, Sequence, IGNORE_INDEX};
 pub use step::{forward_backward, StepOptions};
+pub use strategy::{Parallelism, SingleProcess, Strategy};
 pub use task::{metric_values, MetricValues, Scoring, Task};
 pub use train::{evaluate, evaluate_with, train, train_with, AdapterOutput, StepPlan, TrainOutcome, TrainerConfig};
 

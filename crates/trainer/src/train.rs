@@ -13,13 +13,14 @@
 //! moments, so a run resumed from a checkpoint logs the same losses as one never stopped.
 
 use crate::checkpoint::{self, TrainerState};
-use crate::data_parallel::DataParallel;
+use crate::data_parallel::MetricSums;
 use crate::logging::{self, MetricsAccumulator, MetricsLog};
-use crate::optimizer::{AdamW, AdamWConfig, UpdateRule};
+use crate::optimizer::{AdamW, AdamWConfig};
 use crate::output_dir;
 use crate::recipe::Recipe;
 use crate::schedule::{Schedule, ScheduleKind};
 use crate::step::{forward_backward, StepOptions};
+use crate::strategy::{SingleProcess, StepValues, Strategy};
 use crate::task::{metric_values, Task};
 use crate::TrainError;
 use alignment_core::precision;
@@ -358,32 +359,26 @@ pub fn train<B: AutodiffBackend, T: Task>(
     config: &TrainerConfig,
     device: &B::Device,
 ) -> Result<(CausalLm<B>, TrainOutcome), TrainError> {
-    train_with(model, task, train, eval, config, device, None)
+    train_with(model, task, train, eval, config, device, &mut SingleProcess)
 }
 
-/// [`train`], as one rank of a data-parallel group when `parallel` is given (see
-/// [`crate::data_parallel`]): `config.train_batch_size` is then the per-rank batch, the global
-/// batch is that times the number of ranks, and only rank 0 writes files.
-pub fn train_with<B: AutodiffBackend, T: Task>(
+/// [`train`], with the ranks sharing each step as `strategy` says ([`crate::strategy`]). For a
+/// data-parallel rank `config.train_batch_size` is the per-rank batch, the global batch is that
+/// times the number of ranks, and only rank 0 writes files.
+pub fn train_with<B: AutodiffBackend, T: Task, S: Strategy>(
     model: CausalLm<B>,
     task: &T,
     train: &[T::Example],
     eval: &[T::Example],
     config: &TrainerConfig,
     device: &B::Device,
-    mut parallel: Option<&mut DataParallel>,
+    strategy: &mut S,
 ) -> Result<(CausalLm<B>, TrainOutcome), TrainError> {
     if train.is_empty() {
         return Err(TrainError::EmptyDataset { what: format!("{} training set", task.name()) });
     }
-    let world = parallel.as_ref().map_or(1, |p| p.world_size());
-    if parallel.is_some() && config.adamw.rule != UpdateRule::AdamW {
-        return Err(TrainError::Config {
-            key: "optim".into(),
-            message: format!("{:?} is implemented for one process only; data-parallel runs (DDP, ZeRO) use AdamW", config.adamw.rule),
-        });
-    }
-    let is_main = parallel.as_ref().is_none_or(|p| p.is_main());
+    let world = strategy.world_size();
+    let is_main = strategy.is_main();
     // The step plan of the global batch: every rank walks the same micro-batches.
     let global = TrainerConfig { train_batch_size: config.train_batch_size * world, ..config.clone() };
     let plan = StepPlan::new(train.len(), &global);
@@ -422,16 +417,9 @@ pub fn train_with<B: AutodiffBackend, T: Task>(
         checkpoint::load_optimizer(dir, &mut optimizer, &state, device)?;
         start = state.global_step;
     }
-    if let Some(p) = parallel.as_deref_mut() {
-        model = p.broadcast_parameters(model)?;
-        model = p.partition(model)?; // ZeRO-3: each rank keeps its shard of the embedding and projections
-        if config.resume_from.is_some() {
-            p.restore_optimizer(&model, &optimizer)?; // this rank's shard of the moments
-            optimizer.state.clear();
-        }
-    }
+    model = strategy.prepare(model, &mut optimizer, config.resume_from.is_some())?;
     // The recipe's `bf16`, or the accelerate config's `mixed_precision` under a launcher.
-    let launcher_precision = parallel.as_ref().map_or("no", |p| p.mixed_precision.as_str());
+    let launcher_precision = strategy.launcher_precision().to_owned();
     if config.bf16 || launcher_precision == "bf16" {
         if precision::supported::<B>(FloatDType::BF16, device) {
             model.set_matmul_dtype(Some(FloatDType::BF16));
@@ -470,7 +458,7 @@ pub fn train_with<B: AutodiffBackend, T: Task>(
     // Every rank evaluates the whole eval set (identical weights, identical results); rank 0 logs.
     if config.eval_on_start && start == 0 && !eval.is_empty() {
         let metrics = evaluate_with(&model.valid(), task, eval, config.eval_batch_size, config.step.head_chunk_tokens, device);
-        check(parallel.as_deref())?;
+        strategy.check()?;
         write_log(logging::entry(0, 0.0, &metrics))?;
     }
 
@@ -508,65 +496,29 @@ pub fn train_with<B: AutodiffBackend, T: Task>(
         // step that scores nothing divides by 1 (TRL's `clamp(min=1)`): loss 0, no gradient.
         let step_weight: f64 = batches.iter().map(|b| task.weight(b)).sum::<f64>().max(1.0);
         let mut accumulator = GradientsAccumulator::<CausalLm<B>>::new();
-        let mut step_pending = Vec::new();
+        let mut step_metrics = Vec::new();
         let mut step_tokens = 0;
         for (micro, batch) in batches.iter().enumerate() {
-            // `counted: false` is a zero-weighted pass of a rank without examples, run only to
-            // take part in ZeRO-3's collectives inside the passes.
-            let (examples, counted) = match parallel.as_deref() {
-                None => (&batch[..], true),
-                Some(p) => match p.part(batch) {
-                    [] if p.needs_lockstep() => (&batch[..1], false),
-                    part => (part, true),
-                },
-            };
+            let (examples, counted) = strategy.part(batch);
             if examples.is_empty() {
                 continue;
             }
             let options = StepOptions { dropout_seed: dropout_seed(config.seed, step, micro), ..config.step };
             let scale = if counted { 1.0 / step_weight } else { 0.0 };
             let metrics = forward_backward(&model, task, examples, scale, &options, &mut accumulator, device);
-            check(parallel.as_deref())?;
+            strategy.check()?;
             if counted {
-                step_pending.push((step + 1, metrics, task.weight(examples)));
+                step_metrics.push((metrics, task.weight(examples)));
                 step_tokens += task.num_tokens(examples);
             }
         }
-        if let Some(p) = parallel.as_deref_mut() {
-            // The ranks' metrics are summed now (a collective), so they are read every step.
-            let mut step_metrics = MetricsAccumulator::default();
-            for (_, metrics, weight) in step_pending.drain(..) {
-                step_metrics.add(metric_values(metrics).iter().map(|(k, v)| (k.as_str(), *v)), weight);
-            }
-            let (sums, tokens) = p.reduce_metrics(step_metrics.sums(), step_tokens)?;
-            window.add_sums(&sums);
-            step_tokens = tokens;
-        }
-        pending.metrics.append(&mut step_pending);
-        window_tokens += step_tokens;
-        total_tokens += step_tokens;
         let lr = schedule.lr(step as usize);
         let grads = accumulator.grads();
-        model = match parallel.as_deref_mut() {
-            None => {
-                let (updated, report) = optimizer.step(lr, model, &grads);
-                pending.norms.push((step + 1, report.grad_norm));
-                updated
-            }
-            Some(p) => {
-                optimizer.step += 1;
-                let (updated, report) = p.step(&config.adamw, optimizer.step, lr, model, &grads)?;
-                // Read every step here anyway (the ranks agreed on it through a collective).
-                if !report.grad_norm.is_finite() {
-                    return Err(describe(step + 1, "gradient norm", report.grad_norm, &last_saved));
-                }
-                if let Some((_, loss)) = window.means("").into_iter().find(|(k, v)| k == "loss" && !v.is_finite()) {
-                    return Err(describe(step + 1, "loss", loss, &last_saved));
-                }
-                window.add([("grad_norm", report.grad_norm)], 1.0);
-                updated
-            }
-        };
+        let (updated, values, tokens) = strategy.update(&mut optimizer, lr, model, &grads, step_metrics, step_tokens)?;
+        model = updated;
+        pending.record(step + 1, values);
+        window_tokens += tokens;
+        total_tokens += tokens;
         window_seconds += step_start.elapsed().as_secs_f64();
         let done = step + 1;
         bar.set_position(done);
@@ -596,7 +548,7 @@ pub fn train_with<B: AutodiffBackend, T: Task>(
             || (config.eval_every_epoch && (epoch_end || last));
         if eval_now && !eval.is_empty() {
             let metrics = evaluate_with(&model.valid(), task, eval, config.eval_batch_size, config.step.head_chunk_tokens, device);
-            check(parallel.as_deref())?;
+            strategy.check()?;
             let loss = metrics.iter().find(|(k, _)| k == "eval_loss").map_or(f64::NAN, |(_, v)| *v);
             bar.println(format!("step {done}: eval_loss {loss:.4}"));
             write_log(logging::entry(done, epoch_of(done), &metrics))?;
@@ -615,21 +567,14 @@ pub fn train_with<B: AutodiffBackend, T: Task>(
                 optimizer_step: optimizer.step,
                 fingerprint: fingerprint.clone(),
             };
-            let gathered;
-            let (moments, inner) = match parallel.as_deref_mut() {
-                None => (&optimizer, model.valid()),
-                Some(p) => {
-                    gathered = p.gather_optimizer(config.adamw, optimizer.step, device)?; // collective
-                    (&gathered, p.gathered(&model.valid())?) // collective with ZeRO-3
-                }
-            };
+            let saved = strategy.checkpoint_state(&optimizer, &model, device)?; // a collective
             if is_main {
                 last_saved = Some(
                     checkpoint::save_checkpoint(
                         &config.output_dir,
-                        &inner,
+                        &saved.model,
                         config.adapter.as_ref(),
-                        moments,
+                        &saved.optimizer,
                         &state,
                         config.tokenizer_dir.as_deref(),
                         config.save_total_limit,
@@ -637,26 +582,18 @@ pub fn train_with<B: AutodiffBackend, T: Task>(
                     .map_err(|e| non_finite_update(e, done))?,
                 );
             }
-            if let Some(p) = parallel.as_deref_mut() {
-                p.barrier()?;
-            }
+            strategy.barrier()?;
         }
     }
     bar.finish();
     pending.settle().map_err(|(step, what, value)| describe(step, what, value, &last_saved))?;
-    if let Some(p) = parallel.as_deref_mut() {
-        p.note_training_peak();
-        model = p.gathered(&model)?; // the whole model on every rank (collective with ZeRO-3)
-    }
+    let model = strategy.finish(model)?; // the whole model on every rank (collective with ZeRO-3)
     let history = log.as_ref().map(|l| l.history().to_vec()).unwrap_or_default();
     if is_main {
         save_final(&model.valid(), config).map_err(|e| non_finite_update(e, plan.total_steps))?;
         let _ = logging::plot_losses(&history, &config.output_dir.join("loss.svg"), &format!("{} loss", task.name()));
     }
-    if let Some(p) = parallel {
-        eprintln!("{}", p.memory_summary());
-        p.barrier()?;
-    }
+    strategy.conclude()?;
     Ok((model, TrainOutcome { steps: plan.total_steps, history, model_dir: config.output_dir.clone() }))
 }
 
@@ -674,12 +611,6 @@ fn dropout_seed(seed: u64, step: u64, micro: usize) -> u64 {
     seed.wrapping_mul(0x2545_F491_4F6C_DD1D)
         ^ step.wrapping_mul(0x9E37_79B9_7F4A_7C15)
         ^ (micro as u64).wrapping_add(1).wrapping_mul(0xBF58_476D_1CE4_E5B9)
-}
-
-/// The first failure of a collective inside the last forward/backward pass (ZeRO-3 gathers
-/// and reduces inside them, where errors cannot be returned).
-fn check(parallel: Option<&DataParallel>) -> Result<(), TrainError> {
-    parallel.map_or(Ok(()), DataParallel::check)
 }
 
 /// Saves the final model (or, with adapters, the adapter directory) into `output_dir` itself
@@ -711,16 +642,32 @@ struct Pending<B: AutodiffBackend> {
     metrics: Vec<(u64, DeferredMetrics<B>, f64)>,
     norms: Vec<(u64, Tensor<B::InnerBackend, 1>)>,
     read_metrics: Vec<(u64, crate::MetricValues, f64)>,
+    /// Steps whose metrics a data-parallel group already summed: (name, Σ value·weight, Σ weight).
+    read_sums: Vec<(u64, MetricSums)>,
     read_norms: Vec<(u64, f64)>,
 }
 
 impl<B: AutodiffBackend> Default for Pending<B> {
     fn default() -> Self {
-        Self { metrics: Vec::new(), norms: Vec::new(), read_metrics: Vec::new(), read_norms: Vec::new() }
+        Self { metrics: Vec::new(), norms: Vec::new(), read_metrics: Vec::new(), read_sums: Vec::new(), read_norms: Vec::new() }
     }
 }
 
 impl<B: AutodiffBackend> Pending<B> {
+    /// Keeps optimizer step `step`'s values until the window is read.
+    fn record(&mut self, step: u64, values: StepValues<B>) {
+        match values {
+            StepValues::OnDevice { metrics, grad_norm } => {
+                self.metrics.extend(metrics.into_iter().map(|(m, weight)| (step, m, weight)));
+                self.norms.push((step, grad_norm));
+            }
+            StepValues::Read { sums, grad_norm } => {
+                self.read_sums.push((step, sums));
+                self.read_norms.push((step, grad_norm));
+            }
+        }
+    }
+
     /// Reads what is still on the device and checks it: the first step whose loss or gradient
     /// norm is NaN or infinite, as `(step, what, value)`.
     fn settle(&mut self) -> Result<(), (u64, &'static str, f64)> {
@@ -735,7 +682,12 @@ impl<B: AutodiffBackend> Pending<B> {
         let bad_loss = self
             .read_metrics
             .iter()
-            .find_map(|(step, values, _)| values.iter().find(|(k, v)| k == "loss" && !v.is_finite()).map(|(_, v)| (*step, "loss", *v)));
+            .find_map(|(step, values, _)| values.iter().find(|(k, v)| k == "loss" && !v.is_finite()).map(|(_, v)| (*step, "loss", *v)))
+            .into_iter()
+            .chain(self.read_sums.iter().find_map(|(step, sums)| {
+                sums.iter().find(|(k, sum, _)| k == "loss" && !sum.is_finite()).map(|(_, sum, weight)| (*step, "loss", sum / weight))
+            }))
+            .min_by_key(|(step, _, _)| *step);
         let bad_norm = self.read_norms.iter().find(|(_, v)| !v.is_finite()).map(|&(step, v)| (step, "gradient norm", v));
         match (bad_loss, bad_norm) {
             (Some(a), Some(b)) => Err(if b.0 < a.0 { b } else { a }),
@@ -748,6 +700,9 @@ impl<B: AutodiffBackend> Pending<B> {
     fn drain_into(&mut self, window: &mut MetricsAccumulator) {
         for (_, values, weight) in self.read_metrics.drain(..) {
             window.add(values.iter().map(|(k, v)| (k.as_str(), *v)), weight);
+        }
+        for (_, sums) in self.read_sums.drain(..) {
+            window.add_sums(&sums);
         }
         for (_, norm) in self.read_norms.drain(..) {
             window.add([("grad_norm", norm)], 1.0);

@@ -123,7 +123,10 @@ fn rank_process_entry_point() {
     }
     let mut config = config(&out.join("run"), GLOBAL_BATCH / world, resume);
     let model = if std::env::var("DP_TEST_LORA").is_ok() { with_lora(model, &mut config) } else { model };
-    match train_with(model, &task, &examples(), &eval_examples(), &config, &device, Some(&mut parallel)) {
+    if let Ok(lr) = std::env::var("DP_TEST_LR") {
+        config.learning_rate = lr.parse().unwrap();
+    }
+    match train_with(model, &task, &examples(), &eval_examples(), &config, &device, &mut parallel) {
         Ok((model, outcome)) => {
             let held = parallel.held_state();
             let report = json!({
@@ -309,4 +312,23 @@ fn a_rank_that_dies_stops_the_others_with_an_error() {
         assert!(stderr.contains("rank 0 stopped") && stderr.contains("rank 1"), "{stage}: rank 0 should name the lost peer:\n{stderr}");
         assert!(start.elapsed().as_secs() < 25, "{stage}: rank 0 must notice quickly, not wait for the timeout");
     }
+}
+
+#[test]
+fn a_nan_loss_stops_every_rank_naming_the_step_before_anything_is_saved() {
+    let root = tempfile::tempdir().unwrap();
+    // A learning rate past f32's range: the first update with a learning rate above 0 (step 2,
+    // after the one warm-up step at 0) makes the weights infinite, so step 3's loss is NaN on
+    // every rank (the summed metrics are the group's).
+    let outputs = launch(2, "deepspeed_zero2.yaml", root.path(), &[("DP_TEST_LR", "1e39".into())]);
+    for (rank, output) in outputs.iter().enumerate() {
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(2), "rank {rank} must stop with an error:\n{stderr}");
+        assert!(
+            stderr.contains("optimizer step 3: the loss is NaN") && stderr.contains("no checkpoint was saved"),
+            "rank {rank}:\n{stderr}"
+        );
+    }
+    let run = root.path().join("run");
+    assert!(!run.join("model.safetensors").exists() && !run.join("config.json").exists(), "nothing saved");
 }
