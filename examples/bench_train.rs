@@ -55,8 +55,9 @@ enum Command {
 #[derive(Parser)]
 struct TrainArgs {
     /// `cpu`, `cuda` (f32), `cuda-bf16` (mixed: bf16 products over f32 parameters, what
-    /// `bf16: true` runs), `cuda-pure-bf16` (everything bf16), the same for `tch-cuda`, `tch-cpu`,
-    /// `wgpu`, `wgpu-f16` (mixed with f16) — those built in.
+    /// `bf16: true` runs), `cuda-pure-bf16` (everything bf16), the same for `tch-cuda`; `tch-cpu`
+    /// and `tch-cpu-bf16` (mixed, torch's CPU bf16), `wgpu`, `wgpu-f16` (mixed with f16) — those
+    /// built in.
     #[arg(long, default_value = "cpu")]
     backend: String,
     /// A config.json giving the model's shape.
@@ -165,7 +166,7 @@ macro_rules! with_backend {
                 $body
             }
             #[cfg(feature = "tch")]
-            "tch-cpu" => {
+            "tch-cpu" | "tch-cpu-bf16" => {
                 type $b = burn::backend::Autodiff<alignment_core::backend::Torch>;
                 let $device = burn::backend::libtorch::LibTorchDevice::Cpu;
                 $body
@@ -191,7 +192,7 @@ macro_rules! with_backend {
             other => Err(format!(
                 "backend `{other}` is not built into this binary (features: cpu{}{}{})",
                 if cfg!(feature = "cuda") { ", cuda, cuda-bf16, cuda-pure-bf16" } else { "" },
-                if cfg!(feature = "tch") { ", tch-cpu, tch-cuda, tch-cuda-bf16, tch-cuda-pure-bf16" } else { "" },
+                if cfg!(feature = "tch") { ", tch-cpu, tch-cpu-bf16, tch-cuda, tch-cuda-bf16, tch-cuda-pure-bf16" } else { "" },
                 if cfg!(feature = "wgpu") { ", wgpu, wgpu-f16" } else { "" }
             )),
         }

@@ -5,7 +5,9 @@
 #   bash scripts/gpu/device_run.sh [PLAN]        PLAN: first (default) | second | check | dry
 #
 # Expects the staged folder (scripts/gpu/run.sh stage): $GPU_DIR/bin/bench_train or its .xz (built
-# with --features cuda) and $GPU_DIR/reference/ (the CPU's values for the correctness check).
+# with --features cuda), $GPU_DIR/bin/bench_train_tch (--features tch, linked against the device's
+# torch version; optional: without it the tch-* backends are skipped) and $GPU_DIR/reference/ (the
+# CPU's values for the correctness check).
 # Order of work, most important first, each step skipped once the budget is spent:
 #   1. environment (GPU, driver, CUDA paths, torch) — printed, so a failure is explainable;
 #   2. correctness: SFT / DPO / LoRA / QLoRA steps on the tiny fixture vs the CPU (f32, and
@@ -21,6 +23,7 @@ OUT="${OUT:-$GPU_DIR/out}"
 BUDGET_S="${BUDGET_S:-450}"
 RUN_TIMEOUT_S="${RUN_TIMEOUT_S:-150}"
 BIN="$GPU_DIR/bin/bench_train"
+BIN_TCH="$GPU_DIR/bin/bench_train_tch"
 PY="${PYTHON:-python3}"
 mkdir -p "$OUT"
 START=$(date +%s)
@@ -48,8 +51,9 @@ if [ "$DRY_RUN" = 1 ]; then
     OURS_BACKENDS="${OURS_BACKENDS:-cpu}"
     CHECK_BACKENDS="${CHECK_BACKENDS:-cpu}"
 else
-    OURS_BACKENDS="${OURS_BACKENDS:-cuda-bf16 cuda}"
-    CHECK_BACKENDS="${CHECK_BACKENDS:-cuda cuda-bf16}"
+    # burn-cuda (CubeCL kernels) and the libtorch route (cuBLAS; burn's ops as torch calls).
+    OURS_BACKENDS="${OURS_BACKENDS:-cuda-bf16 tch-cuda-bf16 cuda}"
+    CHECK_BACKENDS="${CHECK_BACKENDS:-cuda cuda-bf16 tch-cuda tch-cuda-bf16}"
     nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv,noheader || true
     # NVRTC compiles burn's kernels and needs CUDA's headers (cubecl reads CUDA_PATH).
     if [ -z "${CUDA_PATH:-}" ]; then
@@ -76,6 +80,24 @@ else
     ls "$LIBS"
 fi
 "$PY" -c 'import torch, transformers; print("torch", torch.__version__, "cuda", torch.version.cuda, "available", torch.cuda.is_available(), "| transformers", transformers.__version__)' || say "python reference not importable"
+# bench_train_tch loads libtorch from the Python torch's lib folder (its libraries find CUDA's
+# through their own rpath); the dry run passes TORCH_LIB.
+if [ -z "${TORCH_LIB:-}" ]; then
+    TORCH_LIB="$("$PY" -c 'import os, torch; print(os.path.join(os.path.dirname(torch.__file__), "lib"))' 2>/dev/null || true)"
+fi
+if [ -x "$BIN_TCH" ]; then
+    say "bench_train_tch: $(ls -la "$BIN_TCH" | awk '{print $5}') bytes, libtorch from ${TORCH_LIB:-nowhere}"
+    LD_LIBRARY_PATH="$TORCH_LIB:${LD_LIBRARY_PATH:-}" ldd "$BIN_TCH" 2>&1 | grep -E "torch|c10|not found" || true
+fi
+
+# The binary (with its library path) that runs backend `$1`: tch-* in bench_train_tch, the rest
+# in bench_train. Prints nothing when that binary was not staged.
+runner_for() {
+    case "$1" in
+        tch-*) [ -x "$BIN_TCH" ] && echo "env LD_LIBRARY_PATH=$TORCH_LIB:${LD_LIBRARY_PATH:-} $BIN_TCH" ;;
+        *) echo "$BIN" ;;
+    esac
+}
 
 # Runs one measurement, sampling device memory, and appends its JSON line (plus the peak and
 # the wall time) to $RESULTS; a failure is recorded with the end of its output.
@@ -123,8 +145,15 @@ EOF
 # --- 2. correctness ------------------------------------------------------------------------
 run_checks() {
     for backend in $CHECK_BACKENDS; do
+        local runner
+        runner="$(runner_for "$backend")"
+        if [ -z "$runner" ]; then
+            say "check $backend: skipped (no binary staged)"
+            continue
+        fi
         say "check $backend"
-        timeout --signal=KILL 240 "$BIN" check --backend "$backend" --reference "$GPU_DIR/reference" --report "$OUT/check-$backend.json" || say "check $backend: FAILED (exit $?)"
+        # shellcheck disable=SC2086 # the runner is `env VAR=... binary`
+        timeout --signal=KILL 240 $runner check --backend "$backend" --reference "$GPU_DIR/reference" --report "$OUT/check-$backend.json" || say "check $backend: FAILED (exit $?)"
     done
 }
 
@@ -148,7 +177,11 @@ bench() {
         ours=(--gradient-checkpointing --chunked-head) torch=(--grad-checkpointing) tag=" lean"
     fi
     for backend in $OURS_BACKENDS; do
-        measure "ours $backend $shape $task s$seq b$batch$tag" "$BIN" train --backend "$backend" "${common[@]}" "${ours[@]}"
+        local runner
+        runner="$(runner_for "$backend")"
+        [ -z "$runner" ] && continue
+        # shellcheck disable=SC2086 # the runner is `env VAR=... binary`
+        measure "ours $backend $shape $task s$seq b$batch$tag" $runner train --backend "$backend" "${common[@]}" "${ours[@]}"
     done
     measure "torch $shape $task s$seq b$batch$tag" "$PY" scripts/gpu/torch_baseline.py "${common[@]}" "${torch[@]}"
 }
@@ -171,8 +204,9 @@ case "$PLAN" in
         run_nccl
         bench smollm2-135m sft 1024 4 1
         bench llama-3.2-1b sft 1024 4 1
-        LEAN=1 bench llama-3.2-1b sft 1024 4 1
-        bench llama-3.2-1b dpo 1024 2 1
+        BF16="cuda-bf16 tch-cuda-bf16"
+        LEAN=1 OURS_BACKENDS="$BF16" bench llama-3.2-1b sft 1024 4 1
+        OURS_BACKENDS="$BF16" bench llama-3.2-1b dpo 1024 2 1
         OURS_BACKENDS=cuda-bf16 bench llama-3.2-1b sft 2048 2 1
         OURS_BACKENDS=cuda-bf16 bench mistral-7b qlora 2048 1 1
         ;;

@@ -3,12 +3,18 @@
 #
 #   bash scripts/gpu/run.sh stage     build bench_train with --features cuda (no CUDA needed to
 #                                     build), put it (xz-compressed) and the CPU's reference
-#                                     values in .gpu/, and print the device command to run
+#                                     values in .gpu/, and print the device command to run; then
+#                                     bench_train_tch: the libtorch route (--features tch) linked
+#                                     against the device's torch version (DEVICE_TORCH, 2.11.0:
+#                                     PyPI's wheel unpacked in the cache, headers and libraries
+#                                     only; on the device it loads that machine's own torch/lib)
 #   bash scripts/gpu/run.sh dry-run   the same pipeline on the CPU here: a CPU-only build in
 #                                     .gpu-dry/, device_run.sh's `dry` plan (checks, ours and
 #                                     PyTorch's steps on a tiny shape) with the reference venv
 #   bash scripts/gpu/run.sh dry-run wgpu   the same, ours on burn's wgpu backend (CubeCL, the
 #                                     kernels cuda runs) over Mesa's software Vulkan
+#   bash scripts/gpu/run.sh dry-run tch    the same, ours on the libtorch backend (the reference
+#                                     venv's torch, on the CPU): bench_train_tch's code path
 #   bash scripts/gpu/run.sh report DIR   tables from the files a device run brought back
 #
 # .gpu/ and .gpu-dry/ are ignored by git; the device tool carries .gpu/ ("carry": [".gpu"]).
@@ -29,9 +35,52 @@ build_into() {
     "$dir/bin/bench_train" check --backend cpu --write-reference "$dir/reference" >&2
 }
 
+# The device's torch as a libtorch folder (include/, lib/): PyPI's wheel of DEVICE_TORCH, headers
+# and libraries unpacked once into the cache (≈ 1 GB; the CUDA libraries it needs are not
+# fetched: nothing here runs it). Prints the folder.
+DEVICE_TORCH="${DEVICE_TORCH:-2.11.0}"
+device_libtorch() {
+    local cache="${ALIGNMENT_HANDBOOK_CACHE:-$HOME/.cache/alignment-handbook}"
+    local dir="$cache/torch-$DEVICE_TORCH"
+    if [ ! -f "$dir/torch/lib/libtorch_cpu.so" ]; then
+        local python tmp
+        python="$(bash scripts/reference_env.sh)"
+        tmp="$(mktemp -d)"
+        echo "fetching torch==$DEVICE_TORCH (the wheel, without its CUDA dependencies) ..." >&2
+        "$python" -m pip download "torch==$DEVICE_TORCH" --no-deps --only-binary :all: \
+            --python-version 3.12 --platform manylinux_2_28_x86_64 -d "$tmp" >&2
+        rm -rf "$dir.partial"
+        "$python" - "$tmp" "$dir.partial" <<'EOF'
+import glob, sys, zipfile
+wheel = zipfile.ZipFile(glob.glob(sys.argv[1] + "/torch-*.whl")[0])
+wheel.extractall(sys.argv[2], [n for n in wheel.namelist() if n.split("/")[:2] in (["torch", "include"], ["torch", "lib"], ["torch", "share"])])
+EOF
+        rm -rf "$tmp" "$dir"
+        mv "$dir.partial" "$dir"
+    fi
+    echo "$dir/torch"
+}
+
+# Builds bench_train with the `tch` feature against libtorch folder `$1` into `$2`/bin/bench_train_tch,
+# in its own target folder `$3` (the libtorch build differs in every crate above torch-sys, so
+# sharing target/ would rebuild the cuda and CPU binaries after it).
+build_tch_into() {
+    local libtorch="$1" dir="$2" target="$3"
+    echo "building bench_train (release, features: tch, libtorch $libtorch) ..." >&2
+    LIBTORCH="$libtorch" LIBTORCH_BYPASS_VERSION_CHECK=1 LIBTORCH_CXX11_ABI=1 CARGO_TARGET_DIR="$target" \
+        cargo build --release --example bench_train --features tch >&2
+    mkdir -p "$dir/bin"
+    cp "$target/release/examples/bench_train" "$dir/bin/bench_train_tch"
+    strip "$dir/bin/bench_train_tch" 2>/dev/null || true
+}
+
 case "$cmd" in
     stage)
         build_into cuda .gpu
+        build_tch_into "$(device_libtorch)" .gpu target/tch-device
+        # Linked against the device's own torch version (PyPI's 2.11.0 is the same +cu130 build),
+        # so every symbol resolved at link time; it needs these libraries from its torch/lib there.
+        readelf -d .gpu/bin/bench_train_tch | grep NEEDED >&2
         # The stripped cuda binary is ≈ 51 MiB (CubeCL with fusion and autotune): xz takes it to
         # ≈ 8 MiB of the 64 MiB carry; device_run.sh unpacks it with Python's lzma.
         xz -T0 -6 -f .gpu/bin/bench_train
@@ -61,7 +110,16 @@ EOF
                 build_into wgpu .gpu-dry
                 export OURS_BACKENDS="wgpu-f16 wgpu" CHECK_BACKENDS="wgpu wgpu-f16"
                 ;;
-            *) echo "usage: run.sh dry-run [cpu|wgpu]" >&2; exit 2 ;;
+            tch)
+                python="$(bash scripts/reference_env.sh)"
+                torch_dir="$("$python" -c 'import os, torch; print(os.path.dirname(torch.__file__))')"
+                build_tch_into "$torch_dir" .gpu-dry target/tch-dry
+                mkdir -p .gpu-dry/bin
+                rm -rf .gpu-dry/reference
+                LD_LIBRARY_PATH="$torch_dir/lib:${LD_LIBRARY_PATH:-}" .gpu-dry/bin/bench_train_tch check --backend cpu --write-reference .gpu-dry/reference >&2
+                export OURS_BACKENDS="tch-cpu" CHECK_BACKENDS="tch-cpu tch-cpu-bf16" TORCH_LIB="$torch_dir/lib"
+                ;;
+            *) echo "usage: run.sh dry-run [cpu|wgpu|tch]" >&2; exit 2 ;;
         esac
         python="$(bash scripts/reference_env.sh)"
         GPU_DIR=.gpu-dry OUT=.gpu-dry/out PYTHON="$python" BUDGET_S="${BUDGET_S:-600}" bash scripts/gpu/device_run.sh dry
@@ -71,7 +129,7 @@ EOF
         python3 scripts/gpu/report.py "$dir/results.jsonl" --checks "$dir"
         ;;
     *)
-        echo "usage: run.sh stage | dry-run [cpu|wgpu] | report DIR" >&2
+        echo "usage: run.sh stage | dry-run [cpu|wgpu|tch] | report DIR" >&2
         exit 2
         ;;
 esac
