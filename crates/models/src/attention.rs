@@ -9,7 +9,7 @@ use burn::tensor::{activation::softmax, backend::Backend, Bool, FloatDType, Int,
 
 /// Score given to masked positions. Finite (not -inf) so that a fully masked row — a padding
 /// query — yields a harmless uniform distribution instead of NaNs that would leak through `0 * NaN`.
-const MASKED_SCORE: f32 = -1e30;
+pub(crate) const MASKED_SCORE: f32 = -1e30;
 
 /// Cached keys and values of one layer: `[batch, kv_heads, cached_len, head_dim]` each.
 #[derive(Debug, Clone)]
@@ -23,6 +23,10 @@ pub struct LayerCache<B: Backend> {
 #[derive(Debug, Clone)]
 pub struct AttentionMask<B: Backend> {
     pub masked: Tensor<B, 4, Bool>,
+    /// Whether `masked` is plain causal attention over as many keys as queries (no cache, no
+    /// padding, one document per row, no window closer than the row's length): what fused
+    /// attention kernels take as a flag instead of a mask.
+    pub plain_causal: bool,
 }
 
 /// Inputs from which the mask is derived.
@@ -68,7 +72,11 @@ impl<B: Backend> AttentionMask<B> {
             let key_docs = docs.reshape([batch, 1, 1, keys]).expand([batch, 1, queries, keys]);
             masked = masked.bool_or(query_docs.not_equal(key_docs));
         }
-        Self { masked }
+        let plain_causal = past == 0
+            && spec.sliding_window.is_none_or(|window| window >= keys)
+            && spec.key_is_token.is_none_or(|rows| rows.iter().flatten().all(|&is_token| is_token))
+            && spec.document_ids.is_none_or(|rows| rows.iter().all(|row| row.iter().all(|&d| d == row[0])));
+        Self { masked, plain_causal }
     }
 }
 
@@ -114,6 +122,11 @@ impl<B: Backend> Attention<B> {
             *slot = Some(LayerCache { keys: k.clone(), values: v.clone() });
         }
         let keys = k.dims()[2];
+        #[cfg(feature = "tch")]
+        let (q, k, v) = match crate::tch_attention::attention((q, k, v), mask, (d as f64).powf(-0.5), self.matmul_dtype) {
+            Ok(out) => return self.o_proj.forward(out.swap_dims(1, 2).reshape([batch, seq, h * d])),
+            Err(qkv) => qkv,
+        };
         let (k, v) = (repeat_kv(k, h / kvh), repeat_kv(v, h / kvh));
 
         let scores = matmul_in(q, k.swap_dims(2, 3), self.matmul_dtype) * (d as f64).powf(-0.5);

@@ -30,6 +30,8 @@ pub mod model;
 pub mod pretrained;
 pub mod quantized;
 pub mod rope;
+#[cfg(feature = "tch")]
+mod tch_attention;
 pub mod weights;
 
 pub use compressed::CompressedWeight;

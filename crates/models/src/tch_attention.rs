@@ -1,0 +1,264 @@
+//! Attention on burn's libtorch backend as one torch call, `scaled_dot_product_attention`
+//! (flash or memory-efficient kernels on CUDA, the fused CPU kernel on the host), with its
+//! backward pass computed by torch's own autograd inside one recorded burn step.
+//!
+//! burn 0.21's autodiff decomposes attention into two products and a softmax and keeps the
+//! `[batch, heads, queries, keys]` probabilities for the backward pass; torch's fused kernels
+//! keep q, k, v, the output and one log-sum-exp per query. Here
+//!
+//! ```text
+//! forward:   leaves q, k, v (sharing burn's storage)  →  SDPA (with grad)  →  out (detached for burn)
+//! backward:  ∂q, ∂k, ∂v = torch.autograd.grad(Σ out · ∂out, [q, k, v])
+//! ```
+//!
+//! Under mixed precision (`matmul_dtype`) q, k and v are cast to the half type inside the torch
+//! graph and the output back, as the two products of [`crate::attention`] are. The mask is
+//! either plain causal (`is_causal`, which lets torch pick its flash kernel) or added to the
+//! scores as 0 / −1e30, the same score the burn path gives masked keys, so a query whose keys
+//! are all masked (padding) gets the same harmless uniform average instead of NaN. (Its
+//! gradient, which no loss asks for, would reach q and k through the addition, where burn's
+//! replaced scores stop it.)
+//! Only for `LibTorch<f32>` and `LibTorch<bf16>` and their autodiff: any other backend gets its
+//! tensors back.
+
+use crate::attention::{AttentionMask, MASKED_SCORE};
+use burn::backend::autodiff::checkpoint::base::Checkpointer;
+use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;
+use burn::backend::autodiff::grads::Gradients;
+use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+use burn::backend::libtorch::{LibTorch, TchElement, TchTensor};
+use burn::backend::Autodiff;
+use burn::tensor::{backend::Backend, bf16, FloatDType, Tensor, TensorPrimitive};
+use std::any::TypeId;
+
+/// q `[batch, heads, queries, d]`, k and v `[batch, kv_heads, keys, d]` (each kv head shared by
+/// `heads / kv_heads` query heads).
+pub(crate) type Qkv<B> = (Tensor<B, 4>, Tensor<B, 4>, Tensor<B, 4>);
+
+/// `softmax(q kᵀ · scale + mask) v` as `[batch, heads, queries, d]` on the libtorch backends;
+/// the tensors back on any other.
+pub(crate) fn attention<B: Backend>(
+    (q, k, v): Qkv<B>,
+    mask: &AttentionMask<B>,
+    scale: f64,
+    matmul_dtype: Option<FloatDType>,
+) -> Result<Tensor<B, 4>, Qkv<B>> {
+    let half = match matmul_dtype {
+        Some(FloatDType::BF16) => Some(tch::Kind::BFloat16),
+        Some(FloatDType::F16) => Some(tch::Kind::Half),
+        Some(FloatDType::F32) | None => None,
+        Some(_) => return Err((q, k, v)),
+    };
+    let call = |masked: &tch::Tensor| Call { additive_mask: (!mask.plain_causal).then(|| additive(masked)), scale, half };
+    macro_rules! on {
+        ($e:ty) => {
+            if TypeId::of::<B>() == TypeId::of::<Autodiff<LibTorch<$e>>>() {
+                let masked = bool_tensor::<B, Autodiff<LibTorch<$e>>>(mask);
+                return Ok(tracked::<B, $e>((q, k, v), &call(&masked)));
+            }
+            if TypeId::of::<B>() == TypeId::of::<LibTorch<$e>>() {
+                let masked = bool_tensor::<B, LibTorch<$e>>(mask);
+                let [q, k, v] = [q, k, v].map(|t| retype::<_, Tensor<LibTorch<$e>, 4>>(t).into_primitive().tensor().tensor);
+                let out = tch::no_grad(|| call(&masked).run(&q, &k, &v));
+                return Ok(retype(Tensor::<LibTorch<$e>, 4>::from_primitive(TensorPrimitive::Float(TchTensor::new(out)))));
+            }
+        };
+    }
+    on!(f32);
+    on!(bf16);
+    Err((q, k, v))
+}
+
+/// `value` as `To`, which the caller has checked (by `TypeId`) is its type.
+fn retype<From: 'static, To: 'static>(value: From) -> To {
+    alignment_core::backend::downcast(value).unwrap_or_else(|_| unreachable!("the backend type was checked"))
+}
+
+/// The mask's torch tensor (`true`: masked), `B` being `Concrete`.
+fn bool_tensor<B: Backend, Concrete: Backend<BoolTensorPrimitive = TchTensor>>(mask: &AttentionMask<B>) -> tch::Tensor {
+    let masked: Tensor<Concrete, 4, burn::tensor::Bool> = retype(mask.masked.clone());
+    masked.into_primitive().tensor
+}
+
+/// 0 where a key is visible, [`MASKED_SCORE`] where it is masked (f32; cast to the scores' type
+/// by [`Call::run`]).
+fn additive(masked: &tch::Tensor) -> tch::Tensor {
+    masked.to_kind(tch::Kind::Float) * f64::from(MASKED_SCORE)
+}
+
+/// One SDPA call's settings.
+struct Call {
+    /// `None`: plain causal attention over as many keys as queries.
+    additive_mask: Option<tch::Tensor>,
+    scale: f64,
+    /// The products' type under mixed precision.
+    half: Option<tch::Kind>,
+}
+
+impl Call {
+    fn run(&self, q: &tch::Tensor, k: &tch::Tensor, v: &tch::Tensor) -> tch::Tensor {
+        let out_kind = q.kind();
+        let cast = |t: &tch::Tensor| self.half.map_or_else(|| t.shallow_clone(), |kind| t.to_kind(kind));
+        let (q, k, v) = (cast(q), cast(k), cast(v));
+        let mask = self.additive_mask.as_ref().map(|m| m.to_kind(q.kind()));
+        let grouped = q.size()[1] != k.size()[1];
+        let causal = self.additive_mask.is_none();
+        tch::Tensor::scaled_dot_product_attention(&q, &k, &v, mask, 0.0, causal, self.scale, grouped).to_kind(out_kind)
+    }
+}
+
+/// The autodiff case: the output as a burn tensor whose recorded backward step asks torch's
+/// autograd for ∂q, ∂k and ∂v.
+fn tracked<B: Backend, E: TchElement>((q, k, v): Qkv<B>, call: &Call) -> Tensor<B, 4> {
+    type Train<E> = Autodiff<LibTorch<E>>;
+    let [q, k, v] = [q, k, v].map(|t| retype::<_, Tensor<Train<E>, 4>>(t).into_primitive().tensor());
+    let prepared = <SdpaBackward as Backward<LibTorch<E>, 3>>::prepare::<NoCheckpointing>(
+        SdpaBackward,
+        [q.node.clone(), k.node.clone(), v.node.clone()],
+    );
+    let out = match prepared.compute_bound().stateful() {
+        OpsKind::Tracked(prep) => {
+            // Leaves sharing burn's storage; the graph from them to `out` lives in the state.
+            let leaves = [&q, &k, &v].map(|t| t.primitive.tensor.detach().set_requires_grad(true));
+            let out = tch::with_grad(|| call.run(&leaves[0], &leaves[1], &leaves[2]));
+            let value = TchTensor::new(out.detach());
+            prep.finish(SdpaState { leaves: Shared(leaves), out: Shared([out]) }, value)
+        }
+        OpsKind::UnTracked(prep) => {
+            let out = tch::no_grad(|| call.run(&q.primitive.tensor, &k.primitive.tensor, &v.primitive.tensor));
+            prep.finish(TchTensor::new(out))
+        }
+    };
+    retype(Tensor::<Train<E>, 4>::from_primitive(TensorPrimitive::Float(out)))
+}
+
+/// torch tensors held by a burn state: burn wants `Clone + Send + Debug`, torch's handles clone
+/// shallowly (the same tensor, the same autograd node).
+struct Shared<const N: usize>([tch::Tensor; N]);
+
+impl<const N: usize> Clone for Shared<N> {
+    fn clone(&self) -> Self {
+        Self(std::array::from_fn(|i| self.0[i].shallow_clone()))
+    }
+}
+
+impl<const N: usize> std::fmt::Debug for Shared<N> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list().entries(self.0.iter().map(|t| t.size())).finish()
+    }
+}
+
+/// The torch graph of one attention call: its q, k, v leaves and its output.
+#[derive(Clone, Debug)]
+struct SdpaState {
+    leaves: Shared<3>,
+    out: Shared<1>,
+}
+
+#[derive(Debug)]
+struct SdpaBackward;
+
+impl<E: TchElement> Backward<LibTorch<E>, 3> for SdpaBackward {
+    type State = SdpaState;
+
+    fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _checkpointer: &mut Checkpointer) {
+        let grad_out = grads.consume::<LibTorch<E>>(&ops.node).tensor;
+        let SdpaState { leaves: Shared(leaves), out: Shared([out]) } = ops.state;
+        // ∂/∂inputs of Σ out · ∂out is ∂out pulled back through the kernel's backward.
+        let grads_in = tch::with_grad(|| {
+            let objective = (&out * grad_out.detach()).sum(out.kind());
+            tch::Tensor::run_backward(&[objective], &leaves, false, false)
+        });
+        for (node, grad) in ops.parents.into_iter().zip(grads_in) {
+            if let Some(node) = node {
+                grads.register::<LibTorch<E>>(node.id, TchTensor::new(grad));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::attention::MaskSpec;
+    use burn::tensor::activation::softmax;
+    use burn::tensor::Distribution;
+
+    type Train = Autodiff<LibTorch<f32>>;
+
+    /// burn's decomposition, as `Attention::forward` runs it on every other backend.
+    fn decomposed(
+        q: Tensor<Train, 4>,
+        k: Tensor<Train, 4>,
+        v: Tensor<Train, 4>,
+        mask: &AttentionMask<Train>,
+        scale: f64,
+    ) -> Tensor<Train, 4> {
+        let [batch, heads, queries, _] = q.dims();
+        let [_, kv_heads, keys, d] = k.dims();
+        let times = heads / kv_heads;
+        let repeat =
+            |t: Tensor<Train, 4>| t.unsqueeze_dim::<5>(2).expand([batch, kv_heads, times, keys, d]).reshape([batch, heads, keys, d]);
+        let scores = q.matmul(repeat(k).swap_dims(2, 3)) * scale;
+        let scores = scores.mask_fill(mask.masked.clone().expand([batch, heads, queries, keys]), MASKED_SCORE);
+        softmax(scores, 3).matmul(repeat(v))
+    }
+
+    fn max_relative(a: Tensor<LibTorch<f32>, 4>, b: Tensor<LibTorch<f32>, 4>) -> f32 {
+        let scale = b.clone().abs().max().into_scalar().max(1e-6);
+        (a - b).abs().max().into_scalar() / scale
+    }
+
+    /// Output and ∂q, ∂k, ∂v of both paths for one mask, mixed precision or not.
+    fn compare(spec: &MaskSpec, matmul_dtype: Option<FloatDType>, tolerance: f32) {
+        let device = burn::backend::libtorch::LibTorchDevice::Cpu;
+        let (batch, heads, kv_heads, seq, d) = (2, 4, 2, 7, 8);
+        let scale = (d as f64).powf(-0.5);
+        let draw = |h: usize| Tensor::<Train, 4>::random([batch, h, seq, d], Distribution::Normal(0.0, 1.0), &device);
+        let (q, k, v) = (draw(heads), draw(kv_heads), draw(kv_heads));
+        let mask = AttentionMask::<Train>::new(batch, 0, seq, spec, &device);
+        // No loss reads a query that sees no key (padding): its output's gradient is 0 in
+        // training, where the two paths agree; given one, SDPA's additive mask passes it on
+        // to q and k and burn's replaced scores do not.
+        let sees_nothing = mask.masked.clone().all_dim(3).expand([batch, heads, seq, d]);
+        let weights =
+            Tensor::<Train, 4>::random([batch, heads, seq, d], Distribution::Normal(0.0, 1.0), &device).mask_fill(sees_nothing, 0.0);
+        let run = |fused: bool| {
+            let (q, k, v) = (q.clone().require_grad(), k.clone().require_grad(), v.clone().require_grad());
+            let out = if fused {
+                attention((q.clone(), k.clone(), v.clone()), &mask, scale, matmul_dtype)
+                    .unwrap_or_else(|_| panic!("libtorch takes the fused path"))
+            } else {
+                decomposed(q.clone(), k.clone(), v.clone(), &mask, scale)
+            };
+            let grads = (out.clone() * weights.clone()).sum().backward();
+            [out.inner(), q.grad(&grads).unwrap(), k.grad(&grads).unwrap(), v.grad(&grads).unwrap()]
+        };
+        let (fused, reference) = (run(true), run(false));
+        // Inference (no autodiff) takes the same call.
+        let inner_mask = AttentionMask::<LibTorch<f32>>::new(batch, 0, seq, spec, &device);
+        let inference = attention((q.inner(), k.inner(), v.inner()), &inner_mask, scale, matmul_dtype).unwrap_or_else(|_| panic!("fused"));
+        assert!(max_relative(inference, fused[0].clone()) == 0.0, "inference and training give the same output");
+        for (name, (a, b)) in ["out", "∂q", "∂k", "∂v"].iter().zip(fused.into_iter().zip(reference)) {
+            let difference = max_relative(a, b);
+            assert!(difference <= tolerance, "{name}: {difference} > {tolerance} (plain causal: {})", mask.plain_causal);
+        }
+    }
+
+    #[test]
+    fn sdpa_equals_the_decomposition_with_its_gradients() {
+        let padding = vec![vec![false, false, true, true, true, true, true], vec![true; 7]];
+        let documents = vec![vec![0, 0, 0, 1, 1, 2, 2], vec![0; 7]];
+        let specs = [
+            MaskSpec::default(),
+            MaskSpec { key_is_token: Some(&padding), ..Default::default() },
+            MaskSpec { document_ids: Some(&documents), ..Default::default() },
+            MaskSpec { sliding_window: Some(3), ..Default::default() },
+        ];
+        assert!(AttentionMask::<Train>::new(2, 0, 7, &specs[0], &Default::default()).plain_causal);
+        for spec in &specs {
+            compare(spec, None, 1e-5);
+            compare(spec, Some(FloatDType::BF16), 2e-2);
+        }
+    }
+}
