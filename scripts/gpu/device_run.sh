@@ -207,14 +207,15 @@ case "$PLAN" in
         BF16="cuda-bf16 tch-cuda-bf16"
         LEAN=1 OURS_BACKENDS="$BF16" bench llama-3.2-1b sft 1024 4 1
         OURS_BACKENDS="$BF16" bench llama-3.2-1b dpo 1024 2 1
-        OURS_BACKENDS=cuda-bf16 bench llama-3.2-1b sft 2048 2 1
-        OURS_BACKENDS=cuda-bf16 bench mistral-7b qlora 2048 1 1
+        OURS_BACKENDS="$BF16" bench llama-3.2-1b sft 2048 2 1
+        OURS_BACKENDS="$BF16" bench mistral-7b qlora 2048 1 1
         ;;
     second)
-        OURS_BACKENDS=cuda-bf16 bench smollm2-135m dpo 1024 2 1
-        OURS_BACKENDS=cuda-bf16 bench llama-3.2-1b dpo 2048 1 1
-        OURS_BACKENDS=cuda-bf16 bench llama-3.2-1b lora 1024 4 1
-        OURS_BACKENDS=cuda-bf16 bench smollm2-135m sft 2048 2 1
+        BF16="cuda-bf16 tch-cuda-bf16"
+        OURS_BACKENDS="$BF16" bench smollm2-135m dpo 1024 2 1
+        OURS_BACKENDS="$BF16" bench llama-3.2-1b dpo 2048 1 1
+        OURS_BACKENDS="$BF16" bench llama-3.2-1b lora 1024 4 1
+        OURS_BACKENDS="$BF16" bench smollm2-135m sft 2048 2 1
         # What mixed precision's casts cost: every tensor bf16 (moments too) on the same shape.
         OURS_BACKENDS=cuda-pure-bf16 bench smollm2-135m sft 1024 4 1
         ;;
