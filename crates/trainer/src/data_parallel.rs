@@ -299,10 +299,7 @@ impl DataParallel {
         // ZeRO-3's partitioned weights: their gradient shards were summed inside the backward pass.
         let partitioned_grads: Vec<Vec<f32>> = partitioned.iter().map(|p| p.weight.take_gradient()).collect();
         let grad_norm = plan.global_sq_norm(comm, owned_grads.iter().chain(partitioned_grads.iter().flatten()))?.sqrt();
-        let clip_coef = match config.max_grad_norm {
-            Some(max) if max > 0.0 => (max / (grad_norm + 1e-6)).min(1.0),
-            _ => 1.0,
-        };
+        let clip_coef = config.clip_factor(grad_norm);
         let range = plan.owned_range();
         let mut owned_params = flatten_params(&model, &shards.segments);
         owned_params.truncate(range.end);

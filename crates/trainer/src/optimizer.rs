@@ -47,6 +47,23 @@ impl Default for AdamWConfig {
     }
 }
 
+/// `torch.nn.utils.clip_grad_norm_`'s ε: gradients of global norm `‖g‖` are scaled by
+/// `min(1, max_grad_norm / (‖g‖ + ε))`.
+pub const CLIP_EPSILON: f64 = 1e-6;
+
+impl AdamWConfig {
+    /// The global-norm threshold when clipping applies (`max_grad_norm` set and > 0).
+    pub fn clip_threshold(&self) -> Option<f64> {
+        self.max_grad_norm.filter(|&max| max > 0.0)
+    }
+
+    /// The factor gradients of global norm `norm` are scaled by (1 without clipping): the host
+    /// form of what [`AdamW::step`] computes on the device.
+    pub fn clip_factor(&self, norm: f64) -> f64 {
+        self.clip_threshold().map_or(1.0, |max| (max / (norm + CLIP_EPSILON)).min(1.0))
+    }
+}
+
 /// The update rule an `optim` value selects.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum UpdateRule {
@@ -145,10 +162,9 @@ impl<B: Backend> AdamW<B> {
         module.visit(&mut norm);
         let sum_squares = norm.sum_squares.unwrap_or_else(|| Tensor::zeros([1], &Default::default()));
         let grad_norm = sum_squares.sqrt();
-        let clip_coef = match self.config.max_grad_norm {
-            Some(max) if max > 0.0 => Some((grad_norm.clone().add_scalar(1e-6)).recip().mul_scalar(max).clamp_max(1.0)),
-            _ => None,
-        };
+        // [`AdamWConfig::clip_factor`], as a `[1]` tensor.
+        let clip_coef =
+            self.config.clip_threshold().map(|max| grad_norm.clone().add_scalar(CLIP_EPSILON).recip().mul_scalar(max).clamp_max(1.0));
         self.step += 1;
         // The CPU backend's one-pass AdamW takes the clipping factor as a number: read once here.
         #[cfg(feature = "ndarray")]
