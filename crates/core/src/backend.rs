@@ -14,6 +14,11 @@ pub fn downcast<From: 'static, To: 'static>(value: From) -> Result<To, From> {
     }
 }
 
+/// [`downcast`] where the caller has already checked (by `TypeId`) that `From` is `To`.
+pub fn retype<From: 'static, To: 'static>(value: From) -> To {
+    downcast(value).unwrap_or_else(|_| unreachable!("the backend type was checked"))
+}
+
 #[cfg(feature = "ndarray")]
 /// CPU backend used by tests and CI: pure Rust, f32.
 pub type Cpu = burn::backend::NdArray<f32>;

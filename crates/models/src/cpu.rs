@@ -25,12 +25,7 @@ const DOT_ROWS: usize = 8;
 
 type Cpu = NdArray<f32>;
 
-pub(crate) use alignment_core::backend::downcast as cast;
-
-/// `value` as `To`, which the caller has checked (by `TypeId`) is its type.
-pub(crate) fn retype<From: 'static, To: 'static>(value: From) -> To {
-    cast(value).unwrap_or_else(|_| unreachable!("the backend type was checked"))
-}
+pub(crate) use alignment_core::backend::retype;
 
 /// The tensor's f32 values in standard layout (a view when they already are), `None` when the
 /// storage is not f32.
@@ -174,11 +169,9 @@ pub(crate) fn project<B: Backend>(x: Tensor<B, 3>, w: Tensor<B, 2>) -> Result<Te
     if std::any::TypeId::of::<B>() != std::any::TypeId::of::<Cpu>() {
         return Err((x, w));
     }
-    let x: Tensor<Cpu, 3> = cast(x).unwrap_or_else(|_| unreachable!("B is NdArray<f32>"));
-    let w: Tensor<Cpu, 2> = cast(w).unwrap_or_else(|_| unreachable!("B is NdArray<f32>"));
-    let give_back = |x: Tensor<Cpu, 3>, w: Tensor<Cpu, 2>| {
-        Err((cast(x).unwrap_or_else(|_| unreachable!("B is NdArray<f32>")), cast(w).unwrap_or_else(|_| unreachable!("B is NdArray<f32>"))))
-    };
+    let x: Tensor<Cpu, 3> = retype(x);
+    let w: Tensor<Cpu, 2> = retype(w);
+    let give_back = |x: Tensor<Cpu, 3>, w: Tensor<Cpu, 2>| Err((retype(x), retype(w)));
     let [batch, seq, inner] = x.dims();
     let (TensorPrimitive::Float(xp), TensorPrimitive::Float(wp)) = (x.clone().into_primitive(), w.clone().into_primitive()) else {
         return give_back(x, w);
@@ -195,5 +188,5 @@ pub(crate) fn project<B: Backend>(x: Tensor<B, 3>, w: Tensor<B, 2>) -> Result<Te
     let out = y.ncols();
     let y = y.into_shape_with_order((batch, seq, out)).expect("a standard-layout [batch * seq, out] array");
     let y = NdArrayTensor::from(y.into_dyn().into_shared());
-    Ok(cast(Tensor::<Cpu, 3>::from_primitive(TensorPrimitive::Float(y))).unwrap_or_else(|_| unreachable!("B is NdArray<f32>")))
+    Ok(retype(Tensor::<Cpu, 3>::from_primitive(TensorPrimitive::Float(y))))
 }

@@ -20,7 +20,7 @@ use rayon::prelude::*;
 
 type Cpu = NdArray<f32>;
 
-use alignment_core::backend::downcast as cast;
+use alignment_core::backend::{downcast as cast, retype};
 
 /// Whether [`attend_one`] applies to backend `B` (the CPU backend itself, not under autodiff).
 pub(crate) fn applies<B: Backend>() -> bool {
@@ -164,9 +164,5 @@ pub(crate) fn attend_one<B: Backend>(
     let device = Default::default();
     let out = Tensor::<Cpu, 3>::from_data(TensorData::new(out, [rows, 1, h * d]), &device);
     let back = |a: ArcArray<f32, IxDyn>| Tensor::<Cpu, 4>::from_primitive(TensorPrimitive::Float(NdArrayTensor::from(a)));
-    (
-        cast(out).unwrap_or_else(|_| unreachable!("B is NdArray<f32>")),
-        cast(back(keys)).unwrap_or_else(|_| unreachable!("B is NdArray<f32>")),
-        cast(back(values)).unwrap_or_else(|_| unreachable!("B is NdArray<f32>")),
-    )
+    (retype(out), retype(back(keys)), retype(back(values)))
 }

@@ -22,6 +22,7 @@
 //! tensors back.
 
 use crate::attention::{AttentionMask, MASKED_SCORE};
+use alignment_core::backend::retype;
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;
 use burn::backend::autodiff::grads::Gradients;
@@ -67,11 +68,6 @@ pub(crate) fn attention<B: Backend>(
     on!(f32);
     on!(bf16);
     Err((q, k, v))
-}
-
-/// `value` as `To`, which the caller has checked (by `TypeId`) is its type.
-fn retype<From: 'static, To: 'static>(value: From) -> To {
-    alignment_core::backend::downcast(value).unwrap_or_else(|_| unreachable!("the backend type was checked"))
 }
 
 /// The mask's torch tensor (`true`: masked), `B` being `Concrete`.
