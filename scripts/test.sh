@@ -3,18 +3,22 @@
 # (torch/transformers in a virtualenv cached under ~/.cache/alignment-handbook) and runs the
 # whole workspace's tests on the CPU backend; then the GPU code path: the training-step check
 # (tests/backend_check.rs) on burn's `wgpu` backend over Mesa's software Vulkan, installed by
-# scripts/vulkan_env.sh when missing (SKIP_WGPU=1 skips this part); and the libtorch route's
-# fused attention (crates/models/src/tch_attention.rs, what bench_train_tch runs on the GPU)
-# against burn's decomposition, built against the reference environment's torch (SKIP_TCH=1
-# skips this part).
+# scripts/vulkan_env.sh when missing (SKIP_WGPU=1 skips this part); and the libtorch route
+# (`--features tch`, built against the reference environment's torch by scripts/with_torch.sh;
+# SKIP_TCH=1 skips this part): its fused attention (crates/models/src/tch_attention.rs) against
+# burn's decomposition, and the same training-step check on torch's CPU kernels.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python="$(bash scripts/reference_env.sh | tail -1)"
 cargo test --workspace "$@"
 if [ "${SKIP_TCH:-0}" != 1 ]; then
-    torch_dir="$("$python" -c 'import os, torch; print(os.path.dirname(torch.__file__))')"
-    LIBTORCH="$torch_dir" LIBTORCH_BYPASS_VERSION_CHECK=1 LIBTORCH_CXX11_ABI=1 LD_LIBRARY_PATH="$torch_dir/lib:${LD_LIBRARY_PATH:-}" \
-        cargo test -p alignment-models --features tch --lib tch_attention
+    # In the default target directory: the debug builds of the dependencies burn-tch leaves alone
+    # are shared with the tests above.
+    (
+        export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-target}"
+        bash scripts/with_torch.sh cargo test -p alignment-models --features tch --lib tch_attention
+        bash scripts/with_torch.sh cargo test --features tch --test backend_check tch_
+    )
 fi
 if [ "${SKIP_WGPU:-0}" != 1 ]; then
     bash scripts/vulkan_env.sh

@@ -6,8 +6,9 @@ use alignment_trainer::Recipe;
 use std::path::PathBuf;
 
 /// Parses the arguments, loads the recipe (or `default_recipe`, relative to the repository),
-/// runs `objective` on the CPU backend (or the GPU one when built with `--features cuda`) and
-/// prints where the results are. Exits non-zero with the error's message on failure.
+/// runs `objective` on the CPU backend (the GPU one when built with `--features cuda`, libtorch
+/// with `--features tch`) and prints where the results are. Exits non-zero with the error's
+/// message on failure.
 pub fn main_for(objective: Objective, default_recipe: &str) {
     alignment_core::memory::retain_freed_memory();
     if let Err(message) = try_main(objective, default_recipe) {
@@ -45,7 +46,7 @@ fn try_main(objective: Objective, default_recipe: &str) -> Result<(), String> {
     Ok(())
 }
 
-#[cfg(not(feature = "cuda"))]
+#[cfg(not(any(feature = "cuda", feature = "tch")))]
 fn run_on_backend(objective: Objective, recipe: &Recipe) -> Result<alignment_trainer::TrainOutcome, String> {
     use alignment_core::backend::CpuAutodiff;
     run::<CpuAutodiff>(objective, recipe, &Default::default(), false).map_err(|e| e.to_string())
@@ -59,4 +60,17 @@ fn run_on_backend(objective: Objective, recipe: &Recipe) -> Result<alignment_tra
     let local_rank = alignment_distributed::DistEnv::from_env().map_err(|e| e.to_string())?.map_or(0, |env| env.local_rank);
     let device = burn::backend::cuda::CudaDevice::new(local_rank);
     run::<GpuAutodiff>(objective, recipe, &device, false).map_err(|e| e.to_string())
+}
+
+#[cfg(all(feature = "tch", not(feature = "cuda")))]
+/// On libtorch (`--features tch`): GPU `LOCAL_RANK` when torch sees CUDA, else torch's CPU
+/// kernels (MKL GEMMs on all cores, one fused attention call): the faster CPU option
+/// (docs/performance.md, issue #14).
+fn run_on_backend(objective: Objective, recipe: &Recipe) -> Result<alignment_trainer::TrainOutcome, String> {
+    use alignment_core::backend::TorchAutodiff;
+    use burn::backend::libtorch::LibTorchDevice;
+    let local_rank = alignment_distributed::DistEnv::from_env().map_err(|e| e.to_string())?.map_or(0, |env| env.local_rank);
+    let device = if tch::Cuda::is_available() { LibTorchDevice::Cuda(local_rank) } else { LibTorchDevice::Cpu };
+    eprintln!("backend: libtorch on {device:?}");
+    run::<TorchAutodiff>(objective, recipe, &device, false).map_err(|e| e.to_string())
 }

@@ -6,8 +6,9 @@
 //! ndarray backend, in one process; losses, metrics and gradients must agree within 1e-4 (seen:
 //! ≤ 5e-6). Each case runs again under mixed precision, its products in f16 (lavapipe has no
 //! bf16; the device runs the same path in bf16), within 2e-2 of the f32 values. On the CPU the
-//! mixed path runs with f64 products, which must not move anything beyond f32 rounding. The
-//! other tests check the comparison itself and the reference files the GPU machine reads.
+//! mixed path runs with f64 products, which must not move anything beyond f32 rounding. With
+//! `--features tch` (scripts/test.sh, against the reference venv's torch) every case runs on
+//! libtorch's CPU kernels too, in f32 and with bf16 products. The other tests check the comparison itself and the reference files the GPU machine reads.
 
 use alignment_handbook::core::backend::CpuAutodiff;
 use alignment_handbook::step_check::{self, CaseValues, CASES};
@@ -113,4 +114,36 @@ fn wgpu_training_steps_equal_the_cpu() {
         }
     }
     assert!(failures.is_empty(), "wgpu differs from the CPU:\n{}", failures.join("\n"));
+}
+
+/// The libtorch route (`--features tch`, scripts/test.sh builds it against the reference venv's
+/// torch): every case on torch's CPU kernels — burn-tch's operations, the fused attention of
+/// `models::tch_attention` and its autograd island — equals the ndarray backend's, and again with
+/// its products in bf16 (torch's CPU has bf16 arithmetic; what `bf16: true` runs there and on a GPU).
+#[cfg(feature = "tch")]
+#[test]
+fn tch_training_steps_equal_the_cpu() {
+    use alignment_handbook::core::backend::{Torch, TorchAutodiff};
+    // ZeRO-3's sharded weights take their recorded backward step on libtorch too.
+    assert!(alignment_handbook::models::compressed::records_backward::<TorchAutodiff>());
+    let cpu_device = Default::default();
+    let torch_device = burn::backend::libtorch::LibTorchDevice::Cpu;
+    let half = alignment_handbook::core::precision::half_type::<Torch>(&torch_device);
+    assert_eq!(half, Some(FloatDType::BF16), "torch's CPU kernels have bf16 arithmetic");
+    let mut failures = Vec::new();
+    for case in CASES {
+        let cpu = step_check::run_case::<CpuAutodiff>(&fixture(), case, None, &cpu_device).unwrap();
+        for matmul_dtype in [None, half] {
+            let torch = step_check::run_case::<TorchAutodiff>(&fixture(), case, matmul_dtype, &torch_device).unwrap();
+            let diff = step_check::compare(&torch, &cpu);
+            let tolerance = step_check::tolerance(matmul_dtype);
+            let name = format!("{}{}", case.name, if matmul_dtype.is_some() { " (bf16)" } else { "" });
+            println!("{name:<15} scalars {:.2e}  gradients {:.2e}  worst {}", diff.max_rel_scalar, diff.max_rel_grad, diff.worst);
+            assert_eq!(torch.grads.len(), cpu.grads.len(), "{name}: the same parameters have gradients");
+            if !diff.within(tolerance) {
+                failures.push(format!("{name} (tolerance {tolerance:e}): {diff:?}"));
+            }
+        }
+    }
+    assert!(failures.is_empty(), "libtorch differs from the CPU:\n{}", failures.join("\n"));
 }

@@ -113,7 +113,7 @@ EOF
             tch)
                 python="$(bash scripts/reference_env.sh)"
                 torch_dir="$("$python" -c 'import os, torch; print(os.path.dirname(torch.__file__))')"
-                build_tch_into "$torch_dir" .gpu-dry target/tch-dry
+                build_tch_into "$torch_dir" .gpu-dry target/tch
                 mkdir -p .gpu-dry/bin
                 rm -rf .gpu-dry/reference
                 LD_LIBRARY_PATH="$torch_dir/lib:${LD_LIBRARY_PATH:-}" .gpu-dry/bin/bench_train_tch check --backend cpu --write-reference .gpu-dry/reference >&2

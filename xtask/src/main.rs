@@ -4,7 +4,9 @@
 //!   output, by running the `zephyr_sft` and `zephyr_dpo` examples. By default on the small CPU
 //!   recipes (SmolLM2-135M-Instruct and the repo's tiny-chat data, `recipes/smollm2-135m/`);
 //!   `--qlora` the QLoRA variants (`config_qlora.yaml`); `--full` runs the real `recipes/zephyr-7b-beta/{sft,dpo}/config_full.yaml` (Mistral-7B:
-//!   needs the model locally and a GPU build, `--features cuda`). Then the base, SFT and DPO
+//!   needs the model locally and a GPU build, `--backend cuda`). `--backend tch` trains on
+//!   libtorch (torch's CPU kernels, or its GPU when torch sees one), built against the reference
+//!   environment's torch by `scripts/with_torch.sh`. Then the base, SFT and DPO
 //!   models are evaluated on the repository's evaluation sets (`evaluate` example; the DPO model's
 //!   preference rewards against the SFT model, its DPO reference) and a before/after table is
 //!   printed and written to `<output_dir>/evaluation.md`. `--no-eval` skips that; `--eval-only`
@@ -15,7 +17,7 @@
 //!   the others are stopped and the command fails naming it (`alignment_distributed::launch`).
 
 use anyhow::{bail, Context};
-use clap::{Parser, Subcommand};
+use clap::{Parser, Subcommand, ValueEnum};
 use std::path::{Path, PathBuf};
 use std::process::Command as Process;
 
@@ -37,9 +39,11 @@ enum Command {
         /// The QLoRA variant (`config_qlora.yaml`: 4-bit base + LoRA; DPO starts from the SFT adapter).
         #[arg(long)]
         qlora: bool,
-        /// Build the examples with the CUDA backend.
-        #[arg(long)]
-        cuda: bool,
+        /// The backend the two training runs use: `ndarray` (the default build), `tch` (libtorch,
+        /// from the reference environment's torch: `scripts/with_torch.sh`), `cuda` (burn-cuda).
+        /// The evaluation runs on `cuda` for a cuda run, on the default build otherwise.
+        #[arg(long, value_enum, default_value_t = Backend::Ndarray)]
+        backend: Backend,
         /// Where the two runs write (`<dir>/sft`, `<dir>/dpo`); default `data/replicate-zephyr`,
         /// with `-full` and/or `-qlora` appended for those variants, so no variant writes into
         /// another's directories. Each run replaces what an earlier run of the same variant left
@@ -83,22 +87,64 @@ enum Command {
     },
 }
 
+/// Which build of the example binaries runs.
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Backend {
+    /// The default build (burn-ndarray on the CPU).
+    Ndarray,
+    /// `--features tch`, run through `scripts/with_torch.sh` (libtorch from the reference venv).
+    Tch,
+    /// `--features cuda` (burn-cuda).
+    Cuda,
+}
+
 fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask lives in the repository").to_path_buf()
 }
 
-fn run_example(example: &str, recipe: &Path, overrides: &[String], cuda: bool) -> anyhow::Result<()> {
+fn run_example(example: &str, recipe: &Path, overrides: &[String], backend: Backend) -> anyhow::Result<()> {
     let mut args = vec![recipe.display().to_string()];
     args.extend(overrides.iter().cloned());
-    run_example_with(example, &args, cuda)
+    run_example_with(example, &args, backend)
 }
 
-fn run_example_with(example: &str, args: &[String], cuda: bool) -> anyhow::Result<()> {
-    let mut command = Process::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
-    command.current_dir(repo_root()).args(["run", "--release", "--example", example]);
-    if cuda {
-        command.args(["--features", "cuda"]);
+/// `cargo run --release --example <example>` on `backend`'s build: `--features cuda`, or
+/// `--features tch` inside `scripts/with_torch.sh` (which points the build and the binary at the
+/// reference environment's libtorch and builds into `target/tch`).
+fn cargo_run(example: &str, backend: Backend) -> Process {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let mut command = match backend {
+        Backend::Tch => {
+            let mut c = Process::new("bash");
+            c.arg(repo_root().join("scripts/with_torch.sh")).arg(cargo);
+            c
+        }
+        Backend::Ndarray | Backend::Cuda => Process::new(cargo),
+    };
+    // `cargo xtask` ran us with the xtask package's CARGO_PKG_* / CARGO_MANIFEST_* variables; a
+    // build script that reads them (ring's does, with rerun-if-env-changed) would otherwise see
+    // them differ from a plain `cargo build` and rebuild it and everything above it.
+    for (name, _) in std::env::vars_os() {
+        let name = name.to_string_lossy();
+        if ["CARGO_PKG_", "CARGO_MANIFEST_", "CARGO_CRATE_", "CARGO_BIN_", "CARGO_PRIMARY_"].iter().any(|p| name.starts_with(p)) {
+            command.env_remove(name.as_ref());
+        }
     }
+    command.current_dir(repo_root()).args(["run", "--release", "--example", example]);
+    match backend {
+        Backend::Ndarray => {}
+        Backend::Tch => {
+            command.args(["--features", "tch"]);
+        }
+        Backend::Cuda => {
+            command.args(["--features", "cuda"]);
+        }
+    }
+    command
+}
+
+fn run_example_with(example: &str, args: &[String], backend: Backend) -> anyhow::Result<()> {
+    let mut command = cargo_run(example, backend);
     command.arg("--").args(args);
     eprintln!("xtask: {command:?}");
     let status = command.status().with_context(|| format!("starting {example}"))?;
@@ -124,7 +170,7 @@ fn evaluate_stages(
     output_dir: &Path,
     max_new_tokens: usize,
     limit: Option<usize>,
-    cuda: bool,
+    backend: Backend,
 ) -> anyhow::Result<()> {
     let eval_dir = output_dir.join("eval");
     let mut results = Vec::new();
@@ -142,15 +188,15 @@ fn evaluate_stages(
         if let Some(n) = limit {
             args.push(format!("--limit={n}"));
         }
-        run_example_with("evaluate", &args, cuda)?;
+        run_example_with("evaluate", &args, backend)?;
         results.push(dir.join("results.json").display().to_string());
     }
-    let mut command = Process::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
-    command.current_dir(repo_root()).args(["run", "--quiet", "--release", "--example", "evaluate"]);
-    if cuda {
-        command.args(["--features", "cuda"]);
-    }
-    let output = command.arg("--").arg(format!("--compare={}", results.join(","))).output().context("starting evaluate --compare")?;
+    let output = cargo_run("evaluate", backend)
+        .arg("--quiet")
+        .arg("--")
+        .arg(format!("--compare={}", results.join(",")))
+        .output()
+        .context("starting evaluate --compare")?;
     if !output.status.success() {
         bail!("evaluate --compare failed: {}", String::from_utf8_lossy(&output.stderr));
     }
@@ -170,7 +216,7 @@ fn default_replicate_dir(full: bool, qlora: bool) -> PathBuf {
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
-        Command::Replicate { recipe, full, qlora, cuda, output_dir, no_eval, eval_only, eval_max_new_tokens, eval_limit, overrides } => {
+        Command::Replicate { recipe, full, qlora, backend, output_dir, no_eval, eval_only, eval_max_new_tokens, eval_limit, overrides } => {
             if recipe != "zephyr" {
                 bail!("unknown recipe `{recipe}` (known: zephyr)");
             }
@@ -187,14 +233,14 @@ fn main() -> anyhow::Result<()> {
             if !eval_only {
                 let mut sft_args = vec![format!("--output_dir={}", sft_dir.display()), "--overwrite_output_dir=true".to_string()];
                 sft_args.extend(overrides.iter().cloned());
-                run_example("zephyr_sft", &repo_root().join(&sft_recipe), &sft_args, cuda)?;
+                run_example("zephyr_sft", &repo_root().join(&sft_recipe), &sft_args, backend)?;
                 let mut dpo_args = vec![
                     format!("--output_dir={}", dpo_dir.display()),
                     format!("--model_name_or_path={}", sft_dir.display()),
                     "--overwrite_output_dir=true".to_string(),
                 ];
                 dpo_args.extend(overrides.iter().cloned());
-                run_example("zephyr_dpo", &repo_root().join(&dpo_recipe), &dpo_args, cuda)?;
+                run_example("zephyr_dpo", &repo_root().join(&dpo_recipe), &dpo_args, backend)?;
                 println!("replicated {recipe}: SFT model in {}, DPO model in {}", sft_dir.display(), dpo_dir.display());
             }
             if no_eval {
@@ -204,7 +250,10 @@ fn main() -> anyhow::Result<()> {
             let absolute = |p: &Path| if p.is_absolute() { p.to_path_buf() } else { repo_root().join(p) };
             let (sft, dpo) = (absolute(&sft_dir).display().to_string(), absolute(&dpo_dir).display().to_string());
             let stages = [("base", base.clone(), None), ("sft", sft.clone(), Some(base)), ("dpo", dpo, Some(sft))];
-            evaluate_stages(&stages, &absolute(&output_dir), eval_max_new_tokens, eval_limit, cuda)
+            // Evaluation decodes on the default build's CPU path (crates/models/src/cpu_decode.rs)
+            // unless the run is on cuda.
+            let eval_backend = if backend == Backend::Cuda { Backend::Cuda } else { Backend::Ndarray };
+            evaluate_stages(&stages, &absolute(&output_dir), eval_max_new_tokens, eval_limit, eval_backend)
         }
         Command::Launch { nproc, master_port, master_addr, config_file, command } => {
             use alignment_distributed::launch::{launch, LaunchSpec};

@@ -41,8 +41,13 @@ pub type GpuBf16 = burn::backend::Cuda<burn::tensor::bf16, i32>;
 pub type GpuAutodiff = burn::backend::Autodiff<Gpu>;
 
 #[cfg(feature = "tch")]
-/// libtorch backend (burn-tch), linked against a pip-installed torch 2.9 (`LIBTORCH_USE_PYTORCH=1`).
+/// libtorch backend (burn-tch), linked against a pip-installed torch (`scripts/torch_env.sh`).
 pub type Torch = burn::backend::LibTorch<f32>;
+
+#[cfg(feature = "tch")]
+/// The libtorch backend with gradient tracking: what the command line trains on with
+/// `--features tch` (torch's CPU kernels, or CUDA where torch sees a GPU).
+pub type TorchAutodiff = burn::backend::Autodiff<Torch>;
 
 #[cfg(feature = "tch")]
 /// libtorch backend computing in bf16 (on CUDA devices).

@@ -93,19 +93,29 @@ macro_rules! on_recording_backends {
             Ok(y) => return y,
             Err(value) => value,
         };
+        #[cfg(feature = "tch")]
+        let value = match $op::<B, burn::backend::LibTorch<f32>>(value $(, $arg)*) {
+            Ok(y) => return y,
+            Err(value) => value,
+        };
+        #[cfg(feature = "tch")]
+        let value = match $op::<B, burn::backend::LibTorch<burn::tensor::bf16>>(value $(, $arg)*) {
+            Ok(y) => return y,
+            Err(value) => value,
+        };
         value
     }};
 }
 
 /// Whether `B` is an autodiff backend with the recorded step (those of the enabled `ndarray` /
-/// `cuda` / `wgpu` features). Elsewhere the plain matmul runs, which gives a trainable compressed weight
+/// `cuda` / `wgpu` / `tch` features). Elsewhere the plain matmul runs, which gives a trainable compressed weight
 /// no gradient, so its users (ZeRO-3) check this first.
 pub fn records_backward<B: Backend>() -> bool {
     on_recording_backends!(is_autodiff_of, ());
     false
 }
 
-#[cfg_attr(not(any(feature = "ndarray", feature = "cuda", feature = "wgpu")), allow(dead_code))]
+#[cfg_attr(not(any(feature = "ndarray", feature = "cuda", feature = "wgpu", feature = "tch")), allow(dead_code))]
 /// `Ok(true)` when `B` is `Autodiff<I>` (for [`records_backward`]).
 fn is_autodiff_of<B: Backend, I: Backend>(_: ()) -> Result<bool, ()> {
     if std::any::TypeId::of::<B>() == std::any::TypeId::of::<Autodiff<I>>() {
@@ -123,7 +133,7 @@ fn matmul_dispatch<B: Backend>(x: Tensor<B, 2>, weight: &Arc<dyn CompressedWeigh
     w.matmul(x.transpose()).transpose()
 }
 
-#[cfg_attr(not(any(feature = "ndarray", feature = "cuda", feature = "wgpu")), allow(dead_code))]
+#[cfg_attr(not(any(feature = "ndarray", feature = "cuda", feature = "wgpu", feature = "tch")), allow(dead_code))]
 /// Runs [`recorded_matmul`] when `B` is `Autodiff<I>`; gives `x` back otherwise.
 fn matmul_on_autodiff<B: Backend, I: Backend>(x: Tensor<B, 2>, weight: &Arc<dyn CompressedWeight>) -> Result<Tensor<B, 2>, Tensor<B, 2>> {
     let x = cast::<_, Tensor<Autodiff<I>, 2>>(x)?;
@@ -141,7 +151,7 @@ pub fn embed_compressed<B: Backend>(ids: Tensor<B, 2, Int>, weight: &Arc<dyn Com
     w.select(0, ids.reshape([batch * seq])).reshape([batch, seq, hidden])
 }
 
-#[cfg_attr(not(any(feature = "ndarray", feature = "cuda", feature = "wgpu")), allow(dead_code))]
+#[cfg_attr(not(any(feature = "ndarray", feature = "cuda", feature = "wgpu", feature = "tch")), allow(dead_code))]
 /// Runs [`recorded_embedding`] when `B` is `Autodiff<I>`; gives `ids` back otherwise.
 fn embedding_on_autodiff<B: Backend, I: Backend>(
     ids: Tensor<B, 2, Int>,
@@ -154,7 +164,7 @@ fn embedding_on_autodiff<B: Backend, I: Backend>(
 /// The backward step of an embedding lookup in a trainable compact `W`: `∂W` is the output
 /// gradient's rows added at their token ids, handed to `W`.
 #[derive(Debug)]
-#[cfg_attr(not(any(feature = "ndarray", feature = "cuda", feature = "wgpu")), allow(dead_code))]
+#[cfg_attr(not(any(feature = "ndarray", feature = "cuda", feature = "wgpu", feature = "tch")), allow(dead_code))]
 struct CompressedEmbeddingBackward;
 
 impl<I: Backend> Backward<I, 1> for CompressedEmbeddingBackward {
@@ -173,7 +183,7 @@ impl<I: Backend> Backward<I, 1> for CompressedEmbeddingBackward {
     }
 }
 
-#[cfg_attr(not(any(feature = "ndarray", feature = "cuda", feature = "wgpu")), allow(dead_code))]
+#[cfg_attr(not(any(feature = "ndarray", feature = "cuda", feature = "wgpu", feature = "tch")), allow(dead_code))]
 /// The embedding lookup on `Autodiff<I>`, recording [`CompressedEmbeddingBackward`]. Token ids
 /// carry no gradient, so the step hangs off a fresh one-value leaf (the anchor) that makes it
 /// part of the graph.
@@ -201,7 +211,7 @@ fn recorded_embedding<I: Backend>(ids: Tensor<Autodiff<I>, 2, Int>, weight: &Arc
 /// The backward step of `y = x Wᵀ` with a compact `W`: `∂x = ∂y W`, expanding `W` again from
 /// its compact state, and for a trainable `W` also `∂W = ∂yᵀ x` (from the saved `x`).
 #[derive(Debug)]
-#[cfg_attr(not(any(feature = "ndarray", feature = "cuda", feature = "wgpu")), allow(dead_code))]
+#[cfg_attr(not(any(feature = "ndarray", feature = "cuda", feature = "wgpu", feature = "tch")), allow(dead_code))]
 struct CompressedMatmulBackward;
 
 impl<I: Backend> Backward<I, 1> for CompressedMatmulBackward {
@@ -224,7 +234,7 @@ impl<I: Backend> Backward<I, 1> for CompressedMatmulBackward {
     }
 }
 
-#[cfg_attr(not(any(feature = "ndarray", feature = "cuda", feature = "wgpu")), allow(dead_code))]
+#[cfg_attr(not(any(feature = "ndarray", feature = "cuda", feature = "wgpu", feature = "tch")), allow(dead_code))]
 /// `x Wᵀ` on `Autodiff<I>`, recording [`CompressedMatmulBackward`] (state: the compact `W`, and
 /// `x` when `W` is trainable; an untracked `x` is then tracked so that the step runs).
 fn recorded_matmul<I: Backend>(x: Tensor<Autodiff<I>, 2>, weight: &Arc<dyn CompressedWeight>) -> Tensor<Autodiff<I>, 2> {
