@@ -24,6 +24,8 @@ pub mod step;
 pub mod strategy;
 pub mod task;
 pub mod tasks;
+#[cfg(feature = "tch")]
+mod tch_adamw;
 pub mod train;
 pub mod zero3;
 

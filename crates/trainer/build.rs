@@ -1,0 +1,29 @@
+//! With `--features tch`: compiles `csrc/fused_adamw.cpp` (libtorch's fused AdamW, which tch does
+//! not wrap) against the libtorch torch-sys found, with torch-sys's flags.
+
+fn main() {
+    println!("cargo:rerun-if-changed=build.rs");
+    #[cfg(feature = "tch")]
+    fused_adamw();
+}
+
+#[cfg(feature = "tch")]
+fn fused_adamw() {
+    println!("cargo:rerun-if-changed=csrc/fused_adamw.cpp");
+    println!("cargo:rerun-if-env-changed=LIBTORCH_CXX11_ABI");
+    // torch-sys (`links = "tch"`) tells its direct dependents where libtorch's libraries are;
+    // the headers are beside them.
+    let lib = std::env::var("DEP_TCH_LIBTORCH_LIB").expect("torch-sys reports libtorch's lib directory (DEP_TCH_LIBTORCH_LIB)");
+    let root = std::path::Path::new(&lib).parent().expect("libtorch's lib directory has a parent").to_path_buf();
+    let abi = std::env::var("LIBTORCH_CXX11_ABI").unwrap_or_else(|_| "1".into());
+    cc::Build::new()
+        .cpp(true)
+        .file("csrc/fused_adamw.cpp")
+        .include(root.join("include"))
+        .include(root.join("include/torch/csrc/api/include"))
+        .flag("-std=c++17")
+        .flag(format!("-D_GLIBCXX_USE_CXX11_ABI={abi}"))
+        .flag("-DGLOG_USE_GLOG_EXPORT")
+        .warnings(false)
+        .compile("alignment_fused_adamw");
+}
