@@ -6,7 +6,8 @@
 # scripts/vulkan_env.sh when missing (SKIP_WGPU=1 skips this part); and the libtorch route
 # (`--features tch`, built against the reference environment's torch by scripts/with_torch.sh;
 # SKIP_TCH=1 skips this part): its fused attention (crates/models/src/tch_attention.rs) against
-# burn's decomposition, and the same training-step check on torch's CPU kernels.
+# burn's decomposition, its fused AdamW (crates/trainer/src/tch_adamw.rs) against the tensor
+# formulation, and the same training-step check on torch's CPU kernels.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python="$(bash scripts/reference_env.sh | tail -1)"
@@ -17,6 +18,7 @@ if [ "${SKIP_TCH:-0}" != 1 ]; then
     (
         export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-target}"
         bash scripts/with_torch.sh cargo test -p alignment-models --features tch --lib tch_attention
+        bash scripts/with_torch.sh cargo test -p alignment-trainer --features tch --lib tch_adamw
         bash scripts/with_torch.sh cargo test --features tch --test backend_check tch_
     )
 fi

@@ -9,8 +9,22 @@ use std::time::{Duration, Instant};
 /// The helper binary.
 pub const WORKER: &str = env!("CARGO_BIN_EXE_dist-test-worker");
 
-/// A port free a moment ago.
+/// A port free a moment ago, below Linux's ephemeral range (32768–60999). The tests of one
+/// binary run in parallel and their ranks bind listeners to port 0: an ephemeral port released
+/// by the launcher's `free_port` could be handed to another test's rank before this test's rank
+/// 0 binds it, and that rank would then answer this test's rendezvous (seen once as "rank 0
+/// closed the connection before every rank arrived"). Ports are taken from a block picked by
+/// the process id, one after another, each checked free.
 pub fn free_port() -> u16 {
+    use std::sync::atomic::{AtomicU16, Ordering};
+    static NEXT: AtomicU16 = AtomicU16::new(0);
+    let base = 20_000 + (std::process::id() % 500) as u16 * 24;
+    for _ in 0..24 {
+        let port = base + NEXT.fetch_add(1, Ordering::Relaxed) % 24;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
     alignment_distributed::launch::free_port().unwrap()
 }
 
