@@ -47,8 +47,9 @@ for task in $TASKS; do
     recipe="recipes/smollm2-135m/$task/config_cpu.yaml"
     for backend in $BACKENDS; do
         echo "== $task: ours on $backend ($recipe, $STEPS steps)" >&2
-        # with_torch.sh only sets the environment (libtorch's directory on LD_LIBRARY_PATH).
-        bash scripts/with_torch.sh "${bin_dir[$backend]}/zephyr_$task" "$recipe" --max_steps="$STEPS" --logging_steps=1 \
+        runner=()
+        [ "$backend" = tch ] && runner=(bash scripts/with_torch.sh) # libtorch's lib on LD_LIBRARY_PATH
+        "${runner[@]}" "${bin_dir[$backend]}/zephyr_$task" "$recipe" --max_steps="$STEPS" --logging_steps=1 \
             --eval_strategy=no --eval_on_start=false --save_strategy=no --output_dir="$work/ours-$task-$backend" >&2
         # One logging window per step: its tokens from the running total, its seconds from its rate.
         "$python" - "$work/ours-$task-$backend/metrics.jsonl" "$task" "$WARMUP" "$backend" >>"$OUT" <<'EOF'

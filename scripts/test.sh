@@ -15,12 +15,11 @@ cargo test --workspace "$@"
 if [ "${SKIP_TCH:-0}" != 1 ]; then
     # In the default target directory: the debug builds of the dependencies burn-tch leaves alone
     # are shared with the tests above.
-    (
-        export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-target}"
-        bash scripts/with_torch.sh cargo test -p alignment-models --features tch --lib tch_attention
-        bash scripts/with_torch.sh cargo test -p alignment-trainer --features tch --lib tch_adamw
-        bash scripts/with_torch.sh cargo test --features tch --test backend_check tch_
-    )
+    CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-target}" bash scripts/with_torch.sh bash -c '
+        set -e
+        cargo test -p alignment-models --features tch --lib tch_attention
+        cargo test -p alignment-trainer --features tch --lib tch_adamw
+        cargo test --features tch --test backend_check tch_'
 fi
 if [ "${SKIP_WGPU:-0}" != 1 ]; then
     bash scripts/vulkan_env.sh

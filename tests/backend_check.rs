@@ -8,7 +8,8 @@
 //! bf16; the device runs the same path in bf16), within 2e-2 of the f32 values. On the CPU the
 //! mixed path runs with f64 products, which must not move anything beyond f32 rounding. With
 //! `--features tch` (scripts/test.sh, against the reference venv's torch) every case runs on
-//! libtorch's CPU kernels too, in f32 and with bf16 products. The other tests check the comparison itself and the reference files the GPU machine reads.
+//! libtorch's CPU kernels too, in f32 and with bf16 products. The other tests check the
+//! comparison itself and the reference files the GPU machine reads.
 
 use alignment_handbook::core::backend::CpuAutodiff;
 use alignment_handbook::step_check::{self, CaseValues, CASES};
@@ -88,31 +89,40 @@ fn mixed_precision_path_runs_every_case_on_the_cpu() {
     }
 }
 
+/// Runs every case on backend `AD` (on `device`, in f32 and with products in `half`) and on the
+/// ndarray backend, prints each comparison, and returns the cases outside their tolerance.
+#[cfg(any(feature = "wgpu", feature = "tch"))]
+fn differences_from_the_cpu<AD: burn::tensor::backend::AutodiffBackend>(device: &AD::Device, half: FloatDType) -> Vec<String> {
+    let cpu_device = Default::default();
+    let half_name = format!("{half:?}").to_lowercase();
+    let mut failures = Vec::new();
+    for case in CASES {
+        let cpu = step_check::run_case::<CpuAutodiff>(&fixture(), case, None, &cpu_device).unwrap();
+        for matmul_dtype in [None, Some(half)] {
+            let other = step_check::run_case::<AD>(&fixture(), case, matmul_dtype, device).unwrap();
+            let diff = step_check::compare(&other, &cpu);
+            let tolerance = step_check::tolerance(matmul_dtype);
+            let name = format!("{}{}", case.name, if matmul_dtype.is_some() { format!(" ({half_name})") } else { String::new() });
+            println!("{name:<15} scalars {:.2e}  gradients {:.2e}  worst {}", diff.max_rel_scalar, diff.max_rel_grad, diff.worst);
+            assert_eq!(other.grads.len(), cpu.grads.len(), "{name}: the same parameters have gradients");
+            if !diff.within(tolerance) {
+                failures.push(format!("{name} (tolerance {tolerance:e}): {diff:?}"));
+            }
+        }
+    }
+    failures
+}
+
 #[cfg(feature = "wgpu")]
 #[test]
 fn wgpu_training_steps_equal_the_cpu() {
     use alignment_handbook::core::backend::WgpuAutodiff;
     // ZeRO-3's sharded weights take their recorded backward step on wgpu, as on cuda.
     assert!(alignment_handbook::models::compressed::records_backward::<WgpuAutodiff>());
-    let cpu_device = Default::default();
     let gpu_device = burn::backend::wgpu::WgpuDevice::default();
-    let mut failures = Vec::new();
     let half = alignment_handbook::core::precision::half_type::<alignment_handbook::core::backend::Wgpu>(&gpu_device);
     assert_eq!(half, Some(FloatDType::F16), "lavapipe has f16 arithmetic (and no bf16)");
-    for case in CASES {
-        let cpu = step_check::run_case::<CpuAutodiff>(&fixture(), case, None, &cpu_device).unwrap();
-        for matmul_dtype in [None, half] {
-            let gpu = step_check::run_case::<WgpuAutodiff>(&fixture(), case, matmul_dtype, &gpu_device).unwrap();
-            let diff = step_check::compare(&gpu, &cpu);
-            let tolerance = step_check::tolerance(matmul_dtype);
-            let name = format!("{}{}", case.name, if matmul_dtype.is_some() { " (f16)" } else { "" });
-            println!("{name:<15} scalars {:.2e}  gradients {:.2e}  worst {}", diff.max_rel_scalar, diff.max_rel_grad, diff.worst);
-            assert_eq!(gpu.grads.len(), cpu.grads.len(), "{name}: the same parameters have gradients");
-            if !diff.within(tolerance) {
-                failures.push(format!("{name} (tolerance {tolerance:e}): {diff:?}"));
-            }
-        }
-    }
+    let failures = differences_from_the_cpu::<WgpuAutodiff>(&gpu_device, FloatDType::F16);
     assert!(failures.is_empty(), "wgpu differs from the CPU:\n{}", failures.join("\n"));
 }
 
@@ -126,24 +136,9 @@ fn tch_training_steps_equal_the_cpu() {
     use alignment_handbook::core::backend::{Torch, TorchAutodiff};
     // ZeRO-3's sharded weights take their recorded backward step on libtorch too.
     assert!(alignment_handbook::models::compressed::records_backward::<TorchAutodiff>());
-    let cpu_device = Default::default();
     let torch_device = burn::backend::libtorch::LibTorchDevice::Cpu;
     let half = alignment_handbook::core::precision::half_type::<Torch>(&torch_device);
     assert_eq!(half, Some(FloatDType::BF16), "torch's CPU kernels have bf16 arithmetic");
-    let mut failures = Vec::new();
-    for case in CASES {
-        let cpu = step_check::run_case::<CpuAutodiff>(&fixture(), case, None, &cpu_device).unwrap();
-        for matmul_dtype in [None, half] {
-            let torch = step_check::run_case::<TorchAutodiff>(&fixture(), case, matmul_dtype, &torch_device).unwrap();
-            let diff = step_check::compare(&torch, &cpu);
-            let tolerance = step_check::tolerance(matmul_dtype);
-            let name = format!("{}{}", case.name, if matmul_dtype.is_some() { " (bf16)" } else { "" });
-            println!("{name:<15} scalars {:.2e}  gradients {:.2e}  worst {}", diff.max_rel_scalar, diff.max_rel_grad, diff.worst);
-            assert_eq!(torch.grads.len(), cpu.grads.len(), "{name}: the same parameters have gradients");
-            if !diff.within(tolerance) {
-                failures.push(format!("{name} (tolerance {tolerance:e}): {diff:?}"));
-            }
-        }
-    }
+    let failures = differences_from_the_cpu::<TorchAutodiff>(&torch_device, FloatDType::BF16);
     assert!(failures.is_empty(), "libtorch differs from the CPU:\n{}", failures.join("\n"));
 }

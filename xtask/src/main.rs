@@ -98,6 +98,17 @@ enum Backend {
     Cuda,
 }
 
+impl Backend {
+    /// The cargo feature that builds it (`None`: the default features).
+    fn feature(self) -> Option<&'static str> {
+        match self {
+            Backend::Ndarray => None,
+            Backend::Tch => Some("tch"),
+            Backend::Cuda => Some("cuda"),
+        }
+    }
+}
+
 fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask lives in the repository").to_path_buf()
 }
@@ -131,14 +142,8 @@ fn cargo_run(example: &str, backend: Backend) -> Process {
         }
     }
     command.current_dir(repo_root()).args(["run", "--release", "--example", example]);
-    match backend {
-        Backend::Ndarray => {}
-        Backend::Tch => {
-            command.args(["--features", "tch"]);
-        }
-        Backend::Cuda => {
-            command.args(["--features", "cuda"]);
-        }
+    if let Some(feature) = backend.feature() {
+        command.args(["--features", feature]);
     }
     command
 }

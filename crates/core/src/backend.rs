@@ -41,7 +41,7 @@ pub type GpuBf16 = burn::backend::Cuda<burn::tensor::bf16, i32>;
 pub type GpuAutodiff = burn::backend::Autodiff<Gpu>;
 
 #[cfg(feature = "tch")]
-/// libtorch backend (burn-tch), linked against a pip-installed torch (`scripts/torch_env.sh`).
+/// libtorch backend (burn-tch), linked against a pip-installed torch (`scripts/with_torch.sh`).
 pub type Torch = burn::backend::LibTorch<f32>;
 
 #[cfg(feature = "tch")]

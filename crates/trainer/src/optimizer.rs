@@ -172,11 +172,7 @@ impl<B: Backend> AdamW<B> {
             .then(|| clip_coef.clone().map(|coef| burn::tensor::ElementConversion::elem::<f32>(coef.into_scalar())));
         #[cfg(not(feature = "ndarray"))]
         let cpu_clip = None;
-        #[cfg(feature = "tch")]
-        let torch_fused = crate::tch_adamw::applies::<B>();
-        #[cfg(not(feature = "tch"))]
-        let torch_fused = false;
-        let mut mapper = Update::<AD> { optimizer: self, grads, lr, clip_coef: clip_coef.clone(), cpu_clip, torch_fused, path: Vec::new() };
+        let mut mapper = Update::<AD> { optimizer: self, grads, lr, clip_coef: clip_coef.clone(), cpu_clip, path: Vec::new() };
         let module = module.map(&mut mapper);
         let clip_coef = clip_coef.unwrap_or_else(|| grad_norm.ones_like());
         (module, DeviceStepReport { grad_norm, clip_coef })
@@ -210,9 +206,6 @@ struct Update<'a, AD: AutodiffBackend> {
     /// `Some` when AdamW runs as the CPU backend's one pass (`cpu_adamw`), holding the clipping
     /// factor's value (`None` without clipping).
     cpu_clip: Option<Option<f32>>,
-    /// Whether AdamW runs as libtorch's fused kernel (`tch_adamw`).
-    #[cfg_attr(not(feature = "tch"), allow(dead_code))]
-    torch_fused: bool,
     path: Vec<String>,
 }
 
@@ -258,12 +251,8 @@ impl<AD: AutodiffBackend> ModuleMapper<AD> for Update<'_, AD> {
                     #[cfg(feature = "ndarray")]
                     Some(clip) => crate::cpu_adamw::update(p, grad, moments, &scalars, clip),
                     #[cfg(feature = "tch")]
-                    _ if self.torch_fused => {
-                        let grad = match &self.clip_coef {
-                            Some(coef) => grad * coef.clone().reshape([1; D]),
-                            None => grad,
-                        };
-                        crate::tch_adamw::update(p, grad, moments, &c, self.lr, t, decays)
+                    _ if crate::tch_adamw::applies::<AD::InnerBackend>() => {
+                        crate::tch_adamw::update(p, clipped(grad), moments, &c, self.lr, t, decays)
                     }
                     _ => adamw_on_tensors(p, clipped(grad), moments, &scalars),
                 }

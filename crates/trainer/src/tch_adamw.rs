@@ -57,18 +57,19 @@ fn wrap<B: Backend, const D: usize>(t: tch::Tensor) -> Tensor<B, D> {
     retype(Tensor::<Torch, D>::from_primitive(TensorPrimitive::Float(TchTensor::new(t))))
 }
 
-/// `p` after one AdamW update (step `t`, learning rate `lr`, decay when `decays`) with `grad`
-/// (already clipped), and the new moments. Only for `B = LibTorch<f32>` (see [`applies`]).
+/// `p` after one AdamW update (step `t`, learning rate `lr`, decay when `decays`) with its
+/// clipped, flattened gradient, and the new moments: `optimizer::adamw_on_tensors`'s contract.
+/// Only for `B = LibTorch<f32>` (see [`applies`]).
 pub(crate) fn update<B: Backend, const D: usize>(
     p: Tensor<B, D>,
-    grad: Tensor<B, D>,
+    g_flat: Tensor<B, 1>,
     moments: Moments<B>,
     c: &AdamWConfig,
     lr: f64,
     t: i32,
     decays: bool,
 ) -> (Tensor<B, D>, Moments<B>) {
-    let (mut p, mut g) = (torch_tensor(p, true), torch_tensor(grad, false));
+    let (mut p, mut g) = (torch_tensor(p, true), torch_tensor(g_flat, false));
     let (mut m, mut v) = (torch_tensor(moments.exp_avg, true), torch_tensor(moments.exp_avg_sq, true));
     let weight_decay = if decays { c.weight_decay } else { 0.0 };
     // SAFETY: the four pointers are the at::Tensor handles of live tch tensors owned here; the
@@ -118,7 +119,7 @@ mod tests {
         let config = AdamWConfig { weight_decay: 0.1, ..Default::default() };
         for (t, decays) in [(1, true), (7, false), (1000, true)] {
             let p = Tensor::<Torch, 2>::random([37, 129], Distribution::Normal(0.0, 1.0), &device);
-            // A transposed gradient: not contiguous, read through a contiguous copy.
+            // A transposed gradient, flattened as the optimizer hands it over.
             let g = Tensor::<Torch, 2>::random([129, 37], Distribution::Normal(0.0, 0.1), &device).transpose();
             let n = 37 * 129;
             let m = Tensor::<Torch, 1>::random([n], Distribution::Normal(0.0, 0.01), &device);
@@ -129,7 +130,8 @@ mod tests {
             let moments = Moments { exp_avg: m.clone(), exp_avg_sq: v.clone() };
             let (p_ref, m_ref) = adamw_on_tensors(p.clone(), g.clone().reshape([n]), moments, &s);
             // `p` and `m` are still held here (clones share their storage): the update must copy them.
-            let (p_fused, m_fused) = update(p.clone(), g, Moments { exp_avg: m.clone(), exp_avg_sq: v }, &config, 3e-4, t, decays);
+            let (p_fused, m_fused) =
+                update(p.clone(), g.reshape([n]), Moments { exp_avg: m.clone(), exp_avg_sq: v }, &config, 3e-4, t, decays);
 
             assert_eq!(values(p), p_before, "a tensor sharing the parameter's storage was changed");
             assert_eq!(values(m), m_before, "a tensor sharing exp_avg's storage was changed");
