@@ -29,6 +29,7 @@ use crate::compressed;
 use crate::cpu_decode;
 use crate::error::ModelError;
 use crate::generate::{choose_token, GenerationConfig};
+use crate::layers::Linear;
 use crate::model::CausalLm;
 use crate::rope;
 use burn::tensor::{activation::softmax, backend::Backend, Bool, Int, Tensor, TensorData};
@@ -155,7 +156,7 @@ fn attend<B: Backend>(
         Context::Tensors { cos, sin, masked } => (cos, sin, masked),
         #[cfg(feature = "ndarray")]
         Context::CpuStep(step) => {
-            let (q, k, v) = (attn.q_proj.forward(x.clone()), attn.k_proj.forward(x.clone()), attn.v_proj.forward(x));
+            let [q, k, v] = Linear::forward_many([&attn.q_proj, &attn.k_proj, &attn.v_proj], x);
             let (keys, values) = slot.take().expect("the cache holds every layer");
             let (out, keys, values) = cpu_decode::attend_one(q, k, v, keys, values, step);
             *slot = Some((keys, values));
@@ -224,6 +225,17 @@ fn forward<B: Backend>(
     x
 }
 
+/// Runs `f` on a thread of rayon's pool. On the CPU backend every layer of a decoding step is a
+/// few threaded passes; started from a thread outside the pool, each pass would hand its work to
+/// the pool and sleep until done (two context switches, tens of microseconds, some 200 times a
+/// step); from a thread of the pool, the caller takes part and the pass costs a join.
+fn on_workers<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    #[cfg(feature = "ndarray")]
+    return rayon::scope(|_| f());
+    #[cfg(not(feature = "ndarray"))]
+    f()
+}
+
 /// Generates a continuation for each prompt, decoding them together (greedy when
 /// `config.temperature` is 0, else sampled with temperature and top-p; row `i` samples from its
 /// own generator seeded with `config.seed + i`, so its output does not depend on the other rows).
@@ -281,15 +293,23 @@ pub fn generate_batch_seeded<B: Backend>(
     let positions: Vec<Vec<i64>> =
         prompts.iter().map(|p| std::iter::repeat_n(1, width - p.len()).chain(0..p.len() as i64).collect()).collect();
     let mut cache = Cache::new(model, prompts.len(), capacity, &device);
-    let hidden = forward(model, &padded, &positions, &visible, &mut cache, 0, true);
-    let [rows, _, dim] = hidden.dims();
-    let mut last = hidden.slice([0..rows, width - 1..width, 0..dim]);
+    // Runs `ids` through the layers (on the pool's threads) and gives the logits of each row's
+    // last position, `[rows, 1, vocab]`.
+    let step = |ids: &[Vec<u32>], positions: &[Vec<i64>], visible: &[Vec<bool>], cache: &mut Cache<B>, start: usize| {
+        on_workers(|| {
+            let hidden = forward(model, ids, positions, visible, cache, start, true);
+            let [rows, t, dim] = hidden.dims();
+            let last = hidden.slice([0..rows, t - 1..t, 0..dim]);
+            model.project(model.norm.forward(last)).into_data()
+        })
+    };
+    let mut logits = step(&padded, &positions, &visible, &mut cache, 0);
     let mut len = width;
 
     loop {
-        let logits = model.project(model.norm.forward(last));
-        let [rows, _, vocab] = logits.dims();
-        let values: Vec<f32> = logits.into_data().convert::<f32>().into_vec().map_err(|e| ModelError::Generation(format!("{e:?}")))?;
+        let rows = active.len();
+        let vocab = logits.shape[2];
+        let values: Vec<f32> = logits.convert::<f32>().into_vec().map_err(|e| ModelError::Generation(format!("{e:?}")))?;
         let mut keep = Vec::with_capacity(rows);
         let mut next = Vec::with_capacity(rows);
         for (r, &prompt) in active.iter().enumerate() {
@@ -325,7 +345,7 @@ pub fn generate_batch_seeded<B: Backend>(
         let ids: Vec<Vec<u32>> = next.into_iter().map(|t| vec![t]).collect();
         let positions: Vec<Vec<i64>> = next_position.iter().map(|&p| vec![p]).collect();
         next_position.iter_mut().for_each(|p| *p += 1);
-        last = forward(model, &ids, &positions, &visible, &mut cache, len, true);
+        logits = step(&ids, &positions, &visible, &mut cache, len);
         len += 1;
     }
 }

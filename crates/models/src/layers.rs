@@ -81,6 +81,28 @@ impl<B: Backend> Linear<B> {
         }
     }
 
+    /// Whether the map is the dense weight alone (no adapter, no compressed or quantized base, no
+    /// mixed-precision product): what [`Self::forward_many`] can hand to one fused product.
+    fn is_plain(&self) -> bool {
+        self.lora.is_none() && self.compressed.is_none() && self.quantized.is_none() && self.matmul_dtype.is_none()
+    }
+
+    /// `[l.forward(x) for l in linears]` for maps that read the same input (q, k, v; gate, up).
+    /// When decoding on the CPU backend (a few rows, plain maps) the products share one threaded
+    /// pass ([`crate::cpu`]); elsewhere each map runs its own [`Self::forward`].
+    pub fn forward_many<const N: usize>(linears: [&Self; N], x: Tensor<B, 3>) -> [Tensor<B, 3>; N] {
+        #[cfg(feature = "ndarray")]
+        let x = if linears.iter().all(|l| l.is_plain()) {
+            match crate::cpu::project_many(x, linears.iter().map(|l| l.weight.val()).collect()) {
+                Ok(outputs) => return outputs.try_into().unwrap_or_else(|_| unreachable!("one output per weight")),
+                Err((x, _)) => x,
+            }
+        } else {
+            x
+        };
+        linears.map(|l| l.forward(x.clone()))
+    }
+
     /// Applies the map to `[batch, seq, in]`, giving `[batch, seq, out]`. Under mixed precision
     /// the products (base and adapter) run in [`Self::matmul_dtype`], except a ZeRO-3 shard's,
     /// whose recorded step gathers f32 weights on the host.

@@ -26,8 +26,7 @@ pub struct Mlp<B: Backend> {
 impl<B: Backend> Mlp<B> {
     /// `[batch, seq, hidden]` → `[batch, seq, hidden]`.
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        let gate = self.gate_proj.forward(x.clone());
-        let up = self.up_proj.forward(x);
+        let [gate, up] = Linear::forward_many([&self.gate_proj, &self.up_proj], x);
         let hidden = match self.activation {
             Activation::Silu => silu_times(gate, up),
             Activation::GeluTanh => gelu_approximate(gate) * up,
