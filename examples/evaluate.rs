@@ -62,6 +62,10 @@ struct Args {
     /// GSM8K without the chat template (plain few-shot text, stops at a newline).
     #[arg(long)]
     gsm8k_plain: bool,
+    /// A string that ends a GSM8K answer (open-instruct's --additional_stop_sequence, e.g.
+    /// '<|eot_id|>'), taken literally. Repeatable.
+    #[arg(long = "gsm8k-stop", value_name = "STRING")]
+    gsm8k_stop: Vec<String>,
     /// Multiple-choice prompt style: cloze (ARC) or letters (MMLU).
     #[arg(long, default_value = "cloze")]
     mc_style: String,
@@ -154,6 +158,7 @@ fn run<B: Backend>(args: Args, device: &B::Device) -> anyhow::Result<()> {
     options.mc_style = args.mc_style.parse::<PromptStyle>()?;
     options.gsm8k.shots = args.gsm8k_shots;
     options.gsm8k.chat = !args.gsm8k_plain;
+    options.gsm8k.additional_stop = args.gsm8k_stop.clone();
     options.preference.beta = args.beta;
     options.preference.max_length = args.max_length;
     if let Some(n) = args.max_new_tokens {

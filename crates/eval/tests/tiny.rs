@@ -80,7 +80,7 @@ fn every_task_runs_and_writes_the_judges_formats() {
         quiet: true,
         ifeval_max_new_tokens: 8,
         judge_max_new_tokens: 6,
-        gsm8k: alignment_eval::tasks::gsm8k::Gsm8kOptions { shots: 2, chat: true, max_new_tokens: 8 },
+        gsm8k: alignment_eval::tasks::gsm8k::Gsm8kOptions { shots: 2, chat: true, max_new_tokens: 8, additional_stop: Vec::new() },
         ..Default::default()
     };
     let plan: Vec<(Task, DataSource)> = Task::ALL.iter().map(|&t| (t, source(t))).collect();
@@ -140,4 +140,28 @@ fn stop_strings_cut_the_completion() {
         assert_eq!(cut[0].finish, alignment_models::FinishReason::Stopped);
         assert!(cut[0].num_tokens <= free[0].num_tokens);
     }
+}
+
+#[test]
+fn gsm8k_additional_stop_strings_cut_the_answers() {
+    let model = tiny_model(3);
+    let out = tempfile::tempdir().unwrap();
+    let run = |additional_stop: Vec<String>| {
+        let gsm8k = alignment_eval::tasks::gsm8k::Gsm8kOptions { shots: 1, chat: true, max_new_tokens: 10, additional_stop };
+        let options = EvalOptions { limit: Some(3), output_dir: out.path().to_path_buf(), quiet: true, gsm8k, ..Default::default() };
+        let plan = vec![(Task::Gsm8k, source(Task::Gsm8k))];
+        let report = evaluate(&model, None, None, &plan, &DatasetLoader::local_only(), &options).unwrap();
+        let answers: Vec<String> = report.tasks[0].samples.iter().map(|s| s["model_output"].as_str().unwrap().to_string()).collect();
+        answers
+    };
+    let free = run(Vec::new());
+    let Some(first) = free.iter().find_map(|a| a.chars().next()) else {
+        panic!("the tiny model generated no text: {free:?}");
+    };
+    let cut = run(vec![first.to_string()]);
+    for (free, cut) in free.iter().zip(&cut) {
+        assert!(!cut.contains(first), "{cut:?} still holds the stop string {first:?}");
+        assert!(free.starts_with(cut.as_str()), "{cut:?} is not a prefix of the free answer {free:?}");
+    }
+    assert!(cut.iter().zip(&free).any(|(c, f)| c.len() < f.len()), "no answer was cut: {free:?}");
 }

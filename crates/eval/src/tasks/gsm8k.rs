@@ -91,12 +91,28 @@ pub struct Gsm8kOptions {
     pub chat: bool,
     /// Generation budget per problem (open-instruct: 512).
     pub max_new_tokens: usize,
+    /// Strings that end an answer besides the model's stop tokens (open-instruct's
+    /// `--additional_stop_sequence`, e.g. `<|eot_id|>` for a template whose end-of-turn marker is
+    /// not an EOS id); the answer is cut before the first one.
+    pub additional_stop: Vec<String>,
 }
 
 impl Default for Gsm8kOptions {
     fn default() -> Self {
-        Self { shots: 8, chat: true, max_new_tokens: 512 }
+        Self { shots: 8, chat: true, max_new_tokens: 512, additional_stop: Vec::new() }
     }
+}
+
+/// Greedy decoding within the budget, stopping at the additional stop strings and, for plain
+/// prompts, at a newline — in chat format the model's end of turn ends the answer (as
+/// open-instruct's `run_eval.py`).
+fn sampling_params(options: &Gsm8kOptions) -> SamplingParams {
+    let mut params = SamplingParams::greedy(options.max_new_tokens);
+    params.stop = options.additional_stop.clone();
+    if !options.chat {
+        params.stop.push("\n".into());
+    }
+    params
 }
 
 /// Solves every problem of `dataset` with exemplars from `exemplars`; metric `exact_match`.
@@ -124,10 +140,7 @@ pub fn run<B: Backend>(
         prompts.push(if options.chat { model.encode_with(&text, false, &location)? } else { model.encode(&text, &location)? });
         texts.push(text);
     }
-    let mut params = SamplingParams::greedy(options.max_new_tokens);
-    if !options.chat {
-        params.stop = vec!["\n".into()];
-    }
+    let params = sampling_params(options);
     let progress = Progress::new("gsm8k", problems.len() as u64, quiet);
     let outputs = model.generate(&prompts, &params, &progress)?;
     progress.finish();
@@ -159,6 +172,15 @@ mod tests {
         // Python's re.sub leaves "1,2,3" as "12,3": the matches do not overlap.
         assert_eq!(extract_answer("1,2,3"), "3");
         assert_eq!(DIGIT_COMMA.replace_all("1,2,3", "${1}${2}"), "12,3");
+    }
+
+    #[test]
+    fn additional_stop_strings_join_the_plain_prompts_newline() {
+        let chat = Gsm8kOptions { additional_stop: vec!["<|eot_id|>".into()], ..Default::default() };
+        assert_eq!(sampling_params(&chat).stop, ["<|eot_id|>"]);
+        assert_eq!(sampling_params(&Gsm8kOptions { chat: false, ..chat }).stop, ["<|eot_id|>", "\n"]);
+        assert!(sampling_params(&Gsm8kOptions::default()).stop.is_empty());
+        assert_eq!(sampling_params(&Gsm8kOptions::default()).max_new_tokens, 512);
     }
 
     #[test]
