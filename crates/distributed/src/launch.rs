@@ -120,8 +120,19 @@ fn signal(pid: u32, exited: &AtomicBool, signal: i32) {
 /// How long stopped ranks get between SIGTERM and SIGKILL.
 const GRACE: Duration = Duration::from_secs(3);
 
+/// OpenMP threads per rank, `OMP_NUM_THREADS`, when neither the launcher's environment nor
+/// `spec.env` sets it: the host's cores shared among the ranks (at least one). libtorch (the
+/// `tch` backend) otherwise starts a thread per core in every rank, so N ranks on one host
+/// oversubscribe the cores N times; torchrun sets 1. The CPU backend's threads are rayon's, not
+/// OpenMP's, and stay as they are.
+fn omp_threads(spec: &LaunchSpec) -> Option<String> {
+    let set = std::env::var_os("OMP_NUM_THREADS").is_some() || spec.env.iter().any(|(k, _)| k == "OMP_NUM_THREADS");
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    (!set).then(|| (cores / spec.nproc).max(1).to_string())
+}
+
 /// Runs `spec.nproc` ranks with `RANK`, `WORLD_SIZE`, `LOCAL_RANK`, `LOCAL_WORLD_SIZE`,
-/// `MASTER_ADDR`, `MASTER_PORT` set, streams their output prefixed by rank, and waits. When a
+/// `MASTER_ADDR`, `MASTER_PORT` (and [`omp_threads`]) set, streams their output prefixed by rank, and waits. When a
 /// rank exits non-zero or is killed, the others get SIGTERM (SIGKILL after 3 s) and the error
 /// names the rank that failed first ([`DistError::RankFailed`]). `Ok` when every rank exited
 /// with status 0.
@@ -143,8 +154,12 @@ pub fn launch(spec: &LaunchSpec) -> Result<(), DistError> {
             signal(*pid, exited, sig);
         }
     };
+    let omp = omp_threads(spec);
     for rank in 0..spec.nproc {
         let mut command = Command::new(&spec.program);
+        if let Some(threads) = &omp {
+            command.env("OMP_NUM_THREADS", threads);
+        }
         command
             .args(&spec.args)
             .envs(spec.env.iter().map(|(k, v)| (k, v)))

@@ -8,7 +8,17 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 fn run_launcher(args: &[&str]) -> (std::process::Output, Duration) {
-    let child = Command::new(WORKER).arg("launch").args(args).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    run_launcher_with(args, None)
+}
+
+/// The launcher run with `OMP_NUM_THREADS` set to `omp` in its environment, or unset.
+fn run_launcher_with(args: &[&str], omp: Option<&str>) -> (std::process::Output, Duration) {
+    let mut command = Command::new(WORKER);
+    match omp {
+        Some(threads) => command.env("OMP_NUM_THREADS", threads),
+        None => command.env_remove("OMP_NUM_THREADS"),
+    };
+    let child = command.arg("launch").args(args).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
     let (mut outputs, elapsed) = wait_all(vec![child], Duration::from_secs(30));
     (outputs.remove(0), elapsed)
 }
@@ -21,6 +31,20 @@ fn launched_ranks_get_torchrun_variables_and_prefixed_output() {
     for rank in 0..3 {
         assert!(out.contains(&format!("[rank {rank}] hello from rank {rank} of 3 (local {rank}) via 127.0.0.1:")), "{out}");
     }
+}
+
+#[test]
+fn ranks_share_the_cores_among_their_openmp_threads_unless_told() {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let (output, _) = run_launcher_with(&["3", WORKER, "hello"], None);
+    let out = text(&output);
+    let expected = (cores / 3).max(1);
+    for rank in 0..3 {
+        assert!(out.contains(&format!("[rank {rank}] OMP_NUM_THREADS={expected}\n")), "{cores} cores: {out}");
+    }
+    let (output, _) = run_launcher_with(&["2", WORKER, "hello"], Some("5"));
+    let out = text(&output);
+    assert!(out.contains("[rank 0] OMP_NUM_THREADS=5\n") && out.contains("[rank 1] OMP_NUM_THREADS=5\n"), "{out}");
 }
 
 #[test]

@@ -9,7 +9,7 @@
 //! - `mismatch`: rank 1 calls `barrier` while the others `all_reduce_sum`; exit 42 on error.
 //! - `fail <victim>`: for the launcher: prints a line; rank `victim` exits 7 after 200 ms, the
 //!   others sleep 60 s (the launcher must kill them).
-//! - `hello`: prints one line and exits 0.
+//! - `hello`: prints its torchrun variables and `OMP_NUM_THREADS`, exits 0.
 //! - `launch <nproc> <program> [args...]`: runs `alignment_distributed::launch::launch`, as
 //!   `cargo xtask launch` does; exits 1 and prints the error if it fails.
 
@@ -121,6 +121,7 @@ fn main() {
         "hello" => {
             let env = DistEnv::from_env().unwrap().expect("launched");
             println!("hello from rank {} of {} (local {}) via {}", env.rank, env.world_size, env.local_rank, env.master());
+            println!("OMP_NUM_THREADS={}", std::env::var("OMP_NUM_THREADS").unwrap_or_default());
         }
         "launch" => {
             let nproc: usize = args[2].parse().unwrap();
