@@ -132,10 +132,10 @@ fn omp_threads(spec: &LaunchSpec) -> Option<String> {
 }
 
 /// Runs `spec.nproc` ranks with `RANK`, `WORLD_SIZE`, `LOCAL_RANK`, `LOCAL_WORLD_SIZE`,
-/// `MASTER_ADDR`, `MASTER_PORT` (and [`omp_threads`]) set, streams their output prefixed by rank, and waits. When a
-/// rank exits non-zero or is killed, the others get SIGTERM (SIGKILL after 3 s) and the error
-/// names the rank that failed first ([`DistError::RankFailed`]). `Ok` when every rank exited
-/// with status 0.
+/// `MASTER_ADDR`, `MASTER_PORT` (and [`omp_threads`]) set, streams their output prefixed by
+/// rank, and waits. When a rank exits non-zero or is killed, the others get SIGTERM (SIGKILL
+/// after 3 s) and the error names the rank that failed first ([`DistError::RankFailed`]). `Ok`
+/// when every rank exited with status 0.
 pub fn launch(spec: &LaunchSpec) -> Result<(), DistError> {
     if spec.nproc == 0 {
         return Err(DistError::Launch { detail: "--nproc must be at least 1".into() });

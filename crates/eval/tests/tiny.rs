@@ -151,8 +151,7 @@ fn gsm8k_additional_stop_strings_cut_the_answers() {
         let options = EvalOptions { limit: Some(3), output_dir: out.path().to_path_buf(), quiet: true, gsm8k, ..Default::default() };
         let plan = vec![(Task::Gsm8k, source(Task::Gsm8k))];
         let report = evaluate(&model, None, None, &plan, &DatasetLoader::local_only(), &options).unwrap();
-        let answers: Vec<String> = report.tasks[0].samples.iter().map(|s| s["model_output"].as_str().unwrap().to_string()).collect();
-        answers
+        report.tasks[0].samples.iter().map(|s| s["model_output"].as_str().unwrap().to_string()).collect::<Vec<String>>()
     };
     let free = run(Vec::new());
     let Some(first) = free.iter().find_map(|a| a.chars().next()) else {

@@ -217,22 +217,21 @@ pub(crate) fn project_many<B: Backend>(
             _ => return give_back(x, ws),
         }
     }
-    let Some(x_values) = f32_values(&match x.clone().into_primitive() {
-        TensorPrimitive::Float(t) => t,
-        TensorPrimitive::QFloat(_) => return give_back(x, ws),
-    })
-    .map(|v| v.into_owned()) else {
+    let TensorPrimitive::Float(NdArrayTensor::F32(xs)) = x.clone().into_primitive() else {
         return give_back(x, ws);
     };
-    let x_slice = x_values.as_slice().expect("standard layout");
-    Ok(dots_many(x_slice, batch * seq, inner, &weights)
-        .into_iter()
-        .map(|y| {
-            let out = y.ncols();
-            let y = y.into_shape_with_order((batch, seq, out)).expect("a standard-layout [batch * seq, out] array");
-            retype(Tensor::<Cpu, 3>::from_primitive(TensorPrimitive::Float(NdArrayTensor::from(y.into_dyn().into_shared()))))
-        })
-        .collect())
+    let x_view = xs.view();
+    let x2 = x_view.to_shape((batch * seq, inner)).expect("[batch, seq, in] flattens to [batch * seq, in]");
+    let x2 = x2.as_standard_layout();
+    let x_slice = x2.as_slice().expect("standard layout");
+    Ok(dots_many(x_slice, batch * seq, inner, &weights).into_iter().map(|y| tensor3(y, batch, seq)).collect())
+}
+
+/// `y: [batch · seq, out]` as the tensor `[batch, seq, out]` of backend `B` (which is [`Cpu`]).
+fn tensor3<B: Backend>(y: Array2<f32>, batch: usize, seq: usize) -> Tensor<B, 3> {
+    let out = y.ncols();
+    let y = y.into_shape_with_order((batch, seq, out)).expect("a standard-layout [batch * seq, out] array");
+    retype(Tensor::<Cpu, 3>::from_primitive(TensorPrimitive::Float(NdArrayTensor::from(y.into_dyn().into_shared()))))
 }
 
 /// `x Wᵀ` on `NdArray<f32>` without copying `W`; gives the tensors back on any other backend (or
@@ -257,11 +256,7 @@ pub(crate) fn project<B: Backend>(x: Tensor<B, 3>, w: Tensor<B, 2>) -> Result<Te
         return give_back(x, w);
     };
     let x2 = x_view.to_shape((batch * seq, inner)).expect("[batch, seq, in] flattens to [batch * seq, in]");
-    let y = multiply(x2.view(), w_view);
-    let out = y.ncols();
-    let y = y.into_shape_with_order((batch, seq, out)).expect("a standard-layout [batch * seq, out] array");
-    let y = NdArrayTensor::from(y.into_dyn().into_shared());
-    Ok(retype(Tensor::<Cpu, 3>::from_primitive(TensorPrimitive::Float(y))))
+    Ok(tensor3(multiply(x2.view(), w_view), batch, seq))
 }
 
 #[cfg(test)]
