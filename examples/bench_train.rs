@@ -6,6 +6,7 @@
 //! bench_train train --backend cuda-bf16 --shape scripts/gpu/shapes/llama-3.2-1b.json --task sft --seq 1024 --batch 4
 //! bench_train check --backend cuda --fixtures crates/models/tests/fixtures --write-reference DIR   # or --reference DIR
 //! bench_train nccl                                                          # NCCL at world size 1 vs one process
+//! bench_train update --backend cuda --shape scripts/gpu/shapes/smollm2-135m.json   # the optimizer update alone
 //! ```
 //!
 //! `train` builds a randomly initialised model from a config.json (no weights travel), runs
@@ -50,6 +51,25 @@ enum Command {
     Check(CheckArgs),
     /// Run the NCCL communicator at world size 1 and compare with the single-process one.
     Nccl,
+    /// Time the optimizer update alone (full fine-tuning, random gradients): the one-process
+    /// step, and a data-parallel rank's update with its optimizer on the device and offloaded.
+    Update(UpdateArgs),
+}
+
+#[derive(Parser)]
+struct UpdateArgs {
+    /// As for `train`.
+    #[arg(long, default_value = "cpu")]
+    backend: String,
+    /// A config.json giving the model's shape.
+    #[arg(long)]
+    shape: PathBuf,
+    /// Untimed updates first.
+    #[arg(long, default_value_t = 2)]
+    warmup: usize,
+    /// Timed updates per variant.
+    #[arg(long, default_value_t = 5)]
+    steps: usize,
 }
 
 #[derive(Parser)]
@@ -119,6 +139,7 @@ fn main() {
         Command::Train(args) => dispatch_train(&args),
         Command::Check(args) => dispatch_check(&args),
         Command::Nccl => nccl_check(),
+        Command::Update(args) => dispatch_update(&args),
     };
     if let Err(message) = result {
         eprintln!("error: {message}");
@@ -205,6 +226,10 @@ fn dispatch_train(args: &TrainArgs) -> Result<(), String> {
 
 fn dispatch_check(args: &CheckArgs) -> Result<(), String> {
     with_backend!(args.backend.as_str(), |B, device, dtype| run_check::<B>(args, dtype, &device))
+}
+
+fn dispatch_update(args: &UpdateArgs) -> Result<(), String> {
+    with_backend!(args.backend.as_str(), |B, device, _dtype| run_update::<B>(args, &device))
 }
 
 /// Parameters with a gradient (trainable) and in total.
@@ -400,6 +425,63 @@ fn run_check<B: AutodiffBackend>(args: &CheckArgs, matmul_dtype: Option<FloatDTy
 }
 
 // ---------------------------------------------------------------------------------------------
+// The optimizer update alone.
+
+/// Times `--steps` updates of each variant on one random model and gradient: `AdamW::step` (one
+/// process), and `DataParallel::step` of a ZeRO-2 rank at world size 1 with the optimizer on the
+/// device (flat device buffers, collectives on them) and offloaded (`offload_optimizer_device:
+/// cpu`: gradients and weights through the host, AdamW there). At world size 1 the collectives
+/// move nothing, so the difference between the last two is the host round trip a data-parallel
+/// step pays without device buffers, before any network.
+fn run_update<B: AutodiffBackend>(args: &UpdateArgs, device: &B::Device) -> Result<(), String> {
+    use alignment_distributed::{LocalCommunicator, ZeroStage};
+    use alignment_trainer::DataParallel;
+    use burn::optim::GradientsParams;
+    use burn::tensor::Distribution;
+    let config = ModelConfig::from_file(&args.shape).map_err(|e| e.to_string())?;
+    let mut model = random_model::<B>(config, 0, device, None).map_err(|e| e.to_string())?;
+    let (trainable, _) = count_params(&model);
+    struct RandomGrads<'a, I: Backend>(&'a mut GradientsParams, &'a I::Device);
+    impl<AD: AutodiffBackend> ModuleVisitor<AD> for RandomGrads<'_, AD::InnerBackend> {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<AD, D>>) {
+            if param.is_require_grad() {
+                let grad = Tensor::<AD::InnerBackend, D>::random(param.shape(), Distribution::Normal(0.0, 1e-4), self.1);
+                self.0.register::<AD::InnerBackend, D>(param.id, grad);
+            }
+        }
+    }
+    let mut grads = GradientsParams::new();
+    model.visit(&mut RandomGrads::<B::InnerBackend>(&mut grads, device));
+    let adamw = AdamWConfig { weight_decay: 0.01, ..AdamWConfig::default() };
+    let mut results = Map::new();
+    for variant in ["one-process", "data-parallel-device", "data-parallel-offloaded"] {
+        let mut optimizer = AdamW::<B::InnerBackend>::new(adamw);
+        let mut parallel = DataParallel::new(Box::new(LocalCommunicator::new()), ZeroStage::Zero2);
+        parallel.offload_optimizer = Some(variant == "data-parallel-offloaded");
+        let mut seconds = Vec::new();
+        for step in 0..args.warmup + args.steps {
+            let start = Instant::now();
+            model = if variant == "one-process" {
+                let (updated, report) = optimizer.step(1e-5, model, &grads);
+                std::hint::black_box(report);
+                updated
+            } else {
+                parallel.step(&adamw, step as u64 + 1, 1e-5, model, &grads).map_err(|e| e.to_string())?.0
+            };
+            B::sync(device).map_err(|e| format!("{e:?}"))?;
+            if step >= args.warmup {
+                seconds.push(start.elapsed().as_secs_f64());
+            }
+        }
+        println!("update {variant:<24} median {:.2} ms over {} updates of {trainable} parameters", 1e3 * median(&seconds), args.steps);
+        results.insert(variant.into(), json!({"median_s": median(&seconds), "steps_s": seconds}));
+    }
+    let shape = args.shape.file_stem().and_then(|s| s.to_str()).unwrap_or("?");
+    println!("{}", json!({"update": results, "backend": args.backend, "shape": shape, "trainable": trainable}));
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
 // NCCL at world size 1.
 
 #[cfg(feature = "cuda")]
@@ -427,6 +509,30 @@ fn nccl_check() -> Result<(), String> {
     nccl.broadcast(&mut a, 0).map_err(|e| e.to_string())?;
     local.broadcast(&mut b, 0).map_err(|e| e.to_string())?;
     results.push(("broadcast", a == b));
+    // The data-parallel step's device route (alignment_trainer::cuda_collectives): NCCL on the
+    // tensors' own buffers. At world size 1 every collective gives its input back, so this
+    // checks the buffer addresses (a view 3 values into its buffer among them), the padding
+    // and the synchronisation with the backend's kernels.
+    {
+        use alignment_core::backend::Gpu;
+        use alignment_trainer::cuda_collectives as device;
+        use burn::tensor::TensorData;
+        let gpu = Default::default();
+        let whole = Tensor::<Gpu, 1>::from_data(TensorData::new(values.clone(), [values.len()]), &gpu);
+        // Queued work the collectives must wait for: the view is computed, not uploaded.
+        let view = (whole * 2.0).narrow(0, 3, values.len() - 3) * 0.5;
+        let expected = &values[3..];
+        let layout = ShardLayout::new(expected.len(), 1);
+        let read = |t: Tensor<Gpu, 1>| t.into_data().to_vec::<f32>().unwrap_or_default();
+        let declined = |_| "the device route declined a CUDA tensor on an NCCL communicator".to_string();
+        let sum = device::all_reduce_sum(&mut nccl, view.clone()).map_err(|e| e.to_string())?.map_err(declined)?;
+        results.push(("device all_reduce_sum", read(sum) == expected));
+        let shard = device::reduce_scatter_sum(&mut nccl, view.clone(), &layout).map_err(|e| e.to_string())?.map_err(declined)?;
+        results.push(("device reduce_scatter", read(shard) == expected));
+        let gathered = device::all_gather(&mut nccl, view.clone(), &layout).map_err(|e| e.to_string())?.map_err(declined)?;
+        results.push(("device all_gather", read(gathered) == expected));
+        results.push(("device input untouched", read(view) == expected));
+    }
     nccl.barrier().map_err(|e| e.to_string())?;
     for (op, same) in &results {
         println!("nccl {op:<20} {}", if *same { "equal to one process" } else { "DIFFERS" });

@@ -12,11 +12,19 @@
 //!
 //! The router backend takes none of the CPU backend's own fast paths (they are chosen by type),
 //! so this is the generic path the CubeCL backends run.
+//!
+//! The data-parallel update (`DataParallel::step`) is counted too: with its optimizer on the
+//! device it reads one value per step (its part of the squared gradient norm, which the ranks
+//! sum), and it updates the parameters as the one-process step does.
 
+use alignment_distributed::{LocalCommunicator, ZeroStage};
 use alignment_handbook::step_check::{self, CASES};
 use alignment_handbook::trainer::optimizer::{AdamW, AdamWConfig};
+use alignment_handbook::trainer::DataParallel;
 use burn::backend::ndarray::{NdArray, NdArrayDevice};
 use burn::backend::Autodiff;
+use burn::module::{Module, ModuleVisitor, Param};
+use burn::tensor::Tensor;
 use burn_ir::{BackendIr, OperationIr, TensorId, TensorIr};
 use burn_router::{BackendRouter, MultiBackendBridge, RouterTensor, Runner, RunnerChannel, RunnerClient};
 use burn_std::future::DynFut;
@@ -113,8 +121,16 @@ fn reads() -> usize {
     READS.load(Ordering::SeqCst)
 }
 
+/// The counter is global: each test holds this while it counts.
+static COUNTING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn counting() -> std::sync::MutexGuard<'static, ()> {
+    COUNTING.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
 #[test]
 fn training_steps_read_nothing_back_until_their_metrics_are_logged() {
+    let _counting = counting();
     let fixture = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("crates/models/tests/fixtures/tiny-llama");
     let device = NdArrayDevice::default();
     const STEPS: usize = 3;
@@ -141,5 +157,63 @@ fn training_steps_read_nothing_back_until_their_metrics_are_logged() {
         assert_eq!(in_steps, 0, "{}: the steps read tensors back from the device", case.name);
         assert_eq!(at_logging, micro_batches + STEPS, "{}: one read per micro-batch's metrics and one per grad norm", case.name);
         assert!(losses.iter().all(|l| l.is_finite()) && losses[2] < losses[0], "{}: it trained: {losses:?}", case.name);
+    }
+}
+
+/// Every float parameter's values, in module order (reads them).
+fn parameters<B: burn::tensor::backend::AutodiffBackend>(model: &impl Module<B>) -> Vec<f32> {
+    struct Collect(Vec<f32>);
+    impl<B: burn::tensor::backend::Backend> ModuleVisitor<B> for Collect {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+            self.0.extend(param.val().into_data().convert::<f32>().to_vec::<f32>().unwrap());
+        }
+    }
+    let mut collect = Collect(Vec::new());
+    model.visit(&mut collect);
+    collect.0
+}
+
+#[test]
+fn the_data_parallel_update_stays_on_the_device_and_equals_the_one_process_update() {
+    let _counting = counting();
+    let fixture = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("crates/models/tests/fixtures/tiny-llama");
+    let device = NdArrayDevice::default();
+    let config = AdamWConfig { weight_decay: 0.1, ..AdamWConfig::default() };
+    // SFT (every parameter trains; norms exempt from decay) and LoRA (adapters only).
+    for case in [CASES[0], CASES[2]] {
+        for (stage, offload) in [(ZeroStage::Ddp, false), (ZeroStage::Zero1, false), (ZeroStage::Zero2, false), (ZeroStage::Zero2, true)] {
+            let (mut model, options) = step_check::prepare_case::<Counted>(&fixture, case, None, &device).unwrap();
+            let mut parallel = DataParallel::new(Box::new(LocalCommunicator::new()), stage);
+            parallel.offload_optimizer = Some(offload);
+            // The one-process optimizer, fed the same gradients from the same weights each step.
+            let mut reference = AdamW::new(config);
+            let mut worst = 0f64;
+            let mut step_reads = Vec::new();
+            for step in 1..=3u64 {
+                let (expected, _, grads, _) = step_check::case_step(model.clone(), case, &mut reference, &options, &device);
+                let before = reads();
+                let (updated, report) = parallel.step(&config, step, 1e-3, model, &grads).unwrap();
+                step_reads.push(reads() - before);
+                assert!(report.grad_norm.is_finite() && report.clip_coef <= 1.0);
+                let (got, want) = (parameters(&updated), parameters(&expected));
+                assert_eq!(got.len(), want.len());
+                for (g, w) in got.iter().zip(&want) {
+                    worst = worst.max(((g - w).abs() / w.abs().max(1e-3)) as f64);
+                }
+                model = updated;
+            }
+            println!(
+                "{} {stage} offload {offload}: reads per update {step_reads:?}; largest difference from one process {worst:.1e}",
+                case.name
+            );
+            // The clipping factor rounds differently (f64 from a flat norm here, f32 from
+            // per-parameter sums there): a few ulps where it matters.
+            assert!(worst <= 2e-6, "{} {stage} offload {offload}: parameters differ from the one-process update by {worst:e}", case.name);
+            if !offload {
+                assert_eq!(step_reads, [1, 1, 1], "{} {stage}: the device update reads only its squared norm", case.name);
+            } else {
+                assert!(step_reads.iter().all(|&n| n > 1), "{} {stage}: the offloaded update reads the gradients and weights", case.name);
+            }
+        }
     }
 }

@@ -12,7 +12,8 @@
 #   1. environment (GPU, driver, CUDA paths, torch) — printed, so a failure is explainable;
 #   2. correctness: SFT / DPO / LoRA / QLoRA steps on the tiny fixture vs the CPU (f32, and
 #      cuda-bf16: mixed precision, bf16 products over f32 parameters, as `bf16: true`);
-#   3. the NCCL communicator at world size 1 vs one process;
+#   3. the NCCL communicator at world size 1 vs one process (host buffers, and the data-parallel
+#      step's device route); plan second: the optimizer update alone (`bench_train update`);
 #   4. throughput: ours and PyTorch's on the same shapes, peak device memory sampled by nvidia-smi.
 # The last lines printed are the tables of scripts/gpu/report.py.
 set -uo pipefail
@@ -165,6 +166,15 @@ run_nccl() {
     say "nccl: exit $? — $(tail -c 400 "$OUT/nccl.txt" | tr '\n' ' ')"
 }
 
+# The optimizer update alone (issue #13): one process, a data-parallel rank with its optimizer on
+# the device, and offloaded to the host (the round trip a data-parallel step paid before).
+run_update() {
+    [ "$DRY_RUN" = 1 ] && return
+    say "update"
+    timeout --signal=KILL 120 "$BIN" update --backend cuda --shape scripts/gpu/shapes/smollm2-135m.json --warmup 1 --steps 3 >"$OUT/update.txt" 2>&1
+    say "update: exit $? — $(grep -v '^{' "$OUT/update.txt" | tail -c 400 | tr '\n' ' ')"
+}
+
 # --- 4. throughput -------------------------------------------------------------------------
 # bench SHAPE TASK SEQ BATCH ACCUM: ours on each backend of $OURS_BACKENDS, then PyTorch.
 # LEAN=1: ours with --gradient-checkpointing --chunked-head, PyTorch with --grad-checkpointing
@@ -211,6 +221,7 @@ case "$PLAN" in
         OURS_BACKENDS="$BF16" bench mistral-7b qlora 2048 1 1
         ;;
     second)
+        run_update
         BF16="cuda-bf16 tch-cuda-bf16"
         OURS_BACKENDS="$BF16" bench smollm2-135m dpo 1024 2 1
         OURS_BACKENDS="$BF16" bench llama-3.2-1b dpo 2048 1 1

@@ -40,6 +40,13 @@ pub trait Communicator: Send {
     /// Changes how long a collective waits for a silent peer before failing (for phases where
     /// one rank legitimately works alone for long, e.g. saving a checkpoint). No-op by default.
     fn set_timeout(&mut self, _timeout: Duration) {}
+
+    /// The NCCL communicator this is, for collectives on device buffers (`cuda` builds); `None`
+    /// for host transports.
+    #[cfg(feature = "cuda")]
+    fn as_nccl(&mut self) -> Option<&mut crate::NcclCommunicator> {
+        None
+    }
 }
 
 /// Checks shared by the implementations: the layout matches the world and the buffer.

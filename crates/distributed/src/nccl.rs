@@ -21,7 +21,8 @@
 
 use crate::comm::{check_layout, check_shard};
 use crate::{Communicator, DistEnv, DistError, ShardLayout, TcpCommunicator};
-use cudarc::driver::{CudaContext, CudaSlice, CudaStream};
+use cudarc::driver::sys::CUdeviceptr;
+use cudarc::driver::{CudaContext, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, DeviceSlice, SyncOnDrop};
 use cudarc::nccl::{Comm, Id, ReduceOp};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -232,5 +233,91 @@ impl Communicator for NcclCommunicator {
     fn set_timeout(&mut self, timeout: Duration) {
         self.timeout = timeout;
         self.tcp.set_timeout(timeout);
+    }
+
+    fn as_nccl(&mut self) -> Option<&mut NcclCommunicator> {
+        Some(self)
+    }
+}
+
+/// An f32 buffer on this rank's GPU that another library owns (a burn tensor's storage), seen
+/// by cudarc's NCCL calls. The owner's writes must have finished before the call (the caller
+/// synchronises its streams); the NCCL call itself is waited for before the methods return.
+struct BorrowedBuffer {
+    ptr: u64,
+    len: usize,
+    stream: Arc<CudaStream>,
+}
+
+impl DeviceSlice<f32> for BorrowedBuffer {
+    fn len(&self) -> usize {
+        self.len
+    }
+
+    fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+}
+
+impl DevicePtr<f32> for BorrowedBuffer {
+    fn device_ptr<'a>(&'a self, _stream: &'a CudaStream) -> (CUdeviceptr, SyncOnDrop<'a>) {
+        (self.ptr, SyncOnDrop::Sync(None))
+    }
+}
+
+impl DevicePtrMut<f32> for BorrowedBuffer {
+    fn device_ptr_mut<'a>(&'a mut self, _stream: &'a CudaStream) -> (CUdeviceptr, SyncOnDrop<'a>) {
+        (self.ptr, SyncOnDrop::Sync(None))
+    }
+}
+
+/// Collectives on device buffers: the data-parallel step's gradients and parameters reduced
+/// and gathered where they are, with no host copy. Each takes raw `CUdeviceptr`s of f32 buffers
+/// on GPU `LOCAL_RANK` and returns once NCCL has finished with them (at most the timeout).
+///
+/// # Safety
+/// Every pointer must address at least the number of f32 values the method names, on this
+/// rank's GPU, and stay allocated until the method returns; no other work may write them
+/// meanwhile (the caller has synchronised the streams that produced them).
+impl NcclCommunicator {
+    fn borrowed(&self, ptr: u64, len: usize) -> BorrowedBuffer {
+        BorrowedBuffer { ptr, len, stream: self.stream.clone() }
+    }
+
+    /// Sums the `len` values at `send` over all ranks into `recv` (which may be `send`).
+    ///
+    /// # Safety
+    /// See the `impl` block: `send` and `recv` hold `len` f32 on this rank's GPU.
+    pub unsafe fn all_reduce_sum_on_device(&mut self, send: u64, recv: u64, len: usize) -> Result<(), DistError> {
+        self.check()?;
+        let send = self.borrowed(send, len);
+        let mut recv = self.borrowed(recv, len);
+        let result = self.comm.all_reduce(&send, &mut recv, &ReduceOp::Sum);
+        self.nccl("all_reduce", result)
+    }
+
+    /// Sums `send` (`chunk × world_size` values) over all ranks and writes this rank's chunk of
+    /// the sum (`chunk` values) to `recv`.
+    ///
+    /// # Safety
+    /// See the `impl` block: `send` holds `chunk × world_size` f32, `recv` `chunk`.
+    pub unsafe fn reduce_scatter_sum_on_device(&mut self, send: u64, recv: u64, chunk: usize) -> Result<(), DistError> {
+        self.check()?;
+        let send = self.borrowed(send, chunk * self.world_size);
+        let mut recv = self.borrowed(recv, chunk);
+        let result = self.comm.reduce_scatter(&send, &mut recv, &ReduceOp::Sum);
+        self.nccl("reduce_scatter", result)
+    }
+
+    /// Writes every rank's `send` (`chunk` values) into `recv` in rank order.
+    ///
+    /// # Safety
+    /// See the `impl` block: `send` holds `chunk` f32, `recv` `chunk × world_size`.
+    pub unsafe fn all_gather_on_device(&mut self, send: u64, recv: u64, chunk: usize) -> Result<(), DistError> {
+        self.check()?;
+        let send = self.borrowed(send, chunk);
+        let mut recv = self.borrowed(recv, chunk * self.world_size);
+        let result = self.comm.all_gather(&send, &mut recv);
+        self.nccl("all_gather", result)
     }
 }

@@ -312,6 +312,13 @@ impl ZeroPlan {
         owned_grads: impl IntoIterator<Item = &'a f32>,
     ) -> Result<f64, DistError> {
         let local: f64 = owned_grads.into_iter().map(|&g| g as f64 * g as f64).sum();
+        self.sum_of_owned_parts(comm, local)
+    }
+
+    /// The sum over ranks of a quantity each rank computed over its owned range (e.g. the
+    /// squared gradient norm of its shard): all-reduced when the state is sharded, `local`
+    /// itself for DDP, where every rank owns everything.
+    pub fn sum_of_owned_parts(&self, comm: &mut dyn Communicator, local: f64) -> Result<f64, DistError> {
         if !self.stage.shards_optimizer_state() {
             return Ok(local);
         }

@@ -4,7 +4,7 @@
 //! ```text
 //! every rank: the same permutation of the examples; each micro-batch of the global step is
 //!             split into N contiguous parts and rank r computes part r (loss ÷ global weight)
-//! gradients → one flat host vector, in module order of the trainable parameters
+//! gradients → one flat buffer, in module order of the trainable parameters
 //!   DDP:      all-reduce                 → every rank holds the summed gradient
 //!   ZeRO-1:   all-reduce, keep own shard → AdamW moments only for the own shard
 //!   ZeRO-2/3: reduce-scatter             → own shard of the gradient and of the moments
@@ -12,6 +12,21 @@
 //! AdamW on the owned range only; ZeRO-1/2/3: all-gather the updated parameters
 //! parameters written back into the model (identical on every rank)
 //! ```
+//!
+//! Where the flat buffers live is the accelerate config's `offload_optimizer_device`:
+//! - `none` (or unset, DeepSpeed's default): **on the model's device**. The buffers are device
+//!   tensors, the collectives run on them ([`tensor_collectives`]: NCCL on the device buffers
+//!   in a `cuda` build, through the host for TCP), and AdamW is the tensor formulation the
+//!   one-process step runs on GPUs ([`adamw_on_tensors`], one call over the owned range, its
+//!   norms and biases exempt from decay). One value comes back per step: the rank's part of the
+//!   squared gradient norm.
+//! - `cpu` (DeepSpeed's optimizer offload, DeepSpeed-Chat's `--offload`): **on the host**. The
+//!   owned range's f32 parameters and moments are host vectors updated by the threaded host
+//!   pass ([`adamw_on_slices`]); only the model's weights stay on the device.
+//!
+//! Both are the same f32 operations in the same order (bit-identical updates from the same
+//! gradient and clipping factor); the norms differ in rounding (f64 on the host, f32 on the
+//! device), so runs agree to float precision (tests/data_parallel.rs).
 //!
 //! ZeRO-3 also partitions the weights themselves — the embedding and the decoder projections
 //! ([`crate::zero3`]): they are all-gathered per use inside the forward and backward passes,
@@ -28,7 +43,8 @@
 //! the gradient kept after the reduction, not the peak inside the backward pass (ZeRO-3's
 //! partitioned weights do reduce inside it). See docs/distributed.md.
 
-use crate::optimizer::{adamw_on_slices, excluded_from_decay, AdamW, AdamWConfig, AdamWScalars, Moments, StepReport};
+use crate::optimizer::{adamw_on_slices, adamw_on_tensors, excluded_from_decay, AdamW, AdamWConfig, AdamWScalars, Moments, StepReport};
+use crate::tensor_collectives;
 use crate::zero3::{self, Group, ShardedWeight};
 use crate::TrainError;
 #[cfg(not(feature = "cuda"))]
@@ -39,7 +55,8 @@ use alignment_models::CausalLm;
 use burn::module::{AutodiffModule, ModuleMapper, ModuleVisitor, Param, ParamId};
 use burn::optim::GradientsParams;
 use burn::tensor::backend::{AutodiffBackend, Backend};
-use burn::tensor::{Tensor, TensorData};
+use burn::tensor::{ElementConversion, Tensor, TensorData};
+use std::any::Any;
 use std::collections::HashMap;
 use std::ops::Range;
 use std::sync::Arc;
@@ -58,13 +75,32 @@ struct Segment {
 }
 
 /// The sharded optimizer state of this rank.
-#[derive(Debug)]
 struct Shards {
     segments: Vec<Segment>,
     plan: ZeroPlan,
-    /// AdamW moments of `plan.owned_range()`.
-    exp_avg: Vec<f32>,
-    exp_avg_sq: Vec<f32>,
+    /// AdamW moments of `plan.owned_range()`, and where the update runs.
+    state: OwnedState,
+}
+
+/// Where the AdamW state of the owned range lives, and so where its update runs.
+enum OwnedState {
+    /// Host memory, updated by the threaded host pass ([`adamw_on_slices`]); the owned range's
+    /// f32 parameters are read from the model and written back each step. This is
+    /// `offload_optimizer_device: cpu` (DeepSpeed's optimizer offload).
+    Host { exp_avg: Vec<f32>, exp_avg_sq: Vec<f32> },
+    /// The model's device: a [`DeviceState`] of the inner backend, boxed because the group is
+    /// not generic over the backend; `None` until the first step or a resume creates it.
+    Device(Option<Box<dyn Any + Send>>),
+}
+
+/// The owned range's AdamW state on the model's device.
+struct DeviceState<B: Backend> {
+    moments: Moments<B>,
+    /// The parts of the owned range exempt from weight decay (norms, biases), relative to its
+    /// start; empty when `decays` is false (nothing decays) or everything decays.
+    exempt: Vec<Range<usize>>,
+    /// Whether weight decay applies to any of the owned range.
+    decays: bool,
 }
 
 /// A ZeRO-3 weight and the AdamW moments of this rank's shard of it.
@@ -109,7 +145,8 @@ pub struct DataParallel {
     /// asked of every rank, on top of the recipe's `bf16`.
     pub mixed_precision: String,
     /// The accelerate config's `deepspeed_config.offload_optimizer_device` (`Some(true)`: cpu,
-    /// `Some(false)`: none, which is not implemented: the optimizer state stays on the host).
+    /// the owned range's moments and update on the host; otherwise on the model's device).
+    /// Read when the first step or a resume builds the state.
     pub offload_optimizer: Option<bool>,
 }
 
@@ -279,7 +316,8 @@ impl DataParallel {
     }
 
     /// One synchronized AdamW update with learning rate `lr` from this rank's (already
-    /// globally normalised) gradients `grads`.
+    /// globally normalised) gradients `grads`: on the model's device, or on the host when the
+    /// optimizer is offloaded (module docs).
     pub fn step<B: AutodiffBackend, M: AutodiffModule<B>>(
         &mut self,
         config: &AdamWConfig,
@@ -289,34 +327,22 @@ impl DataParallel {
         grads: &GradientsParams,
     ) -> Result<(M, StepReport), TrainError> {
         self.ensure_shards(&model);
-        let Self { group, stage, shards, partitioned, .. } = self;
+        let Self { group, shards, partitioned, .. } = self;
         let mut comm = group.lock();
-        let (comm, stage, shards) = (&mut **comm, *stage, shards.as_mut().expect("built by ensure_shards"));
-        let plan = shards.plan;
-        let mut flat_grads = flatten_grads::<B, M>(&model, grads, &shards.segments);
-        let owned_grads = plan.reduce_gradients(comm, &mut flat_grads)?; // the owned range of the sum
-        drop(flat_grads);
+        let (comm, shards) = (&mut **comm, shards.as_mut().expect("built by ensure_shards"));
         // ZeRO-3's partitioned weights: their gradient shards were summed inside the backward pass.
         let partitioned_grads: Vec<Vec<f32>> = partitioned.iter().map(|p| p.weight.take_gradient()).collect();
-        let grad_norm = plan.global_sq_norm(comm, owned_grads.iter().chain(partitioned_grads.iter().flatten()))?.sqrt();
-        let clip_coef = config.clip_factor(grad_norm);
-        let range = plan.owned_range();
-        let mut owned_params = flatten_params(&model, &shards.segments);
-        owned_params.truncate(range.end);
-        owned_params.drain(..range.start);
-        let pieces: Vec<(Range<usize>, bool)> = shards.segments.iter().map(|s| (s.offset..s.offset + s.len, s.decay)).collect();
-        adamw_update(
-            config,
-            optimizer_step,
-            lr,
-            clip_coef,
-            &pieces,
-            range.start,
-            &mut owned_params,
-            &owned_grads,
-            &mut shards.exp_avg,
-            &mut shards.exp_avg_sq,
-        );
+        let partitioned_sq: f64 = partitioned_grads.iter().flatten().map(|&g| g as f64 * g as f64).sum();
+        let Shards { segments, plan, state } = shards;
+        let (model, report) = match state {
+            OwnedState::Host { exp_avg, exp_avg_sq } => {
+                let moments = (exp_avg.as_mut_slice(), exp_avg_sq.as_mut_slice());
+                host_step(comm, plan, segments, moments, partitioned_sq, config, optimizer_step, lr, model, grads)?
+            }
+            OwnedState::Device(state) => {
+                device_step(comm, plan, segments, state, partitioned_sq, config, optimizer_step, lr, model, grads)?
+            }
+        };
         for (p, grad) in partitioned.iter_mut().zip(&partitioned_grads) {
             let whole = 0..p.weight.layout().len();
             let pieces = [(whole, !excluded_from_decay(&p.weight.path))];
@@ -325,7 +351,7 @@ impl DataParallel {
                 config,
                 optimizer_step,
                 lr,
-                clip_coef,
+                report.clip_coef,
                 &pieces,
                 p.weight.owned_start(),
                 &mut values,
@@ -334,12 +360,7 @@ impl DataParallel {
                 &mut p.exp_avg_sq,
             );
         }
-        let full = match stage {
-            ZeroStage::Ddp => owned_params, // every rank updated everything
-            ZeroStage::Zero1 | ZeroStage::Zero2 | ZeroStage::Zero3 => plan.gather_parameters(comm, &owned_params)?,
-        };
-        let model = write_params(model, &shards.segments, &full);
-        Ok((model, StepReport { grad_norm, clip_coef }))
+        Ok((model, report))
     }
 
     /// The whole optimizer state in the one-process format (moments gathered from all ranks),
@@ -358,16 +379,32 @@ impl DataParallel {
             };
             optimizer.state.insert(p.weight.path.clone(), moments);
         }
-        let (exp_avg, exp_avg_sq) = match self.stage {
-            ZeroStage::Ddp => (shards.exp_avg.clone(), shards.exp_avg_sq.clone()),
-            _ => (comm.all_gather(&shards.exp_avg, &shards.plan.layout)?, comm.all_gather(&shards.exp_avg_sq, &shards.plan.layout)?),
+        let (sharded, layout) = (self.stage.shards_optimizer_state(), &shards.plan.layout);
+        let (exp_avg, exp_avg_sq) = match &shards.state {
+            OwnedState::Host { exp_avg, exp_avg_sq } => {
+                let (exp_avg, exp_avg_sq) = match sharded {
+                    false => (exp_avg.clone(), exp_avg_sq.clone()),
+                    true => (comm.all_gather(exp_avg, layout)?, comm.all_gather(exp_avg_sq, layout)?),
+                };
+                let len = exp_avg.len();
+                let tensor = |v: Vec<f32>| Tensor::<B, 1>::from_data(TensorData::new(v, [len]), device);
+                (tensor(exp_avg), tensor(exp_avg_sq))
+            }
+            OwnedState::Device(state) => {
+                let state = state.as_ref().and_then(|s| s.downcast_ref::<DeviceState<B>>());
+                let moments = state.map_or_else(|| zero_moments(shards.plan.owned_range().len(), device), |s| s.moments.clone());
+                match sharded {
+                    false => (moments.exp_avg, moments.exp_avg_sq),
+                    true => (
+                        tensor_collectives::all_gather(&mut **comm, moments.exp_avg, layout)?,
+                        tensor_collectives::all_gather(&mut **comm, moments.exp_avg_sq, layout)?,
+                    ),
+                }
+            }
         };
-        if exp_avg.is_empty() {
-            return Ok(optimizer);
-        }
         for s in &shards.segments {
-            let tensor = |v: &[f32]| Tensor::<B, 1>::from_data(TensorData::new(v[s.offset..s.offset + s.len].to_vec(), [s.len]), device);
-            optimizer.state.insert(s.path.clone(), Moments { exp_avg: tensor(&exp_avg), exp_avg_sq: tensor(&exp_avg_sq) });
+            let part = |t: &Tensor<B, 1>| t.clone().narrow(0, s.offset, s.len);
+            optimizer.state.insert(s.path.clone(), Moments { exp_avg: part(&exp_avg), exp_avg_sq: part(&exp_avg_sq) });
         }
         Ok(optimizer)
     }
@@ -389,8 +426,17 @@ impl DataParallel {
             v[s.offset..s.offset + s.len].copy_from_slice(&host(moments.exp_avg_sq.clone()));
         }
         let range = shards.plan.owned_range();
-        shards.exp_avg = m[range.clone()].to_vec();
-        shards.exp_avg_sq = v[range].to_vec();
+        let (m, v) = (m[range.clone()].to_vec(), v[range.clone()].to_vec());
+        match &mut shards.state {
+            OwnedState::Host { exp_avg, exp_avg_sq } => (*exp_avg, *exp_avg_sq) = (m, v),
+            OwnedState::Device(state) => {
+                // Uploaded once, to where the parameters are.
+                let device = flat_tensor(model, &shards.segments, None).device();
+                let tensor = |v: Vec<f32>| Tensor::<B::InnerBackend, 1>::from_data(TensorData::new(v, [range.len()]), &device);
+                let moments = Moments { exp_avg: tensor(m), exp_avg_sq: tensor(v) };
+                *state = Some(Box::new(DeviceState::new(moments, &shards.segments, &range)));
+            }
+        }
         for p in &mut self.partitioned {
             let Some(moments) = optimizer.state.get(&p.weight.path) else { continue };
             let start = p.weight.owned_start();
@@ -414,8 +460,14 @@ impl DataParallel {
         let mib = |b: usize| b as f64 / (1024.0 * 1024.0);
         let show = |b: Option<u64>| b.map_or("unknown".to_string(), |b| format!("{:.0} MiB", mib(b as usize)));
         let peak = format!("{} during the steps, {} overall", show(self.training_peak), show(alignment_core::memory::peak_rss_bytes()));
+        let place = match self.shards.as_ref().map(|s| &s.state) {
+            Some(OwnedState::Device(_)) if !self.partitioned.is_empty() => " (on the device; the partitioned weights' on the host)",
+            Some(OwnedState::Device(_)) => " (on the device)",
+            Some(OwnedState::Host { .. }) => " (on the host)",
+            None => "",
+        };
         format!(
-            "rank {}/{} ({:?}): kept between steps: parameters {:.1} MiB, gradients {:.1} MiB, AdamW moments {:.1} MiB; peak RSS {peak}",
+            "rank {}/{} ({:?}): kept between steps: parameters {:.1} MiB, gradients {:.1} MiB, AdamW moments {:.1} MiB{place}; peak RSS {peak}",
             self.rank(),
             self.world_size(),
             self.stage,
@@ -434,11 +486,7 @@ impl DataParallel {
         let grads = if self.stage.shards_gradients() { s.plan.owned_range().len() } else { total };
         // ZeRO-3's partitioned weights: only the own shard of values, gradient and moments.
         let shard: usize = self.partitioned.iter().map(|p| p.exp_avg.len()).sum();
-        HeldState {
-            params: 4 * (total + shard),
-            grads: 4 * (grads + shard),
-            optimizer: 4 * (s.exp_avg.len() + s.exp_avg_sq.len() + 2 * shard),
-        }
+        HeldState { params: 4 * (total + shard), grads: 4 * (grads + shard), optimizer: 4 * 2 * (s.plan.owned_range().len() + shard) }
     }
 
     /// Builds the flat layout and moment buffers from `model`'s trainable parameters on first
@@ -449,7 +497,14 @@ impl DataParallel {
             let total = segments.iter().map(|s| s.len).sum();
             let plan = ZeroPlan::new(self.stage, total, &**self.group.lock());
             let owned = plan.owned_range().len();
-            self.shards = Some(Shards { segments, plan, exp_avg: vec![0.0; owned], exp_avg_sq: vec![0.0; owned] });
+            // On the device unless offloaded; a flat buffer smaller than the world (some rank
+            // would own nothing) stays on the host, where empty shards are no special case.
+            let state = if self.offload_optimizer == Some(true) || total < plan.layout.world_size() {
+                OwnedState::Host { exp_avg: vec![0.0; owned], exp_avg_sq: vec![0.0; owned] }
+            } else {
+                OwnedState::Device(None)
+            };
+            self.shards = Some(Shards { segments, plan, state });
         }
     }
 }
@@ -481,6 +536,143 @@ fn adamw_update(
         let scalars = AdamWScalars::new(c, lr, step as i32, *decays);
         let r = lo - start..hi - start;
         adamw_on_slices(&scalars, clip, &mut params[r.clone()], &grads[r.clone()], &mut exp_avg[r.clone()], &mut exp_avg_sq[r]);
+    }
+}
+
+/// The flat owned range's update through the host: gradients flattened into a host vector and
+/// reduced by the communicator, AdamW by the threaded host pass on the moments `exp_avg`,
+/// `exp_avg_sq`, the updated range gathered and written back into the model.
+#[allow(clippy::too_many_arguments)]
+fn host_step<B: AutodiffBackend, M: AutodiffModule<B>>(
+    comm: &mut dyn Communicator,
+    plan: &ZeroPlan,
+    segments: &[Segment],
+    (exp_avg, exp_avg_sq): (&mut [f32], &mut [f32]),
+    partitioned_sq: f64,
+    config: &AdamWConfig,
+    optimizer_step: u64,
+    lr: f64,
+    model: M,
+    grads: &GradientsParams,
+) -> Result<(M, StepReport), TrainError> {
+    let mut flat_grads = flatten_grads::<B, M>(&model, grads, segments);
+    let owned_grads = plan.reduce_gradients(comm, &mut flat_grads)?; // the owned range of the sum
+    drop(flat_grads);
+    let local_sq: f64 = owned_grads.iter().map(|&g| g as f64 * g as f64).sum();
+    let grad_norm = plan.sum_of_owned_parts(comm, local_sq + partitioned_sq)?.sqrt();
+    let clip_coef = config.clip_factor(grad_norm);
+    let range = plan.owned_range();
+    let mut owned_params = flatten_params(&model, segments);
+    owned_params.truncate(range.end);
+    owned_params.drain(..range.start);
+    let pieces: Vec<(Range<usize>, bool)> = segments.iter().map(|s| (s.offset..s.offset + s.len, s.decay)).collect();
+    adamw_update(config, optimizer_step, lr, clip_coef, &pieces, range.start, &mut owned_params, &owned_grads, exp_avg, exp_avg_sq);
+    let full = if plan.stage.shards_optimizer_state() {
+        plan.gather_parameters(comm, &owned_params)?
+    } else {
+        owned_params // every rank updated everything
+    };
+    Ok((write_params(model, segments, &full), StepReport { grad_norm, clip_coef }))
+}
+
+/// The flat owned range's update on the model's device: gradients concatenated into one device
+/// buffer and reduced there ([`tensor_collectives`]), AdamW by the tensor formulation the
+/// one-process step uses on GPUs ([`adamw_on_tensors`]), with the moments of `state`, the
+/// updated range gathered and split back into the parameters, all device work. One value comes
+/// back to the host: this rank's part of the squared gradient norm.
+#[allow(clippy::too_many_arguments)]
+fn device_step<B: AutodiffBackend, M: AutodiffModule<B>>(
+    comm: &mut dyn Communicator,
+    plan: &ZeroPlan,
+    segments: &[Segment],
+    state: &mut Option<Box<dyn Any + Send>>,
+    partitioned_sq: f64,
+    config: &AdamWConfig,
+    optimizer_step: u64,
+    lr: f64,
+    model: M,
+    grads: &GradientsParams,
+) -> Result<(M, StepReport), TrainError> {
+    let range = plan.owned_range();
+    let flat_grads = flat_tensor(&model, segments, Some(grads));
+    let device = flat_grads.device();
+    let owned_grads = match plan.stage {
+        ZeroStage::Ddp => tensor_collectives::all_reduce_sum(comm, flat_grads)?,
+        ZeroStage::Zero1 => tensor_collectives::all_reduce_sum(comm, flat_grads)?.narrow(0, range.start, range.len()),
+        ZeroStage::Zero2 | ZeroStage::Zero3 => tensor_collectives::reduce_scatter_sum(comm, flat_grads, &plan.layout)?,
+    };
+    let local_sq = owned_grads.clone().square().sum().into_scalar().elem::<f64>();
+    let grad_norm = plan.sum_of_owned_parts(comm, local_sq + partitioned_sq)?.sqrt();
+    let clip_coef = config.clip_factor(grad_norm);
+    // As the host pass: the gradient is multiplied only when clipping (by 1 it keeps its bits).
+    let owned_grads = if clip_coef < 1.0 { owned_grads.mul_scalar(clip_coef as f32) } else { owned_grads };
+    let flat_params = flat_tensor(&model, segments, None);
+    let owned_params = if range.len() == plan.layout.len() { flat_params } else { flat_params.narrow(0, range.start, range.len()) };
+    let owned_state = match state.take() {
+        Some(boxed) => *boxed.downcast::<DeviceState<B::InnerBackend>>().unwrap_or_else(|_| panic!("one backend per run")),
+        None => DeviceState::new(zero_moments(range.len(), &device), segments, &range),
+    };
+    let scalars = |decays| AdamWScalars::new(config, lr, optimizer_step as i32, decays);
+    let (owned_params, owned_state) = owned_state.update(owned_params, owned_grads, segments, &range, scalars);
+    *state = Some(Box::new(owned_state));
+    let full = if plan.stage.shards_optimizer_state() {
+        tensor_collectives::all_gather(comm, owned_params, &plan.layout)?
+    } else {
+        owned_params // every rank updated everything
+    };
+    Ok((write_param_tensors(model, segments, full), StepReport { grad_norm, clip_coef }))
+}
+
+impl<B: Backend> DeviceState<B> {
+    /// One AdamW update of the owned range `params` from its clipped gradient `grads`, with
+    /// `scalars(decays)`: the tensor formulation with the exempt ranges, or on the CPU backend,
+    /// whose device is the host, its one threaded pass parameter by parameter (`cpu_adamw`;
+    /// the same bits).
+    fn update(
+        self,
+        params: Tensor<B, 1>,
+        grads: Tensor<B, 1>,
+        segments: &[Segment],
+        range: &Range<usize>,
+        scalars: impl Fn(bool) -> AdamWScalars,
+    ) -> (Tensor<B, 1>, Self) {
+        let Self { moments, exempt, decays } = self;
+        #[cfg(feature = "ndarray")]
+        if crate::cpu_adamw::applies::<B>() {
+            let pieces: Vec<_> = owned_pieces(segments, range).map(|(r, d)| (r, scalars(d))).collect();
+            let (params, moments) = crate::cpu_adamw::update_pieces(params, grads, moments, &pieces);
+            return (params, Self { moments, exempt, decays });
+        }
+        #[cfg(not(feature = "ndarray"))]
+        let _ = (segments, range);
+        let (params, moments) = adamw_on_tensors(params, grads, moments, &scalars(decays), &exempt);
+        (params, Self { moments, exempt, decays })
+    }
+}
+
+/// The parameters' parts inside the owned `range`: each one's range relative to `range.start`
+/// and whether weight decay applies to it.
+fn owned_pieces<'a>(segments: &'a [Segment], range: &'a Range<usize>) -> impl Iterator<Item = (Range<usize>, bool)> + 'a {
+    segments
+        .iter()
+        .map(|s| (s.offset.max(range.start), (s.offset + s.len).min(range.end), s.decay))
+        .filter(|(lo, hi, _)| lo < hi)
+        .map(|(lo, hi, decay)| (lo - range.start..hi - range.start, decay))
+}
+
+fn zero_moments<B: Backend>(len: usize, device: &B::Device) -> Moments<B> {
+    Moments { exp_avg: Tensor::zeros([len], device), exp_avg_sq: Tensor::zeros([len], device) }
+}
+
+impl<B: Backend> DeviceState<B> {
+    /// The state of the owned `range` of the flat numbering of `segments`, with `moments`.
+    fn new(moments: Moments<B>, segments: &[Segment], range: &Range<usize>) -> Self {
+        let decays = owned_pieces(segments, range).any(|(_, decay)| decay);
+        let exempt = match decays {
+            true => owned_pieces(segments, range).filter(|(_, decay)| !decay).map(|(r, _)| r).collect(),
+            false => Vec::new(),
+        };
+        Self { moments, exempt, decays }
     }
 }
 
@@ -520,6 +712,58 @@ impl<B: AutodiffBackend> ModuleVisitor<B> for Trainable {
 
 fn host<B: Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
     t.into_data().convert::<f32>().into_vec::<f32>().expect("f32 after convert")
+}
+
+/// The trainable parameters in segment order as one flat tensor on their device: their values,
+/// or with `grads` their gradients (zeros for a parameter without one).
+fn flat_tensor<B: AutodiffBackend, M: AutodiffModule<B>>(
+    model: &M,
+    segments: &[Segment],
+    grads: Option<&GradientsParams>,
+) -> Tensor<B::InnerBackend, 1> {
+    struct Flatten<'a, I: Backend> {
+        ids: std::collections::HashSet<ParamId>,
+        grads: Option<&'a GradientsParams>,
+        parts: Vec<Tensor<I, 1>>,
+    }
+    impl<AD: AutodiffBackend> ModuleVisitor<AD> for Flatten<'_, AD::InnerBackend> {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<AD, D>>) {
+            if !self.ids.contains(&param.id) {
+                return;
+            }
+            let value = param.val().inner();
+            let len = value.shape().num_elements();
+            self.parts.push(match self.grads {
+                None => value.reshape([len]),
+                Some(grads) => match grads.get::<AD::InnerBackend, D>(param.id) {
+                    Some(grad) => grad.reshape([len]),
+                    None => Tensor::zeros([len], &value.device()),
+                },
+            });
+        }
+    }
+    let mut visitor = Flatten::<B::InnerBackend> { ids: segments.iter().map(|s| s.id).collect(), grads, parts: Vec::new() };
+    model.visit(&mut visitor);
+    Tensor::cat(visitor.parts, 0)
+}
+
+/// `model` with its trainable parameters replaced by their parts of `flat` (segment order), on
+/// the device.
+fn write_param_tensors<B: AutodiffBackend, M: AutodiffModule<B>>(model: M, segments: &[Segment], flat: Tensor<B::InnerBackend, 1>) -> M {
+    struct Write<'a, I: Backend> {
+        by_id: HashMap<ParamId, &'a Segment>,
+        flat: Tensor<I, 1>,
+    }
+    impl<AD: AutodiffBackend> ModuleMapper<AD> for Write<'_, AD::InnerBackend> {
+        fn map_float<const D: usize>(&mut self, param: Param<Tensor<AD, D>>) -> Param<Tensor<AD, D>> {
+            let Some(s) = self.by_id.get(&param.id).copied() else { return param };
+            let (id, tensor, mapper) = param.consume();
+            let part = self.flat.clone().narrow(0, s.offset, s.len).reshape(tensor.shape());
+            Param::from_mapped_value(id, Tensor::from_inner(part).require_grad(), mapper)
+        }
+    }
+    let mut mapper = Write::<B::InnerBackend> { by_id: segments.iter().map(|s| (s.id, s)).collect(), flat };
+    model.map(&mut mapper)
 }
 
 /// The trainable parameters' values, concatenated in segment order.

@@ -13,6 +13,8 @@ pub mod checkpoint;
 pub mod components;
 #[cfg(feature = "ndarray")]
 mod cpu_adamw;
+#[cfg(feature = "cuda")]
+pub mod cuda_collectives;
 pub mod data_parallel;
 pub mod logging;
 pub mod optimizer;
@@ -26,6 +28,7 @@ pub mod task;
 pub mod tasks;
 #[cfg(feature = "tch")]
 mod tch_adamw;
+mod tensor_collectives;
 pub mod train;
 pub mod zero3;
 

@@ -27,6 +27,7 @@ use burn::optim::GradientsParams;
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::Tensor;
 use std::collections::HashMap;
+use std::ops::Range;
 
 /// AdamW hyper-parameters (TrainingArguments names).
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -254,7 +255,7 @@ impl<AD: AutodiffBackend> ModuleMapper<AD> for Update<'_, AD> {
                     _ if crate::tch_adamw::applies::<AD::InnerBackend>() => {
                         crate::tch_adamw::update(p, clipped(grad), moments, &c, self.lr, t, decays)
                     }
-                    _ => adamw_on_tensors(p, clipped(grad), moments, &scalars),
+                    _ => adamw_on_tensors(p, clipped(grad), moments, &scalars, &[]),
                 }
             }
             UpdateRule::RmsProp => {
@@ -358,15 +359,28 @@ pub(crate) fn adamw_on_slices(s: &AdamWScalars, clip: Option<f32>, p: &mut [f32]
 
 /// The AdamW update of one parameter `p` with its (clipped, flattened) gradient, by tensor
 /// operations on any backend. `crate::cpu_adamw` does the same f32 operations in one pass.
+///
+/// `exempt` lets one call update a flat buffer of several parameters, some exempt from weight
+/// decay (the data-parallel step's owned range): those ranges of the flattened `p` keep their
+/// values through the decay, so every element gets the bits its own parameter's update would
+/// give it, with no buffer the size of `p` to say which (the exempt norms and biases are a few
+/// small ranges).
 pub(crate) fn adamw_on_tensors<B: Backend, const D: usize>(
     p: Tensor<B, D>,
     g_flat: Tensor<B, 1>,
     moments: Moments<B>,
     s: &AdamWScalars,
+    exempt: &[Range<usize>],
 ) -> (Tensor<B, D>, Moments<B>) {
     let shape = p.shape();
     let p = match s.decay {
-        Some(decay) => p.clone() - p * decay,
+        Some(decay) if exempt.is_empty() => p.clone() - p * decay,
+        Some(decay) => {
+            let flat = p.reshape([shape.num_elements()]);
+            let decayed = flat.clone() - flat.clone() * decay;
+            let kept = exempt.iter().fold(decayed, |d, r| d.slice_assign([r.clone()], flat.clone().narrow(0, r.start, r.len())));
+            kept.reshape(shape.clone())
+        }
         None => p,
     };
     let exp_avg = moments.exp_avg * s.beta1 + g_flat.clone() * s.one_minus_beta1;

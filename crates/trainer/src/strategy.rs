@@ -5,7 +5,7 @@
 //! |---|---|---|
 //! | before the first step | nothing | rank 0's weights broadcast; ZeRO-3 shards; the resumed moments' own shard |
 //! | a micro-batch | all of it | this rank's rows (ZeRO-3: a zero-weighted pass when it has none) |
-//! | the update | [`AdamW::step`] on the device | gradients reduced over the group, AdamW on the host shard |
+//! | the update | [`AdamW::step`] on the device | gradients reduced over the group, AdamW on the owned shard (on the device; on the host when offloaded) |
 //! | the step's metrics | left on the device until a logging step | summed over the group (read every step) |
 //! | a checkpoint | the optimizer as it is | the moments gathered from every rank |
 //! | after the last step | nothing | the whole model gathered on every rank |
@@ -202,12 +202,6 @@ impl Strategy for DataParallel {
                     optimizer.config.rule
                 ),
             });
-        }
-        if self.offload_optimizer == Some(false) && DataParallel::is_main(self) {
-            eprintln!(
-                "note: deepspeed_config.offload_optimizer_device: none is not implemented: the data-parallel optimizer keeps \
-                 its f32 master weights and AdamW moments in host memory, as `cpu` does"
-            );
         }
         let model = self.broadcast_parameters(model)?;
         let model = self.partition(model)?; // ZeRO-3: each rank keeps its shard of the embedding and projections

@@ -128,7 +128,7 @@ mod tests {
 
             let s = AdamWScalars::new(&config, 3e-4, t, decays);
             let moments = Moments { exp_avg: m.clone(), exp_avg_sq: v.clone() };
-            let (p_ref, m_ref) = adamw_on_tensors(p.clone(), g.clone().reshape([n]), moments, &s);
+            let (p_ref, m_ref) = adamw_on_tensors(p.clone(), g.clone().reshape([n]), moments, &s, &[]);
             // `p` and `m` are still held here (clones share their storage): the update must copy them.
             let (p_fused, m_fused) =
                 update(p.clone(), g.reshape([n]), Moments { exp_avg: m.clone(), exp_avg_sq: v }, &config, 3e-4, t, decays);

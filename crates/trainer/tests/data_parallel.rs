@@ -262,6 +262,32 @@ fn lora_on_zero3_ranks_matches_one_process() {
     assert!(out.join("run/adapter_model.safetensors").is_file(), "rank 0 saves the adapter");
 }
 
+/// `offload_optimizer_device: cpu` (AdamW's state and update on the host) and `none` (on the
+/// model's device, the collectives on device buffers) train alike, and each rank's closing line
+/// says where its moments were.
+#[test]
+fn the_offloaded_optimizer_trains_as_the_one_on_the_device() {
+    let root = tempfile::tempdir().unwrap();
+    let zero2 = std::fs::read_to_string(repo().join("recipes/accelerate_configs/deepspeed_zero2.yaml")).unwrap();
+    assert!(zero2.contains("offload_optimizer_device: none"), "the shipped ZeRO-2 config keeps the optimizer on the device");
+    let offloaded = root.path().join("deepspeed_zero2_offload.yaml");
+    std::fs::write(&offloaded, zero2.replace("offload_optimizer_device: none", "offload_optimizer_device: cpu")).unwrap();
+    let mut curves = Vec::new();
+    for (place, config) in [("device", repo().join("recipes/accelerate_configs/deepspeed_zero2.yaml")), ("host", offloaded)] {
+        let out = root.path().join(place);
+        let outputs = launch(2, &config.display().to_string(), &out, &[]);
+        check_ok(&outputs);
+        for (rank, output) in outputs.iter().enumerate() {
+            let stderr = String::from_utf8_lossy(&output.stderr);
+            assert!(stderr.contains(&format!("(on the {place})")), "rank {rank} should say its moments were on the {place}:\n{stderr}");
+        }
+        curves.push(report_losses(&report(&out, 0)));
+    }
+    let diff = max_relative_difference(&curves[0], &curves[1]);
+    println!("ZeRO-2, optimizer on the device vs offloaded: max relative loss difference {diff:.2e}");
+    assert!(diff <= 1e-6, "{diff:e}\ndevice {:?}\nhost {:?}", curves[0], curves[1]);
+}
+
 #[test]
 fn checkpoints_move_between_world_sizes() {
     let root = tempfile::tempdir().unwrap();

@@ -1,0 +1,104 @@
+//! Collectives on flat backend tensors (`[len]`, f32): what the data-parallel step calls so that
+//! its gradients, parameters and moments stay where the model computes (`data_parallel.rs`).
+//!
+//! Each call takes the route its arguments allow:
+//! - **a world of one**: the identity; nothing is read or copied;
+//! - **NCCL on the device** (`cuda` builds, a CUDA tensor and an NCCL communicator): on the
+//!   tensor's own buffer, into a new one (`cuda_collectives.rs`);
+//! - **through the host** otherwise: the tensor is read, the [`Communicator`] runs on host
+//!   slices (TCP between CPU processes), and the result is written back to the tensor's device.
+//!
+//! The host route is what the CPU backend does anyway (its device is the host); on a GPU it is
+//! the fallback that keeps every transport working.
+
+use alignment_distributed::{Communicator, DistError, ShardLayout};
+use burn::tensor::backend::Backend;
+use burn::tensor::{Tensor, TensorData};
+
+/// `buffer` summed over all ranks, identical on every rank.
+pub(crate) fn all_reduce_sum<B: Backend>(comm: &mut dyn Communicator, buffer: Tensor<B, 1>) -> Result<Tensor<B, 1>, DistError> {
+    if comm.world_size() == 1 {
+        return Ok(buffer);
+    }
+    #[cfg(feature = "cuda")]
+    let buffer = match crate::cuda_collectives::all_reduce_sum(comm, buffer)? {
+        Ok(reduced) => return Ok(reduced),
+        Err(buffer) => buffer,
+    };
+    let device = buffer.device();
+    let mut values = host(buffer);
+    comm.all_reduce_sum(&mut values)?;
+    Ok(on_device(values, &device))
+}
+
+/// This rank's shard (`layout.range(rank)`) of `buffer` (`layout.len()` values) summed over
+/// all ranks.
+pub(crate) fn reduce_scatter_sum<B: Backend>(
+    comm: &mut dyn Communicator,
+    buffer: Tensor<B, 1>,
+    layout: &ShardLayout,
+) -> Result<Tensor<B, 1>, DistError> {
+    if comm.world_size() == 1 && layout.world_size() == 1 && buffer.dims()[0] == layout.len() {
+        return Ok(buffer);
+    }
+    #[cfg(feature = "cuda")]
+    let buffer = match crate::cuda_collectives::reduce_scatter_sum(comm, buffer, layout)? {
+        Ok(shard) => return Ok(shard),
+        Err(buffer) => buffer,
+    };
+    let device = buffer.device();
+    let shard = comm.reduce_scatter_sum(&host(buffer), layout)?;
+    Ok(on_device(shard, &device))
+}
+
+/// Every rank's `shard` concatenated in rank order: the whole buffer of `layout.len()` values.
+pub(crate) fn all_gather<B: Backend>(
+    comm: &mut dyn Communicator,
+    shard: Tensor<B, 1>,
+    layout: &ShardLayout,
+) -> Result<Tensor<B, 1>, DistError> {
+    if comm.world_size() == 1 && layout.world_size() == 1 && shard.dims()[0] == layout.len() {
+        return Ok(shard);
+    }
+    #[cfg(feature = "cuda")]
+    let shard = match crate::cuda_collectives::all_gather(comm, shard, layout)? {
+        Ok(whole) => return Ok(whole),
+        Err(shard) => shard,
+    };
+    let device = shard.device();
+    let whole = comm.all_gather(&host(shard), layout)?;
+    Ok(on_device(whole, &device))
+}
+
+fn host<B: Backend>(t: Tensor<B, 1>) -> Vec<f32> {
+    t.into_data().convert::<f32>().into_vec::<f32>().expect("f32 after convert")
+}
+
+fn on_device<B: Backend>(values: Vec<f32>, device: &B::Device) -> Tensor<B, 1> {
+    let len = values.len();
+    Tensor::from_data(TensorData::new(values, [len]), device)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use alignment_distributed::LocalCommunicator;
+
+    type B = alignment_core::backend::Cpu;
+
+    #[test]
+    fn a_world_of_one_returns_its_buffers_as_they_are() {
+        let device = Default::default();
+        let values = [1.0f32, -2.0, 3.5];
+        let t = Tensor::<B, 1>::from_floats(values, &device);
+        let layout = ShardLayout::new(3, 1);
+        let mut comm = LocalCommunicator::new();
+        for out in [
+            all_reduce_sum(&mut comm, t.clone()).unwrap(),
+            reduce_scatter_sum(&mut comm, t.clone(), &layout).unwrap(),
+            all_gather(&mut comm, t.clone(), &layout).unwrap(),
+        ] {
+            assert_eq!(out.into_data().to_vec::<f32>().unwrap(), values);
+        }
+    }
+}
