@@ -431,7 +431,7 @@ impl DataParallel {
             OwnedState::Host { exp_avg, exp_avg_sq } => (*exp_avg, *exp_avg_sq) = (m, v),
             OwnedState::Device(state) => {
                 // Uploaded once, to where the parameters are.
-                let device = flat_tensor(model, &shards.segments, None).device();
+                let device = model.devices().into_iter().next().expect("a model with trainable parameters has a device");
                 let tensor = |v: Vec<f32>| Tensor::<B::InnerBackend, 1>::from_data(TensorData::new(v, [range.len()]), &device);
                 let moments = Moments { exp_avg: tensor(m), exp_avg_sq: tensor(v) };
                 *state = Some(Box::new(DeviceState::new(moments, &shards.segments, &range)));
@@ -539,9 +539,10 @@ fn adamw_update(
     }
 }
 
-/// The flat owned range's update through the host: gradients flattened into a host vector and
-/// reduced by the communicator, AdamW by the threaded host pass on the moments `exp_avg`,
-/// `exp_avg_sq`, the updated range gathered and written back into the model.
+/// The flat owned range's update through the host: the gradients and the weights concatenated
+/// on the device and each read in one transfer, the gradients reduced by the communicator,
+/// AdamW by the threaded host pass on the moments `exp_avg`, `exp_avg_sq`, the updated range
+/// gathered, written to the device in one transfer and split back into the parameters there.
 #[allow(clippy::too_many_arguments)]
 fn host_step<B: AutodiffBackend, M: AutodiffModule<B>>(
     comm: &mut dyn Communicator,
@@ -555,14 +556,16 @@ fn host_step<B: AutodiffBackend, M: AutodiffModule<B>>(
     model: M,
     grads: &GradientsParams,
 ) -> Result<(M, StepReport), TrainError> {
-    let mut flat_grads = flatten_grads::<B, M>(&model, grads, segments);
+    let flat_grads = flat_tensor(&model, segments, Some(grads));
+    let device = flat_grads.device();
+    let mut flat_grads = host(flat_grads);
     let owned_grads = plan.reduce_gradients(comm, &mut flat_grads)?; // the owned range of the sum
     drop(flat_grads);
     let local_sq: f64 = owned_grads.iter().map(|&g| g as f64 * g as f64).sum();
     let grad_norm = plan.sum_of_owned_parts(comm, local_sq + partitioned_sq)?.sqrt();
     let clip_coef = config.clip_factor(grad_norm);
     let range = plan.owned_range();
-    let mut owned_params = flatten_params(&model, segments);
+    let mut owned_params = host(flat_tensor(&model, segments, None));
     owned_params.truncate(range.end);
     owned_params.drain(..range.start);
     let pieces: Vec<(Range<usize>, bool)> = segments.iter().map(|s| (s.offset..s.offset + s.len, s.decay)).collect();
@@ -572,7 +575,8 @@ fn host_step<B: AutodiffBackend, M: AutodiffModule<B>>(
     } else {
         owned_params // every rank updated everything
     };
-    Ok((write_params(model, segments, &full), StepReport { grad_norm, clip_coef }))
+    let full = Tensor::from_data(TensorData::new(full, [plan.layout.len()]), &device);
+    Ok((write_param_tensors(model, segments, full), StepReport { grad_norm, clip_coef }))
 }
 
 /// The flat owned range's update on the model's device: gradients concatenated into one device
@@ -763,68 +767,5 @@ fn write_param_tensors<B: AutodiffBackend, M: AutodiffModule<B>>(model: M, segme
         }
     }
     let mut mapper = Write::<B::InnerBackend> { by_id: segments.iter().map(|s| (s.id, s)).collect(), flat };
-    model.map(&mut mapper)
-}
-
-/// The trainable parameters' values, concatenated in segment order.
-fn flatten_params<B: AutodiffBackend, M: AutodiffModule<B>>(model: &M, segments: &[Segment]) -> Vec<f32> {
-    struct Collect<'a> {
-        by_id: HashMap<ParamId, &'a Segment>,
-        out: Vec<f32>,
-    }
-    impl<B: AutodiffBackend> ModuleVisitor<B> for Collect<'_> {
-        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
-            if let Some(s) = self.by_id.get(&param.id) {
-                debug_assert_eq!(s.offset, self.out.len());
-                self.out.extend(host(param.val().inner()));
-            }
-        }
-    }
-    let mut visitor = Collect { by_id: segments.iter().map(|s| (s.id, s)).collect(), out: Vec::new() };
-    model.visit(&mut visitor);
-    visitor.out
-}
-
-/// This rank's gradients of the trainable parameters, concatenated in segment order (zeros
-/// for a parameter without gradient, e.g. a rank that had no examples).
-fn flatten_grads<B: AutodiffBackend, M: AutodiffModule<B>>(model: &M, grads: &GradientsParams, segments: &[Segment]) -> Vec<f32> {
-    struct Collect<'a> {
-        grads: &'a GradientsParams,
-        by_id: HashMap<ParamId, &'a Segment>,
-        out: Vec<f32>,
-    }
-    impl<B: AutodiffBackend> ModuleVisitor<B> for Collect<'_> {
-        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
-            if let Some(s) = self.by_id.get(&param.id) {
-                match self.grads.get::<B::InnerBackend, D>(param.id) {
-                    Some(g) => self.out.extend(host(g)),
-                    None => self.out.resize(self.out.len() + s.len, 0.0),
-                }
-            }
-        }
-    }
-    let mut visitor = Collect { grads, by_id: segments.iter().map(|s| (s.id, s)).collect(), out: Vec::new() };
-    model.visit(&mut visitor);
-    visitor.out
-}
-
-/// `model` with its trainable parameters replaced by the values of `flat` (segment order).
-fn write_params<B: AutodiffBackend, M: AutodiffModule<B>>(model: M, segments: &[Segment], flat: &[f32]) -> M {
-    struct Write<'a> {
-        by_id: HashMap<ParamId, &'a Segment>,
-        flat: &'a [f32],
-    }
-    impl<B: AutodiffBackend> ModuleMapper<B> for Write<'_> {
-        fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
-            let Some(s) = self.by_id.get(&param.id).copied() else { return param };
-            let (id, tensor, mapper) = param.consume();
-            let shape = tensor.shape();
-            let device = tensor.device();
-            let values = TensorData::new(self.flat[s.offset..s.offset + s.len].to_vec(), shape);
-            let inner = Tensor::<B::InnerBackend, D>::from_data(values, &device);
-            Param::from_mapped_value(id, Tensor::from_inner(inner).require_grad(), mapper)
-        }
-    }
-    let mut mapper = Write { by_id: segments.iter().map(|s| (s.id, s)).collect(), flat };
     model.map(&mut mapper)
 }
