@@ -213,7 +213,12 @@ fn the_data_parallel_update_stays_on_the_device_and_equals_the_one_process_updat
             if !offload {
                 assert_eq!(step_reads, [1, 1, 1], "{} {stage}: the device update reads only its squared norm", case.name);
             } else {
-                assert_eq!(step_reads, [2, 2, 2], "{} {stage}: the offloaded update reads the gradients and the weights, one transfer each", case.name);
+                assert_eq!(
+                    step_reads,
+                    [2, 2, 2],
+                    "{} {stage}: the offloaded update reads the gradients and the weights, one transfer each",
+                    case.name
+                );
             }
         }
     }

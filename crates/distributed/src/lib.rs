@@ -4,7 +4,8 @@
 //! - [`DistEnv`] reads rank and world from torchrun's or Slurm's environment variables.
 //! - [`Communicator`] is the collective interface over flat host `f32` buffers, with
 //!   deterministic rank-order sums: [`LocalCommunicator`] (one process), [`TcpCommunicator`]
-//!   (CPU, a TCP mesh between processes) and, with the `cuda` feature, `NcclCommunicator`.
+//!   (CPU, a TCP mesh between processes) and, with the `cuda` feature, `NcclCommunicator`,
+//!   which also runs them on device buffers (`*_on_device`, for the trainer's flat tensors).
 //! - [`zero`]: ZeRO stages, accelerate-style configs, per-rank memory and [`ZeroPlan`], the
 //!   per-step synchronisation the trainer performs around its optimizer.
 //! - [`launch`]: the launcher behind `cargo xtask launch`.

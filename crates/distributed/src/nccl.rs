@@ -8,6 +8,9 @@
 //! communicator is marked failed and returns [`DistError::Nccl`]; dropping it aborts the NCCL
 //! communicator (`ncclCommAbort`).
 //!
+//! The `*_on_device` methods run the same calls on buffers already on the GPU (raw device
+//! pointers another library owns: the trainer's flat tensors), with no copy.
+//!
 //! Uneven [`ShardLayout`]s are padded to equal chunks of `max_shard_len` for NCCL's
 //! reduce-scatter and all-gather, and unpadded on the way back.
 //!
@@ -83,8 +86,8 @@ impl NcclCommunicator {
         Ok(Some(Self::connect(&env, crate::env::timeout_from_env()?)?))
     }
 
-    /// The NCCL communicator, for collectives on device buffers (the trainer's fast path:
-    /// gradients already on the GPU need no host round trip).
+    /// The NCCL communicator itself (the `*_on_device` methods below wrap it for the trainer's
+    /// device buffers).
     pub fn comm(&self) -> &Comm {
         &self.comm
     }
