@@ -531,6 +531,8 @@ fn nccl_check() -> Result<(), String> {
         results.push(("device reduce_scatter", read(shard) == expected));
         let gathered = device::all_gather(&mut nccl, view.clone(), &layout).map_err(|e| e.to_string())?.map_err(declined)?;
         results.push(("device all_gather", read(gathered) == expected));
+        let copied = device::broadcast(&mut nccl, view.clone(), 0).map_err(|e| e.to_string())?.map_err(declined)?;
+        results.push(("device broadcast", read(copied) == expected));
         results.push(("device input untouched", read(view) == expected));
     }
     nccl.barrier().map_err(|e| e.to_string())?;

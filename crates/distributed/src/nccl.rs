@@ -312,6 +312,19 @@ impl NcclCommunicator {
         self.nccl("reduce_scatter", result)
     }
 
+    /// Copies `root`'s `send` (`len` values) into every rank's `recv` (`send` is read on `root`
+    /// only).
+    ///
+    /// # Safety
+    /// See the `impl` block: `send` and `recv` hold `len` f32 on this rank's GPU.
+    pub unsafe fn broadcast_on_device(&mut self, send: u64, recv: u64, len: usize, root: usize) -> Result<(), DistError> {
+        self.check()?;
+        let send = self.borrowed(send, len);
+        let mut recv = self.borrowed(recv, len);
+        let result = self.comm.broadcast(Some(&send), &mut recv, root as i32);
+        self.nccl("broadcast", result)
+    }
+
     /// Writes every rank's `send` (`chunk` values) into `recv` in rank order.
     ///
     /// # Safety

@@ -106,6 +106,23 @@ pub fn all_gather<B: Backend>(comm: &mut dyn Communicator, shard: Tensor<B, 1>, 
     Ok(Ok(retype(Tensor::cat(parts, 0))))
 }
 
+/// [`crate::tensor_collectives::broadcast`] on the device, into a new buffer.
+pub fn broadcast<B: Backend>(comm: &mut dyn Communicator, buffer: Tensor<B, 1>, root: usize) -> Result<Declined<B>, DistError> {
+    let (nccl, buffer) = match applicable(comm, buffer) {
+        Ok(pair) => pair,
+        Err(buffer) => return Ok(Err(buffer)),
+    };
+    let (len, device) = (buffer.dims()[0], buffer.device());
+    let copy = Tensor::<Gpu, 1>::zeros([len], &device);
+    Gpu::sync(&device).map_err(|e| sync_error(nccl, e))?;
+    let send = DevicePointer::of(&buffer).map_err(|e| resource_error(nccl, e))?;
+    let recv = DevicePointer::of(&copy).map_err(|e| resource_error(nccl, e))?;
+    // SAFETY: both hold `len` f32, kept allocated by the pointers; the backend was synchronised
+    // above, and the call returns after NCCL finished.
+    unsafe { nccl.broadcast_on_device(send.address, recv.address, len, root)? };
+    Ok(Ok(retype(copy)))
+}
+
 /// The NCCL communicator and the tensor as the CUDA backend's, when both are; else the tensor.
 fn applicable<B: Backend>(
     comm: &mut dyn Communicator,

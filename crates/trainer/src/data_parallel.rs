@@ -261,7 +261,8 @@ impl DataParallel {
     }
 
     /// Makes every rank start from rank 0's trainable parameters, one tensor at a time (so the
-    /// transient copy is one tensor, not the whole model).
+    /// transient copy is one tensor, not the whole model), on the device under NCCL
+    /// ([`tensor_collectives::broadcast`]).
     pub fn broadcast_parameters<B: AutodiffBackend, M: AutodiffModule<B>>(&mut self, model: M) -> Result<M, TrainError> {
         struct Broadcast<'a> {
             comm: &'a mut dyn Communicator,
@@ -273,13 +274,13 @@ impl DataParallel {
                     return param;
                 }
                 let (id, tensor, mapper) = param.consume();
-                let (shape, device) = (tensor.shape(), tensor.device());
-                let mut values = host(tensor.inner());
-                if let Err(e) = self.comm.broadcast(&mut values, 0) {
+                let shape = tensor.shape();
+                let flat = tensor.inner().reshape([shape.num_elements()]);
+                let flat = tensor_collectives::broadcast(self.comm, flat.clone(), 0).unwrap_or_else(|e| {
                     self.failure = Some(e);
-                }
-                let inner = Tensor::<B::InnerBackend, D>::from_data(TensorData::new(values, shape), &device);
-                Param::from_mapped_value(id, Tensor::from_inner(inner).require_grad(), mapper)
+                    flat
+                });
+                Param::from_mapped_value(id, Tensor::from_inner(flat.reshape(shape)).require_grad(), mapper)
             }
         }
         let mut comm = self.group.lock();

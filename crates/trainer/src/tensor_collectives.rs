@@ -70,6 +70,22 @@ pub(crate) fn all_gather<B: Backend>(
     Ok(on_device(whole, &device))
 }
 
+/// `root`'s `buffer` on every rank (the same length everywhere).
+pub(crate) fn broadcast<B: Backend>(comm: &mut dyn Communicator, buffer: Tensor<B, 1>, root: usize) -> Result<Tensor<B, 1>, DistError> {
+    if comm.world_size() == 1 && root == 0 {
+        return Ok(buffer);
+    }
+    #[cfg(feature = "cuda")]
+    let buffer = match crate::cuda_collectives::broadcast(comm, buffer, root)? {
+        Ok(copied) => return Ok(copied),
+        Err(buffer) => buffer,
+    };
+    let device = buffer.device();
+    let mut values = host(buffer);
+    comm.broadcast(&mut values, root)?;
+    Ok(on_device(values, &device))
+}
+
 fn host<B: Backend>(t: Tensor<B, 1>) -> Vec<f32> {
     t.into_data().convert::<f32>().into_vec::<f32>().expect("f32 after convert")
 }
@@ -97,6 +113,7 @@ mod tests {
             all_reduce_sum(&mut comm, t.clone()).unwrap(),
             reduce_scatter_sum(&mut comm, t.clone(), &layout).unwrap(),
             all_gather(&mut comm, t.clone(), &layout).unwrap(),
+            broadcast(&mut comm, t.clone(), 0).unwrap(),
         ] {
             assert_eq!(out.into_data().to_vec::<f32>().unwrap(), values);
         }
