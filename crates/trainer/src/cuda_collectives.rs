@@ -35,14 +35,9 @@ pub fn all_reduce_sum<B: Backend>(comm: &mut dyn Communicator, buffer: Tensor<B,
         Ok(pair) => pair,
         Err(buffer) => return Ok(Err(buffer)),
     };
-    let (len, device) = (buffer.dims()[0], buffer.device());
-    let sum = Tensor::<Gpu, 1>::zeros([len], &device);
-    Gpu::sync(&device).map_err(|e| sync_error(nccl, e))?;
-    let send = DevicePointer::of(&buffer).map_err(|e| resource_error(nccl, e))?;
-    let recv = DevicePointer::of(&sum).map_err(|e| resource_error(nccl, e))?;
-    // SAFETY: both hold `len` f32, kept allocated by the pointers; the backend was synchronised
-    // above, and the call returns after NCCL finished.
-    unsafe { nccl.all_reduce_sum_on_device(send.address, recv.address, len)? };
+    let len = buffer.dims()[0];
+    // SAFETY: both buffers hold `len` f32 (see `into_new_buffer`).
+    let sum = into_new_buffer(nccl, &buffer, len, |nccl, send, recv| unsafe { nccl.all_reduce_sum_on_device(send, recv, len) })?;
     Ok(Ok(retype(sum)))
 }
 
@@ -71,13 +66,8 @@ pub fn reduce_scatter_sum<B: Backend>(
             .collect(),
         0,
     );
-    let shard = Tensor::<Gpu, 1>::zeros([chunk], &device);
-    Gpu::sync(&device).map_err(|e| sync_error(nccl, e))?;
-    let send = DevicePointer::of(&padded).map_err(|e| resource_error(nccl, e))?;
-    let recv = DevicePointer::of(&shard).map_err(|e| resource_error(nccl, e))?;
-    // SAFETY: `send` holds chunk · world f32 and `recv` chunk, both kept allocated by the
-    // pointers; the backend was synchronised, and the call returns after NCCL finished.
-    unsafe { nccl.reduce_scatter_sum_on_device(send.address, recv.address, chunk)? };
+    // SAFETY: `send` holds chunk · world f32 and `recv` chunk (see `into_new_buffer`).
+    let shard = into_new_buffer(nccl, &padded, chunk, |nccl, send, recv| unsafe { nccl.reduce_scatter_sum_on_device(send, recv, chunk) })?;
     let own = layout.shard_len(rank);
     let shard = if own == chunk { shard } else { shard.narrow(0, 0, own) };
     Ok(Ok(retype(shard)))
@@ -94,13 +84,9 @@ pub fn all_gather<B: Backend>(comm: &mut dyn Communicator, shard: Tensor<B, 1>, 
     let chunk = layout.max_shard_len().max(1);
     let pad = chunk - shard.dims()[0];
     let padded = if pad > 0 { Tensor::cat(vec![shard, Tensor::zeros([pad], &device)], 0) } else { shard };
-    let gathered = Tensor::<Gpu, 1>::zeros([chunk * world], &device);
-    Gpu::sync(&device).map_err(|e| sync_error(nccl, e))?;
-    let send = DevicePointer::of(&padded).map_err(|e| resource_error(nccl, e))?;
-    let recv = DevicePointer::of(&gathered).map_err(|e| resource_error(nccl, e))?;
-    // SAFETY: `send` holds chunk f32 and `recv` chunk · world, both kept allocated by the
-    // pointers; the backend was synchronised, and the call returns after NCCL finished.
-    unsafe { nccl.all_gather_on_device(send.address, recv.address, chunk)? };
+    // SAFETY: `send` holds chunk f32 and `recv` chunk · world (see `into_new_buffer`).
+    let gathered =
+        into_new_buffer(nccl, &padded, chunk * world, |nccl, send, recv| unsafe { nccl.all_gather_on_device(send, recv, chunk) })?;
     let parts: Vec<Tensor<Gpu, 1>> =
         (0..world).filter(|&r| layout.shard_len(r) > 0).map(|r| gathered.clone().narrow(0, r * chunk, layout.shard_len(r))).collect();
     Ok(Ok(retype(Tensor::cat(parts, 0))))
@@ -112,15 +98,29 @@ pub fn broadcast<B: Backend>(comm: &mut dyn Communicator, buffer: Tensor<B, 1>, 
         Ok(pair) => pair,
         Err(buffer) => return Ok(Err(buffer)),
     };
-    let (len, device) = (buffer.dims()[0], buffer.device());
-    let copy = Tensor::<Gpu, 1>::zeros([len], &device);
-    Gpu::sync(&device).map_err(|e| sync_error(nccl, e))?;
-    let send = DevicePointer::of(&buffer).map_err(|e| resource_error(nccl, e))?;
-    let recv = DevicePointer::of(&copy).map_err(|e| resource_error(nccl, e))?;
-    // SAFETY: both hold `len` f32, kept allocated by the pointers; the backend was synchronised
-    // above, and the call returns after NCCL finished.
-    unsafe { nccl.broadcast_on_device(send.address, recv.address, len, root)? };
+    let len = buffer.dims()[0];
+    // SAFETY: both buffers hold `len` f32 (see `into_new_buffer`).
+    let copy = into_new_buffer(nccl, &buffer, len, |nccl, send, recv| unsafe { nccl.broadcast_on_device(send, recv, len, root) })?;
     Ok(Ok(retype(copy)))
+}
+
+/// One NCCL call from `send` into a new buffer of `recv_len` values on the same device: the
+/// backend is synchronised (the kernels writing `send` have finished), both buffers' addresses
+/// are taken and kept allocated while `call` runs, and `call` returns once NCCL has finished
+/// with them (the `*_on_device` methods do), so the kernels queued next see the result.
+fn into_new_buffer(
+    nccl: &mut NcclCommunicator,
+    send: &Tensor<Gpu, 1>,
+    recv_len: usize,
+    call: impl FnOnce(&mut NcclCommunicator, u64, u64) -> Result<(), DistError>,
+) -> Result<Tensor<Gpu, 1>, DistError> {
+    let device = send.device();
+    let recv = Tensor::<Gpu, 1>::zeros([recv_len], &device);
+    Gpu::sync(&device).map_err(|e| sync_error(nccl, e))?;
+    let send_pointer = DevicePointer::of(send).map_err(|e| resource_error(nccl, e))?;
+    let recv_pointer = DevicePointer::of(&recv).map_err(|e| resource_error(nccl, e))?;
+    call(nccl, send_pointer.address, recv_pointer.address)?;
+    Ok(recv)
 }
 
 /// The NCCL communicator and the tensor as the CUDA backend's, when both are; else the tensor.

@@ -25,10 +25,10 @@ pub(crate) fn all_reduce_sum<B: Backend>(comm: &mut dyn Communicator, buffer: Te
         Ok(reduced) => return Ok(reduced),
         Err(buffer) => buffer,
     };
-    let device = buffer.device();
-    let mut values = host(buffer);
-    comm.all_reduce_sum(&mut values)?;
-    Ok(on_device(values, &device))
+    through_host(buffer, |mut values| {
+        comm.all_reduce_sum(&mut values)?;
+        Ok(values)
+    })
 }
 
 /// This rank's shard (`layout.range(rank)`) of `buffer` (`layout.len()` values) summed over
@@ -46,9 +46,7 @@ pub(crate) fn reduce_scatter_sum<B: Backend>(
         Ok(shard) => return Ok(shard),
         Err(buffer) => buffer,
     };
-    let device = buffer.device();
-    let shard = comm.reduce_scatter_sum(&host(buffer), layout)?;
-    Ok(on_device(shard, &device))
+    through_host(buffer, |values| comm.reduce_scatter_sum(&values, layout))
 }
 
 /// Every rank's `shard` concatenated in rank order: the whole buffer of `layout.len()` values.
@@ -65,9 +63,7 @@ pub(crate) fn all_gather<B: Backend>(
         Ok(whole) => return Ok(whole),
         Err(shard) => shard,
     };
-    let device = shard.device();
-    let whole = comm.all_gather(&host(shard), layout)?;
-    Ok(on_device(whole, &device))
+    through_host(shard, |values| comm.all_gather(&values, layout))
 }
 
 /// `root`'s `buffer` on every rank (the same length everywhere).
@@ -80,19 +76,22 @@ pub(crate) fn broadcast<B: Backend>(comm: &mut dyn Communicator, buffer: Tensor<
         Ok(copied) => return Ok(copied),
         Err(buffer) => buffer,
     };
+    through_host(buffer, |mut values| {
+        comm.broadcast(&mut values, root)?;
+        Ok(values)
+    })
+}
+
+/// The host route: `buffer`'s values read, `collective` run on them, its result written back to
+/// `buffer`'s device.
+fn through_host<B: Backend>(
+    buffer: Tensor<B, 1>,
+    collective: impl FnOnce(Vec<f32>) -> Result<Vec<f32>, DistError>,
+) -> Result<Tensor<B, 1>, DistError> {
     let device = buffer.device();
-    let mut values = host(buffer);
-    comm.broadcast(&mut values, root)?;
-    Ok(on_device(values, &device))
-}
-
-fn host<B: Backend>(t: Tensor<B, 1>) -> Vec<f32> {
-    t.into_data().convert::<f32>().into_vec::<f32>().expect("f32 after convert")
-}
-
-fn on_device<B: Backend>(values: Vec<f32>, device: &B::Device) -> Tensor<B, 1> {
+    let values = collective(buffer.into_data().convert::<f32>().into_vec::<f32>().expect("f32 after convert"))?;
     let len = values.len();
-    Tensor::from_data(TensorData::new(values, [len]), device)
+    Ok(Tensor::from_data(TensorData::new(values, [len]), &device))
 }
 
 #[cfg(test)]
