@@ -16,7 +16,9 @@
 //! The data-parallel update (`DataParallel::step`) is counted too: with its optimizer on the
 //! device it reads one value per step (its part of the squared gradient norm, which the ranks
 //! sum); offloaded to the host, two (the flat gradient and the flat weights); either way it
-//! updates the parameters as the one-process step does.
+//! updates the parameters as the one-process step does. So is ZeRO-3, whose partitioned
+//! weights are device tensors gathered inside the passes: its whole step reads the same one
+//! value.
 
 use alignment_distributed::{LocalCommunicator, ZeroStage};
 use alignment_handbook::step_check::{self, CASES};
@@ -223,6 +225,64 @@ fn the_data_parallel_update_stays_on_the_device_and_equals_the_one_process_updat
                     case.name
                 );
             }
+        }
+    }
+}
+
+/// ZeRO-3 on the device: the embedding and projections are shards held as device tensors,
+/// gathered for each product and handed their gradients inside the backward pass, and updated
+/// where they are. A whole optimizer step (two micro-batches' forward and backward passes, the
+/// update) reads one value, its squared gradient norm, on the device; offloaded, the flat
+/// vector's two transfers plus each trainable shard's gradient and values. Either way the
+/// gathered weights follow the one-process run.
+#[test]
+fn zero3_keeps_its_shards_on_the_device_and_trains_as_one_process() {
+    let _counting = counting();
+    let fixture = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("crates/models/tests/fixtures/tiny-llama");
+    let device = NdArrayDevice::default();
+    let config = AdamWConfig { weight_decay: 0.1, ..AdamWConfig::default() };
+    // SFT, LoRA (a frozen partitioned base), and SFT with checkpointing and the chunked head.
+    for case in [CASES[0], CASES[2], CASES[4]] {
+        for offload in [false, true] {
+            let (mut dense, options) = step_check::prepare_case::<Counted>(&fixture, case, None, &device).unwrap();
+            let mut parallel = DataParallel::new(Box::new(LocalCommunicator::new()), ZeroStage::Zero3);
+            parallel.offload_optimizer = Some(offload);
+            let mut model = parallel.partition(dense.clone()).unwrap();
+            let trainable_shards = usize::from(!case.lora) * (1 + 7 * dense.layers.len() + usize::from(dense.lm_head.is_some()));
+            let mut reference = AdamW::new(config);
+            // case_step also applies its own update to the partitioned model (the norms only);
+            // that model is dropped: DataParallel::step updates the one the passes ran on.
+            let mut discarded = AdamW::new(config);
+            let (mut worst, mut worst_norm, mut step_reads) = (0f64, 0f64, Vec::new());
+            for step in 1..=3u64 {
+                let (expected, _, _, expected_report) = step_check::case_step(dense, case, &mut reference, &options, &device);
+                let before = reads();
+                let (_, _, grads, _) = step_check::case_step(model.clone(), case, &mut discarded, &options, &device);
+                let (updated, report) = parallel.step(&config, step, 1e-3, model, &grads).unwrap();
+                step_reads.push(reads() - before);
+                parallel.check().unwrap();
+                let expected_norm = expected_report.read().grad_norm;
+                worst_norm = worst_norm.max((report.grad_norm - expected_norm).abs() / expected_norm);
+                let (got, want) = (parameters(&parallel.gathered(&updated).unwrap()), parameters(&expected));
+                assert_eq!(got.len(), want.len(), "{}: the gathered model has the dense model's parameters", case.name);
+                for (g, w) in got.iter().zip(&want) {
+                    worst = worst.max(((g - w).abs() / w.abs().max(1e-3)) as f64);
+                }
+                (model, dense) = (updated, expected);
+            }
+            println!(
+                "{} ZeRO-3 offload {offload}: reads per step {step_reads:?}; largest difference from one process: parameters {worst:.1e}, grad norm {worst_norm:.1e}",
+                case.name
+            );
+            // Equal here; the bound leaves room for the clipping factor's rounding (as above).
+            assert!(worst <= 2e-6, "{} offload {offload}: parameters differ from the one-process update by {worst:e}", case.name);
+            assert!(worst_norm <= 1e-5, "{} offload {offload}: grad norm differs by {worst_norm:e}", case.name);
+            let expected_reads = match offload {
+                false => 1,
+                true if trainable_shards == 0 => 2,
+                true => 3 + 2 * trainable_shards,
+            };
+            assert_eq!(step_reads, [expected_reads; 3], "{} offload {offload}: reads per optimizer step", case.name);
         }
     }
 }

@@ -12,14 +12,16 @@ use std::sync::Arc;
 /// so loading and saving never transposes. With a [`LoraAdapter`] attached (see the
 /// `alignment-peft` crate) the map becomes `y = x Wᵀ + s · (drop(x) Aᵀ) Bᵀ`, as PEFT's `lora.Linear`.
 ///
-/// The base weight is either the dense parameter `weight` or `compressed` (QLoRA's frozen NF4
-/// base, or this rank's ZeRO-3 shard), in which case `weight` is an empty `[0, 0]` placeholder and the dense values
-/// exist only while a matmul runs (see [`crate::compressed`]).
+/// The base weight is the dense parameter `weight`, or `quantized` (QLoRA's frozen NF4 base) or
+/// `compressed` (this rank's ZeRO-3 shard), in which case `weight` is an empty `[0, 0]`
+/// placeholder and the dense values exist only while a product runs (see [`crate::quantized`],
+/// [`crate::compressed`]).
 #[derive(Module, Debug)]
 pub struct Linear<B: Backend> {
     /// `[out_features, in_features]`; `[0, 0]` when the weight is held in `compressed`.
     pub weight: Param<Tensor<B, 2>>,
-    /// The base weight held outside the device (a ZeRO-3 shard), `None` otherwise.
+    /// The base weight held in compact form (this rank's ZeRO-3 shard, gathered per product),
+    /// `None` otherwise.
     #[module(skip)]
     pub compressed: Option<Arc<dyn CompressedWeight>>,
     /// The frozen base weight block-quantized on the device (QLoRA's NF4), `None` otherwise.
@@ -37,18 +39,6 @@ impl<B: Backend> Linear<B> {
     /// Wraps a `[out, in]` weight, without adapter.
     pub fn new(weight: Tensor<B, 2>) -> Self {
         Self { weight: Param::from_tensor(weight), compressed: None, quantized: None, lora: None, matmul_dtype: None }
-    }
-
-    /// A layer whose frozen weight stays compressed; `device` holds the (empty) dense placeholder.
-    pub fn from_compressed(weight: Arc<dyn CompressedWeight>, device: &B::Device) -> Self {
-        let placeholder = Tensor::<B, 2>::zeros([0, 0], device);
-        Self {
-            weight: Param::from_tensor(placeholder).set_require_grad(false),
-            compressed: Some(weight),
-            quantized: None,
-            lora: None,
-            matmul_dtype: None,
-        }
     }
 
     /// A layer whose frozen weight stays block-quantized on the device ([`QuantizedWeight`]).
@@ -76,7 +66,7 @@ impl<B: Backend> Linear<B> {
     pub fn dense_weight(&self) -> Tensor<B, 2> {
         match (&self.quantized, &self.compressed) {
             (Some(q), _) => q.dequantize(),
-            (None, Some(c)) => compressed::expand::<B>(c.as_ref(), &self.weight.device()),
+            (None, Some(c)) => compressed::expand::<B, _>(c.as_ref(), &self.weight.device()),
             (None, None) => self.weight.val(),
         }
     }
@@ -105,7 +95,7 @@ impl<B: Backend> Linear<B> {
 
     /// Applies the map to `[batch, seq, in]`, giving `[batch, seq, out]`. Under mixed precision
     /// the products (base and adapter) run in [`Self::matmul_dtype`], except a ZeRO-3 shard's,
-    /// whose recorded step gathers f32 weights on the host.
+    /// whose recorded step multiplies in the shard's own type.
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         let dtype = self.matmul_dtype;
         let base = |x| match (&self.quantized, &self.compressed) {

@@ -294,7 +294,7 @@ impl<B: Backend> CausalLm<B> {
     /// The embedding as a dense tensor (expanded when compressed).
     pub fn embedding_weight(&self) -> Tensor<B, 2> {
         match &self.embed_compressed {
-            Some(weight) => compressed::expand::<B>(weight.as_ref(), &self.embed_tokens.device()),
+            Some(weight) => compressed::expand::<B, _>(weight.as_ref(), &self.embed_tokens.device()),
             None => self.embed_tokens.val(),
         }
     }

@@ -55,7 +55,7 @@ use alignment_models::CausalLm;
 use burn::module::{AutodiffModule, ModuleMapper, ModuleVisitor, Param, ParamId};
 use burn::optim::GradientsParams;
 use burn::tensor::backend::{AutodiffBackend, Backend};
-use burn::tensor::{ElementConversion, Tensor, TensorData};
+use burn::tensor::{ElementConversion, Int, Tensor, TensorData};
 use std::any::Any;
 use std::collections::HashMap;
 use std::ops::Range;
@@ -93,29 +93,28 @@ enum OwnedState {
     Device(Option<Box<dyn Any + Send>>),
 }
 
-/// The owned range's AdamW state on the model's device.
+/// An owned range's AdamW state on the model's device.
 struct DeviceState<B: Backend> {
     moments: Moments<B>,
-    /// The parts of the owned range exempt from weight decay (norms, biases), relative to its
-    /// start; empty when `decays` is false (nothing decays) or everything decays.
-    exempt: Vec<Range<usize>>,
-    /// Whether weight decay applies to any of the owned range.
-    decays: bool,
+    /// The parameters' parts of the range, relative to its start, and whether weight decay
+    /// applies to each ([`owned_pieces`]).
+    pieces: Vec<(Range<usize>, bool)>,
 }
 
-/// A ZeRO-3 weight and the AdamW moments of this rank's shard of it.
-#[derive(Debug)]
-struct PartitionedParam {
-    weight: Arc<ShardedWeight>,
-    exp_avg: Vec<f32>,
-    exp_avg_sq: Vec<f32>,
+/// A ZeRO-3 weight (of the inner backend `I`) and the AdamW moments of this rank's shard of it.
+struct PartitionedParam<I: Backend> {
+    weight: Arc<ShardedWeight<I>>,
+    /// On the device, or on the host when the optimizer is offloaded; `None` until the first
+    /// step or a resume creates them.
+    moments: Option<ShardMoments<I>>,
 }
 
-impl PartitionedParam {
-    fn new(weight: Arc<ShardedWeight>) -> Self {
-        let owned = weight.values().len();
-        Self { weight, exp_avg: vec![0.0; owned], exp_avg_sq: vec![0.0; owned] }
-    }
+/// Where a partitioned weight's moments live, and so where its update runs.
+enum ShardMoments<I: Backend> {
+    /// `offload_optimizer_device: cpu`: host vectors, the shard read and written back each step.
+    Host { exp_avg: Vec<f32>, exp_avg_sq: Vec<f32> },
+    /// The shard's device, updated there.
+    Device(DeviceState<I>),
 }
 
 /// Bytes of training state one rank keeps between steps, by kind (what the stage shards).
@@ -135,9 +134,12 @@ pub struct DataParallel {
     stage: ZeroStage,
     shards: Option<Shards>,
     /// ZeRO-3's partitioned weights, in module order (empty before [`DataParallel::partition`]).
-    sharded: Vec<Arc<ShardedWeight>>,
-    /// The trainable ones among them, with their moments.
-    partitioned: Vec<PartitionedParam>,
+    sharded: Vec<Arc<dyn CompressedWeight>>,
+    /// The trainable ones among them with their moments: a `Vec<PartitionedParam<I>>` of the
+    /// model's inner backend, boxed because the group is not generic over the backend.
+    partitioned: Option<Box<dyn Any + Send>>,
+    /// Values in this rank's shards of the trainable partitioned weights.
+    partitioned_len: usize,
     metric_names: Option<Vec<String>>,
     /// Peak RSS at the end of the training steps ([`DataParallel::note_training_peak`]).
     training_peak: Option<u64>,
@@ -164,7 +166,8 @@ impl DataParallel {
             stage,
             shards: None,
             sharded: Vec::new(),
-            partitioned: Vec::new(),
+            partitioned: None,
+            partitioned_len: 0,
             metric_names: None,
             training_peak: None,
             mixed_precision: "no".into(),
@@ -228,8 +231,11 @@ impl DataParallel {
             return Ok(model);
         }
         let (model, sharded) = zero3::partition(model, &self.group)?;
-        self.partitioned = sharded.iter().filter(|w| w.is_trainable()).cloned().map(PartitionedParam::new).collect();
-        self.sharded = sharded;
+        let trainable: Vec<PartitionedParam<B::InnerBackend>> =
+            sharded.iter().filter(|w| w.is_trainable()).map(|w| PartitionedParam { weight: w.clone(), moments: None }).collect();
+        self.partitioned_len = trainable.iter().map(|p| p.weight.owned_len()).sum();
+        self.partitioned = Some(Box::new(trainable));
+        self.sharded = sharded.into_iter().map(|w| w as Arc<dyn CompressedWeight>).collect();
         Ok(model)
     }
 
@@ -250,7 +256,7 @@ impl DataParallel {
         if self.sharded.is_empty() {
             return Ok(model.clone());
         }
-        Ok(zero3::gathered(model, &self.sharded)?)
+        Ok(zero3::gathered(model, &self.sharded, &self.group)?)
     }
 
     /// This rank's part of a micro-batch of the global step: contiguous, sizes differing by at
@@ -328,38 +334,28 @@ impl DataParallel {
         grads: &GradientsParams,
     ) -> Result<(M, StepReport), TrainError> {
         self.ensure_shards(&model);
+        let offload = self.offload_optimizer == Some(true);
         let Self { group, shards, partitioned, .. } = self;
         let mut comm = group.lock();
         let (comm, shards) = (&mut **comm, shards.as_mut().expect("built by ensure_shards"));
-        // ZeRO-3's partitioned weights: their gradient shards were summed inside the backward pass.
-        let partitioned_grads: Vec<Vec<f32>> = partitioned.iter().map(|p| p.weight.take_gradient()).collect();
-        let partitioned_sq: f64 = partitioned_grads.iter().flatten().map(|&g| g as f64 * g as f64).sum();
+        // ZeRO-3's partitioned weights: their gradient shards were summed inside the backward
+        // pass, on the device; their squares are summed there, weight by weight.
+        let partitioned = partitioned_of::<B::InnerBackend>(partitioned);
+        let partitioned_grads: Vec<_> = partitioned.iter().map(|p| p.weight.take_gradient()).collect();
+        let partitioned_sq = partitioned_grads.iter().map(|g| g.clone().square().sum()).reduce(|total, sq| total + sq);
         let Shards { segments, plan, state } = shards;
         let (model, report) = match state {
             OwnedState::Host { exp_avg, exp_avg_sq } => {
                 let moments = (exp_avg.as_mut_slice(), exp_avg_sq.as_mut_slice());
+                let partitioned_sq = partitioned_sq.map_or(0.0, |sq| sq.into_scalar().elem::<f64>());
                 host_step(comm, plan, segments, moments, partitioned_sq, config, optimizer_step, lr, model, grads)?
             }
             OwnedState::Device(state) => {
                 device_step(comm, plan, segments, state, partitioned_sq, config, optimizer_step, lr, model, grads)?
             }
         };
-        for (p, grad) in partitioned.iter_mut().zip(&partitioned_grads) {
-            let whole = 0..p.weight.layout().len();
-            let pieces = [(whole, !excluded_from_decay(&p.weight.path))];
-            let mut values = p.weight.values();
-            adamw_update(
-                config,
-                optimizer_step,
-                lr,
-                report.clip_coef,
-                &pieces,
-                p.weight.owned_start(),
-                &mut values,
-                grad,
-                &mut p.exp_avg,
-                &mut p.exp_avg_sq,
-            );
+        for (p, grad) in partitioned.iter_mut().zip(partitioned_grads) {
+            p.update(grad, report.clip_coef, config, optimizer_step, lr, offload);
         }
         Ok((model, report))
     }
@@ -371,12 +367,18 @@ impl DataParallel {
         optimizer.step = step;
         let Some(shards) = &self.shards else { return Ok(optimizer) };
         let mut comm = self.group.lock();
-        for p in &self.partitioned {
+        for p in partitioned_of::<B>(&mut self.partitioned).iter() {
             let layout = p.weight.layout();
             let tensor = |v: Vec<f32>| Tensor::<B, 1>::from_data(TensorData::new(v, [layout.len()]), device);
-            let moments = Moments {
-                exp_avg: tensor(comm.all_gather(&p.exp_avg, layout)?),
-                exp_avg_sq: tensor(comm.all_gather(&p.exp_avg_sq, layout)?),
+            let moments = match &p.moments {
+                Some(ShardMoments::Host { exp_avg, exp_avg_sq }) => {
+                    Moments { exp_avg: tensor(comm.all_gather(exp_avg, layout)?), exp_avg_sq: tensor(comm.all_gather(exp_avg_sq, layout)?) }
+                }
+                Some(ShardMoments::Device(state)) => Moments {
+                    exp_avg: tensor_collectives::all_gather(&mut **comm, state.moments.exp_avg.clone(), layout)?,
+                    exp_avg_sq: tensor_collectives::all_gather(&mut **comm, state.moments.exp_avg_sq.clone(), layout)?,
+                },
+                None => zero_moments(layout.len(), device),
             };
             optimizer.state.insert(p.weight.path.clone(), moments);
         }
@@ -435,15 +437,21 @@ impl DataParallel {
                 let device = model.devices().into_iter().next().expect("a model with trainable parameters has a device");
                 let tensor = |v: Vec<f32>| Tensor::<B::InnerBackend, 1>::from_data(TensorData::new(v, [range.len()]), &device);
                 let moments = Moments { exp_avg: tensor(m), exp_avg_sq: tensor(v) };
-                *state = Some(Box::new(DeviceState::new(moments, &shards.segments, &range)));
+                *state = Some(Box::new(DeviceState { moments, pieces: owned_pieces(&shards.segments, &range).collect() }));
             }
         }
-        for p in &mut self.partitioned {
+        let offload = self.offload_optimizer == Some(true);
+        for p in partitioned_of::<B::InnerBackend>(&mut self.partitioned) {
             let Some(moments) = optimizer.state.get(&p.weight.path) else { continue };
-            let start = p.weight.owned_start();
-            let len = p.exp_avg.len();
-            p.exp_avg = host(moments.exp_avg.clone())[start..start + len].to_vec();
-            p.exp_avg_sq = host(moments.exp_avg_sq.clone())[start..start + len].to_vec();
+            let owned = p.weight.owned_start()..p.weight.owned_start() + p.weight.owned_len();
+            p.moments = Some(if offload {
+                let part = |t: &Tensor<B::InnerBackend, 1>| host(t.clone())[owned.clone()].to_vec();
+                ShardMoments::Host { exp_avg: part(&moments.exp_avg), exp_avg_sq: part(&moments.exp_avg_sq) }
+            } else {
+                let part = |t: &Tensor<B::InnerBackend, 1>| owned_copy(t.clone(), &owned);
+                let moments = Moments { exp_avg: part(&moments.exp_avg), exp_avg_sq: part(&moments.exp_avg_sq) };
+                ShardMoments::Device(DeviceState { moments, pieces: p.pieces() })
+            });
         }
         Ok(())
     }
@@ -462,7 +470,6 @@ impl DataParallel {
         let show = |b: Option<u64>| b.map_or("unknown".to_string(), |b| format!("{:.0} MiB", mib(b as usize)));
         let peak = format!("{} during the steps, {} overall", show(self.training_peak), show(alignment_core::memory::peak_rss_bytes()));
         let place = match self.shards.as_ref().map(|s| &s.state) {
-            Some(OwnedState::Device(_)) if !self.partitioned.is_empty() => " (on the device; the partitioned weights' on the host)",
             Some(OwnedState::Device(_)) => " (on the device)",
             Some(OwnedState::Host { .. }) => " (on the host)",
             None => "",
@@ -486,7 +493,7 @@ impl DataParallel {
         // own shard for ZeRO-2/3 (reduce-scatter).
         let grads = if self.stage.shards_gradients() { s.plan.owned_range().len() } else { total };
         // ZeRO-3's partitioned weights: only the own shard of values, gradient and moments.
-        let shard: usize = self.partitioned.iter().map(|p| p.exp_avg.len()).sum();
+        let shard = self.partitioned_len;
         HeldState { params: 4 * (total + shard), grads: 4 * (grads + shard), optimizer: 4 * 2 * (s.plan.owned_range().len() + shard) }
     }
 
@@ -591,7 +598,7 @@ fn device_step<B: AutodiffBackend, M: AutodiffModule<B>>(
     plan: &ZeroPlan,
     segments: &[Segment],
     state: &mut Option<Box<dyn Any + Send>>,
-    partitioned_sq: f64,
+    partitioned_sq: Option<Tensor<B::InnerBackend, 1>>,
     config: &AdamWConfig,
     optimizer_step: u64,
     lr: f64,
@@ -607,12 +614,13 @@ fn device_step<B: AutodiffBackend, M: AutodiffModule<B>>(
         ZeroStage::Zero2 | ZeroStage::Zero3 => tensor_collectives::reduce_scatter_sum(comm, flat_grads, &plan.layout)?,
     };
     // Summed parameter by parameter, as the one-process step sums it: one f32 sum over the whole
-    // flat buffer (10⁸ values) loses ≈ 1 % to rounding.
+    // flat buffer (10⁸ values) loses ≈ 1 % to rounding. ZeRO-3's partitioned weights add theirs.
     let local_sq = owned_pieces(segments, &range)
         .map(|(piece, _)| owned_grads.clone().narrow(0, piece.start, piece.len()).square().sum())
+        .chain(partitioned_sq)
         .reduce(|total, piece| total + piece)
         .map_or(0.0, |total| total.into_scalar().elem::<f64>());
-    let grad_norm = plan.sum_of_owned_parts(comm, local_sq + partitioned_sq)?.sqrt();
+    let grad_norm = plan.sum_of_owned_parts(comm, local_sq)?.sqrt();
     let clip_coef = config.clip_factor(grad_norm);
     // As the host pass: the gradient is multiplied only when clipping (by 1 it keeps its bits).
     let owned_grads = if clip_coef < 1.0 { owned_grads.mul_scalar(clip_coef as f32) } else { owned_grads };
@@ -620,10 +628,10 @@ fn device_step<B: AutodiffBackend, M: AutodiffModule<B>>(
     let owned_params = if range.len() == plan.layout.len() { flat_params } else { flat_params.narrow(0, range.start, range.len()) };
     let owned_state = match state.take() {
         Some(boxed) => *boxed.downcast::<DeviceState<B::InnerBackend>>().unwrap_or_else(|_| panic!("one backend per run")),
-        None => DeviceState::new(zero_moments(range.len(), &device), segments, &range),
+        None => DeviceState { moments: zero_moments(range.len(), &device), pieces: owned_pieces(segments, &range).collect() },
     };
     let scalars = |decays| AdamWScalars::new(config, lr, optimizer_step as i32, decays);
-    let (owned_params, owned_state) = owned_state.update(owned_params, owned_grads, segments, &range, scalars);
+    let (owned_params, owned_state) = owned_state.update(owned_params, owned_grads, scalars);
     *state = Some(Box::new(owned_state));
     let full = if plan.stage.shards_optimizer_state() {
         tensor_collectives::all_gather(comm, owned_params, &plan.layout)?
@@ -634,30 +642,78 @@ fn device_step<B: AutodiffBackend, M: AutodiffModule<B>>(
 }
 
 impl<B: Backend> DeviceState<B> {
-    /// One AdamW update of the owned range `params` from its clipped gradient `grads`, with
-    /// `scalars(decays)`: the tensor formulation with the exempt ranges, or on the CPU backend,
-    /// whose device is the host, its one threaded pass parameter by parameter (`cpu_adamw`;
-    /// the same bits).
-    fn update(
-        self,
-        params: Tensor<B, 1>,
-        grads: Tensor<B, 1>,
-        segments: &[Segment],
-        range: &Range<usize>,
-        scalars: impl Fn(bool) -> AdamWScalars,
-    ) -> (Tensor<B, 1>, Self) {
-        let Self { moments, exempt, decays } = self;
+    /// One AdamW update of the range `params` from its clipped gradient `grads`, with
+    /// `scalars(decays)`: the tensor formulation, one call with the pieces exempt from weight
+    /// decay (norms, biases) passed as ranges, or on the CPU backend, whose device is the host,
+    /// its one threaded pass piece by piece (`cpu_adamw`; the same bits).
+    fn update(self, params: Tensor<B, 1>, grads: Tensor<B, 1>, scalars: impl Fn(bool) -> AdamWScalars) -> (Tensor<B, 1>, Self) {
+        let Self { moments, pieces } = self;
         #[cfg(feature = "ndarray")]
         if crate::cpu_adamw::applies::<B>() {
-            let pieces: Vec<_> = owned_pieces(segments, range).map(|(r, d)| (r, scalars(d))).collect();
-            let (params, moments) = crate::cpu_adamw::update_pieces(params, grads, moments, &pieces);
-            return (params, Self { moments, exempt, decays });
+            let scaled: Vec<_> = pieces.iter().map(|(r, d)| (r.clone(), scalars(*d))).collect();
+            let (params, moments) = crate::cpu_adamw::update_pieces(params, grads, moments, &scaled);
+            return (params, Self { moments, pieces });
         }
-        #[cfg(not(feature = "ndarray"))]
-        let _ = (segments, range);
+        let decays = pieces.iter().any(|(_, decay)| *decay);
+        // Without any decay the exempt ranges make no difference: none are passed.
+        let exempt: Vec<_> = pieces.iter().filter(|(_, decay)| decays && !decay).map(|(r, _)| r.clone()).collect();
         let (params, moments) = adamw_on_tensors(params, grads, moments, &scalars(decays), &exempt);
-        (params, Self { moments, exempt, decays })
+        (params, Self { moments, pieces })
     }
+}
+
+impl<I: Backend> PartitionedParam<I> {
+    /// The shard as one piece, with its weight decay.
+    fn pieces(&self) -> Vec<(Range<usize>, bool)> {
+        vec![(0..self.weight.owned_len(), !excluded_from_decay(&self.weight.path))]
+    }
+
+    /// One AdamW update of this rank's shard from its summed gradient `grad` and the step's
+    /// clipping factor, where its moments live (created on the first step: on the host when
+    /// `offload`, else on the shard's device).
+    fn update(&mut self, grad: Tensor<I, 1>, clip_coef: f64, config: &AdamWConfig, step: u64, lr: f64, offload: bool) {
+        let (len, pieces, device) = (self.weight.owned_len(), self.pieces(), grad.device());
+        let moments = self.moments.take().unwrap_or_else(|| match offload {
+            true => ShardMoments::Host { exp_avg: vec![0.0; len], exp_avg_sq: vec![0.0; len] },
+            false => ShardMoments::Device(DeviceState { moments: zero_moments(len, &device), pieces: pieces.clone() }),
+        });
+        self.moments = Some(match moments {
+            ShardMoments::Host { mut exp_avg, mut exp_avg_sq } => {
+                let grad = host(grad);
+                self.weight.update_values(|values| {
+                    let mut values = host(values);
+                    adamw_update(config, step, lr, clip_coef, &pieces, 0, &mut values, &grad, &mut exp_avg, &mut exp_avg_sq);
+                    Tensor::from_data(TensorData::new(values, [len]), &device)
+                });
+                ShardMoments::Host { exp_avg, exp_avg_sq }
+            }
+            ShardMoments::Device(state) => {
+                // As the flat range: the gradient is multiplied only when clipping.
+                let grad = if clip_coef < 1.0 { grad.mul_scalar(clip_coef as f32) } else { grad };
+                let mut updated = None;
+                self.weight.update_values(|values| {
+                    let (values, state) = state.update(values, grad, |decays| AdamWScalars::new(config, lr, step as i32, decays));
+                    updated = Some(state);
+                    values
+                });
+                ShardMoments::Device(updated.expect("set by the update"))
+            }
+        });
+    }
+}
+
+/// ZeRO-3's trainable partitioned weights, of the inner backend `I` (none without ZeRO-3).
+fn partitioned_of<I: Backend>(partitioned: &mut Option<Box<dyn Any + Send>>) -> &mut [PartitionedParam<I>] {
+    match partitioned {
+        Some(boxed) => boxed.downcast_mut::<Vec<PartitionedParam<I>>>().unwrap_or_else(|| panic!("one backend per run")),
+        None => &mut [],
+    }
+}
+
+/// A new tensor holding `t[range]` (not a view, which would keep all of `t`'s buffer alive).
+fn owned_copy<B: Backend>(t: Tensor<B, 1>, range: &Range<usize>) -> Tensor<B, 1> {
+    let device = t.device();
+    t.select(0, Tensor::<B, 1, Int>::arange(range.start as i64..range.end as i64, &device))
 }
 
 /// The parameters' parts inside the owned `range`: each one's range relative to `range.start`
@@ -672,18 +728,6 @@ fn owned_pieces<'a>(segments: &'a [Segment], range: &'a Range<usize>) -> impl It
 
 fn zero_moments<B: Backend>(len: usize, device: &B::Device) -> Moments<B> {
     Moments { exp_avg: Tensor::zeros([len], device), exp_avg_sq: Tensor::zeros([len], device) }
-}
-
-impl<B: Backend> DeviceState<B> {
-    /// The state of the owned `range` of the flat numbering of `segments`, with `moments`.
-    fn new(moments: Moments<B>, segments: &[Segment], range: &Range<usize>) -> Self {
-        let decays = owned_pieces(segments, range).any(|(_, decay)| decay);
-        let exempt = match decays {
-            true => owned_pieces(segments, range).filter(|(_, decay)| !decay).map(|(r, _)| r).collect(),
-            false => Vec::new(),
-        };
-        Self { moments, exempt, decays }
-    }
 }
 
 /// The trainable parameters of `model` in module order, with their offsets.

@@ -229,7 +229,7 @@ fn add_head_gradient<B: AutodiffBackend>(
         None => (model.embed_tokens.id, model.embed_compressed.clone()),
     };
     match compressed {
-        Some(weight) => weight.accumulate_gradient(grad.into_data().convert::<f32>().into_vec::<f32>().expect("f32 after convert")),
+        Some(weight) => weight.accumulate_gradient(Box::new(grad)),
         None => {
             let mut grads = GradientsParams::new();
             grads.register::<B::InnerBackend, 2>(id, grad);

@@ -268,24 +268,31 @@ fn lora_on_zero3_ranks_matches_one_process() {
 #[test]
 fn the_offloaded_optimizer_trains_as_the_one_on_the_device() {
     let root = tempfile::tempdir().unwrap();
-    let zero2 = std::fs::read_to_string(repo().join("recipes/accelerate_configs/deepspeed_zero2.yaml")).unwrap();
-    assert!(zero2.contains("offload_optimizer_device: none"), "the shipped ZeRO-2 config keeps the optimizer on the device");
-    let offloaded = root.path().join("deepspeed_zero2_offload.yaml");
-    std::fs::write(&offloaded, zero2.replace("offload_optimizer_device: none", "offload_optimizer_device: cpu")).unwrap();
-    let mut curves = Vec::new();
-    for (place, config) in [("device", repo().join("recipes/accelerate_configs/deepspeed_zero2.yaml")), ("host", offloaded)] {
-        let out = root.path().join(place);
-        let outputs = launch(2, &config.display().to_string(), &out, &[]);
-        check_ok(&outputs);
-        for (rank, output) in outputs.iter().enumerate() {
-            let stderr = String::from_utf8_lossy(&output.stderr);
-            assert!(stderr.contains(&format!("(on the {place})")), "rank {rank} should say its moments were on the {place}:\n{stderr}");
+    // ZeRO-2 (the flat vector's moments) and ZeRO-3 (the partitioned weights' moments too).
+    for stage in ["deepspeed_zero2", "deepspeed_zero3"] {
+        let shipped = repo().join(format!("recipes/accelerate_configs/{stage}.yaml"));
+        let text = std::fs::read_to_string(&shipped).unwrap();
+        assert!(text.contains("offload_optimizer_device: none"), "the shipped {stage} config keeps the optimizer on the device");
+        let offloaded = root.path().join(format!("{stage}_offload.yaml"));
+        std::fs::write(&offloaded, text.replace("offload_optimizer_device: none", "offload_optimizer_device: cpu")).unwrap();
+        let mut curves = Vec::new();
+        for (place, config) in [("device", shipped), ("host", offloaded)] {
+            let out = root.path().join(format!("{stage}-{place}"));
+            let outputs = launch(2, &config.display().to_string(), &out, &[]);
+            check_ok(&outputs);
+            for (rank, output) in outputs.iter().enumerate() {
+                let stderr = String::from_utf8_lossy(&output.stderr);
+                assert!(
+                    stderr.contains(&format!("(on the {place})")),
+                    "{stage} rank {rank} should say its moments were on the {place}:\n{stderr}"
+                );
+            }
+            curves.push(report_losses(&report(&out, 0)));
         }
-        curves.push(report_losses(&report(&out, 0)));
+        let diff = max_relative_difference(&curves[0], &curves[1]);
+        println!("{stage}, optimizer on the device vs offloaded: max relative loss difference {diff:.2e}");
+        assert!(diff <= 1e-6, "{stage}: {diff:e}\ndevice {:?}\nhost {:?}", curves[0], curves[1]);
     }
-    let diff = max_relative_difference(&curves[0], &curves[1]);
-    println!("ZeRO-2, optimizer on the device vs offloaded: max relative loss difference {diff:.2e}");
-    assert!(diff <= 1e-6, "{diff:e}\ndevice {:?}\nhost {:?}", curves[0], curves[1]);
 }
 
 #[test]
@@ -296,29 +303,35 @@ fn checkpoints_move_between_world_sizes() {
     let single_dir = root.path().join("single");
     let (_, single) = train(model, &task(), &examples(), &eval_examples(), &config(&single_dir, GLOBAL_BATCH, None), &device).unwrap();
     let expected = losses(&single.history);
+    // ZeRO-3 with its moments offloaded too: a resume fills host vectors.
+    let zero3 = std::fs::read_to_string(repo().join("recipes/accelerate_configs/deepspeed_zero3.yaml")).unwrap();
+    let offloaded = root.path().join("deepspeed_zero3_offload.yaml");
+    std::fs::write(&offloaded, zero3.replace("offload_optimizer_device: none", "offload_optimizer_device: cpu")).unwrap();
+    let offloaded = offloaded.display().to_string();
 
-    for stage in ["deepspeed_zero2.yaml", "deepspeed_zero3.yaml"] {
+    for stage in ["deepspeed_zero2.yaml", "deepspeed_zero3.yaml", offloaded.as_str()] {
+        let stage_name = Path::new(stage).file_name().unwrap().to_string_lossy();
         // Saved by 2 ranks (moments sharded; ZeRO-3: weights too), resumed by 1 process.
-        let two = root.path().join(format!("two-{stage}"));
+        let two = root.path().join(format!("two-{stage_name}"));
         check_ok(&launch(2, stage, &two, &[]));
         let checkpoint = list_checkpoints(&two.join("run")).pop().unwrap().1;
         let model = load_pretrained::<CpuAutodiff>(&fixture(), &device).unwrap();
-        let one = root.path().join(format!("one-{stage}"));
+        let one = root.path().join(format!("one-{stage_name}"));
         let (_, resumed) =
             train(model, &task(), &examples(), &eval_examples(), &config(&one, GLOBAL_BATCH, Some(checkpoint)), &device).unwrap();
         let after: Vec<(u64, f64)> = losses(&resumed.history).into_iter().filter(|(s, _)| *s > 3).collect();
         let diff = max_relative_difference(&expected[3..], &after);
-        println!("{stage}: 2 ranks → 1 process: max relative difference {diff:.2e}");
-        assert!(diff <= 1e-5, "{stage}: {diff:e}");
+        println!("{stage_name}: 2 ranks → 1 process: max relative difference {diff:.2e}");
+        assert!(diff <= 1e-5, "{stage_name}: {diff:e}");
 
         // Saved by 1 process, resumed by 2 ranks.
         let checkpoint = list_checkpoints(&single_dir).pop().unwrap().1;
-        let resumed_two = root.path().join(format!("resumed-two-{stage}"));
+        let resumed_two = root.path().join(format!("resumed-two-{stage_name}"));
         check_ok(&launch(2, stage, &resumed_two, &[("DP_TEST_RESUME", checkpoint.display().to_string())]));
         let after: Vec<(u64, f64)> = report_losses(&report(&resumed_two, 0)).into_iter().filter(|(s, _)| *s > 3).collect();
         let diff = max_relative_difference(&expected[3..], &after);
-        println!("{stage}: 1 process → 2 ranks: max relative difference {diff:.2e}");
-        assert!(diff <= 1e-5, "{stage}: {diff:e}");
+        println!("{stage_name}: 1 process → 2 ranks: max relative difference {diff:.2e}");
+        assert!(diff <= 1e-5, "{stage_name}: {diff:e}");
     }
 }
 

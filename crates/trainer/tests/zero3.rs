@@ -57,12 +57,12 @@ fn partitioned_weights_get_the_dense_gradients_and_gather_back() {
     let dense_weights = std::iter::once(values(dense.embed_tokens.grad(&dense_grads).unwrap())).chain(dense_linears);
     let mut worst = 0.0f32;
     for (weight, expected) in weights.iter().zip(dense_weights) {
-        let got = weight.take_gradient();
+        let got = values(weight.take_gradient());
         let scale = expected.iter().fold(0.0f32, |m, g| m.max(g.abs()));
         let diff = max_abs_difference(&expected, &got);
         worst = worst.max(diff / scale);
         assert!(diff <= 1e-5 * scale, "{}: ∂W differs by {diff:e} (largest {scale:e})", weight.path);
-        assert!(weight.take_gradient().iter().all(|&g| g == 0.0), "taking the gradient resets it");
+        assert!(values(weight.take_gradient()).iter().all(|&g| g == 0.0), "taking the gradient resets it");
     }
     println!("largest ∂W difference relative to the largest entry: {worst:.2e}");
     // The norms stay ordinary parameters with ordinary gradients.
@@ -70,7 +70,7 @@ fn partitioned_weights_get_the_dense_gradients_and_gather_back() {
     let diff = max_abs_difference(&norm(&dense, &dense_grads), &norm(&sharded, &sharded_grads));
     assert!(diff <= 1e-6, "final norm gradient differs by {diff:e}");
 
-    let whole = gathered(&sharded.valid(), &weights).unwrap();
+    let whole = gathered(&sharded.valid(), &weights, &group).unwrap();
     let digest = |m: &alignment_models::CausalLm<_>| {
         alignment_models::pretrained::named_tensors(m).into_iter().map(|t| (t.name, t.values)).collect::<Vec<_>>()
     };
@@ -109,7 +109,7 @@ fn a_frozen_lora_base_is_partitioned_and_adapters_get_the_dense_gradients() {
         let scale = e.iter().fold(0.0f32, |m, x| m.max(x.abs()));
         assert!(max_abs_difference(e, g) <= 1e-5 * scale.max(1e-12), "adapter gradient differs");
     }
-    let whole = gathered(&sharded.valid(), &weights).unwrap();
+    let whole = gathered(&sharded.valid(), &weights, &group).unwrap();
     assert!(
         !whole.embed_tokens.is_require_grad() && !whole.layers[0].self_attn.q_proj.weight.is_require_grad(),
         "gathered weights stay frozen"
