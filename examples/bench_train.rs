@@ -21,6 +21,9 @@
 //! metrics and the first step's gradients with values the CPU backend wrote
 //! (`--write-reference` on the CPU, `--reference` on the GPU). A mixed-precision backend
 //! (`cuda-bf16`) is compared with the same f32 values, within `step_check::MIXED_TOLERANCE`.
+//! Without mixed products it also runs ZeRO-3's first step in a world of one
+//! (`step_check::run_zero3_case`, reported as `zero3-sft`, `zero3-lora`): the shards on this
+//! backend's device, against the dense reference.
 
 use alignment_handbook::step_check::{self, dpo_pair, read_metrics, sft_row, train_step};
 use alignment_models::{random_model, CausalLm, ModelConfig};
@@ -384,7 +387,7 @@ fn run_check<B: AutodiffBackend>(args: &CheckArgs, matmul_dtype: Option<FloatDTy
     let tolerance = if args.backend.ends_with("pure-bf16") { step_check::MIXED_TOLERANCE } else { step_check::tolerance(matmul_dtype) };
     let mut report = Map::new();
     let mut all_pass = true;
-    println!("{:<8} {:>14} {:>14} {:>10}  result", "case", "max rel scalar", "max rel grad", "tolerance");
+    println!("{:<10} {:>14} {:>14} {:>10}  result", "case", "max rel scalar", "max rel grad", "tolerance");
     for case in step_check::CASES {
         let name = case.name;
         let start = Instant::now();
@@ -405,13 +408,35 @@ fn run_check<B: AutodiffBackend>(args: &CheckArgs, matmul_dtype: Option<FloatDTy
             all_pass &= pass;
             let missing = if diff.missing.is_empty() { String::new() } else { format!(", missing: {}", diff.missing.join(" ")) };
             println!(
-                "{name:<8} {:>14.3e} {:>14.3e} {tolerance:>10.0e}  {} (worst: {}{missing})",
+                "{name:<10} {:>14.3e} {:>14.3e} {tolerance:>10.0e}  {} (worst: {}{missing})",
                 diff.max_rel_scalar,
                 diff.max_rel_grad,
                 if pass { "PASS" } else { "FAIL" },
                 diff.worst
             );
             report.insert(name.into(), json!({"max_rel_scalar": diff.max_rel_scalar, "max_rel_grad": diff.max_rel_grad, "tolerance": tolerance, "pass": pass, "worst": diff.worst, "missing": diff.missing, "seconds": start.elapsed().as_secs_f64()}));
+        }
+    }
+    // ZeRO-3's first step (shards on this backend's device, gathered and reduced inside the
+    // passes) against the dense reference; once per backend, without mixed products.
+    if let (Some(dir), None) = (&args.reference, matmul_dtype) {
+        for case in step_check::ZERO3_CASES {
+            let name = format!("zero3-{}", case.name);
+            let start = Instant::now();
+            let values = step_check::run_zero3_case::<B>(&fixture, case, device).map_err(|e| e.to_string())?;
+            let expected = step_check::first_step(&step_check::read_reference(dir, case.name).map_err(|e| e.to_string())?);
+            let diff = step_check::compare(&values, &expected);
+            let pass = diff.within(tolerance);
+            all_pass &= pass;
+            println!(
+                "{name:<10} {:>14.3e} {:>14.3e} {tolerance:>10.0e}  {} (worst: {}{})",
+                diff.max_rel_scalar,
+                diff.max_rel_grad,
+                if pass { "PASS" } else { "FAIL" },
+                diff.worst,
+                if diff.missing.is_empty() { String::new() } else { format!(", missing: {}", diff.missing.join(" ")) }
+            );
+            report.insert(name, json!({"max_rel_scalar": diff.max_rel_scalar, "max_rel_grad": diff.max_rel_grad, "tolerance": tolerance, "pass": pass, "worst": diff.worst, "missing": diff.missing, "seconds": start.elapsed().as_secs_f64()}));
         }
     }
     if let Some(path) = &args.report {

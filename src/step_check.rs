@@ -37,6 +37,8 @@ pub enum CheckError {
     Io { path: PathBuf, source: std::io::Error },
     #[error("{path}: {message}")]
     Reference { path: PathBuf, message: String },
+    #[error("ZeRO-3: {0}")]
+    Zero3(String),
 }
 
 /// One kind of run the check covers.
@@ -199,6 +201,40 @@ pub fn run_case<B: AutodiffBackend>(
         model = updated;
     }
     Ok(values)
+}
+
+/// The cases ZeRO-3 is checked on ([`run_zero3_case`]): SFT (every weight partitioned and
+/// trained) and LoRA (a partitioned frozen base); QLoRA's NF4 base is not partitioned.
+pub const ZERO3_CASES: [Case; 2] = [CASES[0], CASES[2]];
+
+/// The first step of `case` under ZeRO-3 in a world of one: the embedding and projections
+/// partitioned into shards on `B`'s device (`trainer::zero3`), gathered inside the passes
+/// through the collectives' world-of-one route, their gradients summed into the shards by the
+/// recorded backward steps. Gives what [`first_step`] keeps of [`run_case`]'s values — the
+/// step's metrics and every gradient, the shards' under their parameter paths — for comparison
+/// with the dense model's.
+pub fn run_zero3_case<B: AutodiffBackend>(fixture: &Path, case: Case, device: &B::Device) -> Result<CaseValues, CheckError> {
+    use crate::trainer::zero3::{partition, Group};
+    let (dense, options) = prepare_case::<B>(fixture, case, None, device)?;
+    let group = std::sync::Arc::new(Group::new(Box::new(alignment_distributed::LocalCommunicator::new())));
+    let (model, shards) = partition(dense, &group).map_err(|e| CheckError::Zero3(e.to_string()))?;
+    // The step's own update reaches only the parameters outside the shards; it is not used.
+    let mut optimizer = AdamW::<B::InnerBackend>::new(AdamWConfig::default());
+    let (_, pending, grads, _) = case_step(model.clone(), case, &mut optimizer, &options, device);
+    group.check().map_err(|e| CheckError::Zero3(e.to_string()))?;
+    let mut values = CaseValues { scalars: read_metrics(pending).into_iter().map(|(k, v)| (format!("step0/{k}"), v)).collect(), grads: named_gradients(&model, &grads) };
+    for shard in shards.iter().filter(|s| crate::models::CompressedWeight::is_trainable(s.as_ref())) {
+        let grad = shard.take_gradient().into_data().convert::<f32>().into_vec::<f32>().expect("f32 after convert");
+        values.grads.insert(shard.path.clone(), grad);
+    }
+    Ok(values)
+}
+
+/// The part of [`run_case`]'s values that [`run_zero3_case`] gives: the first step's metrics
+/// (its grad norm is the data-parallel update's, not computed there) and the gradients.
+pub fn first_step(values: &CaseValues) -> CaseValues {
+    let scalars = values.scalars.iter().filter(|(k, _)| k.starts_with("step0/") && *k != "step0/grad_norm");
+    CaseValues { scalars: scalars.map(|(k, v)| (k.clone(), *v)).collect(), grads: values.grads.clone() }
 }
 
 /// The smallest magnitude a scalar is compared relative to. DPO's `logits/chosen` is a mean of

@@ -8,8 +8,10 @@
 //! bf16; the device runs the same path in bf16), within 2e-2 of the f32 values. On the CPU the
 //! mixed path runs with f64 products, which must not move anything beyond f32 rounding. With
 //! `--features tch` (scripts/test.sh, against the reference venv's torch) every case runs on
-//! libtorch's CPU kernels too, in f32 and with bf16 products. The other tests check the
-//! comparison itself and the reference files the GPU machine reads.
+//! libtorch's CPU kernels too, in f32 and with bf16 products. On each backend ZeRO-3's first
+//! step (`step_check::run_zero3_case`: shards on the device, gathered and reduced inside the
+//! passes) must equal the dense model's on the CPU. The other tests check the comparison itself
+//! and the reference files the GPU machine reads.
 
 use alignment_handbook::core::backend::CpuAutodiff;
 use alignment_handbook::step_check::{self, CaseValues, CASES};
@@ -113,16 +115,44 @@ fn differences_from_the_cpu<AD: burn::tensor::backend::AutodiffBackend>(device: 
     failures
 }
 
+/// ZeRO-3's first step on `AD` (shards on its device, gathered and reduced inside the passes)
+/// against the dense model's on the CPU: the cases of `step_check::ZERO3_CASES` that differ
+/// beyond `tolerance`.
+fn zero3_differences_from_the_cpu<AD: burn::tensor::backend::AutodiffBackend>(device: &AD::Device, tolerance: f64) -> Vec<String> {
+    let cpu_device = Default::default();
+    let mut failures = Vec::new();
+    for case in step_check::ZERO3_CASES {
+        let dense = step_check::first_step(&step_check::run_case::<CpuAutodiff>(&fixture(), case, None, &cpu_device).unwrap());
+        let zero3 = step_check::run_zero3_case::<AD>(&fixture(), case, device).unwrap();
+        let diff = step_check::compare(&zero3, &dense);
+        let name = format!("{} (ZeRO-3)", case.name);
+        println!("{name:<15} scalars {:.2e}  gradients {:.2e}  worst {}", diff.max_rel_scalar, diff.max_rel_grad, diff.worst);
+        assert_eq!(zero3.grads.len(), dense.grads.len(), "{name}: the same parameters have gradients");
+        if !diff.within(tolerance) {
+            failures.push(format!("{name} (tolerance {tolerance:e}): {diff:?}"));
+        }
+    }
+    failures
+}
+
+/// ZeRO-3 on the CPU backend: the partitioned model's first step (its shards' gradients from the
+/// recorded backward steps) equals the dense model's.
+#[test]
+fn zero3_steps_equal_the_dense_steps() {
+    let failures = zero3_differences_from_the_cpu::<CpuAutodiff>(&Default::default(), 1e-6);
+    assert!(failures.is_empty(), "ZeRO-3 differs from the dense step:\n{}", failures.join("\n"));
+}
+
 #[cfg(feature = "wgpu")]
 #[test]
 fn wgpu_training_steps_equal_the_cpu() {
     use alignment_handbook::core::backend::WgpuAutodiff;
-    // ZeRO-3's sharded weights take their recorded backward step on wgpu, as on cuda.
-    assert!(alignment_handbook::models::compressed::records_backward::<WgpuAutodiff>());
     let gpu_device = burn::backend::wgpu::WgpuDevice::default();
     let half = alignment_handbook::core::precision::half_type::<alignment_handbook::core::backend::Wgpu>(&gpu_device);
     assert_eq!(half, Some(FloatDType::F16), "lavapipe has f16 arithmetic (and no bf16)");
-    let failures = differences_from_the_cpu::<WgpuAutodiff>(&gpu_device, FloatDType::F16);
+    let mut failures = differences_from_the_cpu::<WgpuAutodiff>(&gpu_device, FloatDType::F16);
+    // ZeRO-3's shards on the device, with the recorded backward steps of `Autodiff<Wgpu>`.
+    failures.extend(zero3_differences_from_the_cpu::<WgpuAutodiff>(&gpu_device, step_check::F32_TOLERANCE));
     assert!(failures.is_empty(), "wgpu differs from the CPU:\n{}", failures.join("\n"));
 }
 
@@ -134,11 +164,10 @@ fn wgpu_training_steps_equal_the_cpu() {
 #[test]
 fn tch_training_steps_equal_the_cpu() {
     use alignment_handbook::core::backend::{Torch, TorchAutodiff};
-    // ZeRO-3's sharded weights take their recorded backward step on libtorch too.
-    assert!(alignment_handbook::models::compressed::records_backward::<TorchAutodiff>());
     let torch_device = burn::backend::libtorch::LibTorchDevice::Cpu;
     let half = alignment_handbook::core::precision::half_type::<Torch>(&torch_device);
     assert_eq!(half, Some(FloatDType::BF16), "torch's CPU kernels have bf16 arithmetic");
-    let failures = differences_from_the_cpu::<TorchAutodiff>(&torch_device, FloatDType::BF16);
+    let mut failures = differences_from_the_cpu::<TorchAutodiff>(&torch_device, FloatDType::BF16);
+    failures.extend(zero3_differences_from_the_cpu::<TorchAutodiff>(&torch_device, step_check::F32_TOLERANCE));
     assert!(failures.is_empty(), "libtorch differs from the CPU:\n{}", failures.join("\n"));
 }
