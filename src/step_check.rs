@@ -222,7 +222,10 @@ pub fn run_zero3_case<B: AutodiffBackend>(fixture: &Path, case: Case, device: &B
     let mut optimizer = AdamW::<B::InnerBackend>::new(AdamWConfig::default());
     let (_, pending, grads, _) = case_step(model.clone(), case, &mut optimizer, &options, device);
     group.check().map_err(|e| CheckError::Zero3(e.to_string()))?;
-    let mut values = CaseValues { scalars: read_metrics(pending).into_iter().map(|(k, v)| (format!("step0/{k}"), v)).collect(), grads: named_gradients(&model, &grads) };
+    let mut values = CaseValues {
+        scalars: read_metrics(pending).into_iter().map(|(k, v)| (format!("step0/{k}"), v)).collect(),
+        grads: named_gradients(&model, &grads),
+    };
     for shard in shards.iter().filter(|s| crate::models::CompressedWeight::is_trainable(s.as_ref())) {
         let grad = shard.take_gradient().into_data().convert::<f32>().into_vec::<f32>().expect("f32 after convert");
         values.grads.insert(shard.path.clone(), grad);

@@ -15,8 +15,9 @@
 //!
 //! The data-parallel update (`DataParallel::step`) is counted too: with its optimizer on the
 //! device it reads one value per step (its part of the squared gradient norm, which the ranks
-//! sum); offloaded to the host, two (the flat gradient and the flat weights); either way it
-//! updates the parameters as the one-process step does. So is ZeRO-3, whose partitioned
+//! sum); offloaded to the host, one (the flat gradient; the flat weights are read once, at the
+//! first step, into the host's f32 master copy); either way it updates the parameters as the
+//! one-process step does. So is ZeRO-3, whose partitioned
 //! weights are device tensors gathered inside the passes: its whole step reads the same one
 //! value.
 
@@ -220,8 +221,8 @@ fn the_data_parallel_update_stays_on_the_device_and_equals_the_one_process_updat
             } else {
                 assert_eq!(
                     step_reads,
-                    [2, 2, 2],
-                    "{} {stage}: the offloaded update reads the gradients and the weights, one transfer each",
+                    [2, 1, 1],
+                    "{} {stage}: the offloaded update reads the gradients (and the weights once, for the host's master copy)",
                     case.name
                 );
             }
@@ -233,8 +234,8 @@ fn the_data_parallel_update_stays_on_the_device_and_equals_the_one_process_updat
 /// gathered for each product and handed their gradients inside the backward pass, and updated
 /// where they are. A whole optimizer step (two micro-batches' forward and backward passes, the
 /// update) reads one value, its squared gradient norm, on the device; offloaded, the flat
-/// vector's two transfers plus each trainable shard's gradient and values. Either way the
-/// gathered weights follow the one-process run.
+/// gradient, each trainable shard's gradient and their squared norm (and at the first step the
+/// weights, once, for the host's f32 master copy). Either way the gathered weights follow the one-process run.
 #[test]
 fn zero3_keeps_its_shards_on_the_device_and_trains_as_one_process() {
     let _counting = counting();
@@ -276,13 +277,16 @@ fn zero3_keeps_its_shards_on_the_device_and_trains_as_one_process() {
             );
             // Equal here; the bound leaves room for the clipping factor's rounding (as above).
             assert!(worst <= 2e-6, "{} offload {offload}: parameters differ from the one-process update by {worst:e}", case.name);
-            assert!(worst_norm <= 1e-5, "{} offload {offload}: grad norm differs by {worst_norm:e}", case.name);
-            let expected_reads = match offload {
-                false => 1,
-                true if trainable_shards == 0 => 2,
-                true => 3 + 2 * trainable_shards,
+            assert!(worst_norm <= 1e-6, "{} offload {offload}: grad norm differs by {worst_norm:e}", case.name);
+            // Offloaded: the flat gradient, each shard's gradient and their squared norm (summed
+            // on the device, as above); at the first step also the weights, once, for the host's
+            // master copy.
+            let expected_reads = match (offload, trainable_shards) {
+                (false, _) => [1; 3],
+                (true, 0) => [2, 1, 1],
+                (true, n) => [3 + 2 * n, 2 + n, 2 + n],
             };
-            assert_eq!(step_reads, [expected_reads; 3], "{} offload {offload}: reads per optimizer step", case.name);
+            assert_eq!(step_reads, expected_reads, "{} offload {offload}: reads per optimizer step", case.name);
         }
     }
 }

@@ -84,13 +84,50 @@ struct Shards {
 
 /// Where the AdamW state of the owned range lives, and so where its update runs.
 enum OwnedState {
-    /// Host memory, updated by the threaded host pass ([`adamw_on_slices`]); the owned range's
-    /// f32 parameters are read from the model and written back each step. This is
-    /// `offload_optimizer_device: cpu` (DeepSpeed's optimizer offload).
-    Host { exp_avg: Vec<f32>, exp_avg_sq: Vec<f32> },
+    /// Host memory, updated by the threaded host pass ([`adamw_on_slices`]): the owned range's
+    /// f32 master weights and moments, the updated weights written to the model each step. This
+    /// is `offload_optimizer_device: cpu` (DeepSpeed's optimizer offload).
+    Host(HostState),
     /// The model's device: a [`DeviceState`] of the inner backend, boxed because the group is
     /// not generic over the backend; `None` until the first step or a resume creates it.
     Device(Option<Box<dyn Any + Send>>),
+}
+
+/// An offloaded range's state on the host: its f32 master weights, read from the device once
+/// (`None` until the first step), and its AdamW moments. The device then only receives weights:
+/// in the backend's own float type, which may be narrower than the master's.
+struct HostState {
+    master: Option<Vec<f32>>,
+    exp_avg: Vec<f32>,
+    exp_avg_sq: Vec<f32>,
+}
+
+impl HostState {
+    /// Zero moments for `len` values; the master is read at the first step.
+    fn zeros(len: usize) -> Self {
+        Self { master: None, exp_avg: vec![0.0; len], exp_avg_sq: vec![0.0; len] }
+    }
+
+    /// One AdamW update of the master weights (from `read_master` the first time) with the
+    /// range's summed gradient `grads` and the step's clipping factor; `pieces` are the
+    /// parameters in a numbering where the range starts at `start` ([`adamw_update`]).
+    /// Returns the updated master weights.
+    #[allow(clippy::too_many_arguments)]
+    fn update(
+        &mut self,
+        read_master: impl FnOnce() -> Vec<f32>,
+        config: &AdamWConfig,
+        step: u64,
+        lr: f64,
+        clip_coef: f64,
+        pieces: &[(Range<usize>, bool)],
+        start: usize,
+        grads: &[f32],
+    ) -> &[f32] {
+        let master = self.master.get_or_insert_with(read_master);
+        adamw_update(config, step, lr, clip_coef, pieces, start, master, grads, &mut self.exp_avg, &mut self.exp_avg_sq);
+        master
+    }
 }
 
 /// An owned range's AdamW state on the model's device.
@@ -104,15 +141,16 @@ struct DeviceState<B: Backend> {
 /// A ZeRO-3 weight (of the inner backend `I`) and the AdamW moments of this rank's shard of it.
 struct PartitionedParam<I: Backend> {
     weight: Arc<ShardedWeight<I>>,
-    /// On the device, or on the host when the optimizer is offloaded; `None` until the first
-    /// step or a resume creates them.
+    /// Where the flat range's are (on the device, or on the host when the optimizer is
+    /// offloaded); `None` until the first step or a resume creates them.
     moments: Option<ShardMoments<I>>,
 }
 
 /// Where a partitioned weight's moments live, and so where its update runs.
 enum ShardMoments<I: Backend> {
-    /// `offload_optimizer_device: cpu`: host vectors, the shard read and written back each step.
-    Host { exp_avg: Vec<f32>, exp_avg_sq: Vec<f32> },
+    /// `offload_optimizer_device: cpu`: the shard's f32 master weights and moments on the host,
+    /// the updated shard written to the device each step.
+    Host(HostState),
     /// The shard's device, updated there.
     Device(DeviceState<I>),
 }
@@ -334,30 +372,36 @@ impl DataParallel {
         grads: &GradientsParams,
     ) -> Result<(M, StepReport), TrainError> {
         self.ensure_shards(&model);
-        let offload = self.offload_optimizer == Some(true);
         let Self { group, shards, partitioned, .. } = self;
         let mut comm = group.lock();
         let (comm, shards) = (&mut **comm, shards.as_mut().expect("built by ensure_shards"));
         // ZeRO-3's partitioned weights: their gradient shards were summed inside the backward
-        // pass, on the device; their squares are summed there, weight by weight.
+        // pass; their squares are summed on the device weight by weight, as the one-process step
+        // sums each parameter's (in f64 on the host instead, the norm moved by ~1e-7, and the
+        // clipping factor with it, enough for AdamW's later steps to show it), and each shard is
+        // updated where its moments are.
         let partitioned = partitioned_of::<B::InnerBackend>(partitioned);
         let partitioned_grads: Vec<_> = partitioned.iter().map(|p| p.weight.take_gradient()).collect();
         let partitioned_sq = partitioned_grads.iter().map(|g| g.clone().square().sum()).reduce(|total, sq| total + sq);
         let Shards { segments, plan, state } = shards;
-        let (model, report) = match state {
-            OwnedState::Host { exp_avg, exp_avg_sq } => {
-                let moments = (exp_avg.as_mut_slice(), exp_avg_sq.as_mut_slice());
+        match state {
+            OwnedState::Host(state) => {
                 let partitioned_sq = partitioned_sq.map_or(0.0, |sq| sq.into_scalar().elem::<f64>());
-                host_step(comm, plan, segments, moments, partitioned_sq, config, optimizer_step, lr, model, grads)?
+                let host_grads: Vec<Vec<f32>> = partitioned_grads.into_iter().map(host).collect();
+                let (model, report) = host_step(comm, plan, segments, state, partitioned_sq, config, optimizer_step, lr, model, grads)?;
+                for (p, grad) in partitioned.iter_mut().zip(&host_grads) {
+                    p.update_on_host(grad, report.clip_coef, config, optimizer_step, lr);
+                }
+                Ok((model, report))
             }
             OwnedState::Device(state) => {
-                device_step(comm, plan, segments, state, partitioned_sq, config, optimizer_step, lr, model, grads)?
+                let (model, report) = device_step(comm, plan, segments, state, partitioned_sq, config, optimizer_step, lr, model, grads)?;
+                for (p, grad) in partitioned.iter_mut().zip(partitioned_grads) {
+                    p.update_on_device(grad, report.clip_coef, config, optimizer_step, lr);
+                }
+                Ok((model, report))
             }
-        };
-        for (p, grad) in partitioned.iter_mut().zip(partitioned_grads) {
-            p.update(grad, report.clip_coef, config, optimizer_step, lr, offload);
         }
-        Ok((model, report))
     }
 
     /// The whole optimizer state in the one-process format (moments gathered from all ranks),
@@ -371,9 +415,10 @@ impl DataParallel {
             let layout = p.weight.layout();
             let tensor = |v: Vec<f32>| Tensor::<B, 1>::from_data(TensorData::new(v, [layout.len()]), device);
             let moments = match &p.moments {
-                Some(ShardMoments::Host { exp_avg, exp_avg_sq }) => {
-                    Moments { exp_avg: tensor(comm.all_gather(exp_avg, layout)?), exp_avg_sq: tensor(comm.all_gather(exp_avg_sq, layout)?) }
-                }
+                Some(ShardMoments::Host(state)) => Moments {
+                    exp_avg: tensor(comm.all_gather(&state.exp_avg, layout)?),
+                    exp_avg_sq: tensor(comm.all_gather(&state.exp_avg_sq, layout)?),
+                },
                 Some(ShardMoments::Device(state)) => Moments {
                     exp_avg: tensor_collectives::all_gather(&mut **comm, state.moments.exp_avg.clone(), layout)?,
                     exp_avg_sq: tensor_collectives::all_gather(&mut **comm, state.moments.exp_avg_sq.clone(), layout)?,
@@ -384,10 +429,10 @@ impl DataParallel {
         }
         let (sharded, layout) = (self.stage.shards_optimizer_state(), &shards.plan.layout);
         let (exp_avg, exp_avg_sq) = match &shards.state {
-            OwnedState::Host { exp_avg, exp_avg_sq } => {
+            OwnedState::Host(state) => {
                 let (exp_avg, exp_avg_sq) = match sharded {
-                    false => (exp_avg.clone(), exp_avg_sq.clone()),
-                    true => (comm.all_gather(exp_avg, layout)?, comm.all_gather(exp_avg_sq, layout)?),
+                    false => (state.exp_avg.clone(), state.exp_avg_sq.clone()),
+                    true => (comm.all_gather(&state.exp_avg, layout)?, comm.all_gather(&state.exp_avg_sq, layout)?),
                 };
                 let len = exp_avg.len();
                 let tensor = |v: Vec<f32>| Tensor::<B, 1>::from_data(TensorData::new(v, [len]), device);
@@ -431,7 +476,8 @@ impl DataParallel {
         let range = shards.plan.owned_range();
         let (m, v) = (m[range.clone()].to_vec(), v[range.clone()].to_vec());
         match &mut shards.state {
-            OwnedState::Host { exp_avg, exp_avg_sq } => (*exp_avg, *exp_avg_sq) = (m, v),
+            // The master weights are read from the resumed model at the first step.
+            OwnedState::Host(state) => *state = HostState { master: None, exp_avg: m, exp_avg_sq: v },
             OwnedState::Device(state) => {
                 // Uploaded once, to where the parameters are.
                 let device = model.devices().into_iter().next().expect("a model with trainable parameters has a device");
@@ -440,13 +486,13 @@ impl DataParallel {
                 *state = Some(Box::new(DeviceState { moments, pieces: owned_pieces(&shards.segments, &range).collect() }));
             }
         }
-        let offload = self.offload_optimizer == Some(true);
+        let offloaded = matches!(shards.state, OwnedState::Host(_));
         for p in partitioned_of::<B::InnerBackend>(&mut self.partitioned) {
             let Some(moments) = optimizer.state.get(&p.weight.path) else { continue };
             let owned = p.weight.owned_start()..p.weight.owned_start() + p.weight.owned_len();
-            p.moments = Some(if offload {
+            p.moments = Some(if offloaded {
                 let part = |t: &Tensor<B::InnerBackend, 1>| host(t.clone())[owned.clone()].to_vec();
-                ShardMoments::Host { exp_avg: part(&moments.exp_avg), exp_avg_sq: part(&moments.exp_avg_sq) }
+                ShardMoments::Host(HostState { master: None, exp_avg: part(&moments.exp_avg), exp_avg_sq: part(&moments.exp_avg_sq) })
             } else {
                 let part = |t: &Tensor<B::InnerBackend, 1>| owned_copy(t.clone(), &owned);
                 let moments = Moments { exp_avg: part(&moments.exp_avg), exp_avg_sq: part(&moments.exp_avg_sq) };
@@ -508,7 +554,7 @@ impl DataParallel {
             // On the device unless offloaded; a flat buffer smaller than the world (some rank
             // would own nothing) stays on the host, where empty shards are no special case.
             let state = if self.offload_optimizer == Some(true) || total < plan.layout.world_size() {
-                OwnedState::Host { exp_avg: vec![0.0; owned], exp_avg_sq: vec![0.0; owned] }
+                OwnedState::Host(HostState::zeros(owned))
             } else {
                 OwnedState::Device(None)
             };
@@ -556,7 +602,7 @@ fn host_step<B: AutodiffBackend, M: AutodiffModule<B>>(
     comm: &mut dyn Communicator,
     plan: &ZeroPlan,
     segments: &[Segment],
-    (exp_avg, exp_avg_sq): (&mut [f32], &mut [f32]),
+    state: &mut HostState,
     partitioned_sq: f64,
     config: &AdamWConfig,
     optimizer_step: u64,
@@ -573,15 +619,18 @@ fn host_step<B: AutodiffBackend, M: AutodiffModule<B>>(
     let grad_norm = plan.sum_of_owned_parts(comm, local_sq + partitioned_sq)?.sqrt();
     let clip_coef = config.clip_factor(grad_norm);
     let range = plan.owned_range();
-    let mut owned_params = host(flat_tensor(&model, segments, None));
-    owned_params.truncate(range.end);
-    owned_params.drain(..range.start);
+    let read_master = || {
+        let mut weights = host(flat_tensor(&model, segments, None));
+        weights.truncate(range.end);
+        weights.drain(..range.start);
+        weights
+    };
     let pieces: Vec<(Range<usize>, bool)> = segments.iter().map(|s| (s.offset..s.offset + s.len, s.decay)).collect();
-    adamw_update(config, optimizer_step, lr, clip_coef, &pieces, range.start, &mut owned_params, &owned_grads, exp_avg, exp_avg_sq);
+    let owned_params = state.update(read_master, config, optimizer_step, lr, clip_coef, &pieces, range.start, &owned_grads);
     let full = if plan.stage.shards_optimizer_state() {
-        plan.gather_parameters(comm, &owned_params)?
+        plan.gather_parameters(comm, owned_params)?
     } else {
-        owned_params // every rank updated everything
+        owned_params.to_vec() // every rank updated everything
     };
     let full = Tensor::from_data(TensorData::new(full, [plan.layout.len()]), &device);
     Ok((write_param_tensors(model, segments, full), StepReport { grad_norm, clip_coef }))
@@ -668,37 +717,37 @@ impl<I: Backend> PartitionedParam<I> {
         vec![(0..self.weight.owned_len(), !excluded_from_decay(&self.weight.path))]
     }
 
-    /// One AdamW update of this rank's shard from its summed gradient `grad` and the step's
-    /// clipping factor, where its moments live (created on the first step: on the host when
-    /// `offload`, else on the shard's device).
-    fn update(&mut self, grad: Tensor<I, 1>, clip_coef: f64, config: &AdamWConfig, step: u64, lr: f64, offload: bool) {
+    /// One AdamW update of this rank's shard on the host (offloaded) from its summed gradient
+    /// `grad`, read there, and the step's clipping factor: the f32 master (read from the shard at
+    /// the first step) is updated and written to the shard.
+    fn update_on_host(&mut self, grad: &[f32], clip_coef: f64, config: &AdamWConfig, step: u64, lr: f64) {
+        let (len, pieces, weight) = (self.weight.owned_len(), self.pieces(), &self.weight);
+        let state = match self.moments.get_or_insert_with(|| ShardMoments::Host(HostState::zeros(len))) {
+            ShardMoments::Host(state) => state,
+            ShardMoments::Device(_) => unreachable!("a shard's moments live where the flat range's do"),
+        };
+        let master = state.update(|| host(weight.values()), config, step, lr, clip_coef, &pieces, 0, grad);
+        weight.update_values(|values| Tensor::from_data(TensorData::new(master.to_vec(), [len]), &values.device()));
+    }
+
+    /// One AdamW update of this rank's shard on its device from its summed gradient `grad` and
+    /// the step's clipping factor (the flat range's [`DeviceState::update`]).
+    fn update_on_device(&mut self, grad: Tensor<I, 1>, clip_coef: f64, config: &AdamWConfig, step: u64, lr: f64) {
         let (len, pieces, device) = (self.weight.owned_len(), self.pieces(), grad.device());
-        let moments = self.moments.take().unwrap_or_else(|| match offload {
-            true => ShardMoments::Host { exp_avg: vec![0.0; len], exp_avg_sq: vec![0.0; len] },
-            false => ShardMoments::Device(DeviceState { moments: zero_moments(len, &device), pieces: pieces.clone() }),
+        let state = match self.moments.take() {
+            None => DeviceState { moments: zero_moments(len, &device), pieces },
+            Some(ShardMoments::Device(state)) => state,
+            Some(ShardMoments::Host(_)) => unreachable!("a shard's moments live where the flat range's do"),
+        };
+        // As the flat range: the gradient is multiplied only when clipping.
+        let grad = if clip_coef < 1.0 { grad.mul_scalar(clip_coef as f32) } else { grad };
+        let mut updated = None;
+        self.weight.update_values(|values| {
+            let (values, state) = state.update(values, grad, |decays| AdamWScalars::new(config, lr, step as i32, decays));
+            updated = Some(state);
+            values
         });
-        self.moments = Some(match moments {
-            ShardMoments::Host { mut exp_avg, mut exp_avg_sq } => {
-                let grad = host(grad);
-                self.weight.update_values(|values| {
-                    let mut values = host(values);
-                    adamw_update(config, step, lr, clip_coef, &pieces, 0, &mut values, &grad, &mut exp_avg, &mut exp_avg_sq);
-                    Tensor::from_data(TensorData::new(values, [len]), &device)
-                });
-                ShardMoments::Host { exp_avg, exp_avg_sq }
-            }
-            ShardMoments::Device(state) => {
-                // As the flat range: the gradient is multiplied only when clipping.
-                let grad = if clip_coef < 1.0 { grad.mul_scalar(clip_coef as f32) } else { grad };
-                let mut updated = None;
-                self.weight.update_values(|values| {
-                    let (values, state) = state.update(values, grad, |decays| AdamWScalars::new(config, lr, step as i32, decays));
-                    updated = Some(state);
-                    values
-                });
-                ShardMoments::Device(updated.expect("set by the update"))
-            }
-        });
+        self.moments = updated.map(ShardMoments::Device);
     }
 }
 
