@@ -52,25 +52,54 @@ fn run_on_backend(objective: Objective, recipe: &Recipe) -> Result<alignment_tra
     run::<CpuAutodiff>(objective, recipe, &Default::default(), false).map_err(|e| e.to_string())
 }
 
+/// Whether this rank holds its weights in bf16 on the device under an f32 master copy on the
+/// host: `bf16: true` (or the launcher's `mixed_precision: bf16`) with the optimizer offloaded
+/// (`offload_optimizer_device: cpu`), DeepSpeed's bf16 mode with optimizer offload. The
+/// offloaded optimizer keeps the f32 master weights and moments (`trainer::data_parallel`), so
+/// the device needs only the compute type; without offload the weights stay f32 and the
+/// products run in bf16.
+#[cfg(any(feature = "cuda", feature = "tch"))]
+fn bf16_weights_offloaded(recipe: &Recipe) -> Result<bool, String> {
+    if alignment_distributed::DistEnv::from_env().map_err(|e| e.to_string())?.is_none() {
+        return Ok(false);
+    }
+    let launcher = alignment_distributed::AccelerateConfig::from_env().map_err(|e| e.to_string())?;
+    Ok(launcher.is_some_and(|c| c.offload_optimizer == Some(true) && (recipe.bf16 || c.mixed_precision == "bf16")))
+}
+
+#[cfg(any(feature = "cuda", feature = "tch"))]
+const BF16_WEIGHTS_NOTE: &str =
+    "bf16 with the optimizer offloaded: the model's weights are held in bf16 on the device, their f32 master copy and the AdamW moments on the host";
+
 #[cfg(feature = "cuda")]
 /// On GPU `LOCAL_RANK` (torchrun's, or Slurm's `SLURM_LOCALID`), so that the ranks of a node
-/// use one GPU each; GPU 0 for a single process.
+/// use one GPU each; GPU 0 for a single process. In bf16 with the optimizer offloaded, on the
+/// bf16 backend ([`bf16_weights_offloaded`]).
 fn run_on_backend(objective: Objective, recipe: &Recipe) -> Result<alignment_trainer::TrainOutcome, String> {
-    use alignment_core::backend::GpuAutodiff;
+    use alignment_core::backend::{GpuAutodiff, GpuBf16};
     let local_rank = alignment_distributed::DistEnv::from_env().map_err(|e| e.to_string())?.map_or(0, |env| env.local_rank);
     let device = burn::backend::cuda::CudaDevice::new(local_rank);
+    if bf16_weights_offloaded(recipe)? {
+        eprintln!("{BF16_WEIGHTS_NOTE}");
+        return run::<burn::backend::Autodiff<GpuBf16>>(objective, recipe, &device, false).map_err(|e| e.to_string());
+    }
     run::<GpuAutodiff>(objective, recipe, &device, false).map_err(|e| e.to_string())
 }
 
 #[cfg(all(feature = "tch", not(feature = "cuda")))]
 /// On libtorch (`--features tch`): GPU `LOCAL_RANK` when torch sees CUDA, else torch's CPU
 /// kernels (MKL GEMMs on all cores, one fused attention call): the faster CPU option
-/// (docs/performance.md, issue #14).
+/// (docs/performance.md, issue #14). In bf16 with the optimizer offloaded, on the bf16 backend
+/// ([`bf16_weights_offloaded`]).
 fn run_on_backend(objective: Objective, recipe: &Recipe) -> Result<alignment_trainer::TrainOutcome, String> {
-    use alignment_core::backend::TorchAutodiff;
+    use alignment_core::backend::{TorchAutodiff, TorchBf16};
     use burn::backend::libtorch::LibTorchDevice;
     let local_rank = alignment_distributed::DistEnv::from_env().map_err(|e| e.to_string())?.map_or(0, |env| env.local_rank);
     let device = if tch::Cuda::is_available() { LibTorchDevice::Cuda(local_rank) } else { LibTorchDevice::Cpu };
     eprintln!("backend: libtorch on {device:?}");
+    if bf16_weights_offloaded(recipe)? {
+        eprintln!("{BF16_WEIGHTS_NOTE}");
+        return run::<burn::backend::Autodiff<TorchBf16>>(objective, recipe, &device, false).map_err(|e| e.to_string());
+    }
     run::<TorchAutodiff>(objective, recipe, &device, false).map_err(|e| e.to_string())
 }
