@@ -7,7 +7,8 @@
 # (`--features tch`, built against the reference environment's torch by scripts/with_torch.sh;
 # SKIP_TCH=1 skips this part): its fused attention (crates/models/src/tch_attention.rs) against
 # burn's decomposition, its fused AdamW (crates/trainer/src/tch_adamw.rs) against the tensor
-# formulation, and the same training-step check on torch's CPU kernels.
+# formulation, the same training-step check on torch's CPU kernels, and bf16 weights under an
+# offloaded f32 master copy on torch's bf16 backend (tests/offload_bf16.rs).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python="$(bash scripts/reference_env.sh | tail -1)"
@@ -19,7 +20,8 @@ if [ "${SKIP_TCH:-0}" != 1 ]; then
         set -e
         cargo test -p alignment-models --features tch --lib tch_attention
         cargo test -p alignment-trainer --features tch --lib tch_adamw
-        cargo test --features tch --test backend_check tch_'
+        cargo test --features tch --test backend_check tch_
+        cargo test --features tch --test offload_bf16'
 fi
 if [ "${SKIP_WGPU:-0}" != 1 ]; then
     bash scripts/vulkan_env.sh
