@@ -21,8 +21,11 @@
 //!   norms and biases exempt from decay). One value comes back per step: the rank's part of the
 //!   squared gradient norm.
 //! - `cpu` (DeepSpeed's optimizer offload, DeepSpeed-Chat's `--offload`): **on the host**. The
-//!   owned range's f32 parameters and moments are host vectors updated by the threaded host
-//!   pass ([`adamw_on_slices`]); only the model's weights stay on the device.
+//!   owned range's f32 master weights (read from the device once) and moments are host vectors
+//!   updated by the threaded host pass ([`adamw_on_slices`]); each step the gradient comes to
+//!   the host and the updated weights go back in the backend's own float type, so on a bf16
+//!   backend the device holds only bf16 weights (`cli.rs` picks that backend for `bf16` with
+//!   offload).
 //!
 //! Both are the same f32 operations in the same order (bit-identical updates from the same
 //! gradient and clipping factor); the norms differ in rounding (f64 on the host, f32 on the
