@@ -58,7 +58,7 @@ use alignment_models::CausalLm;
 use burn::module::{AutodiffModule, ModuleMapper, ModuleVisitor, Param, ParamId};
 use burn::optim::GradientsParams;
 use burn::tensor::backend::{AutodiffBackend, Backend};
-use burn::tensor::{ElementConversion, Int, Tensor, TensorData};
+use burn::tensor::{ElementConversion, Tensor, TensorData};
 use std::any::Any;
 use std::collections::HashMap;
 use std::ops::Range;
@@ -497,7 +497,7 @@ impl DataParallel {
                 let part = |t: &Tensor<B::InnerBackend, 1>| host(t.clone())[owned.clone()].to_vec();
                 ShardMoments::Host(HostState { master: None, exp_avg: part(&moments.exp_avg), exp_avg_sq: part(&moments.exp_avg_sq) })
             } else {
-                let part = |t: &Tensor<B::InnerBackend, 1>| owned_copy(t.clone(), &owned);
+                let part = |t: &Tensor<B::InnerBackend, 1>| zero3::copy_of_range(t.clone(), &owned);
                 let moments = Moments { exp_avg: part(&moments.exp_avg), exp_avg_sq: part(&moments.exp_avg_sq) };
                 ShardMoments::Device(DeviceState { moments, pieces: p.pieces() })
             });
@@ -760,12 +760,6 @@ fn partitioned_of<I: Backend>(partitioned: &mut Option<Box<dyn Any + Send>>) -> 
         Some(boxed) => boxed.downcast_mut::<Vec<PartitionedParam<I>>>().unwrap_or_else(|| panic!("one backend per run")),
         None => &mut [],
     }
-}
-
-/// A new tensor holding `t[range]` (not a view, which would keep all of `t`'s buffer alive).
-fn owned_copy<B: Backend>(t: Tensor<B, 1>, range: &Range<usize>) -> Tensor<B, 1> {
-    let device = t.device();
-    t.select(0, Tensor::<B, 1, Int>::arange(range.start as i64..range.end as i64, &device))
 }
 
 /// The parameters' parts inside the owned `range`: each one's range relative to `range.start`

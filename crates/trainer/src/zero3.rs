@@ -122,13 +122,7 @@ impl<I: Backend> ShardedWeight<I> {
         let layout = ShardLayout::new(dims[0] * dims[1], world);
         let range = layout.range(rank);
         let flat = dense.reshape([layout.len()]);
-        let values = if range.len() == layout.len() {
-            flat
-        } else {
-            // A copy of the range, not a view: a view would keep the whole weight's buffer alive.
-            let device = flat.device();
-            flat.select(0, Tensor::<I, 1, Int>::arange(range.start as i64..range.end as i64, &device))
-        };
+        let values = if range.len() == layout.len() { flat } else { copy_of_range(flat, &range) };
         Self { path, index, dims, layout, rank, trainable, group, values: Mutex::new(Some(values)), grad: Mutex::new(None) }
     }
 
@@ -241,6 +235,12 @@ impl<I: Backend> CompressedWeight for ShardedWeight<I> {
     fn recorded_steps(&self) -> Option<RecordedSteps> {
         Some(RecordedSteps::of::<I>())
     }
+}
+
+/// A new tensor holding `t[range]`, not a view: a view would keep all of `t`'s buffer alive.
+pub(crate) fn copy_of_range<B: Backend>(t: Tensor<B, 1>, range: &std::ops::Range<usize>) -> Tensor<B, 1> {
+    let device = t.device();
+    t.select(0, Tensor::<B, 1, Int>::arange(range.start as i64..range.end as i64, &device))
 }
 
 /// The linear maps ZeRO-3 partitions, with their parameter paths: every dense projection of
