@@ -403,18 +403,7 @@ fn run_check<B: AutodiffBackend>(args: &CheckArgs, matmul_dtype: Option<FloatDTy
         }
         if let Some(dir) = &args.reference {
             let expected = step_check::read_reference(dir, name).map_err(|e| e.to_string())?;
-            let diff = step_check::compare(&values, &expected);
-            let pass = diff.within(tolerance);
-            all_pass &= pass;
-            let missing = if diff.missing.is_empty() { String::new() } else { format!(", missing: {}", diff.missing.join(" ")) };
-            println!(
-                "{name:<10} {:>14.3e} {:>14.3e} {tolerance:>10.0e}  {} (worst: {}{missing})",
-                diff.max_rel_scalar,
-                diff.max_rel_grad,
-                if pass { "PASS" } else { "FAIL" },
-                diff.worst
-            );
-            report.insert(name.into(), json!({"max_rel_scalar": diff.max_rel_scalar, "max_rel_grad": diff.max_rel_grad, "tolerance": tolerance, "pass": pass, "worst": diff.worst, "missing": diff.missing, "seconds": start.elapsed().as_secs_f64()}));
+            all_pass &= check_case(name, &values, &expected, tolerance, start, &mut report);
         }
     }
     // ZeRO-3's first step (shards on this backend's device, gathered and reduced inside the
@@ -425,18 +414,7 @@ fn run_check<B: AutodiffBackend>(args: &CheckArgs, matmul_dtype: Option<FloatDTy
             let start = Instant::now();
             let values = step_check::run_zero3_case::<B>(&fixture, case, device).map_err(|e| e.to_string())?;
             let expected = step_check::first_step(&step_check::read_reference(dir, case.name).map_err(|e| e.to_string())?);
-            let diff = step_check::compare(&values, &expected);
-            let pass = diff.within(tolerance);
-            all_pass &= pass;
-            println!(
-                "{name:<10} {:>14.3e} {:>14.3e} {tolerance:>10.0e}  {} (worst: {}{})",
-                diff.max_rel_scalar,
-                diff.max_rel_grad,
-                if pass { "PASS" } else { "FAIL" },
-                diff.worst,
-                if diff.missing.is_empty() { String::new() } else { format!(", missing: {}", diff.missing.join(" ")) }
-            );
-            report.insert(name, json!({"max_rel_scalar": diff.max_rel_scalar, "max_rel_grad": diff.max_rel_grad, "tolerance": tolerance, "pass": pass, "worst": diff.worst, "missing": diff.missing, "seconds": start.elapsed().as_secs_f64()}));
+            all_pass &= check_case(&name, &values, &expected, tolerance, start, &mut report);
         }
     }
     if let Some(path) = &args.report {
@@ -447,6 +425,30 @@ fn run_check<B: AutodiffBackend>(args: &CheckArgs, matmul_dtype: Option<FloatDTy
         return Err(format!("{} differs from the CPU reference beyond {tolerance:e}", args.backend));
     }
     Ok(())
+}
+
+/// Compares one case's `values` with the reference's, prints its row and records it in `report`;
+/// whether it is within `tolerance`.
+fn check_case(
+    name: &str,
+    values: &step_check::CaseValues,
+    expected: &step_check::CaseValues,
+    tolerance: f64,
+    start: Instant,
+    report: &mut Map<String, serde_json::Value>,
+) -> bool {
+    let diff = step_check::compare(values, expected);
+    let pass = diff.within(tolerance);
+    let missing = if diff.missing.is_empty() { String::new() } else { format!(", missing: {}", diff.missing.join(" ")) };
+    println!(
+        "{name:<10} {:>14.3e} {:>14.3e} {tolerance:>10.0e}  {} (worst: {}{missing})",
+        diff.max_rel_scalar,
+        diff.max_rel_grad,
+        if pass { "PASS" } else { "FAIL" },
+        diff.worst
+    );
+    report.insert(name.into(), json!({"max_rel_scalar": diff.max_rel_scalar, "max_rel_grad": diff.max_rel_grad, "tolerance": tolerance, "pass": pass, "worst": diff.worst, "missing": diff.missing, "seconds": start.elapsed().as_secs_f64()}));
+    pass
 }
 
 // ---------------------------------------------------------------------------------------------

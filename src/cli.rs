@@ -67,9 +67,24 @@ fn bf16_weights_offloaded(recipe: &Recipe) -> Result<bool, String> {
     Ok(launcher.is_some_and(|c| c.offload_optimizer == Some(true) && (recipe.bf16 || c.mixed_precision == "bf16")))
 }
 
+/// Runs on `Bf16` (the bf16 variant of the backend `F32`) when [`bf16_weights_offloaded`],
+/// saying so in one line; on `F32` otherwise.
 #[cfg(any(feature = "cuda", feature = "tch"))]
-const BF16_WEIGHTS_NOTE: &str =
-    "bf16 with the optimizer offloaded: the model's weights are held in bf16 on the device, their f32 master copy and the AdamW moments on the host";
+fn run_in_weight_precision<F32, Bf16>(
+    objective: Objective,
+    recipe: &Recipe,
+    device: &F32::Device,
+) -> Result<alignment_trainer::TrainOutcome, String>
+where
+    F32: burn::tensor::backend::AutodiffBackend,
+    Bf16: burn::tensor::backend::AutodiffBackend<Device = F32::Device>,
+{
+    if bf16_weights_offloaded(recipe)? {
+        eprintln!("bf16 with the optimizer offloaded: the model's weights are held in bf16 on the device, their f32 master copy and the AdamW moments on the host");
+        return run::<Bf16>(objective, recipe, device, false).map_err(|e| e.to_string());
+    }
+    run::<F32>(objective, recipe, device, false).map_err(|e| e.to_string())
+}
 
 #[cfg(feature = "cuda")]
 /// On GPU `LOCAL_RANK` (torchrun's, or Slurm's `SLURM_LOCALID`), so that the ranks of a node
@@ -79,11 +94,7 @@ fn run_on_backend(objective: Objective, recipe: &Recipe) -> Result<alignment_tra
     use alignment_core::backend::{GpuAutodiff, GpuBf16};
     let local_rank = alignment_distributed::DistEnv::from_env().map_err(|e| e.to_string())?.map_or(0, |env| env.local_rank);
     let device = burn::backend::cuda::CudaDevice::new(local_rank);
-    if bf16_weights_offloaded(recipe)? {
-        eprintln!("{BF16_WEIGHTS_NOTE}");
-        return run::<burn::backend::Autodiff<GpuBf16>>(objective, recipe, &device, false).map_err(|e| e.to_string());
-    }
-    run::<GpuAutodiff>(objective, recipe, &device, false).map_err(|e| e.to_string())
+    run_in_weight_precision::<GpuAutodiff, burn::backend::Autodiff<GpuBf16>>(objective, recipe, &device)
 }
 
 #[cfg(all(feature = "tch", not(feature = "cuda")))]
@@ -97,9 +108,5 @@ fn run_on_backend(objective: Objective, recipe: &Recipe) -> Result<alignment_tra
     let local_rank = alignment_distributed::DistEnv::from_env().map_err(|e| e.to_string())?.map_or(0, |env| env.local_rank);
     let device = if tch::Cuda::is_available() { LibTorchDevice::Cuda(local_rank) } else { LibTorchDevice::Cpu };
     eprintln!("backend: libtorch on {device:?}");
-    if bf16_weights_offloaded(recipe)? {
-        eprintln!("{BF16_WEIGHTS_NOTE}");
-        return run::<burn::backend::Autodiff<TorchBf16>>(objective, recipe, &device, false).map_err(|e| e.to_string());
-    }
-    run::<TorchAutodiff>(objective, recipe, &device, false).map_err(|e| e.to_string())
+    run_in_weight_precision::<TorchAutodiff, burn::backend::Autodiff<TorchBf16>>(objective, recipe, &device)
 }

@@ -135,7 +135,7 @@ fn counting() -> std::sync::MutexGuard<'static, ()> {
 #[test]
 fn training_steps_read_nothing_back_until_their_metrics_are_logged() {
     let _counting = counting();
-    let fixture = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("crates/models/tests/fixtures/tiny-llama");
+    let fixture = fixture();
     let device = NdArrayDevice::default();
     const STEPS: usize = 3;
     for case in CASES {
@@ -164,6 +164,17 @@ fn training_steps_read_nothing_back_until_their_metrics_are_logged() {
     }
 }
 
+fn fixture() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("crates/models/tests/fixtures/tiny-llama")
+}
+
+/// The largest `|g - w| / max(|w|, 1e-3)` over two models' parameters in module order (reads them).
+fn largest_relative_difference<B: burn::tensor::backend::AutodiffBackend>(got: &impl Module<B>, want: &impl Module<B>) -> f64 {
+    let (got, want) = (parameters(got), parameters(want));
+    assert_eq!(got.len(), want.len(), "the models have the same parameters");
+    got.iter().zip(&want).map(|(g, w)| ((g - w).abs() / w.abs().max(1e-3)) as f64).fold(0.0, f64::max)
+}
+
 /// Every float parameter's values, in module order (reads them).
 fn parameters<B: burn::tensor::backend::AutodiffBackend>(model: &impl Module<B>) -> Vec<f32> {
     struct Collect(Vec<f32>);
@@ -180,7 +191,7 @@ fn parameters<B: burn::tensor::backend::AutodiffBackend>(model: &impl Module<B>)
 #[test]
 fn the_data_parallel_update_stays_on_the_device_and_equals_the_one_process_update() {
     let _counting = counting();
-    let fixture = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("crates/models/tests/fixtures/tiny-llama");
+    let fixture = fixture();
     let device = NdArrayDevice::default();
     let config = AdamWConfig { weight_decay: 0.1, ..AdamWConfig::default() };
     // SFT (every parameter trains; norms exempt from decay) and LoRA (adapters only).
@@ -202,11 +213,7 @@ fn the_data_parallel_update_stays_on_the_device_and_equals_the_one_process_updat
                 let expected_norm = expected_report.read().grad_norm;
                 let norm_difference = (report.grad_norm - expected_norm).abs() / expected_norm;
                 assert!(norm_difference <= 1e-6, "{} {stage}: grad norm {} vs one process {expected_norm}", case.name, report.grad_norm);
-                let (got, want) = (parameters(&updated), parameters(&expected));
-                assert_eq!(got.len(), want.len());
-                for (g, w) in got.iter().zip(&want) {
-                    worst = worst.max(((g - w).abs() / w.abs().max(1e-3)) as f64);
-                }
+                worst = worst.max(largest_relative_difference(&updated, &expected));
                 model = updated;
             }
             println!(
@@ -239,7 +246,7 @@ fn the_data_parallel_update_stays_on_the_device_and_equals_the_one_process_updat
 #[test]
 fn zero3_keeps_its_shards_on_the_device_and_trains_as_one_process() {
     let _counting = counting();
-    let fixture = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("crates/models/tests/fixtures/tiny-llama");
+    let fixture = fixture();
     let device = NdArrayDevice::default();
     let config = AdamWConfig { weight_decay: 0.1, ..AdamWConfig::default() };
     // SFT, LoRA (a frozen partitioned base), and SFT with checkpointing and the chunked head.
@@ -264,11 +271,7 @@ fn zero3_keeps_its_shards_on_the_device_and_trains_as_one_process() {
                 parallel.check().unwrap();
                 let expected_norm = expected_report.read().grad_norm;
                 worst_norm = worst_norm.max((report.grad_norm - expected_norm).abs() / expected_norm);
-                let (got, want) = (parameters(&parallel.gathered(&updated).unwrap()), parameters(&expected));
-                assert_eq!(got.len(), want.len(), "{}: the gathered model has the dense model's parameters", case.name);
-                for (g, w) in got.iter().zip(&want) {
-                    worst = worst.max(((g - w).abs() / w.abs().max(1e-3)) as f64);
-                }
+                worst = worst.max(largest_relative_difference(&parallel.gathered(&updated).unwrap(), &expected));
                 (model, dense) = (updated, expected);
             }
             println!(
