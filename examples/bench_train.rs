@@ -115,6 +115,13 @@ struct TrainArgs {
     /// Compute the head in chunks, never holding the full logits (`use_liger_kernel: true`).
     #[arg(long)]
     chunked_head: bool,
+    /// Profile into this folder. libtorch backends: the timed steps under libtorch's Kineto
+    /// profiler, written as `trace.json` (torch operators; CUDA kernels with their device time).
+    /// CubeCL backends (`cuda*`, `wgpu*`): every kernel of every step timed on the device and
+    /// logged to `cubecl.log`, each step ending in a table by kernel; profiling from the first
+    /// kernel on (it is configured before any) slows every step, so time without `--profile`.
+    #[arg(long)]
+    profile: Option<PathBuf>,
 }
 
 #[derive(Parser)]
@@ -139,7 +146,7 @@ fn main() {
     alignment_core::memory::retain_freed_memory();
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Train(args) => dispatch_train(&args),
+        Command::Train(args) => prepare_profile(&args).and_then(|()| dispatch_train(&args)),
         Command::Check(args) => dispatch_check(&args),
         Command::Nccl => nccl_check(),
         Command::Update(args) => dispatch_update(&args),
@@ -221,6 +228,30 @@ macro_rules! with_backend {
             )),
         }
     }};
+}
+
+/// With `--profile`: creates the folder and, on a CubeCL backend, sets CubeCL's configuration
+/// (before any kernel, as CubeCL requires) so that every kernel is timed and logged there.
+fn prepare_profile(args: &TrainArgs) -> Result<(), String> {
+    let Some(dir) = &args.profile else { return Ok(()) };
+    std::fs::create_dir_all(dir).map_err(|e| format!("--profile {}: {e}", dir.display()))?;
+    let backend = args.backend.as_str();
+    if backend.starts_with("cuda") || backend.starts_with("wgpu") {
+        #[cfg(any(feature = "cuda", feature = "wgpu"))]
+        {
+            use cubecl::config::{profiling::ProfilingLogLevel, CubeClRuntimeConfig, RuntimeConfig};
+            let mut config = CubeClRuntimeConfig::default();
+            config.profiling.logger.level = ProfilingLogLevel::Basic;
+            config.profiling.logger.file = Some(dir.join("cubecl.log"));
+            config.profiling.logger.append = false;
+            CubeClRuntimeConfig::set(config);
+        }
+        Ok(())
+    } else if backend.starts_with("tch-") {
+        Ok(())
+    } else {
+        Err(format!("--profile: backend `{backend}` has no profiler (libtorch and CubeCL backends do)"))
+    }
 }
 
 fn dispatch_train(args: &TrainArgs) -> Result<(), String> {
@@ -312,6 +343,7 @@ fn run_train<B: AutodiffBackend>(args: &TrainArgs, matmul_dtype: Option<FloatDTy
     let options = StepOptions::for_model(&model, args.gradient_checkpointing, args.chunked_head);
     let mut step_seconds = Vec::new();
     let mut losses = Vec::new();
+    let mut torch_profiler = None;
     let tokens_per_step;
     match args.task.as_str() {
         "dpo" => {
@@ -320,6 +352,9 @@ fn run_train<B: AutodiffBackend>(args: &TrainArgs, matmul_dtype: Option<FloatDTy
             let batches: Vec<Vec<&PreferencePair>> = pairs.chunks(args.batch).map(|c| c.iter().collect()).collect();
             tokens_per_step = pairs.iter().map(|p| p.num_tokens()).sum::<usize>();
             for step in 0..total_steps {
+                if step == args.warmup {
+                    torch_profiler = start_torch_profiler(args)?;
+                }
                 let start = Instant::now();
                 let (updated, pending, _, _) = train_step(model, &task, &batches, &mut optimizer, lr, &options, device);
                 model = updated;
@@ -336,6 +371,9 @@ fn run_train<B: AutodiffBackend>(args: &TrainArgs, matmul_dtype: Option<FloatDTy
             let batches: Vec<Vec<&Sequence>> = rows.chunks(args.batch).map(|c| c.iter().collect()).collect();
             tokens_per_step = rows.iter().map(Sequence::num_tokens).sum::<usize>();
             for step in 0..total_steps {
+                if step == args.warmup {
+                    torch_profiler = start_torch_profiler(args)?;
+                }
                 let start = Instant::now();
                 let (updated, pending, _, _) = train_step(model, &task, &batches, &mut optimizer, lr, &options, device);
                 model = updated;
@@ -347,6 +385,7 @@ fn run_train<B: AutodiffBackend>(args: &TrainArgs, matmul_dtype: Option<FloatDTy
             }
         }
     }
+    let profile = finish_profile(torch_profiler, args)?;
     let med = median(&step_seconds);
     let tokens_per_second = tokens_per_step as f64 / med;
     let flops = flops_per_token(&config, args.seq);
@@ -373,10 +412,41 @@ fn run_train<B: AutodiffBackend>(args: &TrainArgs, matmul_dtype: Option<FloatDTy
         "gradient_checkpointing": args.gradient_checkpointing,
         "chunked_head": args.chunked_head,
         "matmul_dtype": matmul_dtype.map(|d| format!("{d:?}")),
+        "profile": profile,
         "peak_rss_mib": alignment_core::memory::status_bytes("VmHWM").map(|b| b as f64 / 1048576.0),
     });
     println!("{line}");
     Ok(())
+}
+
+/// libtorch's profiler, running over the timed steps of a `tch-*` backend with `--profile`.
+#[cfg(feature = "tch")]
+type TorchProfiler = alignment_trainer::tch_profiler::TorchProfiler;
+#[cfg(not(feature = "tch"))]
+type TorchProfiler = std::convert::Infallible;
+
+/// Starts libtorch's profiler when `--profile` is given and the backend is libtorch's (CUDA
+/// kernels recorded on `tch-cuda*`); `None` otherwise.
+fn start_torch_profiler(args: &TrainArgs) -> Result<Option<TorchProfiler>, String> {
+    #[cfg(feature = "tch")]
+    if args.profile.is_some() && args.backend.starts_with("tch-") {
+        return TorchProfiler::start(args.backend.starts_with("tch-cuda")).map(Some).map_err(|e| e.to_string());
+    }
+    let _ = args;
+    Ok(None)
+}
+
+/// Where `--profile` wrote: libtorch's trace (written here from the running profiler), or
+/// CubeCL's log (written by CubeCL as the kernels ran).
+fn finish_profile(torch_profiler: Option<TorchProfiler>, args: &TrainArgs) -> Result<Option<PathBuf>, String> {
+    let Some(dir) = &args.profile else { return Ok(None) };
+    match torch_profiler {
+        #[cfg(feature = "tch")]
+        Some(profiler) => profiler.finish(&dir.join("trace.json")).map(Some).map_err(|e| e.to_string()),
+        #[cfg(not(feature = "tch"))]
+        Some(never) => match never {},
+        None => Ok(Some(dir.join("cubecl.log"))),
+    }
 }
 
 // ---------------------------------------------------------------------------------------------

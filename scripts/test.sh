@@ -7,7 +7,7 @@
 # (`--features tch`, built against the reference environment's torch by scripts/with_torch.sh;
 # SKIP_TCH=1 skips this part): its fused attention (crates/models/src/tch_attention.rs) against
 # burn's decomposition, its fused AdamW (crates/trainer/src/tch_adamw.rs) against the tensor
-# formulation, the same training-step check on torch's CPU kernels, and bf16 weights under an
+# formulation, its profiler (tch_profiler.rs: a trace naming the operators burn issued), the same training-step check on torch's CPU kernels, and bf16 weights under an
 # offloaded f32 master copy on torch's bf16 backend (tests/offload_bf16.rs).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -19,7 +19,7 @@ if [ "${SKIP_TCH:-0}" != 1 ]; then
     CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-target}" bash scripts/with_torch.sh bash -c '
         set -e
         cargo test -p alignment-models --features tch --lib tch_attention
-        cargo test -p alignment-trainer --features tch --lib tch_adamw
+        cargo test -p alignment-trainer --features tch --lib tch_
         cargo test --features tch --test backend_check tch_
         cargo test --features tch --test offload_bf16'
 fi

@@ -1,15 +1,17 @@
-//! With `--features tch`: compiles `csrc/fused_adamw.cpp` (libtorch's fused AdamW, which tch does
-//! not wrap) against the libtorch torch-sys found, with torch-sys's flags.
+//! With `--features tch`: compiles `csrc/fused_adamw.cpp` (libtorch's fused AdamW) and
+//! `csrc/profiler.cpp` (libtorch's Kineto profiler), which tch does not wrap, against the libtorch
+//! torch-sys found, with torch-sys's flags.
 
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");
     #[cfg(feature = "tch")]
-    fused_adamw();
+    libtorch_entries();
 }
 
 #[cfg(feature = "tch")]
-fn fused_adamw() {
+fn libtorch_entries() {
     println!("cargo:rerun-if-changed=csrc/fused_adamw.cpp");
+    println!("cargo:rerun-if-changed=csrc/profiler.cpp");
     println!("cargo:rerun-if-env-changed=LIBTORCH_CXX11_ABI");
     // torch-sys (`links = "tch"`) tells its direct dependents where libtorch's libraries are;
     // the headers are beside them.
@@ -19,11 +21,12 @@ fn fused_adamw() {
     cc::Build::new()
         .cpp(true)
         .file("csrc/fused_adamw.cpp")
+        .file("csrc/profiler.cpp")
         .include(root.join("include"))
         .include(root.join("include/torch/csrc/api/include"))
         .flag("-std=c++17")
         .flag(format!("-D_GLIBCXX_USE_CXX11_ABI={abi}"))
         .flag("-DGLOG_USE_GLOG_EXPORT")
         .warnings(false)
-        .compile("alignment_fused_adamw");
+        .compile("alignment_libtorch");
 }

@@ -2,7 +2,7 @@
 # Runs ON THE GPU MACHINE (or, with DRY_RUN=1, here on the CPU): the prepared measurements of
 # issue #12 in one command, within a time budget, writing everything under $OUT.
 #
-#   bash scripts/gpu/device_run.sh [PLAN]        PLAN: first (default) | second | check | dry
+#   bash scripts/gpu/device_run.sh [PLAN]        PLAN: first (default) | second | profile | check | dry
 #
 # Expects the staged folder (scripts/gpu/run.sh stage): $GPU_DIR/bin/bench_train or its .xz (built
 # with --features cuda), $GPU_DIR/bin/bench_train_tch (--features tch, linked against the device's
@@ -14,8 +14,13 @@
 #      cuda-bf16: mixed precision, bf16 products over f32 parameters, as `bf16: true`);
 #   3. the NCCL communicator at world size 1 vs one process (host buffers, and the data-parallel
 #      step's device route); plan second: the optimizer update alone (`bench_train update`);
-#   4. throughput: ours and PyTorch's on the same shapes, peak device memory sampled by nvidia-smi.
+#   4. throughput: ours and PyTorch's on the same shapes, peak device memory sampled by nvidia-smi;
+#   5. profiles: one step of ours and of PyTorch with every kernel's device time, by category
+#      (scripts/gpu/profile_table.py), to rank what to speed up.
 # The last lines printed are the tables of scripts/gpu/report.py.
+# $OUT receives three files (the device tool brings back at most 8): log.txt, results.jsonl and
+# bundle.tar.gz, which holds everything else (check reports, NCCL output, profiles) and is
+# rewritten after each stage, so a run cut short still brings back what it finished.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 PLAN="${1:-first}"
@@ -30,12 +35,15 @@ mkdir -p "$OUT"
 START=$(date +%s)
 LOG="$OUT/log.txt"
 RESULTS="$OUT/results.jsonl"
+WORK="${WORK:-$(mktemp -d "${TMPDIR:-/tmp}/device_run.XXXXXX")}"
 : >"$RESULTS"
 exec > >(tee -a "$LOG") 2>&1
 
 elapsed() { echo $(($(date +%s) - START)); }
 left() { echo $((BUDGET_S - $(elapsed))); }
 say() { echo "[$(elapsed)s] $*"; }
+# Packs what $WORK holds into $OUT/bundle.tar.gz (replacing the previous bundle whole).
+bundle() { tar czf "$OUT/bundle.tar.gz.partial" -C "$WORK" . && mv "$OUT/bundle.tar.gz.partial" "$OUT/bundle.tar.gz"; }
 
 if [ "$PLAN" = dry ]; then
     DRY_RUN=1
@@ -113,17 +121,17 @@ measure() {
         return
     fi
     local limit=$((budget < RUN_TIMEOUT_S ? budget : RUN_TIMEOUT_S))
-    local mem="$OUT/mem.$$.txt" sampler=""
+    local mem="$WORK/mem.$$.txt" sampler=""
     if [ "$DRY_RUN" != 1 ]; then
         nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 100 >"$mem" 2>/dev/null &
         sampler=$!
     fi
     local t0 rc
     t0=$(date +%s.%N)
-    timeout --signal=KILL "$limit" "$@" >"$OUT/run.out" 2>"$OUT/run.err"
+    timeout --signal=KILL "$limit" "$@" >"$WORK/run.out" 2>"$WORK/run.err"
     rc=$?
     [ -n "$sampler" ] && kill "$sampler" 2>/dev/null && wait "$sampler" 2>/dev/null
-    "$PY" - "$label" "$rc" "$t0" "$mem" "$OUT/run.out" "$OUT/run.err" >>"$RESULTS" <<'EOF'
+    "$PY" - "$label" "$rc" "$t0" "$mem" "$WORK/run.out" "$WORK/run.err" >>"$RESULTS" <<'EOF'
 import json, sys, time
 label, rc, t0, mem, out, err = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), sys.argv[4], sys.argv[5], sys.argv[6]
 lines = [l for l in open(out).read().splitlines() if l.startswith("{")]
@@ -139,7 +147,7 @@ if rc != 0 or not lines:
     row["error"] = (open(err).read() + open(out).read())[-1500:]
 print(json.dumps(row))
 EOF
-    say "$label: exit $rc, $(tail -c 300 "$OUT/run.err" | tr '\n' ' ' | tail -c 200)"
+    say "$label: exit $rc, $(tail -c 300 "$WORK/run.err" | tr '\n' ' ' | tail -c 200)"
     rm -f "$mem"
 }
 
@@ -154,7 +162,7 @@ run_checks() {
         fi
         say "check $backend"
         # shellcheck disable=SC2086 # the runner is `env VAR=... binary`
-        timeout --signal=KILL 240 $runner check --backend "$backend" --reference "$GPU_DIR/reference" --report "$OUT/check-$backend.json" || say "check $backend: FAILED (exit $?)"
+        timeout --signal=KILL 240 $runner check --backend "$backend" --reference "$GPU_DIR/reference" --report "$WORK/check-$backend.json" || say "check $backend: FAILED (exit $?)"
     done
 }
 
@@ -162,8 +170,8 @@ run_checks() {
 run_nccl() {
     [ "$DRY_RUN" = 1 ] && return
     say "nccl"
-    timeout --signal=KILL 60 "$BIN" nccl >"$OUT/nccl.txt" 2>&1
-    say "nccl: exit $? — $(tail -c 400 "$OUT/nccl.txt" | tr '\n' ' ')"
+    timeout --signal=KILL 60 "$BIN" nccl >"$WORK/nccl.txt" 2>&1
+    say "nccl: exit $? — $(tail -c 400 "$WORK/nccl.txt" | tr '\n' ' ')"
 }
 
 # The optimizer update alone (issue #13): one process, a data-parallel rank with its optimizer on
@@ -171,8 +179,8 @@ run_nccl() {
 run_update() {
     [ "$DRY_RUN" = 1 ] && return
     say "update"
-    timeout --signal=KILL 120 "$BIN" update --backend cuda --shape scripts/gpu/shapes/smollm2-135m.json --warmup 1 --steps 3 >"$OUT/update.txt" 2>&1
-    say "update: exit $? — $(grep -v '^{' "$OUT/update.txt" | tail -c 400 | tr '\n' ' ')"
+    timeout --signal=KILL 120 "$BIN" update --backend cuda --shape scripts/gpu/shapes/smollm2-135m.json --warmup 1 --steps 3 >"$WORK/update.txt" 2>&1
+    say "update: exit $? — $(grep -v '^{' "$WORK/update.txt" | tail -c 400 | tr '\n' ' ')"
 }
 
 # --- 4. throughput -------------------------------------------------------------------------
@@ -194,11 +202,65 @@ bench() {
         measure "ours $backend $shape $task s$seq b$batch$tag" $runner train --backend "$backend" "${common[@]}" "${ours[@]}"
     done
     measure "torch $shape $task s$seq b$batch$tag" "$PY" scripts/gpu/torch_baseline.py "${common[@]}" "${torch[@]}"
+    bundle
+}
+
+# --- 5. profiles ---------------------------------------------------------------------------
+# profile SHAPE TASK SEQ BATCH: one step (after ${WARMUP:-1} untimed ones) of ours on each backend
+# of $OURS_BACKENDS and of PyTorch, each kernel's device time recorded (bench_train --profile:
+# libtorch's Kineto trace, or CubeCL's kernel log; torch_baseline.py --profile: torch.profiler),
+# then their tables by category side by side (profile_table.py, also kept as table.md/.json).
+# The raw profiles travel gzip-compressed when small enough for the bundle.
+profile() {
+    local shape="$1" task="$2" seq="$3" batch="$4"
+    local name="$shape-$task-s$seq-b$batch" specs=()
+    local dir="$WORK/profile-$name"
+    local common=(--shape "scripts/gpu/shapes/$shape.json" --task "$task" --seq "$seq" --batch "$batch" --accum 1 --warmup "${WARMUP:-1}" --steps 1)
+    mkdir -p "$dir"
+    for backend in $OURS_BACKENDS torch; do
+        local budget limit runner file
+        budget=$(left)
+        if [ "$budget" -lt 30 ]; then
+            say "skip profile $backend $name (budget spent)"
+            continue
+        fi
+        limit=$((budget < RUN_TIMEOUT_S ? budget : RUN_TIMEOUT_S))
+        if [ "$backend" = torch ]; then
+            runner="$PY scripts/gpu/torch_baseline.py"
+            file="$dir/$backend/trace.json"
+        else
+            runner="$(runner_for "$backend")"
+            [ -z "$runner" ] && continue
+            runner="$runner train --backend $backend"
+            case "$backend" in tch-*) file="$dir/$backend/trace.json" ;; *) file="$dir/$backend/cubecl.log" ;; esac
+        fi
+        say "profile $backend $name"
+        # shellcheck disable=SC2086 # the runner is a command line
+        timeout --signal=KILL "$limit" $runner "${common[@]}" --profile "$dir/$backend" >"$dir/$backend.out" 2>&1
+        say "profile $backend $name: exit $? — $(tail -c 200 "$dir/$backend.out" | tr '\n' ' ')"
+        [ -f "$file" ] && specs+=("$backend=$file")
+    done
+    if [ "${#specs[@]}" -gt 0 ]; then
+        "$PY" scripts/gpu/profile_table.py "${specs[@]}" --json "$dir/table.json" >"$dir/table.md" 2>&1
+        cat "$dir/table.md"
+    fi
+    for raw in "$dir"/*/trace.json "$dir"/*/cubecl.log; do
+        [ -f "$raw" ] || continue
+        gzip -f "$raw"
+        # Over 6 MiB compressed, the raw profile would crowd the 16 MiB bundle: keep the table.
+        if [ "$(stat -c %s "$raw.gz")" -gt 6291456 ]; then
+            say "dropped $raw.gz ($(stat -c %s "$raw.gz") bytes)"
+            rm -f "$raw.gz"
+        fi
+    done
+    bundle
 }
 
 case "$PLAN" in
     dry)
         run_checks
+        bundle
+        profile tiny sft 64 2
         bench tiny sft 64 2 2
         LEAN=1 bench tiny sft 64 2 2
         bench tiny dpo 64 2 1
@@ -212,9 +274,12 @@ case "$PLAN" in
     first)
         run_checks
         run_nccl
+        bundle
         bench smollm2-135m sft 1024 4 1
         bench llama-3.2-1b sft 1024 4 1
         BF16="cuda-bf16 tch-cuda-bf16"
+        # Where each implementation's step goes, before the remaining shapes.
+        OURS_BACKENDS="$BF16" profile llama-3.2-1b sft 1024 4
         LEAN=1 OURS_BACKENDS="$BF16" bench llama-3.2-1b sft 1024 4 1
         OURS_BACKENDS="$BF16" bench llama-3.2-1b dpo 1024 2 1
         OURS_BACKENDS="$BF16" bench llama-3.2-1b sft 2048 2 1
@@ -230,10 +295,17 @@ case "$PLAN" in
         # What mixed precision's casts cost: every tensor bf16 (moments too) on the same shape.
         OURS_BACKENDS=cuda-pure-bf16 bench smollm2-135m sft 1024 4 1
         ;;
+    profile)
+        # A second call after `first`: the smaller model and DPO, where launches weigh more.
+        BF16="cuda-bf16 tch-cuda-bf16"
+        OURS_BACKENDS="$BF16" profile smollm2-135m sft 1024 4
+        OURS_BACKENDS="$BF16" profile llama-3.2-1b dpo 1024 2
+        ;;
     *)
-        echo "unknown plan $PLAN (first, second, check, dry)"
+        echo "unknown plan $PLAN (first, second, profile, check, dry)"
         exit 2
         ;;
 esac
 say "done"
-"$PY" scripts/gpu/report.py "$RESULTS" --checks "$OUT" || true
+bundle
+"$PY" scripts/gpu/report.py "$RESULTS" --checks "$WORK" || true

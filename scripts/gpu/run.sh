@@ -15,7 +15,8 @@
 #                                     kernels cuda runs) over Mesa's software Vulkan
 #   bash scripts/gpu/run.sh dry-run tch    the same, ours on the libtorch backend (the reference
 #                                     venv's torch, on the CPU): bench_train_tch's code path
-#   bash scripts/gpu/run.sh report DIR   tables from the files a device run brought back
+#   bash scripts/gpu/run.sh report DIR   tables from the files a device run brought back (its
+#                                     bundle unpacked into a temporary folder; profiles first)
 #
 # .gpu/ and .gpu-dry/ are ignored by git; the device tool carries .gpu/ ("carry": [".gpu"]).
 # The tracked files the run needs (scripts/gpu/, the tiny fixtures) travel with the tree.
@@ -92,7 +93,8 @@ Device command (the device tool's run; ≤ 8 minutes, leaving time for a second 
   command:   OUT=\$OUT bash scripts/gpu/device_run.sh first
   carry:     [".gpu"]
   timeout_s: 500
-Second run if time is left: the same with 'second' instead of 'first'.
+Second run if time is left: the same with 'profile' (≈ 3 min: kernel profiles of the 135M
+shape and of DPO), or 'second' (more shapes), instead of 'first'.
 Afterwards: bash scripts/gpu/run.sh report <files_at folder>, then docs/performance.md.
 EOF
         ;;
@@ -122,11 +124,23 @@ EOF
             *) echo "usage: run.sh dry-run [cpu|wgpu|tch]" >&2; exit 2 ;;
         esac
         python="$(bash scripts/reference_env.sh)"
+        rm -rf .gpu-dry/out
         GPU_DIR=.gpu-dry OUT=.gpu-dry/out PYTHON="$python" BUDGET_S="${BUDGET_S:-600}" bash scripts/gpu/device_run.sh dry
         ;;
     report)
         dir="${2:?usage: run.sh report DIR}"
-        python3 scripts/gpu/report.py "$dir/results.jsonl" --checks "$dir"
+        # device_run.sh packs everything but its log and results into bundle.tar.gz (the device
+        # tool brings back 8 files at most); the folder it came back to is read-only.
+        checks="$dir"
+        if [ -f "$dir/bundle.tar.gz" ]; then
+            checks="$(mktemp -d "${TMPDIR:-/tmp}/gpu-report.XXXXXX")"
+            tar xzf "$dir/bundle.tar.gz" -C "$checks"
+            echo "bundle unpacked into $checks" >&2
+            for table in "$checks"/profile-*/table.md; do
+                [ -f "$table" ] && { echo "### $(basename "$(dirname "$table")")"; cat "$table"; }
+            done
+        fi
+        python3 scripts/gpu/report.py "$dir/results.jsonl" --checks "$checks"
         ;;
     *)
         echo "usage: run.sh stage | dry-run [cpu|wgpu|tch] | report DIR" >&2

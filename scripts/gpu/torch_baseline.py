@@ -40,6 +40,7 @@ def parse():
     p.add_argument("--compile", action="store_true", help="torch.compile the model (the Trainer's torch_compile)")
     p.add_argument("--peak-tflops", type=float, default=989.0)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--profile", help="folder: the timed steps under torch.profiler, written as trace.json (as bench_train's --profile)")
     return p.parse_args()
 
 
@@ -143,7 +144,16 @@ def main():
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     step_seconds, losses = [], []
+    profiler = None
     for step in range(args.warmup + args.steps):
+        if step == args.warmup and args.profile:
+            # What bench_train's --profile records on libtorch: operators with input shapes, and
+            # on CUDA every kernel with its device time.
+            activities = [torch.profiler.ProfilerActivity.CPU]
+            if device.type == "cuda":
+                activities.append(torch.profiler.ProfilerActivity.CUDA)
+            profiler = torch.profiler.profile(activities=activities, record_shapes=True)
+            profiler.start()
         start = time.perf_counter()
         total = 0.0
         for ids, mask in micro:
@@ -160,6 +170,11 @@ def main():
         losses.append(float(total))
         if step >= args.warmup:
             step_seconds.append(elapsed)
+
+    if profiler is not None:
+        profiler.stop()
+        os.makedirs(args.profile, exist_ok=True)
+        profiler.export_chrome_trace(os.path.join(args.profile, "trace.json"))
 
     med = statistics.median(step_seconds)
     tps = tokens_per_step / med
@@ -186,6 +201,7 @@ def main():
         "mfu": tflops / args.peak_tflops,
         "losses": losses,
         "torch": torch.__version__,
+        "profile": os.path.join(args.profile, "trace.json") if args.profile else None,
     }
     if device.type == "cuda":
         line["torch_max_allocated_mib"] = torch.cuda.max_memory_allocated() / 2**20

@@ -19,6 +19,27 @@ pub fn retype<From: 'static, To: 'static>(value: From) -> To {
     downcast(value).unwrap_or_else(|_| unreachable!("the backend type was checked"))
 }
 
+/// Whether a product with a weight stored `[out, in]`, `x Wᵀ`, is best computed as `(W xᵀ)ᵀ` on
+/// `B`: only on the CPU backend (burn-ndarray, and its autodiff), whose matmul copies a transposed
+/// right operand into a contiguous buffer, which would copy the weight on every call; transposing
+/// the activations there costs nothing.
+///
+/// Every other backend (cuBLAS through libtorch, CubeCL's matmul) reads a transposed operand in
+/// place, so it computes `x Wᵀ` directly and gets a row-major product: the layout the kernels
+/// after it want. A product left transposed makes reductions over the last dimension read memory
+/// out of order, and torch's flash and memory-efficient attention refuse q, k and v whose last
+/// dimension is strided, falling back to the unfused kernel that materialises every score.
+pub fn transposes_activations_in_products<B: 'static>() -> bool {
+    #[cfg(feature = "ndarray")]
+    {
+        use std::any::TypeId;
+        let b = TypeId::of::<B>();
+        b == TypeId::of::<Cpu>() || b == TypeId::of::<CpuAutodiff>()
+    }
+    #[cfg(not(feature = "ndarray"))]
+    false
+}
+
 #[cfg(feature = "ndarray")]
 /// CPU backend used by tests and CI: pure Rust, f32.
 pub type Cpu = burn::backend::NdArray<f32>;

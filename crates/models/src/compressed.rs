@@ -26,6 +26,7 @@
 //! receives its gradient as one ([`CompressedWeight::expand_for`],
 //! [`CompressedWeight::accumulate_gradient`]), so no value goes through the host.
 
+use alignment_core::backend::transposes_activations_in_products;
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;
 use burn::backend::autodiff::grads::Gradients;
@@ -136,7 +137,14 @@ pub fn project_compressed<B: Backend>(x: Tensor<B, 3>, weight: &Arc<dyn Compress
     let y = match steps_for::<B>(weight) {
         Some(steps) => unbox::<Tensor<B, 2>>((steps.matmul)(Box::new(rows), weight)),
         // Inference backends (nothing is recorded) and weights without recorded steps.
-        None => expand::<B, _>(weight.as_ref(), &rows.device()).matmul(rows.transpose()).transpose(),
+        None => {
+            let w = expand::<B, _>(weight.as_ref(), &rows.device());
+            if transposes_activations_in_products::<B>() {
+                w.matmul(rows.transpose()).transpose()
+            } else {
+                rows.matmul(w.transpose())
+            }
+        }
     };
     y.reshape([batch, seq, out])
 }
@@ -215,7 +223,13 @@ impl<I: Backend> Backward<I, 1> for CompressedMatmulBackward {
         let [parent] = ops.parents;
         let grad_y = grads.consume::<I>(&ops.node);
         if let Some(x) = x {
-            let grad_w = I::float_matmul(I::float_transpose(grad_y.clone()), x);
+            // Summed in the order burn's autodiff sums a dense weight's gradient, so that a
+            // compressed weight's equals it bit for bit: `∂yᵀ x` for `(W xᵀ)ᵀ`, `(xᵀ ∂y)ᵀ` for `x Wᵀ`.
+            let grad_w = if transposes_activations_in_products::<I>() {
+                I::float_matmul(I::float_transpose(grad_y.clone()), x)
+            } else {
+                I::float_transpose(I::float_matmul(I::float_transpose(x), grad_y.clone()))
+            };
             weight.accumulate_gradient(Box::new(Tensor::<I, 2>::from_primitive(TensorPrimitive::Float(grad_w))));
         }
         if let Some(parent) = parent {
@@ -234,8 +248,12 @@ fn recorded_matmul<I: Backend>(x: Tensor<Autodiff<I>, 2>, weight: &Arc<dyn Compr
     }
     let device = I::float_device(&x.primitive);
     let w = expand::<I, _>(weight.as_ref(), &device).into_primitive().tensor();
-    // (W xᵀ)ᵀ rather than x Wᵀ: only the activations are transposed (see layers::project).
-    let y = I::float_transpose(I::float_matmul(w, I::float_transpose(x.primitive.clone())));
+    // Arranged for I's matmul (see transposes_activations_in_products).
+    let y = if transposes_activations_in_products::<I>() {
+        I::float_transpose(I::float_matmul(w, I::float_transpose(x.primitive.clone())))
+    } else {
+        I::float_matmul(x.primitive.clone(), I::float_transpose(w))
+    };
     let y = match <CompressedMatmulBackward as Backward<I, 1>>::prepare::<NoCheckpointing>(CompressedMatmulBackward, [x.node.clone()])
         .compute_bound()
         .stateful()

@@ -3,6 +3,7 @@
 
 use crate::compressed::{self, CompressedWeight};
 use crate::quantized::QuantizedWeight;
+use alignment_core::backend::transposes_activations_in_products;
 use alignment_core::precision::matmul_in;
 use burn::module::{Module, Param};
 use burn::tensor::{backend::Backend, Distribution, FloatDType, Tensor};
@@ -187,11 +188,19 @@ pub fn project_in<B: Backend>(x: Tensor<B, 3>, w: Tensor<B, 2>, dtype: Option<Fl
     }
 }
 
-/// `(W xᵀ)ᵀ` by burn's matmul (in `dtype` when given), the path of every backend but the CPU's.
+/// `x Wᵀ` by burn's matmul (in `dtype` when given), the path of every backend but the CPU's
+/// inference and f32 training kernels: row-major, or as `(W xᵀ)ᵀ` where the backend's matmul would
+/// copy a transposed weight ([`transposes_activations_in_products`]).
 fn project_with_matmul<B: Backend>(x: Tensor<B, 3>, w: Tensor<B, 2>, dtype: Option<FloatDType>) -> Tensor<B, 3> {
     let [batch, seq, inner] = x.dims();
     let out = w.dims()[0];
-    matmul_in(w, x.reshape([batch * seq, inner]).transpose(), dtype).transpose().reshape([batch, seq, out])
+    let rows = x.reshape([batch * seq, inner]);
+    let y = if transposes_activations_in_products::<B>() {
+        matmul_in(w, rows.transpose(), dtype).transpose()
+    } else {
+        matmul_in(rows, w.transpose(), dtype)
+    };
+    y.reshape([batch, seq, out])
 }
 
 /// Root-mean-square normalisation: `x / sqrt(mean(x²) + eps) * scale`, where `scale` is `w`

@@ -93,14 +93,63 @@ struct Call {
 
 impl Call {
     fn run(&self, q: &tch::Tensor, k: &tch::Tensor, v: &tch::Tensor) -> tch::Tensor {
+        let grouped = q.size()[1] != k.size()[1];
+        let repeat = grouped && repeats_kv_heads(q.device().is_cuda(), self.additive_mask.is_none(), self.half.is_some());
+        self.run_with(q, k, v, repeat)
+    }
+
+    /// [`Self::run`], repeating each kv head for its query heads when `repeat_kv` (else torch
+    /// reads grouped heads itself).
+    fn run_with(&self, q: &tch::Tensor, k: &tch::Tensor, v: &tch::Tensor, repeat_kv: bool) -> tch::Tensor {
         let out_kind = q.kind();
-        let cast = |t: &tch::Tensor| self.half.map_or_else(|| t.shallow_clone(), |kind| t.to_kind(kind));
-        let (q, k, v) = (cast(q), cast(k), cast(v));
-        let mask = self.additive_mask.as_ref().map(|m| m.to_kind(q.kind()));
+        let (q, k, v, mask) = self.kernel_inputs(q, k, v, repeat_kv);
         let grouped = q.size()[1] != k.size()[1];
         let causal = self.additive_mask.is_none();
         tch::Tensor::scaled_dot_product_attention(&q, &k, &v, mask, 0.0, causal, self.scale, grouped).to_kind(out_kind)
     }
+
+    /// q, k, v and the mask as the kernel gets them: in the products' type, with a unit stride
+    /// in the last dimension (torch's fused kernels refuse any other and fall back to the math
+    /// kernel, which materialises every score), kv heads repeated when `repeat_kv`.
+    fn kernel_inputs(
+        &self,
+        q: &tch::Tensor,
+        k: &tch::Tensor,
+        v: &tch::Tensor,
+        repeat_kv: bool,
+    ) -> (tch::Tensor, tch::Tensor, tch::Tensor, Option<tch::Tensor>) {
+        let prepare = |t: &tch::Tensor| {
+            let t = self.half.map_or_else(|| t.shallow_clone(), |kind| t.to_kind(kind));
+            if t.stride().last() == Some(&1) {
+                t
+            } else {
+                t.contiguous()
+            }
+        };
+        let (q, mut k, mut v) = (prepare(q), prepare(k), prepare(v));
+        if repeat_kv {
+            let times = q.size()[1] / k.size()[1];
+            (k, v) = (repeat_heads(&k, times), repeat_heads(&v, times));
+        }
+        let mask = self.additive_mask.as_ref().map(|m| m.to_kind(q.kind()));
+        (q, k, v, mask)
+    }
+}
+
+/// Whether grouped kv heads are repeated before the call. torch's CPU kernel and its CUDA flash
+/// kernel (plain causal, half types) read grouped heads themselves; CUDA's memory-efficient
+/// kernel, the one for masks (padding, packed documents) and f32, does not and would fall back
+/// to the math kernel, so there each kv head is repeated, as transformers' `repeat_kv` does.
+fn repeats_kv_heads(on_cuda: bool, plain_causal: bool, half: bool) -> bool {
+    on_cuda && !(plain_causal && half)
+}
+
+/// `[batch, kv_heads, seq, d]` → `[batch, kv_heads · times, seq, d]`, kv head `j` becoming heads
+/// `j · times .. (j + 1) · times` (query head `i` meets kv head `i / times`).
+fn repeat_heads(t: &tch::Tensor, times: i64) -> tch::Tensor {
+    let size = t.size();
+    let (batch, heads, seq, d) = (size[0], size[1], size[2], size[3]);
+    t.unsqueeze(2).expand([batch, heads, times, seq, d], false).reshape([batch, heads * times, seq, d])
 }
 
 /// The autodiff case: the output as a burn tensor whose recorded backward step asks torch's
@@ -239,6 +288,37 @@ mod tests {
             let difference = max_relative(a, b);
             assert!(difference <= tolerance, "{name}: {difference} > {tolerance} (plain causal: {})", mask.plain_causal);
         }
+    }
+
+    /// q, k, v `[2, heads, 16, 8]` laid out as a product left transposed would be: the last
+    /// dimension strided, the sequence contiguous.
+    fn strided(heads: i64) -> tch::Tensor {
+        tch::Tensor::randn([8, heads, 2, 16], (tch::Kind::Float, tch::Device::Cpu)).permute([2, 1, 3, 0])
+    }
+
+    #[test]
+    fn torch_picks_a_fused_kernel_for_strided_inputs_and_repeated_heads_agree() {
+        let (q, k, v) = (strided(4), strided(2), strided(2));
+        assert_ne!(q.stride().last(), Some(&1), "the inputs are strided in their last dimension");
+        let masked = tch::Tensor::zeros([2, 1, 16, 16], (tch::Kind::Bool, tch::Device::Cpu));
+        for additive_mask in [None, Some(additive(&masked))] {
+            for half in [None, Some(tch::Kind::BFloat16)] {
+                let call = Call { additive_mask: additive_mask.as_ref().map(|m| m.shallow_clone()), scale: 0.3, half };
+                let causal = call.additive_mask.is_none();
+                for repeat_kv in [false, true] {
+                    let (q, k, v, mask) = call.kernel_inputs(&q, &k, &v, repeat_kv);
+                    let grouped = q.size()[1] != k.size()[1];
+                    // at::native::SDPBackend: 0 is the unfused math kernel.
+                    let choice = tch::Tensor::internal_fused_sdp_choice(&q, &k, &v, mask, 0.0, causal, 0.3, grouped);
+                    assert_ne!(choice, 0, "math kernel chosen (mask: {}, half: {half:?}, repeated: {repeat_kv})", !causal);
+                }
+                let (grouped, repeated) = (call.run_with(&q, &k, &v, false), call.run_with(&q, &k, &v, true));
+                let difference = f64::try_from((&grouped - &repeated).abs().max()).unwrap();
+                assert!(difference <= 1e-6, "repeated kv heads change the output by {difference}");
+            }
+        }
+        assert!(repeats_kv_heads(true, false, true) && repeats_kv_heads(true, true, false));
+        assert!(!repeats_kv_heads(true, true, true) && !repeats_kv_heads(false, false, false));
     }
 
     #[test]

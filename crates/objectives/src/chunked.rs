@@ -24,6 +24,7 @@
 //! and the logits come back in the hidden states' type (f32), in which everything else runs.
 
 use crate::logprobs::{logsumexp_vocab, position_stats, ExtraStats, PositionStats, SequenceLogps, ShiftedTargets, TokenStats};
+use alignment_core::backend::transposes_activations_in_products;
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{FloatDType, Int, Tensor};
 
@@ -33,12 +34,15 @@ pub fn chunk_tokens_for(vocab: usize, budget_values: usize) -> usize {
     (budget_values / vocab.max(1)).max(64)
 }
 
-/// `h Wᵀ` for `h: [n, hidden]`, `W: [vocab, hidden]`, computed as `(W hᵀ)ᵀ` like the model's
-/// head, in `W`'s type; the logits in `h`'s.
+/// `h Wᵀ` for `h: [n, hidden]`, `W: [vocab, hidden]`, arranged like the model's head
+/// (`(W hᵀ)ᵀ` on the CPU backend, row-major logits elsewhere:
+/// [`transposes_activations_in_products`]), in `W`'s type; the logits in `h`'s.
 fn project<B: Backend>(h: Tensor<B, 2>, weight: Tensor<B, 2>) -> Tensor<B, 2> {
     let out = h.dtype();
     let h = h.cast(FloatDType::from(weight.dtype()));
-    weight.matmul(h.transpose()).transpose().cast(FloatDType::from(out))
+    let logits =
+        if transposes_activations_in_products::<B>() { weight.matmul(h.transpose()).transpose() } else { h.matmul(weight.transpose()) };
+    logits.cast(FloatDType::from(out))
 }
 
 /// The flattened shifted targets of each label set: gatherable ids and the scored mask, `[n]`.

@@ -28,6 +28,8 @@ pub mod task;
 pub mod tasks;
 #[cfg(feature = "tch")]
 mod tch_adamw;
+#[cfg(feature = "tch")]
+pub mod tch_profiler;
 mod tensor_collectives;
 pub mod train;
 pub mod zero3;

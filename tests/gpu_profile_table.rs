@@ -1,0 +1,114 @@
+//! `scripts/gpu/profile_table.py`, the reader of the kernel profiles a device run brings back
+//! (issue #12), on small profiles written here in each format it reads: device kernels in a
+//! Kineto trace, host operators nested in one (self time), and CubeCL's kernel log.
+
+use serde_json::{json, Value};
+use std::path::Path;
+use std::process::Command;
+
+/// Runs the script on `LABEL=PATH` specs and returns its `--json` summary.
+fn summarise(dir: &Path, specs: &[String], steps: usize) -> Value {
+    let out = dir.join("summary.json");
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/gpu/profile_table.py");
+    let output = Command::new("python3")
+        .arg(script)
+        .args(specs)
+        .args(["--steps", &steps.to_string(), "--json"])
+        .arg(&out)
+        .output()
+        .expect("python3 runs");
+    assert!(output.status.success(), "profile_table.py failed: {}", String::from_utf8_lossy(&output.stderr));
+    serde_json::from_str(&std::fs::read_to_string(out).unwrap()).unwrap()
+}
+
+fn close(actual: &Value, expected: f64) {
+    let actual = actual.as_f64().unwrap_or_else(|| panic!("{actual} is not a number"));
+    assert!((actual - expected).abs() < 1e-9, "{actual} != {expected}");
+}
+
+fn event(cat: &str, name: &str, tid: u64, ts: f64, dur: f64) -> Value {
+    json!({"ph": "X", "cat": cat, "name": name, "pid": 1, "tid": tid, "ts": ts, "dur": dur})
+}
+
+#[test]
+fn device_kernels_are_summed_by_category_per_step() {
+    let dir = tempfile::tempdir().unwrap();
+    let trace = json!({"traceEvents": [
+        // Host operators and runtime calls do not count once the trace has device kernels.
+        event("cpu_op", "aten::mm", 1, 0.0, 900.0),
+        event("cuda_runtime", "cudaLaunchKernel", 1, 0.0, 5.0),
+        event("kernel", "sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64", 7, 10.0, 300.0),
+        event("kernel", "sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64", 7, 400.0, 100.0),
+        event("kernel", "pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<128>>", 7, 600.0, 50.0),
+        event("kernel", "void at::native::vectorized_elementwise_kernel<4, at::native::CUDAFunctor_add<float>>", 7, 700.0, 20.0),
+        event("kernel", "void at::native::(anonymous namespace)::multi_tensor_apply_kernel<FusedAdamMathFunctor>", 7, 800.0, 30.0),
+        event("gpu_memcpy", "Memcpy DtoD (Device -> Device)", 7, 900.0, 8.0),
+    ]});
+    let path = dir.path().join("trace.json");
+    std::fs::write(&path, trace.to_string()).unwrap();
+    let summary = summarise(dir.path(), &[format!("torch={}", path.display())], 2);
+    let torch = &summary["torch"];
+    // Two steps profiled: everything is halved.
+    close(&torch["total_ms"], (300.0 + 100.0 + 50.0 + 20.0 + 30.0 + 8.0) / 2.0 / 1e3);
+    close(&torch["launches"], 3.0);
+    close(&torch["categories"]["gemm"], 0.2);
+    close(&torch["categories"]["attention"], 0.025);
+    close(&torch["categories"]["elementwise"], 0.01);
+    close(&torch["categories"]["optimizer"], 0.015);
+    close(&torch["categories"]["cast/copy"], 0.004);
+}
+
+#[test]
+fn host_operators_count_their_self_time_once() {
+    let dir = tempfile::tempdir().unwrap();
+    // aten::linear (100 µs) holds aten::t (10) and aten::addmm (70), which holds aten::copy_ (20);
+    // another thread runs aten::mul (40) at the same time.
+    let trace = json!({"traceEvents": [
+        event("cpu_op", "aten::linear", 1, 0.0, 100.0),
+        event("cpu_op", "aten::t", 1, 5.0, 10.0),
+        event("cpu_op", "aten::addmm", 1, 20.0, 70.0),
+        event("cpu_op", "aten::copy_", 1, 30.0, 20.0),
+        event("cpu_op", "aten::mul", 2, 10.0, 40.0),
+        event("user_annotation", "ProfilerStep#1", 1, 0.0, 200.0),
+    ]});
+    let path = dir.path().join("trace.json");
+    std::fs::write(&path, trace.to_string()).unwrap();
+    let summary = summarise(dir.path(), &[format!("ours={}", path.display())], 1);
+    let ours = &summary["ours"];
+    // Self times: linear 20, t 10, addmm 50, copy_ 20, mul 40: 140 µs in all, not 240.
+    close(&ours["total_ms"], 0.14);
+    close(&ours["categories"]["gemm"], 0.07);
+    close(&ours["categories"]["cast/copy"], 0.03);
+    close(&ours["categories"]["elementwise"], 0.04);
+}
+
+#[test]
+fn cubecl_logs_are_read_from_their_last_step_tables() {
+    let dir = tempfile::tempdir().unwrap();
+    let table = |matmul: &str, fused: &str| {
+        format!(
+            "|⎺⎺⎺⎺⎺| \n\
+             | Name                                             | Duration  | Num Computed | Ratio |\n\
+             |⎼⎼⎼⎼⎼| \n\
+             | MatmulEntry | TensorArgs | __Lhs | CudaRuntime   | {matmul} | 14           | 80 %  |\n\
+             | ElemwiseFuse | CudaRuntime                      | {fused} | 40           | 20 %  |\n\
+             |⎼⎼⎼⎼⎼| \n\
+             | Total                                            | 1.5ms     | 54           | 100 % |\n\
+             |⎯⎯⎯⎯⎯| \n"
+        )
+    };
+    // Per-kernel lines, then the warm-up step's table, then the timed step's.
+    let log = format!(
+        "| 12.5µs     | ElemwiseFuse | CudaRuntime\n{}| 3.2ms      | MatmulEntry | TensorArgs | CudaRuntime\n{}",
+        table("9ms", "250µs"),
+        table("1.2ms", "300µs")
+    );
+    let path = dir.path().join("cubecl.log");
+    std::fs::write(&path, log).unwrap();
+    let summary = summarise(dir.path(), &[format!("cuda={}", path.display())], 1);
+    let cuda = &summary["cuda"];
+    close(&cuda["total_ms"], 1.5);
+    close(&cuda["launches"], 54.0);
+    close(&cuda["categories"]["gemm"], 1.2);
+    close(&cuda["categories"]["elementwise"], 0.3);
+}
