@@ -445,6 +445,8 @@ fn finish_profile(torch_profiler: Option<TorchProfiler>, args: &TrainArgs) -> Re
         Some(profiler) => profiler.finish(&dir.join("trace.json")).map(Some).map_err(|e| e.to_string()),
         #[cfg(not(feature = "tch"))]
         Some(never) => match never {},
+        // No timed step ran (`--steps 0`).
+        None if args.backend.starts_with("tch-") => Ok(None),
         None => Ok(Some(dir.join("cubecl.log"))),
     }
 }

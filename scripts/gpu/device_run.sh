@@ -296,8 +296,10 @@ case "$PLAN" in
         OURS_BACKENDS=cuda-pure-bf16 bench smollm2-135m sft 1024 4 1
         ;;
     profile)
-        # A second call after `first`: the smaller model and DPO, where launches weigh more.
+        # A second call after `first` (BUDGET_S=200): the 1B step again in case `first` ran out
+        # of budget before it, then the smaller model and DPO, where launches weigh more.
         BF16="cuda-bf16 tch-cuda-bf16"
+        OURS_BACKENDS="$BF16" profile llama-3.2-1b sft 1024 4
         OURS_BACKENDS="$BF16" profile smollm2-135m sft 1024 4
         OURS_BACKENDS="$BF16" profile llama-3.2-1b dpo 1024 2
         ;;

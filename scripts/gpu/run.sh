@@ -93,8 +93,8 @@ Device command (the device tool's run; ≤ 8 minutes, leaving time for a second 
   command:   OUT=\$OUT bash scripts/gpu/device_run.sh first
   carry:     [".gpu"]
   timeout_s: 500
-Second run if time is left: the same with 'profile' (≈ 3 min: kernel profiles of the 135M
-shape and of DPO), or 'second' (more shapes), instead of 'first'.
+Second run if time is left: command 'OUT=\$OUT BUDGET_S=200 bash scripts/gpu/device_run.sh profile'
+with timeout_s 240 (kernel profiles: the 1B step, the 135M shape, DPO), or 'second' (more shapes).
 Afterwards: bash scripts/gpu/run.sh report <files_at folder>, then docs/performance.md.
 EOF
         ;;
