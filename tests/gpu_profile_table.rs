@@ -6,19 +6,24 @@ use serde_json::{json, Value};
 use std::path::Path;
 use std::process::Command;
 
-/// Runs the script on `LABEL=PATH` specs and returns its `--json` summary.
-fn summarise(dir: &Path, specs: &[String], steps: usize) -> Value {
-    let out = dir.join("summary.json");
+/// Writes `contents` as the profile `file_name` (its name tells the script the format), runs
+/// the script on it over `steps` steps and returns that profile's `--json` summary.
+fn summarise(file_name: &str, contents: &str, steps: usize) -> Value {
+    let dir = tempfile::tempdir().unwrap();
+    let profile = dir.path().join(file_name);
+    std::fs::write(&profile, contents).unwrap();
+    let out = dir.path().join("summary.json");
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/gpu/profile_table.py");
     let output = Command::new("python3")
         .arg(script)
-        .args(specs)
+        .arg(format!("profile={}", profile.display()))
         .args(["--steps", &steps.to_string(), "--json"])
         .arg(&out)
         .output()
         .expect("python3 runs");
     assert!(output.status.success(), "profile_table.py failed: {}", String::from_utf8_lossy(&output.stderr));
-    serde_json::from_str(&std::fs::read_to_string(out).unwrap()).unwrap()
+    let summary: Value = serde_json::from_str(&std::fs::read_to_string(out).unwrap()).unwrap();
+    summary["profile"].clone()
 }
 
 fn close(actual: &Value, expected: f64) {
@@ -32,7 +37,6 @@ fn event(cat: &str, name: &str, tid: u64, ts: f64, dur: f64) -> Value {
 
 #[test]
 fn device_kernels_are_summed_by_category_per_step() {
-    let dir = tempfile::tempdir().unwrap();
     let trace = json!({"traceEvents": [
         // Host operators and runtime calls do not count once the trace has device kernels.
         event("cpu_op", "aten::mm", 1, 0.0, 900.0),
@@ -44,10 +48,7 @@ fn device_kernels_are_summed_by_category_per_step() {
         event("kernel", "void at::native::(anonymous namespace)::multi_tensor_apply_kernel<FusedAdamMathFunctor>", 7, 800.0, 30.0),
         event("gpu_memcpy", "Memcpy DtoD (Device -> Device)", 7, 900.0, 8.0),
     ]});
-    let path = dir.path().join("trace.json");
-    std::fs::write(&path, trace.to_string()).unwrap();
-    let summary = summarise(dir.path(), &[format!("torch={}", path.display())], 2);
-    let torch = &summary["torch"];
+    let torch = &summarise("trace.json", &trace.to_string(), 2);
     // Two steps profiled: everything is halved.
     close(&torch["total_ms"], (300.0 + 100.0 + 50.0 + 20.0 + 30.0 + 8.0) / 2.0 / 1e3);
     close(&torch["launches"], 3.0);
@@ -60,7 +61,6 @@ fn device_kernels_are_summed_by_category_per_step() {
 
 #[test]
 fn host_operators_count_their_self_time_once() {
-    let dir = tempfile::tempdir().unwrap();
     // aten::linear (100 µs) holds aten::t (10) and aten::addmm (70), which holds aten::copy_ (20);
     // another thread runs aten::mul (40) at the same time.
     let trace = json!({"traceEvents": [
@@ -71,10 +71,7 @@ fn host_operators_count_their_self_time_once() {
         event("cpu_op", "aten::mul", 2, 10.0, 40.0),
         event("user_annotation", "ProfilerStep#1", 1, 0.0, 200.0),
     ]});
-    let path = dir.path().join("trace.json");
-    std::fs::write(&path, trace.to_string()).unwrap();
-    let summary = summarise(dir.path(), &[format!("ours={}", path.display())], 1);
-    let ours = &summary["ours"];
+    let ours = &summarise("trace.json", &trace.to_string(), 1);
     // Self times: linear 20, t 10, addmm 50, copy_ 20, mul 40: 140 µs in all, not 240.
     close(&ours["total_ms"], 0.14);
     close(&ours["categories"]["gemm"], 0.07);
@@ -84,7 +81,6 @@ fn host_operators_count_their_self_time_once() {
 
 #[test]
 fn cubecl_logs_are_read_from_their_last_step_tables() {
-    let dir = tempfile::tempdir().unwrap();
     let table = |matmul: &str, fused: &str| {
         format!(
             "|⎺⎺⎺⎺⎺| \n\
@@ -103,10 +99,7 @@ fn cubecl_logs_are_read_from_their_last_step_tables() {
         table("9ms", "250µs"),
         table("1.2ms", "300µs")
     );
-    let path = dir.path().join("cubecl.log");
-    std::fs::write(&path, log).unwrap();
-    let summary = summarise(dir.path(), &[format!("cuda={}", path.display())], 1);
-    let cuda = &summary["cuda"];
+    let cuda = &summarise("cubecl.log", &log, 1);
     close(&cuda["total_ms"], 1.5);
     close(&cuda["launches"], 54.0);
     close(&cuda["categories"]["gemm"], 1.2);
