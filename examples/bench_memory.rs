@@ -187,7 +187,7 @@ fn measure(args: &Args, mode: &str) {
         let mut accumulator = GradientsAccumulator::new();
         let metrics = forward_backward(&model, &task, &refs, 1.0 / task.weight(&refs), &options, &mut accumulator, &device);
         losses.push(metrics.read().get("loss").unwrap_or(f64::NAN));
-        model = optimizer.step(1e-4, model, &accumulator.grads()).0;
+        model = optimizer.step(1e-4, model, accumulator.grads()).0;
     }
     let step_seconds = start.elapsed().as_secs_f64() / args.steps as f64;
     let moments: usize = optimizer.state.values().map(|m| 2 * 4 * m.exp_avg.shape().num_elements()).sum();

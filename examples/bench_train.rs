@@ -356,7 +356,7 @@ fn run_train<B: AutodiffBackend>(args: &TrainArgs, matmul_dtype: Option<FloatDTy
                     torch_profiler = start_torch_profiler(args)?;
                 }
                 let start = Instant::now();
-                let (updated, pending, _, _) = train_step(model, &task, &batches, &mut optimizer, lr, &options, device);
+                let (updated, pending, _, _) = train_step(model, &task, &batches, &mut optimizer, lr, &options, false, device);
                 model = updated;
                 B::sync(device).map_err(|e| format!("{e:?}"))?;
                 if step >= args.warmup {
@@ -375,7 +375,7 @@ fn run_train<B: AutodiffBackend>(args: &TrainArgs, matmul_dtype: Option<FloatDTy
                     torch_profiler = start_torch_profiler(args)?;
                 }
                 let start = Instant::now();
-                let (updated, pending, _, _) = train_step(model, &task, &batches, &mut optimizer, lr, &options, device);
+                let (updated, pending, _, _) = train_step(model, &task, &batches, &mut optimizer, lr, &options, false, device);
                 model = updated;
                 B::sync(device).map_err(|e| format!("{e:?}"))?;
                 if step >= args.warmup {
@@ -526,8 +526,8 @@ fn check_case(
 // ---------------------------------------------------------------------------------------------
 // The optimizer update alone.
 
-/// Times `--steps` updates of each variant on one random model and gradient: `AdamW::step` (one
-/// process), and `DataParallel::step` of a ZeRO-2 rank at world size 1 with the optimizer on the
+/// Times `--steps` updates of each variant on one random model with random gradients:
+/// `AdamW::step` (one process), and `DataParallel::step` of a ZeRO-2 rank at world size 1 with the optimizer on the
 /// device (flat device buffers, collectives on them) and offloaded (`offload_optimizer_device:
 /// cpu`: gradients and weights through the host, AdamW there). At world size 1 the collectives
 /// move nothing, so the difference between the last two is the host round trip a data-parallel
@@ -549,8 +549,14 @@ fn run_update<B: AutodiffBackend>(args: &UpdateArgs, device: &B::Device) -> Resu
             }
         }
     }
-    let mut grads = GradientsParams::new();
-    model.visit(&mut RandomGrads::<B::InnerBackend>(&mut grads, device));
+    // Fresh gradients for each update, made before its timer: like the backward pass's, held by
+    // nothing but their container, which the one-process step consumes.
+    let random_grads = |model: &CausalLm<B>| -> Result<GradientsParams, String> {
+        let mut grads = GradientsParams::new();
+        model.visit(&mut RandomGrads::<B::InnerBackend>(&mut grads, device));
+        B::sync(device).map_err(|e| format!("{e:?}"))?;
+        Ok(grads)
+    };
     let adamw = AdamWConfig { weight_decay: 0.01, ..AdamWConfig::default() };
     let mut results = Map::new();
     for variant in ["one-process", "data-parallel-device", "data-parallel-offloaded"] {
@@ -559,9 +565,10 @@ fn run_update<B: AutodiffBackend>(args: &UpdateArgs, device: &B::Device) -> Resu
         parallel.offload_optimizer = Some(variant == "data-parallel-offloaded");
         let mut seconds = Vec::new();
         for step in 0..args.warmup + args.steps {
+            let grads = random_grads(&model)?;
             let start = Instant::now();
             model = if variant == "one-process" {
-                let (updated, report) = optimizer.step(1e-5, model, &grads);
+                let (updated, report) = optimizer.step(1e-5, model, grads);
                 std::hint::black_box(report);
                 updated
             } else {

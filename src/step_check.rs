@@ -165,17 +165,18 @@ pub fn case_step<B: AutodiffBackend>(
     let vocab = model.config.vocab_size;
     let lengths = [13usize, 9, 11, 6];
     let lr = 1e-3;
-    if case.preference {
+    let (model, pending, grads, report) = if case.preference {
         let task = DpoTask { config: DpoConfig::default(), pad_id: 0 };
         let pairs: Vec<PreferencePair> = lengths.iter().enumerate().map(|(i, &n)| dpo_pair(n, vocab, 77 + i as u64)).collect();
         let batches: Vec<Vec<&PreferencePair>> = pairs.chunks(2).map(|c| c.iter().collect()).collect();
-        train_step(model, &task, &batches, optimizer, lr, options, device)
+        train_step(model, &task, &batches, optimizer, lr, options, true, device)
     } else {
         let task = SftTask { reduction: Reduction::Mean, pad_id: 0, name: "sft" };
         let rows: Vec<Sequence> = lengths.iter().enumerate().map(|(i, &n)| sft_row(n, vocab, 77 + i as u64)).collect();
         let batches: Vec<Vec<&Sequence>> = rows.chunks(2).map(|c| c.iter().collect()).collect();
-        train_step(model, &task, &batches, optimizer, lr, options, device)
-    }
+        train_step(model, &task, &batches, optimizer, lr, options, true, device)
+    };
+    (model, pending, grads.expect("train_step keeps the gradients when asked"), report)
 }
 
 /// Runs `case` on backend `B` ([`prepare_case`], then [`STEPS`] of [`case_step`]), reading each
@@ -366,8 +367,10 @@ pub fn named_gradients<B: AutodiffBackend>(model: &CausalLm<B>, grads: &Gradient
 /// One optimizer step over `micro_batches`, as the trainer's loop runs it: each micro-batch's
 /// forward and backward pass (`step::forward_backward`, shaped by `options`) with its loss
 /// divided by the step's total weight, gradients accumulated, then AdamW. Returns the updated
-/// model, the step's pending metrics with their weights, the gradients and the device report.
-#[allow(clippy::type_complexity)]
+/// model, the step's pending metrics with their weights, the gradients when `keep_gradients`
+/// (handles kept past the update, which then copies them before scaling: a timed step keeps
+/// none, as the trainer's loop) and the device report.
+#[allow(clippy::type_complexity, clippy::too_many_arguments)]
 pub fn train_step<B: AutodiffBackend, T: Task>(
     model: CausalLm<B>,
     task: &T,
@@ -375,8 +378,9 @@ pub fn train_step<B: AutodiffBackend, T: Task>(
     optimizer: &mut AdamW<B::InnerBackend>,
     lr: f64,
     options: &StepOptions,
+    keep_gradients: bool,
     device: &B::Device,
-) -> (CausalLm<B>, Vec<(DeferredMetrics<B>, f64)>, GradientsParams, DeviceStepReport<B::InnerBackend>) {
+) -> (CausalLm<B>, Vec<(DeferredMetrics<B>, f64)>, Option<GradientsParams>, DeviceStepReport<B::InnerBackend>) {
     let step_weight: f64 = micro_batches.iter().map(|b| task.weight(b)).sum::<f64>().max(f64::MIN_POSITIVE);
     let mut accumulator = GradientsAccumulator::<CausalLm<B>>::new();
     let mut pending = Vec::new();
@@ -385,8 +389,27 @@ pub fn train_step<B: AutodiffBackend, T: Task>(
         pending.push((metrics, task.weight(batch) / step_weight));
     }
     let grads = accumulator.grads();
-    let (model, report) = optimizer.step(lr, model, &grads);
-    (model, pending, grads, report)
+    let kept = keep_gradients.then(|| handles(&model, &grads));
+    let (model, report) = optimizer.step(lr, model, grads);
+    (model, pending, kept, report)
+}
+
+/// A second container holding handles to `grads`' tensors (no copy), for `model`'s parameters.
+fn handles<B: AutodiffBackend>(model: &CausalLm<B>, grads: &GradientsParams) -> GradientsParams {
+    struct Share<'a> {
+        grads: &'a GradientsParams,
+        out: GradientsParams,
+    }
+    impl<B: AutodiffBackend> ModuleVisitor<B> for Share<'_> {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+            if let Some(g) = self.grads.get::<B::InnerBackend, D>(param.id) {
+                self.out.register::<B::InnerBackend, D>(param.id, g);
+            }
+        }
+    }
+    let mut share = Share { grads, out: GradientsParams::new() };
+    model.visit(&mut share);
+    share.out
 }
 
 /// The weighted means of a step's pending metrics (reads them from the device).

@@ -175,12 +175,23 @@ run_nccl() {
 }
 
 # The optimizer update alone (issue #13): one process, a data-parallel rank with its optimizer on
-# the device, and offloaded to the host (the round trip a data-parallel step paid before).
+# the device, and offloaded to the host (the round trip a data-parallel step paid before), on
+# burn-cuda and on libtorch (torch's multi-tensor norm and fused AdamW: docs/performance.md,
+# "The update as PyTorch's multi-tensor kernels").
 run_update() {
     [ "$DRY_RUN" = 1 ] && return
-    say "update"
-    timeout --signal=KILL 120 "$BIN" update --backend cuda --shape scripts/gpu/shapes/smollm2-135m.json --warmup 1 --steps 3 >"$WORK/update.txt" 2>&1
-    say "update: exit $? — $(grep -v '^{' "$WORK/update.txt" | tail -c 400 | tr '\n' ' ')"
+    local backend shape runner
+    for backend in cuda tch-cuda; do
+        runner="$(runner_for "$backend")"
+        [ -z "$runner" ] && continue
+        for shape in smollm2-135m llama-3.2-1b; do
+            [ "$(left)" -lt 40 ] && { say "skip update $backend $shape (budget spent)"; continue; }
+            say "update $backend $shape"
+            # shellcheck disable=SC2086 # the runner is `env VAR=... binary`
+            timeout --signal=KILL 120 $runner update --backend "$backend" --shape "scripts/gpu/shapes/$shape.json" --warmup 1 --steps 3 >"$WORK/update-$backend-$shape.txt" 2>&1
+            say "update $backend $shape: exit $? — $(grep -v '^{' "$WORK/update-$backend-$shape.txt" | tail -c 400 | tr '\n' ' ')"
+        done
+    done
 }
 
 # --- 4. throughput -------------------------------------------------------------------------

@@ -119,7 +119,7 @@ fn only_adapters_get_gradients_and_optimizer_state() {
     let weights_before: Vec<Vec<f32>> = linear_layers(&model).iter().map(|(_, l)| l.weight.val().into_data().into_vec().unwrap()).collect();
     let q_a_before: Vec<f32> = model.layers[0].self_attn.q_proj.lora.as_ref().unwrap().a.val().into_data().into_vec().unwrap();
     let mut optimizer = AdamW::<Cpu>::new(AdamWConfig { weight_decay: 0.1, ..Default::default() });
-    let (model, _report) = optimizer.step::<CpuAutodiff, _>(1e-3, model, &grads);
+    let (model, _report) = optimizer.step::<CpuAutodiff, _>(1e-3, model, grads);
     println!("AdamW moments: {:?}", {
         let mut k: Vec<_> = optimizer.state.keys().collect();
         k.sort();

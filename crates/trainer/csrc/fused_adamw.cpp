@@ -1,29 +1,71 @@
-// One AdamW update of one parameter with libtorch's fused kernel (`torch._fused_adamw_`, what
-// `torch.optim.AdamW(fused=True)` calls): parameter, exp_avg and exp_avg_sq updated in place in
-// one pass on the CPU or the GPU. tch does not wrap `_fused_adam*`, so this is the one C++ entry
-// the trainer crate adds (crates/trainer/src/tch_adamw.rs; built by build.rs with `--features tch`).
+// The optimizer step on libtorch as PyTorch runs it with `clip_grad_norm_` and
+// `torch.optim.AdamW(fused=True)`: the global gradient norm from `torch._foreach_norm` (one
+// multi-tensor pass over every gradient), then `torch._fused_adamw_` over every parameter of a
+// weight-decay group at once, the clipping factor folded in as its `grad_scale`. tch wraps
+// neither, so these are the C++ entries the trainer crate adds (crates/trainer/src/tch_adamw.rs;
+// built by build.rs with `--features tch`). The tensors are `at::Tensor*`, tch's handles.
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/_foreach_norm.h>
 #include <ATen/ops/_fused_adamw.h>
 #include <ATen/ops/full.h>
+#include <ATen/ops/linalg_vector_norm.h>
+#include <ATen/ops/stack.h>
 
 #include <cstring>
 #include <exception>
+#include <vector>
+
+namespace {
+
+std::vector<at::Tensor> list(at::Tensor** tensors, size_t n) {
+    std::vector<at::Tensor> out;
+    out.reserve(n);
+    for (size_t i = 0; i < n; ++i) out.push_back(*tensors[i]);
+    return out;
+}
+
+}  // namespace
 
 extern "C" {
 
-// `param`, `exp_avg` and `exp_avg_sq` are updated in place (the moments may be flat: they are
-// viewed with the parameter's sizes); `grad` is read. Returns nullptr, or an error message the
-// caller frees with `free`.
-char* alignment_fused_adamw(at::Tensor* param, at::Tensor* grad, at::Tensor* exp_avg, at::Tensor* exp_avg_sq,
-                            double step, double lr, double beta1, double beta2, double weight_decay, double eps) {
+// The L2 norm of all `n` tensors together, as `clip_grad_norm_` computes it (the norm of the
+// per-tensor norms), into `*norm`: a new `[1]` f32 tensor handle the caller owns. Returns nullptr,
+// or an error message the caller frees with `free`.
+char* alignment_global_norm(at::Tensor** tensors, size_t n, at::Tensor** norm) {
     try {
-        auto sizes = param->sizes();
-        at::Tensor m = exp_avg->view(sizes);
-        at::Tensor v = exp_avg_sq->view(sizes);
-        at::Tensor g = grad->view(sizes);
-        at::Tensor steps = at::full({}, step, param->options().dtype(at::kFloat));
-        at::_fused_adamw_({*param}, {g}, {m}, {v}, {}, {steps}, lr, beta1, beta2, weight_decay, eps,
-                          /*amsgrad=*/false, /*maximize=*/false, std::nullopt, std::nullopt);
+        std::vector<at::Tensor> norms = at::_foreach_norm(list(tensors, n), 2);
+        *norm = new at::Tensor(at::linalg_vector_norm(at::stack(norms), 2).reshape({1}));
+        return nullptr;
+    } catch (const std::exception& e) {
+        return strdup(e.what());
+    }
+}
+
+// One AdamW update of `n` parameters at step `step` with one weight decay: `params`, `exp_avgs`
+// and `exp_avg_sqs` are updated in place (the moments may be flat: they are viewed with each
+// parameter's sizes). Each gradient is divided by `grad_scale` (a `[1]` f32 tensor; nullptr for
+// none) first, and the kernel writes the divided gradient back, so the gradients must belong to
+// nobody else. Returns nullptr, or an error message the caller frees with `free`.
+char* alignment_fused_adamw(at::Tensor** params, at::Tensor** grads, at::Tensor** exp_avgs, at::Tensor** exp_avg_sqs,
+                            size_t n, at::Tensor* grad_scale, double step, double lr, double beta1, double beta2,
+                            double weight_decay, double eps) {
+    try {
+        if (n == 0) return nullptr;
+        std::vector<at::Tensor> p, g, m, v, steps;
+        // The kernel only reads the step count: every parameter shares one.
+        at::Tensor step_count = at::full({}, step, params[0]->options().dtype(at::kFloat));
+        for (size_t i = 0; i < n; ++i) {
+            auto sizes = params[i]->sizes();
+            p.push_back(*params[i]);
+            g.push_back(grads[i]->view(sizes));
+            m.push_back(exp_avgs[i]->view(sizes));
+            v.push_back(exp_avg_sqs[i]->view(sizes));
+            steps.push_back(step_count);
+        }
+        std::optional<at::Tensor> scale;
+        if (grad_scale != nullptr) scale = *grad_scale;
+        at::_fused_adamw_(p, g, m, v, {}, steps, lr, beta1, beta2, weight_decay, eps,
+                          /*amsgrad=*/false, /*maximize=*/false, scale, std::nullopt);
         return nullptr;
     } catch (const std::exception& e) {
         return strdup(e.what());

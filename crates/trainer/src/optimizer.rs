@@ -154,11 +154,20 @@ impl<B: Backend> AdamW<B> {
     /// gradient in `grads`, clipping by global norm first. Nothing is read back from the device:
     /// the norm and the clipping factor are `[1]` tensors, the factor multiplies every gradient
     /// (as `torch.nn.utils.clip_grad_norm_` does, `min(1, max_norm / (‖g‖ + 1e-6))`).
-    pub fn step<AD, M>(&mut self, lr: f64, module: M, grads: &GradientsParams) -> (M, DeviceStepReport<B>)
+    ///
+    /// The step consumes the gradients, as PyTorch's clipping and fused AdamW do: on libtorch
+    /// they are scaled in place (`tch_adamw`). A gradient tensor the caller still holds a handle
+    /// to is copied first and keeps its values.
+    pub fn step<AD, M>(&mut self, lr: f64, module: M, grads: GradientsParams) -> (M, DeviceStepReport<B>)
     where
         AD: AutodiffBackend<InnerBackend = B>,
         M: AutodiffModule<AD>,
     {
+        #[cfg(feature = "tch")]
+        if self.config.rule == UpdateRule::AdamW && crate::tch_adamw::applies::<B>() {
+            return crate::tch_adamw::step::<AD, M>(self, lr, module, grads);
+        }
+        let grads = &grads;
         let mut norm = GradNorm::<B> { grads, sum_squares: None };
         module.visit(&mut norm);
         let sum_squares = norm.sum_squares.unwrap_or_else(|| Tensor::zeros([1], &Default::default()));
@@ -251,10 +260,6 @@ impl<AD: AutodiffBackend> ModuleMapper<AD> for Update<'_, AD> {
                 match self.cpu_clip {
                     #[cfg(feature = "ndarray")]
                     Some(clip) => crate::cpu_adamw::update(p, grad, moments, &scalars, clip),
-                    #[cfg(feature = "tch")]
-                    _ if crate::tch_adamw::applies::<AD::InnerBackend>() => {
-                        crate::tch_adamw::update(p, clipped(grad), moments, &c, self.lr, t, decays)
-                    }
                     _ => adamw_on_tensors(p, clipped(grad), moments, &scalars, &[]),
                 }
             }

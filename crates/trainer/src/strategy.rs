@@ -71,16 +71,16 @@ pub trait Strategy {
     /// and reduces inside them, where errors cannot be returned).
     fn check(&self) -> Result<(), TrainError>;
 
-    /// Applies the step's gradients `grads` (already normalised by the global step's weight)
-    /// with learning rate `lr`. `metrics` are this rank's counted micro-batches and `tokens`
-    /// their token count; returns the updated model, the step's values and the step's tokens
-    /// over all ranks.
+    /// Applies the step's gradients `grads` (already normalised by the global step's weight;
+    /// consumed, see [`AdamW::step`]) with learning rate `lr`. `metrics` are this rank's counted
+    /// micro-batches and `tokens` their token count; returns the updated model, the step's
+    /// values and the step's tokens over all ranks.
     fn update<B: AutodiffBackend>(
         &mut self,
         optimizer: &mut AdamW<B::InnerBackend>,
         lr: f64,
         model: CausalLm<B>,
-        grads: &GradientsParams,
+        grads: GradientsParams,
         metrics: Vec<(DeferredMetrics<B>, f64)>,
         tokens: usize,
     ) -> Result<(CausalLm<B>, StepValues<B>, usize), TrainError>;
@@ -144,7 +144,7 @@ impl Strategy for SingleProcess {
         optimizer: &mut AdamW<B::InnerBackend>,
         lr: f64,
         model: CausalLm<B>,
-        grads: &GradientsParams,
+        grads: GradientsParams,
         metrics: Vec<(DeferredMetrics<B>, f64)>,
         tokens: usize,
     ) -> Result<(CausalLm<B>, StepValues<B>, usize), TrainError> {
@@ -228,7 +228,7 @@ impl Strategy for DataParallel {
         optimizer: &mut AdamW<B::InnerBackend>,
         lr: f64,
         model: CausalLm<B>,
-        grads: &GradientsParams,
+        grads: GradientsParams,
         metrics: Vec<(DeferredMetrics<B>, f64)>,
         tokens: usize,
     ) -> Result<(CausalLm<B>, StepValues<B>, usize), TrainError> {
@@ -239,7 +239,7 @@ impl Strategy for DataParallel {
         }
         let (sums, tokens) = self.reduce_metrics(local.sums(), tokens)?;
         optimizer.step += 1;
-        let (updated, report) = self.step(&optimizer.config, optimizer.step, lr, model, grads)?;
+        let (updated, report) = self.step(&optimizer.config, optimizer.step, lr, model, &grads)?;
         Ok((updated, StepValues::Read { sums, grad_norm: report.grad_norm }, tokens))
     }
 
@@ -342,7 +342,7 @@ impl Strategy for Parallelism {
         optimizer: &mut AdamW<B::InnerBackend>,
         lr: f64,
         model: CausalLm<B>,
-        grads: &GradientsParams,
+        grads: GradientsParams,
         metrics: Vec<(DeferredMetrics<B>, f64)>,
         tokens: usize,
     ) -> Result<(CausalLm<B>, StepValues<B>, usize), TrainError> {

@@ -1,29 +1,42 @@
-//! AdamW on libtorch (`--features tch`) as torch's fused kernel: one pass per parameter that
-//! updates the parameter and both moments in place (`torch.optim.AdamW(fused=True)`'s
-//! `torch._fused_adamw_`, on the CPU or the GPU), instead of the dozen out-of-place torch calls
-//! of the tensor formulation (`optimizer::adamw_on_tensors`), each a pass over the parameter's
-//! memory. tch does not wrap `_fused_adamw_`: `csrc/fused_adamw.cpp` is the one C++ entry, built
-//! by `build.rs` against torch-sys's libtorch.
+//! The optimizer step on libtorch (`--features tch`) as PyTorch runs it with
+//! `clip_grad_norm_` and `torch.optim.AdamW(fused=True)`: the global gradient norm from one
+//! `torch._foreach_norm` over every gradient, then one `torch._fused_adamw_` per weight-decay
+//! group that updates every parameter and both moments in place, the clipping factor folded in as
+//! its `grad_scale`. On the GPU that is a handful of multi-tensor kernels, where the tensor
+//! formulation (`optimizer::adamw_on_tensors`) issues a dozen out-of-place torch calls per
+//! parameter, and five per parameter even with a per-parameter fused update: the gradient's
+//! square, its sum, the clipping multiply, the step count and the update. tch wraps neither
+//! call: `csrc/fused_adamw.cpp` holds the C++ entries, built by `build.rs` against torch-sys's
+//! libtorch.
 //!
 //! Same update as the tensor formulation (the test below, to f32 rounding: torch computes the
-//! bias corrections in double), so checkpoints move between the two. Tensors shared with
-//! something else (burn-tch's storage count) are copied first, so nothing else sees the update.
+//! bias corrections in double and divides by `1/clip` where the tensors multiply by `clip`), so
+//! checkpoints move between the two. The kernel writes the scaled gradient back, so the step
+//! consumes its gradients; a tensor shared with anything else (burn-tch's storage count: a
+//! gradient the caller kept a handle to, a checkpoint holding the moments) is copied first, so
+//! nothing else sees the update.
 
-use crate::optimizer::{AdamWConfig, Moments};
+use crate::optimizer::{excluded_from_decay, AdamW, DeviceStepReport, Moments, CLIP_EPSILON};
 use alignment_core::backend::retype;
 use burn::backend::libtorch::{LibTorch, TchTensor};
-use burn::tensor::{backend::Backend, Tensor, TensorPrimitive};
+use burn::module::{AutodiffModule, ModuleMapper, Param};
+use burn::optim::GradientsParams;
+use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::{Tensor, TensorPrimitive};
 use std::ffi::{c_char, c_void, CStr};
 
 type Torch = LibTorch<f32>;
 
 extern "C" {
     /// `csrc/fused_adamw.cpp`; the tensors are `at::Tensor*`, what tch's handles point to.
+    fn alignment_global_norm(tensors: *const *mut c_void, n: usize, norm: *mut *mut c_void) -> *mut c_char;
     fn alignment_fused_adamw(
-        param: *mut c_void,
-        grad: *mut c_void,
-        exp_avg: *mut c_void,
-        exp_avg_sq: *mut c_void,
+        params: *const *mut c_void,
+        grads: *const *mut c_void,
+        exp_avgs: *const *mut c_void,
+        exp_avg_sqs: *const *mut c_void,
+        n: usize,
+        grad_scale: *mut c_void,
         step: f64,
         lr: f64,
         beta1: f64,
@@ -37,6 +50,140 @@ extern "C" {
 /// Whether `B` is the libtorch backend (f32) this update is written for.
 pub(crate) fn applies<B: Backend>() -> bool {
     std::any::TypeId::of::<B>() == std::any::TypeId::of::<Torch>()
+}
+
+/// [`AdamW::step`] on libtorch: clips by the global norm and applies one AdamW update to every
+/// parameter of `module` that has a gradient in `grads`. Only for `B = LibTorch<f32>` (see
+/// [`applies`]) and the AdamW rule.
+pub(crate) fn step<AD, M>(
+    optimizer: &mut AdamW<AD::InnerBackend>,
+    lr: f64,
+    module: M,
+    mut grads: GradientsParams,
+) -> (M, DeviceStepReport<AD::InnerBackend>)
+where
+    AD: AutodiffBackend,
+    M: AutodiffModule<AD>,
+{
+    optimizer.step += 1;
+    let mut lists = Lists::default();
+    let module = module.map(&mut Collect::<AD> { grads: &mut grads, optimizer, lists: &mut lists, path: Vec::new() });
+
+    let all_grads: Vec<*mut c_void> = lists.groups.iter().flat_map(|g| g.grads.iter()).map(handle).collect();
+    let mut norm_handle: *mut c_void = std::ptr::null_mut();
+    // SAFETY: the handles are live tch tensors held by `lists`; the call only reads them and
+    // stores a new handle, owned from here on, in `norm_handle`.
+    check(unsafe { alignment_global_norm(all_grads.as_ptr(), all_grads.len(), &mut norm_handle) });
+    // SAFETY: a fresh `new at::Tensor`, the allocation tch's handles own and free.
+    let grad_norm: Tensor<AD::InnerBackend, 1> = wrap(unsafe { tch::Tensor::from_ptr(norm_handle.cast()) });
+    // [`AdamWConfig::clip_factor`], as a `[1]` tensor: the tensor formulation's operations.
+    let clip_coef =
+        optimizer.config.clip_threshold().map(|max| grad_norm.clone().add_scalar(CLIP_EPSILON).recip().mul_scalar(max).clamp_max(1.0));
+    // The kernel divides by its scale: `1 / clip`, as `GradScaler` hands it the loss scale.
+    let grad_scale = clip_coef.clone().map(|coef| torch_tensor(coef.recip(), false));
+
+    let c = optimizer.config;
+    for (group, weight_decay) in lists.groups.iter().zip([c.weight_decay, 0.0]) {
+        let [params, grads, exp_avgs, exp_avg_sqs] =
+            [&group.params, &group.grads, &group.exp_avgs, &group.exp_avg_sqs].map(|list| list.iter().map(handle).collect::<Vec<_>>());
+        let scale = grad_scale.as_ref().map_or(std::ptr::null_mut(), handle);
+        // SAFETY: every handle is a live tch tensor held by `lists` (or `grad_scale`); the call
+        // reads the scale and updates the parameters, gradients and moments in place, none of
+        // which anything else holds (`torch_tensor(_, true)` copied what was shared).
+        check(unsafe {
+            alignment_fused_adamw(
+                params.as_ptr(),
+                grads.as_ptr(),
+                exp_avgs.as_ptr(),
+                exp_avg_sqs.as_ptr(),
+                params.len(),
+                scale,
+                optimizer.step as f64,
+                lr,
+                c.beta1,
+                c.beta2,
+                weight_decay,
+                c.epsilon,
+            )
+        });
+    }
+    let clip_coef = clip_coef.unwrap_or_else(|| grad_norm.ones_like());
+    (module, DeviceStepReport { grad_norm, clip_coef })
+}
+
+/// The tensors of one `_fused_adamw_` call.
+#[derive(Default)]
+struct Group {
+    params: Vec<tch::Tensor>,
+    grads: Vec<tch::Tensor>,
+    exp_avgs: Vec<tch::Tensor>,
+    exp_avg_sqs: Vec<tch::Tensor>,
+}
+
+/// The step's tensors: `groups[0]` with weight decay, `groups[1]` exempt (norms, biases).
+#[derive(Default)]
+struct Lists {
+    groups: [Group; 2],
+}
+
+/// Takes each parameter that has a gradient out of the module, with its gradient and moments, as
+/// contiguous torch tensors the update may write; puts back handles to the same storage, which
+/// the update then changes in place.
+struct Collect<'a, AD: AutodiffBackend> {
+    grads: &'a mut GradientsParams,
+    optimizer: &'a mut AdamW<AD::InnerBackend>,
+    lists: &'a mut Lists,
+    path: Vec<String>,
+}
+
+impl<AD: AutodiffBackend> ModuleMapper<AD> for Collect<'_, AD> {
+    fn enter_module(&mut self, name: &str, _container_type: &str) {
+        self.path.push(name.to_string());
+    }
+
+    fn exit_module(&mut self, _name: &str, _container_type: &str) {
+        self.path.pop();
+    }
+
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<AD, D>>) -> Param<Tensor<AD, D>> {
+        let Some(grad) = self.grads.remove::<AD::InnerBackend, D>(param.id) else { return param };
+        let (id, tensor, mapper) = param.consume();
+        let require_grad = tensor.is_require_grad();
+        let path = self.path.join(".");
+        let p = tensor.inner();
+        let numel = p.shape().num_elements();
+        let moments = self
+            .optimizer
+            .state
+            .remove(&path)
+            .unwrap_or_else(|| Moments { exp_avg: Tensor::zeros([numel], &p.device()), exp_avg_sq: Tensor::zeros([numel], &p.device()) });
+        let group = &mut self.lists.groups[usize::from(excluded_from_decay(&path))];
+        let (p, m, v) = (torch_tensor(p, true), torch_tensor(moments.exp_avg, true), torch_tensor(moments.exp_avg_sq, true));
+        self.optimizer.state.insert(path, Moments { exp_avg: wrap(m.shallow_clone()), exp_avg_sq: wrap(v.shallow_clone()) });
+        let updated = Tensor::from_inner(wrap(p.shallow_clone()));
+        group.params.push(p);
+        group.grads.push(torch_tensor(grad, true));
+        group.exp_avgs.push(m);
+        group.exp_avg_sqs.push(v);
+        let updated = if require_grad { updated.require_grad() } else { updated };
+        Param::from_mapped_value(id, updated, mapper)
+    }
+}
+
+/// The `at::Tensor*` under a tch tensor, for the C++ entries (which never free it).
+fn handle(t: &tch::Tensor) -> *mut c_void {
+    t.as_ptr() as *mut c_void
+}
+
+/// Panics with the message of a C++ entry that failed (a torch error on tensors this module
+/// built: a bug, not bad input).
+fn check(error: *mut c_char) {
+    if !error.is_null() {
+        // SAFETY: a NUL-terminated string from strdup, freed once.
+        let message = unsafe { CStr::from_ptr(error) }.to_string_lossy().into_owned();
+        unsafe { free(error.cast()) };
+        panic!("torch's fused AdamW step failed: {message}");
+    }
 }
 
 /// The torch tensor under `tensor`, contiguous, and when `writable` held by nothing else (copied
@@ -57,52 +204,23 @@ fn wrap<B: Backend, const D: usize>(t: tch::Tensor) -> Tensor<B, D> {
     retype(Tensor::<Torch, D>::from_primitive(TensorPrimitive::Float(TchTensor::new(t))))
 }
 
-/// `p` after one AdamW update (step `t`, learning rate `lr`, decay when `decays`) with its
-/// clipped, flattened gradient, and the new moments: `optimizer::adamw_on_tensors`'s contract.
-/// Only for `B = LibTorch<f32>` (see [`applies`]).
-pub(crate) fn update<B: Backend, const D: usize>(
-    p: Tensor<B, D>,
-    g_flat: Tensor<B, 1>,
-    moments: Moments<B>,
-    c: &AdamWConfig,
-    lr: f64,
-    t: i32,
-    decays: bool,
-) -> (Tensor<B, D>, Moments<B>) {
-    let (mut p, mut g) = (torch_tensor(p, true), torch_tensor(g_flat, false));
-    let (mut m, mut v) = (torch_tensor(moments.exp_avg, true), torch_tensor(moments.exp_avg_sq, true));
-    let weight_decay = if decays { c.weight_decay } else { 0.0 };
-    // SAFETY: the four pointers are the at::Tensor handles of live tch tensors owned here; the
-    // call reads g and updates p, m and v in place, none of which anything else holds.
-    let error = unsafe {
-        alignment_fused_adamw(
-            p.as_mut_ptr().cast(),
-            g.as_mut_ptr().cast(),
-            m.as_mut_ptr().cast(),
-            v.as_mut_ptr().cast(),
-            f64::from(t),
-            lr,
-            c.beta1,
-            c.beta2,
-            weight_decay,
-            c.epsilon,
-        )
-    };
-    if !error.is_null() {
-        // SAFETY: a NUL-terminated string from strdup, freed once.
-        let message = unsafe { CStr::from_ptr(error) }.to_string_lossy().into_owned();
-        unsafe { free(error.cast()) };
-        panic!("torch's fused AdamW failed: {message}");
-    }
-    (wrap(p), Moments { exp_avg: wrap(m), exp_avg_sq: wrap(v) })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::optimizer::{adamw_on_tensors, AdamWScalars};
+    use crate::optimizer::{adamw_on_tensors, AdamWConfig, AdamWScalars};
     use burn::backend::libtorch::LibTorchDevice;
+    use burn::backend::Autodiff;
+    use burn::module::Module;
     use burn::tensor::Distribution;
+
+    type Train = Autodiff<Torch>;
+
+    /// Two parameters, one exempt from weight decay by its name.
+    #[derive(Module, Debug)]
+    struct Pair<B: Backend> {
+        weight: Param<Tensor<B, 2>>,
+        norm: Param<Tensor<B, 1>>,
+    }
 
     fn values<const D: usize>(t: Tensor<Torch, D>) -> Vec<f32> {
         t.into_data().to_vec::<f32>().unwrap()
@@ -113,37 +231,124 @@ mod tests {
         a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs())) / scale
     }
 
+    fn random<const D: usize>(shape: [usize; D], std: f64) -> Tensor<Torch, D> {
+        Tensor::random(shape, Distribution::Normal(0.0, std), &LibTorchDevice::Cpu)
+    }
+
+    /// Three steps of the fused step against the tensor formulation, with and without clipping
+    /// (at a threshold above the norm and far below it): the same parameters, moments and
+    /// clipping factors. The first step's gradients are also held by the caller (shared: copied
+    /// before the update, left as they were), the later ones only by the step's container
+    /// (scaled in place).
     #[test]
-    fn fused_kernel_equals_the_tensor_operations_and_leaves_shared_tensors_alone() {
-        let device = LibTorchDevice::Cpu;
-        let config = AdamWConfig { weight_decay: 0.1, ..Default::default() };
-        for (t, decays) in [(1, true), (7, false), (1000, true)] {
-            let p = Tensor::<Torch, 2>::random([37, 129], Distribution::Normal(0.0, 1.0), &device);
-            // A transposed gradient, flattened as the optimizer hands it over.
-            let g = Tensor::<Torch, 2>::random([129, 37], Distribution::Normal(0.0, 0.1), &device).transpose();
-            let n = 37 * 129;
-            let m = Tensor::<Torch, 1>::random([n], Distribution::Normal(0.0, 0.01), &device);
-            let v = Tensor::<Torch, 1>::random([n], Distribution::Uniform(0.0, 0.001), &device);
-            let (p_before, m_before) = (values(p.clone()), values(m.clone()));
+    fn fused_step_equals_the_tensor_operations_and_leaves_shared_tensors_alone() {
+        // Large enough that each update is far above the parameters' rounding (|p| ≤ 4, ulp 5e-7).
+        const LR: f64 = 1e-2;
+        for max_grad_norm in [Some(100.0), Some(1.0), None] {
+            let config = AdamWConfig { weight_decay: 0.1, max_grad_norm, ..Default::default() };
+            let weight = random([37, 129], 1.0);
+            let norm = random([129], 1.0);
+            let model = Pair::<Train> {
+                weight: Param::from_tensor(Tensor::from_inner(weight.clone())),
+                norm: Param::from_tensor(Tensor::from_inner(norm.clone())),
+            };
+            let (weight_id, norm_id) = (model.weight.id, model.norm.id);
+            let mut model = model;
+            let mut fused = AdamW::<Torch>::new(config);
+            let (mut expected_weight, mut expected_norm) = (weight, norm);
+            let mut reference: [Option<Moments<Torch>>; 2] = [None, None];
+            for t in 1..=3 {
+                // Odd steps: a transposed weight gradient, as the backward pass of a row-major
+                // product leaves it (made contiguous, so a copy); even steps: contiguous ones.
+                let weight_grad = if t % 2 == 1 { random([129, 37], 0.1).transpose() } else { random([37, 129], 0.1) };
+                let norm_grad = random([129], 0.1);
+                let device = LibTorchDevice::Cpu;
+                let (weight_data, norm_data) = (weight_grad.to_data(), norm_grad.to_data());
+                let mut grads = GradientsParams::new();
+                // The first step's gradients are also held here; the later ones only by `grads`.
+                let kept = (t == 1).then(|| (weight_grad.clone(), norm_grad.clone()));
+                grads.register::<Torch, 2>(weight_id, weight_grad);
+                grads.register::<Torch, 1>(norm_id, norm_grad);
+                let before = values(model.weight.val().inner());
+                let (updated, report) = step::<Train, _>(&mut fused, LR, model, grads);
+                model = updated;
+                if let Some((weight_grad, norm_grad)) = kept {
+                    assert_eq!(weight_grad.to_data(), weight_data, "a gradient the caller kept was changed");
+                    assert_eq!(norm_grad.to_data(), norm_data, "a gradient the caller kept was changed");
+                }
+                let weight_grad = Tensor::<Torch, 2>::from_data(weight_data, &device);
+                let norm_grad = Tensor::<Torch, 1>::from_data(norm_data, &device);
 
-            let s = AdamWScalars::new(&config, 3e-4, t, decays);
-            let moments = Moments { exp_avg: m.clone(), exp_avg_sq: v.clone() };
-            let (p_ref, m_ref) = adamw_on_tensors(p.clone(), g.clone().reshape([n]), moments, &s, &[]);
-            // `p` and `m` are still held here (clones share their storage): the update must copy them.
-            let (p_fused, m_fused) =
-                update(p.clone(), g.reshape([n]), Moments { exp_avg: m.clone(), exp_avg_sq: v }, &config, 3e-4, t, decays);
+                // The tensor formulation, parameter by parameter.
+                let total = (weight_grad.clone().square().sum() + norm_grad.clone().square().sum()).sqrt();
+                let coef = config.clip_factor(f64::from(total.into_scalar()));
+                let report = report.read();
+                assert!((report.clip_coef - coef).abs() <= 1e-6 * coef, "step {t}: clip factor {} vs {coef}", report.clip_coef);
+                let mut update = |p: &mut Tensor<Torch, 2>, g: Tensor<Torch, 2>, slot: usize, decays: bool| {
+                    let n = g.shape().num_elements();
+                    let s = AdamWScalars::new(&config, LR, t, decays);
+                    let moments = reference[slot].take().unwrap_or_else(|| Moments {
+                        exp_avg: Tensor::zeros([n], &p.device()),
+                        exp_avg_sq: Tensor::zeros([n], &p.device()),
+                    });
+                    let (updated, moments) = adamw_on_tensors(p.clone(), (g * coef as f32).reshape([n]), moments, &s, &[]);
+                    *p = updated;
+                    reference[slot] = Some(moments);
+                };
+                update(&mut expected_weight, weight_grad, 0, true);
+                let mut norm_2d = expected_norm.clone().reshape([1, 129]);
+                update(&mut norm_2d, norm_grad.reshape([1, 129]), 1, false);
+                expected_norm = norm_2d.reshape([129]);
 
-            assert_eq!(values(p), p_before, "a tensor sharing the parameter's storage was changed");
-            assert_eq!(values(m), m_before, "a tensor sharing exp_avg's storage was changed");
-            let (a, b) = (values(p_fused), values(p_ref));
-            assert!(a != p_before, "step {t}: the parameter did not move");
-            // Relative to the update's size, not the parameter's: the update is what may differ.
-            let delta: Vec<f32> = a.iter().zip(&p_before).map(|(x, y)| x - y).collect();
-            let delta_ref: Vec<f32> = b.iter().zip(&p_before).map(|(x, y)| x - y).collect();
-            assert!(max_relative(&delta, &delta_ref) < 1e-3, "step {t}: update {}", max_relative(&delta, &delta_ref));
-            assert!(max_relative(&a, &b) < 1e-6, "step {t}: parameters {}", max_relative(&a, &b));
-            assert!(max_relative(&values(m_fused.exp_avg), &values(m_ref.exp_avg)) < 1e-6, "step {t}: exp_avg");
-            assert!(max_relative(&values(m_fused.exp_avg_sq), &values(m_ref.exp_avg_sq)) < 1e-6, "step {t}: exp_avg_sq");
+                let (a, b) = (values(model.weight.val().inner()), values(expected_weight.clone()));
+                assert!(a != before, "step {t}: the parameter did not move");
+                // Relative to the update's size, not the parameter's: the update is what may differ.
+                let delta: Vec<f32> = a.iter().zip(&before).map(|(x, y)| x - y).collect();
+                let delta_ref: Vec<f32> = b.iter().zip(&before).map(|(x, y)| x - y).collect();
+                assert!(max_relative(&delta, &delta_ref) < 1e-3, "step {t}: update {}", max_relative(&delta, &delta_ref));
+                assert!(max_relative(&a, &b) < 1e-6, "step {t}: weight {}", max_relative(&a, &b));
+                let (a, b) = (values(model.norm.val().inner()), values(expected_norm.clone()));
+                assert!(max_relative(&a, &b) < 1e-6, "step {t}: norm (no decay) {}", max_relative(&a, &b));
+                for (path, slot) in [("weight", 0), ("norm", 1)] {
+                    let (ours, theirs) = (&fused.state[path], reference[slot].as_ref().unwrap());
+                    assert!(
+                        max_relative(&values(ours.exp_avg.clone()), &values(theirs.exp_avg.clone())) < 1e-6,
+                        "step {t}: {path} exp_avg"
+                    );
+                    assert!(
+                        max_relative(&values(ours.exp_avg_sq.clone()), &values(theirs.exp_avg_sq.clone())) < 1e-6,
+                        "step {t}: {path} exp_avg_sq"
+                    );
+                }
+            }
         }
+    }
+
+    /// A checkpoint holds handles to the model and the moments (`Strategy::checkpoint_state`):
+    /// the next step must leave what it holds as it was.
+    #[test]
+    fn a_held_model_and_moments_are_not_updated_in_place() {
+        let config = AdamWConfig::default();
+        let model = Pair::<Train> {
+            weight: Param::from_tensor(Tensor::from_inner(random([8, 16], 1.0))),
+            norm: Param::from_tensor(Tensor::from_inner(random([16], 1.0))),
+        };
+        let grads = |model: &Pair<Train>| {
+            let mut grads = GradientsParams::new();
+            grads.register::<Torch, 2>(model.weight.id, random([8, 16], 0.1));
+            grads.register::<Torch, 1>(model.norm.id, random([16], 0.1));
+            grads
+        };
+        let mut optimizer = AdamW::<Torch>::new(config);
+        let g = grads(&model);
+        let (model, _) = step::<Train, _>(&mut optimizer, 1e-2, model, g);
+        let held_model = model.clone();
+        let held_moments = optimizer.state["weight"].clone();
+        let (weight, exp_avg) = (values(held_model.weight.val().inner()), values(held_moments.exp_avg.clone()));
+        let g = grads(&model);
+        let (updated, _) = step::<Train, _>(&mut optimizer, 1e-2, model, g);
+        assert_eq!(values(held_model.weight.val().inner()), weight, "the held model was updated");
+        assert_eq!(values(held_moments.exp_avg), exp_avg, "the held moments were updated");
+        assert_ne!(values(updated.weight.val().inner()), weight, "the step did not move the weight");
     }
 }

@@ -514,7 +514,7 @@ pub fn train_with<B: AutodiffBackend, T: Task, S: Strategy>(
         }
         let lr = schedule.lr(step as usize);
         let grads = accumulator.grads();
-        let (updated, values, tokens) = strategy.update(&mut optimizer, lr, model, &grads, step_metrics, step_tokens)?;
+        let (updated, values, tokens) = strategy.update(&mut optimizer, lr, model, grads, step_metrics, step_tokens)?;
         model = updated;
         pending.record(step + 1, values);
         window_tokens += tokens;

@@ -55,7 +55,7 @@ fn check_against_torch(golden: &str, rule: UpdateRule) {
         let loss_value: f32 = loss.clone().into_scalar();
         assert!((loss_value - step["loss"].as_f64().unwrap() as f32).abs() < 1e-4, "step {i} loss");
         let grads = GradientsParams::from_grads(loss.backward(), &model);
-        let (updated, report) = optimizer.step(step["lr"].as_f64().unwrap(), model, &grads);
+        let (updated, report) = optimizer.step(step["lr"].as_f64().unwrap(), model, grads);
         let report = report.read();
         model = updated;
         let expected_norm = step["grad_norm"].as_f64().unwrap();

@@ -27,7 +27,7 @@ fn tiny_llama_overfits_one_batch() {
         let loss = -log_softmax(logits, 1).gather(1, targets.clone()).mean();
         losses.push(loss.clone().into_scalar());
         let grads = GradientsParams::from_grads(loss.backward(), &model);
-        model = optimizer.step(3e-3, model, &grads).0;
+        model = optimizer.step(3e-3, model, grads).0;
     }
     println!("loss: first {} last {}", losses[0], losses[losses.len() - 1]);
     assert!(losses[0] > 5.0, "random init should be near ln(256) = 5.55");
