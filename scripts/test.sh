@@ -5,9 +5,10 @@
 # (tests/backend_check.rs) on burn's `wgpu` backend over Mesa's software Vulkan, installed by
 # scripts/vulkan_env.sh when missing (SKIP_WGPU=1 skips this part); and the libtorch route
 # (`--features tch`, built against the reference environment's torch by scripts/with_torch.sh;
-# SKIP_TCH=1 skips this part): its fused attention (crates/models/src/tch_attention.rs) against
-# burn's decomposition, its fused AdamW (crates/trainer/src/tch_adamw.rs) against the tensor
-# formulation, its profiler (tch_profiler.rs: a trace naming the operators burn issued), the same training-step check on torch's CPU kernels, and bf16 weights under an
+# SKIP_TCH=1 skips this part): its fused attention and RMSNorm (crates/models/src/tch_attention.rs,
+# tch_norm.rs) against burn's decompositions, its fused AdamW step (crates/trainer/src/tch_adamw.rs)
+# against the tensor formulation, its profiler (tch_profiler.rs: a trace naming the operators burn
+# issued), the same training-step check on torch's CPU kernels, and bf16 weights under an
 # offloaded f32 master copy on torch's bf16 backend (tests/offload_bf16.rs).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -18,7 +19,7 @@ if [ "${SKIP_TCH:-0}" != 1 ]; then
     # are shared with the tests above.
     CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-target}" bash scripts/with_torch.sh bash -c '
         set -e
-        cargo test -p alignment-models --features tch --lib tch_attention
+        cargo test -p alignment-models --features tch --lib tch_
         cargo test -p alignment-trainer --features tch --lib tch_
         cargo test --features tch --test backend_check tch_
         cargo test --features tch --test offload_bf16'

@@ -6,9 +6,11 @@
 //! ```
 //! The parameters stay f32 (the master weights), so their gradients and the AdamW moments are
 //! f32 too: the backward step of each cast brings its gradient back to the operand's type. The
-//! norms, the softmax, the residual stream and the loss never leave f32. What autocast keeps in
-//! bf16 beyond the products (SiLU's input, the attention probabilities) is f32 here, which costs
-//! activation memory, not accuracy.
+//! norms, the softmax, the residual stream and the loss never leave f32. The gated MLP's
+//! intermediate (the gate and up projections, the activation and their product) stays in the
+//! half type between its products, as autocast leaves it ([`matmul_as`], `models::Mlp`): the
+//! largest activations of a step, halved in memory and traffic. Attention's probabilities on
+//! burn's decomposition are f32 (libtorch's fused attention keeps them in the half type).
 //!
 //! A backend without arithmetic in the half type (burn-ndarray) cannot run this: callers ask
 //! [`supported`] first and say when they compute in f32 instead.
@@ -25,6 +27,26 @@ pub fn matmul_in<B: Backend, const D: usize>(a: Tensor<B, D>, b: Tensor<B, D>, d
             a.cast(compute).matmul(b.cast(compute)).cast(out)
         }
         _ => a.matmul(b),
+    }
+}
+
+/// `a · b` computed in `dtype` and left in it: both operands cast to it (when not already of
+/// it), no cast back. For a product whose consumer computes in the half type too, as autocast
+/// returns a linear layer's output in bf16. `None`: a plain `matmul`.
+pub fn matmul_as<B: Backend, const D: usize>(a: Tensor<B, D>, b: Tensor<B, D>, dtype: Option<FloatDType>) -> Tensor<B, D> {
+    match dtype {
+        Some(compute) => cast_to(a, compute).matmul(cast_to(b, compute)),
+        None => a.matmul(b),
+    }
+}
+
+/// `t` in `dtype`; `t` itself when already of it (under autodiff a cast is a recorded step even
+/// when it changes nothing).
+pub fn cast_to<B: Backend, const D: usize>(t: Tensor<B, D>, dtype: FloatDType) -> Tensor<B, D> {
+    if t.dtype() == DType::from(dtype) {
+        t
+    } else {
+        t.cast(dtype)
     }
 }
 

@@ -4,7 +4,7 @@
 use crate::compressed::{self, CompressedWeight};
 use crate::quantized::QuantizedWeight;
 use alignment_core::backend::transposes_activations_in_products;
-use alignment_core::precision::matmul_in;
+use alignment_core::precision::{cast_to, matmul_as};
 use burn::module::{Module, Param};
 use burn::tensor::{backend::Backend, Distribution, FloatDType, Tensor};
 use std::sync::Arc;
@@ -94,19 +94,39 @@ impl<B: Backend> Linear<B> {
         linears.map(|l| l.forward(x.clone()))
     }
 
-    /// Applies the map to `[batch, seq, in]`, giving `[batch, seq, out]`. Under mixed precision
-    /// the products (base and adapter) run in [`Self::matmul_dtype`], except a ZeRO-3 shard's,
-    /// whose recorded step multiplies in the shard's own type.
+    /// Applies the map to `[batch, seq, in]`, giving `[batch, seq, out]` in the weight's type.
+    /// Under mixed precision the products (base and adapter) run in [`Self::matmul_dtype`] (`x`
+    /// may already be of it), except a ZeRO-3 shard's, whose recorded step multiplies in the
+    /// shard's own type.
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         let dtype = self.matmul_dtype;
-        let base = |x| match (&self.quantized, &self.compressed) {
+        let base = |x: Tensor<B, 3>| match (&self.quantized, &self.compressed) {
             (Some(q), _) => project_in(x, q.dequantize(), dtype),
-            (None, Some(c)) => compressed::project_compressed(x, c),
+            (None, Some(c)) => {
+                let x = cast_to(x, self.weight.val().dtype().into());
+                compressed::project_compressed(x, c)
+            }
             (None, None) => project_in(x, self.weight.val(), dtype),
         };
         match &self.lora {
             None => base(x),
             Some(lora) => base(x.clone()) + lora.forward_in(x, dtype),
+        }
+    }
+
+    /// [`Self::forward`] with the result left in the products' type under mixed precision, as
+    /// autocast returns a linear layer's output, for a consumer that computes in that type too
+    /// (the gated MLP). Without mixed precision, [`Self::forward`] itself.
+    pub fn forward_in_product_type(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        let Some(dtype) = self.matmul_dtype else { return self.forward(x) };
+        let base = |x| match (&self.quantized, &self.compressed) {
+            (Some(q), _) => project_as(x, q.dequantize(), dtype),
+            (None, Some(c)) => cast_to(compressed::project_compressed(x, c), dtype),
+            (None, None) => project_as(x, self.weight.val(), dtype),
+        };
+        match &self.lora {
+            None => base(x),
+            Some(lora) => base(x.clone()) + lora.forward_as(x, dtype),
         }
     }
 }
@@ -141,15 +161,26 @@ impl<B: Backend> LoraAdapter<B> {
         self.forward_in(x, None)
     }
 
-    /// [`Self::forward`] with both products in `dtype` (mixed precision, as the base layer's).
+    /// [`Self::forward`] with both products in `dtype` (mixed precision, as the base layer's),
+    /// the result in the weights' type.
     pub fn forward_in(&self, x: Tensor<B, 3>, dtype: Option<FloatDType>) -> Tensor<B, 3> {
-        let x = if self.dropout > 0.0 && (self.force_dropout || B::ad_enabled(&x.device())) {
+        project_in(project_in(self.dropped(x), self.a.val(), dtype), self.b.val(), dtype) * self.scaling
+    }
+
+    /// [`Self::forward`] with both products in `dtype`, the result left in it (see
+    /// [`Linear::forward_in_product_type`]).
+    pub fn forward_as(&self, x: Tensor<B, 3>, dtype: FloatDType) -> Tensor<B, 3> {
+        project_as(project_as(self.dropped(x), self.a.val(), dtype), self.b.val(), dtype) * self.scaling
+    }
+
+    /// `x` with PEFT's dropout applied when it is active.
+    fn dropped(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        if self.dropout > 0.0 && (self.force_dropout || B::ad_enabled(&x.device())) {
             let keep = 1.0 - self.dropout;
             x.clone() * x.random_like(Distribution::Bernoulli(keep)) * (1.0 / keep)
         } else {
             x
-        };
-        project_in(project_in(x, self.a.val(), dtype), self.b.val(), dtype) * self.scaling
+        }
     }
 
     /// The dense update `s · B A`, `[out, in]` (what merging adds to the base weight).
@@ -180,25 +211,34 @@ pub fn project<B: Backend>(x: Tensor<B, 3>, w: Tensor<B, 2>) -> Tensor<B, 3> {
 }
 
 /// [`project`] with the product computed in `dtype` ([`alignment_core::precision`]: operands
-/// cast to it, the result cast back); `None`: [`project`] itself.
+/// cast to it, the result cast to the weight's type); `None`, or a weight already of that type:
+/// [`project`] itself.
 pub fn project_in<B: Backend>(x: Tensor<B, 3>, w: Tensor<B, 2>, dtype: Option<FloatDType>) -> Tensor<B, 3> {
-    match dtype.filter(|&d| burn::tensor::DType::from(d) != x.dtype()) {
+    let weight_type = w.dtype();
+    match dtype.filter(|&d| burn::tensor::DType::from(d) != weight_type) {
         None => project(x, w),
-        Some(dtype) => project_with_matmul(x, w, Some(dtype)),
+        Some(dtype) => cast_to(project_with_matmul(x, w, Some(dtype)), weight_type.into()),
     }
 }
 
-/// `x Wᵀ` by burn's matmul (in `dtype` when given), the path of every backend but the CPU's
-/// inference and f32 training kernels: row-major, or as `(W xᵀ)ᵀ` where the backend's matmul would
-/// copy a transposed weight ([`transposes_activations_in_products`]).
+/// [`project`] computed in `dtype` with the result left in it (the operands cast to it when not
+/// already of it): a product whose consumer computes in the half type too.
+pub fn project_as<B: Backend>(x: Tensor<B, 3>, w: Tensor<B, 2>, dtype: FloatDType) -> Tensor<B, 3> {
+    project_with_matmul(x, w, Some(dtype))
+}
+
+/// `x Wᵀ` by burn's matmul, in `dtype` when given (operands cast to it, the result left in it),
+/// the path of every backend but the CPU's inference and f32 training kernels: row-major, or as
+/// `(W xᵀ)ᵀ` where the backend's matmul would copy a transposed weight
+/// ([`transposes_activations_in_products`]).
 fn project_with_matmul<B: Backend>(x: Tensor<B, 3>, w: Tensor<B, 2>, dtype: Option<FloatDType>) -> Tensor<B, 3> {
     let [batch, seq, inner] = x.dims();
     let out = w.dims()[0];
     let rows = x.reshape([batch * seq, inner]);
     let y = if transposes_activations_in_products::<B>() {
-        matmul_in(w, rows.transpose(), dtype).transpose()
+        matmul_as(w, rows.transpose(), dtype).transpose()
     } else {
-        matmul_in(rows, w.transpose(), dtype)
+        matmul_as(rows, w.transpose(), dtype)
     };
     y.reshape([batch, seq, out])
 }
@@ -216,12 +256,18 @@ pub struct RmsNorm<B: Backend> {
 }
 
 impl<B: Backend> RmsNorm<B> {
-    /// Normalises the last dimension of `[batch, seq, hidden]`.
+    /// Normalises the last dimension of `[batch, seq, hidden]`. On libtorch, one fused torch
+    /// call (`tch_norm`); elsewhere burn's operations.
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        let mean_square = x.clone().square().mean_dim(2);
-        let normed = x * (mean_square + self.eps).sqrt().recip();
         let w = self.weight.val();
         let scale = if self.unit_offset { w + 1.0 } else { w };
+        #[cfg(feature = "tch")]
+        let (x, scale) = match crate::tch_norm::rms_norm(x, scale, self.eps) {
+            Ok(normed) => return normed,
+            Err(inputs) => inputs,
+        };
+        let mean_square = x.clone().square().mean_dim(2);
+        let normed = x * (mean_square + self.eps).sqrt().recip();
         normed * scale.unsqueeze::<3>()
     }
 }

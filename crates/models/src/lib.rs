@@ -32,6 +32,10 @@ pub mod quantized;
 pub mod rope;
 #[cfg(feature = "tch")]
 mod tch_attention;
+#[cfg(feature = "tch")]
+mod tch_norm;
+#[cfg(feature = "tch")]
+mod tch_op;
 pub mod weights;
 
 pub use compressed::CompressedWeight;

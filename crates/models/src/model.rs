@@ -25,8 +25,15 @@ pub struct Mlp<B: Backend> {
 
 impl<B: Backend> Mlp<B> {
     /// `[batch, seq, hidden]` → `[batch, seq, hidden]`.
+    ///
+    /// Under mixed precision the gate, the up projection, the activation and their product stay
+    /// in the products' half type, as autocast leaves them (`alignment_core::precision`); the
+    /// output is in the weights' type.
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        let [gate, up] = Linear::forward_many([&self.gate_proj, &self.up_proj], x);
+        let [gate, up] = match self.gate_proj.matmul_dtype {
+            Some(_) => [self.gate_proj.forward_in_product_type(x.clone()), self.up_proj.forward_in_product_type(x)],
+            None => Linear::forward_many([&self.gate_proj, &self.up_proj], x),
+        };
         let hidden = match self.activation {
             Activation::Silu => silu_times(gate, up),
             Activation::GeluTanh => gelu_approximate(gate) * up,

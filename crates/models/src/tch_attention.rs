@@ -10,6 +10,7 @@
 //! forward:   leaves q, k, v (sharing burn's storage)  →  SDPA (with grad)  →  out (detached for burn)
 //! backward:  ∂q, ∂k, ∂v = torch.autograd.grad(Σ out · ∂out, [q, k, v])
 //! ```
+//! (`crate::tch_op::record`, shared with the fused norm).
 //!
 //! Under mixed precision (`matmul_dtype`) q, k and v are cast to the half type inside the torch
 //! graph and the output back, as the two products of [`crate::attention`] are. The mask is
@@ -23,10 +24,6 @@
 
 use crate::attention::{AttentionMask, MASKED_SCORE};
 use alignment_core::backend::retype;
-use burn::backend::autodiff::checkpoint::base::Checkpointer;
-use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;
-use burn::backend::autodiff::grads::Gradients;
-use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::libtorch::{LibTorch, TchElement, TchTensor};
 use burn::backend::Autodiff;
 use burn::tensor::{backend::Backend, bf16, FloatDType, Tensor, TensorPrimitive};
@@ -153,73 +150,12 @@ fn repeat_heads(t: &tch::Tensor, times: i64) -> tch::Tensor {
 }
 
 /// The autodiff case: the output as a burn tensor whose recorded backward step asks torch's
-/// autograd for ∂q, ∂k and ∂v.
+/// autograd for ∂q, ∂k and ∂v (`tch_op::record`).
 fn tracked<B: Backend, E: TchElement>((q, k, v): Qkv<B>, call: &Call) -> Tensor<B, 4> {
     type Train<E> = Autodiff<LibTorch<E>>;
-    let [q, k, v] = [q, k, v].map(|t| retype::<_, Tensor<Train<E>, 4>>(t).into_primitive().tensor());
-    let prepared = <SdpaBackward as Backward<LibTorch<E>, 3>>::prepare::<NoCheckpointing>(
-        SdpaBackward,
-        [q.node.clone(), k.node.clone(), v.node.clone()],
-    );
-    let out = match prepared.compute_bound().stateful() {
-        OpsKind::Tracked(prep) => {
-            // Leaves sharing burn's storage; the graph from them to `out` lives in the state.
-            let leaves = [&q, &k, &v].map(|t| t.primitive.tensor.detach().set_requires_grad(true));
-            let out = tch::with_grad(|| call.run(&leaves[0], &leaves[1], &leaves[2]));
-            let value = TchTensor::new(out.detach());
-            prep.finish(SdpaState { leaves: Shared(leaves), out: Shared([out]) }, value)
-        }
-        OpsKind::UnTracked(prep) => {
-            let out = tch::no_grad(|| call.run(&q.primitive.tensor, &k.primitive.tensor, &v.primitive.tensor));
-            prep.finish(TchTensor::new(out))
-        }
-    };
+    let inputs = [q, k, v].map(|t| retype::<_, Tensor<Train<E>, 4>>(t).into_primitive().tensor());
+    let out = crate::tch_op::record(inputs, |[q, k, v]| call.run(q, k, v));
     retype(Tensor::<Train<E>, 4>::from_primitive(TensorPrimitive::Float(out)))
-}
-
-/// torch tensors held by a burn state: burn wants `Clone + Send + Debug`, torch's handles clone
-/// shallowly (the same tensor, the same autograd node).
-struct Shared<const N: usize>([tch::Tensor; N]);
-
-impl<const N: usize> Clone for Shared<N> {
-    fn clone(&self) -> Self {
-        Self(std::array::from_fn(|i| self.0[i].shallow_clone()))
-    }
-}
-
-impl<const N: usize> std::fmt::Debug for Shared<N> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_list().entries(self.0.iter().map(|t| t.size())).finish()
-    }
-}
-
-/// The torch graph of one attention call: its q, k, v leaves and its output.
-#[derive(Clone, Debug)]
-struct SdpaState {
-    leaves: Shared<3>,
-    out: Shared<1>,
-}
-
-#[derive(Debug)]
-struct SdpaBackward;
-
-impl<E: TchElement> Backward<LibTorch<E>, 3> for SdpaBackward {
-    type State = SdpaState;
-
-    fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _checkpointer: &mut Checkpointer) {
-        let grad_out = grads.consume::<LibTorch<E>>(&ops.node).tensor;
-        let SdpaState { leaves: Shared(leaves), out: Shared([out]) } = ops.state;
-        // ∂/∂inputs of Σ out · ∂out is ∂out pulled back through the kernel's backward.
-        let grads_in = tch::with_grad(|| {
-            let objective = (&out * grad_out.detach()).sum(out.kind());
-            tch::Tensor::run_backward(&[objective], &leaves, false, false)
-        });
-        for (node, grad) in ops.parents.into_iter().zip(grads_in) {
-            if let Some(node) = node {
-                grads.register::<LibTorch<E>>(node.id, TchTensor::new(grad));
-            }
-        }
-    }
 }
 
 #[cfg(test)]
