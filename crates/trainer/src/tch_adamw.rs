@@ -70,6 +70,11 @@ where
     let module = module.map(&mut Collect::<AD> { grads: &mut grads, optimizer, lists: &mut lists, path: Vec::new() });
 
     let all_grads: Vec<*mut c_void> = lists.groups.iter().flat_map(|g| g.grads.iter()).map(handle).collect();
+    if all_grads.is_empty() {
+        // Nothing to update (every parameter frozen): the tensor formulation's report.
+        let grad_norm = Tensor::<AD::InnerBackend, 1>::zeros([1], &Default::default());
+        return (module, DeviceStepReport { clip_coef: grad_norm.ones_like(), grad_norm });
+    }
     let mut norm_handle: *mut c_void = std::ptr::null_mut();
     // SAFETY: the handles are live tch tensors held by `lists`; the call only reads them and
     // stores a new handle, owned from here on, in `norm_handle`.
@@ -322,6 +327,22 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// A step without gradients (every parameter frozen) changes nothing and reports a zero norm.
+    #[test]
+    fn a_step_without_gradients_changes_nothing() {
+        let model = Pair::<Train> {
+            weight: Param::from_tensor(Tensor::from_inner(random([8, 16], 1.0))),
+            norm: Param::from_tensor(Tensor::from_inner(random([16], 1.0))),
+        };
+        let weight = values(model.weight.val().inner());
+        let mut optimizer = AdamW::<Torch>::new(AdamWConfig::default());
+        let (model, report) = step::<Train, _>(&mut optimizer, 1e-2, model, GradientsParams::new());
+        let report = report.read();
+        assert_eq!((report.grad_norm, report.clip_coef), (0.0, 1.0));
+        assert_eq!(values(model.weight.val().inner()), weight);
+        assert!(optimizer.state.is_empty());
     }
 
     /// A checkpoint holds handles to the model and the moments (`Strategy::checkpoint_state`):
