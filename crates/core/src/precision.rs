@@ -21,11 +21,9 @@ use burn::tensor::{DType, FloatDType, Tensor};
 /// `a · b` (burn's batched `matmul`) computed in `dtype`: both operands cast to it and the
 /// product cast back to `a`'s type. `None`, or `a` already of that type: a plain `matmul`.
 pub fn matmul_in<B: Backend, const D: usize>(a: Tensor<B, D>, b: Tensor<B, D>, dtype: Option<FloatDType>) -> Tensor<B, D> {
+    let out = a.dtype();
     match dtype {
-        Some(compute) if a.dtype() != DType::from(compute) => {
-            let out = FloatDType::from(a.dtype());
-            a.cast(compute).matmul(b.cast(compute)).cast(out)
-        }
+        Some(compute) if out != DType::from(compute) => cast_to(matmul_as(a, b, dtype), out.into()),
         _ => a.matmul(b),
     }
 }

@@ -426,7 +426,7 @@ impl DataParallel {
                     exp_avg: tensor_collectives::all_gather(&mut **comm, state.moments.exp_avg.clone(), layout)?,
                     exp_avg_sq: tensor_collectives::all_gather(&mut **comm, state.moments.exp_avg_sq.clone(), layout)?,
                 },
-                None => zero_moments(layout.len(), device),
+                None => Moments::zeros(layout.len(), device),
             };
             optimizer.state.insert(p.weight.path.clone(), moments);
         }
@@ -443,7 +443,7 @@ impl DataParallel {
             }
             OwnedState::Device(state) => {
                 let state = state.as_ref().and_then(|s| s.downcast_ref::<DeviceState<B>>());
-                let moments = state.map_or_else(|| zero_moments(shards.plan.owned_range().len(), device), |s| s.moments.clone());
+                let moments = state.map_or_else(|| Moments::zeros(shards.plan.owned_range().len(), device), |s| s.moments.clone());
                 match sharded {
                     false => (moments.exp_avg, moments.exp_avg_sq),
                     true => (
@@ -680,7 +680,7 @@ fn device_step<B: AutodiffBackend, M: AutodiffModule<B>>(
     let owned_params = if range.len() == plan.layout.len() { flat_params } else { flat_params.narrow(0, range.start, range.len()) };
     let owned_state = match state.take() {
         Some(boxed) => *boxed.downcast::<DeviceState<B::InnerBackend>>().unwrap_or_else(|_| panic!("one backend per run")),
-        None => DeviceState { moments: zero_moments(range.len(), &device), pieces: owned_pieces(segments, &range).collect() },
+        None => DeviceState { moments: Moments::zeros(range.len(), &device), pieces: owned_pieces(segments, &range).collect() },
     };
     let scalars = |decays| AdamWScalars::new(config, lr, optimizer_step as i32, decays);
     let (owned_params, owned_state) = owned_state.update(owned_params, owned_grads, scalars);
@@ -738,7 +738,7 @@ impl<I: Backend> PartitionedParam<I> {
     fn update_on_device(&mut self, grad: Tensor<I, 1>, clip_coef: f64, config: &AdamWConfig, step: u64, lr: f64) {
         let (len, pieces, device) = (self.weight.owned_len(), self.pieces(), grad.device());
         let state = match self.moments.take() {
-            None => DeviceState { moments: zero_moments(len, &device), pieces },
+            None => DeviceState { moments: Moments::zeros(len, &device), pieces },
             Some(ShardMoments::Device(state)) => state,
             Some(ShardMoments::Host(_)) => unreachable!("a shard's moments live where the flat range's do"),
         };
@@ -770,10 +770,6 @@ fn owned_pieces<'a>(segments: &'a [Segment], range: &'a Range<usize>) -> impl It
         .map(|s| (s.offset.max(range.start), (s.offset + s.len).min(range.end), s.decay))
         .filter(|(lo, hi, _)| lo < hi)
         .map(|(lo, hi, decay)| (lo - range.start..hi - range.start, decay))
-}
-
-fn zero_moments<B: Backend>(len: usize, device: &B::Device) -> Moments<B> {
-    Moments { exp_avg: Tensor::zeros([len], device), exp_avg_sq: Tensor::zeros([len], device) }
 }
 
 /// The trainable parameters of `model` in module order, with their offsets.

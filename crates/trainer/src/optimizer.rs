@@ -63,6 +63,11 @@ impl AdamWConfig {
     pub fn clip_factor(&self, norm: f64) -> f64 {
         self.clip_threshold().map_or(1.0, |max| (max / (norm + CLIP_EPSILON)).min(1.0))
     }
+
+    /// [`Self::clip_factor`] on the device, from a `[1]` global norm; `None` without clipping.
+    pub fn clip_factor_on_device<B: Backend>(&self, grad_norm: &Tensor<B, 1>) -> Option<Tensor<B, 1>> {
+        self.clip_threshold().map(|max| grad_norm.clone().add_scalar(CLIP_EPSILON).recip().mul_scalar(max).clamp_max(1.0))
+    }
 }
 
 /// The update rule an `optim` value selects.
@@ -101,6 +106,13 @@ impl UpdateRule {
 pub struct Moments<B: Backend> {
     pub exp_avg: Tensor<B, 1>,
     pub exp_avg_sq: Tensor<B, 1>,
+}
+
+impl<B: Backend> Moments<B> {
+    /// Fresh moments of `len` elements (a parameter's first update).
+    pub fn zeros(len: usize, device: &B::Device) -> Self {
+        Self { exp_avg: Tensor::zeros([len], device), exp_avg_sq: Tensor::zeros([len], device) }
+    }
 }
 
 /// The optimizer: configuration, step count and per-parameter moments.
@@ -172,9 +184,7 @@ impl<B: Backend> AdamW<B> {
         module.visit(&mut norm);
         let sum_squares = norm.sum_squares.unwrap_or_else(|| Tensor::zeros([1], &Default::default()));
         let grad_norm = sum_squares.sqrt();
-        // [`AdamWConfig::clip_factor`], as a `[1]` tensor.
-        let clip_coef =
-            self.config.clip_threshold().map(|max| grad_norm.clone().add_scalar(CLIP_EPSILON).recip().mul_scalar(max).clamp_max(1.0));
+        let clip_coef = self.config.clip_factor_on_device(&grad_norm);
         self.step += 1;
         // The CPU backend's one-pass AdamW takes the clipping factor as a number: read once here.
         #[cfg(feature = "ndarray")]
@@ -250,11 +260,7 @@ impl<AD: AutodiffBackend> ModuleMapper<AD> for Update<'_, AD> {
         };
         let (p, moments) = match c.rule {
             UpdateRule::AdamW => {
-                let moments = self
-                    .optimizer
-                    .state
-                    .remove(&path)
-                    .unwrap_or_else(|| Moments { exp_avg: Tensor::zeros([numel], &device), exp_avg_sq: Tensor::zeros([numel], &device) });
+                let moments = self.optimizer.state.remove(&path).unwrap_or_else(|| Moments::zeros(numel, &device));
                 let decays = !excluded_from_decay(&path);
                 let scalars = AdamWScalars::new(&c, self.lr, t, decays);
                 match self.cpu_clip {
@@ -288,7 +294,7 @@ impl<AD: AutodiffBackend> ModuleMapper<AD> for Update<'_, AD> {
 }
 
 /// `tensor`, tracked again when the parameter was.
-fn with_grad<AD: AutodiffBackend, const D: usize>(tensor: Tensor<AD, D>, require_grad: bool) -> Tensor<AD, D> {
+pub(crate) fn with_grad<AD: AutodiffBackend, const D: usize>(tensor: Tensor<AD, D>, require_grad: bool) -> Tensor<AD, D> {
     if require_grad {
         tensor.require_grad()
     } else {

@@ -16,7 +16,7 @@
 //! gradient the caller kept a handle to, a checkpoint holding the moments) is copied first, so
 //! nothing else sees the update.
 
-use crate::optimizer::{excluded_from_decay, AdamW, DeviceStepReport, Moments, CLIP_EPSILON};
+use crate::optimizer::{excluded_from_decay, with_grad, AdamW, DeviceStepReport, Moments};
 use alignment_core::backend::retype;
 use burn::backend::libtorch::{LibTorch, TchTensor};
 use burn::module::{AutodiffModule, ModuleMapper, Param};
@@ -81,9 +81,7 @@ where
     check(unsafe { alignment_global_norm(all_grads.as_ptr(), all_grads.len(), &mut norm_handle) });
     // SAFETY: a fresh `new at::Tensor`, the allocation tch's handles own and free.
     let grad_norm: Tensor<AD::InnerBackend, 1> = wrap(unsafe { tch::Tensor::from_ptr(norm_handle.cast()) });
-    // [`AdamWConfig::clip_factor`], as a `[1]` tensor: the tensor formulation's operations.
-    let clip_coef =
-        optimizer.config.clip_threshold().map(|max| grad_norm.clone().add_scalar(CLIP_EPSILON).recip().mul_scalar(max).clamp_max(1.0));
+    let clip_coef = optimizer.config.clip_factor_on_device(&grad_norm);
     // The kernel divides by its scale: `1 / clip`, as `GradScaler` hands it the loss scale.
     let grad_scale = clip_coef.clone().map(|coef| torch_tensor(coef.recip(), false));
 
@@ -157,11 +155,7 @@ impl<AD: AutodiffBackend> ModuleMapper<AD> for Collect<'_, AD> {
         let path = self.path.join(".");
         let p = tensor.inner();
         let numel = p.shape().num_elements();
-        let moments = self
-            .optimizer
-            .state
-            .remove(&path)
-            .unwrap_or_else(|| Moments { exp_avg: Tensor::zeros([numel], &p.device()), exp_avg_sq: Tensor::zeros([numel], &p.device()) });
+        let moments = self.optimizer.state.remove(&path).unwrap_or_else(|| Moments::zeros(numel, &p.device()));
         let group = &mut self.lists.groups[usize::from(excluded_from_decay(&path))];
         let (p, m, v) = (torch_tensor(p, true), torch_tensor(moments.exp_avg, true), torch_tensor(moments.exp_avg_sq, true));
         self.optimizer.state.insert(path, Moments { exp_avg: wrap(m.shallow_clone()), exp_avg_sq: wrap(v.shallow_clone()) });
@@ -170,8 +164,7 @@ impl<AD: AutodiffBackend> ModuleMapper<AD> for Collect<'_, AD> {
         group.grads.push(torch_tensor(grad, true));
         group.exp_avgs.push(m);
         group.exp_avg_sqs.push(v);
-        let updated = if require_grad { updated.require_grad() } else { updated };
-        Param::from_mapped_value(id, updated, mapper)
+        Param::from_mapped_value(id, with_grad(updated, require_grad), mapper)
     }
 }
 
@@ -292,10 +285,7 @@ mod tests {
                 let mut update = |p: &mut Tensor<Torch, 2>, g: Tensor<Torch, 2>, slot: usize, decays: bool| {
                     let n = g.shape().num_elements();
                     let s = AdamWScalars::new(&config, LR, t, decays);
-                    let moments = reference[slot].take().unwrap_or_else(|| Moments {
-                        exp_avg: Tensor::zeros([n], &p.device()),
-                        exp_avg_sq: Tensor::zeros([n], &p.device()),
-                    });
+                    let moments = reference[slot].take().unwrap_or_else(|| Moments::zeros(n, &p.device()));
                     let (updated, moments) = adamw_on_tensors(p.clone(), (g * coef as f32).reshape([n]), moments, &s, &[]);
                     *p = updated;
                     reference[slot] = Some(moments);
