@@ -40,6 +40,47 @@ pub fn transposes_activations_in_products<B: 'static>() -> bool {
     false
 }
 
+/// Code written against the inner backend of an autodiff backend, as burn's recorded steps (an
+/// operation with its own backward pass) are: [`visit_autodiff`] calls [`Self::visit`] with `I`
+/// when the caller's backend is `Autodiff<I>`, and the visitor turns its tensors into
+/// `Autodiff<I>`'s with [`retype`].
+pub trait AutodiffVisitor {
+    /// What the visit returns.
+    type Output;
+    /// Runs with `I` such that the caller's backend is `burn::backend::Autodiff<I>`.
+    fn visit<I: burn::tensor::backend::Backend>(self) -> Self::Output;
+}
+
+/// [`AutodiffVisitor::visit`] with `I` when `B` is `Autodiff<I>` for one of the backends built
+/// into this crate (those of its features, at their element types in this module); the visitor
+/// back for any other `B` (an inner backend itself: inference).
+pub fn visit_autodiff<B: 'static, V: AutodiffVisitor>(visitor: V) -> Result<V::Output, V> {
+    use burn::backend::Autodiff;
+    use std::any::TypeId;
+    macro_rules! on {
+        ($inner:ty) => {
+            if TypeId::of::<B>() == TypeId::of::<Autodiff<$inner>>() {
+                return Ok(visitor.visit::<$inner>());
+            }
+        };
+    }
+    #[cfg(feature = "ndarray")]
+    on!(Cpu);
+    #[cfg(feature = "tch")]
+    {
+        on!(Torch);
+        on!(TorchBf16);
+    }
+    #[cfg(feature = "cuda")]
+    {
+        on!(Gpu);
+        on!(GpuBf16);
+    }
+    #[cfg(feature = "wgpu")]
+    on!(Wgpu);
+    Err(visitor)
+}
+
 #[cfg(feature = "ndarray")]
 /// CPU backend used by tests and CI: pure Rust, f32.
 pub type Cpu = burn::backend::NdArray<f32>;

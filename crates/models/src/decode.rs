@@ -29,6 +29,7 @@ use crate::compressed;
 use crate::cpu_decode;
 use crate::error::ModelError;
 use crate::generate::{choose_token, GenerationConfig};
+#[cfg(feature = "ndarray")]
 use crate::layers::Linear;
 use crate::model::CausalLm;
 use crate::rope;

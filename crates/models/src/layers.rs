@@ -74,6 +74,7 @@ impl<B: Backend> Linear<B> {
 
     /// Whether the map is the dense weight alone (no adapter, no compressed or quantized base, no
     /// mixed-precision product): what [`Self::forward_many`] can hand to one fused product.
+    #[cfg(feature = "ndarray")]
     fn is_plain(&self) -> bool {
         self.lora.is_none() && self.compressed.is_none() && self.quantized.is_none() && self.matmul_dtype.is_none()
     }
@@ -106,7 +107,7 @@ impl<B: Backend> Linear<B> {
                 let x = cast_to(x, self.weight.val().dtype().into());
                 compressed::project_compressed(x, c)
             }
-            (None, None) => project_in(x, self.weight.val(), dtype),
+            (None, None) => project_param_in(x, self.weight.val(), dtype),
         };
         match &self.lora {
             None => base(x),
@@ -122,7 +123,7 @@ impl<B: Backend> Linear<B> {
         let base = |x| match (&self.quantized, &self.compressed) {
             (Some(q), _) => project_as(x, q.dequantize(), dtype),
             (None, Some(c)) => cast_to(compressed::project_compressed(x, c), dtype),
-            (None, None) => project_as(x, self.weight.val(), dtype),
+            (None, None) => project_param_as(x, self.weight.val(), dtype),
         };
         match &self.lora {
             None => base(x),
@@ -225,6 +226,25 @@ pub fn project_in<B: Backend>(x: Tensor<B, 3>, w: Tensor<B, 2>, dtype: Option<Fl
 /// already of it): a product whose consumer computes in the half type too.
 pub fn project_as<B: Backend>(x: Tensor<B, 3>, w: Tensor<B, 2>, dtype: FloatDType) -> Tensor<B, 3> {
     project_with_matmul(x, w, Some(dtype))
+}
+
+/// [`project_in`] for a weight that is a parameter (alive anyway): under autodiff and mixed
+/// precision, one recorded step that keeps the parameter rather than a half-type copy of it for
+/// the backward pass ([`crate::half_product`]).
+pub(crate) fn project_param_in<B: Backend>(x: Tensor<B, 3>, w: Tensor<B, 2>, dtype: Option<FloatDType>) -> Tensor<B, 3> {
+    let Some(half) = dtype else { return project(x, w) };
+    match crate::half_product::project_param(x, w, half, false) {
+        Ok(y) => y,
+        Err((x, w)) => project_in(x, w, dtype),
+    }
+}
+
+/// [`project_as`] for a weight that is a parameter (see [`project_param_in`]).
+pub(crate) fn project_param_as<B: Backend>(x: Tensor<B, 3>, w: Tensor<B, 2>, dtype: FloatDType) -> Tensor<B, 3> {
+    match crate::half_product::project_param(x, w, dtype, true) {
+        Ok(y) => y,
+        Err((x, w)) => project_as(x, w, dtype),
+    }
 }
 
 /// `x Wᵀ` by burn's matmul, in `dtype` when given (operands cast to it, the result left in it),

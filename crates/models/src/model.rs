@@ -44,10 +44,15 @@ impl<B: Backend> Mlp<B> {
 }
 
 /// `silu(gate) · up`, the gated MLP's product: one threaded pass on the CPU backend (a recorded
-/// step under autodiff; `cpu_gate.rs`), burn's operations elsewhere.
+/// step under autodiff; `cpu_gate.rs`); under the autodiff of the other backends one recorded
+/// step that keeps only `gate` and `up` (`gate.rs`); burn's operations elsewhere.
 pub fn silu_times<B: Backend>(gate: Tensor<B, 3>, up: Tensor<B, 3>) -> Tensor<B, 3> {
     #[cfg(feature = "ndarray")]
     let (gate, up) = match crate::cpu_gate::silu_gate(gate, up) {
+        Ok(hidden) => return hidden,
+        Err(inputs) => inputs,
+    };
+    let (gate, up) = match crate::gate::silu_gate(gate, up) {
         Ok(hidden) => return hidden,
         Err(inputs) => inputs,
     };
@@ -240,7 +245,7 @@ impl<B: Backend> CausalLm<B> {
             Some(head) => head.forward(hidden),
             None => match &self.embed_compressed {
                 Some(weight) => compressed::project_compressed(hidden, weight),
-                None => crate::layers::project_in(hidden, self.embed_tokens.val(), self.matmul_dtype),
+                None => crate::layers::project_param_in(hidden, self.embed_tokens.val(), self.matmul_dtype),
             },
         }
     }

@@ -65,6 +65,7 @@ pub mod logprobs;
 pub mod metrics;
 pub mod orpo;
 pub mod sft;
+mod token_logps;
 
 pub use chunked::{chunk_tokens_for, chunked_logps_backward, chunked_sequence_logps, chunked_sequence_logps_with, HeadGradients};
 pub use dpo::{dpo_loss, dpo_loss_with_tails, ld_tail_labels, DpoConfig, DpoLossType, DpoOutput, FDivergence};

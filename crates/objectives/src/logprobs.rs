@@ -11,9 +11,10 @@
 //! `log p(y_t) = z[t, y_t] - logsumexp(z[t, :])`: one `logsumexp` over the vocabulary per position
 //! (`[batch, seq, 1]`) minus the gathered logit (`[batch, seq, 1]`), as TRL's
 //! `selective_log_softmax` does for float32. The full `[batch, seq, vocab]` log-softmax is never
-//! materialised: the autodiff graph keeps the logits and one `exp` of the same size for the
-//! backward pass (log-softmax-then-gather would hold one more `[batch, seq, vocab]` tensor). The
-//! max used to stabilise the `logsumexp` is detached, which leaves its value and gradient
+//! materialised. For one label set (SFT, DPO) the gather and the `logsumexp` are one recorded
+//! autodiff step (`token_logps.rs`) that keeps the logits and computes the softmax's gradient
+//! itself; for several (ORPO) the graph of burn's operations keeps one `exp` of the logits' size.
+//! The max used to stabilise the `logsumexp` is detached, which leaves its value and gradient
 //! unchanged. Rather than slicing the logits to `[:, :-1]` (a copy, and a full-size
 //! `slice_assign` in the backward pass), the *labels* are shifted left and padded with
 //! `IGNORE_INDEX`, so the last position is computed and masked out.
@@ -26,6 +27,7 @@
 //! detached copy of the logits, outside the autodiff graph, and so is the one statistic only some
 //! losses ask for ([`ExtraStats`]: WPO's `log Σ_v p_v²`).
 
+use crate::token_logps::token_logps;
 use burn::tensor::{backend::Backend, Bool, Int, Tensor};
 
 /// Label value of tokens that are not scored (prompt, padding), as in PyTorch's `ignore_index`
@@ -165,6 +167,13 @@ pub fn sequence_logps_with<B: Backend>(
     for labels in &label_sets {
         assert_eq!(labels.dims(), [b, t], "labels must be [batch, seq] = [{b}, {t}] like the logits");
     }
+    if let [labels] = label_sets.as_slice() {
+        // One label set (SFT, DPO): one recorded step, whose backward pass is the softmax's own.
+        let targets = ShiftedTargets::new(labels.clone());
+        let (token_logps, lse) = token_logps(logits.clone(), targets.safe.clone());
+        let stats = TokenStats::new(logits.detach(), lse, extra);
+        return vec![stats.reduce((token_logps * targets.mask.clone()).sum_dim(1).squeeze_dim(1), &targets)];
+    }
     let lse = logsumexp_vocab(logits.clone());
     let stats = TokenStats::new(logits.clone().detach(), lse.clone().detach(), extra);
     label_sets
@@ -191,9 +200,8 @@ pub(crate) fn sequence_logps_sum<B: Backend>(logits: Tensor<B, 3>, labels: Tenso
     let [b, t, _v] = logits.dims();
     assert_eq!(labels.dims(), [b, t], "labels must be [batch, seq] = [{b}, {t}] like the logits");
     let targets = ShiftedTargets::new(labels);
-    let lse = logsumexp_vocab(logits.clone());
-    let picked = logits.gather(2, targets.safe.clone().unsqueeze_dim::<3>(2));
-    let token_logps: Tensor<B, 2> = (picked - lse).squeeze_dim(2) * targets.mask.clone();
+    let (token_logps, _) = token_logps(logits, targets.safe.clone());
+    let token_logps = token_logps * targets.mask.clone();
     (token_logps.sum_dim(1).squeeze_dim(1), targets.mask.sum_dim(1).squeeze_dim(1))
 }
 
@@ -285,9 +293,57 @@ pub(crate) struct PositionStats<B: Backend> {
     pub(crate) log_sum_sq_probs: Option<Tensor<B, 2>>,
 }
 
+/// How many `[.., vocab]` elements each temporary of the statistics pass holds at most: 16 Mi
+/// (64 MiB in f32). The pass computes three temporaries the size of its input (`lse − z`, the
+/// probabilities, their product); over the full logits of a Llama-3.2-1B step (4 × 1024 ×
+/// 128256) that would be 6 GiB at the forward pass's end, where memory peaks.
+pub(crate) const STATS_CHUNK_ELEMENTS: usize = 1 << 24;
+
 /// Per-position mean logit, entropy, argmax (and what `extra` asks for) of `logits`
-/// `[batch, seq, vocab]` given their `logsumexp` `[batch, seq, 1]` (both detached).
+/// `[batch, seq, vocab]` given their `logsumexp` `[batch, seq, 1]` (both detached), computed
+/// over runs of positions whose temporaries hold at most [`STATS_CHUNK_ELEMENTS`] elements, as
+/// TRL's `entropy_from_logits` chunks its rows. Every statistic reduces over the vocabulary
+/// only, so the chunking does not change a value.
 pub(crate) fn position_stats<B: Backend>(logits: Tensor<B, 3>, lse: Tensor<B, 3>, extra: ExtraStats) -> PositionStats<B> {
+    position_stats_in_chunks(logits, lse, extra, STATS_CHUNK_ELEMENTS)
+}
+
+/// [`position_stats`] with temporaries of at most `max_elements` (one position at least).
+pub(crate) fn position_stats_in_chunks<B: Backend>(
+    logits: Tensor<B, 3>,
+    lse: Tensor<B, 3>,
+    extra: ExtraStats,
+    max_elements: usize,
+) -> PositionStats<B> {
+    let [batch, seq, vocab] = logits.dims();
+    let positions = (max_elements / (batch * vocab).max(1)).clamp(1, seq.max(1));
+    if positions >= seq {
+        return position_stats_at_once(logits, lse, extra);
+    }
+    let parts: Vec<PositionStats<B>> = (0..seq)
+        .step_by(positions)
+        .map(|start| {
+            let len = positions.min(seq - start);
+            position_stats_at_once(logits.clone().narrow(1, start, len), lse.clone().narrow(1, start, len), extra)
+        })
+        .collect();
+    let (mut mean_logit, mut entropy, mut argmax, mut sum_sq) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for part in parts {
+        mean_logit.push(part.mean_logit);
+        entropy.push(part.entropy);
+        argmax.push(part.argmax);
+        sum_sq.extend(part.log_sum_sq_probs);
+    }
+    PositionStats {
+        mean_logit: Tensor::cat(mean_logit, 1),
+        entropy: Tensor::cat(entropy, 1),
+        argmax: Tensor::cat(argmax, 1),
+        log_sum_sq_probs: extra.log_sum_sq_probs.then(|| Tensor::cat(sum_sq, 1)),
+    }
+}
+
+/// [`position_stats`] over all of `logits` in one pass.
+fn position_stats_at_once<B: Backend>(logits: Tensor<B, 3>, lse: Tensor<B, 3>, extra: ExtraStats) -> PositionStats<B> {
     let mean_logit: Tensor<B, 2> = logits.clone().mean_dim(2).squeeze_dim(2);
     // H = Σ p (logsumexp(z) − z) with p = softmax(z): a sum of non-negative terms, more
     // accurate in f32 than the algebraically equal logsumexp(z) − Σ p z, which cancels when
@@ -299,4 +355,32 @@ pub(crate) fn position_stats<B: Backend>(logits: Tensor<B, 3>, lse: Tensor<B, 3>
     let entropy: Tensor<B, 2> = (probs * neg_logp).sum_dim(2).squeeze_dim(2);
     let argmax = logits.argmax(2).squeeze_dim(2);
     PositionStats { mean_logit, entropy, argmax, log_sum_sq_probs }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::backend::NdArray;
+    use burn::tensor::Distribution;
+
+    #[test]
+    fn the_statistics_pass_in_chunks_equals_it_at_once() {
+        let device = Default::default();
+        let logits = Tensor::<NdArray<f32>, 3>::random([2, 7, 11], Distribution::Normal(0.0, 3.0), &device);
+        let lse = logsumexp_vocab(logits.clone());
+        let extra = ExtraStats { log_sum_sq_probs: true };
+        let whole = position_stats_at_once(logits.clone(), lse.clone(), extra);
+        // 2 × 11 = 22 elements per position: runs of 1, 2 and 3 positions, the last run shorter.
+        for max_elements in [1, 50, 66] {
+            let parts = position_stats_in_chunks(logits.clone(), lse.clone(), extra, max_elements);
+            assert_eq!(parts.mean_logit.into_data(), whole.mean_logit.clone().into_data(), "mean logit, {max_elements}");
+            assert_eq!(parts.entropy.into_data(), whole.entropy.clone().into_data(), "entropy, {max_elements}");
+            assert_eq!(parts.argmax.into_data(), whole.argmax.clone().into_data(), "argmax, {max_elements}");
+            assert_eq!(
+                parts.log_sum_sq_probs.unwrap().into_data(),
+                whole.log_sum_sq_probs.clone().unwrap().into_data(),
+                "log Σ p², {max_elements}"
+            );
+        }
+    }
 }

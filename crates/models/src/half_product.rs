@@ -1,0 +1,224 @@
+//! Mixed precision's product with a parameter, `x Wᵀ` in the half type, as one recorded step of
+//! burn's autodiff: the backward pass casts the parameter again instead of keeping a half-type
+//! copy of it.
+//!
+//! ```text
+//! forward:   y  = (x as half) · (W as half)ᵀ                [as W's type unless kept half]
+//! backward:  ∂x = (∂y as half) · (W as half)   as x's type
+//!            ∂W = (∂y as half)ᵀ · (x as half)  as W's type
+//! ```
+//!
+//! burn's operations (cast, cast, matmul) keep both half-type operands for the backward pass,
+//! as autocast does (its cache of cast weights lives until the backward pass): a bf16 copy of
+//! every weight, 2 bytes a parameter, alive at the end of the forward pass where memory peaks —
+//! 2.3 GiB for Llama-3.2-1B. Here the step keeps the half-type input and a handle to the
+//! parameter itself, which the model holds anyway, and pays one cast of each weight more in the
+//! backward pass. For parameters only: a weight computed per product (QLoRA's dequantized base)
+//! would be kept in its full type, so those products keep burn's operations.
+
+use alignment_core::backend::{retype, visit_autodiff, AutodiffVisitor};
+use burn::backend::autodiff::checkpoint::base::Checkpointer;
+use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;
+use burn::backend::autodiff::grads::Gradients;
+use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+use burn::backend::Autodiff;
+use burn::tensor::ops::FloatTensor;
+use burn::tensor::{backend::Backend, DType, FloatDType, Shape, Tensor, TensorMetadata, TensorPrimitive};
+
+/// `x Wᵀ` for `x: [batch, seq, in]` and the parameter `W: [out, in]`, computed in `half`, the
+/// result left in `half` when `keep_half`, else in `W`'s type: one recorded step when `B` is the
+/// autodiff of a backend built into this crate; the tensors back on any other backend.
+#[allow(clippy::type_complexity)]
+pub(crate) fn project_param<B: Backend>(
+    x: Tensor<B, 3>,
+    weight: Tensor<B, 2>,
+    half: FloatDType,
+    keep_half: bool,
+) -> Result<Tensor<B, 3>, (Tensor<B, 3>, Tensor<B, 2>)> {
+    if weight.dtype() == DType::from(half) {
+        return Err((x, weight));
+    }
+    visit_autodiff::<B, _>(Recorded { x, weight, half, keep_half }).map_err(|r| (r.x, r.weight))
+}
+
+/// The recorded step, run on the autodiff backend's inner backend.
+struct Recorded<B: Backend> {
+    x: Tensor<B, 3>,
+    weight: Tensor<B, 2>,
+    half: FloatDType,
+    keep_half: bool,
+}
+
+impl<B: Backend> AutodiffVisitor for Recorded<B> {
+    type Output = Tensor<B, 3>;
+
+    fn visit<I: Backend>(self) -> Tensor<B, 3> {
+        let (x, weight): (Tensor<Autodiff<I>, 3>, Tensor<Autodiff<I>, 2>) = (retype(self.x), retype(self.weight));
+        let y = record_primitives::<I>(x.into_primitive().tensor(), weight.into_primitive().tensor(), self.half, self.keep_half);
+        retype(Tensor::<Autodiff<I>, 3>::from_primitive(TensorPrimitive::Float(y)))
+    }
+}
+
+/// `t` in `dtype`, unchanged when already of it.
+fn cast<I: Backend>(t: FloatTensor<I>, dtype: FloatDType) -> FloatTensor<I> {
+    if t.dtype() == DType::from(dtype) {
+        t
+    } else {
+        I::float_cast(t, dtype)
+    }
+}
+
+/// `[batch, seq, n]` as `[batch · seq, n]`.
+fn rows<I: Backend>(t: FloatTensor<I>) -> FloatTensor<I> {
+    let dims = t.shape().dims::<3>();
+    I::float_reshape(t, Shape::new([dims[0] * dims[1], dims[2]]))
+}
+
+/// [`record`] on burn's primitives.
+fn record_primitives<I: Backend>(
+    x: FloatTensor<Autodiff<I>>,
+    weight: FloatTensor<Autodiff<I>>,
+    half: FloatDType,
+    keep_half: bool,
+) -> FloatTensor<Autodiff<I>> {
+    let [batch, seq, _] = x.primitive.shape().dims::<3>();
+    let out_features = weight.primitive.shape().dims::<2>()[0];
+    let x_type: FloatDType = x.primitive.dtype().into();
+    let out_type: FloatDType = if keep_half { half } else { weight.primitive.dtype().into() };
+    let x_half = cast::<I>(x.primitive, half);
+    let forward = |x_half: FloatTensor<I>, weight: FloatTensor<I>| {
+        let w_half = cast::<I>(weight, half);
+        let y = I::float_matmul(rows::<I>(x_half), I::float_transpose(w_half));
+        cast::<I>(I::float_reshape(y, Shape::new([batch, seq, out_features])), out_type)
+    };
+    let prepared =
+        <HalfProductBackward as Backward<I, 2>>::prepare::<NoCheckpointing>(HalfProductBackward, [x.node.clone(), weight.node.clone()]);
+    match prepared.compute_bound().stateful() {
+        OpsKind::Tracked(prep) => {
+            let y = forward(x_half.clone(), weight.primitive.clone());
+            prep.finish(HalfProductState { x_half, weight: weight.primitive, half, x_type }, y)
+        }
+        OpsKind::UnTracked(prep) => prep.finish(forward(x_half, weight.primitive)),
+    }
+}
+
+/// What the backward pass of [`project_param`] needs: the half-type input, the parameter (a
+/// handle to the model's own tensor), the half type and the input's own type.
+#[derive(Clone, Debug)]
+struct HalfProductState<I: Backend> {
+    x_half: FloatTensor<I>,
+    weight: FloatTensor<I>,
+    half: FloatDType,
+    x_type: FloatDType,
+}
+
+#[derive(Debug)]
+struct HalfProductBackward;
+
+impl<I: Backend> Backward<I, 2> for HalfProductBackward {
+    type State = HalfProductState<I>;
+
+    fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _checkpointer: &mut Checkpointer) {
+        let HalfProductState { x_half, weight, half, x_type } = ops.state;
+        let [x_node, w_node] = ops.parents;
+        let [batch, seq, in_features] = x_half.shape().dims::<3>();
+        let weight_type: FloatDType = weight.dtype().into();
+        let dy = rows::<I>(cast::<I>(grads.consume::<I>(&ops.node), half));
+        if let Some(node) = x_node {
+            let dx = I::float_matmul(dy.clone(), cast::<I>(weight, half));
+            let dx = I::float_reshape(dx, Shape::new([batch, seq, in_features]));
+            grads.register::<I>(node.id, cast::<I>(dx, x_type));
+        }
+        if let Some(node) = w_node {
+            let dw = I::float_matmul(I::float_transpose(dy), rows::<I>(x_half));
+            grads.register::<I>(node.id, cast::<I>(dw, weight_type));
+        }
+    }
+}
+
+// The checks run on the CPU backend and on torch's CPU.
+#[cfg(all(test, any(feature = "ndarray", feature = "tch")))]
+mod tests {
+    use super::*;
+    use burn::tensor::{Distribution, ElementConversion};
+
+    type T3<I> = Tensor<Autodiff<I>, 3>;
+    type T2<I> = Tensor<Autodiff<I>, 2>;
+
+    /// Output and gradients of `Σ y ⊙ r` for the recorded product against burn's operations (the
+    /// casts and `matmul` mixed precision ran before), for an input in the weight's type and one
+    /// already in `half`, each result type, and every combination of tracked operands; the
+    /// largest relative difference.
+    fn against_burns_operations<I: Backend>(device: &I::Device, half: FloatDType, recorded: impl Fn(T3<I>, T2<I>, bool) -> T3<I>) -> f32 {
+        let x = T3::<I>::random([2, 3, 8], Distribution::Normal(0.0, 1.0), device);
+        let weight = T2::<I>::random([5, 8], Distribution::Normal(0.0, 1.0), device);
+        let relative = |a: Tensor<I, 3>, b: Tensor<I, 3>| {
+            let (a, b) = (a.cast(FloatDType::F32), b.cast(FloatDType::F32));
+            let scale = b.clone().abs().max().into_scalar().elem::<f32>().max(1e-6);
+            (a - b).abs().max().into_scalar().elem::<f32>() / scale
+        };
+        let mut worst = 0f32;
+        for input_in_half in [false, true] {
+            for keep_half in [false, true] {
+                for (track_x, track_w) in [(true, true), (true, false), (false, true)] {
+                    let r = T3::<I>::random([2, 3, 5], Distribution::Normal(0.0, 1.0), device);
+                    let run = |f: &dyn Fn(T3<I>, T2<I>) -> T3<I>| {
+                        let x = if track_x { x.clone().require_grad() } else { x.clone() };
+                        let w = if track_w { weight.clone().require_grad() } else { weight.clone() };
+                        // An input already in the half type, as the MLP's down projection gets it.
+                        let input = if input_in_half { x.clone().cast(half) } else { x.clone() };
+                        let y = f(input, w.clone());
+                        let grads = (y.clone().cast(FloatDType::F32) * r.clone()).sum().backward();
+                        (y.inner(), x.grad(&grads), w.grad(&grads))
+                    };
+                    let (y, dx, dw) = run(&|x, w| recorded(x, w, keep_half));
+                    let (y_ref, dx_ref, dw_ref) = run(&|x, w| {
+                        let y = x.cast(half).matmul(w.clone().cast(half).transpose().unsqueeze::<3>());
+                        if keep_half {
+                            y
+                        } else {
+                            y.cast(FloatDType::from(w.dtype()))
+                        }
+                    });
+                    assert_eq!(y.dtype(), y_ref.dtype(), "the result's type");
+                    assert_eq!((dx.is_some(), dw.is_some()), (track_x, track_w), "a gradient exactly for each tracked operand");
+                    worst = worst.max(relative(y, y_ref));
+                    if let (Some(a), Some(b)) = (dx, dx_ref) {
+                        assert_eq!(a.dtype(), DType::F32, "∂x in x's type");
+                        worst = worst.max(relative(a, b));
+                    }
+                    if let (Some(a), Some(b)) = (dw, dw_ref) {
+                        assert_eq!(a.dtype(), DType::F32, "∂W in W's type");
+                        worst = worst.max(relative(a.unsqueeze(), b.unsqueeze()));
+                    }
+                }
+            }
+        }
+        worst
+    }
+
+    /// The generic path (the one CUDA and wgpu take) on the CPU backend, f64 standing for the
+    /// half type (the CPU backend has no bf16; the casts and their gradients are the same path).
+    #[cfg(feature = "ndarray")]
+    #[test]
+    fn the_recorded_half_product_equals_burns_operations_on_any_backend() {
+        type I = burn::backend::NdArray<f32>;
+        let difference = against_burns_operations::<I>(&Default::default(), FloatDType::F64, |x, w, keep_half| {
+            project_param(x, w, FloatDType::F64, keep_half).unwrap_or_else(|_| panic!("autodiff takes the recorded path"))
+        });
+        assert!(difference <= 1e-6, "differs by {difference}");
+    }
+
+    /// On torch, in bf16 itself, through the dispatch the model takes: the same torch calls as
+    /// burn's operations make.
+    #[cfg(feature = "tch")]
+    #[test]
+    fn tch_half_product_equals_burns_operations_in_bf16() {
+        type I = burn::backend::LibTorch<f32>;
+        let device = burn::backend::libtorch::LibTorchDevice::Cpu;
+        let difference = against_burns_operations::<I>(&device, FloatDType::BF16, |x, w, keep_half| {
+            project_param(x, w, FloatDType::BF16, keep_half).unwrap_or_else(|_| panic!("libtorch takes the recorded path"))
+        });
+        assert!(difference <= 1e-2, "differs by {difference}");
+    }
+}
