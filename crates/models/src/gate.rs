@@ -33,9 +33,7 @@ pub(crate) fn silu_gate<B: Backend>(gate: Tensor<B, 3>, up: Tensor<B, 3>) -> Res
         return Err((gate, up));
     }
     #[cfg(feature = "tch")]
-    if std::any::TypeId::of::<B>() == std::any::TypeId::of::<burn::backend::LibTorch<f32>>()
-        || std::any::TypeId::of::<B>() == std::any::TypeId::of::<burn::backend::LibTorch<burn::tensor::bf16>>()
-    {
+    if is_torch::<B>() {
         let h = forward::<B>(gate.into_primitive().tensor(), up.into_primitive().tensor());
         return Ok(Tensor::from_primitive(TensorPrimitive::Float(h)));
     }

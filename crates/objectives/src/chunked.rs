@@ -83,7 +83,7 @@ pub fn chunked_sequence_logps_with<B: Backend>(
         })
         .collect();
     let flat_targets = flat_targets(&targets, n);
-    let (mut mean_logit, mut entropy, mut argmax, mut sum_sq) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let mut stats = Vec::new();
     let mut picked: Vec<Vec<Tensor<B, 1>>> = vec![Vec::new(); targets.len()];
     let chunk = chunk_tokens.max(1);
     for start in (0..n).step_by(chunk) {
@@ -95,19 +95,10 @@ pub fn chunked_sequence_logps_with<B: Backend>(
             let logp: Tensor<B, 3> = logits.clone().gather(2, ids) - lse.clone();
             picked[set].push(logp.reshape([end - start]));
         }
-        let stats = position_stats(logits, lse, extra);
-        mean_logit.push(stats.mean_logit.reshape([end - start]));
-        entropy.push(stats.entropy.reshape([end - start]));
-        argmax.push(stats.argmax.reshape([end - start]));
-        sum_sq.extend(stats.log_sum_sq_probs.map(|t| t.reshape([end - start])));
+        stats.push(position_stats(logits, lse, extra)); // [1, c] each
     }
     let joined = |parts: Vec<Tensor<B, 1>>| Tensor::cat(parts, 0).reshape([rows, seq]);
-    let stats = TokenStats::from_positions(PositionStats {
-        mean_logit: joined(mean_logit),
-        entropy: joined(entropy),
-        argmax: Tensor::cat(argmax, 0).reshape([rows, seq]),
-        log_sum_sq_probs: extra.log_sum_sq_probs.then(|| joined(sum_sq)),
-    });
+    let stats = TokenStats::from_positions(PositionStats::cat(stats).reshape([rows, seq]));
     targets
         .iter()
         .zip(picked)

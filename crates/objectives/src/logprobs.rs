@@ -293,6 +293,37 @@ pub(crate) struct PositionStats<B: Backend> {
     pub(crate) log_sum_sq_probs: Option<Tensor<B, 2>>,
 }
 
+impl<B: Backend> PositionStats<B> {
+    /// The statistics of consecutive runs of positions (`[batch, run]` each) joined along the
+    /// positions.
+    pub(crate) fn cat(parts: Vec<Self>) -> Self {
+        let (mut mean_logit, mut entropy, mut argmax, mut sum_sq) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let with_sum_sq = parts.first().is_some_and(|p| p.log_sum_sq_probs.is_some());
+        for part in parts {
+            mean_logit.push(part.mean_logit);
+            entropy.push(part.entropy);
+            argmax.push(part.argmax);
+            sum_sq.extend(part.log_sum_sq_probs);
+        }
+        Self {
+            mean_logit: Tensor::cat(mean_logit, 1),
+            entropy: Tensor::cat(entropy, 1),
+            argmax: Tensor::cat(argmax, 1),
+            log_sum_sq_probs: with_sum_sq.then(|| Tensor::cat(sum_sq, 1)),
+        }
+    }
+
+    /// Every per-position tensor reshaped to `shape`.
+    pub(crate) fn reshape(self, shape: [usize; 2]) -> Self {
+        Self {
+            mean_logit: self.mean_logit.reshape(shape),
+            entropy: self.entropy.reshape(shape),
+            argmax: self.argmax.reshape(shape),
+            log_sum_sq_probs: self.log_sum_sq_probs.map(|t| t.reshape(shape)),
+        }
+    }
+}
+
 /// How many `[.., vocab]` elements each temporary of the statistics pass holds at most: 16 Mi
 /// (64 MiB in f32). The pass computes three temporaries the size of its input (`lse − z`, the
 /// probabilities, their product); over the full logits of a Llama-3.2-1B step (4 × 1024 ×
@@ -320,26 +351,11 @@ pub(crate) fn position_stats_in_chunks<B: Backend>(
     if positions >= seq {
         return position_stats_at_once(logits, lse, extra);
     }
-    let parts: Vec<PositionStats<B>> = (0..seq)
-        .step_by(positions)
-        .map(|start| {
-            let len = positions.min(seq - start);
-            position_stats_at_once(logits.clone().narrow(1, start, len), lse.clone().narrow(1, start, len), extra)
-        })
-        .collect();
-    let (mut mean_logit, mut entropy, mut argmax, mut sum_sq) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-    for part in parts {
-        mean_logit.push(part.mean_logit);
-        entropy.push(part.entropy);
-        argmax.push(part.argmax);
-        sum_sq.extend(part.log_sum_sq_probs);
-    }
-    PositionStats {
-        mean_logit: Tensor::cat(mean_logit, 1),
-        entropy: Tensor::cat(entropy, 1),
-        argmax: Tensor::cat(argmax, 1),
-        log_sum_sq_probs: extra.log_sum_sq_probs.then(|| Tensor::cat(sum_sq, 1)),
-    }
+    let parts = (0..seq).step_by(positions).map(|start| {
+        let len = positions.min(seq - start);
+        position_stats_at_once(logits.clone().narrow(1, start, len), lse.clone().narrow(1, start, len), extra)
+    });
+    PositionStats::cat(parts.collect())
 }
 
 /// [`position_stats`] over all of `logits` in one pass.

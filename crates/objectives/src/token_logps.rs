@@ -32,11 +32,17 @@ pub(crate) fn token_logps<B: Backend>(logits: Tensor<B, 3>, targets: Tensor<B, 2
     match visit_autodiff::<B, _>(Recorded { logits, targets }) {
         Ok(out) => out,
         Err(Recorded { logits, targets }) => {
-            let lse = logsumexp_vocab(logits.clone());
-            let picked = logits.gather(2, targets.unsqueeze_dim::<3>(2));
-            ((picked - lse.clone()).squeeze_dim(2), lse.detach())
+            let (logp, lse) = forward(logits, targets);
+            (logp, lse.detach())
         }
     }
+}
+
+/// `(z[y] − lse, lse)` by burn's operations: the forward pass of both paths.
+fn forward<B: Backend>(logits: Tensor<B, 3>, targets: Tensor<B, 2, Int>) -> (Tensor<B, 2>, Tensor<B, 3>) {
+    let lse = logsumexp_vocab(logits.clone());
+    let picked = logits.gather(2, targets.unsqueeze_dim::<3>(2));
+    ((picked - lse.clone()).squeeze_dim(2), lse)
 }
 
 /// The recorded step, run on the autodiff backend's inner backend.
@@ -54,9 +60,8 @@ impl<B: Backend> AutodiffVisitor for Recorded<B> {
         let z = logits.into_primitive().tensor();
         let targets = Tensor::<I, 2, Int>::from_primitive(targets.into_primitive());
         let inner = Tensor::<I, 3>::from_primitive(TensorPrimitive::Float(z.primitive.clone()));
-        let lse = logsumexp_vocab(inner.clone());
-        let picked = inner.gather(2, targets.clone().unsqueeze_dim::<3>(2));
-        let logp = (picked - lse.clone()).squeeze_dim::<2>(2).into_primitive().tensor();
+        let (logp, lse) = forward(inner, targets.clone());
+        let logp = logp.into_primitive().tensor();
         let prepared = <TokenLogpsBackward as Backward<I, 1>>::prepare::<NoCheckpointing>(TokenLogpsBackward, [z.node.clone()]);
         let logp = match prepared.compute_bound().stateful() {
             OpsKind::Tracked(prep) => prep.finish(
