@@ -6,7 +6,8 @@
 # scripts/vulkan_env.sh when missing (SKIP_WGPU=1 skips this part); and the libtorch route
 # (`--features tch`, built against the reference environment's torch by scripts/with_torch.sh;
 # SKIP_TCH=1 skips this part): its fused attention and RMSNorm (crates/models/src/tch_attention.rs,
-# tch_norm.rs) against burn's decompositions, its fused AdamW step (crates/trainer/src/tch_adamw.rs)
+# tch_norm.rs) against burn's decompositions, the recorded steps (gate, half-type products,
+# log-probabilities of bf16 logits) against burn's operations in bf16, its fused AdamW step (crates/trainer/src/tch_adamw.rs)
 # against the tensor formulation, its profiler (tch_profiler.rs: a trace naming the operators burn
 # issued), the same training-step check on torch's CPU kernels, and bf16 weights under an
 # offloaded f32 master copy on torch's bf16 backend (tests/offload_bf16.rs).
@@ -20,6 +21,7 @@ if [ "${SKIP_TCH:-0}" != 1 ]; then
     CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-target}" bash scripts/with_torch.sh bash -c '
         set -e
         cargo test -p alignment-models --features tch --lib tch_
+        cargo test -p alignment-objectives --features tch --lib tch_
         cargo test -p alignment-trainer --features tch --lib tch_
         cargo test --features tch --test backend_check tch_
         cargo test --features tch --test offload_bf16'

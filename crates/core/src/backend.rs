@@ -55,8 +55,12 @@ pub trait AutodiffVisitor {
 /// into this crate (those of its features, at their element types in this module); the visitor
 /// back for any other `B` (an inner backend itself: inference).
 pub fn visit_autodiff<B: 'static, V: AutodiffVisitor>(visitor: V) -> Result<V::Output, V> {
+    // Unused when the crate is built without any backend feature.
+    #[allow(unused_imports)]
     use burn::backend::Autodiff;
+    #[allow(unused_imports)]
     use std::any::TypeId;
+    #[allow(unused_macros)]
     macro_rules! on {
         ($inner:ty) => {
             if TypeId::of::<B>() == TypeId::of::<Autodiff<$inner>>() {

@@ -48,6 +48,12 @@ pub fn cast_to<B: Backend, const D: usize>(t: Tensor<B, D>, dtype: FloatDType) -
     }
 }
 
+/// `B`'s own float type (its `FloatElem`): f32 under mixed precision, the type a loss computes
+/// in when the logits arrive in the half type.
+pub fn float_type<B: Backend>() -> FloatDType {
+    <B::FloatElem as burn::tensor::Element>::dtype().into()
+}
+
 /// Whether `B` on `device` has general arithmetic (and matrix products) in `dtype`.
 pub fn supported<B: Backend>(dtype: FloatDType, device: &B::Device) -> bool {
     B::supports_dtype(device, dtype.into())

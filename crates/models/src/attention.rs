@@ -110,9 +110,10 @@ impl<B: Backend> Attention<B> {
         let [batch, seq, _] = x.dims();
         let (h, kvh, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
         let heads = |t: Tensor<B, 3>, n: usize| t.reshape([batch, seq, n, d]).swap_dims(1, 2);
-        let q = rope::apply(heads(self.q_proj.forward(x.clone()), h), cos, sin);
-        let mut k = rope::apply(heads(self.k_proj.forward(x.clone()), kvh), cos, sin);
-        let mut v = heads(self.v_proj.forward(x), kvh);
+        let [q, k, v] = Linear::forward_many([&self.q_proj, &self.k_proj, &self.v_proj], x);
+        let q = rope::apply(heads(q, h), cos, sin);
+        let mut k = rope::apply(heads(k, kvh), cos, sin);
+        let mut v = heads(v, kvh);
 
         if let Some(slot) = cache {
             if let Some(past) = slot.take() {

@@ -29,7 +29,6 @@ use crate::compressed;
 use crate::cpu_decode;
 use crate::error::ModelError;
 use crate::generate::{choose_token, GenerationConfig};
-#[cfg(feature = "ndarray")]
 use crate::layers::Linear;
 use crate::model::CausalLm;
 use crate::rope;
@@ -168,9 +167,10 @@ fn attend<B: Backend>(
     let (h, kvh, d) = (attn.num_heads, attn.num_kv_heads, attn.head_dim);
     let groups = h / kvh;
     let heads = |y: Tensor<B, 3>, n: usize| y.reshape([rows, t, n, d]).swap_dims(1, 2);
-    let q = rope::apply(heads(attn.q_proj.forward(x.clone()), h), cos, sin);
-    let k = rope::apply(heads(attn.k_proj.forward(x.clone()), kvh), cos, sin);
-    let v = heads(attn.v_proj.forward(x), kvh);
+    let [q, k, v] = Linear::forward_many([&attn.q_proj, &attn.k_proj, &attn.v_proj], x);
+    let q = rope::apply(heads(q, h), cos, sin);
+    let k = rope::apply(heads(k, kvh), cos, sin);
+    let v = heads(v, kvh);
 
     let end = start + t;
     // Taken out of the slot so the buffers are uniquely owned and written in place.

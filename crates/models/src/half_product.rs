@@ -15,6 +15,11 @@
 //! parameter itself, which the model holds anyway, and pays one cast of each weight more in the
 //! backward pass. For parameters only: a weight computed per product (QLoRA's dequantized base)
 //! would be kept in its full type, so those products keep burn's operations.
+//!
+//! Maps that read one input (q, k and v; gate and up) share one half-type copy of it
+//! ([`project_param_from_half`]): each product registers its input gradient in the input's own
+//! wide type, so the gradients of the copy are summed in f32, as autocast sums the gradients of
+//! its per-product casts, and the copy is kept once for the backward pass instead of once per map.
 
 use alignment_core::backend::{retype, visit_autodiff, AutodiffVisitor};
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
@@ -38,7 +43,36 @@ pub(crate) fn project_param<B: Backend>(
     if weight.dtype() == DType::from(half) {
         return Err((x, weight));
     }
-    visit_autodiff::<B, _>(Recorded { x, weight, half, keep_half }).map_err(|r| (r.x, r.weight))
+    visit_autodiff::<B, _>(Recorded { x, weight, half, keep_half, x_grad_type: None }).map_err(|r| (r.x, r.weight))
+}
+
+/// [`project_param`] for an input already cast to the half type and shared by several products
+/// (see the module doc): the input's gradient is registered in `x_grad_type`, the type the
+/// input was cast from, so that the shared copy's gradients add up there. The tensors back where
+/// [`project_param`] gives them back.
+#[allow(clippy::type_complexity)]
+pub(crate) fn project_param_from_half<B: Backend>(
+    x_half: Tensor<B, 3>,
+    weight: Tensor<B, 2>,
+    keep_half: bool,
+    x_grad_type: FloatDType,
+) -> Result<Tensor<B, 3>, (Tensor<B, 3>, Tensor<B, 2>)> {
+    let half: FloatDType = x_half.dtype().into();
+    if weight.dtype() == DType::from(half) {
+        return Err((x_half, weight));
+    }
+    visit_autodiff::<B, _>(Recorded { x: x_half, weight, half, keep_half, x_grad_type: Some(x_grad_type) }).map_err(|r| (r.x, r.weight))
+}
+
+/// Whether `B` is the autodiff of a backend the products above record on: where a shared
+/// half-type input gets its gradients summed in the wide type.
+pub(crate) fn records_on<B: Backend>() -> bool {
+    struct Probe;
+    impl AutodiffVisitor for Probe {
+        type Output = ();
+        fn visit<I: Backend>(self) {}
+    }
+    visit_autodiff::<B, _>(Probe).is_ok()
 }
 
 /// The recorded step, run on the autodiff backend's inner backend.
@@ -47,6 +81,8 @@ struct Recorded<B: Backend> {
     weight: Tensor<B, 2>,
     half: FloatDType,
     keep_half: bool,
+    /// The type `∂x` is registered in; `None`: `x`'s own.
+    x_grad_type: Option<FloatDType>,
 }
 
 impl<B: Backend> AutodiffVisitor for Recorded<B> {
@@ -54,7 +90,8 @@ impl<B: Backend> AutodiffVisitor for Recorded<B> {
 
     fn visit<I: Backend>(self) -> Tensor<B, 3> {
         let (x, weight): (Tensor<Autodiff<I>, 3>, Tensor<Autodiff<I>, 2>) = (retype(self.x), retype(self.weight));
-        let y = record_primitives::<I>(x.into_primitive().tensor(), weight.into_primitive().tensor(), self.half, self.keep_half);
+        let (x, weight) = (x.into_primitive().tensor(), weight.into_primitive().tensor());
+        let y = record_primitives::<I>(x, weight, self.half, self.keep_half, self.x_grad_type);
         retype(Tensor::<Autodiff<I>, 3>::from_primitive(TensorPrimitive::Float(y)))
     }
 }
@@ -80,10 +117,11 @@ fn record_primitives<I: Backend>(
     weight: FloatTensor<Autodiff<I>>,
     half: FloatDType,
     keep_half: bool,
+    x_grad_type: Option<FloatDType>,
 ) -> FloatTensor<Autodiff<I>> {
     let [batch, seq, _] = x.primitive.shape().dims::<3>();
     let out_features = weight.primitive.shape().dims::<2>()[0];
-    let x_type: FloatDType = x.primitive.dtype().into();
+    let x_type: FloatDType = x_grad_type.unwrap_or_else(|| x.primitive.dtype().into());
     let out_type: FloatDType = if keep_half { half } else { weight.primitive.dtype().into() };
     let x_half = cast::<I>(x.primitive, half);
     let forward = |x_half: FloatTensor<I>, weight: FloatTensor<I>| {
@@ -103,7 +141,7 @@ fn record_primitives<I: Backend>(
 }
 
 /// What the backward pass of [`project_param`] needs: the half-type input, the parameter (a
-/// handle to the model's own tensor), the half type and the input's own type.
+/// handle to the model's own tensor), the half type and the type of the input's gradient.
 #[derive(Clone, Debug)]
 struct HalfProductState<I: Backend> {
     x_half: FloatTensor<I>,
@@ -195,6 +233,77 @@ mod tests {
             }
         }
         worst
+    }
+
+    /// Maps reading one input through [`crate::layers::Linear::forward_many`] (one shared
+    /// half-type copy of the input) against each map's own [`crate::layers::Linear::forward`]
+    /// (a cast per map, as autocast): outputs and gradients equal bit for bit, in both result
+    /// types, with the input tracked or not. Returns how many comparisons ran.
+    fn sharing_the_cast_equals_a_cast_per_map<I: Backend>(device: &I::Device, half: FloatDType) -> usize {
+        use crate::layers::Linear;
+        let x = T3::<I>::random([2, 3, 8], Distribution::Normal(0.0, 1.0), device);
+        let maps: [Linear<Autodiff<I>>; 3] = [5, 3, 3].map(|out| {
+            let mut map = Linear::new(T2::<I>::random([out, 8], Distribution::Normal(0.0, 1.0), device));
+            map.matmul_dtype = Some(half);
+            map
+        });
+        let weights: Vec<_> = [5, 3, 3].map(|out| T3::<I>::random([2, 3, out], Distribution::Normal(0.0, 1.0), device)).into();
+        let mut compared = 0;
+        for keep_half in [false, true] {
+            for track_x in [true, false] {
+                let run = |shared: bool| {
+                    let x = if track_x { x.clone().require_grad() } else { x.clone() };
+                    let ys: [T3<I>; 3] = match (shared, keep_half) {
+                        (true, false) => Linear::forward_many([&maps[0], &maps[1], &maps[2]], x.clone()),
+                        (true, true) => Linear::forward_many_in_product_type([&maps[0], &maps[1], &maps[2]], x.clone()),
+                        (false, false) => [0, 1, 2].map(|i| maps[i].forward(x.clone())),
+                        (false, true) => [0, 1, 2].map(|i| maps[i].forward_in_product_type(x.clone())),
+                    };
+                    let loss = ys
+                        .iter()
+                        .zip(&weights)
+                        .map(|(y, r)| (y.clone().cast(FloatDType::F32) * r.clone()).sum())
+                        .reduce(|a, b| a + b)
+                        .expect("three maps");
+                    let grads = loss.backward();
+                    let dws: Vec<_> = maps.iter().map(|m| m.weight.grad(&grads).expect("every weight is tracked")).collect();
+                    (ys.map(|y| y.inner()), x.grad(&grads), dws)
+                };
+                let (ys, dx, dws) = run(true);
+                let (ys_ref, dx_ref, dws_ref) = run(false);
+                for (y, y_ref) in ys.into_iter().zip(ys_ref) {
+                    assert_eq!(y.dtype(), y_ref.dtype(), "the result's type");
+                    y.into_data().assert_eq(&y_ref.into_data(), true);
+                    compared += 1;
+                }
+                assert_eq!(dx.is_some(), track_x, "∂x exactly when x is tracked");
+                if let (Some(a), Some(b)) = (dx, dx_ref) {
+                    assert_eq!(a.dtype(), DType::F32, "∂x in x's type");
+                    a.into_data().assert_eq(&b.into_data(), true);
+                    compared += 1;
+                }
+                for (a, b) in dws.into_iter().zip(dws_ref) {
+                    a.into_data().assert_eq(&b.into_data(), true);
+                    compared += 1;
+                }
+            }
+        }
+        compared
+    }
+
+    #[cfg(feature = "ndarray")]
+    #[test]
+    fn maps_sharing_one_half_type_input_equal_a_cast_per_map() {
+        type I = burn::backend::NdArray<f32>;
+        assert_eq!(sharing_the_cast_equals_a_cast_per_map::<I>(&Default::default(), FloatDType::F64), 26);
+    }
+
+    #[cfg(feature = "tch")]
+    #[test]
+    fn tch_maps_sharing_one_half_type_input_equal_a_cast_per_map() {
+        type I = burn::backend::LibTorch<f32>;
+        let device = burn::backend::libtorch::LibTorchDevice::Cpu;
+        assert_eq!(sharing_the_cast_equals_a_cast_per_map::<I>(&device, FloatDType::BF16), 26);
     }
 
     /// The generic path (the one CUDA and wgpu take) on the CPU backend, f64 standing for the

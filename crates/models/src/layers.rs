@@ -81,7 +81,8 @@ impl<B: Backend> Linear<B> {
 
     /// `[l.forward(x) for l in linears]` for maps that read the same input (q, k, v; gate, up).
     /// When decoding on the CPU backend (a few rows, plain maps) the products share one threaded
-    /// pass ([`crate::cpu`]); elsewhere each map runs its own [`Self::forward`].
+    /// pass ([`crate::cpu`]); under mixed precision dense maps share one half-type copy of the
+    /// input ([`Self::forward_sharing_cast`]); elsewhere each map runs its own [`Self::forward`].
     pub fn forward_many<const N: usize>(linears: [&Self; N], x: Tensor<B, 3>) -> [Tensor<B, 3>; N] {
         #[cfg(feature = "ndarray")]
         let x = if linears.iter().all(|l| l.is_plain()) {
@@ -92,7 +93,55 @@ impl<B: Backend> Linear<B> {
         } else {
             x
         };
-        linears.map(|l| l.forward(x.clone()))
+        match Self::forward_sharing_cast(linears, x, false) {
+            Ok(outputs) => outputs,
+            Err(x) => linears.map(|l| l.forward(x.clone())),
+        }
+    }
+
+    /// [`Self::forward_many`] with each result left in the products' type under mixed precision
+    /// ([`Self::forward_in_product_type`]).
+    pub fn forward_many_in_product_type<const N: usize>(linears: [&Self; N], x: Tensor<B, 3>) -> [Tensor<B, 3>; N] {
+        match Self::forward_sharing_cast(linears, x, true) {
+            Ok(outputs) => outputs,
+            Err(x) => linears.map(|l| l.forward_in_product_type(x.clone())),
+        }
+    }
+
+    /// Under mixed precision, dense maps (no adapter, no compressed or quantized base) reading
+    /// one wide-type input: the input cast to the half type once and each product run on that
+    /// copy ([`crate::half_product::project_param_from_half`]), the results in the weights' type
+    /// or, with `keep_half`, the half type. Autocast casts the input once per map; one copy
+    /// saves the other casts and, under autodiff, keeps one half-type input per group for the
+    /// backward pass instead of one per map. The copy's gradients add up in the input's type,
+    /// so the values are those of one cast per map. The input back when the maps or the
+    /// backend don't qualify.
+    fn forward_sharing_cast<const N: usize>(
+        linears: [&Self; N],
+        x: Tensor<B, 3>,
+        keep_half: bool,
+    ) -> Result<[Tensor<B, 3>; N], Tensor<B, 3>> {
+        let Some(half) = linears.first().and_then(|l| l.matmul_dtype) else { return Err(x) };
+        let half_type = burn::tensor::DType::from(half);
+        let dense = |l: &&Self| {
+            l.lora.is_none()
+                && l.compressed.is_none()
+                && l.quantized.is_none()
+                && l.matmul_dtype == Some(half)
+                && l.weight.val().dtype() != half_type
+        };
+        // Without the recorded product, burn's autodiff would add the copy's gradients in the half type.
+        let summed_wide = crate::half_product::records_on::<B>() || !B::ad_enabled(&x.device());
+        if N < 2 || x.dtype() == half_type || !linears.iter().all(dense) || !summed_wide {
+            return Err(x);
+        }
+        let x_type: FloatDType = x.dtype().into();
+        let x_half = x.cast(half);
+        Ok(linears.map(|l| match crate::half_product::project_param_from_half(x_half.clone(), l.weight.val(), keep_half, x_type) {
+            Ok(y) => y,
+            Err((x_half, w)) if keep_half => project_as(x_half, w, half),
+            Err((x_half, w)) => project_in(x_half, w, Some(half)),
+        }))
     }
 
     /// Applies the map to `[batch, seq, in]`, giving `[batch, seq, out]` in the weight's type.

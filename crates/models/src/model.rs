@@ -31,7 +31,7 @@ impl<B: Backend> Mlp<B> {
     /// output is in the weights' type.
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         let [gate, up] = match self.gate_proj.matmul_dtype {
-            Some(_) => [self.gate_proj.forward_in_product_type(x.clone()), self.up_proj.forward_in_product_type(x)],
+            Some(_) => Linear::forward_many_in_product_type([&self.gate_proj, &self.up_proj], x),
             None => Linear::forward_many([&self.gate_proj, &self.up_proj], x),
         };
         let hidden = match self.activation {
@@ -247,6 +247,20 @@ impl<B: Backend> CausalLm<B> {
                 Some(weight) => compressed::project_compressed(hidden, weight),
                 None => crate::layers::project_param_in(hidden, self.embed_tokens.val(), self.matmul_dtype),
             },
+        }
+    }
+
+    /// [`Self::project`] with the logits left in the products' type under mixed precision, as
+    /// autocast returns them: for a loss that casts runs of positions to f32 as it reads them
+    /// (`alignment_objectives`' log-probabilities and statistics), so that the f32 logits never
+    /// exist whole. The values are those of [`Self::project`] before its last cast. Without mixed
+    /// precision, or for a ZeRO-3 shard's head, [`Self::project`] itself.
+    pub fn project_in_product_type(&self, hidden: Tensor<B, 3>) -> Tensor<B, 3> {
+        let Some(dtype) = self.matmul_dtype else { return self.project(hidden) };
+        match (&self.lm_head, &self.embed_compressed) {
+            (Some(head), _) => head.forward_in_product_type(hidden),
+            (None, Some(_)) => self.project(hidden),
+            (None, None) => crate::layers::project_param_as(hidden, self.embed_tokens.val(), dtype),
         }
     }
 

@@ -28,6 +28,7 @@
 //! losses ask for ([`ExtraStats`]: WPO's `log Σ_v p_v²`).
 
 use crate::token_logps::token_logps;
+use alignment_core::precision::{cast_to, float_type};
 use burn::tensor::{backend::Backend, Bool, Int, Tensor};
 
 /// Label value of tokens that are not scored (prompt, padding), as in PyTorch's `ignore_index`
@@ -174,6 +175,9 @@ pub fn sequence_logps_with<B: Backend>(
         let stats = TokenStats::new(logits.detach(), lse, extra);
         return vec![stats.reduce((token_logps * targets.mask.clone()).sum_dim(1).squeeze_dim(1), &targets)];
     }
+    // Half-type logits (mixed precision) in the backend's own type, as a whole: ORPO's two
+    // label sets keep burn's composition.
+    let logits = cast_to(logits, float_type::<B>());
     let lse = logsumexp_vocab(logits.clone());
     let stats = TokenStats::new(logits.clone().detach(), lse.clone().detach(), extra);
     label_sets
@@ -346,20 +350,31 @@ pub(crate) fn position_stats_in_chunks<B: Backend>(
     extra: ExtraStats,
     max_elements: usize,
 ) -> PositionStats<B> {
-    let [batch, seq, vocab] = logits.dims();
-    let positions = (max_elements / (batch * vocab).max(1)).clamp(1, seq.max(1));
-    if positions >= seq {
+    let runs = position_runs(logits.dims(), max_elements);
+    if let [_] = runs.as_slice() {
         return position_stats_at_once(logits, lse, extra);
     }
-    let parts = (0..seq).step_by(positions).map(|start| {
-        let len = positions.min(seq - start);
-        position_stats_at_once(logits.clone().narrow(1, start, len), lse.clone().narrow(1, start, len), extra)
+    let parts = runs.into_iter().map(|run| {
+        position_stats_at_once(logits.clone().narrow(1, run.start, run.len()), lse.clone().narrow(1, run.start, run.len()), extra)
     });
     PositionStats::cat(parts.collect())
 }
 
-/// [`position_stats`] over all of `logits` in one pass.
+/// The positions `0..seq` of a `[batch, seq, vocab]` tensor in consecutive runs of at most
+/// `max_elements` elements each (one position at least): how the passes over the logits bound
+/// their temporaries.
+pub(crate) fn position_runs([batch, seq, vocab]: [usize; 3], max_elements: usize) -> Vec<std::ops::Range<usize>> {
+    let positions = (max_elements / (batch * vocab).max(1)).max(1);
+    if positions >= seq {
+        return std::iter::once(0..seq).collect();
+    }
+    (0..seq).step_by(positions).map(|start| start..(start + positions).min(seq)).collect()
+}
+
+/// [`position_stats`] over all of `logits` in one pass, in the backend's own type (half-type
+/// logits cast to it).
 fn position_stats_at_once<B: Backend>(logits: Tensor<B, 3>, lse: Tensor<B, 3>, extra: ExtraStats) -> PositionStats<B> {
+    let logits = cast_to(logits, float_type::<B>());
     let mean_logit: Tensor<B, 2> = logits.clone().mean_dim(2).squeeze_dim(2);
     // H = Σ p (logsumexp(z) − z) with p = softmax(z): a sum of non-negative terms, more
     // accurate in f32 than the algebraically equal logsumexp(z) − Σ p z, which cancels when

@@ -14,34 +14,57 @@
 //! backend can (burn-tch and CubeCL update a tensor whose handle is unique), so the head's
 //! gradient needs the logits and about one tensor like them. The forward values are the composed
 //! ones, operation for operation.
+//!
+//! Logits in the half type (mixed precision: the head's product left in bf16, as autocast
+//! returns it) are read in runs of positions cast to the backend's own type (f32), both ways:
+//! the logsumexp per run, and the backward pass writes each run's `∂z`, rounded to the half
+//! type, over the logits' own rows. The kept logits are the half-type ones, the f32 logits never
+//! exist whole, and the values are those of casting the logits to f32 first: each row's
+//! arithmetic is the same.
 
-use crate::logprobs::logsumexp_vocab;
+use crate::logprobs::{logsumexp_vocab, position_runs, STATS_CHUNK_ELEMENTS};
 use alignment_core::backend::{retype, visit_autodiff, AutodiffVisitor};
+use alignment_core::precision::{cast_to, float_type};
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::Autodiff;
 use burn::tensor::ops::{FloatTensor, IntTensor};
-use burn::tensor::{backend::Backend, IndexingUpdateOp, Int, Tensor, TensorPrimitive};
+use burn::tensor::{backend::Backend, DType, IndexingUpdateOp, Int, Tensor, TensorPrimitive};
 
 /// `([batch, seq]` log-probabilities of `targets` under `logits` `[batch, seq, vocab]`,
-/// differentiable; `[batch, seq, 1]` logsumexp of the logits, without gradient)`. `targets` must
-/// lie in `0..vocab` (ignored positions gathered at a safe id and masked by the caller).
+/// differentiable; `[batch, seq, 1]` logsumexp of the logits, without gradient)`, both in the
+/// backend's own float type whatever the logits' type. `targets` must lie in `0..vocab` (ignored
+/// positions gathered at a safe id and masked by the caller).
 pub(crate) fn token_logps<B: Backend>(logits: Tensor<B, 3>, targets: Tensor<B, 2, Int>) -> (Tensor<B, 2>, Tensor<B, 3>) {
-    match visit_autodiff::<B, _>(Recorded { logits, targets }) {
+    token_logps_in_runs(logits, targets, STATS_CHUNK_ELEMENTS)
+}
+
+/// [`token_logps`] reading half-type logits in runs of positions of at most `run_elements`
+/// elements each.
+fn token_logps_in_runs<B: Backend>(logits: Tensor<B, 3>, targets: Tensor<B, 2, Int>, run_elements: usize) -> (Tensor<B, 2>, Tensor<B, 3>) {
+    match visit_autodiff::<B, _>(Recorded { logits, targets, run_elements }) {
         Ok(out) => out,
-        Err(Recorded { logits, targets }) => {
-            let (logp, lse) = forward(logits, targets);
+        Err(Recorded { logits, targets, run_elements }) => {
+            let (logp, lse) = forward(logits, targets, run_elements);
             (logp, lse.detach())
         }
     }
 }
 
-/// `(z[y] − lse, lse)` by burn's operations: the forward pass of both paths.
-fn forward<B: Backend>(logits: Tensor<B, 3>, targets: Tensor<B, 2, Int>) -> (Tensor<B, 2>, Tensor<B, 3>) {
-    let lse = logsumexp_vocab(logits.clone());
-    let picked = logits.gather(2, targets.unsqueeze_dim::<3>(2));
+/// `(z[y] − lse, lse)` by burn's operations, in the backend's own type: the forward pass of both
+/// paths. Logits of another type are cast per run of positions for the logsumexp.
+fn forward<B: Backend>(logits: Tensor<B, 3>, targets: Tensor<B, 2, Int>, run_elements: usize) -> (Tensor<B, 2>, Tensor<B, 3>) {
+    let wide = float_type::<B>();
+    let lse = if logits.dtype() == DType::from(wide) {
+        logsumexp_vocab(logits.clone())
+    } else {
+        let runs = position_runs(logits.dims(), run_elements);
+        let parts = runs.into_iter().map(|run| logsumexp_vocab(cast_to(logits.clone().narrow(1, run.start, run.len()), wide))).collect();
+        Tensor::cat(parts, 1)
+    };
+    let picked = cast_to(logits.gather(2, targets.unsqueeze_dim::<3>(2)), wide);
     ((picked - lse.clone()).squeeze_dim(2), lse)
 }
 
@@ -49,6 +72,7 @@ fn forward<B: Backend>(logits: Tensor<B, 3>, targets: Tensor<B, 2, Int>) -> (Ten
 struct Recorded<B: Backend> {
     logits: Tensor<B, 3>,
     targets: Tensor<B, 2, Int>,
+    run_elements: usize,
 }
 
 impl<B: Backend> AutodiffVisitor for Recorded<B> {
@@ -60,9 +84,10 @@ impl<B: Backend> AutodiffVisitor for Recorded<B> {
         let z = logits.into_primitive().tensor();
         let targets = Tensor::<I, 2, Int>::from_primitive(targets.into_primitive());
         let inner = Tensor::<I, 3>::from_primitive(TensorPrimitive::Float(z.primitive.clone()));
-        let (logp, lse) = forward(inner, targets.clone());
+        let (logp, lse) = forward(inner, targets.clone(), self.run_elements);
         let logp = logp.into_primitive().tensor();
-        let prepared = <TokenLogpsBackward as Backward<I, 1>>::prepare::<NoCheckpointing>(TokenLogpsBackward, [z.node.clone()]);
+        let backward = TokenLogpsBackward { run_elements: self.run_elements };
+        let prepared = <TokenLogpsBackward as Backward<I, 1>>::prepare::<NoCheckpointing>(backward, [z.node.clone()]);
         let logp = match prepared.compute_bound().stateful() {
             OpsKind::Tracked(prep) => prep.finish(
                 TokenLogpsState::<I> { logits: z.primitive, lse: lse.clone().into_primitive().tensor(), targets: targets.into_primitive() },
@@ -83,8 +108,11 @@ struct TokenLogpsState<I: Backend> {
     targets: IntTensor<I>,
 }
 
+/// The backward pass, reading half-type logits in runs of at most `run_elements` elements.
 #[derive(Debug)]
-struct TokenLogpsBackward;
+struct TokenLogpsBackward {
+    run_elements: usize,
+}
 
 impl<I: Backend> Backward<I, 1> for TokenLogpsBackward {
     type State = TokenLogpsState<I>;
@@ -98,17 +126,42 @@ impl<I: Backend> Backward<I, 1> for TokenLogpsBackward {
             (Tensor::<I, 3>::from_primitive(TensorPrimitive::Float(logits)), Tensor::<I, 3>::from_primitive(TensorPrimitive::Float(lse)));
         let grad = Tensor::<I, 2>::from_primitive(TensorPrimitive::Float(grad)).unsqueeze_dim::<3>(2);
         let targets = Tensor::<I, 2, Int>::from_primitive(targets).unsqueeze_dim::<3>(2);
-        // ∂z = ∂logp · onehot(y) − ∂logp · softmax(z)
-        let dz = (logits - lse).exp() * grad.clone().neg();
-        let dz = dz.scatter(2, targets, grad, IndexingUpdateOp::Add);
+        let wide = float_type::<I>();
+        if logits.dtype() == DType::from(wide) {
+            let dz = logits_gradient(logits, lse, grad, targets);
+            grads.register::<I>(node.id, dz.into_primitive().tensor());
+            return;
+        }
+        // Half-type logits: each run's gradient computed in the wide type and written, rounded
+        // to the logits' type, over the run's own rows (in place: this step holds the only handle).
+        let half = logits.dtype().into();
+        let [batch, _, vocab] = logits.dims();
+        let mut dz = logits;
+        for run in position_runs(dz.dims(), self.run_elements) {
+            let rows = |t: Tensor<I, 3>| t.narrow(1, run.start, run.len());
+            let part = logits_gradient(
+                cast_to(rows(dz.clone()), wide),
+                rows(lse.clone()),
+                rows(grad.clone()),
+                targets.clone().narrow(1, run.start, run.len()),
+            );
+            dz = dz.slice_assign([0..batch, run.clone(), 0..vocab], cast_to(part, half));
+        }
         grads.register::<I>(node.id, dz.into_primitive().tensor());
     }
+}
+
+/// `∂z = ∂logp · onehot(y) − ∂logp · softmax(z)` for logits `z` and their logsumexp, `∂logp`
+/// and `y` as `[batch, seq, 1]`.
+fn logits_gradient<I: Backend>(logits: Tensor<I, 3>, lse: Tensor<I, 3>, grad: Tensor<I, 3>, targets: Tensor<I, 3, Int>) -> Tensor<I, 3> {
+    let dz = (logits - lse).exp() * grad.clone().neg();
+    dz.scatter(2, targets, grad, IndexingUpdateOp::Add)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use burn::tensor::Distribution;
+    use burn::tensor::{Distribution, FloatDType};
 
     type T = Autodiff<burn::backend::NdArray<f32>>;
 
@@ -133,6 +186,54 @@ mod tests {
         assert_eq!(logp.into_data(), logp_ref.into_data(), "the forward values are the composed ones");
         assert_eq!(lse.into_data(), lse_ref.into_data());
         dz.into_data().assert_approx_eq::<f32>(&dz_ref.into_data(), burn::tensor::Tolerance::absolute(1e-6));
+    }
+
+    /// Logits in another type than the backend's (the half type under mixed precision; f64
+    /// stands for it on the CPU backend, bf16 on torch's CPU) read in runs of positions: values
+    /// and gradient equal bit for bit to casting the whole logits to the backend's type first,
+    /// for runs of 1, 2 and 3 positions and all at once. Returns the comparisons made.
+    fn half_type_logits_in_runs_equal_casting_them_first<I: Backend>(device: &I::Device, half: FloatDType) -> usize {
+        type A<I> = Autodiff<I>;
+        let logits = Tensor::<A<I>, 3>::random([2, 5, 13], Distribution::Normal(0.0, 3.0), device).cast(half);
+        let targets = Tensor::<A<I>, 2, Int>::from_data([[0, 12, 3, 3, 7], [1, 1, 0, 9, 12]], device);
+        let weights = Tensor::<A<I>, 2>::random([2, 5], Distribution::Normal(0.0, 1.0), device);
+        let run = |run_elements: Option<usize>| {
+            let z = logits.clone().require_grad();
+            let (logp, lse) = match run_elements {
+                Some(n) => token_logps_in_runs(z.clone(), targets.clone(), n),
+                None => token_logps(z.clone().cast(FloatDType::F32), targets.clone()),
+            };
+            let grads = (logp.clone() * weights.clone()).sum().backward();
+            (logp.inner(), lse.inner(), z.grad(&grads).expect("the logits are tracked"))
+        };
+        let (logp_ref, lse_ref, dz_ref) = run(None);
+        assert_eq!(dz_ref.dtype(), DType::from(half), "the reference's gradient comes back in the logits' type");
+        let mut compared = 0;
+        // 2 × 13 = 26 elements per position.
+        for run_elements in [1, 52, 78, 1 << 20] {
+            let (logp, lse, dz) = run(Some(run_elements));
+            assert_eq!(logp.dtype(), DType::F32, "log-probabilities in the backend's type");
+            assert_eq!(logp.into_data(), logp_ref.clone().into_data(), "log-probabilities, runs of {run_elements}");
+            assert_eq!(lse.into_data(), lse_ref.clone().into_data(), "logsumexp, runs of {run_elements}");
+            assert_eq!(dz.dtype(), DType::from(half), "∂z in the logits' type");
+            assert_eq!(dz.into_data(), dz_ref.clone().into_data(), "∂z, runs of {run_elements}");
+            compared += 3;
+        }
+        compared
+    }
+
+    #[test]
+    fn half_type_logits_read_in_runs_equal_casting_them_first() {
+        type I = burn::backend::NdArray<f32>;
+        assert_eq!(half_type_logits_in_runs_equal_casting_them_first::<I>(&Default::default(), FloatDType::F64), 12);
+    }
+
+    #[cfg(feature = "tch")]
+    #[test]
+    fn tch_bf16_logits_read_in_runs_equal_casting_them_first() {
+        type I = burn::backend::LibTorch<f32>;
+        let device = burn::backend::libtorch::LibTorchDevice::Cpu;
+        assert_eq!(half_type_logits_in_runs_equal_casting_them_first::<I>(&device, FloatDType::BF16), 12);
     }
 
     #[test]

@@ -118,7 +118,8 @@ pub fn forward_backward<B: AutodiffBackend, T: Task>(
     // The head and the loss: gradients of everything above `hidden`, and ∂hidden.
     let metrics = match options.head_chunk_tokens {
         None => {
-            let logps = sequence_logps_with(model.project(hidden), scoring.label_sets, task.extra_stats());
+            // Half-type logits under mixed precision: the loss casts runs of positions to f32.
+            let logps = sequence_logps_with(model.project_in_product_type(hidden), scoring.label_sets, task.extra_stats());
             let (loss, metrics) = task.loss_from_logps(logps, examples, device);
             let grads = loss.mul_scalar(scale).backward();
             let top_grad = checkpoints.as_ref().and_then(|(_, top)| top.grad(&grads));
