@@ -12,8 +12,12 @@
 //! scale[j] = nested.code_book[nested.index[j]] · nested.scale[j / nested.block_size] + offset   (double quantized)
 //! ```
 //! Each product is one f32 multiplication, as on the host, so the device gives the same bits as
-//! `alignment_peft::nf4::dequantize`. Indices are packed eight per integer (the first value in the
-//! highest nibble), so they take half a byte per value on a backend with 32-bit integers.
+//! `alignment_peft::nf4::dequantize`. Indices are packed into 32-bit integer tensors whatever the
+//! backend's default integer width (64 bits on libtorch and ndarray): eight 4-bit indices per
+//! word, the first in the highest nibble, so they take half a byte per value on every backend;
+//! the 8-bit scale indices four per word, so they take one byte each. The dequantization reads
+//! the packed indices a byte at a time: one look-up in a 256-row table of the two values a byte
+//! stands for gives both (half the unpacking passes of a look-up per index).
 //!
 //! The dense weight exists only while the matmul that needs it runs. burn's matmul keeps its
 //! operands for the backward pass, so under autodiff a layer's dense weight lives until that
@@ -22,15 +26,19 @@
 
 use burn::module::{Module, Param, ParamId};
 use burn::tensor::backend::Backend;
-use burn::tensor::{ElementConversion, Int, Tensor, TensorData};
+use burn::tensor::{DType, ElementConversion, Int, Tensor, TensorData};
 
-/// Values per packed integer (4-bit indices).
+/// 4-bit indices per packed integer.
 pub const INDICES_PER_INT: usize = 8;
+
+/// Bits of the integers indices are packed into: 32 on every backend (an explicit dtype, not
+/// the device's default integer type, which is 64 bits on libtorch and ndarray).
+const WORD_BITS: usize = 32;
 
 /// A frozen `[out, in]` weight stored block-quantized (see the module documentation).
 #[derive(Module, Debug)]
 pub struct QuantizedWeight<B: Backend> {
-    /// 4-bit indices, eight per integer, first value in the highest nibble: `[⌈n / 8⌉]`.
+    /// 4-bit indices, eight per 32-bit integer, first value in the highest nibble: `[⌈n / 8⌉]`.
     pub packed: Param<Tensor<B, 1, Int>>,
     /// The values the indices stand for, `[16]`.
     pub code_book: Param<Tensor<B, 1>>,
@@ -49,7 +57,8 @@ pub struct QuantizedWeight<B: Backend> {
 /// Block scales quantized to 8 bits (bitsandbytes' `compress_statistics`).
 #[derive(Module, Debug)]
 pub struct NestedScales<B: Backend> {
-    /// One 8-bit index per block scale, `[blocks]`.
+    /// 8-bit indices, one per block scale, four per 32-bit integer, first in the highest byte:
+    /// `[⌈blocks / 4⌉]`.
     pub indices: Param<Tensor<B, 1, Int>>,
     /// The values the indices stand for, `[256]`.
     pub code_book: Param<Tensor<B, 1>>,
@@ -61,6 +70,9 @@ pub struct NestedScales<B: Backend> {
     /// Indices per scale.
     #[module(skip)]
     pub block_size: usize,
+    /// Block scales (`indices` holds four per integer, the last word perhaps partly).
+    #[module(skip)]
+    pub blocks: usize,
 }
 
 /// Host values of a quantized weight, in the layout above, to be put on a device.
@@ -91,34 +103,23 @@ fn frozen<B: Backend, const D: usize>(t: Tensor<B, D>) -> Param<Tensor<B, D>> {
 impl<B: Backend> QuantizedWeight<B> {
     /// Puts `parts` on `device`.
     pub fn from_parts(parts: &QuantizedParts, device: &B::Device) -> Self {
-        let ints: Vec<i32> = parts
-            .packed_bytes
-            .chunks(INDICES_PER_INT / 2)
-            .map(|bytes| {
-                let mut word = [0u8; 4];
-                word[..bytes.len()].copy_from_slice(bytes);
-                i32::from_be_bytes(word)
-            })
-            .collect();
-        let n = ints.len();
         let floats = |v: &[f32]| Tensor::<B, 1>::from_data(TensorData::new(v.to_vec(), [v.len()]), device);
         let (scales, nested) = match &parts.scales {
             ScaleParts::Plain(values) => (floats(values), None),
             ScaleParts::Nested { indices, code_book, scales, offset, block_size } => {
-                let indices: Vec<i32> = indices.iter().map(|&i| i as i32).collect();
-                let len = indices.len();
                 let nested = NestedScales {
-                    indices: Param::initialized(ParamId::new(), Tensor::from_data(TensorData::new(indices, [len]), device)),
+                    indices: Param::initialized(ParamId::new(), words(indices, device)),
                     code_book: frozen(floats(code_book)),
                     scales: frozen(floats(scales)),
                     offset: *offset,
                     block_size: *block_size,
+                    blocks: indices.len(),
                 };
                 (Tensor::zeros([0], device), Some(nested))
             }
         };
         Self {
-            packed: Param::initialized(ParamId::new(), Tensor::from_data(TensorData::new(ints, [n]), device)),
+            packed: Param::initialized(ParamId::new(), words(&parts.packed_bytes, device)),
             code_book: frozen(floats(&parts.code_book)),
             scales: frozen(scales),
             nested,
@@ -132,9 +133,9 @@ impl<B: Backend> QuantizedWeight<B> {
         match &self.nested {
             None => self.scales.val(),
             Some(nested) => {
-                let blocks = nested.indices.dims()[0];
-                let values = nested.code_book.val().select(0, nested.indices.val());
-                scale_blocks(values, nested.scales.val(), nested.block_size, blocks).add_scalar(nested.offset)
+                let indices = unpack(nested.indices.val(), 8, nested.blocks);
+                let values = nested.code_book.val().select(0, indices);
+                scale_blocks(values, nested.scales.val(), nested.block_size, nested.blocks).add_scalar(nested.offset)
             }
         }
     }
@@ -143,16 +144,11 @@ impl<B: Backend> QuantizedWeight<B> {
     pub fn dequantize(&self) -> Tensor<B, 2> {
         let [out, inp] = self.dims;
         let n = out * inp;
-        let packed = self.packed.val();
-        let words = packed.dims()[0];
-        let nibbles: Vec<Tensor<B, 1, Int>> = (0..INDICES_PER_INT)
-            .map(|k| {
-                let shift = (4 * (INDICES_PER_INT - 1 - k)) as i64;
-                packed.clone().bitwise_right_shift_scalar(shift.elem()).bitwise_and_scalar(15i64.elem())
-            })
-            .collect();
-        let indices = Tensor::stack::<2>(nibbles, 1).reshape([words * INDICES_PER_INT]).narrow(0, 0, n);
-        let values = self.code_book.val().select(0, indices);
+        // Two indices per byte, both looked up at once: half the unpacking passes of a
+        // nibble at a time, and one gathered index per two values.
+        let pairs = n.div_ceil(2);
+        let bytes = unpack(self.packed.val(), 8, pairs);
+        let values = byte_table(self.code_book.val()).select(0, bytes).reshape([2 * pairs]).narrow(0, 0, n);
         scale_blocks(values, self.block_scales(), self.block_size, n).reshape([out, inp])
     }
 
@@ -162,10 +158,61 @@ impl<B: Backend> QuantizedWeight<B> {
         let n = self.dims[0] * self.dims[1];
         let scales = match &self.nested {
             None => 4 * self.scales.dims()[0],
-            Some(nested) => nested.indices.dims()[0] + 4 * nested.scales.dims()[0] + 4,
+            Some(nested) => nested.blocks + 4 * nested.scales.dims()[0] + 4,
         };
         n.div_ceil(2) + scales
     }
+
+    /// Bytes the weight's tensors occupy on the device, at their element types: what
+    /// [`QuantizedWeight::storage_bytes`] says, plus the code books and at most three bytes of
+    /// padding per packed tensor.
+    pub fn device_bytes(&self) -> usize {
+        fn bytes<B: Backend, K: burn::tensor::BasicOps<B>>(t: &Tensor<B, 1, K>) -> usize {
+            t.dims()[0] * t.dtype().size()
+        }
+        let nested = self.nested.as_ref().map_or(0, |n| bytes(&n.indices.val()) + bytes(&n.code_book.val()) + bytes(&n.scales.val()));
+        bytes(&self.packed.val()) + bytes(&self.code_book.val()) + bytes(&self.scales.val()) + nested
+    }
+}
+
+/// `bytes` as big-endian 32-bit integers on `device` (the last one zero-padded), an `I32` tensor
+/// whatever the device's default integer type.
+fn words<B: Backend>(bytes: &[u8], device: &B::Device) -> Tensor<B, 1, Int> {
+    let words: Vec<i32> = bytes
+        .chunks(WORD_BITS / 8)
+        .map(|chunk| {
+            let mut word = [0u8; 4];
+            word[..chunk.len()].copy_from_slice(chunk);
+            i32::from_be_bytes(word)
+        })
+        .collect();
+    let len = words.len();
+    Tensor::from_data(TensorData::new(words, [len]), (device, DType::I32))
+}
+
+/// The code book's values for every byte of two packed indices, `[256, 2]`: the high nibble's
+/// value, then the low nibble's.
+fn byte_table<B: Backend>(code_book: Tensor<B, 1>) -> Tensor<B, 2> {
+    let bytes = Tensor::<B, 1, Int>::arange(0..256, &code_book.device());
+    let high = bytes.clone().bitwise_right_shift_scalar(4i64.elem());
+    let low = bytes.bitwise_and_scalar(15i64.elem());
+    Tensor::stack::<2>(vec![code_book.clone().select(0, high), code_book.select(0, low)], 1)
+}
+
+/// The first `len` `bits`-wide fields of `words` (32-bit, the first field in the highest bits),
+/// as integers of the words' type.
+fn unpack<B: Backend>(words: Tensor<B, 1, Int>, bits: usize, len: usize) -> Tensor<B, 1, Int> {
+    let per_word = WORD_BITS / bits;
+    let count = words.dims()[0];
+    let mask = (1i64 << bits) - 1;
+    // Arithmetic right shifts of a word whose top bit is set bring in ones; the mask drops them.
+    let fields: Vec<Tensor<B, 1, Int>> = (0..per_word)
+        .map(|k| {
+            let shift = (bits * (per_word - 1 - k)) as i64;
+            words.clone().bitwise_right_shift_scalar(shift.elem()).bitwise_and_scalar(mask.elem())
+        })
+        .collect();
+    Tensor::stack::<2>(fields, 1).reshape([count * per_word]).narrow(0, 0, len)
 }
 
 /// `values[i] · scales[i / block]` for the first `len` values (the last block may be partial).
@@ -174,4 +221,83 @@ fn scale_blocks<B: Backend>(values: Tensor<B, 1>, scales: Tensor<B, 1>, block: u
     let padded = blocks * block;
     let values = if padded > len { Tensor::cat(vec![values, Tensor::zeros([padded - len], &scales.device())], 0) } else { values };
     (values.reshape([blocks, block]) * scales.reshape([blocks, 1])).reshape([padded]).narrow(0, 0, len)
+}
+
+#[cfg(all(test, any(feature = "ndarray", feature = "tch")))]
+mod tests {
+    use super::*;
+
+    /// Parts of `len` values with every 4-bit and 8-bit index pattern (high nibbles and bytes
+    /// included, whose words are negative as `i32`), a last block and word left partial.
+    fn parts(len: usize, nested: bool) -> QuantizedParts {
+        let block_size = 64;
+        let blocks = len.div_ceil(block_size);
+        let packed_bytes = (0..len.div_ceil(2)).map(|i| (i * 37 + 11) as u8).collect();
+        let code_book = (0..16).map(|i| (i as f32 - 7.5) / 7.5).collect();
+        let scales = if nested {
+            let indices = (0..blocks).map(|j| (j * 97 + 200) as u8).collect();
+            let code_book = (0..256).map(|i| i as f32 / 300.0).collect();
+            let scales = (0..blocks.div_ceil(5)).map(|j| 1.0 + j as f32 * 0.25).collect();
+            ScaleParts::Nested { indices, code_book, scales, offset: 0.125, block_size: 5 }
+        } else {
+            ScaleParts::Plain((0..blocks).map(|j| 0.5 + j as f32 / 8.0).collect())
+        };
+        QuantizedParts { dims: [1, len], packed_bytes, code_book, block_size, scales }
+    }
+
+    /// The layout's formula (module documentation), evaluated on the host.
+    fn expected(parts: &QuantizedParts) -> Vec<f32> {
+        let n = parts.dims[0] * parts.dims[1];
+        let scale = |j: usize| match &parts.scales {
+            ScaleParts::Plain(s) => s[j],
+            ScaleParts::Nested { indices, code_book, scales, offset, block_size } => {
+                code_book[indices[j] as usize] * scales[j / block_size] + offset
+            }
+        };
+        (0..n)
+            .map(|i| {
+                let byte = parts.packed_bytes[i / 2];
+                let index = if i % 2 == 0 { byte >> 4 } else { byte & 15 };
+                parts.code_book[index as usize] * scale(i / parts.block_size)
+            })
+            .collect()
+    }
+
+    /// Returns the device bytes of the largest weight checked.
+    fn dequantizes_the_layout_in_half_a_byte_per_index<B: Backend>(device: &B::Device) -> usize {
+        let mut largest = 0;
+        for (len, nested) in [(64 * 300 + 37, true), (64 * 300 + 37, false), (8 * 5 + 3, true), (64 * 257, true), (1, false)] {
+            let parts = parts(len, nested);
+            let weight = QuantizedWeight::<B>::from_parts(&parts, device);
+            let values = weight.dequantize().into_data().convert::<f32>().into_vec::<f32>().unwrap();
+            let differing = values.iter().zip(expected(&parts)).filter(|(a, b)| a.to_bits() != b.to_bits()).count();
+            assert_eq!(differing, 0, "len {len}, nested {nested}: values differing from the layout's formula");
+            // Indices at half a byte, scale indices at one byte, whatever the backend's integers;
+            // beyond the format's own bytes only the code books and a word's padding per packed tensor.
+            let code_books = 16 * 4 + if nested { 256 * 4 } else { 0 };
+            let (device_bytes, format_bytes) = (weight.device_bytes(), weight.storage_bytes());
+            assert!(
+                device_bytes + 4 >= format_bytes + code_books && device_bytes <= format_bytes + code_books + 2 * 3,
+                "len {len}, nested {nested}: {device_bytes} bytes on the device for a {format_bytes}-byte format"
+            );
+            largest = largest.max(device_bytes);
+        }
+        largest
+    }
+
+    /// ndarray's integers are 64-bit: the packed words are still 32-bit.
+    #[cfg(feature = "ndarray")]
+    #[test]
+    fn dequantization_follows_the_layout_at_half_a_byte_per_index() {
+        assert!(dequantizes_the_layout_in_half_a_byte_per_index::<burn::backend::NdArray<f32>>(&Default::default()) > 10_000);
+    }
+
+    /// libtorch's integers are 64-bit (`Int64`): the words are `Int32` tensors, and torch's
+    /// `index_select` takes their 32-bit indices.
+    #[cfg(feature = "tch")]
+    #[test]
+    fn tch_dequantization_follows_the_layout_at_half_a_byte_per_index() {
+        let device = burn::backend::libtorch::LibTorchDevice::Cpu;
+        assert!(dequantizes_the_layout_in_half_a_byte_per_index::<burn::backend::LibTorch<f32>>(&device) > 10_000);
+    }
 }
