@@ -40,10 +40,7 @@ pub(crate) fn project_param<B: Backend>(
     half: FloatDType,
     keep_half: bool,
 ) -> Result<Tensor<B, 3>, (Tensor<B, 3>, Tensor<B, 2>)> {
-    if weight.dtype() == DType::from(half) {
-        return Err((x, weight));
-    }
-    visit_autodiff::<B, _>(Recorded { x, weight, half, keep_half, x_grad_type: None }).map_err(|r| (r.x, r.weight))
+    record(Recorded { x, weight, half, keep_half, x_grad_type: None })
 }
 
 /// [`project_param`] for an input already cast to the half type and shared by several products
@@ -58,10 +55,17 @@ pub(crate) fn project_param_from_half<B: Backend>(
     x_grad_type: FloatDType,
 ) -> Result<Tensor<B, 3>, (Tensor<B, 3>, Tensor<B, 2>)> {
     let half: FloatDType = x_half.dtype().into();
-    if weight.dtype() == DType::from(half) {
-        return Err((x_half, weight));
+    record(Recorded { x: x_half, weight, half, keep_half, x_grad_type: Some(x_grad_type) })
+}
+
+/// Runs `step` as one recorded step, or gives its tensors back: when the weight is already in
+/// the half type (nothing to keep instead of a copy), or when `B` records nothing here.
+#[allow(clippy::type_complexity)]
+fn record<B: Backend>(step: Recorded<B>) -> Result<Tensor<B, 3>, (Tensor<B, 3>, Tensor<B, 2>)> {
+    if step.weight.dtype() == DType::from(step.half) {
+        return Err((step.x, step.weight));
     }
-    visit_autodiff::<B, _>(Recorded { x: x_half, weight, half, keep_half, x_grad_type: Some(x_grad_type) }).map_err(|r| (r.x, r.weight))
+    visit_autodiff::<B, _>(step).map_err(|r| (r.x, r.weight))
 }
 
 /// Whether `B` is the autodiff of a backend the products above record on: where a shared

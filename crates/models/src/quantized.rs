@@ -28,9 +28,6 @@ use burn::module::{Module, Param, ParamId};
 use burn::tensor::backend::Backend;
 use burn::tensor::{DType, ElementConversion, Int, Tensor, TensorData};
 
-/// 4-bit indices per packed integer.
-pub const INDICES_PER_INT: usize = 8;
-
 /// Bits of the integers indices are packed into: 32 on every backend (an explicit dtype, not
 /// the device's default integer type, which is 64 bits on libtorch and ndarray).
 const WORD_BITS: usize = 32;
