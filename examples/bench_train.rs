@@ -7,6 +7,7 @@
 //! bench_train check --backend cuda --fixtures crates/models/tests/fixtures --write-reference DIR   # or --reference DIR
 //! bench_train nccl                                                          # NCCL at world size 1 vs one process
 //! bench_train update --backend cuda --shape scripts/gpu/shapes/smollm2-135m.json   # the optimizer update alone
+//! bench_train dequant --backend cuda-bf16 --shape scripts/gpu/shapes/mistral-7b.json  # QLoRA's NF4 base alone
 //! ```
 //!
 //! `train` builds a randomly initialised model from a config.json (no weights travel), runs
@@ -57,6 +58,27 @@ enum Command {
     /// Time the optimizer update alone (full fine-tuning, random gradients): the one-process
     /// step, and a data-parallel rank's update with its optimizer on the device and offloaded.
     Update(UpdateArgs),
+    /// Time QLoRA's 4-bit base dequantized alone, one `[intermediate, hidden]` weight of the
+    /// shape (its largest projection), into the products' type: the GPU kernel
+    /// (`QuantizedWeight::dequantize_by_kernel`, CubeCL backends) against the tensor operations
+    /// every backend runs (`dequantize_by_tensor_ops`, then the cast).
+    Dequant(DequantArgs),
+}
+
+#[derive(Parser)]
+struct DequantArgs {
+    /// As for `train`; `-bf16`/`-f16` give the weight in that type.
+    #[arg(long, default_value = "cpu")]
+    backend: String,
+    /// A config.json giving the model's shape.
+    #[arg(long)]
+    shape: PathBuf,
+    /// Untimed calls first.
+    #[arg(long, default_value_t = 2)]
+    warmup: usize,
+    /// Timed calls per path.
+    #[arg(long, default_value_t = 10)]
+    steps: usize,
 }
 
 #[derive(Parser)]
@@ -150,6 +172,7 @@ fn main() {
         Command::Check(args) => dispatch_check(&args),
         Command::Nccl => nccl_check(),
         Command::Update(args) => dispatch_update(&args),
+        Command::Dequant(args) => dispatch_dequant(&args),
     };
     if let Err(message) = result {
         eprintln!("error: {message}");
@@ -264,6 +287,74 @@ fn dispatch_check(args: &CheckArgs) -> Result<(), String> {
 
 fn dispatch_update(args: &UpdateArgs) -> Result<(), String> {
     with_backend!(args.backend.as_str(), |B, device, _dtype| run_update::<B>(args, &device))
+}
+
+fn dispatch_dequant(args: &DequantArgs) -> Result<(), String> {
+    with_backend!(args.backend.as_str(), |B, device, dtype| run_dequant::<B>(args, dtype, &device))
+}
+
+/// `bench_train dequant`: prints each path's median time per weight and the bytes it would move
+/// at the minimum (the packed indices and scales read, the weight written once), as a rate.
+fn run_dequant<B: Backend>(args: &DequantArgs, dtype: Option<FloatDType>, device: &B::Device) -> Result<(), String> {
+    use alignment_models::{QuantizedParts, QuantizedWeight, ScaleParts};
+    let config = ModelConfig::from_file(&args.shape).map_err(|e| e.to_string())?;
+    let dims = [config.intermediate_size, config.hidden_size];
+    let values = dims[0] * dims[1];
+    // bitsandbytes' layout as the handbook's QLoRA recipes configure it: blocks of 64 values,
+    // their scales double-quantized in blocks of 256. The values are arbitrary: the work is not.
+    let blocks = values.div_ceil(64);
+    let parts = QuantizedParts {
+        dims,
+        packed_bytes: (0..values.div_ceil(2)).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect(),
+        code_book: (0..16).map(|i| (i as f32 - 7.5) / 7.5).collect(),
+        block_size: 64,
+        scales: ScaleParts::Nested {
+            indices: (0..blocks).map(|j| (j * 97) as u8).collect(),
+            code_book: (0..256).map(|i| i as f32 / 256.0).collect(),
+            scales: vec![0.05; blocks.div_ceil(256)],
+            offset: 0.01,
+            block_size: 256,
+        },
+    };
+    let weight = QuantizedWeight::<B>::from_parts(&parts, device);
+    let out_type = dtype.unwrap_or_else(alignment_core::precision::float_type::<B>);
+    let time = |path: &dyn Fn() -> Tensor<B, 2>| -> Result<f64, String> {
+        let mut seconds = Vec::new();
+        for call in 0..args.warmup + args.steps {
+            let start = Instant::now();
+            std::hint::black_box(path());
+            B::sync(device).map_err(|e| format!("{e:?}"))?;
+            if call >= args.warmup {
+                seconds.push(start.elapsed().as_secs_f64());
+            }
+        }
+        Ok(median(&seconds))
+    };
+    let least_bytes = (weight.storage_bytes() + values * burn::tensor::DType::from(out_type).size()) as f64;
+    let mut results = Map::new();
+    let dequantize = |path: &str| match path {
+        "kernel" => weight.dequantize_by_kernel(out_type).expect("a backend with the kernel"),
+        _ => alignment_core::precision::cast_to(weight.dequantize_by_tensor_ops(), out_type),
+    };
+    let mut paths = vec!["tensor-ops"];
+    if weight.dequantize_by_kernel(out_type).is_some() {
+        paths.push("kernel");
+    }
+    for name in paths {
+        let median_s = time(&|| dequantize(name))?;
+        println!(
+            "dequant {name:<10} [{}, {}] into {out_type:?}: median {:.3} ms, {:.1} GB/s at the least bytes ({:.1} MB)",
+            dims[0],
+            dims[1],
+            1e3 * median_s,
+            least_bytes / median_s / 1e9,
+            least_bytes / 1e6
+        );
+        results.insert((*name).into(), json!({"median_s": median_s, "least_bytes": least_bytes}));
+    }
+    let shape = args.shape.file_stem().and_then(|s| s.to_str()).unwrap_or("?");
+    println!("{}", json!({"dequant": results, "backend": args.backend, "shape": shape, "dims": dims, "dtype": format!("{out_type:?}")}));
+    Ok(())
 }
 
 /// Parameters with a gradient (trainable) and in total.

@@ -13,8 +13,15 @@
 # offloaded f32 master copy on torch's bf16 backend (tests/offload_bf16.rs).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# Each part's wall time goes to stderr as it ends (CI has a time limit).
+took() { echo "scripts/test.sh: $1 took $((SECONDS - $2)) s" >&2; }
+start=$SECONDS
 python="$(bash scripts/reference_env.sh | tail -1)"
+took "the reference environment" $start
+start=$SECONDS
 cargo test --workspace "$@"
+took "the workspace tests" $start
+start=$SECONDS
 if [ "${SKIP_TCH:-0}" != 1 ]; then
     # In the default target directory: the debug builds of the dependencies burn-tch leaves alone
     # are shared with the tests above.
@@ -25,7 +32,9 @@ if [ "${SKIP_TCH:-0}" != 1 ]; then
         cargo test -p alignment-trainer --features tch --lib tch_
         cargo test --features tch --test backend_check tch_
         cargo test --features tch --test offload_bf16'
+    took "the libtorch part" $start
 fi
+start=$SECONDS
 if [ "${SKIP_WGPU:-0}" != 1 ]; then
     bash scripts/vulkan_env.sh
     # Mesa warns on every start without a runtime directory.
@@ -34,4 +43,5 @@ if [ "${SKIP_WGPU:-0}" != 1 ]; then
         mkdir -p -m 700 "$XDG_RUNTIME_DIR"
     fi
     cargo test --features wgpu --test backend_check
+    took "the wgpu part" $start
 fi

@@ -156,6 +156,65 @@ fn wgpu_training_steps_equal_the_cpu() {
     assert!(failures.is_empty(), "wgpu differs from the CPU:\n{}", failures.join("\n"));
 }
 
+/// QLoRA's 4-bit base on a fused CubeCL backend: the dequantization kernel
+/// (`models::nf4_kernel`), on the backend and on its autodiff, gives the bits of the tensor
+/// operations every backend runs, in f32 and rounded to f16 (what a mixed-precision product
+/// reads), for every 4-bit and 8-bit index pattern, double-quantized scales or not, partial last
+/// words and blocks; and in f32 the CPU's values.
+#[cfg(feature = "wgpu")]
+#[test]
+fn wgpu_nf4_kernel_gives_the_tensor_operations_bits() {
+    use alignment_handbook::core::backend::{Cpu, Wgpu, WgpuAutodiff};
+    use alignment_handbook::models::{QuantizedParts, QuantizedWeight, ScaleParts};
+    use burn::tensor::backend::Backend;
+    fn parts(dims: [usize; 2], nested: bool) -> QuantizedParts {
+        let (len, block_size) = (dims[0] * dims[1], 64);
+        let blocks = len.div_ceil(block_size);
+        let packed_bytes = (0..len.div_ceil(2)).map(|i| (i * 37 + 11) as u8).collect();
+        let code_book = (0..16).map(|i| (i as f32 - 7.5) / 7.3).collect();
+        let scales = if nested {
+            let indices = (0..blocks).map(|j| (j * 97 + 200) as u8).collect();
+            let code_book = (0..256).map(|i| i as f32 / 301.0).collect();
+            let scales = (0..blocks.div_ceil(256)).map(|j| 1.0 + j as f32 * 0.37).collect();
+            ScaleParts::Nested { indices, code_book, scales, offset: 0.0123, block_size: 256 }
+        } else {
+            ScaleParts::Plain((0..blocks).map(|j| 0.5 + j as f32 / 7.0).collect())
+        };
+        QuantizedParts { dims, packed_bytes, code_book, block_size, scales }
+    }
+    fn bits<B: Backend>(t: burn::tensor::Tensor<B, 2>) -> Vec<u32> {
+        let data = t.into_data();
+        match data.dtype {
+            burn::tensor::DType::F16 => data.into_vec::<burn::tensor::f16>().unwrap().iter().map(|v| v.to_bits() as u32).collect(),
+            _ => data.into_vec::<f32>().unwrap().iter().map(|v| v.to_bits()).collect(),
+        }
+    }
+    fn check<B: Backend>(parts: &QuantizedParts, device: &B::Device, host: &[u32]) {
+        let weight = QuantizedWeight::<B>::from_parts(parts, device);
+        for dtype in [FloatDType::F32, FloatDType::F16] {
+            let by_kernel = weight.dequantize_by_kernel(dtype).expect("wgpu is a fused CubeCL backend");
+            assert_eq!(by_kernel.dims(), parts.dims);
+            let by_ops = alignment_handbook::core::precision::cast_to(weight.dequantize_by_tensor_ops(), dtype);
+            let (kernel, ops) = (bits(by_kernel), bits(by_ops));
+            let differing = kernel.iter().zip(&ops).filter(|(a, b)| a != b).count();
+            assert_eq!(differing, 0, "{:?}, {dtype:?}: values differing from the tensor operations'", parts.dims);
+            if dtype == FloatDType::F32 {
+                assert_eq!(kernel, host, "{:?}: the kernel's values differ from the CPU's", parts.dims);
+            }
+        }
+    }
+    let device = burn::backend::wgpu::WgpuDevice::default();
+    let cpu = Default::default();
+    // 1536 × 4100: every byte pattern many times, at every position in a word and a block.
+    for (dims, nested) in [([1, 64 * 7 + 37], true), ([3, 5], false), ([1536, 4100], true), ([1536, 4100], false)] {
+        let parts = parts(dims, nested);
+        let host = bits(QuantizedWeight::<Cpu>::from_parts(&parts, &cpu).dequantize());
+        assert!(QuantizedWeight::<Cpu>::from_parts(&parts, &cpu).dequantize_by_kernel(FloatDType::F32).is_none(), "no kernel on the CPU");
+        check::<Wgpu>(&parts, &device, &host);
+        check::<WgpuAutodiff>(&parts, &device, &host);
+    }
+}
+
 /// The libtorch route (`--features tch`, scripts/test.sh builds it against the reference venv's
 /// torch): every case on torch's CPU kernels — burn-tch's operations, the fused attention of
 /// `models::tch_attention` and its autograd island — equals the ndarray backend's, and again with

@@ -194,6 +194,19 @@ run_update() {
     done
 }
 
+# QLoRA's NF4 base dequantized alone (one Mistral-7B MLP weight, into bf16): the CubeCL kernel
+# (models::nf4_kernel) against the tensor operations it replaced, in one process; a line per
+# path in $RESULTS (docs/performance.md, "QLoRA's base dequantized by one kernel").
+run_dequant() {
+    local backend runner
+    for backend in ${DEQUANT_BACKENDS:-cuda-bf16}; do
+        runner="$(runner_for "$backend")"
+        [ -z "$runner" ] && continue
+        # shellcheck disable=SC2086 # the runner is `env VAR=... binary`
+        measure "ours $backend dequant ${DEQUANT_SHAPE:-mistral-7b}" $runner dequant --backend "$backend" --shape "scripts/gpu/shapes/${DEQUANT_SHAPE:-mistral-7b}.json"
+    done
+}
+
 # --- 4. throughput -------------------------------------------------------------------------
 # bench SHAPE TASK SEQ BATCH ACCUM: ours on each backend of $OURS_BACKENDS, then PyTorch.
 # LEAN=1: ours with --gradient-checkpointing --chunked-head, PyTorch with --grad-checkpointing
@@ -277,6 +290,7 @@ case "$PLAN" in
         bench tiny dpo 64 2 1
         bench tiny lora 64 2 1
         bench tiny qlora 64 2 1
+        DEQUANT_BACKENDS=cpu DEQUANT_SHAPE=tiny run_dequant
         ;;
     check)
         run_checks
@@ -285,6 +299,7 @@ case "$PLAN" in
     first)
         run_checks
         run_nccl
+        run_dequant
         bundle
         bench smollm2-135m sft 1024 4 1
         bench llama-3.2-1b sft 1024 4 1

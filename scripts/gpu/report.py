@@ -53,8 +53,9 @@ def main():
 
     rows = [json.loads(l) for l in open(args.results) if l.strip()]
     groups = {}
+    dequant = [r for r in rows if "dequant" in r or " dequant " in r.get("label", "")]
     for r in rows:
-        if "shape" in r:
+        if "shape" in r and "dequant" not in r:
             # Runs with gradient checkpointing (ours: also the chunked head) compare among themselves.
             lean = bool(r.get("gradient_checkpointing") or r.get("chunked_head") or str(r.get("backend", "")).endswith("-gc"))
             groups.setdefault((r["shape"], r["task"], r.get("seq"), r.get("batch"), lean), []).append(r)
@@ -83,6 +84,21 @@ def main():
             path = os.path.join(os.path.dirname(__file__), "shapes", f"{shape}.json")
             if os.path.exists(path):
                 print(f"| {shape} | qlora | {seq} × {batch} | arithmetic floor | | | | {qlora_bound_mib(path, seq, batch):.0f} | | |")
+
+    if dequant:
+        print("\nQLoRA's NF4 base dequantized alone (bench_train dequant: one [intermediate, hidden] weight into the products' type; GB/s at the least bytes: indices and scales read, the weight written once):\n")
+        print("| backend | shape | path | ms | GB/s | × tensor ops |")
+        print("|---|---|---|---|---|---|")
+        for r in dequant:
+            paths = r.get("dequant")
+            if not paths:
+                why = r.get("skipped") or (r.get("error", "").strip().splitlines() or ["failed"])[-1][:120]
+                print(f"| {r.get('label')} | | | – | – | {why} |")
+                continue
+            base = paths.get("tensor-ops", {}).get("median_s")
+            for name, p in paths.items():
+                speedup = base / p["median_s"] if base and name != "tensor-ops" else None
+                print(f"| {r['backend']} | {r['shape']} {r['dims']} {r['dtype']} | {name} | {p['median_s'] * 1e3:.3f} | {p['least_bytes'] / p['median_s'] / 1e9:.0f} | {fmt(speedup, '.1f')} |")
 
 
 if __name__ == "__main__":

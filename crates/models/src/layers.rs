@@ -151,7 +151,11 @@ impl<B: Backend> Linear<B> {
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         let dtype = self.matmul_dtype;
         let base = |x: Tensor<B, 3>| match (&self.quantized, &self.compressed) {
-            (Some(q), _) => project_in(x, q.dequantize(), dtype),
+            // Under mixed precision the weight is dequantized straight into the products' type.
+            (Some(q), _) => match dtype {
+                None => project(x, q.dequantize()),
+                Some(half) => cast_to(project_as(x, q.dequantize_as(half), half), alignment_core::precision::float_type::<B>()),
+            },
             (None, Some(c)) => {
                 let x = cast_to(x, self.weight.val().dtype().into());
                 compressed::project_compressed(x, c)
@@ -170,7 +174,7 @@ impl<B: Backend> Linear<B> {
     pub fn forward_in_product_type(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         let Some(dtype) = self.matmul_dtype else { return self.forward(x) };
         let base = |x| match (&self.quantized, &self.compressed) {
-            (Some(q), _) => project_as(x, q.dequantize(), dtype),
+            (Some(q), _) => project_as(x, q.dequantize_as(dtype), dtype),
             (None, Some(c)) => cast_to(compressed::project_compressed(x, c), dtype),
             (None, None) => project_param_as(x, self.weight.val(), dtype),
         };

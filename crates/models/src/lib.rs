@@ -29,6 +29,8 @@ mod half_product;
 pub mod init;
 pub mod layers;
 pub mod model;
+#[cfg(any(feature = "cuda", feature = "wgpu"))]
+mod nf4_kernel;
 pub mod pretrained;
 pub mod quantized;
 pub mod rope;

@@ -26,7 +26,7 @@
 
 use burn::module::{Module, Param, ParamId};
 use burn::tensor::backend::Backend;
-use burn::tensor::{DType, ElementConversion, Int, Tensor, TensorData};
+use burn::tensor::{DType, ElementConversion, FloatDType, Int, Tensor, TensorData};
 
 /// Bits of the integers indices are packed into: 32 on every backend (an explicit dtype, not
 /// the device's default integer type, which is 64 bits on libtorch and ndarray).
@@ -137,8 +137,39 @@ impl<B: Backend> QuantizedWeight<B> {
         }
     }
 
-    /// The dense `[out, in]` weight, computed on the weight's device.
+    /// The dense `[out, in]` weight in the backend's float type, computed on the weight's
+    /// device: by one kernel on burn's GPU backends ([`crate::nf4_kernel`]), else by
+    /// [`Self::dequantize_by_tensor_ops`]; the same bits either way.
     pub fn dequantize(&self) -> Tensor<B, 2> {
+        self.dequantize_as(alignment_core::precision::float_type::<B>())
+    }
+
+    /// [`Self::dequantize`] in `dtype`: the values rounded to it once (as a cast of the f32
+    /// weight rounds them), written directly in it by the GPU kernel, so that a mixed-precision
+    /// product never holds the f32 weight.
+    pub fn dequantize_as(&self, dtype: FloatDType) -> Tensor<B, 2> {
+        match self.dequantize_by_kernel(dtype) {
+            Some(weight) => weight,
+            None => alignment_core::precision::cast_to(self.dequantize_by_tensor_ops(), dtype),
+        }
+    }
+
+    /// The dense weight in `dtype` by the GPU kernel ([`crate::nf4_kernel`]) where `B` is one of
+    /// burn's CubeCL backends this crate is built with (`cuda`, `wgpu`; or its autodiff: the
+    /// result is not tracked, the weight being frozen); `None` elsewhere.
+    pub fn dequantize_by_kernel(&self, dtype: FloatDType) -> Option<Tensor<B, 2>> {
+        #[cfg(any(feature = "cuda", feature = "wgpu"))]
+        return crate::nf4_kernel::dequantize(self, dtype);
+        #[cfg(not(any(feature = "cuda", feature = "wgpu")))]
+        {
+            let _ = dtype;
+            None
+        }
+    }
+
+    /// The dense `[out, in]` weight by backend tensor operations, which every backend has (the
+    /// reference the GPU kernel is checked against).
+    pub fn dequantize_by_tensor_ops(&self) -> Tensor<B, 2> {
         let [out, inp] = self.dims;
         let n = out * inp;
         // Two indices per byte, both looked up at once: half the unpacking passes of a
