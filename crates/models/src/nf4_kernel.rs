@@ -76,15 +76,22 @@ fn launch<R: CubeRuntime>(
 ) -> CubeTensor<R> {
     let contiguous_f32 = |t: CubeTensor<R>| burn_cubecl::kernel::into_contiguous(burn_cubecl::kernel::cast(t, DType::F32));
     let (words, code_book, scales) = (burn_cubecl::kernel::into_contiguous(words), contiguous_f32(code_book), contiguous_f32(scales));
+    let values = dims[0] * dims[1];
+    // What makes the unchecked launch safe (a malformed weight panics here rather than reading
+    // out of bounds on the device).
+    let len = |t: &CubeTensor<R>| t.meta.shape().num_elements();
+    assert_eq!(words.dtype, DType::I32, "NF4 indices are packed into 32-bit words");
+    assert!(len(&words) >= values.div_ceil(8), "{} words for {values} 4-bit indices", len(&words));
+    assert!(len(&code_book) >= 16, "a 4-bit code book of {} values", len(&code_book));
+    assert!(len(&scales) >= values.div_ceil(block_size), "{} scales for {values} values in blocks of {block_size}", len(&scales));
     let client = words.client.clone();
     let output = empty_device_dtype(client.clone(), words.device.clone(), dims.into(), dtype);
-    let values = dims[0] * dims[1];
     let cube_dim = CubeDim::new(&client, values);
     let cube_count = calculate_cube_count_elemwise(&client, values, cube_dim);
     let address_type = [&words, &output].map(|t| t.required_address_type()).into_iter().max().unwrap_or_default();
-    // SAFETY: every index the kernel reads is in bounds: `i < values` (checked), `i / 8` below
-    // the ⌈values / 8⌉ words, `index < 16` entries, `i / block_size` below the ⌈values /
-    // block_size⌉ scales (`QuantizedWeight`'s layout).
+    // SAFETY: every index the kernel reads is in bounds: `i < values` (checked in the kernel),
+    // `i / 8` below the ⌈values / 8⌉ words, `index < 16` entries, `i / block_size` below the
+    // ⌈values / block_size⌉ scales (asserted above).
     unsafe {
         kernel::dequantize_nf4::launch_unchecked::<R>(
             &client,
