@@ -13,7 +13,8 @@
 #   2. correctness: SFT / DPO / LoRA / QLoRA steps on the tiny fixture vs the CPU (f32, and
 #      cuda-bf16: mixed precision, bf16 products over f32 parameters, as `bf16: true`);
 #   3. the NCCL communicator at world size 1 vs one process (host buffers, and the data-parallel
-#      step's device route); plan second: the optimizer update alone (`bench_train update`);
+#      step's device route), then QLoRA's NF4 dequantization alone, kernel vs tensor operations
+#      (`bench_train dequant`); plan second: the optimizer update alone (`bench_train update`);
 #   4. throughput: ours and PyTorch's on the same shapes, peak device memory sampled by nvidia-smi;
 #   5. profiles: one step of ours and of PyTorch with every kernel's device time, by category
 #      (scripts/gpu/profile_table.py), to rank what to speed up.
