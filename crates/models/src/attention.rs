@@ -129,6 +129,16 @@ impl<B: Backend> Attention<B> {
             Err(qkv) => qkv,
         };
         let (k, v) = (repeat_kv(k, h / kvh), repeat_kv(v, h / kvh));
+        // Under autodiff on the GPU backends, one recorded step that keeps no probabilities.
+        let (q, k, v) = if crate::blocked_attention::applies::<B>() {
+            let rows = crate::blocked_attention::rows_per_block(batch, h, keys);
+            match crate::blocked_attention::attention(q, k, v, mask.masked.clone(), (d as f64).powf(-0.5), self.matmul_dtype, rows) {
+                Ok(out) => return self.o_proj.forward(out.swap_dims(1, 2).reshape([batch, seq, h * d])),
+                Err(qkv) => qkv,
+            }
+        } else {
+            (q, k, v)
+        };
 
         let scores = matmul_in(q, k.swap_dims(2, 3), self.matmul_dtype) * (d as f64).powf(-0.5);
         let scores = scores.mask_fill(mask.masked.clone().expand([batch, h, seq, keys]), MASKED_SCORE);

@@ -9,6 +9,7 @@
 //! nothing of datasets, losses or optimisers.
 
 pub mod attention;
+mod blocked_attention;
 pub mod compressed;
 pub mod config;
 #[cfg(feature = "ndarray")]
