@@ -67,20 +67,12 @@ pub(crate) fn attention<B: Backend>(
     dtype: Option<FloatDType>,
     rows: usize,
 ) -> Result<Tensor<B, 4>, (Tensor<B, 4>, Tensor<B, 4>, Tensor<B, 4>)> {
-    visit_autodiff::<B, _>(Recorded { q, k, v, masked, scale, dtype, rows }).map_err(|r| (r.q, r.k, r.v))
+    visit_autodiff::<B, _>(AttentionState { q, k, v, masked, scale, dtype, rows }).map_err(|r| (r.q, r.k, r.v))
 }
 
-struct Recorded<B: Backend> {
-    q: Tensor<B, 4>,
-    k: Tensor<B, 4>,
-    v: Tensor<B, 4>,
-    masked: Tensor<B, 4, Bool>,
-    scale: f64,
-    dtype: Option<FloatDType>,
-    rows: usize,
-}
-
-impl<B: Backend> AutodiffVisitor for Recorded<B> {
+/// The step on the caller's backend `B`, visited with the inner backend `I` of `B = Autodiff<I>`,
+/// where it becomes the backward pass's state on `I`.
+impl<B: Backend> AutodiffVisitor for AttentionState<B> {
     type Output = Tensor<B, 4>;
 
     fn visit<I: Backend>(self) -> Tensor<B, 4> {
@@ -110,8 +102,8 @@ impl<B: Backend> AutodiffVisitor for Recorded<B> {
     }
 }
 
-/// What the backward pass keeps: the step's inputs (which burn's operations would keep too) and
-/// its settings, no probabilities.
+/// The step's inputs and settings; on the inner backend, what the backward pass keeps (inputs
+/// burn's operations would keep too, no probabilities).
 #[derive(Clone, Debug)]
 struct AttentionState<I: Backend> {
     q: Tensor<I, 4>,

@@ -168,28 +168,46 @@ fn run<B: Backend, K: OnFusedCube>(weight: &QuantizedWeight<B>, dtype: FloatDTyp
     let words = K::int_to_fused(retype::<Tensor<B, 1, Int>, Tensor<K, 1, Int>>(weight.packed.val()));
     let code_book = K::float_to_fused(retype::<Tensor<B, 1>, Tensor<K, 1>>(weight.code_book.val()));
     let scales = K::float_to_fused(retype::<Tensor<B, 1>, Tensor<K, 1>>(weight.block_scales()));
-    let output = K::launch(words, code_book, scales, weight.dims, weight.block_size, dtype.into());
+    let output = K::Fused::launch(words, code_book, scales, weight.dims, weight.block_size, dtype.into());
     retype::<Tensor<K, 2>, Tensor<B, 2>>(K::from_fused(output))
 }
 
-/// Backends that are, or wrap, a fused CubeCL backend (`Fusion<CubeBackend<…>>`), and the
-/// kernel on it.
+/// Backends that are, or wrap, a fused CubeCL backend: the way to its tensors and back.
 trait OnFusedCube: Backend {
     /// `Fusion<CubeBackend<…>>`: `Self`, or what its autodiff wraps.
-    type Fused: Backend;
+    type Fused: FusedCube;
     fn int_to_fused(t: Tensor<Self, 1, Int>) -> Tensor<Self::Fused, 1, Int>;
     fn float_to_fused(t: Tensor<Self, 1>) -> Tensor<Self::Fused, 1>;
     /// An untracked tensor of `Self` from the fused backend's.
     fn from_fused(t: Tensor<Self::Fused, 2>) -> Tensor<Self, 2>;
-    /// [`on_fusion`] on the fused backend's tensors.
+}
+
+/// A fused CubeCL backend (`Fusion<CubeBackend<…>>`), and the kernel on it.
+trait FusedCube: Backend {
+    /// [`on_fusion`] on this backend's tensors.
     fn launch(
-        words: Tensor<Self::Fused, 1, Int>,
-        code_book: Tensor<Self::Fused, 1>,
-        scales: Tensor<Self::Fused, 1>,
+        words: Tensor<Self, 1, Int>,
+        code_book: Tensor<Self, 1>,
+        scales: Tensor<Self, 1>,
         dims: [usize; 2],
         block_size: usize,
         dtype: DType,
-    ) -> Tensor<Self::Fused, 2>;
+    ) -> Tensor<Self, 2>;
+}
+
+impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> FusedCube for Fusion<CubeBackend<R, F, I, BT>> {
+    fn launch(
+        words: Tensor<Self, 1, Int>,
+        code_book: Tensor<Self, 1>,
+        scales: Tensor<Self, 1>,
+        dims: [usize; 2],
+        block_size: usize,
+        dtype: DType,
+    ) -> Tensor<Self, 2> {
+        let float = |t: Tensor<Self, 1>| t.into_primitive().tensor();
+        let output = on_fusion::<R, F, I, BT>(words.into_primitive(), float(code_book), float(scales), dims, block_size, dtype);
+        Tensor::from_primitive(TensorPrimitive::Float(output))
+    }
 }
 
 impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> OnFusedCube for Fusion<CubeBackend<R, F, I, BT>> {
@@ -206,22 +224,9 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> OnFusedCub
     fn from_fused(t: Tensor<Self, 2>) -> Tensor<Self, 2> {
         t
     }
-
-    fn launch(
-        words: Tensor<Self, 1, Int>,
-        code_book: Tensor<Self, 1>,
-        scales: Tensor<Self, 1>,
-        dims: [usize; 2],
-        block_size: usize,
-        dtype: DType,
-    ) -> Tensor<Self, 2> {
-        let float = |t: Tensor<Self, 1>| t.into_primitive().tensor();
-        let output = on_fusion::<R, F, I, BT>(words.into_primitive(), float(code_book), float(scales), dims, block_size, dtype);
-        Tensor::from_primitive(TensorPrimitive::Float(output))
-    }
 }
 
-impl<X: OnFusedCube<Fused = X>> OnFusedCube for Autodiff<X> {
+impl<X: FusedCube> OnFusedCube for Autodiff<X> {
     type Fused = X;
 
     fn int_to_fused(t: Tensor<Self, 1, Int>) -> Tensor<X, 1, Int> {
@@ -234,16 +239,5 @@ impl<X: OnFusedCube<Fused = X>> OnFusedCube for Autodiff<X> {
 
     fn from_fused(t: Tensor<X, 2>) -> Tensor<Self, 2> {
         Tensor::from_inner(t)
-    }
-
-    fn launch(
-        words: Tensor<X, 1, Int>,
-        code_book: Tensor<X, 1>,
-        scales: Tensor<X, 1>,
-        dims: [usize; 2],
-        block_size: usize,
-        dtype: DType,
-    ) -> Tensor<X, 2> {
-        X::launch(words, code_book, scales, dims, block_size, dtype)
     }
 }
