@@ -8,6 +8,7 @@
 //! bench_train nccl                                                          # NCCL at world size 1 vs one process
 //! bench_train update --backend cuda --shape scripts/gpu/shapes/smollm2-135m.json   # the optimizer update alone
 //! bench_train dequant --backend cuda-bf16 --shape scripts/gpu/shapes/mistral-7b.json  # QLoRA's NF4 base alone
+//! bench_train gemm --backend cuda-bf16 --shape scripts/gpu/shapes/llama-3.2-1b.json   # cuBLAS vs CubeCL's matmul
 //! ```
 //!
 //! `train` builds a randomly initialised model from a config.json (no weights travel), runs
@@ -63,6 +64,33 @@ enum Command {
     /// (`QuantizedWeight::dequantize_by_kernel`, CubeCL backends) against the tensor operations
     /// every backend runs (`dequantize_by_tensor_ops`, then the cast).
     Dequant(DequantArgs),
+    /// A training step's matrix products alone, at the shape's sizes: by the route the step
+    /// takes (`alignment_core::gemm`: cuBLAS on `cuda*`) and by burn's own `matmul` (CubeCL's
+    /// kernels there), their values compared and each timed; then one product's gradients
+    /// through the recorded step against burn's. Exits non-zero when they disagree.
+    Gemm(GemmArgs),
+}
+
+#[derive(Parser)]
+struct GemmArgs {
+    /// As for `train`; `-bf16` multiplies bf16 operands.
+    #[arg(long, default_value = "cpu")]
+    backend: String,
+    /// A config.json giving the model's shape.
+    #[arg(long)]
+    shape: PathBuf,
+    /// Tokens per micro-batch (the products' rows), as `--seq` × `--batch` of `train`.
+    #[arg(long, default_value_t = 4096)]
+    tokens: usize,
+    /// Tokens per sequence (attention's products).
+    #[arg(long, default_value_t = 1024)]
+    seq: usize,
+    /// Untimed calls first.
+    #[arg(long, default_value_t = 2)]
+    warmup: usize,
+    /// Timed calls per path.
+    #[arg(long, default_value_t = 10)]
+    steps: usize,
 }
 
 #[derive(Parser)]
@@ -173,6 +201,7 @@ fn main() {
         Command::Nccl => nccl_check(),
         Command::Update(args) => dispatch_update(&args),
         Command::Dequant(args) => dispatch_dequant(&args),
+        Command::Gemm(args) => dispatch_gemm(&args),
     };
     if let Err(message) = result {
         eprintln!("error: {message}");
@@ -291,6 +320,112 @@ fn dispatch_update(args: &UpdateArgs) -> Result<(), String> {
 
 fn dispatch_dequant(args: &DequantArgs) -> Result<(), String> {
     with_backend!(args.backend.as_str(), |B, device, dtype| run_dequant::<B>(args, dtype, &device))
+}
+
+fn dispatch_gemm(args: &GemmArgs) -> Result<(), String> {
+    with_backend!(args.backend.as_str(), |B, device, dtype| run_gemm::<B>(args, dtype, &device))
+}
+
+/// `bench_train gemm`: see [`Command::Gemm`]. Tolerances: 1e-4 relative in f32, 2e-2 in bf16 or
+/// f16 (issue #12's bounds), relative to the largest value of burn's result.
+fn run_gemm<B: AutodiffBackend>(args: &GemmArgs, dtype: Option<FloatDType>, device: &B::Device) -> Result<(), String> {
+    use alignment_core::gemm::{has_own_gemm, matmul};
+    use alignment_core::precision::cast_to;
+    use burn::tensor::{Distribution, ElementConversion};
+    type Inner<B> = <B as AutodiffBackend>::InnerBackend;
+    let config = ModelConfig::from_file(&args.shape).map_err(|e| e.to_string())?;
+    let operand_type = dtype.unwrap_or_else(alignment_core::precision::float_type::<B>);
+    let tolerance = if operand_type == FloatDType::F32 { 1e-4 } else { 2e-2 };
+    let (t, h, i) = (args.tokens, config.hidden_size, config.intermediate_size);
+    let (heads, head_dim) = (config.num_heads, config.head_dim);
+    let rows = (t / args.seq).max(1);
+    let random = |dims: Vec<usize>| {
+        let scale = 1.0 / (*dims.last().expect("dimensions") as f64).sqrt();
+        cast_to(Tensor::<Inner<B>, 4>::random(burn::tensor::Shape::from(dims), Distribution::Normal(0.0, scale), device), operand_type)
+    };
+    let relative = |got: Tensor<Inner<B>, 4>, want: Tensor<Inner<B>, 4>| {
+        let (got, want) = (got.cast(FloatDType::F32), want.cast(FloatDType::F32));
+        let scale = want.clone().abs().max().into_scalar().elem::<f32>().max(1e-12);
+        f64::from((got - want).abs().max().into_scalar().elem::<f32>() / scale)
+    };
+    // (name, lhs, rhs as the step reads it: a transposed view where the step has one)
+    type Case<I> = (&'static str, Tensor<I, 4>, Tensor<I, 4>);
+    let cases: Vec<Case<Inner<B>>> = vec![
+        ("x Wᵀ (up proj)", random(vec![1, 1, t, h]), random(vec![1, 1, i, h]).swap_dims(2, 3)),
+        ("∂y W (its ∂x)", random(vec![1, 1, t, i]), random(vec![1, 1, i, h])),
+        ("∂yᵀ x (its ∂W)", random(vec![1, 1, t, i]).swap_dims(2, 3), random(vec![1, 1, t, h])),
+        ("q kᵀ (scores)", random(vec![rows, heads, args.seq, head_dim]), random(vec![rows, heads, args.seq, head_dim]).swap_dims(2, 3)),
+        ("p v (attn out)", random(vec![rows, heads, args.seq, args.seq]), random(vec![rows, heads, args.seq, head_dim])),
+    ];
+    let time = |f: &dyn Fn() -> Tensor<Inner<B>, 4>| -> Result<f64, String> {
+        let mut seconds = Vec::new();
+        for call in 0..args.warmup + args.steps {
+            let start = Instant::now();
+            std::hint::black_box(f());
+            Inner::<B>::sync(device).map_err(|e| format!("{e:?}"))?;
+            if call >= args.warmup {
+                seconds.push(start.elapsed().as_secs_f64());
+            }
+        }
+        Ok(median(&seconds))
+    };
+    let routed = has_own_gemm::<Inner<B>>();
+    println!(
+        "gemm on {} in {operand_type:?}: the step's route is {}",
+        args.backend,
+        if routed { "cuBLAS" } else { "burn's matmul (no route of its own here)" }
+    );
+    let mut results = Vec::new();
+    let mut disagreements = Vec::new();
+    for (name, lhs, rhs) in cases {
+        let [batch, heads, m, k] = lhs.dims();
+        let n = rhs.dims()[3];
+        let flops = 2.0 * (batch * heads * m * n * k) as f64;
+        let difference = relative(matmul(lhs.clone(), rhs.clone()), lhs.clone().matmul(rhs.clone()));
+        let route_s = time(&|| matmul(lhs.clone(), rhs.clone()))?;
+        let burn_s = time(&|| lhs.clone().matmul(rhs.clone()))?;
+        println!(
+            "  {name:<16} [{batch}·{heads}] {m}×{k} · {k}×{n}: route {:.3} ms ({:.1} TFLOP/s), burn {:.3} ms ({:.1} TFLOP/s), ×{:.2}; difference {difference:.1e}",
+            1e3 * route_s,
+            flops / route_s / 1e12,
+            1e3 * burn_s,
+            flops / burn_s / 1e12,
+            burn_s / route_s
+        );
+        if difference > tolerance {
+            disagreements.push(format!("{name}: {difference:.2e}"));
+        }
+        results.push(json!({"product": name, "dims": [batch, heads, m, k, n], "route_s": route_s, "burn_s": burn_s, "flops": flops, "difference": difference}));
+    }
+    // One projection's gradients through the recorded step (autodiff), against burn's.
+    let x = Tensor::<B, 4>::from_inner(random(vec![1, 1, t.min(1024), h]));
+    let w = Tensor::<B, 4>::from_inner(random(vec![1, 1, i, h]));
+    let weights = Tensor::<B, 4>::from_inner(random(vec![1, 1, t.min(1024), i]));
+    let gradients = |routed: bool| {
+        let (x, w) = (x.clone().require_grad(), w.clone().require_grad());
+        let y = if routed { matmul(x.clone(), w.clone().swap_dims(2, 3)) } else { x.clone().matmul(w.clone().swap_dims(2, 3)) };
+        let grads = (y.cast(FloatDType::F32) * weights.clone().cast(FloatDType::F32)).sum().backward();
+        (x.grad(&grads).expect("x is tracked"), w.grad(&grads).expect("w is tracked"))
+    };
+    let ((dx, dw), (dx_ref, dw_ref)) = (gradients(true), gradients(false));
+    let (dx_difference, dw_difference) = (relative(dx, dx_ref), relative(dw, dw_ref));
+    println!("  gradients of x Wᵀ through the recorded step: ∂x {dx_difference:.1e}, ∂W {dw_difference:.1e}");
+    for (name, difference) in [("∂x", dx_difference), ("∂W", dw_difference)] {
+        if difference > tolerance {
+            disagreements.push(format!("{name}: {difference:.2e}"));
+        }
+    }
+    let shape = args.shape.file_stem().and_then(|s| s.to_str()).unwrap_or("?");
+    println!(
+        "{}",
+        json!({"gemm": results, "backend": args.backend, "shape": shape, "dtype": format!("{operand_type:?}"), "route": if routed { "cublas" } else { "burn" },
+               "gradient_difference": [dx_difference, dw_difference], "tolerance": tolerance, "agrees": disagreements.is_empty()})
+    );
+    if disagreements.is_empty() {
+        Ok(())
+    } else {
+        Err(format!("the route's products differ from burn's beyond {tolerance:e}: {}", disagreements.join(", ")))
+    }
 }
 
 /// `bench_train dequant`: prints each path's median time per weight and the bytes it would move
@@ -503,6 +638,9 @@ fn run_train<B: AutodiffBackend>(args: &TrainArgs, matmul_dtype: Option<FloatDTy
         "gradient_checkpointing": args.gradient_checkpointing,
         "chunked_head": args.chunked_head,
         "matmul_dtype": matmul_dtype.map(|d| format!("{d:?}")),
+        // Who multiplies: cuBLAS through alignment_core::gemm, or the backend's own matmul
+        // (CubeCL's on cuda with ALIGNMENT_CUBLAS=0; cuBLAS inside libtorch on tch-cuda).
+        "products": if alignment_core::gemm::has_own_gemm::<B::InnerBackend>() { "cublas" } else { "backend" },
         "profile": profile,
         "peak_rss_mib": alignment_core::memory::status_bytes("VmHWM").map(|b| b as f64 / 1048576.0),
     });

@@ -14,7 +14,8 @@
 #      cuda-bf16: mixed precision, bf16 products over f32 parameters, as `bf16: true`);
 #   3. the NCCL communicator at world size 1 vs one process (host buffers, and the data-parallel
 #      step's device route), then QLoRA's NF4 dequantization alone, kernel vs tensor operations
-#      (`bench_train dequant`); plan second: the optimizer update alone (`bench_train update`);
+#      (`bench_train dequant`), and the step's products alone, cuBLAS vs CubeCL's matmul
+#      (`bench_train gemm`); plan second: the optimizer update alone (`bench_train update`);
 #   4. throughput: ours and PyTorch's on the same shapes, peak device memory sampled by nvidia-smi;
 #   5. profiles: one step of ours and of PyTorch with every kernel's device time, by category
 #      (scripts/gpu/profile_table.py), to rank what to speed up.
@@ -75,7 +76,8 @@ else
     LIBS=/tmp/cuda-libs
     mkdir -p "$LIBS"
     SITE=$("$PY" -c 'import site; print(" ".join(site.getsitepackages()))' 2>/dev/null)
-    for pattern in 'libnvrtc.so.1[0-9]' 'libnvrtc-builtins.so.1[0-9]*' 'libnccl.so.2' 'libcudart.so.1[0-9]'; do
+    # libcublas (and the libcublasLt it loads) for the products on cuda* (alignment_core::gemm).
+    for pattern in 'libnvrtc.so.1[0-9]' 'libnvrtc-builtins.so.1[0-9]*' 'libnccl.so.2' 'libcudart.so.1[0-9]' 'libcublas.so.1[0-9]' 'libcublasLt.so.1[0-9]'; do
         found=$(find ${CUDA_PATH:+$CUDA_PATH/lib64} $SITE/nvidia -name "$pattern" 2>/dev/null | head -1)
         if [ -n "$found" ]; then
             ln -sf "$found" "$LIBS/$(basename "$found")"
@@ -105,6 +107,8 @@ fi
 runner_for() {
     case "$1" in
         tch-*) [ -x "$BIN_TCH" ] && echo "env LD_LIBRARY_PATH=$TORCH_LIB:${LD_LIBRARY_PATH:-} $BIN_TCH" ;;
+        # `NAME@cubecl`: backend NAME with its products on CubeCL's matmul instead of cuBLAS.
+        *@cubecl) echo "env ALIGNMENT_CUBLAS=0 $BIN" ;;
         *) echo "$BIN" ;;
     esac
 }
@@ -208,6 +212,18 @@ run_dequant() {
     done
 }
 
+# A training step's products alone at the 1B shape (4096 tokens): cuBLAS, the route the step
+# takes on cuda*, against CubeCL's matmul, values compared (bench_train gemm exits non-zero when
+# they disagree); docs/performance.md, "Products by cuBLAS on burn-cuda".
+run_gemm() {
+    local backend runner
+    for backend in ${GEMM_BACKENDS:-cuda-bf16 cuda}; do
+        runner="$(runner_for "$backend")"
+        [ -z "$runner" ] && continue
+        # shellcheck disable=SC2086 # the runner is `env VAR=... binary`
+        measure "ours $backend gemm ${GEMM_SHAPE:-llama-3.2-1b}" $runner gemm --backend "$backend" --shape "scripts/gpu/shapes/${GEMM_SHAPE:-llama-3.2-1b}.json" ${GEMM_ARGS:-}
+    done
+}
 # --- 4. throughput -------------------------------------------------------------------------
 # bench SHAPE TASK SEQ BATCH ACCUM: ours on each backend of $OURS_BACKENDS, then PyTorch.
 # LEAN=1: ours with --gradient-checkpointing --chunked-head, PyTorch with --grad-checkpointing
@@ -224,7 +240,7 @@ bench() {
         runner="$(runner_for "$backend")"
         [ -z "$runner" ] && continue
         # shellcheck disable=SC2086 # the runner is `env VAR=... binary`
-        measure "ours $backend $shape $task s$seq b$batch$tag" $runner train --backend "$backend" "${common[@]}" "${ours[@]}"
+        measure "ours $backend $shape $task s$seq b$batch$tag" $runner train --backend "${backend%@*}" "${common[@]}" "${ours[@]}"
     done
     measure "torch $shape $task s$seq b$batch$tag" "$PY" scripts/gpu/torch_baseline.py "${common[@]}" "${torch[@]}"
     bundle
@@ -292,6 +308,7 @@ case "$PLAN" in
         bench tiny lora 64 2 1
         bench tiny qlora 64 2 1
         DEQUANT_BACKENDS=cpu DEQUANT_SHAPE=tiny run_dequant
+        GEMM_BACKENDS=cpu GEMM_SHAPE=tiny GEMM_ARGS="--tokens 128 --seq 64" run_gemm
         ;;
     check)
         run_checks
@@ -301,9 +318,11 @@ case "$PLAN" in
         run_checks
         run_nccl
         run_dequant
+        run_gemm
         bundle
-        bench smollm2-135m sft 1024 4 1
-        bench llama-3.2-1b sft 1024 4 1
+        # cuda-bf16@cubecl: the same step with CubeCL's matmul, what cuBLAS is measured against.
+        OURS_BACKENDS="cuda-bf16 tch-cuda-bf16 cuda cuda-bf16@cubecl" bench smollm2-135m sft 1024 4 1
+        OURS_BACKENDS="cuda-bf16 tch-cuda-bf16 cuda cuda-bf16@cubecl" bench llama-3.2-1b sft 1024 4 1
         BF16="cuda-bf16 tch-cuda-bf16"
         # Where each implementation's step goes, before the remaining shapes.
         OURS_BACKENDS="$BF16" profile llama-3.2-1b sft 1024 4

@@ -55,7 +55,7 @@ def main():
     groups = {}
     dequant = [r for r in rows if "dequant" in r or " dequant " in r.get("label", "")]
     for r in rows:
-        if "shape" in r and "dequant" not in r:
+        if "shape" in r and "dequant" not in r and "gemm" not in r:
             # Runs with gradient checkpointing (ours: also the chunked head) compare among themselves.
             lean = bool(r.get("gradient_checkpointing") or r.get("chunked_head") or str(r.get("backend", "")).endswith("-gc"))
             groups.setdefault((r["shape"], r["task"], r.get("seq"), r.get("batch"), lean), []).append(r)
@@ -66,6 +66,8 @@ def main():
         torch_row = next((r for r in group if r.get("impl") == "torch" and "tokens_per_second" in r), None)
         for r in group:
             name = r.get("backend", r.get("impl"))
+            if name.startswith("cuda") and r.get("products") == "backend":
+                name += " (CubeCL matmul)"
             name += "".join(f" +{flag}" for flag in ("gradient_checkpointing", "chunked_head") if r.get(flag))
             if "error" in r or "tokens_per_second" not in r:
                 why = r.get("skipped") or (r.get("error", "").strip().splitlines() or ["failed"])[-1][:120]
@@ -84,6 +86,25 @@ def main():
             path = os.path.join(os.path.dirname(__file__), "shapes", f"{shape}.json")
             if os.path.exists(path):
                 print(f"| {shape} | qlora | {seq} × {batch} | arithmetic floor | | | | {qlora_bound_mib(path, seq, batch):.0f} | | |")
+
+    gemm = [r for r in rows if "gemm" in r or " gemm " in r.get("label", "")]
+    if gemm:
+        print("\nA step's products alone (bench_train gemm: the step's route, cuBLAS on cuda, against burn's matmul, CubeCL's kernels; difference relative to burn's largest value):\n")
+        print("| backend | shape | product | [batch·heads] m×k·k×n | route ms | TFLOP/s | burn ms | TFLOP/s | × burn | difference |")
+        print("|---|---|---|---|---|---|---|---|---|---|")
+        for r in gemm:
+            if not r.get("gemm"):
+                why = r.get("skipped") or (r.get("error", "").strip().splitlines() or ["failed"])[-1][:120]
+                print(f"| {r.get('label')} | | | | – | – | – | – | – | {why} |")
+                continue
+            for p in r["gemm"]:
+                b, h, m, k, n = p["dims"]
+                print(
+                    f"| {r['backend']} ({r['route']}) | {r['shape']} {r['dtype']} | {p['product']} | [{b}·{h}] {m}×{k}·{k}×{n} | {p['route_s'] * 1e3:.3f} | "
+                    f"{p['flops'] / p['route_s'] / 1e12:.0f} | {p['burn_s'] * 1e3:.3f} | {p['flops'] / p['burn_s'] / 1e12:.0f} | {p['burn_s'] / p['route_s']:.2f} | {p['difference']:.1e} |"
+                )
+            dx, dw = r.get("gradient_difference", [None, None])
+            print(f"| {r['backend']} | | gradients of x Wᵀ (∂x, ∂W) | | | | | | | {fmt(dx, '.1e')}, {fmt(dw, '.1e')} {'' if r.get('agrees') else 'FAIL'} |")
 
     if dequant:
         print("\nQLoRA's NF4 base dequantized alone (bench_train dequant: one [intermediate, hidden] weight into the products' type; GB/s at the least bytes: indices and scales read, the weight written once):\n")

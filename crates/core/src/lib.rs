@@ -6,6 +6,9 @@
 
 pub mod atomic;
 pub mod backend;
+#[cfg(feature = "cuda")]
+mod cublas;
+pub mod gemm;
 pub mod memory;
 pub mod precision;
 

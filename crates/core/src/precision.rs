@@ -15,16 +15,17 @@
 //! A backend without arithmetic in the half type (burn-ndarray) cannot run this: callers ask
 //! [`supported`] first and say when they compute in f32 instead.
 
+use crate::gemm::matmul;
 use burn::tensor::backend::Backend;
 use burn::tensor::{DType, FloatDType, Tensor};
 
-/// `a · b` (burn's batched `matmul`) computed in `dtype`: both operands cast to it and the
+/// `a · b` (burn's batched `matmul`, by cuBLAS on burn-cuda: [`crate::gemm`]) computed in `dtype`: both operands cast to it and the
 /// product cast back to `a`'s type. `None`, or `a` already of that type: a plain `matmul`.
 pub fn matmul_in<B: Backend, const D: usize>(a: Tensor<B, D>, b: Tensor<B, D>, dtype: Option<FloatDType>) -> Tensor<B, D> {
     let out = a.dtype();
     match dtype {
         Some(compute) if out != DType::from(compute) => cast_to(matmul_as(a, b, dtype), out.into()),
-        _ => a.matmul(b),
+        _ => matmul(a, b),
     }
 }
 
@@ -33,8 +34,8 @@ pub fn matmul_in<B: Backend, const D: usize>(a: Tensor<B, D>, b: Tensor<B, D>, d
 /// returns a linear layer's output in bf16. `None`: a plain `matmul`.
 pub fn matmul_as<B: Backend, const D: usize>(a: Tensor<B, D>, b: Tensor<B, D>, dtype: Option<FloatDType>) -> Tensor<B, D> {
     match dtype {
-        Some(compute) => cast_to(a, compute).matmul(cast_to(b, compute)),
-        None => a.matmul(b),
+        Some(compute) => matmul(cast_to(a, compute), cast_to(b, compute)),
+        None => matmul(a, b),
     }
 }
 

@@ -27,6 +27,7 @@
 //! [`CompressedWeight::accumulate_gradient`]), so no value goes through the host.
 
 use alignment_core::backend::transposes_activations_in_products;
+use alignment_core::gemm::{float_matmul, matmul};
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;
 use burn::backend::autodiff::grads::Gradients;
@@ -140,9 +141,9 @@ pub fn project_compressed<B: Backend>(x: Tensor<B, 3>, weight: &Arc<dyn Compress
         None => {
             let w = expand::<B, _>(weight.as_ref(), &rows.device());
             if transposes_activations_in_products::<B>() {
-                w.matmul(rows.transpose()).transpose()
+                matmul(w, rows.transpose()).transpose()
             } else {
-                rows.matmul(w.transpose())
+                matmul(rows, w.transpose())
             }
         }
     };
@@ -226,15 +227,15 @@ impl<I: Backend> Backward<I, 1> for CompressedMatmulBackward {
             // Summed in the order burn's autodiff sums a dense weight's gradient, so that a
             // compressed weight's equals it bit for bit: `∂yᵀ x` for `(W xᵀ)ᵀ`, `(xᵀ ∂y)ᵀ` for `x Wᵀ`.
             let grad_w = if transposes_activations_in_products::<I>() {
-                I::float_matmul(I::float_transpose(grad_y.clone()), x)
+                float_matmul::<I>(I::float_transpose(grad_y.clone()), x)
             } else {
-                I::float_transpose(I::float_matmul(I::float_transpose(x), grad_y.clone()))
+                I::float_transpose(float_matmul::<I>(I::float_transpose(x), grad_y.clone()))
             };
             weight.accumulate_gradient(Box::new(Tensor::<I, 2>::from_primitive(TensorPrimitive::Float(grad_w))));
         }
         if let Some(parent) = parent {
             let w = expand::<I, _>(weight.as_ref(), &device).into_primitive().tensor();
-            grads.register::<I>(parent.id, I::float_matmul(grad_y, w));
+            grads.register::<I>(parent.id, float_matmul::<I>(grad_y, w));
         }
     }
 }
@@ -250,9 +251,9 @@ fn recorded_matmul<I: Backend>(x: Tensor<Autodiff<I>, 2>, weight: &Arc<dyn Compr
     let w = expand::<I, _>(weight.as_ref(), &device).into_primitive().tensor();
     // Arranged for I's matmul (see transposes_activations_in_products).
     let y = if transposes_activations_in_products::<I>() {
-        I::float_transpose(I::float_matmul(w, I::float_transpose(x.primitive.clone())))
+        I::float_transpose(float_matmul::<I>(w, I::float_transpose(x.primitive.clone())))
     } else {
-        I::float_matmul(x.primitive.clone(), I::float_transpose(w))
+        float_matmul::<I>(x.primitive.clone(), I::float_transpose(w))
     };
     let y = match <CompressedMatmulBackward as Backward<I, 1>>::prepare::<NoCheckpointing>(CompressedMatmulBackward, [x.node.clone()])
         .compute_bound()

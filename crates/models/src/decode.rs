@@ -183,10 +183,10 @@ fn attend<B: Backend>(
     // Query heads sharing a key/value head (transformers' repeat_kv groups: head i uses kv head
     // i / groups) become rows of one matmul: [rows, kvh, groups * t, d].
     let q = q.reshape([rows, kvh, groups * t, d]);
-    let scores = q.matmul(k.swap_dims(2, 3)) * (d as f64).powf(-0.5);
+    let scores = alignment_core::gemm::matmul(q, k.swap_dims(2, 3)) * (d as f64).powf(-0.5);
     let scores = scores.reshape([rows, kvh, groups, t, end]).mask_fill(masked.clone().expand([rows, kvh, groups, t, end]), MASKED_SCORE);
     let probs = softmax(scores, 4).reshape([rows, kvh, groups * t, end]);
-    let out = probs.matmul(v).reshape([rows, h, t, d]).swap_dims(1, 2).reshape([rows, t, h * d]);
+    let out = alignment_core::gemm::matmul(probs, v).reshape([rows, h, t, d]).swap_dims(1, 2).reshape([rows, t, h * d]);
     attn.o_proj.forward(out)
 }
 

@@ -22,6 +22,7 @@
 //! its per-product casts, and the copy is kept once for the backward pass instead of once per map.
 
 use alignment_core::backend::{retype, visit_autodiff, AutodiffVisitor};
+use alignment_core::gemm::float_matmul;
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;
 use burn::backend::autodiff::grads::Gradients;
@@ -130,7 +131,7 @@ fn record_primitives<I: Backend>(
     let x_half = cast::<I>(x.primitive, half);
     let forward = |x_half: FloatTensor<I>, weight: FloatTensor<I>| {
         let w_half = cast::<I>(weight, half);
-        let y = I::float_matmul(rows::<I>(x_half), I::float_transpose(w_half));
+        let y = float_matmul::<I>(rows::<I>(x_half), I::float_transpose(w_half));
         cast::<I>(I::float_reshape(y, Shape::new([batch, seq, out_features])), out_type)
     };
     let prepared =
@@ -167,12 +168,12 @@ impl<I: Backend> Backward<I, 2> for HalfProductBackward {
         let weight_type: FloatDType = weight.dtype().into();
         let dy = rows::<I>(cast::<I>(grads.consume::<I>(&ops.node), half));
         if let Some(node) = x_node {
-            let dx = I::float_matmul(dy.clone(), cast::<I>(weight, half));
+            let dx = float_matmul::<I>(dy.clone(), cast::<I>(weight, half));
             let dx = I::float_reshape(dx, Shape::new([batch, seq, in_features]));
             grads.register::<I>(node.id, cast::<I>(dx, x_type));
         }
         if let Some(node) = w_node {
-            let dw = I::float_matmul(I::float_transpose(dy), rows::<I>(x_half));
+            let dw = float_matmul::<I>(I::float_transpose(dy), rows::<I>(x_half));
             grads.register::<I>(node.id, cast::<I>(dw, weight_type));
         }
     }

@@ -239,7 +239,7 @@ impl<B: Backend> LoraAdapter<B> {
 
     /// The dense update `s · B A`, `[out, in]` (what merging adds to the base weight).
     pub fn delta_weight(&self) -> Tensor<B, 2> {
-        self.b.val().matmul(self.a.val()) * self.scaling
+        alignment_core::gemm::matmul(self.b.val(), self.a.val()) * self.scaling
     }
 }
 

@@ -25,6 +25,7 @@
 
 use crate::logprobs::{logsumexp_vocab, position_stats, ExtraStats, PositionStats, SequenceLogps, ShiftedTargets, TokenStats};
 use alignment_core::backend::transposes_activations_in_products;
+use alignment_core::gemm::matmul;
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{FloatDType, Int, Tensor};
 
@@ -41,7 +42,7 @@ fn project<B: Backend>(h: Tensor<B, 2>, weight: Tensor<B, 2>) -> Tensor<B, 2> {
     let out = h.dtype();
     let h = h.cast(FloatDType::from(weight.dtype()));
     let logits =
-        if transposes_activations_in_products::<B>() { weight.matmul(h.transpose()).transpose() } else { h.matmul(weight.transpose()) };
+        if transposes_activations_in_products::<B>() { matmul(weight, h.transpose()).transpose() } else { matmul(h, weight.transpose()) };
     logits.cast(FloatDType::from(out))
 }
 
