@@ -370,6 +370,7 @@ fn run_gemm<B: AutodiffBackend>(args: &GemmArgs, dtype: Option<FloatDType>, devi
         Ok(median(&seconds))
     };
     let routed = has_own_gemm::<Inner<B>>();
+    let route = alignment_core::gemm::products_route::<Inner<B>>();
     println!(
         "gemm on {} in {operand_type:?}: the step's route is {}",
         args.backend,
@@ -418,7 +419,7 @@ fn run_gemm<B: AutodiffBackend>(args: &GemmArgs, dtype: Option<FloatDType>, devi
     let shape = args.shape.file_stem().and_then(|s| s.to_str()).unwrap_or("?");
     println!(
         "{}",
-        json!({"gemm": results, "backend": args.backend, "shape": shape, "dtype": format!("{operand_type:?}"), "route": if routed { "cublas" } else { "burn" },
+        json!({"gemm": results, "backend": args.backend, "shape": shape, "dtype": format!("{operand_type:?}"), "route": route,
                "gradient_difference": [dx_difference, dw_difference], "tolerance": tolerance, "agrees": disagreements.is_empty()})
     );
     if disagreements.is_empty() {
@@ -638,9 +639,10 @@ fn run_train<B: AutodiffBackend>(args: &TrainArgs, matmul_dtype: Option<FloatDTy
         "gradient_checkpointing": args.gradient_checkpointing,
         "chunked_head": args.chunked_head,
         "matmul_dtype": matmul_dtype.map(|d| format!("{d:?}")),
-        // Who multiplies: cuBLAS through alignment_core::gemm, or the backend's own matmul
-        // (CubeCL's on cuda with ALIGNMENT_CUBLAS=0; cuBLAS inside libtorch on tch-cuda).
-        "products": if alignment_core::gemm::has_own_gemm::<B::InnerBackend>() { "cublas" } else { "backend" },
+        // Who multiplies: cuBLAS through alignment_core::gemm (on CubeCL's stream, or
+        // host-synchronised), or the backend's own matmul (CubeCL's on cuda with
+        // ALIGNMENT_CUBLAS=0; cuBLAS inside libtorch on tch-cuda).
+        "products": alignment_core::gemm::products_route::<B::InnerBackend>(),
         "profile": profile,
         "peak_rss_mib": alignment_core::memory::status_bytes("VmHWM").map(|b| b as f64 / 1048576.0),
     });

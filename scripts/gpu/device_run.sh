@@ -107,8 +107,10 @@ fi
 runner_for() {
     case "$1" in
         tch-*) [ -x "$BIN_TCH" ] && echo "env LD_LIBRARY_PATH=$TORCH_LIB:${LD_LIBRARY_PATH:-} $BIN_TCH" ;;
-        # `NAME@cubecl`: backend NAME with its products on CubeCL's matmul instead of cuBLAS.
+        # `NAME@cubecl`: backend NAME with its products on CubeCL's matmul instead of cuBLAS;
+        # `NAME@sync`: on cuBLAS ordered by host synchronisation instead of on CubeCL's stream.
         *@cubecl) echo "env ALIGNMENT_CUBLAS=0 $BIN" ;;
+        *@sync) echo "env ALIGNMENT_CUBLAS=sync $BIN" ;;
         *) echo "$BIN" ;;
     esac
 }
@@ -217,11 +219,11 @@ run_dequant() {
 # they disagree); docs/performance.md, "Products by cuBLAS on burn-cuda".
 run_gemm() {
     local backend runner
-    for backend in ${GEMM_BACKENDS:-cuda-bf16 cuda}; do
+    for backend in ${GEMM_BACKENDS:-cuda-bf16 cuda cuda-bf16@sync}; do
         runner="$(runner_for "$backend")"
         [ -z "$runner" ] && continue
         # shellcheck disable=SC2086 # the runner is `env VAR=... binary`
-        measure "ours $backend gemm ${GEMM_SHAPE:-llama-3.2-1b}" $runner gemm --backend "$backend" --shape "scripts/gpu/shapes/${GEMM_SHAPE:-llama-3.2-1b}.json" ${GEMM_ARGS:-}
+        measure "ours $backend gemm ${GEMM_SHAPE:-llama-3.2-1b}" $runner gemm --backend "${backend%@*}" --shape "scripts/gpu/shapes/${GEMM_SHAPE:-llama-3.2-1b}.json" ${GEMM_ARGS:-}
     done
 }
 # --- 4. throughput -------------------------------------------------------------------------
@@ -320,9 +322,10 @@ case "$PLAN" in
         run_dequant
         run_gemm
         bundle
-        # cuda-bf16@cubecl: the same step with CubeCL's matmul, what cuBLAS is measured against.
+        # cuda-bf16@cubecl: the same step with CubeCL's matmul, what cuBLAS is measured against;
+        # cuda-bf16@sync: cuBLAS ordered from the host, what the patched stream is measured against.
         OURS_BACKENDS="cuda-bf16 tch-cuda-bf16 cuda cuda-bf16@cubecl" bench smollm2-135m sft 1024 4 1
-        OURS_BACKENDS="cuda-bf16 tch-cuda-bf16 cuda cuda-bf16@cubecl" bench llama-3.2-1b sft 1024 4 1
+        OURS_BACKENDS="cuda-bf16 tch-cuda-bf16 cuda cuda-bf16@cubecl cuda-bf16@sync" bench llama-3.2-1b sft 1024 4 1
         BF16="cuda-bf16 tch-cuda-bf16"
         # Where each implementation's step goes, before the remaining shapes.
         OURS_BACKENDS="$BF16" profile llama-3.2-1b sft 1024 4

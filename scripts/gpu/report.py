@@ -68,6 +68,8 @@ def main():
             name = r.get("backend", r.get("impl"))
             if name.startswith("cuda") and r.get("products") == "backend":
                 name += " (CubeCL matmul)"
+            elif name.startswith("cuda") and r.get("products") == "cublas-sync":
+                name += " (cuBLAS, host-synchronised)"
             name += "".join(f" +{flag}" for flag in ("gradient_checkpointing", "chunked_head") if r.get(flag))
             if "error" in r or "tokens_per_second" not in r:
                 why = r.get("skipped") or (r.get("error", "").strip().splitlines() or ["failed"])[-1][:120]

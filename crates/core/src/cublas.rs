@@ -1,19 +1,20 @@
 //! cuBLAS under burn-cuda's matrix products ([`crate::gemm`]'s route on `cuda`/`cuda-bf16`).
 //!
 //! A product of two tensors of [`Gpu`] or [`GpuBf16`] (burn's fusion layer over CubeCL):
-//! 1. the operands are resolved out of the fusion stream (which queues what produced them), and
-//!    copied contiguous only when one call cannot read their views in place
+//! 1. the operands are resolved out of the fusion stream (which queues the kernels that produce
+//!    them), and copied contiguous only when one call cannot read their views in place
 //!    ([`ColumnMajorGemm::for_row_major_product`]);
-//! 2. the output is allocated by CubeCL (so its memory pool owns it), the backend synchronised
-//!    (CubeCL's streams are private to it, so the kernels that wrote the operands are waited for
-//!    from the host), and the three buffers' device addresses taken;
-//! 3. one `cublasGemmStridedBatchedEx` runs on this module's stream, in the operands' type with
-//!    f32 accumulation (`CUBLAS_COMPUTE_32F`: no TF32 for f32, as PyTorch's default), and is
-//!    waited for, so the kernels queued next see its result;
+//! 2. the output is allocated by CubeCL (so its memory pool owns it), and the three buffers'
+//!    device addresses are taken, with the CUDA stream the output belongs to;
+//! 3. one `cublasGemmStridedBatchedEx` is queued on that stream, behind the kernels that wrote
+//!    the operands and ahead of those that will read the result, in the operands' type with f32
+//!    accumulation (`CUBLAS_COMPUTE_32F`: no TF32 for f32, as PyTorch's default);
 //! 4. the output is registered back into the fusion stream as a new tensor.
 //!
-//! The two host synchronisations per product are the price of the private streams: the GPU
-//! idles while the host queues the next operations. Predicted and measured in
+//! CubeCL keeps its streams private; the stream comes from a one-field patch of cubecl-cuda
+//! (`vendor/README.md`). `ALIGNMENT_CUBLAS=sync` takes the way that needs no patch instead:
+//! synchronise the backend from the host, run cuBLAS on a stream of its own and wait for it, two
+//! host round trips per product while the GPU idles. Predicted and measured in
 //! docs/performance.md ("Products by cuBLAS on burn-cuda").
 
 use crate::backend::{retype, Gpu, GpuBf16};
@@ -41,24 +42,49 @@ type Cube<F, I, BT> = CubeBackend<CudaRuntime, F, I, BT>;
 /// `libcublas` loadable and `ALIGNMENT_CUBLAS` not `0`.
 pub(crate) fn applies<B: Backend>() -> bool {
     let b = TypeId::of::<B>();
-    (b == TypeId::of::<Gpu>() || b == TypeId::of::<GpuBf16>()) && enabled()
+    (b == TypeId::of::<Gpu>() || b == TypeId::of::<GpuBf16>()) && ordering().is_some()
 }
 
-/// The route's switch, read once: on unless `ALIGNMENT_CUBLAS=0`, and only where `libcublas`
-/// loads (a message says so where it does not).
-fn enabled() -> bool {
-    static ENABLED: OnceLock<bool> = OnceLock::new();
-    *ENABLED.get_or_init(|| {
-        if std::env::var("ALIGNMENT_CUBLAS").is_ok_and(|v| v == "0") {
+/// The route's name in reports ([`crate::gemm::products_route`]).
+pub(crate) fn route_name() -> &'static str {
+    match ordering() {
+        Some(Ordering::OnCubeclStream) => "cublas",
+        Some(Ordering::HostSynchronised) => "cublas-sync",
+        None => "backend",
+    }
+}
+
+/// How a cuBLAS product is ordered with CubeCL's kernels.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Ordering {
+    /// Queued on the stream of CubeCL's buffers: nothing waits (the default).
+    OnCubeclStream,
+    /// The backend synchronised from the host before, cuBLAS waited for after
+    /// (`ALIGNMENT_CUBLAS=sync`).
+    HostSynchronised,
+}
+
+/// The route's switch, read once from `ALIGNMENT_CUBLAS`: `0` off, `sync` host-synchronised,
+/// anything else (or unset) on CubeCL's stream; off where `libcublas` does not load (a message
+/// says so).
+fn ordering() -> Option<Ordering> {
+    static ORDERING: OnceLock<Option<Ordering>> = OnceLock::new();
+    *ORDERING.get_or_init(|| {
+        let setting = std::env::var("ALIGNMENT_CUBLAS").unwrap_or_default();
+        if setting == "0" {
             eprintln!("ALIGNMENT_CUBLAS=0: burn-cuda's products run on CubeCL's matmul");
-            return false;
+            return None;
         }
         // SAFETY: only tries to open the library by its candidate names.
-        let present = unsafe { sys::is_culib_present() };
-        if !present {
+        if !unsafe { sys::is_culib_present() } {
             eprintln!("libcublas not found on the library path: burn-cuda's products run on CubeCL's matmul (slower on Hopper)");
+            return None;
         }
-        present
+        if setting == "sync" {
+            eprintln!("ALIGNMENT_CUBLAS=sync: each cuBLAS product synchronises burn-cuda from the host");
+            return Some(Ordering::HostSynchronised);
+        }
+        Some(Ordering::OnCubeclStream)
     })
 }
 
@@ -121,22 +147,26 @@ fn plan(lhs: &CubeTensor<CudaRuntime>, rhs: &CubeTensor<CudaRuntime>) -> Option<
 
 /// Steps 2 and 3: the product of `gemm` into a new contiguous tensor.
 fn gemm_on_device(gemm: ColumnMajorGemm, lhs: CubeTensor<CudaRuntime>, rhs: CubeTensor<CudaRuntime>) -> CubeTensor<CudaRuntime> {
+    let ordering = ordering().expect("float_matmul checked that the route is on");
     let dims = lhs.meta.shape().to_vec();
     let mut out_dims = dims.clone();
     out_dims[dims.len() - 1] = rhs.meta.shape()[dims.len() - 1];
     let dtype = lhs.dtype;
     let client = lhs.client.clone();
     let output = empty_device_dtype(client.clone(), lhs.device.clone(), Shape::from(out_dims), dtype);
-    burn_cubecl::cubecl::future::block_on(client.sync())
-        .unwrap_or_else(|e| panic!("synchronising burn-cuda before a cuBLAS product: {e:?}"));
+    if ordering == Ordering::HostSynchronised {
+        burn_cubecl::cubecl::future::block_on(client.sync())
+            .unwrap_or_else(|e| panic!("synchronising burn-cuda before a cuBLAS product: {e:?}"));
+    }
     let address = |t: &CubeTensor<CudaRuntime>| {
         let resource = client.get_resource(t.handle.clone()).unwrap_or_else(|e| panic!("a tensor's device buffer: {e:?}"));
-        (resource.resource().ptr, resource)
+        (resource.resource().ptr, resource.resource().stream, resource)
     };
-    let (a, _a_alive) = address(&rhs);
-    let (b, _b_alive) = address(&lhs);
-    let (c, _c_alive) = address(&output);
-    let cuda = handle_for(lhs.device.index);
+    let (a, _, _a_alive) = address(&rhs);
+    let (b, _, _b_alive) = address(&lhs);
+    let (c, cubecl_stream, _c_alive) = address(&output);
+    let mut handles = handles().lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    let cuda = handles.entry(lhs.device.index).or_insert_with_key(|&index| Cuda::new(index));
     let data_type = match dtype {
         DType::F32 => sys::cudaDataType::CUDA_R_32F,
         DType::BF16 => sys::cudaDataType::CUDA_R_16BF,
@@ -147,10 +177,19 @@ fn gemm_on_device(gemm: ColumnMajorGemm, lhs: CubeTensor<CudaRuntime>, rhs: Cube
     let (alpha, beta) = (1f32, 0f32);
     let int = |v: usize| v as std::ffi::c_int; // ≤ i32::MAX: checked by the plan.
     cuda.context.bind_to_thread().unwrap_or_else(|e| panic!("binding the CUDA context for cuBLAS: {e:?}"));
+    let stream = match ordering {
+        Ordering::OnCubeclStream => cubecl_stream as sys::cudaStream_t,
+        Ordering::HostSynchronised => cuda.stream.cu_stream() as sys::cudaStream_t,
+    };
+    // SAFETY: the handle is this module's, used under the lock; the stream is CubeCL's (alive
+    // as long as its server) or the handle's own.
+    unsafe { cudarc::cublas::result::set_stream(*cuda.blas.handle(), stream) }.unwrap_or_else(|e| panic!("setting cuBLAS's stream: {e:?}"));
     // SAFETY: a, b and c are live device buffers of the operands' type (kept allocated by the
-    // resources above) holding every element the plan addresses: the plan was made from these
-    // tensors' own shapes and strides, and c from the output's contiguous shape. The work that
-    // wrote a and b has finished (synchronised above).
+    // resources above until the call is queued; CubeCL reuses a freed buffer only for work
+    // queued after it on the same stream) holding every element the plan addresses: the plan
+    // was made from these tensors' own shapes and strides, and c from the output's contiguous
+    // shape. The work that writes a and b precedes the call on CubeCL's stream, or has finished
+    // (synchronised above).
     unsafe {
         cudarc::cublas::result::gemm_strided_batched_ex(
             *cuda.blas.handle(),
@@ -179,29 +218,33 @@ fn gemm_on_device(gemm: ColumnMajorGemm, lhs: CubeTensor<CudaRuntime>, rhs: Cube
         )
     }
     .unwrap_or_else(|e| panic!("cublasGemmStridedBatchedEx ({gemm:?}, {dtype:?}): {e:?}"));
-    cuda.stream.synchronize().unwrap_or_else(|e| panic!("waiting for a cuBLAS product: {e:?}"));
+    if ordering == Ordering::HostSynchronised {
+        cuda.stream.synchronize().unwrap_or_else(|e| panic!("waiting for a cuBLAS product: {e:?}"));
+    }
     output
 }
 
-/// One GPU's cuBLAS handle, the stream it runs on and the context both belong to (the device's
-/// primary context, which CubeCL uses too, so the addresses are the same).
+/// One GPU's cuBLAS handle, a stream of its own (for [`Ordering::HostSynchronised`]) and the
+/// context both belong to: the device's primary context, which CubeCL uses too, so the
+/// addresses and streams are the same.
 struct Cuda {
     context: Arc<CudaContext>,
     stream: Arc<CudaStream>,
     blas: CudaBlas,
 }
 
-/// The handle of GPU `index`, created on first use and kept for the process.
-fn handle_for(index: usize) -> Arc<Cuda> {
-    static HANDLES: OnceLock<Mutex<HashMap<usize, Arc<Cuda>>>> = OnceLock::new();
-    let mut handles = HANDLES.get_or_init(Default::default).lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-    handles
-        .entry(index)
-        .or_insert_with(|| {
-            let context = CudaContext::new(index).unwrap_or_else(|e| panic!("the CUDA context of GPU {index}: {e:?}"));
-            let stream = context.new_stream().unwrap_or_else(|e| panic!("a CUDA stream on GPU {index}: {e:?}"));
-            let blas = CudaBlas::new(stream.clone()).unwrap_or_else(|e| panic!("a cuBLAS handle on GPU {index}: {e:?}"));
-            Arc::new(Cuda { context, stream, blas })
-        })
-        .clone()
+impl Cuda {
+    fn new(index: usize) -> Self {
+        let context = CudaContext::new(index).unwrap_or_else(|e| panic!("the CUDA context of GPU {index}: {e:?}"));
+        let stream = context.new_stream().unwrap_or_else(|e| panic!("a CUDA stream on GPU {index}: {e:?}"));
+        let blas = CudaBlas::new(stream.clone()).unwrap_or_else(|e| panic!("a cuBLAS handle on GPU {index}: {e:?}"));
+        Cuda { context, stream, blas }
+    }
+}
+
+/// Each GPU's [`Cuda`], created on first use and kept for the process; locked while a product
+/// sets the handle's stream and queues its call.
+fn handles() -> &'static Mutex<HashMap<usize, Cuda>> {
+    static HANDLES: OnceLock<Mutex<HashMap<usize, Cuda>>> = OnceLock::new();
+    HANDLES.get_or_init(Default::default)
 }

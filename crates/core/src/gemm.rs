@@ -23,6 +23,8 @@
 //!
 //! `ALIGNMENT_CUBLAS=0` turns the route off (CubeCL's matmul again), for measuring one against
 //! the other; so does a machine without `libcublas`, with a message saying so.
+//! `ALIGNMENT_CUBLAS=sync` orders each call by host synchronisation instead of on CubeCL's
+//! stream (`crate::cublas`).
 
 use crate::backend::{retype, visit_autodiff, AutodiffVisitor};
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
@@ -68,6 +70,16 @@ pub fn has_own_gemm<B: Backend>() -> bool {
         return true;
     }
     false
+}
+
+/// Who multiplies on `B`, for reports: `"cublas"` (queued on CubeCL's stream),
+/// `"cublas-sync"` (host-synchronised, `ALIGNMENT_CUBLAS=sync`) or `"backend"` (its own matmul).
+pub fn products_route<B: Backend>() -> &'static str {
+    #[cfg(feature = "cuda")]
+    if has_own_gemm::<B>() {
+        return crate::cublas::route_name();
+    }
+    "backend"
 }
 
 /// Whether products on `B` take this module's route: `B` has its own GEMM, or is the autodiff
