@@ -154,10 +154,6 @@ fn gemm_on_device(gemm: ColumnMajorGemm, lhs: CubeTensor<CudaRuntime>, rhs: Cube
     let dtype = lhs.dtype;
     let client = lhs.client.clone();
     let output = empty_device_dtype(client.clone(), lhs.device.clone(), Shape::from(out_dims), dtype);
-    if ordering == Ordering::HostSynchronised {
-        burn_cubecl::cubecl::future::block_on(client.sync())
-            .unwrap_or_else(|e| panic!("synchronising burn-cuda before a cuBLAS product: {e:?}"));
-    }
     let address = |t: &CubeTensor<CudaRuntime>| {
         let resource = client.get_resource(t.handle.clone()).unwrap_or_else(|e| panic!("a tensor's device buffer: {e:?}"));
         (resource.resource().ptr, resource.resource().stream, resource)
@@ -165,6 +161,12 @@ fn gemm_on_device(gemm: ColumnMajorGemm, lhs: CubeTensor<CudaRuntime>, rhs: Cube
     let (a, _, _a_alive) = address(&rhs);
     let (b, _, _b_alive) = address(&lhs);
     let (c, cubecl_stream, _c_alive) = address(&output);
+    // A buffer without its stream (not one of the patched storage's) is ordered from the host.
+    let ordering = if cubecl_stream.is_null() { Ordering::HostSynchronised } else { ordering };
+    if ordering == Ordering::HostSynchronised {
+        burn_cubecl::cubecl::future::block_on(client.sync())
+            .unwrap_or_else(|e| panic!("synchronising burn-cuda before a cuBLAS product: {e:?}"));
+    }
     let mut handles = handles().lock().unwrap_or_else(|poisoned| poisoned.into_inner());
     let cuda = handles.entry(lhs.device.index).or_insert_with_key(|&index| Cuda::new(index));
     let data_type = match dtype {
