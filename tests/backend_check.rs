@@ -215,6 +215,46 @@ fn wgpu_nf4_kernel_gives_the_tensor_operations_bits() {
     }
 }
 
+/// The seam burn-cuda's cuBLAS products go through (`core::fused_product`), on lavapipe with a
+/// kernel of cuBLAS's column-major semantics in place of cuBLAS: for each layout a training step
+/// hands a product (burn's own views: transposed weights, transposed gradients, attention's
+/// heads, narrowed rows and columns), the plan made from the view's strides gives the product,
+/// reading in place where one call can, copying where it cannot, and leaving broadcast batches
+/// to burn; in f32 and f16. The reference is burn's matmul in f32 of the same operands: burn
+/// 0.21's own f16 matmul gave a wrong product here for one of these shapes (0.6 relative, after
+/// the f32 cases had run), which this kernel did not.
+#[cfg(feature = "wgpu")]
+#[test]
+fn wgpu_products_by_plan_equal_burns_matmul() {
+    use alignment_handbook::core::backend::Wgpu;
+    use alignment_handbook::core::fused_product::{matmul_by_plan_on_wgpu, Operands};
+    use burn::tensor::{Distribution, ElementConversion, Tensor};
+    let device = burn::backend::wgpu::WgpuDevice::default();
+    fn compare<const D: usize>(name: &str, lhs: Tensor<Wgpu, D>, rhs: Tensor<Wgpu, D>, expected: Operands, tolerance: f32) {
+        let (product, operands) = matmul_by_plan_on_wgpu(lhs.clone(), rhs.clone());
+        assert_eq!(product.dtype(), lhs.dtype(), "{name}: the product's type");
+        assert_eq!(operands, expected, "{name}: how the operands were read");
+        let reference = lhs.cast(FloatDType::F32).matmul(rhs.cast(FloatDType::F32));
+        assert_eq!(product.dims(), reference.dims(), "{name}: the product's shape");
+        let scale = reference.clone().abs().max().into_scalar().elem::<f32>();
+        let difference = (product.cast(FloatDType::F32) - reference).abs().max().into_scalar().elem::<f32>() / scale;
+        assert!(difference <= tolerance, "{name}: differs from burn's matmul by {difference:e} (relative)");
+    }
+    // f16: the products are rounded to f16 (2⁻¹¹ relative), the sums are f32 in both.
+    for (dtype, tolerance) in [(FloatDType::F32, 1e-5), (FloatDType::F16, 1e-3)] {
+        let random2 = |dims: [usize; 2]| Tensor::<Wgpu, 2>::random(dims, Distribution::Normal(0.0, 1.0), &device).cast(dtype);
+        let random4 = |dims: [usize; 4]| Tensor::<Wgpu, 4>::random(dims, Distribution::Normal(0.0, 1.0), &device).cast(dtype);
+        compare("x Wᵀ", random2([37, 24]), random2([40, 24]).transpose(), Operands::InPlace, tolerance);
+        compare("∂y W", random2([37, 40]), random2([40, 24]), Operands::InPlace, tolerance);
+        compare("∂yᵀ x", random2([37, 40]).transpose(), random2([37, 24]), Operands::InPlace, tolerance);
+        compare("columns of a wider tensor", random2([20, 16]).narrow(1, 3, 9), random2([9, 5]), Operands::InPlace, tolerance);
+        compare("q kᵀ", random4([2, 3, 17, 8]), random4([2, 3, 17, 8]).swap_dims(2, 3), Operands::InPlace, tolerance);
+        compare("a block of query rows", random4([2, 3, 30, 8]).narrow(2, 5, 11), random4([2, 3, 8, 6]), Operands::InPlace, tolerance);
+        compare("heads swapped with positions", random4([2, 17, 3, 8]).swap_dims(1, 2), random4([2, 3, 8, 5]), Operands::Copied, tolerance);
+        compare("a broadcast batch", random4([1, 3, 5, 4]), random4([2, 3, 4, 6]), Operands::BackendMatmul, tolerance);
+    }
+}
+
 /// The libtorch route (`--features tch`, scripts/test.sh builds it against the reference venv's
 /// torch): every case on torch's CPU kernels — burn-tch's operations, the fused attention of
 /// `models::tch_attention` and its autograd island — equals the ndarray backend's, and again with

@@ -1,9 +1,9 @@
 //! cuBLAS under burn-cuda's matrix products ([`crate::gemm`]'s route on `cuda`/`cuda-bf16`).
 //!
 //! A product of two tensors of [`Gpu`] or [`GpuBf16`] (burn's fusion layer over CubeCL):
-//! 1. the operands are resolved out of the fusion stream (which queues the kernels that produce
-//!    them), and copied contiguous only when one call cannot read their views in place
-//!    ([`ColumnMajorGemm::for_row_major_product`]);
+//! 1. the operands are resolved out of the fusion stream, copied contiguous only when one call
+//!    cannot read their views in place ([`crate::fused_product`], which CI runs on `wgpu` with a
+//!    kernel of cuBLAS's semantics in place of cuBLAS);
 //! 2. the output is allocated by CubeCL (so its memory pool owns it), and the three buffers'
 //!    device addresses are taken, with the CUDA stream the output belongs to;
 //! 3. one `cublasGemmStridedBatchedEx` is queued on that stream, behind the kernels that wrote
@@ -18,16 +18,15 @@
 //! docs/performance.md ("Products by cuBLAS on burn-cuda").
 
 use crate::backend::{retype, Gpu, GpuBf16};
+use crate::fused_product::product_dims;
 use crate::gemm::ColumnMajorGemm;
 use burn::tensor::backend::Backend;
-use burn::tensor::ops::{FloatTensor, FloatTensorOps};
-use burn::tensor::{DType, Shape, TensorMetadata};
+use burn::tensor::ops::FloatTensor;
+use burn::tensor::{DType, TensorMetadata};
 use burn_cubecl::ops::numeric::empty_device_dtype;
 use burn_cubecl::tensor::CubeTensor;
 use burn_cubecl::{BoolElement, CubeBackend, FloatElement, IntElement};
-use burn_fusion::stream::OperationStreams;
-use burn_fusion::{Fusion, NoOp};
-use burn_ir::{BackendIr, InitOperationIr, OperationIr};
+use burn_fusion::Fusion;
 use cubecl::cuda::CudaRuntime;
 use cudarc::cublas::{sys, CudaBlas};
 use cudarc::driver::{CudaContext, CudaStream};
@@ -116,44 +115,15 @@ fn on_fusion<F: FloatElement, I: IntElement, BT: BoolElement>(
     lhs: FloatTensor<Fusion<Cube<F, I, BT>>>,
     rhs: FloatTensor<Fusion<Cube<F, I, BT>>>,
 ) -> FloatTensor<Fusion<Cube<F, I, BT>>> {
-    let client = lhs.client.clone();
-    let lhs = client.resolve_tensor_float::<Cube<F, I, BT>>(lhs);
-    let rhs = client.resolve_tensor_float::<Cube<F, I, BT>>(rhs);
-    let product = match plan(&lhs, &rhs) {
-        Some(gemm) => gemm_on_device(gemm, lhs, rhs),
-        None => {
-            let (lhs, rhs) = (burn_cubecl::kernel::into_contiguous(lhs), burn_cubecl::kernel::into_contiguous(rhs));
-            match plan(&lhs, &rhs) {
-                Some(gemm) => gemm_on_device(gemm, lhs, rhs),
-                // Broadcast batches: CubeCL's own matmul.
-                None => Cube::<F, I, BT>::float_matmul(lhs, rhs),
-            }
-        }
-    };
-    let shape = product.meta.shape().clone();
-    let dtype = product.dtype;
-    let handle = <Cube<F, I, BT> as BackendIr>::float_tensor_handle(product);
-    let init = InitOperationIr::create(shape, dtype, || client.register_tensor_handle(handle));
-    let mut outputs = client.register(OperationStreams::default(), OperationIr::Init(init), NoOp::<Cube<F, I, BT>>::new());
-    outputs.pop().expect("an initialisation registers one tensor")
-}
-
-/// The cuBLAS call reading `lhs` and `rhs` in place, if there is one.
-fn plan(lhs: &CubeTensor<CudaRuntime>, rhs: &CubeTensor<CudaRuntime>) -> Option<ColumnMajorGemm> {
-    let view = |t: &CubeTensor<CudaRuntime>| (t.meta.shape().to_vec(), t.meta.strides().to_vec());
-    let ((lhs_shape, lhs_strides), (rhs_shape, rhs_strides)) = (view(lhs), view(rhs));
-    ColumnMajorGemm::for_row_major_product((&lhs_shape, &lhs_strides), (&rhs_shape, &rhs_strides))
+    crate::fused_product::product::<CudaRuntime, F, I, BT>(lhs, rhs, gemm_on_device).0
 }
 
 /// Steps 2 and 3: the product of `gemm` into a new contiguous tensor.
 fn gemm_on_device(gemm: ColumnMajorGemm, lhs: CubeTensor<CudaRuntime>, rhs: CubeTensor<CudaRuntime>) -> CubeTensor<CudaRuntime> {
     let ordering = ordering().expect("float_matmul checked that the route is on");
-    let dims = lhs.meta.shape().to_vec();
-    let mut out_dims = dims.clone();
-    out_dims[dims.len() - 1] = rhs.meta.shape()[dims.len() - 1];
     let dtype = lhs.dtype;
     let client = lhs.client.clone();
-    let output = empty_device_dtype(client.clone(), lhs.device.clone(), Shape::from(out_dims), dtype);
+    let output = empty_device_dtype(client.clone(), lhs.device.clone(), product_dims(&lhs, &rhs).into(), dtype);
     let address = |t: &CubeTensor<CudaRuntime>| {
         let resource = client.get_resource(t.handle.clone()).unwrap_or_else(|e| panic!("a tensor's device buffer: {e:?}"));
         (resource.resource().ptr, resource.resource().stream, resource)

@@ -8,6 +8,8 @@ pub mod atomic;
 pub mod backend;
 #[cfg(feature = "cuda")]
 mod cublas;
+#[cfg(any(feature = "cuda", feature = "wgpu"))]
+pub mod fused_product;
 pub mod gemm;
 pub mod memory;
 pub mod precision;

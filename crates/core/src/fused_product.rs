@@ -1,0 +1,188 @@
+//! A matrix product computed outside burn's operations, on burn's fused CubeCL backends
+//! (`cuda`, `wgpu`): the seam `crate::cublas` runs cuBLAS through, and which CI exercises on
+//! `wgpu` (lavapipe) with a kernel of cuBLAS's semantics ([`matmul_by_plan_on_wgpu`]).
+//!
+//! 1. The operands are resolved out of the fusion stream (which queues the kernels that produce
+//!    them), and copied contiguous only when one call cannot read their views in place
+//!    ([`ColumnMajorGemm::for_row_major_product`]; broadcast batches stay on the backend's
+//!    matmul).
+//! 2. The caller's GEMM computes the planned call into a new contiguous tensor.
+//! 3. The result is registered back into the fusion stream as a new tensor.
+
+use crate::gemm::ColumnMajorGemm;
+use burn::tensor::ops::{FloatTensor, FloatTensorOps};
+use burn_cubecl::tensor::CubeTensor;
+use burn_cubecl::{BoolElement, CubeBackend, CubeRuntime, FloatElement, IntElement};
+use burn_fusion::stream::OperationStreams;
+use burn_fusion::{Fusion, NoOp};
+use burn_ir::{BackendIr, InitOperationIr, OperationIr};
+
+/// How [`product`] read its operands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Operands {
+    /// In place: one call read both views as they were.
+    InPlace,
+    /// Copied contiguous first.
+    Copied,
+    /// Not by the caller's GEMM: broadcast batches, multiplied by the backend's own matmul.
+    BackendMatmul,
+}
+
+/// A float tensor of burn's fused CubeCL backend on runtime `R`.
+type FusedTensor<R, F, I, BT> = FloatTensor<Fusion<CubeBackend<R, F, I, BT>>>;
+
+/// `lhs · rhs` on `Fusion<CubeBackend<R, …>>` by `gemm` (which receives the plan, `lhs` and
+/// `rhs` and returns the contiguous product), steps 1–3 of the module documentation.
+pub(crate) fn product<R, F, I, BT>(
+    lhs: FusedTensor<R, F, I, BT>,
+    rhs: FusedTensor<R, F, I, BT>,
+    gemm: impl FnOnce(ColumnMajorGemm, CubeTensor<R>, CubeTensor<R>) -> CubeTensor<R>,
+) -> (FusedTensor<R, F, I, BT>, Operands)
+where
+    R: CubeRuntime,
+    F: FloatElement,
+    I: IntElement,
+    BT: BoolElement,
+{
+    type Cube<R, F, I, BT> = CubeBackend<R, F, I, BT>;
+    let client = lhs.client.clone();
+    let lhs = client.resolve_tensor_float::<Cube<R, F, I, BT>>(lhs);
+    let rhs = client.resolve_tensor_float::<Cube<R, F, I, BT>>(rhs);
+    let (product, operands) = match plan(&lhs, &rhs) {
+        Some(call) => (gemm(call, lhs, rhs), Operands::InPlace),
+        None => {
+            let (lhs, rhs) = (burn_cubecl::kernel::into_contiguous(lhs), burn_cubecl::kernel::into_contiguous(rhs));
+            match plan(&lhs, &rhs) {
+                Some(call) => (gemm(call, lhs, rhs), Operands::Copied),
+                None => (Cube::<R, F, I, BT>::float_matmul(lhs, rhs), Operands::BackendMatmul),
+            }
+        }
+    };
+    let shape = product.meta.shape().clone();
+    let dtype = product.dtype;
+    let handle = <Cube<R, F, I, BT> as BackendIr>::float_tensor_handle(product);
+    let init = InitOperationIr::create(shape, dtype, || client.register_tensor_handle(handle));
+    let mut outputs = client.register(OperationStreams::default(), OperationIr::Init(init), NoOp::<Cube<R, F, I, BT>>::new());
+    (outputs.pop().expect("an initialisation registers one tensor"), operands)
+}
+
+/// The one call reading `lhs` and `rhs` in place, if there is one.
+fn plan<R: CubeRuntime>(lhs: &CubeTensor<R>, rhs: &CubeTensor<R>) -> Option<ColumnMajorGemm> {
+    let view = |t: &CubeTensor<R>| (t.meta.shape().to_vec(), t.meta.strides().to_vec());
+    let ((lhs_shape, lhs_strides), (rhs_shape, rhs_strides)) = (view(lhs), view(rhs));
+    ColumnMajorGemm::for_row_major_product((&lhs_shape, &lhs_strides), (&rhs_shape, &rhs_strides))
+}
+
+/// The row-major shape of the product of `lhs` and `rhs` (their batch, `lhs`'s rows, `rhs`'s
+/// columns).
+pub(crate) fn product_dims<R: CubeRuntime>(lhs: &CubeTensor<R>, rhs: &CubeTensor<R>) -> Vec<usize> {
+    let mut dims = lhs.meta.shape().to_vec();
+    let last = dims.len() - 1;
+    dims[last] = rhs.meta.shape()[last];
+    dims
+}
+
+/// [`product`] on burn's `wgpu` backend with a plain CubeCL kernel of cuBLAS's semantics in
+/// place of cuBLAS (one thread per output value, f32 accumulation), and how it read the
+/// operands: CI's check, on lavapipe, that the seam and the plans made from burn's own views
+/// give burn's products (`tests/backend_check.rs`). Not a fast product.
+#[cfg(feature = "wgpu")]
+pub fn matmul_by_plan_on_wgpu<const D: usize>(
+    lhs: burn::tensor::Tensor<crate::backend::Wgpu, D>,
+    rhs: burn::tensor::Tensor<crate::backend::Wgpu, D>,
+) -> (burn::tensor::Tensor<crate::backend::Wgpu, D>, Operands) {
+    use burn::tensor::{Tensor, TensorPrimitive};
+    type Runtime = burn::backend::wgpu::WgpuRuntime;
+    let (product, operands) =
+        product::<Runtime, f32, i32, u32>(lhs.into_primitive().tensor(), rhs.into_primitive().tensor(), reference_kernel::launch);
+    (Tensor::from_primitive(TensorPrimitive::Float(product)), operands)
+}
+
+/// The kernel of [`matmul_by_plan_on_wgpu`].
+#[cfg(feature = "wgpu")]
+mod reference_kernel {
+    use super::product_dims;
+    use crate::gemm::ColumnMajorGemm;
+    use burn_cubecl::cubecl::{calculate_cube_count_elemwise, CubeDim};
+    use burn_cubecl::ops::numeric::empty_device_dtype;
+    use burn_cubecl::tensor::CubeTensor;
+    use burn_cubecl::CubeRuntime;
+
+    mod kernel {
+        // The `#[cube]` macro's expansion names the `cubecl` crate.
+        use burn_cubecl::cubecl;
+        use cubecl::prelude::*;
+
+        /// `C[p] = op(A[p]) · op(B[p])`, column-major, `C` contiguous (`ldc = m`,
+        /// `stride_c = m · n`): one thread per value of `C`, reading `A` and `B` as raw buffers
+        /// with the plan's leading dimensions and batch strides, as cuBLAS does.
+        #[cube(launch_unchecked, address_type = "dynamic")]
+        #[allow(clippy::too_many_arguments)]
+        pub(super) fn column_major_gemm<F: Float>(
+            a: &Tensor<F>,
+            b: &Tensor<F>,
+            c: &mut Tensor<F>,
+            #[comptime] m: usize,
+            #[comptime] n: usize,
+            #[comptime] k: usize,
+            #[comptime] lda: usize,
+            #[comptime] ldb: usize,
+            #[comptime] stride_a: usize,
+            #[comptime] stride_b: usize,
+            #[comptime] transpose_a: bool,
+            #[comptime] transpose_b: bool,
+            #[define(F)] _dtype: StorageType,
+        ) {
+            let index = ABSOLUTE_POS;
+            if index >= c.len() {
+                terminate!();
+            }
+            let p = index / (m * n);
+            let j = (index % (m * n)) / m;
+            let i = index % m;
+            let mut sum = f32::new(0.0);
+            for l in 0..k {
+                let a_il = if transpose_a { a[p * stride_a + l + i * lda] } else { a[p * stride_a + i + l * lda] };
+                let b_lj = if transpose_b { b[p * stride_b + j + l * ldb] } else { b[p * stride_b + l + j * ldb] };
+                sum += f32::cast_from(a_il) * f32::cast_from(b_lj);
+            }
+            c[index] = F::cast_from(sum);
+        }
+    }
+
+    /// The planned call into a new contiguous tensor (cuBLAS's `A` is `rhs`, its `B` `lhs`).
+    pub(super) fn launch<R: CubeRuntime>(gemm: ColumnMajorGemm, lhs: CubeTensor<R>, rhs: CubeTensor<R>) -> CubeTensor<R> {
+        assert_eq!((gemm.ldc, gemm.stride_c), (gemm.m, gemm.m * gemm.n), "a contiguous output");
+        let client = lhs.client.clone();
+        let output = empty_device_dtype(client.clone(), lhs.device.clone(), product_dims(&lhs, &rhs).into(), lhs.dtype);
+        let values = gemm.output_len();
+        let cube_dim = CubeDim::new(&client, values);
+        let cube_count = calculate_cube_count_elemwise(&client, values, cube_dim);
+        let address_type = [&lhs, &rhs, &output].map(|t| t.required_address_type()).into_iter().max().unwrap_or_default();
+        let dtype = lhs.dtype;
+        // SAFETY: the plan was made from these tensors' own shapes and strides, so every index
+        // the kernel reads is inside their views, and `index < c.len()` is checked.
+        unsafe {
+            kernel::column_major_gemm::launch_unchecked::<R>(
+                &client,
+                cube_count,
+                cube_dim,
+                address_type,
+                rhs.into_tensor_arg(),
+                lhs.into_tensor_arg(),
+                output.clone().into_tensor_arg(),
+                gemm.m,
+                gemm.n,
+                gemm.k,
+                gemm.lda,
+                gemm.ldb,
+                gemm.stride_a,
+                gemm.stride_b,
+                gemm.transpose_a,
+                gemm.transpose_b,
+                dtype.into(),
+            );
+        }
+        output
+    }
+}
