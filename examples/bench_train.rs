@@ -382,11 +382,15 @@ fn run_gemm<B: AutodiffBackend>(args: &GemmArgs, dtype: Option<FloatDType>, devi
         let [batch, heads, m, k] = lhs.dims();
         let n = rhs.dims()[3];
         let flops = 2.0 * (batch * heads * m * n * k) as f64;
-        let difference = relative(matmul(lhs.clone(), rhs.clone()), lhs.clone().matmul(rhs.clone()));
+        // Against burn's matmul in f32 of the same operands: its half-type matmul is no
+        // reference (on lavapipe it gave a wrong f16 product, tests/backend_check.rs).
+        let exact = lhs.clone().cast(FloatDType::F32).matmul(rhs.clone().cast(FloatDType::F32));
+        let difference = relative(matmul(lhs.clone(), rhs.clone()), exact.clone());
+        let burn_difference = relative(lhs.clone().matmul(rhs.clone()), exact);
         let route_s = time(&|| matmul(lhs.clone(), rhs.clone()))?;
         let burn_s = time(&|| lhs.clone().matmul(rhs.clone()))?;
         println!(
-            "  {name:<16} [{batch}·{heads}] {m}×{k} · {k}×{n}: route {:.3} ms ({:.1} TFLOP/s), burn {:.3} ms ({:.1} TFLOP/s), ×{:.2}; difference {difference:.1e}",
+            "  {name:<16} [{batch}·{heads}] {m}×{k} · {k}×{n}: route {:.3} ms ({:.1} TFLOP/s), burn {:.3} ms ({:.1} TFLOP/s), ×{:.2}; difference from f32: route {difference:.1e}, burn {burn_difference:.1e}",
             1e3 * route_s,
             flops / route_s / 1e12,
             1e3 * burn_s,
@@ -396,14 +400,15 @@ fn run_gemm<B: AutodiffBackend>(args: &GemmArgs, dtype: Option<FloatDType>, devi
         if difference > tolerance {
             disagreements.push(format!("{name}: {difference:.2e}"));
         }
-        results.push(json!({"product": name, "dims": [batch, heads, m, k, n], "route_s": route_s, "burn_s": burn_s, "flops": flops, "difference": difference}));
+        results.push(json!({"product": name, "dims": [batch, heads, m, k, n], "route_s": route_s, "burn_s": burn_s, "flops": flops, "difference": difference, "burn_difference": burn_difference}));
     }
-    // One projection's gradients through the recorded step (autodiff), against burn's.
+    // One projection's gradients through the recorded step (autodiff), against burn's in f32.
     let x = Tensor::<B, 4>::from_inner(random(vec![1, 1, t.min(1024), h]));
     let w = Tensor::<B, 4>::from_inner(random(vec![1, 1, i, h]));
     let weights = Tensor::<B, 4>::from_inner(random(vec![1, 1, t.min(1024), i]));
     let gradients = |routed: bool| {
-        let (x, w) = (x.clone().require_grad(), w.clone().require_grad());
+        let as_operands = |t: &Tensor<B, 4>| if routed { t.clone() } else { t.clone().cast(FloatDType::F32) };
+        let (x, w) = (as_operands(&x).require_grad(), as_operands(&w).require_grad());
         let y = if routed { matmul(x.clone(), w.clone().swap_dims(2, 3)) } else { x.clone().matmul(w.clone().swap_dims(2, 3)) };
         let grads = (y.cast(FloatDType::F32) * weights.clone().cast(FloatDType::F32)).sum().backward();
         (x.grad(&grads).expect("x is tracked"), w.grad(&grads).expect("w is tracked"))
