@@ -58,12 +58,28 @@ where
             }
         }
     };
-    let shape = product.meta.shape().clone();
-    let dtype = product.dtype;
-    let handle = <Cube<R, F, I, BT> as BackendIr>::float_tensor_handle(product);
+    (register::<R, F, I, BT>(&client, product), operands)
+}
+
+/// `tensor`, computed outside the fusion stream of `client`, registered into it as a new tensor
+/// (an `Init` operation): how a kernel or library call of our own hands its result back to
+/// burn's fused CubeCL backends (this module, `models::nf4_kernel`).
+pub fn register<R, F, I, BT>(
+    client: &burn_fusion::Client<<CubeBackend<R, F, I, BT> as burn_fusion::FusionBackend>::FusionRuntime>,
+    tensor: CubeTensor<R>,
+) -> FusedTensor<R, F, I, BT>
+where
+    R: CubeRuntime,
+    F: FloatElement,
+    I: IntElement,
+    BT: BoolElement,
+{
+    let shape = tensor.meta.shape().clone();
+    let dtype = tensor.dtype;
+    let handle = <CubeBackend<R, F, I, BT> as BackendIr>::float_tensor_handle(tensor);
     let init = InitOperationIr::create(shape, dtype, || client.register_tensor_handle(handle));
-    let mut outputs = client.register(OperationStreams::default(), OperationIr::Init(init), NoOp::<Cube<R, F, I, BT>>::new());
-    (outputs.pop().expect("an initialisation registers one tensor"), operands)
+    let mut outputs = client.register(OperationStreams::default(), OperationIr::Init(init), NoOp::<CubeBackend<R, F, I, BT>>::new());
+    outputs.pop().expect("an initialisation registers one tensor")
 }
 
 /// The one call reading `lhs` and `rhs` in place, if there is one.

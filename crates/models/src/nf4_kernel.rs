@@ -20,7 +20,8 @@
 //!
 //! burn's `cuda` and `wgpu` backends are `Fusion<CubeBackend<…>>` here (the crate's features turn
 //! fusion on): the kernel's inputs are taken out of the fusion stream (which runs what is queued
-//! before them) and its output registered back as a new tensor of that stream.
+//! before them) and its output registered back as a new tensor of that stream
+//! (`alignment_core::fused_product::register`).
 
 use crate::quantized::QuantizedWeight;
 use burn::backend::Autodiff;
@@ -31,9 +32,7 @@ use burn_cubecl::cubecl::{calculate_cube_count_elemwise, CubeDim};
 use burn_cubecl::ops::numeric::empty_device_dtype;
 use burn_cubecl::tensor::CubeTensor;
 use burn_cubecl::{BoolElement, CubeBackend, CubeRuntime, FloatElement, IntElement};
-use burn_fusion::stream::OperationStreams;
-use burn_fusion::{Fusion, NoOp};
-use burn_ir::{BackendIr, InitOperationIr, OperationIr};
+use burn_fusion::Fusion;
 use std::any::TypeId;
 
 /// The kernel, in CubeCL's language (its `Tensor` is a kernel argument, not burn's).
@@ -131,11 +130,7 @@ where
     let code_book = client.resolve_tensor_float::<Inner<R, F, I, BT>>(code_book);
     let scales = client.resolve_tensor_float::<Inner<R, F, I, BT>>(scales);
     let output = launch(words, code_book, scales, dims, block_size, dtype);
-    let shape = output.meta.shape().clone();
-    let handle = <Inner<R, F, I, BT> as BackendIr>::float_tensor_handle(output);
-    let init = InitOperationIr::create(shape, dtype, || client.register_tensor_handle(handle));
-    let mut outputs = client.register(OperationStreams::default(), OperationIr::Init(init), NoOp::<Inner<R, F, I, BT>>::new());
-    outputs.pop().expect("an initialisation registers one tensor")
+    alignment_core::fused_product::register::<R, F, I, BT>(&client, output)
 }
 
 /// [`QuantizedWeight::dequantize_by_tensor_ops`]'s values, in `dtype`, by the kernel, where `B`
