@@ -128,9 +128,9 @@ impl<B: Backend> Attention<B> {
             Ok(out) => return self.o_proj.forward(out.swap_dims(1, 2).reshape([batch, seq, h * d])),
             Err(qkv) => qkv,
         };
-        let (k, v) = (repeat_kv(k, h / kvh), repeat_kv(v, h / kvh));
-        // Under autodiff on the GPU backends, one recorded step that keeps no probabilities.
-        let (q, k, v) = if crate::blocked_attention::applies::<B>() {
+        // Under autodiff on the GPU backends, one recorded step that keeps no probabilities and
+        // reads each kv head once for its group of query heads.
+        let (q, k, v) = if crate::gpu_steps::applies::<B>() {
             let rows = crate::blocked_attention::rows_per_block(batch, h, keys);
             match crate::blocked_attention::attention(q, k, v, mask.masked.clone(), (d as f64).powf(-0.5), self.matmul_dtype, rows) {
                 Ok(out) => return self.o_proj.forward(out.swap_dims(1, 2).reshape([batch, seq, h * d])),
@@ -139,6 +139,7 @@ impl<B: Backend> Attention<B> {
         } else {
             (q, k, v)
         };
+        let (k, v) = (repeat_kv(k, h / kvh), repeat_kv(v, h / kvh));
 
         let scores = matmul_in(q, k.swap_dims(2, 3), self.matmul_dtype) * (d as f64).powf(-0.5);
         let scores = scores.mask_fill(mask.masked.clone().expand([batch, h, seq, keys]), MASKED_SCORE);
@@ -150,7 +151,7 @@ impl<B: Backend> Attention<B> {
 
 /// Repeats each key/value head `times` times so that query head `i` meets kv head `i / times`
 /// (transformers' `repeat_kv`).
-fn repeat_kv<B: Backend>(x: Tensor<B, 4>, times: usize) -> Tensor<B, 4> {
+pub(crate) fn repeat_kv<B: Backend>(x: Tensor<B, 4>, times: usize) -> Tensor<B, 4> {
     if times == 1 {
         return x;
     }

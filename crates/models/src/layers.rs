@@ -330,7 +330,8 @@ pub struct RmsNorm<B: Backend> {
 
 impl<B: Backend> RmsNorm<B> {
     /// Normalises the last dimension of `[batch, seq, hidden]`. On libtorch, one fused torch
-    /// call (`tch_norm`); elsewhere burn's operations.
+    /// call (`tch_norm`); under autodiff on burn's GPU backends, one recorded step that keeps no
+    /// normalised activation (`recorded_norm`); elsewhere burn's operations.
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         let w = self.weight.val();
         let scale = if self.unit_offset { w + 1.0 } else { w };
@@ -338,6 +339,14 @@ impl<B: Backend> RmsNorm<B> {
         let (x, scale) = match crate::tch_norm::rms_norm(x, scale, self.eps) {
             Ok(normed) => return normed,
             Err(inputs) => inputs,
+        };
+        let (x, scale) = if crate::gpu_steps::applies::<B>() {
+            match crate::recorded_norm::rms_norm(x, scale, self.eps) {
+                Ok(normed) => return normed,
+                Err(inputs) => inputs,
+            }
+        } else {
+            (x, scale)
         };
         let mean_square = x.clone().square().mean_dim(2);
         let normed = x * (mean_square + self.eps).sqrt().recip();

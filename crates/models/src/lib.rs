@@ -26,6 +26,7 @@ pub mod family;
 mod gate;
 pub mod generate;
 pub mod gguf;
+mod gpu_steps;
 mod half_product;
 pub mod init;
 pub mod layers;
@@ -34,6 +35,7 @@ pub mod model;
 mod nf4_kernel;
 pub mod pretrained;
 pub mod quantized;
+mod recorded_norm;
 pub mod rope;
 #[cfg(feature = "tch")]
 mod tch_attention;

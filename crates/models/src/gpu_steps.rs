@@ -1,0 +1,31 @@
+//! Where the recorded steps written for GPU memory run (`blocked_attention`, `recorded_norm`):
+//! under the autodiff of burn's GPU backends built into this crate. Each keeps less for the
+//! backward pass than burn's operations would, and recomputes the rest there; on the CPU,
+//! memory is plentiful and the recomputation would only cost time, and libtorch has torch's
+//! own fused kernels (`tch_attention`, `tch_norm`).
+
+use burn::tensor::backend::Backend;
+
+/// Whether `B` is the autodiff of `cuda`, `cuda-bf16` or `wgpu`, as built into this crate.
+pub(crate) fn applies<B: Backend>() -> bool {
+    #[cfg(any(feature = "cuda", feature = "wgpu"))]
+    use burn::backend::Autodiff;
+    use std::any::TypeId;
+    let backends: &[TypeId] = &[
+        #[cfg(feature = "cuda")]
+        TypeId::of::<Autodiff<alignment_core::backend::Gpu>>(),
+        #[cfg(feature = "cuda")]
+        TypeId::of::<Autodiff<alignment_core::backend::GpuBf16>>(),
+        #[cfg(feature = "wgpu")]
+        TypeId::of::<Autodiff<alignment_core::backend::Wgpu>>(),
+    ];
+    backends.contains(&TypeId::of::<B>())
+}
+
+#[cfg(all(test, feature = "ndarray"))]
+mod tests {
+    #[test]
+    fn the_cpu_keeps_burns_operations() {
+        assert!(!super::applies::<alignment_core::backend::CpuAutodiff>());
+    }
+}
