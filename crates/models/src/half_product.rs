@@ -11,10 +11,11 @@
 //! burn's operations (cast, cast, matmul) keep both half-type operands for the backward pass,
 //! as autocast does (its cache of cast weights lives until the backward pass): a bf16 copy of
 //! every weight, 2 bytes a parameter, alive at the end of the forward pass where memory peaks —
-//! 2.3 GiB for Llama-3.2-1B. Here the step keeps the half-type input and a handle to the
-//! parameter itself, which the model holds anyway, and pays one cast of each weight more in the
-//! backward pass. For parameters only: a weight computed per product (QLoRA's dequantized base)
-//! would be kept in its full type, so those products keep burn's operations.
+//! 2.3 GiB for Llama-3.2-1B. Here the step keeps the half-type input (only for a trainable
+//! parameter: a frozen base under LoRA needs none) and a handle to the parameter itself, which
+//! the model holds anyway, and pays one cast of each weight more in the backward pass. For
+//! parameters only: a weight computed per product (QLoRA's dequantized base) would be kept in
+//! its full type, so those products keep burn's operations.
 //!
 //! Maps that read one input (q, k and v; gate and up) share one half-type copy of it
 //! ([`project_param_from_half`]): each product registers its input gradient in the input's own
@@ -134,22 +135,28 @@ fn record_primitives<I: Backend>(
         let y = float_matmul::<I>(rows::<I>(x_half), I::float_transpose(w_half));
         cast::<I>(I::float_reshape(y, Shape::new([batch, seq, out_features])), out_type)
     };
+    // The input is needed only for a trainable weight's gradient (a frozen base under LoRA
+    // keeps none).
+    let weight_tracked = !weight.node.requirement.is_none();
     let prepared =
         <HalfProductBackward as Backward<I, 2>>::prepare::<NoCheckpointing>(HalfProductBackward, [x.node.clone(), weight.node.clone()]);
     match prepared.compute_bound().stateful() {
         OpsKind::Tracked(prep) => {
             let y = forward(x_half.clone(), weight.primitive.clone());
-            prep.finish(HalfProductState { x_half, weight: weight.primitive, half, x_type }, y)
+            let x_shape = [batch, seq];
+            prep.finish(HalfProductState { x_half: weight_tracked.then_some(x_half), x_shape, weight: weight.primitive, half, x_type }, y)
         }
         OpsKind::UnTracked(prep) => prep.finish(forward(x_half, weight.primitive)),
     }
 }
 
-/// What the backward pass of [`project_param`] needs: the half-type input, the parameter (a
-/// handle to the model's own tensor), the half type and the type of the input's gradient.
+/// What the backward pass of [`project_param`] needs: the half-type input when the parameter is
+/// trainable, the input's `[batch, seq]`, the parameter (a handle to the model's own tensor), the
+/// half type and the type of the input's gradient.
 #[derive(Clone, Debug)]
 struct HalfProductState<I: Backend> {
-    x_half: FloatTensor<I>,
+    x_half: Option<FloatTensor<I>>,
+    x_shape: [usize; 2],
     weight: FloatTensor<I>,
     half: FloatDType,
     x_type: FloatDType,
@@ -162,9 +169,9 @@ impl<I: Backend> Backward<I, 2> for HalfProductBackward {
     type State = HalfProductState<I>;
 
     fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _checkpointer: &mut Checkpointer) {
-        let HalfProductState { x_half, weight, half, x_type } = ops.state;
+        let HalfProductState { x_half, x_shape: [batch, seq], weight, half, x_type } = ops.state;
         let [x_node, w_node] = ops.parents;
-        let [batch, seq, in_features] = x_half.shape().dims::<3>();
+        let in_features = weight.shape().dims::<2>()[1];
         let weight_type: FloatDType = weight.dtype().into();
         let dy = rows::<I>(cast::<I>(grads.consume::<I>(&ops.node), half));
         if let Some(node) = x_node {
@@ -173,6 +180,7 @@ impl<I: Backend> Backward<I, 2> for HalfProductBackward {
             grads.register::<I>(node.id, cast::<I>(dx, x_type));
         }
         if let Some(node) = w_node {
+            let x_half = x_half.expect("kept for a tracked weight");
             let dw = float_matmul::<I>(I::float_transpose(dy), rows::<I>(x_half));
             grads.register::<I>(node.id, cast::<I>(dw, weight_type));
         }
@@ -294,6 +302,120 @@ mod tests {
             }
         }
         compared
+    }
+
+    /// Maps with LoRA adapters reading one input through [`crate::layers::Linear::forward_many`]
+    /// against one cast per product (what `Linear::forward` ran before adapters shared the copy:
+    /// `project_param_in` and `LoraAdapter::forward_in`, or their half-type forms). With the
+    /// adapters' dropout off, the bases and the adapters' first products read the shared copy:
+    /// outputs and the gradients of the input, the weights and both adapter factors agree within
+    /// 1e-6 relative (the input's gradient adds its terms in another order). With it on, each
+    /// adapter drops its own input: every output differs from the maps' without dropout (the
+    /// masks come from the backend's generator, which other threads' tests draw from too, so the
+    /// two sides cannot be given the same masks here). Returns how many comparisons ran.
+    fn adapters_sharing_the_cast_equal_a_cast_per_product<I: Backend>(device: &I::Device, half: FloatDType) -> usize {
+        use crate::layers::{project_param_as, project_param_in, Linear, LoraAdapter};
+        use burn::module::Param;
+        fn relative<J: Backend, const D: usize>(a: Tensor<J, D>, b: Tensor<J, D>) -> f32 {
+            let (a, b) = (a.cast(FloatDType::F32), b.cast(FloatDType::F32));
+            let scale = b.clone().abs().max().into_scalar().elem::<f32>().max(1e-6);
+            (a - b).abs().max().into_scalar().elem::<f32>() / scale
+        }
+        let x = T3::<I>::random([2, 3, 8], Distribution::Normal(0.0, 1.0), device);
+        let weights: Vec<_> = [5, 3, 3].map(|out| T3::<I>::random([2, 3, out], Distribution::Normal(0.0, 1.0), device)).into();
+        let mut compared = 0;
+        {
+            let dropout = 0.0;
+            let maps: [Linear<Autodiff<I>>; 3] = [5, 3, 3].map(|out| {
+                let mut map = Linear::new(T2::<I>::random([out, 8], Distribution::Normal(0.0, 1.0), device));
+                map.matmul_dtype = Some(half);
+                map.lora = Some(LoraAdapter {
+                    a: Param::from_tensor(T2::<I>::random([2, 8], Distribution::Normal(0.0, 1.0), device)),
+                    b: Param::from_tensor(T2::<I>::random([out, 2], Distribution::Normal(0.0, 1.0), device)),
+                    scaling: 0.5,
+                    dropout,
+                    force_dropout: false,
+                });
+                map
+            });
+            for keep_half in [false, true] {
+                let run = |shared: bool| {
+                    <Autodiff<I> as Backend>::seed(device, 17);
+                    let x = x.clone().require_grad();
+                    let separate = |map: &Linear<Autodiff<I>>| {
+                        let adapter = map.lora.as_ref().expect("every map has an adapter");
+                        match keep_half {
+                            false => project_param_in(x.clone(), map.weight.val(), Some(half)) + adapter.forward_in(x.clone(), Some(half)),
+                            true => project_param_as(x.clone(), map.weight.val(), half) + adapter.forward_as(x.clone(), half),
+                        }
+                    };
+                    let ys: [T3<I>; 3] = match (shared, keep_half) {
+                        (true, false) => Linear::forward_many([&maps[0], &maps[1], &maps[2]], x.clone()),
+                        (true, true) => Linear::forward_many_in_product_type([&maps[0], &maps[1], &maps[2]], x.clone()),
+                        (false, _) => [0, 1, 2].map(|i| separate(&maps[i])),
+                    };
+                    let loss = ys
+                        .iter()
+                        .zip(&weights)
+                        .map(|(y, r)| (y.clone().cast(FloatDType::F32) * r.clone()).sum())
+                        .reduce(|a, b| a + b)
+                        .expect("three maps");
+                    let grads = loss.backward();
+                    let parameter_grads: Vec<Tensor<I, 2>> = maps
+                        .iter()
+                        .flat_map(|m| {
+                            let adapter = m.lora.as_ref().expect("every map has an adapter");
+                            [m.weight.grad(&grads), adapter.a.grad(&grads), adapter.b.grad(&grads)]
+                                .map(|g| g.expect("every parameter is tracked"))
+                        })
+                        .collect();
+                    (ys.map(|y| y.inner()), x.grad(&grads).expect("x is tracked"), parameter_grads)
+                };
+                let (ys, dx, dps) = run(true);
+                let (ys_ref, dx_ref, dps_ref) = run(false);
+                let case = format!("dropout {dropout}, keep_half {keep_half}");
+                for (y, y_ref) in ys.into_iter().zip(ys_ref) {
+                    assert_eq!(y.dtype(), y_ref.dtype(), "{case}: the result's type");
+                    assert!(relative(y, y_ref) < 1e-6, "{case}: outputs differ");
+                    compared += 1;
+                }
+                assert_eq!(dx.dtype(), DType::F32, "{case}: ∂x in x's type");
+                let difference = relative(dx, dx_ref);
+                assert!(difference < 1e-6, "{case}: ∂x differs by {difference:e}");
+                compared += 1;
+                for (i, (a, b)) in dps.into_iter().zip(dps_ref).enumerate() {
+                    let difference = relative(a, b);
+                    assert!(difference < 1e-6, "{case}: parameter {i}'s gradient differs by {difference:e}");
+                    compared += 1;
+                }
+            }
+            let dropping = maps.clone().map(|mut map| {
+                map.lora.as_mut().expect("every map has an adapter").dropout = 0.25;
+                map
+            });
+            let dropped = Linear::forward_many([&dropping[0], &dropping[1], &dropping[2]], x.clone().require_grad());
+            let kept = Linear::forward_many([&maps[0], &maps[1], &maps[2]], x.clone().require_grad());
+            for (a, b) in dropped.into_iter().zip(kept) {
+                assert!(relative(a.inner(), b.inner()) > 1e-3, "with dropout on, every adapter drops its own input");
+                compared += 1;
+            }
+        }
+        compared
+    }
+
+    #[cfg(feature = "ndarray")]
+    #[test]
+    fn adapters_sharing_one_half_type_input_equal_a_cast_per_product() {
+        type I = burn::backend::NdArray<f32>;
+        assert_eq!(adapters_sharing_the_cast_equal_a_cast_per_product::<I>(&Default::default(), FloatDType::F64), 29);
+    }
+
+    #[cfg(feature = "tch")]
+    #[test]
+    fn tch_adapters_sharing_one_half_type_input_equal_a_cast_per_product() {
+        type I = burn::backend::LibTorch<f32>;
+        let device = burn::backend::libtorch::LibTorchDevice::Cpu;
+        assert_eq!(adapters_sharing_the_cast_equal_a_cast_per_product::<I>(&device, FloatDType::BF16), 29);
     }
 
     #[cfg(feature = "ndarray")]

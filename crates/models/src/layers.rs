@@ -81,8 +81,9 @@ impl<B: Backend> Linear<B> {
 
     /// `[l.forward(x) for l in linears]` for maps that read the same input (q, k, v; gate, up).
     /// When decoding on the CPU backend (a few rows, plain maps) the products share one threaded
-    /// pass ([`crate::cpu`]); under mixed precision dense maps share one half-type copy of the
-    /// input ([`Self::forward_sharing_cast`]); elsewhere each map runs its own [`Self::forward`].
+    /// pass ([`crate::cpu`]); under mixed precision maps with dense bases (and their adapters,
+    /// without dropout) share one half-type copy of the input ([`Self::forward_sharing_cast`]);
+    /// elsewhere each map runs its own [`Self::forward`].
     pub fn forward_many<const N: usize>(linears: [&Self; N], x: Tensor<B, 3>) -> [Tensor<B, 3>; N] {
         #[cfg(feature = "ndarray")]
         let x = if linears.iter().all(|l| l.is_plain()) {
@@ -108,14 +109,16 @@ impl<B: Backend> Linear<B> {
         }
     }
 
-    /// Under mixed precision, dense maps (no adapter, no compressed or quantized base) reading
-    /// one wide-type input: the input cast to the half type once and each product run on that
-    /// copy ([`crate::half_product::project_param_from_half`]), the results in the weights' type
-    /// or, with `keep_half`, the half type. Autocast casts the input once per map; one copy
-    /// saves the other casts and, under autodiff, keeps one half-type input per group for the
-    /// backward pass instead of one per map. The copy's gradients add up in the input's type,
-    /// so the values are those of one cast per map. The input back when the maps or the
-    /// backend don't qualify.
+    /// Under mixed precision, maps with a dense base (no compressed or quantized one) reading one
+    /// wide-type input: the input cast to the half type once, each base product run on that copy
+    /// ([`crate::half_product::project_param_from_half`]), and so each adapter's first product
+    /// when its dropout is inactive (PEFT's `lora_dropout: 0`, or evaluation); the results in the
+    /// weights' type or, with `keep_half`, the half type. Autocast casts the input once per
+    /// product; one copy saves the other casts and, under autodiff, keeps one half-type input per
+    /// group for the backward pass instead of one per product. The copy's gradients add up in
+    /// the input's type, so the values are those of one cast per product. An adapter whose
+    /// dropout is active casts its own dropped input, as before. The input back when fewer than
+    /// two products would read the copy, or the maps or the backend don't qualify.
     fn forward_sharing_cast<const N: usize>(
         linears: [&Self; N],
         x: Tensor<B, 3>,
@@ -123,24 +126,31 @@ impl<B: Backend> Linear<B> {
     ) -> Result<[Tensor<B, 3>; N], Tensor<B, 3>> {
         let Some(half) = linears.first().and_then(|l| l.matmul_dtype) else { return Err(x) };
         let half_type = burn::tensor::DType::from(half);
-        let dense = |l: &&Self| {
-            l.lora.is_none()
-                && l.compressed.is_none()
-                && l.quantized.is_none()
-                && l.matmul_dtype == Some(half)
-                && l.weight.val().dtype() != half_type
+        let dense_base = |l: &&Self| {
+            l.compressed.is_none() && l.quantized.is_none() && l.matmul_dtype == Some(half) && l.weight.val().dtype() != half_type
         };
+        let device = x.device();
+        let adapter_reads_copy = |l: &Self| l.lora.as_ref().is_some_and(|adapter| !adapter.drops(&device));
+        let readers = N + linears.iter().filter(|l| adapter_reads_copy(l)).count();
         // Without the recorded product, burn's autodiff would add the copy's gradients in the half type.
-        let summed_wide = crate::half_product::records_on::<B>() || !B::ad_enabled(&x.device());
-        if N < 2 || x.dtype() == half_type || !linears.iter().all(dense) || !summed_wide {
+        let summed_wide = crate::half_product::records_on::<B>() || !B::ad_enabled(&device);
+        if readers < 2 || x.dtype() == half_type || !linears.iter().all(dense_base) || !summed_wide {
             return Err(x);
         }
         let x_type: FloatDType = x.dtype().into();
-        let x_half = x.cast(half);
-        Ok(linears.map(|l| match crate::half_product::project_param_from_half(x_half.clone(), l.weight.val(), keep_half, x_type) {
-            Ok(y) => y,
-            Err((x_half, w)) if keep_half => project_as(x_half, w, half),
-            Err((x_half, w)) => project_in(x_half, w, Some(half)),
+        let x_half = x.clone().cast(half);
+        Ok(linears.map(|l| {
+            let base = match crate::half_product::project_param_from_half(x_half.clone(), l.weight.val(), keep_half, x_type) {
+                Ok(y) => y,
+                Err((x_half, w)) if keep_half => project_as(x_half, w, half),
+                Err((x_half, w)) => project_in(x_half, w, Some(half)),
+            };
+            match &l.lora {
+                None => base,
+                Some(adapter) if adapter_reads_copy(l) => base + adapter.forward_from_half(x_half.clone(), keep_half, x_type),
+                Some(adapter) if keep_half => base + adapter.forward_as(x.clone(), half),
+                Some(adapter) => base + adapter.forward_in(x.clone(), Some(half)),
+            }
         }))
     }
 
@@ -149,6 +159,14 @@ impl<B: Backend> Linear<B> {
     /// may already be of it), except a ZeRO-3 shard's, whose recorded step multiplies in the
     /// shard's own type.
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        // With an adapter, the base and the adapter may read one half-type copy of `x`.
+        let x = match self.lora {
+            Some(_) => match Self::forward_sharing_cast([self], x, false) {
+                Ok([y]) => return y,
+                Err(x) => x,
+            },
+            None => x,
+        };
         let dtype = self.matmul_dtype;
         let base = |x: Tensor<B, 3>| match (&self.quantized, &self.compressed) {
             // Under mixed precision the weight is dequantized straight into the products' type.
@@ -227,9 +245,29 @@ impl<B: Backend> LoraAdapter<B> {
         project_as(project_as(self.dropped(x), self.a.val(), dtype), self.b.val(), dtype) * self.scaling
     }
 
+    /// [`Self::forward_in`] (or, with `keep_half`, [`Self::forward_as`]) for an input already
+    /// cast to the half type and shared with the base's product, when [`Self::drops`] is false:
+    /// the input's gradient is registered in `x_type`, where the shared copy's gradients add up
+    /// (`Linear::forward_sharing_cast`). The same values as casting the input here.
+    fn forward_from_half(&self, x_half: Tensor<B, 3>, keep_half: bool, x_type: FloatDType) -> Tensor<B, 3> {
+        let half: FloatDType = x_half.dtype().into();
+        let h = match crate::half_product::project_param_from_half(x_half, self.a.val(), true, x_type) {
+            Ok(h) => h,
+            Err((x_half, a)) => project_as(x_half, a, half),
+        };
+        let y = if keep_half { project_as(h, self.b.val(), half) } else { project_in(h, self.b.val(), Some(half)) };
+        y * self.scaling
+    }
+
+    /// Whether the adapter's input dropout is active on `device`: in training (autodiff), or
+    /// when forced, with a probability above zero.
+    fn drops(&self, device: &B::Device) -> bool {
+        self.dropout > 0.0 && (self.force_dropout || B::ad_enabled(device))
+    }
+
     /// `x` with PEFT's dropout applied when it is active.
     fn dropped(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        if self.dropout > 0.0 && (self.force_dropout || B::ad_enabled(&x.device())) {
+        if self.drops(&x.device()) {
             let keep = 1.0 - self.dropout;
             x.clone() * x.random_like(Distribution::Bernoulli(keep)) * (1.0 / keep)
         } else {
