@@ -122,8 +122,8 @@ struct AttentionState<I: Backend> {
     blocks: Vec<(usize, usize)>,
     heads: usize,
     scale: f64,
-    /// The products' type (`None`: the inputs' own).
-    dtype: Option<FloatDType>,
+    /// The products' type (the inputs' own without mixed precision).
+    product_type: FloatDType,
     /// The inputs' type: the output's, the softmax's and the gradients'.
     float: FloatDType,
 }
@@ -147,15 +147,12 @@ impl<I: Backend> AttentionState<I> {
         let blocks: Vec<(usize, usize)> = (0..queries).step_by(rows.max(1)).map(|start| (start, rows.min(queries - start))).collect();
         let kv_heads = k.dims()[1];
         let q_blocks = blocks.iter().map(|&(start, len)| grouped(q.clone().narrow(2, start, len), kv_heads)).collect();
-        Self { q_blocks, k, v, masked, blocks, heads, scale, dtype, float }
+        Self { q_blocks, k, v, masked, blocks, heads, scale, product_type, float }
     }
 
     /// `t` in the products' type.
     fn to_product_type(&self, t: Tensor<I, 4>) -> Tensor<I, 4> {
-        match self.dtype {
-            Some(dtype) => cast_to(t, dtype),
-            None => t,
-        }
+        cast_to(t, self.product_type)
     }
 
     /// A block's probabilities, `[batch, heads, len, keys]` in the inputs' type, by the
@@ -245,9 +242,10 @@ impl<I: Backend> Backward<I, 3> for AttentionBackward {
 #[cfg(all(test, feature = "ndarray"))]
 mod tests {
     use super::*;
+    use crate::test_support::max_relative_difference as relative;
     use alignment_core::backend::CpuAutodiff;
     use alignment_core::precision::matmul_in;
-    use burn::tensor::{Distribution, ElementConversion, TensorData};
+    use burn::tensor::{Distribution, TensorData};
 
     type T = Tensor<CpuAutodiff, 4>;
 
@@ -258,11 +256,6 @@ mod tests {
         let scores = matmul_in(q, k.swap_dims(2, 3), dtype) * scale;
         let masked = masked.expand([batch, heads, queries, keys]);
         matmul_in(softmax(scores.mask_fill(masked, crate::attention::MASKED_SCORE), 3), v, dtype)
-    }
-
-    fn relative(a: Tensor<burn::backend::NdArray<f32>, 4>, b: Tensor<burn::backend::NdArray<f32>, 4>) -> f32 {
-        let scale = b.clone().abs().max().into_scalar().elem::<f32>().max(1e-12);
-        (a - b).abs().max().into_scalar().elem::<f32>() / scale
     }
 
     /// Output and the gradients of q, k and v of `Σ out ⊙ r` equal burn's operations' (on kv

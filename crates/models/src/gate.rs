@@ -144,10 +144,7 @@ mod tests {
         let g = T::<I>::random(shape, Distribution::Normal(0.0, 3.0), device);
         let u = T::<I>::random(shape, Distribution::Normal(0.0, 1.0), device);
         let w = T::<I>::random(shape, Distribution::Normal(0.0, 1.0), device);
-        let relative = |a: Tensor<I, 3>, b: Tensor<I, 3>| {
-            let scale = b.clone().abs().max().into_scalar().elem::<f32>().max(1e-6);
-            (a - b).abs().max().into_scalar().elem::<f32>() / scale
-        };
+        let relative = crate::test_support::max_relative_difference::<I, 3>;
         let mut worst = 0f32;
         for (track_g, track_u) in [(true, true), (true, false), (false, true)] {
             let run = |f: &dyn Fn(T<I>, T<I>) -> T<I>| {
@@ -169,8 +166,6 @@ mod tests {
         }
         worst
     }
-
-    use burn::tensor::ElementConversion;
 
     /// The generic path (burn's operations on the inner backend, the one CUDA and wgpu take), on
     /// the CPU backend.

@@ -191,7 +191,7 @@ impl<I: Backend> Backward<I, 2> for HalfProductBackward {
 #[cfg(all(test, any(feature = "ndarray", feature = "tch")))]
 mod tests {
     use super::*;
-    use burn::tensor::{Distribution, ElementConversion};
+    use burn::tensor::Distribution;
 
     type T3<I> = Tensor<Autodiff<I>, 3>;
     type T2<I> = Tensor<Autodiff<I>, 2>;
@@ -203,11 +203,7 @@ mod tests {
     fn against_burns_operations<I: Backend>(device: &I::Device, half: FloatDType, recorded: impl Fn(T3<I>, T2<I>, bool) -> T3<I>) -> f32 {
         let x = T3::<I>::random([2, 3, 8], Distribution::Normal(0.0, 1.0), device);
         let weight = T2::<I>::random([5, 8], Distribution::Normal(0.0, 1.0), device);
-        let relative = |a: Tensor<I, 3>, b: Tensor<I, 3>| {
-            let (a, b) = (a.cast(FloatDType::F32), b.cast(FloatDType::F32));
-            let scale = b.clone().abs().max().into_scalar().elem::<f32>().max(1e-6);
-            (a - b).abs().max().into_scalar().elem::<f32>() / scale
-        };
+        let relative = crate::test_support::max_relative_difference::<I, 3>;
         let mut worst = 0f32;
         for input_in_half in [false, true] {
             for keep_half in [false, true] {
@@ -315,12 +311,8 @@ mod tests {
     /// two sides cannot be given the same masks here). Returns how many comparisons ran.
     fn adapters_sharing_the_cast_equal_a_cast_per_product<I: Backend>(device: &I::Device, half: FloatDType) -> usize {
         use crate::layers::{project_param_as, project_param_in, Linear, LoraAdapter};
+        use crate::test_support::max_relative_difference as relative;
         use burn::module::Param;
-        fn relative<J: Backend, const D: usize>(a: Tensor<J, D>, b: Tensor<J, D>) -> f32 {
-            let (a, b) = (a.cast(FloatDType::F32), b.cast(FloatDType::F32));
-            let scale = b.clone().abs().max().into_scalar().elem::<f32>().max(1e-6);
-            (a - b).abs().max().into_scalar().elem::<f32>() / scale
-        }
         let x = T3::<I>::random([2, 3, 8], Distribution::Normal(0.0, 1.0), device);
         let weights: Vec<_> = [5, 3, 3].map(|out| T3::<I>::random([2, 3, out], Distribution::Normal(0.0, 1.0), device)).into();
         let mut compared = 0;

@@ -43,6 +43,8 @@ mod tch_attention;
 mod tch_norm;
 #[cfg(feature = "tch")]
 mod tch_op;
+#[cfg(test)]
+mod test_support;
 pub mod weights;
 
 pub use compressed::CompressedWeight;

@@ -98,8 +98,9 @@ impl<I: Backend> Backward<I, 2> for NormBackward {
 #[cfg(all(test, feature = "ndarray"))]
 mod tests {
     use super::*;
+    use crate::test_support::max_relative_difference as relative;
     use alignment_core::backend::CpuAutodiff;
-    use burn::tensor::{Distribution, ElementConversion};
+    use burn::tensor::Distribution;
 
     type T<const D: usize> = Tensor<CpuAutodiff, D>;
 
@@ -107,11 +108,6 @@ mod tests {
     fn by_burns_operations(x: T<3>, scale: T<1>, eps: f64) -> T<3> {
         let mean_square = x.clone().square().mean_dim(2);
         x * (mean_square + eps).sqrt().recip() * scale.unsqueeze::<3>()
-    }
-
-    fn relative<const D: usize>(a: Tensor<burn::backend::NdArray<f32>, D>, b: Tensor<burn::backend::NdArray<f32>, D>) -> f32 {
-        let scale = b.clone().abs().max().into_scalar().elem::<f32>().max(1e-12);
-        (a - b).abs().max().into_scalar().elem::<f32>() / scale
     }
 
     /// The output equals burn's operations' bit for bit, and the gradients of `Σ y ⊙ c` with
