@@ -132,7 +132,7 @@ impl<B: Backend> Attention<B> {
         // reads each kv head once for its group of query heads.
         let (q, k, v) = if crate::gpu_steps::applies::<B>() {
             let rows = crate::blocked_attention::rows_per_block(batch, h, keys);
-            match crate::blocked_attention::attention(q, k, v, mask.masked.clone(), (d as f64).powf(-0.5), self.matmul_dtype, rows) {
+            match crate::blocked_attention::attention(q, k, v, mask.masked.clone(), true, (d as f64).powf(-0.5), self.matmul_dtype, rows) {
                 Ok(out) => return self.o_proj.forward(out.swap_dims(1, 2).reshape([batch, seq, h * d])),
                 Err(qkv) => qkv,
             }

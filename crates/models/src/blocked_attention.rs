@@ -19,6 +19,15 @@
 //! once, not per block), and the softmax in f32. Grouped-query heads are not repeated: each kv
 //! head meets its group of query heads in one product ([`AttentionState`]).
 //!
+//! Under a causal mask (every mask `attention::AttentionMask` builds is one) a block of queries
+//! meets only the keys up to its last query: the keys after them are masked for every query of
+//! the block, so their scores, products and softmax are skipped, as flash attention skips
+//! masked tiles (about half of the work at eight blocks). A query that sees a key gets the same
+//! values, since a masked key's probability is an exact zero beside any unmasked one. A query
+//! that sees none (a padding position) gets the mean of the values its block reads rather than
+//! of all values: an arbitrary output either way, which reaches no loss (its position has no
+//! label, and nothing attends to it), so its gradient is zero in training.
+//!
 //! Used where memory binds: the autodiff of burn's GPU backends (`cuda`, `wgpu`: `gpu_steps`).
 //! The libtorch route calls torch's fused attention instead (`tch_attention`), and the CPU keeps
 //! burn's operations (memory is plentiful there, and the recomputation would cost time).
@@ -32,6 +41,7 @@ use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::Autodiff;
 use burn::tensor::activation::softmax;
+use burn::tensor::ops::PadMode;
 use burn::tensor::{backend::Backend, Bool, FloatDType, Tensor, TensorPrimitive};
 
 /// Scores computed at a time, `batch · heads · rows · keys` (64 MiB in f32).
@@ -46,19 +56,23 @@ pub(crate) fn rows_per_block(batch: usize, heads: usize, keys: usize) -> usize {
 /// kv_heads, keys, head_dim]` (query head `i` meets kv head `i / (heads / kv_heads)`, as after
 /// transformers' `repeat_kv`, which this step does not need) and `masked: [batch, 1, queries,
 /// keys]` (`true`: masked), as one recorded step with blocks of `rows` queries, when `B` is the
-/// autodiff of a backend built into this crate; q, k and v back otherwise.
-#[allow(clippy::type_complexity)]
+/// autodiff of a backend built into this crate; q, k and v back otherwise. With `causal`, the
+/// caller promises that the mask hides every key after a query's own position (the last query
+/// sits at the last key), and each block reads only the keys up to its last query.
+#[allow(clippy::type_complexity, clippy::too_many_arguments)]
 pub(crate) fn attention<B: Backend>(
     q: Tensor<B, 4>,
     k: Tensor<B, 4>,
     v: Tensor<B, 4>,
     masked: Tensor<B, 4, Bool>,
+    causal: bool,
     scale: f64,
     dtype: Option<FloatDType>,
     rows: usize,
 ) -> Result<Tensor<B, 4>, (Tensor<B, 4>, Tensor<B, 4>, Tensor<B, 4>)> {
     assert_eq!(q.dims()[1] % k.dims()[1], 0, "query heads are whole groups of kv heads");
-    visit_autodiff::<B, _>(AttentionInputs { q, k, v, masked, scale, dtype, rows }).map_err(|r| (r.q, r.k, r.v))
+    assert!(q.dims()[2] <= k.dims()[2], "as many keys as queries at least");
+    visit_autodiff::<B, _>(AttentionInputs { q, k, v, masked, causal, scale, dtype, rows }).map_err(|r| (r.q, r.k, r.v))
 }
 
 /// The step's inputs on the caller's backend `B`.
@@ -67,6 +81,7 @@ struct AttentionInputs<B: Backend> {
     k: Tensor<B, 4>,
     v: Tensor<B, 4>,
     masked: Tensor<B, 4, Bool>,
+    causal: bool,
     scale: f64,
     dtype: Option<FloatDType>,
     rows: usize,
@@ -87,7 +102,7 @@ impl<B: Backend> AutodiffVisitor for AttentionInputs<B> {
         let inner =
             |t: &burn::tensor::ops::FloatTensor<Autodiff<I>>| Tensor::<I, 4>::from_primitive(TensorPrimitive::Float(t.primitive.clone()));
         let masked = Tensor::<I, 4, Bool>::from_primitive(masked.into_primitive());
-        let state = AttentionState::new(inner(&q), inner(&k), inner(&v), masked, self.scale, self.dtype, self.rows);
+        let state = AttentionState::new(inner(&q), inner(&k), inner(&v), masked, self.causal, self.scale, self.dtype, self.rows);
         let prepared = <AttentionBackward as Backward<I, 3>>::prepare::<NoCheckpointing>(AttentionBackward, nodes);
         let out = match prepared.compute_bound().stateful() {
             OpsKind::Tracked(prep) => {
@@ -118,8 +133,9 @@ struct AttentionState<I: Backend> {
     k: Tensor<I, 4>,
     v: Tensor<I, 4>,
     masked: Tensor<I, 4, Bool>,
-    /// `(start, len)` of each block of queries.
-    blocks: Vec<(usize, usize)>,
+    /// `(start, len, keys)` of each block of queries: its first query, its number of queries and
+    /// the keys it reads (all of them, or under a causal mask those up to its last query).
+    blocks: Vec<(usize, usize, usize)>,
     heads: usize,
     scale: f64,
     /// The products' type (the inputs' own without mixed precision).
@@ -129,11 +145,13 @@ struct AttentionState<I: Backend> {
 }
 
 impl<I: Backend> AttentionState<I> {
+    #[allow(clippy::too_many_arguments)]
     fn new(
         q: Tensor<I, 4>,
         k: Tensor<I, 4>,
         v: Tensor<I, 4>,
         masked: Tensor<I, 4, Bool>,
+        causal: bool,
         scale: f64,
         dtype: Option<FloatDType>,
         rows: usize,
@@ -144,9 +162,17 @@ impl<I: Backend> AttentionState<I> {
         // Cast once here rather than in every block's products (q, k and v were cast per block,
         // forward and backward); contiguous, so that each product reads them in place.
         let [q, k, v] = [q, k, v].map(|t| contiguous(cast_to(t, product_type)));
-        let blocks: Vec<(usize, usize)> = (0..queries).step_by(rows.max(1)).map(|start| (start, rows.min(queries - start))).collect();
-        let kv_heads = k.dims()[1];
-        let q_blocks = blocks.iter().map(|&(start, len)| grouped(q.clone().narrow(2, start, len), kv_heads)).collect();
+        let [_, kv_heads, keys, _] = k.dims();
+        // The query at `i` sits at key position `past + i`.
+        let past = keys - queries;
+        let blocks: Vec<(usize, usize, usize)> = (0..queries)
+            .step_by(rows.max(1))
+            .map(|start| {
+                let len = rows.min(queries - start);
+                (start, len, if causal { past + start + len } else { keys })
+            })
+            .collect();
+        let q_blocks = blocks.iter().map(|&(start, len, _)| grouped(q.clone().narrow(2, start, len), kv_heads)).collect();
         Self { q_blocks, k, v, masked, blocks, heads, scale, product_type, float }
     }
 
@@ -155,25 +181,41 @@ impl<I: Backend> AttentionState<I> {
         cast_to(t, self.product_type)
     }
 
-    /// A block's probabilities, `[batch, heads, len, keys]` in the inputs' type, by the
+    /// The blocks from the last to the first: under a causal mask the last reads the most keys.
+    /// Taking the largest temporaries first lets the smaller ones reuse their memory; in the
+    /// other order CubeCL's pools kept buffers of every block's size (seen on lavapipe: +340 MiB
+    /// of peak memory at 2 × 1024 tokens).
+    fn largest_first(&self) -> impl Iterator<Item = usize> {
+        (0..self.blocks.len()).rev()
+    }
+
+    /// The keys (or values) a block reads: `[batch, kv_heads, its keys, head_dim]`.
+    fn visible(&self, t: &Tensor<I, 4>, block: usize) -> Tensor<I, 4> {
+        t.clone().narrow(2, 0, self.blocks[block].2)
+    }
+
+    /// A block's probabilities, `[batch, heads, len, its keys]` in the inputs' type, by the
     /// operations of `Attention::forward`'s unfused path; and its mask, broadcast to them.
     fn probabilities(&self, block: usize) -> (Tensor<I, 4>, Tensor<I, 4, Bool>) {
-        let (start, len) = self.blocks[block];
-        let [batch, _, keys, _] = self.k.dims();
-        let masked = self.masked.clone().narrow(2, start, len).expand([batch, self.heads, len, keys]);
-        let scores = matmul(self.q_blocks[block].clone(), self.k.clone().swap_dims(2, 3));
+        let (start, len, keys) = self.blocks[block];
+        let batch = self.k.dims()[0];
+        let masked = self.masked.clone().narrow(2, start, len).narrow(3, 0, keys).expand([batch, self.heads, len, keys]);
+        let scores = matmul(self.q_blocks[block].clone(), self.visible(&self.k, block).swap_dims(2, 3));
         let scores = cast_to(ungrouped(scores, self.heads), self.float) * self.scale;
         (softmax(scores.mask_fill(masked.clone(), crate::attention::MASKED_SCORE), 3), masked)
     }
 
     fn forward(&self) -> Tensor<I, 4> {
         let kv_heads = self.k.dims()[1];
-        let blocks: Vec<Tensor<I, 4>> = (0..self.blocks.len())
+        // Largest blocks first (see `largest_first`).
+        let mut blocks: Vec<Tensor<I, 4>> = self
+            .largest_first()
             .map(|block| {
                 let p = grouped(self.to_product_type(self.probabilities(block).0), kv_heads);
-                cast_to(ungrouped(matmul(p, self.v.clone()), self.heads), self.float)
+                cast_to(ungrouped(matmul(p, self.visible(&self.v, block)), self.heads), self.float)
             })
             .collect();
+        blocks.reverse();
         Tensor::cat(blocks, 2)
     }
 }
@@ -206,28 +248,33 @@ impl<I: Backend> Backward<I, 3> for AttentionBackward {
     fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _checkpointer: &mut Checkpointer) {
         let state = ops.state;
         let d_out = Tensor::<I, 4>::from_primitive(TensorPrimitive::Float(grads.consume::<I>(&ops.node)));
-        let kv_heads = state.k.dims()[1];
+        let [_, kv_heads, keys, _] = state.k.dims();
         let (mut dq, mut dk, mut dv) = (Vec::new(), None, None);
+        // A block's ∂k or ∂v covers its keys; the keys after them get nothing from it.
         let add = |sum: Option<Tensor<I, 4>>, term: Tensor<I, 4>| {
+            let read = term.dims()[2];
+            let term = if read < keys { term.pad([(0, keys - read), (0, 0)], PadMode::Constant(0.0)) } else { term };
             Some(match sum {
                 Some(sum) => sum + term,
                 None => term,
             })
         };
         let to_float = |t: Tensor<I, 4>| cast_to(t, state.float);
-        for (block, &(start, len)) in state.blocks.iter().enumerate() {
+        for block in state.largest_first() {
+            let (start, len, _) = state.blocks[block];
             let (p, masked) = state.probabilities(block);
             let d_out = grouped(state.to_product_type(d_out.clone().narrow(2, start, len)), kv_heads);
-            let dp = to_float(ungrouped(matmul(d_out.clone(), state.v.clone().swap_dims(2, 3)), state.heads));
+            let dp = to_float(ungrouped(matmul(d_out.clone(), state.visible(&state.v, block).swap_dims(2, 3)), state.heads));
             let p_grouped = grouped(state.to_product_type(p.clone()), kv_heads);
             dv = add(dv, to_float(matmul(p_grouped.swap_dims(2, 3), d_out)));
             let row_dot = (p.clone() * dp.clone()).sum_dim(3);
             let ds = (p * (dp - row_dot)).mask_fill(masked, 0.0) * state.scale;
             let ds = grouped(state.to_product_type(ds), kv_heads);
-            dq.push(to_float(ungrouped(matmul(ds.clone(), state.k.clone()), state.heads)));
+            dq.push(to_float(ungrouped(matmul(ds.clone(), state.visible(&state.k, block)), state.heads)));
             dk = add(dk, to_float(matmul(ds.swap_dims(2, 3), state.q_blocks[block].clone())));
         }
         let [q_node, k_node, v_node] = ops.parents;
+        dq.reverse();
         let grads_of = [(q_node, Some(Tensor::cat(dq, 2))), (k_node, dk), (v_node, dv)];
         for (node, grad) in grads_of {
             if let (Some(node), Some(grad)) = (node, grad) {
@@ -261,54 +308,91 @@ mod tests {
     /// Output and the gradients of q, k and v of `Σ out ⊙ r` equal burn's operations' (on kv
     /// heads repeated by `repeat_kv`, as `Attention::forward` runs them), for blocks of one row,
     /// of a size that leaves a partial last block, and of the whole sequence; for one kv head
-    /// per query head, groups of two and one kv head for all four; with causal and padding masks
-    /// (a padding query's row entirely masked), inputs laid out as the model's heads are (views
-    /// of `[batch, positions, heads, head_dim]`), and with products in f64 (standing for the
-    /// half type, as `tests/backend_check.rs` does on the CPU).
+    /// per query head, groups of two and one kv head for all four; with a causal mask read as
+    /// one (each block reading the keys up to its last query), the same mask read whole, a mask
+    /// that is not causal, and queries after two cached keys; padding throughout (a padding
+    /// query's row entirely masked); inputs laid out as the model's heads are (views of
+    /// `[batch, positions, heads, head_dim]`), and with products in f64 (standing for the half
+    /// type, as `tests/backend_check.rs` does on the CPU).
     #[test]
     fn blocks_give_burns_operations_values_and_gradients() {
         let device = Default::default();
-        let (batch, heads, queries, head_dim) = (2, 4, 7, 4);
+        let (batch, heads, head_dim, keys) = (2, 4, 4, 7);
         let scale = (head_dim as f64).powf(-0.5);
-        // Causal, and row 1's last two positions are padding (keys masked for every query, and
-        // those queries see no key at all).
-        let masked: Vec<bool> = (0..batch)
-            .flat_map(|b| (0..queries).flat_map(move |i| (0..queries).map(move |j| j > i || (b == 1 && (j >= 5 || i >= 5)))))
-            .collect();
-        let masked = Tensor::<CpuAutodiff, 4, Bool>::from_data(TensorData::new(masked, [batch, 1, queries, queries]), &device);
-        let random = |heads| T::random([batch, queries, heads, head_dim], Distribution::Normal(0.0, 1.0), &device).require_grad();
+        // Row 1's last two positions are padding (keys masked for every query, and those queries
+        // see no key at all); `causal` adds the future keys.
+        let mask = |past: usize, causal: bool| {
+            let queries = keys - past;
+            let masked: Vec<bool> = (0..batch)
+                .flat_map(|b| (past..keys).flat_map(move |i| (0..keys).map(move |j| (causal && j > i) || (b == 1 && (j >= 5 || i >= 5)))))
+                .collect();
+            Tensor::<CpuAutodiff, 4, Bool>::from_data(TensorData::new(masked, [batch, 1, queries, keys]), &device)
+        };
         let heads_of = |t: &T| t.clone().swap_dims(1, 2);
-        let r = T::random([batch, heads, queries, head_dim], Distribution::Normal(0.0, 1.0), &device);
-        for kv_heads in [heads, 2, 1] {
-            let (q, k, v) = (random(heads), random(kv_heads), random(kv_heads));
-            let group = heads / kv_heads;
-            for dtype in [None, Some(FloatDType::F64)] {
-                let expected = by_burns_operations(
-                    heads_of(&q),
-                    crate::attention::repeat_kv(heads_of(&k), group),
-                    crate::attention::repeat_kv(heads_of(&v), group),
-                    masked.clone(),
-                    scale,
-                    dtype,
-                );
-                let expected_grads = (expected.clone() * r.clone()).sum().backward();
-                for rows in [1, 3, queries] {
-                    let out = attention(heads_of(&q), heads_of(&k), heads_of(&v), masked.clone(), scale, dtype, rows)
-                        .unwrap_or_else(|_| panic!("recorded on the CPU's autodiff"));
-                    let grads = (out.clone() * r.clone()).sum().backward();
-                    let case = format!("{kv_heads} kv heads, rows {rows}, {dtype:?}");
-                    assert!(relative(out.inner(), expected.clone().inner()) < 1e-6, "{case}: output");
-                    for (name, t) in [("q", &q), ("k", &k), ("v", &v)] {
-                        let (got, want) = (
-                            t.grad(&grads).unwrap_or_else(|| panic!("{case}: no ∂{name}")),
-                            t.grad(&expected_grads).unwrap_or_else(|| panic!("{case}: no expected ∂{name}")),
+        // (keys cached before the queries, causal mask, read as causal)
+        for (past, causal_mask, causal) in [(0, true, true), (0, true, false), (0, false, false), (2, true, true)] {
+            let queries = keys - past;
+            let masked = mask(past, causal_mask);
+            let random = |heads, len| T::random([batch, len, heads, head_dim], Distribution::Normal(0.0, 1.0), &device).require_grad();
+            // Padding queries see no key: read as causal, their output is the mean of the
+            // values their block reads, not of all values (module doc). In training nothing
+            // reaches a loss from them, so they are left out of the comparison and the loss.
+            let sees_a_key: Vec<f32> =
+                (0..batch).flat_map(|b| (past..keys).map(move |i| if causal && b == 1 && i >= 5 { 0.0 } else { 1.0 })).collect();
+            let sees_a_key = T::from_data(TensorData::new(sees_a_key, [batch, 1, queries, 1]), &device);
+            let r = T::random([batch, heads, queries, head_dim], Distribution::Normal(0.0, 1.0), &device) * sees_a_key.clone();
+            for kv_heads in [heads, 2, 1] {
+                let (q, k, v) = (random(heads, queries), random(kv_heads, keys), random(kv_heads, keys));
+                let group = heads / kv_heads;
+                for dtype in [None, Some(FloatDType::F64)] {
+                    let expected = by_burns_operations(
+                        heads_of(&q),
+                        crate::attention::repeat_kv(heads_of(&k), group),
+                        crate::attention::repeat_kv(heads_of(&v), group),
+                        masked.clone(),
+                        scale,
+                        dtype,
+                    );
+                    let expected_grads = (expected.clone() * r.clone()).sum().backward();
+                    for rows in [1, 3, queries] {
+                        let out = attention(heads_of(&q), heads_of(&k), heads_of(&v), masked.clone(), causal, scale, dtype, rows)
+                            .unwrap_or_else(|_| panic!("recorded on the CPU's autodiff"));
+                        let grads = (out.clone() * r.clone()).sum().backward();
+                        let case = format!(
+                            "past {past}, causal mask {causal_mask} read as causal {causal}, {kv_heads} kv heads, rows {rows}, {dtype:?}"
                         );
-                        let difference = relative(got, want);
-                        assert!(difference < 1e-5, "{case}: ∂{name} differs by {difference:e}");
+                        let output_difference =
+                            relative((out.clone() * sees_a_key.clone()).inner(), (expected.clone() * sees_a_key.clone()).inner());
+                        assert!(output_difference < 1e-6, "{case}: output differs by {output_difference:e}");
+                        for (name, t) in [("q", &q), ("k", &k), ("v", &v)] {
+                            let (got, want) = (
+                                t.grad(&grads).unwrap_or_else(|| panic!("{case}: no ∂{name}")),
+                                t.grad(&expected_grads).unwrap_or_else(|| panic!("{case}: no expected ∂{name}")),
+                            );
+                            let difference = relative(got, want);
+                            assert!(difference < 1e-5, "{case}: ∂{name} differs by {difference:e}");
+                        }
                     }
                 }
             }
         }
+    }
+
+    /// Under a causal mask each block reads the keys up to its last query, after any cached ones.
+    #[test]
+    fn causal_blocks_read_the_keys_up_to_their_last_query() {
+        let device = Default::default();
+        let zeros = |len| Tensor::<alignment_core::backend::Cpu, 4>::zeros([1, 2, len, 4], &device);
+        let masked = Tensor::<alignment_core::backend::Cpu, 4, Bool>::empty([1, 1, 5, 7], &device);
+        let keys_read = |causal| {
+            AttentionState::new(zeros(5), zeros(7), zeros(7), masked.clone(), causal, 1.0, None, 2)
+                .blocks
+                .iter()
+                .map(|b| b.2)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(keys_read(true), [4, 6, 7], "blocks of queries 0-1, 2-3 and 4 after 2 cached keys");
+        assert_eq!(keys_read(false), [7, 7, 7]);
     }
 
     #[test]
