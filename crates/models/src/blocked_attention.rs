@@ -116,6 +116,18 @@ impl<B: Backend> AutodiffVisitor for AttentionInputs<B> {
     }
 }
 
+/// One block of queries.
+#[derive(Clone, Copy, Debug)]
+struct Block {
+    /// Its first query.
+    start: usize,
+    /// Its number of queries.
+    len: usize,
+    /// The keys it reads, from the first: all of them, or under a causal mask those up to its
+    /// last query.
+    keys: usize,
+}
+
 /// What the backward pass keeps: q, k and v in the products' type, each once (no repeated kv
 /// heads, no f32 copies), and the mask, which burn's operations keep too; no probabilities.
 ///
@@ -133,9 +145,7 @@ struct AttentionState<I: Backend> {
     k: Tensor<I, 4>,
     v: Tensor<I, 4>,
     masked: Tensor<I, 4, Bool>,
-    /// `(start, len, keys)` of each block of queries: its first query, its number of queries and
-    /// the keys it reads (all of them, or under a causal mask those up to its last query).
-    blocks: Vec<(usize, usize, usize)>,
+    blocks: Vec<Block>,
     heads: usize,
     scale: f64,
     /// The products' type (the inputs' own without mixed precision).
@@ -165,14 +175,14 @@ impl<I: Backend> AttentionState<I> {
         let [_, kv_heads, keys, _] = k.dims();
         // The query at `i` sits at key position `past + i`.
         let past = keys - queries;
-        let blocks: Vec<(usize, usize, usize)> = (0..queries)
+        let blocks: Vec<Block> = (0..queries)
             .step_by(rows.max(1))
             .map(|start| {
                 let len = rows.min(queries - start);
-                (start, len, if causal { past + start + len } else { keys })
+                Block { start, len, keys: if causal { past + start + len } else { keys } }
             })
             .collect();
-        let q_blocks = blocks.iter().map(|&(start, len, _)| grouped(q.clone().narrow(2, start, len), kv_heads)).collect();
+        let q_blocks = blocks.iter().map(|b| grouped(q.clone().narrow(2, b.start, b.len), kv_heads)).collect();
         Self { q_blocks, k, v, masked, blocks, heads, scale, product_type, float }
     }
 
@@ -191,13 +201,13 @@ impl<I: Backend> AttentionState<I> {
 
     /// The keys (or values) a block reads: `[batch, kv_heads, its keys, head_dim]`.
     fn visible(&self, t: &Tensor<I, 4>, block: usize) -> Tensor<I, 4> {
-        t.clone().narrow(2, 0, self.blocks[block].2)
+        t.clone().narrow(2, 0, self.blocks[block].keys)
     }
 
     /// A block's probabilities, `[batch, heads, len, its keys]` in the inputs' type, by the
     /// operations of `Attention::forward`'s unfused path; and its mask, broadcast to them.
     fn probabilities(&self, block: usize) -> (Tensor<I, 4>, Tensor<I, 4, Bool>) {
-        let (start, len, keys) = self.blocks[block];
+        let Block { start, len, keys } = self.blocks[block];
         let batch = self.k.dims()[0];
         let masked = self.masked.clone().narrow(2, start, len).narrow(3, 0, keys).expand([batch, self.heads, len, keys]);
         let scores = matmul(self.q_blocks[block].clone(), self.visible(&self.k, block).swap_dims(2, 3));
@@ -261,7 +271,7 @@ impl<I: Backend> Backward<I, 3> for AttentionBackward {
         };
         let to_float = |t: Tensor<I, 4>| cast_to(t, state.float);
         for block in state.largest_first() {
-            let (start, len, _) = state.blocks[block];
+            let Block { start, len, .. } = state.blocks[block];
             let (p, masked) = state.probabilities(block);
             let d_out = grouped(state.to_product_type(d_out.clone().narrow(2, start, len)), kv_heads);
             let dp = to_float(ungrouped(matmul(d_out.clone(), state.visible(&state.v, block).swap_dims(2, 3)), state.heads));
@@ -388,7 +398,7 @@ mod tests {
             AttentionState::new(zeros(5), zeros(7), zeros(7), masked.clone(), causal, 1.0, None, 2)
                 .blocks
                 .iter()
-                .map(|b| b.2)
+                .map(|b| b.keys)
                 .collect::<Vec<_>>()
         };
         assert_eq!(keys_read(true), [4, 6, 7], "blocks of queries 0-1, 2-3 and 4 after 2 cached keys");
