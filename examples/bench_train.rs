@@ -648,6 +648,9 @@ fn run_train<B: AutodiffBackend>(args: &TrainArgs, matmul_dtype: Option<FloatDTy
         // host-synchronised), or the backend's own matmul (CubeCL's on cuda with
         // ALIGNMENT_CUBLAS=0; cuBLAS inside libtorch on tch-cuda).
         "products": alignment_core::gemm::products_route::<B::InnerBackend>(),
+        // Who computes blocked attention's softmax: its CubeCL kernels, or tensor operations
+        // (ALIGNMENT_SOFTMAX_KERNEL=0); "burn's attention" where blocked attention is not used.
+        "attention_softmax": alignment_models::block_softmax::route::<B::InnerBackend>(),
         "profile": profile,
         "peak_rss_mib": alignment_core::memory::status_bytes("VmHWM").map(|b| b as f64 / 1048576.0),
     });

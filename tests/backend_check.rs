@@ -215,6 +215,60 @@ fn wgpu_nf4_kernel_gives_the_tensor_operations_bits() {
     }
 }
 
+/// Blocked attention's softmax on a fused CubeCL backend: the two kernels
+/// (`models::softmax_kernel`) give the tensor operations' probabilities and ∂S, for a block of
+/// queries after others and cached keys that reads fewer keys than the mask holds, grouped
+/// heads, padding rows that see no key, a mask broadcast over the batch (a stride of zero), rows
+/// shorter than a cube and rows of more keys than its threads; with the products in f32 and
+/// in f16.
+#[cfg(feature = "wgpu")]
+#[test]
+fn wgpu_softmax_kernels_give_the_tensor_operations_values() {
+    use alignment_handbook::core::backend::Wgpu;
+    use alignment_handbook::models::block_softmax::BlockSoftmax;
+    use burn::tensor::{Bool, Distribution, ElementConversion, Tensor, TensorData};
+    let device = burn::backend::wgpu::WgpuDevice::default();
+    let relative = |got: Tensor<Wgpu, 4>, want: Tensor<Wgpu, 4>| {
+        let (got, want) = (got.cast(FloatDType::F32), want.cast(FloatDType::F32));
+        let scale = want.clone().abs().max().into_scalar().elem::<f32>().max(1e-30);
+        (got - want).abs().max().into_scalar().elem::<f32>() / scale
+    };
+    // (batch, kv heads, group, cached keys, queries, block start, block length, broadcast mask)
+    for (batch, kv_heads, group, past, queries, start, len, broadcast) in
+        [(2, 2, 2, 2, 7, 3, 3, false), (2, 1, 3, 300, 40, 16, 8, true), (1, 2, 1, 0, 5, 0, 5, false)]
+    {
+        let keys = past + queries;
+        let read = past + start + len;
+        // Causal, and in batch element 1 (when not broadcast) the last two positions padding:
+        // their rows see no key at all.
+        let mask_batch = if broadcast { 1 } else { batch };
+        let masked: Vec<bool> = (0..mask_batch)
+            .flat_map(|b| (past..keys).flat_map(move |i| (0..keys).map(move |j| j > i || (b == 1 && (i + 2 >= keys || j + 2 >= keys)))))
+            .collect();
+        let masked = Tensor::<Wgpu, 4, Bool>::from_data(TensorData::new(masked, [mask_batch, 1, queries, keys]), &device);
+        let masked = if broadcast { masked.expand([batch, 1, queries, keys]) } else { masked };
+        let heads = kv_heads * group;
+        let softmax = BlockSoftmax { heads, start, scale: 0.35, float: FloatDType::F32 };
+        for (dtype, tolerance) in [(FloatDType::F32, 1e-5), (FloatDType::F16, 2e-3)] {
+            let random =
+                || Tensor::<Wgpu, 4>::random([batch, kv_heads, group * len, read], Distribution::Normal(0.0, 3.0), &device).cast(dtype);
+            let (scores, dp) = (random(), random());
+            let case = format!("batch {batch}, {kv_heads} kv heads of {group}, keys {read} of {keys}, block {start}+{len}, {dtype:?}");
+            let p = softmax.probabilities_by_kernel(&scores, &masked).expect("wgpu is a fused CubeCL backend");
+            let (p_of_gradients, ds) = softmax.gradients_by_kernel(&scores, &dp, &masked).expect("wgpu is a fused CubeCL backend");
+            let expected_p = softmax.probabilities_by_tensor_ops(scores.clone(), &masked);
+            let (_, expected_ds) = softmax.gradients_by_tensor_ops(scores.clone(), dp.clone(), &masked);
+            for (name, got, want) in
+                [("P", p, expected_p.clone()), ("P of the backward", p_of_gradients, expected_p), ("∂S", ds, expected_ds)]
+            {
+                assert_eq!((got.dims(), got.dtype()), (want.dims(), want.dtype()), "{case}: {name}'s shape and type");
+                let difference = relative(got, want);
+                assert!(difference <= tolerance, "{case}: {name} differs from the tensor operations' by {difference:e} (relative)");
+            }
+        }
+    }
+}
+
 /// The seam burn-cuda's cuBLAS products go through (`core::fused_product`), on lavapipe with a
 /// kernel of cuBLAS's column-major semantics in place of cuBLAS: for each layout a training step
 /// hands a product (burn's own views: transposed weights, transposed gradients, attention's

@@ -111,6 +111,9 @@ runner_for() {
         # `NAME@sync`: on cuBLAS ordered by host synchronisation instead of on CubeCL's stream.
         *@cubecl) echo "env ALIGNMENT_CUBLAS=0 $BIN" ;;
         *@sync) echo "env ALIGNMENT_CUBLAS=sync $BIN" ;;
+        # `NAME@ops-softmax`: blocked attention's softmax by tensor operations instead of its
+        # CubeCL kernels (models::softmax_kernel).
+        *@ops-softmax) echo "env ALIGNMENT_SOFTMAX_KERNEL=0 $BIN" ;;
         *) echo "$BIN" ;;
     esac
 }
@@ -323,9 +326,11 @@ case "$PLAN" in
         run_gemm
         bundle
         # cuda-bf16@cubecl: the same step with CubeCL's matmul, what cuBLAS is measured against;
-        # cuda-bf16@sync: cuBLAS ordered from the host, what the patched stream is measured against.
+        # cuda-bf16@sync: cuBLAS ordered from the host, what the patched stream is measured against;
+        # cuda-bf16@ops-softmax: attention's softmax by tensor operations, what its kernels are
+        # measured against.
         OURS_BACKENDS="cuda-bf16 tch-cuda-bf16 cuda cuda-bf16@cubecl" bench smollm2-135m sft 1024 4 1
-        OURS_BACKENDS="cuda-bf16 tch-cuda-bf16 cuda cuda-bf16@cubecl cuda-bf16@sync" bench llama-3.2-1b sft 1024 4 1
+        OURS_BACKENDS="cuda-bf16 tch-cuda-bf16 cuda cuda-bf16@cubecl cuda-bf16@sync cuda-bf16@ops-softmax" bench llama-3.2-1b sft 1024 4 1
         BF16="cuda-bf16 tch-cuda-bf16"
         # Where each implementation's step goes, before the remaining shapes.
         OURS_BACKENDS="$BF16" profile llama-3.2-1b sft 1024 4

@@ -28,10 +28,14 @@
 //! of all values: an arbitrary output either way, which reaches no loss (its position has no
 //! label, and nothing attends to it), so its gradient is zero in training.
 //!
+//! The softmax and its backward pass are [`crate::block_softmax`]'s: one CubeCL kernel each on
+//! burn's GPU backends, tensor operations elsewhere.
+//!
 //! Used where memory binds: the autodiff of burn's GPU backends (`cuda`, `wgpu`: `gpu_steps`).
 //! The libtorch route calls torch's fused attention instead (`tch_attention`), and the CPU keeps
 //! burn's operations (memory is plentiful there, and the recomputation would cost time).
 
+use crate::block_softmax::BlockSoftmax;
 use alignment_core::backend::{retype, visit_autodiff, AutodiffVisitor};
 use alignment_core::gemm::matmul;
 use alignment_core::precision::cast_to;
@@ -40,7 +44,6 @@ use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::Autodiff;
-use burn::tensor::activation::softmax;
 use burn::tensor::ops::PadMode;
 use burn::tensor::{backend::Backend, Bool, FloatDType, Tensor, TensorPrimitive};
 
@@ -204,24 +207,23 @@ impl<I: Backend> AttentionState<I> {
         t.clone().narrow(2, 0, self.blocks[block].keys)
     }
 
-    /// A block's probabilities, `[batch, heads, len, its keys]` in the inputs' type, by the
-    /// operations of `Attention::forward`'s unfused path; and its mask, broadcast to them.
-    fn probabilities(&self, block: usize) -> (Tensor<I, 4>, Tensor<I, 4, Bool>) {
-        let Block { start, len, keys } = self.blocks[block];
-        let batch = self.k.dims()[0];
-        let masked = self.masked.clone().narrow(2, start, len).narrow(3, 0, keys).expand([batch, self.heads, len, keys]);
-        let scores = matmul(self.q_blocks[block].clone(), self.visible(&self.k, block).swap_dims(2, 3));
-        let scores = cast_to(ungrouped(scores, self.heads), self.float) * self.scale;
-        (softmax(scores.mask_fill(masked.clone(), crate::attention::MASKED_SCORE), 3), masked)
+    /// A block's scores `q kᵀ`, unscaled, in the products' type, grouped: `[batch, kv_heads,
+    /// group · len, its keys]`.
+    fn scores(&self, block: usize) -> Tensor<I, 4> {
+        matmul(self.q_blocks[block].clone(), self.visible(&self.k, block).swap_dims(2, 3))
+    }
+
+    /// A block's softmax: where its rows meet the mask, and in which type.
+    fn softmax(&self, block: usize) -> BlockSoftmax {
+        BlockSoftmax { heads: self.heads, start: self.blocks[block].start, scale: self.scale, float: self.float }
     }
 
     fn forward(&self) -> Tensor<I, 4> {
-        let kv_heads = self.k.dims()[1];
         // Largest blocks first (see `largest_first`).
         let mut blocks: Vec<Tensor<I, 4>> = self
             .largest_first()
             .map(|block| {
-                let p = grouped(self.to_product_type(self.probabilities(block).0), kv_heads);
+                let p = self.softmax(block).probabilities(self.scores(block), &self.masked);
                 cast_to(ungrouped(matmul(p, self.visible(&self.v, block)), self.heads), self.float)
             })
             .collect();
@@ -272,14 +274,10 @@ impl<I: Backend> Backward<I, 3> for AttentionBackward {
         let to_float = |t: Tensor<I, 4>| cast_to(t, state.float);
         for block in state.largest_first() {
             let Block { start, len, .. } = state.blocks[block];
-            let (p, masked) = state.probabilities(block);
             let d_out = grouped(state.to_product_type(d_out.clone().narrow(2, start, len)), kv_heads);
-            let dp = to_float(ungrouped(matmul(d_out.clone(), state.visible(&state.v, block).swap_dims(2, 3)), state.heads));
-            let p_grouped = grouped(state.to_product_type(p.clone()), kv_heads);
-            dv = add(dv, to_float(matmul(p_grouped.swap_dims(2, 3), d_out)));
-            let row_dot = (p.clone() * dp.clone()).sum_dim(3);
-            let ds = (p * (dp - row_dot)).mask_fill(masked, 0.0) * state.scale;
-            let ds = grouped(state.to_product_type(ds), kv_heads);
+            let dp = matmul(d_out.clone(), state.visible(&state.v, block).swap_dims(2, 3));
+            let (p, ds) = state.softmax(block).gradients(state.scores(block), dp, &state.masked);
+            dv = add(dv, to_float(matmul(p.swap_dims(2, 3), d_out)));
             dq.push(to_float(ungrouped(matmul(ds.clone(), state.visible(&state.k, block)), state.heads)));
             dk = add(dk, to_float(matmul(ds.swap_dims(2, 3), state.q_blocks[block].clone())));
         }
@@ -302,6 +300,7 @@ mod tests {
     use crate::test_support::max_relative_difference as relative;
     use alignment_core::backend::CpuAutodiff;
     use alignment_core::precision::matmul_in;
+    use burn::tensor::activation::softmax;
     use burn::tensor::{Distribution, TensorData};
 
     type T = Tensor<CpuAutodiff, 4>;

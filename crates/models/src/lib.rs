@@ -9,6 +9,7 @@
 //! nothing of datasets, losses or optimisers.
 
 pub mod attention;
+pub mod block_softmax;
 mod blocked_attention;
 pub mod compressed;
 pub mod config;
@@ -37,13 +38,15 @@ pub mod pretrained;
 pub mod quantized;
 mod recorded_norm;
 pub mod rope;
+#[cfg(any(feature = "cuda", feature = "wgpu"))]
+mod softmax_kernel;
 #[cfg(feature = "tch")]
 mod tch_attention;
 #[cfg(feature = "tch")]
 mod tch_norm;
 #[cfg(feature = "tch")]
 mod tch_op;
-#[cfg(test)]
+#[cfg(all(test, any(feature = "ndarray", feature = "tch")))]
 mod test_support;
 pub mod weights;
 
