@@ -651,6 +651,9 @@ fn run_train<B: AutodiffBackend>(args: &TrainArgs, matmul_dtype: Option<FloatDTy
         // Who computes blocked attention's softmax: its CubeCL kernels, or tensor operations
         // (ALIGNMENT_SOFTMAX_KERNEL=0); "burn's attention" where blocked attention is not used.
         "attention_softmax": alignment_models::block_softmax::route::<B::InnerBackend>(),
+        // Whether AdamW ran as one CubeCL kernel per parameter (burn's GPU backends, unless
+        // ALIGNMENT_ADAMW_KERNEL=0).
+        "adamw_kernel": alignment_trainer::optimizer::update_by_kernel::<B::InnerBackend>(),
         "profile": profile,
         "peak_rss_mib": alignment_core::memory::status_bytes("VmHWM").map(|b| b as f64 / 1048576.0),
     });

@@ -269,6 +269,81 @@ fn wgpu_softmax_kernels_give_the_tensor_operations_values() {
     }
 }
 
+/// AdamW on a fused CubeCL backend (`trainer::adamw_kernel`: one kernel per parameter, in
+/// place): three steps with weight decay (a norm weight exempt from it) and global-norm
+/// clipping, once clipping and once not, give the CPU's parameters and moments (whose update is
+/// the tensor operations' bit for bit); a parameter value the caller still holds keeps its
+/// values.
+#[cfg(feature = "wgpu")]
+#[test]
+fn wgpu_adamw_kernel_gives_the_cpus_update() {
+    use alignment_handbook::core::backend::{CpuAutodiff, WgpuAutodiff};
+    use alignment_handbook::trainer::optimizer::{update_by_kernel, AdamW, AdamWConfig};
+    use burn::module::{Module, Param};
+    use burn::optim::GradientsParams;
+    use burn::tensor::backend::{AutodiffBackend, Backend};
+    use burn::tensor::{ElementConversion, Tensor, TensorData};
+
+    #[derive(Module, Debug)]
+    struct Tiny<B: Backend> {
+        proj: Param<Tensor<B, 2>>,
+        input_layernorm: Param<Tensor<B, 1>>,
+    }
+    let values =
+        |n: usize, seed: usize| (0..n).map(|i| (((i * 7919 + seed * 104729) % 1000) as f32 / 500.0 - 1.0) * 0.3).collect::<Vec<f32>>();
+    /// The parameters and moments after three steps, the first value of `proj` as held from
+    /// before them, and the first step's clipping factor.
+    fn run<B: AutodiffBackend>(
+        config: AdamWConfig,
+        values: &dyn Fn(usize, usize) -> Vec<f32>,
+        device: &B::Device,
+    ) -> (Vec<Vec<f32>>, f32, f64) {
+        let tensor2 = |seed| Tensor::<B, 2>::from_data(TensorData::new(values(48 * 33, seed), [48, 33]), device);
+        let tensor1 = |seed| Tensor::<B, 1>::from_data(TensorData::new(values(33, seed), [33]), device);
+        let mut model = Tiny { proj: Param::from_tensor(tensor2(1)), input_layernorm: Param::from_tensor(tensor1(2)) };
+        let held = model.proj.val().inner();
+        let mut optimizer = AdamW::<B::InnerBackend>::new(config);
+        let mut first_clip = None;
+        for step in 0..3 {
+            let x = Tensor::<B, 2>::from_data(TensorData::new(values(5 * 48, 10 + step), [5, 48]), device);
+            let y = x.matmul(model.proj.val()) * model.input_layernorm.val().unsqueeze_dim::<2>(0);
+            let loss = (y.clone() * y).sum();
+            let grads = GradientsParams::from_grads(loss.backward(), &model);
+            let (updated, report) = optimizer.step::<B, _>(1e-2, model, grads);
+            model = updated;
+            first_clip.get_or_insert(report.read().clip_coef);
+        }
+        let flat = |t: Tensor<B::InnerBackend, 1>| t.into_data().convert::<f32>().into_vec::<f32>().unwrap();
+        let mut out = vec![flat(model.proj.val().inner().reshape([48 * 33])), flat(model.input_layernorm.val().inner())];
+        let mut paths: Vec<_> = optimizer.state.keys().cloned().collect();
+        paths.sort();
+        for path in paths {
+            let m = &optimizer.state[&path];
+            out.push(flat(m.exp_avg.clone()));
+            out.push(flat(m.exp_avg_sq.clone()));
+        }
+        let first_clip = first_clip.expect("three steps");
+        (out, held.reshape([48 * 33]).slice([0..1]).into_scalar().elem::<f32>(), first_clip)
+    }
+    assert!(update_by_kernel::<alignment_handbook::core::backend::Wgpu>(), "wgpu takes the kernel");
+    assert!(!update_by_kernel::<alignment_handbook::core::backend::Cpu>());
+    let device = burn::backend::wgpu::WgpuDevice::default();
+    // The first gradient's norm is ≈ 0.35: 0.05 clips it.
+    for max_grad_norm in [Some(0.05), None] {
+        let config = AdamWConfig { weight_decay: 0.1, max_grad_norm, ..AdamWConfig::default() };
+        let (gpu, gpu_held, gpu_clip) = run::<WgpuAutodiff>(config, &values, &device);
+        let (cpu, cpu_held, _) = run::<CpuAutodiff>(config, &values, &Default::default());
+        assert_eq!(gpu_clip < 0.5, max_grad_norm.is_some(), "clipping {max_grad_norm:?}: factor {gpu_clip}");
+        assert_eq!(gpu.len(), 6, "two parameters and their moments");
+        assert_eq!((gpu_held, cpu_held), (values(1, 1)[0], values(1, 1)[0]), "a held parameter keeps its value");
+        for (i, (g, c)) in gpu.iter().zip(&cpu).enumerate() {
+            let scale = c.iter().fold(0f32, |a, v| a.max(v.abs()));
+            let difference = g.iter().zip(c).fold(0f32, |a, (x, y)| a.max((x - y).abs())) / scale;
+            assert!(difference <= 1e-5, "clipping {max_grad_norm:?}: tensor {i} differs from the CPU's by {difference:e} (relative)");
+        }
+    }
+}
+
 /// The seam burn-cuda's cuBLAS products go through (`core::fused_product`), on lavapipe with a
 /// kernel of cuBLAS's column-major semantics in place of cuBLAS: for each layout a training step
 /// hands a product (burn's own views: transposed weights, transposed gradients, attention's

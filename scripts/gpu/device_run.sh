@@ -114,6 +114,9 @@ runner_for() {
         # `NAME@ops-softmax`: blocked attention's softmax by tensor operations instead of its
         # CubeCL kernels (models::softmax_kernel).
         *@ops-softmax) echo "env ALIGNMENT_SOFTMAX_KERNEL=0 $BIN" ;;
+        # `NAME@ops-adamw`: AdamW by tensor operations instead of its CubeCL kernel
+        # (trainer::adamw_kernel).
+        *@ops-adamw) echo "env ALIGNMENT_ADAMW_KERNEL=0 $BIN" ;;
         *) echo "$BIN" ;;
     esac
 }
@@ -327,10 +330,10 @@ case "$PLAN" in
         bundle
         # cuda-bf16@cubecl: the same step with CubeCL's matmul, what cuBLAS is measured against;
         # cuda-bf16@sync: cuBLAS ordered from the host, what the patched stream is measured against;
-        # cuda-bf16@ops-softmax: attention's softmax by tensor operations, what its kernels are
-        # measured against.
+        # cuda-bf16@ops-softmax and @ops-adamw: attention's softmax and AdamW by tensor operations,
+        # what their kernels are measured against.
         OURS_BACKENDS="cuda-bf16 tch-cuda-bf16 cuda cuda-bf16@cubecl" bench smollm2-135m sft 1024 4 1
-        OURS_BACKENDS="cuda-bf16 tch-cuda-bf16 cuda cuda-bf16@cubecl cuda-bf16@sync cuda-bf16@ops-softmax" bench llama-3.2-1b sft 1024 4 1
+        OURS_BACKENDS="cuda-bf16 tch-cuda-bf16 cuda cuda-bf16@cubecl cuda-bf16@sync cuda-bf16@ops-softmax cuda-bf16@ops-adamw" bench llama-3.2-1b sft 1024 4 1
         BF16="cuda-bf16 tch-cuda-bf16"
         # Where each implementation's step goes, before the remaining shapes.
         OURS_BACKENDS="$BF16" profile llama-3.2-1b sft 1024 4

@@ -9,6 +9,8 @@
 //! trait between loop and objective), [`train`] (the loop), [`checkpoint`], [`logging`],
 //! [`data_parallel`] (N ranks, DDP/ZeRO) with [`zero3`] (weights partitioned inside the passes).
 
+#[cfg(any(feature = "cuda", feature = "wgpu"))]
+mod adamw_kernel;
 pub mod checkpoint;
 pub mod components;
 #[cfg(feature = "ndarray")]

@@ -18,6 +18,9 @@
 //! bit-identical (`cpu_adamw.rs`'s test). The host pass serves the CPU backend's one-process
 //! step (`cpu_adamw.rs`) and every data-parallel stage's owned shard (`data_parallel.rs`).
 //!
+//! On burn's GPU backends the one-process update is one CubeCL kernel per parameter
+//! (`adamw_kernel.rs`), the same f32 operations in the same order, in place.
+//!
 //! `optim: rmsprop` swaps the update for `torch.optim.RMSprop` with transformers' arguments
 //! (`α = 0.99`, `ε = 1e-8`, weight decay added to the gradient, no momentum), after the same
 //! clipping: `v ← αv + (1−α)g² ; p ← p − lr · g / (√v + ε)`; `v` is kept as `exp_avg_sq`.
@@ -192,7 +195,10 @@ impl<B: Backend> AdamW<B> {
             .then(|| clip_coef.clone().map(|coef| burn::tensor::ElementConversion::elem::<f32>(coef.into_scalar())));
         #[cfg(not(feature = "ndarray"))]
         let cpu_clip = None;
-        let mut mapper = Update::<AD> { optimizer: self, grads, lr, clip_coef: clip_coef.clone(), cpu_clip, path: Vec::new() };
+        // The GPU backends' one-kernel AdamW takes the factor as a `[1]` tensor, ones without clipping.
+        let kernel_clip = (self.config.rule == UpdateRule::AdamW && update_by_kernel::<B>())
+            .then(|| clip_coef.clone().unwrap_or_else(|| grad_norm.ones_like()));
+        let mut mapper = Update::<AD> { optimizer: self, grads, lr, clip_coef: clip_coef.clone(), cpu_clip, kernel_clip, path: Vec::new() };
         let module = module.map(&mut mapper);
         let clip_coef = clip_coef.unwrap_or_else(|| grad_norm.ones_like());
         (module, DeviceStepReport { grad_norm, clip_coef })
@@ -226,6 +232,9 @@ struct Update<'a, AD: AutodiffBackend> {
     /// `Some` when AdamW runs as the CPU backend's one pass (`cpu_adamw`), holding the clipping
     /// factor's value (`None` without clipping).
     cpu_clip: Option<Option<f32>>,
+    /// `Some` when AdamW runs as one kernel per parameter on a GPU backend (`adamw_kernel`),
+    /// holding the `[1]` clipping factor (ones without clipping).
+    kernel_clip: Option<Tensor<AD::InnerBackend, 1>>,
     path: Vec<String>,
 }
 
@@ -263,9 +272,11 @@ impl<AD: AutodiffBackend> ModuleMapper<AD> for Update<'_, AD> {
                 let moments = self.optimizer.state.remove(&path).unwrap_or_else(|| Moments::zeros(numel, &device));
                 let decays = !excluded_from_decay(&path);
                 let scalars = AdamWScalars::new(&c, self.lr, t, decays);
-                match self.cpu_clip {
+                match (self.cpu_clip, &self.kernel_clip) {
                     #[cfg(feature = "ndarray")]
-                    Some(clip) => crate::cpu_adamw::update(p, grad, moments, &scalars, clip),
+                    (Some(clip), _) => crate::cpu_adamw::update(p, grad, moments, &scalars, clip),
+                    #[cfg(any(feature = "cuda", feature = "wgpu"))]
+                    (_, Some(clip)) => crate::adamw_kernel::update(p, grad, clip.clone(), moments, &scalars),
                     _ => adamw_on_tensors(p, clipped(grad), moments, &scalars, &[]),
                 }
             }
@@ -291,6 +302,15 @@ impl<AD: AutodiffBackend> ModuleMapper<AD> for Update<'_, AD> {
 
         Param::from_mapped_value(id, with_grad(Tensor::from_inner(p), require_grad), mapper)
     }
+}
+
+/// Whether the one-process AdamW update on `B` (an autodiff's inner backend) runs as one CubeCL
+/// kernel per parameter (`adamw_kernel`: burn's GPU backends, unless `ALIGNMENT_ADAMW_KERNEL=0`).
+pub fn update_by_kernel<B: Backend>() -> bool {
+    #[cfg(any(feature = "cuda", feature = "wgpu"))]
+    return crate::adamw_kernel::enabled::<B>();
+    #[cfg(not(any(feature = "cuda", feature = "wgpu")))]
+    false
 }
 
 /// `tensor`, tracked again when the parameter was.
