@@ -236,6 +236,7 @@ run_gemm() {
 # bench SHAPE TASK SEQ BATCH ACCUM: ours on each backend of $OURS_BACKENDS, then PyTorch.
 # LEAN=1: ours with --gradient-checkpointing --chunked-head, PyTorch with --grad-checkpointing
 # (the recipes' `gradient_checkpointing: true`; PyTorch has no chunked head without Liger).
+# NO_TORCH=1: ours only (a variant of ours measured after PyTorch was, on the same shape).
 bench() {
     local shape="$1" task="$2" seq="$3" batch="$4" accum="$5"
     local common=(--shape "scripts/gpu/shapes/$shape.json" --task "$task" --seq "$seq" --batch "$batch" --accum "$accum" --warmup "${WARMUP:-2}" --steps "${STEPS:-5}")
@@ -250,7 +251,9 @@ bench() {
         # shellcheck disable=SC2086 # the runner is `env VAR=... binary`
         measure "ours $backend $shape $task s$seq b$batch$tag" $runner train --backend "${backend%@*}" "${common[@]}" "${ours[@]}"
     done
-    measure "torch $shape $task s$seq b$batch$tag" "$PY" scripts/gpu/torch_baseline.py "${common[@]}" "${torch[@]}"
+    if [ "${NO_TORCH:-0}" != 1 ]; then
+        measure "torch $shape $task s$seq b$batch$tag" "$PY" scripts/gpu/torch_baseline.py "${common[@]}" "${torch[@]}"
+    fi
     bundle
 }
 
@@ -329,11 +332,9 @@ case "$PLAN" in
         run_gemm
         bundle
         # cuda-bf16@cubecl: the same step with CubeCL's matmul, what cuBLAS is measured against;
-        # cuda-bf16@sync: cuBLAS ordered from the host, what the patched stream is measured against;
-        # cuda-bf16@ops-softmax and @ops-adamw: attention's softmax and AdamW by tensor operations,
-        # what their kernels are measured against.
+        # cuda-bf16@sync: cuBLAS ordered from the host, what the patched stream is measured against.
         OURS_BACKENDS="cuda-bf16 tch-cuda-bf16 cuda cuda-bf16@cubecl" bench smollm2-135m sft 1024 4 1
-        OURS_BACKENDS="cuda-bf16 tch-cuda-bf16 cuda cuda-bf16@cubecl cuda-bf16@sync cuda-bf16@ops-softmax cuda-bf16@ops-adamw" bench llama-3.2-1b sft 1024 4 1
+        OURS_BACKENDS="cuda-bf16 tch-cuda-bf16 cuda cuda-bf16@cubecl cuda-bf16@sync" bench llama-3.2-1b sft 1024 4 1
         BF16="cuda-bf16 tch-cuda-bf16"
         # Where each implementation's step goes, before the remaining shapes.
         OURS_BACKENDS="$BF16" profile llama-3.2-1b sft 1024 4
@@ -341,6 +342,9 @@ case "$PLAN" in
         OURS_BACKENDS="$BF16" bench llama-3.2-1b dpo 1024 2 1
         OURS_BACKENDS="$BF16" bench llama-3.2-1b sft 2048 2 1
         OURS_BACKENDS="$BF16" bench mistral-7b qlora 2048 1 1
+        # If budget is left: attention's softmax and AdamW by tensor operations, what their
+        # kernels (on in `cuda-bf16` above) are measured against; also first in `profile`.
+        NO_TORCH=1 OURS_BACKENDS="cuda-bf16@ops-softmax cuda-bf16@ops-adamw" bench llama-3.2-1b sft 1024 4 1
         ;;
     second)
         run_update
@@ -357,6 +361,9 @@ case "$PLAN" in
         # of budget before it, then the smaller model and DPO, where launches weigh more.
         BF16="cuda-bf16 tch-cuda-bf16"
         OURS_BACKENDS="$BF16" profile llama-3.2-1b sft 1024 4
+        # The kernels against the tensor operations they replace (when `first` had no budget
+        # left for them), with `cuda-bf16` again beside them.
+        NO_TORCH=1 OURS_BACKENDS="cuda-bf16 cuda-bf16@ops-softmax cuda-bf16@ops-adamw" bench llama-3.2-1b sft 1024 4 1
         OURS_BACKENDS="$BF16" profile smollm2-135m sft 1024 4
         OURS_BACKENDS="$BF16" profile llama-3.2-1b dpo 1024 2
         ;;
