@@ -85,6 +85,124 @@ pub fn visit_autodiff<B: 'static, V: AutodiffVisitor>(visitor: V) -> Result<V::O
     Err(visitor)
 }
 
+/// Code written against the parts of a fused CubeCL backend, `Fusion<CubeBackend<R, F, I, BT>>`
+/// (burn-cuda's and burn-wgpu's backends), as this workspace's CubeCL kernels are:
+/// [`visit_fused_cube`] calls [`Self::visit`] with the parts of the caller's backend, and the
+/// visitor turns its tensors into that backend's with [`retype`]. One list of backends serves
+/// every kernel, where each used to test `TypeId`s itself.
+#[cfg(any(feature = "cuda", feature = "wgpu"))]
+pub trait FusedCubeVisitor {
+    /// What the visit returns.
+    type Output;
+    /// Runs with the runtime and element types of the fused CubeCL backend visited.
+    fn visit<R, F, I, BT>(self) -> Self::Output
+    where
+        R: burn_cubecl::CubeRuntime,
+        F: burn_cubecl::FloatElement,
+        I: burn_cubecl::IntElement,
+        BT: burn_cubecl::BoolElement;
+}
+
+/// The parts of a fused CubeCL backend, named (how [`visit_fused_cube`] hands them over).
+#[cfg(any(feature = "cuda", feature = "wgpu"))]
+trait FusedCubeParts {
+    type Runtime: burn_cubecl::CubeRuntime;
+    type Float: burn_cubecl::FloatElement;
+    type Int: burn_cubecl::IntElement;
+    type Bool: burn_cubecl::BoolElement;
+}
+
+#[cfg(any(feature = "cuda", feature = "wgpu"))]
+impl<R, F, I, BT> FusedCubeParts for burn_fusion::Fusion<burn_cubecl::CubeBackend<R, F, I, BT>>
+where
+    R: burn_cubecl::CubeRuntime,
+    F: burn_cubecl::FloatElement,
+    I: burn_cubecl::IntElement,
+    BT: burn_cubecl::BoolElement,
+{
+    type Runtime = R;
+    type Float = F;
+    type Int = I;
+    type Bool = BT;
+}
+
+/// `$on!(K)` for each fused CubeCL backend `K` built into this crate: the one list.
+#[cfg(any(feature = "cuda", feature = "wgpu"))]
+macro_rules! for_each_fused_cube {
+    ($on:ident) => {
+        #[cfg(feature = "cuda")]
+        {
+            $on!(Gpu);
+            $on!(GpuBf16);
+        }
+        #[cfg(feature = "wgpu")]
+        $on!(Wgpu);
+    };
+}
+
+/// [`FusedCubeVisitor::visit`] with the parts of `B` when `B` is one of the fused CubeCL
+/// backends built into this crate ([`Gpu`], [`GpuBf16`], [`Wgpu`], by its features); the
+/// visitor back for any other `B` (the kernel does not apply).
+#[cfg(any(feature = "cuda", feature = "wgpu"))]
+pub fn visit_fused_cube<B: 'static, V: FusedCubeVisitor>(visitor: V) -> Result<V::Output, V> {
+    macro_rules! on {
+        ($k:ty) => {
+            if std::any::TypeId::of::<B>() == std::any::TypeId::of::<$k>() {
+                return Ok(visit_parts::<$k, V>(visitor));
+            }
+        };
+    }
+    for_each_fused_cube!(on);
+    Err(visitor)
+}
+
+/// [`visit_fused_cube`] for `B` the autodiff of one of those backends: the visitor gets the
+/// inner backend's parts (for an untracked value, such as a frozen weight's dequantisation).
+#[cfg(any(feature = "cuda", feature = "wgpu"))]
+pub fn visit_fused_cube_under_autodiff<B: 'static, V: FusedCubeVisitor>(visitor: V) -> Result<V::Output, V> {
+    macro_rules! on {
+        ($k:ty) => {
+            if std::any::TypeId::of::<B>() == std::any::TypeId::of::<burn::backend::Autodiff<$k>>() {
+                return Ok(visit_parts::<$k, V>(visitor));
+            }
+        };
+    }
+    for_each_fused_cube!(on);
+    Err(visitor)
+}
+
+/// Whether `B` is one of the fused CubeCL backends built into this crate (where
+/// [`visit_fused_cube`] visits); `false` on every backend when built without `cuda` or `wgpu`.
+pub fn is_fused_cube<B: 'static>() -> bool {
+    #[cfg(any(feature = "cuda", feature = "wgpu"))]
+    return visit_fused_cube::<B, _>(Probe).is_ok();
+    #[cfg(not(any(feature = "cuda", feature = "wgpu")))]
+    false
+}
+
+/// Whether `B` is the autodiff of one of the fused CubeCL backends built into this crate.
+pub fn is_fused_cube_autodiff<B: 'static>() -> bool {
+    #[cfg(any(feature = "cuda", feature = "wgpu"))]
+    return visit_fused_cube_under_autodiff::<B, _>(Probe).is_ok();
+    #[cfg(not(any(feature = "cuda", feature = "wgpu")))]
+    false
+}
+
+/// Visits nothing: asks only whether a visit happens.
+#[cfg(any(feature = "cuda", feature = "wgpu"))]
+struct Probe;
+
+#[cfg(any(feature = "cuda", feature = "wgpu"))]
+impl FusedCubeVisitor for Probe {
+    type Output = ();
+    fn visit<R, F, I, BT>(self) {}
+}
+
+#[cfg(any(feature = "cuda", feature = "wgpu"))]
+fn visit_parts<K: FusedCubeParts, V: FusedCubeVisitor>(visitor: V) -> V::Output {
+    visitor.visit::<K::Runtime, K::Float, K::Int, K::Bool>()
+}
+
 #[cfg(feature = "ndarray")]
 /// CPU backend used by tests and CI: pure Rust, f32.
 pub type Cpu = burn::backend::NdArray<f32>;

@@ -8,6 +8,7 @@ pub mod atomic;
 pub mod backend;
 #[cfg(feature = "cuda")]
 mod cublas;
+pub mod env_switch;
 #[cfg(any(feature = "cuda", feature = "wgpu"))]
 pub mod fused_product;
 pub mod gemm;

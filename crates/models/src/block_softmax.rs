@@ -148,8 +148,8 @@ impl BlockSoftmax {
 /// Whether the GPU backends take the kernel: unless `ALIGNMENT_SOFTMAX_KERNEL=0`.
 #[cfg(any(feature = "cuda", feature = "wgpu"))]
 fn kernel_enabled() -> bool {
-    static ENABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ENABLED.get_or_init(|| std::env::var("ALIGNMENT_SOFTMAX_KERNEL").map_or(true, |v| v.trim() != "0"))
+    static KERNEL: alignment_core::env_switch::EnvSwitch = alignment_core::env_switch::EnvSwitch::new("ALIGNMENT_SOFTMAX_KERNEL");
+    KERNEL.is_on()
 }
 
 /// Who computes blocked attention's softmax when training on `Autodiff<I>`, for reports:

@@ -8,18 +8,7 @@ use burn::tensor::backend::Backend;
 
 /// Whether `B` is the autodiff of `cuda`, `cuda-bf16` or `wgpu`, as built into this crate.
 pub(crate) fn applies<B: Backend>() -> bool {
-    #[cfg(any(feature = "cuda", feature = "wgpu"))]
-    use burn::backend::Autodiff;
-    use std::any::TypeId;
-    let backends: &[TypeId] = &[
-        #[cfg(feature = "cuda")]
-        TypeId::of::<Autodiff<alignment_core::backend::Gpu>>(),
-        #[cfg(feature = "cuda")]
-        TypeId::of::<Autodiff<alignment_core::backend::GpuBf16>>(),
-        #[cfg(feature = "wgpu")]
-        TypeId::of::<Autodiff<alignment_core::backend::Wgpu>>(),
-    ];
-    backends.contains(&TypeId::of::<B>())
+    alignment_core::backend::is_fused_cube_autodiff::<B>()
 }
 
 #[cfg(all(test, feature = "ndarray"))]

@@ -24,6 +24,7 @@
 //! (`alignment_core::fused_product::register`).
 
 use crate::quantized::QuantizedWeight;
+use alignment_core::backend::{visit_fused_cube, visit_fused_cube_under_autodiff, FusedCubeVisitor};
 use burn::backend::Autodiff;
 use burn::tensor::backend::Backend;
 use burn::tensor::ops::{FloatTensor, IntTensor};
@@ -33,7 +34,6 @@ use burn_cubecl::ops::numeric::empty_device_dtype;
 use burn_cubecl::tensor::CubeTensor;
 use burn_cubecl::{BoolElement, CubeBackend, CubeRuntime, FloatElement, IntElement};
 use burn_fusion::Fusion;
-use std::any::TypeId;
 
 /// The kernel, in CubeCL's language (its `Tensor` is a kernel argument, not burn's).
 mod kernel {
@@ -137,27 +137,28 @@ where
 /// is one of the fused CubeCL backends this crate is built with (or its autodiff: a frozen
 /// weight, so the result is not tracked); `None` on every other backend.
 pub(crate) fn dequantize<B: Backend>(weight: &QuantizedWeight<B>, dtype: FloatDType) -> Option<Tensor<B, 2>> {
-    macro_rules! on {
-        ($backend:ty) => {
-            if TypeId::of::<B>() == TypeId::of::<$backend>() {
-                return Some(run::<B, $backend>(weight, dtype));
-            }
-            if TypeId::of::<B>() == TypeId::of::<Autodiff<$backend>>() {
-                return Some(run::<B, Autodiff<$backend>>(weight, dtype));
-            }
-        };
+    /// The call, for the parts of `B` or of the backend its autodiff wraps.
+    struct Dequantize<'a, B: Backend> {
+        weight: &'a QuantizedWeight<B>,
+        dtype: FloatDType,
+        under_autodiff: bool,
     }
-    #[cfg(feature = "cuda")]
-    {
-        on!(alignment_core::backend::Gpu);
-        on!(alignment_core::backend::GpuBf16);
+    impl<B: Backend> FusedCubeVisitor for Dequantize<'_, B> {
+        type Output = Tensor<B, 2>;
+        fn visit<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement>(self) -> Tensor<B, 2> {
+            type Fused<R, F, I, BT> = Fusion<CubeBackend<R, F, I, BT>>;
+            match self.under_autodiff {
+                false => run::<B, Fused<R, F, I, BT>>(self.weight, self.dtype),
+                true => run::<B, Autodiff<Fused<R, F, I, BT>>>(self.weight, self.dtype),
+            }
+        }
     }
-    #[cfg(feature = "wgpu")]
-    on!(alignment_core::backend::Wgpu);
-    None
+    visit_fused_cube::<B, _>(Dequantize { weight, dtype, under_autodiff: false })
+        .or_else(|visitor| visit_fused_cube_under_autodiff::<B, _>(Dequantize { under_autodiff: true, ..visitor }))
+        .ok()
 }
 
-/// The kernel for `B`, known (by `TypeId`) to be `K`.
+/// The kernel for `B`, known (by the visit) to be `K`.
 fn run<B: Backend, K: OnFusedCube>(weight: &QuantizedWeight<B>, dtype: FloatDType) -> Tensor<B, 2> {
     use alignment_core::backend::retype;
     let words = K::int_to_fused(retype::<Tensor<B, 1, Int>, Tensor<K, 1, Int>>(weight.packed.val()));

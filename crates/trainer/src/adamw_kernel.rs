@@ -15,14 +15,14 @@
 //! stream and the results registered back into it (`alignment_core::fused_product::register`).
 
 use crate::optimizer::{AdamWScalars, Moments};
-use alignment_core::backend::retype;
+use alignment_core::backend::{retype, visit_fused_cube, FusedCubeVisitor};
+use alignment_core::env_switch::EnvSwitch;
 use burn::tensor::backend::Backend;
 use burn::tensor::{Tensor, TensorPrimitive};
 use burn_cubecl::cubecl::{calculate_cube_count_elemwise, CubeDim};
 use burn_cubecl::tensor::CubeTensor;
 use burn_cubecl::{BoolElement, CubeBackend, CubeRuntime, FloatElement, IntElement};
 use burn_fusion::Fusion;
-use std::any::TypeId;
 
 /// The kernel, in CubeCL's language (its `Tensor` is a kernel argument, not burn's).
 mod kernel {
@@ -172,28 +172,12 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> FusedCube 
 /// backends this crate is built with, and `ALIGNMENT_ADAMW_KERNEL=0` does not keep the tensor
 /// operations (for measuring one against the other).
 pub(crate) fn enabled<B: Backend>() -> bool {
-    static ENABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    applies::<B>() && *ENABLED.get_or_init(|| std::env::var("ALIGNMENT_ADAMW_KERNEL").map_or(true, |v| v.trim() != "0"))
-}
-
-/// Whether `B` is one of the fused CubeCL backends this crate is built with (where
-/// [`update`] runs its kernel).
-fn applies<B: Backend>() -> bool {
-    let b = TypeId::of::<B>();
-    #[cfg(feature = "cuda")]
-    if b == TypeId::of::<alignment_core::backend::Gpu>() || b == TypeId::of::<alignment_core::backend::GpuBf16>() {
-        return true;
-    }
-    #[cfg(feature = "wgpu")]
-    if b == TypeId::of::<alignment_core::backend::Wgpu>() {
-        return true;
-    }
-    let _ = b;
-    false
+    static KERNEL: EnvSwitch = EnvSwitch::new("ALIGNMENT_ADAMW_KERNEL");
+    alignment_core::backend::is_fused_cube::<B>() && KERNEL.is_on()
 }
 
 /// `p` after one AdamW update with the raw gradient `grad` times the `[1]` clipping factor
-/// `clip` (ones without clipping), and the new moments, by the kernel. Only where [`applies`].
+/// `clip` (ones without clipping), and the new moments, by the kernel. Only where [`enabled`].
 pub(crate) fn update<B: Backend, const D: usize>(
     p: Tensor<B, D>,
     grad: Tensor<B, D>,
@@ -201,31 +185,25 @@ pub(crate) fn update<B: Backend, const D: usize>(
     moments: Moments<B>,
     s: &AdamWScalars,
 ) -> (Tensor<B, D>, Moments<B>) {
-    fn on<B: Backend, K: FusedCube, const D: usize>(
+    /// The call, for the backend's parts.
+    struct Update<'a, B: Backend, const D: usize> {
         p: Tensor<B, D>,
         grad: Tensor<B, D>,
         clip: Tensor<B, 1>,
         moments: Moments<B>,
-        s: &AdamWScalars,
-    ) -> (Tensor<B, D>, Moments<B>) {
-        let moments = Moments { exp_avg: retype(moments.exp_avg), exp_avg_sq: retype(moments.exp_avg_sq) };
-        let (p, moments) = K::update::<D>(retype(p), retype(grad), retype(clip), moments, s);
-        (retype(p), Moments { exp_avg: retype(moments.exp_avg), exp_avg_sq: retype(moments.exp_avg_sq) })
+        s: &'a AdamWScalars,
     }
-    let b = TypeId::of::<B>();
-    #[cfg(feature = "cuda")]
-    {
-        if b == TypeId::of::<alignment_core::backend::Gpu>() {
-            return on::<B, alignment_core::backend::Gpu, D>(p, grad, clip, moments, s);
-        }
-        if b == TypeId::of::<alignment_core::backend::GpuBf16>() {
-            return on::<B, alignment_core::backend::GpuBf16, D>(p, grad, clip, moments, s);
+    impl<B: Backend, const D: usize> FusedCubeVisitor for Update<'_, B, D> {
+        type Output = (Tensor<B, D>, Moments<B>);
+        fn visit<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement>(self) -> Self::Output {
+            type Fused<R, F, I, BT> = Fusion<CubeBackend<R, F, I, BT>>;
+            let moments = Moments { exp_avg: retype(self.moments.exp_avg), exp_avg_sq: retype(self.moments.exp_avg_sq) };
+            let (p, moments) = Fused::<R, F, I, BT>::update::<D>(retype(self.p), retype(self.grad), retype(self.clip), moments, self.s);
+            (retype(p), Moments { exp_avg: retype(moments.exp_avg), exp_avg_sq: retype(moments.exp_avg_sq) })
         }
     }
-    #[cfg(feature = "wgpu")]
-    if b == TypeId::of::<alignment_core::backend::Wgpu>() {
-        return on::<B, alignment_core::backend::Wgpu, D>(p, grad, clip, moments, s);
+    match visit_fused_cube::<B, _>(Update { p, grad, clip, moments, s }) {
+        Ok(updated) => updated,
+        Err(_) => unreachable!("adamw_kernel::update on a backend where it does not apply"),
     }
-    let _ = (b, p, grad, clip, moments, s);
-    unreachable!("adamw_kernel::update on a backend where it does not apply")
 }
