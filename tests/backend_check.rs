@@ -269,6 +269,101 @@ fn wgpu_softmax_kernels_give_the_tensor_operations_values() {
     }
 }
 
+/// The loss's passes over the logits on a fused CubeCL backend (`objectives::logits_kernel`:
+/// the log-probabilities, the statistics and the logits' gradient, each one kernel) give the
+/// CPU's values: the summed log-probabilities, mean logits, entropy, top-1 count and `log Σ p²`
+/// of one label set, and the logits' gradient of a weighted sum, with ignored labels, rows of
+/// fewer logits than a cube's threads and of more, labels that are the most likely token (so
+/// the top-1 count tests the argmax), logits in f32 and in f16.
+#[cfg(feature = "wgpu")]
+#[test]
+fn wgpu_logits_kernels_give_the_cpus_log_probabilities_statistics_and_gradient() {
+    use alignment_handbook::core::backend::{CpuAutodiff, Wgpu, WgpuAutodiff};
+    use alignment_handbook::objectives::logprobs::logits_route;
+    use alignment_handbook::objectives::{sequence_logps_with, ExtraStats, IGNORE_INDEX};
+    use burn::tensor::backend::AutodiffBackend;
+    use burn::tensor::{Distribution, Int, Tensor, TensorData};
+    assert_eq!(logits_route::<Wgpu>(), "kernel", "wgpu takes the kernels");
+    let wgpu = burn::backend::wgpu::WgpuDevice::default();
+    let extra = ExtraStats { log_sum_sq_probs: true };
+    /// `[sum, num_tokens, mean_logits, entropy_sum, num_correct, log_sum_sq_probs]` and the
+    /// logits' gradient, as f32 values.
+    fn scored<B: AutodiffBackend>(
+        logits: Tensor<B, 3>,
+        labels: Tensor<B, 2, Int>,
+        weights: Tensor<B, 1>,
+        extra: ExtraStats,
+    ) -> Vec<Vec<f32>> {
+        let logits = logits.require_grad();
+        let [scored] = sequence_logps_with(logits.clone(), vec![labels], extra).try_into().ok().expect("one label set");
+        let grads = (scored.sum.clone() * weights).sum().backward();
+        let dz = logits.grad(&grads).expect("the logits are tracked");
+        let values = |t: Tensor<B::InnerBackend, 1>| t.cast(FloatDType::F32).into_data().to_vec::<f32>().expect("f32 values");
+        let sum_sq = scored.log_sum_sq_probs.clone().expect("asked for");
+        [scored.sum, scored.num_tokens, scored.mean_logits, scored.entropy_sum, scored.num_correct, sum_sq]
+            .into_iter()
+            .map(|t| values(t.inner()))
+            .chain([values(dz.cast(FloatDType::F32).flatten(0, 2))])
+            .collect()
+    }
+    const NAMES: [&str; 7] = ["sum of log p", "scored tokens", "mean logits", "entropy", "top-1 count", "log Σ p²", "∂z"];
+    for (batch, seq, vocab) in [(2, 5, 300), (1, 4, 13)] {
+        for (dtype, tolerance) in [(FloatDType::F32, 1e-4), (FloatDType::F16, 3e-3)] {
+            // The logits as the half type holds them, so that both backends read the same values.
+            let logits = Tensor::<Wgpu, 3>::random([batch, seq, vocab], Distribution::Normal(0.0, 3.0), &wgpu).cast(dtype);
+            let values: Vec<f32> = logits.clone().cast(FloatDType::F32).into_data().to_vec().expect("f32 values");
+            // Labels in the ids' layout (label t + 1 is scored at position t): every other one
+            // the most likely token at its position, position 1 ignored.
+            let labels: Vec<i64> = (0..batch * seq)
+                .map(|i| {
+                    let (row, t) = (i / seq, i % seq);
+                    let at = |t: usize| &values[(row * seq + t) * vocab..(row * seq + t + 1) * vocab];
+                    match t {
+                        1 => IGNORE_INDEX,
+                        0 => 0,
+                        _ if t % 2 == 0 => {
+                            at(t - 1).iter().enumerate().fold(0, |best, (j, &z)| if z > at(t - 1)[best] { j } else { best }) as i64
+                        }
+                        _ => ((7 * i + 3) % vocab) as i64,
+                    }
+                })
+                .collect();
+            let weights: Vec<f32> = (0..batch).map(|b| 0.5 + b as f32).collect();
+            let got = scored(
+                Tensor::<WgpuAutodiff, 3>::from_inner(logits.clone()),
+                Tensor::<WgpuAutodiff, 2, Int>::from_data(TensorData::new(labels.clone(), [batch, seq]), &wgpu),
+                Tensor::<WgpuAutodiff, 1>::from_data(TensorData::new(weights.clone(), [batch]), &wgpu),
+                extra,
+            );
+            let cpu = Default::default();
+            let want = scored(
+                Tensor::<CpuAutodiff, 3>::from_data(TensorData::new(values.clone(), [batch, seq, vocab]), &cpu),
+                Tensor::<CpuAutodiff, 2, Int>::from_data(TensorData::new(labels.clone(), [batch, seq]), &cpu),
+                Tensor::<CpuAutodiff, 1>::from_data(TensorData::new(weights.clone(), [batch]), &cpu),
+                extra,
+            );
+            let case = format!("[{batch}, {seq}, {vocab}] logits in {dtype:?}");
+            assert!(want[4].iter().sum::<f32>() >= batch as f32, "{case}: labels that are the top-1 token are counted");
+            for ((name, got), want) in NAMES.iter().zip(&got).zip(&want) {
+                assert_eq!(got.len(), want.len(), "{case}: {name}");
+                let scale = want.iter().fold(1e-3f32, |m, v| m.max(v.abs()));
+                let (worst, difference) =
+                    got.iter()
+                        .zip(want)
+                        .map(|(g, w)| (g - w).abs() / scale)
+                        .enumerate()
+                        .fold((0, 0f32), |m, d| if d.1 > m.1 { d } else { m });
+                assert!(
+                    difference <= tolerance,
+                    "{case}: {name} differs from the CPU's by {difference:e} (relative) at {worst}: {} vs {}",
+                    got[worst],
+                    want[worst]
+                );
+            }
+        }
+    }
+}
+
 /// AdamW on a fused CubeCL backend (`trainer::adamw_kernel`: one kernel per parameter, in
 /// place): three steps with weight decay (a norm weight exempt from it) and global-norm
 /// clipping, once clipping and once not, give the CPU's parameters and moments (whose update is

@@ -117,6 +117,9 @@ runner_for() {
         # `NAME@ops-adamw`: AdamW by tensor operations instead of its CubeCL kernel
         # (trainer::adamw_kernel).
         *@ops-adamw) echo "env ALIGNMENT_ADAMW_KERNEL=0 $BIN" ;;
+        # `NAME@ops-logits`: the loss's passes over the logits by tensor operations instead of
+        # their CubeCL kernels (objectives::logits_kernel).
+        *@ops-logits) echo "env ALIGNMENT_LOGITS_KERNEL=0 $BIN" ;;
         *) echo "$BIN" ;;
     esac
 }
@@ -342,9 +345,10 @@ case "$PLAN" in
         OURS_BACKENDS="$BF16" bench llama-3.2-1b dpo 1024 2 1
         OURS_BACKENDS="$BF16" bench llama-3.2-1b sft 2048 2 1
         OURS_BACKENDS="$BF16" bench mistral-7b qlora 2048 1 1
-        # If budget is left: attention's softmax and AdamW by tensor operations, what their
-        # kernels (on in `cuda-bf16` above) are measured against; also first in `profile`.
-        NO_TORCH=1 OURS_BACKENDS="cuda-bf16@ops-softmax cuda-bf16@ops-adamw" bench llama-3.2-1b sft 1024 4 1
+        # If budget is left: attention's softmax, AdamW and the loss's passes over the logits by
+        # tensor operations, what their kernels (on in `cuda-bf16` above) are measured against;
+        # also first in `profile`.
+        NO_TORCH=1 OURS_BACKENDS="cuda-bf16@ops-softmax cuda-bf16@ops-adamw cuda-bf16@ops-logits" bench llama-3.2-1b sft 1024 4 1
         ;;
     second)
         run_update
@@ -363,7 +367,7 @@ case "$PLAN" in
         OURS_BACKENDS="$BF16" profile llama-3.2-1b sft 1024 4
         # The kernels against the tensor operations they replace (when `first` had no budget
         # left for them), with `cuda-bf16` again beside them.
-        NO_TORCH=1 OURS_BACKENDS="cuda-bf16 cuda-bf16@ops-softmax cuda-bf16@ops-adamw" bench llama-3.2-1b sft 1024 4 1
+        NO_TORCH=1 OURS_BACKENDS="cuda-bf16 cuda-bf16@ops-softmax cuda-bf16@ops-adamw cuda-bf16@ops-logits" bench llama-3.2-1b sft 1024 4 1
         OURS_BACKENDS="$BF16" profile smollm2-135m sft 1024 4
         OURS_BACKENDS="$BF16" profile llama-3.2-1b dpo 1024 2
         ;;

@@ -29,7 +29,7 @@ CATEGORIES = [
     ("optimizer", r"adam|optim"),
     ("attention", r"flash|fmha|attention|sdpa|scaled_dot"),
     ("gemm", r"gemm|cutlass|xmma|nvjet|cublas|matmul|\bmm\b|aten::mm|addmm|bmm|aten::linear|wgmma|sm90_|sm80_"),
-    ("norm/reduce", r"reduce|norm|softmax|logsumexp|cross_entropy|nll|sum|aten::mean|aten::max|aten::amax|argmax|topk"),
+    ("norm/reduce", r"reduce|norm|softmax|logsumexp|logits|cross_entropy|nll|sum|aten::mean|aten::max|aten::amax|argmax|topk"),
     ("cast/copy", r"copy|memcpy|memset|cast|to_copy|aten::to\b|aten::t\b|contiguous|fill|full|aten::cat|index|gather|scatter|select|embedding|slice|layout|transpose|permute|clone|zeros|ones|arange|empty"),
     ("elementwise", r"elementwise|elemwise|vectorized|fuse|aten::(mul|add|sub|div|neg|exp|log|silu|sigmoid|pow|rsqrt|sqrt|where|clamp|tanh|cos|sin|abs|sign|masked)|unary|binop|binary|cmp|mask"),
 ]

@@ -61,6 +61,8 @@
 
 pub mod chunked;
 pub mod dpo;
+#[cfg(any(feature = "cuda", feature = "wgpu"))]
+mod logits_kernel;
 pub mod logprobs;
 pub mod metrics;
 pub mod orpo;

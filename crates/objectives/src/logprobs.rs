@@ -191,6 +191,18 @@ pub fn sequence_logps_with<B: Backend>(
         .collect()
 }
 
+/// Who computes the passes over the logits for one label set (the log-probabilities, their
+/// gradient and the statistics; with the chunked head, the statistics) when training on
+/// `Autodiff<I>`, for reports: `"kernel"` on burn's fused CubeCL backends
+/// (`logits_kernel.rs`), `"tensor ops"` elsewhere or with `ALIGNMENT_LOGITS_KERNEL=0`.
+pub fn logits_route<I: Backend>() -> &'static str {
+    #[cfg(any(feature = "cuda", feature = "wgpu"))]
+    if crate::logits_kernel::enabled() && alignment_core::backend::is_fused_cube::<I>() {
+        return "kernel";
+    }
+    "tensor ops"
+}
+
 /// `[batch, seq, 1]` `logsumexp` over the vocabulary, stabilised by the detached row max.
 pub(crate) fn logsumexp_vocab<B: Backend>(logits: Tensor<B, 3>) -> Tensor<B, 3> {
     let max = logits.clone().detach().max_dim(2);
@@ -317,6 +329,22 @@ impl<B: Backend> PositionStats<B> {
         }
     }
 
+    /// The same statistics as tensors of another backend: `float` maps each float tensor,
+    /// `int` the argmax.
+    #[cfg(any(feature = "cuda", feature = "wgpu"))]
+    pub(crate) fn map_tensors<C: Backend>(
+        self,
+        float: impl Fn(Tensor<B, 2>) -> Tensor<C, 2>,
+        int: impl FnOnce(Tensor<B, 2, Int>) -> Tensor<C, 2, Int>,
+    ) -> PositionStats<C> {
+        PositionStats {
+            mean_logit: float(self.mean_logit),
+            entropy: float(self.entropy),
+            argmax: int(self.argmax),
+            log_sum_sq_probs: self.log_sum_sq_probs.map(&float),
+        }
+    }
+
     /// Every per-position tensor reshaped to `shape`.
     pub(crate) fn reshape(self, shape: [usize; 2]) -> Self {
         Self {
@@ -340,6 +368,10 @@ pub(crate) const STATS_CHUNK_ELEMENTS: usize = 1 << 24;
 /// TRL's `entropy_from_logits` chunks its rows. Every statistic reduces over the vocabulary
 /// only, so the chunking does not change a value.
 pub(crate) fn position_stats<B: Backend>(logits: Tensor<B, 3>, lse: Tensor<B, 3>, extra: ExtraStats) -> PositionStats<B> {
+    #[cfg(any(feature = "cuda", feature = "wgpu"))]
+    if let Some(stats) = crate::logits_kernel::position_stats(&logits, &lse, extra.log_sum_sq_probs) {
+        return stats;
+    }
     position_stats_in_chunks(logits, lse, extra, STATS_CHUNK_ELEMENTS)
 }
 

@@ -56,6 +56,11 @@ fn token_logps_in_runs<B: Backend>(logits: Tensor<B, 3>, targets: Tensor<B, 2, I
 /// `(z[y] − lse, lse)` by burn's operations, in the backend's own type: the forward pass of both
 /// paths. Logits of another type are cast per run of positions for the logsumexp.
 fn forward<B: Backend>(logits: Tensor<B, 3>, targets: Tensor<B, 2, Int>, run_elements: usize) -> (Tensor<B, 2>, Tensor<B, 3>) {
+    #[cfg(any(feature = "cuda", feature = "wgpu"))]
+    let (logits, targets) = match crate::logits_kernel::forward(logits, targets) {
+        Ok(logp_and_lse) => return logp_and_lse,
+        Err(inputs) => inputs,
+    };
     let wide = float_type::<B>();
     let lse = if logits.dtype() == DType::from(wide) {
         logsumexp_vocab(logits.clone())
@@ -126,6 +131,14 @@ impl<I: Backend> Backward<I, 1> for TokenLogpsBackward {
             (Tensor::<I, 3>::from_primitive(TensorPrimitive::Float(logits)), Tensor::<I, 3>::from_primitive(TensorPrimitive::Float(lse)));
         let grad = Tensor::<I, 2>::from_primitive(TensorPrimitive::Float(grad)).unsqueeze_dim::<3>(2);
         let targets = Tensor::<I, 2, Int>::from_primitive(targets).unsqueeze_dim::<3>(2);
+        #[cfg(any(feature = "cuda", feature = "wgpu"))]
+        let logits = match crate::logits_kernel::backward(logits, &lse, &grad, &targets) {
+            Ok(dz) => {
+                grads.register::<I>(node.id, dz.into_primitive().tensor());
+                return;
+            }
+            Err(logits) => logits,
+        };
         let wide = float_type::<I>();
         if logits.dtype() == DType::from(wide) {
             let dz = logits_gradient(logits, lse, grad, targets);
