@@ -29,11 +29,11 @@
 
 use alignment_handbook::step_check::{self, dpo_pair, read_metrics, sft_row, train_step};
 use alignment_models::{random_model, CausalLm, ModelConfig};
-use alignment_objectives::{DpoConfig, Reduction};
+use alignment_objectives::{DpoConfig, OrpoConfig, Reduction};
 use alignment_peft::{apply_lora, LoraConfig, QuantConfig, TargetModules};
 use alignment_trainer::optimizer::{AdamW, AdamWConfig};
-use alignment_trainer::tasks::{DpoTask, PreferencePair, SftTask};
-use alignment_trainer::{Sequence, StepOptions};
+use alignment_trainer::tasks::{DpoTask, OrpoTask, PreferencePair, SftTask};
+use alignment_trainer::{Sequence, StepOptions, Task};
 use burn::module::{Module, ModuleVisitor, Param};
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{FloatDType, Tensor};
@@ -136,13 +136,13 @@ struct TrainArgs {
     /// A config.json giving the model's shape.
     #[arg(long)]
     shape: PathBuf,
-    /// `sft`, `dpo` (full fine-tuning), `lora` (r 16, all linear layers), `qlora` (NF4 base + lora).
+    /// `sft`, `dpo`, `orpo` (full fine-tuning), `lora` (r 16, all linear layers), `qlora` (NF4 base + lora).
     #[arg(long, default_value = "sft")]
     task: String,
-    /// Tokens per sequence (for DPO: per chosen and per rejected row).
+    /// Tokens per sequence (for DPO and ORPO: per chosen and per rejected row).
     #[arg(long, default_value_t = 1024)]
     seq: usize,
-    /// Sequences per micro-batch (DPO: pairs).
+    /// Sequences per micro-batch (DPO, ORPO: pairs).
     #[arg(long, default_value_t = 4)]
     batch: usize,
     /// Micro-batches per optimizer step.
@@ -551,9 +551,9 @@ fn run_train<B: AutodiffBackend>(args: &TrainArgs, matmul_dtype: Option<FloatDTy
     let quant = QuantConfig { double_quant: true };
     let quantize = |values: &[f32], dims: [usize; 2]| quant.quantize(values, dims);
     let model = match args.task.as_str() {
-        "sft" | "dpo" | "lora" => random_model::<B>(config.clone(), args.seed, device, None),
+        "sft" | "dpo" | "orpo" | "lora" => random_model::<B>(config.clone(), args.seed, device, None),
         "qlora" => random_model::<B>(config.clone(), args.seed, device, Some(&quantize)),
-        other => return Err(format!("--task {other}: expected sft, dpo, lora or qlora")),
+        other => return Err(format!("--task {other}: expected sft, dpo, orpo, lora or qlora")),
     }
     .map_err(|e| e.to_string())?;
     let mut model = if matches!(args.task.as_str(), "lora" | "qlora") {
@@ -570,53 +570,27 @@ fn run_train<B: AutodiffBackend>(args: &TrainArgs, matmul_dtype: Option<FloatDTy
     let vocab = config.vocab_size;
     let mut optimizer = AdamW::<B::InnerBackend>::new(AdamWConfig::default());
     let lr = 1e-5;
-    let total_steps = args.warmup + args.steps;
     // As the trainer does (a 4-bit base always trains with gradient checkpointing).
     let options = StepOptions::for_model(&model, args.gradient_checkpointing, args.chunked_head);
-    let mut step_seconds = Vec::new();
-    let mut losses = Vec::new();
-    let mut torch_profiler = None;
-    let tokens_per_step;
-    match args.task.as_str() {
-        "dpo" => {
-            let task = DpoTask { config: DpoConfig::default(), pad_id: 0 };
+    let timing = Timing { args, lr, options: &options, device };
+    let (tokens_per_step, (step_seconds, losses, torch_profiler)) = match args.task.as_str() {
+        "dpo" | "orpo" => {
             let pairs: Vec<PreferencePair> = (0..args.batch * args.accum).map(|i| dpo_pair(args.seq, vocab, 1000 + i as u64)).collect();
             let batches: Vec<Vec<&PreferencePair>> = pairs.chunks(args.batch).map(|c| c.iter().collect()).collect();
-            tokens_per_step = pairs.iter().map(|p| p.num_tokens()).sum::<usize>();
-            for step in 0..total_steps {
-                if step == args.warmup {
-                    torch_profiler = start_torch_profiler(args)?;
-                }
-                let start = Instant::now();
-                let (updated, pending, _, _) = train_step(model, &task, &batches, &mut optimizer, lr, &options, false, device);
-                model = updated;
-                B::sync(device).map_err(|e| format!("{e:?}"))?;
-                if step >= args.warmup {
-                    step_seconds.push(start.elapsed().as_secs_f64());
-                }
-                losses.push(read_metrics(pending).get("loss").copied().unwrap_or(f64::NAN));
+            let tokens = pairs.iter().map(|p| p.num_tokens()).sum::<usize>();
+            if args.task == "orpo" {
+                (tokens, timing.steps(model, &OrpoTask { config: OrpoConfig::default(), pad_id: 0 }, &batches, &mut optimizer)?)
+            } else {
+                (tokens, timing.steps(model, &DpoTask { config: DpoConfig::default(), pad_id: 0 }, &batches, &mut optimizer)?)
             }
         }
         _ => {
             let task = SftTask { reduction: Reduction::Mean, pad_id: 0, name: "sft" };
             let rows: Vec<Sequence> = (0..args.batch * args.accum).map(|i| sft_row(args.seq, vocab, 1000 + i as u64)).collect();
             let batches: Vec<Vec<&Sequence>> = rows.chunks(args.batch).map(|c| c.iter().collect()).collect();
-            tokens_per_step = rows.iter().map(Sequence::num_tokens).sum::<usize>();
-            for step in 0..total_steps {
-                if step == args.warmup {
-                    torch_profiler = start_torch_profiler(args)?;
-                }
-                let start = Instant::now();
-                let (updated, pending, _, _) = train_step(model, &task, &batches, &mut optimizer, lr, &options, false, device);
-                model = updated;
-                B::sync(device).map_err(|e| format!("{e:?}"))?;
-                if step >= args.warmup {
-                    step_seconds.push(start.elapsed().as_secs_f64());
-                }
-                losses.push(read_metrics(pending).get("loss").copied().unwrap_or(f64::NAN));
-            }
+            (rows.iter().map(Sequence::num_tokens).sum::<usize>(), timing.steps(model, &task, &batches, &mut optimizer)?)
         }
-    }
+    };
     let profile = finish_profile(torch_profiler, args)?;
     let med = median(&step_seconds);
     let tokens_per_second = tokens_per_step as f64 / med;
@@ -672,6 +646,44 @@ type TorchProfiler = std::convert::Infallible;
 
 /// Starts libtorch's profiler when `--profile` is given and the backend is libtorch's (CUDA
 /// kernels recorded on `tch-cuda*`); `None` otherwise.
+/// What the timed loop of `run_train` shares across tasks.
+struct Timing<'a, B: AutodiffBackend> {
+    args: &'a TrainArgs,
+    lr: f64,
+    options: &'a StepOptions,
+    device: &'a B::Device,
+}
+
+impl<B: AutodiffBackend> Timing<'_, B> {
+    /// `--warmup` then `--steps` training steps of `task` over `batches` (one optimizer step
+    /// each), the device synchronised after each: the timed steps' seconds, every step's loss,
+    /// and the torch profiler started after the warm-up (`--profile` on libtorch).
+    #[allow(clippy::type_complexity)]
+    fn steps<T: Task>(
+        &self,
+        mut model: CausalLm<B>,
+        task: &T,
+        batches: &[Vec<&T::Example>],
+        optimizer: &mut AdamW<B::InnerBackend>,
+    ) -> Result<(Vec<f64>, Vec<f64>, Option<TorchProfiler>), String> {
+        let (mut step_seconds, mut losses, mut torch_profiler) = (Vec::new(), Vec::new(), None);
+        for step in 0..self.args.warmup + self.args.steps {
+            if step == self.args.warmup {
+                torch_profiler = start_torch_profiler(self.args)?;
+            }
+            let start = Instant::now();
+            let (updated, pending, _, _) = train_step(model, task, batches, optimizer, self.lr, self.options, false, self.device);
+            model = updated;
+            B::sync(self.device).map_err(|e| format!("{e:?}"))?;
+            if step >= self.args.warmup {
+                step_seconds.push(start.elapsed().as_secs_f64());
+            }
+            losses.push(read_metrics(pending).get("loss").copied().unwrap_or(f64::NAN));
+        }
+        Ok((step_seconds, losses, torch_profiler))
+    }
+}
+
 fn start_torch_profiler(args: &TrainArgs) -> Result<Option<TorchProfiler>, String> {
     #[cfg(feature = "tch")]
     if args.profile.is_some() && args.backend.starts_with("tch-") {

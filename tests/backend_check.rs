@@ -286,28 +286,34 @@ fn wgpu_logits_kernels_give_the_cpus_log_probabilities_statistics_and_gradient()
     assert_eq!(logits_route::<Wgpu>(), "kernel", "wgpu takes the kernels");
     let wgpu = burn::backend::wgpu::WgpuDevice::default();
     let extra = ExtraStats { log_sum_sq_probs: true };
-    /// `[sum, num_tokens, mean_logits, entropy_sum, num_correct, log_sum_sq_probs]` and the
-    /// logits' gradient, as f32 values.
+    /// Per label set `[sum, num_tokens, mean_logits, entropy_sum, num_correct, log_sum_sq_probs]`,
+    /// then the logits' gradient of `Σ_set Σ_row weight · sum`, as f32 values.
     fn scored<B: AutodiffBackend>(
         logits: Tensor<B, 3>,
-        labels: Tensor<B, 2, Int>,
+        label_sets: Vec<Tensor<B, 2, Int>>,
         weights: Tensor<B, 1>,
         extra: ExtraStats,
     ) -> Vec<Vec<f32>> {
         let logits = logits.require_grad();
-        let [scored] = sequence_logps_with(logits.clone(), vec![labels], extra).try_into().ok().expect("one label set");
-        let grads = (scored.sum.clone() * weights).sum().backward();
+        let sets = sequence_logps_with(logits.clone(), label_sets, extra);
+        let objective =
+            sets.iter().enumerate().map(|(k, s)| (s.sum.clone() * weights.clone()).sum() * (1.0 + k as f64)).reduce(|a, b| a + b);
+        let grads = objective.expect("a label set").backward();
         let dz = logits.grad(&grads).expect("the logits are tracked");
         let values = |t: Tensor<B::InnerBackend, 1>| t.cast(FloatDType::F32).into_data().to_vec::<f32>().expect("f32 values");
-        let sum_sq = scored.log_sum_sq_probs.clone().expect("asked for");
-        [scored.sum, scored.num_tokens, scored.mean_logits, scored.entropy_sum, scored.num_correct, sum_sq]
-            .into_iter()
+        sets.into_iter()
+            .flat_map(|scored| {
+                let sum_sq = scored.log_sum_sq_probs.clone().expect("asked for");
+                [scored.sum, scored.num_tokens, scored.mean_logits, scored.entropy_sum, scored.num_correct, sum_sq]
+            })
             .map(|t| values(t.inner()))
             .chain([values(dz.cast(FloatDType::F32).flatten(0, 2))])
             .collect()
     }
-    const NAMES: [&str; 7] = ["sum of log p", "scored tokens", "mean logits", "entropy", "top-1 count", "log Σ p²", "∂z"];
-    for (batch, seq, vocab) in [(2, 5, 300), (1, 4, 13)] {
+    const NAMES: [&str; 6] = ["sum of log p", "scored tokens", "mean logits", "entropy", "top-1 count", "log Σ p²"];
+    // One label set (SFT's, DPO's), and two that share some tokens (ORPO's: the completion, and
+    // the prompt with the completion), whose gradients add where they meet.
+    for (batch, seq, vocab, sets) in [(2, 5, 300, 1), (1, 4, 13, 1), (2, 5, 300, 2), (2, 6, 13, 2)] {
         for (dtype, tolerance) in [(FloatDType::F32, 1e-4), (FloatDType::F16, 3e-3)] {
             // The logits as the half type holds them, so that both backends read the same values.
             let logits = Tensor::<Wgpu, 3>::random([batch, seq, vocab], Distribution::Normal(0.0, 3.0), &wgpu).cast(dtype);
@@ -328,23 +334,42 @@ fn wgpu_logits_kernels_give_the_cpus_log_probabilities_statistics_and_gradient()
                     }
                 })
                 .collect();
+            // The second set scores position 1 too, and every third label differs.
+            let second: Vec<i64> = labels
+                .iter()
+                .enumerate()
+                .map(|(i, &label)| match i % seq {
+                    1 => (5 * i % vocab) as i64,
+                    t if t % 3 == 2 => ((11 * i + 5) % vocab) as i64,
+                    _ => label,
+                })
+                .collect();
+            let label_sets = [labels, second];
             let weights: Vec<f32> = (0..batch).map(|b| 0.5 + b as f32).collect();
             let got = scored(
                 Tensor::<WgpuAutodiff, 3>::from_inner(logits.clone()),
-                Tensor::<WgpuAutodiff, 2, Int>::from_data(TensorData::new(labels.clone(), [batch, seq]), &wgpu),
+                label_sets[..sets]
+                    .iter()
+                    .map(|l| Tensor::<WgpuAutodiff, 2, Int>::from_data(TensorData::new(l.clone(), [batch, seq]), &wgpu))
+                    .collect(),
                 Tensor::<WgpuAutodiff, 1>::from_data(TensorData::new(weights.clone(), [batch]), &wgpu),
                 extra,
             );
             let cpu = Default::default();
             let want = scored(
                 Tensor::<CpuAutodiff, 3>::from_data(TensorData::new(values.clone(), [batch, seq, vocab]), &cpu),
-                Tensor::<CpuAutodiff, 2, Int>::from_data(TensorData::new(labels.clone(), [batch, seq]), &cpu),
+                label_sets[..sets]
+                    .iter()
+                    .map(|l| Tensor::<CpuAutodiff, 2, Int>::from_data(TensorData::new(l.clone(), [batch, seq]), &cpu))
+                    .collect(),
                 Tensor::<CpuAutodiff, 1>::from_data(TensorData::new(weights.clone(), [batch]), &cpu),
                 extra,
             );
-            let case = format!("[{batch}, {seq}, {vocab}] logits in {dtype:?}");
+            let case = format!("[{batch}, {seq}, {vocab}] logits in {dtype:?}, {sets} label set(s)");
             assert!(want[4].iter().sum::<f32>() >= batch as f32, "{case}: labels that are the top-1 token are counted");
-            for ((name, got), want) in NAMES.iter().zip(&got).zip(&want) {
+            let names = (0..sets).flat_map(|k| NAMES.map(|name| format!("set {k}: {name}"))).chain(["∂z".to_string()]);
+            assert_eq!(got.len(), 6 * sets + 1, "{case}: every value compared");
+            for ((name, got), want) in names.zip(&got).zip(&want) {
                 assert_eq!(got.len(), want.len(), "{case}: {name}");
                 let scale = want.iter().fold(1e-3f32, |m, v| m.max(v.abs()));
                 let (worst, difference) =
@@ -418,7 +443,7 @@ fn wgpu_adamw_kernel_gives_the_cpus_update() {
             out.push(flat(m.exp_avg_sq.clone()));
         }
         let first_clip = first_clip.expect("three steps");
-        (out, held.reshape([48 * 33]).slice([0..1]).into_scalar().elem::<f32>(), first_clip)
+        (out, held.reshape([48 * 33]).narrow(0, 0, 1).into_scalar().elem::<f32>(), first_clip)
     }
     assert!(update_by_kernel::<alignment_handbook::core::backend::Wgpu>(), "wgpu takes the kernel");
     assert!(!update_by_kernel::<alignment_handbook::core::backend::Cpu>());

@@ -6,6 +6,8 @@
 
 pub mod atomic;
 pub mod backend;
+#[cfg(any(feature = "cuda", feature = "wgpu"))]
+pub mod cube_rows;
 #[cfg(feature = "cuda")]
 mod cublas;
 pub mod env_switch;

@@ -21,6 +21,7 @@
 //! back into it (`alignment_core::fused_product::register`).
 
 use alignment_core::backend::{retype, visit_fused_cube, FusedCubeVisitor};
+use alignment_core::cube_rows::row_threads;
 use burn::tensor::backend::Backend;
 use burn::tensor::ops::FloatTensor;
 use burn::tensor::{Bool, Tensor, TensorPrimitive};
@@ -35,6 +36,7 @@ use burn_fusion::Fusion;
 /// The kernels, in CubeCL's language (its `Tensor` is a kernel argument, not burn's).
 mod kernel {
     // The `#[cube]` macro's expansion names the `cubecl` crate.
+    use alignment_core::cube_rows::kernel::{combine_running_sums, combine_sums, larger, running_sum, BELOW_EVERY_VALUE};
     use burn_cubecl::cubecl;
     use cubecl::prelude::*;
 
@@ -80,39 +82,16 @@ mod kernel {
         maxima: &mut SharedMemory<f32>,
         sums: &mut SharedMemory<f32>,
     ) {
-        let unit = UNIT_POS_X as usize;
-        let threads = CUBE_DIM_X as usize;
-        // Below every score, masked ones included: a thread that reads no key keeps a zero sum.
-        let mut maximum = f32::new(-3.0e38);
+        let mut maximum = f32::new(BELOW_EVERY_VALUE);
         let mut sum = f32::new(0.0);
-        let mut key = unit;
+        let mut key = UNIT_POS_X as usize;
         while key < layout.keys {
             let s = score::<F, M>(scores, mask, layout, row, key);
-            if s > maximum {
-                sum = sum * (maximum - s).exp() + f32::new(1.0);
-                maximum = s;
-            } else {
-                sum += (s - maximum).exp();
-            }
-            key += threads;
+            sum = running_sum(sum, maximum, s);
+            maximum = larger(maximum, s);
+            key += CUBE_DIM_X as usize;
         }
-        maxima[unit] = maximum;
-        sums[unit] = sum;
-        sync_cube();
-        let mut stride = threads / 2;
-        while stride > 0 {
-            if unit < stride {
-                let (own, other) = (maxima[unit], maxima[unit + stride]);
-                let mut larger = own;
-                if other > own {
-                    larger = other;
-                }
-                sums[unit] = sums[unit] * (own - larger).exp() + sums[unit + stride] * (other - larger).exp();
-                maxima[unit] = larger;
-            }
-            sync_cube();
-            stride /= 2;
-        }
+        combine_running_sums(maxima, sums, maximum, sum);
     }
 
     /// The rows' probabilities. `threads` is the cube's size, a power of two. (Named for
@@ -173,16 +152,7 @@ mod kernel {
             dot += (s - maximum).exp() / sum * f32::cast_from(dp[row * layout.keys + key]);
             key += CUBE_DIM_X as usize;
         }
-        dots[unit] = dot;
-        sync_cube();
-        let mut stride = CUBE_DIM_X as usize / 2;
-        while stride > 0 {
-            if unit < stride {
-                dots[unit] = dots[unit] + dots[unit + stride];
-            }
-            sync_cube();
-            stride /= 2;
-        }
+        combine_sums(&mut dots, dot);
         let d = dots[0];
         key = unit;
         while key < layout.keys {
@@ -233,7 +203,7 @@ impl<R: CubeRuntime> Launch<R> {
     /// Checks what makes the unchecked launches' reads and writes stay inside their tensors (a
     /// malformed call panics here rather than reading out of bounds on the device), and picks
     /// one cube per row (spread over the count's dimensions within the device's limits; the
-    /// kernels read the linear `CUBE_POS`) of [`threads_for`] threads.
+    /// kernels read the linear `CUBE_POS`) of [`row_threads`] threads.
     fn new(scores: CubeTensor<R>, mask: CubeTensor<R>, rows: &Rows) -> Self {
         let scores = burn_cubecl::kernel::into_contiguous(scores);
         let scores_shape = scores.meta.shape().to_vec();
@@ -244,7 +214,7 @@ impl<R: CubeRuntime> Launch<R> {
         assert_eq!(mask_shape[0], rows.count / rows.per_batch, "mask {mask_shape:?} for {rows:?}");
         assert!(rows.start + rows.len <= mask_shape[2] && rows.keys <= mask_shape[3], "mask {mask_shape:?} for {rows:?}");
         assert!(u32::try_from(rows.count).is_ok(), "{rows:?} beyond 32-bit cube counts");
-        let threads = threads_for(&scores, rows.keys);
+        let threads = row_threads(&scores, rows.keys);
         let cube_count = CubeCountSelection::new(&scores.client, rows.count as u32).cube_count();
         Self { scores, mask, rows: *rows, cube_count, cube_dim: CubeDim::new_1d(threads as u32), threads }
     }
@@ -269,15 +239,6 @@ impl<R: CubeRuntime> Launch<R> {
     fn dtypes(&self) -> [StorageType; 2] {
         [self.scores.dtype.into(), self.mask.dtype.into()]
     }
-}
-
-/// Threads per cube: a power of two, no more than the keys need nor than 256.
-fn threads_for<R: CubeRuntime>(tensor: &CubeTensor<R>, keys: usize) -> usize {
-    let hardware = tensor.client.properties().hardware.max_cube_dim.0.min(tensor.client.properties().hardware.max_units_per_cube);
-    let limit = 256.min(hardware as usize);
-    // The largest power of two within the limit, so that the trees halve evenly.
-    let limit = 1 << limit.ilog2();
-    keys.next_power_of_two().clamp(1, limit)
 }
 
 /// [`kernel::attention_softmax`] into a new tensor of the scores' shape and type.

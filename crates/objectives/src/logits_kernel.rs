@@ -3,12 +3,14 @@
 //! for the backward pass, f32 arithmetic whatever the logits' type.
 //!
 //! ```text
-//! forward     (token_logps)     lse = logsumexp(z),  logp = z[y] − lse         one read of z
+//! forward     (token_logps)     lse = logsumexp(z),  logpᵏ = z[yᵏ] − lse       one read of z
 //! statistics  (position_stats)  mean z,  H = Σ p (lse − z),  argmax z,  log Σ p²,
 //!                               p = exp(z − lse) with the forward pass's lse   one read of z
-//! backward    (token_logps)     ∂z = ∂logp · (onehot(y) − exp(z − lse)),
+//! backward    (token_logps)     ∂z = Σₖ ∂logpᵏ · onehot(yᵏ) − (Σₖ ∂logpᵏ) · exp(z − lse),
 //!                               written over z                              one read, one write
 //! ```
+//!
+//! `k` runs over the label sets scored under the same logits: one for SFT and DPO, two for ORPO.
 //!
 //! The tensor operations they replace read the half-type logits in runs of positions, cast each
 //! run to f32 and pass over it about ten times (≈ 80 to 110 bytes moved per logit over the three
@@ -23,6 +25,7 @@
 
 use crate::logprobs::PositionStats;
 use alignment_core::backend::{retype, visit_fused_cube, visit_fused_cube_under_autodiff, FusedCubeVisitor};
+use alignment_core::cube_rows::{row_threads, writable};
 use alignment_core::env_switch::EnvSwitch;
 use alignment_core::precision::float_type;
 use burn::backend::Autodiff;
@@ -38,13 +41,15 @@ use burn_fusion::Fusion;
 /// The kernels, in CubeCL's language (its `Tensor` is a kernel argument, not burn's).
 mod kernel {
     // The `#[cube]` macro's expansion names the `cubecl` crate.
+    use alignment_core::cube_rows::kernel::{combine_running_sums, larger, running_sum, BELOW_EVERY_VALUE};
     use burn_cubecl::cubecl;
     use cubecl::prelude::*;
 
-    /// Row `row`'s logsumexp, and the log-probability of its label (NaN for a label outside the
-    /// vocabulary, which the caller promises never to pass). `threads` is the cube's size, a
-    /// power of two.
+    /// Row `row`'s logsumexp, and the log-probability of its label in each of the `sets` label
+    /// sets (`targets` and `logp` `[rows, sets]`; NaN for a label outside the vocabulary, which
+    /// the caller promises never to pass). `threads` is the cube's size, a power of two.
     #[cube(launch_unchecked, address_type = "dynamic")]
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn logits_forward<F: Float, W: Float, N: Int>(
         logits: &Tensor<F>,
         targets: &Tensor<N>,
@@ -52,6 +57,7 @@ mod kernel {
         logp: &mut Tensor<W>,
         rows: usize,
         vocab: usize,
+        sets: usize,
         #[comptime] threads: usize,
         #[define(F, W, N)] _dtypes: [StorageType; 3],
     ) {
@@ -62,49 +68,33 @@ mod kernel {
         let unit = UNIT_POS_X as usize;
         let start = row * vocab;
         // Each thread's running maximum and Σ exp(z − maximum) over the logits it strides over.
-        let mut maximum = f32::new(-3.0e38);
+        let mut maximum = f32::new(BELOW_EVERY_VALUE);
         let mut sum = f32::new(0.0);
         let mut column = unit;
         while column < vocab {
             let z = f32::cast_from(logits[start + column]);
-            if z > maximum {
-                sum = sum * (maximum - z).exp() + f32::new(1.0);
-                maximum = z;
-            } else {
-                sum += (z - maximum).exp();
-            }
+            sum = running_sum(sum, maximum, z);
+            maximum = larger(maximum, z);
             column += CUBE_DIM_X as usize;
         }
         let mut maxima = SharedMemory::<f32>::new(threads);
         let mut sums = SharedMemory::<f32>::new(threads);
-        maxima[unit] = maximum;
-        sums[unit] = sum;
-        sync_cube();
-        let mut stride = CUBE_DIM_X as usize / 2;
-        while stride > 0 {
-            if unit < stride {
-                let (own, other) = (maxima[unit], maxima[unit + stride]);
-                let mut larger = own;
-                if other > own {
-                    larger = other;
-                }
-                sums[unit] = sums[unit] * (own - larger).exp() + sums[unit + stride] * (other - larger).exp();
-                maxima[unit] = larger;
-            }
-            sync_cube();
-            stride /= 2;
-        }
+        combine_running_sums(&mut maxima, &mut sums, maximum, sum);
+        let row_lse = sums[0].ln() + maxima[0];
         if unit == 0 {
-            let row_lse = sums[0].ln() + maxima[0];
             lse[row] = W::cast_from(row_lse);
+        }
+        // One thread per label set.
+        if unit < sets {
+            let at = row * sets + unit;
             // A negative label wraps to a large one (and 64-bit integers are not everywhere).
-            let label = u32::cast_from(targets[row]) as usize;
+            let label = u32::cast_from(targets[at]) as usize;
             // NaN, computed at run time: WGSL rejects a NaN constant.
             let mut picked = (-f32::cast_from(vocab)).sqrt();
             if label < vocab {
                 picked = f32::cast_from(logits[start + label]);
             }
-            logp[row] = W::cast_from(picked - row_lse);
+            logp[at] = W::cast_from(picked - row_lse);
         }
     }
 
@@ -135,7 +125,7 @@ mod kernel {
         let mut sum_h = f32::new(0.0);
         let mut sum_sq = f32::new(0.0);
         // No thread has read a column yet: `vocab` stands for none, below every logit.
-        let mut best = f32::new(-3.0e38);
+        let mut best = f32::new(BELOW_EVERY_VALUE);
         let mut best_column = vocab;
         let mut column = unit;
         while column < vocab {
@@ -192,7 +182,8 @@ mod kernel {
         }
     }
 
-    /// `∂z = ∂logp · (onehot(y) − exp(z − lse))` over `z`, one thread per logit.
+    /// `∂z = Σₖ ∂logpᵏ · onehot(yᵏ) − (Σₖ ∂logpᵏ) · exp(z − lse)` over `z`, one thread per
+    /// logit (`grad` and `targets` `[rows, sets]`).
     #[cube(launch_unchecked, address_type = "dynamic")]
     pub(super) fn logits_backward<F: Float, W: Float, N: Int>(
         logits: &mut Tensor<F>,
@@ -200,6 +191,7 @@ mod kernel {
         grad: &Tensor<W>,
         targets: &Tensor<N>,
         vocab: usize,
+        sets: usize,
         #[define(F, W, N)] _dtypes: [StorageType; 3],
     ) {
         let i = ABSOLUTE_POS;
@@ -207,11 +199,17 @@ mod kernel {
             terminate!();
         }
         let row = i / vocab;
-        let g = f32::cast_from(grad[row]);
-        let mut dz = (f32::cast_from(logits[i]) - f32::cast_from(lse[row])).exp() * -g;
-        if u32::cast_from(targets[row]) as usize == i % vocab {
-            dz += g;
+        let column = i % vocab;
+        let mut total = f32::new(0.0);
+        let mut picked = f32::new(0.0);
+        for k in 0..sets {
+            let g = f32::cast_from(grad[row * sets + k]);
+            total += g;
+            if u32::cast_from(targets[row * sets + k]) as usize == column {
+                picked += g;
+            }
         }
+        let dz = (f32::cast_from(logits[i]) - f32::cast_from(lse[row])).exp() * -total + picked;
         logits[i] = F::cast_from(dz);
     }
 }
@@ -220,15 +218,6 @@ mod kernel {
 pub(crate) fn enabled() -> bool {
     static KERNELS: EnvSwitch = EnvSwitch::new("ALIGNMENT_LOGITS_KERNEL");
     KERNELS.is_on()
-}
-
-/// Threads per cube for rows of `vocab` logits: a power of two, no more than the row needs nor
-/// than 256.
-fn threads_for<R: CubeRuntime>(tensor: &CubeTensor<R>, vocab: usize) -> usize {
-    let properties = tensor.client.properties();
-    let hardware = properties.hardware.max_cube_dim.0.min(properties.hardware.max_units_per_cube);
-    let limit = 1 << 256.min(hardware as usize).ilog2();
-    vocab.next_power_of_two().clamp(1, limit)
 }
 
 /// The logits `[rows, vocab]` contiguous, their rows and vocabulary, and one cube per row.
@@ -248,36 +237,43 @@ impl<R: CubeRuntime> RowLaunch<R> {
         let vocab = *shape.last().expect("logits have a vocabulary dimension");
         let rows = shape.iter().product::<usize>() / vocab.max(1);
         assert!(vocab > 0 && u32::try_from(rows).is_ok(), "logits {shape:?}");
-        let threads = threads_for(&logits, vocab);
+        let threads = row_threads(&logits, vocab);
         let cube_count = CubeCountSelection::new(&logits.client, rows as u32).cube_count();
         Self { logits, rows, vocab, cube_count, cube_dim: CubeDim::new_1d(threads as u32), threads }
     }
 
-    /// A new `[rows]`-element tensor of `dtype`.
-    fn per_row(&self, dtype: DType) -> CubeTensor<R> {
-        empty_device_dtype(self.logits.client.clone(), self.logits.device.clone(), [self.rows].into(), dtype)
+    /// A new `[rows · per_row]`-element tensor of `dtype`.
+    fn per_row(&self, per_row: usize, dtype: DType) -> CubeTensor<R> {
+        empty_device_dtype(self.logits.client.clone(), self.logits.device.clone(), [self.rows * per_row].into(), dtype)
     }
 
-    /// `t` contiguous with one value per row (a malformed call panics here rather than reading
-    /// out of bounds on the device).
-    fn per_row_input(&self, t: CubeTensor<R>, what: &str) -> CubeTensor<R> {
+    /// `t` contiguous with `per_row` values per row (a malformed call panics here rather than
+    /// reading out of bounds on the device).
+    fn per_row_input(&self, t: CubeTensor<R>, per_row: usize, what: &str) -> CubeTensor<R> {
         let t = burn_cubecl::kernel::into_contiguous(t);
-        assert_eq!(t.meta.shape().num_elements(), self.rows, "{what}: one value per position of the logits");
+        assert_eq!(t.meta.shape().num_elements(), self.rows * per_row, "{what}: {per_row} per position of the logits");
         t
     }
 }
 
-/// `(lse, logp)` per row by [`kernel::logits_forward`], in `wide`.
-fn launch_forward<R: CubeRuntime>(logits: CubeTensor<R>, targets: CubeTensor<R>, wide: DType) -> (CubeTensor<R>, CubeTensor<R>) {
+/// `(lse [rows], logp [rows · sets])` by [`kernel::logits_forward`], in `wide`, for `targets`
+/// `[rows · sets]`.
+fn launch_forward<R: CubeRuntime>(
+    logits: CubeTensor<R>,
+    targets: CubeTensor<R>,
+    sets: usize,
+    wide: DType,
+) -> (CubeTensor<R>, CubeTensor<R>) {
     let launch = RowLaunch::new(logits);
-    let targets = launch.per_row_input(targets, "targets");
-    let (lse, logp) = (launch.per_row(wide), launch.per_row(wide));
+    let targets = launch.per_row_input(targets, sets, "targets");
+    let (lse, logp) = (launch.per_row(1, wide), launch.per_row(sets, wide));
     let address_type = [&launch.logits, &targets, &lse, &logp].map(|t| t.required_address_type()).into_iter().max().unwrap_or_default();
     let dtypes = [launch.logits.dtype.into(), wide.into(), targets.dtype.into()];
     let client = launch.logits.client.clone();
     // SAFETY: `RowLaunch`: each of the `rows` cubes reads `vocab` logits of its row in a
-    // contiguous `[rows, vocab]` tensor and one value of each `[rows]` tensor, and the label's
-    // logit only when the label lies in `0..vocab`; cubes past the last row stop first.
+    // contiguous `[rows, vocab]` tensor, one value of `lse` and `sets` of each `[rows, sets]`
+    // tensor, and a label's logit only when the label lies in `0..vocab`; cubes past the last
+    // row stop first.
     unsafe {
         kernel::logits_forward::launch_unchecked::<R>(
             &client,
@@ -290,6 +286,7 @@ fn launch_forward<R: CubeRuntime>(logits: CubeTensor<R>, targets: CubeTensor<R>,
             logp.clone().into_tensor_arg(),
             launch.rows,
             launch.vocab,
+            sets,
             launch.threads,
             dtypes,
         );
@@ -301,9 +298,9 @@ fn launch_forward<R: CubeRuntime>(logits: CubeTensor<R>, targets: CubeTensor<R>,
 /// in `lse`'s type, the argmax in `int`.
 fn launch_statistics<R: CubeRuntime>(logits: CubeTensor<R>, lse: CubeTensor<R>, int: DType) -> [CubeTensor<R>; 4] {
     let launch = RowLaunch::new(logits);
-    let lse = launch.per_row_input(lse, "logsumexp");
+    let lse = launch.per_row_input(lse, 1, "logsumexp");
     let wide = lse.dtype;
-    let outputs = [launch.per_row(wide), launch.per_row(wide), launch.per_row(int), launch.per_row(wide)];
+    let outputs = [launch.per_row(1, wide), launch.per_row(1, wide), launch.per_row(1, int), launch.per_row(1, wide)];
     let address_type = [&launch.logits, &lse].into_iter().chain(&outputs).map(|t| t.required_address_type()).max().unwrap_or_default();
     let dtypes = [launch.logits.dtype.into(), wide.into(), int.into()];
     let client = launch.logits.client.clone();
@@ -337,30 +334,27 @@ fn launch_backward<R: CubeRuntime>(
     lse: CubeTensor<R>,
     grad: CubeTensor<R>,
     targets: CubeTensor<R>,
+    sets: usize,
 ) -> CubeTensor<R> {
-    let logits = match (logits.can_mut(), logits.is_contiguous()) {
-        (true, true) => logits,
-        (false, true) => logits.copy(),
-        (_, false) => burn_cubecl::kernel::into_contiguous(logits),
-    };
+    let logits = writable(logits);
     let shape = logits.meta.shape().to_vec();
     let vocab = *shape.last().expect("logits have a vocabulary dimension");
     let elements = logits.meta.shape().num_elements();
     let rows = elements / vocab.max(1);
-    let per_row = |t: CubeTensor<R>, what: &str| {
+    let per_row = |t: CubeTensor<R>, per_row: usize, what: &str| {
         let t = burn_cubecl::kernel::into_contiguous(t);
-        assert_eq!(t.meta.shape().num_elements(), rows, "{what}: one value per position of the logits {shape:?}");
+        assert_eq!(t.meta.shape().num_elements(), rows * per_row, "{what}: {per_row} per position of the logits {shape:?}");
         t
     };
-    let (grad, targets) = (per_row(grad, "∂logp"), per_row(targets, "targets"));
-    let lse = per_row(burn_cubecl::kernel::cast(lse, grad.dtype), "logsumexp");
+    let (grad, targets) = (per_row(grad, sets, "∂logp"), per_row(targets, sets, "targets"));
+    let lse = per_row(burn_cubecl::kernel::cast(lse, grad.dtype), 1, "logsumexp");
     let client = logits.client.clone();
     let cube_dim = CubeDim::new(&client, elements);
     let cube_count = calculate_cube_count_elemwise(&client, elements, cube_dim);
     let address_type = [&logits, &lse, &grad, &targets].map(|t| t.required_address_type()).into_iter().max().unwrap_or_default();
     let dtypes = [logits.dtype.into(), grad.dtype.into(), targets.dtype.into()];
-    // SAFETY: `i < logits.len()` is checked in the kernel; `lse`, `grad` and `targets` hold one
-    // contiguous value per row of `vocab` logits (asserted above).
+    // SAFETY: `i < logits.len()` is checked in the kernel; `lse` holds one contiguous value per
+    // row of `vocab` logits, `grad` and `targets` `sets` (asserted above).
     unsafe {
         kernel::logits_backward::launch_unchecked::<R>(
             &client,
@@ -372,6 +366,7 @@ fn launch_backward<R: CubeRuntime>(
             grad.into_tensor_arg(),
             targets.into_tensor_arg(),
             vocab,
+            sets,
             dtypes,
         );
     }
@@ -417,33 +412,36 @@ fn float_in<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement, con
     Tensor::<Fused<R, F, I, BT>, 1>::from_primitive(t).reshape(shape)
 }
 
-/// `(logp [batch, seq], lse [batch, seq, 1])` in `B`'s own float type, as `token_logps`'
-/// forward pass computes them, by [`kernel::logits_forward`] where `B` is one of the fused CubeCL
-/// backends this crate is built with and the kernels are on; the inputs back otherwise.
+/// `(logp [batch, seq, sets], lse [batch, seq, 1])` in `B`'s own float type for `targets`
+/// `[batch, seq, sets]`, as `token_logps`' forward pass computes them, by
+/// [`kernel::logits_forward`] where `B` is one of the fused CubeCL backends this crate is built
+/// with and the kernels are on; the inputs back otherwise.
 #[allow(clippy::type_complexity)]
 pub(crate) fn forward<B: Backend>(
     logits: Tensor<B, 3>,
-    targets: Tensor<B, 2, Int>,
-) -> Result<(Tensor<B, 2>, Tensor<B, 3>), (Tensor<B, 3>, Tensor<B, 2, Int>)> {
+    targets: Tensor<B, 3, Int>,
+) -> Result<(Tensor<B, 3>, Tensor<B, 3>), (Tensor<B, 3>, Tensor<B, 3, Int>)> {
     /// The call, for the backend's parts.
     struct Forward<B: Backend> {
         logits: Tensor<B, 3>,
-        targets: Tensor<B, 2, Int>,
+        targets: Tensor<B, 3, Int>,
     }
     impl<B: Backend> FusedCubeVisitor for Forward<B> {
-        type Output = (Tensor<B, 2>, Tensor<B, 3>);
+        type Output = (Tensor<B, 3>, Tensor<B, 3>);
         fn visit<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement>(self) -> Self::Output {
             let [batch, seq, _] = self.logits.dims();
+            let sets = self.targets.dims()[2];
             let logits: Tensor<Fused<R, F, I, BT>, 3> = retype(self.logits);
             let client = client_of(&logits);
             let wide = DType::from(float_type::<B>());
             let (lse, logp) = launch_forward(
                 float_out(&client, logits),
-                int_out(&client, retype::<_, Tensor<Fused<R, F, I, BT>, 2, Int>>(self.targets)),
+                int_out(&client, retype::<_, Tensor<Fused<R, F, I, BT>, 3, Int>>(self.targets)),
+                sets,
                 wide,
             );
             (
-                retype(float_in::<R, F, I, BT, 2>(&client, logp, [batch, seq])),
+                retype(float_in::<R, F, I, BT, 3>(&client, logp, [batch, seq, sets])),
                 retype(float_in::<R, F, I, BT, 3>(&client, lse, [batch, seq, 1])),
             )
         }
@@ -455,7 +453,7 @@ pub(crate) fn forward<B: Backend>(
 }
 
 /// `∂z` for `token_logps`' backward pass (`lse` `[batch, seq, 1]`, `grad` and `targets` `[batch,
-/// seq, 1]`), in the logits' type, written over them, by [`kernel::logits_backward`] where
+/// seq, sets]`), in the logits' type, written over them, by [`kernel::logits_backward`] where
 /// [`forward`] runs its kernel; the logits back otherwise.
 pub(crate) fn backward<B: Backend>(
     logits: Tensor<B, 3>,
@@ -474,6 +472,7 @@ pub(crate) fn backward<B: Backend>(
         type Output = Tensor<B, 3>;
         fn visit<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement>(self) -> Tensor<B, 3> {
             let dims = self.logits.dims();
+            let sets = self.targets.dims()[2];
             let logits: Tensor<Fused<R, F, I, BT>, 3> = retype(self.logits);
             let client = client_of(&logits);
             let dz = launch_backward(
@@ -481,6 +480,7 @@ pub(crate) fn backward<B: Backend>(
                 float_out(&client, retype::<_, Tensor<Fused<R, F, I, BT>, 3>>(self.lse.clone())),
                 float_out(&client, retype::<_, Tensor<Fused<R, F, I, BT>, 3>>(self.grad.clone())),
                 int_out(&client, retype::<_, Tensor<Fused<R, F, I, BT>, 3, Int>>(self.targets.clone())),
+                sets,
             );
             retype(float_in::<R, F, I, BT, 3>(&client, dz, dims))
         }

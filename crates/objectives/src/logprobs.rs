@@ -11,11 +11,11 @@
 //! `log p(y_t) = z[t, y_t] - logsumexp(z[t, :])`: one `logsumexp` over the vocabulary per position
 //! (`[batch, seq, 1]`) minus the gathered logit (`[batch, seq, 1]`), as TRL's
 //! `selective_log_softmax` does for float32. The full `[batch, seq, vocab]` log-softmax is never
-//! materialised. For one label set (SFT, DPO) the gather and the `logsumexp` are one recorded
-//! autodiff step (`token_logps.rs`) that keeps the logits and computes the softmax's gradient
-//! itself; for several (ORPO) the graph of burn's operations keeps one `exp` of the logits' size.
-//! The max used to stabilise the `logsumexp` is detached, which leaves its value and gradient
-//! unchanged. Rather than slicing the logits to `[:, :-1]` (a copy, and a full-size
+//! materialised. The gather and the `logsumexp` are one recorded autodiff step
+//! (`token_logps.rs`) that keeps the logits and computes the softmax's gradient itself, for one
+//! label set (SFT, DPO) or several over the same logits (ORPO's two), which share the
+//! `logsumexp` and one backward pass. The max used to stabilise the `logsumexp` is detached,
+//! which leaves its value and gradient unchanged. Rather than slicing the logits to `[:, :-1]` (a copy, and a full-size
 //! `slice_assign` in the backward pass), the *labels* are shifted left and padded with
 //! `IGNORE_INDEX`, so the last position is computed and masked out.
 //!
@@ -28,7 +28,9 @@
 //! losses ask for ([`ExtraStats`]: WPO's `log Σ_v p_v²`).
 
 use crate::token_logps::token_logps;
+use alignment_core::backend::{retype, visit_autodiff, AutodiffVisitor};
 use alignment_core::precision::{cast_to, float_type};
+use burn::backend::Autodiff;
 use burn::tensor::{backend::Backend, Bool, Int, Tensor};
 
 /// Label value of tokens that are not scored (prompt, padding), as in PyTorch's `ignore_index`
@@ -168,33 +170,32 @@ pub fn sequence_logps_with<B: Backend>(
     for labels in &label_sets {
         assert_eq!(labels.dims(), [b, t], "labels must be [batch, seq] = [{b}, {t}] like the logits");
     }
-    if let [labels] = label_sets.as_slice() {
-        // One label set (SFT, DPO): one recorded step, whose backward pass is the softmax's own.
-        let targets = ShiftedTargets::new(labels.clone());
-        let (token_logps, lse) = token_logps(logits.clone(), targets.safe.clone());
-        let stats = TokenStats::new(logits.detach(), lse, extra);
-        return vec![stats.reduce((token_logps * targets.mask.clone()).sum_dim(1).squeeze_dim(1), &targets)];
-    }
-    // Half-type logits (mixed precision) in the backend's own type, as a whole: ORPO's two
-    // label sets keep burn's composition.
-    let logits = cast_to(logits, float_type::<B>());
-    let lse = logsumexp_vocab(logits.clone());
-    let stats = TokenStats::new(logits.clone().detach(), lse.clone().detach(), extra);
-    label_sets
-        .into_iter()
-        .map(|labels| {
-            let targets = ShiftedTargets::new(labels);
-            let picked = logits.clone().gather(2, targets.safe.clone().unsqueeze_dim::<3>(2));
-            let token_logps: Tensor<B, 2> = (picked - lse.clone()).squeeze_dim(2) * targets.mask.clone();
-            stats.reduce(token_logps.sum_dim(1).squeeze_dim(1), &targets)
+    // Every label set in one recorded step, whose backward pass is the softmax's own.
+    let targets: Vec<ShiftedTargets<B>> = label_sets.into_iter().map(ShiftedTargets::new).collect();
+    let (token_logps, lse) = token_logps(logits.clone(), stacked_ids(&targets));
+    let stats = TokenStats::new(logits.detach(), lse, extra);
+    targets
+        .iter()
+        .enumerate()
+        .map(|(set, targets)| {
+            let token_logps: Tensor<B, 2> = token_logps.clone().narrow(2, set, 1).squeeze_dim(2) * targets.mask.clone();
+            stats.reduce(token_logps.sum_dim(1).squeeze_dim(1), targets)
         })
         .collect()
 }
 
-/// Who computes the passes over the logits for one label set (the log-probabilities, their
-/// gradient and the statistics; with the chunked head, the statistics) when training on
-/// `Autodiff<I>`, for reports: `"kernel"` on burn's fused CubeCL backends
-/// (`logits_kernel.rs`), `"tensor ops"` elsewhere or with `ALIGNMENT_LOGITS_KERNEL=0`.
+/// The label sets' gatherable ids as `[batch, seq, sets]`, what `token_logps` takes.
+fn stacked_ids<B: Backend>(targets: &[ShiftedTargets<B>]) -> Tensor<B, 3, Int> {
+    match targets {
+        [one] => one.safe.clone().unsqueeze_dim(2),
+        many => Tensor::stack(many.iter().map(|t| t.safe.clone()).collect(), 2),
+    }
+}
+
+/// Who computes the passes over the logits, for any number of label sets (the
+/// log-probabilities, their gradient and the statistics; with the chunked head, the
+/// statistics) when training on `Autodiff<I>`, for reports: `"kernel"` on burn's fused CubeCL
+/// backends (`logits_kernel.rs`), `"tensor ops"` elsewhere or with `ALIGNMENT_LOGITS_KERNEL=0`.
 pub fn logits_route<I: Backend>() -> &'static str {
     #[cfg(any(feature = "cuda", feature = "wgpu"))]
     if crate::logits_kernel::enabled() && alignment_core::backend::is_fused_cube::<I>() {
@@ -216,8 +217,8 @@ pub(crate) fn sequence_logps_sum<B: Backend>(logits: Tensor<B, 3>, labels: Tenso
     let [b, t, _v] = logits.dims();
     assert_eq!(labels.dims(), [b, t], "labels must be [batch, seq] = [{b}, {t}] like the logits");
     let targets = ShiftedTargets::new(labels);
-    let (token_logps, _) = token_logps(logits, targets.safe.clone());
-    let token_logps = token_logps * targets.mask.clone();
+    let (token_logps, _) = token_logps(logits, stacked_ids(std::slice::from_ref(&targets)));
+    let token_logps = token_logps.squeeze_dim::<2>(2) * targets.mask.clone();
     (token_logps.sum_dim(1).squeeze_dim(1), targets.mask.sum_dim(1).squeeze_dim(1))
 }
 
@@ -331,7 +332,6 @@ impl<B: Backend> PositionStats<B> {
 
     /// The same statistics as tensors of another backend: `float` maps each float tensor,
     /// `int` the argmax.
-    #[cfg(any(feature = "cuda", feature = "wgpu"))]
     pub(crate) fn map_tensors<C: Backend>(
         self,
         float: impl Fn(Tensor<B, 2>) -> Tensor<C, 2>,
@@ -372,7 +372,30 @@ pub(crate) fn position_stats<B: Backend>(logits: Tensor<B, 3>, lse: Tensor<B, 3>
     if let Some(stats) = crate::logits_kernel::position_stats(&logits, &lse, extra.log_sum_sq_probs) {
         return stats;
     }
-    position_stats_in_chunks(logits, lse, extra, STATS_CHUNK_ELEMENTS)
+    match visit_autodiff::<B, _>(StatsOnInner { logits, lse, extra }) {
+        Ok(stats) => stats,
+        Err(StatsOnInner { logits, lse, extra }) => position_stats_in_chunks(logits, lse, extra, STATS_CHUNK_ELEMENTS),
+    }
+}
+
+/// [`position_stats`] of an autodiff backend's (detached) tensors computed on its inner
+/// backend. Through the autodiff wrapper the same operations held about 2.5 more logits-sized
+/// tensors on burn-ndarray (its slices and element-wise operations copied where the inner
+/// backend's work in place): 1116 against 500 MiB for 250 MiB of logits.
+struct StatsOnInner<B: Backend> {
+    logits: Tensor<B, 3>,
+    lse: Tensor<B, 3>,
+    extra: ExtraStats,
+}
+
+impl<B: Backend> AutodiffVisitor for StatsOnInner<B> {
+    type Output = PositionStats<B>;
+
+    fn visit<I: Backend>(self) -> PositionStats<B> {
+        let inner = |t: Tensor<B, 3>| retype::<_, Tensor<Autodiff<I>, 3>>(t).inner();
+        let stats = position_stats_in_chunks(inner(self.logits), inner(self.lse), self.extra, STATS_CHUNK_ELEMENTS);
+        stats.map_tensors(|t| retype(Tensor::<Autodiff<I>, 2>::from_inner(t)), |t| retype(Tensor::<Autodiff<I>, 2, Int>::from_inner(t)))
+    }
 }
 
 /// [`position_stats`] with temporaries of at most `max_elements` (one position at least).

@@ -1,10 +1,14 @@
-//! The labelled tokens' log-probabilities, `log p(y_t) = z[t, y_t] − logsumexp(z[t, :])`, as
-//! one recorded step of burn's autodiff, whose backward pass is the softmax's own:
+//! The labelled tokens' log-probabilities, `log p(y_t) = z[t, y_t] − logsumexp(z[t, :])`, for
+//! one or more label sets `y¹ … yᴷ` over the same logits, as one recorded step of burn's
+//! autodiff, whose backward pass is the softmax's own:
 //!
 //! ```text
-//! forward:   lse = logsumexp(z)        logp = z[y] − lse                       keeps z, lse, y
-//! backward:  ∂z  = ∂logp · (onehot(y) − exp(z − lse))
+//! forward:   lse = logsumexp(z)        logpᵏ = z[yᵏ] − lse                     keeps z, lse, y
+//! backward:  ∂z  = Σₖ ∂logpᵏ · onehot(yᵏ) − (Σₖ ∂logpᵏ) · exp(z − lse)
 //! ```
+//!
+//! One label set is SFT's and DPO's; ORPO scores two (the completion for its odds ratio, prompt
+//! and completion for its NLL term), which share the logsumexp and the one backward pass.
 //!
 //! Composed from burn's operations, the same quantity kept `exp(z − max)` for the backward pass,
 //! and that pass built the logits' gradient from four logits-sized tensors (the broadcast
@@ -33,17 +37,18 @@ use burn::backend::Autodiff;
 use burn::tensor::ops::{FloatTensor, IntTensor};
 use burn::tensor::{backend::Backend, DType, IndexingUpdateOp, Int, Tensor, TensorPrimitive};
 
-/// `([batch, seq]` log-probabilities of `targets` under `logits` `[batch, seq, vocab]`,
-/// differentiable; `[batch, seq, 1]` logsumexp of the logits, without gradient)`, both in the
-/// backend's own float type whatever the logits' type. `targets` must lie in `0..vocab` (ignored
-/// positions gathered at a safe id and masked by the caller).
-pub(crate) fn token_logps<B: Backend>(logits: Tensor<B, 3>, targets: Tensor<B, 2, Int>) -> (Tensor<B, 2>, Tensor<B, 3>) {
+/// `([batch, seq, sets]` log-probabilities of `targets` `[batch, seq, sets]` (a label set per
+/// last index) under `logits` `[batch, seq, vocab]`, differentiable; `[batch, seq, 1]`
+/// logsumexp of the logits, without gradient)`, both in the backend's own float type whatever
+/// the logits' type. `targets` must lie in `0..vocab` (ignored positions gathered at a safe id
+/// and masked by the caller).
+pub(crate) fn token_logps<B: Backend>(logits: Tensor<B, 3>, targets: Tensor<B, 3, Int>) -> (Tensor<B, 3>, Tensor<B, 3>) {
     token_logps_in_runs(logits, targets, STATS_CHUNK_ELEMENTS)
 }
 
 /// [`token_logps`] reading half-type logits in runs of positions of at most `run_elements`
 /// elements each.
-fn token_logps_in_runs<B: Backend>(logits: Tensor<B, 3>, targets: Tensor<B, 2, Int>, run_elements: usize) -> (Tensor<B, 2>, Tensor<B, 3>) {
+fn token_logps_in_runs<B: Backend>(logits: Tensor<B, 3>, targets: Tensor<B, 3, Int>, run_elements: usize) -> (Tensor<B, 3>, Tensor<B, 3>) {
     match visit_autodiff::<B, _>(Recorded { logits, targets, run_elements }) {
         Ok(out) => out,
         Err(Recorded { logits, targets, run_elements }) => {
@@ -55,7 +60,7 @@ fn token_logps_in_runs<B: Backend>(logits: Tensor<B, 3>, targets: Tensor<B, 2, I
 
 /// `(z[y] − lse, lse)` by burn's operations, in the backend's own type: the forward pass of both
 /// paths. Logits of another type are cast per run of positions for the logsumexp.
-fn forward<B: Backend>(logits: Tensor<B, 3>, targets: Tensor<B, 2, Int>, run_elements: usize) -> (Tensor<B, 2>, Tensor<B, 3>) {
+fn forward<B: Backend>(logits: Tensor<B, 3>, targets: Tensor<B, 3, Int>, run_elements: usize) -> (Tensor<B, 3>, Tensor<B, 3>) {
     #[cfg(any(feature = "cuda", feature = "wgpu"))]
     let (logits, targets) = match crate::logits_kernel::forward(logits, targets) {
         Ok(logp_and_lse) => return logp_and_lse,
@@ -69,25 +74,25 @@ fn forward<B: Backend>(logits: Tensor<B, 3>, targets: Tensor<B, 2, Int>, run_ele
         let parts = runs.into_iter().map(|run| logsumexp_vocab(cast_to(logits.clone().narrow(1, run.start, run.len()), wide))).collect();
         Tensor::cat(parts, 1)
     };
-    let picked = cast_to(logits.gather(2, targets.unsqueeze_dim::<3>(2)), wide);
-    ((picked - lse.clone()).squeeze_dim(2), lse)
+    let picked = cast_to(logits.gather(2, targets), wide);
+    (picked - lse.clone(), lse)
 }
 
 /// The recorded step, run on the autodiff backend's inner backend.
 struct Recorded<B: Backend> {
     logits: Tensor<B, 3>,
-    targets: Tensor<B, 2, Int>,
+    targets: Tensor<B, 3, Int>,
     run_elements: usize,
 }
 
 impl<B: Backend> AutodiffVisitor for Recorded<B> {
-    type Output = (Tensor<B, 2>, Tensor<B, 3>);
+    type Output = (Tensor<B, 3>, Tensor<B, 3>);
 
     fn visit<I: Backend>(self) -> Self::Output {
         let logits: Tensor<Autodiff<I>, 3> = retype(self.logits);
-        let targets: Tensor<Autodiff<I>, 2, Int> = retype(self.targets);
+        let targets: Tensor<Autodiff<I>, 3, Int> = retype(self.targets);
         let z = logits.into_primitive().tensor();
-        let targets = Tensor::<I, 2, Int>::from_primitive(targets.into_primitive());
+        let targets = Tensor::<I, 3, Int>::from_primitive(targets.into_primitive());
         let inner = Tensor::<I, 3>::from_primitive(TensorPrimitive::Float(z.primitive.clone()));
         let (logp, lse) = forward(inner, targets.clone(), self.run_elements);
         let logp = logp.into_primitive().tensor();
@@ -100,7 +105,7 @@ impl<B: Backend> AutodiffVisitor for Recorded<B> {
             ),
             OpsKind::UnTracked(prep) => prep.finish(logp),
         };
-        let logp = Tensor::<Autodiff<I>, 2>::from_primitive(TensorPrimitive::Float(logp));
+        let logp = Tensor::<Autodiff<I>, 3>::from_primitive(TensorPrimitive::Float(logp));
         (retype(logp), retype(Tensor::<Autodiff<I>, 3>::from_inner(lse)))
     }
 }
@@ -129,8 +134,8 @@ impl<I: Backend> Backward<I, 1> for TokenLogpsBackward {
         let TokenLogpsState { logits, lse, targets } = ops.state;
         let (logits, lse) =
             (Tensor::<I, 3>::from_primitive(TensorPrimitive::Float(logits)), Tensor::<I, 3>::from_primitive(TensorPrimitive::Float(lse)));
-        let grad = Tensor::<I, 2>::from_primitive(TensorPrimitive::Float(grad)).unsqueeze_dim::<3>(2);
-        let targets = Tensor::<I, 2, Int>::from_primitive(targets).unsqueeze_dim::<3>(2);
+        let grad = Tensor::<I, 3>::from_primitive(TensorPrimitive::Float(grad));
+        let targets = Tensor::<I, 3, Int>::from_primitive(targets);
         #[cfg(any(feature = "cuda", feature = "wgpu"))]
         let logits = match crate::logits_kernel::backward(logits, &lse, &grad, &targets) {
             Ok(dz) => {
@@ -164,10 +169,11 @@ impl<I: Backend> Backward<I, 1> for TokenLogpsBackward {
     }
 }
 
-/// `∂z = ∂logp · onehot(y) − ∂logp · softmax(z)` for logits `z` and their logsumexp, `∂logp`
-/// and `y` as `[batch, seq, 1]`.
+/// `∂z = Σₖ ∂logpᵏ · onehot(yᵏ) − (Σₖ ∂logpᵏ) · softmax(z)` for logits `z` and their
+/// logsumexp, `∂logp` and `y` as `[batch, seq, sets]` (the scatter adds a token's gradients
+/// where label sets share it).
 fn logits_gradient<I: Backend>(logits: Tensor<I, 3>, lse: Tensor<I, 3>, grad: Tensor<I, 3>, targets: Tensor<I, 3, Int>) -> Tensor<I, 3> {
-    let dz = (logits - lse).exp() * grad.clone().neg();
+    let dz = (logits - lse).exp() * grad.clone().sum_dim(2).neg();
     dz.scatter(2, targets, grad, IndexingUpdateOp::Add)
 }
 
@@ -178,27 +184,35 @@ mod tests {
 
     type T = Autodiff<burn::backend::NdArray<f32>>;
 
+    /// The recorded step against burn's composed operations (a gather per label set, one
+    /// `logsumexp`): equal values, and the gradient within rounding, for one label set and for
+    /// two that share some tokens (ORPO's), whose one-hot parts must add.
     #[test]
     fn the_recorded_log_probabilities_equal_burns_operations_with_their_gradient() {
         let device = Default::default();
         let logits = Tensor::<T, 3>::random([2, 5, 13], Distribution::Normal(0.0, 3.0), &device);
-        let targets = Tensor::<T, 2, Int>::from_data([[0, 12, 3, 3, 7], [1, 1, 0, 9, 12]], &device);
-        let weights = Tensor::<T, 2>::random([2, 5], Distribution::Normal(0.0, 1.0), &device);
-        let run = |recorded: bool| {
-            let z = logits.clone().require_grad();
-            let (logp, lse) = if recorded {
-                token_logps(z.clone(), targets.clone())
-            } else {
-                let lse = logsumexp_vocab(z.clone());
-                ((z.clone().gather(2, targets.clone().unsqueeze_dim::<3>(2)) - lse.clone()).squeeze_dim(2), lse)
+        let first = Tensor::<T, 2, Int>::from_data([[0, 12, 3, 3, 7], [1, 1, 0, 9, 12]], &device);
+        let second = Tensor::<T, 2, Int>::from_data([[0, 12, 4, 3, 8], [2, 1, 0, 9, 11]], &device);
+        for sets in [vec![first.clone()], vec![first, second]] {
+            let targets = Tensor::stack::<3>(sets.clone(), 2);
+            let weights = Tensor::<T, 3>::random([2, 5, sets.len()], Distribution::Normal(0.0, 1.0), &device);
+            let run = |recorded: bool| {
+                let z = logits.clone().require_grad();
+                let (logp, lse) = if recorded {
+                    token_logps(z.clone(), targets.clone())
+                } else {
+                    let lse = logsumexp_vocab(z.clone());
+                    let per_set = sets.iter().map(|y| z.clone().gather(2, y.clone().unsqueeze_dim::<3>(2)) - lse.clone()).collect();
+                    (Tensor::cat(per_set, 2), lse)
+                };
+                let grads = (logp.clone() * weights.clone()).sum().backward();
+                (logp.inner(), lse.inner(), z.grad(&grads).expect("the logits are tracked"))
             };
-            let grads = (logp.clone() * weights.clone()).sum().backward();
-            (logp.inner(), lse.inner(), z.grad(&grads).expect("the logits are tracked"))
-        };
-        let ((logp, lse, dz), (logp_ref, lse_ref, dz_ref)) = (run(true), run(false));
-        assert_eq!(logp.into_data(), logp_ref.into_data(), "the forward values are the composed ones");
-        assert_eq!(lse.into_data(), lse_ref.into_data());
-        dz.into_data().assert_approx_eq::<f32>(&dz_ref.into_data(), burn::tensor::Tolerance::absolute(1e-6));
+            let ((logp, lse, dz), (logp_ref, lse_ref, dz_ref)) = (run(true), run(false));
+            assert_eq!(logp.into_data(), logp_ref.into_data(), "the forward values are the composed ones ({} sets)", sets.len());
+            assert_eq!(lse.into_data(), lse_ref.into_data());
+            dz.into_data().assert_approx_eq::<f32>(&dz_ref.into_data(), burn::tensor::Tolerance::absolute(1e-6));
+        }
     }
 
     /// Logits in another type than the backend's (the half type under mixed precision; f64
@@ -208,8 +222,11 @@ mod tests {
     fn half_type_logits_in_runs_equal_casting_them_first<I: Backend>(device: &I::Device, half: FloatDType) -> usize {
         type A<I> = Autodiff<I>;
         let logits = Tensor::<A<I>, 3>::random([2, 5, 13], Distribution::Normal(0.0, 3.0), device).cast(half);
-        let targets = Tensor::<A<I>, 2, Int>::from_data([[0, 12, 3, 3, 7], [1, 1, 0, 9, 12]], device);
-        let weights = Tensor::<A<I>, 2>::random([2, 5], Distribution::Normal(0.0, 1.0), device);
+        let targets = Tensor::<A<I>, 3, Int>::from_data(
+            [[[0, 12], [12, 12], [3, 4], [3, 3], [7, 8]], [[1, 2], [1, 1], [0, 0], [9, 9], [12, 11]]],
+            device,
+        );
+        let weights = Tensor::<A<I>, 3>::random([2, 5, 2], Distribution::Normal(0.0, 1.0), device);
         let run = |run_elements: Option<usize>| {
             let z = logits.clone().require_grad();
             let (logp, lse) = match run_elements {
@@ -253,7 +270,7 @@ mod tests {
     fn without_autodiff_the_same_values() {
         let device = Default::default();
         let logits = Tensor::<T, 3>::random([1, 3, 7], Distribution::Normal(0.0, 1.0), &device);
-        let targets = Tensor::<T, 2, Int>::from_data([[6, 0, 2]], &device);
+        let targets = Tensor::<T, 3, Int>::from_data([[[6], [0], [2]]], &device);
         let (tracked, _) = token_logps(logits.clone(), targets.clone());
         let (plain, _) = token_logps(logits.inner(), targets.inner());
         assert_eq!(tracked.inner().into_data(), plain.into_data());

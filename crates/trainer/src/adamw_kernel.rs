@@ -16,6 +16,7 @@
 
 use crate::optimizer::{AdamWScalars, Moments};
 use alignment_core::backend::{retype, visit_fused_cube, FusedCubeVisitor};
+use alignment_core::cube_rows::writable;
 use alignment_core::env_switch::EnvSwitch;
 use burn::tensor::backend::Backend;
 use burn::tensor::{Tensor, TensorPrimitive};
@@ -66,16 +67,6 @@ mod kernel {
         param[i] = F::cast_from(p - (m / denom) * step_size);
         exp_avg[i] = F::cast_from(m);
         exp_avg_sq[i] = F::cast_from(v);
-    }
-}
-
-/// `t` as a buffer this kernel may write: itself when no other handle shares it and it is laid
-/// out row-major, a contiguous copy otherwise.
-fn writable<R: CubeRuntime>(t: CubeTensor<R>) -> CubeTensor<R> {
-    match (t.can_mut(), t.is_contiguous()) {
-        (true, true) => t,
-        (false, true) => t.copy(),
-        (_, false) => burn_cubecl::kernel::into_contiguous(t),
     }
 }
 
