@@ -84,9 +84,11 @@ mod kernel {
         if unit == 0 {
             lse[row] = W::cast_from(row_lse);
         }
-        // One thread per label set.
-        if unit < sets {
-            let at = row * sets + unit;
+        // The threads stride over the label sets (a cube sized for a vocabulary of one
+        // logit has one thread, fewer than ORPO's two sets).
+        let mut set = unit;
+        while set < sets {
+            let at = row * sets + set;
             // A negative label wraps to a large one (and 64-bit integers are not everywhere).
             let label = u32::cast_from(targets[at]) as usize;
             // NaN, computed at run time: WGSL rejects a NaN constant.
@@ -95,6 +97,7 @@ mod kernel {
                 picked = f32::cast_from(logits[start + label]);
             }
             logp[at] = W::cast_from(picked - row_lse);
+            set += CUBE_DIM_X as usize;
         }
     }
 
