@@ -628,8 +628,9 @@ fn run_train<B: AutodiffBackend>(args: &TrainArgs, matmul_dtype: Option<FloatDTy
         // Whether AdamW ran as one CubeCL kernel per parameter (burn's GPU backends, unless
         // ALIGNMENT_ADAMW_KERNEL=0).
         "adamw_kernel": alignment_trainer::optimizer::update_by_kernel::<B::InnerBackend>(),
-        // Who computes the loss's passes over the logits: their CubeCL kernels, or tensor
-        // operations (ALIGNMENT_LOGITS_KERNEL=0, and every backend but burn's GPU ones).
+        // Who computes the loss's passes over the logits: their CubeCL kernels, the CPU
+        // backend's threaded passes, or tensor operations (ALIGNMENT_LOGITS_KERNEL=0, and
+        // libtorch).
         "logits": alignment_objectives::logprobs::logits_route::<B::InnerBackend>(),
         "profile": profile,
         "peak_rss_mib": alignment_core::memory::status_bytes("VmHWM").map(|b| b as f64 / 1048576.0),

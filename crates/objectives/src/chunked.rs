@@ -23,7 +23,8 @@
 //! passes the weight cast once (not once per chunk); each chunk of hidden states is cast to it,
 //! and the logits come back in the hidden states' type (f32), in which everything else runs.
 
-use crate::logprobs::{logsumexp_vocab, position_stats, ExtraStats, PositionStats, SequenceLogps, ShiftedTargets, TokenStats};
+use crate::logprobs::{position_stats, ExtraStats, PositionStats, SequenceLogps, ShiftedTargets, TokenStats};
+use crate::token_logps::token_logps;
 use alignment_core::backend::transposes_activations_in_products;
 use alignment_core::gemm::matmul;
 use burn::tensor::backend::{AutodiffBackend, Backend};
@@ -89,12 +90,14 @@ pub fn chunked_sequence_logps_with<B: Backend>(
     let chunk = chunk_tokens.max(1);
     for start in (0..n).step_by(chunk) {
         let end = (start + chunk).min(n);
-        let logits = project(flat.clone().slice([start..end, 0..width]), weight.clone()).unsqueeze_dim::<3>(0); // [1, c, vocab]
-        let lse = logsumexp_vocab(logits.clone());
-        for (set, (safe, _)) in flat_targets.iter().enumerate() {
-            let ids = safe.clone().narrow(0, start, end - start).reshape([1, end - start, 1]);
-            let logp: Tensor<B, 3> = logits.clone().gather(2, ids) - lse.clone();
-            picked[set].push(logp.reshape([end - start]));
+        // [1, c, vocab]
+        let logits = project(flat.clone().slice([start..end, 0..width]), weight.clone()).unsqueeze_dim::<3>(0);
+        // Every label set's ids as `[1, c, sets]`: one logsumexp and one pass for all of them
+        // (the kernels of `token_logps` where the backend has them).
+        let ids = flat_targets.iter().map(|(safe, _)| safe.clone().narrow(0, start, end - start).reshape([1, end - start])).collect();
+        let (logp, lse) = token_logps(logits.clone(), Tensor::stack::<3>(ids, 2));
+        for (set, picked) in picked.iter_mut().enumerate() {
+            picked.push(logp.clone().narrow(2, set, 1).reshape([end - start]));
         }
         stats.push(position_stats(logits, lse, extra)); // [1, c] each
     }
@@ -159,19 +162,18 @@ pub fn chunked_logps_backward<B: AutodiffBackend>(
         let end = (start + chunk).min(n);
         let h = Tensor::<B, 2>::from_inner(flat.clone().slice([start..end, 0..width])).require_grad();
         let logits = project(h.clone(), w.clone()).unsqueeze_dim::<3>(0);
-        let lse = logsumexp_vocab(logits.clone());
-        let mut total: Option<Tensor<B, 1>> = None;
-        for (safe, per_token) in &token_weights {
-            let ids = Tensor::<B, 3, Int>::from_inner(safe.clone().narrow(0, start, end - start).reshape([1, end - start, 1]));
-            let logp: Tensor<B, 1> = (logits.clone().gather(2, ids) - lse.clone()).reshape([end - start]);
-            let term = (logp * Tensor::from_inner(per_token.clone().narrow(0, start, end - start))).sum();
-            total = Some(match total {
-                Some(t) => t + term,
-                None => term,
-            });
+        if token_weights.is_empty() {
+            break;
         }
-        let Some(total) = total else { break };
-        let grads = total.backward();
+        // The chunk's ids and weights of every label set as `[1, c, sets]`: one recorded step.
+        let shape = [1, end - start];
+        let ids = token_weights
+            .iter()
+            .map(|(safe, _)| Tensor::<B, 2, Int>::from_inner(safe.clone().narrow(0, start, end - start).reshape(shape)));
+        let weights = token_weights.iter().map(|(_, w)| Tensor::<B, 2>::from_inner(w.clone().narrow(0, start, end - start).reshape(shape)));
+        let (ids, weights) = (ids.collect(), weights.collect());
+        let (logp, _) = token_logps(logits, Tensor::stack::<3>(ids, 2));
+        let grads = (logp * Tensor::stack::<3>(weights, 2)).sum().backward();
         hidden_grads.push(h.grad(&grads).expect("the chunk's hidden states are a leaf that requires grad"));
         if weight_grad {
             let g = w.grad(&grads).expect("the head weight is a leaf that requires grad").cast(FloatDType::from(flat.dtype()));

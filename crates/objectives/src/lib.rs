@@ -60,6 +60,8 @@
 #![warn(missing_docs)]
 
 pub mod chunked;
+#[cfg(feature = "ndarray")]
+mod cpu_logits;
 pub mod dpo;
 #[cfg(any(feature = "cuda", feature = "wgpu"))]
 mod logits_kernel;

@@ -26,7 +26,6 @@
 use crate::logprobs::PositionStats;
 use alignment_core::backend::{retype, visit_fused_cube, visit_fused_cube_under_autodiff, FusedCubeVisitor};
 use alignment_core::cube_rows::{row_threads, writable};
-use alignment_core::env_switch::EnvSwitch;
 use alignment_core::precision::float_type;
 use burn::backend::Autodiff;
 use burn::tensor::backend::Backend;
@@ -218,9 +217,8 @@ mod kernel {
 }
 
 /// Whether the GPU backends take the kernels: unless `ALIGNMENT_LOGITS_KERNEL=0`.
-pub(crate) fn enabled() -> bool {
-    static KERNELS: EnvSwitch = EnvSwitch::new("ALIGNMENT_LOGITS_KERNEL");
-    KERNELS.is_on()
+fn enabled() -> bool {
+    crate::logprobs::logits_kernels_enabled()
 }
 
 /// The logits `[rows, vocab]` contiguous, their rows and vocabulary, and one cube per row.

@@ -193,15 +193,51 @@ fn stacked_ids<B: Backend>(targets: &[ShiftedTargets<B>]) -> Tensor<B, 3, Int> {
 }
 
 /// Who computes the passes over the logits, for any number of label sets (the
-/// log-probabilities, their gradient and the statistics; with the chunked head, the
-/// statistics) when training on `Autodiff<I>`, for reports: `"kernel"` on burn's fused CubeCL
-/// backends (`logits_kernel.rs`), `"tensor ops"` elsewhere or with `ALIGNMENT_LOGITS_KERNEL=0`.
+/// log-probabilities, their gradient and the statistics) when training on `Autodiff<I>`, for
+/// reports: `"kernel"` on burn's fused CubeCL backends (`logits_kernel.rs`), `"cpu passes"` on
+/// the CPU backend with f32 logits (`cpu_logits.rs`), `"tensor ops"` elsewhere or with
+/// `ALIGNMENT_LOGITS_KERNEL=0`.
 pub fn logits_route<I: Backend>() -> &'static str {
+    if !logits_kernels_enabled() {
+        return "tensor ops";
+    }
     #[cfg(any(feature = "cuda", feature = "wgpu"))]
-    if crate::logits_kernel::enabled() && alignment_core::backend::is_fused_cube::<I>() {
+    if alignment_core::backend::is_fused_cube::<I>() {
         return "kernel";
     }
+    #[cfg(feature = "ndarray")]
+    if std::any::TypeId::of::<I>() == std::any::TypeId::of::<burn::backend::NdArray<f32>>() {
+        return "cpu passes";
+    }
     "tensor ops"
+}
+
+/// Whether the passes over the logits take this crate's own kernels (CubeCL's on burn's GPU
+/// backends, threaded passes on the CPU backend): unless `ALIGNMENT_LOGITS_KERNEL=0`, which keeps
+/// burn's tensor operations everywhere, for measuring one against the other.
+pub(crate) fn logits_kernels_enabled() -> bool {
+    static KERNELS: alignment_core::env_switch::EnvSwitch = alignment_core::env_switch::EnvSwitch::new("ALIGNMENT_LOGITS_KERNEL");
+    #[cfg(test)]
+    if TENSOR_OPS_ONLY.with(std::cell::Cell::get) {
+        return false;
+    }
+    KERNELS.is_on()
+}
+
+#[cfg(test)]
+thread_local! {
+    /// Set by [`with_tensor_ops`] on its thread.
+    static TENSOR_OPS_ONLY: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// `f` run with the passes over the logits in burn's tensor operations on this thread (as with
+/// `ALIGNMENT_LOGITS_KERNEL=0`), so that tests check that path on the CPU backend too.
+#[cfg(test)]
+pub(crate) fn with_tensor_ops<T>(f: impl FnOnce() -> T) -> T {
+    TENSOR_OPS_ONLY.with(|only| only.set(true));
+    let out = f();
+    TENSOR_OPS_ONLY.with(|only| only.set(false));
+    out
 }
 
 /// `[batch, seq, 1]` `logsumexp` over the vocabulary, stabilised by the detached row max.
@@ -370,6 +406,10 @@ pub(crate) const STATS_CHUNK_ELEMENTS: usize = 1 << 24;
 pub(crate) fn position_stats<B: Backend>(logits: Tensor<B, 3>, lse: Tensor<B, 3>, extra: ExtraStats) -> PositionStats<B> {
     #[cfg(any(feature = "cuda", feature = "wgpu"))]
     if let Some(stats) = crate::logits_kernel::position_stats(&logits, &lse, extra.log_sum_sq_probs) {
+        return stats;
+    }
+    #[cfg(feature = "ndarray")]
+    if let Some(stats) = crate::cpu_logits::position_stats(&logits, &lse, extra.log_sum_sq_probs) {
         return stats;
     }
     match visit_autodiff::<B, _>(StatsOnInner { logits, lse, extra }) {

@@ -66,6 +66,11 @@ fn forward<B: Backend>(logits: Tensor<B, 3>, targets: Tensor<B, 3, Int>, run_ele
         Ok(logp_and_lse) => return logp_and_lse,
         Err(inputs) => inputs,
     };
+    #[cfg(feature = "ndarray")]
+    let (logits, targets) = match crate::cpu_logits::forward(logits, targets) {
+        Ok(logp_and_lse) => return logp_and_lse,
+        Err(inputs) => inputs,
+    };
     let wide = float_type::<B>();
     let lse = if logits.dtype() == DType::from(wide) {
         logsumexp_vocab(logits.clone())
@@ -144,6 +149,14 @@ impl<I: Backend> Backward<I, 1> for TokenLogpsBackward {
             }
             Err(logits) => logits,
         };
+        #[cfg(feature = "ndarray")]
+        let logits = match crate::cpu_logits::backward(logits, &lse, &grad, &targets) {
+            Ok(dz) => {
+                grads.register::<I>(node.id, dz.into_primitive().tensor());
+                return;
+            }
+            Err(logits) => logits,
+        };
         let wide = float_type::<I>();
         if logits.dtype() == DType::from(wide) {
             let dz = logits_gradient(logits, lse, grad, targets);
@@ -185,14 +198,16 @@ mod tests {
     type T = Autodiff<burn::backend::NdArray<f32>>;
 
     /// The recorded step against burn's composed operations (a gather per label set, one
-    /// `logsumexp`): equal values, and the gradient within rounding, for one label set and for
-    /// two that share some tokens (ORPO's), whose one-hot parts must add.
-    #[test]
-    fn the_recorded_log_probabilities_equal_burns_operations_with_their_gradient() {
+    /// `logsumexp`), for one label set and for two that share some tokens (ORPO's), whose
+    /// one-hot parts must add: the gradient within rounding, and the values equal (`exact`: the
+    /// tensor operations' path) or within rounding (the CPU backend's passes, whose sums over the
+    /// vocabulary run in another order). Returns the comparisons made.
+    fn recorded_equals_composed(exact: bool) -> usize {
         let device = Default::default();
         let logits = Tensor::<T, 3>::random([2, 5, 13], Distribution::Normal(0.0, 3.0), &device);
         let first = Tensor::<T, 2, Int>::from_data([[0, 12, 3, 3, 7], [1, 1, 0, 9, 12]], &device);
         let second = Tensor::<T, 2, Int>::from_data([[0, 12, 4, 3, 8], [2, 1, 0, 9, 11]], &device);
+        let mut compared = 0;
         for sets in [vec![first.clone()], vec![first, second]] {
             let targets = Tensor::stack::<3>(sets.clone(), 2);
             let weights = Tensor::<T, 3>::random([2, 5, sets.len()], Distribution::Normal(0.0, 1.0), &device);
@@ -209,10 +224,31 @@ mod tests {
                 (logp.inner(), lse.inner(), z.grad(&grads).expect("the logits are tracked"))
             };
             let ((logp, lse, dz), (logp_ref, lse_ref, dz_ref)) = (run(true), run(false));
-            assert_eq!(logp.into_data(), logp_ref.into_data(), "the forward values are the composed ones ({} sets)", sets.len());
-            assert_eq!(lse.into_data(), lse_ref.into_data());
+            if exact {
+                assert_eq!(logp.into_data(), logp_ref.into_data(), "the forward values are the composed ones ({} sets)", sets.len());
+                assert_eq!(lse.into_data(), lse_ref.into_data());
+            } else {
+                let tolerance = burn::tensor::Tolerance::<f32>::relative(1e-6);
+                logp.into_data().assert_approx_eq::<f32>(&logp_ref.into_data(), tolerance);
+                lse.into_data().assert_approx_eq::<f32>(&lse_ref.into_data(), tolerance);
+            }
             dz.into_data().assert_approx_eq::<f32>(&dz_ref.into_data(), burn::tensor::Tolerance::absolute(1e-6));
+            compared += 3;
         }
+        compared
+    }
+
+    /// On the CPU backend, its own passes (`cpu_logits.rs`).
+    #[test]
+    fn the_recorded_log_probabilities_equal_burns_operations_with_their_gradient() {
+        assert_eq!(recorded_equals_composed(false), 6);
+    }
+
+    /// Through burn's tensor operations: the path of every backend without passes of its own,
+    /// and of all with `ALIGNMENT_LOGITS_KERNEL=0`.
+    #[test]
+    fn through_tensor_operations_the_recorded_values_are_the_composed_ones() {
+        assert_eq!(crate::logprobs::with_tensor_ops(|| recorded_equals_composed(true)), 6);
     }
 
     /// Logits in another type than the backend's (the half type under mixed precision; f64
@@ -231,7 +267,7 @@ mod tests {
             let z = logits.clone().require_grad();
             let (logp, lse) = match run_elements {
                 Some(n) => token_logps_in_runs(z.clone(), targets.clone(), n),
-                None => token_logps(z.clone().cast(FloatDType::F32), targets.clone()),
+                None => token_logps(z.clone().cast(float_type::<I>()), targets.clone()),
             };
             let grads = (logp.clone() * weights.clone()).sum().backward();
             (logp.inner(), lse.inner(), z.grad(&grads).expect("the logits are tracked"))
@@ -242,7 +278,7 @@ mod tests {
         // 2 × 13 = 26 elements per position.
         for run_elements in [1, 52, 78, 1 << 20] {
             let (logp, lse, dz) = run(Some(run_elements));
-            assert_eq!(logp.dtype(), DType::F32, "log-probabilities in the backend's type");
+            assert_eq!(logp.dtype(), DType::from(float_type::<I>()), "log-probabilities in the backend's type");
             assert_eq!(logp.into_data(), logp_ref.clone().into_data(), "log-probabilities, runs of {run_elements}");
             assert_eq!(lse.into_data(), lse_ref.clone().into_data(), "logsumexp, runs of {run_elements}");
             assert_eq!(dz.dtype(), DType::from(half), "∂z in the logits' type");
@@ -255,7 +291,12 @@ mod tests {
     #[test]
     fn half_type_logits_read_in_runs_equal_casting_them_first() {
         type I = burn::backend::NdArray<f32>;
-        assert_eq!(half_type_logits_in_runs_equal_casting_them_first::<I>(&Default::default(), FloatDType::F64), 12);
+        // Through the tensor operations: the reference's f32 logits would take the CPU backend's
+        // own passes, which read the logits whole and have no runs.
+        let compared = crate::logprobs::with_tensor_ops(|| {
+            half_type_logits_in_runs_equal_casting_them_first::<I>(&Default::default(), FloatDType::F64)
+        });
+        assert_eq!(compared, 12);
     }
 
     #[cfg(feature = "tch")]
