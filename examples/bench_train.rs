@@ -60,9 +60,10 @@ enum Command {
     /// step, and a data-parallel rank's update with its optimizer on the device and offloaded.
     Update(UpdateArgs),
     /// Time QLoRA's 4-bit base dequantized alone, one `[intermediate, hidden]` weight of the
-    /// shape (its largest projection), into the products' type: the GPU kernel
-    /// (`QuantizedWeight::dequantize_by_kernel`, CubeCL backends) against the tensor operations
-    /// every backend runs (`dequantize_by_tensor_ops`, then the cast).
+    /// shape (its largest projection), into the products' type: the backend's own route
+    /// (`QuantizedWeight::dequantize_by_kernel`: the GPU kernel on CubeCL backends, the threaded
+    /// pass on `cpu`; printed as `kernel`) against the tensor operations every backend runs
+    /// (`dequantize_by_tensor_ops`, then the cast).
     Dequant(DequantArgs),
     /// A training step's matrix products alone, at the shape's sizes: by the route the step
     /// takes (`alignment_core::gemm`: cuBLAS on `cuda*`) and by burn's own `matmul` (CubeCL's

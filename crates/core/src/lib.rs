@@ -6,6 +6,8 @@
 
 pub mod atomic;
 pub mod backend;
+#[cfg(feature = "ndarray")]
+pub mod cpu_storage;
 #[cfg(any(feature = "cuda", feature = "wgpu"))]
 pub mod cube_rows;
 #[cfg(feature = "cuda")]

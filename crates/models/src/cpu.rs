@@ -29,13 +29,7 @@ type Cpu = NdArray<f32>;
 
 pub(crate) use alignment_core::backend::retype;
 
-/// The tensor's f32 values in standard layout (a view when they already are), `None` when the
-/// storage is not f32.
-pub(crate) fn f32_values(t: &NdArrayTensor) -> Option<ndarray::CowArray<'_, f32, ndarray::IxDyn>> {
-    let NdArrayTensor::F32(storage) = t else { return None };
-    let view = storage.view();
-    Some(if view.is_standard_layout() { view.into() } else { view.as_standard_layout().into_owned().into() })
-}
+pub(crate) use alignment_core::cpu_storage::f32_values;
 
 /// Lanes of the dot products: eight independent partial sums per (row of `W`, input row), so
 /// each is one AVX register, summed in order at the end.

@@ -21,6 +21,8 @@ mod cpu_autodiff;
 mod cpu_decode;
 #[cfg(feature = "ndarray")]
 mod cpu_gate;
+#[cfg(feature = "ndarray")]
+mod cpu_nf4;
 pub mod decode;
 pub mod error;
 pub mod family;

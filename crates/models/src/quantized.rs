@@ -138,8 +138,9 @@ impl<B: Backend> QuantizedWeight<B> {
     }
 
     /// The dense `[out, in]` weight in the backend's float type, computed on the weight's
-    /// device: by one kernel on burn's GPU backends ([`crate::nf4_kernel`]), else by
-    /// [`Self::dequantize_by_tensor_ops`]; the same bits either way.
+    /// device: by one kernel on burn's GPU backends ([`crate::nf4_kernel`]), by one threaded
+    /// pass on the CPU backend ([`crate::cpu_nf4`]), else by [`Self::dequantize_by_tensor_ops`];
+    /// the same bits either way.
     pub fn dequantize(&self) -> Tensor<B, 2> {
         self.dequantize_as(alignment_core::precision::float_type::<B>())
     }
@@ -155,9 +156,14 @@ impl<B: Backend> QuantizedWeight<B> {
     }
 
     /// The dense weight in `dtype` by the GPU kernel ([`crate::nf4_kernel`]) where `B` is one of
-    /// burn's CubeCL backends this crate is built with (`cuda`, `wgpu`; or its autodiff: the
-    /// result is not tracked, the weight being frozen); `None` elsewhere.
+    /// burn's CubeCL backends this crate is built with (`cuda`, `wgpu`), or by the CPU's threaded
+    /// pass ([`crate::cpu_nf4`]) in f32 where `B` is the CPU backend; under autodiff too (the
+    /// result is not tracked, the weight being frozen). `None` elsewhere.
     pub fn dequantize_by_kernel(&self, dtype: FloatDType) -> Option<Tensor<B, 2>> {
+        #[cfg(feature = "ndarray")]
+        if let Some(weight) = crate::cpu_nf4::dequantize(self, dtype) {
+            return Some(weight);
+        }
         #[cfg(any(feature = "cuda", feature = "wgpu"))]
         return crate::nf4_kernel::dequantize(self, dtype);
         #[cfg(not(any(feature = "cuda", feature = "wgpu")))]
@@ -258,7 +264,11 @@ mod tests {
     /// Parts of `len` values with every 4-bit and 8-bit index pattern (high nibbles and bytes
     /// included, whose words are negative as `i32`), a last block and word left partial.
     fn parts(len: usize, nested: bool) -> QuantizedParts {
-        let block_size = 64;
+        parts_in_blocks(len, nested, 64)
+    }
+
+    /// [`parts`] with `block_size` values per scale.
+    fn parts_in_blocks(len: usize, nested: bool, block_size: usize) -> QuantizedParts {
         let blocks = len.div_ceil(block_size);
         let packed_bytes = (0..len.div_ceil(2)).map(|i| (i * 37 + 11) as u8).collect();
         let code_book = (0..16).map(|i| (i as f32 - 7.5) / 7.5).collect();
@@ -297,9 +307,13 @@ mod tests {
         for (len, nested) in [(64 * 300 + 37, true), (64 * 300 + 37, false), (8 * 5 + 3, true), (64 * 257, true), (1, false)] {
             let parts = parts(len, nested);
             let weight = QuantizedWeight::<B>::from_parts(&parts, device);
-            let values = weight.dequantize().into_data().convert::<f32>().into_vec::<f32>().unwrap();
-            let differing = values.iter().zip(expected(&parts)).filter(|(a, b)| a.to_bits() != b.to_bits()).count();
-            assert_eq!(differing, 0, "len {len}, nested {nested}: values differing from the layout's formula");
+            // The backend's own route (a kernel or a threaded pass where it has one) and the
+            // tensor operations every backend has.
+            for (route, dense) in [("dequantize", weight.dequantize()), ("tensor operations", weight.dequantize_by_tensor_ops())] {
+                let values = dense.into_data().convert::<f32>().into_vec::<f32>().unwrap();
+                let differing = values.iter().zip(expected(&parts)).filter(|(a, b)| a.to_bits() != b.to_bits()).count();
+                assert_eq!(differing, 0, "len {len}, nested {nested}, {route}: values differing from the layout's formula");
+            }
             // Indices at half a byte, scale indices at one byte, whatever the backend's integers;
             // beyond the format's own bytes only the code books and a word's padding per packed tensor.
             let code_books = 16 * 4 + if nested { 256 * 4 } else { 0 };
@@ -318,6 +332,27 @@ mod tests {
     #[test]
     fn dequantization_follows_the_layout_at_half_a_byte_per_index() {
         assert!(dequantizes_the_layout_in_half_a_byte_per_index::<burn::backend::NdArray<f32>>(&Default::default()) > 10_000);
+    }
+
+    /// The CPU backend's threaded pass takes f32 on `NdArray<f32>` and under its autodiff (giving
+    /// an untracked weight), the layout's bits; other types go to the tensor operations.
+    #[cfg(feature = "ndarray")]
+    #[test]
+    fn the_cpu_pass_dequantizes_under_autodiff_in_f32_only() {
+        type Train = burn::backend::Autodiff<burn::backend::NdArray<f32>>;
+        // Blocks starting on a word (bitsandbytes' 64) and blocks starting mid-word (20, 7).
+        for (nested, block_size) in [(true, 64), (false, 64), (true, 20), (false, 7)] {
+            let parts = parts_in_blocks(64 * 40 + 5, nested, block_size);
+            let weight = QuantizedWeight::<Train>::from_parts(&parts, &Default::default());
+            let dense = weight.dequantize_by_kernel(FloatDType::F32).expect("the CPU pass");
+            assert!(!dense.is_require_grad(), "a frozen weight");
+            let values = dense.into_data().into_vec::<f32>().unwrap();
+            assert!(
+                values.iter().zip(expected(&parts)).all(|(a, b)| a.to_bits() == b.to_bits()),
+                "nested {nested}, blocks of {block_size}"
+            );
+            assert!(weight.dequantize_by_kernel(FloatDType::BF16).is_none(), "bf16 is left to the tensor operations");
+        }
     }
 
     /// libtorch's integers are 64-bit (`Int64`): the words are `Int32` tensors, and torch's

@@ -22,8 +22,8 @@
 
 use crate::logprobs::PositionStats;
 use alignment_core::backend::retype;
+use alignment_core::cpu_storage::{f32_values, float_storage};
 use burn::backend::ndarray::{NdArray, NdArrayTensor};
-use burn::backend::Autodiff;
 use burn::tensor::{backend::Backend, DType, Int, Tensor, TensorData, TensorPrimitive};
 use ndarray::{ArcArray, CowArray, IxDyn};
 use rayon::prelude::*;
@@ -107,25 +107,12 @@ fn row_gradient(z: &mut [f32], lse: f32, grad: &[f32], ids: &[i64]) {
 /// The f32 storage of `t` when `B` is the CPU backend or its autodiff (for the latter, the
 /// inner tensor: nothing here is tracked), `None` otherwise.
 fn cpu_storage<B: Backend, const D: usize>(t: Tensor<B, D>) -> Option<NdArrayTensor> {
-    let primitive = if TypeId::of::<B>() == TypeId::of::<Cpu>() {
-        retype::<_, Tensor<Cpu, D>>(t).into_primitive().tensor()
-    } else if TypeId::of::<B>() == TypeId::of::<Autodiff<Cpu>>() {
-        retype::<_, Tensor<Autodiff<Cpu>, D>>(t).inner().into_primitive().tensor()
-    } else {
-        return None;
-    };
-    matches!(primitive, NdArrayTensor::F32(_)).then_some(primitive)
+    float_storage(t).filter(|primitive| matches!(primitive, NdArrayTensor::F32(_)))
 }
 
 /// The values of an f32 storage in standard layout (a view when they already are).
 fn standard_values(t: &NdArrayTensor) -> CowArray<'_, f32, IxDyn> {
-    let NdArrayTensor::F32(storage) = t else { unreachable!("checked by cpu_storage") };
-    let view = storage.view();
-    if view.is_standard_layout() {
-        view.into()
-    } else {
-        view.as_standard_layout().into_owned().into()
-    }
+    f32_values(t).unwrap_or_else(|| unreachable!("checked by cpu_storage"))
 }
 
 /// A small tensor's values as f32 (the logsumexp, the upstream gradients).
