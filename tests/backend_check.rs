@@ -160,7 +160,7 @@ fn wgpu_training_steps_equal_the_cpu() {
 /// (`models::nf4_kernel`), on the backend and on its autodiff, gives the bits of the tensor
 /// operations every backend runs, in f32 and rounded to f16 (what a mixed-precision product
 /// reads), for every 4-bit and 8-bit index pattern, double-quantized scales or not, partial last
-/// words and blocks; and in f32 the CPU's values.
+/// words and blocks; and in f32 the CPU's values (its tensor operations and its threaded pass).
 #[cfg(feature = "wgpu")]
 #[test]
 fn wgpu_nf4_kernel_gives_the_tensor_operations_bits() {
@@ -208,8 +208,11 @@ fn wgpu_nf4_kernel_gives_the_tensor_operations_bits() {
     // 1536 × 4100: every byte pattern many times, at every position in a word and a block.
     for (dims, nested) in [([1, 64 * 7 + 37], true), ([3, 5], false), ([1536, 4100], true), ([1536, 4100], false)] {
         let parts = parts(dims, nested);
-        let host = bits(QuantizedWeight::<Cpu>::from_parts(&parts, &cpu).dequantize());
-        assert!(QuantizedWeight::<Cpu>::from_parts(&parts, &cpu).dequantize_by_kernel(FloatDType::F32).is_none(), "no kernel on the CPU");
+        // The CPU's tensor operations, and its threaded pass (`models::cpu_nf4`) giving their bits.
+        let on_cpu = QuantizedWeight::<Cpu>::from_parts(&parts, &cpu);
+        let host = bits(on_cpu.dequantize_by_tensor_ops());
+        let cpu_pass = on_cpu.dequantize_by_kernel(FloatDType::F32).expect("the CPU backend has a threaded pass");
+        assert_eq!(bits(cpu_pass), host, "{dims:?}: the CPU pass differs from the CPU's tensor operations");
         check::<Wgpu>(&parts, &device, &host);
         check::<WgpuAutodiff>(&parts, &device, &host);
     }
