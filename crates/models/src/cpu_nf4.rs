@@ -4,9 +4,9 @@
 //! The tensor operations ([`QuantizedWeight::dequantize_by_tensor_ops`]) look each packed byte
 //! up in a `[256, 2]` table with `select`. burn-ndarray 0.21 runs a `select` on a 2-D array as
 //! ndarray's, which builds one sub-view per index (each with its own heap-allocated shape) and
-//! concatenates them: ≈ 330 ns per value, about 35 s to dequantize SmolLM2-135M's 106 M
-//! quantized values once, several times a training step. Here each thread takes whole blocks of
-//! values and writes
+//! concatenates them: ≈ 85–120 ns per value measured (docs/performance.md), about 9–13 s to
+//! dequantize SmolLM2-135M's 106 M quantized values once, twice a checkpointed training step.
+//! Here each thread takes whole blocks of values and writes
 //!
 //! ```text
 //! value[i] = code_book[(word[i / 8] >> 4·(7 − i mod 8)) & 15] · scale[i / block_size]
