@@ -74,6 +74,7 @@ TEMPLATES = {"smollm2": (None, CHATML_GENERATION), "zephyr": (ZEPHYR, ZEPHYR_GEN
 # token cost milliseconds on the Rust side's CPU backend): 8 rows in batches of 6 (a full batch
 # and a partial one, so the batch averaging is exercised). Token ids are checked on every row.
 METRIC_ROWS, EVAL_BATCH = 8, 6
+PACKED_EVAL_BATCH = 3  # the packed rows of the METRIC_ROWS conversations make several batches
 SMOLLM2_ROWS, SMOLLM2_BATCH = 3, 2  # the real 135M model: 3 rows, batches of 2 and 1
 BETA = 0.1
 
@@ -232,6 +233,26 @@ class Template:
             self.add(case, "sft", model, rows_kind, batch, metric_rows, evaluate(trainer, metric_rows), examples=examples,
                      max_length=max_length, truncation_mode=truncation_mode, assistant_only_loss=assistant_only)
 
+    def sft_packed(self, case, model, rows_kind, max_length, strategy, metric_rows, batch):
+        """SFT with `packing=True`: TRL packs the evaluation rows too (`eval_packing` unset), so its
+        metrics are those of the packed rows: documents kept apart by `bfd` and `bfd_split`
+        (padding-free batches, positions per document, each document's first label dropped) and
+        sharing attention under `wrapped`. Evaluated in batches of PACKED_EVAL_BATCH packed rows, so
+        that `eval_loss` averages several batches, each weighted by its rows of the packed dataset
+        (accelerate's `gather_for_metrics` keeps the last batch's remainder), a padding-free batch
+        too, although its collator flattens it into one row."""
+        rows = self.rows[rows_kind][:metric_rows]
+        with tempfile.TemporaryDirectory() as tmp:
+            args = SFTConfig(**common_args(tmp, batch), max_length=max_length, packing=True, packing_strategy=strategy)
+            evals = datasets.Dataset.from_list(rows)
+            trainer = SFTTrainer(model=model, args=args, train_dataset=evals, eval_dataset=evals, processing_class=self.tok)
+            packed = trainer.eval_dataset
+            assert len(packed) > batch, f"{len(packed)} packed rows make one evaluation batch of {batch}"
+            if strategy != "wrapped":
+                assert any(len(r["seq_lengths"]) > 1 for r in packed), "no packed row holds two documents"
+            self.add(case, "sft", model, rows_kind, batch, metric_rows, evaluate(trainer, metric_rows), max_length=max_length,
+                     packing_strategy=strategy, packed_rows=len(packed))
+
     def dpo(self, case, model, ref, rows_kind, max_length, truncation_mode="keep_start", metric_rows=None, batch=EVAL_BATCH):
         rows = self.rows[rows_kind]
         with tempfile.TemporaryDirectory() as tmp:
@@ -335,6 +356,10 @@ def main():
         t.sft("sft max_length 40 keep_end", policy, "messages", 40, truncation_mode="keep_end")
         t.sft("sft assistant_only_loss max_length 40", policy, "messages", 40, assistant_only=True)
         t.sft("sft prompt-completion", policy, "prompt-completion", 256, metric_rows=m)
+        # Rows of 160 tokens pair the conversations (66-114 tokens); at 100 the longest is cut
+        # (bfd_split: its last piece packed beside another conversation; wrapped: across rows).
+        for strategy, length in (("bfd", 160), ("bfd_split", 100), ("wrapped", 100)):
+            t.sft_packed(f"sft packed {strategy} max_length {length}", policy, "messages", length, strategy, m, PACKED_EVAL_BATCH)
         t.dpo("dpo", policy, reference, "chosen-rejected", 256, metric_rows=m)
         t.dpo("dpo explicit prompt", policy, reference, "explicit-prompt", 256)
         t.dpo("dpo max_length 48", policy, reference, "chosen-rejected", 48, metric_rows=m)

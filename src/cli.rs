@@ -29,7 +29,11 @@ fn try_main(objective: Objective, default_recipe: &str) -> Result<(), String> {
         [one] => PathBuf::from(one),
         more => return Err(format!("expected one recipe file, got {more:?}")),
     };
-    let recipe = Recipe::load(&path, &overrides).map_err(|e| e.to_string())?;
+    let mut recipe = Recipe::load(&path, &overrides).map_err(|e| e.to_string())?;
+    if objective == Objective::Cpt {
+        // `run_cpt.py` always packs (`cpt_examples`); the note on packing-only keys knows it so.
+        recipe.packing = true;
+    }
     let inert = recipe.inert_keys_set();
     if !inert.is_empty() {
         eprintln!("note: these recipe keys have no effect here: {}", inert.join(", "));

@@ -13,7 +13,9 @@ use alignment_data::format::{format_row, FormatOptions, Formatted, RowRef, Task 
 use alignment_data::preference::{tokenize_dpo_row_with, tokenize_orpo_row_with, PreferenceRow};
 use alignment_data::sft::{override_eos_token, tokenize_sft_row_with, SftOptions, SftRow};
 use alignment_data::source::DatasetLoader;
-use alignment_data::{pack, tokenize_text, ChatTemplate, DataError, Dataset, TokenizedExample, TruncationMode};
+use alignment_data::{
+    pack_like_trl, tokenize_text, ChatTemplate, DataError, Dataset, MapBatches, PackingStrategy, TokenizedExample, TruncationMode,
+};
 use alignment_models::{load_pretrained, CausalLm};
 use alignment_peft::{apply_lora, load_adapter, load_pretrained_4bit, merge_lora, read_adapter_base_model, QuantConfig, ADAPTER_CONFIG};
 use alignment_trainer::components::{self, DataSource};
@@ -377,7 +379,7 @@ pub fn sft_examples(recipe: &Recipe, tools: &TextTools, dataset: &Dataset) -> Re
             examples.push(example);
         }
     }
-    Ok(finish_lm_examples(examples, recipe.packing, max_length, tools.pad_id))
+    finish_lm_examples(recipe, examples, recipe.packing, max_length, tools.pad_id)
 }
 
 /// CPT examples: the `text_column` of each row tokenized with EOS appended, packed into rows of
@@ -392,14 +394,34 @@ pub fn cpt_examples(recipe: &Recipe, tools: &TextTools, dataset: &Dataset) -> Re
         let text = formatted.text().unwrap_or_default();
         examples.push(tokenize_text(&tools.tokenizer, text, Some(tools.eos_id), &location(dataset, i))?);
     }
-    Ok(finish_lm_examples(examples, true, recipe.sft_max_length().or(Some(1024)), tools.pad_id))
+    finish_lm_examples(recipe, examples, true, recipe.sft_max_length().or(Some(1024)), tools.pad_id)
 }
 
-fn finish_lm_examples(examples: Vec<TokenizedExample>, packing: bool, max_length: Option<usize>, pad_id: u32) -> Vec<Sequence> {
-    match (packing, max_length) {
-        (true, Some(row_length)) => pack(&examples, row_length, pad_id).into_iter().map(Sequence::from).collect(),
+/// The examples as sequences: packed into rows of `max_length` by the recipe's
+/// `packing_strategy`, batch by batch as TRL's `pack_dataset` sees them under `datasets.map`
+/// (`dataset_num_proc` shards of 1000-row batches), when `packing`; else as they are, less those
+/// too short to predict a token.
+fn finish_lm_examples(
+    recipe: &Recipe,
+    examples: Vec<TokenizedExample>,
+    packing: bool,
+    max_length: Option<usize>,
+    pad_id: u32,
+) -> Result<Vec<Sequence>, RunError> {
+    Ok(match (packing, max_length) {
+        (true, Some(row_length)) => {
+            let batches = MapBatches::with_num_proc(recipe.dataset_num_proc);
+            let strategy = recipe.packing_strategy()?;
+            let rows = pack_like_trl(&examples, row_length, pad_id, strategy, batches).into_iter().map(Sequence::from);
+            match strategy {
+                // A wrapped row is a plain sequence to TRL (no `padding_free`): positions 0..len,
+                // attention over the whole row, each counted as a row by evaluation.
+                PackingStrategy::Wrapped => rows.map(|row| Sequence::new(row.input_ids, row.labels)).collect(),
+                PackingStrategy::Bfd | PackingStrategy::BfdSplit => rows.collect(),
+            }
+        }
         _ => examples.into_iter().filter(|e| e.input_ids.len() > 1).map(Sequence::from).collect(),
-    }
+    })
 }
 
 /// Preference pairs for DPO or ORPO, as TRL 1.16's `DPOTrainer` (prompt extraction,
@@ -582,4 +604,53 @@ pub fn run<B: AutodiffBackend>(objective: Objective, recipe: &Recipe, device: &B
         eprintln!("pushed the model to the local hub: {}", pushed.display());
     }
     Ok(outcome)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Examples of the given lengths, every token labelled.
+    fn examples(lengths: &[usize]) -> Vec<TokenizedExample> {
+        lengths
+            .iter()
+            .enumerate()
+            .map(|(i, &n)| {
+                let ids: Vec<u32> = (0..n as u32).map(|j| 100 * i as u32 + j).collect();
+                TokenizedExample { labels: ids.iter().map(|&t| t as i64).collect(), input_ids: ids }
+            })
+            .collect()
+    }
+
+    fn packed(recipe: &Recipe, lengths: &[usize], row_length: usize) -> Vec<Sequence> {
+        finish_lm_examples(recipe, examples(lengths), true, Some(row_length), 0).unwrap()
+    }
+
+    #[test]
+    fn packed_rows_follow_the_recipes_strategy_and_num_proc() {
+        let mut recipe = Recipe::default();
+        let tokens = |rows: &[Sequence]| rows.iter().map(Sequence::num_tokens).sum::<usize>();
+        // bfd truncates the 6-token example to the row; bfd_split keeps all of it, as two documents.
+        assert_eq!(tokens(&packed(&recipe, &[6, 3], 4)), 7);
+        recipe.packing_strategy = "bfd_split".into();
+        let split = packed(&recipe, &[6, 3], 4);
+        assert_eq!(tokens(&split), 9);
+        assert_eq!(split.iter().map(|s| s.documents().len()).sum::<usize>(), 3);
+        // wrapped: the concatenation cut every 4 tokens, each row one sequence.
+        recipe.packing_strategy = "wrapped".into();
+        let wrapped = packed(&recipe, &[3, 4, 2], 4);
+        assert_eq!(wrapped.iter().map(Sequence::len).collect::<Vec<_>>(), vec![4, 4, 1]);
+        assert!(wrapped.iter().all(|s| s.document_ids.is_none() && s.position_ids == (0..s.len() as i64).collect::<Vec<_>>()));
+        assert_eq!(wrapped[0].input_ids, vec![0, 1, 2, 100]);
+        // dataset_num_proc: two shards packed apart ([3, 3] and [1, 1]) need a third row.
+        recipe.packing_strategy = "bfd".into();
+        assert_eq!(packed(&recipe, &[3, 3, 1, 1], 4).len(), 2);
+        recipe.dataset_num_proc = Some(2);
+        assert_eq!(packed(&recipe, &[3, 3, 1, 1], 4).len(), 3);
+        // Without packing the examples stay as they are.
+        assert_eq!(finish_lm_examples(&recipe, examples(&[6, 3]), false, Some(4), 0).unwrap().len(), 2);
+        recipe.packing_strategy = "best_fit".into();
+        let err = finish_lm_examples(&recipe, examples(&[3]), true, Some(4), 0).unwrap_err().to_string();
+        assert!(err.contains("packing_strategy") && err.contains("best_fit"), "{err}");
+    }
 }

@@ -200,7 +200,10 @@ fn recipe_for(case: &Json, golden: &Json) -> Recipe {
     } else {
         (case["template"] == "zephyr").then(|| golden["zephyr_template"].as_str().unwrap().to_string())
     };
+    let packing_strategy = case["packing_strategy"].as_str();
     Recipe {
+        packing: packing_strategy.is_some(),
+        packing_strategy: packing_strategy.unwrap_or("bfd").to_string(),
         max_length: usize_of(&case["max_length"]),
         truncation_mode: case["truncation_mode"].as_str().map(String::from),
         assistant_only_loss,
@@ -282,6 +285,16 @@ fn check_case(ctx: &Context, case: &Json) -> (Vec<String>, f64) {
     }
 
     let metrics = match case["objective"].as_str().unwrap() {
+        // Packed: TRL's metrics over its packed evaluation rows, against ours over ours (the
+        // packing itself is checked row for row by the data crate's packing_golden.rs).
+        "sft" if recipe.packing => {
+            let task = SftTask { reduction: Reduction::Mean, pad_id: tools.pad_id, name: "sft" };
+            let packed = sft_examples(&recipe, tools, &eval_set).unwrap();
+            if Some(packed.len()) != usize_of(&case["packed_rows"]) {
+                fail(format!("{} packed rows, TRL {}", packed.len(), case["packed_rows"]));
+            }
+            Some(evaluate(model, &task, &packed, batch, &device))
+        }
         "sft" => {
             let options = SftOptions {
                 max_length: recipe.max_length,

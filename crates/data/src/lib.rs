@@ -30,7 +30,7 @@ pub use format::{
 };
 pub use hub::{HubClient, HubConfig, RepoSnapshot};
 pub use mixer::{mix_datasets, mix_mixture, DatasetMixer, DatasetMixture, MixedSplits, MixerConfig, MixerEntry, MixtureDataset};
-pub use pack::{best_fit_decreasing, pack, pack_in_batches, packing_efficiency, PackedRow};
+pub use pack::{best_fit_decreasing, pack, pack_like_trl, pack_with, packing_efficiency, MapBatches, PackedRow, PackingStrategy};
 pub use preference::{
     extract_prompt, render_preference, render_preference_with, tokenize_dpo_row, tokenize_dpo_row_with, tokenize_orpo, tokenize_orpo_row,
     tokenize_orpo_row_with, tokenize_preference_conversation, tokenize_preference_conversation_with, tokenize_preference_text, OrpoExample,

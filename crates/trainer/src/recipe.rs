@@ -106,6 +106,8 @@ pub struct Recipe {
     pub dataset_train_split: String,
     /// The split evaluated on (`test`), read only when `eval_strategy` is not `no`.
     pub dataset_test_split: String,
+    /// TRL's `dataset_num_proc`: tokenization runs in one process here, but packing reproduces
+    /// the rows `datasets.map(num_proc=…)` gives TRL's packing (one contiguous shard per process).
     pub dataset_num_proc: Option<usize>,
     /// TRL's `eos_token`: the token that ends each turn and is appended to examples, replacing
     /// the tokenizer's.
@@ -116,7 +118,9 @@ pub struct Recipe {
     pub max_prompt_length: Option<usize>,
     pub max_completion_length: Option<usize>,
     pub packing: bool,
-    /// TRL's packing strategy: `bfd` (best-fit decreasing; `ffd` is TRL < 0.20's name for it).
+    /// TRL's packing strategy: `bfd` (best-fit decreasing, long examples truncated; `ffd` is
+    /// TRL < 0.20's name for it), `bfd_split` (long examples split; `bfd-requeue` its older name)
+    /// or `wrapped` (examples concatenated and cut every row length).
     pub packing_strategy: String,
     pub padding_free: bool,
     pub assistant_only_loss: bool,
@@ -363,7 +367,6 @@ pub const INERT_KEYS: &[(&str, &str)] = &[
     ("trust_remote_code", "no remote code is run: the Llama, Mistral and Gemma families are built in"),
     ("bnb_4bit_quant_storage", "NF4 codes are stored packed, whatever the storage type"),
     ("preprocessing_num_workers", "tokenization runs in one process"),
-    ("dataset_num_proc", "tokenization runs in one process"),
     ("dataset_kwargs", "examples are built as TRL builds them without it"),
     // TRL 1.16 has no prompt/completion truncation for decoder-only models: only `max_length`
     // truncates (DPOConfig dropped `max_prompt_length`; ORPOConfig uses `max_completion_length`
@@ -428,6 +431,7 @@ pub const ACTING_KEYS: &[&str] = &[
     "max_length",
     "packing",
     "packing_strategy",
+    "dataset_num_proc",
     "assistant_only_loss",
     "reduce_loss",
     "completion_only_loss",
@@ -585,6 +589,12 @@ impl Recipe {
                 self.optim
             ));
         }
+        if self.dataset_num_proc.is_some() && !self.packing {
+            inert.push(
+                "dataset_num_proc (tokenization runs in one process; the value shapes packed rows only, as datasets' shards do for TRL, and packing is off)"
+                    .into(),
+            );
+        }
         if self.packing_strategy == "ffd" {
             inert.push("packing_strategy: ffd (TRL < 0.20's name: packed best-fit decreasing, TRL 1.16's bfd)".into());
         }
@@ -678,16 +688,21 @@ impl Recipe {
         if !matches!(self.logging_strategy.as_str(), "steps") {
             return bad("logging_strategy", format!("`{}`: only `steps` is implemented (with logging_steps)", self.logging_strategy));
         }
-        if !matches!(self.packing_strategy.as_str(), "bfd" | "ffd") {
-            return bad(
-                "packing_strategy",
-                format!("`{}`: only bfd (best-fit decreasing; ffd is its TRL < 0.20 name) is implemented", self.packing_strategy),
-            );
-        }
+        self.packing_strategy()?;
         if self.reference_free {
             return bad("reference_free", "true is not implemented: DPO here always scores against the reference model".into());
         }
         Ok(())
+    }
+
+    /// The packing strategy `packing_strategy` names (`ffd`, TRL < 0.20's name for best-fit
+    /// decreasing, read as `bfd`); an error naming the key for any other value.
+    pub fn packing_strategy(&self) -> Result<alignment_data::PackingStrategy, RecipeError> {
+        let name = if self.packing_strategy == "ffd" { "bfd" } else { self.packing_strategy.as_str() };
+        alignment_data::PackingStrategy::from_name(name).ok_or_else(|| RecipeError::Value {
+            key: "packing_strategy".into(),
+            message: format!("`{}`: expected bfd, bfd_split or wrapped (TRL 1.16's strategies; ffd is read as bfd)", self.packing_strategy),
+        })
     }
 
     /// TRL's `truncation_mode`, from `truncation_mode` or the old handbook's `truncation_side`

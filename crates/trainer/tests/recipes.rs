@@ -140,6 +140,27 @@ fn every_key_either_acts_or_is_announced() {
     for key in ["torch_dtype (", "fp16 (", "dataset_num_proc (", "ddp_timeout ("] {
         assert!(note.contains(key), "{note}");
     }
+    // `dataset_num_proc` shapes packed rows (datasets' shards), so it is named only without packing.
+    let packed = Recipe::from_yaml_str("packing: true\ndataset_num_proc: 12\n", "t", &[]).unwrap();
+    assert!(!packed.inert_keys_set().join(", ").contains("dataset_num_proc"), "{:?}", packed.inert_keys_set());
+}
+
+#[test]
+fn packing_strategies_are_trls() {
+    use alignment_data::PackingStrategy;
+    for (value, want) in [
+        ("bfd", PackingStrategy::Bfd),
+        ("ffd", PackingStrategy::Bfd),
+        ("bfd_split", PackingStrategy::BfdSplit),
+        ("bfd-requeue", PackingStrategy::BfdSplit),
+        ("wrapped", PackingStrategy::Wrapped),
+    ] {
+        let r = Recipe::from_yaml_str(&format!("packing: true\npacking_strategy: {value}\n"), "t", &[]).unwrap();
+        assert_eq!(r.packing_strategy().unwrap(), want, "{value}");
+    }
+    let (key, message) = value_error("packing_strategy: best_fit\n", &[]);
+    assert_eq!(key, "packing_strategy");
+    assert!(message.contains("best_fit") && message.contains("bfd_split") && message.contains("wrapped"), "{message}");
 }
 
 fn value_error(yaml: &str, overrides: &[&str]) -> (String, String) {
@@ -170,7 +191,7 @@ fn nonsense_values_are_errors_naming_their_key() {
         ("output_dir: ''\n", "output_dir"),
         ("num_train_epochs: 0\n", "num_train_epochs"),
         ("dataset_mixer: {a: 1}\ndataset_name: b\n", "dataset_name"),
-        ("packing_strategy: wrapped\n", "packing_strategy"),
+        ("packing_strategy: ffd2\n", "packing_strategy"),
         ("reference_free: true\n", "reference_free"),
     ] {
         let (got, message) = value_error(yaml, &[]);
