@@ -233,7 +233,7 @@ class Template:
             self.add(case, "sft", model, rows_kind, batch, metric_rows, evaluate(trainer, metric_rows), examples=examples,
                      max_length=max_length, truncation_mode=truncation_mode, assistant_only_loss=assistant_only)
 
-    def sft_packed(self, case, model, rows_kind, max_length, strategy, metric_rows, batch):
+    def sft_packed(self, case, model, rows_kind, max_length, strategy, metric_rows, batch, eval_packing=None):
         """SFT with `packing=True`: TRL packs the evaluation rows too (`eval_packing` unset), so its
         metrics are those of the packed rows: documents kept apart by `bfd` and `bfd_split`
         (padding-free batches, positions per document, each document's first label dropped) and
@@ -243,15 +243,18 @@ class Template:
         too, although its collator flattens it into one row."""
         rows = self.rows[rows_kind][:metric_rows]
         with tempfile.TemporaryDirectory() as tmp:
-            args = SFTConfig(**common_args(tmp, batch), max_length=max_length, packing=True, packing_strategy=strategy)
+            args = SFTConfig(**common_args(tmp, batch), max_length=max_length, packing=True, packing_strategy=strategy,
+                             eval_packing=eval_packing)
             evals = datasets.Dataset.from_list(rows)
             trainer = SFTTrainer(model=model, args=args, train_dataset=evals, eval_dataset=evals, processing_class=self.tok)
             packed = trainer.eval_dataset
             assert len(packed) > batch, f"{len(packed)} packed rows make one evaluation batch of {batch}"
-            if strategy != "wrapped":
+            if strategy != "wrapped" and eval_packing is not False:
                 assert any(len(r["seq_lengths"]) > 1 for r in packed), "no packed row holds two documents"
-            self.add(case, "sft", model, rows_kind, batch, metric_rows, evaluate(trainer, metric_rows), max_length=max_length,
-                     packing_strategy=strategy, packed_rows=len(packed))
+            settings = dict(max_length=max_length, packing_strategy=strategy, packed_rows=len(packed))
+            if eval_packing is not None:
+                settings["eval_packing"] = eval_packing
+            self.add(case, "sft", model, rows_kind, batch, metric_rows, evaluate(trainer, metric_rows), **settings)
 
     def dpo(self, case, model, ref, rows_kind, max_length, truncation_mode="keep_start", metric_rows=None, batch=EVAL_BATCH):
         rows = self.rows[rows_kind]
@@ -360,6 +363,9 @@ def main():
         # (bfd_split: its last piece packed beside another conversation; wrapped: across rows).
         for strategy, length in (("bfd", 160), ("bfd_split", 100), ("wrapped", 100)):
             t.sft_packed(f"sft packed {strategy} max_length {length}", policy, "messages", length, strategy, m, PACKED_EVAL_BATCH)
+        # `eval_packing: false`: the evaluation rows stay whole (truncated to max_length, as unpacked SFT).
+        t.sft_packed("sft packed bfd eval_packing false max_length 100", policy, "messages", 100, "bfd", m, PACKED_EVAL_BATCH,
+                     eval_packing=False)
         t.dpo("dpo", policy, reference, "chosen-rejected", 256, metric_rows=m)
         t.dpo("dpo explicit prompt", policy, reference, "explicit-prompt", 256)
         t.dpo("dpo max_length 48", policy, reference, "chosen-rejected", 48, metric_rows=m)

@@ -34,7 +34,10 @@ fn try_main(objective: Objective, default_recipe: &str) -> Result<(), String> {
         // `run_cpt.py` always packs (`cpt_examples`); the note on packing-only keys knows it so.
         recipe.packing = true;
     }
-    let inert = recipe.inert_keys_set();
+    let mut inert = recipe.inert_keys_set();
+    if objective == Objective::Cpt && recipe.eval_packing.is_some() {
+        inert.push("eval_packing (CPT packs its evaluation set too)".into());
+    }
     if !inert.is_empty() {
         eprintln!("note: these recipe keys have no effect here: {}", inert.join(", "));
     }

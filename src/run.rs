@@ -538,7 +538,16 @@ pub fn run<B: AutodiffBackend>(objective: Objective, recipe: &Recipe, device: &B
                 let why = format!("none keeps a scored token after truncation to max_seq_length {max_length} (assistant_only_loss: {}, truncation_mode: {:?})", recipe.assistant_only_loss, recipe.truncation_mode.as_deref().unwrap_or("keep_start"));
                 return Err(empty_training_set(recipe, train_set.len(), &why));
             }
-            let eval_examples = test_set.as_ref().map(build).transpose()?.unwrap_or_default();
+            // TRL packs the evaluation set by `eval_packing` (CPT always packs).
+            let eval_recipe = recipe.for_evaluation();
+            let build_eval = |d: &Dataset| {
+                if objective == Objective::Sft {
+                    sft_examples(&eval_recipe, &tools, d)
+                } else {
+                    cpt_examples(&eval_recipe, &tools, d)
+                }
+            };
+            let eval_examples = test_set.as_ref().map(build_eval).transpose()?.unwrap_or_default();
             let name = if objective == Objective::Sft { "sft" } else { "cpt" };
             let reduction = components::reduction(recipe)?;
             let task = SftTask { reduction, pad_id: tools.pad_id, name };

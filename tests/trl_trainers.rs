@@ -203,6 +203,7 @@ fn recipe_for(case: &Json, golden: &Json) -> Recipe {
     let packing_strategy = case["packing_strategy"].as_str();
     Recipe {
         packing: packing_strategy.is_some(),
+        eval_packing: case["eval_packing"].as_bool(),
         packing_strategy: packing_strategy.unwrap_or("bfd").to_string(),
         max_length: usize_of(&case["max_length"]),
         truncation_mode: case["truncation_mode"].as_str().map(String::from),
@@ -289,7 +290,7 @@ fn check_case(ctx: &Context, case: &Json) -> (Vec<String>, f64) {
         // packing itself is checked row for row by the data crate's packing_golden.rs).
         "sft" if recipe.packing => {
             let task = SftTask { reduction: Reduction::Mean, pad_id: tools.pad_id, name: "sft" };
-            let packed = sft_examples(&recipe, tools, &eval_set).unwrap();
+            let packed = sft_examples(&recipe.for_evaluation(), tools, &eval_set).unwrap();
             if Some(packed.len()) != usize_of(&case["packed_rows"]) {
                 fail(format!("{} packed rows, TRL {}", packed.len(), case["packed_rows"]));
             }

@@ -118,6 +118,8 @@ pub struct Recipe {
     pub max_prompt_length: Option<usize>,
     pub max_completion_length: Option<usize>,
     pub packing: bool,
+    /// TRL's `eval_packing`: whether the evaluation set is packed; unset, as `packing`.
+    pub eval_packing: Option<bool>,
     /// TRL's packing strategy: `bfd` (best-fit decreasing, long examples truncated; `ffd` is
     /// TRL < 0.20's name for it), `bfd_split` (long examples split; `bfd-requeue` its older name)
     /// or `wrapped` (examples concatenated and cut every row length).
@@ -285,6 +287,7 @@ impl Default for Recipe {
             max_prompt_length: None,
             max_completion_length: None,
             packing: false,
+            eval_packing: None,
             packing_strategy: "bfd".into(),
             padding_free: false,
             assistant_only_loss: false,
@@ -430,6 +433,7 @@ pub const ACTING_KEYS: &[&str] = &[
     "max_seq_length",
     "max_length",
     "packing",
+    "eval_packing",
     "packing_strategy",
     "dataset_num_proc",
     "assistant_only_loss",
@@ -693,6 +697,12 @@ impl Recipe {
             return bad("reference_free", "true is not implemented: DPO here always scores against the reference model".into());
         }
         Ok(())
+    }
+
+    /// The recipe the evaluation set is built with: `packing` set to `eval_packing` when that
+    /// is given, as TRL's `SFTTrainer` prepares its evaluation dataset.
+    pub fn for_evaluation(&self) -> Recipe {
+        Recipe { packing: self.eval_packing.unwrap_or(self.packing), ..self.clone() }
     }
 
     /// The packing strategy `packing_strategy` names (`ffd`, TRL < 0.20's name for best-fit

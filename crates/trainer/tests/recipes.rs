@@ -158,6 +158,13 @@ fn packing_strategies_are_trls() {
         let r = Recipe::from_yaml_str(&format!("packing: true\npacking_strategy: {value}\n"), "t", &[]).unwrap();
         assert_eq!(r.packing_strategy().unwrap(), want, "{value}");
     }
+    // `eval_packing` decides for the evaluation set; unset, `packing` does.
+    let r = Recipe::from_yaml_str("packing: true\n", "t", &[]).unwrap();
+    assert!(r.for_evaluation().packing);
+    let r = Recipe::from_yaml_str("packing: true\neval_packing: false\n", "t", &[]).unwrap();
+    assert!(r.packing && !r.for_evaluation().packing);
+    let r = Recipe::from_yaml_str("eval_packing: true\n", "t", &[]).unwrap();
+    assert!(!r.packing && r.for_evaluation().packing);
     let (key, message) = value_error("packing_strategy: best_fit\n", &[]);
     assert_eq!(key, "packing_strategy");
     assert!(message.contains("best_fit") && message.contains("bfd_split") && message.contains("wrapped"), "{message}");
