@@ -40,6 +40,7 @@ usage: make_trl_trainer_goldens.py [--smollm2 DIR]   (reference venv: scripts/re
 writes tests/fixtures/trl_trainers.json
 """
 import argparse
+import copy
 import json
 import math
 import os
@@ -50,6 +51,7 @@ import time
 
 import datasets
 import numpy as np
+import peft
 import torch
 import transformers
 import trl
@@ -75,6 +77,8 @@ TEMPLATES = {"smollm2": (None, CHATML_GENERATION), "zephyr": (ZEPHYR, ZEPHYR_GEN
 # and a partial one, so the batch averaging is exercised). Token ids are checked on every row.
 METRIC_ROWS, EVAL_BATCH = 8, 6
 PACKED_EVAL_BATCH = 3  # the packed rows of the METRIC_ROWS conversations make several batches
+ROW_HEAD = 6  # tokens recorded from the start of each shuffled packed row
+LORA_DROPOUT = 0.05  # the handbook's LoRA recipes'
 SMOLLM2_ROWS, SMOLLM2_BATCH = 3, 2  # the real 135M model: 3 rows, batches of 2 and 1
 BETA = 0.1
 
@@ -211,11 +215,13 @@ class Template:
         self.cases = []
 
     def sft(self, case, model, rows_kind, max_length, truncation_mode="keep_start", assistant_only=False, metric_rows=None,
-            batch=EVAL_BATCH):
+            batch=EVAL_BATCH, shuffle=False):
+        """SFT on unpacked rows; with `shuffle`, TRL's `shuffle_dataset=True`, whose training rows'
+        order (`order`, by row index) is recorded and whose evaluation rows are shuffled too."""
         rows = self.rows[rows_kind]
         with tempfile.TemporaryDirectory() as tmp:
             args = SFTConfig(**common_args(tmp, batch), max_length=max_length, truncation_mode=truncation_mode,
-                             assistant_only_loss=assistant_only)
+                             assistant_only_loss=assistant_only, shuffle_dataset=shuffle)
             tok = self.marked_tok if assistant_only else self.tok
             evals = with_idx(rows[:metric_rows or 1])
             trainer = SFTTrainer(model=model, args=args, train_dataset=with_idx(rows), eval_dataset=evals, processing_class=tok)
@@ -230,21 +236,28 @@ class Template:
                 if ids != self.sft_ids[row]:
                     entry["span"] = truncation_slice(self.sft_ids[row], ids)
                 examples[row] = entry
+            shuffled = {}
+            if shuffle:
+                order = [r["idx"] for r in trainer.train_dataset]
+                assert order != sorted(order), "shuffle_dataset left the rows in order"
+                shuffled = dict(shuffle_dataset=True, order=order)
             self.add(case, "sft", model, rows_kind, batch, metric_rows, evaluate(trainer, metric_rows), examples=examples,
-                     max_length=max_length, truncation_mode=truncation_mode, assistant_only_loss=assistant_only)
+                     max_length=max_length, truncation_mode=truncation_mode, assistant_only_loss=assistant_only, **shuffled)
 
-    def sft_packed(self, case, model, rows_kind, max_length, strategy, metric_rows, batch, eval_packing=None):
+    def sft_packed(self, case, model, rows_kind, max_length, strategy, metric_rows, batch, eval_packing=None, shuffle=False):
         """SFT with `packing=True`: TRL packs the evaluation rows too (`eval_packing` unset), so its
         metrics are those of the packed rows: documents kept apart by `bfd` and `bfd_split`
         (padding-free batches, positions per document, each document's first label dropped) and
         sharing attention under `wrapped`. Evaluated in batches of PACKED_EVAL_BATCH packed rows, so
         that `eval_loss` averages several batches, each weighted by its rows of the packed dataset
         (accelerate's `gather_for_metrics` keeps the last batch's remainder), a padding-free batch
-        too, although its collator flattens it into one row."""
+        too, although its collator flattens it into one row. With `shuffle` (`shuffle_dataset=True`:
+        the rows shuffled before packing and the packed rows again), the packed evaluation rows'
+        documents (`seq_lengths`) and first tokens (`row_heads`) are recorded in TRL's order."""
         rows = self.rows[rows_kind][:metric_rows]
         with tempfile.TemporaryDirectory() as tmp:
             args = SFTConfig(**common_args(tmp, batch), max_length=max_length, packing=True, packing_strategy=strategy,
-                             eval_packing=eval_packing)
+                             eval_packing=eval_packing, shuffle_dataset=shuffle)
             evals = datasets.Dataset.from_list(rows)
             trainer = SFTTrainer(model=model, args=args, train_dataset=evals, eval_dataset=evals, processing_class=self.tok)
             packed = trainer.eval_dataset
@@ -254,6 +267,10 @@ class Template:
             settings = dict(max_length=max_length, packing_strategy=strategy, packed_rows=len(packed))
             if eval_packing is not None:
                 settings["eval_packing"] = eval_packing
+            if shuffle:
+                # Each row's documents (a wrapped row is one) and first tokens, in TRL's order.
+                settings.update(shuffle_dataset=True, seq_lengths=[list(r.get("seq_lengths", [len(r["input_ids"])])) for r in packed],
+                                row_heads=[list(r["input_ids"][:ROW_HEAD]) for r in packed])
             self.add(case, "sft", model, rows_kind, batch, metric_rows, evaluate(trainer, metric_rows), **settings)
 
     def dpo(self, case, model, ref, rows_kind, max_length, truncation_mode="keep_start", metric_rows=None, batch=EVAL_BATCH):
@@ -308,6 +325,37 @@ class Template:
         self.cases.append(entry)
 
 
+def lora_dropout_in_training(model, tok, rows):
+    """The dropout probability of PEFT's `lora_dropout` modules in each trainer's model, LoRA
+    configured with `lora_dropout=LORA_DROPOUT`: TRL's DPO and ORPO trainers zero every dropout
+    module after wrapping the model (`disable_dropout`, default True); its SFT trainer does not."""
+    out = {}
+    sft_rows = datasets.Dataset.from_list(rows["messages"][:2])
+    pref_rows = datasets.Dataset.from_list(rows["chosen-rejected"][:2])
+    for case, make in (
+        ("sft", lambda tmp: SFTTrainer(model=copy.deepcopy(model), args=SFTConfig(**common_args(tmp, 1)), train_dataset=sft_rows,
+                                       processing_class=tok, peft_config=lora_config())),
+        ("dpo", lambda tmp: DPOTrainer(model=copy.deepcopy(model), args=DPOConfig(**common_args(tmp, 1)), train_dataset=pref_rows,
+                                       processing_class=tok, peft_config=lora_config())),
+        ("dpo disable_dropout false", lambda tmp: DPOTrainer(
+            model=copy.deepcopy(model), args=DPOConfig(**common_args(tmp, 1), disable_dropout=False), train_dataset=pref_rows,
+            processing_class=tok, peft_config=lora_config())),
+        ("orpo", lambda tmp: ORPOTrainer(model=copy.deepcopy(model), args=ORPOConfig(**common_args(tmp, 1)), train_dataset=pref_rows,
+                                         processing_class=tok, peft_config=lora_config())),
+    ):
+        with tempfile.TemporaryDirectory() as tmp:
+            trainer = make(tmp)
+            ps = {m.p for name, m in trainer.model.named_modules() if "lora_dropout" in name and isinstance(m, torch.nn.Dropout)}
+            assert len(ps) == 1, (case, ps)
+            out[case] = ps.pop()
+            print(f"lora_dropout in training, {case}: {out[case]}", file=sys.stderr)
+    return out
+
+
+def lora_config():
+    return peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=LORA_DROPOUT, target_modules="all-linear", task_type="CAUSAL_LM")
+
+
 def check_generation_template(tok, marked, rows):
     for r in rows:
         plain = tok.apply_chat_template(r["messages"], tokenize=False)
@@ -359,6 +407,8 @@ def main():
         t.sft("sft max_length 40 keep_end", policy, "messages", 40, truncation_mode="keep_end")
         t.sft("sft assistant_only_loss max_length 40", policy, "messages", 40, assistant_only=True)
         t.sft("sft prompt-completion", policy, "prompt-completion", 256, metric_rows=m)
+        # `shuffle_dataset`: the evaluation batches hold other rows, so `eval_loss` averages others.
+        t.sft("sft shuffle_dataset", policy, "messages", 256, metric_rows=m, shuffle=True)
         # Rows of 160 tokens pair the conversations (66-114 tokens); at 100 the longest is cut
         # (bfd_split: its last piece packed beside another conversation; wrapped: across rows).
         for strategy, length in (("bfd", 160), ("bfd_split", 100), ("wrapped", 100)):
@@ -366,6 +416,11 @@ def main():
         # `eval_packing: false`: the evaluation rows stay whole (truncated to max_length, as unpacked SFT).
         t.sft_packed("sft packed bfd eval_packing false max_length 100", policy, "messages", 100, "bfd", m, PACKED_EVAL_BATCH,
                      eval_packing=False)
+        # `shuffle_dataset` with packing: shuffled before packing (other rows share a row; wrapped
+        # concatenates them in another order) and the packed rows shuffled again.
+        for strategy, length in (("bfd", 160), ("wrapped", 100)):
+            t.sft_packed(f"sft packed {strategy} shuffle_dataset max_length {length}", policy, "messages", length, strategy, m,
+                         PACKED_EVAL_BATCH, shuffle=True)
         t.dpo("dpo", policy, reference, "chosen-rejected", 256, metric_rows=m)
         t.dpo("dpo explicit prompt", policy, reference, "explicit-prompt", 256)
         t.dpo("dpo max_length 48", policy, reference, "chosen-rejected", 48, metric_rows=m)
@@ -393,6 +448,8 @@ def main():
         "zephyr_template": ZEPHYR,
         "tiny_models": tiny,
         "reference_model": "tiny-reference",
+        "lora_dropout": LORA_DROPOUT,
+        "lora_dropout_in_training": lora_dropout_in_training(policy, templates["smollm2"].tok, rows),
         "templates": {name: {"sft_ids": t.sft_ids, "dpo_ids": t.dpo_ids, "orpo": t.orpo} for name, t in templates.items()},
         "cases": [c for t in templates.values() for c in t.cases],
     }

@@ -38,6 +38,12 @@ fn try_main(objective: Objective, default_recipe: &str) -> Result<(), String> {
     if objective == Objective::Cpt && recipe.eval_packing.is_some() {
         inert.push("eval_packing (CPT packs its evaluation set too)".into());
     }
+    if matches!(objective, Objective::Sft | Objective::Cpt) && !recipe.disable_dropout {
+        inert.push("disable_dropout (only DPO and ORPO read it: TRL's SFTTrainer keeps the model's dropout)".into());
+    }
+    if matches!(objective, Objective::Dpo | Objective::Orpo) {
+        inert.extend(recipe.sft_only_keys_set().into_iter().map(|k| format!("{k} (only SFT and CPT read it)")));
+    }
     if !inert.is_empty() {
         eprintln!("note: these recipe keys have no effect here: {}", inert.join(", "));
     }

@@ -14,7 +14,7 @@ use alignment_data::preference::{tokenize_dpo_row_with, tokenize_orpo_row_with, 
 use alignment_data::sft::{override_eos_token, tokenize_sft_row_with, SftOptions, SftRow};
 use alignment_data::source::DatasetLoader;
 use alignment_data::{
-    pack_like_trl, tokenize_text, ChatTemplate, DataError, Dataset, MapBatches, PackingStrategy, TokenizedExample, TruncationMode,
+    pack_like_trl, shuffled, tokenize_text, ChatTemplate, DataError, Dataset, MapBatches, PackingStrategy, TokenizedExample, TruncationMode,
 };
 use alignment_models::{load_pretrained, CausalLm};
 use alignment_peft::{apply_lora, load_adapter, load_pretrained_4bit, merge_lora, read_adapter_base_model, QuantConfig, ADAPTER_CONFIG};
@@ -397,10 +397,11 @@ pub fn cpt_examples(recipe: &Recipe, tools: &TextTools, dataset: &Dataset) -> Re
     finish_lm_examples(recipe, examples, true, recipe.sft_max_length().or(Some(1024)), tools.pad_id)
 }
 
-/// The examples as sequences: packed into rows of `max_length` by the recipe's
-/// `packing_strategy`, batch by batch as TRL's `pack_dataset` sees them under `datasets.map`
-/// (`dataset_num_proc` shards of 1000-row batches), when `packing`; else as they are, less those
-/// too short to predict a token.
+/// The examples as sequences, the end of TRL's `SFTTrainer._prepare_dataset`: packed into rows of
+/// `max_length` by the recipe's `packing_strategy`, batch by batch as TRL's `pack_dataset` sees
+/// them under `datasets.map` (`dataset_num_proc` shards of 1000-row batches), when `packing`;
+/// else as they are, less those too short to predict a token. With `shuffle_dataset`, shuffled
+/// as `Dataset.shuffle(seed)` shuffles them: before packing, and the result again.
 fn finish_lm_examples(
     recipe: &Recipe,
     examples: Vec<TokenizedExample>,
@@ -408,20 +409,32 @@ fn finish_lm_examples(
     max_length: Option<usize>,
     pad_id: u32,
 ) -> Result<Vec<Sequence>, RunError> {
+    let shuffle = recipe.shuffle_dataset.then_some(recipe.seed);
     Ok(match (packing, max_length) {
         (true, Some(row_length)) => {
+            let examples = shuffled_by(examples, shuffle);
             let batches = MapBatches::with_num_proc(recipe.dataset_num_proc);
             let strategy = recipe.packing_strategy()?;
             let rows = pack_like_trl(&examples, row_length, pad_id, strategy, batches).into_iter().map(Sequence::from);
-            match strategy {
+            let packed: Vec<Sequence> = match strategy {
                 // A wrapped row is a plain sequence to TRL (no `padding_free`): positions 0..len,
-                // attention over the whole row, each counted as a row by evaluation.
+                // attention over the whole row.
                 PackingStrategy::Wrapped => rows.map(|row| Sequence::new(row.input_ids, row.labels)).collect(),
                 PackingStrategy::Bfd | PackingStrategy::BfdSplit => rows.collect(),
-            }
+            };
+            shuffled_by(packed, shuffle)
         }
-        _ => examples.into_iter().filter(|e| e.input_ids.len() > 1).map(Sequence::from).collect(),
+        // Shuffled as TRL's whole dataset is, then those too short to predict a token dropped.
+        _ => shuffled_by(examples, shuffle).into_iter().filter(|e| e.input_ids.len() > 1).map(Sequence::from).collect(),
     })
+}
+
+/// `rows` in `Dataset.shuffle(seed)`'s order when a seed is given.
+fn shuffled_by<T>(rows: Vec<T>, seed: Option<u64>) -> Vec<T> {
+    match seed {
+        Some(seed) => shuffled(rows, seed),
+        None => rows,
+    }
 }
 
 /// Preference pairs for DPO or ORPO, as TRL 1.16's `DPOTrainer` (prompt extraction,
@@ -486,6 +499,12 @@ pub fn preference_examples(
     Ok(pairs)
 }
 
+/// Whether `objective` trains with dropout off: TRL's DPO and ORPO trainers do by default
+/// (`disable_dropout`, LoRA's dropout included); its SFT trainer keeps the model's dropout.
+pub fn disables_dropout(recipe: &Recipe, objective: Objective) -> bool {
+    matches!(objective, Objective::Dpo | Objective::Orpo) && recipe.disable_dropout
+}
+
 /// Runs `objective` with `recipe` on backend `B`: the whole script. `quiet` hides the progress bar.
 /// Launched as one of several ranks (`cargo xtask launch`, torchrun/Slurm variables), it trains
 /// data-parallel with the ZeRO stage of the accelerate config the launcher names.
@@ -525,14 +544,20 @@ pub fn run<B: AutodiffBackend>(objective: Objective, recipe: &Recipe, device: &B
     config.tokenizer_dir = Some(tokenizer_dir);
     config.quiet = quiet;
     config.adapter = adapter;
+    config.disable_dropout = disables_dropout(recipe, objective);
     let eval_preferences = |test: &Option<Dataset>| {
         test.as_ref().map(|t| preference_examples(recipe, &tools, t, objective)).transpose().map(Option::unwrap_or_default)
     };
     let outcome = match objective {
         Objective::Sft | Objective::Cpt => {
-            let build =
-                |d: &Dataset| if objective == Objective::Sft { sft_examples(recipe, &tools, d) } else { cpt_examples(recipe, &tools, d) };
-            let train_examples = build(&train_set)?;
+            let build = |recipe: &Recipe, d: &Dataset| {
+                if objective == Objective::Sft {
+                    sft_examples(recipe, &tools, d)
+                } else {
+                    cpt_examples(recipe, &tools, d)
+                }
+            };
+            let train_examples = build(recipe, &train_set)?;
             if train_examples.is_empty() {
                 let max_length = recipe.sft_max_length().unwrap_or(TRL_DEFAULT_MAX_LENGTH);
                 let why = format!("none keeps a scored token after truncation to max_seq_length {max_length} (assistant_only_loss: {}, truncation_mode: {:?})", recipe.assistant_only_loss, recipe.truncation_mode.as_deref().unwrap_or("keep_start"));
@@ -540,14 +565,7 @@ pub fn run<B: AutodiffBackend>(objective: Objective, recipe: &Recipe, device: &B
             }
             // TRL packs the evaluation set by `eval_packing` (CPT always packs).
             let eval_recipe = recipe.for_evaluation();
-            let build_eval = |d: &Dataset| {
-                if objective == Objective::Sft {
-                    sft_examples(&eval_recipe, &tools, d)
-                } else {
-                    cpt_examples(&eval_recipe, &tools, d)
-                }
-            };
-            let eval_examples = test_set.as_ref().map(build_eval).transpose()?.unwrap_or_default();
+            let eval_examples = test_set.as_ref().map(|d| build(&eval_recipe, d)).transpose()?.unwrap_or_default();
             let name = if objective == Objective::Sft { "sft" } else { "cpt" };
             let reduction = components::reduction(recipe)?;
             let task = SftTask { reduction, pad_id: tools.pad_id, name };
@@ -661,5 +679,24 @@ mod tests {
         recipe.packing_strategy = "best_fit".into();
         let err = finish_lm_examples(&recipe, examples(&[3]), true, Some(4), 0).unwrap_err().to_string();
         assert!(err.contains("packing_strategy") && err.contains("best_fit"), "{err}");
+    }
+
+    #[test]
+    fn shuffle_dataset_orders_examples_before_and_after_packing() {
+        let recipe = Recipe { shuffle_dataset: true, seed: 7, ..Recipe::default() };
+        let lengths = [2, 5, 1, 3, 4, 2, 3];
+        let ids = |rows: &[Sequence]| rows.iter().map(|s| s.input_ids.clone()).collect::<Vec<_>>();
+        // Unpacked: the examples in the seed's permutation, then the 1-token one dropped.
+        let order = alignment_data::permutation(7, lengths.len());
+        assert_ne!(order, (0..lengths.len()).collect::<Vec<_>>());
+        let want: Vec<Vec<u32>> = order.iter().filter(|&&i| lengths[i] > 1).map(|&i| examples(&lengths)[i].input_ids.clone()).collect();
+        assert_eq!(ids(&finish_lm_examples(&recipe, examples(&lengths), false, Some(8), 0).unwrap()), want);
+        // Packed: the shuffled examples packed, then the rows shuffled with the same seed.
+        let rows = pack_like_trl(&shuffled(examples(&lengths), 7), 6, 0, PackingStrategy::Bfd, MapBatches::with_num_proc(None));
+        let rows: Vec<Sequence> = rows.into_iter().map(Sequence::from).collect();
+        let want: Vec<Vec<u32>> = alignment_data::permutation(7, rows.len()).iter().map(|&i| rows[i].input_ids.clone()).collect();
+        let got = ids(&packed(&recipe, &lengths, 6));
+        assert_eq!(got, want);
+        assert_ne!(got, ids(&packed(&Recipe::default(), &lengths, 6)));
     }
 }

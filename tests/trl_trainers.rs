@@ -24,7 +24,7 @@ use alignment_handbook::data::{Dataset, RowRef, TokenizedExample, IGNORE_INDEX};
 use alignment_handbook::models::{load_pretrained, CausalLm};
 use alignment_handbook::objectives::{DpoConfig, DpoLossType, OrpoConfig, Reduction};
 use alignment_handbook::reference::{repo_root, smollm2_dir};
-use alignment_handbook::run::{preference_examples, sft_examples, Objective, TextTools};
+use alignment_handbook::run::{disables_dropout, preference_examples, sft_examples, Objective, TextTools};
 use alignment_handbook::trainer::tasks::{precompute_reference, DpoTask, OrpoTask, PreferencePair, SftTask};
 use alignment_handbook::trainer::{evaluate, Recipe, Sequence};
 use serde_json::{json, Map, Value as Json};
@@ -204,6 +204,7 @@ fn recipe_for(case: &Json, golden: &Json) -> Recipe {
     Recipe {
         packing: packing_strategy.is_some(),
         eval_packing: case["eval_packing"].as_bool(),
+        shuffle_dataset: case["shuffle_dataset"].as_bool().unwrap_or(false),
         packing_strategy: packing_strategy.unwrap_or("bfd").to_string(),
         max_length: usize_of(&case["max_length"]),
         truncation_mode: case["truncation_mode"].as_str().map(String::from),
@@ -294,6 +295,20 @@ fn check_case(ctx: &Context, case: &Json) -> (Vec<String>, f64) {
             if Some(packed.len()) != usize_of(&case["packed_rows"]) {
                 fail(format!("{} packed rows, TRL {}", packed.len(), case["packed_rows"]));
             }
+            // Shuffled (`shuffle_dataset`): the same rows in TRL's order, each row's documents
+            // and first tokens.
+            if let Some(want) = case["seq_lengths"].as_array() {
+                let ours: Vec<Json> =
+                    packed.iter().map(|row| Json::from(row.documents().iter().map(Sequence::len).collect::<Vec<_>>())).collect();
+                if &ours != want {
+                    fail(format!("packed rows' documents differ\n  TRL:  {want:?}\n  ours: {ours:?}"));
+                }
+                let head = case["row_heads"][0].as_array().map_or(0, Vec::len);
+                let heads: Vec<Json> = packed.iter().map(|row| Json::from(row.input_ids[..row.len().min(head)].to_vec())).collect();
+                if heads.as_slice() != case["row_heads"].as_array().unwrap().as_slice() {
+                    fail(format!("packed rows' first tokens differ\n  TRL:  {}\n  ours: {heads:?}", case["row_heads"]));
+                }
+            }
             Some(evaluate(model, &task, &packed, batch, &device))
         }
         "sft" => {
@@ -304,7 +319,7 @@ fn check_case(ctx: &Context, case: &Json) -> (Vec<String>, f64) {
                 ..SftOptions::default()
             };
             let examples = case["examples"].as_object().unwrap();
-            let mut kept = Vec::new();
+            let mut kept = BTreeMap::new();
             for (i, row) in rows.iter().enumerate() {
                 let at = RowRef::new("tiny-chat", i);
                 let ours = tokenize_sft_row(
@@ -322,15 +337,20 @@ fn check_case(ctx: &Context, case: &Json) -> (Vec<String>, f64) {
                         if want != ours {
                             fail(format!("row {i}: ids/labels differ\n  TRL:  {want:?}\n  ours: {ours:?}"));
                         }
-                        kept.push(ours);
+                        kept.insert(i, ours);
                     }
                     (None, None) => {}
                     (want, ours) => fail(format!("row {i}: TRL keeps it: {}, ours: {}", want.is_some(), ours.is_some())),
                 }
             }
+            // In row order, or in TRL's shuffled order (`shuffle_dataset`).
+            let order: Vec<usize> = match case["order"].as_array() {
+                Some(order) => order.iter().map(|i| usize_of(i).unwrap()).collect(),
+                None => kept.keys().copied().collect(),
+            };
             let all = sft_examples(&recipe, tools, &dataset).unwrap();
-            if all.iter().map(example_of).collect::<Vec<_>>() != kept {
-                fail("run::sft_examples differs from the per-row examples".into());
+            if !all.iter().map(example_of).eq(order.iter().filter_map(|i| kept.get(i).cloned())) {
+                fail("run::sft_examples differs from the per-row examples in TRL's order".into());
             }
             let task = SftTask { reduction: Reduction::Mean, pad_id: tools.pad_id, name: "sft" };
             with_metrics.then(|| evaluate(model, &task, &sft_examples(&recipe, tools, &eval_set).unwrap(), batch, &device))
@@ -460,6 +480,26 @@ fn zephyr_template_examples_and_metrics_equal_trl() {
 #[test]
 fn smollm2_135m_metrics_equal_trl() {
     check_cases(|c| c["model"] == "smollm2");
+}
+
+/// The dropout LoRA trains with, per objective, is TRL's: its DPO and ORPO trainers zero PEFT's
+/// `lora_dropout` (`disable_dropout`, default true), its SFT trainer keeps it. The trainer's side
+/// (`TrainerConfig::disable_dropout` trains as dropout 0) is alignment-peft's training.rs.
+#[test]
+fn lora_dropout_is_disabled_where_trl_disables_it() {
+    let golden: Json =
+        serde_json::from_str(&std::fs::read_to_string(repo_root().join("tests/fixtures/trl_trainers.json")).unwrap()).unwrap();
+    let lora_dropout = golden["lora_dropout"].as_f64().unwrap();
+    for (case, objective, disable_dropout) in [
+        ("sft", Objective::Sft, true),
+        ("dpo", Objective::Dpo, true),
+        ("dpo disable_dropout false", Objective::Dpo, false),
+        ("orpo", Objective::Orpo, true),
+    ] {
+        let recipe = Recipe { use_peft: true, lora_dropout, disable_dropout, ..Recipe::default() };
+        let ours = if disables_dropout(&recipe, objective) { 0.0 } else { recipe.lora_dropout };
+        assert_eq!(ours, golden["lora_dropout_in_training"][case].as_f64().unwrap(), "{case}");
+    }
 }
 
 /// `legacy_formatting: true` is the old handbook's formatting, an opt-in: with SmolLM2's template

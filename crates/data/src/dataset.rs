@@ -6,7 +6,7 @@ use serde_json::{Map, Value};
 use std::sync::Arc;
 
 use crate::error::DataError;
-use crate::shuffle::permutation;
+use crate::shuffle::{in_order, permutation};
 
 /// One example: column name → value, in the dataset's column order. A chat dataset's
 /// `messages` column holds an array of `{"content": ..., "role": ...}` objects.
@@ -198,8 +198,7 @@ impl Dataset {
     pub fn shuffle(self, seed: u64) -> Self {
         let order = permutation(seed, self.len());
         let origins = order.iter().map(|&i| self.origin(i)).collect();
-        let mut slots: Vec<Option<Row>> = self.rows.into_iter().map(Some).collect();
-        let rows = order.into_iter().filter_map(|i| slots[i].take()).collect();
+        let rows = in_order(self.rows, &order);
         Self { name: self.name, columns: self.columns, rows, origins }
     }
 

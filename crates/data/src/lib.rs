@@ -37,7 +37,7 @@ pub use preference::{
     PreferenceIds, PreferenceRow,
 };
 pub use sft::{override_eos_token, tokenize_sft_row, tokenize_sft_row_with, SftOptions, SftRow};
-pub use shuffle::{permutation, NumpyRng};
+pub use shuffle::{permutation, shuffled, NumpyRng};
 pub use source::{load_file, load_local, resolve_split_files, DatasetLoader, SplitSource};
 pub use tokenize::{
     tokenize_conversation, tokenize_conversation_with, tokenize_lm_text, tokenize_text, TokenizedExample, TruncationMode, IGNORE_INDEX,

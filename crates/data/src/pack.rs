@@ -148,7 +148,10 @@ pub fn pack(examples: &[TokenizedExample], row_length: usize, pad_id: u32) -> Ve
 /// `pad_id`.
 pub fn pack_with(examples: &[TokenizedExample], row_length: usize, pad_id: u32, strategy: PackingStrategy) -> Vec<PackedRow> {
     match strategy {
-        PackingStrategy::Bfd => best_fit_rows(examples, row_length, pad_id),
+        PackingStrategy::Bfd => {
+            let whole: Vec<Document> = examples.iter().map(|e| (&e.input_ids[..], &e.labels[..])).collect();
+            best_fit_rows(&whole, row_length, pad_id)
+        }
         PackingStrategy::BfdSplit => best_fit_rows(&split_overflow(examples, row_length), row_length, pad_id),
         PackingStrategy::Wrapped => wrapped_rows(examples, row_length, pad_id),
     }
@@ -166,36 +169,33 @@ pub fn pack_like_trl(
     batches.ranges(examples.len()).into_iter().flat_map(|range| pack_with(&examples[range], row_length, pad_id, strategy)).collect()
 }
 
-fn best_fit_rows(examples: &[TokenizedExample], row_length: usize, pad_id: u32) -> Vec<PackedRow> {
-    let lengths: Vec<usize> = examples.iter().map(|e| e.input_ids.len()).collect();
+/// A document to place in a row: its token ids and labels, borrowed from an example.
+type Document<'a> = (&'a [u32], &'a [i64]);
+
+/// Best-fit-decreasing rows of `documents`, each truncated to `row_length`.
+fn best_fit_rows(documents: &[Document], row_length: usize, pad_id: u32) -> Vec<PackedRow> {
+    let lengths: Vec<usize> = documents.iter().map(|(ids, _)| ids.len()).collect();
     best_fit_decreasing(&lengths, row_length)
         .iter()
         .map(|members| {
-            let documents: Vec<(&[u32], &[i64])> = members
+            let placed: Vec<Document> = members
                 .iter()
                 .map(|&i| {
-                    let len = examples[i].input_ids.len().min(row_length);
-                    (&examples[i].input_ids[..len], &examples[i].labels[..len])
+                    let (ids, labels) = documents[i];
+                    let len = ids.len().min(row_length);
+                    (&ids[..len], &labels[..len])
                 })
                 .collect();
-            padded_row(&documents, row_length, pad_id)
+            padded_row(&placed, row_length, pad_id)
         })
         .collect()
 }
 
 /// `bfd_split`'s pieces: each example longer than `row_length` cut into consecutive pieces of
-/// `row_length` tokens, the last one shorter (TRL's fragments, in order).
-fn split_overflow(examples: &[TokenizedExample], row_length: usize) -> Vec<TokenizedExample> {
+/// `row_length` tokens, the last one shorter (TRL's fragments, in order), borrowed, not copied.
+fn split_overflow(examples: &[TokenizedExample], row_length: usize) -> Vec<Document<'_>> {
     let piece = row_length.max(1);
-    examples
-        .iter()
-        .flat_map(|e| {
-            e.input_ids
-                .chunks(piece)
-                .zip(e.labels.chunks(piece))
-                .map(|(ids, labels)| TokenizedExample { input_ids: ids.to_vec(), labels: labels.to_vec() })
-        })
-        .collect()
+    examples.iter().flat_map(|e| e.input_ids.chunks(piece).zip(e.labels.chunks(piece))).collect()
 }
 
 /// `wrapped`: every token of `examples` in order, cut every `row_length` tokens; each row is one
@@ -209,7 +209,7 @@ fn wrapped_rows(examples: &[TokenizedExample], row_length: usize, pad_id: u32) -
 
 /// One row: `documents` (ids and labels) one after another, each with its own document id and
 /// positions from 0, then padding up to `row_length`.
-fn padded_row(documents: &[(&[u32], &[i64])], row_length: usize, pad_id: u32) -> PackedRow {
+fn padded_row(documents: &[Document], row_length: usize, pad_id: u32) -> PackedRow {
     let mut row = PackedRow {
         input_ids: Vec::with_capacity(row_length),
         labels: Vec::with_capacity(row_length),

@@ -155,3 +155,17 @@ pub fn permutation(seed: u64, n: usize) -> Vec<usize> {
     NumpyRng::new(seed).shuffle(&mut order);
     order
 }
+
+/// `items` in the order `Dataset.shuffle(seed=seed)` gives a dataset of these rows: for rows
+/// that are not a [`crate::Dataset`]'s, such as TRL's tokenized or packed examples.
+pub fn shuffled<T>(items: Vec<T>, seed: u64) -> Vec<T> {
+    let order = permutation(seed, items.len());
+    in_order(items, &order)
+}
+
+/// `items` rearranged so that the k-th is `items[order[k]]`, moved, not cloned; `order` is a
+/// permutation of `0..items.len()`.
+pub(crate) fn in_order<T>(items: Vec<T>, order: &[usize]) -> Vec<T> {
+    let mut slots: Vec<Option<T>> = items.into_iter().map(Some).collect();
+    order.iter().filter_map(|&i| slots[i].take()).collect()
+}

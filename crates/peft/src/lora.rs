@@ -96,6 +96,18 @@ pub fn adapter<B: Backend>(a: Tensor<B, 2>, b: Tensor<B, 2>, config: &LoraConfig
     }
 }
 
+/// Sets every adapter's dropout probability to `p`. TRL's DPO and ORPO trainers call
+/// `disable_dropout_in_model` after wrapping the model in PEFT, which zeroes PEFT's
+/// `lora_dropout` modules too (`p = 0`) while the saved adapter config keeps the recipe's value.
+pub fn set_lora_dropout<B: Backend>(mut model: CausalLm<B>, p: f64) -> CausalLm<B> {
+    for (_, lin) in linear_layers_mut(&mut model) {
+        if let Some(lora) = lin.lora.as_mut() {
+            lora.dropout = p;
+        }
+    }
+    model
+}
+
 /// Whether any linear layer of `model` carries an adapter.
 pub fn has_lora<B: Backend>(model: &CausalLm<B>) -> bool {
     linear_layers(model).iter().any(|(_, l)| l.lora.is_some())

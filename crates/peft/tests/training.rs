@@ -116,3 +116,30 @@ fn an_adapter_trained_here_gives_the_same_logits_in_peft() {
     println!("trained adapter in PEFT: max |logit diff| = {diff:.3e}");
     assert!(diff <= 1e-4, "{diff}");
 }
+
+#[test]
+fn disable_dropout_trains_the_adapters_without_their_dropout() {
+    // TRL's DPO/ORPO `disable_dropout`: adapters with lora_dropout 0.5 train as with 0, and the
+    // saved adapter config keeps 0.5 (PEFT's config is untouched by `disable_dropout_in_model`).
+    let tmp = tempfile::tempdir().unwrap();
+    let task = SftTask { reduction: Reduction::Mean, pad_id: 0, name: "sft" };
+    let run = |dropout: f64, disable_dropout: bool, name: &str| {
+        let lora = LoraConfig { dropout, ..lora() };
+        let base = alignment_models::load_pretrained::<CpuAutodiff>(&base_fixture("tiny-llama"), &Default::default()).unwrap();
+        let output = tmp.path().join(name);
+        let mut config = config(&output, None);
+        config.max_steps = Some(3);
+        config.save = alignment_trainer::train::SaveStrategy::No;
+        config.disable_dropout = disable_dropout;
+        config.adapter.as_mut().unwrap().lora.dropout = dropout;
+        let (_, outcome) = train(apply_lora(base, &lora, 0).unwrap(), &task, &examples(), &[], &config, &Default::default()).unwrap();
+        let saved: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(output.join("adapter_config.json")).unwrap()).unwrap();
+        (losses(&outcome.history), saved["lora_dropout"].as_f64().unwrap())
+    };
+    let (without, _) = run(0.0, false, "no-dropout");
+    let (disabled, saved) = run(0.5, true, "disabled");
+    let (with, _) = run(0.5, false, "dropout");
+    assert_eq!(disabled, without, "disable_dropout must train as lora_dropout 0");
+    assert_eq!(saved, 0.5, "the adapter config keeps the recipe's lora_dropout");
+    assert_ne!(with, without, "lora_dropout 0.5 must change the losses when dropout is on");
+}

@@ -292,6 +292,8 @@ pub fn trainer_config(recipe: &Recipe) -> Result<TrainerConfig, TrainError> {
         chunked_head: recipe.use_liger_kernel,
         bf16: recipe.bf16,
         overwrite_output_dir: recipe.overwrite_output_dir,
+        // Set by the caller that knows the objective (TRL's DPO and ORPO trainers read it).
+        disable_dropout: false,
         resume_settings: resume_settings(recipe),
     })
 }

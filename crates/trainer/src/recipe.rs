@@ -124,6 +124,13 @@ pub struct Recipe {
     /// TRL < 0.20's name for it), `bfd_split` (long examples split; `bfd-requeue` its older name)
     /// or `wrapped` (examples concatenated and cut every row length).
     pub packing_strategy: String,
+    /// TRL's `disable_dropout` (DPO, ORPO; default true): training without dropout, LoRA's
+    /// `lora_dropout` included (TRL zeroes every dropout module after PEFT wraps the model).
+    pub disable_dropout: bool,
+    /// TRL's `shuffle_dataset`: the tokenized examples put in `Dataset.shuffle(seed=seed)`'s
+    /// order before packing and the packed rows again after (unpacked, once), the evaluation set
+    /// too. Off by default: the trainer's sampler shuffles the training order anyway.
+    pub shuffle_dataset: bool,
     pub padding_free: bool,
     pub assistant_only_loss: bool,
     /// SFT/CPT loss reduction, open-instruct's `reduce_loss`: `mean` (token mean over each
@@ -289,6 +296,8 @@ impl Default for Recipe {
             packing: false,
             eval_packing: None,
             packing_strategy: "bfd".into(),
+            shuffle_dataset: false,
+            disable_dropout: true,
             padding_free: false,
             assistant_only_loss: false,
             reduce_loss: "mean".into(),
@@ -395,6 +404,18 @@ pub const INERT_KEYS: &[(&str, &str)] = &[
     ("save_only_model", "checkpoints always hold the optimizer state (for exact resume)"),
 ];
 
+/// Acting keys that only SFT and CPT read ([`Recipe::sft_only_keys_set`]).
+pub const SFT_ONLY_KEYS: &[&str] = &[
+    "packing",
+    "eval_packing",
+    "packing_strategy",
+    "shuffle_dataset",
+    "assistant_only_loss",
+    "completion_only_loss",
+    "dataset_text_field",
+    "reduce_loss",
+];
+
 /// Keys that change what a run does (or are refused with an error naming them when set to
 /// something not implemented). With [`INERT_KEYS`], every key of [`Recipe`].
 pub const ACTING_KEYS: &[&str] = &[
@@ -435,6 +456,8 @@ pub const ACTING_KEYS: &[&str] = &[
     "packing",
     "eval_packing",
     "packing_strategy",
+    "shuffle_dataset",
+    "disable_dropout",
     "dataset_num_proc",
     "assistant_only_loss",
     "reduce_loss",
@@ -603,6 +626,15 @@ impl Recipe {
             inert.push("packing_strategy: ffd (TRL < 0.20's name: packed best-fit decreasing, TRL 1.16's bfd)".into());
         }
         inert
+    }
+
+    /// The keys set here (away from their defaults) that only SFT and CPT read, TRL's
+    /// `SFTConfig` fields without a counterpart in `DPOConfig` or `ORPOConfig`: a DPO or ORPO run
+    /// names them as having no effect.
+    pub fn sft_only_keys_set(&self) -> Vec<&'static str> {
+        let this = serde_json::to_value(self).expect("serializable");
+        let default = serde_json::to_value(Recipe::default()).expect("serializable");
+        SFT_ONLY_KEYS.iter().copied().filter(|k| this[k] != default[k]).collect()
     }
 
     /// Checks the values a run cannot make sense of, naming the key as the recipe wrote it:

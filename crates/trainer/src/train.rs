@@ -135,6 +135,10 @@ pub struct TrainerConfig {
     /// Replace a previous run's files in `output_dir` (`overwrite_output_dir`); without it a used
     /// `output_dir` is refused unless the run resumes ([`crate::output_dir`]).
     pub overwrite_output_dir: bool,
+    /// TRL's `disable_dropout` (DPOConfig, ORPOConfig; true by default): the model trains with
+    /// every dropout off, LoRA's `lora_dropout` included; the saved adapter config keeps its
+    /// value. SFT keeps its dropout (TRL's SFTConfig has no such key).
+    pub disable_dropout: bool,
     /// Recipe settings that shape the examples or the objective (`max_seq_length`,
     /// `assistant_only_loss`, `beta`, ...), as `(key, value)`: part of the resume fingerprint, so
     /// a resume with another value is refused naming the key.
@@ -416,6 +420,10 @@ pub fn train_with<B: AutodiffBackend, T: Task, S: Strategy>(
         };
         checkpoint::load_optimizer(dir, &mut optimizer, &state, device)?;
         start = state.global_step;
+    }
+    if config.disable_dropout {
+        // After a resume too: the adapters read back from a checkpoint carry their config's dropout.
+        model = alignment_peft::set_lora_dropout(model, 0.0);
     }
     model = strategy.prepare(model, &mut optimizer, config.resume_from.is_some())?;
     // The recipe's `bf16`, or the accelerate config's `mixed_precision` under a launcher.

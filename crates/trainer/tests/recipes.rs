@@ -170,6 +170,34 @@ fn packing_strategies_are_trls() {
     assert!(message.contains("best_fit") && message.contains("bfd_split") && message.contains("wrapped"), "{message}");
 }
 
+#[test]
+fn sft_only_keys_are_those_set_away_from_their_defaults() {
+    // What a DPO or ORPO run names as having no effect: SFT's keys, only when the recipe sets them.
+    use alignment_trainer::recipe::{ACTING_KEYS, SFT_ONLY_KEYS};
+    assert!(SFT_ONLY_KEYS.iter().all(|k| ACTING_KEYS.contains(k)), "SFT-only keys act for SFT");
+    assert!(Recipe::default().sft_only_keys_set().is_empty());
+    let r = Recipe::from_yaml_str(
+        "shuffle_dataset: true
+packing: true
+beta: 0.2
+",
+        "t",
+        &["--reduce_loss=sum".into()],
+    )
+    .unwrap();
+    assert!(r.shuffle_dataset);
+    assert_eq!(r.sft_only_keys_set(), vec!["packing", "shuffle_dataset", "reduce_loss"]);
+    let r = Recipe::from_yaml_str(
+        "packing_strategy: bfd
+shuffle_dataset: false
+",
+        "t",
+        &[],
+    )
+    .unwrap();
+    assert!(r.sft_only_keys_set().is_empty(), "{:?}", r.sft_only_keys_set());
+}
+
 fn value_error(yaml: &str, overrides: &[&str]) -> (String, String) {
     let overrides: Vec<String> = overrides.iter().map(|s| s.to_string()).collect();
     match Recipe::from_yaml_str(yaml, "recipe.yaml", &overrides) {
