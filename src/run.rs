@@ -499,6 +499,27 @@ pub fn preference_examples(
     Ok(pairs)
 }
 
+/// The chat template replacing the tokenizer's: `chat_template`, or for SFT and CPT the text of
+/// TRL's `chat_template_path` when it names a `.jinja`/`.j2` file, as `SFTTrainer` reads it.
+/// TRL's other form (a tokenizer whose template, special tokens and embedding size are cloned)
+/// is refused, as is a recipe giving both keys.
+pub fn chat_template_source(recipe: &Recipe, objective: Objective) -> Result<Option<String>, RunError> {
+    let key = "chat_template_path";
+    let Some(path) = recipe.chat_template_path.as_deref().filter(|_| matches!(objective, Objective::Sft | Objective::Cpt)) else {
+        return Ok(recipe.chat_template.clone());
+    };
+    if recipe.chat_template.is_some() {
+        return Err(RunError::Unsupported { key, message: "and chat_template both give a chat template: keep one".into() });
+    }
+    if !(path.ends_with(".jinja") || path.ends_with(".j2")) {
+        return Err(RunError::Unsupported {
+            key,
+            message: format!("`{path}`: only a .jinja or .j2 template file is read (cloning a tokenizer's template, special tokens and embedding size is not implemented)"),
+        });
+    }
+    std::fs::read_to_string(path).map(Some).map_err(|e| RunError::Unsupported { key, message: format!("`{path}`: {e}") })
+}
+
 /// Whether `objective` trains with dropout off: TRL's DPO and ORPO trainers do by default
 /// (`disable_dropout`, LoRA's dropout included); its SFT trainer keeps the model's dropout.
 pub fn disables_dropout(recipe: &Recipe, objective: Objective) -> bool {
@@ -516,7 +537,7 @@ pub fn run<B: AutodiffBackend>(objective: Objective, recipe: &Recipe, device: &B
         Some(t) => resolve_model_at(t, &recipe.model_revision)?,
         None => model_dir.clone(),
     };
-    let mut tools = TextTools::load(&tokenizer_dir, recipe.chat_template.as_deref())?;
+    let mut tools = TextTools::load(&tokenizer_dir, chat_template_source(recipe, objective)?.as_deref())?;
     if let Some(token) = &recipe.eos_token {
         if !matches!(objective, Objective::Sft | Objective::Cpt) {
             return Err(RunError::Unsupported {
@@ -679,6 +700,28 @@ mod tests {
         recipe.packing_strategy = "best_fit".into();
         let err = finish_lm_examples(&recipe, examples(&[3]), true, Some(4), 0).unwrap_err().to_string();
         assert!(err.contains("packing_strategy") && err.contains("best_fit"), "{err}");
+    }
+
+    #[test]
+    fn chat_template_path_reads_a_jinja_file_for_sft() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("template.jinja");
+        std::fs::write(&file, "{% for m in messages %}{{ m.content }}{% endfor %}").unwrap();
+        let with_path = |path: &Path| Recipe { chat_template_path: Some(path.display().to_string()), ..Recipe::default() };
+        let recipe = with_path(&file);
+        assert_eq!(
+            chat_template_source(&recipe, Objective::Sft).unwrap().as_deref(),
+            Some("{% for m in messages %}{{ m.content }}{% endfor %}")
+        );
+        // TRL's DPO and ORPO configs have no such key: the tokenizer's template stays (the run names the key).
+        assert_eq!(chat_template_source(&recipe, Objective::Dpo).unwrap(), None);
+        let refused = |recipe: &Recipe, want: &str| {
+            let err = chat_template_source(recipe, Objective::Sft).unwrap_err().to_string();
+            assert!(err.contains("chat_template_path") && err.contains(want), "{err}");
+        };
+        refused(&Recipe { chat_template: Some("x".into()), ..recipe.clone() }, "keep one");
+        refused(&with_path(dir.path()), ".jinja or .j2");
+        refused(&with_path(&dir.path().join("missing.j2")), "missing.j2");
     }
 
     #[test]

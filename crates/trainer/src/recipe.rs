@@ -49,6 +49,10 @@ pub struct Recipe {
     pub tokenizer_name_or_path: Option<String>,
     /// `bfloat16`, `float16`, `float32`, `auto` or null.
     pub torch_dtype: Option<String>,
+    /// TRL 1.16's ModelConfig name for `torch_dtype`.
+    pub dtype: Option<String>,
+    /// TRL's `model_init_kwargs`: extra `from_pretrained` arguments.
+    pub model_init_kwargs: Option<serde_json::Value>,
     pub attn_implementation: Option<String>,
     pub use_flash_attention_2: Option<bool>,
     pub trust_remote_code: bool,
@@ -60,6 +64,12 @@ pub struct Recipe {
     pub lora_target_modules: Option<Vec<String>>,
     pub lora_modules_to_save: Option<Vec<String>>,
     pub use_rslora: bool,
+    /// PEFT's DoRA (weight-decomposed LoRA): refused when true, not implemented.
+    pub use_dora: bool,
+    /// PEFT's `task_type`: only `CAUSAL_LM`.
+    pub lora_task_type: String,
+    /// PEFT's `target_parameters` (LoRA on bare parameters, e.g. MoE experts): refused when set.
+    pub lora_target_parameters: Option<Vec<String>>,
     pub load_in_8bit: bool,
     pub load_in_4bit: bool,
     pub bnb_4bit_quant_type: String,
@@ -68,6 +78,11 @@ pub struct Recipe {
     // --- data (handbook DataArguments) ---
     /// Jinja chat template overriding the tokenizer's.
     pub chat_template: Option<String>,
+    /// TRL's `chat_template_path` (SFT): a `.jinja`/`.j2` file whose template replaces the
+    /// tokenizer's (TRL's other form, a tokenizer to clone the template and tokens from, is refused).
+    pub chat_template_path: Option<String>,
+    /// TRL's ScriptArguments `dataset_streaming`: datasets are read whole here.
+    pub dataset_streaming: bool,
     /// Dataset id/path → fraction (≤ 1) or weight of its train split to use. Read in YAML order
     /// (see [`Recipe::dataset_mixer_in_order`]): the order decides the concatenation, hence the
     /// shuffled result.
@@ -132,6 +147,15 @@ pub struct Recipe {
     /// too. Off by default: the trainer's sampler shuffles the training order anyway.
     pub shuffle_dataset: bool,
     pub padding_free: bool,
+    /// TRL's `pad_to_multiple_of`, `pad_token` (SFT, DPO) and `padding_value` (ORPO): padding
+    /// is masked, so they change no loss.
+    pub pad_to_multiple_of: Option<usize>,
+    pub pad_token: Option<String>,
+    pub padding_value: Option<i64>,
+    /// TRL's `activation_offloading`: activations stay on the device here.
+    pub activation_offloading: bool,
+    /// TRL's `router_aux_loss_coef`, for Mixture-of-Experts models: refused unless 0.
+    pub router_aux_loss_coef: Option<f64>,
     pub assistant_only_loss: bool,
     /// SFT/CPT loss reduction, open-instruct's `reduce_loss`: `mean` (token mean over each
     /// optimizer step, transformers' default) or `sum` (summed token losses, divided only by the
@@ -153,7 +177,19 @@ pub struct Recipe {
     pub f_divergence_type: String,
     pub f_alpha_divergence_coef: f64,
     pub precompute_ref_log_probs: bool,
+    pub precompute_ref_batch_size: Option<usize>,
     pub reference_free: bool,
+    /// TRL's TR-DPO (`sync_ref_model`, with `ref_model_mixup_alpha`, `ref_model_sync_steps`):
+    /// refused when true.
+    pub sync_ref_model: bool,
+    pub ref_model_mixup_alpha: f64,
+    pub ref_model_sync_steps: usize,
+    /// TRL's `ignore_bias_buffers` (DDP with boolean buffers).
+    pub ignore_bias_buffers: bool,
+    /// ORPOConfig's `generate_during_eval`: refused when true.
+    pub generate_during_eval: bool,
+    /// ORPOConfig's `is_encoder_decoder`: only decoder-only models are built.
+    pub is_encoder_decoder: Option<bool>,
     // --- optimisation (transformers TrainingArguments) ---
     pub learning_rate: f64,
     pub lr_scheduler_type: String,
@@ -253,6 +289,8 @@ impl Default for Recipe {
             model_revision: default_revision(),
             tokenizer_name_or_path: None,
             torch_dtype: None,
+            dtype: None,
+            model_init_kwargs: None,
             attn_implementation: None,
             use_flash_attention_2: None,
             trust_remote_code: false,
@@ -263,12 +301,17 @@ impl Default for Recipe {
             lora_target_modules: None,
             lora_modules_to_save: None,
             use_rslora: false,
+            use_dora: false,
+            lora_task_type: "CAUSAL_LM".into(),
+            lora_target_parameters: None,
             load_in_8bit: false,
             load_in_4bit: false,
             bnb_4bit_quant_type: "nf4".into(),
             use_bnb_nested_quant: false,
             bnb_4bit_quant_storage: None,
             chat_template: None,
+            chat_template_path: None,
+            dataset_streaming: false,
             dataset_mixer: None,
             dataset_splits: default_splits(),
             dataset_configs: None,
@@ -299,6 +342,11 @@ impl Default for Recipe {
             shuffle_dataset: false,
             disable_dropout: true,
             padding_free: false,
+            pad_to_multiple_of: None,
+            pad_token: None,
+            padding_value: None,
+            activation_offloading: false,
+            router_aux_loss_coef: None,
             assistant_only_loss: false,
             reduce_loss: "mean".into(),
             completion_only_loss: None,
@@ -312,7 +360,14 @@ impl Default for Recipe {
             f_divergence_type: "reverse_kl".into(),
             f_alpha_divergence_coef: 0.5,
             precompute_ref_log_probs: false,
+            precompute_ref_batch_size: None,
             reference_free: false,
+            sync_ref_model: false,
+            ref_model_mixup_alpha: 0.6,
+            ref_model_sync_steps: 512,
+            ignore_bias_buffers: false,
+            generate_during_eval: false,
+            is_encoder_decoder: None,
             learning_rate: 5e-5,
             lr_scheduler_type: "linear".into(),
             lr_scheduler_kwargs: None,
@@ -374,6 +429,8 @@ impl Default for Recipe {
 /// ([`Recipe::inert_keys_set`]); every other key acts ([`ACTING_KEYS`]).
 pub const INERT_KEYS: &[(&str, &str)] = &[
     ("torch_dtype", "parameters are loaded and kept in f32 (bf16: true runs the products in bf16; with the optimizer offloaded, the weights are bf16 over an f32 master copy); the model is saved in its source dtype"),
+    ("dtype", "parameters are loaded and kept in f32 (bf16: true runs the products in bf16; with the optimizer offloaded, the weights are bf16 over an f32 master copy); the model is saved in its source dtype"),
+    ("model_init_kwargs", "the model is loaded as model_name_or_path, model_revision and load_in_4bit say"),
     ("attn_implementation", "there is one attention implementation"),
     ("use_flash_attention_2", "there is one attention implementation"),
     ("trust_remote_code", "no remote code is run: the Llama, Mistral and Gemma families are built in"),
@@ -386,6 +443,15 @@ pub const INERT_KEYS: &[(&str, &str)] = &[
     ("max_prompt_length", "TRL 1.16 truncates decoder-only models by max_length only"),
     ("max_completion_length", "TRL 1.16 truncates decoder-only models by max_length only"),
     ("padding_free", "batches are padded, which gives the same losses"),
+    ("pad_to_multiple_of", "padded positions are masked: padding changes no loss"),
+    ("pad_token", "padded positions are masked, whatever their token"),
+    ("padding_value", "padded positions are masked, whatever their token"),
+    ("activation_offloading", "activations stay on the device (gradient_checkpointing is what saves their memory here)"),
+    ("dataset_streaming", "datasets are read whole: the same rows, in the same order"),
+    ("precompute_ref_batch_size", "reference log-probs are computed in batches of per_device_eval_batch_size"),
+    ("ref_model_mixup_alpha", "only read with sync_ref_model, which is not implemented"),
+    ("ref_model_sync_steps", "only read with sync_ref_model, which is not implemented"),
+    ("ignore_bias_buffers", "the models here have no boolean buffers for DDP to ignore"),
     ("precompute_ref_log_probs", "reference log-probs are always computed once, before training"),
     ("gradient_checkpointing_kwargs", "checkpointing here has no reentrant variant"),
     ("fp16", "training computes in f32 (fp16 mixed precision, with its loss scaling, is not implemented: use bf16)"),
@@ -414,6 +480,7 @@ pub const SFT_ONLY_KEYS: &[&str] = &[
     "completion_only_loss",
     "dataset_text_field",
     "reduce_loss",
+    "chat_template_path",
 ];
 
 /// Keys that change what a run does (or are refused with an error naming them when set to
@@ -429,11 +496,15 @@ pub const ACTING_KEYS: &[&str] = &[
     "lora_target_modules",
     "lora_modules_to_save",
     "use_rslora",
+    "use_dora",
+    "lora_task_type",
+    "lora_target_parameters",
     "load_in_8bit",
     "load_in_4bit",
     "bnb_4bit_quant_type",
     "use_bnb_nested_quant",
     "chat_template",
+    "chat_template_path",
     "dataset_mixer",
     "dataset_splits",
     "dataset_configs",
@@ -472,6 +543,10 @@ pub const ACTING_KEYS: &[&str] = &[
     "f_divergence_type",
     "f_alpha_divergence_coef",
     "reference_free",
+    "sync_ref_model",
+    "generate_during_eval",
+    "is_encoder_decoder",
+    "router_aux_loss_coef",
     "learning_rate",
     "lr_scheduler_type",
     "lr_scheduler_kwargs",
@@ -727,6 +802,40 @@ impl Recipe {
         self.packing_strategy()?;
         if self.reference_free {
             return bad("reference_free", "true is not implemented: DPO here always scores against the reference model".into());
+        }
+        self.refuse_unimplemented()
+    }
+
+    /// TRL 1.16 and PEFT settings accepted by name whose non-default values are not implemented:
+    /// refused naming the key, not run as something else.
+    fn refuse_unimplemented(&self) -> Result<(), RecipeError> {
+        let bad = |key: &str, message: &str| Err(RecipeError::Value { key: key.into(), message: message.into() });
+        if self.use_dora {
+            return bad("use_dora", "true is not implemented: DoRA's magnitude vectors are not built; use LoRA (use_dora: false)");
+        }
+        if self.lora_task_type != "CAUSAL_LM" {
+            return bad("lora_task_type", &format!("`{}`: only CAUSAL_LM (causal language models) is built", self.lora_task_type));
+        }
+        if self.lora_target_parameters.as_ref().is_some_and(|p| !p.is_empty()) {
+            return bad("lora_target_parameters", "LoRA on bare parameters (MoE experts) is not implemented: use lora_target_modules");
+        }
+        if self.router_aux_loss_coef.is_some_and(|c| c != 0.0) {
+            return bad(
+                "router_aux_loss_coef",
+                "weighs a Mixture-of-Experts router's loss; the Llama, Mistral and Gemma models here have no router (TRL refuses it on them too)",
+            );
+        }
+        if self.sync_ref_model {
+            return bad(
+                "sync_ref_model",
+                "true is not implemented: the reference is the starting model throughout (TR-DPO's syncing is not built)",
+            );
+        }
+        if self.generate_during_eval {
+            return bad("generate_during_eval", "true is not implemented: evaluation computes the metrics without generating");
+        }
+        if self.is_encoder_decoder == Some(true) {
+            return bad("is_encoder_decoder", "true: only decoder-only models are built");
         }
         Ok(())
     }

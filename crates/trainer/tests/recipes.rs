@@ -171,6 +171,50 @@ fn packing_strategies_are_trls() {
 }
 
 #[test]
+fn trl_1_16_keys_load_and_unimplemented_values_are_refused_by_name() {
+    // Accepted with the values a TRL 1.16 recipe writes; named as inert where they change nothing.
+    let yaml = [
+        "dtype: bfloat16",
+        "model_init_kwargs: {low_cpu_mem_usage: true}",
+        "use_dora: false",
+        "lora_task_type: CAUSAL_LM",
+        "pad_to_multiple_of: 8",
+        "pad_token: <pad>",
+        "activation_offloading: true",
+        "dataset_streaming: true",
+        "precompute_ref_batch_size: 4",
+        "router_aux_loss_coef: 0.0",
+        "sync_ref_model: false",
+        "is_encoder_decoder: false",
+    ]
+    .join("\n");
+    let r = Recipe::from_yaml_str(&yaml, "t", &[]).unwrap();
+    let inert = r.inert_keys_set().join("; ");
+    for key in [
+        "dtype",
+        "model_init_kwargs",
+        "pad_to_multiple_of",
+        "pad_token",
+        "activation_offloading",
+        "dataset_streaming",
+        "precompute_ref_batch_size",
+    ] {
+        assert!(inert.contains(&format!("{key} (")), "{key} not named: {inert}");
+    }
+    for (yaml, key) in [
+        ("use_dora: true\n", "use_dora"),
+        ("lora_task_type: SEQ_CLS\n", "lora_task_type"),
+        ("lora_target_parameters: [experts.gate_up_proj]\n", "lora_target_parameters"),
+        ("router_aux_loss_coef: 0.001\n", "router_aux_loss_coef"),
+        ("sync_ref_model: true\n", "sync_ref_model"),
+        ("generate_during_eval: true\n", "generate_during_eval"),
+        ("is_encoder_decoder: true\n", "is_encoder_decoder"),
+    ] {
+        assert_eq!(value_error(yaml, &[]).0, key, "{yaml}");
+    }
+}
+
+#[test]
 fn sft_only_keys_are_those_set_away_from_their_defaults() {
     // What a DPO or ORPO run names as having no effect: SFT's keys, only when the recipe sets them.
     use alignment_trainer::recipe::{ACTING_KEYS, SFT_ONLY_KEYS};
