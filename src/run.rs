@@ -563,7 +563,7 @@ pub fn run<B: AutodiffBackend>(objective: Objective, recipe: &Recipe, device: &B
     let (model, adapter) = load_model::<B>(recipe, &model_dir, device)?;
     check_vocabulary(&tools, &tokenizer_dir, &recipe.model_name_or_path, model.config.vocab_size)?;
     config.tokenizer_dir = Some(tokenizer_dir);
-    config.quiet = quiet;
+    config.quiet = quiet || recipe.disable_tqdm == Some(true);
     config.adapter = adapter;
     config.disable_dropout = disables_dropout(recipe, objective);
     let eval_preferences = |test: &Option<Dataset>| {

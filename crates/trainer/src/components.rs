@@ -288,7 +288,7 @@ pub fn trainer_config(recipe: &Recipe) -> Result<TrainerConfig, TrainError> {
         tokenizer_dir: None,
         quiet: false,
         adapter: None,
-        step: StepOptions { gradient_checkpointing: recipe.gradient_checkpointing, head_chunk_tokens: None, dropout_seed: 0 },
+        step: StepOptions { gradient_checkpointing: recipe.checkpointing(), head_chunk_tokens: None, dropout_seed: 0 },
         chunked_head: recipe.use_liger_kernel,
         bf16: recipe.bf16,
         overwrite_output_dir: recipe.overwrite_output_dir,

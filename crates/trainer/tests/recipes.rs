@@ -214,6 +214,56 @@ fn trl_1_16_keys_load_and_unimplemented_values_are_refused_by_name() {
     }
 }
 
+/// Every field of the configs TRL 1.16 parses a handbook recipe into (ModelConfig,
+/// ScriptArguments, SFTConfig, DPOConfig, ORPOConfig, TrainingArguments within them) loads as a
+/// recipe key (`scripts/make_trl_config_keys.py` lists them).
+#[test]
+fn every_field_of_trls_configs_is_a_recipe_key() {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/trl_config_keys.json");
+    let fixture: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let keys = Recipe::keys();
+    let mut missing = Vec::new();
+    for (config, fields) in fixture["configs"].as_object().unwrap() {
+        for field in fields.as_array().unwrap() {
+            let field = field.as_str().unwrap();
+            if !keys.iter().any(|k| k == field) {
+                missing.push(format!("{config}.{field}"));
+            }
+        }
+    }
+    assert!(missing.is_empty(), "not recipe keys: {missing:?}");
+}
+
+#[test]
+fn training_arguments_keys_act_or_are_refused_by_name() {
+    use alignment_trainer::recipe::{ACTING_KEYS, REFUSED_UNLESS_DEFAULT};
+    let load = |yaml: &str| Recipe::from_yaml_str(yaml, "t", &[]).unwrap();
+    // transformers 5's `activation_checkpointing` decides over `gradient_checkpointing`, its alias.
+    assert!(load("gradient_checkpointing: true\n").checkpointing());
+    assert!(!load("gradient_checkpointing: true\nactivation_checkpointing: false\n").checkpointing());
+    let r = load("activation_checkpointing: true\n");
+    assert!(alignment_trainer::TrainerConfig::from_recipe(&r).unwrap().step.gradient_checkpointing);
+    // Their defaults load; another value of a refused key is an error naming it.
+    assert!(REFUSED_UNLESS_DEFAULT.iter().all(|(k, _)| ACTING_KEYS.contains(k)));
+    for (yaml, key) in [
+        ("neftune_noise_alpha: 5\n", "neftune_noise_alpha"),
+        ("label_smoothing_factor: 0.1\n", "label_smoothing_factor"),
+        ("load_best_model_at_end: true\n", "load_best_model_at_end"),
+        ("metric_for_best_model: eval_loss\n", "metric_for_best_model"),
+        ("train_sampling_strategy: group_by_length\n", "train_sampling_strategy"),
+        ("dataloader_drop_last: true\n", "dataloader_drop_last"),
+        ("fsdp: full_shard\n", "fsdp"),
+        ("deepspeed: ds_zero3.json\n", "deepspeed"),
+        ("auto_find_batch_size: true\n", "auto_find_batch_size"),
+    ] {
+        let (got, message) = value_error(yaml, &[]);
+        assert_eq!(got, key, "{yaml}: {message}");
+    }
+    let r = load("train_sampling_strategy: random\ndataloader_num_workers: 4\ntorch_compile: true\nlocal_rank: 0\n");
+    let inert = r.inert_keys_set().join("; ");
+    assert!(["dataloader_num_workers (", "torch_compile (", "local_rank ("].iter().all(|k| inert.contains(k)), "{inert}");
+}
+
 #[test]
 fn sft_only_keys_are_those_set_away_from_their_defaults() {
     // What a DPO or ORPO run names as having no effect: SFT's keys, only when the recipe sets them.
