@@ -2,7 +2,7 @@
 # Runs ON THE GPU MACHINE (or, with DRY_RUN=1, here on the CPU): the prepared measurements of
 # issue #12 in one command, within a time budget, writing everything under $OUT.
 #
-#   bash scripts/gpu/device_run.sh [PLAN]        PLAN: first (default) | second | profile | check | dry
+#   bash scripts/gpu/device_run.sh [PLAN]        PLAN: first (default) | second | profile | tch | tch-profile | check | dry
 #
 # Expects the staged folder (scripts/gpu/run.sh stage): $GPU_DIR/bin/bench_train or its .xz (built
 # with --features cuda), $GPU_DIR/bin/bench_train_tch (--features tch, linked against the device's
@@ -360,6 +360,18 @@ case "$PLAN" in
         # What mixed precision's casts cost: every tensor bf16 (moments too) on the same shape.
         OURS_BACKENDS=cuda-pure-bf16 bench smollm2-135m sft 1024 4 1
         ;;
+    tch)
+        # The libtorch route alone against PyTorch (the first device session found burn-cuda's
+        # CubeCL step wrong and its launches failing, while tch-cuda passed every check).
+        OURS_BACKENDS=tch-cuda-bf16 bench llama-3.2-1b sft 1024 4 1
+        OURS_BACKENDS=tch-cuda-bf16 bench smollm2-135m sft 1024 4 1
+        OURS_BACKENDS=tch-cuda-bf16 bench llama-3.2-1b dpo 1024 2 1
+        ;;
+    tch-profile)
+        # Where the libtorch route's 1B step goes against PyTorch's, then the longer sequence.
+        OURS_BACKENDS=tch-cuda-bf16 profile llama-3.2-1b sft 1024 4
+        OURS_BACKENDS=tch-cuda-bf16 bench llama-3.2-1b sft 2048 2 1
+        ;;
     profile)
         # A second call after `first` (BUDGET_S=200): the 1B step again in case `first` ran out
         # of budget before it, then the smaller model and DPO, where launches weigh more.
@@ -372,7 +384,7 @@ case "$PLAN" in
         OURS_BACKENDS="$BF16" profile llama-3.2-1b dpo 1024 2
         ;;
     *)
-        echo "unknown plan $PLAN (first, second, profile, check, dry)"
+        echo "unknown plan $PLAN (first, second, profile, tch, tch-profile, check, dry)"
         exit 2
         ;;
 esac

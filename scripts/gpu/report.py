@@ -49,7 +49,10 @@ def main():
             print("|---|---|---|---|")
             for case, r in report.items():
                 if isinstance(r, dict):
-                    print(f"| {case} | {r['max_rel_scalar']:.2e} | {r['max_rel_grad']:.2e} | {'pass' if r['pass'] else 'FAIL: ' + r['worst']} |")
+                    # A non-finite difference is written as null by the check (cuda-bf16's first run).
+                    num = lambda v: "non-finite" if v is None else f"{v:.2e}"  # noqa: E731
+                    verdict = "pass" if r.get("pass") else "FAIL: " + str(r.get("worst"))
+                    print(f"| {case} | {num(r.get('max_rel_scalar'))} | {num(r.get('max_rel_grad'))} | {verdict} |")
 
     rows = [json.loads(l) for l in open(args.results) if l.strip()]
     groups = {}
