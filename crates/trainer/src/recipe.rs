@@ -790,9 +790,14 @@ pub const ACTING_KEYS: &[&str] = &[
     "deepspeed",
 ];
 
-/// TrainingArguments' keys whose non-default values are not implemented, with the reason:
-/// a recipe setting one otherwise is refused naming the key ([`Recipe::validate`]).
+/// Keys of TRL 1.16, PEFT and TrainingArguments whose non-default values are not implemented,
+/// with the reason: a recipe setting one otherwise is refused naming the key and its value
+/// ([`Recipe::validate`]).
 pub const REFUSED_UNLESS_DEFAULT: &[(&str, &str)] = &[
+    ("use_dora", "DoRA is not implemented: its magnitude vectors are not built; use LoRA (use_dora: false)"),
+    ("lora_task_type", "only CAUSAL_LM (causal language models) is built"),
+    ("sync_ref_model", "TR-DPO's syncing is not implemented: the reference is the starting model throughout"),
+    ("generate_during_eval", "generation during evaluation is not implemented: evaluation computes the metrics without generating"),
     ("optim_args", "optimizer arguments beyond adam_beta1, adam_beta2, adam_epsilon and weight_decay are not read"),
     ("optim_target_modules", "GaLore and APOLLO's per-module optimizers are not implemented"),
     ("label_smoothing_factor", "label smoothing of the cross entropy is not implemented (DPO's label_smoothing is)"),
@@ -893,8 +898,7 @@ impl Recipe {
     /// that act only with settings this recipe lacks (`auto_insert_empty_system_msg` without
     /// `legacy_formatting`) or are read under another name (`packing_strategy: ffd`).
     pub fn inert_keys_set(&self) -> Vec<String> {
-        let this = serde_json::to_value(self).expect("serializable");
-        let default = serde_json::to_value(Recipe::default()).expect("serializable");
+        let (this, default) = self.json_and_defaults();
         let mut inert: Vec<String> =
             INERT_KEYS.iter().filter(|(k, _)| this[k] != default[k]).map(|(k, why)| format!("{k} ({why})")).collect();
         if self.auto_insert_empty_system_msg.is_some() && !self.legacy_formatting {
@@ -934,8 +938,7 @@ impl Recipe {
     /// `SFTConfig` fields without a counterpart in `DPOConfig` or `ORPOConfig`: a DPO or ORPO run
     /// names them as having no effect.
     pub fn sft_only_keys_set(&self) -> Vec<&'static str> {
-        let this = serde_json::to_value(self).expect("serializable");
-        let default = serde_json::to_value(Recipe::default()).expect("serializable");
+        let (this, default) = self.json_and_defaults();
         SFT_ONLY_KEYS.iter().copied().filter(|k| this[k] != default[k]).collect()
     }
 
@@ -1037,12 +1040,6 @@ impl Recipe {
     /// refused naming the key, not run as something else.
     fn refuse_unimplemented(&self) -> Result<(), RecipeError> {
         let bad = |key: &str, message: &str| Err(RecipeError::Value { key: key.into(), message: message.into() });
-        if self.use_dora {
-            return bad("use_dora", "true is not implemented: DoRA's magnitude vectors are not built; use LoRA (use_dora: false)");
-        }
-        if self.lora_task_type != "CAUSAL_LM" {
-            return bad("lora_task_type", &format!("`{}`: only CAUSAL_LM (causal language models) is built", self.lora_task_type));
-        }
         if self.lora_target_parameters.as_ref().is_some_and(|p| !p.is_empty()) {
             return bad("lora_target_parameters", "LoRA on bare parameters (MoE experts) is not implemented: use lora_target_modules");
         }
@@ -1052,24 +1049,20 @@ impl Recipe {
                 "weighs a Mixture-of-Experts router's loss; the Llama, Mistral and Gemma models here have no router (TRL refuses it on them too)",
             );
         }
-        if self.sync_ref_model {
-            return bad(
-                "sync_ref_model",
-                "true is not implemented: the reference is the starting model throughout (TR-DPO's syncing is not built)",
-            );
-        }
-        if self.generate_during_eval {
-            return bad("generate_during_eval", "true is not implemented: evaluation computes the metrics without generating");
-        }
         if self.is_encoder_decoder == Some(true) {
             return bad("is_encoder_decoder", "true: only decoder-only models are built");
         }
-        let this = serde_json::to_value(self).expect("serializable");
-        let default = serde_json::to_value(Recipe::default()).expect("serializable");
+        let (this, default) = self.json_and_defaults();
         match REFUSED_UNLESS_DEFAULT.iter().find(|(key, _)| this[key] != default[key]) {
             Some((key, why)) => bad(key, &format!("{}: {why}", this[key])),
             None => Ok(()),
         }
+    }
+
+    /// This recipe's keys and values as JSON, beside the defaults': `this[key] != default[key]`
+    /// is "the recipe sets `key` to something else than its default".
+    fn json_and_defaults(&self) -> (serde_json::Value, serde_json::Value) {
+        (serde_json::to_value(self).expect("serializable"), serde_json::to_value(Recipe::default()).expect("serializable"))
     }
 
     /// Whether layers are checkpointed: `activation_checkpointing` (transformers 5's name) when
