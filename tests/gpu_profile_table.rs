@@ -9,6 +9,11 @@ use std::process::Command;
 /// Writes `contents` as the profile `file_name` (its name tells the script the format), runs
 /// the script on it over `steps` steps and returns that profile's `--json` summary.
 fn summarise(file_name: &str, contents: &str, steps: usize) -> Value {
+    summarise_with(file_name, contents, steps, &[])
+}
+
+/// [`summarise`] with more of the script's options.
+fn summarise_with(file_name: &str, contents: &str, steps: usize, options: &[&str]) -> Value {
     let dir = tempfile::tempdir().unwrap();
     let profile = dir.path().join(file_name);
     std::fs::write(&profile, contents).unwrap();
@@ -17,6 +22,7 @@ fn summarise(file_name: &str, contents: &str, steps: usize) -> Value {
     let output = Command::new("python3")
         .arg(script)
         .arg(format!("profile={}", profile.display()))
+        .args(options)
         .args(["--steps", &steps.to_string(), "--json"])
         .arg(&out)
         .output()
@@ -47,16 +53,62 @@ fn device_kernels_are_summed_by_category_per_step() {
         event("kernel", "void at::native::vectorized_elementwise_kernel<4, at::native::CUDAFunctor_add<float>>", 7, 700.0, 20.0),
         event("kernel", "void at::native::(anonymous namespace)::multi_tensor_apply_kernel<FusedAdamMathFunctor>", 7, 800.0, 30.0),
         event("gpu_memcpy", "Memcpy DtoD (Device -> Device)", 7, 900.0, 8.0),
+        // A strided add casts nothing, whatever its kernel's name says; a bf16 copy does cast.
+        event("kernel", "void at::native::elementwise_kernel<128, 2, at::native::gpu_kernel_impl_nocast<at::native::CUDAFunctor_add<float>>>", 7, 920.0, 12.0),
+        event("kernel", "void at::native::vectorized_elementwise_kernel<8, at::native::bfloat16_copy_kernel_cuda(at::TensorIteratorBase&)>", 7, 940.0, 6.0),
     ]});
     let torch = &summarise("trace.json", &trace.to_string(), 2);
     // Two steps profiled: everything is halved.
-    close(&torch["total_ms"], (300.0 + 100.0 + 50.0 + 20.0 + 30.0 + 8.0) / 2.0 / 1e3);
-    close(&torch["launches"], 3.0);
+    close(&torch["total_ms"], (300.0 + 100.0 + 50.0 + 20.0 + 30.0 + 8.0 + 12.0 + 6.0) / 2.0 / 1e3);
+    close(&torch["launches"], 4.0);
     close(&torch["categories"]["gemm"], 0.2);
     close(&torch["categories"]["attention"], 0.025);
-    close(&torch["categories"]["elementwise"], 0.01);
+    close(&torch["categories"]["elementwise"], 0.016);
     close(&torch["categories"]["optimizer"], 0.015);
-    close(&torch["categories"]["cast/copy"], 0.004);
+    close(&torch["categories"]["cast/copy"], 0.007);
+}
+
+#[test]
+fn kernels_are_charged_to_the_operator_that_launched_them() {
+    let with_inputs = |mut op: Value, dims: Value, strides: Value, types: Value| {
+        op["args"] = json!({"Input Dims": dims, "Input Strides": strides, "Input type": types});
+        op
+    };
+    let launch = |ts: f64, correlation: u64| {
+        let mut call = event("cuda_runtime", "cudaLaunchKernel", 1, ts, 2.0);
+        call["args"] = json!({"correlation": correlation});
+        call
+    };
+    let kernel = |name: &str, ts: f64, dur: f64, correlation: u64| {
+        let mut k = event("kernel", name, 7, ts, dur);
+        k["args"] = json!({"correlation": correlation});
+        k
+    };
+    let trace = json!({"traceEvents": [
+        // A strided in-place add: its first input is a transposed [4, 8].
+        with_inputs(event("cpu_op", "aten::add_", 1, 100.0, 50.0), json!([[4, 8], [4, 8]]), json!([[1, 4], [8, 1]]), json!(["float", "float"])),
+        launch(110.0, 1),
+        // aten::linear holds aten::mm: the kernels go to the innermost operator.
+        event("cpu_op", "aten::linear", 1, 190.0, 80.0),
+        with_inputs(event("cpu_op", "aten::mm", 1, 200.0, 50.0), json!([[4, 8], [8, 2]]), json!([[8, 1], [2, 1]]), json!(["c10::BFloat16", "c10::BFloat16"])),
+        launch(210.0, 2),
+        launch(215.0, 3),
+        launch(300.0, 4),
+        kernel("void at::native::elementwise_kernel<128, 2, add>", 400.0, 10.0, 1),
+        kernel("nvjet_sm90_tst_256x128", 420.0, 20.0, 2),
+        kernel("nvjet_sm90_tst_256x128", 450.0, 30.0, 3),
+        kernel("void at::native::vectorized_elementwise_kernel<4, fill>", 490.0, 5.0, 4),
+    ]});
+    let summary = summarise_with("trace.json", &trace.to_string(), 1, &["--by-op", "5"]);
+    let rows = summary["by_operator"].as_array().expect("a by_operator list");
+    let row = |i: usize| (rows[i]["operator"].as_str().unwrap().to_string(), rows[i]["kernels"].as_f64().unwrap());
+    assert_eq!(rows.len(), 3);
+    assert_eq!(row(0), ("aten::mm c10::BFloat16/c10::BFloat16 cc [[4, 8], [8, 2]]".into(), 2.0));
+    close(&rows[0]["ms"], 0.05);
+    assert_eq!(row(1), ("aten::add_ float/float sc [[4, 8], [4, 8]]".into(), 1.0));
+    close(&rows[1]["ms"], 0.01);
+    assert_eq!(row(2), ("(outside any operator)".into(), 1.0));
+    close(&rows[2]["ms"], 0.005);
 }
 
 #[test]

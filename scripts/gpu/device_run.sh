@@ -296,7 +296,7 @@ profile() {
         [ -f "$file" ] && specs+=("$backend=$file")
     done
     if [ "${#specs[@]}" -gt 0 ]; then
-        "$PY" scripts/gpu/profile_table.py "${specs[@]}" --json "$dir/table.json" >"$dir/table.md" 2>&1
+        "$PY" scripts/gpu/profile_table.py "${specs[@]}" --by-op 25 --json "$dir/table.json" >"$dir/table.md" 2>&1
         cat "$dir/table.md"
     fi
     for raw in "$dir"/*/trace.json "$dir"/*/cubecl.log; do

@@ -13,8 +13,10 @@ Each PATH is what `--profile` wrote:
     step in bench_train) ends with a summary table; the last `--steps` tables are read.
 
 Prints, per profile, the time per step by category (GEMM, attention, normalisation and
-reductions, element-wise, casts and copies, optimizer, other) and the top kernels; then one
-table of the categories side by side. Time is per step: the profile's total divided by `--steps`
+reductions, element-wise, casts and copies, optimizer, other) and the top kernels; with
+`--by-op K`, also the K torch operators whose kernels took most device time, each named with its
+input types, layouts (`c` contiguous, `s` strided or broadcast) and sizes, so that a kernel can
+be traced to the tensor it ran on; then one table of the categories side by side. Time is per step: the profile's total divided by `--steps`
 (bench_train and torch_baseline profile their timed steps).
 """
 
@@ -24,13 +26,15 @@ import re
 import sys
 from collections import defaultdict
 
-# First match wins; matched against the lower-cased kernel or operator name.
+# First match wins; matched against the lower-cased kernel or operator name. torch's generic
+# element-wise kernels are named `gpu_kernel_impl_nocast<Functor>` when they cast nothing: `cast`
+# alone would count those adds and products as casts (the 2026-12-04 profile did so).
 CATEGORIES = [
     ("optimizer", r"adam|optim"),
     ("attention", r"flash|fmha|attention|sdpa|scaled_dot"),
     ("gemm", r"gemm|cutlass|xmma|nvjet|cublas|matmul|\bmm\b|aten::mm|addmm|bmm|aten::linear|wgmma|sm90_|sm80_"),
     ("norm/reduce", r"reduce|norm|softmax|logsumexp|logits|cross_entropy|nll|sum|aten::mean|aten::max|aten::amax|argmax|topk"),
-    ("cast/copy", r"copy|memcpy|memset|cast|to_copy|aten::to\b|aten::t\b|contiguous|fill|full|aten::cat|index|gather|scatter|select|embedding|slice|layout|transpose|permute|clone|zeros|ones|arange|empty"),
+    ("cast/copy", r"copy|memcpy|memset|(?<!no)cast|to_copy|aten::to\b|aten::t\b|contiguous|fill|full|aten::cat|index|gather|scatter|select|embedding|slice|layout|transpose|permute|clone|zeros|ones|arange|empty"),
     ("elementwise", r"elementwise|elemwise|vectorized|fuse|aten::(mul|add|sub|div|neg|exp|log|silu|sigmoid|pow|rsqrt|sqrt|where|clamp|tanh|cos|sin|abs|sign|masked)|unary|binop|binary|cmp|mask"),
 ]
 COMPILED = [(name, re.compile(pattern)) for name, pattern in CATEGORIES]
@@ -45,8 +49,57 @@ def category(name):
     return "other"
 
 
-def from_trace(path):
-    """{name: [total µs, count]} from a Kineto Chrome trace, and what was measured."""
+def operator_key(op):
+    """An operator as `name types layouts sizes`: `aten::add_ float/float sc [[4, 32], [4, 32]]`."""
+    args = op.get("args", {})
+    dims = args.get("Input Dims", [])
+    strides = args.get("Input Strides", [])
+    types = [t for t, d in zip(args.get("Input type", []), dims) if d]
+    layouts = []
+    for size, stride in zip(dims, strides):
+        flat = all(isinstance(x, int) for x in size) and all(isinstance(x, int) for x in stride or [None])
+        if not size or not flat:
+            continue
+        expected, step = [], 1
+        for x in reversed(size):
+            expected.append(step)
+            step *= x
+        layouts.append("c" if list(reversed(expected)) == stride or 0 in size else "s")
+    return f"{op['name']} {'/'.join(types)} {''.join(layouts)} {[d for d in dims if d][:3]}".strip()
+
+
+def kernels_by_operator(events):
+    """{operator key: [device µs, kernels]}: each kernel charged to the innermost torch operator
+    around the runtime call that launched it (matched by CUPTI's correlation id)."""
+    launched_by = {}
+    threads = defaultdict(list)
+    for e in events:
+        if e.get("cat") == "cpu_op":
+            threads[(e.get("pid"), e.get("tid"))].append((float(e["ts"]), 0, e))
+        elif e.get("cat") in ("cuda_runtime", "cuda_driver") and "correlation" in e.get("args", {}):
+            threads[(e.get("pid"), e.get("tid"))].append((float(e["ts"]), 1, e))
+    for items in threads.values():
+        items.sort(key=lambda item: (item[0], item[1], -float(item[2]["dur"])))
+        stack = []  # (end, operator)
+        for start, is_call, e in items:
+            while stack and stack[-1][0] <= start:
+                stack.pop()
+            if is_call:
+                launched_by[e["args"]["correlation"]] = operator_key(stack[-1][1]) if stack else "(outside any operator)"
+            else:
+                stack.append((start + float(e["dur"]), e))
+    totals = defaultdict(lambda: [0.0, 0])
+    for e in events:
+        if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset"):
+            item = totals[launched_by.get(e.get("args", {}).get("correlation"), "(unattributed)")]
+            item[0] += float(e["dur"])
+            item[1] += 1
+    return totals
+
+
+def from_trace(path, by_operator=None):
+    """{name: [total µs, count]} from a Kineto Chrome trace, and what was measured; with a dict
+    `by_operator`, also fills it with the device time per launching operator."""
     with open(path) as f:
         events = [e for e in json.load(f).get("traceEvents", []) if e.get("ph") == "X" and "dur" in e]
     device = [e for e in events if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")]
@@ -56,6 +109,8 @@ def from_trace(path):
             item = totals[e["name"]]
             item[0] += float(e["dur"])
             item[1] += 1
+        if by_operator is not None:
+            by_operator.update(kernels_by_operator(events))
         return totals, "device time of kernels and copies"
     # A CPU run: operator self time, per thread (children are nested intervals on one thread).
     threads = defaultdict(list)
@@ -118,8 +173,8 @@ def from_cubecl_log(path, steps):
     return totals, f"device time per kernel (CubeCL, last {min(steps, len(tables))} of {len(tables)} synchronisations)"
 
 
-def load(path, steps):
-    return from_cubecl_log(path, steps) if path.endswith(".log") else from_trace(path)
+def load(path, steps, by_operator=None):
+    return from_cubecl_log(path, steps) if path.endswith(".log") else from_trace(path, by_operator)
 
 
 def main():
@@ -127,6 +182,7 @@ def main():
     p.add_argument("profiles", nargs="+", help="LABEL=PATH")
     p.add_argument("--steps", type=int, default=1, help="steps the profiles cover (time is shown per step)")
     p.add_argument("--top", type=int, default=12)
+    p.add_argument("--by-op", type=int, default=0, metavar="K", help="also list the K operators whose kernels took most device time")
     p.add_argument("--json", help="also write the per-category table here")
     args = p.parse_args()
 
@@ -136,7 +192,8 @@ def main():
         if not path:
             raise SystemExit(f"`{spec}`: expected LABEL=PATH")
         try:
-            totals, what = load(path, args.steps)
+            by_operator = {}
+            totals, what = load(path, args.steps, by_operator)
         except (OSError, ValueError) as e:
             print(f"## {label}: cannot read {path}: {e}\n")
             continue
@@ -148,6 +205,9 @@ def main():
             c[1] += n
         total = sum(ms for ms, _ in per_step.values())
         summary[label] = {"total_ms": total, "launches": sum(n for _, n in per_step.values()), "categories": {k: v[0] for k, v in by_category.items()}, "what": what}
+        operators = sorted(((key, us / args.steps / 1e3, n / args.steps) for key, (us, n) in by_operator.items()), key=lambda row: -row[1])
+        if args.by_op and operators:
+            summary[label]["by_operator"] = [{"operator": key, "ms": ms, "kernels": n} for key, ms, n in operators[: args.by_op]]
         print(f"## {label}: {total:.2f} ms per step, {summary[label]['launches']:.0f} kernels/ops ({what})")
         print(f"{'category':<12} {'ms/step':>9} {'share':>6} {'count':>7}")
         for name in ORDER:
@@ -157,6 +217,10 @@ def main():
         print(f"top {args.top}:")
         for name, (ms, n) in sorted(per_step.items(), key=lambda kv: -kv[1][0])[: args.top]:
             print(f"  {ms:>9.3f} ms {n:>6.0f}×  [{category(name)}] {name[:110]}")
+        if args.by_op and operators:
+            print(f"top {args.by_op} operators by their kernels' device time:")
+            for key, ms, n in operators[: args.by_op]:
+                print(f"  {ms:>9.3f} ms {n:>6.0f}×  {key[:160]}")
         print()
 
     if len(summary) > 1:

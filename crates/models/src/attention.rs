@@ -110,7 +110,14 @@ impl<B: Backend> Attention<B> {
         let [batch, seq, _] = x.dims();
         let (h, kvh, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
         let heads = |t: Tensor<B, 3>, n: usize| t.reshape([batch, seq, n, d]).swap_dims(1, 2);
-        let [q, k, v] = Linear::forward_many([&self.q_proj, &self.k_proj, &self.v_proj], x);
+        // Under mixed precision on libtorch, v stays in the products' type, as autocast's v_proj
+        // returns it and the fused attention reads it (q and k are rotated in the wide type
+        // first): two casts of v fewer each way, the same values.
+        #[cfg(feature = "tch")]
+        let keep_v_half = self.matmul_dtype.is_some() && crate::tch_attention::applies::<B>();
+        #[cfg(not(feature = "tch"))]
+        let keep_v_half = false;
+        let [q, k, v] = Linear::forward_many_keeping([&self.q_proj, &self.k_proj, &self.v_proj], x, [false, false, keep_v_half]);
         let q = rope::apply(heads(q, h), cos, sin);
         let mut k = rope::apply(heads(k, kvh), cos, sin);
         let mut v = heads(v, kvh);

@@ -94,18 +94,28 @@ impl<B: Backend> Linear<B> {
         } else {
             x
         };
-        match Self::forward_sharing_cast(linears, x, false) {
-            Ok(outputs) => outputs,
-            Err(x) => linears.map(|l| l.forward(x.clone())),
-        }
+        Self::forward_many_keeping(linears, x, [false; N])
     }
 
     /// [`Self::forward_many`] with each result left in the products' type under mixed precision
     /// ([`Self::forward_in_product_type`]).
     pub fn forward_many_in_product_type<const N: usize>(linears: [&Self; N], x: Tensor<B, 3>) -> [Tensor<B, 3>; N] {
-        match Self::forward_sharing_cast(linears, x, true) {
+        Self::forward_many_keeping(linears, x, [true; N])
+    }
+
+    /// [`Self::forward_many`] with the results of the maps marked in `keep_half` left in the
+    /// products' type under mixed precision (attention's v, which the fused attention reads in
+    /// that type, beside q and k, which are rotated in the wide type first).
+    pub fn forward_many_keeping<const N: usize>(linears: [&Self; N], x: Tensor<B, 3>, keep_half: [bool; N]) -> [Tensor<B, 3>; N] {
+        match Self::forward_sharing_cast(linears, x, keep_half) {
             Ok(outputs) => outputs,
-            Err(x) => linears.map(|l| l.forward_in_product_type(x.clone())),
+            Err(x) => std::array::from_fn(|i| {
+                if keep_half[i] {
+                    linears[i].forward_in_product_type(x.clone())
+                } else {
+                    linears[i].forward(x.clone())
+                }
+            }),
         }
     }
 
@@ -113,7 +123,7 @@ impl<B: Backend> Linear<B> {
     /// wide-type input: the input cast to the half type once, each base product run on that copy
     /// ([`crate::half_product::project_param_from_half`]), and so each adapter's first product
     /// when its dropout is inactive (PEFT's `lora_dropout: 0`, or evaluation); the results in the
-    /// weights' type or, with `keep_half`, the half type. Autocast casts the input once per
+    /// weights' type or, where `keep_half` says so, the half type. Autocast casts the input once per
     /// product; one copy saves the other casts and, under autodiff, keeps one half-type input per
     /// group for the backward pass instead of one per product. The copy's gradients add up in
     /// the input's type, so the values are those of one cast per product. An adapter whose
@@ -122,7 +132,7 @@ impl<B: Backend> Linear<B> {
     fn forward_sharing_cast<const N: usize>(
         linears: [&Self; N],
         x: Tensor<B, 3>,
-        keep_half: bool,
+        keep_half: [bool; N],
     ) -> Result<[Tensor<B, 3>; N], Tensor<B, 3>> {
         let Some(half) = linears.first().and_then(|l| l.matmul_dtype) else { return Err(x) };
         let half_type = burn::tensor::DType::from(half);
@@ -139,7 +149,8 @@ impl<B: Backend> Linear<B> {
         }
         let x_type: FloatDType = x.dtype().into();
         let x_half = x.clone().cast(half);
-        Ok(linears.map(|l| {
+        Ok(std::array::from_fn(|i| {
+            let (l, keep_half) = (linears[i], keep_half[i]);
             let base = match crate::half_product::project_param_from_half(x_half.clone(), l.weight.val(), keep_half, x_type) {
                 Ok(y) => y,
                 Err((x_half, w)) if keep_half => project_as(x_half, w, half),
@@ -161,7 +172,7 @@ impl<B: Backend> Linear<B> {
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         // With an adapter, the base and the adapter may read one half-type copy of `x`.
         let x = match self.lora {
-            Some(_) => match Self::forward_sharing_cast([self], x, false) {
+            Some(_) => match Self::forward_sharing_cast([self], x, [false]) {
                 Ok([y]) => return y,
                 Err(x) => x,
             },

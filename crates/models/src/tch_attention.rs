@@ -13,7 +13,9 @@
 //! (`crate::tch_op::record`, shared with the fused norm).
 //!
 //! Under mixed precision (`matmul_dtype`) q, k and v are cast to the half type inside the torch
-//! graph and the output back, as the two products of [`crate::attention`] are. The mask is
+//! graph (v may arrive in it) and the output is left in it, as autocast leaves SDPA's: the output
+//! projection reads it so, and its gradient comes back in it. Without mixed precision the output
+//! is in q's type. The mask is
 //! either plain causal (`is_causal`, which lets torch pick its flash kernel) or added to the
 //! scores as 0 / −1e30, the same score the burn path gives masked keys, so a query whose keys
 //! are all masked (padding) gets the same harmless uniform average instead of NaN. (Its
@@ -33,8 +35,19 @@ use std::any::TypeId;
 /// `heads / kv_heads` query heads).
 pub(crate) type Qkv<B> = (Tensor<B, 4>, Tensor<B, 4>, Tensor<B, 4>);
 
-/// `softmax(q kᵀ · scale + mask) v` as `[batch, heads, queries, d]` on the libtorch backends;
-/// the tensors back on any other.
+/// Whether `B` is a libtorch backend [`attention`] runs on (the others get their tensors back).
+pub(crate) fn applies<B: Backend>() -> bool {
+    [
+        TypeId::of::<LibTorch<f32>>(),
+        TypeId::of::<LibTorch<bf16>>(),
+        TypeId::of::<Autodiff<LibTorch<f32>>>(),
+        TypeId::of::<Autodiff<LibTorch<bf16>>>(),
+    ]
+    .contains(&TypeId::of::<B>())
+}
+
+/// `softmax(q kᵀ · scale + mask) v` as `[batch, heads, queries, d]` on the libtorch backends, in
+/// the half type under mixed precision, else in q's; the tensors back on any other.
 pub(crate) fn attention<B: Backend>(
     (q, k, v): Qkv<B>,
     mask: &AttentionMask<B>,
@@ -98,11 +111,16 @@ impl Call {
     /// [`Self::run`], repeating each kv head for its query heads when `repeat_kv` (else torch
     /// reads grouped heads itself).
     fn run_with(&self, q: &tch::Tensor, k: &tch::Tensor, v: &tch::Tensor, repeat_kv: bool) -> tch::Tensor {
-        let out_kind = q.kind();
+        let out_kind = self.half.unwrap_or(q.kind());
         let (q, k, v, mask) = self.kernel_inputs(q, k, v, repeat_kv);
         let grouped = q.size()[1] != k.size()[1];
         let causal = self.additive_mask.is_none();
-        tch::Tensor::scaled_dot_product_attention(&q, &k, &v, mask, 0.0, causal, self.scale, grouped).to_kind(out_kind)
+        let out = tch::Tensor::scaled_dot_product_attention(&q, &k, &v, mask, 0.0, causal, self.scale, grouped);
+        if out.kind() == out_kind {
+            out
+        } else {
+            out.to_kind(out_kind)
+        }
     }
 
     /// q, k, v and the mask as the kernel gets them: in the products' type, with a unit stride
@@ -212,13 +230,21 @@ mod tests {
             } else {
                 decomposed(q.clone(), k.clone(), v.clone(), &mask, scale)
             };
+            if fused {
+                // Autocast's type: the half type under mixed precision, else the inputs'.
+                let expected = matmul_dtype.map_or(burn::tensor::DType::F32, burn::tensor::DType::from);
+                assert_eq!(out.dtype(), expected, "the output's type");
+            }
+            let out = out.cast(FloatDType::F32);
             let grads = (out.clone() * weights.clone()).sum().backward();
             [out.inner(), q.grad(&grads).unwrap(), k.grad(&grads).unwrap(), v.grad(&grads).unwrap()]
         };
         let (fused, reference) = (run(true), run(false));
         // Inference (no autodiff) takes the same call.
         let inner_mask = AttentionMask::<LibTorch<f32>>::new(batch, 0, seq, spec, &device);
-        let inference = attention((q.inner(), k.inner(), v.inner()), &inner_mask, scale, matmul_dtype).unwrap_or_else(|_| panic!("fused"));
+        let inference = attention((q.inner(), k.inner(), v.inner()), &inner_mask, scale, matmul_dtype)
+            .unwrap_or_else(|_| panic!("fused"))
+            .cast(FloatDType::F32);
         assert!(max_relative(inference, fused[0].clone()) == 0.0, "inference and training give the same output");
         for (name, (a, b)) in ["out", "∂q", "∂k", "∂v"].iter().zip(fused.into_iter().zip(reference)) {
             let difference = max_relative(a, b);

@@ -96,4 +96,35 @@ mod tests {
             }
         }
     }
+
+    /// Only the inputs burn tracks are asked for a gradient (a frozen weight under LoRA; an
+    /// untracked input beside a trained weight), and each gradient reaches its own input.
+    #[test]
+    fn only_tracked_inputs_get_gradients_each_its_own() {
+        let device = burn::backend::libtorch::LibTorchDevice::Cpu;
+        let x = Tensor::<Train, 3>::random([2, 5, 12], Distribution::Normal(0.0, 2.0), &device);
+        let weight = Tensor::<Train, 1>::random([12], Distribution::Normal(0.0, 1.0), &device);
+        let upstream = Tensor::<Train, 3>::random([2, 5, 12], Distribution::Normal(0.0, 1.0), &device);
+        for (track_x, track_w) in [(true, false), (false, true)] {
+            let run = |fused: bool| {
+                let x = if track_x { x.clone().require_grad() } else { x.clone() };
+                let w = if track_w { weight.clone().require_grad() } else { weight.clone() };
+                let out = if fused {
+                    rms_norm(x.clone(), w.clone(), 1e-5).unwrap_or_else(|_| panic!("libtorch takes the fused path"))
+                } else {
+                    decomposed(x.clone(), w.clone(), 1e-5)
+                };
+                let grads = (out * upstream.clone()).sum().backward();
+                (x.grad(&grads), w.grad(&grads))
+            };
+            let ((dx, dw), (dx_ref, dw_ref)) = (run(true), run(false));
+            assert_eq!((dx.is_some(), dw.is_some()), (track_x, track_w), "gradients exactly for the tracked inputs");
+            if let (Some(dx), Some(dx_ref)) = (dx, dx_ref) {
+                assert!(max_relative(dx, dx_ref) <= 1e-5, "∂x with a frozen weight");
+            }
+            if let (Some(dw), Some(dw_ref)) = (dw, dw_ref) {
+                assert!(max_relative(dw, dw_ref) <= 1e-5, "∂w with an untracked input");
+            }
+        }
+    }
 }
