@@ -124,6 +124,15 @@ runner_for() {
     esac
 }
 
+# bench_train options a backend name's suffix asks for: `NAME@chunked-head`, the head and the
+# log-probabilities in chunks of tokens, never the full logits (`use_liger_kernel: true`; TRL
+# 1.16's SFTTrainer computes its loss and metrics with a fused head too).
+options_for() {
+    case "$1" in
+        *@chunked-head) echo "--chunked-head" ;;
+    esac
+}
+
 # Runs one measurement, sampling device memory, and appends its JSON line (plus the peak and
 # the wall time) to $RESULTS; a failure is recorded with the end of its output.
 measure() {
@@ -248,11 +257,12 @@ bench() {
         ours=(--gradient-checkpointing --chunked-head) torch=(--grad-checkpointing) tag=" lean"
     fi
     for backend in $OURS_BACKENDS; do
-        local runner
+        local runner options
         runner="$(runner_for "$backend")"
         [ -z "$runner" ] && continue
-        # shellcheck disable=SC2086 # the runner is `env VAR=... binary`
-        measure "ours $backend $shape $task s$seq b$batch$tag" $runner train --backend "${backend%@*}" "${common[@]}" "${ours[@]}"
+        options="$(options_for "$backend")"
+        # shellcheck disable=SC2086 # the runner is `env VAR=... binary`, the options words
+        measure "ours $backend $shape $task s$seq b$batch$tag" $runner train --backend "${backend%@*}" "${common[@]}" "${ours[@]}" $options
     done
     if [ "${NO_TORCH:-0}" != 1 ]; then
         measure "torch $shape $task s$seq b$batch$tag" "$PY" scripts/gpu/torch_baseline.py "${common[@]}" "${torch[@]}"
@@ -286,7 +296,7 @@ profile() {
         else
             runner="$(runner_for "$backend")"
             [ -z "$runner" ] && continue
-            runner="$runner train --backend $backend"
+            runner="$runner train --backend ${backend%@*} $(options_for "$backend")"
             case "$backend" in tch-*) file="$dir/$backend/trace.json" ;; *) file="$dir/$backend/cubecl.log" ;; esac
         fi
         say "profile $backend $name"
@@ -363,13 +373,15 @@ case "$PLAN" in
     tch)
         # The libtorch route alone against PyTorch (the first device session found burn-cuda's
         # CubeCL step wrong and its launches failing, while tch-cuda passed every check).
-        OURS_BACKENDS=tch-cuda-bf16 bench llama-3.2-1b sft 1024 4 1
+        # With the chunked head beside the full logits: the 1B step's loss passes over
+        # 4096 × 128256 logits are what the head's chunks avoid.
+        OURS_BACKENDS="tch-cuda-bf16 tch-cuda-bf16@chunked-head" bench llama-3.2-1b sft 1024 4 1
         OURS_BACKENDS=tch-cuda-bf16 bench smollm2-135m sft 1024 4 1
-        OURS_BACKENDS=tch-cuda-bf16 bench llama-3.2-1b dpo 1024 2 1
+        OURS_BACKENDS="tch-cuda-bf16 tch-cuda-bf16@chunked-head" bench llama-3.2-1b dpo 1024 2 1
         ;;
     tch-profile)
         # Where the libtorch route's 1B step goes against PyTorch's, then the longer sequence.
-        OURS_BACKENDS=tch-cuda-bf16 profile llama-3.2-1b sft 1024 4
+        OURS_BACKENDS="tch-cuda-bf16 tch-cuda-bf16@chunked-head" profile llama-3.2-1b sft 1024 4
         OURS_BACKENDS=tch-cuda-bf16 bench llama-3.2-1b sft 2048 2 1
         ;;
     profile)
