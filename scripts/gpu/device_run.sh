@@ -2,7 +2,7 @@
 # Runs ON THE GPU MACHINE (or, with DRY_RUN=1, here on the CPU): the prepared measurements of
 # issue #12 in one command, within a time budget, writing everything under $OUT.
 #
-#   bash scripts/gpu/device_run.sh [PLAN]        PLAN: first (default) | second | profile | tch | tch-profile | check | dry
+#   bash scripts/gpu/device_run.sh [PLAN]        PLAN: first (default) | second | profile | tch | tch-profile | check | cuda-bisect | dry
 #
 # Expects the staged folder (scripts/gpu/run.sh stage): $GPU_DIR/bin/bench_train or its .xz (built
 # with --features cuda), $GPU_DIR/bin/bench_train_tch (--features tch, linked against the device's
@@ -120,6 +120,12 @@ runner_for() {
         # `NAME@ops-logits`: the loss's passes over the logits by tensor operations instead of
         # their CubeCL kernels (objectives::logits_kernel).
         *@ops-logits) echo "env ALIGNMENT_LOGITS_KERNEL=0 $BIN" ;;
+        # `NAME@ops-steps`: attention and RMSNorm by burn's operations instead of the recorded
+        # steps written for GPU memory (models::blocked_attention, recorded_norm).
+        *@ops-steps) echo "env ALIGNMENT_GPU_STEPS=0 $BIN" ;;
+        # `NAME@plain`: every path of this project's own off at once (CubeCL's matmul, burn's
+        # operations for attention, norms, AdamW and the loss): burn-cuda as burn ships it.
+        *@plain) echo "env ALIGNMENT_CUBLAS=0 ALIGNMENT_SOFTMAX_KERNEL=0 ALIGNMENT_ADAMW_KERNEL=0 ALIGNMENT_LOGITS_KERNEL=0 ALIGNMENT_GPU_STEPS=0 $BIN" ;;
         *) echo "$BIN" ;;
     esac
 }
@@ -187,7 +193,7 @@ run_checks() {
         fi
         say "check $backend"
         # shellcheck disable=SC2086 # the runner is `env VAR=... binary`
-        timeout --signal=KILL 240 $runner check --backend "$backend" --reference "$GPU_DIR/reference" --report "$WORK/check-$backend.json" || say "check $backend: FAILED (exit $?)"
+        timeout --signal=KILL "${CHECK_TIMEOUT_S:-240}" $runner check --backend "${backend%@*}" --reference "$GPU_DIR/reference" --report "$WORK/check-$backend.json" || say "check $backend: FAILED (exit $?)"
     done
 }
 
@@ -338,6 +344,13 @@ case "$PLAN" in
         run_checks
         run_nccl
         ;;
+    cuda-bisect)
+        # burn-cuda failed its check on the first device session (f32 off by 1e0-1e3, bf16
+        # non-finite, then failed launches). The f32 check again with this project's own paths
+        # off all at once (`@plain`: burn-cuda as burn ships it), then one at a time, each in a
+        # process of its own, so that one bad path cannot poison the others' context.
+        CHECK_TIMEOUT_S=${CHECK_TIMEOUT_S:-60} CHECK_BACKENDS="cuda@plain cuda@cubecl cuda@ops-steps cuda@ops-softmax cuda@ops-logits cuda@ops-adamw cuda" run_checks
+        ;;
     first)
         run_checks
         run_nccl
@@ -396,7 +409,7 @@ case "$PLAN" in
         OURS_BACKENDS="$BF16" profile llama-3.2-1b dpo 1024 2
         ;;
     *)
-        echo "unknown plan $PLAN (first, second, profile, tch, tch-profile, check, dry)"
+        echo "unknown plan $PLAN (first, second, profile, tch, tch-profile, check, cuda-bisect, dry)"
         exit 2
         ;;
 esac

@@ -89,12 +89,15 @@ case "$cmd" in
         tree=$(git ls-files -z | xargs -0 du -cb | tail -1 | cut -f1)
         echo "staged .gpu/ ($((size / 1048576)) MiB; tracked tree $((tree / 1048576)) MiB; the device takes 64 MiB in all)" >&2
         cat <<EOF
-Device command (the device tool's run; ≤ 8 minutes, leaving time for a second run):
-  command:   OUT=\$OUT bash scripts/gpu/device_run.sh first
-  carry:     [".gpu"]
-  timeout_s: 500
-Second run if time is left: command 'OUT=\$OUT BUDGET_S=200 bash scripts/gpu/device_run.sh profile'
-with timeout_s 240 (kernel profiles: the 1B step, the 135M shape, DPO), or 'second' (more shapes).
+Device commands (the device tool's run, carry [".gpu"]; 15 minutes of device time in all,
+machine start and idle waits included), in the order the 2026-12-04 results ask for:
+  1. OUT=\$OUT BUDGET_S=230 WARMUP=1 STEPS=3 bash scripts/gpu/device_run.sh tch           timeout_s 260
+     (the libtorch route against PyTorch, full logits and chunked head: the predictions in
+     docs/performance.md, "The profile read again")
+  2. OUT=\$OUT BUDGET_S=200 WARMUP=1 bash scripts/gpu/device_run.sh tch-profile            timeout_s 230
+  3. OUT=\$OUT bash scripts/gpu/device_run.sh cuda-bisect                                 timeout_s 450
+     (where burn-cuda's wrong step comes from)
+'first' (checks, NCCL, GEMMs, every backend) spends most of its budget on burn-cuda's failures.
 Afterwards: bash scripts/gpu/run.sh report <files_at folder>, then docs/performance.md.
 EOF
         ;;
