@@ -267,6 +267,8 @@ bench() {
         runner="$(runner_for "$backend")"
         [ -z "$runner" ] && continue
         options="$(options_for "$backend")"
+        # LEAN runs take the chunked head already.
+        [ "${LEAN:-0}" = 1 ] && options="${options//--chunked-head/}"
         # shellcheck disable=SC2086 # the runner is `env VAR=... binary`, the options words
         measure "ours $backend $shape $task s$seq b$batch$tag" $runner train --backend "${backend%@*}" "${common[@]}" "${ours[@]}" $options
     done
