@@ -1,0 +1,104 @@
+#!/usr/bin/env python3
+"""Bytes a training step moves over vocabulary-sized tensors, counted from a libtorch trace.
+
+    python3 vocab_traffic.py --vocab 128256 PATH [PATH ...]
+
+Each PATH is a `trace.json` written by `bench_train train --profile` (ours on a `tch-*` backend)
+or `torch_baseline.py --profile` (PyTorch), on the CPU or a GPU: the operators are the same. For
+every operator that computes (no operator nested in it computes; views and allocations do not)
+and has an input whose last dimension is the vocabulary, the bytes of its inputs of a million
+elements or more are read and, unless it reduces, the largest of them written (`copy_`: its
+source read and its destination written; `fill_`/`zero_`: written only). The head's products
+are left out: both implementations run the same ones. What the loss and its statistics cost
+beyond the products, as memory traffic: docs/performance.md, "The profile read again".
+"""
+
+import argparse
+import collections
+import json
+
+# Operators that create views or allocate, never computing.
+VIEWS = {
+    "aten::as_strided", "aten::view", "aten::transpose", "aten::t", "aten::reshape", "aten::empty", "aten::empty_strided",
+    "aten::empty_like", "aten::detach", "detach", "aten::resolve_conj", "aten::resolve_neg", "aten::select", "aten::slice",
+    "aten::unsqueeze", "aten::narrow", "aten::expand", "aten::alias", "aten::_unsafe_view", "aten::permute", "aten::squeeze",
+    "aten::item", "aten::_local_scalar_dense", "aten::result_type", "aten::to", "aten::_reshape_alias", "aten::contiguous",
+    "aten::expand_as", "aten::view_as", "aten::unbind", "aten::split", "aten::chunk", "aten::clone", "aten::_to_copy",
+    "aten::zeros", "aten::zeros_like", "aten::ones_like", "aten::full", "aten::flatten", "aten::split_with_sizes",
+}
+REDUCTIONS = ("max", "min", "sum", "amax", "argmax", "mean", "logsumexp", "gather", "nll_loss", "all", "any")
+ELEMENT_BYTES = {"float": 4, "c10::BFloat16": 2, "c10::Half": 2, "double": 8, "long int": 8, "int": 4, "bool": 1}
+
+
+def computing_operators(path):
+    """The trace's operators that compute: none of the operators nested in them computes."""
+    with open(path) as f:
+        ops = [e for e in json.load(f)["traceEvents"] if e.get("cat") == "cpu_op" and e.get("ph") == "X"]
+    threads = collections.defaultdict(list)
+    for op in ops:
+        threads[op["tid"]].append(op)
+    out = []
+    for items in threads.values():
+        items.sort(key=lambda e: (e["ts"], -e["dur"]))
+        for i, op in enumerate(items):
+            end, j, nested = op["ts"] + op["dur"], i + 1, False
+            while j < len(items) and items[j]["ts"] < end:
+                if items[j]["name"] not in VIEWS:
+                    nested = True
+                    break
+                j += 1
+            if not nested and op["name"] not in VIEWS and "Backward" not in op["name"] and not op["name"].startswith(("autograd::", "Optimizer", "ProfilerStep")):
+                out.append(op)
+    return out
+
+
+def tensors(op):
+    """(elements, bytes) of each tensor input, in order."""
+    args = op.get("args", {})
+    out = []
+    for dims, kind in zip(args.get("Input Dims", []), args.get("Input type", [])):
+        if isinstance(dims, list) and dims and all(isinstance(x, int) for x in dims):
+            elements = 1
+            for x in dims:
+                elements *= x
+            out.append((dims, elements, elements * ELEMENT_BYTES.get(kind, 4)))
+    return out
+
+
+def traffic(path, vocab):
+    """(bytes read, bytes written, {operator: bytes}) over vocabulary-sized tensors."""
+    read = written = 0
+    per = collections.Counter()
+    for op in computing_operators(path):
+        inputs = tensors(op)
+        if "mm" in op["name"] or not any(dims[-1] == vocab for dims, _, _ in inputs):
+            continue
+        large = [b for _, n, b in inputs if n >= 1_000_000]
+        if op["name"] == "aten::copy_" and len(inputs) == 2:
+            r, w = inputs[1][2], inputs[0][2]
+        elif op["name"] in ("aten::fill_", "aten::zero_"):
+            r, w = 0, max(large, default=0)
+        else:
+            r = sum(large)
+            w = 0 if any(name in op["name"] for name in REDUCTIONS) else max(large, default=0)
+        read += r
+        written += w
+        per[op["name"]] += r + w
+    return read, written, per
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("traces", nargs="+")
+    p.add_argument("--vocab", type=int, required=True, help="the vocabulary size (the logits' last dimension)")
+    p.add_argument("--top", type=int, default=6)
+    args = p.parse_args()
+    for path in args.traces:
+        read, written, per = traffic(path, args.vocab)
+        print(f"{path}: {(read + written) / 1e6:.0f} MB over [..., {args.vocab}] tensors (read {read / 1e6:.0f}, written {written / 1e6:.0f})")
+        for name, total in per.most_common(args.top):
+            print(f"  {total / 1e6:8.0f} MB  {name}")
+
+
+if __name__ == "__main__":
+    main()
