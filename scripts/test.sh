@@ -7,7 +7,9 @@
 # (`--features tch`, built against the reference environment's torch by scripts/with_torch.sh;
 # SKIP_TCH=1 skips this part): its fused attention and RMSNorm (crates/models/src/tch_attention.rs,
 # tch_norm.rs) against burn's decompositions, the recorded steps (gate, half-type products,
-# log-probabilities of bf16 logits) against burn's operations in bf16, its fused AdamW step (crates/trainer/src/tch_adamw.rs)
+# log-probabilities of bf16 logits) against burn's operations in bf16, the loss's passes over the
+# logits as torch kernels (crates/objectives/src/tch_logits.rs) against burn's operations, the
+# torch tensors under burn's (crates/core/src/torch_storage.rs), its fused AdamW step (crates/trainer/src/tch_adamw.rs)
 # against the tensor formulation, its profiler (tch_profiler.rs: a trace naming the operators burn
 # issued), the same training-step check on torch's CPU kernels, and bf16 weights under an
 # offloaded f32 master copy on torch's bf16 backend (tests/offload_bf16.rs).
@@ -27,6 +29,7 @@ if [ "${SKIP_TCH:-0}" != 1 ]; then
     # are shared with the tests above.
     CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-target}" bash scripts/with_torch.sh bash -c '
         set -e
+        cargo test -p alignment-core --features tch --lib torch_storage
         cargo test -p alignment-models --features tch --lib tch_
         cargo test -p alignment-objectives --features tch --lib tch_
         cargo test -p alignment-trainer --features tch --lib tch_

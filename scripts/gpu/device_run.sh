@@ -103,10 +103,17 @@ if [ -x "$BIN_TCH" ]; then
 fi
 
 # The binary (with its library path) that runs backend `$1`: tch-* in bench_train_tch, the rest
-# in bench_train. Prints nothing when that binary was not staged.
+# in bench_train, with the switches its `@` suffix names. Prints nothing when that binary was
+# not staged.
 runner_for() {
+    local BIN="$BIN"
     case "$1" in
-        tch-*) [ -x "$BIN_TCH" ] && echo "env LD_LIBRARY_PATH=$TORCH_LIB:${LD_LIBRARY_PATH:-} $BIN_TCH" ;;
+        tch-*)
+            [ -x "$BIN_TCH" ] || return 0
+            BIN="env LD_LIBRARY_PATH=$TORCH_LIB:${LD_LIBRARY_PATH:-} $BIN_TCH"
+            ;;
+    esac
+    case "$1" in
         # `NAME@cubecl`: backend NAME with its products on CubeCL's matmul instead of cuBLAS;
         # `NAME@sync`: on cuBLAS ordered by host synchronisation instead of on CubeCL's stream.
         *@cubecl) echo "env ALIGNMENT_CUBLAS=0 $BIN" ;;
@@ -118,7 +125,7 @@ runner_for() {
         # (trainer::adamw_kernel).
         *@ops-adamw) echo "env ALIGNMENT_ADAMW_KERNEL=0 $BIN" ;;
         # `NAME@ops-logits`: the loss's passes over the logits by tensor operations instead of
-        # their CubeCL kernels (objectives::logits_kernel).
+        # their CubeCL kernels (objectives::logits_kernel) or torch's (objectives::tch_logits).
         *@ops-logits) echo "env ALIGNMENT_LOGITS_KERNEL=0 $BIN" ;;
         # `NAME@ops-steps`: attention and RMSNorm by burn's operations instead of the recorded
         # steps written for GPU memory (models::blocked_attention, recorded_norm).
@@ -389,8 +396,9 @@ case "$PLAN" in
         # The libtorch route alone against PyTorch (the first device session found burn-cuda's
         # CubeCL step wrong and its launches failing, while tch-cuda passed every check).
         # With the chunked head beside the full logits: the 1B step's loss passes over
-        # 4096 × 128256 logits are what the head's chunks avoid.
-        OURS_BACKENDS="tch-cuda-bf16 tch-cuda-bf16@chunked-head" bench llama-3.2-1b sft 1024 4 1
+        # 4096 × 128256 logits are what the head's chunks avoid; and those passes by burn's
+        # tensor operations (@ops-logits), as before tch_logits, in the same call.
+        OURS_BACKENDS="tch-cuda-bf16 tch-cuda-bf16@ops-logits tch-cuda-bf16@chunked-head" bench llama-3.2-1b sft 1024 4 1
         OURS_BACKENDS=tch-cuda-bf16 bench smollm2-135m sft 1024 4 1
         OURS_BACKENDS="tch-cuda-bf16 tch-cuda-bf16@chunked-head" bench llama-3.2-1b dpo 1024 2 1
         ;;

@@ -8,8 +8,17 @@ or `torch_baseline.py --profile` (PyTorch), on the CPU or a GPU: the operators a
 every operator that computes (no operator nested in it computes; views and allocations do not)
 and has an input whose last dimension is the vocabulary, the bytes of its inputs of a million
 elements or more are read and, unless it reduces, the largest of them written (`copy_`: its
-source read and its destination written; `fill_`/`zero_`: written only). The head's products
-are left out: both implementations run the same ones. What the loss and its statistics cost
+source read and its destination written; `fill_`/`zero_`: written only; `gather` and
+`nll_loss`: nothing vocabulary-sized, they read one element a row; a binary operator with
+an `out=` tensor, a third operand of the first's size: its inputs read and that tensor written;
+an in-place scatter: only its few scattered values, nothing vocabulary-sized). The head's
+products are left out: both implementations run the same ones; a batched product of rows
+`[rows, 1, vocab]` (a dot product per row, as the statistics' entropy) is a reduction, read
+only. Copies torch makes inside an operator that reads or writes another type than it computes
+in (`log_softmax(z_bf16, dtype=float)`, `mean(dtype=float)`, a product into a bf16 `out=`, a
+bf16 scatter) are counted, and their total printed apart: on the CPU torch converts through a
+temporary, on CUDA the same kernels convert as they read and write, so the total less them is
+what a GPU moves. What the loss and its statistics cost
 beyond the products, as memory traffic: docs/performance.md, "The profile read again".
 """
 
@@ -26,12 +35,20 @@ VIEWS = {
     "aten::expand_as", "aten::view_as", "aten::unbind", "aten::split", "aten::chunk", "aten::clone", "aten::_to_copy",
     "aten::zeros", "aten::zeros_like", "aten::ones_like", "aten::full", "aten::flatten", "aten::split_with_sizes",
 }
-REDUCTIONS = ("max", "min", "sum", "amax", "argmax", "mean", "logsumexp", "gather", "nll_loss", "all", "any")
+# Operators that reduce over the vocabulary, by their name without `aten::` (`softmax` is not `max`).
+REDUCTIONS = {"max", "min", "sum", "amax", "argmax", "mean", "logsumexp", "all", "any", "bmm"}
+# Operators that read one element a row, where the index or target says.
+PICKING = {"aten::gather", "aten::nll_loss", "aten::nll_loss_forward", "aten::nll_loss_nd"}
+# Operators whose CPU kernels convert through temporaries where CUDA's convert in the kernel.
+CONVERTING = {"aten::log_softmax", "aten::softmax", "aten::mean", "aten::sum", "aten::mul", "aten::scatter_"}
+# Binary operators, whose third tensor operand is an `out=` destination.
+BINARY = {"aten::mul", "aten::add", "aten::sub", "aten::div"}
 ELEMENT_BYTES = {"float": 4, "c10::BFloat16": 2, "c10::Half": 2, "double": 8, "long int": 8, "int": 4, "bool": 1}
 
 
 def computing_operators(path):
-    """The trace's operators that compute: none of the operators nested in them computes."""
+    """The trace's operators that compute (none of the operators nested in them computes), each
+    with the name of the outermost operator it is nested in (its own where none)."""
     with open(path) as f:
         ops = [e for e in json.load(f)["traceEvents"] if e.get("cat") == "cpu_op" and e.get("ph") == "X"]
     threads = collections.defaultdict(list)
@@ -40,7 +57,10 @@ def computing_operators(path):
     out = []
     for items in threads.values():
         items.sort(key=lambda e: (e["ts"], -e["dur"]))
+        outermost, outer_end = None, -1.0
         for i, op in enumerate(items):
+            if op["ts"] >= outer_end and not op["name"].startswith(("autograd::", "Optimizer", "ProfilerStep")):
+                outermost, outer_end = op["name"], op["ts"] + op["dur"]
             end, j, nested = op["ts"] + op["dur"], i + 1, False
             while j < len(items) and items[j]["ts"] < end:
                 if items[j]["name"] not in VIEWS:
@@ -48,7 +68,7 @@ def computing_operators(path):
                     break
                 j += 1
             if not nested and op["name"] not in VIEWS and "Backward" not in op["name"] and not op["name"].startswith(("autograd::", "Optimizer", "ProfilerStep")):
-                out.append(op)
+                out.append((op, outermost))
     return out
 
 
@@ -66,25 +86,36 @@ def tensors(op):
 
 
 def traffic(path, vocab):
-    """(bytes read, bytes written, {operator: bytes}) over vocabulary-sized tensors."""
-    read = written = 0
+    """(bytes read, bytes written, {operator: bytes}, bytes of the CPU's converting copies) over
+    vocabulary-sized tensors."""
+    read = written = converting = 0
     per = collections.Counter()
-    for op in computing_operators(path):
+    for op, outermost in computing_operators(path):
         inputs = tensors(op)
-        if "mm" in op["name"] or not any(dims[-1] == vocab for dims, _, _ in inputs):
+        if not any(dims[-1] == vocab for dims, _, _ in inputs):
+            continue
+        row_dot = op["name"] == "aten::bmm" and len(inputs[0][0]) == 3 and inputs[0][0][1] == 1
+        if "mm" in op["name"] and not row_dot:
             continue
         large = [b for _, n, b in inputs if n >= 1_000_000]
         if op["name"] == "aten::copy_" and len(inputs) == 2:
             r, w = inputs[1][2], inputs[0][2]
         elif op["name"] in ("aten::fill_", "aten::zero_"):
             r, w = 0, max(large, default=0)
+        elif op["name"] in BINARY and len(inputs) == 3 and inputs[2][0] == inputs[0][0]:
+            r, w = sum(b for _, n, b in inputs[:2] if n >= 1_000_000), inputs[2][2]
+        elif (op["name"].startswith("aten::scatter") and op["name"].endswith("_")) or op["name"] in PICKING:
+            r, w = 0, 0
         else:
             r = sum(large)
-            w = 0 if any(name in op["name"] for name in REDUCTIONS) else max(large, default=0)
+            w = 0 if op["name"].split("::")[-1] in REDUCTIONS else max(large, default=0)
         read += r
         written += w
-        per[op["name"]] += r + w
-    return read, written, per
+        if r + w:
+            per[op["name"]] += r + w
+        if op["name"] == "aten::copy_" and outermost in CONVERTING:
+            converting += r + w
+    return read, written, per, converting
 
 
 def main():
@@ -94,8 +125,10 @@ def main():
     p.add_argument("--top", type=int, default=6)
     args = p.parse_args()
     for path in args.traces:
-        read, written, per = traffic(path, args.vocab)
+        read, written, per, converting = traffic(path, args.vocab)
         print(f"{path}: {(read + written) / 1e6:.0f} MB over [..., {args.vocab}] tensors (read {read / 1e6:.0f}, written {written / 1e6:.0f})")
+        if converting:
+            print(f"  of which {converting / 1e6:.0f} MB copies inside converting operators (CPU only): {(read + written - converting) / 1e6:.0f} MB on a GPU")
         for name, total in per.most_common(args.top):
             print(f"  {total / 1e6:8.0f} MB  {name}")
 

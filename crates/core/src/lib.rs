@@ -18,5 +18,7 @@ pub mod fused_product;
 pub mod gemm;
 pub mod memory;
 pub mod precision;
+#[cfg(feature = "tch")]
+pub mod torch_storage;
 
 pub use atomic::{write_atomic, AtomicDir, IoError};

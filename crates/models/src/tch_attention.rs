@@ -37,13 +37,7 @@ pub(crate) type Qkv<B> = (Tensor<B, 4>, Tensor<B, 4>, Tensor<B, 4>);
 
 /// Whether `B` is a libtorch backend [`attention`] runs on (the others get their tensors back).
 pub(crate) fn applies<B: Backend>() -> bool {
-    [
-        TypeId::of::<LibTorch<f32>>(),
-        TypeId::of::<LibTorch<bf16>>(),
-        TypeId::of::<Autodiff<LibTorch<f32>>>(),
-        TypeId::of::<Autodiff<LibTorch<bf16>>>(),
-    ]
-    .contains(&TypeId::of::<B>())
+    alignment_core::torch_storage::is_libtorch::<B>()
 }
 
 /// `softmax(q kᵀ · scale + mask) v` as `[batch, heads, queries, d]` on the libtorch backends, in

@@ -24,7 +24,7 @@
 //! and the logits come back in the hidden states' type (f32), in which everything else runs.
 
 use crate::logprobs::{position_stats, ExtraStats, PositionStats, SequenceLogps, ShiftedTargets, TokenStats};
-use crate::token_logps::token_logps;
+use crate::token_logps::{token_logps, token_logps_and_stats};
 use alignment_core::backend::transposes_activations_in_products;
 use alignment_core::gemm::matmul;
 use burn::tensor::backend::{AutodiffBackend, Backend};
@@ -95,11 +95,12 @@ pub fn chunked_sequence_logps_with<B: Backend>(
         // Every label set's ids as `[1, c, sets]`: one logsumexp and one pass for all of them
         // (the kernels of `token_logps` where the backend has them).
         let ids = flat_targets.iter().map(|(safe, _)| safe.clone().narrow(0, start, end - start).reshape([1, end - start])).collect();
-        let (logp, lse) = token_logps(logits.clone(), Tensor::stack::<3>(ids, 2));
+        let (logp, lse, chunk_stats) = token_logps_and_stats(logits.clone(), Tensor::stack::<3>(ids, 2), extra);
         for (set, picked) in picked.iter_mut().enumerate() {
             picked.push(logp.clone().narrow(2, set, 1).reshape([end - start]));
         }
-        stats.push(position_stats(logits, lse, extra)); // [1, c] each
+        // [1, c] each; from the forward pass's own reading of the logits where it computes them.
+        stats.push(chunk_stats.unwrap_or_else(|| position_stats(logits, lse, extra)));
     }
     let joined = |parts: Vec<Tensor<B, 1>>| Tensor::cat(parts, 0).reshape([rows, seq]);
     let stats = TokenStats::from_positions(PositionStats::cat(stats).reshape([rows, seq]));

@@ -69,6 +69,8 @@ pub mod logprobs;
 pub mod metrics;
 pub mod orpo;
 pub mod sft;
+#[cfg(feature = "tch")]
+mod tch_logits;
 mod token_logps;
 
 pub use chunked::{chunk_tokens_for, chunked_logps_backward, chunked_sequence_logps, chunked_sequence_logps_with, HeadGradients};

@@ -27,7 +27,7 @@
 //! detached copy of the logits, outside the autodiff graph, and so is the one statistic only some
 //! losses ask for ([`ExtraStats`]: WPO's `log Σ_v p_v²`).
 
-use crate::token_logps::token_logps;
+use crate::token_logps::{token_logps, token_logps_and_stats};
 use alignment_core::backend::{retype, visit_autodiff, AutodiffVisitor};
 use alignment_core::precision::{cast_to, float_type};
 use burn::backend::Autodiff;
@@ -172,8 +172,11 @@ pub fn sequence_logps_with<B: Backend>(
     }
     // Every label set in one recorded step, whose backward pass is the softmax's own.
     let targets: Vec<ShiftedTargets<B>> = label_sets.into_iter().map(ShiftedTargets::new).collect();
-    let (token_logps, lse) = token_logps(logits.clone(), stacked_ids(&targets));
-    let stats = TokenStats::new(logits.detach(), lse, extra);
+    let (token_logps, lse, stats) = token_logps_and_stats(logits.clone(), stacked_ids(&targets), extra);
+    let stats = match stats {
+        Some(stats) => TokenStats::from_positions(stats),
+        None => TokenStats::new(logits.detach(), lse, extra),
+    };
     targets
         .iter()
         .enumerate()
@@ -195,7 +198,8 @@ fn stacked_ids<B: Backend>(targets: &[ShiftedTargets<B>]) -> Tensor<B, 3, Int> {
 /// Who computes the passes over the logits, for any number of label sets (the
 /// log-probabilities, their gradient and the statistics) when training on `Autodiff<I>`, for
 /// reports: `"kernel"` on burn's fused CubeCL backends (`logits_kernel.rs`), `"cpu passes"` on
-/// the CPU backend with f32 logits (`cpu_logits.rs`), `"tensor ops"` elsewhere or with
+/// the CPU backend with f32 logits (`cpu_logits.rs`), `"torch kernels"` on the libtorch backends
+/// (`tch_logits.rs`), `"tensor ops"` elsewhere or with
 /// `ALIGNMENT_LOGITS_KERNEL=0`.
 pub fn logits_route<I: Backend>() -> &'static str {
     if !logits_kernels_enabled() {
@@ -208,6 +212,10 @@ pub fn logits_route<I: Backend>() -> &'static str {
     #[cfg(feature = "ndarray")]
     if std::any::TypeId::of::<I>() == std::any::TypeId::of::<burn::backend::NdArray<f32>>() {
         return "cpu passes";
+    }
+    #[cfg(feature = "tch")]
+    if alignment_core::torch_storage::is_libtorch::<I>() {
+        return "torch kernels";
     }
     "tensor ops"
 }
@@ -410,6 +418,10 @@ pub(crate) fn position_stats<B: Backend>(logits: Tensor<B, 3>, lse: Tensor<B, 3>
     }
     #[cfg(feature = "ndarray")]
     if let Some(stats) = crate::cpu_logits::position_stats(&logits, &lse, extra.log_sum_sq_probs) {
+        return stats;
+    }
+    #[cfg(feature = "tch")]
+    if let Some(stats) = crate::tch_logits::position_stats(&logits, extra, STATS_CHUNK_ELEMENTS) {
         return stats;
     }
     match visit_autodiff::<B, _>(StatsOnInner { logits, lse, extra }) {

@@ -26,7 +26,7 @@
 //! exist whole, and the values are those of casting the logits to f32 first: each row's
 //! arithmetic is the same.
 
-use crate::logprobs::{logsumexp_vocab, position_runs, STATS_CHUNK_ELEMENTS};
+use crate::logprobs::{logsumexp_vocab, position_runs, ExtraStats, PositionStats, STATS_CHUNK_ELEMENTS};
 use alignment_core::backend::{retype, visit_autodiff, AutodiffVisitor};
 use alignment_core::precision::{cast_to, float_type};
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
@@ -43,32 +43,56 @@ use burn::tensor::{backend::Backend, DType, IndexingUpdateOp, Int, Tensor, Tenso
 /// the logits' type. `targets` must lie in `0..vocab` (ignored positions gathered at a safe id
 /// and masked by the caller).
 pub(crate) fn token_logps<B: Backend>(logits: Tensor<B, 3>, targets: Tensor<B, 3, Int>) -> (Tensor<B, 3>, Tensor<B, 3>) {
-    token_logps_in_runs(logits, targets, STATS_CHUNK_ELEMENTS)
+    let (logp, lse, _) = token_logps_in_runs(logits, targets, STATS_CHUNK_ELEMENTS, None);
+    (logp, lse)
 }
 
-/// [`token_logps`] reading half-type logits in runs of positions of at most `run_elements`
-/// elements each.
-fn token_logps_in_runs<B: Backend>(logits: Tensor<B, 3>, targets: Tensor<B, 3, Int>, run_elements: usize) -> (Tensor<B, 3>, Tensor<B, 3>) {
-    match visit_autodiff::<B, _>(Recorded { logits, targets, run_elements }) {
+/// [`token_logps`] and, where the backend's route computes them in the same pass over the
+/// logits (libtorch's, `tch_logits.rs`), the per-position statistics `stats` asks for: `None`
+/// where the caller computes them with `logprobs::position_stats`.
+pub(crate) fn token_logps_and_stats<B: Backend>(logits: Tensor<B, 3>, targets: Tensor<B, 3, Int>, stats: ExtraStats) -> Forward<B> {
+    token_logps_in_runs(logits, targets, STATS_CHUNK_ELEMENTS, Some(stats))
+}
+
+/// `(logp, lse, statistics)`: what the forward pass returns.
+type Forward<B> = (Tensor<B, 3>, Tensor<B, 3>, Option<PositionStats<B>>);
+
+/// [`token_logps_and_stats`] reading half-type logits in runs of positions of at most
+/// `run_elements` elements each.
+fn token_logps_in_runs<B: Backend>(
+    logits: Tensor<B, 3>,
+    targets: Tensor<B, 3, Int>,
+    run_elements: usize,
+    stats: Option<ExtraStats>,
+) -> Forward<B> {
+    match visit_autodiff::<B, _>(Recorded { logits, targets, run_elements, stats }) {
         Ok(out) => out,
-        Err(Recorded { logits, targets, run_elements }) => {
-            let (logp, lse) = forward(logits, targets, run_elements);
-            (logp, lse.detach())
+        Err(Recorded { logits, targets, run_elements, stats }) => {
+            let (logp, lse, stats) = forward(logits, targets, run_elements, stats);
+            (logp, lse.detach(), stats)
         }
     }
 }
 
-/// `(z[y] − lse, lse)` by burn's operations, in the backend's own type: the forward pass of both
-/// paths. Logits of another type are cast per run of positions for the logsumexp.
-fn forward<B: Backend>(logits: Tensor<B, 3>, targets: Tensor<B, 3, Int>, run_elements: usize) -> (Tensor<B, 3>, Tensor<B, 3>) {
+/// `(z[y] − lse, lse, statistics where computed)` in the backend's own type: the forward pass
+/// of both paths. Through burn's operations, logits of another type are cast per run of
+/// positions for the logsumexp, and no statistics are computed.
+fn forward<B: Backend>(logits: Tensor<B, 3>, targets: Tensor<B, 3, Int>, run_elements: usize, stats: Option<ExtraStats>) -> Forward<B> {
+    #[cfg(feature = "tch")]
+    let (logits, targets) = match crate::tch_logits::forward(logits, targets, run_elements, stats) {
+        Ok(out) => return out,
+        Err(inputs) => inputs,
+    };
+    #[cfg(not(feature = "tch"))]
+    let _ = stats;
     #[cfg(any(feature = "cuda", feature = "wgpu"))]
     let (logits, targets) = match crate::logits_kernel::forward(logits, targets) {
-        Ok(logp_and_lse) => return logp_and_lse,
+        Ok((logp, lse)) => return (logp, lse, None),
         Err(inputs) => inputs,
     };
     #[cfg(feature = "ndarray")]
     let (logits, targets) = match crate::cpu_logits::forward(logits, targets) {
-        Ok(logp_and_lse) => return logp_and_lse,
+        Ok((logp, lse)) => return (logp, lse, None),
         Err(inputs) => inputs,
     };
     let wide = float_type::<B>();
@@ -80,7 +104,7 @@ fn forward<B: Backend>(logits: Tensor<B, 3>, targets: Tensor<B, 3, Int>, run_ele
         Tensor::cat(parts, 1)
     };
     let picked = cast_to(logits.gather(2, targets), wide);
-    (picked - lse.clone(), lse)
+    (picked - lse.clone(), lse, None)
 }
 
 /// The recorded step, run on the autodiff backend's inner backend.
@@ -88,10 +112,11 @@ struct Recorded<B: Backend> {
     logits: Tensor<B, 3>,
     targets: Tensor<B, 3, Int>,
     run_elements: usize,
+    stats: Option<ExtraStats>,
 }
 
 impl<B: Backend> AutodiffVisitor for Recorded<B> {
-    type Output = (Tensor<B, 3>, Tensor<B, 3>);
+    type Output = Forward<B>;
 
     fn visit<I: Backend>(self) -> Self::Output {
         let logits: Tensor<Autodiff<I>, 3> = retype(self.logits);
@@ -99,7 +124,7 @@ impl<B: Backend> AutodiffVisitor for Recorded<B> {
         let z = logits.into_primitive().tensor();
         let targets = Tensor::<I, 3, Int>::from_primitive(targets.into_primitive());
         let inner = Tensor::<I, 3>::from_primitive(TensorPrimitive::Float(z.primitive.clone()));
-        let (logp, lse) = forward(inner, targets.clone(), self.run_elements);
+        let (logp, lse, stats) = forward(inner, targets.clone(), self.run_elements, self.stats);
         let logp = logp.into_primitive().tensor();
         let backward = TokenLogpsBackward { run_elements: self.run_elements };
         let prepared = <TokenLogpsBackward as Backward<I, 1>>::prepare::<NoCheckpointing>(backward, [z.node.clone()]);
@@ -111,7 +136,10 @@ impl<B: Backend> AutodiffVisitor for Recorded<B> {
             OpsKind::UnTracked(prep) => prep.finish(logp),
         };
         let logp = Tensor::<Autodiff<I>, 3>::from_primitive(TensorPrimitive::Float(logp));
-        (retype(logp), retype(Tensor::<Autodiff<I>, 3>::from_inner(lse)))
+        let stats = stats.map(|s| {
+            s.map_tensors(|t| retype(Tensor::<Autodiff<I>, 2>::from_inner(t)), |t| retype(Tensor::<Autodiff<I>, 2, Int>::from_inner(t)))
+        });
+        (retype(logp), retype(Tensor::<Autodiff<I>, 3>::from_inner(lse)), stats)
     }
 }
 
@@ -141,6 +169,14 @@ impl<I: Backend> Backward<I, 1> for TokenLogpsBackward {
             (Tensor::<I, 3>::from_primitive(TensorPrimitive::Float(logits)), Tensor::<I, 3>::from_primitive(TensorPrimitive::Float(lse)));
         let grad = Tensor::<I, 3>::from_primitive(TensorPrimitive::Float(grad));
         let targets = Tensor::<I, 3, Int>::from_primitive(targets);
+        #[cfg(feature = "tch")]
+        let logits = match crate::tch_logits::backward(logits, &grad, &targets, self.run_elements) {
+            Ok(dz) => {
+                grads.register::<I>(node.id, dz.into_primitive().tensor());
+                return;
+            }
+            Err(logits) => logits,
+        };
         #[cfg(any(feature = "cuda", feature = "wgpu"))]
         let logits = match crate::logits_kernel::backward(logits, &lse, &grad, &targets) {
             Ok(dz) => {
@@ -266,7 +302,10 @@ mod tests {
         let run = |run_elements: Option<usize>| {
             let z = logits.clone().require_grad();
             let (logp, lse) = match run_elements {
-                Some(n) => token_logps_in_runs(z.clone(), targets.clone(), n),
+                Some(n) => {
+                    let (logp, lse, _) = token_logps_in_runs(z.clone(), targets.clone(), n, None);
+                    (logp, lse)
+                }
                 None => token_logps(z.clone().cast(float_type::<I>()), targets.clone()),
             };
             let grads = (logp.clone() * weights.clone()).sum().backward();
