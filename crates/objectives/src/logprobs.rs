@@ -25,7 +25,8 @@
 //!
 //! The per-token diagnostics TRL logs (mean logit, entropy, top-1 accuracy) are computed from a
 //! detached copy of the logits, outside the autodiff graph, and so is the one statistic only some
-//! losses ask for ([`ExtraStats`]: WPO's `log Σ_v p_v²`).
+//! losses ask for ([`ExtraStats`]: WPO's `log Σ_v p_v²`); on libtorch, from the forward pass's
+//! own log-probabilities, in the same reading of the logits (`tch_logits.rs`).
 
 use crate::token_logps::{token_logps, token_logps_and_stats};
 use alignment_core::backend::{retype, visit_autodiff, AutodiffVisitor};

@@ -1,6 +1,7 @@
-//! The loss's passes over the logits on the libtorch backends as torch's own kernels, run by run
-//! of positions (at most [`STATS_CHUNK_ELEMENTS`](crate::logprobs::STATS_CHUNK_ELEMENTS) logits each) — libtorch's counterpart of
-//! `logits_kernel.rs` and `cpu_logits.rs`:
+//! The loss's passes over the logits on the libtorch backends as torch's own kernels, over runs
+//! of whole rows (positions) of at most
+//! [`STATS_CHUNK_ELEMENTS`](crate::logprobs::STATS_CHUNK_ELEMENTS) logits each — libtorch's
+//! counterpart of `logits_kernel.rs` and `cpu_logits.rs`:
 //!
 //! ```text
 //! forward     logp = log_softmax(z) in f32         picked logpᵏ = logp[yᵏ]        reads z (half) once
@@ -63,10 +64,25 @@ fn compute_kind(kind: Kind) -> Kind {
 /// statistics when asked for)`, in the backend's own float type.
 pub(crate) type Forward<B> = (Tensor<B, 3>, Tensor<B, 3>, Option<PositionStats<B>>);
 
+/// `[batch, seq, n]` as `[batch · seq, n]` rows: a view of contiguous tensors (the head's
+/// product), a contiguous copy otherwise.
+fn rows(t: &tch::Tensor) -> tch::Tensor {
+    let last = *t.size().last().expect("a tensor with dimensions");
+    t.reshape([-1, last])
+}
+
+/// Consecutive runs of at most `run_elements` logits (one row at least) over `rows` rows of
+/// `vocab`: each run a contiguous block of whole rows, so torch's softmax kernels, which want
+/// contiguous input, read it in place (a run of positions across the batch would be strided
+/// and copied first).
+fn row_runs(rows: usize, vocab: usize, run_elements: usize) -> Vec<std::ops::Range<usize>> {
+    position_runs([1, rows, vocab], run_elements)
+}
+
 /// `logp`, `lse` and (when `stats` asks) the per-position statistics of `targets` `[batch, seq,
 /// sets]` under `logits` `[batch, seq, vocab]` of a libtorch backend (or its autodiff, untracked),
-/// from one `log_softmax` per run of positions of at most `run_elements` logits; the inputs
-/// back on any other backend. Targets must lie in `0..vocab`.
+/// from one `log_softmax` per run of at most `run_elements` logits; the inputs back on any
+/// other backend. Targets must lie in `0..vocab`.
 #[allow(clippy::type_complexity)]
 pub(crate) fn forward<B: Backend>(
     logits: Tensor<B, 3>,
@@ -74,55 +90,58 @@ pub(crate) fn forward<B: Backend>(
     run_elements: usize,
     stats: Option<ExtraStats>,
 ) -> Result<Forward<B>, (Tensor<B, 3>, Tensor<B, 3, Int>)> {
-    if targets.dims()[2] == 0 || !applies(&logits) {
+    let sets = targets.dims()[2];
+    if sets == 0 || !applies(&logits) {
         return Err((logits, targets));
     }
-    let dims = logits.dims();
+    let [batch, seq, vocab] = logits.dims();
     let (Some(z), Some(y)) = (float_storage(logits.clone()), int_storage(targets.clone())) else { return Err((logits, targets)) };
     let wide = kind_of(float_type::<B>());
-    let (z, y) = (z.tensor, y.tensor);
+    let (z, y) = (rows(&z.tensor), rows(&y.tensor));
     let compute = compute_kind(z.kind());
     let (mut logp, mut lse, mut parts) = (Vec::new(), Vec::new(), Vec::new());
     tch::no_grad(|| {
-        for run in position_runs(dims, run_elements) {
+        for run in row_runs(batch * seq, vocab, run_elements) {
             let (start, len) = (run.start as i64, run.len() as i64);
-            let (z_run, y_run) = (z.narrow(1, start, len), y.narrow(1, start, len));
+            let (z_run, y_run) = (z.narrow(0, start, len), y.narrow(0, start, len));
             let logp_run = z_run.log_softmax(-1, compute);
-            logp.push(logp_run.gather(2, &y_run, false));
+            logp.push(logp_run.gather(1, &y_run, false));
             // Any column gives the logsumexp, `z[y] − log p(y)`: the first label set's.
-            let first = y_run.narrow(2, 0, 1);
-            lse.push(z_run.gather(2, &first, false).to_kind(compute) - logp_run.gather(2, &first, false));
+            let first = y_run.narrow(1, 0, 1);
+            lse.push(z_run.gather(1, &first, false).to_kind(compute) - logp_run.gather(1, &first, false));
             if let Some(extra) = stats {
                 parts.push(run_statistics(&z_run, &logp_run, extra, compute));
             }
         }
     });
-    let joined = |parts: Vec<tch::Tensor>| from_float_storage::<B, 3>(TchTensor::new(tch::Tensor::cat(&parts, 1).to_kind(wide)));
-    let stats = stats.map(|_| statistics_tensors::<B>(parts, [dims[0], dims[1]], wide));
-    Ok((joined(logp), joined(lse), stats))
+    let joined = |parts: Vec<tch::Tensor>, last: usize| {
+        let t = tch::Tensor::cat(&parts, 0).reshape([batch as i64, seq as i64, last as i64]).to_kind(wide);
+        from_float_storage::<B, 3>(TchTensor::new(t))
+    };
+    let stats = stats.map(|_| statistics_tensors::<B>(parts, [batch, seq], wide));
+    Ok((joined(logp, sets), joined(lse, 1), stats))
 }
 
 /// The per-position statistics of `logits` (detached) of a libtorch backend, from one
-/// `log_softmax` per run of positions; `None` on any other backend.
+/// `log_softmax` per run of at most `run_elements` logits; `None` on any other backend.
 pub(crate) fn position_stats<B: Backend>(logits: &Tensor<B, 3>, extra: ExtraStats, run_elements: usize) -> Option<PositionStats<B>> {
     if !applies(logits) {
         return None;
     }
-    let dims = logits.dims();
-    let z = float_storage(logits.clone())?.tensor;
+    let [batch, seq, vocab] = logits.dims();
+    let z = rows(&float_storage(logits.clone())?.tensor);
     let compute = compute_kind(z.kind());
     let parts = tch::no_grad(|| {
-        let runs = position_runs(dims, run_elements);
         let run = |run: std::ops::Range<usize>| {
-            let z_run = z.narrow(1, run.start as i64, run.len() as i64);
+            let z_run = z.narrow(0, run.start as i64, run.len() as i64);
             run_statistics(&z_run, &z_run.log_softmax(-1, compute), extra, compute)
         };
-        runs.into_iter().map(run).collect()
+        row_runs(batch * seq, vocab, run_elements).into_iter().map(run).collect()
     });
-    Some(statistics_tensors::<B>(parts, [dims[0], dims[1]], kind_of(float_type::<B>())))
+    Some(statistics_tensors::<B>(parts, [batch, seq], kind_of(float_type::<B>())))
 }
 
-/// One run's statistics, `[batch, run]` each.
+/// One run's statistics, `[rows]` each.
 struct RunStatistics {
     mean_logit: tch::Tensor,
     entropy: tch::Tensor,
@@ -130,11 +149,10 @@ struct RunStatistics {
     log_sum_sq_probs: Option<tch::Tensor>,
 }
 
-/// One run's mean logit, entropy, argmax and (when asked) `log Σ p²`, from its logits and their
-/// f32 log-probabilities.
+/// One run's mean logit, entropy, argmax and (when asked) `log Σ p²`, from its `[rows, vocab]`
+/// logits and their f32 log-probabilities.
 fn run_statistics(z: &tch::Tensor, logp: &tch::Tensor, extra: ExtraStats, compute: Kind) -> RunStatistics {
-    let [batch, run, vocab] = <[i64; 3]>::try_from(z.size()).expect("[batch, run, vocab] logits");
-    let rows = batch * run;
+    let [rows, vocab] = <[i64; 2]>::try_from(z.size()).expect("[rows, vocab] logits");
     let p = logp.exp();
     // Σ_v p·logp and Σ_v p·p per row as [rows, 1, vocab] × [rows, vocab, 1] products: each
     // operand read once, nothing vocabulary-sized written.
@@ -142,15 +160,15 @@ fn run_statistics(z: &tch::Tensor, logp: &tch::Tensor, extra: ExtraStats, comput
     let column = |t: &tch::Tensor| t.reshape([rows, vocab, 1]);
     RunStatistics {
         mean_logit: z.mean_dim(-1, false, compute),
-        entropy: -row(&p).bmm(&column(logp)).reshape([batch, run]),
+        entropy: -row(&p).bmm(&column(logp)).reshape([rows]),
         argmax: z.argmax(-1, false),
-        log_sum_sq_probs: extra.log_sum_sq_probs.then(|| row(&p).bmm(&column(&p)).log().reshape([batch, run])),
+        log_sum_sq_probs: extra.log_sum_sq_probs.then(|| row(&p).bmm(&column(&p)).log().reshape([rows])),
     }
 }
 
-/// The runs' statistics joined along the positions as `B`'s tensors (floats in `wide`).
+/// The runs' statistics joined (in row order) as `[batch, seq]` tensors of `B` (floats in `wide`).
 fn statistics_tensors<B: Backend>(parts: Vec<RunStatistics>, [batch, seq]: [usize; 2], wide: Kind) -> PositionStats<B> {
-    let join = |pieces: Vec<&tch::Tensor>| tch::Tensor::cat(&pieces, 1).reshape([batch as i64, seq as i64]);
+    let join = |pieces: Vec<&tch::Tensor>| tch::Tensor::cat(&pieces, 0).reshape([batch as i64, seq as i64]);
     let float = |t: tch::Tensor| from_float_storage::<B, 2>(TchTensor::new(t.to_kind(wide)));
     let with_sum_sq = parts.first().is_some_and(|p| p.log_sum_sq_probs.is_some());
     PositionStats {
@@ -163,7 +181,8 @@ fn statistics_tensors<B: Backend>(parts: Vec<RunStatistics>, [batch, seq]: [usiz
 
 /// `∂z` for `token_logps`' backward pass (`grad` and `targets` `[batch, seq, sets]`), in the
 /// logits' type, written over `logits` of a libtorch backend (over a new tensor where another
-/// handle holds them), one run of positions at a time; the logits back on any other backend.
+/// handle holds them or they are not contiguous), one run of rows at a time; the logits back
+/// on any other backend.
 pub(crate) fn backward<B: Backend>(
     logits: Tensor<B, 3>,
     grad: &Tensor<B, 3>,
@@ -173,27 +192,33 @@ pub(crate) fn backward<B: Backend>(
     if targets.dims()[2] == 0 || !applies(&logits) {
         return Err(logits);
     }
-    let dims = logits.dims();
+    let [batch, seq, vocab] = logits.dims();
     let (Some(g), Some(y)) = (float_storage(grad.clone()), int_storage(targets.clone())) else { return Err(logits) };
     // Moved, not cloned: this step's handle may be the logits' only one.
     let Some(z) = float_storage(logits) else { unreachable!("a libtorch backend, checked by applies") };
-    let (y, compute) = (y.tensor, compute_kind(z.tensor.kind()));
-    let g = g.tensor.to_kind(compute);
-    let out = if z.can_mut() { z.tensor.shallow_clone() } else { z.tensor.empty_like() };
+    let compute = compute_kind(z.tensor.kind());
+    let (y, g) = (rows(&y.tensor), rows(&g.tensor).to_kind(compute));
+    let out = if z.can_mut() && z.tensor.is_contiguous() {
+        z.tensor.shallow_clone()
+    } else {
+        tch::Tensor::empty(z.tensor.size(), (z.tensor.kind(), z.tensor.device()))
+    };
+    let (z_rows, out_rows) = (rows(&z.tensor), rows(&out));
     tch::no_grad(|| {
-        for run in position_runs(dims, run_elements) {
+        for run in row_runs(batch * seq, vocab, run_elements) {
             let (start, len) = (run.start as i64, run.len() as i64);
-            let (z_run, y_run, g_run) = (z.tensor.narrow(1, start, len), y.narrow(1, start, len), g.narrow(1, start, len));
+            let (z_run, y_run, g_run) = (z_rows.narrow(0, start, len), y.narrow(0, start, len), g.narrow(0, start, len));
             let p = z_run.softmax(-1, compute);
-            let neg_total = -g_run.sum_dim_intlist(-1, true, compute); // [batch, run, 1]
-                                                                       // At each labelled id, the gradients of every label set naming it: Σⱼ [yⱼ = yₖ] ∂logpⱼ.
-            let same = y_run.unsqueeze(-1).eq_tensor(&y_run.unsqueeze(-2)).to_kind(compute); // [batch, run, sets, sets]
+            // [rows, 1]
+            let neg_total = -g_run.sum_dim_intlist(-1, true, compute);
+            // At each labelled id, the gradients of every label set naming it: Σⱼ [yⱼ = yₖ] ∂logpⱼ.
+            let same = y_run.unsqueeze(-1).eq_tensor(&y_run.unsqueeze(-2)).to_kind(compute); // [rows, sets, sets]
             let named = same.matmul(&g_run.unsqueeze(-1)).squeeze_dim(-1);
-            let labelled = named + &neg_total * p.gather(2, &y_run, false);
-            let mut out_run = out.narrow(1, start, len);
+            let labelled = named + &neg_total * p.gather(1, &y_run, false);
+            let mut out_run = out_rows.narrow(0, start, len);
             // After the softmax read z_run: the product may overwrite it.
             let _ = p.mul_out(&out_run, &neg_total);
-            let _ = out_run.scatter_(2, &y_run, &labelled.to_kind(out_run.kind()));
+            let _ = out_run.scatter_(1, &y_run, &labelled.to_kind(out_run.kind()));
         }
     });
     Ok(from_float_storage(TchTensor::from_existing(out, z.storage)))
@@ -308,7 +333,15 @@ mod tests {
                 "∂logp · (1 − p) of a near-certain token: {certain} vs {certain_ref}"
             );
             assert_eq!(z.clone().into_data(), kept, "the caller's logits are unchanged");
-            // Unshared: written over the logits.
+            // The same logits stored transposed ([vocab, seq] in memory), the only handle: the
+            // same gradient, into a new tensor (the runs read contiguous rows of a copy).
+            let stored = Tensor::<Torch, 3>::from_data(z.clone().swap_dims(1, 2).into_data(), &device);
+            let transposed = if half { stored.cast(FloatDType::BF16) } else { stored }.swap_dims(1, 2);
+            let before = address(&transposed);
+            let dz_transposed = backward(transposed, &grad, &targets, 1200).expect("libtorch");
+            assert_ne!(address(&dz_transposed), before, "not written over strided logits");
+            assert_eq!(dz_transposed.cast(FloatDType::F32).into_data(), dz.clone().into_data());
+            // Unshared and contiguous: written over the logits.
             let before = address(&z);
             let dz_in_place = backward(z, &grad, &targets, 1200).expect("libtorch");
             assert_eq!(address(&dz_in_place), before, "written in place");

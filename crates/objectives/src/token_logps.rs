@@ -25,6 +25,11 @@
 //! type, over the logits' own rows. The kept logits are the half-type ones, the f32 logits never
 //! exist whole, and the values are those of casting the logits to f32 first: each row's
 //! arithmetic is the same.
+//!
+//! Where a backend has passes of its own they replace the tensor operations on both sides of
+//! the step: CubeCL kernels (`logits_kernel.rs`), threaded CPU passes (`cpu_logits.rs`), torch's
+//! `log_softmax`/`softmax` on libtorch (`tch_logits.rs`, which also returns the statistics from
+//! the forward pass's own log-probabilities: [`token_logps_and_stats`]).
 
 use crate::logprobs::{logsumexp_vocab, position_runs, ExtraStats, PositionStats, STATS_CHUNK_ELEMENTS};
 use alignment_core::backend::{retype, visit_autodiff, AutodiffVisitor};
