@@ -397,7 +397,10 @@ case "$PLAN" in
         # CubeCL step wrong and its launches failing, while tch-cuda passed every check).
         # With the chunked head beside the full logits: the 1B step's loss passes over
         # 4096 × 128256 logits are what the head's chunks avoid; and those passes by burn's
-        # tensor operations (@ops-logits), as before tch_logits, in the same call.
+        # tensor operations (@ops-logits), as before tch_logits, in the same call. First the
+        # libtorch checks (≈ 2 s each): tch_logits and the chunked head's second pass (the
+        # check's lean cases) have changed since they last ran on a GPU.
+        CHECK_BACKENDS="tch-cuda tch-cuda-bf16" run_checks
         OURS_BACKENDS="tch-cuda-bf16 tch-cuda-bf16@ops-logits tch-cuda-bf16@chunked-head" bench llama-3.2-1b sft 1024 4 1
         OURS_BACKENDS=tch-cuda-bf16 bench smollm2-135m sft 1024 4 1
         OURS_BACKENDS="tch-cuda-bf16 tch-cuda-bf16@chunked-head" bench llama-3.2-1b dpo 1024 2 1

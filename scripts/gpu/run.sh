@@ -92,8 +92,9 @@ case "$cmd" in
 Device commands (the device tool's run, carry [".gpu"]; 15 minutes of device time in all,
 machine start and idle waits included), in the order the 2026-12-04 results ask for:
   1. OUT=\$OUT BUDGET_S=230 WARMUP=1 STEPS=3 bash scripts/gpu/device_run.sh tch           timeout_s 260
-     (the libtorch route against PyTorch, full logits and chunked head: the predictions in
-     docs/performance.md, "The profile read again")
+     (the libtorch checks, then the libtorch route against PyTorch, full logits and chunked
+     head: the predictions in docs/performance.md, "The profile read again", "The loss's passes
+     over the logits as torch kernels" and "The chunked head: half-type logits, ...")
   2. OUT=\$OUT BUDGET_S=200 WARMUP=1 bash scripts/gpu/device_run.sh tch-profile            timeout_s 230
   3. OUT=\$OUT bash scripts/gpu/device_run.sh cuda-bisect                                 timeout_s 450
      (where burn-cuda's wrong step comes from)

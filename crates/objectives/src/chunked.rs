@@ -1,8 +1,8 @@
 //! Log-probabilities from the final hidden states and the head weight, a chunk of tokens at a
 //! time, so the `[rows, seq, vocab]` logits never exist at once — in the forward pass or kept
 //! for the backward pass (Liger's fused linear cross-entropy, torchtune's chunked CE). With a
-//! 128k vocabulary a 4 × 2048-token micro-batch has 4 GB of f32 logits; a chunk of 256 tokens
-//! has 128 MB.
+//! 128k vocabulary a 4 × 2048-token micro-batch has 2 GB of bf16 logits; a chunk of 261 tokens
+//! has 64 MiB (2048, a trained head's: 512 MiB).
 //!
 //! Every objective here differentiates only through the per-row sums `Σ_t log p(label_t)` of
 //! one or more label sets ([`SequenceLogps::sum`]), so the work splits into two passes:
@@ -11,40 +11,68 @@
 //! pass 1 (no graph)   for each chunk c:  z_c = h_c Wᵀ  →  log p(label), entropy, argmax, mean logit
 //!                     → SequenceLogps per label set, identical to sequence_logps(full logits)
 //! loss                the objective on those sums (made leaves by the caller) → ∂L/∂sum per row
-//! pass 2 (per chunk)  z_c = h_c Wᵀ again; s = Σ_sets Σ_t ∂L/∂sum[row(t)] · log p(label_t);
-//!                     backward of s alone → ∂h_c, ∂W_c   (the chunk's logits are then dropped)
+//! pass 2 (per chunk)  z_c = h_c Wᵀ again;  g_t = Σ_sets ∂L/∂sum[row(t)]  (0 where unscored);
+//!                     ∂z_c = Σ_sets g_t · onehot(label_t) − (Σ_sets g_t) · softmax(z_c)   over z_c
+//!                     ∂h_c = ∂z_c W            ∂W += ∂z_cᵀ h_c       (the chunk's logits then dropped)
 //! ```
 //!
-//! Pass 2 recomputes one head matmul per chunk (the price of never storing logits). The
-//! projection is computed as `(W hᵀ)ᵀ`, the model's own `layers::project`, so chunked and full
-//! logits are the same products.
+//! Pass 2 recomputes one head product per chunk (the price of never storing logits) and writes
+//! the logits' gradient straight from them: the softmax's own backward pass
+//! (`token_logps::logits_gradient_in_runs`), with no forward values and no graph. The
+//! projection is the model's own arrangement (`layers::project`: `(W hᵀ)ᵀ` on the CPU backend),
+//! so chunked and full logits are the same products.
 //!
 //! Mixed precision: the products run in the head weight's type. A caller that computes in bf16
 //! passes the weight cast once (not once per chunk); each chunk of hidden states is cast to it,
-//! and the logits come back in the hidden states' type (f32), in which everything else runs.
+//! and the logits stay in that type, as the full head gives them
+//! (`CausalLm::project_in_product_type`): the loss's passes read them in runs cast to f32, and
+//! the logits' gradient is written in their type. `∂h` comes back in the hidden states' type,
+//! `∂W` accumulated over the chunks in it too (f32): each chunk's product, `[vocab, hidden]`,
+//! added to the sum as it comes (on libtorch read in its own type by one in-place add).
+//!
+//! The weight's gradient is what makes small chunks dear: each chunk adds a `[vocab, hidden]`
+//! product to the sum (≈ 12 B a weight moved), where its logits cost ≈ 42 B a logit over both
+//! passes. [`chunk_tokens_for_head`] therefore gives a trained head chunks of at least `hidden`
+//! tokens (the sums then cost at most ≈ 30 % of the logits' own traffic).
 
-use crate::logprobs::{position_stats, ExtraStats, PositionStats, SequenceLogps, ShiftedTargets, TokenStats};
-use crate::token_logps::{token_logps, token_logps_and_stats};
+use crate::logprobs::{position_stats, ExtraStats, PositionStats, SequenceLogps, ShiftedTargets, TokenStats, STATS_CHUNK_ELEMENTS};
+use crate::token_logps::{logits_gradient_in_runs, token_logps_and_stats};
 use alignment_core::backend::transposes_activations_in_products;
 use alignment_core::gemm::matmul;
-use burn::tensor::backend::{AutodiffBackend, Backend};
+use alignment_core::precision::cast_to;
+use burn::tensor::backend::Backend;
 use burn::tensor::{FloatDType, Int, Tensor};
 
 /// Tokens per chunk that keep one chunk's logits near `budget_values` values (at least 64):
-/// e.g. 2²⁵ values (128 MiB in f32) is 256 tokens of a 128k vocabulary.
+/// e.g. 2²⁵ values (64 MiB in bf16) is 261 tokens of a 128k vocabulary.
 pub fn chunk_tokens_for(vocab: usize, budget_values: usize) -> usize {
     (budget_values / vocab.max(1)).max(64)
 }
 
+/// [`chunk_tokens_for`], and when the head weight is trained at least `hidden` tokens: each
+/// chunk adds its `[vocab, hidden]` weight gradient to the sum, ≈ 12 B a weight moved against
+/// ≈ 42 B a logit for the chunk's logits over both passes, so chunks of `hidden` tokens keep
+/// the sums under ≈ 30 % of the logits' traffic (Llama-3.2-1B: 2048 tokens a chunk, 512 MiB of
+/// bf16 logits, where 256-token chunks would move 3.4× the logits' bytes in sums).
+pub fn chunk_tokens_for_head(vocab: usize, hidden: usize, head_trained: bool, budget_values: usize) -> usize {
+    let by_budget = chunk_tokens_for(vocab, budget_values);
+    if head_trained {
+        by_budget.max(hidden)
+    } else {
+        by_budget
+    }
+}
+
 /// `h Wᵀ` for `h: [n, hidden]`, `W: [vocab, hidden]`, arranged like the model's head
 /// (`(W hᵀ)ᵀ` on the CPU backend, row-major logits elsewhere:
-/// [`transposes_activations_in_products`]), in `W`'s type; the logits in `h`'s.
+/// [`transposes_activations_in_products`]), in `W`'s type, `h` cast to it.
 fn project<B: Backend>(h: Tensor<B, 2>, weight: Tensor<B, 2>) -> Tensor<B, 2> {
-    let out = h.dtype();
-    let h = h.cast(FloatDType::from(weight.dtype()));
-    let logits =
-        if transposes_activations_in_products::<B>() { matmul(weight, h.transpose()).transpose() } else { matmul(h, weight.transpose()) };
-    logits.cast(FloatDType::from(out))
+    let h = cast_to(h, FloatDType::from(weight.dtype()));
+    if transposes_activations_in_products::<B>() {
+        matmul(weight, h.transpose()).transpose()
+    } else {
+        matmul(h, weight.transpose())
+    }
 }
 
 /// The flattened shifted targets of each label set: gatherable ids and the scored mask, `[n]`.
@@ -128,25 +156,28 @@ type TokenWeights<B> = (Tensor<B, 1, Int>, Tensor<B, 1>);
 
 /// Pass 2: the gradients of `Σ_sets Σ_rows upstream[set][row] · sum[set][row]` (the sums of
 /// [`chunked_sequence_logps`]) with respect to `hidden` and, if `weight_grad`, the head
-/// `weight`, recomputing each chunk's logits on the autodiff backend `B` and differentiating
-/// the chunk alone. `hidden`, `weight` and `upstream` (`[rows]` per label set, typically
-/// `∂loss/∂sum`) are values of `B`'s inner backend; the products run in `weight`'s type and both
-/// gradients come back in `hidden`'s.
-pub fn chunked_logps_backward<B: AutodiffBackend>(
-    hidden: Tensor<B::InnerBackend, 3>,
-    weight: Tensor<B::InnerBackend, 2>,
+/// `weight`, recomputing each chunk's logits and writing their gradient directly (no graph).
+/// `upstream` is `[rows]` per label set, typically `∂loss/∂sum`; the products run in `weight`'s
+/// type and both gradients come back in `hidden`'s.
+pub fn chunked_logps_backward<B: Backend>(
+    hidden: Tensor<B, 3>,
+    weight: Tensor<B, 2>,
     weight_grad: bool,
-    label_sets: Vec<Tensor<B::InnerBackend, 2, Int>>,
-    upstream: Vec<Tensor<B::InnerBackend, 1>>,
+    label_sets: Vec<Tensor<B, 2, Int>>,
+    upstream: Vec<Tensor<B, 1>>,
     chunk_tokens: usize,
-) -> HeadGradients<B::InnerBackend> {
+) -> HeadGradients<B> {
     assert_eq!(label_sets.len(), upstream.len(), "one upstream gradient per label set");
     let [rows, seq, width] = hidden.dims();
     let n = rows * seq;
+    let wide = FloatDType::from(hidden.dtype());
     let flat = hidden.reshape([n, width]);
-    let targets: Vec<ShiftedTargets<B::InnerBackend>> = label_sets.into_iter().map(ShiftedTargets::new).collect();
+    if label_sets.is_empty() {
+        return HeadGradients { hidden: flat.zeros_like().reshape([rows, seq, width]), weight: None };
+    }
+    let targets: Vec<ShiftedTargets<B>> = label_sets.into_iter().map(ShiftedTargets::new).collect();
     // Per token: its row's upstream gradient where scored, 0 elsewhere.
-    let token_weights: Vec<TokenWeights<B::InnerBackend>> = targets
+    let token_weights: Vec<TokenWeights<B>> = targets
         .iter()
         .zip(upstream)
         .map(|(t, up)| {
@@ -154,38 +185,53 @@ pub fn chunked_logps_backward<B: AutodiffBackend>(
             (t.safe.clone().reshape([n]), per_token.reshape([n]))
         })
         .collect();
-    let w = Tensor::<B, 2>::from_inner(weight);
-    let w = if weight_grad { w.require_grad() } else { w };
     let mut hidden_grads = Vec::new();
-    let mut weight_total: Option<Tensor<B::InnerBackend, 2>> = None;
+    let mut weight_total: Option<Tensor<B, 2>> = None;
     let chunk = chunk_tokens.max(1);
     for start in (0..n).step_by(chunk) {
         let end = (start + chunk).min(n);
-        let h = Tensor::<B, 2>::from_inner(flat.clone().slice([start..end, 0..width])).require_grad();
-        let logits = project(h.clone(), w.clone()).unsqueeze_dim::<3>(0);
-        if token_weights.is_empty() {
-            break;
-        }
-        // The chunk's ids and weights of every label set as `[1, c, sets]`: one recorded step.
+        let h = cast_to(flat.clone().slice([start..end, 0..width]), FloatDType::from(weight.dtype()));
+        let logits = project(h.clone(), weight.clone()).unsqueeze_dim::<3>(0);
+        // The chunk's ids and weights of every label set as `[1, c, sets]`.
         let shape = [1, end - start];
-        let ids = token_weights
-            .iter()
-            .map(|(safe, _)| Tensor::<B, 2, Int>::from_inner(safe.clone().narrow(0, start, end - start).reshape(shape)));
-        let weights = token_weights.iter().map(|(_, w)| Tensor::<B, 2>::from_inner(w.clone().narrow(0, start, end - start).reshape(shape)));
-        let (ids, weights) = (ids.collect(), weights.collect());
-        let (logp, _) = token_logps(logits, Tensor::stack::<3>(ids, 2));
-        let grads = (logp * Tensor::stack::<3>(weights, 2)).sum().backward();
-        hidden_grads.push(h.grad(&grads).expect("the chunk's hidden states are a leaf that requires grad"));
+        let ids = token_weights.iter().map(|(safe, _)| safe.clone().narrow(0, start, end - start).reshape(shape)).collect();
+        let weights = token_weights.iter().map(|(_, w)| w.clone().narrow(0, start, end - start).reshape(shape)).collect();
+        let dz = logits_gradient_in_runs(logits, None, Tensor::stack::<3>(weights, 2), Tensor::stack::<3>(ids, 2), STATS_CHUNK_ELEMENTS);
+        let dz = dz.squeeze_dim::<2>(0);
+        // Both products with a row-major right operand, which every backend reads in place.
+        hidden_grads.push(cast_to(matmul(dz.clone(), weight.clone()), wide));
         if weight_grad {
-            let g = w.grad(&grads).expect("the head weight is a leaf that requires grad").cast(FloatDType::from(flat.dtype()));
+            let part = matmul(dz.transpose(), h);
             weight_total = Some(match weight_total {
-                Some(acc) => acc + g,
-                None => g,
+                Some(sum) => add_widened(sum, part),
+                None => cast_to(part, wide),
             });
         }
     }
-    let hidden = if hidden_grads.is_empty() { flat.zeros_like() } else { Tensor::cat(hidden_grads, 0) };
-    HeadGradients { hidden: hidden.reshape([rows, seq, width]), weight: weight_total }
+    HeadGradients { hidden: Tensor::cat(hidden_grads, 0).reshape([rows, seq, width]), weight: weight_total }
+}
+
+/// `sum + part`, `part` (the products' type) widened to `sum`'s: on libtorch one in-place add
+/// that reads `part` in its own type (CUDA's kernels convert as they read), elsewhere a cast and
+/// an add.
+fn add_widened<B: Backend>(sum: Tensor<B, 2>, part: Tensor<B, 2>) -> Tensor<B, 2> {
+    #[cfg(feature = "tch")]
+    if alignment_core::torch_storage::is_libtorch::<B>() && sum.dtype() != part.dtype() {
+        use alignment_core::torch_storage::{float_storage, from_float_storage};
+        use burn::backend::libtorch::TchTensor;
+        let (Some(total), Some(part)) = (float_storage(sum), float_storage(part)) else { unreachable!("a libtorch backend") };
+        let total = tch::no_grad(|| {
+            if total.can_mut() {
+                let _ = total.tensor.shallow_clone().f_add_(&part.tensor).expect("a sum and a part of one shape");
+                total
+            } else {
+                TchTensor::new(&total.tensor + &part.tensor)
+            }
+        });
+        return from_float_storage(total);
+    }
+    let wide = FloatDType::from(sum.dtype());
+    sum + cast_to(part, wide)
 }
 
 #[cfg(test)]
@@ -266,10 +312,75 @@ mod tests {
         let grads = objective.backward();
         let (dh, dw) = (h.grad(&grads).unwrap(), w.grad(&grads).unwrap());
         for chunk in [1, 5, 64] {
-            let got = chunked_logps_backward::<CpuAutodiff>(hidden.clone(), weight.clone(), true, sets.clone(), upstream.clone(), chunk);
+            let got = chunked_logps_backward::<Cpu>(hidden.clone(), weight.clone(), true, sets.clone(), upstream.clone(), chunk);
             let eh = relative(&values(got.hidden), &values(dh.clone()));
             let ew = relative(&values(got.weight.unwrap()), &values(dw.clone()));
             assert!(eh <= 1e-6 && ew <= 1e-6, "chunk {chunk}: ∂h {eh}, ∂W {ew}");
         }
+    }
+
+    /// A head weight in another type than the hidden states (bf16 under mixed precision; f64
+    /// stands for it on the CPU backend): the chunked gradients equal autodiff through the full
+    /// logits computed in the weight's type, as `CausalLm::project_in_product_type` gives them,
+    /// within `tolerance`; both come back in the hidden states' type. Returns the comparisons.
+    fn mixed_type_chunks_equal_the_full_logits<I: Backend>(device: &I::Device, product: FloatDType, tolerance: f64) -> usize {
+        type A<I> = burn::backend::Autodiff<I>;
+        let (hidden, weight, sets) = setup();
+        let to = |t: Tensor<Cpu, 2>| Tensor::<I, 2>::from_data(t.into_data(), device);
+        let [rows, seq, width] = hidden.dims();
+        let vocab = weight.dims()[0];
+        let hidden = to(hidden.reshape([rows * seq, width])).reshape([rows, seq, width]);
+        let weight = to(weight).cast(product);
+        let sets: Vec<Tensor<I, 2, Int>> = sets.into_iter().map(|s| Tensor::from_data(s.into_data(), device)).collect();
+        let upstream: Vec<Tensor<I, 1>> =
+            vec![Tensor::from_floats([0.5, -1.0, 2.0], device), Tensor::from_floats([-0.25, 0.75, 1.5], device)];
+        let h = Tensor::<A<I>, 3>::from_inner(hidden.clone()).require_grad();
+        let w = Tensor::<A<I>, 2>::from_inner(weight.clone()).require_grad();
+        let logits = project(h.clone().reshape([rows * seq, width]), w.clone()).reshape([rows, seq, vocab]);
+        let ad_sets = sets.iter().map(|s| Tensor::<A<I>, 2, Int>::from_inner(s.clone())).collect();
+        let full = crate::logprobs::sequence_logps_many(logits, ad_sets);
+        let objective =
+            full.iter().zip(&upstream).map(|(s, u)| (s.sum.clone() * Tensor::from_inner(u.clone())).sum()).reduce(|a, b| a + b).unwrap();
+        let grads = objective.backward();
+        let wide = |t: Tensor<I, 2>| t.cast(FloatDType::F32).into_data().into_vec::<f32>().unwrap();
+        let dh = wide(h.grad(&grads).unwrap().reshape([rows * seq, width]));
+        let dw = wide(w.grad(&grads).unwrap());
+        let mut compared = 0;
+        for chunk in [4, 64] {
+            let got = chunked_logps_backward::<I>(hidden.clone(), weight.clone(), true, sets.clone(), upstream.clone(), chunk);
+            let dw_got = got.weight.unwrap();
+            assert_eq!(got.hidden.dtype(), hidden.dtype(), "∂h in the hidden states' type");
+            assert_eq!(dw_got.dtype(), hidden.dtype(), "∂W summed in the hidden states' type");
+            let eh = relative(&wide(got.hidden.reshape([rows * seq, width])), &dh);
+            let ew = relative(&wide(dw_got), &dw);
+            assert!(eh <= tolerance && ew <= tolerance, "chunk {chunk}: ∂h {eh:e}, ∂W {ew:e}");
+            compared += 2;
+        }
+        compared
+    }
+
+    #[test]
+    fn a_weight_of_another_type_gives_the_full_logits_gradients() {
+        assert_eq!(mixed_type_chunks_equal_the_full_logits::<Cpu>(&Default::default(), FloatDType::F64, 1e-6), 4);
+    }
+
+    /// On libtorch in bf16: the logits' gradient by torch's kernels, each chunk's weight gradient
+    /// added to the f32 sum in place; the products are rounded to bf16 per chunk, not once.
+    #[cfg(feature = "tch")]
+    #[test]
+    fn tch_bf16_chunks_give_the_full_logits_gradients() {
+        let device = burn::backend::libtorch::LibTorchDevice::Cpu;
+        let compared = mixed_type_chunks_equal_the_full_logits::<alignment_core::backend::Torch>(&device, FloatDType::BF16, 5e-3);
+        assert_eq!(compared, 4);
+    }
+
+    #[test]
+    fn a_trained_head_gets_chunks_of_at_least_its_hidden_size() {
+        // Llama-3.2-1B: 2²⁵ values are 261 tokens of its 128256-token vocabulary.
+        assert_eq!(chunk_tokens_for_head(128_256, 2048, false, 1 << 25), 261);
+        assert_eq!(chunk_tokens_for_head(128_256, 2048, true, 1 << 25), 2048);
+        // SmolLM2-135M: 682 tokens by the budget, more than its 576 hidden.
+        assert_eq!(chunk_tokens_for_head(49_152, 576, true, 1 << 25), 682);
+        assert_eq!(chunk_tokens_for_head(1 << 30, 8, false, 1 << 25), 64, "at least 64 tokens");
     }
 }

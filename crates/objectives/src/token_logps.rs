@@ -174,53 +174,60 @@ impl<I: Backend> Backward<I, 1> for TokenLogpsBackward {
             (Tensor::<I, 3>::from_primitive(TensorPrimitive::Float(logits)), Tensor::<I, 3>::from_primitive(TensorPrimitive::Float(lse)));
         let grad = Tensor::<I, 3>::from_primitive(TensorPrimitive::Float(grad));
         let targets = Tensor::<I, 3, Int>::from_primitive(targets);
-        #[cfg(feature = "tch")]
-        let logits = match crate::tch_logits::backward(logits, &grad, &targets, self.run_elements) {
-            Ok(dz) => {
-                grads.register::<I>(node.id, dz.into_primitive().tensor());
-                return;
-            }
-            Err(logits) => logits,
-        };
-        #[cfg(any(feature = "cuda", feature = "wgpu"))]
-        let logits = match crate::logits_kernel::backward(logits, &lse, &grad, &targets) {
-            Ok(dz) => {
-                grads.register::<I>(node.id, dz.into_primitive().tensor());
-                return;
-            }
-            Err(logits) => logits,
-        };
-        #[cfg(feature = "ndarray")]
-        let logits = match crate::cpu_logits::backward(logits, &lse, &grad, &targets) {
-            Ok(dz) => {
-                grads.register::<I>(node.id, dz.into_primitive().tensor());
-                return;
-            }
-            Err(logits) => logits,
-        };
-        let wide = float_type::<I>();
-        if logits.dtype() == DType::from(wide) {
-            let dz = logits_gradient(logits, lse, grad, targets);
-            grads.register::<I>(node.id, dz.into_primitive().tensor());
-            return;
-        }
-        // Half-type logits: each run's gradient computed in the wide type and written, rounded
-        // to the logits' type, over the run's own rows (in place: this step holds the only handle).
-        let half = logits.dtype().into();
-        let [batch, _, vocab] = logits.dims();
-        let mut dz = logits;
-        for run in position_runs(dz.dims(), self.run_elements) {
-            let rows = |t: Tensor<I, 3>| t.narrow(1, run.start, run.len());
-            let part = logits_gradient(
-                cast_to(rows(dz.clone()), wide),
-                rows(lse.clone()),
-                rows(grad.clone()),
-                targets.clone().narrow(1, run.start, run.len()),
-            );
-            dz = dz.slice_assign([0..batch, run.clone(), 0..vocab], cast_to(part, half));
-        }
+        let dz = logits_gradient_in_runs(logits, Some(lse), grad, targets, self.run_elements);
         grads.register::<I>(node.id, dz.into_primitive().tensor());
     }
+}
+
+/// `∂z` of `Σ grad · logp` for the log-probabilities [`token_logps`] gives of `targets` under
+/// `logits` (all `[batch, seq, ·]`, no graph): the recorded step's backward pass, and the chunked
+/// head's second pass, which needs no forward values. In the logits' type, written over the
+/// logits where the backend can (their handle unique); half-type logits are read in runs of at
+/// most `run_elements` elements. `lse` is the logits' logsumexp `[batch, seq, 1]` where known;
+/// the routes that need it compute it when not.
+pub(crate) fn logits_gradient_in_runs<I: Backend>(
+    logits: Tensor<I, 3>,
+    lse: Option<Tensor<I, 3>>,
+    grad: Tensor<I, 3>,
+    targets: Tensor<I, 3, Int>,
+    run_elements: usize,
+) -> Tensor<I, 3> {
+    #[cfg(feature = "tch")]
+    let logits = match crate::tch_logits::backward(logits, &grad, &targets, run_elements) {
+        Ok(dz) => return dz,
+        Err(logits) => logits,
+    };
+    let lse = lse.unwrap_or_else(|| forward(logits.clone(), targets.clone(), run_elements, None).1);
+    #[cfg(any(feature = "cuda", feature = "wgpu"))]
+    let logits = match crate::logits_kernel::backward(logits, &lse, &grad, &targets) {
+        Ok(dz) => return dz,
+        Err(logits) => logits,
+    };
+    #[cfg(feature = "ndarray")]
+    let logits = match crate::cpu_logits::backward(logits, &lse, &grad, &targets) {
+        Ok(dz) => return dz,
+        Err(logits) => logits,
+    };
+    let wide = float_type::<I>();
+    if logits.dtype() == DType::from(wide) {
+        return logits_gradient(logits, lse, grad, targets);
+    }
+    // Half-type logits: each run's gradient computed in the wide type and written, rounded
+    // to the logits' type, over the run's own rows (in place where this holds the only handle).
+    let half = logits.dtype().into();
+    let [batch, _, vocab] = logits.dims();
+    let mut dz = logits;
+    for run in position_runs(dz.dims(), run_elements) {
+        let rows = |t: Tensor<I, 3>| t.narrow(1, run.start, run.len());
+        let part = logits_gradient(
+            cast_to(rows(dz.clone()), wide),
+            rows(lse.clone()),
+            rows(grad.clone()),
+            targets.clone().narrow(1, run.start, run.len()),
+        );
+        dz = dz.slice_assign([0..batch, run.clone(), 0..vocab], cast_to(part, half));
+    }
+    dz
 }
 
 /// `∂z = Σₖ ∂logpᵏ · onehot(yᵏ) − (Σₖ ∂logpᵏ) · softmax(z)` for logits `z` and their

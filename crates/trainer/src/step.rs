@@ -30,7 +30,7 @@
 use crate::task::Task;
 use alignment_models::CausalLm;
 use alignment_objectives::logprobs::sequence_logps_with;
-use alignment_objectives::{chunk_tokens_for, chunked_logps_backward, chunked_sequence_logps_with, DeferredMetrics, SequenceLogps};
+use alignment_objectives::{chunk_tokens_for_head, chunked_logps_backward, chunked_sequence_logps_with, DeferredMetrics, SequenceLogps};
 use burn::module::AutodiffModule;
 use burn::optim::{GradientsAccumulator, GradientsParams};
 use burn::tensor::backend::{AutodiffBackend, Backend};
@@ -49,8 +49,9 @@ pub struct StepOptions {
     pub dropout_seed: u64,
 }
 
-/// Logits per head chunk with `use_liger_kernel` (2²⁵ values, 128 MiB in f32): 256 tokens of a
-/// 128k vocabulary, 682 of SmolLM2's 49k.
+/// Logits per head chunk with `use_liger_kernel` (2²⁵ values, 64 MiB in bf16): 261 tokens of a
+/// 128k vocabulary, 682 of SmolLM2's 49k — at least `hidden_size` tokens where the head is
+/// trained ([`chunk_tokens_for_head`]).
 pub const HEAD_CHUNK_VALUES: usize = 1 << 25;
 
 impl StepOptions {
@@ -62,7 +63,9 @@ impl StepOptions {
     pub fn for_model<B: Backend>(model: &CausalLm<B>, gradient_checkpointing: bool, chunked_head: bool) -> Self {
         StepOptions {
             gradient_checkpointing: gradient_checkpointing || model.has_quantized_layers(),
-            head_chunk_tokens: chunked_head.then(|| chunk_tokens_for(model.config.vocab_size, HEAD_CHUNK_VALUES)),
+            head_chunk_tokens: chunked_head.then(|| {
+                chunk_tokens_for_head(model.config.vocab_size, model.config.hidden_size, head_is_trainable(model), HEAD_CHUNK_VALUES)
+            }),
             dropout_seed: 0,
         }
     }
@@ -141,7 +144,7 @@ pub fn forward_backward<B: AutodiffBackend, T: Task>(
             let (loss, metrics) = task.loss_from_logps(tracked, examples, device);
             let loss_grads = loss.mul_scalar(scale).backward();
             let upstream = leaves.iter().map(|leaf| leaf.grad(&loss_grads).unwrap_or_else(|| leaf.clone().inner().zeros_like())).collect();
-            let head = chunked_logps_backward::<B>(hidden_values, weight, head_is_trainable(model), label_sets, upstream, chunk);
+            let head = chunked_logps_backward(hidden_values, weight, head_is_trainable(model), label_sets, upstream, chunk);
             if let Some(grad) = head.weight {
                 add_head_gradient(model, grad, accumulator);
             }
@@ -206,12 +209,12 @@ fn on_autodiff<B: AutodiffBackend>(logps: SequenceLogps<B::InnerBackend>, leaf: 
 }
 
 /// Whether the embedding is trained.
-fn embedding_is_trainable<B: AutodiffBackend>(model: &CausalLm<B>) -> bool {
+fn embedding_is_trainable<B: Backend>(model: &CausalLm<B>) -> bool {
     model.embed_compressed.as_ref().map_or(model.embed_tokens.is_require_grad(), |c| c.is_trainable())
 }
 
 /// Whether the head weight (`lm_head`, or the tied embedding) is trained.
-fn head_is_trainable<B: AutodiffBackend>(model: &CausalLm<B>) -> bool {
+fn head_is_trainable<B: Backend>(model: &CausalLm<B>) -> bool {
     match &model.lm_head {
         Some(head) => head.compressed.as_ref().map_or(head.weight.is_require_grad(), |c| c.is_trainable()),
         None => embedding_is_trainable(model),
