@@ -208,7 +208,8 @@ pub fn chunked_logps_backward<B: Backend>(
             });
         }
     }
-    HeadGradients { hidden: Tensor::cat(hidden_grads, 0).reshape([rows, seq, width]), weight: weight_total }
+    let hidden = if hidden_grads.is_empty() { flat.zeros_like() } else { Tensor::cat(hidden_grads, 0) };
+    HeadGradients { hidden: hidden.reshape([rows, seq, width]), weight: weight_total }
 }
 
 /// `sum + part`, `part` (the products' type) widened to `sum`'s: on libtorch one in-place add
