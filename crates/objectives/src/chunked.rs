@@ -18,7 +18,9 @@
 //!
 //! Pass 2 recomputes one head product per chunk (the price of never storing logits) and writes
 //! the logits' gradient straight from them: the softmax's own backward pass
-//! (`token_logps::logits_gradient_in_runs`), with no forward values and no graph. The
+//! (`token_logps::logits_gradient_in_runs`), with no graph. On libtorch that reads the logits
+//! alone; the other backends' backward passes take the logsumexp, which is recomputed from the
+//! chunk (pass 1's is not kept). The
 //! projection is the model's own arrangement (`layers::project`: `(W hᵀ)ᵀ` on the CPU backend),
 //! so chunked and full logits are the same products.
 //!
@@ -240,7 +242,7 @@ mod tests {
     use super::*;
     use crate::logprobs::sequence_logps_with;
     use crate::IGNORE_INDEX;
-    use alignment_core::backend::{Cpu, CpuAutodiff};
+    use alignment_core::backend::Cpu;
     use burn::tensor::{Distribution, TensorData};
 
     fn relative(a: &[f32], b: &[f32]) -> f64 {
@@ -295,36 +297,17 @@ mod tests {
         }
     }
 
-    #[test]
-    fn chunked_gradients_equal_autodiff_through_the_full_logits() {
-        let (hidden, weight, sets) = setup();
-        let [rows, seq, width] = hidden.dims();
-        let vocab = weight.dims()[0];
-        let upstream: Vec<Tensor<Cpu, 1>> =
-            vec![Tensor::from_floats([0.5, -1.0, 2.0], &Default::default()), Tensor::from_floats([-0.25, 0.75, 1.5], &Default::default())];
-        // Reference: autodiff through the full logits.
-        let h = Tensor::<CpuAutodiff, 3>::from_inner(hidden.clone()).require_grad();
-        let w = Tensor::<CpuAutodiff, 2>::from_inner(weight.clone()).require_grad();
-        let logits = project(h.clone().reshape([rows * seq, width]), w.clone()).reshape([rows, seq, vocab]);
-        let ad_sets = sets.iter().map(|s| Tensor::<CpuAutodiff, 2, Int>::from_inner(s.clone())).collect();
-        let full = crate::logprobs::sequence_logps_many(logits, ad_sets);
-        let objective =
-            full.iter().zip(&upstream).map(|(s, u)| (s.sum.clone() * Tensor::from_inner(u.clone())).sum()).reduce(|a, b| a + b).unwrap();
-        let grads = objective.backward();
-        let (dh, dw) = (h.grad(&grads).unwrap(), w.grad(&grads).unwrap());
-        for chunk in [1, 5, 64] {
-            let got = chunked_logps_backward::<Cpu>(hidden.clone(), weight.clone(), true, sets.clone(), upstream.clone(), chunk);
-            let eh = relative(&values(got.hidden), &values(dh.clone()));
-            let ew = relative(&values(got.weight.unwrap()), &values(dw.clone()));
-            assert!(eh <= 1e-6 && ew <= 1e-6, "chunk {chunk}: ∂h {eh}, ∂W {ew}");
-        }
-    }
-
-    /// A head weight in another type than the hidden states (bf16 under mixed precision; f64
-    /// stands for it on the CPU backend): the chunked gradients equal autodiff through the full
-    /// logits computed in the weight's type, as `CausalLm::project_in_product_type` gives them,
-    /// within `tolerance`; both come back in the hidden states' type. Returns the comparisons.
-    fn mixed_type_chunks_equal_the_full_logits<I: Backend>(device: &I::Device, product: FloatDType, tolerance: f64) -> usize {
+    /// The chunked gradients for chunks of each of `chunks` tokens equal autodiff through the
+    /// full logits computed in the weight's type `product` (f32, or a half type as
+    /// `CausalLm::project_in_product_type` gives them: bf16 under mixed precision, f64 standing
+    /// for it on the CPU backend), within `tolerance`; both come back in the hidden states' type.
+    /// Returns the comparisons.
+    fn chunked_gradients_equal_the_full_logits<I: Backend>(
+        device: &I::Device,
+        product: FloatDType,
+        chunks: &[usize],
+        tolerance: f64,
+    ) -> usize {
         type A<I> = burn::backend::Autodiff<I>;
         let (hidden, weight, sets) = setup();
         let to = |t: Tensor<Cpu, 2>| Tensor::<I, 2>::from_data(t.into_data(), device);
@@ -347,7 +330,7 @@ mod tests {
         let dh = wide(h.grad(&grads).unwrap().reshape([rows * seq, width]));
         let dw = wide(w.grad(&grads).unwrap());
         let mut compared = 0;
-        for chunk in [4, 64] {
+        for &chunk in chunks {
             let got = chunked_logps_backward::<I>(hidden.clone(), weight.clone(), true, sets.clone(), upstream.clone(), chunk);
             let dw_got = got.weight.unwrap();
             assert_eq!(got.hidden.dtype(), hidden.dtype(), "∂h in the hidden states' type");
@@ -361,8 +344,13 @@ mod tests {
     }
 
     #[test]
+    fn chunked_gradients_equal_autodiff_through_the_full_logits() {
+        assert_eq!(chunked_gradients_equal_the_full_logits::<Cpu>(&Default::default(), FloatDType::F32, &[1, 5, 64], 1e-6), 6);
+    }
+
+    #[test]
     fn a_weight_of_another_type_gives_the_full_logits_gradients() {
-        assert_eq!(mixed_type_chunks_equal_the_full_logits::<Cpu>(&Default::default(), FloatDType::F64, 1e-6), 4);
+        assert_eq!(chunked_gradients_equal_the_full_logits::<Cpu>(&Default::default(), FloatDType::F64, &[4, 64], 1e-6), 4);
     }
 
     /// On libtorch in bf16: the logits' gradient by torch's kernels, each chunk's weight gradient
@@ -371,7 +359,7 @@ mod tests {
     #[test]
     fn tch_bf16_chunks_give_the_full_logits_gradients() {
         let device = burn::backend::libtorch::LibTorchDevice::Cpu;
-        let compared = mixed_type_chunks_equal_the_full_logits::<alignment_core::backend::Torch>(&device, FloatDType::BF16, 5e-3);
+        let compared = chunked_gradients_equal_the_full_logits::<alignment_core::backend::Torch>(&device, FloatDType::BF16, &[4, 64], 5e-3);
         assert_eq!(compared, 4);
     }
 
