@@ -29,7 +29,7 @@ fn try_main(objective: Objective, default_recipe: &str) -> Result<(), String> {
         [one] => PathBuf::from(one),
         more => return Err(format!("expected one recipe file, got {more:?}")),
     };
-    let mut recipe = Recipe::load(&path, &overrides).map_err(|e| e.to_string())?;
+    let mut recipe = Recipe::load_for(objective.trl_config(), &path, &overrides).map_err(|e| e.to_string())?;
     if objective == Objective::Cpt {
         // `run_cpt.py` always packs (`cpt_examples`); the note on packing-only keys knows it so.
         recipe.packing = true;

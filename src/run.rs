@@ -42,6 +42,18 @@ pub enum Objective {
     Cpt,
 }
 
+impl Objective {
+    /// The TRL config the script reads its recipe into, whose defaults fill the keys a recipe
+    /// leaves out (continued pretraining trains with `SFTConfig`).
+    pub fn trl_config(self) -> alignment_trainer::TrlConfig {
+        match self {
+            Objective::Sft | Objective::Cpt => alignment_trainer::TrlConfig::Sft,
+            Objective::Dpo => alignment_trainer::TrlConfig::Dpo,
+            Objective::Orpo => alignment_trainer::TrlConfig::Orpo,
+        }
+    }
+}
+
 /// Why a run could not start or finish, naming the setting, file or row at fault.
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
@@ -323,8 +335,21 @@ pub fn check_vocabulary(tools: &TextTools, tokenizer_dir: &Path, model_name: &st
     Ok(())
 }
 
-/// What TRL 1.16's `SFTConfig`, `DPOConfig` and `ORPOConfig` default `max_length` to.
+/// What TRL 1.16's `SFTConfig`, `DPOConfig` and `ORPOConfig` default `max_length` to (the
+/// recipe's default too).
 pub const TRL_DEFAULT_MAX_LENGTH: usize = 1024;
+
+/// What TRL 1.16's `ORPOTrainer` truncates to when `max_length` is `null` (with a warning).
+pub const ORPO_NULL_MAX_LENGTH: usize = 512;
+
+/// The length packing cuts rows to: `max_seq_length`, else `max_length`; `null` is refused, as
+/// TRL's `SFTTrainer` refuses it with packing.
+fn packed_row_length(recipe: &Recipe) -> Result<usize, RunError> {
+    recipe.sft_max_length().ok_or_else(|| RunError::Unsupported {
+        key: "max_length",
+        message: "null with packing: packed rows need a length (TRL refuses it too); set max_length".into(),
+    })
+}
 
 fn truncation_mode(recipe: &Recipe) -> Result<TruncationMode, RunError> {
     Ok(components::truncation_mode(recipe)?)
@@ -346,7 +371,8 @@ fn legacy_options(recipe: &Recipe) -> FormatOptions {
 /// as the old handbook did (`alignment_data::format`, empty system turn inserted) and TRL's
 /// text-row path tokenizes the text.
 pub fn sft_examples(recipe: &Recipe, tools: &TextTools, dataset: &Dataset) -> Result<Vec<Sequence>, RunError> {
-    let max_length = recipe.sft_max_length().or(Some(TRL_DEFAULT_MAX_LENGTH));
+    // `null`: no truncation, as TRL; packing needs a length.
+    let max_length = if recipe.packing { Some(packed_row_length(recipe)?) } else { recipe.sft_max_length() };
     let options = SftOptions {
         max_length,
         truncation_mode: truncation_mode(recipe)?,
@@ -385,6 +411,7 @@ pub fn sft_examples(recipe: &Recipe, tools: &TextTools, dataset: &Dataset) -> Re
 /// CPT examples: the `text_column` of each row tokenized with EOS appended, packed into rows of
 /// `max_seq_length` (the handbook's CPT always packs).
 pub fn cpt_examples(recipe: &Recipe, tools: &TextTools, dataset: &Dataset) -> Result<Vec<Sequence>, RunError> {
+    let row_length = packed_row_length(recipe)?;
     let options = FormatOptions { auto_insert_empty_system_msg: false, text_column: recipe.text_column.clone() };
     let mut examples = Vec::with_capacity(dataset.len());
     for (i, row) in dataset.rows.iter().enumerate() {
@@ -394,7 +421,7 @@ pub fn cpt_examples(recipe: &Recipe, tools: &TextTools, dataset: &Dataset) -> Re
         let text = formatted.text().unwrap_or_default();
         examples.push(tokenize_text(&tools.tokenizer, text, Some(tools.eos_id), &location(dataset, i))?);
     }
-    finish_lm_examples(recipe, examples, true, recipe.sft_max_length().or(Some(1024)), tools.pad_id)
+    finish_lm_examples(recipe, examples, true, Some(row_length), tools.pad_id)
 }
 
 /// The examples as sequences, the end of TRL's `SFTTrainer._prepare_dataset`: packed into rows of
@@ -451,7 +478,9 @@ pub fn preference_examples(
 ) -> Result<Vec<PreferencePair>, RunError> {
     let task = if objective == Objective::Orpo { DataTask::Orpo } else { DataTask::Dpo };
     let mode = truncation_mode(recipe)?;
-    let max_length = recipe.max_length.unwrap_or(TRL_DEFAULT_MAX_LENGTH);
+    // `null`: DPO keeps whole sequences; TRL's ORPOTrainer truncates to 512.
+    let max_length = recipe.max_length;
+    let orpo_max_length = max_length.unwrap_or(ORPO_NULL_MAX_LENGTH);
     let mut pairs = Vec::with_capacity(dataset.len());
     let mut orpo_dropped = 0usize;
     for (i, row) in dataset.rows.iter().enumerate() {
@@ -470,8 +499,16 @@ pub fn preference_examples(
         let here = location(dataset, i);
         let (chosen, rejected) = if objective == Objective::Orpo {
             let kwargs = row_template_kwargs(row, false, at)?;
-            let e =
-                tokenize_orpo_row_with(&tools.template, &tools.tokenizer, &pair, &kwargs, tools.bos_id, tools.eos_id, max_length, &here)?;
+            let e = tokenize_orpo_row_with(
+                &tools.template,
+                &tools.tokenizer,
+                &pair,
+                &kwargs,
+                tools.bos_id,
+                tools.eos_id,
+                orpo_max_length,
+                &here,
+            )?;
             if e.chosen.num_trained_tokens() == 0 || e.rejected.num_trained_tokens() == 0 {
                 // Nothing of a completion survived truncation (the prompt fills max_length): the
                 // pair would score no token, as DPO drops it.
@@ -482,16 +519,16 @@ pub fn preference_examples(
         } else {
             let kwargs = row_template_kwargs(row, true, at)?;
             let ids = tokenize_dpo_row_with(&tools.template, &tools.tokenizer, &pair, &kwargs, &here)?;
-            if !ids.kept(Some(max_length), mode) {
+            if !ids.kept(max_length, mode) {
                 continue;
             }
-            ids.sequences(Some(max_length), mode)
+            ids.sequences(max_length, mode)
         };
         pairs.push(PreferencePair { chosen: chosen.into(), rejected: rejected.into(), reference: None });
     }
     if orpo_dropped > 0 {
         eprintln!(
-            "note: {}: dropped {orpo_dropped} of {} pairs whose prompt leaves no room for the completion within max_length {max_length}",
+            "note: {}: dropped {orpo_dropped} of {} pairs whose prompt leaves no room for the completion within max_length {orpo_max_length}",
             dataset.name,
             dataset.len()
         );
@@ -580,8 +617,12 @@ pub fn run<B: AutodiffBackend>(objective: Objective, recipe: &Recipe, device: &B
             };
             let train_examples = build(recipe, &train_set)?;
             if train_examples.is_empty() {
-                let max_length = recipe.sft_max_length().unwrap_or(TRL_DEFAULT_MAX_LENGTH);
-                let why = format!("none keeps a scored token after truncation to max_seq_length {max_length} (assistant_only_loss: {}, truncation_mode: {:?})", recipe.assistant_only_loss, recipe.truncation_mode.as_deref().unwrap_or("keep_start"));
+                let limit = recipe.sft_max_length().map_or("no truncation".to_string(), |n| format!("truncation to max_length {n}"));
+                let why = format!(
+                    "none keeps a scored token after {limit} (assistant_only_loss: {}, truncation_mode: {:?})",
+                    recipe.assistant_only_loss,
+                    recipe.truncation_mode.as_deref().unwrap_or("keep_start")
+                );
                 return Err(empty_training_set(recipe, train_set.len(), &why));
             }
             // TRL packs the evaluation set by `eval_packing` (CPT always packs).
@@ -596,8 +637,10 @@ pub fn run<B: AutodiffBackend>(objective: Objective, recipe: &Recipe, device: &B
             let mut train_pairs = preference_examples(recipe, &tools, &train_set, objective)?;
             let mut eval_pairs = eval_preferences(&test_set)?;
             if train_pairs.is_empty() {
-                let why =
-                    format!("every prompt fills max_length {} (DPO drops such pairs)", recipe.max_length.unwrap_or(TRL_DEFAULT_MAX_LENGTH));
+                let why = format!(
+                    "every prompt fills max_length {} (DPO drops such pairs)",
+                    recipe.max_length.map_or("null".to_string(), |n| n.to_string())
+                );
                 return Err(empty_training_set(recipe, train_set.len(), &why));
             }
             let dpo = components::dpo_config(recipe)?;
@@ -634,7 +677,7 @@ pub fn run<B: AutodiffBackend>(objective: Objective, recipe: &Recipe, device: &B
             if train_pairs.is_empty() {
                 let why = format!(
                     "every prompt leaves no room for a completion within max_length {}",
-                    recipe.max_length.unwrap_or(TRL_DEFAULT_MAX_LENGTH)
+                    recipe.max_length.unwrap_or(ORPO_NULL_MAX_LENGTH)
                 );
                 return Err(empty_training_set(recipe, train_set.len(), &why));
             }

@@ -369,31 +369,69 @@ fn generate_refuses_a_prompt_longer_than_the_context() {
     assert!(message.contains("max_position_embeddings") && message.contains("16"), "{message}");
 }
 
-/// With `max_seq_length` / `max_length` unset, a long row is truncated to TRL's default of 1024
-/// tokens (SFT, DPO, ORPO), not tokenized and trained whole.
-#[test]
-fn long_rows_are_truncated_to_trls_default_when_max_length_is_unset() {
+/// A long row: one SFT conversation and one preference pair whose answer is ~6000 tokens.
+fn long_rows() -> (alignment_handbook::data::Dataset, alignment_handbook::data::Dataset) {
     use alignment_handbook::data::Dataset;
-    use alignment_handbook::run::{preference_examples, sft_examples, Objective, TextTools, TRL_DEFAULT_MAX_LENGTH};
-    let recipe = alignment_handbook::trainer::Recipe::from_yaml_str("learning_rate: 1.0e-5\n", "test recipe", &[]).unwrap();
-    assert_eq!((recipe.max_seq_length, recipe.max_length), (None, None));
-    let tools = TextTools::load(&smollm2_dir().unwrap(), None).unwrap();
     let long = "many words ".repeat(3000);
     let message = |role: &str, content: &str| serde_json::json!({"role": role, "content": content});
     let sft_row = serde_json::json!({"messages": [message("user", "Say it."), message("assistant", &long)]});
-    let sft = Dataset::from_rows("long", vec![sft_row.as_object().unwrap().clone()]);
-    let examples = sft_examples(&recipe, &tools, &sft).unwrap();
-    assert_eq!(examples.len(), 1);
-    assert_eq!(examples[0].len(), TRL_DEFAULT_MAX_LENGTH, "the SFT row is cut to 1024 tokens");
     let pref_row = serde_json::json!({
         "chosen": [message("user", "Say it."), message("assistant", &long)],
         "rejected": [message("user", "Say it."), message("assistant", "No.")],
     });
-    let prefs = Dataset::from_rows("long", vec![pref_row.as_object().unwrap().clone()]);
+    (
+        Dataset::from_rows("long", vec![sft_row.as_object().unwrap().clone()]),
+        Dataset::from_rows("long", vec![pref_row.as_object().unwrap().clone()]),
+    )
+}
+
+/// With `max_seq_length` / `max_length` left out, a long row is truncated to TRL's default of
+/// 1024 tokens (SFT, DPO, ORPO), not tokenized and trained whole.
+#[test]
+fn long_rows_are_truncated_to_trls_default_when_max_length_is_left_out() {
+    use alignment_handbook::run::{preference_examples, sft_examples, Objective, TextTools, TRL_DEFAULT_MAX_LENGTH};
+    let recipe = alignment_handbook::trainer::Recipe::from_yaml_str("learning_rate: 1.0e-5\n", "test recipe", &[]).unwrap();
+    assert_eq!((recipe.max_seq_length, recipe.max_length), (None, Some(TRL_DEFAULT_MAX_LENGTH)));
+    let tools = TextTools::load(&smollm2_dir().unwrap(), None).unwrap();
+    let (sft, prefs) = long_rows();
+    let examples = sft_examples(&recipe, &tools, &sft).unwrap();
+    assert_eq!(examples.len(), 1);
+    assert_eq!(examples[0].len(), TRL_DEFAULT_MAX_LENGTH, "the SFT row is cut to 1024 tokens");
     for objective in [Objective::Dpo, Objective::Orpo] {
         let pairs = preference_examples(&recipe, &tools, &prefs, objective).unwrap();
         assert_eq!(pairs.len(), 1, "{objective:?}");
         assert!(pairs[0].chosen.len() <= TRL_DEFAULT_MAX_LENGTH, "{objective:?}: chosen has {} tokens", pairs[0].chosen.len());
         assert!(pairs[0].chosen.len() > TRL_DEFAULT_MAX_LENGTH / 2, "{objective:?}: chosen has {} tokens", pairs[0].chosen.len());
+    }
+}
+
+/// `max_length: null` means what it means to TRL 1.16: SFT and DPO keep the whole row, ORPO's
+/// trainer truncates to 512, and packing, which needs a row length, refuses it by name.
+#[test]
+fn a_null_max_length_is_no_truncation_as_in_trl() {
+    use alignment_handbook::run::{cpt_examples, preference_examples, sft_examples, Objective, RunError, TextTools, ORPO_NULL_MAX_LENGTH};
+    use alignment_handbook::trainer::TrlConfig;
+    let load = |config, yaml: &str| alignment_handbook::trainer::Recipe::from_yaml_str_for(config, yaml, "test recipe", &[]).unwrap();
+    let tools = TextTools::load(&smollm2_dir().unwrap(), None).unwrap();
+    let (sft, prefs) = long_rows();
+    let text =
+        alignment_handbook::data::Dataset::from_rows("text", vec![serde_json::json!({"text": "Some words."}).as_object().unwrap().clone()]);
+    let recipe = load(TrlConfig::Sft, "max_length: null\n");
+    assert_eq!(recipe.max_length, None);
+    let whole = sft_examples(&recipe, &tools, &sft).unwrap();
+    assert_eq!(whole.len(), 1);
+    assert!(whole[0].len() > 5000, "the SFT row is kept whole: {} tokens", whole[0].len());
+    let dpo = preference_examples(&load(TrlConfig::Dpo, "max_length: null\n"), &tools, &prefs, Objective::Dpo).unwrap();
+    assert!(dpo[0].chosen.len() > 5000, "DPO keeps the whole pair: {} tokens", dpo[0].chosen.len());
+    let orpo = preference_examples(&load(TrlConfig::Orpo, "max_length: null\n"), &tools, &prefs, Objective::Orpo).unwrap();
+    assert_eq!(orpo[0].chosen.len(), ORPO_NULL_MAX_LENGTH, "ORPO truncates to TRL's 512");
+    for (what, result) in [
+        ("sft", sft_examples(&load(TrlConfig::Sft, "max_length: null\npacking: true\n"), &tools, &sft)),
+        ("cpt", cpt_examples(&load(TrlConfig::Sft, "max_length: null\n"), &tools, &text)),
+    ] {
+        match result {
+            Err(e @ RunError::Unsupported { key: "max_length", .. }) => assert!(e.to_string().contains("packing"), "{what}: {e}"),
+            other => panic!("{what}: expected max_length refused with packing, got {:?}", other.map(|e| e.len())),
+        }
     }
 }

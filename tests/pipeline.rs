@@ -6,7 +6,7 @@
 use alignment_handbook::core::backend::{Cpu, CpuAutodiff};
 use alignment_handbook::models::load_pretrained;
 use alignment_handbook::run::{run, Objective, RunError};
-use alignment_handbook::trainer::Recipe;
+use alignment_handbook::trainer::{Recipe, TrlConfig};
 
 fn recipe(task: &str, output_dir: &std::path::Path, extra: &[&str]) -> Recipe {
     recipe_file(task, "config_cpu.yaml", output_dir, extra)
@@ -26,7 +26,12 @@ fn recipe_file(task: &str, file: &str, output_dir: &std::path::Path, extra: &[&s
         "--logging_steps=1".into(),
     ];
     overrides.extend(extra.iter().map(|s| s.to_string()));
-    Recipe::load(&path, &overrides).unwrap()
+    let config = match task {
+        "dpo" => TrlConfig::Dpo,
+        "orpo" => TrlConfig::Orpo,
+        _ => TrlConfig::Sft,
+    };
+    Recipe::load_for(config, &path, &overrides).unwrap()
 }
 
 #[test]

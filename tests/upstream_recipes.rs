@@ -163,7 +163,7 @@ fn every_upstream_recipe_runs_unchanged() {
     // What each recipe reads, as the run itself interprets it.
     let mut plans: BTreeMap<String, RepoPlan> = BTreeMap::new();
     for (path, objective) in &recipes {
-        let recipe = Recipe::load(path, &[]).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        let recipe = Recipe::load_for(objective.trl_config(), path, &[]).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
         let preference = *objective != Objective::Sft;
         match DataSource::from_recipe(&recipe).unwrap() {
             DataSource::Mixture(mixture) => {
@@ -214,7 +214,7 @@ fn every_upstream_recipe_runs_unchanged() {
             "--gradient_accumulation_steps=1".into(),
             format!("--output_dir={}", out.display()),
         ];
-        let outcome = Recipe::load(path, &overrides)
+        let outcome = Recipe::load_for(objective.trl_config(), path, &overrides)
             .map_err(|e| e.to_string())
             .and_then(|recipe| run::<CpuAutodiff>(*objective, &recipe, &Default::default(), true).map_err(|e| e.to_string()));
         match outcome {

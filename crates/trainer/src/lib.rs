@@ -37,7 +37,7 @@ pub mod train;
 pub mod zero3;
 
 pub use data_parallel::DataParallel;
-pub use recipe::{Recipe, RecipeError, ResumeFrom};
+pub use recipe::{Recipe, RecipeError, ResumeFrom, TrlConfig};
 pub use sequence::{collate, Sequence, IGNORE_INDEX};
 pub use step::{forward_backward, StepOptions};
 pub use strategy::{Parallelism, SingleProcess, Strategy};

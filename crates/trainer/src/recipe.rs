@@ -38,7 +38,25 @@ fn default_splits() -> Vec<String> {
     vec!["train".into(), "test".into()]
 }
 
-/// Every key a recipe may contain, with TRL/transformers defaults.
+/// The config class a handbook script parses its recipe into. TRL's configs set their own
+/// defaults over transformers' `TrainingArguments` (TRL 1.16's `_BaseConfig`: `logging_steps`
+/// 10, `gradient_checkpointing` true, `bf16` true unless `fp16`; and each config's
+/// `learning_rate`), so a key a recipe leaves out means what the script's config makes of it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TrlConfig {
+    /// transformers' `TrainingArguments` alone: [`Recipe::default`].
+    TrainingArguments,
+    /// `SFTConfig` (`sft.py`, and the continued pretraining of `run_cpt.py`): learning rate 2e-5.
+    Sft,
+    /// `DPOConfig` (`dpo.py`): learning rate 1e-6.
+    Dpo,
+    /// `ORPOConfig` (`orpo.py`, `trl.experimental.orpo` in TRL 1.16): learning rate 1e-6.
+    Orpo,
+}
+
+/// Every key a recipe may contain. [`Recipe::default`] holds transformers' `TrainingArguments`
+/// defaults (with TRL's for the keys only TRL has); [`Recipe::defaults_for`] the defaults of one
+/// of TRL's configs.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct Recipe {
@@ -128,7 +146,10 @@ pub struct Recipe {
     /// the tokenizer's.
     pub eos_token: Option<String>,
     // --- sequence lengths, packing ---
+    /// The old handbook's SFT/CPT length; when set, it decides over `max_length`.
     pub max_seq_length: Option<usize>,
+    /// TRL's `max_length`, default 1024 in all its configs. `null` means what it means to TRL:
+    /// no truncation (SFT, DPO; refused with packing, which needs a row length), 512 for ORPO.
     pub max_length: Option<usize>,
     pub max_prompt_length: Option<usize>,
     pub max_completion_length: Option<usize>,
@@ -404,7 +425,7 @@ impl Default for Recipe {
             dataset_num_proc: None,
             eos_token: None,
             max_seq_length: None,
-            max_length: None,
+            max_length: Some(1024),
             max_prompt_length: None,
             max_completion_length: None,
             packing: false,
@@ -457,7 +478,8 @@ impl Default for Recipe {
             adam_beta2: 0.999,
             adam_epsilon: 1e-8,
             max_grad_norm: 1.0,
-            optim: "adamw_torch".into(),
+            // transformers 5.24 with torch ≥ 2.8; the same update as `adamw_torch` here.
+            optim: "adamw_torch_fused".into(),
             bf16: false,
             fp16: false,
             tf32: None,
@@ -826,17 +848,41 @@ impl Recipe {
         }
     }
 
-    /// Reads `path` and applies `overrides` (`--key=value` strings) on top.
-    pub fn load(path: &Path, overrides: &[String]) -> Result<Self, RecipeError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| RecipeError::Invalid { source_name: path.display().to_string(), message: e.to_string() })?;
-        Self::from_yaml_str(&text, &path.display().to_string(), overrides)
+    /// The defaults of `config`: transformers' `TrainingArguments` with TRL's overrides. `bf16`
+    /// is TRL's `None`, read as true here; [`Recipe::from_yaml_str_for`] makes it `not fp16` when
+    /// a recipe sets `fp16` and leaves `bf16` out, as TRL's `__post_init__` does.
+    pub fn defaults_for(config: TrlConfig) -> Recipe {
+        let learning_rate = match config {
+            TrlConfig::TrainingArguments => return Recipe::default(),
+            TrlConfig::Sft => 2e-5,
+            TrlConfig::Dpo | TrlConfig::Orpo => 1e-6,
+        };
+        Recipe { learning_rate, logging_steps: 10.0, gradient_checkpointing: true, bf16: true, ..Recipe::default() }
     }
 
-    /// Parses recipe YAML (named `source_name` in errors) with `overrides` applied, and checks
-    /// the values ([`Recipe::validate`]). A type error names the key and where it was written —
-    /// the file, or the command-line override.
+    /// Reads `path` with `TrainingArguments`' defaults and applies `overrides` (`--key=value`
+    /// strings) on top. A script reads its recipe with [`Recipe::load_for`].
+    pub fn load(path: &Path, overrides: &[String]) -> Result<Self, RecipeError> {
+        Self::load_for(TrlConfig::TrainingArguments, path, overrides)
+    }
+
+    /// Reads `path` as `config` does (its defaults for the keys left out) and applies
+    /// `overrides` on top.
+    pub fn load_for(config: TrlConfig, path: &Path, overrides: &[String]) -> Result<Self, RecipeError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| RecipeError::Invalid { source_name: path.display().to_string(), message: e.to_string() })?;
+        Self::from_yaml_str_for(config, &text, &path.display().to_string(), overrides)
+    }
+
+    /// [`Recipe::from_yaml_str_for`] with `TrainingArguments`' defaults.
     pub fn from_yaml_str(yaml: &str, source_name: &str, overrides: &[String]) -> Result<Self, RecipeError> {
+        Self::from_yaml_str_for(TrlConfig::TrainingArguments, yaml, source_name, overrides)
+    }
+
+    /// Parses recipe YAML (named `source_name` in errors) over `config`'s defaults, with
+    /// `overrides` applied, and checks the values ([`Recipe::validate`]). A type error names the
+    /// key and where it was written — the file, or the command-line override.
+    pub fn from_yaml_str_for(config: TrlConfig, yaml: &str, source_name: &str, overrides: &[String]) -> Result<Self, RecipeError> {
         let invalid =
             |source_name: &str, e: figment::Error| RecipeError::Invalid { source_name: source_name.into(), message: figment_message(e) };
         // serde_yaml refuses a key written twice (figment would keep the last one silently).
@@ -846,7 +892,8 @@ impl Recipe {
         let file_keys: BTreeMap<String, serde_yaml_value::Value> =
             Figment::from(Yaml::string(yaml)).extract().map_err(|e| invalid(source_name, e))?;
         check_keys(file_keys.keys(), source_name)?;
-        let defaults = || Figment::from(Serialized::defaults(Recipe::default()));
+        let defaults = || Figment::from(Serialized::defaults(Recipe::defaults_for(config)));
+        let mut bf16_written = file_keys.contains_key("bf16");
         // Type errors in the file are reported against the file alone.
         defaults().merge(Yaml::string(yaml)).extract::<Recipe>().map_err(|e| invalid(source_name, e))?;
         let mut figment = defaults().merge(Yaml::string(yaml));
@@ -857,6 +904,7 @@ impl Recipe {
             let value: serde_yaml_value::Value =
                 Figment::from(Yaml::string(&format!("v: {value}"))).extract_inner("v").map_err(|e| invalid(&here, e))?;
             defaults().merge(Serialized::default(&key, value.clone())).extract::<Recipe>().map_err(|e| invalid(&here, e))?;
+            bf16_written |= key == "bf16";
             figment = figment.merge(Serialized::default(&key, value));
         }
         let mut recipe: Recipe = figment.extract().map_err(|e| invalid(source_name, e))?;
@@ -877,6 +925,10 @@ impl Recipe {
             }
         }
         recipe.dataset_mixer_order = order;
+        if config != TrlConfig::TrainingArguments && !bf16_written {
+            // TRL's `bf16: None`: true unless the recipe asks for fp16.
+            recipe.bf16 = !recipe.fp16;
+        }
         recipe.validate()?;
         Ok(recipe)
     }

@@ -1,6 +1,6 @@
 //! The shipped recipes load with the handbook's values; bad keys and overrides are clear errors.
 
-use alignment_trainer::{Recipe, RecipeError};
+use alignment_trainer::{Recipe, RecipeError, TrlConfig};
 use std::path::PathBuf;
 
 fn recipe(rel: &str) -> PathBuf {
@@ -232,6 +232,97 @@ fn every_field_of_trls_configs_is_a_recipe_key() {
         }
     }
     assert!(missing.is_empty(), "not recipe keys: {missing:?}");
+}
+
+/// A key a recipe leaves out means what the script's TRL config makes of it: every default of
+/// `Recipe::defaults_for` equals TRL 1.16's after its `__post_init__`
+/// (`scripts/make_trl_config_keys.py`), and transformers' for `TrainingArguments`. The only
+/// differences are the keys left null here that the run resolves when it starts, each checked
+/// or named below with what it becomes.
+#[test]
+fn defaults_equal_trls_configs() {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/trl_config_keys.json");
+    let fixture: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    // Null here, resolved by the run to TRL's value; or an artefact of how the fixture is built.
+    let resolved_later: &[(&str, &str)] = &[
+        ("eval_strategy", "null: its old name `evaluation_strategy`, else `no`"),
+        ("loss_type", "null: DPO reads `sigmoid`; SFT computes TRL's `nll`"),
+        ("dataset_text_field", "null: `text_column`, whose default is `text`"),
+        ("hub_strategy", "null: named as having no effect; push_to_hub publishes the final model"),
+        ("report_to", "null: named as having no effect; metrics go to metrics.jsonl"),
+        ("disable_tqdm", "null: the progress bar shows, as with false"),
+        ("debug", "an empty string where TRL holds an empty list: no debug modes"),
+        ("accelerator_config", "null: accelerate's settings come from the launcher's config"),
+        ("use_cpu", "the fixture is built with use_cpu=True (TRL refuses its default bf16 without a GPU)"),
+        ("dataloader_pin_memory", "use_cpu=True turns it off in the fixture"),
+    ];
+    let configs = [
+        ("TrainingArguments", TrlConfig::TrainingArguments),
+        ("SFTConfig", TrlConfig::Sft),
+        ("DPOConfig", TrlConfig::Dpo),
+        ("ORPOConfig", TrlConfig::Orpo),
+    ];
+    for (name, config) in configs {
+        let recipe = Recipe::defaults_for(config);
+        let ours = serde_json::to_value(&recipe).unwrap();
+        let theirs = fixture["defaults"][name].as_object().unwrap_or_else(|| panic!("no defaults for {name} in the fixture"));
+        assert!(theirs.len() > 100, "{name}: {} fields", theirs.len());
+        let mut differing = Vec::new();
+        for (key, their) in theirs {
+            let our = &ours[key.as_str()];
+            let same_number = matches!((our.as_f64(), their.as_f64()), (Some(a), Some(b)) if a == b);
+            if our == their || same_number {
+                continue;
+            }
+            match key.as_str() {
+                // transformers 5 resolves the new name from its deprecated alias; so does the run.
+                "activation_checkpointing" => assert_eq!(Some(recipe.checkpointing()), their.as_bool(), "{name}.{key}"),
+                "truncation_mode" => assert_eq!(recipe.truncation_mode().unwrap(), their.as_str().unwrap().parse().unwrap(), "{name}"),
+                _ => differing.push(key.as_str()),
+            }
+        }
+        let unexplained: Vec<&&str> = differing.iter().filter(|k| !resolved_later.iter().any(|(r, _)| r == *k)).collect();
+        assert!(
+            unexplained.is_empty(),
+            "{name}: defaults differ from TRL's: {:?}",
+            unexplained.iter().map(|k| format!("{k}: ours {} theirs {}", ours[**k], theirs[**k])).collect::<Vec<_>>()
+        );
+    }
+    // What TRL's `_BaseConfig` and each config change over TrainingArguments.
+    let sft = Recipe::defaults_for(TrlConfig::Sft);
+    assert_eq!((sft.learning_rate, sft.logging_steps, sft.gradient_checkpointing, sft.bf16), (2e-5, 10.0, true, true));
+    assert_eq!(Recipe::defaults_for(TrlConfig::Dpo).learning_rate, 1e-6);
+    assert_eq!(Recipe::defaults_for(TrlConfig::Orpo).learning_rate, 1e-6);
+    let base = Recipe::default();
+    assert_eq!((base.learning_rate, base.logging_steps, base.gradient_checkpointing, base.bf16), (5e-5, 500.0, false, false));
+}
+
+/// A script's recipe leaves out what its TRL config sets: `bf16` becomes `not fp16` (TRL's
+/// `bf16: None`), a written `bf16` or override wins, and the other defaults are the config's.
+#[test]
+fn a_script_reads_left_out_keys_as_its_trl_config() {
+    let load = |config, yaml: &str, overrides: &[&str]| {
+        let overrides: Vec<String> = overrides.iter().map(|s| s.to_string()).collect();
+        Recipe::from_yaml_str_for(config, yaml, "t", &overrides).unwrap()
+    };
+    let sft = load(TrlConfig::Sft, "max_steps: 1\n", &[]);
+    assert!(sft.bf16 && sft.checkpointing());
+    assert_eq!((sft.learning_rate, sft.logging_steps), (2e-5, 10.0));
+    // fp16 without bf16: TRL resolves bf16 to false, so the pair is not a contradiction.
+    let fp16 = load(TrlConfig::Dpo, "fp16: true\n", &[]);
+    assert!(fp16.fp16 && !fp16.bf16);
+    assert!(!load(TrlConfig::Sft, "bf16: false\n", &[]).bf16);
+    assert!(!load(TrlConfig::Sft, "", &["--bf16=false"]).bf16);
+    assert!(load(TrlConfig::Sft, "bf16: false\n", &["--bf16=true"]).bf16);
+    // Written on both, still refused by name.
+    let err = Recipe::from_yaml_str_for(TrlConfig::Sft, "fp16: true\nbf16: true\n", "t", &[]).unwrap_err();
+    assert!(err.to_string().contains("fp16"), "{err}");
+    let dpo = load(TrlConfig::Dpo, "learning_rate: 5.0e-7\ngradient_checkpointing: false\n", &[]);
+    assert_eq!((dpo.learning_rate, dpo.checkpointing(), dpo.logging_steps), (5e-7, false, 10.0));
+    // TrainingArguments alone keeps transformers' defaults.
+    let plain = load(TrlConfig::TrainingArguments, "", &[]);
+    assert!(!plain.bf16 && !plain.checkpointing());
+    assert_eq!(plain.learning_rate, 5e-5);
 }
 
 #[test]

@@ -127,7 +127,7 @@ fn resume_with_other_settings_is_refused() {
         ("weight_decay", |c| c.adamw.weight_decay = 0.1, "was 0.01 in the checkpoint, now 0.1"),
         ("max_grad_norm", |c| c.adamw.max_grad_norm = Some(0.5), "was Some(1.0) in the checkpoint, now Some(0.5)"),
         ("assistant_only_loss", |c| set(c, "assistant_only_loss", "true"), "was false in the checkpoint, now true"),
-        ("max_seq_length", |c| set(c, "max_seq_length", "Some(64)"), "was None in the checkpoint, now Some(64)"),
+        ("max_seq_length", |c| set(c, "max_seq_length", "Some(64)"), "was Some(1024) in the checkpoint, now Some(64)"),
     ];
     fn set(config: &mut alignment_trainer::TrainerConfig, key: &str, value: &str) {
         config.resume_settings.iter_mut().find(|(k, _)| k == key).unwrap().1 = value.into();
