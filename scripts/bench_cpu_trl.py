@@ -5,7 +5,10 @@ our trainer times itself, printing one JSON line.
 Same model (the transformers copy of the GGUF our runs load, scripts/convert_smollm2.py), same
 rows (data/tiny-chat, the recipe's split), same template (the recipe's `chat_template`, with its
 `{% generation %}` markers for `assistant_only_loss`), same shapes (`max_length`, batch,
-gradient accumulation), f32 (`bf16=False`), AdamW, clipping at 1.0, no evaluation or saving.
+gradient accumulation), f32 (`bf16=False`), the recipe's `gradient_checkpointing` (false in the
+SmolLM2 CPU recipes, as ours; TRL 1.16 defaults it to true, which this script left on before
+2026-12-05, so TRL recomputed every layer in those runs and ours did not), AdamW, clipping at
+1.0, no evaluation or saving.
 DPO precomputes the reference log-probs before training (`precompute_ref_log_probs=True`), as
 ours does, so the timed steps run the policy only.
 
@@ -100,6 +103,7 @@ def main():
             learning_rate=recipe["learning_rate"], lr_scheduler_type=recipe["lr_scheduler_type"],
             warmup_steps=recipe.get("warmup_ratio", 0.0), weight_decay=recipe.get("weight_decay", 0.0),
             max_grad_norm=recipe.get("max_grad_norm", 1.0),
+            gradient_checkpointing=recipe.get("gradient_checkpointing", False),
         )
         if args.task == "sft":
             config = SFTConfig(**common, max_length=recipe["max_seq_length"], packing=recipe.get("packing", False),

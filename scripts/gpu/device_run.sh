@@ -409,6 +409,10 @@ case "$PLAN" in
         # Where the libtorch route's 1B step goes against PyTorch's, then the longer sequence.
         OURS_BACKENDS="tch-cuda-bf16 tch-cuda-bf16@chunked-head" profile llama-3.2-1b sft 1024 4
         OURS_BACKENDS=tch-cuda-bf16 bench llama-3.2-1b sft 2048 2 1
+        # QLoRA on the Mistral-7B shape (issue item 3), never run: the first session's budget ran
+        # out before it. Against its arithmetic memory floor (report.py), so no PyTorch run
+        # (bitsandbytes is not on the device).
+        NO_TORCH=1 OURS_BACKENDS=tch-cuda-bf16 bench mistral-7b qlora 2048 1 1
         ;;
     profile)
         # A second call after `first` (BUDGET_S=200): the 1B step again in case `first` ran out
