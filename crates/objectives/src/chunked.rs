@@ -16,6 +16,10 @@
 //!                     ∂h_c = ∂z_c W            ∂W += ∂z_cᵀ h_c       (the chunk's logits then dropped)
 //! ```
 //!
+//! When `∂L/∂sum` is known before the loss (SFT's loss is `−Σ sum`, so it is the same constant
+//! for every row), both passes run in one walk ([`chunked_logps_and_backward`]): each chunk's
+//! logits give their log-probabilities and then their gradient, and the head product runs once.
+//!
 //! Pass 2 recomputes one head product per chunk (the price of never storing logits) and writes
 //! the logits' gradient straight from them: the softmax's own backward pass
 //! (`token_logps::logits_gradient_in_runs`), with no graph. On libtorch that reads the logits
@@ -104,44 +108,7 @@ pub fn chunked_sequence_logps_with<B: Backend>(
     chunk_tokens: usize,
     extra: ExtraStats,
 ) -> Vec<SequenceLogps<B>> {
-    let [rows, seq, width] = hidden.dims();
-    let n = rows * seq;
-    let flat = hidden.reshape([n, width]);
-    let targets: Vec<ShiftedTargets<B>> = label_sets
-        .into_iter()
-        .map(|labels| {
-            assert_eq!(labels.dims(), [rows, seq], "labels must be [rows, seq] = [{rows}, {seq}] like the hidden states");
-            ShiftedTargets::new(labels)
-        })
-        .collect();
-    let flat_targets = flat_targets(&targets, n);
-    let mut stats = Vec::new();
-    let mut picked: Vec<Vec<Tensor<B, 1>>> = vec![Vec::new(); targets.len()];
-    let chunk = chunk_tokens.max(1);
-    for start in (0..n).step_by(chunk) {
-        let end = (start + chunk).min(n);
-        // [1, c, vocab]
-        let logits = project(flat.clone().slice([start..end, 0..width]), weight.clone()).unsqueeze_dim::<3>(0);
-        // Every label set's ids as `[1, c, sets]`: one logsumexp and one pass for all of them
-        // (the kernels of `token_logps` where the backend has them).
-        let ids = flat_targets.iter().map(|(safe, _)| safe.clone().narrow(0, start, end - start).reshape([1, end - start])).collect();
-        let (logp, lse, chunk_stats) = token_logps_and_stats(logits.clone(), Tensor::stack::<3>(ids, 2), extra);
-        for (set, picked) in picked.iter_mut().enumerate() {
-            picked.push(logp.clone().narrow(2, set, 1).reshape([end - start]));
-        }
-        // [1, c] each; from the forward pass's own reading of the logits where it computes them.
-        stats.push(chunk_stats.unwrap_or_else(|| position_stats(logits, lse, extra)));
-    }
-    let joined = |parts: Vec<Tensor<B, 1>>| Tensor::cat(parts, 0).reshape([rows, seq]);
-    let stats = TokenStats::from_positions(PositionStats::cat(stats).reshape([rows, seq]));
-    targets
-        .iter()
-        .zip(picked)
-        .map(|(t, parts)| {
-            let token_logps = joined(parts) * t.mask.clone();
-            stats.reduce(token_logps.sum_dim(1).squeeze_dim(1), t)
-        })
-        .collect()
+    walk_chunks(hidden, weight, label_sets, chunk_tokens, Some(extra), None).0.expect("asked for")
 }
 
 /// Gradients from pass 2: of the hidden states, and of the head weight when asked for.
@@ -152,9 +119,6 @@ pub struct HeadGradients<B: Backend> {
     /// `[vocab, hidden]`, `None` unless requested.
     pub weight: Option<Tensor<B, 2>>,
 }
-
-/// Per flattened token: its (safe) target id and its row's upstream gradient where scored.
-type TokenWeights<B> = (Tensor<B, 1, Int>, Tensor<B, 1>);
 
 /// Pass 2: the gradients of `Σ_sets Σ_rows upstream[set][row] · sum[set][row]` (the sums of
 /// [`chunked_sequence_logps`]) with respect to `hidden` and, if `weight_grad`, the head
@@ -169,37 +133,108 @@ pub fn chunked_logps_backward<B: Backend>(
     upstream: Vec<Tensor<B, 1>>,
     chunk_tokens: usize,
 ) -> HeadGradients<B> {
-    assert_eq!(label_sets.len(), upstream.len(), "one upstream gradient per label set");
+    walk_chunks(hidden, weight, label_sets, chunk_tokens, None, Some(Upstream { per_set: upstream, weight_grad })).1.expect("asked for")
+}
+
+/// Passes 1 and 2 in one walk over the chunks, for a loss whose `∂loss/∂sum` is known before
+/// the loss is computed (SFT's `−Σ sum`: `upstream` is the same constant for every row): each
+/// chunk's logits give the log-probabilities, the statistics and the logits' gradient while they
+/// exist, so the head product runs once per chunk instead of twice. Returns what
+/// [`chunked_sequence_logps_with`] and [`chunked_logps_backward`] return for the same arguments,
+/// bit for bit (the logits' gradient reads pass 1's logsumexp, which pass 2 recomputes with the
+/// same operations).
+pub fn chunked_logps_and_backward<B: Backend>(
+    hidden: Tensor<B, 3>,
+    weight: Tensor<B, 2>,
+    weight_grad: bool,
+    label_sets: Vec<Tensor<B, 2, Int>>,
+    upstream: Vec<Tensor<B, 1>>,
+    chunk_tokens: usize,
+    extra: ExtraStats,
+) -> (Vec<SequenceLogps<B>>, HeadGradients<B>) {
+    let upstream = Upstream { per_set: upstream, weight_grad };
+    let (logps, gradients) = walk_chunks(hidden, weight, label_sets, chunk_tokens, Some(extra), Some(upstream));
+    (logps.expect("asked for"), gradients.expect("asked for"))
+}
+
+/// What pass 2 differentiates: `∂loss/∂sum` per label set (`[rows]` each), and whether the head
+/// weight's gradient is wanted.
+struct Upstream<B: Backend> {
+    per_set: Vec<Tensor<B, 1>>,
+    weight_grad: bool,
+}
+
+/// Per flattened token: its (safe) target id and its row's upstream gradient where scored.
+type TokenWeights<B> = (Tensor<B, 1, Int>, Tensor<B, 1>);
+
+/// One walk over the chunks of `hidden`: the log-probabilities and statistics when `extra` is
+/// given (pass 1), the head's gradients when `upstream` is (pass 2), or both from each chunk's
+/// one product.
+fn walk_chunks<B: Backend>(
+    hidden: Tensor<B, 3>,
+    weight: Tensor<B, 2>,
+    label_sets: Vec<Tensor<B, 2, Int>>,
+    chunk_tokens: usize,
+    extra: Option<ExtraStats>,
+    upstream: Option<Upstream<B>>,
+) -> (Option<Vec<SequenceLogps<B>>>, Option<HeadGradients<B>>) {
     let [rows, seq, width] = hidden.dims();
     let n = rows * seq;
     let wide = FloatDType::from(hidden.dtype());
     let flat = hidden.reshape([n, width]);
-    if label_sets.is_empty() {
-        return HeadGradients { hidden: flat.zeros_like().reshape([rows, seq, width]), weight: None };
-    }
-    let targets: Vec<ShiftedTargets<B>> = label_sets.into_iter().map(ShiftedTargets::new).collect();
-    // Per token: its row's upstream gradient where scored, 0 elsewhere.
-    let token_weights: Vec<TokenWeights<B>> = targets
-        .iter()
-        .zip(upstream)
-        .map(|(t, up)| {
-            let per_token = up.reshape([rows, 1]).expand([rows, seq]) * t.mask.clone();
-            (t.safe.clone().reshape([n]), per_token.reshape([n]))
+    let targets: Vec<ShiftedTargets<B>> = label_sets
+        .into_iter()
+        .map(|labels| {
+            assert_eq!(labels.dims(), [rows, seq], "labels must be [rows, seq] = [{rows}, {seq}] like the hidden states");
+            ShiftedTargets::new(labels)
         })
         .collect();
+    let flat_targets = flat_targets(&targets, n);
+    // Pass 2's per-token weights: each row's upstream gradient where scored, 0 elsewhere. With
+    // no label set there is nothing to differentiate: no chunk needs its gradient.
+    let asked_gradients = upstream.is_some();
+    let weight_grad = upstream.as_ref().is_some_and(|u| u.weight_grad);
+    let token_weights: Option<Vec<TokenWeights<B>>> = upstream.filter(|_| !targets.is_empty()).map(|upstream| {
+        assert_eq!(targets.len(), upstream.per_set.len(), "one upstream gradient per label set");
+        targets
+            .iter()
+            .zip(upstream.per_set)
+            .map(|(t, up)| {
+                let per_token = up.reshape([rows, 1]).expand([rows, seq]) * t.mask.clone();
+                (t.safe.clone().reshape([n]), per_token.reshape([n]))
+            })
+            .collect()
+    });
+    let mut stats = Vec::new();
+    let mut picked: Vec<Vec<Tensor<B, 1>>> = vec![Vec::new(); targets.len()];
     let mut hidden_grads = Vec::new();
     let mut weight_total: Option<Tensor<B, 2>> = None;
     let chunk = chunk_tokens.max(1);
     for start in (0..n).step_by(chunk) {
         let end = (start + chunk).min(n);
-        let h = cast_to(flat.clone().slice([start..end, 0..width]), FloatDType::from(weight.dtype()));
-        let logits = project(h.clone(), weight.clone()).unsqueeze_dim::<3>(0);
-        // The chunk's ids and weights of every label set as `[1, c, sets]`.
         let shape = [1, end - start];
-        let ids = token_weights.iter().map(|(safe, _)| safe.clone().narrow(0, start, end - start).reshape(shape)).collect();
-        let weights = token_weights.iter().map(|(_, w)| w.clone().narrow(0, start, end - start).reshape(shape)).collect();
-        let dz = logits_gradient_in_runs(logits, None, Tensor::stack::<3>(weights, 2), Tensor::stack::<3>(ids, 2), STATS_CHUNK_ELEMENTS);
-        let dz = dz.squeeze_dim::<2>(0);
+        let h = cast_to(flat.clone().slice([start..end, 0..width]), FloatDType::from(weight.dtype()));
+        // [1, c, vocab]
+        let logits = project(h.clone(), weight.clone()).unsqueeze_dim::<3>(0);
+        // Every label set's ids as `[1, c, sets]`: one logsumexp and one pass for all of them
+        // (the kernels of `token_logps` where the backend has them).
+        let ids = || {
+            Tensor::stack::<3>(flat_targets.iter().map(|(safe, _)| safe.clone().narrow(0, start, end - start).reshape(shape)).collect(), 2)
+        };
+        let lse = extra.map(|extra| {
+            let (logp, lse, chunk_stats) = token_logps_and_stats(logits.clone(), ids(), extra);
+            for (set, picked) in picked.iter_mut().enumerate() {
+                picked.push(logp.clone().narrow(2, set, 1).reshape([end - start]));
+            }
+            // [1, c] each; from the forward pass's own reading of the logits where it computes
+            // them. The clones are dropped here, so the logits' gradient below may write over them.
+            stats.push(chunk_stats.unwrap_or_else(|| position_stats(logits.clone(), lse.clone(), extra)));
+            lse
+        });
+        let Some(token_weights) = &token_weights else { continue };
+        let weights =
+            Tensor::stack::<3>(token_weights.iter().map(|(_, w)| w.clone().narrow(0, start, end - start).reshape(shape)).collect(), 2);
+        let dz = logits_gradient_in_runs(logits, lse, weights, ids(), STATS_CHUNK_ELEMENTS).squeeze_dim::<2>(0);
         // Both products with a row-major right operand, which every backend reads in place.
         hidden_grads.push(cast_to(matmul(dz.clone(), weight.clone()), wide));
         if weight_grad {
@@ -210,8 +245,23 @@ pub fn chunked_logps_backward<B: Backend>(
             });
         }
     }
-    let hidden = if hidden_grads.is_empty() { flat.zeros_like() } else { Tensor::cat(hidden_grads, 0) };
-    HeadGradients { hidden: hidden.reshape([rows, seq, width]), weight: weight_total }
+    let logps = extra.map(|_| {
+        let joined = |parts: Vec<Tensor<B, 1>>| Tensor::cat(parts, 0).reshape([rows, seq]);
+        let stats = TokenStats::from_positions(PositionStats::cat(stats).reshape([rows, seq]));
+        targets
+            .iter()
+            .zip(picked)
+            .map(|(t, parts)| {
+                let token_logps = joined(parts) * t.mask.clone();
+                stats.reduce(token_logps.sum_dim(1).squeeze_dim(1), t)
+            })
+            .collect()
+    });
+    let gradients = asked_gradients.then(|| {
+        let hidden = if hidden_grads.is_empty() { flat.zeros_like() } else { Tensor::cat(hidden_grads, 0) };
+        HeadGradients { hidden: hidden.reshape([rows, seq, width]), weight: weight_total }
+    });
+    (logps, gradients)
 }
 
 /// `sum + part`, `part` (the products' type) widened to `sum`'s: on libtorch one in-place add
@@ -361,6 +411,71 @@ mod tests {
         let device = burn::backend::libtorch::LibTorchDevice::Cpu;
         let compared = chunked_gradients_equal_the_full_logits::<alignment_core::backend::Torch>(&device, FloatDType::BF16, &[4, 64], 5e-3);
         assert_eq!(compared, 4);
+    }
+
+    /// [`chunked_logps_and_backward`] against the two passes it replaces, for chunks of each of
+    /// `chunks` tokens and products in `product`: every statistic of both label sets and both
+    /// gradients bit for bit, and no weight gradient unless asked for. Returns the comparisons.
+    fn one_walk_equals_the_two_passes<I: Backend>(device: &I::Device, product: FloatDType, chunks: &[usize]) -> usize {
+        let (hidden, weight, sets) = setup();
+        let [rows, seq, width] = hidden.dims();
+        let hidden = Tensor::<I, 2>::from_data(hidden.reshape([rows * seq, width]).into_data(), device).reshape([rows, seq, width]);
+        let weight = Tensor::<I, 2>::from_data(weight.into_data(), device).cast(product);
+        let sets: Vec<Tensor<I, 2, Int>> = sets.into_iter().map(|s| Tensor::from_data(s.into_data(), device)).collect();
+        let upstream: Vec<Tensor<I, 1>> =
+            vec![Tensor::from_floats([0.5, -1.0, 2.0], device), Tensor::from_floats([-0.25, 0.75, 1.5], device)];
+        let extra = ExtraStats { log_sum_sq_probs: true };
+        let bits = |t: Tensor<I, 1>| {
+            t.cast(FloatDType::F64).into_data().into_vec::<f64>().unwrap().iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+        };
+        let flat = |t: Tensor<I, 3>| bits(t.reshape([rows * seq * width]));
+        let mut compared = 0;
+        for &chunk in chunks {
+            let logps = chunked_sequence_logps_with(hidden.clone(), weight.clone(), sets.clone(), chunk, extra);
+            let grads = chunked_logps_backward(hidden.clone(), weight.clone(), true, sets.clone(), upstream.clone(), chunk);
+            let (one_logps, one_grads) =
+                chunked_logps_and_backward(hidden.clone(), weight.clone(), true, sets.clone(), upstream.clone(), chunk, extra);
+            for (a, b) in one_logps.into_iter().zip(logps) {
+                for (x, y) in [
+                    (a.sum, b.sum),
+                    (a.num_tokens, b.num_tokens),
+                    (a.mean_logits, b.mean_logits),
+                    (a.mean_logits_all, b.mean_logits_all),
+                    (a.entropy_sum, b.entropy_sum),
+                    (a.num_correct, b.num_correct),
+                    (a.log_sum_sq_probs.unwrap(), b.log_sum_sq_probs.unwrap()),
+                ] {
+                    assert_eq!(bits(x), bits(y), "chunk {chunk}: a statistic");
+                    compared += 1;
+                }
+            }
+            let dh = flat(grads.hidden);
+            assert_eq!(flat(one_grads.hidden), dh, "chunk {chunk}: ∂h");
+            let [vocab, _] = weight.dims();
+            let weight_bits = |t: Tensor<I, 2>| bits(t.reshape([vocab * width]));
+            assert_eq!(weight_bits(one_grads.weight.unwrap()), weight_bits(grads.weight.unwrap()), "chunk {chunk}: ∂W");
+            compared += 2;
+            let (_, frozen) =
+                chunked_logps_and_backward(hidden.clone(), weight.clone(), false, sets.clone(), upstream.clone(), chunk, extra);
+            assert!(frozen.weight.is_none(), "no weight gradient unless asked for");
+            assert_eq!(flat(frozen.hidden), dh, "chunk {chunk}: ∂h, frozen head");
+        }
+        compared
+    }
+
+    #[test]
+    fn one_walk_gives_the_two_passes_bits() {
+        let device = Default::default();
+        assert_eq!(one_walk_equals_the_two_passes::<Cpu>(&device, FloatDType::F32, &[1, 5, 64]), 3 * 16);
+        assert_eq!(one_walk_equals_the_two_passes::<Cpu>(&device, FloatDType::F64, &[4, 64]), 2 * 16);
+    }
+
+    /// On libtorch in bf16: torch's kernels for the logits' passes, the weight gradient summed in place.
+    #[cfg(feature = "tch")]
+    #[test]
+    fn tch_bf16_one_walk_gives_the_two_passes_bits() {
+        let device = burn::backend::libtorch::LibTorchDevice::Cpu;
+        assert_eq!(one_walk_equals_the_two_passes::<alignment_core::backend::Torch>(&device, FloatDType::BF16, &[4, 64]), 2 * 16);
     }
 
     #[test]

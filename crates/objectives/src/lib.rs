@@ -74,7 +74,8 @@ mod tch_logits;
 mod token_logps;
 
 pub use chunked::{
-    chunk_tokens_for, chunk_tokens_for_head, chunked_logps_backward, chunked_sequence_logps, chunked_sequence_logps_with, HeadGradients,
+    chunk_tokens_for, chunk_tokens_for_head, chunked_logps_and_backward, chunked_logps_backward, chunked_sequence_logps,
+    chunked_sequence_logps_with, HeadGradients,
 };
 pub use dpo::{dpo_loss, dpo_loss_with_tails, ld_tail_labels, DpoConfig, DpoLossType, DpoOutput, FDivergence};
 pub use logprobs::{num_scored_tokens, sequence_logps, sequence_logps_many, sequence_logps_with, ExtraStats, SequenceLogps, IGNORE_INDEX};

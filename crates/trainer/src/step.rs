@@ -9,6 +9,8 @@
 //!                     pass 1: logps from h Wᵀ chunk by chunk, no graph   (objectives::chunked)
 //!                     loss(logps as leaves).backward() → ∂loss/∂logps     (a few numbers per row)
 //!                     pass 2: ∂h, ∂W chunk by chunk (each chunk's logits recomputed, then dropped)
+//!                     (SFT: ∂loss/∂logps is −scale for every row, known before the loss, so
+//!                     passes 1 and 2 are one walk: each chunk's logits computed once)
 //!                     (h · ∂h).sum().backward()         → the layers' gradients
 //!
 //! checkpointing       forward on the inner backend, no graph, keeping each layer's input x_l
@@ -30,7 +32,9 @@
 use crate::task::Task;
 use alignment_models::CausalLm;
 use alignment_objectives::logprobs::sequence_logps_with;
-use alignment_objectives::{chunk_tokens_for_head, chunked_logps_backward, chunked_sequence_logps_with, DeferredMetrics, SequenceLogps};
+use alignment_objectives::{
+    chunk_tokens_for_head, chunked_logps_and_backward, chunked_logps_backward, chunked_sequence_logps_with, DeferredMetrics, SequenceLogps,
+};
 use burn::module::AutodiffModule;
 use burn::optim::{GradientsAccumulator, GradientsParams};
 use burn::tensor::backend::{AutodiffBackend, Backend};
@@ -136,15 +140,42 @@ pub fn forward_backward<B: AutodiffBackend, T: Task>(
             let label_sets: Vec<Tensor<B::InnerBackend, 2, Int>> = scoring.label_sets.into_iter().map(Tensor::inner).collect();
             let hidden_values = hidden.clone().inner();
             let weight = model.head_weight_for_products().inner();
-            let logps = chunked_sequence_logps_with(hidden_values.clone(), weight.clone(), label_sets.clone(), chunk, task.extra_stats());
-            // The objective on leaves standing for the per-row sums: its backward pass gives
-            // ∂loss/∂sum, all that pass 2 needs.
-            let leaves: Vec<Tensor<B, 1>> = logps.iter().map(|l| Tensor::from_inner(l.sum.clone()).require_grad()).collect();
-            let tracked = logps.into_iter().zip(&leaves).map(|(l, leaf)| on_autodiff::<B>(l, leaf.clone())).collect();
-            let (loss, metrics) = task.loss_from_logps(tracked, examples, device);
-            let loss_grads = loss.mul_scalar(scale).backward();
-            let upstream = leaves.iter().map(|leaf| leaf.grad(&loss_grads).unwrap_or_else(|| leaf.clone().inner().zeros_like())).collect();
-            let head = chunked_logps_backward(hidden_values, weight, head_is_trainable(model), label_sets, upstream, chunk);
+            let (head, metrics) = match task.constant_sum_gradients() {
+                // ∂loss/∂sum known before the loss: both passes in one walk over the chunks; the
+                // loss is computed for its metrics only.
+                Some(coefficients) => {
+                    let rows = hidden_values.dims()[0];
+                    let inner = hidden_values.device();
+                    let upstream = coefficients.iter().map(|c| Tensor::full([rows], (c * scale) as f32, &inner)).collect();
+                    let (logps, head) = chunked_logps_and_backward(
+                        hidden_values,
+                        weight,
+                        head_is_trainable(model),
+                        label_sets,
+                        upstream,
+                        chunk,
+                        task.extra_stats(),
+                    );
+                    let untracked = logps.into_iter().map(|l| {
+                        let sum = Tensor::from_inner(l.sum.clone());
+                        on_autodiff::<B>(l, sum)
+                    });
+                    (head, task.loss_from_logps(untracked.collect(), examples, device).1)
+                }
+                None => {
+                    let logps =
+                        chunked_sequence_logps_with(hidden_values.clone(), weight.clone(), label_sets.clone(), chunk, task.extra_stats());
+                    // The objective on leaves standing for the per-row sums: its backward pass
+                    // gives ∂loss/∂sum, all that pass 2 needs.
+                    let leaves: Vec<Tensor<B, 1>> = logps.iter().map(|l| Tensor::from_inner(l.sum.clone()).require_grad()).collect();
+                    let tracked = logps.into_iter().zip(&leaves).map(|(l, leaf)| on_autodiff::<B>(l, leaf.clone())).collect();
+                    let (loss, metrics) = task.loss_from_logps(tracked, examples, device);
+                    let loss_grads = loss.mul_scalar(scale).backward();
+                    let upstream =
+                        leaves.iter().map(|leaf| leaf.grad(&loss_grads).unwrap_or_else(|| leaf.clone().inner().zeros_like())).collect();
+                    (chunked_logps_backward(hidden_values, weight, head_is_trainable(model), label_sets, upstream, chunk), metrics)
+                }
+            };
             if let Some(grad) = head.weight {
                 add_head_gradient(model, grad, accumulator);
             }

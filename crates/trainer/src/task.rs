@@ -59,6 +59,15 @@ pub trait Task {
         ExtraStats::default()
     }
 
+    /// `∂loss/∂sum` per label set when it is a constant, the same for every row whatever the
+    /// log-probabilities: the loss is `Σ_sets c_set · Σ_rows sum` (SFT's `−Σ sum`: `[-1]`). The
+    /// chunked head then computes the log-probabilities and the head's gradients in one walk over
+    /// the chunks, each chunk's head product once instead of twice (`crate::step`). `None` (the
+    /// default): the loss's own backward pass gives them.
+    fn constant_sum_gradients(&self) -> Option<Vec<f64>> {
+        None
+    }
+
     /// The loss of `examples` summed (not averaged) over what [`Task::weight`] counts, shape
     /// `[1]`, and their metrics (as means, read later), from the per-row log-probabilities of
     /// each label set of [`Task::scoring`], in its order. Only `SequenceLogps::sum` may carry

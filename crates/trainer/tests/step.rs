@@ -140,6 +140,59 @@ fn sft_untied_and_tied_heads() {
     }
 }
 
+/// SFT driven as an objective whose `∂loss/∂sum` only the loss's backward pass gives: the
+/// chunked head's two passes, where SFT itself takes one walk.
+struct TwoPassSft(alignment_trainer::tasks::SftTask);
+
+impl Task for TwoPassSft {
+    type Example = Sequence;
+    fn name(&self) -> &'static str {
+        self.0.name()
+    }
+    fn weight(&self, examples: &[&Sequence]) -> f64 {
+        self.0.weight(examples)
+    }
+    fn num_tokens(&self, examples: &[&Sequence]) -> usize {
+        self.0.num_tokens(examples)
+    }
+    fn scoring<I: burn::tensor::backend::Backend>(&self, examples: &[&Sequence], device: &I::Device) -> alignment_trainer::Scoring<I> {
+        self.0.scoring(examples, device)
+    }
+    fn loss_from_logps<I: burn::tensor::backend::Backend>(
+        &self,
+        logps: Vec<alignment_objectives::SequenceLogps<I>>,
+        examples: &[&Sequence],
+        device: &I::Device,
+    ) -> (Tensor<I, 1>, alignment_objectives::DeferredMetrics<I>) {
+        self.0.loss_from_logps(logps, examples, device)
+    }
+}
+
+/// SFT's one walk over the head's chunks (its `∂loss/∂sum` is −scale for every row, known before
+/// the loss) gives the two passes' metrics and gradients bit for bit: trained untied and tied
+/// heads, a frozen head under LoRA, with and without checkpointing.
+#[test]
+fn sft_one_walk_gives_the_two_passes_bits() {
+    let device = Default::default();
+    let sft = common::task();
+    assert_eq!(sft.constant_sum_gradients(), Some(vec![-1.0]));
+    let lora = LoraConfig::new(4, 8.0, TargetModules::AllLinear);
+    let models = [
+        ("tiny-llama", load_pretrained::<B>(&fixture("tiny-llama"), &device).unwrap()),
+        ("tiny-gemma", load_pretrained::<B>(&fixture("tiny-gemma"), &device).unwrap()),
+        ("lora", apply_lora(load_pretrained::<B>(&fixture("tiny-llama"), &device).unwrap(), &lora, 3).unwrap()),
+    ];
+    for (name, model) in &models {
+        for (mode, options) in [&MODES[1], &MODES[3]] {
+            let (metrics, grads) = run(model, &sft, &rows(6), *options);
+            let (two_metrics, two_grads) = run(model, &TwoPassSft(common::task()), &rows(6), *options);
+            assert!(grads.values().any(|g| g.iter().any(|&v| v != 0.0)), "{name} {mode}: no gradient");
+            assert_eq!(metrics, two_metrics, "{name} {mode}: metrics");
+            assert_eq!(grads, two_grads, "{name} {mode}: gradients");
+        }
+    }
+}
+
 #[test]
 fn sliding_window_and_packed_documents() {
     let device = Default::default();

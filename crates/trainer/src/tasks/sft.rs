@@ -50,6 +50,12 @@ impl Task for SftTask {
         Scoring { batch, label_sets: vec![labels] }
     }
 
+    /// The loss is `−Σ sum` ([`SequenceLogps::sum_nll`] below), whatever the reduction (the loop
+    /// divides by the step's weight afterwards).
+    fn constant_sum_gradients(&self) -> Option<Vec<f64>> {
+        Some(vec![-1.0])
+    }
+
     fn loss_from_logps<B: Backend>(
         &self,
         mut logps: Vec<SequenceLogps<B>>,

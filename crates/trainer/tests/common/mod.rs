@@ -56,6 +56,9 @@ impl<F: Fn()> Task for HookedSft<F> {
         (self.before_loss)();
         self.inner.scoring(examples, device)
     }
+    fn constant_sum_gradients(&self) -> Option<Vec<f64>> {
+        self.inner.constant_sum_gradients()
+    }
     fn loss_from_logps<B: Backend>(
         &self,
         logps: Vec<SequenceLogps<B>>,
