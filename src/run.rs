@@ -342,6 +342,11 @@ pub const TRL_DEFAULT_MAX_LENGTH: usize = 1024;
 /// What TRL 1.16's `ORPOTrainer` truncates to when `max_length` is `null` (with a warning).
 pub const ORPO_NULL_MAX_LENGTH: usize = 512;
 
+/// The length ORPO truncates rows to: `max_length`, or TRL's 512 when it is `null`.
+fn orpo_max_length(recipe: &Recipe) -> usize {
+    recipe.max_length.unwrap_or(ORPO_NULL_MAX_LENGTH)
+}
+
 /// The length packing cuts rows to: `max_seq_length`, else `max_length`; `null` is refused, as
 /// TRL's `SFTTrainer` refuses it with packing.
 fn packed_row_length(recipe: &Recipe) -> Result<usize, RunError> {
@@ -480,7 +485,7 @@ pub fn preference_examples(
     let mode = truncation_mode(recipe)?;
     // `null`: DPO keeps whole sequences; TRL's ORPOTrainer truncates to 512.
     let max_length = recipe.max_length;
-    let orpo_max_length = max_length.unwrap_or(ORPO_NULL_MAX_LENGTH);
+    let orpo_max_length = orpo_max_length(recipe);
     let mut pairs = Vec::with_capacity(dataset.len());
     let mut orpo_dropped = 0usize;
     for (i, row) in dataset.rows.iter().enumerate() {
@@ -675,10 +680,7 @@ pub fn run<B: AutodiffBackend>(objective: Objective, recipe: &Recipe, device: &B
             let train_pairs = preference_examples(recipe, &tools, &train_set, objective)?;
             let eval_pairs = eval_preferences(&test_set)?;
             if train_pairs.is_empty() {
-                let why = format!(
-                    "every prompt leaves no room for a completion within max_length {}",
-                    recipe.max_length.unwrap_or(ORPO_NULL_MAX_LENGTH)
-                );
+                let why = format!("every prompt leaves no room for a completion within max_length {}", orpo_max_length(recipe));
                 return Err(empty_training_set(recipe, train_set.len(), &why));
             }
             let orpo = components::orpo_config(recipe)?;

@@ -164,9 +164,6 @@ struct Upstream<B: Backend> {
     weight_grad: bool,
 }
 
-/// Per flattened token: its (safe) target id and its row's upstream gradient where scored.
-type TokenWeights<B> = (Tensor<B, 1, Int>, Tensor<B, 1>);
-
 /// One walk over the chunks of `hidden`: the log-probabilities and statistics when `extra` is
 /// given (pass 1), the head's gradients when `upstream` is (pass 2), or both from each chunk's
 /// one product.
@@ -190,27 +187,26 @@ fn walk_chunks<B: Backend>(
         })
         .collect();
     let flat_targets = flat_targets(&targets, n);
-    // Pass 2's per-token weights: each row's upstream gradient where scored, 0 elsewhere. With
-    // no label set there is nothing to differentiate: no chunk needs its gradient.
+    // Pass 2's per-token weights, `[n]` per label set: each row's upstream gradient where
+    // scored, 0 elsewhere. With no label set there is nothing to differentiate.
     let asked_gradients = upstream.is_some();
     let weight_grad = upstream.as_ref().is_some_and(|u| u.weight_grad);
-    let token_weights: Option<Vec<TokenWeights<B>>> = upstream.filter(|_| !targets.is_empty()).map(|upstream| {
+    let token_weights: Option<Vec<Tensor<B, 1>>> = upstream.filter(|_| !targets.is_empty()).map(|upstream| {
         assert_eq!(targets.len(), upstream.per_set.len(), "one upstream gradient per label set");
         targets
             .iter()
             .zip(upstream.per_set)
-            .map(|(t, up)| {
-                let per_token = up.reshape([rows, 1]).expand([rows, seq]) * t.mask.clone();
-                (t.safe.clone().reshape([n]), per_token.reshape([n]))
-            })
+            .map(|(t, up)| (up.reshape([rows, 1]).expand([rows, seq]) * t.mask.clone()).reshape([n]))
             .collect()
     });
+    // Neither pass has anything to compute (pass 2 alone, without label sets): no chunk runs.
+    let chunks = if extra.is_some() || token_weights.is_some() { n } else { 0 };
     let mut stats = Vec::new();
     let mut picked: Vec<Vec<Tensor<B, 1>>> = vec![Vec::new(); targets.len()];
     let mut hidden_grads = Vec::new();
     let mut weight_total: Option<Tensor<B, 2>> = None;
     let chunk = chunk_tokens.max(1);
-    for start in (0..n).step_by(chunk) {
+    for start in (0..chunks).step_by(chunk) {
         let end = (start + chunk).min(n);
         let shape = [1, end - start];
         let h = cast_to(flat.clone().slice([start..end, 0..width]), FloatDType::from(weight.dtype()));
@@ -218,11 +214,10 @@ fn walk_chunks<B: Backend>(
         let logits = project(h.clone(), weight.clone()).unsqueeze_dim::<3>(0);
         // Every label set's ids as `[1, c, sets]`: one logsumexp and one pass for all of them
         // (the kernels of `token_logps` where the backend has them).
-        let ids = || {
-            Tensor::stack::<3>(flat_targets.iter().map(|(safe, _)| safe.clone().narrow(0, start, end - start).reshape(shape)).collect(), 2)
-        };
+        let ids =
+            Tensor::stack::<3>(flat_targets.iter().map(|(safe, _)| safe.clone().narrow(0, start, end - start).reshape(shape)).collect(), 2);
         let lse = extra.map(|extra| {
-            let (logp, lse, chunk_stats) = token_logps_and_stats(logits.clone(), ids(), extra);
+            let (logp, lse, chunk_stats) = token_logps_and_stats(logits.clone(), ids.clone(), extra);
             for (set, picked) in picked.iter_mut().enumerate() {
                 picked.push(logp.clone().narrow(2, set, 1).reshape([end - start]));
             }
@@ -232,9 +227,8 @@ fn walk_chunks<B: Backend>(
             lse
         });
         let Some(token_weights) = &token_weights else { continue };
-        let weights =
-            Tensor::stack::<3>(token_weights.iter().map(|(_, w)| w.clone().narrow(0, start, end - start).reshape(shape)).collect(), 2);
-        let dz = logits_gradient_in_runs(logits, lse, weights, ids(), STATS_CHUNK_ELEMENTS).squeeze_dim::<2>(0);
+        let weights = Tensor::stack::<3>(token_weights.iter().map(|w| w.clone().narrow(0, start, end - start).reshape(shape)).collect(), 2);
+        let dz = logits_gradient_in_runs(logits, lse, weights, ids, STATS_CHUNK_ELEMENTS).squeeze_dim::<2>(0);
         // Both products with a row-major right operand, which every backend reads in place.
         hidden_grads.push(cast_to(matmul(dz.clone(), weight.clone()), wide));
         if weight_grad {
