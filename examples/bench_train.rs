@@ -565,8 +565,15 @@ fn run_train<B: AutodiffBackend>(args: &TrainArgs, matmul_dtype: Option<FloatDTy
         model
     };
     model.set_matmul_dtype(matmul_dtype);
+    // As the trainer does: a LoRA or QLoRA base's frozen weights in bf16 (the shapes' random
+    // values are bf16's, as a bf16 checkpoint's are).
+    let frozen_bytes_narrowed = model.store_frozen_weights_in_product_type();
     B::sync(device).map_err(|e| format!("{e:?}"))?;
     let load_seconds = load_start.elapsed().as_secs_f64();
+    // The process's peak so far is the random model's making (host values, quantization); from
+    // here on the kernel's peak-RSS counter measures the steps alone (Linux; ignored elsewhere).
+    let load_peak_rss_mib = alignment_core::memory::status_bytes("VmHWM").map(|b| b as f64 / 1048576.0);
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
     let (trainable, total) = count_params(&model);
     let vocab = config.vocab_size;
     let mut optimizer = AdamW::<B::InnerBackend>::new(AdamWConfig::default());
@@ -619,6 +626,8 @@ fn run_train<B: AutodiffBackend>(args: &TrainArgs, matmul_dtype: Option<FloatDTy
         "gradient_checkpointing": args.gradient_checkpointing,
         "chunked_head": args.chunked_head,
         "matmul_dtype": matmul_dtype.map(|d| format!("{d:?}")),
+        // Bytes saved by storing frozen weights in the products' type (LoRA and QLoRA bases).
+        "frozen_narrowed_mib": frozen_bytes_narrowed as f64 / 1048576.0,
         // Who multiplies: cuBLAS through alignment_core::gemm (on CubeCL's stream, or
         // host-synchronised), or the backend's own matmul (CubeCL's on cuda with
         // ALIGNMENT_CUBLAS=0; cuBLAS inside libtorch on tch-cuda).
@@ -634,6 +643,9 @@ fn run_train<B: AutodiffBackend>(args: &TrainArgs, matmul_dtype: Option<FloatDTy
         // libtorch).
         "logits": alignment_objectives::logprobs::logits_route::<B::InnerBackend>(),
         "profile": profile,
+        // Host memory (the CPU backends' training memory): the peak while making the model, and
+        // the peak during the steps (warm-up and timed).
+        "load_peak_rss_mib": load_peak_rss_mib,
         "peak_rss_mib": alignment_core::memory::status_bytes("VmHWM").map(|b| b as f64 / 1048576.0),
     });
     println!("{line}");

@@ -118,11 +118,24 @@ fn fill_lora_b<B: Backend>(model: &mut CausalLm<B>, config: &LoraConfig) {
 
 /// The model and step options of `case` on backend `B`, from the Llama checkpoint in `fixture`
 /// (the tiny one: `crates/models/tests/fixtures/tiny-llama`), its matrix products in
-/// `matmul_dtype` (mixed precision) when given.
+/// `matmul_dtype` (mixed precision) when given, its frozen weights stored in that type where
+/// that loses nothing, as the trainer stores them (`CausalLm::store_frozen_weights_in_product_type`).
 pub fn prepare_case<B: AutodiffBackend>(
     fixture: &Path,
     case: Case,
     matmul_dtype: Option<FloatDType>,
+    device: &B::Device,
+) -> Result<(CausalLm<B>, StepOptions), CheckError> {
+    prepare_case_storing(fixture, case, matmul_dtype, true, device)
+}
+
+/// [`prepare_case`], with the frozen weights left in their own type when `store_frozen` is false:
+/// what a test compares the stored ones against.
+pub fn prepare_case_storing<B: AutodiffBackend>(
+    fixture: &Path,
+    case: Case,
+    matmul_dtype: Option<FloatDType>,
+    store_frozen: bool,
     device: &B::Device,
 ) -> Result<(CausalLm<B>, StepOptions), CheckError> {
     let fixture_error = |e: &dyn std::fmt::Display| CheckError::Fixture { path: fixture.to_path_buf(), message: e.to_string() };
@@ -141,6 +154,9 @@ pub fn prepare_case<B: AutodiffBackend>(
         model
     };
     model.set_matmul_dtype(matmul_dtype);
+    if store_frozen {
+        model.store_frozen_weights_in_product_type();
+    }
     let mut options = StepOptions::for_model(&model, case.lean, false);
     if case.lean {
         options.head_chunk_tokens = Some(LEAN_HEAD_CHUNK_TOKENS);
@@ -187,7 +203,18 @@ pub fn run_case<B: AutodiffBackend>(
     matmul_dtype: Option<FloatDType>,
     device: &B::Device,
 ) -> Result<CaseValues, CheckError> {
-    let (mut model, options) = prepare_case::<B>(fixture, case, matmul_dtype, device)?;
+    run_case_storing::<B>(fixture, case, matmul_dtype, true, device)
+}
+
+/// [`run_case`] on [`prepare_case_storing`]'s model.
+pub fn run_case_storing<B: AutodiffBackend>(
+    fixture: &Path,
+    case: Case,
+    matmul_dtype: Option<FloatDType>,
+    store_frozen: bool,
+    device: &B::Device,
+) -> Result<CaseValues, CheckError> {
+    let (mut model, options) = prepare_case_storing::<B>(fixture, case, matmul_dtype, store_frozen, device)?;
     let mut optimizer = AdamW::<B::InnerBackend>::new(AdamWConfig::default());
     let mut values = CaseValues::default();
     for step in 0..STEPS {

@@ -523,3 +523,56 @@ fn tch_training_steps_equal_the_cpu() {
     failures.extend(zero3_differences_from_the_cpu::<TorchAutodiff>(&torch_device, step_check::F32_TOLERANCE));
     assert!(failures.is_empty(), "libtorch differs from the CPU:\n{}", failures.join("\n"));
 }
+
+/// Frozen weights stored in bf16 (`CausalLm::store_frozen_weights_in_product_type`, which the
+/// trainer calls under `bf16: true`) change no value of a step: a LoRA base, a QLoRA model's
+/// embedding and head, the tied embedding that is also the head, with and without
+/// checkpointing and the chunked head, in SFT and DPO, give the steps' losses, metrics, grad
+/// norms and gradients bit for bit, on torch's CPU kernels with bf16 products. The tiny
+/// checkpoint is saved in bf16 first (untied, and tied), as real checkpoints come; its f32 values
+/// would not be stored narrower.
+#[cfg(feature = "tch")]
+#[test]
+fn tch_frozen_weights_stored_in_bf16_give_the_steps_bits() {
+    use alignment_handbook::core::backend::{Cpu, TorchAutodiff};
+    use alignment_handbook::models::{load_pretrained, save_pretrained, CausalLm, SaveDtype};
+    use alignment_handbook::step_check::Case;
+    use burn::tensor::DType;
+    let device = burn::backend::libtorch::LibTorchDevice::Cpu;
+    let dir = tempfile::tempdir().unwrap();
+    let untied = dir.path().join("untied");
+    let tied = dir.path().join("tied");
+    let model: CausalLm<Cpu> = load_pretrained(&fixture(), &Default::default()).unwrap();
+    save_pretrained(&model, &untied, SaveDtype::BF16, None).unwrap();
+    let mut model = model;
+    model.lm_head = None;
+    model.config.tie_word_embeddings = true;
+    model.config.raw.insert("tie_word_embeddings".into(), true.into());
+    save_pretrained(&model, &tied, SaveDtype::BF16, None).unwrap();
+
+    let lora_lean = Case { name: "lora-lean", preference: false, lora: true, nf4: false, lean: true };
+    let dpo_lora = Case { name: "dpo-lora", preference: true, lora: true, nf4: false, lean: false };
+    let (lora, qlora) = (CASES[2], CASES[3]);
+    for (checkpoint, case) in
+        [(&untied, lora), (&untied, qlora), (&untied, lora_lean), (&untied, dpo_lora), (&tied, lora), (&tied, lora_lean)]
+    {
+        let name = format!("{} ({})", case.name, checkpoint.file_name().unwrap().to_string_lossy());
+        let (stored, _) =
+            step_check::prepare_case_storing::<TorchAutodiff>(checkpoint, case, Some(FloatDType::BF16), true, &device).unwrap();
+        assert_eq!(stored.embed_tokens.val().dtype(), DType::BF16, "{name}: the embedding is stored in bf16");
+        if let Some(head) = &stored.lm_head {
+            assert_eq!(head.weight.val().dtype(), DType::BF16, "{name}: the head is stored in bf16");
+        }
+        let q = &stored.layers[0].self_attn.q_proj;
+        let adapter = q.lora.as_ref().expect("every linear layer has an adapter");
+        assert_eq!(adapter.a.val().dtype(), DType::F32, "{name}: the adapters stay f32");
+        assert_eq!(stored.norm.weight.val().dtype(), DType::F32, "{name}: the norms stay f32");
+        if !case.nf4 {
+            assert_eq!(q.weight.val().dtype(), DType::BF16, "{name}: the base is stored in bf16");
+        }
+        let with = step_check::run_case_storing::<TorchAutodiff>(checkpoint, case, Some(FloatDType::BF16), true, &device).unwrap();
+        let without = step_check::run_case_storing::<TorchAutodiff>(checkpoint, case, Some(FloatDType::BF16), false, &device).unwrap();
+        assert!(!with.grads.is_empty() && with.scalars.contains_key("step1/loss"), "{name}: the steps ran");
+        assert_eq!(with, without, "{name}: storing the frozen weights in bf16 changed a value");
+    }
+}

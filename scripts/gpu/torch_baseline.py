@@ -9,8 +9,10 @@ line with the same fields as ours, so scripts/gpu/report.py can put them side by
 Tasks: `sft` (causal-LM loss on every token, transformers' `ForCausalLMLoss`), `dpo` (TRL's
 concatenated chosen+rejected forward, summed completion log-probs via its
 `selective_log_softmax`, sigmoid loss against fixed reference log-probs, as with
-`precompute_ref_log_probs`), `lora` (PEFT r=16, alpha 32, all linear layers), `qlora` (the same
-on a bitsandbytes NF4 base: skipped, bitsandbytes is not on the GPU machine).
+`precompute_ref_log_probs`), `lora` (PEFT r=16, alpha 32, all linear layers; under
+`bf16-autocast` the frozen base in bf16, as the handbook's LoRA recipes load it with
+`torch_dtype: bfloat16`, PEFT's adapters f32, as its `autocast_adapter_dtype` makes them), `qlora`
+(the same on a bitsandbytes NF4 base: skipped, bitsandbytes is not on the GPU machine).
 Runs on the GPU when there is one, else on the CPU (the dry run).
 """
 
@@ -79,6 +81,9 @@ def main():
     config = AutoConfig.for_model(**{k: v for k, v in shape.items() if k != "architectures"})
     config.architectures = shape.get("architectures")
     dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
+    if args.task == "lora" and args.precision == "bf16-autocast":
+        # The frozen base needs no f32 master copy: the handbook's LoRA recipes load it in bf16.
+        dtype = torch.bfloat16
     load_start = time.perf_counter()
     if args.task == "qlora":
         # bitsandbytes is not on the GPU machine (and its wheel would not fit the upload beside the

@@ -208,7 +208,7 @@ fn forward<B: Backend>(
     let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(flat, [rows, t]), &device);
     let mut x = match &model.embed_compressed {
         Some(weight) => compressed::embed_compressed(ids, weight),
-        None => burn::tensor::module::embedding(model.embed_tokens.val(), ids),
+        None => crate::model::embedding_rows(model.embed_tokens.val(), ids),
     };
     if let Some(scale) = model.family.embedding_scale {
         x = x * scale;

@@ -3,10 +3,14 @@
 //! copy of it.
 //!
 //! ```text
-//! forward:   y  = (x as half) · (W as half)ᵀ                [as W's type unless kept half]
+//! forward:   y  = (x as half) · (W as half)ᵀ                [as the model's float type unless kept half]
 //! backward:  ∂x = (∂y as half) · (W as half)   as x's type
 //!            ∂W = (∂y as half)ᵀ · (x as half)  as W's type
 //! ```
+//!
+//! The result is in the model's float type (the backend's own, f32 under mixed precision, the
+//! residual stream's), whatever the parameter's: a frozen weight may be stored in the half type
+//! itself (`CausalLm::store_frozen_weights_in_product_type`), where its cast is a no-op.
 //!
 //! burn's operations (cast, cast, matmul) keep both half-type operands for the backward pass,
 //! as autocast does (its cache of cast weights lives until the backward pass): a bf16 copy of
@@ -33,8 +37,9 @@ use burn::tensor::ops::FloatTensor;
 use burn::tensor::{backend::Backend, DType, FloatDType, Shape, Tensor, TensorMetadata, TensorPrimitive};
 
 /// `x Wᵀ` for `x: [batch, seq, in]` and the parameter `W: [out, in]`, computed in `half`, the
-/// result left in `half` when `keep_half`, else in `W`'s type: one recorded step when `B` is the
-/// autodiff of a backend built into this crate; the tensors back on any other backend.
+/// result left in `half` when `keep_half`, else in the model's float type: one recorded step
+/// when `B` is the autodiff of a backend built into this crate; the tensors back on any other
+/// backend.
 #[allow(clippy::type_complexity)]
 pub(crate) fn project_param<B: Backend>(
     x: Tensor<B, 3>,
@@ -60,11 +65,13 @@ pub(crate) fn project_param_from_half<B: Backend>(
     record(Recorded { x: x_half, weight, half, keep_half, x_grad_type: Some(x_grad_type) })
 }
 
-/// Runs `step` as one recorded step, or gives its tensors back: when the weight is already in
-/// the half type (nothing to keep instead of a copy), or when `B` records nothing here.
+/// Runs `step` as one recorded step, or gives its tensors back: when the backend's own float
+/// type is the half type (nothing is mixed: every tensor is of it), or when `B` records nothing
+/// here. A weight stored in the half type (frozen, see the module doc) is recorded too: its
+/// input's gradient must still be registered in the wide type, where a shared copy's add up.
 #[allow(clippy::type_complexity)]
 fn record<B: Backend>(step: Recorded<B>) -> Result<Tensor<B, 3>, (Tensor<B, 3>, Tensor<B, 2>)> {
-    if step.weight.dtype() == DType::from(step.half) {
+    if alignment_core::precision::float_type::<B>() == step.half {
         return Err((step.x, step.weight));
     }
     visit_autodiff::<B, _>(step).map_err(|r| (r.x, r.weight))
@@ -128,7 +135,7 @@ fn record_primitives<I: Backend>(
     let [batch, seq, _] = x.primitive.shape().dims::<3>();
     let out_features = weight.primitive.shape().dims::<2>()[0];
     let x_type: FloatDType = x_grad_type.unwrap_or_else(|| x.primitive.dtype().into());
-    let out_type: FloatDType = if keep_half { half } else { weight.primitive.dtype().into() };
+    let out_type: FloatDType = if keep_half { half } else { alignment_core::precision::float_type::<I>() };
     let x_half = cast::<I>(x.primitive, half);
     let forward = |x_half: FloatTensor<I>, weight: FloatTensor<I>| {
         let w_half = cast::<I>(weight, half);

@@ -8,7 +8,10 @@
 //! drawn on the host from its own seeded stream (seed and tensor index), in parallel, one tensor
 //! at a time: the same seed gives the same model whatever else runs at the time — the backend's
 //! generator (`B::seed`) is global to the process, so two models built at once from it (two
-//! tests in parallel) would share one stream and differ.
+//! tests in parallel) would share one stream and differ. When config.json names a half type
+//! (`torch_dtype` or `dtype`: `bfloat16`, `float16`), each value is rounded to it, as a
+//! checkpoint of that type holds it: a benchmark's random model then has what a real one has
+//! (the frozen weights of a LoRA base exactly representable in bf16, for instance).
 
 use crate::config::ModelConfig;
 use crate::pretrained::{assemble, Quantizer, Weight, WeightRole};
@@ -30,13 +33,16 @@ pub fn random_model<B: Backend>(
 ) -> Result<CausalLm<B>, ModelError> {
     let std = config.raw.get("initializer_range").and_then(|v| v.as_f64()).unwrap_or(DEFAULT_INIT_STD);
     let norm_value = if crate::family::FamilySpec::for_config(&config).norm_unit_offset { 0.0 } else { 1.0 };
+    let checkpoint_type =
+        ["torch_dtype", "dtype"].iter().find_map(|key| config.raw.get(*key).and_then(|v| v.as_str())).unwrap_or("float32").to_owned();
     let mut index = 0u64;
     assemble(config, device, |_name, shape, role| {
         index += 1;
         if role == WeightRole::Norm {
             return Ok(Weight::Dense(TensorData::new(vec![norm_value; shape[0]], shape.to_vec())));
         }
-        let values = host_normal_like(shape[0] * shape[1], std, seed ^ index.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        let mut values = host_normal_like(shape[0] * shape[1], std, seed ^ index.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        round_to_checkpoint_type(&mut values, &checkpoint_type);
         Ok(match (role, quantize) {
             (WeightRole::DecoderLinear, Some(quantize)) => {
                 Weight::Quantized(QuantizedWeight::from_parts(&quantize(&values, [shape[0], shape[1]]), device))
@@ -44,6 +50,15 @@ pub fn random_model<B: Backend>(
             _ => Weight::Dense(TensorData::new(values, shape.to_vec())),
         })
     })
+}
+
+/// Rounds `values` to `dtype` (config.json's name: `bfloat16`, `float16`; any other leaves them).
+fn round_to_checkpoint_type(values: &mut [f32], dtype: &str) {
+    match dtype {
+        "bfloat16" => values.iter_mut().for_each(|v| *v = half::bf16::from_f32(*v).to_f32()),
+        "float16" => values.iter_mut().for_each(|v| *v = half::f16::from_f32(*v).to_f32()),
+        _ => {}
+    }
 }
 
 /// `n` values with mean 0 and standard deviation `std` (uniform on ±√3·std: the same first two
@@ -108,6 +123,21 @@ mod tests {
         });
         assert_eq!(a, b);
         assert_eq!(a, build());
+    }
+
+    #[test]
+    fn a_half_type_config_gives_values_exactly_of_that_type() {
+        let values_of = |dtype: &str| {
+            let json = TINY.replace("\"tie_word_embeddings\"", &format!("\"torch_dtype\": \"{dtype}\", \"tie_word_embeddings\""));
+            let model = random_model::<Cpu>(ModelConfig::from_json_str(&json).unwrap(), 7, &Default::default(), None).unwrap();
+            crate::pretrained::named_tensors(&model).into_iter().flat_map(|t| t.values).collect::<Vec<f32>>()
+        };
+        let (wide, bf16, f16) = (values_of("float32"), values_of("bfloat16"), values_of("float16"));
+        assert!(bf16.iter().all(|&v| half::bf16::from_f32(v).to_f32() == v), "every value a bf16");
+        assert!(f16.iter().all(|&v| half::f16::from_f32(v).to_f32() == v), "every value an f16");
+        assert!(wide.iter().any(|&v| half::bf16::from_f32(v).to_f32() != v), "f32 values are not rounded");
+        let nearest = wide.iter().zip(&bf16).all(|(&w, &b)| half::bf16::from_f32(w).to_f32() == b);
+        assert!(nearest, "the same draws, each rounded to the nearest bf16");
     }
 
     #[test]

@@ -136,9 +136,9 @@ impl<B: Backend> Linear<B> {
     ) -> Result<[Tensor<B, 3>; N], Tensor<B, 3>> {
         let Some(half) = linears.first().and_then(|l| l.matmul_dtype) else { return Err(x) };
         let half_type = burn::tensor::DType::from(half);
-        let dense_base = |l: &&Self| {
-            l.compressed.is_none() && l.quantized.is_none() && l.matmul_dtype == Some(half) && l.weight.val().dtype() != half_type
-        };
+        // A weight stored in the half type (frozen: `CausalLm::store_frozen_weights_in_product_type`)
+        // qualifies too: its product is recorded all the same.
+        let dense_base = |l: &&Self| l.compressed.is_none() && l.quantized.is_none() && l.matmul_dtype == Some(half);
         let device = x.device();
         let adapter_reads_copy = |l: &Self| l.lora.as_ref().is_some_and(|adapter| !adapter.drops(&device));
         let readers = N + linears.iter().filter(|l| adapter_reads_copy(l)).count();
@@ -165,10 +165,10 @@ impl<B: Backend> Linear<B> {
         }))
     }
 
-    /// Applies the map to `[batch, seq, in]`, giving `[batch, seq, out]` in the weight's type.
-    /// Under mixed precision the products (base and adapter) run in [`Self::matmul_dtype`] (`x`
-    /// may already be of it), except a ZeRO-3 shard's, whose recorded step multiplies in the
-    /// shard's own type.
+    /// Applies the map to `[batch, seq, in]`, giving `[batch, seq, out]` in the model's float type
+    /// (the backend's own; a frozen weight may be stored in the half type). Under mixed precision
+    /// the products (base and adapter) run in [`Self::matmul_dtype`] (`x` may already be of it),
+    /// except a ZeRO-3 shard's, whose recorded step multiplies in the shard's own type.
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         // With an adapter, the base and the adapter may read one half-type copy of `x`.
         let x = match self.lora {
@@ -314,13 +314,14 @@ pub fn project<B: Backend>(x: Tensor<B, 3>, w: Tensor<B, 2>) -> Tensor<B, 3> {
 }
 
 /// [`project`] with the product computed in `dtype` ([`alignment_core::precision`]: operands
-/// cast to it, the result cast to the weight's type); `None`, or a weight already of that type:
-/// [`project`] itself.
+/// cast to it, the result cast to the model's float type, the backend's own, whatever the
+/// weight's: a frozen weight may be stored in `dtype` itself); `None`, or a backend whose own
+/// type is `dtype` (nothing mixed): [`project`] itself.
 pub fn project_in<B: Backend>(x: Tensor<B, 3>, w: Tensor<B, 2>, dtype: Option<FloatDType>) -> Tensor<B, 3> {
-    let weight_type = w.dtype();
-    match dtype.filter(|&d| burn::tensor::DType::from(d) != weight_type) {
+    let float_type = alignment_core::precision::float_type::<B>();
+    match dtype.filter(|&d| d != float_type) {
         None => project(x, w),
-        Some(dtype) => cast_to(project_with_matmul(x, w, Some(dtype)), weight_type.into()),
+        Some(dtype) => cast_to(project_with_matmul(x, w, Some(dtype)), float_type),
     }
 }
 

@@ -10,7 +10,7 @@ use crate::layers::{Linear, RmsNorm};
 use crate::rope;
 use burn::module::{Module, Param};
 use burn::tensor::activation::{gelu, gelu_approximate, silu};
-use burn::tensor::{backend::Backend, FloatDType, Int, Tensor, TensorData};
+use burn::tensor::{backend::Backend, DType, ElementConversion, FloatDType, Int, Tensor, TensorData};
 use std::sync::Arc;
 
 /// Gated MLP: `down(act(gate(x)) * up(x))`.
@@ -57,6 +57,28 @@ pub fn silu_times<B: Backend>(gate: Tensor<B, 3>, up: Tensor<B, 3>) -> Tensor<B,
         Err(inputs) => inputs,
     };
     silu(gate) * up
+}
+
+/// Rows `ids` of the embedding `weight`, `[batch, seq, hidden]`, in the model's float type (the
+/// backend's own): a frozen embedding may be stored in the half type
+/// ([`CausalLm::store_frozen_weights_in_product_type`]), and its rows are the residual stream's
+/// first values.
+pub(crate) fn embedding_rows<B: Backend>(weight: Tensor<B, 2>, ids: Tensor<B, 2, Int>) -> Tensor<B, 3> {
+    alignment_core::precision::cast_to(burn::tensor::module::embedding(weight, ids), alignment_core::precision::float_type::<B>())
+}
+
+/// Whether every value of `weight` is exactly representable in `narrow` (casting there and back
+/// gives it unchanged; a NaN never is). Checked a run of ≤ 2²³ values (whole rows) at a time, so
+/// that the check's temporaries (the run cast there and back, the comparison) stay ≈ 60 MB
+/// beside a weight of any size, and stopping at the first run that differs.
+fn exactly_representable<B: Backend>(weight: &Tensor<B, 2>, narrow: FloatDType) -> bool {
+    let [rows, columns] = weight.dims();
+    let wide = FloatDType::from(weight.dtype());
+    let rows_per_run = ((1 << 23) / columns.max(1)).max(1);
+    (0..rows).step_by(rows_per_run).all(|first| {
+        let run = weight.clone().narrow(0, first, rows_per_run.min(rows - first));
+        run.clone().cast(narrow).cast(wide).equal(run).all().into_scalar().elem::<bool>()
+    })
 }
 
 /// One transformer block: `x + attn(norm(x))`, then `x + mlp(norm(x))`.
@@ -215,7 +237,7 @@ impl<B: Backend> CausalLm<B> {
         let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [b, t]), &device);
         let x = match &self.embed_compressed {
             Some(weight) => compressed::embed_compressed(ids, weight),
-            None => burn::tensor::module::embedding(self.embed_tokens.val(), ids),
+            None => embedding_rows(self.embed_tokens.val(), ids),
         };
         match self.family.embedding_scale {
             Some(scale) => x * scale,
@@ -266,8 +288,18 @@ impl<B: Backend> CausalLm<B> {
 
     /// Runs every matrix product of the model (projections, adapters, attention, head) in
     /// `dtype` from now on, the parameters staying in their own type: mixed precision
-    /// ([`alignment_core::precision`]). `None` turns it off.
+    /// ([`alignment_core::precision`]). `None` turns it off, and gives the weights
+    /// [`Self::store_frozen_weights_in_product_type`] narrowed the model's float type back (a
+    /// lossless cast: they were stored narrower only where that lost nothing).
     pub fn set_matmul_dtype(&mut self, dtype: Option<FloatDType>) {
+        if dtype.is_none() {
+            let float_type = alignment_core::precision::float_type::<B>();
+            for param in self.dense_weights_mut() {
+                if param.val().dtype() != DType::from(float_type) {
+                    *param = Param::initialized(param.id, param.val().cast(float_type));
+                }
+            }
+        }
         self.matmul_dtype = dtype;
         for layer in &mut self.layers {
             layer.self_attn.matmul_dtype = dtype;
@@ -278,6 +310,54 @@ impl<B: Backend> CausalLm<B> {
         if let Some(head) = self.lm_head.as_mut() {
             head.matmul_dtype = dtype;
         }
+    }
+
+    /// Under mixed precision, stores each frozen weight held dense (a LoRA or QLoRA base's
+    /// projections, the embedding, the head) in the products' type ([`Self::matmul_dtype`]) where
+    /// that loses nothing: every value exactly representable in it, as a bf16 checkpoint's are.
+    /// Returns the bytes saved. The products cast these weights to that type anyway, so their
+    /// values are unchanged and the cast is skipped; the embedding's rows are cast back to the
+    /// model's float type as they are looked up, which gives the values they had. The handbook's
+    /// LoRA recipes hold the base so too (`torch_dtype: bfloat16`): half the bytes of f32, 2.3 GiB
+    /// less for Llama-3.2-1B's. Trainable weights, the norms, weights held
+    /// compressed or quantized, a weight not exactly representable (an f32 checkpoint's), and
+    /// every weight when the products' type is not narrower than the weights' are left as they
+    /// are. `set_matmul_dtype(None)` undoes it.
+    /// `ALIGNMENT_FROZEN_IN_PRODUCT_TYPE=0` turns it off, to measure what it saves.
+    pub fn store_frozen_weights_in_product_type(&mut self) -> u64 {
+        static STORE: alignment_core::env_switch::EnvSwitch =
+            alignment_core::env_switch::EnvSwitch::new("ALIGNMENT_FROZEN_IN_PRODUCT_TYPE");
+        let Some(half) = self.matmul_dtype.filter(|_| STORE.is_on()) else { return 0 };
+        let narrow = DType::from(half);
+        let mut saved = 0;
+        for param in self.dense_weights_mut() {
+            let weight = param.val();
+            let wide = weight.dtype();
+            if param.is_require_grad() || narrow.size() >= wide.size() || weight.shape().num_elements() == 0 {
+                continue;
+            }
+            if exactly_representable(&weight, half) {
+                saved += (weight.shape().num_elements() * (wide.size() - narrow.size())) as u64;
+                *param = Param::initialized(param.id, weight.cast(half));
+            }
+        }
+        saved
+    }
+
+    /// Every weight matrix held dense: the embedding (unless compressed), each projection and the
+    /// head (unless compressed or quantized, whose `weight` is an empty placeholder).
+    fn dense_weights_mut(&mut self) -> Vec<&mut Param<Tensor<B, 2>>> {
+        let mut weights = Vec::new();
+        if self.embed_compressed.is_none() {
+            weights.push(&mut self.embed_tokens);
+        }
+        let linears = self.layers.iter_mut().flat_map(|layer| layer.linears_mut().map(|(_, linear)| linear)).chain(self.lm_head.as_mut());
+        for linear in linears {
+            if linear.compressed.is_none() && linear.quantized.is_none() {
+                weights.push(&mut linear.weight);
+            }
+        }
+        weights
     }
 
     /// `[vocab, hidden]` of the embedding, whatever the storage.
@@ -302,7 +382,8 @@ impl<B: Backend> CausalLm<B> {
     pub fn head_weight_for_products(&self) -> Tensor<B, 2> {
         let weight = self.head_weight();
         match self.matmul_dtype {
-            Some(dtype) => weight.cast(dtype),
+            // Nothing to cast when the frozen head is stored in that type already.
+            Some(dtype) => alignment_core::precision::cast_to(weight, dtype),
             None => weight,
         }
     }
@@ -328,5 +409,93 @@ impl<B: Backend> CausalLm<B> {
     /// Logits `[batch, seq, vocab]` for every position of `batch`.
     pub fn forward(&self, batch: &Batch, cache: Option<&mut KvCache<B>>) -> Tensor<B, 3> {
         self.project(self.hidden_states(batch, cache))
+    }
+}
+
+// Storing frozen weights narrower needs a half type the backend has: torch's CPU kernels.
+#[cfg(all(test, feature = "tch"))]
+mod tests {
+    use super::*;
+    use crate::layers::LoraAdapter;
+    use burn::backend::libtorch::LibTorchDevice;
+    use burn::backend::{Autodiff, LibTorch};
+    use burn::tensor::Distribution;
+
+    type T = Autodiff<LibTorch<f32>>;
+
+    fn tiny(dtype: &str, tied: bool) -> CausalLm<T> {
+        let json = format!(
+            r#"{{"model_type": "llama", "vocab_size": 48, "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 2,
+            "num_attention_heads": 4, "num_key_value_heads": 2, "tie_word_embeddings": {tied}, "torch_dtype": "{dtype}"}}"#
+        );
+        crate::random_model::<T>(ModelConfig::from_json_str(&json).unwrap(), 3, &LibTorchDevice::Cpu, None).unwrap().no_grad()
+    }
+
+    /// Every dense weight's values and type, by position.
+    fn weights(model: &mut CausalLm<T>) -> Vec<(DType, Vec<f32>)> {
+        model.dense_weights_mut().into_iter().map(|p| (p.val().dtype(), p.val().into_data().convert::<f32>().to_vec().unwrap())).collect()
+    }
+
+    /// Logits and the adapter's gradients of a model with one trainable adapter (on q of layer
+    /// 0) and mixed-precision products, on a fixed batch.
+    fn step(model: &CausalLm<T>) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+        let batch = Batch::from_ids(vec![vec![1, 5, 9, 2, 7], vec![3, 3, 8, 40, 1]]);
+        let logits = model.forward(&batch, None);
+        // Fixed weights of the logits in the loss (the backend's generator is shared by tests).
+        let n = logits.shape().num_elements();
+        let r: Vec<f32> = (0..n).map(|i| ((i * 37 % 101) as f32 - 50.0) / 50.0).collect();
+        let r = Tensor::<T, 3>::from_data(TensorData::new(r, logits.dims()), &LibTorchDevice::Cpu);
+        let grads = (logits.clone().cast(FloatDType::F32) * r.clone()).sum().backward();
+        let adapter = model.layers[0].self_attn.q_proj.lora.as_ref().unwrap();
+        let values = |t: Tensor<LibTorch<f32>, 2>| t.into_data().convert::<f32>().to_vec().unwrap();
+        let logits = logits.inner().into_data().convert::<f32>().to_vec().unwrap();
+        (logits, values(adapter.a.grad(&grads).unwrap()), values(adapter.b.grad(&grads).unwrap()))
+    }
+
+    #[test]
+    fn tch_frozen_weights_are_stored_narrower_only_where_nothing_is_lost() {
+        for tied in [false, true] {
+            let mut model = tiny("bfloat16", tied);
+            let device = LibTorchDevice::Cpu;
+            let a = Tensor::<T, 2>::random([2, 16], Distribution::Default, &device);
+            let b = Tensor::<T, 2>::random([16, 2], Distribution::Default, &device);
+            let adapter =
+                LoraAdapter { a: Param::from_tensor(a), b: Param::from_tensor(b), scaling: 0.5, dropout: 0.0, force_dropout: false };
+            model.layers[0].self_attn.q_proj.lora = Some(adapter);
+            model.set_matmul_dtype(Some(FloatDType::BF16));
+            let before = weights(&mut model);
+            let expected = step(&model);
+
+            let frozen: usize = before.iter().map(|(_, v)| v.len()).sum();
+            assert_eq!(model.store_frozen_weights_in_product_type(), 2 * frozen as u64, "tied {tied}: two bytes saved per value");
+            assert!(weights(&mut model).iter().all(|(dtype, _)| *dtype == DType::BF16), "tied {tied}: every frozen weight in bf16");
+            let adapter = model.layers[0].self_attn.q_proj.lora.as_ref().unwrap();
+            assert_eq!(adapter.a.val().dtype(), DType::F32, "the trainable adapter is left alone");
+            assert_eq!(model.norm.weight.val().dtype(), DType::F32, "the norms are left alone");
+            assert!(step(&model) == expected, "tied {tied}: logits and gradients bit for bit");
+            assert_eq!(model.store_frozen_weights_in_product_type(), 0, "nothing left to store");
+
+            model.set_matmul_dtype(None);
+            assert_eq!(weights(&mut model), before, "tied {tied}: turning mixed precision off gives the f32 weights back");
+        }
+    }
+
+    #[test]
+    fn tch_trainable_or_inexact_weights_are_not_stored_narrower() {
+        // f32 values (not bf16's): nothing is stored narrower.
+        let mut model = tiny("float32", false);
+        model.set_matmul_dtype(Some(FloatDType::BF16));
+        assert_eq!(model.store_frozen_weights_in_product_type(), 0);
+        assert!(weights(&mut model).iter().all(|(dtype, _)| *dtype == DType::F32));
+        // A trainable model: nothing either.
+        let device = LibTorchDevice::Cpu;
+        let json = r#"{"model_type": "llama", "vocab_size": 48, "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
+            "num_attention_heads": 4, "num_key_value_heads": 2, "tie_word_embeddings": false, "torch_dtype": "bfloat16"}"#;
+        let mut trainable = crate::random_model::<T>(ModelConfig::from_json_str(json).unwrap(), 3, &device, None).unwrap();
+        trainable.set_matmul_dtype(Some(FloatDType::BF16));
+        assert_eq!(trainable.store_frozen_weights_in_product_type(), 0);
+        // Without mixed precision: nothing.
+        let mut model = tiny("bfloat16", false);
+        assert_eq!(model.store_frozen_weights_in_product_type(), 0);
     }
 }

@@ -32,6 +32,10 @@ use burn::tensor::{DType, ElementConversion, FloatDType, Int, Tensor, TensorData
 /// the device's default integer type, which is 64 bits on libtorch and ndarray).
 const WORD_BITS: usize = 32;
 
+/// Values per run of rows when the tensor operations dequantize into a narrower type
+/// ([`QuantizedWeight::dequantize_by_tensor_ops_as`]): 2²³, ≈ 80 MB of f32 temporaries.
+const DEQUANTIZE_RUN_VALUES: usize = 1 << 23;
+
 /// A frozen `[out, in]` weight stored block-quantized (see the module documentation).
 #[derive(Module, Debug)]
 pub struct QuantizedWeight<B: Backend> {
@@ -147,12 +151,45 @@ impl<B: Backend> QuantizedWeight<B> {
 
     /// [`Self::dequantize`] in `dtype`: the values rounded to it once (as a cast of the f32
     /// weight rounds them), written directly in it by the GPU kernel, so that a mixed-precision
-    /// product never holds the f32 weight.
+    /// product never holds the f32 weight; elsewhere by the tensor operations, a run of rows at
+    /// a time ([`Self::dequantize_by_tensor_ops_as`]).
     pub fn dequantize_as(&self, dtype: FloatDType) -> Tensor<B, 2> {
+        // `ALIGNMENT_DEQUANTIZE_RUNS=0`: the whole weight at once, to measure what the runs save.
+        static RUNS: alignment_core::env_switch::EnvSwitch = alignment_core::env_switch::EnvSwitch::new("ALIGNMENT_DEQUANTIZE_RUNS");
         match self.dequantize_by_kernel(dtype) {
             Some(weight) => weight,
-            None => alignment_core::precision::cast_to(self.dequantize_by_tensor_ops(), dtype),
+            None => self.dequantize_by_tensor_ops_as(dtype, if RUNS.is_on() { DEQUANTIZE_RUN_VALUES } else { usize::MAX }),
         }
+    }
+
+    /// [`Self::dequantize_by_tensor_ops`] cast to `dtype`. When `dtype` is narrower than the
+    /// backend's float type (mixed precision on libtorch, where no kernel of ours runs), by runs
+    /// of whole rows of at most `run_values` values, each computed in f32 and cast before the
+    /// next: the f32 temporaries (unpacked bytes, looked-up and scaled values, ≈ 10 bytes a
+    /// value) then exist for one run instead of the whole weight — 0.55 GB for a Mistral-7B MLP
+    /// weight, ≈ 80 MB in runs of 2²³ values. The same bits as casting the whole weight: each
+    /// value is the same f32 product, rounded once. One run where rows do not start on a packed
+    /// word and a block of scales (`in_features` not a multiple of both), or `dtype` is not
+    /// narrower.
+    pub fn dequantize_by_tensor_ops_as(&self, dtype: FloatDType, run_values: usize) -> Tensor<B, 2> {
+        let [out, inp] = self.dims;
+        let narrower = DType::from(dtype).size() < DType::from(alignment_core::precision::float_type::<B>()).size();
+        let values_per_word = WORD_BITS / 4;
+        let aligned = inp.is_multiple_of(values_per_word) && inp.is_multiple_of(self.block_size);
+        let rows_per_run = (run_values / inp.max(1)).max(1);
+        if !narrower || !aligned || rows_per_run >= out {
+            return alignment_core::precision::cast_to(self.dequantize_by_tensor_ops(), dtype);
+        }
+        let (table, scales) = (byte_table(self.code_book.val()), self.block_scales());
+        let runs = (0..out)
+            .step_by(rows_per_run)
+            .map(|first| {
+                let rows = rows_per_run.min(out - first);
+                let values = self.values_by_tensor_ops(first * inp, rows * inp, table.clone(), scales.clone());
+                alignment_core::precision::cast_to(values.reshape([rows, inp]), dtype)
+            })
+            .collect();
+        Tensor::cat(runs, 0)
     }
 
     /// The dense weight in `dtype` by the GPU kernel ([`crate::nf4_kernel`]) where `B` is one of
@@ -177,13 +214,23 @@ impl<B: Backend> QuantizedWeight<B> {
     /// reference the GPU kernel is checked against).
     pub fn dequantize_by_tensor_ops(&self) -> Tensor<B, 2> {
         let [out, inp] = self.dims;
-        let n = out * inp;
+        self.values_by_tensor_ops(0, out * inp, byte_table(self.code_book.val()), self.block_scales()).reshape([out, inp])
+    }
+
+    /// Values `start..start + len` (in row-major order) by tensor operations, `start` on a packed
+    /// word and a block of `scales` (the block scales, [`Self::block_scales`]); `table` is
+    /// [`byte_table`] of the code book.
+    fn values_by_tensor_ops(&self, start: usize, len: usize, table: Tensor<B, 2>, scales: Tensor<B, 1>) -> Tensor<B, 1> {
+        let values_per_word = WORD_BITS / 4;
+        debug_assert!(start.is_multiple_of(values_per_word) && start.is_multiple_of(self.block_size), "a run starts on a word and a block");
+        let words = self.packed.val().narrow(0, start / values_per_word, len.div_ceil(values_per_word));
         // Two indices per byte, both looked up at once: half the unpacking passes of a
         // nibble at a time, and one gathered index per two values.
-        let pairs = n.div_ceil(2);
-        let bytes = unpack(self.packed.val(), 8, pairs);
-        let values = byte_table(self.code_book.val()).select(0, bytes).reshape([2 * pairs]).narrow(0, 0, n);
-        scale_blocks(values, self.block_scales(), self.block_size, n).reshape([out, inp])
+        let pairs = len.div_ceil(2);
+        let bytes = unpack(words, 8, pairs);
+        let values = table.select(0, bytes).reshape([2 * pairs]).narrow(0, 0, len);
+        let scales = scales.narrow(0, start / self.block_size, len.div_ceil(self.block_size));
+        scale_blocks(values, scales, self.block_size, len)
     }
 
     /// Bytes of the quantized format (indices at half a byte, scales as stored), whatever the
@@ -352,6 +399,27 @@ mod tests {
                 "nested {nested}, blocks of {block_size}"
             );
             assert!(weight.dequantize_by_kernel(FloatDType::BF16).is_none(), "bf16 is left to the tensor operations");
+        }
+    }
+
+    /// Dequantizing into bf16 by runs of rows gives the bits of casting the whole weight, with
+    /// runs ending mid-weight and a last run shorter, for plain and double-quantized scales; rows
+    /// that do not start on a word and a block go in one run, with the same bits.
+    #[cfg(feature = "tch")]
+    #[test]
+    fn tch_dequantizing_by_runs_of_rows_gives_the_whole_weights_bits() {
+        type B = burn::backend::LibTorch<f32>;
+        let device = burn::backend::libtorch::LibTorchDevice::Cpu;
+        for (nested, rows, inp, block_size) in [(true, 37, 128, 64), (false, 37, 128, 64), (true, 9, 40, 20), (false, 5, 100, 64)] {
+            let mut parts = parts_in_blocks(rows * inp, nested, block_size);
+            parts.dims = [rows, inp];
+            let weight = QuantizedWeight::<B>::from_parts(&parts, &device);
+            let whole = weight.dequantize_by_tensor_ops().cast(FloatDType::BF16).into_data();
+            for run_values in [inp, 5 * inp + 3, rows * inp, usize::MAX / 2] {
+                let by_runs = weight.dequantize_by_tensor_ops_as(FloatDType::BF16, run_values);
+                assert_eq!(by_runs.dims(), [rows, inp]);
+                by_runs.into_data().assert_eq(&whole, true);
+            }
         }
     }
 

@@ -129,6 +129,9 @@ pub fn merge_lora<B: Backend>(mut model: CausalLm<B>) -> CausalLm<B> {
         }
         let weight = lin.weight.val();
         let require_grad = weight.is_require_grad();
+        // In the model's float type: a frozen base may be stored in the products' half type
+        // (`CausalLm::store_frozen_weights_in_product_type`), which the sum would not fit.
+        let weight = alignment_core::precision::cast_to(weight, alignment_core::precision::float_type::<B>());
         let merged = (weight + lora.delta_weight()).detach();
         let merged = if require_grad { merged.require_grad() } else { merged };
         lin.weight = Param::initialized(lin.weight.id, merged);

@@ -588,8 +588,8 @@ impl Default for Recipe {
 /// each with the reason. A run names those its recipe sets (to a non-default value) in one note
 /// ([`Recipe::inert_keys_set`]); every other key acts ([`ACTING_KEYS`]).
 pub const INERT_KEYS: &[(&str, &str)] = &[
-    ("torch_dtype", "parameters are loaded and kept in f32 (bf16: true runs the products in bf16; with the optimizer offloaded, the weights are bf16 over an f32 master copy); the model is saved in its source dtype"),
-    ("dtype", "parameters are loaded and kept in f32 (bf16: true runs the products in bf16; with the optimizer offloaded, the weights are bf16 over an f32 master copy); the model is saved in its source dtype"),
+    ("torch_dtype", "parameters are loaded and kept in f32 (bf16: true runs the products in bf16 and holds frozen weights whose values are all bf16's, a LoRA base from a bf16 checkpoint, in bf16; with the optimizer offloaded, the weights are bf16 over an f32 master copy); the model is saved in its source dtype"),
+    ("dtype", "parameters are loaded and kept in f32 (bf16: true runs the products in bf16 and holds frozen weights whose values are all bf16's, a LoRA base from a bf16 checkpoint, in bf16; with the optimizer offloaded, the weights are bf16 over an f32 master copy); the model is saved in its source dtype"),
     ("model_init_kwargs", "the model is loaded as model_name_or_path, model_revision and load_in_4bit say"),
     ("attn_implementation", "there is one attention implementation"),
     ("use_flash_attention_2", "there is one attention implementation"),

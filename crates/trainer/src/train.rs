@@ -431,6 +431,12 @@ pub fn train_with<B: AutodiffBackend, T: Task, S: Strategy>(
     if config.bf16 || launcher_precision == "bf16" {
         if precision::supported::<B>(FloatDType::BF16, device) {
             model.set_matmul_dtype(Some(FloatDType::BF16));
+            // A frozen base (LoRA, QLoRA's embedding and head) from a bf16 checkpoint: held in
+            // bf16, its values unchanged.
+            let narrowed = model.store_frozen_weights_in_product_type();
+            if narrowed > 0 && is_main {
+                eprintln!("note: bf16: the frozen weights are held in bf16 ({:.0} MiB less)", narrowed as f64 / 1048576.0);
+            }
         } else if is_main {
             eprintln!("note: bf16: this backend has no bf16 arithmetic; training computes in f32");
         }
