@@ -71,6 +71,11 @@ def main():
         torch_row = next((r for r in group if r.get("impl") == "torch" and "tokens_per_second" in r), None)
         for r in group:
             name = r.get("backend", r.get("impl"))
+            # A variant set by environment switches (`NAME@f32-frozen`, `NAME@ops-logits`, ...)
+            # runs under the backend's own name: its label says which.
+            label_words = r.get("label", "").split()
+            if len(label_words) > 1 and label_words[0] == "ours" and "@" in label_words[1]:
+                name = label_words[1]
             if name.startswith("cuda") and r.get("products") == "backend":
                 name += " (CubeCL matmul)"
             elif name.startswith("cuda") and r.get("products") == "cublas-sync":
