@@ -574,6 +574,9 @@ fn run_train<B: AutodiffBackend>(args: &TrainArgs, matmul_dtype: Option<FloatDTy
     // here on the kernel's peak-RSS counter measures the steps alone (Linux; ignored elsewhere).
     let load_peak_rss_mib = alignment_core::memory::status_bytes("VmHWM").map(|b| b as f64 / 1048576.0);
     let _ = std::fs::write("/proc/self/clear_refs", "5");
+    // The same for the device (libtorch's CUDA allocator), as the PyTorch baseline resets its own.
+    #[cfg(feature = "tch")]
+    alignment_trainer::tch_device_memory::reset_peaks().map_err(|e| e.to_string())?;
     let (trainable, total) = count_params(&model);
     let vocab = config.vocab_size;
     let mut optimizer = AdamW::<B::InnerBackend>::new(AdamWConfig::default());
@@ -604,7 +607,7 @@ fn run_train<B: AutodiffBackend>(args: &TrainArgs, matmul_dtype: Option<FloatDTy
     let tokens_per_second = tokens_per_step as f64 / med;
     let flops = flops_per_token(&config, args.seq);
     let achieved_tflops = tokens_per_second * flops / 1e12;
-    let line = json!({
+    let mut line = json!({
         "impl": "ours",
         "backend": args.backend,
         "shape": args.shape.file_stem().and_then(|s| s.to_str()).unwrap_or("?"),
@@ -648,8 +651,29 @@ fn run_train<B: AutodiffBackend>(args: &TrainArgs, matmul_dtype: Option<FloatDTy
         "load_peak_rss_mib": load_peak_rss_mib,
         "peak_rss_mib": alignment_core::memory::status_bytes("VmHWM").map(|b| b as f64 / 1048576.0),
     });
+    if let Some((allocated, reserved)) = torch_device_peaks()? {
+        // Device memory by torch's allocator during the steps, under the keys of the PyTorch
+        // baseline's (torch.cuda.max_memory_allocated / max_memory_reserved): exact, and without
+        // the CUDA context nvidia-smi's sampled peak counts.
+        line["torch_max_allocated_mib"] = json!(allocated);
+        line["torch_max_reserved_mib"] = json!(reserved);
+    }
     println!("{line}");
     Ok(())
+}
+
+/// The peaks (MiB allocated, reserved) of torch's CUDA allocator on the GPU the steps used, since
+/// the reset after the model was made; `None` off libtorch or without a GPU.
+#[cfg(feature = "tch")]
+fn torch_device_peaks() -> Result<Option<(f64, f64)>, String> {
+    let used = alignment_trainer::tch_device_memory::used_devices().map_err(|e| e.to_string())?;
+    let mib = |b: u64| b as f64 / 1048576.0;
+    Ok(used.first().map(|(_, m)| (mib(m.peak_allocated), mib(m.peak_reserved))))
+}
+
+#[cfg(not(feature = "tch"))]
+fn torch_device_peaks() -> Result<Option<(f64, f64)>, String> {
+    Ok(None)
 }
 
 /// libtorch's profiler, running over the timed steps of a `tch-*` backend with `--profile`.

@@ -181,9 +181,14 @@ impl<B: Backend> Linear<B> {
         let dtype = self.matmul_dtype;
         let base = |x: Tensor<B, 3>| match (&self.quantized, &self.compressed) {
             // Under mixed precision the weight is dequantized straight into the products' type.
+            // Under autodiff, one recorded step that keeps the quantized weight, not the dense one
+            // (`quantized_product`).
             (Some(q), _) => match dtype {
                 None => project(x, q.dequantize()),
-                Some(half) => cast_to(project_as(x, q.dequantize_as(half), half), alignment_core::precision::float_type::<B>()),
+                Some(half) => match crate::quantized_product::project_quantized(x, q, half, false) {
+                    Ok(y) => y,
+                    Err(x) => cast_to(project_as(x, q.dequantize_as(half), half), alignment_core::precision::float_type::<B>()),
+                },
             },
             (None, Some(c)) => {
                 let x = cast_to(x, self.weight.val().dtype().into());
@@ -203,7 +208,10 @@ impl<B: Backend> Linear<B> {
     pub fn forward_in_product_type(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         let Some(dtype) = self.matmul_dtype else { return self.forward(x) };
         let base = |x| match (&self.quantized, &self.compressed) {
-            (Some(q), _) => project_as(x, q.dequantize_as(dtype), dtype),
+            (Some(q), _) => match crate::quantized_product::project_quantized(x, q, dtype, true) {
+                Ok(y) => y,
+                Err(x) => project_as(x, q.dequantize_as(dtype), dtype),
+            },
             (None, Some(c)) => cast_to(compressed::project_compressed(x, c), dtype),
             (None, None) => project_param_as(x, self.weight.val(), dtype),
         };

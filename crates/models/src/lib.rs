@@ -38,6 +38,7 @@ pub mod model;
 mod nf4_kernel;
 pub mod pretrained;
 pub mod quantized;
+mod quantized_product;
 mod recorded_norm;
 pub mod rope;
 #[cfg(any(feature = "cuda", feature = "wgpu"))]

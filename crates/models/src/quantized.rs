@@ -19,10 +19,12 @@
 //! the packed indices a byte at a time: one look-up in a 256-row table of the two values a byte
 //! stands for gives both (half the unpacking passes of a look-up per index).
 //!
-//! The dense weight exists only while the matmul that needs it runs. burn's matmul keeps its
-//! operands for the backward pass, so under autodiff a layer's dense weight lives until that
-//! layer's backward step: gradient checkpointing (which the trainer turns on for quantized
-//! models) bounds that to one layer at a time.
+//! The dense weight exists only while the matmul that needs it runs. Under mixed precision the
+//! product is one recorded step that dequantizes again in its backward pass
+//! ([`crate::quantized_product`], as bitsandbytes does), so no dense weight outlives its product.
+//! In f32, burn's matmul keeps its operands for the backward pass, so a layer's dense weights
+//! live until that layer's backward step: gradient checkpointing (which the trainer turns on for
+//! quantized models) bounds that to one layer at a time.
 
 use burn::module::{Module, Param, ParamId};
 use burn::tensor::backend::Backend;

@@ -523,8 +523,13 @@ impl DataParallel {
             Some(OwnedState::Host { .. }) => " (on the host)",
             None => "",
         };
+        // On the libtorch route with a GPU, the device's peak too (the process's so far).
+        #[cfg(feature = "tch")]
+        let device = crate::tch_device_memory::summary().map_or(String::new(), |line| format!("; {line}"));
+        #[cfg(not(feature = "tch"))]
+        let device = "";
         format!(
-            "rank {}/{} ({:?}): kept between steps: parameters {:.1} MiB, gradients {:.1} MiB, AdamW moments {:.1} MiB{place}; peak RSS {peak}",
+            "rank {}/{} ({:?}): kept between steps: parameters {:.1} MiB, gradients {:.1} MiB, AdamW moments {:.1} MiB{place}; peak RSS {peak}{device}",
             self.rank(),
             self.world_size(),
             self.stage,

@@ -31,6 +31,8 @@ pub mod tasks;
 #[cfg(feature = "tch")]
 mod tch_adamw;
 #[cfg(feature = "tch")]
+pub mod tch_device_memory;
+#[cfg(feature = "tch")]
 pub mod tch_profiler;
 mod tensor_collectives;
 pub mod train;
