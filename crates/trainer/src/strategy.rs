@@ -171,6 +171,11 @@ impl Strategy for SingleProcess {
     }
 
     fn conclude(&mut self) -> Result<(), TrainError> {
+        // On the libtorch route with a GPU: the device's peaks in torch's allocator.
+        #[cfg(feature = "tch")]
+        if let Some(line) = crate::tch_device_memory::summary() {
+            eprintln!("device memory: {line}");
+        }
         Ok(())
     }
 }
