@@ -134,6 +134,9 @@ runner_for() {
         # `NAME@keep-dense`: QLoRA's products by burn's operations, which keep each dense weight
         # until its backward step, instead of the recorded step that dequantizes again there.
         *@keep-dense) echo "env ALIGNMENT_QUANTIZED_PRODUCT_STEP=0 $BIN" ;;
+        # `NAME@two-step-mlp`: the gated MLP's gate and down projection as two recorded steps
+        # (keeping their product for the backward pass) instead of one.
+        *@two-step-mlp) echo "env ALIGNMENT_GATED_DOWN_STEP=0 $BIN" ;;
         # `NAME@ops-steps`: attention and RMSNorm by burn's operations instead of the recorded
         # steps written for GPU memory (models::blocked_attention, recorded_norm).
         *@ops-steps) echo "env ALIGNMENT_GPU_STEPS=0 $BIN" ;;
@@ -410,7 +413,7 @@ case "$PLAN" in
         CHECK_BACKENDS="tch-cuda tch-cuda-bf16" run_checks
         OURS_BACKENDS="tch-cuda-bf16 tch-cuda-bf16@ops-logits tch-cuda-bf16@chunked-head" bench llama-3.2-1b sft 1024 4 1
         OURS_BACKENDS=tch-cuda-bf16 bench smollm2-135m sft 1024 4 1
-        OURS_BACKENDS="tch-cuda-bf16 tch-cuda-bf16@chunked-head" bench llama-3.2-1b dpo 1024 2 1
+        OURS_BACKENDS="tch-cuda-bf16 tch-cuda-bf16@chunked-head tch-cuda-bf16@two-step-mlp" bench llama-3.2-1b dpo 1024 2 1
         ;;
     tch-profile)
         # Where the libtorch route's 1B step goes against PyTorch's, then the longer sequence.

@@ -75,7 +75,7 @@ fn is_torch<I: Backend>() -> bool {
 }
 
 /// `silu(g) · u` on the inner backend.
-fn forward<I: Backend>(g: FloatTensor<I>, u: FloatTensor<I>) -> FloatTensor<I> {
+pub(crate) fn forward<I: Backend>(g: FloatTensor<I>, u: FloatTensor<I>) -> FloatTensor<I> {
     #[cfg(feature = "tch")]
     if is_torch::<I>() {
         use burn::backend::libtorch::TchTensor;
@@ -86,7 +86,7 @@ fn forward<I: Backend>(g: FloatTensor<I>, u: FloatTensor<I>) -> FloatTensor<I> {
 }
 
 /// `(∂g, ∂u)` from `∂h` on the inner backend.
-fn backward<I: Backend>(g: FloatTensor<I>, u: FloatTensor<I>, dh: FloatTensor<I>) -> (FloatTensor<I>, FloatTensor<I>) {
+pub(crate) fn backward<I: Backend>(g: FloatTensor<I>, u: FloatTensor<I>, dh: FloatTensor<I>) -> (FloatTensor<I>, FloatTensor<I>) {
     #[cfg(feature = "tch")]
     if is_torch::<I>() {
         use burn::backend::libtorch::TchTensor;

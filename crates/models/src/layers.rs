@@ -72,6 +72,14 @@ impl<B: Backend> Linear<B> {
         }
     }
 
+    /// The half type of a map that is a dense weight multiplied under mixed precision and nothing
+    /// else (no adapter, no compressed or quantized base): what the gated MLP's recorded
+    /// down projection takes over (`crate::gated_down`). `None` for any other map.
+    pub(crate) fn dense_half_product(&self) -> Option<FloatDType> {
+        let dense = self.lora.is_none() && self.compressed.is_none() && self.quantized.is_none();
+        self.matmul_dtype.filter(|_| dense)
+    }
+
     /// Whether the map is the dense weight alone (no adapter, no compressed or quantized base, no
     /// mixed-precision product): what [`Self::forward_many`] can hand to one fused product.
     #[cfg(feature = "ndarray")]

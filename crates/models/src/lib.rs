@@ -27,6 +27,7 @@ pub mod decode;
 pub mod error;
 pub mod family;
 mod gate;
+mod gated_down;
 pub mod generate;
 pub mod gguf;
 mod gpu_steps;

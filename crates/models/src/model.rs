@@ -28,11 +28,19 @@ impl<B: Backend> Mlp<B> {
     ///
     /// Under mixed precision the gate, the up projection, the activation and their product stay
     /// in the products' half type, as autocast leaves them (`alignment_core::precision`); the
-    /// output is in the weights' type.
+    /// output is in the weights' type. There, under autodiff, a SiLU gate and a plain down
+    /// projection are one recorded step that keeps no product of the gate (`gated_down`).
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         let [gate, up] = match self.gate_proj.matmul_dtype {
             Some(_) => Linear::forward_many_in_product_type([&self.gate_proj, &self.up_proj], x),
             None => Linear::forward_many([&self.gate_proj, &self.up_proj], x),
+        };
+        let (gate, up) = match (self.activation, self.down_proj.dense_half_product()) {
+            (Activation::Silu, Some(half)) => match crate::gated_down::silu_gate_down(gate, up, self.down_proj.weight.val(), half) {
+                Ok(y) => return y,
+                Err((gate, up, _)) => (gate, up),
+            },
+            _ => (gate, up),
         };
         let hidden = match self.activation {
             Activation::Silu => silu_times(gate, up),
