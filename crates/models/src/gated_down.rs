@@ -16,6 +16,7 @@
 //! projection without an adapter (a LoRA adapter keeps `h` for its own gradient anyway).
 //! `ALIGNMENT_GATED_DOWN_STEP=0` runs the two steps, for measuring.
 
+use crate::half_product::{cast, rows};
 use alignment_core::backend::{retype, visit_autodiff, AutodiffVisitor};
 use alignment_core::gemm::float_matmul;
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
@@ -92,21 +93,6 @@ impl<B: Backend> AutodiffVisitor for Recorded<B> {
         drop(held);
         retype(Tensor::<Autodiff<I>, 3>::from_primitive(TensorPrimitive::Float(y)))
     }
-}
-
-/// `t` in `dtype`, unchanged when already of it.
-fn cast<I: Backend>(t: FloatTensor<I>, dtype: FloatDType) -> FloatTensor<I> {
-    if t.dtype() == DType::from(dtype) {
-        t
-    } else {
-        I::float_cast(t, dtype)
-    }
-}
-
-/// `[batch, seq, n]` as `[batch · seq, n]`.
-fn rows<I: Backend>(t: FloatTensor<I>) -> FloatTensor<I> {
-    let dims = t.shape().dims::<3>();
-    I::float_reshape(t, Shape::new([dims[0] * dims[1], dims[2]]))
 }
 
 /// What the backward pass keeps: `g` and `u` (half type), the parameter (a handle to the model's

@@ -110,7 +110,7 @@ impl<B: Backend> AutodiffVisitor for Recorded<B> {
 }
 
 /// `t` in `dtype`, unchanged when already of it.
-fn cast<I: Backend>(t: FloatTensor<I>, dtype: FloatDType) -> FloatTensor<I> {
+pub(crate) fn cast<I: Backend>(t: FloatTensor<I>, dtype: FloatDType) -> FloatTensor<I> {
     if t.dtype() == DType::from(dtype) {
         t
     } else {
@@ -119,7 +119,7 @@ fn cast<I: Backend>(t: FloatTensor<I>, dtype: FloatDType) -> FloatTensor<I> {
 }
 
 /// `[batch, seq, n]` as `[batch · seq, n]`.
-fn rows<I: Backend>(t: FloatTensor<I>) -> FloatTensor<I> {
+pub(crate) fn rows<I: Backend>(t: FloatTensor<I>) -> FloatTensor<I> {
     let dims = t.shape().dims::<3>();
     I::float_reshape(t, Shape::new([dims[0] * dims[1], dims[2]]))
 }

@@ -16,6 +16,7 @@
 //! operations' (the same casts, dequantization and products), which
 //! `ALIGNMENT_QUANTIZED_PRODUCT_STEP=0` runs instead, for measuring.
 
+use crate::half_product::{cast, rows};
 use crate::quantized::QuantizedWeight;
 use alignment_core::backend::{retype, visit_autodiff, AutodiffVisitor};
 use alignment_core::gemm::float_matmul;
@@ -26,7 +27,7 @@ use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::Autodiff;
 use burn::module::AutodiffModule;
 use burn::tensor::ops::FloatTensor;
-use burn::tensor::{backend::Backend, DType, FloatDType, Shape, Tensor, TensorMetadata, TensorPrimitive};
+use burn::tensor::{backend::Backend, FloatDType, Shape, Tensor, TensorMetadata, TensorPrimitive};
 
 /// `x Wᵀ` for `x: [batch, seq, in]` and the quantized `W: [out, in]`, computed in `half`, the
 /// result left in `half` when `keep_half`, else in the model's float type: one recorded step when
@@ -89,21 +90,6 @@ fn dense<I: Backend>(weight: &QuantizedWeight<I>, half: FloatDType) -> FloatTens
     weight.dequantize_as(half).into_primitive().tensor()
 }
 
-/// `t` in `dtype`, unchanged when already of it.
-fn cast<I: Backend>(t: FloatTensor<I>, dtype: FloatDType) -> FloatTensor<I> {
-    if t.dtype() == DType::from(dtype) {
-        t
-    } else {
-        I::float_cast(t, dtype)
-    }
-}
-
-/// `[batch, seq, n]` as `[batch · seq, n]`.
-fn rows<I: Backend>(t: FloatTensor<I>) -> FloatTensor<I> {
-    let dims = t.shape().dims::<3>();
-    I::float_reshape(t, Shape::new([dims[0] * dims[1], dims[2]]))
-}
-
 /// What the backward pass keeps: the quantized weight (handles to the model's own tensors), the
 /// input's `[batch, seq]`, the half type and the type of the input's gradient.
 #[derive(Clone, Debug)]
@@ -139,7 +125,7 @@ mod tests {
     use crate::layers::project_as;
     use crate::quantized::{QuantizedParts, ScaleParts};
     use alignment_core::precision::cast_to;
-    use burn::tensor::Distribution;
+    use burn::tensor::{DType, Distribution};
 
     type T3<I> = Tensor<Autodiff<I>, 3>;
 
