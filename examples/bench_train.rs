@@ -626,7 +626,8 @@ fn run_train<B: AutodiffBackend>(args: &TrainArgs, matmul_dtype: Option<FloatDTy
         "achieved_tflops": achieved_tflops,
         "mfu": achieved_tflops / args.peak_tflops,
         "losses": losses,
-        "gradient_checkpointing": args.gradient_checkpointing,
+        // What the step ran: a 4-bit base turns it on whatever the flag says.
+        "gradient_checkpointing": options.gradient_checkpointing,
         "chunked_head": args.chunked_head,
         "matmul_dtype": matmul_dtype.map(|d| format!("{d:?}")),
         // Bytes saved by storing frozen weights in the products' type (LoRA and QLoRA bases).

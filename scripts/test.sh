@@ -7,7 +7,8 @@
 # (`--features tch`, built against the reference environment's torch by scripts/with_torch.sh;
 # SKIP_TCH=1 skips this part): its fused attention and RMSNorm (crates/models/src/tch_attention.rs,
 # tch_norm.rs) against burn's decompositions, the recorded steps (gate, half-type products,
-# log-probabilities of bf16 logits) against burn's operations in bf16, the loss's passes over the
+# log-probabilities of bf16 logits) against burn's operations in bf16, the NF4 base dequantized
+# by torch's kernels (crates/models/src/tch_nf4.rs) against burn's operations, the loss's passes over the
 # logits as torch kernels (crates/objectives/src/tch_logits.rs) against burn's operations, the
 # torch tensors under burn's (crates/core/src/torch_storage.rs), its fused AdamW step (crates/trainer/src/tch_adamw.rs)
 # against the tensor formulation, its profiler (tch_profiler.rs: a trace naming the operators burn

@@ -131,6 +131,9 @@ runner_for() {
         *@f32-frozen) echo "env ALIGNMENT_FROZEN_IN_PRODUCT_TYPE=0 $BIN" ;;
         # `NAME@whole-dequant`: the tensor operations dequantize an NF4 weight whole, not by runs of rows.
         *@whole-dequant) echo "env ALIGNMENT_DEQUANTIZE_RUNS=0 $BIN" ;;
+        # `NAME@burn-dequant`: an NF4 weight dequantized by burn's tensor operations instead of
+        # four torch kernels a run of rows (models::tch_nf4).
+        *@burn-dequant) echo "env ALIGNMENT_DEQUANTIZE_BY_TORCH=0 $BIN" ;;
         # `NAME@keep-dense`: QLoRA's products by burn's operations, which keep each dense weight
         # until its backward step, instead of the recorded step that dequantizes again there.
         *@keep-dense) echo "env ALIGNMENT_QUANTIZED_PRODUCT_STEP=0 $BIN" ;;
@@ -421,11 +424,12 @@ case "$PLAN" in
         OURS_BACKENDS=tch-cuda-bf16 bench llama-3.2-1b sft 2048 2 1
         # QLoRA on the Mistral-7B shape (issue item 3), never run: the first session's budget ran
         # out before it. Against its arithmetic memory floor (report.py), so no PyTorch run
-        # (bitsandbytes is not on the device). Then, if budget is left, what its three memory
-        # changes of 2026-12-05 save, one at a time: the dense weights kept from each product
-        # to its backward step (@keep-dense), the embedding and head kept in f32 (@f32-frozen),
-        # the NF4 weights dequantized whole (@whole-dequant).
-        NO_TORCH=1 OURS_BACKENDS="tch-cuda-bf16 tch-cuda-bf16@keep-dense tch-cuda-bf16@f32-frozen tch-cuda-bf16@whole-dequant" bench mistral-7b qlora 2048 1 1
+        # (bitsandbytes is not on the device). Then, if budget is left, what the changes of
+        # 2026-12-05 save, one at a time: the dequantization by burn's tensor operations instead
+        # of torch's kernels (@burn-dequant, time), the dense weights kept from each product to
+        # its backward step (@keep-dense), the embedding and head kept in f32 (@f32-frozen), the
+        # NF4 weights dequantized whole (@whole-dequant).
+        NO_TORCH=1 OURS_BACKENDS="tch-cuda-bf16 tch-cuda-bf16@burn-dequant tch-cuda-bf16@keep-dense tch-cuda-bf16@f32-frozen tch-cuda-bf16@whole-dequant" bench mistral-7b qlora 2048 1 1
         ;;
     profile)
         # A second call after `first` (BUDGET_S=200): the 1B step again in case `first` ran out

@@ -47,6 +47,8 @@ mod softmax_kernel;
 #[cfg(feature = "tch")]
 mod tch_attention;
 #[cfg(feature = "tch")]
+mod tch_nf4;
+#[cfg(feature = "tch")]
 mod tch_norm;
 #[cfg(feature = "tch")]
 mod tch_op;

@@ -145,22 +145,21 @@ impl<B: Backend> QuantizedWeight<B> {
 
     /// The dense `[out, in]` weight in the backend's float type, computed on the weight's
     /// device: by one kernel on burn's GPU backends ([`crate::nf4_kernel`]), by one threaded
-    /// pass on the CPU backend ([`crate::cpu_nf4`]), else by [`Self::dequantize_by_tensor_ops`];
-    /// the same bits either way.
+    /// pass on the CPU backend ([`crate::cpu_nf4`]), by four torch kernels a run of rows on
+    /// libtorch ([`crate::tch_nf4`]), else by [`Self::dequantize_by_tensor_ops`]; the same bits
+    /// either way.
     pub fn dequantize(&self) -> Tensor<B, 2> {
         self.dequantize_as(alignment_core::precision::float_type::<B>())
     }
 
     /// [`Self::dequantize`] in `dtype`: the values rounded to it once (as a cast of the f32
-    /// weight rounds them), written directly in it by the GPU kernel, so that a mixed-precision
-    /// product never holds the f32 weight; elsewhere by the tensor operations, a run of rows at
-    /// a time ([`Self::dequantize_by_tensor_ops_as`]).
+    /// weight rounds them), written directly in it by the GPU kernel or torch's kernels, so that
+    /// a mixed-precision product never holds the f32 weight; elsewhere by the tensor operations,
+    /// a run of rows at a time ([`Self::dequantize_by_tensor_ops_as`]).
     pub fn dequantize_as(&self, dtype: FloatDType) -> Tensor<B, 2> {
-        // `ALIGNMENT_DEQUANTIZE_RUNS=0`: the whole weight at once, to measure what the runs save.
-        static RUNS: alignment_core::env_switch::EnvSwitch = alignment_core::env_switch::EnvSwitch::new("ALIGNMENT_DEQUANTIZE_RUNS");
         match self.dequantize_by_kernel(dtype) {
             Some(weight) => weight,
-            None => self.dequantize_by_tensor_ops_as(dtype, if RUNS.is_on() { DEQUANTIZE_RUN_VALUES } else { usize::MAX }),
+            None => self.dequantize_by_tensor_ops_as(dtype, run_values()),
         }
     }
 
@@ -195,10 +194,16 @@ impl<B: Backend> QuantizedWeight<B> {
     }
 
     /// The dense weight in `dtype` by the GPU kernel ([`crate::nf4_kernel`]) where `B` is one of
-    /// burn's CubeCL backends this crate is built with (`cuda`, `wgpu`), or by the CPU's threaded
-    /// pass ([`crate::cpu_nf4`]) in f32 where `B` is the CPU backend; under autodiff too (the
-    /// result is not tracked, the weight being frozen). `None` elsewhere.
+    /// burn's CubeCL backends this crate is built with (`cuda`, `wgpu`), by the CPU's threaded
+    /// pass ([`crate::cpu_nf4`]) in f32 where `B` is the CPU backend, or by four torch kernels a
+    /// run of rows ([`crate::tch_nf4`]) where `B` is a libtorch backend and the rows are
+    /// aligned; under autodiff too (the result is not tracked, the weight being frozen). `None`
+    /// elsewhere.
     pub fn dequantize_by_kernel(&self, dtype: FloatDType) -> Option<Tensor<B, 2>> {
+        #[cfg(feature = "tch")]
+        if let Some(weight) = crate::tch_nf4::dequantize(self, dtype, run_values()) {
+            return Some(weight);
+        }
         #[cfg(feature = "ndarray")]
         if let Some(weight) = crate::cpu_nf4::dequantize(self, dtype) {
             return Some(weight);
@@ -273,9 +278,20 @@ fn words<B: Backend>(bytes: &[u8], device: &B::Device) -> Tensor<B, 1, Int> {
     Tensor::from_data(TensorData::new(words, [len]), (device, DType::I32))
 }
 
+/// Values per run of rows, [`DEQUANTIZE_RUN_VALUES`]; the whole weight at once under
+/// `ALIGNMENT_DEQUANTIZE_RUNS=0`, to measure what the runs save.
+fn run_values() -> usize {
+    static RUNS: alignment_core::env_switch::EnvSwitch = alignment_core::env_switch::EnvSwitch::new("ALIGNMENT_DEQUANTIZE_RUNS");
+    if RUNS.is_on() {
+        DEQUANTIZE_RUN_VALUES
+    } else {
+        usize::MAX
+    }
+}
+
 /// The code book's values for every byte of two packed indices, `[256, 2]`: the high nibble's
 /// value, then the low nibble's.
-fn byte_table<B: Backend>(code_book: Tensor<B, 1>) -> Tensor<B, 2> {
+pub(crate) fn byte_table<B: Backend>(code_book: Tensor<B, 1>) -> Tensor<B, 2> {
     let bytes = Tensor::<B, 1, Int>::arange(0..256, &code_book.device());
     let high = bytes.clone().bitwise_right_shift_scalar(4i64.elem());
     let low = bytes.bitwise_and_scalar(15i64.elem());
@@ -307,7 +323,7 @@ fn scale_blocks<B: Backend>(values: Tensor<B, 1>, scales: Tensor<B, 1>, block: u
 }
 
 #[cfg(all(test, any(feature = "ndarray", feature = "tch")))]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     /// Parts of `len` values with every 4-bit and 8-bit index pattern (high nibbles and bytes
@@ -317,7 +333,7 @@ mod tests {
     }
 
     /// [`parts`] with `block_size` values per scale.
-    fn parts_in_blocks(len: usize, nested: bool, block_size: usize) -> QuantizedParts {
+    pub(crate) fn parts_in_blocks(len: usize, nested: bool, block_size: usize) -> QuantizedParts {
         let blocks = len.div_ceil(block_size);
         let packed_bytes = (0..len.div_ceil(2)).map(|i| (i * 37 + 11) as u8).collect();
         let code_book = (0..16).map(|i| (i as f32 - 7.5) / 7.5).collect();
