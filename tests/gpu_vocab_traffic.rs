@@ -56,3 +56,38 @@ fn the_bytes_over_vocabulary_sized_tensors_are_counted_once_per_computing_operat
     );
     assert!(!stdout.contains("aten::mm") && !stdout.contains("aten::scatter_"), "{stdout}");
 }
+
+/// Without `--vocab`, every tensor of `--min-elements` or more is counted, the products and the
+/// attention kernels left out, and a copy is named by the operator it runs in.
+#[test]
+fn every_large_tensor_is_counted_and_copies_are_named_by_their_operator() {
+    const N: u64 = 1_000_000;
+    let trace = json!({"traceEvents": [
+        // A cast inside `aten::to`: bf16 read, f32 written, 2 + 4 MB.
+        op("aten::to", 0.0, 10.0, json!([[N]]), json!(["c10::BFloat16"])),
+        op("aten::copy_", 1.0, 5.0, json!([[N], [N]]), json!(["float", "c10::BFloat16"])),
+        // A copy of its own: 4 + 4 MB.
+        op("aten::copy_", 20.0, 5.0, json!([[N], [N]]), json!(["float", "float"])),
+        // In place on two f32 tensors: both read, one written, 12 MB.
+        op("aten::add_", 30.0, 5.0, json!([[N], [N], []]), json!(["float", "float", "Scalar"])),
+        // Left out: a product, an attention kernel, a tensor under the threshold.
+        op("aten::mm", 40.0, 5.0, json!([[1000, 1000], [1000, 1000]]), json!(["float", "float"])),
+        op("aten::_scaled_dot_product_flash_attention", 50.0, 5.0, json!([[1, 4, 1000, 250]]), json!(["c10::BFloat16"])),
+        op("aten::mul", 60.0, 5.0, json!([[999], [999]]), json!(["float", "float"])),
+    ]});
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("trace.json");
+    std::fs::write(&path, trace.to_string()).unwrap();
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/gpu/vocab_traffic.py");
+    let output = Command::new("python3").arg(script).args(["--min-elements", "1000"]).arg(&path).output().expect("python3 runs");
+    assert!(output.status.success(), "vocab_traffic.py failed: {}", String::from_utf8_lossy(&output.stderr));
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(stdout.contains("26 MB over tensors of 1000 elements or more (read 14, written 12)"), "{stdout}");
+    assert!(
+        stdout.contains("12 MB  aten::add_")
+            && stdout.contains("8 MB  aten::copy_\n")
+            && stdout.contains("6 MB  aten::copy_ (in aten::to)"),
+        "{stdout}"
+    );
+    assert!(!stdout.contains("aten::mm") && !stdout.contains("flash") && !stdout.contains("aten::mul"), "{stdout}");
+}

@@ -2,6 +2,12 @@
 """Bytes a training step moves over vocabulary-sized tensors, counted from a libtorch trace.
 
     python3 vocab_traffic.py --vocab 128256 PATH [PATH ...]
+    python3 vocab_traffic.py --min-elements 100000 PATH [PATH ...]
+
+The second form counts every tensor of at least that many elements instead (the products and
+the attention kernels left out: both implementations run the same ones), and names each copy by
+the operator it runs in (`aten::copy_ (in aten::to)`: a cast), to find where one step moves more
+bytes than the other outside its products.
 
 Each PATH is a `trace.json` written by `bench_train train --profile` (ours on a `tch-*` backend)
 or `torch_baseline.py --profile` (PyTorch), on the CPU or a GPU: the operators are the same. For
@@ -85,19 +91,22 @@ def tensors(op):
     return out
 
 
-def traffic(path, vocab):
+def traffic(path, vocab, min_elements=1_000_000):
     """(bytes read, bytes written, {operator: bytes}, bytes of the CPU's converting copies) over
-    vocabulary-sized tensors."""
+    vocabulary-sized tensors, or over every tensor of `min_elements` or more when `vocab` is
+    `None` (products and attention kernels left out, copies named by their outermost operator)."""
     read = written = converting = 0
     per = collections.Counter()
     for op, outermost in computing_operators(path):
         inputs = tensors(op)
-        if not any(dims[-1] == vocab for dims, _, _ in inputs):
+        if vocab is not None and not any(dims[-1] == vocab for dims, _, _ in inputs):
             continue
-        row_dot = op["name"] == "aten::bmm" and len(inputs[0][0]) == 3 and inputs[0][0][1] == 1
+        row_dot = vocab is not None and op["name"] == "aten::bmm" and len(inputs[0][0]) == 3 and inputs[0][0][1] == 1
         if "mm" in op["name"] and not row_dot:
             continue
-        large = [b for _, n, b in inputs if n >= 1_000_000]
+        if vocab is None and ("scaled_dot_product" in op["name"] or "flash" in op["name"]):
+            continue
+        large = [b for _, n, b in inputs if n >= min_elements]
         if op["name"] == "aten::copy_" and len(inputs) == 2:
             r, w = inputs[1][2], inputs[0][2]
         elif op["name"] in ("aten::fill_", "aten::zero_"):
@@ -112,7 +121,8 @@ def traffic(path, vocab):
         read += r
         written += w
         if r + w:
-            per[op["name"]] += r + w
+            copy_in = vocab is None and op["name"] == "aten::copy_" and outermost != op["name"]
+            per[f"aten::copy_ (in {outermost})" if copy_in else op["name"]] += r + w
         if op["name"] == "aten::copy_" and outermost in CONVERTING:
             converting += r + w
     return read, written, per, converting
@@ -121,12 +131,14 @@ def traffic(path, vocab):
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("traces", nargs="+")
-    p.add_argument("--vocab", type=int, required=True, help="the vocabulary size (the logits' last dimension)")
+    p.add_argument("--vocab", type=int, help="the vocabulary size (the logits' last dimension); without it, every tensor")
+    p.add_argument("--min-elements", type=int, default=1_000_000, help="the smallest tensor counted")
     p.add_argument("--top", type=int, default=6)
     args = p.parse_args()
     for path in args.traces:
-        read, written, per, converting = traffic(path, args.vocab)
-        print(f"{path}: {(read + written) / 1e6:.0f} MB over [..., {args.vocab}] tensors (read {read / 1e6:.0f}, written {written / 1e6:.0f})")
+        read, written, per, converting = traffic(path, args.vocab, args.min_elements)
+        over = f"[..., {args.vocab}] tensors" if args.vocab is not None else f"tensors of {args.min_elements} elements or more"
+        print(f"{path}: {(read + written) / 1e6:.0f} MB over {over} (read {read / 1e6:.0f}, written {written / 1e6:.0f})")
         if converting:
             print(f"  of which {converting / 1e6:.0f} MB copies inside converting operators (CPU only): {(read + written - converting) / 1e6:.0f} MB on a GPU")
         for name, total in per.most_common(args.top):

@@ -76,27 +76,45 @@ fn is_torch<I: Backend>() -> bool {
 
 /// `silu(g) · u` on the inner backend.
 pub(crate) fn forward<I: Backend>(g: FloatTensor<I>, u: FloatTensor<I>) -> FloatTensor<I> {
+    I::float_mul(silu::<I>(g), u)
+}
+
+/// `silu(g)` on the inner backend, as [`forward`] computes it: torch's `silu` on libtorch,
+/// `g · sigmoid(g)` elsewhere.
+pub(crate) fn silu<I: Backend>(g: FloatTensor<I>) -> FloatTensor<I> {
     #[cfg(feature = "tch")]
     if is_torch::<I>() {
         use burn::backend::libtorch::TchTensor;
-        let (g, u): (TchTensor, TchTensor) = (retype(g), retype(u));
-        return retype(TchTensor::new(g.tensor.silu() * &u.tensor));
+        let g: TchTensor = retype(g);
+        return retype(TchTensor::new(g.tensor.silu()));
     }
-    I::float_mul(I::float_mul(g.clone(), I::sigmoid(g)), u)
+    I::float_mul(g.clone(), I::sigmoid(g))
 }
 
 /// `(∂g, ∂u)` from `∂h` on the inner backend.
 pub(crate) fn backward<I: Backend>(g: FloatTensor<I>, u: FloatTensor<I>, dh: FloatTensor<I>) -> (FloatTensor<I>, FloatTensor<I>) {
+    backward_given_silu::<I>(g, u, dh, None)
+}
+
+/// [`backward`] reusing `silu(g)` where the caller has computed it already ([`silu`]; the
+/// gated down projection recomputes it for its weight gradient), else computing it.
+pub(crate) fn backward_given_silu<I: Backend>(
+    g: FloatTensor<I>,
+    u: FloatTensor<I>,
+    dh: FloatTensor<I>,
+    silu_g: Option<FloatTensor<I>>,
+) -> (FloatTensor<I>, FloatTensor<I>) {
     #[cfg(feature = "tch")]
     if is_torch::<I>() {
         use burn::backend::libtorch::TchTensor;
+        let silu_g: TchTensor = retype(silu_g.unwrap_or_else(|| silu::<I>(g.clone())));
         let (g, u, dh): (TchTensor, TchTensor, TchTensor) = (retype(g), retype(u), retype(dh));
-        let du = &dh.tensor * g.tensor.silu();
+        let du = &dh.tensor * &silu_g.tensor;
         let dg = g.tensor.silu_backward(&(&dh.tensor * &u.tensor));
         return (retype(TchTensor::new(dg)), retype(TchTensor::new(du)));
     }
     let s = I::sigmoid(g.clone());
-    let silu = I::float_mul(g, s.clone());
+    let silu = silu_g.unwrap_or_else(|| I::float_mul(g, s.clone()));
     let du = I::float_mul(dh.clone(), silu.clone());
     // s · (1 + g · (1 − s)) = s + silu · (1 − s)
     let one_minus_s = I::float_add_scalar(I::float_neg(s.clone()), 1.0.into());

@@ -4,8 +4,9 @@
 //!
 //! ```text
 //! forward:   h = silu(g) · u;  y = h · (W as half)ᵀ                    [y as the model's float type]
-//! backward:  h = silu(g) · u again;  ∂W = (∂y as half)ᵀ · h  as W's type
-//!            ∂h = (∂y as half) · (W as half);  ∂g, ∂u from ∂h as the gate's own step (`gate`)
+//! backward:  s = silu(g);  h = s · u again;  ∂W = (∂y as half)ᵀ · h  as W's type
+//!            ∂h = (∂y as half) · (W as half);  ∂g, ∂u from ∂h as the gate's own step (`gate`),
+//!            ∂u = ∂h · s reusing s
 //! ```
 //!
 //! As two steps (`gate`'s, then `half_product`'s), the gate kept `g` and `u` and the product kept
@@ -117,15 +118,17 @@ impl<I: Backend> Backward<I, 3> for GatedDownBackward {
         let shape = g.shape().dims::<3>();
         let weight_type: FloatDType = weight.dtype().into();
         let dy = rows::<I>(cast::<I>(grads.consume::<I>(&ops.node), half));
+        // silu(g) once, for h and for ∂u.
+        let silu = crate::gate::silu::<I>(g.clone());
         if let Some(node) = w_node {
-            let h = crate::gate::forward::<I>(g.clone(), u.clone());
+            let h = I::float_mul(silu.clone(), u.clone());
             let dw = float_matmul::<I>(I::float_transpose(dy.clone()), rows::<I>(h));
             grads.register::<I>(node.id, cast::<I>(dw, weight_type));
         }
         if g_node.is_some() || u_node.is_some() {
             let dh = float_matmul::<I>(dy, cast::<I>(weight, half));
             let dh = I::float_reshape(dh, Shape::new(shape));
-            let (dg, du) = crate::gate::backward::<I>(g, u, dh);
+            let (dg, du) = crate::gate::backward_given_silu::<I>(g, u, dh, Some(silu));
             if let Some(node) = g_node {
                 grads.register::<I>(node.id, dg);
             }

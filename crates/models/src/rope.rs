@@ -52,18 +52,71 @@ pub fn cos_sin<B: Backend>(inv_freq: &[f32], positions: &[Vec<i64>], device: &B:
     (angles.clone().cos(), angles.sin())
 }
 
-/// Rotates `[batch, heads, seq, head_dim]` queries or keys by their positions.
+/// Rotates `[batch, heads, seq, head_dim]` queries or keys by their positions:
+/// `x · cos + rotate_half(x) · sin`, computed as `x · cos + swap_halves(x) · [−sin₁, sin₂]`.
+///
+/// The two are equal bit for bit (`(−a)·b` and `a·(−b)` round alike), and so are their
+/// gradients. The second form is one `flip` each way where `rotate_half`'s slices, negation and
+/// concatenation cost five operations forward and, under autodiff, a zero-filled tensor and an
+/// assignment per slice and two accumulations backward; its sign is applied to the
+/// `[batch, 1, seq, head_dim]` table, not to the heads.
 pub fn apply<B: Backend>(x: Tensor<B, 4>, cos: &Tensor<B, 4>, sin: &Tensor<B, 4>) -> Tensor<B, 4> {
     let [b, h, t, d] = x.dims();
-    let first = x.clone().slice([0..b, 0..h, 0..t, 0..d / 2]);
-    let second = x.clone().slice([0..b, 0..h, 0..t, d / 2..d]);
-    let rotated = Tensor::cat(vec![second.neg(), first], 3);
-    x * cos.clone() + rotated * sin.clone()
+    let swapped = x.clone().reshape([b, h, t, 2, d / 2]).flip([3]).reshape([b, h, t, d]);
+    x * cos.clone() + swapped * signed_sin(sin)
+}
+
+/// `[−sin₁, sin₂]`: the first half of the head dimensions negated.
+fn signed_sin<B: Backend>(sin: &Tensor<B, 4>) -> Tensor<B, 4> {
+    let [b, h, t, d] = sin.dims();
+    let first = sin.clone().slice([0..b, 0..h, 0..t, 0..d / 2]).neg();
+    let second = sin.clone().slice([0..b, 0..h, 0..t, d / 2..d]);
+    Tensor::cat(vec![first, second], 3)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// transformers' `x · cos + rotate_half(x) · sin`, as burn's operations.
+    #[cfg(feature = "ndarray")]
+    fn rotate_half_form<B: Backend>(x: Tensor<B, 4>, cos: &Tensor<B, 4>, sin: &Tensor<B, 4>) -> Tensor<B, 4> {
+        let [b, h, t, d] = x.dims();
+        let first = x.clone().slice([0..b, 0..h, 0..t, 0..d / 2]);
+        let second = x.clone().slice([0..b, 0..h, 0..t, d / 2..d]);
+        let rotated = Tensor::cat(vec![second.neg(), first], 3);
+        x * cos.clone() + rotated * sin.clone()
+    }
+
+    /// The swapped-halves form gives `rotate_half`'s values and gradients bit for bit, for
+    /// queries and grouped keys, a batch of two position lists, and the llama3 frequencies.
+    #[cfg(feature = "ndarray")]
+    #[test]
+    fn swapped_halves_give_rotate_halfs_bits_and_gradients() {
+        type B = burn::backend::Autodiff<burn::backend::NdArray<f32>>;
+        use burn::tensor::Distribution;
+        let device = Default::default();
+        let scaling =
+            RopeScaling::Llama3 { factor: 32.0, low_freq_factor: 1.0, high_freq_factor: 4.0, original_max_position_embeddings: 8192.0 };
+        let inv_freq = inverse_frequencies(64, 500000.0, &scaling);
+        let positions = vec![(0..7).collect::<Vec<i64>>(), vec![3, 4, 5, 0, 1, 2, 9000]];
+        let (cos, sin) = cos_sin::<B>(&inv_freq, &positions, &device);
+        for heads in [4, 1] {
+            let x = Tensor::<B, 4>::random([2, heads, 7, 64], Distribution::Normal(0.0, 3.0), &device).require_grad();
+            let upstream = Tensor::<B, 4>::random([2, heads, 7, 64], Distribution::Normal(0.0, 1.0), &device);
+            let mut values = Vec::new();
+            let mut gradients = Vec::new();
+            for form in [apply::<B> as fn(_, &_, &_) -> _, rotate_half_form::<B>] {
+                let y = form(x.clone(), &cos, &sin);
+                let grads = (y.clone() * upstream.clone()).sum().backward();
+                values.push(y.into_data().into_vec::<f32>().unwrap());
+                gradients.push(x.grad(&grads).unwrap().into_data().into_vec::<f32>().unwrap());
+            }
+            let bits = |v: &[f32]| v.iter().map(|x| if *x == 0.0 { 0 } else { x.to_bits() }).collect::<Vec<u32>>();
+            assert_eq!(bits(&values[0]), bits(&values[1]), "{heads} heads: values");
+            assert_eq!(bits(&gradients[0]), bits(&gradients[1]), "{heads} heads: gradients");
+        }
+    }
 
     #[test]
     fn llama3_scaling_keeps_high_and_divides_low_frequencies() {
