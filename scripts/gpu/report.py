@@ -62,7 +62,9 @@ def main():
             # Runs with gradient checkpointing compare among themselves; ours with the chunked head
             # alone (no full logits, as TRL 1.16's SFTTrainer computes its loss with a fused head)
             # beside PyTorch's plain step.
-            lean = bool(r.get("gradient_checkpointing") or str(r.get("backend", "")).endswith("-gc"))
+            # A 4-bit base always checkpoints (bench_train reports it so), and PyTorch's QLoRA row is
+            # a skipped one: QLoRA's rows are one group whatever they say.
+            lean = bool(r.get("gradient_checkpointing") or str(r.get("backend", "")).endswith("-gc") or r.get("task") == "qlora")
             groups.setdefault((r["shape"], r["task"], r.get("seq"), r.get("batch"), lean), []).append(r)
     print(
         "\nThroughput (median step after warm-up; MFU against 989 TFLOP/s; peak = device memory sampled by nvidia-smi, "
