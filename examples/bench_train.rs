@@ -129,8 +129,8 @@ struct UpdateArgs {
 #[derive(Parser)]
 struct TrainArgs {
     /// `cpu`, `cuda` (f32), `cuda-bf16` (mixed: bf16 products over f32 parameters, what
-    /// `bf16: true` runs), `cuda-pure-bf16` (everything bf16), the same for `tch-cuda`; `tch-cpu`
-    /// and `tch-cpu-bf16` (mixed, torch's CPU bf16), `wgpu`, `wgpu-f16` (mixed with f16) — those
+    /// `bf16: true` runs), `cuda-pure-bf16` (everything bf16), the same for `tch-cuda`; `tch-cpu`,
+    /// `tch-cpu-bf16` (mixed, torch's CPU bf16) and `tch-cpu-pure-bf16`, `wgpu`, `wgpu-f16` (mixed with f16) — those
     /// built in.
     #[arg(long, default_value = "cpu")]
     backend: String,
@@ -256,6 +256,12 @@ macro_rules! with_backend {
                 $body
             }
             #[cfg(feature = "tch")]
+            "tch-cpu-pure-bf16" => {
+                type $b = burn::backend::Autodiff<alignment_core::backend::TorchBf16>;
+                let $device = burn::backend::libtorch::LibTorchDevice::Cpu;
+                $body
+            }
+            #[cfg(feature = "tch")]
             "tch-cuda" | "tch-cuda-bf16" => {
                 type $b = burn::backend::Autodiff<alignment_core::backend::Torch>;
                 let $device = burn::backend::libtorch::LibTorchDevice::Cuda(0);
@@ -276,7 +282,11 @@ macro_rules! with_backend {
             other => Err(format!(
                 "backend `{other}` is not built into this binary (features: cpu{}{}{})",
                 if cfg!(feature = "cuda") { ", cuda, cuda-bf16, cuda-pure-bf16" } else { "" },
-                if cfg!(feature = "tch") { ", tch-cpu, tch-cpu-bf16, tch-cuda, tch-cuda-bf16, tch-cuda-pure-bf16" } else { "" },
+                if cfg!(feature = "tch") {
+                    ", tch-cpu, tch-cpu-bf16, tch-cpu-pure-bf16, tch-cuda, tch-cuda-bf16, tch-cuda-pure-bf16"
+                } else {
+                    ""
+                },
                 if cfg!(feature = "wgpu") { ", wgpu, wgpu-f16" } else { "" }
             )),
         }
