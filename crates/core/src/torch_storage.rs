@@ -7,7 +7,7 @@ use crate::backend::{retype, Torch, TorchBf16};
 use burn::backend::libtorch::TchTensor;
 use burn::backend::Autodiff;
 use burn::tensor::backend::Backend;
-use burn::tensor::{Int, Tensor, TensorPrimitive};
+use burn::tensor::{FloatDType, Int, Tensor, TensorPrimitive};
 use std::any::TypeId;
 
 /// `$on!(K)` for each libtorch backend `K` of this crate: the one list.
@@ -16,6 +16,16 @@ macro_rules! for_each_libtorch {
         $on!(Torch);
         $on!(TorchBf16);
     };
+}
+
+/// torch's kind for burn's float type.
+pub fn kind_of(dtype: FloatDType) -> tch::Kind {
+    match dtype {
+        FloatDType::F64 => tch::Kind::Double,
+        FloatDType::F32 | FloatDType::Flex32 => tch::Kind::Float,
+        FloatDType::F16 => tch::Kind::Half,
+        FloatDType::BF16 => tch::Kind::BFloat16,
+    }
 }
 
 /// Whether `B` is a libtorch backend of this crate ([`Torch`], [`TorchBf16`]) or the autodiff

@@ -61,11 +61,18 @@ fn round_to_checkpoint_type(values: &mut [f32], dtype: &str) {
         "float16" => |v| half::f16::from_f32(v).to_f32(),
         _ => return,
     };
+    on_every_core(values, |_, part| part.iter_mut().for_each(|v| *v = round(*v)));
+}
+
+/// Runs `work(c, part)` on the `c`-th of `values`' parts, one part per core (at least 2¹⁶
+/// values each), all at once.
+fn on_every_core(values: &mut [f32], work: impl Fn(usize, &mut [f32]) + Sync) {
     let threads = std::thread::available_parallelism().map_or(1, |t| t.get());
     let chunk = values.len().div_ceil(threads).max(1 << 16);
+    let work = &work;
     std::thread::scope(|scope| {
-        for part in values.chunks_mut(chunk) {
-            scope.spawn(move || part.iter_mut().for_each(|v| *v = round(*v)));
+        for (c, part) in values.chunks_mut(chunk).enumerate() {
+            scope.spawn(move || work(c, part));
         }
     });
 }
@@ -75,23 +82,17 @@ fn round_to_checkpoint_type(values: &mut [f32], dtype: &str) {
 /// from `seed`, one per chunk, on every core.
 pub fn host_normal_like(n: usize, std: f64, seed: u64) -> Vec<f32> {
     let mut values = vec![0f32; n];
-    let threads = std::thread::available_parallelism().map_or(1, |t| t.get());
-    let chunk = n.div_ceil(threads).max(1 << 16);
     let half_width = (3f64.sqrt() * std) as f32;
-    std::thread::scope(|scope| {
-        for (c, part) in values.chunks_mut(chunk).enumerate() {
-            scope.spawn(move || {
-                let mut state = seed ^ (c as u64).wrapping_mul(0xD1B5_4A32_D192_ED03);
-                for v in part {
-                    state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-                    let mut z = state;
-                    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-                    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-                    z ^= z >> 31;
-                    let unit = (z >> 40) as f32 / (1u64 << 24) as f32; // [0, 1)
-                    *v = (2.0 * unit - 1.0) * half_width;
-                }
-            });
+    on_every_core(&mut values, |c, part| {
+        let mut state = seed ^ (c as u64).wrapping_mul(0xD1B5_4A32_D192_ED03);
+        for v in part {
+            state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+            let mut z = state;
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            z ^= z >> 31;
+            let unit = (z >> 40) as f32 / (1u64 << 24) as f32; // [0, 1)
+            *v = (2.0 * unit - 1.0) * half_width;
         }
     });
     values

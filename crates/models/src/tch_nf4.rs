@@ -24,10 +24,10 @@
 //! `ALIGNMENT_DEQUANTIZE_BY_TORCH=0` sends every weight there, to measure what this saves.
 
 use crate::quantized::{byte_table, QuantizedWeight};
-use alignment_core::torch_storage::{float_storage, from_float_storage, int_storage};
+use alignment_core::torch_storage::{float_storage, from_float_storage, int_storage, kind_of};
 use burn::backend::libtorch::TchTensor;
 use burn::tensor::backend::Backend;
-use burn::tensor::{FloatDType, Tensor};
+use burn::tensor::{DType, FloatDType, Tensor};
 use tch::Kind;
 
 /// Indices packed per 32-bit word, and bytes per word.
@@ -49,15 +49,16 @@ pub(crate) fn dequantize<B: Backend>(weight: &QuantizedWeight<B>, dtype: FloatDT
     {
         return None;
     }
-    let words = int_storage(weight.packed.val())?.tensor;
-    let table = float_storage(byte_table(weight.code_book.val()))?.tensor;
-    let scales = float_storage(weight.block_scales())?.tensor;
+    let table = byte_table(weight.code_book.val());
     // The products are computed in the code book's type (f32 as stored, whatever the backend's
     // float type): a result wider than that would not hold the tensor operations' values.
-    if element_size(kind(dtype)) > element_size(table.kind()) {
+    if DType::from(dtype).size() > table.dtype().size() {
         return None;
     }
-    let result = tch::Tensor::empty([out as i64, inp as i64], (kind(dtype), words.device()));
+    let words = int_storage(weight.packed.val())?.tensor;
+    let table = float_storage(table)?.tensor;
+    let scales = float_storage(weight.block_scales())?.tensor;
+    let result = tch::Tensor::empty([out as i64, inp as i64], (kind_of(dtype), words.device()));
     let rows_per_run = (run_values / inp).clamp(1, out);
     for first in (0..out).step_by(rows_per_run) {
         let rows = rows_per_run.min(out - first);
@@ -75,25 +76,6 @@ pub(crate) fn dequantize<B: Backend>(weight: &QuantizedWeight<B>, dtype: FloatDT
         let _ = pairs.mul_out(&target, &run_scales);
     }
     Some(from_float_storage::<B, 2>(TchTensor::new(result)))
-}
-
-/// Bytes of a float kind's element.
-fn element_size(kind: Kind) -> usize {
-    match kind {
-        Kind::Double => 8,
-        Kind::Half | Kind::BFloat16 => 2,
-        _ => 4,
-    }
-}
-
-/// torch's kind for a float type.
-fn kind(dtype: FloatDType) -> Kind {
-    match dtype {
-        FloatDType::F64 => Kind::Double,
-        FloatDType::F32 | FloatDType::Flex32 => Kind::Float,
-        FloatDType::F16 => Kind::Half,
-        FloatDType::BF16 => Kind::BFloat16,
-    }
 }
 
 #[cfg(test)]

@@ -30,25 +30,15 @@
 
 use crate::logprobs::{logits_kernels_enabled, position_runs, ExtraStats, PositionStats};
 use alignment_core::precision::float_type;
-use alignment_core::torch_storage::{float_storage, from_float_storage, from_int_storage, int_storage, is_libtorch};
+use alignment_core::torch_storage::{float_storage, from_float_storage, from_int_storage, int_storage, is_libtorch, kind_of};
 use burn::backend::libtorch::TchTensor;
-use burn::tensor::{backend::Backend, FloatDType, Int, Tensor};
+use burn::tensor::{backend::Backend, Int, Tensor};
 use tch::Kind;
 
 /// Whether `logits` `[.., vocab]` of `B` take these passes: a libtorch backend, the switch on,
 /// a vocabulary.
 fn applies<B: Backend>(logits: &Tensor<B, 3>) -> bool {
     is_libtorch::<B>() && logits_kernels_enabled() && logits.dims()[2] > 0
-}
-
-/// torch's kind for burn's float type.
-fn kind_of(dtype: FloatDType) -> Kind {
-    match dtype {
-        FloatDType::F64 => Kind::Double,
-        FloatDType::F32 | FloatDType::Flex32 => Kind::Float,
-        FloatDType::F16 => Kind::Half,
-        FloatDType::BF16 => Kind::BFloat16,
-    }
 }
 
 /// The kind the passes compute in for logits of `kind`: f64 for f64, f32 otherwise.
@@ -230,6 +220,7 @@ mod tests {
     use crate::logprobs::{logsumexp_vocab, position_stats_in_chunks, STATS_CHUNK_ELEMENTS};
     use alignment_core::backend::{Torch, TorchAutodiff};
     use burn::backend::libtorch::LibTorchDevice;
+    use burn::tensor::FloatDType;
     use burn::tensor::{IndexingUpdateOp, Tolerance};
 
     /// `[2, 5, 300]` logits with a tie for the largest logit in one row and a near-certain
