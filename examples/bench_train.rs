@@ -9,6 +9,7 @@
 //! bench_train update --backend cuda --shape scripts/gpu/shapes/smollm2-135m.json   # the optimizer update alone
 //! bench_train dequant --backend cuda-bf16 --shape scripts/gpu/shapes/mistral-7b.json  # QLoRA's NF4 base alone
 //! bench_train gemm --backend cuda-bf16 --shape scripts/gpu/shapes/llama-3.2-1b.json   # cuBLAS vs CubeCL's matmul
+//! bench_train ops --backend cuda-bf16                                       # burn's operations one at a time vs the CPU
 //! ```
 //!
 //! `train` builds a randomly initialised model from a config.json (no weights travel), runs
@@ -26,7 +27,12 @@
 //! Without mixed products it also runs ZeRO-3's first step in a world of one
 //! (`step_check::run_zero3_case`, reported as `zero3-sft`, `zero3-lora`): the shards on this
 //! backend's device, against the dense reference.
+//!
+//! `ops` runs `alignment_handbook::op_check`: the step's tensor operations one at a time on this
+//! backend and on the CPU backend in the same process, each compared, so that a failing `check`
+//! can be traced to the operation a backend gets wrong.
 
+use alignment_handbook::op_check;
 use alignment_handbook::step_check::{self, dpo_pair, read_metrics, sft_row, train_step};
 use alignment_models::{random_model, CausalLm, ModelConfig};
 use alignment_objectives::{DpoConfig, OrpoConfig, Reduction};
@@ -70,6 +76,21 @@ enum Command {
     /// kernels there), their values compared and each timed; then one product's gradients
     /// through the recorded step against burn's. Exits non-zero when they disagree.
     Gemm(GemmArgs),
+    /// burn's operations as the step uses them, one at a time, on this backend and on the CPU
+    /// backend, compared (`alignment_handbook::op_check`): names the operation a backend gets
+    /// wrong when `check` fails. With `-bf16`/`-f16`, every operation again on inputs of that
+    /// type. Exits non-zero when one differs.
+    Ops(OpsArgs),
+}
+
+#[derive(Parser)]
+struct OpsArgs {
+    /// As for `train`.
+    #[arg(long, default_value = "cpu")]
+    backend: String,
+    /// Write the comparison as JSON here.
+    #[arg(long)]
+    report: Option<PathBuf>,
 }
 
 #[derive(Parser)]
@@ -203,6 +224,7 @@ fn main() {
         Command::Update(args) => dispatch_update(&args),
         Command::Dequant(args) => dispatch_dequant(&args),
         Command::Gemm(args) => dispatch_gemm(&args),
+        Command::Ops(args) => dispatch_ops(&args),
     };
     if let Err(message) = result {
         eprintln!("error: {message}");
@@ -331,6 +353,10 @@ fn dispatch_update(args: &UpdateArgs) -> Result<(), String> {
 
 fn dispatch_dequant(args: &DequantArgs) -> Result<(), String> {
     with_backend!(args.backend.as_str(), |B, device, dtype| run_dequant::<B>(args, dtype, &device))
+}
+
+fn dispatch_ops(args: &OpsArgs) -> Result<(), String> {
+    with_backend!(args.backend.as_str(), |B, device, dtype| run_op_check::<B>(args, dtype, &device))
 }
 
 fn dispatch_gemm(args: &GemmArgs) -> Result<(), String> {
@@ -827,6 +853,40 @@ fn check_case(
     );
     report.insert(name.into(), json!({"max_rel_scalar": diff.max_rel_scalar, "max_rel_grad": diff.max_rel_grad, "tolerance": tolerance, "pass": pass, "worst": diff.worst, "missing": diff.missing, "seconds": start.elapsed().as_secs_f64()}));
     pass
+}
+
+// ---------------------------------------------------------------------------------------------
+// burn's operations one at a time against the CPU (op_check).
+
+fn run_op_check<B: AutodiffBackend>(args: &OpsArgs, half: Option<FloatDType>, device: &B::Device) -> Result<(), String> {
+    let reference = op_check::run_ops::<alignment_core::backend::CpuAutodiff>(&Default::default(), None);
+    let mut passes = vec![(None, op_check::OP_TOLERANCE)];
+    passes.extend(half.map(|dtype| (Some(dtype), op_check::HALF_TOLERANCE)));
+    let (mut report, mut failures) = (Vec::new(), Vec::new());
+    for (inputs, tolerance) in passes {
+        let label = inputs.map_or("f32".to_string(), |dtype| format!("{dtype:?}").to_lowercase());
+        println!("{} operations, {label} inputs:", args.backend);
+        let start = Instant::now();
+        let got = op_check::run_ops::<B>(device, inputs);
+        for diff in op_check::compare_ops(&got, &reference, tolerance) {
+            let verdict = if diff.pass() { "PASS" } else { "FAIL" };
+            let error = diff.error.as_deref().map(|e| format!(" ({})", e.replace('\n', " "))).unwrap_or_default();
+            println!("  {:<66} {:>10.3e} {:>8.0e}  {verdict}{error}", diff.name, diff.relative, diff.tolerance);
+            if !diff.pass() {
+                failures.push(format!("{} ({label})", diff.name));
+            }
+            report.push(json!({"inputs": label, "op": diff.name, "relative": diff.relative, "tolerance": diff.tolerance, "pass": diff.pass(), "error": diff.error}));
+        }
+        println!("  ({:.1} s)", start.elapsed().as_secs_f64());
+    }
+    if let Some(path) = &args.report {
+        let json = json!({"backend": args.backend, "ops": report});
+        std::fs::write(path, serde_json::to_string_pretty(&json).expect("json")).map_err(|e| format!("{}: {e}", path.display()))?;
+    }
+    match failures.len() {
+        0 => Ok(()),
+        n => Err(format!("{n} operations differ from the CPU on {}: {}", args.backend, failures.join(", "))),
+    }
 }
 
 // ---------------------------------------------------------------------------------------------

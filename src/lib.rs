@@ -16,6 +16,7 @@ pub use alignment_trainer as trainer;
 pub mod cli;
 pub mod gguf;
 pub mod hub_model;
+pub mod op_check;
 pub mod pypi;
 pub mod reference;
 pub mod run;

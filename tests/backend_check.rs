@@ -156,6 +156,61 @@ fn wgpu_training_steps_equal_the_cpu() {
     assert!(failures.is_empty(), "wgpu differs from the CPU:\n{}", failures.join("\n"));
 }
 
+/// burn's operations one at a time (`op_check`) on `AD` against the CPU backend, in f32 and
+/// with inputs in `half`: prints each comparison and returns those outside their tolerance.
+#[cfg(any(feature = "wgpu", feature = "tch"))]
+fn operations_differing_from_the_cpu<AD: burn::tensor::backend::AutodiffBackend>(device: &AD::Device, half: FloatDType) -> Vec<String> {
+    use alignment_handbook::op_check::{compare_ops, run_ops, HALF_TOLERANCE, OP_TOLERANCE};
+    let reference = run_ops::<CpuAutodiff>(&Default::default(), None);
+    let mut failures = Vec::new();
+    for (inputs, tolerance) in [(None, OP_TOLERANCE), (Some(half), HALF_TOLERANCE)] {
+        for diff in compare_ops(&run_ops::<AD>(device, inputs), &reference, tolerance) {
+            println!("{:<66} {inputs:?} {:.2e} (tolerance {:.0e}) {:?}", diff.name, diff.relative, diff.tolerance, diff.error);
+            if !diff.pass() {
+                failures.push(format!("{} ({inputs:?}): {diff:?}", diff.name));
+            }
+        }
+    }
+    failures
+}
+
+/// Every operation of the op-by-op check runs on the CPU backend and gives finite values that
+/// are not all zero (a check of the reference the GPU backends are compared with).
+#[test]
+fn every_operation_of_the_op_check_runs_on_the_cpu() {
+    let runs = alignment_handbook::op_check::run_ops::<CpuAutodiff>(&Default::default(), None);
+    assert!(runs.len() >= 40, "{} operations", runs.len());
+    for run in &runs {
+        let values = run.outcome.as_ref().unwrap_or_else(|e| panic!("{}: {e}", run.name));
+        assert!(!values.is_empty() && values.iter().all(|v| v.is_finite()), "{}: {values:?}", run.name);
+        assert!(values.iter().any(|&v| v != 0.0), "{}: all zero", run.name);
+    }
+    // The same inputs on every backend: a second run gives the same values.
+    let again = alignment_handbook::op_check::run_ops::<CpuAutodiff>(&Default::default(), None);
+    let diffs = alignment_handbook::op_check::compare_ops(&again, &runs, 0.0);
+    assert!(diffs.iter().all(|d| d.pass()), "{diffs:?}");
+}
+
+#[cfg(feature = "wgpu")]
+#[test]
+fn wgpu_operations_equal_the_cpu() {
+    let failures = operations_differing_from_the_cpu::<alignment_handbook::core::backend::WgpuAutodiff>(
+        &burn::backend::wgpu::WgpuDevice::default(),
+        FloatDType::F16,
+    );
+    assert!(failures.is_empty(), "wgpu's operations differ from the CPU's:\n{}", failures.join("\n"));
+}
+
+#[cfg(feature = "tch")]
+#[test]
+fn tch_operations_equal_the_cpu() {
+    let failures = operations_differing_from_the_cpu::<alignment_handbook::core::backend::TorchAutodiff>(
+        &burn::backend::libtorch::LibTorchDevice::Cpu,
+        FloatDType::BF16,
+    );
+    assert!(failures.is_empty(), "libtorch's operations differ from the CPU's:\n{}", failures.join("\n"));
+}
+
 /// QLoRA's 4-bit base on a fused CubeCL backend: the dequantization kernel
 /// (`models::nf4_kernel`), on the backend and on its autodiff, gives the bits of the tensor
 /// operations every backend runs, in f32 and rounded to f16 (what a mixed-precision product

@@ -11,7 +11,8 @@
 # Order of work, most important first, each step skipped once the budget is spent:
 #   1. environment (GPU, driver, CUDA paths, torch) — printed, so a failure is explainable;
 #   2. correctness: SFT / DPO / LoRA / QLoRA steps on the tiny fixture vs the CPU (f32, and
-#      cuda-bf16: mixed precision, bf16 products over f32 parameters, as `bf16: true`);
+#      cuda-bf16: mixed precision, bf16 products over f32 parameters, as `bf16: true`); plans
+#      cuda-bisect and dry: burn's operations one at a time against the CPU (`bench_train ops`);
 #   3. the NCCL communicator at world size 1 vs one process (host buffers, and the data-parallel
 #      step's device route), then QLoRA's NF4 dequantization alone, kernel vs tensor operations
 #      (`bench_train dequant`), and the step's products alone, cuBLAS vs CubeCL's matmul
@@ -61,10 +62,13 @@ say "plan $PLAN, budget ${BUDGET_S}s, binary $(ls -la "$BIN" 2>&1 | awk '{print 
 if [ "$DRY_RUN" = 1 ]; then
     OURS_BACKENDS="${OURS_BACKENDS:-cpu}"
     CHECK_BACKENDS="${CHECK_BACKENDS:-cpu}"
+    OPS_BACKENDS="${OPS_BACKENDS:-cpu}"
 else
     # burn-cuda (CubeCL kernels) and the libtorch route (cuBLAS; burn's ops as torch calls).
     OURS_BACKENDS="${OURS_BACKENDS:-cuda-bf16 tch-cuda-bf16 cuda}"
     CHECK_BACKENDS="${CHECK_BACKENDS:-cuda cuda-bf16 tch-cuda tch-cuda-bf16}"
+    # burn's operations one at a time: f32, then bf16 inputs (bench_train ops).
+    OPS_BACKENDS="${OPS_BACKENDS:-cuda-bf16}"
     nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv,noheader || true
     # NVRTC compiles burn's kernels and needs CUDA's headers (cubecl reads CUDA_PATH).
     if [ -z "${CUDA_PATH:-}" ]; then
@@ -211,9 +215,31 @@ run_checks() {
             say "check $backend: skipped (no binary staged)"
             continue
         fi
+        if [ "$(left)" -lt 30 ]; then
+            say "skip check $backend (budget spent)"
+            continue
+        fi
         say "check $backend"
         # shellcheck disable=SC2086 # the runner is `env VAR=... binary`
         timeout --signal=KILL "${CHECK_TIMEOUT_S:-240}" $runner check --backend "${backend%@*}" --reference "$GPU_DIR/reference" --report "$WORK/check-$backend.json" || say "check $backend: FAILED (exit $?)"
+    done
+}
+
+# burn's operations one at a time against the CPU, in the same process (bench_train ops,
+# src/op_check.rs: element-wise, casts, reductions, softmax, layout, indexing, products, the
+# backward pass of each composite the model builds, AdamW's arithmetic): names the operation a
+# backend gets wrong when its step check fails. Each backend in a process of its own.
+run_ops() {
+    local backend runner
+    for backend in $OPS_BACKENDS; do
+        runner="$(runner_for "$backend")"
+        if [ -z "$runner" ]; then
+            say "ops $backend: skipped (no binary staged)"
+            continue
+        fi
+        say "ops $backend"
+        # shellcheck disable=SC2086 # the runner is `env VAR=... binary`
+        timeout --signal=KILL "${OPS_TIMEOUT_S:-120}" $runner ops --backend "${backend%@*}" --report "$WORK/ops-$backend.json" || say "ops $backend: FAILED (exit $?)"
     done
 }
 
@@ -352,6 +378,7 @@ profile() {
 case "$PLAN" in
     dry)
         run_checks
+        run_ops
         bundle
         profile tiny sft 64 2
         bench tiny sft 64 2 2
@@ -371,6 +398,10 @@ case "$PLAN" in
         # non-finite, then failed launches). The f32 check again with this project's own paths
         # off all at once (`@plain`: burn-cuda as burn ships it), then one at a time, each in a
         # process of its own, so that one bad path cannot poison the others' context.
+        # First burn's operations one by one (bench_train ops, ≤ 120 s), which name the operation
+        # when burn-cuda itself is at fault.
+        run_ops
+        bundle
         CHECK_TIMEOUT_S=${CHECK_TIMEOUT_S:-60} CHECK_BACKENDS="cuda@plain cuda@cubecl cuda@ops-steps cuda@ops-softmax cuda@ops-logits cuda@ops-adamw cuda" run_checks
         ;;
     first)

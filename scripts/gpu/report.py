@@ -54,6 +54,19 @@ def main():
                     verdict = "pass" if r.get("pass") else "FAIL: " + str(r.get("worst"))
                     print(f"| {case} | {num(r.get('max_rel_scalar'))} | {num(r.get('max_rel_grad'))} | {verdict} |")
 
+        # bench_train ops: burn's operations and this project's paths one at a time (src/op_check.rs).
+        for path in sorted(glob.glob(os.path.join(args.checks, "ops-*.json"))):
+            report = json.load(open(path))
+            ops = report.get("ops", [])
+            failing = [r for r in ops if not r.get("pass")]
+            print(f"\nOperations one at a time, {report.get('backend')} vs CPU: {len(ops) - len(failing)} of {len(ops)} pass" + (", failing:\n" if failing else ""))
+            if failing:
+                print("| inputs | operation | relative difference | tolerance | error |")
+                print("|---|---|---|---|---|")
+                for r in failing:
+                    num = "non-finite" if r.get("relative") is None else f"{r['relative']:.2e}"
+                    print(f"| {r.get('inputs')} | {r.get('op')} | {num} | {r.get('tolerance'):.0e} | {(r.get('error') or '')[:200]} |")
+
     rows = [json.loads(l) for l in open(args.results) if l.strip()]
     groups = {}
     dequant = [r for r in rows if "dequant" in r or " dequant " in r.get("label", "")]

@@ -97,7 +97,9 @@ machine start and idle waits included), in the order the 2026-12-04 results ask 
      over the logits as torch kernels" and "The chunked head: half-type logits, ...")
   2. OUT=\$OUT BUDGET_S=200 WARMUP=1 bash scripts/gpu/device_run.sh tch-profile            timeout_s 230
   3. OUT=\$OUT bash scripts/gpu/device_run.sh cuda-bisect                                 timeout_s 450
-     (where burn-cuda's wrong step comes from)
+     (where burn-cuda's wrong step comes from: burn's operations one at a time, then the
+     step with this project's GPU paths off, all at once and one at a time; with less device
+     time left, a shorter timeout_s and BUDGET_S = timeout_s − 30: the operations come first)
 'first' (checks, NCCL, GEMMs, every backend) spends most of its budget on burn-cuda's failures.
 Afterwards: bash scripts/gpu/run.sh report <files_at folder>, then docs/performance.md.
 EOF
@@ -114,7 +116,7 @@ EOF
                     mkdir -p -m 700 "$XDG_RUNTIME_DIR"
                 fi
                 build_into wgpu .gpu-dry
-                export OURS_BACKENDS="wgpu-f16 wgpu" CHECK_BACKENDS="wgpu wgpu-f16"
+                export OURS_BACKENDS="wgpu-f16 wgpu" CHECK_BACKENDS="wgpu wgpu-f16" OPS_BACKENDS="wgpu-f16"
                 ;;
             tch)
                 python="$(bash scripts/reference_env.sh)"
@@ -123,7 +125,7 @@ EOF
                 mkdir -p .gpu-dry/bin
                 rm -rf .gpu-dry/reference
                 LD_LIBRARY_PATH="$torch_dir/lib:${LD_LIBRARY_PATH:-}" .gpu-dry/bin/bench_train_tch check --backend cpu --write-reference .gpu-dry/reference >&2
-                export OURS_BACKENDS="tch-cpu" CHECK_BACKENDS="tch-cpu tch-cpu-bf16" TORCH_LIB="$torch_dir/lib"
+                export OURS_BACKENDS="tch-cpu" CHECK_BACKENDS="tch-cpu tch-cpu-bf16" OPS_BACKENDS="tch-cpu-bf16" TORCH_LIB="$torch_dir/lib"
                 ;;
             *) echo "usage: run.sh dry-run [cpu|wgpu|tch]" >&2; exit 2 ;;
         esac
