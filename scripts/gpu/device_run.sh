@@ -445,6 +445,10 @@ case "$PLAN" in
         # libtorch checks (≈ 2 s each): tch_logits and the chunked head's second pass (the
         # check's lean cases) have changed since they last ran on a GPU.
         CHECK_BACKENDS="tch-cuda tch-cuda-bf16" run_checks
+        # The operations and this project's paths one at a time (≈ 10 s): names the path if a
+        # check above failed (every torch-kernel path since the first run is among them).
+        OPS_BACKENDS=tch-cuda-bf16 run_ops
+        bundle
         OURS_BACKENDS="tch-cuda-bf16 tch-cuda-bf16@ops-logits tch-cuda-bf16@chunked-head" bench llama-3.2-1b sft 1024 4 1
         OURS_BACKENDS=tch-cuda-bf16 bench smollm2-135m sft 1024 4 1
         OURS_BACKENDS="tch-cuda-bf16 tch-cuda-bf16@chunked-head tch-cuda-bf16@two-step-mlp" bench llama-3.2-1b dpo 1024 2 1

@@ -90,7 +90,10 @@ case "$cmd" in
         echo "staged .gpu/ ($((size / 1048576)) MiB; tracked tree $((tree / 1048576)) MiB; the device takes 64 MiB in all)" >&2
         cat <<EOF
 Device commands (the device tool's run, carry [".gpu"]; 15 minutes of device time in all,
-machine start and idle waits included), in the order the 2026-12-04 results ask for:
+machine start and idle waits included), in the order the 2026-12-04 results ask for. A machine
+stays warm only 30 s after a call: send the next command at once and read the results after,
+or each call pays a new start. A call naming no kind may get an H100 rather than the H200 of
+2026-12-04: the ratios to PyTorch (same call) compare across cards, absolute numbers do not.
   1. OUT=\$OUT BUDGET_S=230 WARMUP=1 STEPS=3 bash scripts/gpu/device_run.sh tch           timeout_s 260
      (the libtorch checks, then the libtorch route against PyTorch, full logits and chunked
      head: the predictions in docs/performance.md, "The profile read again", "The loss's passes
