@@ -465,6 +465,10 @@ case "$PLAN" in
         # its backward step (@keep-dense), the embedding and head kept in f32 (@f32-frozen), the
         # NF4 weights dequantized whole (@whole-dequant).
         NO_TORCH=1 OURS_BACKENDS="tch-cuda-bf16 tch-cuda-bf16@burn-dequant tch-cuda-bf16@keep-dense tch-cuda-bf16@f32-frozen tch-cuda-bf16@whole-dequant" bench mistral-7b qlora 2048 1 1
+        # If budget is left: SmolLM2-135M's step profiled, ours and PyTorch's. Its device time
+        # against its step time (the `tch` plan's bench) says how host-bound the small model is,
+        # which ranks replaying the step as a CUDA graph (docs/performance.md).
+        OURS_BACKENDS=tch-cuda-bf16 profile smollm2-135m sft 1024 4
         ;;
     profile)
         # A second call after `first` (BUDGET_S=200): the 1B step again in case `first` ran out
