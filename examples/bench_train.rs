@@ -860,10 +860,8 @@ fn check_case(
 
 fn run_op_check<B: AutodiffBackend>(args: &OpsArgs, half: Option<FloatDType>, device: &B::Device) -> Result<(), String> {
     let reference = op_check::run_ops::<alignment_core::backend::CpuAutodiff>(&Default::default(), None);
-    let mut passes = vec![(None, op_check::OP_TOLERANCE)];
-    passes.extend(half.map(|dtype| (Some(dtype), op_check::HALF_TOLERANCE)));
     let (mut report, mut failures) = (Vec::new(), Vec::new());
-    for (inputs, tolerance) in passes {
+    for (inputs, tolerance) in op_check::passes(half) {
         let label = inputs.map_or("f32".to_string(), |dtype| format!("{dtype:?}").to_lowercase());
         println!("{} operations, {label} inputs:", args.backend);
         let start = Instant::now();

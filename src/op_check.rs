@@ -36,6 +36,14 @@ pub const OP_TOLERANCE: f64 = 1e-4;
 /// Largest relative difference accepted with half-precision inputs, against f32 values.
 pub const HALF_TOLERANCE: f64 = 2e-2;
 
+/// The passes of a check on a backend whose mixed precision computes in `half`: f32 inputs
+/// within [`OP_TOLERANCE`], then, with `half`, inputs of that type within [`HALF_TOLERANCE`].
+pub fn passes(half: Option<FloatDType>) -> Vec<(Option<FloatDType>, f64)> {
+    let mut passes = vec![(None, OP_TOLERANCE)];
+    passes.extend(half.map(|dtype| (Some(dtype), HALF_TOLERANCE)));
+    passes
+}
+
 /// What one operation gave: its outputs then its gradients, flattened, or why it failed.
 pub type OpOutcome = Result<Vec<f32>, String>;
 
@@ -159,8 +167,9 @@ fn op<B: Backend>(name: &'static str, run: impl Fn(&mut Inputs<'_, B>) -> OpOutc
 }
 
 /// A round trip through `dtype` and back to f32, against the input itself: within the type's
-/// unit roundoff (`2^-precision`, the precision counting the implicit bit) and finite. A backend that does not hold
-/// `dtype` (the CPU's, and `wgpu` for bf16) returns the input unchanged, the reference.
+/// unit roundoff (`2^-precision`, the precision counting the implicit bit) and finite. A backend
+/// that does not hold `dtype` (the CPU's, and `wgpu` for bf16) returns the input unchanged, the
+/// reference.
 fn round_trip<B: Backend>(name: &'static str, dtype: FloatDType, precision: i32) -> Op<B> {
     Op {
         name,

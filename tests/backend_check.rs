@@ -160,10 +160,10 @@ fn wgpu_training_steps_equal_the_cpu() {
 /// with inputs in `half`: prints each comparison and returns those outside their tolerance.
 #[cfg(any(feature = "wgpu", feature = "tch"))]
 fn operations_differing_from_the_cpu<AD: burn::tensor::backend::AutodiffBackend>(device: &AD::Device, half: FloatDType) -> Vec<String> {
-    use alignment_handbook::op_check::{compare_ops, run_ops, HALF_TOLERANCE, OP_TOLERANCE};
+    use alignment_handbook::op_check::{compare_ops, passes, run_ops};
     let reference = run_ops::<CpuAutodiff>(&Default::default(), None);
     let mut failures = Vec::new();
-    for (inputs, tolerance) in [(None, OP_TOLERANCE), (Some(half), HALF_TOLERANCE)] {
+    for (inputs, tolerance) in passes(Some(half)) {
         for diff in compare_ops(&run_ops::<AD>(device, inputs), &reference, tolerance) {
             println!("{:<66} {inputs:?} {:.2e} (tolerance {:.0e}) {:?}", diff.name, diff.relative, diff.tolerance, diff.error);
             if !diff.pass() {

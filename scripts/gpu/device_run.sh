@@ -12,7 +12,7 @@
 #   1. environment (GPU, driver, CUDA paths, torch) — printed, so a failure is explainable;
 #   2. correctness: SFT / DPO / LoRA / QLoRA steps on the tiny fixture vs the CPU (f32, and
 #      cuda-bf16: mixed precision, bf16 products over f32 parameters, as `bf16: true`); plans
-#      cuda-bisect and dry: burn's operations one at a time against the CPU (`bench_train ops`);
+#      tch, cuda-bisect and dry: burn's operations one at a time against the CPU (`bench_train ops`);
 #   3. the NCCL communicator at world size 1 vs one process (host buffers, and the data-parallel
 #      step's device route), then QLoRA's NF4 dequantization alone, kernel vs tensor operations
 #      (`bench_train dequant`), and the step's products alone, cuBLAS vs CubeCL's matmul
