@@ -194,6 +194,12 @@ struct TrainArgs {
     /// kernel on (it is configured before any) slows every step, so time without `--profile`.
     #[arg(long)]
     profile: Option<PathBuf>,
+    /// libtorch on CUDA (`tch-cuda`, `tch-cuda-bf16`), every task but `orpo`:
+    /// the warm-up steps on a side stream, then one step captured as a CUDA graph, and the timed
+    /// steps its replays (the same batch every step, as without it). Needs a binary built with
+    /// CUDA graphs (`scripts/gpu/run.sh stage`).
+    #[arg(long)]
+    cuda_graph: bool,
 }
 
 #[derive(Parser)]
@@ -665,6 +671,8 @@ fn run_train<B: AutodiffBackend>(args: &TrainArgs, matmul_dtype: Option<FloatDTy
         // What the step ran: a 4-bit base turns it on whatever the flag says.
         "gradient_checkpointing": options.gradient_checkpointing,
         "chunked_head": args.chunked_head,
+        // The timed steps were replays of one captured step (`--cuda-graph`).
+        "cuda_graph": args.cuda_graph,
         "matmul_dtype": matmul_dtype.map(|d| format!("{d:?}")),
         // Bytes saved by storing frozen weights in the products' type (LoRA and QLoRA bases).
         "frozen_narrowed_mib": frozen_bytes_narrowed as f64 / 1048576.0,
@@ -741,6 +749,9 @@ impl<B: AutodiffBackend> Timing<'_, B> {
         batches: &[Vec<&T::Example>],
         optimizer: &mut AdamW<B::InnerBackend>,
     ) -> Result<(Vec<f64>, Vec<f64>, Option<TorchProfiler>), String> {
+        if self.args.cuda_graph {
+            return self.graph_steps(model, task, batches, optimizer);
+        }
         let (mut step_seconds, mut losses, mut torch_profiler) = (Vec::new(), Vec::new(), None);
         for step in 0..self.args.warmup + self.args.steps {
             if step == self.args.warmup {
@@ -756,6 +767,94 @@ impl<B: AutodiffBackend> Timing<'_, B> {
             losses.push(read_metrics(pending).get("loss").copied().unwrap_or(f64::NAN));
         }
         Ok((step_seconds, losses, torch_profiler))
+    }
+
+    /// [`Self::steps`] with `--cuda-graph`: the batches uploaded once, the warm-up steps run on a
+    /// stream from torch's pool, one step captured as a CUDA graph there, and the timed steps
+    /// replays of it; the losses are every step's, read after each. The capture must leave the
+    /// parameters, moments and AdamW's scalars where they were (updated in place), or the
+    /// replays would not train the model: checked, and refused with the first that moved.
+    #[cfg(feature = "tch")]
+    #[allow(clippy::type_complexity)]
+    fn graph_steps<T: Task>(
+        &self,
+        mut model: CausalLm<B>,
+        task: &T,
+        batches: &[Vec<&T::Example>],
+        optimizer: &mut AdamW<B::InnerBackend>,
+    ) -> Result<(Vec<f64>, Vec<f64>, Option<TorchProfiler>), String> {
+        use alignment_handbook::step_check::train_step_prepared;
+        use alignment_trainer::tch_graph::{state_addresses, CudaGraph, SideStream};
+        use alignment_trainer::{prepare, PreparedBatch};
+        let backend = self.args.backend.as_str();
+        if !matches!(backend, "tch-cuda" | "tch-cuda-bf16") {
+            return Err(format!("--cuda-graph: backend `{backend}`: CUDA graphs run on tch-cuda and tch-cuda-bf16"));
+        }
+        if self.args.task == "orpo" {
+            return Err(
+                "--cuda-graph: task `orpo`: not yet checked for host transfers inside its step (sft, lora, qlora and dpo are)".into()
+            );
+        }
+        let sync = |device: &B::Device| B::sync(device).map_err(|e| format!("{e:?}"));
+        let loss = |pending| read_metrics(pending).get("loss").copied().unwrap_or(f64::NAN);
+        let _stream = SideStream::enter(0).map_err(|e| format!("--cuda-graph: {e}"))?;
+        let prepared: Vec<PreparedBatch<B>> = batches.iter().map(|batch| prepare(&model, task, batch, self.device)).collect();
+        let step = |model, optimizer: &mut AdamW<B::InnerBackend>| {
+            let (updated, pending, _, _) =
+                train_step_prepared(model, task, batches, &prepared, optimizer, self.lr, self.options, false, self.device);
+            (updated, pending)
+        };
+        // Warm-up on the capture's stream: the moments, AdamW's device scalars and cuBLAS's
+        // workspace for this stream exist before capture.
+        let mut losses = Vec::new();
+        for _ in 0..self.args.warmup.max(1) {
+            let (updated, pending) = step(model, optimizer);
+            model = updated;
+            sync(self.device)?;
+            losses.push(loss(pending));
+        }
+        let before = state_addresses(&model, optimizer);
+        let start = Instant::now();
+        let (graph, (model, pending)) = CudaGraph::capture(|| step(model, optimizer)).map_err(|e| format!("--cuda-graph: {e}"))?;
+        eprintln!("captured the step as a CUDA graph in {:.2} s", start.elapsed().as_secs_f64());
+        let after = state_addresses(&model, optimizer);
+        if before.len() != after.len() {
+            return Err(format!(
+                "--cuda-graph: the captured step changed the optimizer's state ({} tensors before, {} after)",
+                before.len(),
+                after.len()
+            ));
+        }
+        if let Some(((name, was), (_, is))) = before.iter().zip(&after).find(|(a, b)| a.1 != b.1) {
+            return Err(format!(
+                "--cuda-graph: the captured step moved {name} ({was:#x} → {is:#x}): its replays would not train the model"
+            ));
+        }
+        let torch_profiler = start_torch_profiler(self.args)?;
+        let mut step_seconds = Vec::new();
+        for _ in 0..self.args.steps {
+            let start = Instant::now();
+            graph.replay().map_err(|e| format!("--cuda-graph: {e}"))?;
+            sync(self.device)?;
+            step_seconds.push(start.elapsed().as_secs_f64());
+            losses.push(loss(pending.clone()));
+        }
+        // The graph reads the model's and the batches' memory: it goes first.
+        drop(graph);
+        drop(model);
+        Ok((step_seconds, losses, torch_profiler))
+    }
+
+    #[cfg(not(feature = "tch"))]
+    #[allow(clippy::type_complexity)]
+    fn graph_steps<T: Task>(
+        &self,
+        _model: CausalLm<B>,
+        _task: &T,
+        _batches: &[Vec<&T::Example>],
+        _optimizer: &mut AdamW<B::InnerBackend>,
+    ) -> Result<(Vec<f64>, Vec<f64>, Option<TorchProfiler>), String> {
+        Err("--cuda-graph: this binary was built without the `tch` feature (CUDA graphs run on the libtorch route)".into())
     }
 }
 

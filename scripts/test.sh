@@ -12,8 +12,9 @@
 # logits as torch kernels (crates/objectives/src/tch_logits.rs) against burn's operations, the
 # torch tensors under burn's (crates/core/src/torch_storage.rs), its fused AdamW step (crates/trainer/src/tch_adamw.rs)
 # against the tensor formulation, its profiler (tch_profiler.rs: a trace naming the operators burn
-# issued), the same training-step check on torch's CPU kernels, and bf16 weights under an
-# offloaded f32 master copy on torch's bf16 backend (tests/offload_bf16.rs).
+# issued), the same training-step check on torch's CPU kernels, bf16 weights under an
+# offloaded f32 master copy on torch's bf16 backend (tests/offload_bf16.rs), and what replaying
+# the step as a CUDA graph asks of it: its state updated in place (tests/cuda_graph_ready.rs).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # Each part's wall time goes to stderr as it ends (CI has a time limit).
@@ -35,7 +36,8 @@ if [ "${SKIP_TCH:-0}" != 1 ]; then
         cargo test -p alignment-objectives --features tch --lib tch_
         cargo test -p alignment-trainer --features tch --lib tch_
         cargo test --features tch --test backend_check tch_
-        cargo test --features tch --test offload_bf16'
+        cargo test --features tch --test offload_bf16
+        cargo test --features tch --test cuda_graph_ready'
     took "the libtorch part" $start
 fi
 start=$SECONDS

@@ -17,7 +17,7 @@ use crate::models::{CausalLm, SaveDtype};
 use crate::objectives::{DeferredMetrics, DpoConfig, Reduction};
 use crate::trainer::optimizer::{AdamW, AdamWConfig, DeviceStepReport};
 use crate::trainer::tasks::{DpoTask, PreferencePair, ReferenceLogps, SftTask};
-use crate::trainer::{forward_backward, Sequence, StepOptions, Task, IGNORE_INDEX};
+use crate::trainer::{forward_backward_prepared, prepare, PreparedBatch, Sequence, StepOptions, Task, IGNORE_INDEX};
 use alignment_peft::{apply_lora, LoraConfig, QuantConfig, TargetModules};
 use burn::module::{Module, ModuleVisitor, Param};
 use burn::optim::{GradientsAccumulator, GradientsParams};
@@ -408,11 +408,31 @@ pub fn train_step<B: AutodiffBackend, T: Task>(
     keep_gradients: bool,
     device: &B::Device,
 ) -> (CausalLm<B>, Vec<(DeferredMetrics<B>, f64)>, Option<GradientsParams>, DeviceStepReport<B::InnerBackend>) {
+    let prepared: Vec<PreparedBatch<B>> = micro_batches.iter().map(|batch| prepare(&model, task, batch, device)).collect();
+    train_step_prepared(model, task, micro_batches, &prepared, optimizer, lr, options, keep_gradients, device)
+}
+
+/// [`train_step`] over micro-batches already uploaded (`prepared[i]` from `micro_batches[i]`): a
+/// step that moves nothing between host and device, which `bench_train train --cuda-graph`
+/// captures. The loss's normaliser (the step's total weight) is a number computed here from
+/// `micro_batches`.
+#[allow(clippy::type_complexity, clippy::too_many_arguments)]
+pub fn train_step_prepared<B: AutodiffBackend, T: Task>(
+    model: CausalLm<B>,
+    task: &T,
+    micro_batches: &[Vec<&T::Example>],
+    prepared: &[PreparedBatch<B>],
+    optimizer: &mut AdamW<B::InnerBackend>,
+    lr: f64,
+    options: &StepOptions,
+    keep_gradients: bool,
+    device: &B::Device,
+) -> (CausalLm<B>, Vec<(DeferredMetrics<B>, f64)>, Option<GradientsParams>, DeviceStepReport<B::InnerBackend>) {
     let step_weight: f64 = micro_batches.iter().map(|b| task.weight(b)).sum::<f64>().max(f64::MIN_POSITIVE);
     let mut accumulator = GradientsAccumulator::<CausalLm<B>>::new();
     let mut pending = Vec::new();
-    for batch in micro_batches {
-        let metrics = forward_backward(&model, task, batch, 1.0 / step_weight, options, &mut accumulator, device);
+    for (batch, inputs) in micro_batches.iter().zip(prepared) {
+        let metrics = forward_backward_prepared(&model, task, inputs, batch, 1.0 / step_weight, options, &mut accumulator, device);
         pending.push((metrics, task.weight(batch) / step_weight));
     }
     let grads = accumulator.grads();

@@ -100,6 +100,11 @@ fi
 # through their own rpath); the dry run passes TORCH_LIB.
 if [ -z "${TORCH_LIB:-}" ]; then
     TORCH_LIB="$("$PY" -c 'import os, torch; print(os.path.join(os.path.dirname(torch.__file__), "lib"))' 2>/dev/null || true)"
+    # Its CUDA graphs (csrc/cuda_graph.cpp) link CUDA's runtime directly: the libcudart.so.13 of
+    # torch's own nvidia/ packages, beside torch in site-packages, goes on the path too.
+    for lib in "$TORCH_LIB"/../../nvidia/*/lib; do
+        [ -f "$lib/libcudart.so.13" ] && TORCH_LIB="$TORCH_LIB:$(cd "$lib" && pwd)"
+    done
 fi
 if [ -x "$BIN_TCH" ]; then
     say "bench_train_tch: $(ls -la "$BIN_TCH" | awk '{print $5}') bytes, libtorch from ${TORCH_LIB:-nowhere}"
@@ -156,10 +161,12 @@ runner_for() {
 
 # bench_train options a backend name's suffix asks for: `NAME@chunked-head`, the head and the
 # log-probabilities in chunks of tokens, never the full logits (`use_liger_kernel: true`; TRL
-# 1.16's SFTTrainer computes its loss and metrics with a fused head too).
+# 1.16's SFTTrainer computes its loss and metrics with a fused head too); `NAME@cuda-graph`, the
+# step captured once as a CUDA graph and replayed (libtorch on CUDA; SFT, LoRA, QLoRA, DPO).
 options_for() {
     case "$1" in
         *@chunked-head) echo "--chunked-head" ;;
+        *@cuda-graph) echo "--cuda-graph" ;;
     esac
 }
 
@@ -301,6 +308,8 @@ run_gemm() {
 # LEAN=1: ours with --gradient-checkpointing --chunked-head, PyTorch with --grad-checkpointing
 # (the recipes' `gradient_checkpointing: true`; PyTorch has no chunked head without Liger).
 # NO_TORCH=1: ours only (a variant of ours measured after PyTorch was, on the same shape).
+# TORCH_GRAPH=1: PyTorch's step again, captured once as a CUDA graph and replayed
+# (torch_baseline.py --cuda-graph): against the eager run, what the host costs a step.
 bench() {
     local shape="$1" task="$2" seq="$3" batch="$4" accum="$5"
     local common=(--shape "scripts/gpu/shapes/$shape.json" --task "$task" --seq "$seq" --batch "$batch" --accum "$accum" --warmup "${WARMUP:-2}" --steps "${STEPS:-5}")
@@ -320,6 +329,9 @@ bench() {
     done
     if [ "${NO_TORCH:-0}" != 1 ]; then
         measure "torch $shape $task s$seq b$batch$tag" "$PY" scripts/gpu/torch_baseline.py "${common[@]}" "${torch[@]}"
+        if [ "${TORCH_GRAPH:-0}" = 1 ]; then
+            measure "torch $shape $task s$seq b$batch$tag graph" "$PY" scripts/gpu/torch_baseline.py "${common[@]}" "${torch[@]}" --cuda-graph
+        fi
     fi
     bundle
 }
@@ -381,7 +393,7 @@ case "$PLAN" in
         run_ops
         bundle
         profile tiny sft 64 2
-        bench tiny sft 64 2 2
+        TORCH_GRAPH=1 bench tiny sft 64 2 2
         LEAN=1 bench tiny sft 64 2 2
         bench tiny dpo 64 2 1
         bench tiny lora 64 2 1
@@ -450,7 +462,9 @@ case "$PLAN" in
         OPS_BACKENDS=tch-cuda-bf16 run_ops
         bundle
         OURS_BACKENDS="tch-cuda-bf16 tch-cuda-bf16@ops-logits tch-cuda-bf16@chunked-head" bench llama-3.2-1b sft 1024 4 1
-        OURS_BACKENDS=tch-cuda-bf16 bench smollm2-135m sft 1024 4 1
+        # Ours and PyTorch's steps replayed as CUDA graphs beside the eager ones (≈ 30 s): how
+        # much of the small model's step is the host's, and what capturing ours gains.
+        TORCH_GRAPH=1 OURS_BACKENDS="tch-cuda-bf16 tch-cuda-bf16@cuda-graph" bench smollm2-135m sft 1024 4 1
         OURS_BACKENDS="tch-cuda-bf16 tch-cuda-bf16@chunked-head tch-cuda-bf16@two-step-mlp" bench llama-3.2-1b dpo 1024 2 1
         ;;
     tch-profile)
@@ -469,6 +483,10 @@ case "$PLAN" in
         # against its step time (the `tch` plan's bench) says how host-bound the small model is,
         # which ranks replaying the step as a CUDA graph (docs/performance.md).
         OURS_BACKENDS=tch-cuda-bf16 profile smollm2-135m sft 1024 4
+        # If budget is left: the 1B steps replayed as CUDA graphs, against the `tch` plan's
+        # eager ones (predicted ≈ −5 ms of ≈ 110 a step: their idle gaps).
+        NO_TORCH=1 OURS_BACKENDS=tch-cuda-bf16@cuda-graph bench llama-3.2-1b sft 1024 4 1
+        NO_TORCH=1 OURS_BACKENDS=tch-cuda-bf16@cuda-graph bench llama-3.2-1b dpo 1024 2 1
         ;;
     profile)
         # A second call after `first` (BUDGET_S=200): the 1B step again in case `first` ran out

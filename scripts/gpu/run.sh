@@ -62,14 +62,37 @@ EOF
     echo "$dir/torch"
 }
 
+# CUDA's runtime headers and library (include/, lib/) of the device's CUDA (torch 2.11 is built
+# for 13.0), for `csrc/cuda_graph.cpp`: PyPI's `nvidia-cuda-runtime` and `nvidia-cuda-crt`
+# wheels (≈ 2.4 MB) unpacked once into the cache. Prints the folder.
+DEVICE_CUDA_RUNTIME="${DEVICE_CUDA_RUNTIME:-13.0.96}" DEVICE_CUDA_CRT="${DEVICE_CUDA_CRT:-13.0.88}"
+device_cuda_runtime() {
+    local cache="${ALIGNMENT_HANDBOOK_CACHE:-$HOME/.cache/alignment-handbook}"
+    local dir="$cache/cuda-runtime-$DEVICE_CUDA_RUNTIME"
+    if [ ! -f "$dir/nvidia/cu13/include/crt/host_config.h" ]; then
+        local python tmp
+        python="$(bash scripts/reference_env.sh)"
+        tmp="$(mktemp -d)"
+        echo "fetching CUDA's runtime headers (nvidia-cuda-runtime==$DEVICE_CUDA_RUNTIME, nvidia-cuda-crt==$DEVICE_CUDA_CRT) ..." >&2
+        "$python" -m pip download "nvidia-cuda-runtime==$DEVICE_CUDA_RUNTIME" "nvidia-cuda-crt==$DEVICE_CUDA_CRT" --no-deps \
+            --only-binary :all: -d "$tmp" >&2
+        rm -rf "$dir.partial"
+        "$python" -c 'import glob, sys, zipfile; [zipfile.ZipFile(w).extractall(sys.argv[2]) for w in glob.glob(sys.argv[1] + "/*.whl")]' "$tmp" "$dir.partial"
+        rm -rf "$tmp" "$dir"
+        mv "$dir.partial" "$dir"
+    fi
+    echo "$dir/nvidia/cu13"
+}
+
 # Builds bench_train with the `tch` feature against libtorch folder `$1` into `$2`/bin/bench_train_tch,
 # in its own target folder `$3` (the libtorch build differs in every crate above torch-sys, so
-# sharing target/ would rebuild the cuda and CPU binaries after it).
+# sharing target/ would rebuild the cuda and CPU binaries after it); with CUDA's runtime folder
+# `$4`, CUDA graphs built in (ALIGNMENT_CUDA_RUNTIME).
 build_tch_into() {
-    local libtorch="$1" dir="$2" target="$3"
-    echo "building bench_train (release, features: tch, libtorch $libtorch) ..." >&2
+    local libtorch="$1" dir="$2" target="$3" cuda_runtime="${4:-}"
+    echo "building bench_train (release, features: tch, libtorch $libtorch${cuda_runtime:+, CUDA graphs}) ..." >&2
     LIBTORCH="$libtorch" LIBTORCH_BYPASS_VERSION_CHECK=1 LIBTORCH_CXX11_ABI=1 CARGO_TARGET_DIR="$target" \
-        cargo build --release --example bench_train --features tch >&2
+        ALIGNMENT_CUDA_RUNTIME="$cuda_runtime" cargo build --release --example bench_train --features tch >&2
     mkdir -p "$dir/bin"
     cp "$target/release/examples/bench_train" "$dir/bin/bench_train_tch"
     strip "$dir/bin/bench_train_tch" 2>/dev/null || true
@@ -78,7 +101,7 @@ build_tch_into() {
 case "$cmd" in
     stage)
         build_into cuda .gpu
-        build_tch_into "$(device_libtorch)" .gpu target/tch-device
+        build_tch_into "$(device_libtorch)" .gpu target/tch-device "$(device_cuda_runtime)"
         # Linked against the device's own torch version (PyPI's 2.11.0 is the same +cu130 build),
         # so every symbol resolved at link time; it needs these libraries from its torch/lib there.
         readelf -d .gpu/bin/bench_train_tch | grep NEEDED >&2
@@ -97,8 +120,11 @@ or each call pays a new start. A call naming no kind may get an H100 rather than
   1. OUT=\$OUT BUDGET_S=230 WARMUP=1 STEPS=3 bash scripts/gpu/device_run.sh tch           timeout_s 260
      (the libtorch checks, then the libtorch route against PyTorch, full logits and chunked
      head: the predictions in docs/performance.md, "The profile read again", "The loss's passes
-     over the logits as torch kernels" and "The chunked head: half-type logits, ...")
+     over the logits as torch kernels" and "The chunked head: half-type logits, ..."; the 135M
+     step replayed as a CUDA graph, ours and PyTorch's: "The step replayed as a CUDA graph")
   2. OUT=\$OUT BUDGET_S=200 WARMUP=1 bash scripts/gpu/device_run.sh tch-profile            timeout_s 230
+     (the 1B profile, the 2048-token step, QLoRA on Mistral-7B, the 135M profile, then the 1B
+     SFT and DPO steps as CUDA graphs if budget is left)
   3. OUT=\$OUT bash scripts/gpu/device_run.sh cuda-bisect                                 timeout_s 450
      (where burn-cuda's wrong step comes from: burn's operations one at a time, then the
      step with this project's GPU paths off, all at once and one at a time; with less device

@@ -14,6 +14,13 @@ concatenated chosen+rejected forward, summed completion log-probs via its
 `torch_dtype: bfloat16`, PEFT's adapters f32, as its `autocast_adapter_dtype` makes them), `qlora`
 (the same on a bitsandbytes NF4 base: skipped, bitsandbytes is not on the GPU machine).
 Runs on the GPU when there is one, else on the CPU (the dry run).
+
+`--cuda-graph`: the whole step (forward, backward, clipping, AdamW) captured once as a CUDA graph
+and replayed, as PyTorch's "whole-network capture" recipe does it (warm-up on a side stream,
+`capturable` fused AdamW, autocast's weight cache off, the same static batch every step): the
+host issues one launch a step instead of thousands, so against the eager run in the same call
+it measures what the host costs a step — what replaying our own step as a graph would save
+(docs/performance.md, "The next lever"). CUDA only; elsewhere the line says it was skipped.
 """
 
 import argparse
@@ -40,6 +47,7 @@ def parse():
     p.add_argument("--precision", default="bf16-autocast", choices=["bf16-autocast", "bf16", "f32"])
     p.add_argument("--grad-checkpointing", action="store_true")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (the Trainer's torch_compile)")
+    p.add_argument("--cuda-graph", action="store_true", help="capture the whole step once as a CUDA graph and replay it (CUDA only)")
     p.add_argument("--peak-tflops", type=float, default=989.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--profile", help="folder: the timed steps under torch.profiler, written as trace.json (as bench_train's --profile)")
@@ -70,6 +78,28 @@ def selective_log_softmax(logits, index):
     return torch.stack(out)
 
 
+def capture(step_body, optimizer, warmup):
+    """PyTorch's whole-network capture: `warmup` eager steps on a side stream (lazy
+    initialisation, cuBLAS workspaces, the optimizer's state), the gradients set to None so that
+    the captured backward pass allocates them from the graph's pool, then one step captured.
+    Returns the graph, the loss tensor its replays write, and the seconds capture took. The
+    captured step does not run: replays do."""
+    start = time.perf_counter()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            optimizer.zero_grad(set_to_none=True)
+            step_body()
+    torch.cuda.current_stream().wait_stream(side)
+    optimizer.zero_grad(set_to_none=True)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_total = step_body()
+    torch.cuda.synchronize()
+    return graph, static_total, time.perf_counter() - start
+
+
 def main():
     args = parse()
     torch.manual_seed(args.seed)
@@ -85,6 +115,9 @@ def main():
         # The frozen base needs no f32 master copy: the handbook's LoRA recipes load it in bf16.
         dtype = torch.bfloat16
     load_start = time.perf_counter()
+    if args.cuda_graph and device.type != "cuda":
+        print(json.dumps({"impl": "torch", "backend": f"torch-{device.type}-{args.precision}-graph", "task": args.task, "shape": os.path.basename(args.shape)[:-5], "seq": args.seq, "batch": args.batch, "skipped": "CUDA graphs need a CUDA device"}))
+        return
     if args.task == "qlora":
         # bitsandbytes is not on the GPU machine (and its wheel would not fit the upload beside the
         # binaries): QLoRA is compared with its arithmetic memory bound instead (report.py).
@@ -104,7 +137,9 @@ def main():
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
     fused = device.type == "cuda"
-    optimizer = torch.optim.AdamW(trainable, lr=1e-5, fused=fused)
+    # A captured step reads AdamW's step counts from the device (`capturable`): a count on the
+    # host would be baked into the graph at its value during capture.
+    optimizer = torch.optim.AdamW(trainable, lr=1e-5, fused=fused, capturable=args.cuda_graph)
     if device.type == "cuda":
         torch.cuda.synchronize()
     load_seconds = time.perf_counter() - load_start
@@ -115,7 +150,9 @@ def main():
     def tokens(n, rows):
         return torch.randint(1, vocab, (rows, n), generator=gen).to(device)
 
-    autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16-autocast")
+    # Autocast's cache of bf16 weights must be off under capture (torch.cuda.graph's notes): each
+    # use casts its weight again, which the eager run's cache saves.
+    autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16-autocast", cache_enabled=not args.cuda_graph)
     if args.task == "dpo":
         prompt_len = args.seq // 2
         micro = []
@@ -146,11 +183,38 @@ def main():
         def micro_loss(ids, _mask):
             return model(input_ids=ids, labels=ids).loss
 
+    def step_body():
+        """One optimizer step over the micro-batches; returns the summed loss (on the device)."""
+        total = torch.zeros((), device=device)
+        for ids, mask in micro:
+            with autocast:
+                loss = micro_loss(ids, mask) / args.accum
+            loss.backward()
+            total = total + loss.detach()
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+        optimizer.step()
+        return total
+
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     step_seconds, losses = [], []
     profiler = None
-    for step in range(args.warmup + args.steps):
+    graph = None
+    if args.cuda_graph:
+        try:
+            graph, static_total, capture_seconds = capture(step_body, optimizer, max(args.warmup, 1))
+        except Exception as e:  # a capture that fails says why in the report, not as a crash
+            line = {"impl": "torch", "backend": f"torch-cuda-{args.precision}-graph", "task": args.task, "shape": os.path.basename(args.shape)[:-5], "seq": args.seq, "batch": args.batch}
+            print(json.dumps({**line, "error": f"capture failed: {type(e).__name__}: {e}"}), flush=True)
+            return 1
+        # The warm-up ran before and during capture: every step below replays the graph.
+        for step in range(args.steps):
+            start = time.perf_counter()
+            graph.replay()
+            torch.cuda.synchronize()
+            step_seconds.append(time.perf_counter() - start)
+            losses.append(float(static_total))
+    for step in range(0 if graph else args.warmup + args.steps):
         if step == args.warmup and args.profile:
             # What bench_train's --profile records on libtorch: operators with input shapes, and
             # on CUDA every kernel with its device time.
@@ -160,14 +224,7 @@ def main():
             profiler = torch.profiler.profile(activities=activities, record_shapes=True)
             profiler.start()
         start = time.perf_counter()
-        total = 0.0
-        for ids, mask in micro:
-            with autocast:
-                loss = micro_loss(ids, mask) / args.accum
-            loss.backward()
-            total += loss.detach()
-        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
-        optimizer.step()
+        total = step_body()
         optimizer.zero_grad(set_to_none=True)
         if device.type == "cuda":
             torch.cuda.synchronize()
@@ -188,7 +245,7 @@ def main():
     n_params = sum(p.numel() for p in model.parameters())
     line = {
         "impl": "torch",
-        "backend": f"torch-{device.type}-{args.precision}" + ("-compile" if args.compile else "") + ("-gc" if args.grad_checkpointing else ""),
+        "backend": f"torch-{device.type}-{args.precision}" + ("-compile" if args.compile else "") + ("-gc" if args.grad_checkpointing else "") + ("-graph" if graph else ""),
         "shape": os.path.basename(args.shape)[:-5],
         "task": args.task,
         "seq": args.seq,
@@ -208,6 +265,8 @@ def main():
         "torch": torch.__version__,
         "profile": os.path.join(args.profile, "trace.json") if args.profile else None,
     }
+    if graph is not None:
+        line["capture_seconds"] = capture_seconds
     if device.type == "cuda":
         line["torch_max_allocated_mib"] = torch.cuda.max_memory_allocated() / 2**20
         line["torch_max_reserved_mib"] = torch.cuda.max_memory_reserved() / 2**20

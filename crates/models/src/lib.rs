@@ -63,7 +63,7 @@ pub use error::ModelError;
 pub use generate::{generate, GenerationConfig};
 pub use gguf::{convert_gguf, load_gguf, GgufModel};
 pub use init::random_model;
-pub use model::{Batch, CausalLm, KvCache, LayerInputs};
+pub use model::{Batch, BatchInputs, CausalLm, KvCache, LayerInputs};
 pub use pretrained::{load_pretrained, load_pretrained_quantized, save_pretrained, write_pretrained};
 pub use quantized::{QuantizedParts, QuantizedWeight, ScaleParts};
 pub use weights::SaveDtype;

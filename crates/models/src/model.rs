@@ -10,7 +10,8 @@ use crate::layers::{Linear, RmsNorm};
 use crate::rope;
 use burn::module::{Module, Param};
 use burn::tensor::activation::{gelu, gelu_approximate, silu};
-use burn::tensor::{backend::Backend, DType, ElementConversion, FloatDType, Int, Tensor, TensorData};
+use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::{DType, ElementConversion, FloatDType, Int, Tensor, TensorData};
 use std::sync::Arc;
 
 /// Gated MLP: `down(act(gate(x)) * up(x))`.
@@ -168,6 +169,26 @@ pub struct LayerInputs<B: Backend> {
     pub sin: Tensor<B, 4>,
 }
 
+/// A batch on the device: its token ids and what every layer shares, uploaded together before a
+/// forward pass reads them ([`CausalLm::batch_inputs`]). A training step that takes its inputs
+/// this way copies nothing from the host while it runs, which a step replayed as a CUDA graph
+/// requires (the replays read these same tensors).
+#[derive(Debug, Clone)]
+pub struct BatchInputs<B: Backend> {
+    /// `[batch, seq]` token ids.
+    pub ids: Tensor<B, 2, Int>,
+    pub layers: LayerInputs<B>,
+}
+
+impl<B: AutodiffBackend> BatchInputs<B> {
+    /// The same tensors on the inner backend (no graph).
+    pub fn inner(self) -> BatchInputs<B::InnerBackend> {
+        let LayerInputs { mask, cos, sin } = self.layers;
+        let mask = AttentionMask { masked: mask.masked.inner(), plain_causal: mask.plain_causal };
+        BatchInputs { ids: self.ids.inner(), layers: LayerInputs { mask, cos: cos.inner(), sin: sin.inner() } }
+    }
+}
+
 /// A batch of token sequences with their positions and visibility.
 #[derive(Debug, Clone)]
 pub struct Batch {
@@ -237,12 +258,35 @@ impl<B: Backend> CausalLm<B> {
         self.norm.forward(x)
     }
 
-    /// Token embeddings of `batch` (scaled for Gemma), `[batch, seq, hidden]`: the first layer's input.
-    pub fn embed(&self, batch: &Batch) -> Tensor<B, 3> {
-        let device = self.embed_tokens.device();
+    /// [`Self::hidden_states`] without a cache, from inputs already on the device.
+    pub fn hidden_states_of(&self, inputs: &BatchInputs<B>) -> Tensor<B, 3> {
+        let mut x = self.embed_ids(inputs.ids.clone());
+        for layer in &self.layers {
+            x = layer.forward(x, &inputs.layers, None);
+        }
+        self.norm.forward(x)
+    }
+
+    /// `batch` uploaded for a forward pass without a cache: its token ids and
+    /// [`Self::layer_inputs`].
+    pub fn batch_inputs(&self, batch: &Batch) -> BatchInputs<B> {
+        BatchInputs { ids: self.token_ids(batch), layers: self.layer_inputs(batch, 0) }
+    }
+
+    /// `batch`'s token ids as a `[batch, seq]` tensor on the model's device.
+    fn token_ids(&self, batch: &Batch) -> Tensor<B, 2, Int> {
         let [b, t] = batch.dims();
         let ids: Vec<i64> = batch.input_ids.iter().flatten().map(|&i| i as i64).collect();
-        let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [b, t]), &device);
+        Tensor::from_data(TensorData::new(ids, [b, t]), &self.embed_tokens.device())
+    }
+
+    /// Token embeddings of `batch` (scaled for Gemma), `[batch, seq, hidden]`: the first layer's input.
+    pub fn embed(&self, batch: &Batch) -> Tensor<B, 3> {
+        self.embed_ids(self.token_ids(batch))
+    }
+
+    /// [`Self::embed`] of token ids already on the device.
+    pub fn embed_ids(&self, ids: Tensor<B, 2, Int>) -> Tensor<B, 3> {
         let x = match &self.embed_compressed {
             Some(weight) => compressed::embed_compressed(ids, weight),
             None => embedding_rows(self.embed_tokens.val(), ids),

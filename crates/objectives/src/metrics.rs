@@ -119,19 +119,21 @@ impl FromIterator<(String, f64)> for Metrics {
 /// Metrics still on the device: the equally long `[n]` rows an objective reads, and the host
 /// function that turns them into named values. A trainer keeps these through a logging window
 /// and reads them once there ([`DeferredMetrics::read`]: one device-to-host transfer), so no
-/// step waits on the device for numbers nobody looks at yet.
+/// step waits on the device for numbers nobody looks at yet. A clone reads the same tensors: what
+/// a step replayed as a CUDA graph rewrites at each replay.
+#[derive(Clone)]
 pub struct DeferredMetrics<B: burn::tensor::backend::Backend> {
     rows: Vec<burn::tensor::Tensor<B, 1>>,
     finish: FinishMetrics,
 }
 
 /// Turns the rows read from the device into named metrics.
-type FinishMetrics = Box<dyn FnOnce(&[Vec<f64>]) -> Metrics + Send>;
+type FinishMetrics = std::sync::Arc<dyn Fn(&[Vec<f64>]) -> Metrics + Send + Sync>;
 
 impl<B: burn::tensor::backend::Backend> DeferredMetrics<B> {
     /// `rows` (detached, equally long), turned into metrics by `finish` once read.
-    pub fn new(rows: Vec<burn::tensor::Tensor<B, 1>>, finish: impl FnOnce(&[Vec<f64>]) -> Metrics + Send + 'static) -> Self {
-        Self { rows, finish: Box::new(finish) }
+    pub fn new(rows: Vec<burn::tensor::Tensor<B, 1>>, finish: impl Fn(&[Vec<f64>]) -> Metrics + Send + Sync + 'static) -> Self {
+        Self { rows, finish: std::sync::Arc::new(finish) }
     }
 
     /// Reads the rows (waiting for the device) and computes the metrics.
@@ -140,9 +142,9 @@ impl<B: burn::tensor::backend::Backend> DeferredMetrics<B> {
     }
 
     /// The same metrics, rewritten by `f` after reading (e.g. a value rescaled by the caller).
-    pub fn map(self, f: impl FnOnce(Metrics) -> Metrics + Send + 'static) -> Self {
+    pub fn map(self, f: impl Fn(Metrics) -> Metrics + Send + Sync + 'static) -> Self {
         let finish = self.finish;
-        Self { rows: self.rows, finish: Box::new(move |rows| f(finish(rows))) }
+        Self { rows: self.rows, finish: std::sync::Arc::new(move |rows| f(finish(rows))) }
     }
 }
 

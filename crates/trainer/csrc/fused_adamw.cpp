@@ -7,7 +7,6 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/_foreach_norm.h>
 #include <ATen/ops/_fused_adamw.h>
-#include <ATen/ops/full.h>
 #include <ATen/ops/linalg_vector_norm.h>
 #include <ATen/ops/stack.h>
 
@@ -41,19 +40,23 @@ char* alignment_global_norm(at::Tensor** tensors, size_t n, at::Tensor** norm) {
     }
 }
 
-// One AdamW update of `n` parameters at step `step` with one weight decay: `params`, `exp_avgs`
-// and `exp_avg_sqs` are updated in place (the moments may be flat: they are viewed with each
+// One AdamW update of `n` parameters with one weight decay: `params`, `exp_avgs` and
+// `exp_avg_sqs` are updated in place (the moments may be flat: they are viewed with each
 // parameter's sizes). Each gradient is divided by `grad_scale` (a `[1]` f32 tensor; nullptr for
 // none) first, and the kernel writes the divided gradient back, so the gradients must belong to
-// nobody else. Returns nullptr, or an error message the caller frees with `free`.
+// nobody else. The step count `step` (this update's, counted from 1) and the learning rate `lr`
+// are f32 tensors on the parameters' device, read by the kernel there, as `torch.optim.AdamW(
+// fused=True, capturable=True)` passes them: a step replayed as a CUDA graph then reads each
+// step's values, where numbers would be baked into the graph at capture. Returns nullptr, or an
+// error message the caller frees with `free`.
 char* alignment_fused_adamw(at::Tensor** params, at::Tensor** grads, at::Tensor** exp_avgs, at::Tensor** exp_avg_sqs,
-                            size_t n, at::Tensor* grad_scale, double step, double lr, double beta1, double beta2,
-                            double weight_decay, double eps) {
+                            size_t n, at::Tensor* grad_scale, at::Tensor* step, at::Tensor* lr, double beta1,
+                            double beta2, double weight_decay, double eps) {
     try {
         if (n == 0) return nullptr;
         std::vector<at::Tensor> p, g, m, v, steps;
         // The kernel only reads the step count: every parameter shares one.
-        at::Tensor step_count = at::full({}, step, params[0]->options().dtype(at::kFloat));
+        at::Tensor step_count = step->reshape({});
         for (size_t i = 0; i < n; ++i) {
             auto sizes = params[i]->sizes();
             p.push_back(*params[i]);
@@ -64,7 +67,7 @@ char* alignment_fused_adamw(at::Tensor** params, at::Tensor** grads, at::Tensor*
         }
         std::optional<at::Tensor> scale;
         if (grad_scale != nullptr) scale = *grad_scale;
-        at::_fused_adamw_(p, g, m, v, {}, steps, lr, beta1, beta2, weight_decay, eps,
+        at::_fused_adamw_(p, g, m, v, {}, steps, lr->reshape({}), beta1, beta2, weight_decay, eps,
                           /*amsgrad=*/false, /*maximize=*/false, scale, std::nullopt);
         return nullptr;
     } catch (const std::exception& e) {

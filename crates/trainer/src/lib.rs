@@ -33,6 +33,8 @@ mod tch_adamw;
 #[cfg(feature = "tch")]
 pub mod tch_device_memory;
 #[cfg(feature = "tch")]
+pub mod tch_graph;
+#[cfg(feature = "tch")]
 pub mod tch_profiler;
 mod tensor_collectives;
 pub mod train;
@@ -41,7 +43,7 @@ pub mod zero3;
 pub use data_parallel::DataParallel;
 pub use recipe::{Recipe, RecipeError, ResumeFrom, TrlConfig};
 pub use sequence::{collate, Sequence, IGNORE_INDEX};
-pub use step::{forward_backward, StepOptions};
+pub use step::{forward_backward, forward_backward_prepared, prepare, PreparedBatch, StepOptions};
 pub use strategy::{Parallelism, SingleProcess, Strategy};
 pub use task::{metric_values, MetricValues, Scoring, Task};
 pub use train::{evaluate, evaluate_with, train, train_with, AdapterOutput, StepPlan, TrainOutcome, TrainerConfig};

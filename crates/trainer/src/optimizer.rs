@@ -126,6 +126,25 @@ pub struct AdamW<B: Backend> {
     pub step: u64,
     /// Moments by parameter path (e.g. `layers.0.self_attn.q_proj.weight`).
     pub state: HashMap<String, Moments<B>>,
+    /// The step count and learning rate on the device, for an update that reads them there
+    /// (libtorch's fused AdamW); derived from `step`, never saved.
+    #[cfg(feature = "tch")]
+    pub(crate) device_scalars: Option<DeviceScalars<B>>,
+}
+
+/// An update's step count and learning rate as `[1]` f32 tensors on the parameters' device,
+/// kept from one step to the next and changed in place (the count advanced, the rate filled), as
+/// `torch.optim.AdamW(capturable=True)` keeps its `state_steps`: a step replayed as a CUDA graph
+/// reads them where a number would have been baked in at capture.
+#[cfg(feature = "tch")]
+#[derive(Debug, Clone)]
+pub(crate) struct DeviceScalars<B: Backend> {
+    /// The count of the update that last used it (from 1).
+    pub step: Tensor<B, 1>,
+    pub lr: Tensor<B, 1>,
+    /// The host's count (`AdamW::step`) when `step` was last written: a count set from outside
+    /// (a resumed run) makes the device's stale, and it is written afresh.
+    pub counts: u64,
 }
 
 /// What one optimizer step did, for logging.
@@ -162,7 +181,13 @@ pub fn excluded_from_decay(path: &str) -> bool {
 impl<B: Backend> AdamW<B> {
     /// A fresh optimizer.
     pub fn new(config: AdamWConfig) -> Self {
-        Self { config, step: 0, state: HashMap::new() }
+        Self {
+            config,
+            step: 0,
+            state: HashMap::new(),
+            #[cfg(feature = "tch")]
+            device_scalars: None,
+        }
     }
 
     /// Applies one update with learning rate `lr` to every parameter of `module` that has a

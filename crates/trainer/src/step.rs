@@ -29,8 +29,8 @@
 //! reduce-scatter of a layer's weight gradient) runs once per layer, in the same order on
 //! every rank.
 
-use crate::task::Task;
-use alignment_models::CausalLm;
+use crate::task::{Scoring, Task};
+use alignment_models::{BatchInputs, CausalLm};
 use alignment_objectives::logprobs::sequence_logps_with;
 use alignment_objectives::{
     chunk_tokens_for_head, chunked_logps_and_backward, chunked_logps_backward, chunked_sequence_logps_with, DeferredMetrics, SequenceLogps,
@@ -75,6 +75,27 @@ impl StepOptions {
     }
 }
 
+/// A micro-batch made ready for [`forward_backward_prepared`]: what the objective scores and the
+/// model's inputs, uploaded to the device.
+#[derive(Debug, Clone)]
+pub struct PreparedBatch<B: Backend> {
+    pub scoring: Scoring<B>,
+    pub inputs: BatchInputs<B>,
+}
+
+/// Uploads what one micro-batch of `examples` puts through `model`: [`Task::scoring`]'s label
+/// sets and [`CausalLm::batch_inputs`] of its rows.
+pub fn prepare<B: AutodiffBackend, T: Task>(
+    model: &CausalLm<B>,
+    task: &T,
+    examples: &[&T::Example],
+    device: &B::Device,
+) -> PreparedBatch<B> {
+    let scoring = task.scoring::<B>(examples, device);
+    let inputs = model.batch_inputs(&scoring.batch);
+    PreparedBatch { scoring, inputs }
+}
+
 /// Runs `task` on `examples`, adding the gradients of `scale × loss` to `accumulator`, and
 /// returns the micro-batch's metrics (still on the device).
 pub fn forward_backward<B: AutodiffBackend, T: Task>(
@@ -86,8 +107,27 @@ pub fn forward_backward<B: AutodiffBackend, T: Task>(
     accumulator: &mut GradientsAccumulator<CausalLm<B>>,
     device: &B::Device,
 ) -> DeferredMetrics<B> {
-    let scoring = task.scoring::<B>(examples, device);
-    let batch = &scoring.batch;
+    let prepared = prepare(model, task, examples, device);
+    forward_backward_prepared(model, task, &prepared, examples, scale, options, accumulator, device)
+}
+
+/// [`forward_backward`] of a micro-batch already [`prepare`]d: nothing moves between host and
+/// device between `prepared`'s uploads and the loss's metrics (the loss reads what the
+/// objective uploaded with the rows: [`Task::loss_from_scored`]), so this is the part of a step
+/// a CUDA graph can capture (`tch_graph`).
+#[allow(clippy::too_many_arguments)]
+pub fn forward_backward_prepared<B: AutodiffBackend, T: Task>(
+    model: &CausalLm<B>,
+    task: &T,
+    prepared: &PreparedBatch<B>,
+    examples: &[&T::Example],
+    scale: f64,
+    options: &StepOptions,
+    accumulator: &mut GradientsAccumulator<CausalLm<B>>,
+    device: &B::Device,
+) -> DeferredMetrics<B> {
+    let scoring = prepared.scoring.clone();
+    let inputs = &prepared.inputs;
     // With LoRA dropout the generator is reseeded before each layer, in every mode, so the masks
     // are a function of the seed: replayable by checkpointing and by a resumed run.
     let replay = model.has_lora_dropout();
@@ -99,27 +139,26 @@ pub fn forward_backward<B: AutodiffBackend, T: Task>(
         if replay {
             frozen = force_lora_dropout(frozen);
         }
-        let inputs = frozen.layer_inputs(batch, 0);
-        let mut xs = vec![frozen.embed(batch)];
+        let inner = inputs.clone().inner();
+        let mut xs = vec![frozen.embed_ids(inner.ids)];
         for (l, layer) in frozen.layers.iter().enumerate() {
             if replay {
                 B::seed(device, layer_seed(options.dropout_seed, l)); // seeds the inner backend's generator
             }
-            let x = layer.forward(xs[l].clone(), &inputs, None);
+            let x = layer.forward(xs[l].clone(), &inner.layers, None);
             xs.push(x);
         }
         let top = Tensor::<B, 3>::from_inner(xs.pop().expect("the embedding at least")).require_grad();
         (model.norm.forward(top.clone()), Some((xs, top)))
     } else if replay {
-        let inputs = model.layer_inputs(batch, 0);
-        let mut x = model.embed(batch);
+        let mut x = model.embed_ids(inputs.ids.clone());
         for (l, layer) in model.layers.iter().enumerate() {
             B::seed(device, layer_seed(options.dropout_seed, l));
-            x = layer.forward(x, &inputs, None);
+            x = layer.forward(x, &inputs.layers, None);
         }
         (model.norm.forward(x), None)
     } else {
-        (model.hidden_states(batch, None), None)
+        (model.hidden_states_of(inputs), None)
     };
 
     // The head and the loss: gradients of everything above `hidden`, and ∂hidden.
@@ -127,12 +166,12 @@ pub fn forward_backward<B: AutodiffBackend, T: Task>(
         None => {
             // Half-type logits under mixed precision: the loss casts runs of positions to f32.
             let logps = sequence_logps_with(model.project_in_product_type(hidden), scoring.label_sets, task.extra_stats());
-            let (loss, metrics) = task.loss_from_logps(logps, examples, device);
+            let (loss, metrics) = task.loss_from_scored(logps, examples, &prepared.scoring, device);
             let grads = loss.mul_scalar(scale).backward();
             let top_grad = checkpoints.as_ref().and_then(|(_, top)| top.grad(&grads));
             accumulator.accumulate(model, GradientsParams::from_grads(grads, model));
             if let Some((xs, _)) = checkpoints {
-                backward_layers(model, batch, xs, top_grad.expect("the leaf feeds the loss"), options, replay, accumulator);
+                backward_layers(model, inputs, xs, top_grad.expect("the leaf feeds the loss"), options, replay, accumulator);
             }
             metrics
         }
@@ -160,7 +199,7 @@ pub fn forward_backward<B: AutodiffBackend, T: Task>(
                         let sum = Tensor::from_inner(l.sum.clone());
                         on_autodiff::<B>(l, sum)
                     });
-                    (head, task.loss_from_logps(untracked.collect(), examples, device).1)
+                    (head, task.loss_from_scored(untracked.collect(), examples, &prepared.scoring, device).1)
                 }
                 None => {
                     let logps =
@@ -169,7 +208,7 @@ pub fn forward_backward<B: AutodiffBackend, T: Task>(
                     // gives ∂loss/∂sum, all that pass 2 needs.
                     let leaves: Vec<Tensor<B, 1>> = logps.iter().map(|l| Tensor::from_inner(l.sum.clone()).require_grad()).collect();
                     let tracked = logps.into_iter().zip(&leaves).map(|(l, leaf)| on_autodiff::<B>(l, leaf.clone())).collect();
-                    let (loss, metrics) = task.loss_from_logps(tracked, examples, device);
+                    let (loss, metrics) = task.loss_from_scored(tracked, examples, &prepared.scoring, device);
                     let loss_grads = loss.mul_scalar(scale).backward();
                     let upstream =
                         leaves.iter().map(|leaf| leaf.grad(&loss_grads).unwrap_or_else(|| leaf.clone().inner().zeros_like())).collect();
@@ -183,7 +222,7 @@ pub fn forward_backward<B: AutodiffBackend, T: Task>(
             let top_grad = checkpoints.as_ref().and_then(|(_, top)| top.grad(&grads));
             accumulator.accumulate(model, GradientsParams::from_grads(grads, model));
             if let Some((xs, _)) = checkpoints {
-                backward_layers(model, batch, xs, top_grad.expect("the leaf feeds the norm"), options, replay, accumulator);
+                backward_layers(model, inputs, xs, top_grad.expect("the leaf feeds the norm"), options, replay, accumulator);
             }
             metrics
         }
@@ -195,7 +234,7 @@ pub fn forward_backward<B: AutodiffBackend, T: Task>(
 /// own, from the last to the first, then the embedding.
 fn backward_layers<B: AutodiffBackend>(
     model: &CausalLm<B>,
-    batch: &alignment_models::Batch,
+    inputs: &BatchInputs<B>,
     mut inputs_saved: Vec<Tensor<B::InnerBackend, 3>>,
     top_grad: Tensor<B::InnerBackend, 3>,
     options: &StepOptions,
@@ -203,20 +242,19 @@ fn backward_layers<B: AutodiffBackend>(
     accumulator: &mut GradientsAccumulator<CausalLm<B>>,
 ) {
     let device = model.embed_tokens.device();
-    let inputs = model.layer_inputs(batch, 0);
     let mut grad = top_grad;
     for l in (0..model.layers.len()).rev() {
         let x = Tensor::<B, 3>::from_inner(inputs_saved.pop().expect("one input per layer")).require_grad();
         if replay {
             B::seed(&device, layer_seed(options.dropout_seed, l));
         }
-        let y = model.layers[l].forward(x.clone(), &inputs, None);
+        let y = model.layers[l].forward(x.clone(), &inputs.layers, None);
         let grads = (y * Tensor::from_inner(grad)).sum().backward();
         grad = x.grad(&grads).expect("the layer input is a leaf that requires grad");
         accumulator.accumulate(model, GradientsParams::from_grads(grads, model));
     }
     if embedding_is_trainable(model) {
-        let grads = (model.embed(batch) * Tensor::from_inner(grad)).sum().backward();
+        let grads = (model.embed_ids(inputs.ids.clone()) * Tensor::from_inner(grad)).sum().backward();
         accumulator.accumulate(model, GradientsParams::from_grads(grads, model));
     }
 }

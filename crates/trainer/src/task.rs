@@ -28,6 +28,10 @@ pub type MetricValues = Vec<(String, f64)>;
 pub struct Scoring<B: Backend> {
     pub batch: Batch,
     pub label_sets: Vec<Tensor<B, 2, Int>>,
+    /// `[examples]` numbers the loss reads besides the log-probabilities, uploaded with the rows
+    /// ([`Task::loss_from_scored`]): DPO's reference log-probs, chosen then rejected; none for
+    /// SFT and ORPO.
+    pub row_values: Vec<Tensor<B, 1>>,
 }
 
 /// An objective as the training loop drives it.
@@ -78,6 +82,21 @@ pub trait Task {
         examples: &[&Self::Example],
         device: &B::Device,
     ) -> (Tensor<B, 1>, DeferredMetrics<B>);
+
+    /// [`Task::loss_from_logps`] reading what [`Task::scoring`] uploaded for the loss
+    /// (`scoring.row_values`) instead of uploading it again: what the training step calls, so
+    /// that nothing moves from the host between a micro-batch's uploads and its loss (a step
+    /// replayed as a CUDA graph needs that). The default ignores `scoring`.
+    fn loss_from_scored<B: Backend>(
+        &self,
+        logps: Vec<SequenceLogps<B>>,
+        examples: &[&Self::Example],
+        scoring: &Scoring<B>,
+        device: &B::Device,
+    ) -> (Tensor<B, 1>, DeferredMetrics<B>) {
+        let _ = scoring;
+        self.loss_from_logps(logps, examples, device)
+    }
 
     /// The loss and metrics of `examples` through the full logits: the plain path (evaluation,
     /// tests, training without the chunked head). Reads the metrics back at once.

@@ -16,7 +16,7 @@
 //! gradient the caller kept a handle to, a checkpoint holding the moments) is copied first, so
 //! nothing else sees the update.
 
-use crate::optimizer::{excluded_from_decay, with_grad, AdamW, DeviceStepReport, Moments};
+use crate::optimizer::{excluded_from_decay, with_grad, AdamW, DeviceScalars, DeviceStepReport, Moments};
 use alignment_core::backend::retype;
 use burn::backend::libtorch::{LibTorch, TchTensor};
 use burn::module::{AutodiffModule, ModuleMapper, Param};
@@ -37,8 +37,8 @@ extern "C" {
         exp_avg_sqs: *const *mut c_void,
         n: usize,
         grad_scale: *mut c_void,
-        step: f64,
-        lr: f64,
+        step: *mut c_void,
+        lr: *mut c_void,
         beta1: f64,
         beta2: f64,
         weight_decay: f64,
@@ -84,15 +84,18 @@ where
     let clip_coef = optimizer.config.clip_factor_on_device(&grad_norm);
     // The kernel divides by its scale: `1 / clip`, as `GradScaler` hands it the loss scale.
     let grad_scale = clip_coef.clone().map(|coef| torch_tensor(coef.recip(), false));
+    let device = lists.groups.iter().flat_map(|g| g.params.first()).next().expect("a gradient, so a parameter").device();
+    let (step_count, rate) = device_scalars(optimizer, lr, device);
 
     let c = optimizer.config;
     for (group, weight_decay) in lists.groups.iter().zip([c.weight_decay, 0.0]) {
         let [params, grads, exp_avgs, exp_avg_sqs] =
             [&group.params, &group.grads, &group.exp_avgs, &group.exp_avg_sqs].map(|list| list.iter().map(handle).collect::<Vec<_>>());
         let scale = grad_scale.as_ref().map_or(std::ptr::null_mut(), handle);
-        // SAFETY: every handle is a live tch tensor held by `lists` (or `grad_scale`); the call
-        // reads the scale and updates the parameters, gradients and moments in place, none of
-        // which anything else holds (`torch_tensor(_, true)` copied what was shared).
+        // SAFETY: every handle is a live tch tensor held by `lists` (or `grad_scale`, `step_count`,
+        // `rate`); the call reads the scale, count and rate and updates the parameters, gradients
+        // and moments in place, none of which anything else holds (`torch_tensor(_, true)` copied
+        // what was shared).
         check(unsafe {
             alignment_fused_adamw(
                 params.as_ptr(),
@@ -101,8 +104,8 @@ where
                 exp_avg_sqs.as_ptr(),
                 params.len(),
                 scale,
-                optimizer.step as f64,
-                lr,
+                handle(&step_count),
+                handle(&rate),
                 c.beta1,
                 c.beta2,
                 weight_decay,
@@ -112,6 +115,27 @@ where
     }
     let clip_coef = clip_coef.unwrap_or_else(|| grad_norm.ones_like());
     (module, DeviceStepReport { grad_norm, clip_coef })
+}
+
+/// This update's step count (`optimizer.step`, already advanced) and the learning rate as `[1]` f32
+/// tensors on `device`: the optimizer's kept ones, the count advanced and the rate filled in place
+/// (copied first if anything else holds them), or new ones when there are none yet or the host's
+/// count moved without them (a resumed run).
+fn device_scalars<B: Backend>(optimizer: &mut AdamW<B>, lr: f64, device: tch::Device) -> (tch::Tensor, tch::Tensor) {
+    let step = optimizer.step;
+    let kept = optimizer.device_scalars.take().filter(|s| s.counts + 1 == step);
+    let options = (tch::Kind::Float, device);
+    let (count, mut rate) = match kept.map(|s| (torch_tensor(s.step, true), torch_tensor(s.lr, true))) {
+        // The kept count is the previous update's: one more, on the device.
+        Some((mut count, rate)) if count.device() == device => {
+            let _ = count.f_add_scalar_(1.0).expect("a [1] f32 tensor advances by one");
+            (count, rate)
+        }
+        _ => (tch::Tensor::full([1], step as f64, options), tch::Tensor::zeros([1], options)),
+    };
+    let _ = rate.f_fill_(lr).expect("a [1] f32 tensor is filled");
+    optimizer.device_scalars = Some(DeviceScalars { step: wrap(count.shallow_clone()), lr: wrap(rate.shallow_clone()), counts: step });
+    (count, rate)
 }
 
 /// The tensors of one `_fused_adamw_` call.
@@ -317,6 +341,58 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// The step count and the learning rate stay on the device from one update to the next:
+    /// after three updates they read 3 and the rate; an optimizer whose count was set from
+    /// outside (a resumed run restores `step` and the moments only) makes the same third update,
+    /// bit for bit, as the one that ran the first two; and a clone's kept count is left alone by
+    /// the original's next update.
+    #[test]
+    fn the_step_count_on_the_device_follows_the_host_count() {
+        const LR: f64 = 1e-2;
+        let config = AdamWConfig { weight_decay: 0.1, ..Default::default() };
+        let (weight, norm) = (random([8, 16], 1.0), random([16], 1.0));
+        let model = || Pair::<Train> {
+            weight: Param::from_tensor(Tensor::from_inner(weight.clone())),
+            norm: Param::from_tensor(Tensor::from_inner(norm.clone())),
+        };
+        let gradients: Vec<(Tensor<Torch, 2>, Tensor<Torch, 1>)> = (0..4).map(|_| (random([8, 16], 0.1), random([16], 0.1))).collect();
+        let update = |optimizer: &mut AdamW<Torch>, model: Pair<Train>, t: usize| {
+            let mut grads = GradientsParams::new();
+            grads.register::<Torch, 2>(model.weight.id, gradients[t].0.clone());
+            grads.register::<Torch, 1>(model.norm.id, gradients[t].1.clone());
+            step::<Train, _>(optimizer, LR, model, grads).0
+        };
+        let scalars = |optimizer: &AdamW<Torch>| {
+            let kept = optimizer.device_scalars.as_ref().expect("kept after an update");
+            (values(kept.step.clone()), values(kept.lr.clone()), kept.counts)
+        };
+
+        let mut continuing = AdamW::<Torch>::new(config);
+        let mut a = model();
+        for t in 0..3 {
+            a = update(&mut continuing, a, t);
+        }
+        assert_eq!(scalars(&continuing), (vec![3.0], vec![LR as f32], 3));
+
+        let mut first = AdamW::<Torch>::new(config);
+        let mut b = model();
+        for t in 0..2 {
+            b = update(&mut first, b, t);
+        }
+        let mut resumed = AdamW::<Torch>::new(config);
+        resumed.step = first.step;
+        resumed.state = first.state.clone();
+        b = update(&mut resumed, b, 2);
+        assert_eq!(scalars(&resumed), (vec![3.0], vec![LR as f32], 3));
+        assert_eq!(values(b.weight.val().inner()), values(a.weight.val().inner()), "the resumed third update differs");
+        assert_eq!(values(b.norm.val().inner()), values(a.norm.val().inner()), "the resumed third update differs");
+
+        let snapshot = continuing.clone();
+        let _ = update(&mut continuing, a, 3);
+        assert_eq!(scalars(&continuing), (vec![4.0], vec![LR as f32], 4));
+        assert_eq!(scalars(&snapshot), (vec![3.0], vec![LR as f32], 3), "the clone's count moved");
     }
 
     /// A step without gradients (every parameter frozen) changes nothing and reports a zero norm.

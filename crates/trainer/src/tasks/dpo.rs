@@ -101,7 +101,7 @@ fn label_sets<B: Backend>(pairs: &[&PreferencePair], ld: bool, pad_id: u32, devi
         let rows: Vec<&Sequence> = tails.iter().map(|[c, _]| c).chain(tails.iter().map(|[_, r]| r)).collect();
         label_sets.push(collate::<B>(&rows, pad_id, device).1);
     }
-    Scoring { batch, label_sets }
+    Scoring { batch, label_sets, row_values: Vec::new() }
 }
 
 /// DPO with TRL's loss variants.
@@ -148,8 +148,14 @@ impl Task for DpoTask {
         examples.iter().map(|p| p.num_tokens()).sum()
     }
 
+    /// The label sets, and the pairs' reference log-probs as the loss uses them when every pair
+    /// has them (training; not while they are being computed).
     fn scoring<B: Backend>(&self, pairs: &[&PreferencePair], device: &B::Device) -> Scoring<B> {
-        label_sets(pairs, self.config.ld_alpha.is_some(), self.pad_id, device)
+        let mut scoring = label_sets(pairs, self.config.ld_alpha.is_some(), self.pad_id, device);
+        if pairs.iter().all(|p| p.reference.is_some()) {
+            scoring.row_values = self.reference_columns(pairs, device).to_vec();
+        }
+        scoring
     }
 
     fn extra_stats(&self) -> ExtraStats {
@@ -162,20 +168,52 @@ impl Task for DpoTask {
         pairs: &[&PreferencePair],
         device: &B::Device,
     ) -> (Tensor<B, 1>, DeferredMetrics<B>) {
-        let n = pairs.len();
-        let mut halves = logps.into_iter().map(|l| l.split_at(n));
-        let (chosen, rejected) = halves.next().expect("the completions' label set");
-        let tails = halves.next();
+        let [chosen, rejected] = self.reference_columns(pairs, device);
+        self.loss_with_references(logps, pairs.len(), chosen, rejected)
+    }
+
+    /// The references [`Task::scoring`] uploaded, when it did.
+    fn loss_from_scored<B: Backend>(
+        &self,
+        logps: Vec<SequenceLogps<B>>,
+        pairs: &[&PreferencePair],
+        scoring: &Scoring<B>,
+        device: &B::Device,
+    ) -> (Tensor<B, 1>, DeferredMetrics<B>) {
+        match scoring.row_values.as_slice() {
+            [chosen, rejected] => self.loss_with_references(logps, pairs.len(), chosen.clone(), rejected.clone()),
+            _ => self.loss_from_logps(logps, pairs, device),
+        }
+    }
+}
+
+impl DpoTask {
+    /// The pairs' reference log-probs as the loss uses them ([`ReferenceLogps::for_config`]),
+    /// chosen and rejected, as `[pairs]` tensors on `device`.
+    fn reference_columns<B: Backend>(&self, pairs: &[&PreferencePair], device: &B::Device) -> [Tensor<B, 1>; 2] {
         let references: Vec<[f64; 2]> = pairs
             .iter()
             .map(|p| p.reference.expect("reference log-probs are computed before training (precompute_reference)").for_config(&self.config))
             .collect();
-        let column = |i: usize| {
+        [0, 1].map(|i| {
             let values: Vec<f32> = references.iter().map(|r| r[i] as f32).collect();
-            Tensor::<B, 1>::from_data(TensorData::new(values, [n]), device)
-        };
+            Tensor::<B, 1>::from_data(TensorData::new(values, [pairs.len()]), device)
+        })
+    }
+
+    /// The loss of `n` pairs' log-probabilities against their references.
+    fn loss_with_references<B: Backend>(
+        &self,
+        logps: Vec<SequenceLogps<B>>,
+        n: usize,
+        reference_chosen: Tensor<B, 1>,
+        reference_rejected: Tensor<B, 1>,
+    ) -> (Tensor<B, 1>, DeferredMetrics<B>) {
+        let mut halves = logps.into_iter().map(|l| l.split_at(n));
+        let (chosen, rejected) = halves.next().expect("the completions' label set");
+        let tails = halves.next();
         let tails = tails.as_ref().map(|(c, r)| (c, r));
-        let out = dpo_loss_with_tails(&chosen, &rejected, tails, column(0), column(1), &self.config);
+        let out = dpo_loss_with_tails(&chosen, &rejected, tails, reference_chosen, reference_rejected, &self.config);
         (out.losses.clone().sum(), out.deferred_metrics())
     }
 }

@@ -49,7 +49,7 @@ impl Task for OrpoTask {
             .flat_map(|(ids, row)| ids.iter().enumerate().map(move |(t, &id)| if t < row.num_tokens() { id as i64 } else { IGNORE_INDEX }))
             .collect();
         let full_labels = Tensor::<B, 2, Int>::from_data(TensorData::new(full, [rows_n, width]), device);
-        Scoring { batch, label_sets: vec![completion_labels, full_labels] }
+        Scoring { batch, label_sets: vec![completion_labels, full_labels], row_values: Vec::new() }
     }
 
     fn loss_from_logps<B: Backend>(

@@ -47,7 +47,7 @@ impl Task for SftTask {
 
     fn scoring<B: Backend>(&self, examples: &[&Sequence], device: &B::Device) -> Scoring<B> {
         let (batch, labels) = collate::<B>(examples, self.pad_id, device);
-        Scoring { batch, label_sets: vec![labels] }
+        Scoring { batch, label_sets: vec![labels], row_values: Vec::new() }
     }
 
     /// The loss is `−Σ sum` ([`SequenceLogps::sum_nll`] below), whatever the reduction (the loop
