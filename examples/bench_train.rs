@@ -194,7 +194,7 @@ struct TrainArgs {
     /// kernel on (it is configured before any) slows every step, so time without `--profile`.
     #[arg(long)]
     profile: Option<PathBuf>,
-    /// libtorch on CUDA (`tch-cuda`, `tch-cuda-bf16`), every task but `orpo`:
+    /// libtorch on CUDA (`tch-cuda`, `tch-cuda-bf16`), every task:
     /// the warm-up steps on a side stream, then one step captured as a CUDA graph, and the timed
     /// steps its replays (the same batch every step, as without it). Needs a binary built with
     /// CUDA graphs (`scripts/gpu/run.sh stage`).
@@ -789,11 +789,6 @@ impl<B: AutodiffBackend> Timing<'_, B> {
         let backend = self.args.backend.as_str();
         if !matches!(backend, "tch-cuda" | "tch-cuda-bf16") {
             return Err(format!("--cuda-graph: backend `{backend}`: CUDA graphs run on tch-cuda and tch-cuda-bf16"));
-        }
-        if self.args.task == "orpo" {
-            return Err(
-                "--cuda-graph: task `orpo`: not yet checked for host transfers inside its step (sft, lora, qlora and dpo are)".into()
-            );
         }
         let sync = |device: &B::Device| B::sync(device).map_err(|e| format!("{e:?}"));
         let loss = |pending| read_metrics(pending).get("loss").copied().unwrap_or(f64::NAN);

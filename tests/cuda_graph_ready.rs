@@ -8,10 +8,10 @@
 
 use alignment_handbook::core::backend::Torch;
 use alignment_handbook::models::{random_model, CausalLm, ModelConfig};
-use alignment_handbook::objectives::{DpoConfig, Reduction};
+use alignment_handbook::objectives::{DpoConfig, OrpoConfig, Reduction};
 use alignment_handbook::step_check::{dpo_pair, read_metrics, sft_row, train_step, train_step_prepared};
 use alignment_handbook::trainer::optimizer::{AdamW, AdamWConfig};
-use alignment_handbook::trainer::tasks::{DpoTask, PreferencePair, SftTask};
+use alignment_handbook::trainer::tasks::{DpoTask, OrpoTask, PreferencePair, SftTask};
 use alignment_handbook::trainer::tch_graph::state_addresses;
 use alignment_handbook::trainer::{prepare, PreparedBatch, Sequence, StepOptions, Task};
 use alignment_peft::{apply_lora, LoraConfig, TargetModules};
@@ -68,7 +68,7 @@ fn three_steps<T: Task>(
 
 /// Three steps over batches uploaded once leave every parameter, moment and AdamW scalar where
 /// the first step put them — SFT with full fine-tuning and LoRA, f32 and mixed precision, the
-/// plain step and the lean one (checkpointing, chunked head), and DPO — and their losses equal
+/// plain step and the lean one (checkpointing, chunked head), DPO and ORPO — and their losses equal
 /// those of the step that uploads its own batch each time, bit for bit.
 #[test]
 fn the_libtorch_step_updates_its_state_in_place() {
@@ -78,6 +78,7 @@ fn the_libtorch_step_updates_its_state_in_place() {
     let dpo = DpoTask { config: DpoConfig::default(), pad_id: 0 };
     let pairs: Vec<PreferencePair> = (0..4).map(|i| dpo_pair(24, 512, 200 + i)).collect();
     let dpo_batches: Vec<Vec<&PreferencePair>> = pairs.chunks(2).map(|c| c.iter().collect()).collect();
+    let orpo = OrpoTask { config: OrpoConfig::default(), pad_id: 0 };
     let cases = [
         ("sft", (false, false, false)),
         ("sft", (false, true, false)),
@@ -85,12 +86,14 @@ fn the_libtorch_step_updates_its_state_in_place() {
         ("sft", (false, true, true)),
         ("dpo", (false, true, false)),
         ("dpo", (false, true, true)),
+        ("orpo", (false, true, false)),
     ];
     for (task, shape) in cases {
         let case = format!("{task}, (lora, mixed, lean) {shape:?}");
         let run = |prepared_once| match task {
             "sft" => three_steps(&sft, &sft_batches, shape, prepared_once),
-            _ => three_steps(&dpo, &dpo_batches, shape, prepared_once),
+            "dpo" => three_steps(&dpo, &dpo_batches, shape, prepared_once),
+            _ => three_steps(&orpo, &dpo_batches, shape, prepared_once),
         };
         let (losses, addresses) = run(true);
         assert!(addresses[0].len() > 2, "{case}: the step's state was listed");

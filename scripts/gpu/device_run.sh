@@ -162,7 +162,7 @@ runner_for() {
 # bench_train options a backend name's suffix asks for: `NAME@chunked-head`, the head and the
 # log-probabilities in chunks of tokens, never the full logits (`use_liger_kernel: true`; TRL
 # 1.16's SFTTrainer computes its loss and metrics with a fused head too); `NAME@cuda-graph`, the
-# step captured once as a CUDA graph and replayed (libtorch on CUDA; SFT, LoRA, QLoRA, DPO).
+# step captured once as a CUDA graph and replayed (libtorch on CUDA, every task).
 options_for() {
     case "$1" in
         *@chunked-head) echo "--chunked-head" ;;

@@ -185,7 +185,9 @@ pub fn forward_backward_prepared<B: AutodiffBackend, T: Task>(
                 Some(coefficients) => {
                     let rows = hidden_values.dims()[0];
                     let inner = hidden_values.device();
-                    let upstream = coefficients.iter().map(|c| Tensor::full([rows], (c * scale) as f32, &inner)).collect();
+                    // `ones × c` rather than `full(c)`: burn-tch makes a full tensor from host
+                    // data (an upload inside the step, which a CUDA graph cannot hold).
+                    let upstream = coefficients.iter().map(|c| Tensor::ones([rows], &inner).mul_scalar((c * scale) as f32)).collect();
                     let (logps, head) = chunked_logps_and_backward(
                         hidden_values,
                         weight,
