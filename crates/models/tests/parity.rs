@@ -103,3 +103,34 @@ fn fixtures_detect_missing_window_and_rope_scaling() {
     llama3.inv_freq = alignment_models::rope::inverse_frequencies(c.head_dim, c.rope_theta, &alignment_models::config::RopeScaling::None);
     assert!(logit_diff("tiny-llama3-rope", &llama3) > 1e-3);
 }
+
+/// The forward pass from inputs uploaded beforehand (`batch_inputs`, then `hidden_states_of`:
+/// what the training step runs, so that a step replayed as a CUDA graph reads no host data)
+/// gives the hidden states of the forward pass from the batch itself, bit for bit: each
+/// fixture's padded reference batch (Llama, Llama-3 frequencies, Mistral's window, Gemma's
+/// embedding scale), and the same rows packed as two documents each.
+#[test]
+fn hidden_states_from_uploaded_inputs_equal_the_batchs() {
+    for name in ["tiny-llama", "tiny-llama3-rope", "tiny-mistral", "tiny-gemma"] {
+        let model = load_pretrained::<Cpu>(&fixture(name), &Default::default()).unwrap();
+        let reference = reference(name);
+        let padded = Batch {
+            input_ids: reference.input_ids.clone(),
+            position_ids: reference.position_ids.clone(),
+            attention_mask: Some(reference.attention_mask.iter().map(|r| r.iter().map(|&m| m == 1).collect()).collect()),
+            document_ids: None,
+        };
+        let packed = {
+            let ids = reference.input_ids.clone();
+            let half = ids[0].len() / 2;
+            let position_ids = ids.iter().map(|r| (0..r.len()).map(|i| if i < half { i } else { i - half } as i64).collect()).collect();
+            let document_ids = Some(ids.iter().map(|r| (0..r.len()).map(|i| u32::from(i >= half)).collect()).collect());
+            Batch { input_ids: ids, position_ids, attention_mask: None, document_ids }
+        };
+        for (kind, batch) in [("padded", padded), ("packed", packed)] {
+            let expected: Vec<f32> = model.hidden_states(&batch, None).into_data().into_vec().unwrap();
+            let uploaded: Vec<f32> = model.hidden_states_of(&model.batch_inputs(&batch)).into_data().into_vec().unwrap();
+            assert_eq!(uploaded, expected, "{name}, {kind}: the hidden states differ");
+        }
+    }
+}
