@@ -6,13 +6,16 @@
 #
 # Expects the staged folder (scripts/gpu/run.sh stage): $GPU_DIR/bin/bench_train or its .xz (built
 # with --features cuda), $GPU_DIR/bin/bench_train_tch (--features tch, linked against the device's
-# torch version; optional: without it the tch-* backends are skipped) and $GPU_DIR/reference/ (the
-# CPU's values for the correctness check).
+# torch version; optional: without it the tch-* backends are skipped), zephyr_sft_tch and
+# zephyr_dpo_tch (or their .xz: the example binaries, built the same way) with SmolLM2's
+# tokenizer files in $GPU_DIR/smollm2-tokenizer/ (optional: the trainer runs), and
+# $GPU_DIR/reference/ (the CPU's values for the correctness check).
 # Order of work, most important first, each step skipped once the budget is spent:
 #   1. environment (GPU, driver, CUDA paths, torch) — printed, so a failure is explainable;
 #   2. correctness: SFT / DPO / LoRA / QLoRA steps on the tiny fixture vs the CPU (f32, and
 #      cuda-bf16: mixed precision, bf16 products over f32 parameters, as `bf16: true`); plans
 #      tch, cuda-bisect and dry: burn's operations one at a time against the CPU (`bench_train ops`);
+#      plans tch and dry: the example binaries' training loop, GPU against CPU (`run_trainer`);
 #   3. the NCCL communicator at world size 1 vs one process (host buffers, and the data-parallel
 #      step's device route), then QLoRA's NF4 dequantization alone, kernel vs tensor operations
 #      (`bench_train dequant`), and the step's products alone, cuBLAS vs CubeCL's matmul
@@ -54,10 +57,11 @@ fi
 DRY_RUN="${DRY_RUN:-0}"
 
 # --- 1. environment ------------------------------------------------------------------------
-if [ ! -x "$BIN" ] && [ -f "$BIN.xz" ]; then
-    # run.sh stage ships the binary xz-compressed (it would take most of the 64 MiB carry).
-    "$PY" -c 'import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2], "wb"))' "$BIN.xz" "$BIN" && chmod +x "$BIN"
-fi
+for packed in "$GPU_DIR"/bin/*.xz; do
+    # run.sh stage ships the larger binaries xz-compressed (they would crowd the 64 MiB carry).
+    [ -f "$packed" ] && [ ! -x "${packed%.xz}" ] || continue
+    "$PY" -c 'import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2], "wb"))' "$packed" "${packed%.xz}" && chmod +x "${packed%.xz}"
+done
 say "plan $PLAN, budget ${BUDGET_S}s, binary $(ls -la "$BIN" 2>&1 | awk '{print $5, $9}')"
 if [ "$DRY_RUN" = 1 ]; then
     OURS_BACKENDS="${OURS_BACKENDS:-cpu}"
@@ -250,6 +254,90 @@ run_ops() {
     done
 }
 
+# The training loop a user runs: the example binaries `zephyr_sft` and `zephyr_dpo` built with
+# `--features tch` (run.sh stage), on the GPU and on this machine's CPU (the same binaries with
+# no GPU visible), in the same call. SFT on a small random model with SmolLM2's vocabulary and
+# tokenizer (trainer_model.py, shapes/smollm2-tiny.json), f32 and then `--bf16=true` (mixed
+# precision), and DPO from the CPU's SFT model, f32; each GPU run beside the CPU's by
+# compare_runs.py: every metric logged at every step (losses, grad norm, learning rate, rewards,
+# the evaluation at the end) and every saved weight, f32 ≤ 1e-4, bf16 ≤ 2e-2 (issue #12, item 1,
+# at the level of the command line). A line each in $RESULTS.
+TRAINER_BIN_SFT="$GPU_DIR/bin/zephyr_sft_tch" TRAINER_BIN_DPO="$GPU_DIR/bin/zephyr_dpo_tch"
+TRAINER_TOKENIZER="$GPU_DIR/smollm2-tokenizer"
+
+# trainer_run NAME DEVICE BINARY RECIPE [--key=value ...]: one run of an example binary into
+# $WORK/trainer/NAME (its output_dir), on the GPU (`cuda`) or the CPU (`cpu`), each device with
+# its own cache (DPO's reference log-probs are cached there). Returns the binary's exit status.
+trainer_run() {
+    local name="$1" device="$2" binary="$3" recipe="$4"
+    shift 4
+    local budget hide=()
+    budget=$(left)
+    if [ "$budget" -lt 20 ]; then
+        say "skip trainer $name (budget spent)"
+        return 1
+    fi
+    [ "$device" = cpu ] && hide=(CUDA_VISIBLE_DEVICES=)
+    say "trainer $name"
+    timeout --signal=KILL "$((budget < RUN_TIMEOUT_S ? budget : RUN_TIMEOUT_S))" env "${hide[@]}" \
+        ALIGNMENT_HANDBOOK_CACHE="$WORK/trainer/cache-$device" LD_LIBRARY_PATH="$TORCH_LIB:${LD_LIBRARY_PATH:-}" \
+        "$binary" "$recipe" --output_dir="$WORK/trainer/$name" --overwrite_output_dir=true "$@" >"$WORK/trainer/$name.log" 2>&1
+    local rc=$?
+    say "trainer $name: exit $rc — $(tail -c 300 "$WORK/trainer/$name.log" | tr '\n' ' ' | tail -c 200)"
+    return $rc
+}
+
+# compare NAME REFERENCE TOLERANCE: the run NAME beside the run REFERENCE, a line in $RESULTS.
+trainer_compare() {
+    "$PY" scripts/gpu/compare_runs.py --label "trainer $1" --tolerance "$3" "$WORK/trainer/$2" "$WORK/trainer/$1" >>"$RESULTS"
+    say "trainer $1 against $2: $(tail -n 1 "$RESULTS" | cut -c 1-300)"
+}
+
+run_trainer() {
+    if [ ! -x "$TRAINER_BIN_SFT" ] || [ ! -x "$TRAINER_BIN_DPO" ] || [ ! -f "$TRAINER_TOKENIZER/tokenizer.json" ]; then
+        say "trainer: skipped (no example binaries or tokenizer staged)"
+        return
+    fi
+    local gpu=cuda
+    [ "$DRY_RUN" = 1 ] && gpu=cpu-again
+    mkdir -p "$WORK/trainer"
+    "$PY" scripts/gpu/trainer_model.py --shape scripts/gpu/shapes/smollm2-tiny.json --tokenizer "$TRAINER_TOKENIZER" \
+        --out "$WORK/trainer/tiny" || { say "trainer: the model could not be made"; return; }
+    # A few updates, each logged, the evaluation at the end (the recipes' own data and settings).
+    local steps="${TRAINER_STEPS:-4}" common=()
+    common=(--max_steps="$steps" --logging_steps=1 --eval_strategy=steps --eval_steps="$steps" --eval_on_start=false --save_strategy=no)
+    local sft=(recipes/smollm2-135m/sft/config_cpu.yaml --model_name_or_path="$WORK/trainer/tiny" "${common[@]}")
+    trainer_run sft-cpu cpu "$TRAINER_BIN_SFT" "${sft[@]}" || return
+    trainer_run "sft-$gpu" "${gpu%-again}" "$TRAINER_BIN_SFT" "${sft[@]}" && trainer_compare "sft-$gpu" sft-cpu 1e-4
+    trainer_run "sft-$gpu-bf16" "${gpu%-again}" "$TRAINER_BIN_SFT" "${sft[@]}" --bf16=true && trainer_compare "sft-$gpu-bf16" sft-cpu 2e-2
+    local dpo=(recipes/smollm2-135m/dpo/config_cpu.yaml --model_name_or_path="$WORK/trainer/sft-cpu" "${common[@]}")
+    trainer_run dpo-cpu cpu "$TRAINER_BIN_DPO" "${dpo[@]}" && trainer_run "dpo-$gpu" "${gpu%-again}" "$TRAINER_BIN_DPO" "${dpo[@]}" &&
+        trainer_compare "dpo-$gpu" dpo-cpu 1e-4
+    # The logs and metrics travel in the bundle; the models stay behind.
+    find "$WORK/trainer" \( -name '*.safetensors' -o -name tokenizer.json \) -delete
+    rm -rf "$WORK/trainer/cache-"*
+}
+
+# The same loop's speed on the 135M shape (random weights), bf16, packed 1024-token rows of 4,
+# one update a batch: its tokens/s (the logging windows after the first) beside `bench_train
+# train`'s step on the same shape, which leaves out the loop (data, logging, the final save).
+run_trainer_speed() {
+    [ -x "$TRAINER_BIN_SFT" ] && [ -f "$TRAINER_TOKENIZER/tokenizer.json" ] || return
+    local shape="${1:-smollm2-135m}" device=cuda
+    [ "$DRY_RUN" = 1 ] && device=cpu
+    mkdir -p "$WORK/trainer"
+    "$PY" scripts/gpu/trainer_model.py --shape "scripts/gpu/shapes/$shape.json" --tokenizer "$TRAINER_TOKENIZER" \
+        --out "$WORK/trainer/$shape" || { say "trainer speed: the model could not be made"; return; }
+    local steps="${TRAINER_SPEED_STEPS:-16}"
+    trainer_run "speed-$shape" "$device" "$TRAINER_BIN_SFT" recipes/smollm2-135m/sft/config_cpu.yaml \
+        --model_name_or_path="$WORK/trainer/$shape" --bf16=true --packing=true --max_seq_length=1024 \
+        --per_device_train_batch_size=4 --gradient_accumulation_steps=1 --max_steps="$steps" --logging_steps=4 \
+        --eval_strategy=no --eval_on_start=false --save_strategy=no
+    "$PY" scripts/gpu/compare_runs.py --label "trainer speed-$shape sft s1024 b4" "$WORK/trainer/speed-$shape" >>"$RESULTS"
+    say "trainer speed-$shape: $(tail -n 1 "$RESULTS" | cut -c 1-300)"
+    rm -rf "$WORK/trainer/$shape" "$WORK/trainer/speed-$shape"/{*.safetensors,tokenizer.json}
+}
+
 # --- 3. NCCL -------------------------------------------------------------------------------
 run_nccl() {
     [ "$DRY_RUN" = 1 ] && return
@@ -398,6 +486,9 @@ case "$PLAN" in
         bench tiny dpo 64 2 1
         bench tiny lora 64 2 1
         bench tiny qlora 64 2 1
+        run_trainer
+        TRAINER_SPEED_STEPS=4 run_trainer_speed smollm2-tiny
+        bundle
         DEQUANT_BACKENDS=cpu DEQUANT_SHAPE=tiny run_dequant
         GEMM_BACKENDS=cpu GEMM_SHAPE=tiny GEMM_ARGS="--tokens 128 --seq 64" run_gemm
         ;;
@@ -461,6 +552,9 @@ case "$PLAN" in
         # check above failed (every torch-kernel path since the first run is among them).
         OPS_BACKENDS=tch-cuda-bf16 run_ops
         bundle
+        # The example binaries' loop, GPU against CPU (≈ 40 s): it has never run on a GPU.
+        run_trainer
+        bundle
         OURS_BACKENDS="tch-cuda-bf16 tch-cuda-bf16@ops-logits tch-cuda-bf16@chunked-head" bench llama-3.2-1b sft 1024 4 1
         # Ours and PyTorch's steps replayed as CUDA graphs beside the eager ones (≈ 30 s): how
         # much of the small model's step is the host's, and what capturing ours gains.
@@ -479,6 +573,9 @@ case "$PLAN" in
         # its backward step (@keep-dense), the embedding and head kept in f32 (@f32-frozen), the
         # NF4 weights dequantized whole (@whole-dequant).
         NO_TORCH=1 OURS_BACKENDS="tch-cuda-bf16 tch-cuda-bf16@burn-dequant tch-cuda-bf16@keep-dense tch-cuda-bf16@f32-frozen tch-cuda-bf16@whole-dequant" bench mistral-7b qlora 2048 1 1
+        # The example binary's loop on the 135M shape (≈ 30 s), against the `tch` plan's step.
+        run_trainer_speed smollm2-135m
+        bundle
         # If budget is left: SmolLM2-135M's step profiled, ours and PyTorch's. Its device time
         # against its step time (the `tch` plan's bench) says how host-bound the small model is,
         # which ranks replaying the step as a CUDA graph (docs/performance.md).

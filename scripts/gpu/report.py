@@ -167,6 +167,33 @@ def main():
                 speedup = base / p["median_s"] if base and name != "tensor-ops" else None
                 print(f"| {r['backend']} | {r['shape']} {r['dims']} {r['dtype']} | {name} | {p['median_s'] * 1e3:.3f} | {p['least_bytes'] / p['median_s'] / 1e9:.0f} | {fmt(speedup, '.1f')} |")
 
+    trainer = [r for r in rows if r.get("trainer")]
+    if trainer:
+        print(
+            "\nThe example binaries' loop (zephyr_sft, zephyr_dpo built with `tch`; device_run.sh's run_trainer): each GPU run against "
+            "the CPU's in the same call — every logged metric, |Δ| / max(|x|, 0.1), and every saved weight, ‖Δ‖ / ‖w‖; tokens/s: "
+            "the logging windows after the first:\n"
+        )
+        print("| run | logged steps | loss, first → last | max rel. metric (where) | max rel. weight (which) | finite weights | tokens/s | result |")
+        print("|---|---|---|---|---|---|---|---|")
+        for r in trainer:
+            label = r.get("label", "?").removeprefix("trainer ")
+            if r.get("skipped") or r.get("error"):
+                print(f"| {label} | | | | | | | {r.get('skipped') or r.get('error')} |")
+                continue
+            loss = f"{r['first_loss']:.4f} → {r['last_loss']:.4f}" if "first_loss" in r else "–"
+            metric = f"{r['max_rel_metric']:.1e} ({r.get('worst_metric')})" if "max_rel_metric" in r else "–"
+            weight = f"{r['max_rel_weight']:.1e} ({r.get('worst_weight')})" if "max_rel_weight" in r else "–"
+            tolerance = f" (≤ {r['tolerance']:.0e})" if "tolerance" in r else ""
+            verdict = ("pass" if r.get("pass") else "FAIL") + tolerance
+            if r.get("missing"):
+                verdict += "; missing: " + ", ".join(r["missing"][:5])
+            finite = {True: "yes", False: "no"}.get(r.get("finite_weights"), "–")
+            print(
+                f"| {label} | {r.get('logged_steps', '–')} | {loss} | {metric} | {weight} | {finite} | "
+                f"{fmt(r.get('tokens_per_second'), '.0f')} | {verdict} |"
+            )
+
 
 if __name__ == "__main__":
     main()

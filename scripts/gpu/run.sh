@@ -36,66 +36,88 @@ build_into() {
     "$dir/bin/bench_train" check --backend cpu --write-reference "$dir/reference" >&2
 }
 
+# PyPI wheels unpacked once into the cache: `cached_wheels DIR MARKER MEMBERS SPEC...` downloads
+# the wheels SPEC... (binaries only, no dependencies, with $PIP_ARGS, e.g. a platform) and unpacks
+# the members under the top-level folders MEMBERS (space-separated; empty: all) into DIR, unless
+# DIR/MARKER is there already. A partial folder is renamed into place, so nothing half-unpacked stays.
+cached_wheels() {
+    local dir="$1" marker="$2" members="$3"
+    shift 3
+    [ -f "$dir/$marker" ] && return
+    local python tmp
+    python="$(bash scripts/reference_env.sh)"
+    tmp="$(mktemp -d)"
+    echo "fetching $* (the wheels only, without their dependencies) ..." >&2
+    # shellcheck disable=SC2086 # PIP_ARGS is a list of options
+    "$python" -m pip download "$@" --no-deps --only-binary :all: ${PIP_ARGS:-} -d "$tmp" >&2
+    rm -rf "$dir.partial"
+    "$python" - "$tmp" "$dir.partial" "$members" <<'EOF'
+import glob, sys, zipfile
+prefixes = [p.rstrip("/") + "/" for p in sys.argv[3].split()]
+for path in glob.glob(sys.argv[1] + "/*.whl"):
+    wheel = zipfile.ZipFile(path)
+    wheel.extractall(sys.argv[2], [n for n in wheel.namelist() if not prefixes or any(n.startswith(p) for p in prefixes)])
+EOF
+    rm -rf "$tmp" "$dir"
+    mv "$dir.partial" "$dir"
+}
+
+CACHE="${ALIGNMENT_HANDBOOK_CACHE:-$HOME/.cache/alignment-handbook}"
+
 # The device's torch as a libtorch folder (include/, lib/): PyPI's wheel of DEVICE_TORCH, headers
-# and libraries unpacked once into the cache (≈ 1 GB; the CUDA libraries it needs are not
-# fetched: nothing here runs it). Prints the folder.
+# and libraries only (≈ 1 GB; the CUDA libraries it needs are not fetched: nothing here runs it).
+# Prints the folder.
 DEVICE_TORCH="${DEVICE_TORCH:-2.11.0}"
 device_libtorch() {
-    local cache="${ALIGNMENT_HANDBOOK_CACHE:-$HOME/.cache/alignment-handbook}"
-    local dir="$cache/torch-$DEVICE_TORCH"
-    if [ ! -f "$dir/torch/lib/libtorch_cpu.so" ]; then
-        local python tmp
-        python="$(bash scripts/reference_env.sh)"
-        tmp="$(mktemp -d)"
-        echo "fetching torch==$DEVICE_TORCH (the wheel, without its CUDA dependencies) ..." >&2
-        "$python" -m pip download "torch==$DEVICE_TORCH" --no-deps --only-binary :all: \
-            --python-version 3.12 --platform manylinux_2_28_x86_64 -d "$tmp" >&2
-        rm -rf "$dir.partial"
-        "$python" - "$tmp" "$dir.partial" <<'EOF'
-import glob, sys, zipfile
-wheel = zipfile.ZipFile(glob.glob(sys.argv[1] + "/torch-*.whl")[0])
-wheel.extractall(sys.argv[2], [n for n in wheel.namelist() if n.split("/")[:2] in (["torch", "include"], ["torch", "lib"], ["torch", "share"])])
-EOF
-        rm -rf "$tmp" "$dir"
-        mv "$dir.partial" "$dir"
-    fi
+    local dir="$CACHE/torch-$DEVICE_TORCH"
+    PIP_ARGS="--python-version 3.12 --platform manylinux_2_28_x86_64" \
+        cached_wheels "$dir" torch/lib/libtorch_cpu.so "torch/include torch/lib torch/share" "torch==$DEVICE_TORCH"
     echo "$dir/torch"
 }
 
 # CUDA's runtime headers and library (include/, lib/) of the device's CUDA (torch 2.11 is built
 # for 13.0), for `csrc/cuda_graph.cpp`: PyPI's `nvidia-cuda-runtime` and `nvidia-cuda-crt`
-# wheels (≈ 2.4 MB) unpacked once into the cache. Prints the folder.
+# wheels (≈ 2.4 MB). Prints the folder.
 DEVICE_CUDA_RUNTIME="${DEVICE_CUDA_RUNTIME:-13.0.96}" DEVICE_CUDA_CRT="${DEVICE_CUDA_CRT:-13.0.88}"
 device_cuda_runtime() {
-    local cache="${ALIGNMENT_HANDBOOK_CACHE:-$HOME/.cache/alignment-handbook}"
-    local dir="$cache/cuda-runtime-$DEVICE_CUDA_RUNTIME"
-    if [ ! -f "$dir/nvidia/cu13/include/crt/host_config.h" ]; then
-        local python tmp
-        python="$(bash scripts/reference_env.sh)"
-        tmp="$(mktemp -d)"
-        echo "fetching CUDA's runtime headers (nvidia-cuda-runtime==$DEVICE_CUDA_RUNTIME, nvidia-cuda-crt==$DEVICE_CUDA_CRT) ..." >&2
-        "$python" -m pip download "nvidia-cuda-runtime==$DEVICE_CUDA_RUNTIME" "nvidia-cuda-crt==$DEVICE_CUDA_CRT" --no-deps \
-            --only-binary :all: -d "$tmp" >&2
-        rm -rf "$dir.partial"
-        "$python" -c 'import glob, sys, zipfile; [zipfile.ZipFile(w).extractall(sys.argv[2]) for w in glob.glob(sys.argv[1] + "/*.whl")]' "$tmp" "$dir.partial"
-        rm -rf "$tmp" "$dir"
-        mv "$dir.partial" "$dir"
-    fi
+    local dir="$CACHE/cuda-runtime-$DEVICE_CUDA_RUNTIME"
+    cached_wheels "$dir" nvidia/cu13/include/crt/host_config.h "" \
+        "nvidia-cuda-runtime==$DEVICE_CUDA_RUNTIME" "nvidia-cuda-crt==$DEVICE_CUDA_CRT"
     echo "$dir/nvidia/cu13"
 }
 
-# Builds bench_train with the `tch` feature against libtorch folder `$1` into `$2`/bin/bench_train_tch,
+# Builds bench_train and the example binaries zephyr_sft and zephyr_dpo (the trainer runs) with
+# the `tch` feature against libtorch folder `$1` into `$2`/bin/{bench_train,zephyr_sft,zephyr_dpo}_tch,
 # in its own target folder `$3` (the libtorch build differs in every crate above torch-sys, so
 # sharing target/ would rebuild the cuda and CPU binaries after it); with CUDA's runtime folder
 # `$4`, CUDA graphs built in (ALIGNMENT_CUDA_RUNTIME).
 build_tch_into() {
     local libtorch="$1" dir="$2" target="$3" cuda_runtime="${4:-}"
-    echo "building bench_train (release, features: tch, libtorch $libtorch${cuda_runtime:+, CUDA graphs}) ..." >&2
+    echo "building bench_train, zephyr_sft, zephyr_dpo (release, features: tch, libtorch $libtorch${cuda_runtime:+, CUDA graphs}) ..." >&2
     LIBTORCH="$libtorch" LIBTORCH_BYPASS_VERSION_CHECK=1 LIBTORCH_CXX11_ABI=1 CARGO_TARGET_DIR="$target" \
-        ALIGNMENT_CUDA_RUNTIME="$cuda_runtime" cargo build --release --example bench_train --features tch >&2
+        ALIGNMENT_CUDA_RUNTIME="$cuda_runtime" cargo build --release --example bench_train --example zephyr_sft --example zephyr_dpo --features tch >&2
     mkdir -p "$dir/bin"
-    cp "$target/release/examples/bench_train" "$dir/bin/bench_train_tch"
-    strip "$dir/bin/bench_train_tch" 2>/dev/null || true
+    for name in bench_train zephyr_sft zephyr_dpo; do
+        rm -f "$dir/bin/${name}_tch.xz"
+        cp "$target/release/examples/$name" "$dir/bin/${name}_tch"
+        strip "$dir/bin/${name}_tch" 2>/dev/null || true
+    done
+}
+
+# SmolLM2's tokenizer files into `$1`/smollm2-tokenizer/, for the models the trainer runs make
+# (scripts/gpu/trainer_model.py): from the default model's directory (made on first use by the
+# tests or a run: reference::smollm2_dir), else from transformers' conversion of the same GGUF
+# (scripts/convert_smollm2.py; the same tokenizer: tests/smollm2_gguf.rs).
+stage_tokenizer() {
+    local dir="$1/smollm2-tokenizer" source="$CACHE/models/SmolLM2-135M-Instruct"
+    if [ ! -f "$source/tokenizer_config.json" ]; then
+        source="$("$(bash scripts/reference_env.sh | tail -1)" scripts/convert_smollm2.py | tail -1)"
+    fi
+    rm -rf "$dir"
+    mkdir -p "$dir"
+    for name in tokenizer.json tokenizer_config.json special_tokens_map.json chat_template.jinja generation_config.json; do
+        if [ -f "$source/$name" ]; then cp "$source/$name" "$dir/"; fi
+    done
 }
 
 case "$cmd" in
@@ -105,6 +127,10 @@ case "$cmd" in
         # Linked against the device's own torch version (PyPI's 2.11.0 is the same +cu130 build),
         # so every symbol resolved at link time; it needs these libraries from its torch/lib there.
         readelf -d .gpu/bin/bench_train_tch | grep NEEDED >&2
+        # The example binaries carry everything a run needs (tokenizers, templates, data
+        # formats): xz keeps them from crowding the carry; device_run.sh unpacks them.
+        xz -T0 -6 -f .gpu/bin/zephyr_sft_tch .gpu/bin/zephyr_dpo_tch
+        stage_tokenizer .gpu
         # The stripped cuda binary is ≈ 51 MiB (CubeCL with fusion and autotune): xz takes it to
         # ≈ 8 MiB of the 64 MiB carry; device_run.sh unpacks it with Python's lzma.
         xz -T0 -6 -f .gpu/bin/bench_train
@@ -117,14 +143,16 @@ machine start and idle waits included), in the order the 2026-12-04 results ask 
 stays warm only 30 s after a call: send the next command at once and read the results after,
 or each call pays a new start. A call naming no kind may get an H100 rather than the H200 of
 2026-12-04: the ratios to PyTorch (same call) compare across cards, absolute numbers do not.
-  1. OUT=\$OUT BUDGET_S=230 WARMUP=1 STEPS=3 bash scripts/gpu/device_run.sh tch           timeout_s 260
-     (the libtorch checks, then the libtorch route against PyTorch, full logits and chunked
+  1. OUT=\$OUT BUDGET_S=270 WARMUP=1 STEPS=3 bash scripts/gpu/device_run.sh tch           timeout_s 300
+     (the libtorch checks, the example binaries' training loop on the GPU against the CPU
+     (never run on a GPU), then the libtorch route against PyTorch, full logits and chunked
      head: the predictions in docs/performance.md, "The profile read again", "The loss's passes
      over the logits as torch kernels" and "The chunked head: half-type logits, ..."; the 135M
      step replayed as a CUDA graph, ours and PyTorch's: "The step replayed as a CUDA graph")
   2. OUT=\$OUT BUDGET_S=200 WARMUP=1 bash scripts/gpu/device_run.sh tch-profile            timeout_s 230
-     (the 1B profile, the 2048-token step, QLoRA on Mistral-7B, the 135M profile, then the 1B
-     SFT and DPO steps as CUDA graphs if budget is left)
+     (the 1B profile, the 2048-token step, QLoRA on Mistral-7B, the example binary's loop on
+     the 135M shape, the 135M profile, then the 1B SFT and DPO steps as CUDA graphs if budget
+     is left)
   3. OUT=\$OUT bash scripts/gpu/device_run.sh cuda-bisect                                 timeout_s 450
      (where burn-cuda's wrong step comes from: burn's operations one at a time, then the
      step with this project's GPU paths off, all at once and one at a time; with less device
@@ -151,6 +179,7 @@ EOF
                 python="$(bash scripts/reference_env.sh)"
                 torch_dir="$("$python" -c 'import os, torch; print(os.path.dirname(torch.__file__))')"
                 build_tch_into "$torch_dir" .gpu-dry target/tch
+                stage_tokenizer .gpu-dry
                 mkdir -p .gpu-dry/bin
                 rm -rf .gpu-dry/reference
                 LD_LIBRARY_PATH="$torch_dir/lib:${LD_LIBRARY_PATH:-}" .gpu-dry/bin/bench_train_tch check --backend cpu --write-reference .gpu-dry/reference >&2

@@ -247,13 +247,14 @@ impl<B: Backend> CausalLm<B> {
     /// [`Self::layer_inputs`], then the final norm: callers that need the layers one at a time
     /// (gradient checkpointing) use those pieces.
     pub fn hidden_states(&self, batch: &Batch, cache: Option<&mut KvCache<B>>) -> Tensor<B, 3> {
-        let past = cache.as_ref().map_or(0, |c| c.len());
-        let inputs = self.layer_inputs(batch, past);
+        let Some(cache) = cache else {
+            return self.hidden_states_of(&self.batch_inputs(batch));
+        };
+        assert_eq!(cache.layers.len(), self.layers.len(), "a KvCache made for another model");
+        let inputs = self.layer_inputs(batch, cache.len());
         let mut x = self.embed(batch);
-        let mut cache = cache;
-        for (i, layer) in self.layers.iter().enumerate() {
-            let slot = cache.as_deref_mut().map(|c| &mut c.layers[i]);
-            x = layer.forward(x, &inputs, slot);
+        for (layer, slot) in self.layers.iter().zip(cache.layers.iter_mut()) {
+            x = layer.forward(x, &inputs, Some(slot));
         }
         self.norm.forward(x)
     }

@@ -39,15 +39,19 @@ fn reference(name: &str) -> Reference {
     serde_json::from_str(&std::fs::read_to_string(fixture(name).join("reference.json")).unwrap()).unwrap()
 }
 
-fn logit_diff(name: &str, model: &alignment_models::CausalLm<Cpu>) -> f32 {
-    let reference = reference(name);
-    let batch = Batch {
+/// The fixture's padded batch, as transformers ran it: ids, positions and attention mask.
+fn reference_batch(reference: &Reference) -> Batch {
+    Batch {
         input_ids: reference.input_ids.clone(),
         position_ids: reference.position_ids.clone(),
         attention_mask: Some(reference.attention_mask.iter().map(|r| r.iter().map(|&m| m == 1).collect()).collect()),
         document_ids: None,
-    };
-    let logits = model.forward(&batch, None);
+    }
+}
+
+fn logit_diff(name: &str, model: &alignment_models::CausalLm<Cpu>) -> f32 {
+    let reference = reference(name);
+    let logits = model.forward(&reference_batch(&reference), None);
     let [b, t, v] = logits.dims();
     let ours: Vec<f32> = logits.into_data().into_vec().unwrap();
     let mut max_diff = 0f32;
@@ -114,12 +118,7 @@ fn hidden_states_from_uploaded_inputs_equal_the_batchs() {
     for name in ["tiny-llama", "tiny-llama3-rope", "tiny-mistral", "tiny-gemma"] {
         let model = load_pretrained::<Cpu>(&fixture(name), &Default::default()).unwrap();
         let reference = reference(name);
-        let padded = Batch {
-            input_ids: reference.input_ids.clone(),
-            position_ids: reference.position_ids.clone(),
-            attention_mask: Some(reference.attention_mask.iter().map(|r| r.iter().map(|&m| m == 1).collect()).collect()),
-            document_ids: None,
-        };
+        let padded = reference_batch(&reference);
         let packed = {
             let ids = reference.input_ids.clone();
             let half = ids[0].len() / 2;
