@@ -388,16 +388,26 @@ fn operations<B: AutodiffBackend>() -> Vec<Op<B>> {
 /// fused calls on `tch`, the recorded steps under autodiff) and burn's operations on the CPU.
 fn project_paths<B: AutodiffBackend>() -> Vec<Op<B>> {
     use crate::models::attention::{Attention, AttentionMask, MaskSpec};
+    use crate::models::config::Activation;
     use crate::models::layers::{project, project_in, Linear, RmsNorm};
-    use crate::objectives::{causal_lm_loss, sequence_logps, Reduction, IGNORE_INDEX};
+    use crate::models::model::Mlp;
+    use crate::objectives::{
+        causal_lm_loss, chunked_logps_and_backward, chunked_logps_backward, chunked_sequence_logps_with, sequence_logps,
+        sequence_logps_with, ExtraStats, Reduction, SequenceLogps, IGNORE_INDEX,
+    };
     use burn::module::Param;
 
-    /// The tiny fixture's attention (4 query heads of 16 over 2 key/value heads), random weights;
-    /// the gradient with respect to its input.
-    fn attention<B: AutodiffBackend>(g: &mut Inputs<'_, B>, padded: bool) -> OpOutcome {
-        let mut linear = |rows, cols| Linear::new(g.float([rows, cols]).mul_scalar(0.25));
+    /// The half type of `bf16: true` on this backend (`None` on the CPU's, which computes in f32).
+    fn half_of<B: Backend>(g: &Inputs<'_, B>) -> Option<FloatDType> {
+        crate::core::precision::half_type::<B>(g.device)
+    }
+
+    /// The tiny fixture's attention (4 query heads of 16 over 2 key/value heads), random weights,
+    /// its products in `half` when given (mixed precision); the gradient with respect to its input.
+    fn attention<B: AutodiffBackend>(g: &mut Inputs<'_, B>, padded: bool, half: Option<FloatDType>) -> OpOutcome {
+        let mut linear = |rows, cols| Linear { matmul_dtype: half, ..Linear::new(g.float([rows, cols]).mul_scalar(0.25)) };
         let (q_proj, k_proj, v_proj, o_proj) = (linear(64, 64), linear(32, 64), linear(32, 64), linear(64, 64));
-        let layer = Attention { q_proj, k_proj, v_proj, o_proj, num_heads: 4, num_kv_heads: 2, head_dim: 16, matmul_dtype: None };
+        let layer = Attention { q_proj, k_proj, v_proj, o_proj, num_heads: 4, num_kv_heads: 2, head_dim: 16, matmul_dtype: half };
         let (x, cos, sin) = (g.float([2, 7, 64]).require_grad(), g.float([2, 1, 7, 16]), g.float([2, 1, 7, 16]));
         let padding = [vec![true; 7], [vec![true; 5], vec![false; 2]].concat()];
         let spec = MaskSpec { key_is_token: padded.then_some(&padding[..]), ..Default::default() };
@@ -406,10 +416,68 @@ fn project_paths<B: AutodiffBackend>() -> Vec<Op<B>> {
         with_gradients(g, y, &[x])
     }
 
+    /// The tiny fixture's gated MLP (64 → 128 → 64, SiLU), random weights, its products in
+    /// `half` when given (then, under autodiff, the gate and down projection one recorded step:
+    /// `gated_down`); the gradients of its input and its three weights.
+    fn mlp<B: AutodiffBackend>(g: &mut Inputs<'_, B>, half: Option<FloatDType>) -> OpOutcome {
+        let mut linear = |rows, cols| Linear { matmul_dtype: half, ..Linear::new(g.float([rows, cols]).mul_scalar(0.25)) };
+        let (gate_proj, up_proj, down_proj) = (linear(128, 64), linear(128, 64), linear(64, 128));
+        let mlp = Mlp { gate_proj, up_proj, down_proj, activation: Activation::Silu };
+        let x = g.float([2, 7, 64]).require_grad();
+        let (mut values, grads) = backward(g, mlp.forward(x.clone()))?;
+        values.extend(gradient(&x, &grads)?);
+        for linear in [&mlp.gate_proj, &mlp.up_proj, &mlp.down_proj] {
+            values.extend(gradient(&linear.weight.val(), &grads)?);
+        }
+        Ok(values)
+    }
+
     /// Labels over a vocabulary of 128 with about a third ignored, as prompts and padding are.
     fn labels<B: Backend>(g: &mut Inputs<'_, B>) -> Tensor<B, 2, Int> {
         let ignored = g.ints([2, 7], 3).equal_elem(0);
         g.ints([2, 7], 128).mask_fill(ignored, IGNORE_INDEX)
+    }
+
+    /// Every statistic of `logps`, sums first.
+    fn statistics<B: Backend>(logps: &SequenceLogps<B>) -> OpOutcome {
+        let mut values = Vec::new();
+        for stat in [&logps.sum, &logps.num_tokens, &logps.entropy_sum, &logps.num_correct, &logps.mean_logits, &logps.mean_logits_all] {
+            values.extend(read(stat.clone())?);
+        }
+        Ok(values)
+    }
+
+    /// The head of the lean step (`use_liger_kernel`): hidden states `[2, 7, 64]` against a
+    /// `[128, 64]` head weight in `half` when given (the products' type under mixed precision),
+    /// 5 tokens a chunk so that chunks straddle rows; the label sets' log-probabilities and the
+    /// gradients of the hidden states and the weight, by the one walk SFT takes (`one_walk`:
+    /// `∂loss/∂sum` given up front) or the two passes DPO takes.
+    fn chunked_head<B: AutodiffBackend>(g: &mut Inputs<'_, B>, one_walk: bool) -> OpOutcome {
+        let half = half_of(g);
+        let hidden = g.float([2, 7, 64]).inner();
+        let weight = g.float([128, 64]).mul_scalar(0.25).inner();
+        let weight = half.map_or(weight.clone(), |dtype| crate::core::precision::cast_to(weight, dtype));
+        let label_sets = vec![labels(g).inner(), labels(g).inner()];
+        let upstream: Vec<_> = (0..2).map(|_| g.float([2]).inner()).collect();
+        let (logps, head) = if one_walk {
+            chunked_logps_and_backward(hidden, weight, true, label_sets, upstream, 5, ExtraStats::default())
+        } else {
+            let logps = chunked_sequence_logps_with(hidden.clone(), weight.clone(), label_sets.clone(), 5, ExtraStats::default());
+            (logps, chunked_logps_backward(hidden, weight, true, label_sets, upstream, 5))
+        };
+        let mut values = Vec::new();
+        for set in &logps {
+            values.extend(statistics(set)?);
+        }
+        values.extend(read(head.hidden)?);
+        values.extend(read(head.weight.ok_or("no weight gradient")?)?);
+        Ok(values)
+    }
+
+    /// An operation computing in the half type of `bf16: true` where the backend has one, so
+    /// compared within [`HALF_TOLERANCE`] (on the CPU backend it computes in f32).
+    fn mixed<B: Backend>(name: &'static str, run: impl Fn(&mut Inputs<'_, B>) -> OpOutcome + 'static) -> Op<B> {
+        Op { name, tolerance: Some(HALF_TOLERANCE), run: Box::new(run) }
     }
 
     vec![
@@ -444,8 +512,17 @@ fn project_paths<B: AutodiffBackend>() -> Vec<Op<B>> {
             let (x, cos, sin) = (g.float([2, 4, 7, 16]).require_grad(), g.float([2, 1, 7, 16]), g.float([2, 1, 7, 16]));
             with_gradients(g, crate::models::rope::apply(x.clone(), &cos, &sin), &[x])
         }),
-        op("∂ Attention::forward, causal (GQA)", |g| attention(g, false)),
-        op("∂ Attention::forward, padded keys", |g| attention(g, true)),
+        op("∂ Attention::forward, causal (GQA)", |g| attention(g, false, None)),
+        op("∂ Attention::forward, padded keys", |g| attention(g, true, None)),
+        mixed("∂ Attention::forward in the half type, padded keys (mixed precision)", |g| {
+            let half = half_of(g);
+            attention(g, true, half)
+        }),
+        op("∂ Mlp::forward (gate, up, SiLU, down)", |g| mlp(g, None)),
+        mixed("∂ Mlp::forward in the half type (mixed precision: gated_down's recorded step)", |g| {
+            let half = half_of(g);
+            mlp(g, half)
+        }),
         op("∂ causal_lm_loss (the loss's passes over the logits)", |g| {
             let logits = g.float([2, 7, 128]).mul_scalar(4.0).require_grad();
             let labels = labels(g);
@@ -463,6 +540,24 @@ fn project_paths<B: AutodiffBackend>() -> Vec<Op<B>> {
             values.extend(with_gradients(g, logps.sum, &[logits])?);
             Ok(values)
         }),
+        mixed("sequence_logps_with of half-type logits, two label sets (mixed precision's loss); ∂ sums", |g| {
+            let logits = g.float([2, 7, 128]).mul_scalar(4.0).require_grad();
+            let label_sets = vec![labels(g), labels(g)];
+            let read_in = match half_of(g) {
+                Some(dtype) => crate::core::precision::cast_to(logits.clone(), dtype),
+                None => logits.clone(),
+            };
+            let logps = sequence_logps_with(read_in, label_sets, ExtraStats::default());
+            let mut values = Vec::new();
+            for set in &logps {
+                values.extend(statistics(set)?);
+            }
+            let total = logps.into_iter().map(|l| l.sum).reduce(|a, b| a + b).expect("two sets");
+            values.extend(with_gradients(g, total, &[logits])?);
+            Ok(values)
+        }),
+        mixed("chunked head, one walk (SFT's use_liger_kernel): log-probs, ∂hidden, ∂weight", |g| chunked_head(g, true)),
+        mixed("chunked head, two passes (DPO's use_liger_kernel): log-probs, ∂hidden, ∂weight", |g| chunked_head(g, false)),
     ]
 }
 
