@@ -13,7 +13,9 @@
 //! CubeCL picks kernels by size), the backward pass of each composite the model builds, and the
 //! optimizer's arithmetic as burn fuses it. Then this project's own paths through the entry
 //! points the model and the losses call (the products, the half-type products, RMSNorm, the
-//! rotation, attention causal and padded, the loss's passes over the logits), which take each
+//! rotation, attention causal and padded, the gated MLP, the loss's passes over the logits, and
+//! `bf16: true`'s forms of them: attention and the MLP in the half type, the loss over half-type
+//! logits, the chunked head of `use_liger_kernel` over a half-type weight), which take each
 //! backend's own route: cuBLAS and CubeCL kernels on `cuda`, torch's calls on `tch`. Each
 //! operation runs on its own, its values read back before the next, a panic or an execution
 //! error recorded as that operation's failure.
