@@ -58,8 +58,9 @@ def relative(got, expected):
 def compare_metrics(expected, got, row):
     """The largest relative difference over the numbers both runs logged, and where."""
     worst, worst_err = "", 0.0
+    got_by_step = by_step(got)
     for key, reference in by_step(expected).items():
-        other_row = by_step(got).get(key)
+        other_row = got_by_step.get(key)
         if other_row is None:
             row["missing"].append(f"step {key[0]} {key[1]}")
             continue

@@ -48,6 +48,14 @@ exec > >(tee -a "$LOG") 2>&1
 elapsed() { echo $(($(date +%s) - START)); }
 left() { echo $((BUDGET_S - $(elapsed))); }
 say() { echo "[$(elapsed)s] $*"; }
+# run_limit MIN: the seconds the next run may take (what is left of the budget, at most
+# RUN_TIMEOUT_S); fails, printing nothing, when less than MIN seconds are left.
+run_limit() {
+    local budget
+    budget=$(left)
+    [ "$budget" -ge "$1" ] || return 1
+    echo $((budget < RUN_TIMEOUT_S ? budget : RUN_TIMEOUT_S))
+}
 # Packs what $WORK holds into $OUT/bundle.tar.gz (replacing the previous bundle whole).
 bundle() { tar czf "$OUT/bundle.tar.gz.partial" -C "$WORK" . && mv "$OUT/bundle.tar.gz.partial" "$OUT/bundle.tar.gz"; }
 
@@ -179,14 +187,12 @@ options_for() {
 measure() {
     local label="$1"
     shift
-    local budget
-    budget=$(left)
-    if [ "$budget" -lt 20 ]; then
+    local limit
+    if ! limit=$(run_limit 20); then
         say "skip $label (budget spent)"
         echo "{\"label\": \"$label\", \"skipped\": \"budget\"}" >>"$RESULTS"
         return
     fi
-    local limit=$((budget < RUN_TIMEOUT_S ? budget : RUN_TIMEOUT_S))
     local mem="$WORK/mem.$$.txt" sampler=""
     if [ "$DRY_RUN" != 1 ]; then
         nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 100 >"$mem" 2>/dev/null &
@@ -271,15 +277,14 @@ TRAINER_TOKENIZER="$GPU_DIR/smollm2-tokenizer"
 trainer_run() {
     local name="$1" device="$2" binary="$3" recipe="$4"
     shift 4
-    local budget hide=()
-    budget=$(left)
-    if [ "$budget" -lt 20 ]; then
+    local limit hide=()
+    if ! limit=$(run_limit 20); then
         say "skip trainer $name (budget spent)"
         return 1
     fi
     [ "$device" = cpu ] && hide=(CUDA_VISIBLE_DEVICES=)
     say "trainer $name"
-    timeout --signal=KILL "$((budget < RUN_TIMEOUT_S ? budget : RUN_TIMEOUT_S))" env "${hide[@]}" \
+    timeout --signal=KILL "$limit" env "${hide[@]}" \
         ALIGNMENT_HANDBOOK_CACHE="$WORK/trainer/cache-$device" LD_LIBRARY_PATH="$TORCH_LIB:${LD_LIBRARY_PATH:-}" \
         "$binary" "$recipe" --output_dir="$WORK/trainer/$name" --overwrite_output_dir=true "$@" >"$WORK/trainer/$name.log" 2>&1
     local rc=$?
@@ -437,13 +442,11 @@ profile() {
     local common=(--shape "scripts/gpu/shapes/$shape.json" --task "$task" --seq "$seq" --batch "$batch" --accum 1 --warmup "${WARMUP:-1}" --steps 1)
     mkdir -p "$dir"
     for backend in $OURS_BACKENDS torch; do
-        local budget limit runner file
-        budget=$(left)
-        if [ "$budget" -lt 30 ]; then
+        local limit runner file
+        if ! limit=$(run_limit 30); then
             say "skip profile $backend $name (budget spent)"
             continue
         fi
-        limit=$((budget < RUN_TIMEOUT_S ? budget : RUN_TIMEOUT_S))
         if [ "$backend" = torch ]; then
             runner="$PY scripts/gpu/torch_baseline.py"
             file="$dir/$backend/trace.json"
@@ -552,7 +555,7 @@ case "$PLAN" in
         # check above failed (every torch-kernel path since the first run is among them).
         OPS_BACKENDS=tch-cuda-bf16 run_ops
         bundle
-        # The example binaries' loop, GPU against CPU (≈ 40 s): it has never run on a GPU.
+        # The example binaries' loop, GPU against CPU (≈ 40–60 s): it has never run on a GPU.
         run_trainer
         bundle
         OURS_BACKENDS="tch-cuda-bf16 tch-cuda-bf16@ops-logits tch-cuda-bf16@chunked-head" bench llama-3.2-1b sft 1024 4 1
