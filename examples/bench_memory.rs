@@ -156,7 +156,7 @@ fn measure(args: &Args, mode: &str) {
     let model: CausalLm<CpuAutodiff> = match mode {
         "full" => load_pretrained(&dir, &device).unwrap(),
         "lora" => apply_lora(load_pretrained(&dir, &device).unwrap(), &lora, 0).unwrap(),
-        "qlora" => apply_lora(load_pretrained_4bit(&dir, &device, QuantConfig { double_quant: true }).unwrap(), &lora, 0).unwrap(),
+        "qlora" => apply_lora(load_pretrained_4bit(&dir, &device, QuantConfig::nf4(true)).unwrap(), &lora, 0).unwrap(),
         other => panic!("unknown mode {other}"),
     };
     let load_seconds = start.elapsed().as_secs_f64();

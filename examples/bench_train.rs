@@ -591,7 +591,7 @@ fn median(values: &[f64]) -> f64 {
 fn run_train<B: AutodiffBackend>(args: &TrainArgs, matmul_dtype: Option<FloatDType>, device: &B::Device) -> Result<(), String> {
     let config = ModelConfig::from_file(&args.shape).map_err(|e| e.to_string())?;
     let load_start = Instant::now();
-    let quant = QuantConfig { double_quant: true };
+    let quant = QuantConfig::nf4(true);
     let quantize = |values: &[f32], dims: [usize; 2]| quant.quantize(values, dims);
     let model = match args.task.as_str() {
         "sft" | "dpo" | "orpo" | "lora" => random_model::<B>(config.clone(), args.seed, device, None),

@@ -15,7 +15,11 @@ runs (csrc/kernels.cu):
   `value * (1 / block absmax)`. Dequantization: `code[q] * state2.absmax + offset`, then
   `NF4_CODE[index] * absmax`.
 
-Writes nf4/reference.json (single quantization of a fixed tensor) and nf4/double_quant.json (the
+- `quantize_4bit(quant_type="fp4")`: the same blocks, each value's index by `dQuantizeFP4`'s
+  sign bit and binary search against its float pivots, in `get_4bit_type("fp4")`'s code book.
+
+Writes nf4/reference.json (single quantization of a fixed tensor), nf4/fp4.json (the same with
+FP4, pivots and their neighbours included) and nf4/double_quant.json (the
 dynamic map, the 8-bit block-wise quantization of a vector with a value on every midpoint of the
 map, and three tensors quantized with double quantization).
 
@@ -63,6 +67,60 @@ def nf4_quantize(values):
 def nf4_dequantize(indices, absmax):
     code = torch.tensor(NF4_CODE, dtype=torch.float32)
     return code[indices.long()] * absmax.repeat_interleave(BLOCKSIZE)[: indices.numel()]
+
+
+# bitsandbytes' FP4 code book, get_4bit_type("fp4"): the values by index, divided by their max.
+FP4_DATA = [0, 0.0625, 8.0, 12.0, 4.0, 6.0, 2.0, 3.0, -0.0, -0.0625, -8.0, -12.0, -4.0, -6.0, -2.0, -3.0]
+# dQuantizeFP4's pivots (csrc/kernels.cu), as its float literals.
+FP4_PIVOTS = dict(top=0.29166667, high=0.583333, highest=0.8333333, mid_high=0.4166667, low=0.0859375,
+                  mid_low=0.20833333, lowest=0.00260417)
+
+
+def fp4_code():
+    data = torch.tensor(FP4_DATA, dtype=torch.float32)
+    return data / data.abs().max()
+
+
+def fp4_index(x):
+    """dQuantizeFP4 for every element of x (already scaled by 1 / absmax): the sign bit, then a
+    binary search of |x| against float32 pivots, `x > pivot` going up."""
+    p = {k: torch.tensor(v, dtype=torch.float32) for k, v in FP4_PIVOTS.items()}
+    sign = torch.where(x < 0, 8, 0)
+    a = x.abs()
+    upper = torch.where(a > p["high"], torch.where(a > p["highest"], 0b0011, 0b0010),
+                        torch.where(a > p["mid_high"], 0b0101, 0b0100))
+    lower = torch.where(a > p["low"], torch.where(a > p["mid_low"], 0b0111, 0b0110),
+                        torch.where(a > p["lowest"], 0b0001, 0b0000))
+    return (torch.where(a > p["top"], upper, lower) + sign).to(torch.uint8)
+
+
+def fp4_quantize(values):
+    """quantize_4bit(fp4, blocksize=64): (packed bytes, absmax per block, FP4 index per value)."""
+    absmax, indices = [], []
+    for block in values.split(BLOCKSIZE):
+        m = block.abs().max()
+        absmax.append(m)
+        indices.append(fp4_index(block * (1.0 / m)))  # all-zero block: NaN passes no pivot -> index 0
+    indices = torch.cat(indices)
+    padded = torch.cat([indices, torch.zeros(indices.numel() % 2, dtype=torch.uint8)])
+    return (padded[0::2] << 4) | padded[1::2], torch.stack(absmax), indices
+
+
+def make_fp4(out_dir):
+    gen = torch.Generator().manual_seed(6)
+    pivots = torch.tensor(list(FP4_PIVOTS.values()), dtype=torch.float32)
+    # A block with absmax 1 holding every pivot exactly, just above it, and negated (the tie rule
+    # and the sign bit); 2 blocks of N(0, 0.02²) weights; an all-zero block; the code book times
+    # 0.5 (every index); a short tail of 21 values.
+    edges = torch.cat([pivots, torch.nextafter(pivots, torch.ones_like(pivots)), -pivots, torch.tensor([1.0, -0.0])])
+    values = torch.cat([edges, torch.zeros(BLOCKSIZE - edges.numel()), torch.randn(128, generator=gen) * 0.02,
+                        torch.zeros(64), fp4_code() * 0.5, torch.randn(21, generator=gen)])
+    packed, absmax, indices = fp4_quantize(values)
+    code = fp4_code()
+    dequantized = code[indices.long()] * absmax.repeat_interleave(BLOCKSIZE)[: indices.numel()]
+    with open(os.path.join(out_dir, "fp4.json"), "w") as f:
+        json.dump(dict(blocksize=BLOCKSIZE, code=f32_list(code), values=f32_list(values), packed=packed.tolist(),
+                       absmax=f32_list(absmax), dequantized=f32_list(dequantized)), f, separators=(",", ":"))
 
 
 def create_dynamic_map():
@@ -180,6 +238,7 @@ def main():
     os.makedirs(out_dir, exist_ok=True)
     make_single(out_dir)
     make_double(out_dir)
+    make_fp4(out_dir)
     print(out_dir)
 
 

@@ -4,7 +4,8 @@ rewrites identical files.
 
 Each case wraps one of the tiny base models of crates/models/tests/fixtures with
 `get_peft_model(LoraConfig(...))` (PEFT's own init: A kaiming-uniform, B zeros), then overwrites
-every lora_B with seeded N(0, 0.05²) values so the adapter is not a no-op, saves the adapter with
+every lora_B with seeded N(0, 0.05²) values (and adds such noise to the trained copies of the
+`modules_to_save` case) so the adapter is not a no-op, saves the adapter with
 `save_pretrained` (adapter_model.safetensors + adapter_config.json; PEFT's README.md is dropped) and
 writes reference.json with the logits of the adapted model (eval mode, float32) on the base
 fixture's reference batch (input_ids, attention_mask, position_ids: row 1 left-padded) and of the
@@ -25,6 +26,7 @@ import peft
 import torch
 import transformers
 from peft import LoraConfig, get_peft_model
+from peft.utils.other import ModulesToSaveWrapper
 from transformers import AutoModelForCausalLM
 
 BASES = "crates/models/tests/fixtures"
@@ -37,6 +39,10 @@ CASES = {
                                          use_rslora=True),
     # Gemma: tied embeddings, GELU, head_dim != hidden / heads; attention and MLP targets mixed.
     "tiny-gemma-lora": dict(base="tiny-gemma", r=4, lora_alpha=16, target_modules=["q_proj", "k_proj", "down_proj"]),
+    # modules_to_save: trained copies of the embedding, the head and, by PEFT's plain suffix match,
+    # every norm ("norm" also names input_layernorm and post_attention_layernorm).
+    "tiny-llama-modules-to-save": dict(base="tiny-llama", r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                       modules_to_save=["embed_tokens", "lm_head", "norm"]),
 }
 
 
@@ -62,6 +68,12 @@ def make(name, case, out_root):
             if hasattr(module, "lora_B") and "default" in module.lora_B:
                 w = module.lora_B["default"].weight
                 w.copy_(torch.randn(w.shape, generator=gen) * 0.05)
+        # The saved modules' trained copies moved away from the base, so that they matter.
+        saved_gen = torch.Generator().manual_seed(4321)
+        for module_name, module in model.named_modules():
+            if isinstance(module, ModulesToSaveWrapper):
+                w = module.modules_to_save["default"].weight
+                w.add_(torch.randn(w.shape, generator=saved_gen) * 0.05)
     model.eval()
     adapted = logits(model, ref)
 

@@ -11,6 +11,7 @@ pub use alignment_data as data;
 pub use alignment_eval as eval;
 pub use alignment_models as models;
 pub use alignment_objectives as objectives;
+pub use alignment_peft as peft;
 pub use alignment_trainer as trainer;
 
 pub mod cli;

@@ -239,12 +239,6 @@ pub fn load_model<B: AutodiffBackend>(
             message: "a 4-bit base cannot be trained itself; set use_peft: true (QLoRA) as TRL requires".into(),
         });
     }
-    if recipe.lora_modules_to_save.as_ref().is_some_and(|m| !m.is_empty()) {
-        return Err(RunError::Unsupported {
-            key: "lora_modules_to_save",
-            message: "training full copies of modules beside the adapters is not implemented".into(),
-        });
-    }
     let quant =
         if recipe.load_in_4bit { Some(QuantConfig::from_recipe(&recipe.bnb_4bit_quant_type, recipe.use_bnb_nested_quant)?) } else { None };
     let model = load_merged::<B>(model_dir, device, quant, 0)?;
@@ -253,7 +247,11 @@ pub fn load_model<B: AutodiffBackend>(
         return Ok((model, None));
     }
     let lora = components::lora_config(recipe)?;
-    let model = apply_lora(model, &lora, recipe.seed)?;
+    let model = apply_lora(model, &lora, recipe.seed).map_err(|e| match e {
+        // Named by the recipe's key (TRL's `lora_modules_to_save`).
+        e @ alignment_peft::PeftError::SavedModule { .. } => RunError::Unsupported { key: "lora_modules_to_save", message: e.to_string() },
+        e => e.into(),
+    })?;
     // The new adapter applies to what the run started from: for a run started from an adapter
     // (DPO after QLoRA SFT) that is the adapter directory, which resolves to its base plus that
     // adapter, so loading the result (here, or with transformers + PEFT) keeps the SFT stage.

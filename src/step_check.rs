@@ -140,7 +140,7 @@ pub fn prepare_case_storing<B: AutodiffBackend>(
 ) -> Result<(CausalLm<B>, StepOptions), CheckError> {
     let fixture_error = |e: &dyn std::fmt::Display| CheckError::Fixture { path: fixture.to_path_buf(), message: e.to_string() };
     let model: CausalLm<B> = if case.nf4 {
-        alignment_peft::load_pretrained_4bit(fixture, device, QuantConfig { double_quant: true }).map_err(|e| fixture_error(&e))?
+        alignment_peft::load_pretrained_4bit(fixture, device, QuantConfig::nf4(true)).map_err(|e| fixture_error(&e))?
     } else {
         crate::models::load_pretrained(fixture, device).map_err(|e| fixture_error(&e))?
     };

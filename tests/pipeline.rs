@@ -107,6 +107,54 @@ fn qlora_sft_lowers_the_loss_and_dpo_starts_from_its_adapter() {
     assert_eq!(merged.config.num_layers, 30);
 }
 
+/// `lora_modules_to_save`: the named modules train whole beside the adapters and travel in the
+/// adapter directory, as PEFT saves them.
+#[test]
+fn lora_modules_to_save_trains_and_saves_the_named_modules() {
+    let root = tempfile::tempdir().unwrap();
+    let device = Default::default();
+    let out = root.path().join("sft-lora-norms");
+    let sft = recipe(
+        "sft",
+        &out,
+        &["--use_peft=true", "--lora_modules_to_save=[norm]", "--learning_rate=1.0e-2", "--lr_scheduler_type=constant"],
+    );
+    let outcome = run::<CpuAutodiff>(Objective::Sft, &sft, &device, true).unwrap();
+    assert_eq!(outcome.steps, 1);
+    let config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("adapter_config.json")).unwrap()).unwrap();
+    assert_eq!(config["modules_to_save"], serde_json::json!(["norm"]));
+    let names = alignment_handbook::peft::adapter::adapter_tensor_names(&out).unwrap();
+    // 30 layers' q/v adapters (A and B), 2 norms a layer and the final one.
+    assert_eq!(names.len(), 30 * 2 * 2 + 30 * 2 + 1, "{names:?}");
+    assert!(
+        names.contains("base_model.model.model.norm.weight") && names.contains("base_model.model.model.layers.29.input_layernorm.weight")
+    );
+    let base = load_pretrained::<Cpu>(&alignment_handbook::run::resolve_model(&sft.model_name_or_path).unwrap(), &device).unwrap();
+    let trained = alignment_handbook::run::load_for_inference::<Cpu>(&out, &device).unwrap();
+    let moved = (trained.norm.weight.val() - base.norm.weight.val()).abs().max().into_scalar();
+    assert!(moved > 1e-4, "the final norm trained: {moved}");
+}
+
+/// `bnb_4bit_quant_type: fp4`: the QLoRA recipe trains on an FP4 base.
+#[test]
+fn qlora_recipe_trains_on_an_fp4_base() {
+    let root = tempfile::tempdir().unwrap();
+    let out = root.path().join("sft-qlora-fp4");
+    let sft = recipe_file("sft", "config_qlora.yaml", &out, &["--bnb_4bit_quant_type=fp4"]);
+    let outcome = run::<CpuAutodiff>(Objective::Sft, &sft, &Default::default(), true).unwrap();
+    let loss = outcome.history[0].get("loss").and_then(|v| v.as_f64());
+    assert!(loss.is_some_and(f64::is_finite), "{:?}", outcome.history);
+    assert!(out.join("adapter_model.safetensors").is_file());
+    let err = run::<CpuAutodiff>(
+        Objective::Sft,
+        &recipe_file("sft", "config_qlora.yaml", &out, &["--bnb_4bit_quant_type=int4"]),
+        &Default::default(),
+        true,
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("int4") && err.to_string().contains("fp4"), "{err}");
+}
+
 #[test]
 fn unsupported_and_invalid_settings_name_the_key() {
     let root = tempfile::tempdir().unwrap();
@@ -121,6 +169,18 @@ fn unsupported_and_invalid_settings_name_the_key() {
     )
     .unwrap_err();
     assert!(err.to_string().contains("qq_proj"), "{err}");
+    // SmolLM2 ties its head to its embedding: training one apart from the other is refused.
+    let err = run::<CpuAutodiff>(
+        Objective::Sft,
+        &recipe("sft", root.path(), &["--use_peft=true", "--lora_modules_to_save=[embed_tokens]"]),
+        &device,
+        true,
+    )
+    .unwrap_err();
+    assert!(
+        matches!(err, RunError::Unsupported { key: "lora_modules_to_save", .. }) && err.to_string().contains("tie_word_embeddings"),
+        "{err}"
+    );
     let err = run::<CpuAutodiff>(Objective::Sft, &recipe("sft", root.path(), &["--reduce_loss=average"]), &device, true).unwrap_err();
     assert!(err.to_string().contains("`reduce_loss`") && err.to_string().contains("sum"), "{err}");
     let err = run::<CpuAutodiff>(Objective::Dpo, &recipe("dpo", root.path(), &["--loss_type=sigmoidd"]), &device, true).unwrap_err();

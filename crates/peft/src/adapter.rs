@@ -7,6 +7,7 @@
 use crate::config::LoraConfig;
 use crate::error::PeftError;
 use crate::lora::{adapter, has_lora, linear_layers, linear_layers_mut, targeted_paths};
+use crate::saved_modules::{saved_module_paths, saved_module_tensors, saved_tensor_name, set_saved_module};
 use alignment_core::{AtomicDir, IoError};
 use alignment_models::weights::{write_safetensors, NamedTensor, SaveDtype};
 use alignment_models::CausalLm;
@@ -32,8 +33,9 @@ fn values<B: Backend>(t: Tensor<B, 2>) -> Vec<f32> {
     t.into_data().convert::<f32>().into_vec::<f32>().expect("converted to f32 above")
 }
 
-/// The adapter tensors of `model` under PEFT's names, in module order.
-pub fn adapter_tensors<B: Backend>(model: &CausalLm<B>) -> Vec<NamedTensor> {
+/// The adapter tensors of `model` under PEFT's names, in module order, then the weights of the
+/// modules `config` saves whole (`modules_to_save`).
+pub fn adapter_tensors<B: Backend>(model: &CausalLm<B>, config: &LoraConfig) -> Result<Vec<NamedTensor>, PeftError> {
     let mut out = Vec::new();
     for (path, lin) in linear_layers(model) {
         let Some(lora) = &lin.lora else { continue };
@@ -42,7 +44,8 @@ pub fn adapter_tensors<B: Backend>(model: &CausalLm<B>) -> Vec<NamedTensor> {
             out.push(NamedTensor { name, shape: p.dims().to_vec(), values: values(p.val()) });
         }
     }
-    out
+    out.extend(saved_module_tensors(model, &saved_module_paths(model, config)?));
+    Ok(out)
 }
 
 /// Saves the adapters of `model` to `dir` as PEFT's `save_pretrained` does
@@ -70,7 +73,7 @@ pub fn write_adapter<B: Backend>(
     base_model_name_or_path: &str,
 ) -> Result<(), PeftError> {
     check_matches_config(model, config)?;
-    write_safetensors(&dir.join(ADAPTER_WEIGHTS), &adapter_tensors(model), SaveDtype::F32)?;
+    write_safetensors(&dir.join(ADAPTER_WEIGHTS), &adapter_tensors(model, config)?, SaveDtype::F32)?;
     let json = serde_json::to_string_pretty(&config.to_adapter_json(base_model_name_or_path)).expect("JSON serializes");
     let config_path = dir.join(ADAPTER_CONFIG);
     std::fs::write(&config_path, json + "\n").map_err(|e| IoError::new("writing", &config_path, e))?;
@@ -159,8 +162,10 @@ pub fn read_adapter_base_model(dir: &Path) -> Result<String, PeftError> {
 /// Loads a PEFT LoRA adapter directory onto `model` (a plain base model), like
 /// `PeftModel.from_pretrained(base, dir)`: the base is frozen as in [`crate::apply_lora`] and
 /// each targeted linear layer gets the saved adapter (trainable, so training can continue).
-/// Every targeted module must have both tensors, every tensor must belong to a targeted module,
-/// and shapes must be `[r, in]` / `[out, r]`; anything else is an error naming the tensors.
+/// The modules the config saves whole (`modules_to_save`) take the saved weights, trainable.
+/// Every targeted module must have both tensors, every saved module its weight, every tensor must
+/// belong to one of them, and shapes must be `[r, in]` / `[out, r]` / the module's; anything else
+/// is an error naming the tensors.
 pub fn load_adapter<B: Backend>(model: CausalLm<B>, dir: &Path) -> Result<(CausalLm<B>, LoraConfig), PeftError> {
     let config = read_adapter_config(dir)?;
     if has_lora(&model) {
@@ -169,6 +174,7 @@ pub fn load_adapter<B: Backend>(model: CausalLm<B>, dir: &Path) -> Result<(Causa
     let weights_path = dir.join(ADAPTER_WEIGHTS);
     let mut tensors = read_safetensors(&weights_path)?;
     let targets = targeted_paths(&model, &config)?;
+    let saved = saved_module_paths(&model, &config)?;
     let mut model = model.no_grad();
     let mut missing = Vec::new();
     let mut found: BTreeMap<String, (Tensor<B, 2>, Tensor<B, 2>)> = BTreeMap::new();
@@ -195,6 +201,15 @@ pub fn load_adapter<B: Backend>(model: CausalLm<B>, dir: &Path) -> Result<(Causa
             found.insert(path, (a, b));
         }
     }
+    let saved_weights: Vec<(&String, String, Option<RawTensor>)> = saved
+        .iter()
+        .map(|path| {
+            let name = saved_tensor_name(path);
+            let tensor = tensors.remove(&name);
+            (path, name, tensor)
+        })
+        .collect();
+    missing.extend(saved_weights.iter().filter(|(_, _, t)| t.is_none()).map(|(_, name, _)| name.clone()));
     if !missing.is_empty() {
         return Err(PeftError::MissingTensors { path: weights_path, names: missing });
     }
@@ -205,6 +220,10 @@ pub fn load_adapter<B: Backend>(model: CausalLm<B>, dir: &Path) -> Result<(Causa
         if let Some((a, b)) = found.remove(&path) {
             lin.lora = Some(adapter(a, b, &config));
         }
+    }
+    for (path, name, tensor) in saved_weights {
+        let tensor = tensor.expect("missing saved weights were refused above");
+        set_saved_module(&mut model, path, &name, tensor.shape, tensor.values)?;
     }
     Ok((model, config))
 }

@@ -50,12 +50,16 @@ pub struct LoraConfig {
     pub target_modules: TargetModules,
     /// `use_rslora`: scaling `alpha / sqrt(r)` instead of `alpha / r`.
     pub use_rslora: bool,
+    /// `modules_to_save`: names of modules trained whole beside the adapters and saved whole with
+    /// them, matched by a plain suffix of the module's path as PEFT matches them
+    /// (`crate::saved_modules`). Empty: none.
+    pub modules_to_save: Vec<String>,
 }
 
 impl LoraConfig {
     /// `r` and `alpha` on `targets`, no dropout, plain LoRA scaling.
     pub fn new(r: usize, alpha: f64, target_modules: TargetModules) -> Self {
-        Self { r, alpha, dropout: 0.0, target_modules, use_rslora: false }
+        Self { r, alpha, dropout: 0.0, target_modules, use_rslora: false, modules_to_save: Vec::new() }
     }
 
     /// The factor applied to `B A`: `alpha / r`, or `alpha / sqrt(r)` with rsLoRA.
@@ -80,6 +84,9 @@ impl LoraConfig {
                 return Err(PeftError::InvalidConfig("`target_modules` is empty".into()));
             }
         }
+        if self.modules_to_save.iter().any(|n| n.is_empty()) {
+            return Err(PeftError::InvalidConfig("`modules_to_save` has an empty name".into()));
+        }
         Ok(())
     }
 
@@ -95,6 +102,8 @@ impl LoraConfig {
         targets.dedup();
         // PEFT types lora_alpha as int; keep integral values integral.
         let alpha = if self.alpha.fract() == 0.0 && self.alpha.abs() < 1e15 { json!(self.alpha as i64) } else { json!(self.alpha) };
+        // PEFT keeps the list as given (null when there is none).
+        let modules_to_save = if self.modules_to_save.is_empty() { Value::Null } else { json!(self.modules_to_save) };
         json!({
             "alpha_pattern": {},
             "auto_mapping": null,
@@ -113,7 +122,7 @@ impl LoraConfig {
             "lora_dropout": self.dropout,
             "megatron_config": null,
             "megatron_core": "megatron.core",
-            "modules_to_save": null,
+            "modules_to_save": modules_to_save,
             "peft_type": "LORA",
             "r": self.r,
             "rank_pattern": {},
@@ -128,7 +137,7 @@ impl LoraConfig {
     }
 
     /// Reads PEFT's `adapter_config.json`. Fields selecting features this crate does not
-    /// implement (DoRA, biases, `modules_to_save`, per-module ranks, ...) are errors naming the
+    /// implement (DoRA, biases, per-module ranks, ...) are errors naming the
     /// field when they hold anything but their default.
     pub fn from_adapter_json(json: &Value, path: &Path) -> Result<Self, PeftError> {
         let err = |field: &str, message: String| PeftError::AdapterConfig { path: path.to_path_buf(), field: field.into(), message };
@@ -155,15 +164,27 @@ impl LoraConfig {
             ),
             _ => return Err(err("target_modules", "missing (a list of module names or \"all-linear\")".into())),
         };
+        let modules_to_save = match get("modules_to_save") {
+            None => Vec::new(),
+            Some(Value::Array(items)) => items
+                .iter()
+                .map(|v| {
+                    v.as_str()
+                        .filter(|s| !s.is_empty())
+                        .map(String::from)
+                        .ok_or_else(|| err("modules_to_save", format!("entry {v} is not a module name")))
+                })
+                .collect::<Result<_, _>>()?,
+            Some(other) => return Err(err("modules_to_save", format!("not a list of module names (found {other})"))),
+        };
         // Features left at their defaults, or refused.
         let is_default = |k: &str, ok: &IsDefault| get(k).is_none_or(ok);
         let empty = |v: &Value| v.as_object().is_some_and(|o| o.is_empty()) || v.as_array().is_some_and(|a| a.is_empty());
-        let checks: [(&str, &IsDefault, &str); 11] = [
+        let checks: [(&str, &IsDefault, &str); 10] = [
             ("bias", &|v| v == "none", "only \"none\" is supported"),
             ("lora_bias", &|v| v == false, "LoRA biases are not supported"),
             ("use_dora", &|v| v == false, "DoRA is not supported"),
             ("fan_in_fan_out", &|v| v == false, "fan_in_fan_out (Conv1D layers) is not supported"),
-            ("modules_to_save", &empty, "modules_to_save (fully trained extra modules) is not supported"),
             ("rank_pattern", &empty, "per-module ranks are not supported"),
             ("alpha_pattern", &empty, "per-module alphas are not supported"),
             ("layers_to_transform", &empty, "layers_to_transform is not supported"),
@@ -181,7 +202,7 @@ impl LoraConfig {
                 return Err(err(field, format!("not supported (found {})", obj[field])));
             }
         }
-        let config = LoraConfig { r: r as usize, alpha, dropout, target_modules, use_rslora };
+        let config = LoraConfig { r: r as usize, alpha, dropout, target_modules, use_rslora, modules_to_save };
         config.validate().map_err(|e| err("r", e.to_string()))?;
         Ok(config)
     }

@@ -14,6 +14,10 @@ pub enum PeftError {
     /// The LoRA configuration is invalid (rank 0, a target matching no module, ...).
     #[error("invalid LoRA config: {0}")]
     InvalidConfig(String),
+    /// A `modules_to_save` entry names what cannot be trained whole here (see
+    /// `crate::saved_modules`), or nothing.
+    #[error("modules_to_save `{name}`: {message}")]
+    SavedModule { name: String, message: String },
     /// `adapter_config.json` is unreadable or asks for a PEFT feature this crate does not implement.
     #[error("unsupported or invalid adapter config {path}: field `{field}`: {message}")]
     AdapterConfig { path: PathBuf, field: String, message: String },

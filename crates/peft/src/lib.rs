@@ -9,13 +9,15 @@
 //! - [`save_adapter`] / [`load_adapter`] write and read PEFT's directory layout
 //!   (`adapter_config.json`, `adapter_model.safetensors` with
 //!   `base_model.model.<module>.lora_{A,B}.weight`), loadable by `PeftModel.from_pretrained`.
+//! - `modules_to_save` ([`LoraConfig::modules_to_save`], [`saved_modules`]): modules trained whole
+//!   beside the adapters (the embedding, the head, norms), saved in the adapter file as PEFT does.
 //! - [`merge_lora`] folds `s·B·A` into the base weights (PEFT's `merge_and_unload`) for saving a
 //!   plain Hugging Face model.
 //!
 //! - [`load_pretrained_4bit`] loads a base model with its decoder linear weights quantized to
 //!   NF4 (QLoRA); they stay 4-bit through training and are expanded per matmul.
 //!
-//! See docs/peft.md for what is not implemented (DoRA, `modules_to_save`, ...).
+//! See docs/peft.md for what is not implemented (DoRA, per-module ranks, ...).
 
 pub mod adapter;
 pub mod config;
@@ -23,6 +25,7 @@ pub mod error;
 pub mod lora;
 pub mod nf4;
 pub mod qlora;
+pub mod saved_modules;
 
 pub use adapter::{
     load_adapter, read_adapter_base_model, read_adapter_config, save_adapter, write_adapter, ADAPTER_CONFIG, ADAPTER_WEIGHTS,

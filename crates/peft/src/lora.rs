@@ -68,6 +68,7 @@ pub fn apply_lora<B: Backend>(model: CausalLm<B>, config: &LoraConfig, seed: u64
         return Err(PeftError::State("the model already has LoRA adapters (one adapter per model is supported)".into()));
     }
     let targets = targeted_paths(&model, config)?;
+    let saved = crate::saved_modules::saved_module_paths(&model, config)?;
     let mut model = model.no_grad();
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     for (path, lin) in linear_layers_mut(&mut model) {
@@ -82,7 +83,7 @@ pub fn apply_lora<B: Backend>(model: CausalLm<B>, config: &LoraConfig, seed: u64
         let b = Tensor::<B, 2>::zeros([out, config.r], &device);
         lin.lora = Some(adapter(a, b, config));
     }
-    Ok(model)
+    Ok(crate::saved_modules::unfreeze_saved_modules(model, &saved))
 }
 
 /// An adapter from its two factors (trainable parameters) and `config`'s scaling and dropout.

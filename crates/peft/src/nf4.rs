@@ -1,7 +1,8 @@
 //! 4-bit NormalFloat (NF4) block-wise quantization as bitsandbytes' `quantize_4bit(quant_type="nf4")`
 //! (QLoRA's storage format for frozen base weights), on the host, with optional double
-//! quantization of the block scales (`compress_statistics=True`). Not yet used by the model: this
-//! is the storage half of QLoRA; see docs/peft.md.
+//! quantization of the block scales (`compress_statistics=True`); and the same with
+//! bitsandbytes' other 4-bit code book, FP4 (`quant_type="fp4"`, [`FourBit::Fp4`]). The model
+//! holds the result on its device (`alignment_models::quantized`); see docs/peft.md.
 //!
 //! Values are split into blocks of [`BLOCK_SIZE`] (the last may be shorter); each block stores
 //! its absolute maximum and, per value, the 4-bit index of the [`NF4_CODE`] entry nearest to
@@ -9,7 +10,8 @@
 //! is found as bitsandbytes' `dQuantizeNF4` does: comparisons against its midpoint thresholds
 //! ([`NF4_THRESHOLDS`]), a value exactly on one going to the lower entry. An all-zero block
 //! scales by `1 / 0 = inf`, `0 · inf` is NaN, which passes no threshold: index 0, as in
-//! bitsandbytes. Dequantization is `NF4_CODE[index] · absmax`.
+//! bitsandbytes. Dequantization is `NF4_CODE[index] · absmax`. FP4 differs only in the code book
+//! ([`FP4_CODE`]) and its decision tree ([`nearest_fp4`]).
 //!
 //! The absmax values are kept as f32 ([`Absmax::F32`], 4 bytes per block) or double-quantized
 //! ([`Absmax::DoubleQuantized`], about 1 byte per block): `offset = mean(absmax)`, and
@@ -41,6 +43,69 @@ pub const NF4_CODE: [f32; 16] = [
     1.0,
 ];
 
+/// bitsandbytes' FP4 code book (`get_4bit_type("fp4")`): a sign bit and three bits of a float with
+/// a 2-bit exponent (0, 0.0625, 8, 12, 4, 6, 2, 3 by index) divided by their maximum, 12, in f32.
+pub const FP4_CODE: [f32; 16] = [
+    0.0,
+    0.0625 / 12.0,
+    8.0 / 12.0,
+    1.0,
+    4.0 / 12.0,
+    6.0 / 12.0,
+    2.0 / 12.0,
+    3.0 / 12.0,
+    -0.0,
+    -0.0625 / 12.0,
+    -8.0 / 12.0,
+    -1.0,
+    -4.0 / 12.0,
+    -6.0 / 12.0,
+    -2.0 / 12.0,
+    -3.0 / 12.0,
+];
+
+/// Which of bitsandbytes' 4-bit code books (`bnb_4bit_quant_type`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum FourBit {
+    /// NormalFloat: [`NF4_CODE`], QLoRA's default.
+    #[default]
+    Nf4,
+    /// [`FP4_CODE`].
+    Fp4,
+}
+
+impl FourBit {
+    /// `nf4` or `fp4`, as bitsandbytes names them.
+    pub fn parse(name: &str) -> Option<Self> {
+        match name {
+            "nf4" => Some(FourBit::Nf4),
+            "fp4" => Some(FourBit::Fp4),
+            _ => None,
+        }
+    }
+
+    /// The 16 values the indices stand for (times the block's absmax).
+    pub fn code(self) -> &'static [f32; 16] {
+        match self {
+            FourBit::Nf4 => &NF4_CODE,
+            FourBit::Fp4 => &FP4_CODE,
+        }
+    }
+
+    /// The index bitsandbytes' kernel gives `x` (a value scaled into [-1, 1]).
+    pub fn nearest(self, x: f32) -> u8 {
+        match self {
+            FourBit::Nf4 => nearest_code(x),
+            FourBit::Fp4 => nearest_fp4(x),
+        }
+    }
+
+    /// The code book `code` is, if it is one of these two.
+    pub fn of_code(code: &[f32]) -> Option<Self> {
+        [FourBit::Nf4, FourBit::Fp4].into_iter().find(|kind| kind.code().as_slice() == code)
+    }
+}
+
 /// bitsandbytes' default block size for 4-bit quantization.
 pub const BLOCK_SIZE: usize = 64;
 
@@ -57,6 +122,8 @@ pub struct Nf4Tensor {
     pub absmax: Absmax,
     /// Number of values.
     pub len: usize,
+    /// The code book the indices point into.
+    pub code: FourBit,
 }
 
 impl Nf4Tensor {
@@ -74,7 +141,13 @@ impl Nf4Tensor {
                 block_size: NESTED_BLOCK_SIZE,
             },
         };
-        alignment_models::QuantizedParts { dims, packed_bytes: self.packed, code_book: NF4_CODE.to_vec(), block_size: BLOCK_SIZE, scales }
+        alignment_models::QuantizedParts {
+            dims,
+            packed_bytes: self.packed,
+            code_book: self.code.code().to_vec(),
+            block_size: BLOCK_SIZE,
+            scales,
+        }
     }
 
     /// Bytes of the quantized form: packed indices plus block statistics (the constant code
@@ -160,6 +233,38 @@ pub fn nearest_code(x: f32) -> u8 {
     NF4_THRESHOLDS.iter().filter(|&&t| x > t).count() as u8
 }
 
+/// FP4's index of `x` (in [-1, 1]) as bitsandbytes' `dQuantizeFP4`: the sign bit, then a
+/// binary search of `|x|` against the midpoints of the positive entries, as its f32 literals (a
+/// value exactly on one goes to the lower entry; NaN to index 0).
+pub fn nearest_fp4(x: f32) -> u8 {
+    let sign = if x < 0.0 { 0b1000 } else { 0 };
+    let x = x.abs();
+    let index = if x > 0.291_666_67 {
+        if x > 0.583_333 {
+            if x > 0.833_333_3 {
+                0b0011
+            } else {
+                0b0010
+            }
+        } else if x > 0.416_666_7 {
+            0b0101
+        } else {
+            0b0100
+        }
+    } else if x > 0.085_937_5 {
+        if x > 0.208_333_33 {
+            0b0111
+        } else {
+            0b0110
+        }
+    } else if x > 0.002_604_17 {
+        0b0001
+    } else {
+        0b0000
+    };
+    index + sign
+}
+
 /// Quantizes `values` block-wise with f32 absmax values (`compress_statistics=False`).
 pub fn quantize(values: &[f32]) -> Nf4Tensor {
     quantize_with(values, false)
@@ -170,34 +275,40 @@ pub fn quantize(values: &[f32]) -> Nf4Tensor {
 /// Blocks are independent, so they are quantized on every core (rayon); the result does not
 /// depend on the thread count.
 pub fn quantize_with(values: &[f32], double_quant: bool) -> Nf4Tensor {
+    quantize_as(values, FourBit::Nf4, double_quant)
+}
+
+/// [`quantize_with`] into the code book `code`.
+pub fn quantize_as(values: &[f32], code: FourBit, double_quant: bool) -> Nf4Tensor {
     use rayon::prelude::*;
+    let nearest = |x: f32| code.nearest(x);
     let (absmax, packed): (Vec<f32>, Vec<Vec<u8>>) = values
         .par_chunks(BLOCK_SIZE)
         .map(|block| {
             let max = block.iter().fold(0f32, |m, v| m.max(v.abs()));
             let inv = 1.0 / max;
             // BLOCK_SIZE is even, so only the last block can end in half a byte.
-            let packed =
-                block.chunks(2).map(|p| (nearest_code(p[0] * inv) << 4) | p.get(1).map_or(0, |&v| nearest_code(v * inv))).collect();
+            let packed = block.chunks(2).map(|p| (nearest(p[0] * inv) << 4) | p.get(1).map_or(0, |&v| nearest(v * inv))).collect();
             (max, packed)
         })
         .unzip();
     let packed = packed.concat();
     let absmax = if double_quant { Absmax::double_quantize(&absmax) } else { Absmax::F32(absmax) };
-    Nf4Tensor { packed, absmax, len: values.len() }
+    Nf4Tensor { packed, absmax, len: values.len(), code }
 }
 
-/// The values `t` stands for: `NF4_CODE[index] · absmax` of the value's block.
+/// The values `t` stands for: `code[index] · absmax` of the value's block.
 /// Blocks are expanded on every core (rayon).
 pub fn dequantize(t: &Nf4Tensor) -> Vec<f32> {
     use rayon::prelude::*;
     let absmax = t.absmax.values();
+    let code_book = t.code.code();
     let mut values = vec![0f32; t.len];
     values.par_chunks_mut(BLOCK_SIZE).zip(t.packed.par_chunks(BLOCK_SIZE / 2)).zip(absmax.par_iter()).for_each(|((out, bytes), &scale)| {
         for (i, v) in out.iter_mut().enumerate() {
             let byte = bytes[i / 2];
             let code = if i % 2 == 0 { byte >> 4 } else { byte & 0x0f };
-            *v = NF4_CODE[code as usize] * scale;
+            *v = code_book[code as usize] * scale;
         }
     });
     values

@@ -9,7 +9,7 @@
 //! at a time while loading, so the dense model is never resident as a whole.
 
 use crate::error::PeftError;
-use crate::nf4;
+use crate::nf4::{self, FourBit};
 use alignment_models::{load_pretrained_quantized, CausalLm, QuantizedParts, QuantizedWeight};
 use burn::tensor::backend::Backend;
 use std::path::Path;
@@ -19,25 +19,37 @@ use std::path::Path;
 pub struct QuantConfig {
     /// Quantize the per-block absmax statistics too (bitsandbytes' `compress_statistics`).
     pub double_quant: bool,
+    /// The 4-bit code book (`bnb_4bit_quant_type`: NF4 by default, or FP4).
+    pub code: FourBit,
 }
 
 impl QuantConfig {
-    /// Reads the recipe values: only `nf4` is implemented (bitsandbytes' `fp4` is not).
+    /// NF4, with or without double quantization.
+    pub fn nf4(double_quant: bool) -> Self {
+        Self { double_quant, code: FourBit::Nf4 }
+    }
+
+    /// Reads the recipe values: `nf4` or `fp4`, as bitsandbytes accepts them.
     pub fn from_recipe(quant_type: &str, nested: bool) -> Result<Self, PeftError> {
-        match quant_type {
-            "nf4" => Ok(Self { double_quant: nested }),
-            other => Err(PeftError::InvalidConfig(format!("bnb_4bit_quant_type `{other}` is not supported (only nf4)"))),
+        match FourBit::parse(quant_type) {
+            Some(code) => Ok(Self { double_quant: nested, code }),
+            None => Err(PeftError::InvalidConfig(format!("bnb_4bit_quant_type `{quant_type}` is not one of bitsandbytes' nf4, fp4"))),
         }
     }
 
-    /// `values` (`[out, in]` row-major) quantized to NF4, as host parts ready for the device.
+    /// `values` (`[out, in]` row-major) quantized to 4 bits, as host parts ready for the device.
     pub fn quantize(&self, values: &[f32], dims: [usize; 2]) -> QuantizedParts {
-        nf4::quantize_with(values, self.double_quant).into_parts(dims)
+        nf4::quantize_as(values, self.code, self.double_quant).into_parts(dims)
     }
 
-    /// The configuration `weight` was quantized with (double quantization or not).
+    /// The configuration `weight` was quantized with (the code book, double quantization or not).
+    ///
+    /// # Panics
+    /// If the weight's code book is neither NF4's nor FP4's (this crate makes no other).
     pub fn of<B: Backend>(weight: &QuantizedWeight<B>) -> Self {
-        Self { double_quant: weight.nested.is_some() }
+        let code_book = weight.code_book.val().into_data().convert::<f32>().into_vec::<f32>().expect("f32 after convert");
+        let code = FourBit::of_code(&code_book).expect("a 4-bit weight quantized with NF4's or FP4's code book");
+        Self { double_quant: weight.nested.is_some(), code }
     }
 }
 

@@ -243,7 +243,6 @@ fn load_errors_name_the_problem() {
     // Unsupported PEFT features are refused by field name.
     for (field, value) in [
         ("use_dora", serde_json::json!(true)),
-        ("modules_to_save", serde_json::json!(["lm_head"])),
         ("bias", serde_json::json!("all")),
         ("rank_pattern", serde_json::json!({"q_proj": 8})),
         ("target_modules", serde_json::json!(".*proj")),
@@ -255,6 +254,21 @@ fn load_errors_name_the_problem() {
         let err = load_adapter(load_base("tiny-llama"), &dir).unwrap_err();
         assert!(matches!(&err, PeftError::AdapterConfig { field: f, .. } if f == field), "{field}: {err}");
     }
+
+    // A module saved whole (modules_to_save) without its weight in the file: missing, named.
+    let dir = tmp.path().join("saved-module-missing");
+    copy_fixture("tiny-llama-lora", &dir);
+    edit_config(&dir, |j| j["modules_to_save"] = serde_json::json!(["lm_head"]));
+    let err = load_adapter(load_base("tiny-llama"), &dir).unwrap_err();
+    assert!(
+        matches!(&err, PeftError::MissingTensors { names, .. } if names == &vec!["base_model.model.lm_head.weight".to_string()]),
+        "{err}"
+    );
+    let dir = tmp.path().join("saved-module-not-a-list");
+    copy_fixture("tiny-llama-lora", &dir);
+    edit_config(&dir, |j| j["modules_to_save"] = serde_json::json!("lm_head"));
+    let err = load_adapter(load_base("tiny-llama"), &dir).unwrap_err();
+    assert!(matches!(&err, PeftError::AdapterConfig { field, .. } if field == "modules_to_save"), "{err}");
 
     // Unknown target names are an error at apply time, as in PEFT.
     let err = apply_lora(load_base("tiny-llama"), &LoraConfig::new(4, 8.0, names(&["qproj"])), 0).unwrap_err();
@@ -298,4 +312,45 @@ fn saved_config_has_peft_fields() {
         alignment_peft::read_adapter_config(&dir).unwrap(),
         LoraConfig { target_modules: TargetModules::Names(targets.iter().map(|s| s.to_string()).collect()), ..config }
     );
+}
+
+#[test]
+fn modules_to_save_trains_the_named_modules_and_refuses_what_peft_would_not_train_alone() {
+    let base = || alignment_models::load_pretrained::<CpuAutodiff>(&base_fixture("tiny-llama"), &Default::default()).unwrap();
+    let with_saved = |targets: &[&str], saved: &[&str]| {
+        let mut config = LoraConfig::new(4, 8.0, names(targets));
+        config.modules_to_save = saved.iter().map(|s| s.to_string()).collect();
+        config
+    };
+
+    // PEFT's plain suffix match: `norm` names the final norm and both norms of every layer.
+    let model = apply_lora(base(), &with_saved(&["q_proj"], &["embed_tokens", "norm", "down_proj"]), 0).unwrap();
+    assert!(model.embed_tokens.val().is_require_grad());
+    assert!(model.norm.weight.val().is_require_grad());
+    for layer in &model.layers {
+        assert!(layer.input_layernorm.weight.val().is_require_grad() && layer.post_attention_layernorm.weight.val().is_require_grad());
+        assert!(layer.mlp.down_proj.weight.val().is_require_grad(), "down_proj is saved whole");
+        assert!(!layer.mlp.up_proj.weight.val().is_require_grad() && !layer.self_attn.q_proj.weight.val().is_require_grad());
+    }
+    assert!(!model.lm_head.as_ref().unwrap().weight.val().is_require_grad(), "the head is not named");
+
+    // What PEFT would not train as one module, or this crate cannot hold, is refused by name.
+    let tied = alignment_models::load_pretrained::<CpuAutodiff>(&base_fixture("tiny-gemma"), &Default::default()).unwrap();
+    let quantized = alignment_peft::load_pretrained_4bit::<CpuAutodiff>(
+        &base_fixture("tiny-llama"),
+        &Default::default(),
+        alignment_peft::QuantConfig::default(),
+    )
+    .unwrap();
+    for (model, targets, saved, says) in [
+        (base(), &["q_proj"][..], "mlp", "holds other modules"),
+        (base(), &["q_proj"], "q_proj", "also carries a LoRA adapter"),
+        (base(), &["q_proj"], "rotary", "no module with weights"),
+        (tied, &["q_proj"], "embed_tokens", "tied to its embedding"),
+        (quantized, &["q_proj"], "o_proj", "held in 4 bits"),
+    ] {
+        let err = apply_lora(model, &with_saved(targets, &[saved]), 0).unwrap_err();
+        assert!(matches!(&err, PeftError::SavedModule { name, message } if name == saved && message.contains(says)), "{saved}: {err}");
+        assert!(err.to_string().starts_with(&format!("modules_to_save `{saved}`: ")), "{err}");
+    }
 }

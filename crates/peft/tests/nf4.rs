@@ -1,9 +1,10 @@
-//! NF4 quantization, single and double, against a Python transcription of bitsandbytes' algorithms
-//! (scripts/make_nf4_goldens.py; bitsandbytes itself is not installable without a GPU build).
+//! NF4 quantization, single and double, and FP4, against a Python transcription of bitsandbytes'
+//! algorithms (scripts/make_nf4_goldens.py; bitsandbytes itself is not installable without a GPU
+//! build).
 
 use alignment_peft::nf4::{
-    create_dynamic_map, dequantize, nearest_code, nearest_dynamic_code, quantize, quantize_blockwise, quantize_with, Absmax, Nf4Tensor,
-    BLOCK_SIZE, NESTED_BLOCK_SIZE, NF4_CODE,
+    create_dynamic_map, dequantize, nearest_code, nearest_dynamic_code, quantize, quantize_as, quantize_blockwise, quantize_with, Absmax,
+    FourBit, Nf4Tensor, BLOCK_SIZE, FP4_CODE, NESTED_BLOCK_SIZE, NF4_CODE,
 };
 use rand::{Rng, SeedableRng};
 use serde::de::DeserializeOwned;
@@ -67,6 +68,36 @@ fn nf4_matches_bitsandbytes_formula() {
     assert_eq!(q.absmax, Absmax::F32(r.absmax));
     assert_eq!(q.packed, r.packed);
     assert_eq!(dequantize(&q), r.dequantized);
+}
+
+/// nf4/fp4.json: `quant_type="fp4"`.
+#[derive(Deserialize)]
+struct Fp4Reference {
+    blocksize: usize,
+    code: Vec<f32>,
+    values: Vec<f32>,
+    packed: Vec<u8>,
+    absmax: Vec<f32>,
+    dequantized: Vec<f32>,
+}
+
+#[test]
+fn fp4_matches_bitsandbytes_formula() {
+    let r: Fp4Reference = fixture("fp4.json");
+    assert_eq!(r.blocksize, BLOCK_SIZE);
+    // The code book bit for bit, signed zero included.
+    assert_eq!(r.code.iter().map(|c| c.to_bits()).collect::<Vec<_>>(), FP4_CODE.map(f32::to_bits).to_vec());
+    let q = quantize_as(&r.values, FourBit::Fp4, false);
+    assert_eq!(q.absmax, Absmax::F32(r.absmax));
+    assert_eq!(q.packed, r.packed, "indices: every pivot, just above it, negated, and random values");
+    let ours = dequantize(&q);
+    assert_eq!(ours.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), r.dequantized.iter().map(|v| v.to_bits()).collect::<Vec<_>>());
+    // Each code point (times an absmax of 1) goes to its own index, -0 to +0's.
+    for (i, &c) in FP4_CODE.iter().enumerate() {
+        assert_eq!(FourBit::Fp4.nearest(c), if i == 8 { 0 } else { i as u8 }, "{c}");
+    }
+    assert_eq!(FourBit::of_code(&FP4_CODE), Some(FourBit::Fp4));
+    assert_eq!(FourBit::of_code(&NF4_CODE), Some(FourBit::Nf4));
 }
 
 #[test]

@@ -95,3 +95,61 @@ fn peft_loads_our_adapter() {
     println!("merged vs unmerged: max |logit diff| = {diff:.3e}");
     assert!(diff <= 1e-4, "merged {diff}");
 }
+
+#[test]
+fn peft_adapter_with_saved_modules_matches_peft() {
+    // q_proj, v_proj adapters, and trained copies of the embedding, the head and every norm.
+    golden("tiny-llama-modules-to-save", 4, 2.0);
+}
+
+#[test]
+fn peft_loads_our_adapter_with_saved_modules() {
+    let reference = reference("tiny-llama-lora");
+    let base_dir = base_fixture("tiny-llama");
+    let mut config = LoraConfig::new(4, 8.0, TargetModules::Names(vec!["q_proj".into(), "v_proj".into()]));
+    config.modules_to_save =
+        vec!["lm_head".into(), "embed_tokens".into(), "post_attention_layernorm".into(), "layers.1.mlp.up_proj".into()];
+    let mut model = apply_lora(load_base("tiny-llama"), &config, 7).unwrap();
+    // The saved modules moved away from the base (as training would), the adapters left as made.
+    let noise = |p: &mut Param<Tensor<Cpu, 2>>| {
+        let w = p.val();
+        *p = Param::initialized(p.id, w.clone() + Tensor::random(w.shape(), Distribution::Normal(0.0, 0.05), &w.device()));
+    };
+    noise(&mut model.embed_tokens);
+    noise(&mut model.lm_head.as_mut().unwrap().weight);
+    noise(&mut model.layers[1].mlp.up_proj.weight);
+    for layer in &mut model.layers {
+        let w = layer.post_attention_layernorm.weight.val();
+        layer.post_attention_layernorm.weight = Param::initialized(layer.post_attention_layernorm.weight.id, w + 0.25);
+    }
+    let batch = reference_batch(&reference);
+    let ours = logits(&model, &batch);
+
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("adapter");
+    save_adapter(&model, &dir, &config, base_dir.to_str().unwrap()).unwrap();
+    let names = alignment_peft::adapter::adapter_tensor_names(&dir).unwrap();
+    for saved in [
+        "base_model.model.lm_head.weight",
+        "base_model.model.model.embed_tokens.weight",
+        "base_model.model.model.layers.0.post_attention_layernorm.weight",
+        "base_model.model.model.layers.1.post_attention_layernorm.weight",
+        "base_model.model.model.layers.1.mlp.up_proj.weight",
+    ] {
+        assert!(names.contains(saved), "{saved} in {names:?}");
+    }
+    assert_eq!(names.len(), 8 + 5, "4 adapters' A and B, and the 5 saved modules");
+    let saved: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("adapter_config.json")).unwrap()).unwrap();
+    assert_eq!(saved["modules_to_save"], serde_json::json!(config.modules_to_save));
+
+    let theirs = peft_logits(&base_dir, &dir, &reference);
+    let diff = max_diff(&ours, &theirs, &reference.attention_mask);
+    println!("our adapter with saved modules in PEFT: max |logit diff| = {diff:.3e}");
+    assert!(diff <= 1e-4, "{diff}");
+    let (reloaded, reloaded_config) = load_adapter(load_base("tiny-llama"), &dir).unwrap();
+    assert_eq!(reloaded_config.modules_to_save, config.modules_to_save);
+    let diff = max_diff(&logits(&reloaded, &batch), &ours, &reference.attention_mask);
+    assert!(diff <= 1e-6, "round trip {diff}");
+    let diff = max_diff(&logits(&merge_lora(reloaded), &batch), &ours, &reference.attention_mask);
+    assert!(diff <= 1e-4, "merged {diff}");
+}

@@ -7,7 +7,7 @@ mod common;
 use alignment_core::backend::{Cpu, CpuAutodiff};
 use alignment_models::{load_pretrained, CausalLm};
 use alignment_peft::lora::{linear_layers, linear_layers_mut};
-use alignment_peft::nf4;
+use alignment_peft::nf4::{self, FourBit};
 use alignment_peft::qlora::{base_weight_bytes, load_pretrained_4bit, QuantConfig};
 use alignment_peft::{load_adapter, merge_lora};
 use burn::module::Param;
@@ -71,8 +71,9 @@ fn linear_bytes_per_bf16_byte<B: Backend>(model: &CausalLm<B>) -> f64 {
 
 #[test]
 fn double_quantization_shrinks_the_statistics_and_stays_exact_to_its_dequantization() {
-    let load =
-        |double_quant| load_pretrained_4bit::<Cpu>(&base_fixture("tiny-llama"), &Default::default(), QuantConfig { double_quant }).unwrap();
+    let load = |double_quant| {
+        load_pretrained_4bit::<Cpu>(&base_fixture("tiny-llama"), &Default::default(), QuantConfig::nf4(double_quant)).unwrap()
+    };
     let (single, double) = (load(false), load(true));
     let (rs, rd) = (linear_bytes_per_bf16_byte(&single), linear_bytes_per_bf16_byte(&double));
     println!("NF4 bytes per bf16 byte: single {rs:.4}, double {rd:.4}");
@@ -159,6 +160,37 @@ fn merging_into_a_four_bit_base_quantizes_the_merged_weight_again() {
 
 #[test]
 fn unsupported_quant_types_are_named() {
-    let err = QuantConfig::from_recipe("fp4", false).unwrap_err().to_string();
-    assert!(err.contains("fp4") && err.contains("nf4"), "{err}");
+    let err = QuantConfig::from_recipe("int4", false).unwrap_err().to_string();
+    assert!(err.contains("int4") && err.contains("nf4") && err.contains("fp4"), "{err}");
+    assert_eq!(QuantConfig::from_recipe("fp4", true).unwrap(), QuantConfig { double_quant: true, code: FourBit::Fp4 });
+}
+
+/// `bnb_4bit_quant_type: fp4`: the base held in FP4 gives the logits of the dense model holding
+/// FP4's round trip of its weights, and merging an adapter quantizes again in FP4.
+#[test]
+fn fp4_base_matches_its_round_trip_and_merges_in_fp4() {
+    let fp4 = QuantConfig::from_recipe("fp4", true).unwrap();
+    let quantized = load_pretrained_4bit::<Cpu>(&base_fixture("tiny-llama"), &Default::default(), fp4).unwrap();
+    let mut dense = load_base("tiny-llama");
+    for (path, lin) in linear_layers_mut(&mut dense) {
+        if path == "lm_head" {
+            continue;
+        }
+        let roundtrip = nf4::dequantize(&nf4::quantize_as(&values(lin.weight.val()), FourBit::Fp4, true));
+        lin.weight = Param::from_tensor(Tensor::from_data(TensorData::new(roundtrip, lin.dims()), &Default::default()));
+    }
+    let r = reference("tiny-llama-lora");
+    let batch = reference_batch(&r);
+    let diff = max_diff(&logits(&quantized, &batch), &logits(&dense, &batch), &r.attention_mask);
+    assert!(diff <= 1e-5, "FP4 base vs its dense round trip: {diff}");
+    let nf4_model = load_pretrained_4bit::<Cpu>(&base_fixture("tiny-llama"), &Default::default(), QuantConfig::nf4(true)).unwrap();
+    assert!(max_diff(&logits(&quantized, &batch), &logits(&nf4_model, &batch), &r.attention_mask) > 1e-3, "FP4 is not NF4");
+
+    let (model, _) = load_adapter(quantized, &peft_fixture("tiny-llama-lora")).unwrap();
+    let merged = merge_lora(model);
+    for (path, lin) in linear_layers(&merged) {
+        if let Some(q) = &lin.quantized {
+            assert_eq!(QuantConfig::of(q), fp4, "{path} merged and quantized again in FP4");
+        }
+    }
 }

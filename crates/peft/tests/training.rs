@@ -11,6 +11,7 @@ use alignment_objectives::Reduction;
 use alignment_peft::{apply_lora, load_adapter, load_pretrained_4bit, LoraConfig, QuantConfig, TargetModules};
 use alignment_trainer::tasks::SftTask;
 use alignment_trainer::{train, AdapterOutput, Recipe, Sequence, TrainerConfig, IGNORE_INDEX};
+use burn::tensor::Tensor;
 use common::*;
 use std::path::Path;
 
@@ -142,4 +143,71 @@ fn disable_dropout_trains_the_adapters_without_their_dropout() {
     assert_eq!(disabled, without, "disable_dropout must train as lora_dropout 0");
     assert_eq!(saved, 0.5, "the adapter config keeps the recipe's lora_dropout");
     assert_ne!(with, without, "lora_dropout 0.5 must change the losses when dropout is on");
+}
+
+#[test]
+fn saved_modules_train_beside_the_adapters_resume_exactly_and_load_in_peft() {
+    // `lora_modules_to_save`: the embedding, the head and every norm trained whole beside q/v
+    // adapters, saved in the adapter file as PEFT saves them.
+    let tmp = tempfile::tempdir().unwrap();
+    let task = SftTask { reduction: Reduction::Mean, pad_id: 0, name: "sft" };
+    let base_dir = base_fixture("tiny-llama");
+    let mut lora = LoraConfig::new(4, 8.0, TargetModules::Names(vec!["q_proj".into(), "v_proj".into()]));
+    lora.modules_to_save = vec!["embed_tokens".into(), "lm_head".into(), "norm".into()];
+    let model = || apply_lora(alignment_models::load_pretrained::<CpuAutodiff>(&base_dir, &Default::default()).unwrap(), &lora, 0).unwrap();
+    let config = |output_dir: &Path, resume_from: Option<&Path>| {
+        let mut config = config(output_dir, resume_from);
+        config.adapter.as_mut().unwrap().lora = lora.clone();
+        config
+    };
+    let full_dir = tmp.path().join("full");
+    let (_, full) = train(model(), &task, &examples(), &[], &config(&full_dir, None), &Default::default()).unwrap();
+    let full_losses = losses(&full.history);
+    assert_eq!(full_losses.len(), 6);
+
+    // AdamW state for the 8 adapter tensors and the 2 + 1 + 2 × 2 saved weights.
+    let optimizer = std::fs::read(full_dir.join("checkpoint-3/optimizer.safetensors")).unwrap();
+    let names = safetensors::SafeTensors::deserialize(&optimizer).unwrap().names().into_iter().map(String::from).collect::<Vec<_>>();
+    assert_eq!(names.len(), 2 * (8 + 7), "{names:?}");
+
+    // The saved weights moved; the frozen projections did not travel.
+    let saved = alignment_peft::adapter::adapter_tensor_names(&full_dir).unwrap();
+    assert_eq!(saved.len(), 8 + 7, "{saved:?}");
+    let base = load_base("tiny-llama");
+    let (trained, _) = load_adapter(load_base("tiny-llama"), &full_dir).unwrap();
+    let moved = |a: Tensor<Cpu, 2>, b: Tensor<Cpu, 2>| (a - b).abs().max().into_scalar();
+    assert!(moved(trained.embed_tokens.val(), base.embed_tokens.val()) > 1e-3, "the embedding trained");
+    assert!(moved(trained.lm_head.as_ref().unwrap().weight.val(), base.lm_head.as_ref().unwrap().weight.val()) > 1e-3, "the head trained");
+    assert!((trained.norm.weight.val() - base.norm.weight.val()).abs().max().into_scalar() > 1e-3, "the final norm trained");
+    assert_eq!(
+        moved(trained.layers[0].mlp.up_proj.weight.val(), base.layers[0].mlp.up_proj.weight.val()),
+        0.0,
+        "an unnamed projection stays frozen"
+    );
+
+    // Resumed from the step-3 checkpoint: the same losses and the same final adapter file.
+    let resumed_dir = tmp.path().join("resumed");
+    let checkpoint = resumed_dir.join("checkpoint-3");
+    std::fs::create_dir_all(&checkpoint).unwrap();
+    for entry in std::fs::read_dir(full_dir.join("checkpoint-3")).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), checkpoint.join(entry.file_name())).unwrap();
+    }
+    let (_, resumed) = train(model(), &task, &examples(), &[], &config(&resumed_dir, Some(&checkpoint)), &Default::default()).unwrap();
+    let resumed_losses: Vec<(u64, f64)> = losses(&resumed.history).into_iter().filter(|(s, _)| *s > 3).collect();
+    assert_eq!(resumed_losses, full_losses[3..].to_vec(), "bit-identical losses after resuming");
+    assert!(
+        std::fs::read(full_dir.join("adapter_model.safetensors")).unwrap()
+            == std::fs::read(resumed_dir.join("adapter_model.safetensors")).unwrap(),
+        "the same final adapter"
+    );
+
+    // PEFT gives the trained adapter's logits.
+    let r = reference("tiny-llama-lora");
+    let batch = reference_batch(&r);
+    let ours = logits::<Cpu>(&trained, &batch);
+    let theirs = peft_logits(&base_dir, &full_dir, &r);
+    let diff = max_diff(&ours, &theirs, &r.attention_mask);
+    println!("trained adapter with saved modules in PEFT: max |logit diff| = {diff:.3e}");
+    assert!(diff <= 1e-4, "{diff}");
 }

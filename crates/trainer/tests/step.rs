@@ -278,7 +278,7 @@ fn lora_with_dropout_and_a_4bit_base() {
     };
     let dense = perturb(apply_lora(load_pretrained::<B>(&fixture("tiny-llama"), &device).unwrap(), &config, 3).unwrap());
     assert_modes_agree("lora dropout", &dense, &common::task(), &rows(6));
-    let nf4 = load_pretrained_4bit::<B>(&fixture("tiny-llama"), &device, QuantConfig { double_quant: true }).unwrap();
+    let nf4 = load_pretrained_4bit::<B>(&fixture("tiny-llama"), &device, QuantConfig::nf4(true)).unwrap();
     let qlora = perturb(apply_lora(nf4, &config, 3).unwrap());
     assert_modes_agree("qlora dropout", &qlora, &common::task(), &rows(6));
 }
