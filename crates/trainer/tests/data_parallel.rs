@@ -122,7 +122,10 @@ fn rank_process_entry_point() {
         model.embed_tokens = burn::module::Param::from_tensor(burn::tensor::Tensor::from_inner(doubled));
     }
     let mut config = config(&out.join("run"), GLOBAL_BATCH / world, resume);
-    let model = if std::env::var("DP_TEST_LORA").is_ok() { with_lora(model, &mut config) } else { model };
+    let model = match std::env::var("DP_TEST_LORA") {
+        Ok(variant) => with_lora(model, &mut config, variant == "saved"),
+        Err(_) => model,
+    };
     if let Ok(lr) = std::env::var("DP_TEST_LR") {
         config.learning_rate = lr.parse().unwrap();
     }
@@ -142,9 +145,13 @@ fn rank_process_entry_point() {
     }
 }
 
-/// `model` with LoRA adapters on all linear maps, `config` saving adapters.
-fn with_lora(model: CausalLm<CpuAutodiff>, config: &mut TrainerConfig) -> CausalLm<CpuAutodiff> {
-    let lora = LoraConfig::new(4, 8.0, TargetModules::AllLinear);
+/// `model` with LoRA adapters on all linear maps, `config` saving adapters; with `saved`, the
+/// embedding, the head and the norms trained whole beside them (`modules_to_save`).
+fn with_lora(model: CausalLm<CpuAutodiff>, config: &mut TrainerConfig, saved: bool) -> CausalLm<CpuAutodiff> {
+    let mut lora = LoraConfig::new(4, 8.0, TargetModules::AllLinear);
+    if saved {
+        lora.modules_to_save = vec!["embed_tokens".into(), "lm_head".into(), "norm".into()];
+    }
     config.adapter = Some(AdapterOutput { lora: lora.clone(), base_model_name_or_path: fixture().display().to_string() });
     apply_lora(model, &lora, 0).unwrap()
 }
@@ -246,20 +253,45 @@ fn two_ranks_match_one_process_for_every_stage_and_shard_their_state() {
 }
 
 /// LoRA under ZeRO-3: the frozen base is partitioned too (only gathered, never given a
-/// gradient); the adapters train as in one process.
+/// gradient); the adapters train as in one process. With `modules_to_save`, the embedding and
+/// the head are partitioned and trained (their shards' gradients reduce-scattered), and gathered
+/// into the saved adapter.
 #[test]
 fn lora_on_zero3_ranks_matches_one_process() {
-    let root = tempfile::tempdir().unwrap();
-    let device = Default::default();
-    let mut single_config = config(&root.path().join("single"), GLOBAL_BATCH, None);
-    let model = with_lora(load_pretrained::<CpuAutodiff>(&fixture(), &device).unwrap(), &mut single_config);
-    let (_, single) = train(model, &task(), &examples(), &eval_examples(), &single_config, &device).unwrap();
-    let out = root.path().join("ranks");
-    check_ok(&launch(2, "deepspeed_zero3.yaml", &out, &[("DP_TEST_LORA", "1".into())]));
-    let diff = max_relative_difference(&losses(&single.history), &report_losses(&report(&out, 0)));
-    println!("LoRA, ZeRO-3: max relative loss difference vs one process {diff:.2e}");
-    assert!(diff <= 1e-5, "{diff:e}");
-    assert!(out.join("run/adapter_model.safetensors").is_file(), "rank 0 saves the adapter");
+    for variant in ["1", "saved"] {
+        let root = tempfile::tempdir().unwrap();
+        let device = Default::default();
+        let mut single_config = config(&root.path().join("single"), GLOBAL_BATCH, None);
+        let model = with_lora(load_pretrained::<CpuAutodiff>(&fixture(), &device).unwrap(), &mut single_config, variant == "saved");
+        let (_, single) = train(model, &task(), &examples(), &eval_examples(), &single_config, &device).unwrap();
+        let out = root.path().join("ranks");
+        check_ok(&launch(2, "deepspeed_zero3.yaml", &out, &[("DP_TEST_LORA", variant.into())]));
+        let diff = max_relative_difference(&losses(&single.history), &report_losses(&report(&out, 0)));
+        println!("LoRA ({variant}), ZeRO-3: max relative loss difference vs one process {diff:.2e}");
+        assert!(diff <= 1e-5, "{variant}: {diff:e}");
+        let saved = alignment_peft::adapter::adapter_tensor_names(&out.join("run")).unwrap();
+        let expected = 2 * 7 * 2 + if variant == "saved" { 2 + 2 * 2 + 1 } else { 0 };
+        assert_eq!(saved.len(), expected, "rank 0 saves the adapter ({variant}): {saved:?}");
+        if variant == "saved" {
+            let single_saved = std::fs::read(root.path().join("single/adapter_model.safetensors")).unwrap();
+            let ranks_saved = std::fs::read(out.join("run/adapter_model.safetensors")).unwrap();
+            let (a, b) = (
+                safetensors::SafeTensors::deserialize(&single_saved).unwrap(),
+                safetensors::SafeTensors::deserialize(&ranks_saved).unwrap(),
+            );
+            let embed = "base_model.model.model.embed_tokens.weight";
+            let values = |t: &safetensors::SafeTensors| -> Vec<f32> {
+                t.tensor(embed).unwrap().data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
+            };
+            let (x, y) = (values(&a), values(&b));
+            let worst = x.iter().zip(&y).map(|(p, q)| (p - q).abs()).fold(0f32, f32::max);
+            assert!(worst <= 1e-5, "the trained embedding, one process against ZeRO-3: {worst}");
+            let base: Vec<f32> =
+                load_pretrained::<CpuAutodiff>(&fixture(), &device).unwrap().embed_tokens.val().into_data().to_vec().unwrap();
+            let moved = x.iter().zip(&base).map(|(p, q)| (p - q).abs()).fold(0f32, f32::max);
+            assert!(moved > 1e-4, "the embedding trained: {moved}");
+        }
+    }
 }
 
 /// `offload_optimizer_device: cpu` (AdamW's state and update on the host) and `none` (on the
