@@ -41,6 +41,9 @@ CASES = {
     "tiny-gemma-lora": dict(base="tiny-gemma", r=4, lora_alpha=16, target_modules=["q_proj", "k_proj", "down_proj"]),
     # modules_to_save: trained copies of the embedding, the head and, by PEFT's plain suffix match,
     # every norm ("norm" also names input_layernorm and post_attention_layernorm).
+    # DoRA: trained magnitudes on attention and MLP projections.
+    "tiny-llama-dora": dict(base="tiny-llama", r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
+                            use_dora=True),
     "tiny-llama-modules-to-save": dict(base="tiny-llama", r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
                                        modules_to_save=["embed_tokens", "lm_head", "norm"]),
 }
@@ -68,6 +71,12 @@ def make(name, case, out_root):
             if hasattr(module, "lora_B") and "default" in module.lora_B:
                 w = module.lora_B["default"].weight
                 w.copy_(torch.randn(w.shape, generator=gen) * 0.05)
+        # DoRA's magnitudes moved away from their initial norms (by up to ±10 %), so that they matter.
+        magnitude_gen = torch.Generator().manual_seed(2468)
+        for module_name, module in model.named_modules():
+            if hasattr(module, "lora_magnitude_vector") and "default" in module.lora_magnitude_vector:
+                m = module.lora_magnitude_vector["default"].weight
+                m.mul_(1 + 0.1 * (torch.rand(m.shape, generator=magnitude_gen) * 2 - 1))
         # The saved modules' trained copies moved away from the base, so that they matter.
         saved_gen = torch.Generator().manual_seed(4321)
         for module_name, module in model.named_modules():

@@ -135,6 +135,23 @@ fn lora_modules_to_save_trains_and_saves_the_named_modules() {
     assert!(moved > 1e-4, "the final norm trained: {moved}");
 }
 
+/// `use_dora: true`: the adapters are weight-decomposed (DoRA), their magnitudes trained and
+/// saved under PEFT's names.
+#[test]
+fn use_dora_trains_and_saves_magnitudes() {
+    let root = tempfile::tempdir().unwrap();
+    let out = root.path().join("sft-dora");
+    let sft = recipe("sft", &out, &["--use_peft=true", "--use_dora=true", "--lora_dropout=0.1"]);
+    let outcome = run::<CpuAutodiff>(Objective::Sft, &sft, &Default::default(), true).unwrap();
+    assert!(outcome.history[0].get("loss").and_then(|v| v.as_f64()).is_some_and(f64::is_finite), "{:?}", outcome.history);
+    let config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("adapter_config.json")).unwrap()).unwrap();
+    assert_eq!(config["use_dora"], true);
+    let names = alignment_handbook::peft::adapter::adapter_tensor_names(&out).unwrap();
+    // 30 layers' q and v: A, B and the magnitude.
+    assert_eq!(names.len(), 30 * 2 * 3, "{names:?}");
+    assert!(names.contains("base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude_vector"));
+}
+
 /// `bnb_4bit_quant_type: fp4`: the QLoRA recipe trains on an FP4 base.
 #[test]
 fn qlora_recipe_trains_on_an_fp4_base() {

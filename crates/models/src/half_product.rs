@@ -334,6 +334,7 @@ mod tests {
                     scaling: 0.5,
                     dropout,
                     force_dropout: false,
+                    magnitude: None,
                 });
                 map
             });

@@ -11,7 +11,8 @@ use std::sync::Arc;
 
 /// `y = x Wᵀ`, with `W` stored `[out_features, in_features]` exactly as Hugging Face stores it,
 /// so loading and saving never transposes. With a [`LoraAdapter`] attached (see the
-/// `alignment-peft` crate) the map becomes `y = x Wᵀ + s · (drop(x) Aᵀ) Bᵀ`, as PEFT's `lora.Linear`.
+/// `alignment-peft` crate) the map becomes `y = x Wᵀ + s · (drop(x) Aᵀ) Bᵀ`, as PEFT's `lora.Linear`,
+/// or, with a DoRA magnitude ([`LoraAdapter::magnitude`]), PEFT's DoRA map ([`Linear::forward`]).
 ///
 /// The base weight is the dense parameter `weight`, or `quantized` (QLoRA's frozen NF4 base) or
 /// `compressed` (this rank's ZeRO-3 shard), in which case `weight` is an empty `[0, 0]`
@@ -152,7 +153,8 @@ impl<B: Backend> Linear<B> {
         let readers = N + linears.iter().filter(|l| adapter_reads_copy(l)).count();
         // Without the recorded product, burn's autodiff would add the copy's gradients in the half type.
         let summed_wide = crate::half_product::records_on::<B>() || !B::ad_enabled(&device);
-        if readers < 2 || x.dtype() == half_type || !linears.iter().all(dense_base) || !summed_wide {
+        let dora = linears.iter().any(|l| l.lora.as_ref().is_some_and(|a| a.magnitude.is_some()));
+        if readers < 2 || x.dtype() == half_type || !linears.iter().all(dense_base) || !summed_wide || dora {
             return Err(x);
         }
         let x_type: FloatDType = x.dtype().into();
@@ -206,8 +208,32 @@ impl<B: Backend> Linear<B> {
         };
         match &self.lora {
             None => base(x),
+            Some(lora) if lora.magnitude.is_some() => self.dora(x, lora, base),
             Some(lora) => base(x.clone()) + lora.forward_in(x, dtype),
         }
+    }
+
+    /// PEFT's DoRA map (`DoraLinearVariant.forward`): with `n = ‖W + s·B A‖` per output row (the
+    /// base weight's dense values; treated as a constant, as the DoRA paper and PEFT do) and the
+    /// trained magnitude `m`, `y = x Wᵀ + (m/n − 1) ⊙ x' Wᵀ + (m/n) ⊙ s·(x' Aᵀ) Bᵀ`, where `x'` is
+    /// the adapter's dropped input (`x` itself when the dropout is inactive).
+    fn dora(&self, x: Tensor<B, 3>, lora: &LoraAdapter<B>, base: impl Fn(Tensor<B, 3>) -> Tensor<B, 3>) -> Tensor<B, 3> {
+        let magnitude = lora.magnitude.as_ref().expect("a DoRA adapter").val();
+        let float_type = alignment_core::precision::float_type::<B>();
+        let weight = cast_to(self.dense_weight(), float_type).detach();
+        let norm = (weight + lora.delta_weight().detach()).powi_scalar(2).sum_dim(1).sqrt().reshape([-1]);
+        let scale = (magnitude / norm).reshape([1, 1, -1]);
+        let dtype = self.matmul_dtype;
+        // PEFT's sum, term by term: the base result, its correction, the scaled update.
+        let (result, corrected, input) = if lora.drops(&x.device()) {
+            let dropped = lora.dropped(x.clone());
+            (base(x), base(dropped.clone()), dropped)
+        } else {
+            let result = base(x.clone());
+            (result.clone(), result, x)
+        };
+        let update = lora.forward_undropped(input, dtype).mul(scale.clone());
+        result + corrected.mul(scale.sub_scalar(1.0)) + update
     }
 
     /// [`Self::forward`] with the result left in the products' type under mixed precision, as
@@ -225,6 +251,8 @@ impl<B: Backend> Linear<B> {
         };
         match &self.lora {
             None => base(x),
+            // DoRA's scale is applied in the weights' type.
+            Some(lora) if lora.magnitude.is_some() => cast_to(self.forward(x), dtype),
             Some(lora) => base(x.clone()) + lora.forward_as(x, dtype),
         }
     }
@@ -252,6 +280,9 @@ pub struct LoraAdapter<B: Backend> {
     /// the inner backend, so that its masks (replayed from the same seed) are the training ones.
     #[module(skip)]
     pub force_dropout: bool,
+    /// DoRA's trained magnitude, `[out_features]` (PEFT's `lora_magnitude_vector`): the layer
+    /// becomes weight-decomposed ([`Linear::forward`]). `None`: plain LoRA.
+    pub magnitude: Option<Param<Tensor<B, 1>>>,
 }
 
 impl<B: Backend> LoraAdapter<B> {
@@ -264,6 +295,11 @@ impl<B: Backend> LoraAdapter<B> {
     /// the result in the weights' type.
     pub fn forward_in(&self, x: Tensor<B, 3>, dtype: Option<FloatDType>) -> Tensor<B, 3> {
         project_in(project_in(self.dropped(x), self.a.val(), dtype), self.b.val(), dtype) * self.scaling
+    }
+
+    /// [`Self::forward_in`] on an input already dropped (or whose dropout is inactive).
+    fn forward_undropped(&self, x: Tensor<B, 3>, dtype: Option<FloatDType>) -> Tensor<B, 3> {
+        project_in(project_in(x, self.a.val(), dtype), self.b.val(), dtype) * self.scaling
     }
 
     /// [`Self::forward`] with both products in `dtype`, the result left in it (see

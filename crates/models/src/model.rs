@@ -512,8 +512,14 @@ mod tests {
             let device = LibTorchDevice::Cpu;
             let a = Tensor::<T, 2>::random([2, 16], Distribution::Default, &device);
             let b = Tensor::<T, 2>::random([16, 2], Distribution::Default, &device);
-            let adapter =
-                LoraAdapter { a: Param::from_tensor(a), b: Param::from_tensor(b), scaling: 0.5, dropout: 0.0, force_dropout: false };
+            let adapter = LoraAdapter {
+                a: Param::from_tensor(a),
+                b: Param::from_tensor(b),
+                scaling: 0.5,
+                dropout: 0.0,
+                force_dropout: false,
+                magnitude: None,
+            };
             model.layers[0].self_attn.q_proj.lora = Some(adapter);
             model.set_matmul_dtype(Some(FloatDType::BF16));
             let before = weights(&mut model);

@@ -34,6 +34,7 @@ fn mlp(dtype: Option<FloatDType>, activation: Activation) -> Mlp<B> {
         scaling: 2.0,
         dropout: 0.0,
         force_dropout: false,
+        magnitude: None,
     });
     Mlp { gate_proj, up_proj: linear(INTERMEDIATE, HIDDEN, 2, dtype), down_proj: linear(HIDDEN, INTERMEDIATE, 3, dtype), activation }
 }

@@ -11,7 +11,7 @@ use crate::saved_modules::{saved_module_paths, saved_module_tensors, saved_tenso
 use alignment_core::{AtomicDir, IoError};
 use alignment_models::weights::{write_safetensors, NamedTensor, SaveDtype};
 use alignment_models::CausalLm;
-use burn::module::Module;
+use burn::module::{Module, Param};
 use burn::tensor::{backend::Backend, Tensor, TensorData};
 use safetensors::tensor::Dtype;
 use std::collections::{BTreeMap, BTreeSet};
@@ -29,6 +29,11 @@ pub fn tensor_names(path: &str) -> [String; 2] {
     [format!("{PEFT_PREFIX}{path}.lora_A.weight"), format!("{PEFT_PREFIX}{path}.lora_B.weight")]
 }
 
+/// PEFT's name of DoRA's magnitude of the adapter on the module at `path` (`[out]`).
+pub fn magnitude_name(path: &str) -> String {
+    format!("{PEFT_PREFIX}{path}.lora_magnitude_vector")
+}
+
 fn values<B: Backend>(t: Tensor<B, 2>) -> Vec<f32> {
     t.into_data().convert::<f32>().into_vec::<f32>().expect("converted to f32 above")
 }
@@ -42,6 +47,10 @@ pub fn adapter_tensors<B: Backend>(model: &CausalLm<B>, config: &LoraConfig) -> 
         let [a_name, b_name] = tensor_names(&path);
         for (name, p) in [(a_name, &lora.a), (b_name, &lora.b)] {
             out.push(NamedTensor { name, shape: p.dims().to_vec(), values: values(p.val()) });
+        }
+        if let Some(m) = &lora.magnitude {
+            let values = m.val().into_data().convert::<f32>().into_vec::<f32>().expect("converted to f32 above");
+            out.push(NamedTensor { name: magnitude_name(&path), shape: m.dims().to_vec(), values });
         }
     }
     out.extend(saved_module_tensors(model, &saved_module_paths(model, config)?));
@@ -89,6 +98,13 @@ fn check_matches_config<B: Backend>(model: &CausalLm<B>, config: &LoraConfig) ->
     for (path, lin) in linear_layers(model) {
         match (&lin.lora, targets.contains(&path)) {
             (Some(lora), true) => {
+                if lora.magnitude.is_some() != config.use_dora {
+                    return Err(PeftError::State(format!(
+                        "adapter on {path}: DoRA is {}, but the config's use_dora is {}",
+                        lora.magnitude.is_some(),
+                        config.use_dora
+                    )));
+                }
                 let r = lora.a.dims()[0];
                 if r != config.r || (lora.scaling - config.scaling()).abs() > 1e-12 * config.scaling().abs().max(1.0) {
                     return Err(PeftError::State(format!(
@@ -159,6 +175,9 @@ pub fn read_adapter_base_model(dir: &Path) -> Result<String, PeftError> {
     })
 }
 
+/// One layer's adapter as read from the file: A, B, and DoRA's magnitude.
+type ReadAdapter<B> = (Tensor<B, 2>, Tensor<B, 2>, Option<Tensor<B, 1>>);
+
 /// Loads a PEFT LoRA adapter directory onto `model` (a plain base model), like
 /// `PeftModel.from_pretrained(base, dir)`: the base is frozen as in [`crate::apply_lora`] and
 /// each targeted linear layer gets the saved adapter (trainable, so training can continue).
@@ -177,7 +196,7 @@ pub fn load_adapter<B: Backend>(model: CausalLm<B>, dir: &Path) -> Result<(Causa
     let saved = saved_module_paths(&model, &config)?;
     let mut model = model.no_grad();
     let mut missing = Vec::new();
-    let mut found: BTreeMap<String, (Tensor<B, 2>, Tensor<B, 2>)> = BTreeMap::new();
+    let mut found: BTreeMap<String, ReadAdapter<B>> = BTreeMap::new();
     for (path, lin) in linear_layers(&model) {
         if !targets.contains(&path) {
             continue;
@@ -197,8 +216,21 @@ pub fn load_adapter<B: Backend>(model: CausalLm<B>, dir: &Path) -> Result<(Causa
         };
         let a = take(&a_name, [config.r, inp])?;
         let b = take(&b_name, [out, config.r])?;
+        let magnitude = if config.use_dora {
+            let name = magnitude_name(&path);
+            match tensors.remove(&name) {
+                None => {
+                    missing.push(name);
+                    None
+                }
+                Some(t) if t.shape != [out] => return Err(PeftError::ShapeMismatch { name, expected: vec![out], found: t.shape }),
+                Some(t) => Some(Tensor::<B, 1>::from_data(TensorData::new(t.values, [out]), &device)),
+            }
+        } else {
+            None
+        };
         if let (Some(a), Some(b)) = (a, b) {
-            found.insert(path, (a, b));
+            found.insert(path, (a, b, magnitude));
         }
     }
     let saved_weights: Vec<(&String, String, Option<RawTensor>)> = saved
@@ -217,8 +249,10 @@ pub fn load_adapter<B: Backend>(model: CausalLm<B>, dir: &Path) -> Result<(Causa
         return Err(PeftError::UnexpectedTensors { path: weights_path, names: tensors.into_keys().collect() });
     }
     for (path, lin) in linear_layers_mut(&mut model) {
-        if let Some((a, b)) = found.remove(&path) {
-            lin.lora = Some(adapter(a, b, &config));
+        if let Some((a, b, magnitude)) = found.remove(&path) {
+            let mut lora = adapter(a, b, &config);
+            lora.magnitude = magnitude.map(Param::from_tensor);
+            lin.lora = Some(lora);
         }
     }
     for (path, name, tensor) in saved_weights {

@@ -50,6 +50,9 @@ pub struct LoraConfig {
     pub target_modules: TargetModules,
     /// `use_rslora`: scaling `alpha / sqrt(r)` instead of `alpha / r`.
     pub use_rslora: bool,
+    /// `use_dora`: weight-decomposed LoRA (DoRA), each adapted layer with a trained magnitude per
+    /// output row (`alignment_models::layers::Linear::forward`).
+    pub use_dora: bool,
     /// `modules_to_save`: names of modules trained whole beside the adapters and saved whole with
     /// them, matched by a plain suffix of the module's path as PEFT matches them
     /// (`crate::saved_modules`). Empty: none.
@@ -59,7 +62,7 @@ pub struct LoraConfig {
 impl LoraConfig {
     /// `r` and `alpha` on `targets`, no dropout, plain LoRA scaling.
     pub fn new(r: usize, alpha: f64, target_modules: TargetModules) -> Self {
-        Self { r, alpha, dropout: 0.0, target_modules, use_rslora: false, modules_to_save: Vec::new() }
+        Self { r, alpha, dropout: 0.0, target_modules, use_rslora: false, use_dora: false, modules_to_save: Vec::new() }
     }
 
     /// The factor applied to `B A`: `alpha / r`, or `alpha / sqrt(r)` with rsLoRA.
@@ -131,13 +134,13 @@ impl LoraConfig {
             "target_parameters": null,
             "task_type": "CAUSAL_LM",
             "trainable_token_indices": null,
-            "use_dora": false,
+            "use_dora": self.use_dora,
             "use_rslora": self.use_rslora,
         })
     }
 
     /// Reads PEFT's `adapter_config.json`. Fields selecting features this crate does not
-    /// implement (DoRA, biases, per-module ranks, ...) are errors naming the
+    /// implement (biases, per-module ranks, ...) are errors naming the
     /// field when they hold anything but their default.
     pub fn from_adapter_json(json: &Value, path: &Path) -> Result<Self, PeftError> {
         let err = |field: &str, message: String| PeftError::AdapterConfig { path: path.to_path_buf(), field: field.into(), message };
@@ -151,6 +154,7 @@ impl LoraConfig {
         let alpha = get("lora_alpha").and_then(Value::as_f64).ok_or_else(|| err("lora_alpha", "missing or not a number".into()))?;
         let dropout = get("lora_dropout").map_or(Some(0.0), Value::as_f64).ok_or_else(|| err("lora_dropout", "not a number".into()))?;
         let use_rslora = get("use_rslora").map_or(Some(false), Value::as_bool).ok_or_else(|| err("use_rslora", "not a boolean".into()))?;
+        let use_dora = get("use_dora").map_or(Some(false), Value::as_bool).ok_or_else(|| err("use_dora", "not a boolean".into()))?;
         let target_modules = match get("target_modules") {
             Some(Value::String(s)) if s == "all-linear" => TargetModules::AllLinear,
             Some(Value::String(s)) => {
@@ -180,10 +184,9 @@ impl LoraConfig {
         // Features left at their defaults, or refused.
         let is_default = |k: &str, ok: &IsDefault| get(k).is_none_or(ok);
         let empty = |v: &Value| v.as_object().is_some_and(|o| o.is_empty()) || v.as_array().is_some_and(|a| a.is_empty());
-        let checks: [(&str, &IsDefault, &str); 10] = [
+        let checks: [(&str, &IsDefault, &str); 9] = [
             ("bias", &|v| v == "none", "only \"none\" is supported"),
             ("lora_bias", &|v| v == false, "LoRA biases are not supported"),
-            ("use_dora", &|v| v == false, "DoRA is not supported"),
             ("fan_in_fan_out", &|v| v == false, "fan_in_fan_out (Conv1D layers) is not supported"),
             ("rank_pattern", &empty, "per-module ranks are not supported"),
             ("alpha_pattern", &empty, "per-module alphas are not supported"),
@@ -202,7 +205,7 @@ impl LoraConfig {
                 return Err(err(field, format!("not supported (found {})", obj[field])));
             }
         }
-        let config = LoraConfig { r: r as usize, alpha, dropout, target_modules, use_rslora, modules_to_save };
+        let config = LoraConfig { r: r as usize, alpha, dropout, target_modules, use_rslora, use_dora, modules_to_save };
         config.validate().map_err(|e| err("r", e.to_string()))?;
         Ok(config)
     }

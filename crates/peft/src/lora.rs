@@ -81,7 +81,12 @@ pub fn apply_lora<B: Backend>(model: CausalLm<B>, config: &LoraConfig, seed: u64
         let a: Vec<f32> = (0..config.r * inp).map(|_| rng.random_range(-bound..bound) as f32).collect();
         let a = Tensor::<B, 2>::from_data(TensorData::new(a, [config.r, inp]), &device);
         let b = Tensor::<B, 2>::zeros([out, config.r], &device);
-        lin.lora = Some(adapter(a, b, config));
+        let mut lora = adapter(a, b, config);
+        if config.use_dora {
+            // PEFT's initial magnitude: ‖W + s·B A‖ per output row, with B = 0 the base's norms.
+            lora.magnitude = Some(Param::from_tensor(dora_norms(lin, &lora).detach().require_grad()));
+        }
+        lin.lora = Some(lora);
     }
     Ok(crate::saved_modules::unfreeze_saved_modules(model, &saved))
 }
@@ -94,7 +99,15 @@ pub fn adapter<B: Backend>(a: Tensor<B, 2>, b: Tensor<B, 2>, config: &LoraConfig
         scaling: config.scaling(),
         dropout: config.dropout,
         force_dropout: false,
+        magnitude: None,
     }
+}
+
+/// `‖W + s·B A‖` per output row of `linear`'s dense base weight (f32; in the model's float
+/// type): DoRA's weight norm, the magnitude's initial value and its merge divisor.
+pub fn dora_norms<B: Backend>(linear: &Linear<B>, lora: &LoraAdapter<B>) -> Tensor<B, 1> {
+    let weight = alignment_core::precision::cast_to(linear.dense_weight(), alignment_core::precision::float_type::<B>());
+    (weight + lora.delta_weight()).powi_scalar(2).sum_dim(1).sqrt().reshape([-1])
 }
 
 /// Sets every adapter's dropout probability to `p`. TRL's DPO and ORPO trainers call
@@ -122,8 +135,14 @@ pub fn has_lora<B: Backend>(model: &CausalLm<B>) -> bool {
 pub fn merge_lora<B: Backend>(mut model: CausalLm<B>) -> CausalLm<B> {
     for (_, lin) in linear_layers_mut(&mut model) {
         let Some(lora) = lin.lora.take() else { continue };
+        // DoRA: `(m / ‖W + ΔW‖) ⊙ (W + ΔW)` by output row, as PEFT's `merge_and_unload`.
+        let dora_scale = lora.magnitude.as_ref().map(|m| (m.val() / dora_norms(lin, &lora)).reshape([-1, 1]).detach());
+        let rescale = |w: Tensor<B, 2>| match &dora_scale {
+            Some(scale) => w * scale.clone(),
+            None => w,
+        };
         if let Some(quantized) = &lin.quantized {
-            let merged = (quantized.dequantize() + lora.delta_weight()).into_data().convert::<f32>();
+            let merged = rescale(quantized.dequantize() + lora.delta_weight()).into_data().convert::<f32>();
             let parts = QuantConfig::of(quantized).quantize(&merged.into_vec::<f32>().expect("f32 after convert"), quantized.dims);
             lin.quantized = Some(QuantizedWeight::from_parts(&parts, &quantized.code_book.device()));
             continue;
@@ -133,7 +152,7 @@ pub fn merge_lora<B: Backend>(mut model: CausalLm<B>) -> CausalLm<B> {
         // In the model's float type: a frozen base may be stored in the products' half type
         // (`CausalLm::store_frozen_weights_in_product_type`), which the sum would not fit.
         let weight = alignment_core::precision::cast_to(weight, alignment_core::precision::float_type::<B>());
-        let merged = (weight + lora.delta_weight()).detach();
+        let merged = rescale(weight + lora.delta_weight()).detach();
         let merged = if require_grad { merged.require_grad() } else { merged };
         lin.weight = Param::initialized(lin.weight.id, merged);
     }

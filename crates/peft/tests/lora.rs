@@ -242,7 +242,6 @@ fn load_errors_name_the_problem() {
 
     // Unsupported PEFT features are refused by field name.
     for (field, value) in [
-        ("use_dora", serde_json::json!(true)),
         ("bias", serde_json::json!("all")),
         ("rank_pattern", serde_json::json!({"q_proj": 8})),
         ("target_modules", serde_json::json!(".*proj")),
@@ -254,6 +253,17 @@ fn load_errors_name_the_problem() {
         let err = load_adapter(load_base("tiny-llama"), &dir).unwrap_err();
         assert!(matches!(&err, PeftError::AdapterConfig { field: f, .. } if f == field), "{field}: {err}");
     }
+
+    // A DoRA config over a plain adapter file: the magnitudes are missing, named.
+    let dir = tmp.path().join("dora-without-magnitudes");
+    copy_fixture("tiny-llama-lora", &dir);
+    edit_config(&dir, |j| j["use_dora"] = serde_json::json!(true));
+    let err = load_adapter(load_base("tiny-llama"), &dir).unwrap_err();
+    assert!(
+        matches!(&err, PeftError::MissingTensors { names, .. }
+        if names.contains(&"base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude_vector".to_string())),
+        "{err}"
+    );
 
     // A module saved whole (modules_to_save) without its weight in the file: missing, named.
     let dir = tmp.path().join("saved-module-missing");
@@ -353,4 +363,45 @@ fn modules_to_save_trains_the_named_modules_and_refuses_what_peft_would_not_trai
         assert!(matches!(&err, PeftError::SavedModule { name, message } if name == saved && message.contains(says)), "{saved}: {err}");
         assert!(err.to_string().starts_with(&format!("modules_to_save `{saved}`: ")), "{err}");
     }
+}
+
+/// DoRA with its dropout active, as PEFT's `DoraLinearVariant.forward` in training: the base
+/// result of the input, plus `(m/n − 1)` times the base result of the dropped input, plus `m/n`
+/// times the adapter's result on the dropped input (`n = ‖W + s·B A‖` per output row).
+#[test]
+fn dora_with_dropout_follows_peft_s_training_formula() {
+    use alignment_models::layers::{project, Linear, LoraAdapter};
+    use burn::tensor::{Distribution, TensorData};
+    let device = Default::default();
+    let (out, inp, r, scaling) = (6, 5, 2, 1.5);
+    let random = |shape: [usize; 2], seed: u64| {
+        let mut rng = <rand_chacha::ChaCha8Rng as rand::SeedableRng>::seed_from_u64(seed);
+        let values: Vec<f32> = (0..shape[0] * shape[1]).map(|_| rand::Rng::random_range(&mut rng, -1.0f32..1.0)).collect();
+        Tensor::<Cpu, 2>::from_data(TensorData::new(values, shape), &device)
+    };
+    let (w, a, b) = (random([out, inp], 1), random([r, inp], 2), random([out, r], 3));
+    let magnitude = random([1, out], 4).abs().add_scalar(0.5).reshape([out]);
+    let mut linear = Linear::new(w.clone());
+    linear.lora = Some(LoraAdapter {
+        a: Param::from_tensor(a.clone()),
+        b: Param::from_tensor(b.clone()),
+        scaling,
+        dropout: 0.5,
+        force_dropout: true,
+        magnitude: Some(Param::from_tensor(magnitude.clone())),
+    });
+    let x = random([4, inp], 5).reshape([2, 2, inp]);
+    Cpu::seed(&device, 11);
+    let got = linear.forward(x.clone());
+    Cpu::seed(&device, 11);
+    let dropped = x.clone() * x.random_like(Distribution::Bernoulli(0.5)) * 2.0;
+    let norm = (w.clone() + b.clone().matmul(a.clone()) * scaling).powi_scalar(2).sum_dim(1).sqrt().reshape([1, 1, out]);
+    let ratio = magnitude.reshape([1, 1, out]) / norm;
+    let update = project(project(dropped.clone(), a), b) * scaling;
+    let expected = project(x.clone(), w.clone()) + project(dropped.clone(), w.clone()) * (ratio.clone() - 1.0) + update * ratio;
+    let diff = (got.clone() - expected).abs().max().into_scalar();
+    assert!(diff <= 1e-5, "{diff}");
+    // The mask matters: without dropout the map is another.
+    linear.lora.as_mut().unwrap().force_dropout = false;
+    assert!((got - linear.forward(x)).abs().max().into_scalar() > 1e-3);
 }

@@ -153,3 +153,122 @@ fn peft_loads_our_adapter_with_saved_modules() {
     let diff = max_diff(&logits(&merge_lora(reloaded), &batch), &ours, &reference.attention_mask);
     assert!(diff <= 1e-4, "merged {diff}");
 }
+
+#[test]
+fn peft_dora_adapter_matches_peft() {
+    // DoRA on q, v and down: trained magnitudes, random B; adapted and merged.
+    golden("tiny-llama-dora", 6, 2.0);
+    let (model, config) = load_adapter(load_base("tiny-llama"), &peft_fixture("tiny-llama-dora")).unwrap();
+    assert!(config.use_dora);
+    let with_magnitude =
+        alignment_peft::lora::linear_layers(&model).iter().filter(|(_, l)| l.lora.as_ref().is_some_and(|a| a.magnitude.is_some())).count();
+    assert_eq!(with_magnitude, 6);
+}
+
+#[test]
+fn peft_loads_our_dora_adapter() {
+    let reference = reference("tiny-llama-lora");
+    let base_dir = base_fixture("tiny-llama");
+    let mut config = LoraConfig::new(4, 8.0, TargetModules::Names(vec!["k_proj".into(), "gate_proj".into(), "lm_head".into()]));
+    config.use_dora = true;
+    let mut model = apply_lora(load_base("tiny-llama"), &config, 7).unwrap();
+    let batch = reference_batch(&reference);
+    let plain = logits(&load_base("tiny-llama"), &batch);
+    let diff = max_diff(&logits(&model, &batch), &plain, &reference.attention_mask);
+    assert!(diff <= 1e-5, "a fresh DoRA adapter (B = 0, m = ‖W‖) leaves the function unchanged: {diff}");
+    for (_, lin) in alignment_peft::lora::linear_layers_mut(&mut model) {
+        if let Some(lora) = lin.lora.as_mut() {
+            let b = lora.b.val();
+            lora.b = Param::from_tensor(Tensor::random(b.shape(), Distribution::Normal(0.0, 0.05), &b.device()));
+            let m = lora.magnitude.as_ref().unwrap().val();
+            lora.magnitude = Some(Param::from_tensor(m.clone() * Tensor::random(m.shape(), Distribution::Uniform(0.9, 1.1), &m.device())));
+        }
+    }
+    let ours = logits(&model, &batch);
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("adapter");
+    save_adapter(&model, &dir, &config, base_dir.to_str().unwrap()).unwrap();
+    let names = alignment_peft::adapter::adapter_tensor_names(&dir).unwrap();
+    assert!(names.contains("base_model.model.model.layers.0.self_attn.k_proj.lora_magnitude_vector"), "{names:?}");
+    assert_eq!(names.len(), (2 * 2 + 1) * 3, "A, B and the magnitude of 2 layers' k and gate, and of the head");
+    let saved: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("adapter_config.json")).unwrap()).unwrap();
+    assert_eq!(saved["use_dora"], true);
+
+    let theirs = peft_logits(&base_dir, &dir, &reference);
+    let diff = max_diff(&ours, &theirs, &reference.attention_mask);
+    println!("our DoRA adapter in PEFT: max |logit diff| = {diff:.3e}");
+    assert!(diff <= 1e-4, "{diff}");
+    let (reloaded, _) = load_adapter(load_base("tiny-llama"), &dir).unwrap();
+    let diff = max_diff(&logits(&reloaded, &batch), &ours, &reference.attention_mask);
+    assert!(diff <= 1e-6, "round trip {diff}");
+    let diff = max_diff(&logits(&merge_lora(reloaded), &batch), &ours, &reference.attention_mask);
+    println!("merged DoRA vs unmerged: max |logit diff| = {diff:.3e}");
+    assert!(diff <= 1e-4, "merged {diff}");
+}
+
+/// PEFT's gradients of `Σ mask · logits · r` (fixed weights `r`) with respect to every trainable
+/// tensor of `base` + the adapter in `adapter`, by PEFT's parameter name (`default` dropped).
+const PEFT_GRADIENTS: &str = r#"
+import json, sys, torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+base, adapter, batch = sys.argv[1], sys.argv[2], json.load(open(sys.argv[3]))
+model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), adapter, is_trainable=True)
+model.train()
+logits = model(**{k: torch.tensor(v) for k, v in batch.items()}).logits
+n = logits.numel()
+r = ((torch.arange(n) * 37 % 101).float() - 50.0).div(50.0).reshape(logits.shape)
+mask = torch.tensor(batch["attention_mask"]).float()[:, :, None]
+(logits * r * mask).sum().backward()
+print(json.dumps({name.replace(".default", ""): p.grad.flatten().tolist() for name, p in model.named_parameters() if p.requires_grad}))
+"#;
+
+#[test]
+fn dora_gradients_match_peft() {
+    use alignment_core::backend::CpuAutodiff;
+    use burn::tensor::TensorData;
+    // The weight norm is a constant to the backward pass (PEFT's `weight_norm.detach()`).
+    let reference = reference("tiny-llama-lora");
+    let base_dir = base_fixture("tiny-llama");
+    let adapter_dir = peft_fixture("tiny-llama-dora");
+    let tmp = tempfile::tempdir().unwrap();
+    let batch_json = tmp.path().join("batch.json");
+    let json = serde_json::json!({"input_ids": reference.input_ids, "attention_mask": reference.attention_mask, "position_ids": reference.position_ids});
+    std::fs::write(&batch_json, json.to_string()).unwrap();
+    let theirs: std::collections::BTreeMap<String, Vec<f32>> =
+        serde_json::from_str(run_python(PEFT_GRADIENTS, &[&base_dir, &adapter_dir, &batch_json]).lines().last().unwrap()).unwrap();
+
+    let base = alignment_models::load_pretrained::<CpuAutodiff>(&base_dir, &Default::default()).unwrap();
+    let (model, _) = load_adapter(base, &adapter_dir).unwrap();
+    let logits = model.forward(&reference_batch(&reference), None);
+    let dims = logits.dims();
+    let n = dims.iter().product::<usize>();
+    let r: Vec<f32> = (0..n).map(|i| ((i * 37 % 101) as f32 - 50.0) / 50.0).collect();
+    let mask: Vec<f32> = reference.attention_mask.iter().flatten().map(|&m| m as f32).collect();
+    let r = Tensor::<CpuAutodiff, 3>::from_data(TensorData::new(r, dims), &Default::default());
+    let mask =
+        Tensor::<CpuAutodiff, 1>::from_data(TensorData::new(mask, [dims[0] * dims[1]]), &Default::default()).reshape([dims[0], dims[1], 1]);
+    let grads = (logits * r * mask).sum().backward();
+    let flat = |t: Tensor<alignment_core::backend::Cpu, 2>| t.into_data().convert::<f32>().into_vec::<f32>().unwrap();
+    let mut compared = 0;
+    let mut worst = 0f32;
+    for (path, lin) in alignment_peft::lora::linear_layers(&model) {
+        let Some(lora) = &lin.lora else { continue };
+        let magnitude =
+            lora.magnitude.as_ref().expect("DoRA").grad(&grads).unwrap().into_data().convert::<f32>().into_vec::<f32>().unwrap();
+        for (name, ours) in [
+            (format!("base_model.model.{path}.lora_A.weight"), flat(lora.a.grad(&grads).unwrap())),
+            (format!("base_model.model.{path}.lora_B.weight"), flat(lora.b.grad(&grads).unwrap())),
+            (format!("base_model.model.{path}.lora_magnitude_vector.weight"), magnitude),
+        ] {
+            let expected = theirs.get(&name).unwrap_or_else(|| panic!("{name} not among PEFT's trainable tensors"));
+            let scale = expected.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-6);
+            let diff = ours.iter().zip(expected).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max) / scale;
+            worst = worst.max(diff);
+            assert!(diff <= 1e-4, "{name}: {diff}");
+            compared += 1;
+        }
+    }
+    println!("DoRA gradients against PEFT's: {compared} tensors, max |Δ| / max |g| = {worst:.3e}");
+    assert_eq!(compared, theirs.len(), "every trainable tensor of PEFT's compared");
+}

@@ -211,3 +211,56 @@ fn saved_modules_train_beside_the_adapters_resume_exactly_and_load_in_peft() {
     println!("trained adapter with saved modules in PEFT: max |logit diff| = {diff:.3e}");
     assert!(diff <= 1e-4, "{diff}");
 }
+
+#[test]
+fn dora_trains_resumes_exactly_and_loads_in_peft() {
+    // `use_dora`: the magnitudes train with the adapters, checkpoints carry them, PEFT gives the
+    // trained adapter's logits; on a 4-bit base too (its weight norms from the dequantized base).
+    let tmp = tempfile::tempdir().unwrap();
+    let task = SftTask { reduction: Reduction::Mean, pad_id: 0, name: "sft" };
+    let base_dir = base_fixture("tiny-llama");
+    let mut lora = LoraConfig::new(4, 8.0, TargetModules::Names(vec!["q_proj".into(), "v_proj".into()]));
+    lora.use_dora = true;
+    let dense = || apply_lora(alignment_models::load_pretrained::<CpuAutodiff>(&base_dir, &Default::default()).unwrap(), &lora, 0).unwrap();
+    let config = |output_dir: &Path, resume_from: Option<&Path>| {
+        let mut config = config(output_dir, resume_from);
+        config.adapter.as_mut().unwrap().lora = lora.clone();
+        config
+    };
+    let full_dir = tmp.path().join("full");
+    let (_, full) = train(dense(), &task, &examples(), &[], &config(&full_dir, None), &Default::default()).unwrap();
+    let full_losses = losses(&full.history);
+    assert!(full_losses[5].1 < full_losses[0].1 - 0.05, "loss should fall: {full_losses:?}");
+    let optimizer = std::fs::read(full_dir.join("checkpoint-3/optimizer.safetensors")).unwrap();
+    let names = safetensors::SafeTensors::deserialize(&optimizer).unwrap().names().len();
+    assert_eq!(names, 2 * (2 * 2 * 3), "exp_avg and exp_avg_sq of A, B and the magnitude of 4 adapters");
+
+    let resumed_dir = tmp.path().join("resumed");
+    let checkpoint = resumed_dir.join("checkpoint-3");
+    std::fs::create_dir_all(&checkpoint).unwrap();
+    for entry in std::fs::read_dir(full_dir.join("checkpoint-3")).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), checkpoint.join(entry.file_name())).unwrap();
+    }
+    let (_, resumed) = train(dense(), &task, &examples(), &[], &config(&resumed_dir, Some(&checkpoint)), &Default::default()).unwrap();
+    let resumed_losses: Vec<(u64, f64)> = losses(&resumed.history).into_iter().filter(|(s, _)| *s > 3).collect();
+    assert_eq!(resumed_losses, full_losses[3..].to_vec(), "bit-identical losses after resuming");
+
+    let r = reference("tiny-llama-lora");
+    let batch = reference_batch(&r);
+    let (trained, _) = load_adapter(load_base("tiny-llama"), &full_dir).unwrap();
+    let ours = logits::<Cpu>(&trained, &batch);
+    let theirs = peft_logits(&base_dir, &full_dir, &r);
+    let diff = max_diff(&ours, &theirs, &r.attention_mask);
+    println!("trained DoRA adapter in PEFT: max |logit diff| = {diff:.3e}");
+    assert!(diff <= 1e-4, "{diff}");
+
+    let quantized = || {
+        let base = load_pretrained_4bit::<CpuAutodiff>(&base_dir, &Default::default(), QuantConfig::default()).unwrap();
+        apply_lora(base, &lora, 0).unwrap()
+    };
+    let qlora_dir = tmp.path().join("qlora");
+    let (_, qlora) = train(quantized(), &task, &examples(), &[], &config(&qlora_dir, None), &Default::default()).unwrap();
+    let qlora_losses = losses(&qlora.history);
+    assert!(qlora_losses[5].1 < qlora_losses[0].1 - 0.05, "QLoRA + DoRA loss should fall: {qlora_losses:?}");
+}

@@ -140,6 +140,7 @@ pub fn lora_config(recipe: &Recipe) -> Result<LoraConfig, alignment_peft::PeftEr
     let mut config = LoraConfig::new(recipe.lora_r, recipe.lora_alpha as f64, target_modules);
     config.dropout = recipe.lora_dropout;
     config.use_rslora = recipe.use_rslora;
+    config.use_dora = recipe.use_dora;
     config.modules_to_save = recipe.lora_modules_to_save.clone().unwrap_or_default();
     config.validate()?;
     Ok(config)

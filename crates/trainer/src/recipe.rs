@@ -82,7 +82,7 @@ pub struct Recipe {
     pub lora_target_modules: Option<Vec<String>>,
     pub lora_modules_to_save: Option<Vec<String>>,
     pub use_rslora: bool,
-    /// PEFT's DoRA (weight-decomposed LoRA): refused when true, not implemented.
+    /// PEFT's DoRA (weight-decomposed LoRA) on the adapters.
     pub use_dora: bool,
     /// PEFT's `task_type`: only `CAUSAL_LM`.
     pub lora_task_type: String,
@@ -816,7 +816,6 @@ pub const ACTING_KEYS: &[&str] = &[
 /// with the reason: a recipe setting one otherwise is refused naming the key and its value
 /// ([`Recipe::validate`]).
 pub const REFUSED_UNLESS_DEFAULT: &[(&str, &str)] = &[
-    ("use_dora", "DoRA is not implemented: its magnitude vectors are not built; use LoRA (use_dora: false)"),
     ("lora_task_type", "only CAUSAL_LM (causal language models) is built"),
     ("sync_ref_model", "TR-DPO's syncing is not implemented: the reference is the starting model throughout"),
     ("generate_during_eval", "generation during evaluation is not implemented: evaluation computes the metrics without generating"),

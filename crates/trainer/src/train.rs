@@ -177,10 +177,16 @@ impl TrainerConfig {
             ("adam_epsilon".into(), a.epsilon.to_string()),
         ];
         if let Some(a) = &self.adapter {
-            pairs.push((
-                "lora".into(),
-                format!("r={} alpha={} targets={:?} rslora={}", a.lora.r, a.lora.alpha, a.lora.target_modules, a.lora.use_rslora),
-            ));
+            let mut lora =
+                format!("r={} alpha={} targets={:?} rslora={}", a.lora.r, a.lora.alpha, a.lora.target_modules, a.lora.use_rslora);
+            // Written only when set, so that checkpoints saved before these existed still resume.
+            if a.lora.use_dora {
+                lora.push_str(" dora=true");
+            }
+            if !a.lora.modules_to_save.is_empty() {
+                lora.push_str(&format!(" modules_to_save={:?}", a.lora.modules_to_save));
+            }
+            pairs.push(("lora".into(), lora));
         }
         pairs.extend(self.resume_settings.iter().cloned());
         pairs.iter().map(|(k, v)| format!("{k}={}", v.replace('\n', " "))).collect::<Vec<_>>().join("\n")

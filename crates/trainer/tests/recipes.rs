@@ -202,7 +202,6 @@ fn trl_1_16_keys_load_and_unimplemented_values_are_refused_by_name() {
         assert!(inert.contains(&format!("{key} (")), "{key} not named: {inert}");
     }
     for (yaml, key) in [
-        ("use_dora: true\n", "use_dora"),
         ("lora_task_type: SEQ_CLS\n", "lora_task_type"),
         ("lora_target_parameters: [experts.gate_up_proj]\n", "lora_target_parameters"),
         ("router_aux_loss_coef: 0.001\n", "router_aux_loss_coef"),
