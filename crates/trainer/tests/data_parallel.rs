@@ -123,7 +123,7 @@ fn rank_process_entry_point() {
     }
     let mut config = config(&out.join("run"), GLOBAL_BATCH / world, resume);
     let model = match std::env::var("DP_TEST_LORA") {
-        Ok(variant) => with_lora(model, &mut config, variant == "saved"),
+        Ok(variant) => with_lora(model, &mut config, &variant),
         Err(_) => model,
     };
     if let Ok(lr) = std::env::var("DP_TEST_LR") {
@@ -145,11 +145,13 @@ fn rank_process_entry_point() {
     }
 }
 
-/// `model` with LoRA adapters on all linear maps, `config` saving adapters; with `saved`, the
-/// embedding, the head and the norms trained whole beside them (`modules_to_save`).
-fn with_lora(model: CausalLm<CpuAutodiff>, config: &mut TrainerConfig, saved: bool) -> CausalLm<CpuAutodiff> {
+/// `model` with LoRA adapters on all linear maps, `config` saving adapters; the variant `saved`
+/// trains the embedding, the head and the norms whole beside them (`modules_to_save`), `dora`
+/// makes the adapters weight-decomposed (`use_dora`).
+fn with_lora(model: CausalLm<CpuAutodiff>, config: &mut TrainerConfig, variant: &str) -> CausalLm<CpuAutodiff> {
     let mut lora = LoraConfig::new(4, 8.0, TargetModules::AllLinear);
-    if saved {
+    lora.use_dora = variant == "dora";
+    if variant == "saved" {
         lora.modules_to_save = vec!["embed_tokens".into(), "lm_head".into(), "norm".into()];
     }
     config.adapter = Some(AdapterOutput { lora: lora.clone(), base_model_name_or_path: fixture().display().to_string() });
@@ -255,14 +257,14 @@ fn two_ranks_match_one_process_for_every_stage_and_shard_their_state() {
 /// LoRA under ZeRO-3: the frozen base is partitioned too (only gathered, never given a
 /// gradient); the adapters train as in one process. With `modules_to_save`, the embedding and
 /// the head are partitioned and trained (their shards' gradients reduce-scattered), and gathered
-/// into the saved adapter.
+/// into the saved adapter. With DoRA, each layer's weight norm reads the gathered base weight.
 #[test]
 fn lora_on_zero3_ranks_matches_one_process() {
-    for variant in ["1", "saved"] {
+    for variant in ["1", "saved", "dora"] {
         let root = tempfile::tempdir().unwrap();
         let device = Default::default();
         let mut single_config = config(&root.path().join("single"), GLOBAL_BATCH, None);
-        let model = with_lora(load_pretrained::<CpuAutodiff>(&fixture(), &device).unwrap(), &mut single_config, variant == "saved");
+        let model = with_lora(load_pretrained::<CpuAutodiff>(&fixture(), &device).unwrap(), &mut single_config, variant);
         let (_, single) = train(model, &task(), &examples(), &eval_examples(), &single_config, &device).unwrap();
         let out = root.path().join("ranks");
         check_ok(&launch(2, "deepspeed_zero3.yaml", &out, &[("DP_TEST_LORA", variant.into())]));
@@ -270,7 +272,11 @@ fn lora_on_zero3_ranks_matches_one_process() {
         println!("LoRA ({variant}), ZeRO-3: max relative loss difference vs one process {diff:.2e}");
         assert!(diff <= 1e-5, "{variant}: {diff:e}");
         let saved = alignment_peft::adapter::adapter_tensor_names(&out.join("run")).unwrap();
-        let expected = 2 * 7 * 2 + if variant == "saved" { 2 + 2 * 2 + 1 } else { 0 };
+        let expected = match variant {
+            "saved" => 2 * 7 * 2 + 2 + 2 * 2 + 1,
+            "dora" => 2 * 7 * 3,
+            _ => 2 * 7 * 2,
+        };
         assert_eq!(saved.len(), expected, "rank 0 saves the adapter ({variant}): {saved:?}");
         if variant == "saved" {
             let single_saved = std::fs::read(root.path().join("single/adapter_model.safetensors")).unwrap();
