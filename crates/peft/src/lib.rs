@@ -9,6 +9,8 @@
 //! - [`save_adapter`] / [`load_adapter`] write and read PEFT's directory layout
 //!   (`adapter_config.json`, `adapter_model.safetensors` with
 //!   `base_model.model.<module>.lora_{A,B}.weight`), loadable by `PeftModel.from_pretrained`.
+//! - DoRA ([`LoraConfig::use_dora`]): a trained magnitude per output row of each adapted layer,
+//!   the layer computing PEFT's weight-decomposed map (`alignment_models::layers::Linear::forward`).
 //! - `modules_to_save` ([`LoraConfig::modules_to_save`], [`saved_modules`]): modules trained whole
 //!   beside the adapters (the embedding, the head, norms), saved in the adapter file as PEFT does.
 //! - [`merge_lora`] folds `s·B·A` into the base weights (PEFT's `merge_and_unload`) for saving a
