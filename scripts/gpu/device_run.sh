@@ -133,6 +133,7 @@ runner_for() {
             [ -x "$BIN_TCH" ] || return 0
             BIN="env LD_LIBRARY_PATH=$TORCH_LIB:${LD_LIBRARY_PATH:-} $BIN_TCH"
             ;;
+        *) [ -x "$BIN" ] || return 0 ;;
     esac
     case "$1" in
         # `NAME@cubecl`: backend NAME with its products on CubeCL's matmul instead of cuBLAS;
@@ -378,7 +379,7 @@ run_dequant() {
     local backend runner
     for backend in ${DEQUANT_BACKENDS:-cuda-bf16}; do
         runner="$(runner_for "$backend")"
-        [ -z "$runner" ] && continue
+        [ -z "$runner" ] && { say "dequant $backend: skipped (no binary staged)"; continue; }
         # shellcheck disable=SC2086 # the runner is `env VAR=... binary`
         measure "ours $backend dequant ${DEQUANT_SHAPE:-mistral-7b}" $runner dequant --backend "$backend" --shape "scripts/gpu/shapes/${DEQUANT_SHAPE:-mistral-7b}.json"
     done
@@ -391,7 +392,7 @@ run_gemm() {
     local backend runner
     for backend in ${GEMM_BACKENDS:-cuda-bf16 cuda cuda-bf16@sync}; do
         runner="$(runner_for "$backend")"
-        [ -z "$runner" ] && continue
+        [ -z "$runner" ] && { say "gemm $backend: skipped (no binary staged)"; continue; }
         # shellcheck disable=SC2086 # the runner is `env VAR=... binary`
         measure "ours $backend gemm ${GEMM_SHAPE:-llama-3.2-1b}" $runner gemm --backend "${backend%@*}" --shape "scripts/gpu/shapes/${GEMM_SHAPE:-llama-3.2-1b}.json" ${GEMM_ARGS:-}
     done
