@@ -34,6 +34,11 @@ fn recipe_file(task: &str, file: &str, output_dir: &std::path::Path, extra: &[&s
     Recipe::load_for(config, &path, &overrides).unwrap()
 }
 
+/// `dir/adapter_config.json`, parsed.
+fn adapter_config(dir: &std::path::Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(dir.join("adapter_config.json")).unwrap()).unwrap()
+}
+
 #[test]
 fn every_objective_trains_one_step_on_smollm2() {
     let root = tempfile::tempdir().unwrap();
@@ -100,7 +105,7 @@ fn qlora_sft_lowers_the_loss_and_dpo_starts_from_its_adapter() {
     let outcome = run::<CpuAutodiff>(Objective::Dpo, &dpo, &device, true).unwrap();
     let logged = &outcome.history[0];
     assert!(logged.get("rewards/margins").and_then(|v| v.as_f64()).is_some_and(f64::is_finite), "{logged:?}");
-    let config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dpo_dir.join("adapter_config.json")).unwrap()).unwrap();
+    let config = adapter_config(&dpo_dir);
     assert_eq!(config["base_model_name_or_path"], sft_dir.display().to_string(), "the DPO adapter applies on top of the SFT adapter");
     // Loading the DPO adapter chains through the SFT adapter to the base.
     let merged = alignment_handbook::run::load_for_inference::<Cpu>(&dpo_dir, &device).unwrap();
@@ -121,7 +126,7 @@ fn lora_modules_to_save_trains_and_saves_the_named_modules() {
     );
     let outcome = run::<CpuAutodiff>(Objective::Sft, &sft, &device, true).unwrap();
     assert_eq!(outcome.steps, 1);
-    let config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("adapter_config.json")).unwrap()).unwrap();
+    let config = adapter_config(&out);
     assert_eq!(config["modules_to_save"], serde_json::json!(["norm"]));
     let names = alignment_handbook::peft::adapter::adapter_tensor_names(&out).unwrap();
     // 30 layers' q/v adapters (A and B), 2 norms a layer and the final one.
@@ -144,7 +149,7 @@ fn use_dora_trains_and_saves_magnitudes() {
     let sft = recipe("sft", &out, &["--use_peft=true", "--use_dora=true", "--lora_dropout=0.1"]);
     let outcome = run::<CpuAutodiff>(Objective::Sft, &sft, &Default::default(), true).unwrap();
     assert!(outcome.history[0].get("loss").and_then(|v| v.as_f64()).is_some_and(f64::is_finite), "{:?}", outcome.history);
-    let config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("adapter_config.json")).unwrap()).unwrap();
+    let config = adapter_config(&out);
     assert_eq!(config["use_dora"], true);
     let names = alignment_handbook::peft::adapter::adapter_tensor_names(&out).unwrap();
     // 30 layers' q and v: A, B and the magnitude.

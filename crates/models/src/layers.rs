@@ -219,10 +219,7 @@ impl<B: Backend> Linear<B> {
     /// the adapter's dropped input (`x` itself when the dropout is inactive).
     fn dora(&self, x: Tensor<B, 3>, lora: &LoraAdapter<B>, base: impl Fn(Tensor<B, 3>) -> Tensor<B, 3>) -> Tensor<B, 3> {
         let magnitude = lora.magnitude.as_ref().expect("a DoRA adapter").val();
-        let float_type = alignment_core::precision::float_type::<B>();
-        let weight = cast_to(self.dense_weight(), float_type).detach();
-        let norm = (weight + lora.delta_weight().detach()).powi_scalar(2).sum_dim(1).sqrt().reshape([-1]);
-        let scale = (magnitude / norm).reshape([1, 1, -1]);
+        let scale = (magnitude / self.dora_weight_norm(lora).detach()).reshape([1, 1, -1]);
         let dtype = self.matmul_dtype;
         // PEFT's sum, term by term: the base result, its correction, the scaled update.
         let (result, corrected, input) = if lora.drops(&x.device()) {
@@ -234,6 +231,14 @@ impl<B: Backend> Linear<B> {
         };
         let update = lora.forward_undropped(input, dtype).mul(scale.clone());
         result + corrected.mul(scale.sub_scalar(1.0)) + update
+    }
+
+    /// `‖W + s·B A‖` per output row, `[out]`, from the dense base weight in the model's float type:
+    /// DoRA's weight norm (its forward pass's divisor, the magnitude's initial value, the merge's
+    /// divisor).
+    pub fn dora_weight_norm(&self, lora: &LoraAdapter<B>) -> Tensor<B, 1> {
+        let weight = cast_to(self.dense_weight(), alignment_core::precision::float_type::<B>());
+        (weight + lora.delta_weight()).powi_scalar(2).sum_dim(1).sqrt().reshape([-1])
     }
 
     /// [`Self::forward`] with the result left in the products' type under mixed precision, as

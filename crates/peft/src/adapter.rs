@@ -34,7 +34,7 @@ pub fn magnitude_name(path: &str) -> String {
     format!("{PEFT_PREFIX}{path}.lora_magnitude_vector")
 }
 
-fn values<B: Backend>(t: Tensor<B, 2>) -> Vec<f32> {
+fn values<B: Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
     t.into_data().convert::<f32>().into_vec::<f32>().expect("converted to f32 above")
 }
 
@@ -49,8 +49,7 @@ pub fn adapter_tensors<B: Backend>(model: &CausalLm<B>, config: &LoraConfig) -> 
             out.push(NamedTensor { name, shape: p.dims().to_vec(), values: values(p.val()) });
         }
         if let Some(m) = &lora.magnitude {
-            let values = m.val().into_data().convert::<f32>().into_vec::<f32>().expect("converted to f32 above");
-            out.push(NamedTensor { name: magnitude_name(&path), shape: m.dims().to_vec(), values });
+            out.push(NamedTensor { name: magnitude_name(&path), shape: m.dims().to_vec(), values: values(m.val()) });
         }
     }
     out.extend(saved_module_tensors(model, &saved_module_paths(model, config)?));

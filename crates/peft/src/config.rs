@@ -153,8 +153,8 @@ impl LoraConfig {
         let r = get("r").and_then(Value::as_u64).ok_or_else(|| err("r", "missing or not a positive integer".into()))?;
         let alpha = get("lora_alpha").and_then(Value::as_f64).ok_or_else(|| err("lora_alpha", "missing or not a number".into()))?;
         let dropout = get("lora_dropout").map_or(Some(0.0), Value::as_f64).ok_or_else(|| err("lora_dropout", "not a number".into()))?;
-        let use_rslora = get("use_rslora").map_or(Some(false), Value::as_bool).ok_or_else(|| err("use_rslora", "not a boolean".into()))?;
-        let use_dora = get("use_dora").map_or(Some(false), Value::as_bool).ok_or_else(|| err("use_dora", "not a boolean".into()))?;
+        let flag = |k: &str| get(k).map_or(Some(false), Value::as_bool).ok_or_else(|| err(k, "not a boolean".into()));
+        let (use_rslora, use_dora) = (flag("use_rslora")?, flag("use_dora")?);
         let target_modules = match get("target_modules") {
             Some(Value::String(s)) if s == "all-linear" => TargetModules::AllLinear,
             Some(Value::String(s)) => {

@@ -84,7 +84,7 @@ pub fn apply_lora<B: Backend>(model: CausalLm<B>, config: &LoraConfig, seed: u64
         let mut lora = adapter(a, b, config);
         if config.use_dora {
             // PEFT's initial magnitude: ‖W + s·B A‖ per output row, with B = 0 the base's norms.
-            lora.magnitude = Some(Param::from_tensor(dora_norms(lin, &lora).detach().require_grad()));
+            lora.magnitude = Some(Param::from_tensor(lin.dora_weight_norm(&lora).detach().require_grad()));
         }
         lin.lora = Some(lora);
     }
@@ -101,13 +101,6 @@ pub fn adapter<B: Backend>(a: Tensor<B, 2>, b: Tensor<B, 2>, config: &LoraConfig
         force_dropout: false,
         magnitude: None,
     }
-}
-
-/// `‖W + s·B A‖` per output row of `linear`'s dense base weight (f32; in the model's float
-/// type): DoRA's weight norm, the magnitude's initial value and its merge divisor.
-pub fn dora_norms<B: Backend>(linear: &Linear<B>, lora: &LoraAdapter<B>) -> Tensor<B, 1> {
-    let weight = alignment_core::precision::cast_to(linear.dense_weight(), alignment_core::precision::float_type::<B>());
-    (weight + lora.delta_weight()).powi_scalar(2).sum_dim(1).sqrt().reshape([-1])
 }
 
 /// Sets every adapter's dropout probability to `p`. TRL's DPO and ORPO trainers call
@@ -136,7 +129,7 @@ pub fn merge_lora<B: Backend>(mut model: CausalLm<B>) -> CausalLm<B> {
     for (_, lin) in linear_layers_mut(&mut model) {
         let Some(lora) = lin.lora.take() else { continue };
         // DoRA: `(m / ‖W + ΔW‖) ⊙ (W + ΔW)` by output row, as PEFT's `merge_and_unload`.
-        let dora_scale = lora.magnitude.as_ref().map(|m| (m.val() / dora_norms(lin, &lora)).reshape([-1, 1]).detach());
+        let dora_scale = lora.magnitude.as_ref().map(|m| (m.val() / lin.dora_weight_norm(&lora)).reshape([-1, 1]).detach());
         let rescale = |w: Tensor<B, 2>| match &dora_scale {
             Some(scale) => w * scale.clone(),
             None => w,

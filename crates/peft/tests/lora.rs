@@ -206,12 +206,18 @@ fn edit_config(dir: &std::path::Path, edit: impl FnOnce(&mut serde_json::Value))
 #[test]
 fn load_errors_name_the_problem() {
     let tmp = tempfile::tempdir().unwrap();
+    // The error of loading the q/v fixture with one field of its config set to `value`.
+    let cases = std::cell::Cell::new(0);
+    let load_with = |field: &str, value: serde_json::Value| -> PeftError {
+        cases.set(cases.get() + 1);
+        let dir = tmp.path().join(format!("case-{}", cases.get()));
+        copy_fixture("tiny-llama-lora", &dir);
+        edit_config(&dir, |j| j[field] = value);
+        load_adapter(load_base("tiny-llama"), &dir).unwrap_err()
+    };
 
     // A target without tensors: missing, named.
-    let dir = tmp.path().join("missing");
-    copy_fixture("tiny-llama-lora", &dir);
-    edit_config(&dir, |j| j["target_modules"] = serde_json::json!(["q_proj", "v_proj", "k_proj"]));
-    let err = load_adapter(load_base("tiny-llama"), &dir).unwrap_err();
+    let err = load_with("target_modules", serde_json::json!(["q_proj", "v_proj", "k_proj"]));
     assert!(
         matches!(&err, PeftError::MissingTensors { names, .. }
         if names.contains(&"base_model.model.model.layers.0.self_attn.k_proj.lora_A.weight".to_string())),
@@ -219,10 +225,7 @@ fn load_errors_name_the_problem() {
     );
 
     // Tensors of an untargeted module: unexpected, named.
-    let dir = tmp.path().join("unexpected");
-    copy_fixture("tiny-llama-lora", &dir);
-    edit_config(&dir, |j| j["target_modules"] = serde_json::json!(["q_proj"]));
-    let err = load_adapter(load_base("tiny-llama"), &dir).unwrap_err();
+    let err = load_with("target_modules", serde_json::json!(["q_proj"]));
     assert!(
         matches!(&err, PeftError::UnexpectedTensors { names, .. }
         if names.len() == 4 && names[0].contains("v_proj")),
@@ -230,10 +233,7 @@ fn load_errors_name_the_problem() {
     );
 
     // Wrong rank: shape mismatch, named.
-    let dir = tmp.path().join("rank");
-    copy_fixture("tiny-llama-lora", &dir);
-    edit_config(&dir, |j| j["r"] = serde_json::json!(8));
-    let err = load_adapter(load_base("tiny-llama"), &dir).unwrap_err();
+    let err = load_with("r", serde_json::json!(8));
     assert!(
         matches!(&err, PeftError::ShapeMismatch { name, expected, found }
         if name.ends_with("q_proj.lora_A.weight") && expected == &vec![8, 64] && found == &vec![4, 64]),
@@ -247,18 +247,12 @@ fn load_errors_name_the_problem() {
         ("target_modules", serde_json::json!(".*proj")),
         ("peft_type", serde_json::json!("IA3")),
     ] {
-        let dir = tmp.path().join(format!("unsupported-{field}"));
-        copy_fixture("tiny-llama-lora", &dir);
-        edit_config(&dir, |j| j[field] = value);
-        let err = load_adapter(load_base("tiny-llama"), &dir).unwrap_err();
+        let err = load_with(field, value);
         assert!(matches!(&err, PeftError::AdapterConfig { field: f, .. } if f == field), "{field}: {err}");
     }
 
     // A DoRA config over a plain adapter file: the magnitudes are missing, named.
-    let dir = tmp.path().join("dora-without-magnitudes");
-    copy_fixture("tiny-llama-lora", &dir);
-    edit_config(&dir, |j| j["use_dora"] = serde_json::json!(true));
-    let err = load_adapter(load_base("tiny-llama"), &dir).unwrap_err();
+    let err = load_with("use_dora", serde_json::json!(true));
     assert!(
         matches!(&err, PeftError::MissingTensors { names, .. }
         if names.contains(&"base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude_vector".to_string())),
@@ -266,18 +260,12 @@ fn load_errors_name_the_problem() {
     );
 
     // A module saved whole (modules_to_save) without its weight in the file: missing, named.
-    let dir = tmp.path().join("saved-module-missing");
-    copy_fixture("tiny-llama-lora", &dir);
-    edit_config(&dir, |j| j["modules_to_save"] = serde_json::json!(["lm_head"]));
-    let err = load_adapter(load_base("tiny-llama"), &dir).unwrap_err();
+    let err = load_with("modules_to_save", serde_json::json!(["lm_head"]));
     assert!(
         matches!(&err, PeftError::MissingTensors { names, .. } if names == &vec!["base_model.model.lm_head.weight".to_string()]),
         "{err}"
     );
-    let dir = tmp.path().join("saved-module-not-a-list");
-    copy_fixture("tiny-llama-lora", &dir);
-    edit_config(&dir, |j| j["modules_to_save"] = serde_json::json!("lm_head"));
-    let err = load_adapter(load_base("tiny-llama"), &dir).unwrap_err();
+    let err = load_with("modules_to_save", serde_json::json!("lm_head"));
     assert!(matches!(&err, PeftError::AdapterConfig { field, .. } if field == "modules_to_save"), "{err}");
 
     // Unknown target names are an error at apply time, as in PEFT.

@@ -4,6 +4,7 @@
 mod common;
 
 use alignment_core::backend::Cpu;
+use alignment_models::CausalLm;
 use alignment_peft::{apply_lora, load_adapter, merge_lora, save_adapter, LoraConfig, TargetModules};
 use burn::module::Param;
 use burn::tensor::{Distribution, Tensor};
@@ -29,6 +30,54 @@ fn golden(name: &str, expected_adapters: usize, expected_scaling: f64) {
     assert!(merged_diff <= 1e-4, "{name}: merged {merged_diff}");
 }
 
+/// `dir/adapter_config.json`, parsed.
+fn adapter_json(dir: &std::path::Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(dir.join("adapter_config.json")).unwrap()).unwrap()
+}
+
+/// Every adapter's `B` of `model` drawn from N(0, 0.05²), so that the adapters matter.
+fn randomize_b(model: &mut CausalLm<Cpu>) {
+    for (_, lin) in alignment_peft::lora::linear_layers_mut(model) {
+        if let Some(lora) = lin.lora.as_mut() {
+            let b = lora.b.val();
+            lora.b = Param::from_tensor(Tensor::random(b.shape(), Distribution::Normal(0.0, 0.05), &b.device()));
+        }
+    }
+}
+
+/// What saving `model`'s adapters (described by `config`) here must give: PEFT loading the
+/// directory gives `model`'s logits (≤ 1e-4), it loads back here to the same logits (≤ 1e-6),
+/// and `model` merged computes the same function (≤ 1e-4). Returns the directory (in `tmp`),
+/// its tensor names and the config read back, for each case's own checks.
+fn saved_adapter_gives_our_logits(
+    model: CausalLm<Cpu>,
+    config: &LoraConfig,
+    tmp: &tempfile::TempDir,
+    what: &str,
+) -> (std::path::PathBuf, std::collections::BTreeSet<String>, LoraConfig) {
+    let reference = reference("tiny-llama-lora");
+    let base_dir = base_fixture("tiny-llama");
+    let batch = reference_batch(&reference);
+    let ours = logits(&model, &batch);
+    let dir = tmp.path().join("adapter");
+    save_adapter(&model, &dir, config, base_dir.to_str().unwrap()).unwrap();
+    let names = alignment_peft::adapter::adapter_tensor_names(&dir).unwrap();
+
+    let theirs = peft_logits(&base_dir, &dir, &reference);
+    let diff = max_diff(&ours, &theirs, &reference.attention_mask);
+    println!("{what} in PEFT: max |logit diff| = {diff:.3e}");
+    assert!(diff <= 1e-4, "{what}: {diff}");
+
+    let (reloaded, reloaded_config) = load_adapter(load_base("tiny-llama"), &dir).unwrap();
+    let diff = max_diff(&logits(&reloaded, &batch), &ours, &reference.attention_mask);
+    assert!(diff <= 1e-6, "{what}: round trip {diff}");
+
+    let diff = max_diff(&logits(&merge_lora(model), &batch), &ours, &reference.attention_mask);
+    println!("{what}, merged against unmerged: max |logit diff| = {diff:.3e}");
+    assert!(diff <= 1e-4, "{what}: merged {diff}");
+    (dir, names, reloaded_config)
+}
+
 #[test]
 fn peft_adapter_on_llama_matches_peft() {
     // q_proj, v_proj in 2 layers; alpha / r = 8 / 4.
@@ -49,7 +98,6 @@ fn peft_adapter_on_gemma_matches_peft() {
 #[test]
 fn peft_loads_our_adapter() {
     let reference = reference("tiny-llama-lora");
-    let base_dir = base_fixture("tiny-llama");
     // Explicit names, a full path and lm_head, with rsLoRA; B randomised so the adapter matters.
     let mut config = LoraConfig::new(
         8,
@@ -58,42 +106,18 @@ fn peft_loads_our_adapter() {
     );
     config.use_rslora = true;
     let mut model = apply_lora(load_base("tiny-llama"), &config, 7).unwrap();
-    for (_, lin) in alignment_peft::lora::linear_layers_mut(&mut model) {
-        if let Some(lora) = lin.lora.as_mut() {
-            let b = lora.b.val();
-            lora.b = Param::from_tensor(Tensor::random(b.shape(), Distribution::Normal(0.0, 0.05), &b.device()));
-        }
-    }
+    randomize_b(&mut model);
     let batch = reference_batch(&reference);
-    let ours = logits(&model, &batch);
     let plain = logits(&load_base("tiny-llama"), &batch);
-    assert!(max_diff(&ours, &plain, &reference.attention_mask) > 1e-2, "the adapter should change the logits");
+    assert!(max_diff(&logits(&model, &batch), &plain, &reference.attention_mask) > 1e-2, "the adapter should change the logits");
 
     let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path().join("adapter");
-    save_adapter(&model, &dir, &config, base_dir.to_str().unwrap()).unwrap();
-    let names = alignment_peft::adapter::adapter_tensor_names(&dir).unwrap();
+    let (_, names, reloaded_config) = saved_adapter_gives_our_logits(model, &config, &tmp, "our adapter");
     assert_eq!(names.len(), 2 * (2 + 1 + 2 + 1));
     assert!(names.contains("base_model.model.model.layers.0.self_attn.k_proj.lora_A.weight"));
     assert!(names.contains("base_model.model.lm_head.lora_B.weight"));
-
-    let theirs = peft_logits(&base_dir, &dir, &reference);
-    let diff = max_diff(&ours, &theirs, &reference.attention_mask);
-    println!("our adapter in PEFT: max |logit diff| = {diff:.3e}");
-    assert!(diff <= 1e-4, "{diff}");
-
-    // Round trip: the saved directory loads back here to the same logits.
-    let (reloaded, reloaded_config) = load_adapter(load_base("tiny-llama"), &dir).unwrap();
     assert_eq!(reloaded_config.r, 8);
     assert!((reloaded_config.scaling() - config.scaling()).abs() < 1e-12);
-    let diff = max_diff(&logits(&reloaded, &batch), &ours, &reference.attention_mask);
-    assert!(diff <= 1e-6, "round trip {diff}");
-
-    // Merging gives the same function.
-    let merged = merge_lora(model);
-    let diff = max_diff(&logits(&merged, &batch), &ours, &reference.attention_mask);
-    println!("merged vs unmerged: max |logit diff| = {diff:.3e}");
-    assert!(diff <= 1e-4, "merged {diff}");
 }
 
 #[test]
@@ -104,8 +128,6 @@ fn peft_adapter_with_saved_modules_matches_peft() {
 
 #[test]
 fn peft_loads_our_adapter_with_saved_modules() {
-    let reference = reference("tiny-llama-lora");
-    let base_dir = base_fixture("tiny-llama");
     let mut config = LoraConfig::new(4, 8.0, TargetModules::Names(vec!["q_proj".into(), "v_proj".into()]));
     config.modules_to_save =
         vec!["lm_head".into(), "embed_tokens".into(), "post_attention_layernorm".into(), "layers.1.mlp.up_proj".into()];
@@ -122,13 +144,8 @@ fn peft_loads_our_adapter_with_saved_modules() {
         let w = layer.post_attention_layernorm.weight.val();
         layer.post_attention_layernorm.weight = Param::initialized(layer.post_attention_layernorm.weight.id, w + 0.25);
     }
-    let batch = reference_batch(&reference);
-    let ours = logits(&model, &batch);
-
     let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path().join("adapter");
-    save_adapter(&model, &dir, &config, base_dir.to_str().unwrap()).unwrap();
-    let names = alignment_peft::adapter::adapter_tensor_names(&dir).unwrap();
+    let (dir, names, reloaded_config) = saved_adapter_gives_our_logits(model, &config, &tmp, "our adapter with saved modules");
     for saved in [
         "base_model.model.lm_head.weight",
         "base_model.model.model.embed_tokens.weight",
@@ -139,19 +156,8 @@ fn peft_loads_our_adapter_with_saved_modules() {
         assert!(names.contains(saved), "{saved} in {names:?}");
     }
     assert_eq!(names.len(), 8 + 5, "4 adapters' A and B, and the 5 saved modules");
-    let saved: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("adapter_config.json")).unwrap()).unwrap();
-    assert_eq!(saved["modules_to_save"], serde_json::json!(config.modules_to_save));
-
-    let theirs = peft_logits(&base_dir, &dir, &reference);
-    let diff = max_diff(&ours, &theirs, &reference.attention_mask);
-    println!("our adapter with saved modules in PEFT: max |logit diff| = {diff:.3e}");
-    assert!(diff <= 1e-4, "{diff}");
-    let (reloaded, reloaded_config) = load_adapter(load_base("tiny-llama"), &dir).unwrap();
+    assert_eq!(adapter_json(&dir)["modules_to_save"], serde_json::json!(config.modules_to_save));
     assert_eq!(reloaded_config.modules_to_save, config.modules_to_save);
-    let diff = max_diff(&logits(&reloaded, &batch), &ours, &reference.attention_mask);
-    assert!(diff <= 1e-6, "round trip {diff}");
-    let diff = max_diff(&logits(&merge_lora(reloaded), &batch), &ours, &reference.attention_mask);
-    assert!(diff <= 1e-4, "merged {diff}");
 }
 
 #[test]
@@ -168,7 +174,6 @@ fn peft_dora_adapter_matches_peft() {
 #[test]
 fn peft_loads_our_dora_adapter() {
     let reference = reference("tiny-llama-lora");
-    let base_dir = base_fixture("tiny-llama");
     let mut config = LoraConfig::new(4, 8.0, TargetModules::Names(vec!["k_proj".into(), "gate_proj".into(), "lm_head".into()]));
     config.use_dora = true;
     let mut model = apply_lora(load_base("tiny-llama"), &config, 7).unwrap();
@@ -176,34 +181,20 @@ fn peft_loads_our_dora_adapter() {
     let plain = logits(&load_base("tiny-llama"), &batch);
     let diff = max_diff(&logits(&model, &batch), &plain, &reference.attention_mask);
     assert!(diff <= 1e-5, "a fresh DoRA adapter (B = 0, m = ‖W‖) leaves the function unchanged: {diff}");
+    // B and the magnitudes moved away from their initial values, as training would.
+    randomize_b(&mut model);
     for (_, lin) in alignment_peft::lora::linear_layers_mut(&mut model) {
         if let Some(lora) = lin.lora.as_mut() {
-            let b = lora.b.val();
-            lora.b = Param::from_tensor(Tensor::random(b.shape(), Distribution::Normal(0.0, 0.05), &b.device()));
             let m = lora.magnitude.as_ref().unwrap().val();
             lora.magnitude = Some(Param::from_tensor(m.clone() * Tensor::random(m.shape(), Distribution::Uniform(0.9, 1.1), &m.device())));
         }
     }
-    let ours = logits(&model, &batch);
     let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path().join("adapter");
-    save_adapter(&model, &dir, &config, base_dir.to_str().unwrap()).unwrap();
-    let names = alignment_peft::adapter::adapter_tensor_names(&dir).unwrap();
+    let (dir, names, reloaded_config) = saved_adapter_gives_our_logits(model, &config, &tmp, "our DoRA adapter");
     assert!(names.contains("base_model.model.model.layers.0.self_attn.k_proj.lora_magnitude_vector"), "{names:?}");
     assert_eq!(names.len(), (2 * 2 + 1) * 3, "A, B and the magnitude of 2 layers' k and gate, and of the head");
-    let saved: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("adapter_config.json")).unwrap()).unwrap();
-    assert_eq!(saved["use_dora"], true);
-
-    let theirs = peft_logits(&base_dir, &dir, &reference);
-    let diff = max_diff(&ours, &theirs, &reference.attention_mask);
-    println!("our DoRA adapter in PEFT: max |logit diff| = {diff:.3e}");
-    assert!(diff <= 1e-4, "{diff}");
-    let (reloaded, _) = load_adapter(load_base("tiny-llama"), &dir).unwrap();
-    let diff = max_diff(&logits(&reloaded, &batch), &ours, &reference.attention_mask);
-    assert!(diff <= 1e-6, "round trip {diff}");
-    let diff = max_diff(&logits(&merge_lora(reloaded), &batch), &ours, &reference.attention_mask);
-    println!("merged DoRA vs unmerged: max |logit diff| = {diff:.3e}");
-    assert!(diff <= 1e-4, "merged {diff}");
+    assert_eq!(adapter_json(&dir)["use_dora"], true);
+    assert!(reloaded_config.use_dora);
 }
 
 /// PEFT's gradients of `Σ mask · logits · r` (fixed weights `r`) with respect to every trainable

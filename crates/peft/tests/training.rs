@@ -10,10 +10,10 @@ use alignment_models::CausalLm;
 use alignment_objectives::Reduction;
 use alignment_peft::{apply_lora, load_adapter, load_pretrained_4bit, LoraConfig, QuantConfig, TargetModules};
 use alignment_trainer::tasks::SftTask;
-use alignment_trainer::{train, AdapterOutput, Recipe, Sequence, TrainerConfig, IGNORE_INDEX};
+use alignment_trainer::{train, AdapterOutput, Recipe, Sequence, TrainOutcome, TrainerConfig, IGNORE_INDEX};
 use burn::tensor::Tensor;
 use common::*;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 /// 16 sequences of 6..=17 tokens, the first third of each unlabelled.
 fn examples() -> Vec<Sequence> {
@@ -55,6 +55,45 @@ fn losses(history: &[serde_json::Map<String, serde_json::Value>]) -> Vec<(u64, f
     history.iter().filter_map(|e| Some((e.get("step")?.as_u64()?, e.get("loss")?.as_f64()?))).collect()
 }
 
+/// The tensor names of the optimizer state in `checkpoint`.
+fn optimizer_state_names(checkpoint: &Path) -> Vec<String> {
+    let optimizer = std::fs::read(checkpoint.join("optimizer.safetensors")).unwrap();
+    safetensors::SafeTensors::deserialize(&optimizer).unwrap().names().into_iter().map(String::from).collect()
+}
+
+/// Copies the step-3 checkpoint of the run in `full_dir` into `resumed_dir` (another run's
+/// output_dir), for a run resuming from it there; its path.
+fn copy_step_3_checkpoint(full_dir: &Path, resumed_dir: &Path) -> PathBuf {
+    let checkpoint = resumed_dir.join("checkpoint-3");
+    std::fs::create_dir_all(&checkpoint).unwrap();
+    for entry in std::fs::read_dir(full_dir.join("checkpoint-3")).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), checkpoint.join(entry.file_name())).unwrap();
+    }
+    checkpoint
+}
+
+/// The run resumed in `resumed_dir` from step 3 logged the uninterrupted run's losses for steps
+/// 4-6 (`full_losses`), bit for bit, and saved the same final adapter file as `full_dir`.
+fn assert_resumed_exactly(full_dir: &Path, full_losses: &[(u64, f64)], resumed_dir: &Path, resumed: &TrainOutcome) {
+    let resumed_losses: Vec<(u64, f64)> = losses(&resumed.history).into_iter().filter(|(s, _)| *s > 3).collect();
+    assert_eq!(resumed_losses, full_losses[3..].to_vec(), "bit-identical losses after resuming");
+    let final_a = std::fs::read(full_dir.join("adapter_model.safetensors")).unwrap();
+    let final_b = std::fs::read(resumed_dir.join("adapter_model.safetensors")).unwrap();
+    assert!(final_a == final_b, "the same final adapter");
+}
+
+/// PyPI `peft` on the tiny Llama base with the adapter in `adapter_dir` gives the logits of
+/// `trained` (that adapter loaded here) on the reference batch, within 1e-4.
+fn assert_peft_gives_the_logits_of(trained: &CausalLm<Cpu>, adapter_dir: &Path, what: &str) {
+    let r = reference("tiny-llama-lora");
+    let ours = logits(trained, &reference_batch(&r));
+    let theirs = peft_logits(&base_fixture("tiny-llama"), adapter_dir, &r);
+    let diff = max_diff(&ours, &theirs, &r.attention_mask);
+    println!("{what} in PEFT: max |logit diff| = {diff:.3e}");
+    assert!(diff <= 1e-4, "{what}: {diff}");
+}
+
 #[test]
 fn qlora_trains_saves_adapters_and_resumes_exactly() {
     let tmp = tempfile::tempdir().unwrap();
@@ -72,26 +111,15 @@ fn qlora_trains_saves_adapters_and_resumes_exactly() {
         assert!(dir.join("adapter_model.safetensors").is_file() && dir.join("adapter_config.json").is_file(), "{}", dir.display());
         assert!(!dir.join("model.safetensors").exists(), "{}: the frozen base is not saved", dir.display());
     }
-    let optimizer = std::fs::read(full_dir.join("checkpoint-3/optimizer.safetensors")).unwrap();
-    let names = safetensors::SafeTensors::deserialize(&optimizer).unwrap().names().into_iter().map(String::from).collect::<Vec<_>>();
+    let names = optimizer_state_names(&full_dir.join("checkpoint-3"));
     assert_eq!(names.len(), 2 * 2 * 14, "exp_avg and exp_avg_sq of A and B of 14 adapters: {names:?}");
     assert!(names.iter().all(|n| n.contains(".lora.")), "{names:?}");
 
     // Resume from the step-3 checkpoint in another directory: steps 4-6 log the same losses.
     let resumed_dir = tmp.path().join("resumed");
-    std::fs::create_dir_all(&resumed_dir).unwrap();
-    let checkpoint = resumed_dir.join("checkpoint-3");
-    std::fs::create_dir_all(&checkpoint).unwrap();
-    for entry in std::fs::read_dir(full_dir.join("checkpoint-3")).unwrap() {
-        let entry = entry.unwrap();
-        std::fs::copy(entry.path(), checkpoint.join(entry.file_name())).unwrap();
-    }
+    let checkpoint = copy_step_3_checkpoint(&full_dir, &resumed_dir);
     let (_, resumed) = train(qlora_model(), &task, &data, &[], &config(&resumed_dir, Some(&checkpoint)), &Default::default()).unwrap();
-    let resumed_losses: Vec<(u64, f64)> = losses(&resumed.history).into_iter().filter(|(s, _)| *s > 3).collect();
-    assert_eq!(resumed_losses, full_losses[3..].to_vec(), "bit-identical losses after resuming");
-    let final_a = std::fs::read(full_dir.join("adapter_model.safetensors")).unwrap();
-    let final_b = std::fs::read(resumed_dir.join("adapter_model.safetensors")).unwrap();
-    assert!(final_a == final_b, "the same final adapter");
+    assert_resumed_exactly(&full_dir, &full_losses, &resumed_dir, &resumed);
 }
 
 #[test]
@@ -108,14 +136,9 @@ fn an_adapter_trained_here_gives_the_same_logits_in_peft() {
     let r = reference("tiny-llama-lora");
     let batch = reference_batch(&r);
     let (trained, _) = load_adapter(load_base("tiny-llama"), &output).unwrap();
-    let ours = logits::<Cpu>(&trained, &batch);
     let plain = logits(&load_base("tiny-llama"), &batch);
-    assert!(max_diff(&ours, &plain, &r.attention_mask) > 1e-2, "training should have moved the adapters");
-
-    let theirs = peft_logits(&base_dir, &output, &r);
-    let diff = max_diff(&ours, &theirs, &r.attention_mask);
-    println!("trained adapter in PEFT: max |logit diff| = {diff:.3e}");
-    assert!(diff <= 1e-4, "{diff}");
+    assert!(max_diff(&logits::<Cpu>(&trained, &batch), &plain, &r.attention_mask) > 1e-2, "training should have moved the adapters");
+    assert_peft_gives_the_logits_of(&trained, &output, "trained adapter");
 }
 
 #[test]
@@ -166,8 +189,7 @@ fn saved_modules_train_beside_the_adapters_resume_exactly_and_load_in_peft() {
     assert_eq!(full_losses.len(), 6);
 
     // AdamW state for the 8 adapter tensors and the 2 + 1 + 2 × 2 saved weights.
-    let optimizer = std::fs::read(full_dir.join("checkpoint-3/optimizer.safetensors")).unwrap();
-    let names = safetensors::SafeTensors::deserialize(&optimizer).unwrap().names().into_iter().map(String::from).collect::<Vec<_>>();
+    let names = optimizer_state_names(&full_dir.join("checkpoint-3"));
     assert_eq!(names.len(), 2 * (8 + 7), "{names:?}");
 
     // The saved weights moved; the frozen projections did not travel.
@@ -187,29 +209,10 @@ fn saved_modules_train_beside_the_adapters_resume_exactly_and_load_in_peft() {
 
     // Resumed from the step-3 checkpoint: the same losses and the same final adapter file.
     let resumed_dir = tmp.path().join("resumed");
-    let checkpoint = resumed_dir.join("checkpoint-3");
-    std::fs::create_dir_all(&checkpoint).unwrap();
-    for entry in std::fs::read_dir(full_dir.join("checkpoint-3")).unwrap() {
-        let entry = entry.unwrap();
-        std::fs::copy(entry.path(), checkpoint.join(entry.file_name())).unwrap();
-    }
+    let checkpoint = copy_step_3_checkpoint(&full_dir, &resumed_dir);
     let (_, resumed) = train(model(), &task, &examples(), &[], &config(&resumed_dir, Some(&checkpoint)), &Default::default()).unwrap();
-    let resumed_losses: Vec<(u64, f64)> = losses(&resumed.history).into_iter().filter(|(s, _)| *s > 3).collect();
-    assert_eq!(resumed_losses, full_losses[3..].to_vec(), "bit-identical losses after resuming");
-    assert!(
-        std::fs::read(full_dir.join("adapter_model.safetensors")).unwrap()
-            == std::fs::read(resumed_dir.join("adapter_model.safetensors")).unwrap(),
-        "the same final adapter"
-    );
-
-    // PEFT gives the trained adapter's logits.
-    let r = reference("tiny-llama-lora");
-    let batch = reference_batch(&r);
-    let ours = logits::<Cpu>(&trained, &batch);
-    let theirs = peft_logits(&base_dir, &full_dir, &r);
-    let diff = max_diff(&ours, &theirs, &r.attention_mask);
-    println!("trained adapter with saved modules in PEFT: max |logit diff| = {diff:.3e}");
-    assert!(diff <= 1e-4, "{diff}");
+    assert_resumed_exactly(&full_dir, &full_losses, &resumed_dir, &resumed);
+    assert_peft_gives_the_logits_of(&trained, &full_dir, "trained adapter with saved modules");
 }
 
 #[test]
@@ -231,29 +234,15 @@ fn dora_trains_resumes_exactly_and_loads_in_peft() {
     let (_, full) = train(dense(), &task, &examples(), &[], &config(&full_dir, None), &Default::default()).unwrap();
     let full_losses = losses(&full.history);
     assert!(full_losses[5].1 < full_losses[0].1 - 0.05, "loss should fall: {full_losses:?}");
-    let optimizer = std::fs::read(full_dir.join("checkpoint-3/optimizer.safetensors")).unwrap();
-    let names = safetensors::SafeTensors::deserialize(&optimizer).unwrap().names().len();
-    assert_eq!(names, 2 * (2 * 2 * 3), "exp_avg and exp_avg_sq of A, B and the magnitude of 4 adapters");
+    let names = optimizer_state_names(&full_dir.join("checkpoint-3"));
+    assert_eq!(names.len(), 2 * (2 * 2 * 3), "exp_avg and exp_avg_sq of A, B and the magnitude of 4 adapters: {names:?}");
 
     let resumed_dir = tmp.path().join("resumed");
-    let checkpoint = resumed_dir.join("checkpoint-3");
-    std::fs::create_dir_all(&checkpoint).unwrap();
-    for entry in std::fs::read_dir(full_dir.join("checkpoint-3")).unwrap() {
-        let entry = entry.unwrap();
-        std::fs::copy(entry.path(), checkpoint.join(entry.file_name())).unwrap();
-    }
+    let checkpoint = copy_step_3_checkpoint(&full_dir, &resumed_dir);
     let (_, resumed) = train(dense(), &task, &examples(), &[], &config(&resumed_dir, Some(&checkpoint)), &Default::default()).unwrap();
-    let resumed_losses: Vec<(u64, f64)> = losses(&resumed.history).into_iter().filter(|(s, _)| *s > 3).collect();
-    assert_eq!(resumed_losses, full_losses[3..].to_vec(), "bit-identical losses after resuming");
-
-    let r = reference("tiny-llama-lora");
-    let batch = reference_batch(&r);
+    assert_resumed_exactly(&full_dir, &full_losses, &resumed_dir, &resumed);
     let (trained, _) = load_adapter(load_base("tiny-llama"), &full_dir).unwrap();
-    let ours = logits::<Cpu>(&trained, &batch);
-    let theirs = peft_logits(&base_dir, &full_dir, &r);
-    let diff = max_diff(&ours, &theirs, &r.attention_mask);
-    println!("trained DoRA adapter in PEFT: max |logit diff| = {diff:.3e}");
-    assert!(diff <= 1e-4, "{diff}");
+    assert_peft_gives_the_logits_of(&trained, &full_dir, "trained DoRA adapter");
 
     let quantized = || {
         let base = load_pretrained_4bit::<CpuAutodiff>(&base_dir, &Default::default(), QuantConfig::default()).unwrap();
