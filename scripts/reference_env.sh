@@ -20,6 +20,7 @@ requirements=(
     "accelerate==1.15.0 accelerate"
     "trl==1.16.0 trl"
     "peft==0.21.2 peft"
+    "bitsandbytes==0.50.2 bitsandbytes"
     "jinja2==3.1.6 jinja2"
     "gguf==0.19.0 gguf"
     "safetensors==0.8.0 safetensors"

@@ -344,6 +344,23 @@ run_trainer_speed() {
     rm -rf "$WORK/trainer/$shape" "$WORK/trainer/speed-$shape"/{*.safetensors,tokenizer.json}
 }
 
+# bitsandbytes' 8-bit AdamW kernels against the f32 transcription that the Rust update
+# (`optim: adamw_bnb_8bit`, crates/trainer/src/adam8bit.rs) equals bit for bit (≈ 5–10 s):
+# scripts/gpu/check_adam8bit.py, a line per case in $RESULTS. bitsandbytes (its Python files and
+# the CUDA 13.0 library only) travels in $GPU_DIR/python (run.sh stage).
+run_adam8bit() {
+    local limit
+    if [ ! -d "$GPU_DIR/python/bitsandbytes" ]; then
+        say "adam8bit: skipped (bitsandbytes not staged)"
+        return
+    fi
+    limit=$(run_limit 15) || { say "skip adam8bit (budget spent)"; return; }
+    say "adam8bit"
+    timeout --signal=KILL "$limit" env PYTHONPATH="$GPU_DIR/python${PYTHONPATH:+:$PYTHONPATH}" \
+        "$PY" scripts/gpu/check_adam8bit.py --results "$RESULTS" >"$WORK/adam8bit.txt" 2>&1
+    say "adam8bit: exit $? — $(grep -c '"pass": true' "$WORK/adam8bit.txt") cases pass; $(grep -v '"pass": true' "$WORK/adam8bit.txt" | tail -c 400 | tr '\n' ' ')"
+}
+
 # --- 3. NCCL -------------------------------------------------------------------------------
 run_nccl() {
     [ "$DRY_RUN" = 1 ] && return
@@ -491,6 +508,7 @@ case "$PLAN" in
         bench tiny lora 64 2 1
         bench tiny qlora 64 2 1
         run_trainer
+        run_adam8bit
         TRAINER_SPEED_STEPS=4 run_trainer_speed smollm2-tiny
         bundle
         DEQUANT_BACKENDS=cpu DEQUANT_SHAPE=tiny run_dequant
@@ -558,6 +576,8 @@ case "$PLAN" in
         bundle
         # The example binaries' loop, GPU against CPU (≈ 40–60 s): it has never run on a GPU.
         run_trainer
+        # bitsandbytes' 8-bit AdamW kernels against the update's transcription (≈ 5–10 s).
+        run_adam8bit
         bundle
         OURS_BACKENDS="tch-cuda-bf16 tch-cuda-bf16@ops-logits tch-cuda-bf16@chunked-head" bench llama-3.2-1b sft 1024 4 1
         # Ours and PyTorch's steps replayed as CUDA graphs beside the eager ones (≈ 30 s): how

@@ -194,6 +194,24 @@ def main():
                 f"{fmt(r.get('tokens_per_second'), '.0f')} | {verdict} |"
             )
 
+    adam8bit = [r for r in rows if r.get("check") == "adam8bit"]
+    if adam8bit:
+        print(
+            "\n8-bit AdamW: bitsandbytes' CUDA kernels against the transcription the Rust update equals bit for bit "
+            "(scripts/gpu/check_adam8bit.py; parameters in units of the learning rate and in f32 ulps):\n"
+        )
+        print("| case | max abs. Δp / lr | max ulps | codes apart (> 1 step) of all | block maxima, max rel. | result |")
+        print("|---|---|---|---|---|---|")
+        for r in adam8bit:
+            if r.get("skipped"):
+                print(f"| {r.get('case')} | | | | | {r['skipped']} |")
+                continue
+            codes = f"{r['codes_differ']} ({r['codes_more_than_one_apart']}) of {r['codes_total']}" if "codes_total" in r else "–"
+            print(
+                f"| {r['case']} | {r['param_max_diff_in_lr']:.1e} | {r['param_max_ulps']} | {codes} | "
+                f"{fmt(r.get('absmax_max_rel'), '.1e')} | {'pass' if r.get('pass') else 'FAIL'} |"
+            )
+
 
 if __name__ == "__main__":
     main()

@@ -120,6 +120,29 @@ stage_tokenizer() {
     done
 }
 
+# bitsandbytes into `$1`/python/, for the device's check of its 8-bit AdamW kernels
+# (scripts/gpu/check_adam8bit.py): the version the goldens were made with (scripts/reference_env.sh),
+# its Python files and only the libraries of CUDA 13.0 (the device's torch) and the CPU, ≈ 5 MiB
+# of its 43 MiB wheel.
+stage_bitsandbytes() {
+    local dir="$1/python" wheels version
+    version="$(grep -o '"bitsandbytes==[0-9.]*' scripts/reference_env.sh | cut -d= -f3)"
+    wheels="$(mktemp -d "${TMPDIR:-/tmp}/bnb.XXXXXX")"
+    "$(bash scripts/reference_env.sh | tail -1)" -m pip download -q --no-deps --only-binary=:all: -d "$wheels" "bitsandbytes==$version" >&2
+    rm -rf "$dir/bitsandbytes"
+    mkdir -p "$dir"
+    python3 - "$wheels"/bitsandbytes-*.whl "$dir" <<'PY'
+import sys, zipfile
+wheel, out = sys.argv[1], sys.argv[2]
+with zipfile.ZipFile(wheel) as z:
+    for name in z.namelist():
+        library = name.rsplit("/", 1)[-1].startswith("libbitsandbytes_")
+        if name.startswith("bitsandbytes/") and (not library or name.endswith(("_cuda130.so", "_cpu.so"))):
+            z.extract(name, out)
+PY
+    rm -rf "$wheels"
+}
+
 case "$cmd" in
     stage)
         build_into cuda .gpu
@@ -131,6 +154,7 @@ case "$cmd" in
         # formats): xz keeps them from crowding the carry; device_run.sh unpacks them.
         xz -T0 -6 -f .gpu/bin/zephyr_sft_tch .gpu/bin/zephyr_dpo_tch
         stage_tokenizer .gpu
+        stage_bitsandbytes .gpu
         # The stripped cuda binary is ≈ 51 MiB (CubeCL with fusion and autotune): xz takes it to
         # ≈ 8 MiB of the 64 MiB carry; device_run.sh unpacks it with Python's lzma.
         xz -T0 -6 -f .gpu/bin/bench_train
@@ -145,7 +169,7 @@ or each call pays a new start. A call naming no kind may get an H100 rather than
 2026-12-04: the ratios to PyTorch (same call) compare across cards, absolute numbers do not.
   1. OUT=\$OUT BUDGET_S=270 WARMUP=1 STEPS=3 bash scripts/gpu/device_run.sh tch           timeout_s 300
      (the libtorch checks, the example binaries' training loop on the GPU against the CPU
-     (never run on a GPU), then the libtorch route against PyTorch, full logits and chunked
+     (never run on a GPU), bitsandbytes' 8-bit AdamW kernels against the update's transcription, then the libtorch route against PyTorch, full logits and chunked
      head: the predictions in docs/performance.md, "The profile read again", "The loss's passes
      over the logits as torch kernels" and "The chunked head: half-type logits, ..."; the 135M
      step replayed as a CUDA graph, ours and PyTorch's: "The step replayed as a CUDA graph")
@@ -180,6 +204,7 @@ EOF
                 torch_dir="$("$python" -c 'import os, torch; print(os.path.dirname(torch.__file__))')"
                 build_tch_into "$torch_dir" .gpu-dry target/tch
                 stage_tokenizer .gpu-dry
+                stage_bitsandbytes .gpu-dry
                 mkdir -p .gpu-dry/bin
                 rm -rf .gpu-dry/reference
                 LD_LIBRARY_PATH="$torch_dir/lib:${LD_LIBRARY_PATH:-}" .gpu-dry/bin/bench_train_tch check --backend cpu --write-reference .gpu-dry/reference >&2

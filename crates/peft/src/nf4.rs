@@ -329,13 +329,28 @@ fn linspace(start: f32, end: f32, steps: usize) -> Vec<f32> {
 /// total_bits=8)`, ascending: for `i` in 0..7, the midpoints of `linspace(0.1, 1, 2^i + 1)`
 /// times `10^(i-6)`, with both signs, plus 0 and 1 (range [-0.99297, 1]).
 pub fn create_dynamic_map() -> [f32; 256] {
+    dynamic_map(true)
+}
+
+/// The same map unsigned, `create_dynamic_map(signed=False)`: the midpoints of
+/// `linspace(0.1, 1, 2^(i+1) + 1)` instead, positive only, plus 0 and 1 (range [0, 1]); the
+/// codes of 8-bit AdamW's second moment.
+pub fn create_unsigned_dynamic_map() -> [f32; 256] {
+    dynamic_map(false)
+}
+
+fn dynamic_map(signed: bool) -> [f32; 256] {
     const SCALES: [f64; 7] = [1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0];
     let mut data = vec![0.0, 1.0];
     for (i, &scale) in SCALES.iter().enumerate() {
-        let bounds = linspace(0.1, 1.0, (1 << i) + 1);
+        let items = if signed { 1 << i } else { 2 << i };
+        let bounds = linspace(0.1, 1.0, items + 1);
         for pair in bounds.windows(2) {
             let value = (pair[0] + pair[1]) / 2.0 * scale as f32;
-            data.extend([value, -value]);
+            data.push(value);
+            if signed {
+                data.push(-value);
+            }
         }
     }
     data.sort_by(f32::total_cmp);

@@ -3,17 +3,19 @@
 //! `output_dir/checkpoint-<step>/` holds the model in Hugging Face layout (config.json,
 //! model.safetensors in f32, tokenizer files) — or, when only LoRA adapters train, the adapters
 //! in PEFT's layout (adapter_config.json, adapter_model.safetensors) — the AdamW moments (`optimizer.safetensors`, one
-//! `<parameter path>.exp_avg` / `.exp_avg_sq` pair per parameter) and `trainer_state.json`
+//! `<parameter path>.exp_avg` / `.exp_avg_sq` pair per parameter; for 8-bit moments, bitsandbytes'
+//! names: `.state1` / `.state2` codes in U8 and `.absmax1` / `.absmax2`) and `trainer_state.json`
 //! (global step, optimizer step count, and a fingerprint of the settings that must not change
 //! across a resume). The directory is assembled aside and renamed into place, so a run killed
 //! while saving leaves the previous checkpoint intact and no partial one. The data order is a
 //! pure function of the seed and the epoch, so nothing else is needed to resume exactly.
 
+use crate::adam8bit::BlockwiseMoments;
 use crate::optimizer::{AdamW, Moments};
 use crate::train::AdapterOutput;
 use crate::TrainError;
 use alignment_core::AtomicDir;
-use alignment_models::weights::{write_safetensors, NamedTensor};
+use alignment_models::weights::check_finite;
 use alignment_models::{write_pretrained, CausalLm, SaveDtype};
 use burn::tensor::backend::Backend;
 use burn::tensor::{Tensor, TensorData};
@@ -112,17 +114,7 @@ pub fn save_checkpoint<B: Backend>(
     let target = checkpoint_dir(output_dir, state.global_step);
     let staging = AtomicDir::new(&target)?;
     write_weights(model, staging.path(), adapter, tokenizer_from)?;
-    let mut tensors = Vec::with_capacity(optimizer.state.len() * 2);
-    let mut paths: Vec<&String> = optimizer.state.keys().collect();
-    paths.sort();
-    for path in paths {
-        let m = &optimizer.state[path];
-        for (suffix, t) in [("exp_avg", &m.exp_avg), ("exp_avg_sq", &m.exp_avg_sq)] {
-            let values = t.clone().into_data().convert::<f32>().into_vec::<f32>().expect("f32 after convert");
-            tensors.push(NamedTensor { name: format!("{path}.{suffix}"), shape: vec![values.len()], values });
-        }
-    }
-    write_safetensors(&staging.path().join(OPTIMIZER_FILE), &tensors, SaveDtype::F32)?;
+    write_optimizer(&staging.path().join(OPTIMIZER_FILE), optimizer)?;
     let state_path = staging.path().join(STATE_FILE);
     let json =
         serde_json::to_string_pretty(state).map_err(|e| TrainError::Checkpoint { path: state_path.clone(), message: e.to_string() })?;
@@ -135,6 +127,40 @@ pub fn save_checkpoint<B: Backend>(
         }
     }
     Ok(saved)
+}
+
+/// Writes `optimizer.safetensors`: every f32 moment, and the 8-bit moments' codes as U8.
+/// Refuses a non-finite moment, as the weights' files do.
+fn write_optimizer<B: Backend>(path: &Path, optimizer: &AdamW<B>) -> Result<(), TrainError> {
+    let floats = |name: String, values: &[f32]| -> Result<(String, safetensors::Dtype, Vec<u8>), TrainError> {
+        check_finite(&name, values, path)?;
+        Ok((name, safetensors::Dtype::F32, values.iter().flat_map(|v| v.to_le_bytes()).collect()))
+    };
+    let mut entries = Vec::new();
+    for (param, m) in &optimizer.state {
+        for (suffix, t) in [("exp_avg", &m.exp_avg), ("exp_avg_sq", &m.exp_avg_sq)] {
+            let values = t.clone().into_data().convert::<f32>().into_vec::<f32>().expect("f32 after convert");
+            entries.push(floats(format!("{param}.{suffix}"), &values)?);
+        }
+    }
+    for (param, b) in &optimizer.blockwise {
+        entries.push(floats(format!("{param}.absmax1"), &b.absmax1)?);
+        entries.push(floats(format!("{param}.absmax2"), &b.absmax2)?);
+        entries.push((format!("{param}.state1"), safetensors::Dtype::U8, b.state1.clone()));
+        entries.push((format!("{param}.state2"), safetensors::Dtype::U8, b.state2.clone()));
+    }
+    let views: std::collections::BTreeMap<&str, safetensors::tensor::TensorView> = entries
+        .iter()
+        .map(|(name, dtype, bytes)| {
+            let len = bytes.len() * 8 / dtype.bitsize();
+            (name.as_str(), safetensors::tensor::TensorView::new(*dtype, vec![len], bytes).expect("length from the bytes"))
+        })
+        .collect();
+    let metadata = std::collections::HashMap::from([("format".to_string(), "pt".to_string())]);
+    safetensors::serialize_to_file(views, Some(metadata), path).map_err(|e| match e {
+        safetensors::SafeTensorError::IoError(io) => alignment_core::IoError::new("writing", path, io).into(),
+        other => TrainError::Checkpoint { path: path.into(), message: other.to_string() },
+    })
 }
 
 /// Reads `trainer_state.json` of a checkpoint.
@@ -156,6 +182,7 @@ pub fn load_optimizer<B: Backend>(
     let corrupt = |message: String| TrainError::Checkpoint { path: path.clone(), message };
     let file = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| corrupt(e.to_string()))?;
     optimizer.state.clear();
+    optimizer.blockwise.clear();
     let mut names: Vec<String> = file.names().into_iter().map(String::from).collect();
     names.sort();
     for name in names.iter().filter(|n| n.ends_with(".exp_avg")) {
@@ -171,6 +198,33 @@ pub fn load_optimizer<B: Backend>(
         };
         let moments = Moments { exp_avg: read(name)?, exp_avg_sq: read(&format!("{param}.exp_avg_sq"))? };
         optimizer.state.insert(param.to_string(), moments);
+    }
+    for name in names.iter().filter(|n| n.ends_with(".state1")) {
+        let param = name.trim_end_matches(".state1");
+        let read = |suffix: &str, dtype: safetensors::Dtype| -> Result<Vec<u8>, TrainError> {
+            let n = format!("{param}.{suffix}");
+            let view = file.tensor(&n).map_err(|e| corrupt(format!("{n}: {e}")))?;
+            if view.dtype() != dtype {
+                return Err(corrupt(format!("{n}: expected {dtype:?}, found {:?}", view.dtype())));
+            }
+            Ok(view.data().to_vec())
+        };
+        let floats = |bytes: Vec<u8>| bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+        let moments = BlockwiseMoments {
+            state1: read("state1", safetensors::Dtype::U8)?,
+            state2: read("state2", safetensors::Dtype::U8)?,
+            absmax1: floats(read("absmax1", safetensors::Dtype::F32)?),
+            absmax2: floats(read("absmax2", safetensors::Dtype::F32)?),
+        };
+        if !moments.fits(moments.len()) {
+            return Err(corrupt(format!(
+                "{param}: 8-bit moments of {} elements with {} and {} block maxima",
+                moments.len(),
+                moments.absmax1.len(),
+                moments.absmax2.len()
+            )));
+        }
+        optimizer.blockwise.insert(param.to_string(), moments);
     }
     optimizer.step = state.optimizer_step;
     Ok(())

@@ -9,6 +9,7 @@
 //! trait between loop and objective), [`train`] (the loop), [`checkpoint`], [`logging`],
 //! [`data_parallel`] (N ranks, DDP/ZeRO) with [`zero3`] (weights partitioned inside the passes).
 
+pub mod adam8bit;
 #[cfg(any(feature = "cuda", feature = "wgpu"))]
 mod adamw_kernel;
 pub mod checkpoint;

@@ -21,6 +21,9 @@
 //! On burn's GPU backends the one-process update is one CubeCL kernel per parameter
 //! (`adamw_kernel.rs`), the same f32 operations in the same order, in place.
 //!
+//! `optim: adamw_bnb_8bit` (and `adamw_8bit`, `paged_adamw_8bit`) swaps it for bitsandbytes'
+//! AdamW with 8-bit block-wise moments (`crate::adam8bit`), after the same clipping.
+//!
 //! `optim: rmsprop` swaps the update for `torch.optim.RMSprop` with transformers' arguments
 //! (`α = 0.99`, `ε = 1e-8`, weight decay added to the gradient, no momentum), after the same
 //! clipping: `v ← αv + (1−α)g² ; p ← p − lr · g / (√v + ε)`; `v` is kept as `exp_avg_sq`.
@@ -77,10 +80,12 @@ impl AdamWConfig {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum UpdateRule {
     /// `torch.optim.AdamW` (`adamw_torch`, `adamw_torch_fused`, and `paged_adamw_32bit`, whose
-    /// update is the same: paging only moves the moments between GPU and host memory; also
-    /// `adamw_bnb_8bit`, run with 32-bit moments, which the run announces).
+    /// update is the same: paging only moves the moments between GPU and host memory).
     #[default]
     AdamW,
+    /// bitsandbytes' AdamW with 8-bit block-wise moments (`adamw_bnb_8bit`, `adamw_8bit`, and
+    /// `paged_adamw_8bit`, the same update paged): `crate::adam8bit`.
+    AdamW8bit,
     /// `torch.optim.RMSprop` with transformers' defaults (`rmsprop`).
     RmsProp,
 }
@@ -91,15 +96,16 @@ impl UpdateRule {
     pub fn from_optim(name: &str) -> Result<Self, String> {
         match name {
             "adamw_torch" | "adamw_torch_fused" | "paged_adamw_32bit" => Ok(UpdateRule::AdamW),
-            // bitsandbytes' 8-bit AdamW approximates this update with block-quantised moments;
-            // the moments stay 32-bit here (the run's note says so).
-            "adamw_bnb_8bit" | "adamw_8bit" | "paged_adamw_8bit" => Ok(UpdateRule::AdamW),
+            "adamw_bnb_8bit" | "adamw_8bit" | "paged_adamw_8bit" => Ok(UpdateRule::AdamW8bit),
             "rmsprop" => Ok(UpdateRule::RmsProp),
             "rmsprop_bnb_8bit" | "lion_8bit" | "paged_lion_8bit" => Err(format!(
                 "`{name}`: 8-bit RMSprop/Lion (bitsandbytes' block-quantised moments) are not implemented; \
                  use rmsprop or adamw_torch"
             )),
-            other => Err(format!("`{other}` is not implemented (supported: adamw_torch, adamw_torch_fused, paged_adamw_32bit, rmsprop)")),
+            other => Err(format!(
+                "`{other}` is not implemented (supported: adamw_torch, adamw_torch_fused, paged_adamw_32bit, adamw_bnb_8bit, \
+                 adamw_8bit, paged_adamw_8bit, rmsprop)"
+            )),
         }
     }
 }
@@ -126,6 +132,9 @@ pub struct AdamW<B: Backend> {
     pub step: u64,
     /// Moments by parameter path (e.g. `layers.0.self_attn.q_proj.weight`).
     pub state: HashMap<String, Moments<B>>,
+    /// 8-bit moments by parameter path (`optim: adamw_bnb_8bit`'s large parameters; the others
+    /// keep theirs in `state`), on the host.
+    pub blockwise: HashMap<String, crate::adam8bit::BlockwiseMoments>,
     /// The step count and learning rate on the device, for an update that reads them there
     /// (libtorch's fused AdamW); derived from `step`, never saved.
     #[cfg(feature = "tch")]
@@ -185,6 +194,7 @@ impl<B: Backend> AdamW<B> {
             config,
             step: 0,
             state: HashMap::new(),
+            blockwise: HashMap::new(),
             #[cfg(feature = "tch")]
             device_scalars: None,
         }
@@ -293,17 +303,42 @@ impl<AD: AutodiffBackend> ModuleMapper<AD> for Update<'_, AD> {
             g.reshape([numel])
         };
         let (p, moments) = match c.rule {
+            UpdateRule::AdamW8bit => {
+                let decay = if excluded_from_decay(&path) { 0.0 } else { c.weight_decay };
+                let scalars = crate::adam8bit::Scalars::new(c.beta1, c.beta2, c.epsilon, self.lr, decay, t as u64);
+                let mut values = host_values(p.reshape([numel]));
+                let g = host_values(clipped(grad));
+                let moments = if crate::adam8bit::quantizes(&path, numel) {
+                    let mut state =
+                        self.optimizer.blockwise.remove(&path).unwrap_or_else(|| crate::adam8bit::BlockwiseMoments::zeros(numel));
+                    crate::adam8bit::update_blockwise(&scalars, &mut values, &g, &mut state);
+                    self.optimizer.blockwise.insert(path.clone(), state);
+                    None
+                } else {
+                    let moments = self.optimizer.state.remove(&path);
+                    let (mut m, mut v) = match moments {
+                        Some(m) => (host_values(m.exp_avg), host_values(m.exp_avg_sq)),
+                        None => (vec![0.0; numel], vec![0.0; numel]),
+                    };
+                    crate::adam8bit::update_32bit(&scalars, &mut values, &g, &mut m, &mut v);
+                    let tensor = |values: Vec<f32>| Tensor::from_data(burn::tensor::TensorData::new(values, [numel]), &device);
+                    Some(Moments { exp_avg: tensor(m), exp_avg_sq: tensor(v) })
+                };
+                let p = Tensor::<AD::InnerBackend, 1>::from_data(burn::tensor::TensorData::new(values, [numel]), &device);
+                (p.reshape(shape), moments)
+            }
             UpdateRule::AdamW => {
                 let moments = self.optimizer.state.remove(&path).unwrap_or_else(|| Moments::zeros(numel, &device));
                 let decays = !excluded_from_decay(&path);
                 let scalars = AdamWScalars::new(&c, self.lr, t, decays);
-                match (self.cpu_clip, &self.kernel_clip) {
+                let (p, moments) = match (self.cpu_clip, &self.kernel_clip) {
                     #[cfg(feature = "ndarray")]
                     (Some(clip), _) => crate::cpu_adamw::update(p, grad, moments, &scalars, clip),
                     #[cfg(any(feature = "cuda", feature = "wgpu"))]
                     (_, Some(clip)) => crate::adamw_kernel::update(p, grad, clip.clone(), moments, &scalars),
                     _ => adamw_on_tensors(p, clipped(grad), moments, &scalars, &[]),
-                }
+                };
+                (p, Some(moments))
             }
             UpdateRule::RmsProp => {
                 const ALPHA: f64 = 0.99;
@@ -320,10 +355,12 @@ impl<AD: AutodiffBackend> ModuleMapper<AD> for Update<'_, AD> {
                 };
                 let square_avg = square_avg * ALPHA + g_flat.clone().square() * (1.0 - ALPHA);
                 let update = g_flat / (square_avg.clone().sqrt() + EPS) * self.lr;
-                (p - update.reshape(shape), Moments { exp_avg: Tensor::zeros([0], &device), exp_avg_sq: square_avg })
+                (p - update.reshape(shape), Some(Moments { exp_avg: Tensor::zeros([0], &device), exp_avg_sq: square_avg }))
             }
         };
-        self.optimizer.state.insert(path, moments);
+        if let Some(moments) = moments {
+            self.optimizer.state.insert(path, moments);
+        }
 
         Param::from_mapped_value(id, with_grad(Tensor::from_inner(p), require_grad), mapper)
     }
@@ -336,6 +373,11 @@ pub fn update_by_kernel<B: Backend>() -> bool {
     return crate::adamw_kernel::enabled::<B>();
     #[cfg(not(any(feature = "cuda", feature = "wgpu")))]
     false
+}
+
+/// A tensor's values on the host, as f32.
+fn host_values<B: Backend>(tensor: Tensor<B, 1>) -> Vec<f32> {
+    tensor.into_data().convert::<f32>().into_vec::<f32>().expect("f32 after convert")
 }
 
 /// `tensor`, tracked again when the parameter was.

@@ -967,12 +967,6 @@ impl Recipe {
                 }
             }
         }
-        if matches!(self.optim.as_str(), "adamw_bnb_8bit" | "adamw_8bit" | "paged_adamw_8bit") {
-            inert.push(format!(
-                "optim: {} (8-bit moments are not implemented: the run uses AdamW with 32-bit moments, the update bitsandbytes approximates)",
-                self.optim
-            ));
-        }
         if self.dataset_num_proc.is_some() && !self.packing {
             inert.push(
                 "dataset_num_proc (tokenization runs in one process; the value shapes packed rows only, as datasets' shards do for TRL, and packing is off)"

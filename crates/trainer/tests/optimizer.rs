@@ -29,7 +29,9 @@ fn rmsprop_with_clipping_matches_torch() {
     check_against_torch(include_str!("fixtures/rmsprop.json"), UpdateRule::RmsProp);
     assert_eq!(UpdateRule::from_optim("rmsprop").unwrap(), UpdateRule::RmsProp);
     assert_eq!(UpdateRule::from_optim("paged_adamw_32bit").unwrap(), UpdateRule::AdamW);
-    assert_eq!(UpdateRule::from_optim("adamw_bnb_8bit").unwrap(), UpdateRule::AdamW, "32-bit moments, announced by the run");
+    for name in ["adamw_bnb_8bit", "adamw_8bit", "paged_adamw_8bit"] {
+        assert_eq!(UpdateRule::from_optim(name).unwrap(), UpdateRule::AdamW8bit, "{name}");
+    }
     let eight_bit = UpdateRule::from_optim("lion_8bit").unwrap_err();
     assert!(eight_bit.contains("lion_8bit") && eight_bit.contains("8-bit"), "{eight_bit}");
 }
