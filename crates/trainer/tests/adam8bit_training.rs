@@ -9,7 +9,7 @@ use alignment_core::backend::CpuAutodiff;
 use alignment_models::load_pretrained;
 use alignment_trainer::adam8bit::quantizes;
 use alignment_trainer::{train, Recipe, TrainerConfig};
-use common::{examples, fixture, task};
+use common::{examples, fixture, logged_losses as losses, task};
 use std::path::{Path, PathBuf};
 
 fn config(output_dir: &Path, optim: &str, resume_from: Option<PathBuf>) -> TrainerConfig {
@@ -27,15 +27,6 @@ fn config(output_dir: &Path, optim: &str, resume_from: Option<PathBuf>) -> Train
     config.quiet = true;
     config.resume_from = resume_from;
     config
-}
-
-fn losses(output_dir: &Path) -> Vec<(u64, f64)> {
-    std::fs::read_to_string(output_dir.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
-        .filter_map(|e| Some((e["step"].as_u64()?, e.get("loss")?.as_f64()?)))
-        .collect()
 }
 
 fn run(output_dir: &Path, optim: &str, resume_from: Option<PathBuf>) -> Vec<(u64, f64)> {

@@ -12,7 +12,7 @@ use alignment_models::load_pretrained;
 use alignment_trainer::checkpoint::list_checkpoints;
 use alignment_trainer::train::SaveStrategy;
 use alignment_trainer::{train, Recipe, TrainError, TrainerConfig};
-use common::{examples, fixture, task, HookedSft};
+use common::{examples, fixture, logged_losses as losses, task, HookedSft};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -28,15 +28,6 @@ fn config(output_dir: &Path) -> TrainerConfig {
     let mut config = TrainerConfig::from_recipe(&recipe).unwrap();
     config.quiet = true;
     config
-}
-
-fn losses(output_dir: &Path) -> Vec<(u64, f64)> {
-    std::fs::read_to_string(output_dir.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
-        .filter_map(|e| Some((e["step"].as_u64()?, e.get("loss")?.as_f64()?)))
-        .collect()
 }
 
 #[test]

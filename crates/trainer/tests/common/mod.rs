@@ -1,4 +1,4 @@
-//! Helpers shared by the trainer's multi-process tests (resume.rs, data_parallel.rs).
+//! Helpers shared by the trainer's tests that run the loop (resume.rs, data_parallel.rs, adam8bit_training.rs).
 
 #![allow(dead_code)]
 
@@ -7,7 +7,7 @@ use alignment_trainer::tasks::SftTask;
 use alignment_trainer::{Scoring, Sequence, Task, IGNORE_INDEX};
 use burn::tensor::backend::Backend;
 use burn::tensor::Tensor;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 /// The tiny random Llama checkpoint of the models crate.
 pub fn fixture() -> PathBuf {
@@ -67,4 +67,14 @@ impl<F: Fn()> Task for HookedSft<F> {
     ) -> (Tensor<B, 1>, DeferredMetrics<B>) {
         self.inner.loss_from_logps(logps, examples, device)
     }
+}
+
+/// The `(step, loss)` pairs a run logged to `output_dir/metrics.jsonl`.
+pub fn logged_losses(output_dir: &Path) -> Vec<(u64, f64)> {
+    std::fs::read_to_string(output_dir.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter_map(|e| Some((e["step"].as_u64()?, e.get("loss")?.as_f64()?)))
+        .collect()
 }
