@@ -145,6 +145,12 @@ struct UpdateArgs {
     /// Timed updates per variant.
     #[arg(long, default_value_t = 5)]
     steps: usize,
+    /// The update rule (the recipes' `optim`): `adamw_torch` times the one-process update and a
+    /// data-parallel rank's; `adamw_bnb_8bit` the one-process 8-bit update (on libtorch with a
+    /// GPU bitsandbytes' kernels when `ALIGNMENT_BITSANDBYTES_LIB` or the torch install has them,
+    /// else the tensor form), which data-parallel runs refuse.
+    #[arg(long, default_value = "adamw_torch")]
+    optim: String,
 }
 
 #[derive(Parser)]
@@ -218,6 +224,10 @@ struct CheckArgs {
     /// Write the comparison as JSON here.
     #[arg(long)]
     report: Option<PathBuf>,
+    /// Only these cases (`sft-8bit`, `zero3-sft`, …: the names the report gives), comma-separated;
+    /// every case when absent.
+    #[arg(long, value_delimiter = ',')]
+    cases: Vec<String>,
 }
 
 fn main() {
@@ -886,7 +896,8 @@ fn run_check<B: AutodiffBackend>(args: &CheckArgs, matmul_dtype: Option<FloatDTy
     let mut report = Map::new();
     let mut all_pass = true;
     println!("{:<10} {:>14} {:>14} {:>10}  result", "case", "max rel scalar", "max rel grad", "tolerance");
-    for case in step_check::CASES {
+    let wanted = |name: &str| args.cases.is_empty() || args.cases.iter().any(|c| c == name);
+    for case in step_check::CASES.into_iter().filter(|c| wanted(c.name)) {
         let name = case.name;
         let start = Instant::now();
         let values = step_check::run_case::<B>(&fixture, case, matmul_dtype, device).map_err(|e| e.to_string())?;
@@ -907,7 +918,7 @@ fn run_check<B: AutodiffBackend>(args: &CheckArgs, matmul_dtype: Option<FloatDTy
     // ZeRO-3's first step (shards on this backend's device, gathered and reduced inside the
     // passes) against the dense reference; once per backend, without mixed products.
     if let (Some(dir), None) = (&args.reference, matmul_dtype) {
-        for case in step_check::ZERO3_CASES {
+        for case in step_check::ZERO3_CASES.into_iter().filter(|c| wanted(&format!("zero3-{}", c.name))) {
             let name = format!("zero3-{}", case.name);
             let start = Instant::now();
             let values = step_check::run_zero3_case::<B>(&fixture, case, device).map_err(|e| e.to_string())?;
@@ -1015,9 +1026,14 @@ fn run_update<B: AutodiffBackend>(args: &UpdateArgs, device: &B::Device) -> Resu
         B::sync(device).map_err(|e| format!("{e:?}"))?;
         Ok(grads)
     };
-    let adamw = AdamWConfig { weight_decay: 0.01, ..AdamWConfig::default() };
+    let rule = alignment_trainer::optimizer::UpdateRule::from_optim(&args.optim)?;
+    let adamw = AdamWConfig { weight_decay: 0.01, rule, ..AdamWConfig::default() };
+    let variants: &[&str] = match rule {
+        alignment_trainer::optimizer::UpdateRule::AdamW => &["one-process", "data-parallel-device", "data-parallel-offloaded"],
+        _ => &["one-process"],
+    };
     let mut results = Map::new();
-    for variant in ["one-process", "data-parallel-device", "data-parallel-offloaded"] {
+    for &variant in variants {
         let mut optimizer = AdamW::<B::InnerBackend>::new(adamw);
         let mut parallel = DataParallel::new(Box::new(LocalCommunicator::new()), ZeroStage::Zero2);
         parallel.offload_optimizer = Some(variant == "data-parallel-offloaded");
@@ -1041,7 +1057,7 @@ fn run_update<B: AutodiffBackend>(args: &UpdateArgs, device: &B::Device) -> Resu
         results.insert(variant.into(), json!({"median_s": median(&seconds), "steps_s": seconds}));
     }
     let shape = args.shape.file_stem().and_then(|s| s.to_str()).unwrap_or("?");
-    println!("{}", json!({"update": results, "backend": args.backend, "shape": shape, "trainable": trainable}));
+    println!("{}", json!({"update": results, "backend": args.backend, "shape": shape, "trainable": trainable, "optim": args.optim}));
     Ok(())
 }
 

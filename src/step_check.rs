@@ -1,6 +1,6 @@
 //! The cross-backend check of the training step: a few optimizer steps of every kind of run
-//! (full SFT and DPO, LoRA, QLoRA, and the lean step with gradient checkpointing and the
-//! chunked head) on the committed tiny Llama, whose losses, metrics and gradients must equal the
+//! (full SFT and DPO, LoRA, QLoRA, the lean step with gradient checkpointing and the chunked
+//! head, and SFT with bitsandbytes' 8-bit AdamW) on the committed tiny Llama, whose losses, metrics and gradients must equal the
 //! CPU backend's. It is how a GPU backend is proven correct: in CI on burn's `wgpu` backend over
 //! Mesa's software Vulkan (the same CubeCL kernels as `cuda`; `tests/backend_check.rs`), and on
 //! the device through `bench_train check` with values the CPU wrote here (issue #12).
@@ -15,7 +15,7 @@
 
 use crate::models::{CausalLm, SaveDtype};
 use crate::objectives::{DeferredMetrics, DpoConfig, Reduction};
-use crate::trainer::optimizer::{AdamW, AdamWConfig, DeviceStepReport};
+use crate::trainer::optimizer::{AdamW, AdamWConfig, DeviceStepReport, UpdateRule};
 use crate::trainer::tasks::{DpoTask, PreferencePair, ReferenceLogps, SftTask};
 use crate::trainer::{forward_backward_prepared, prepare, PreparedBatch, Sequence, StepOptions, Task, IGNORE_INDEX};
 use alignment_peft::{apply_lora, LoraConfig, QuantConfig, TargetModules};
@@ -56,16 +56,27 @@ pub struct Case {
     /// Gradient checkpointing and the chunked head (the recipes' `gradient_checkpointing` and
     /// `use_liger_kernel`), with a chunk small enough that the tiny vocabulary spans several.
     pub lean: bool,
+    /// The optimizer's update (`optim`): AdamW, or bitsandbytes' AdamW with 8-bit moments, whose
+    /// tensor form runs on the GPU backends (`trainer::adam8bit_tensors`).
+    pub optim: UpdateRule,
+}
+
+impl Case {
+    /// The case's optimizer settings: the defaults, with its update rule.
+    pub fn adamw(&self) -> AdamWConfig {
+        AdamWConfig { rule: self.optim, ..AdamWConfig::default() }
+    }
 }
 
 /// Every case, in the order reports list them.
-pub const CASES: [Case; 6] = [
-    Case { name: "sft", preference: false, lora: false, nf4: false, lean: false },
-    Case { name: "dpo", preference: true, lora: false, nf4: false, lean: false },
-    Case { name: "lora", preference: false, lora: true, nf4: false, lean: false },
-    Case { name: "qlora", preference: false, lora: true, nf4: true, lean: false },
-    Case { name: "sft-lean", preference: false, lora: false, nf4: false, lean: true },
-    Case { name: "dpo-lean", preference: true, lora: false, nf4: false, lean: true },
+pub const CASES: [Case; 7] = [
+    Case { name: "sft", preference: false, lora: false, nf4: false, lean: false, optim: UpdateRule::AdamW },
+    Case { name: "dpo", preference: true, lora: false, nf4: false, lean: false, optim: UpdateRule::AdamW },
+    Case { name: "lora", preference: false, lora: true, nf4: false, lean: false, optim: UpdateRule::AdamW },
+    Case { name: "qlora", preference: false, lora: true, nf4: true, lean: false, optim: UpdateRule::AdamW },
+    Case { name: "sft-lean", preference: false, lora: false, nf4: false, lean: true, optim: UpdateRule::AdamW },
+    Case { name: "dpo-lean", preference: true, lora: false, nf4: false, lean: true, optim: UpdateRule::AdamW },
+    Case { name: "sft-8bit", preference: false, lora: false, nf4: false, lean: false, optim: UpdateRule::AdamW8bit },
 ];
 
 /// How close a backend computing in f32 must come to the CPU's values (relative).
@@ -215,7 +226,7 @@ pub fn run_case_storing<B: AutodiffBackend>(
     device: &B::Device,
 ) -> Result<CaseValues, CheckError> {
     let (mut model, options) = prepare_case_storing::<B>(fixture, case, matmul_dtype, store_frozen, device)?;
-    let mut optimizer = AdamW::<B::InnerBackend>::new(AdamWConfig::default());
+    let mut optimizer = AdamW::<B::InnerBackend>::new(case.adamw());
     let mut values = CaseValues::default();
     for step in 0..STEPS {
         let (updated, pending, grads, report) = case_step(model, case, &mut optimizer, &options, device);

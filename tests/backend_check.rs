@@ -605,8 +605,8 @@ fn tch_frozen_weights_stored_in_bf16_give_the_steps_bits() {
     model.config.raw.insert("tie_word_embeddings".into(), true.into());
     save_pretrained(&model, &tied, SaveDtype::BF16, None).unwrap();
 
-    let lora_lean = Case { name: "lora-lean", preference: false, lora: true, nf4: false, lean: true };
-    let dpo_lora = Case { name: "dpo-lora", preference: true, lora: true, nf4: false, lean: false };
+    let lora_lean = Case { name: "lora-lean", lean: true, ..CASES[2] };
+    let dpo_lora = Case { name: "dpo-lora", preference: true, ..CASES[2] };
     let (lora, qlora) = (CASES[2], CASES[3]);
     for (checkpoint, case) in
         [(&untied, lora), (&untied, qlora), (&untied, lora_lean), (&untied, dpo_lora), (&tied, lora), (&tied, lora_lean)]

@@ -33,3 +33,27 @@ fn operations_report_lists_the_failing_operations_with_their_errors() {
     );
     assert!(!text.contains("softmax over 7"), "passing operations are counted, not listed: {text}");
 }
+
+/// The 8-bit AdamW update's table: ours (a `measure` row of `bench_train update --optim
+/// adamw_bnb_8bit`, one of them failed) beside PyTorch's (`check_adam8bit.py --time-shape`).
+#[test]
+fn eight_bit_update_report_puts_ours_beside_pytorchs() {
+    let dir = tempfile::tempdir().unwrap();
+    let rows = [
+        json!({"label": "update-8bit tch-cuda llama-3.2-1b", "update": {"one-process": {"median_s": 0.0123, "steps_s": [0.0123]}},
+               "backend": "tch-cuda", "shape": "llama-3.2-1b", "trainable": 1_235_814_400u64, "optim": "adamw_bnb_8bit",
+               "exit_code": 0, "peak_device_mib": 14000.0}),
+        json!({"label": "update-8bit tch-cuda@tensor-8bit llama-3.2-1b", "exit_code": 137, "error": "killed"}),
+        json!({"check": "adam8bit-time", "impl": "pytorch bnb.optim.AdamW 8-bit", "median_s": 0.0081, "steps_s": [0.0081],
+               "params": 1_235_814_400u64, "shape": "llama-3.2-1b"}),
+    ];
+    let results = dir.path().join("results.jsonl");
+    std::fs::write(&results, rows.iter().map(|r| r.to_string() + "\n").collect::<String>()).unwrap();
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/gpu/report.py");
+    let output = Command::new("python3").arg(script).arg(&results).arg("--checks").arg(dir.path()).output().expect("python3 runs");
+    assert!(output.status.success(), "report.py failed: {}", String::from_utf8_lossy(&output.stderr));
+    let text = String::from_utf8(output.stdout).unwrap();
+    assert!(text.contains("| ours tch-cuda | llama-3.2-1b | 1235814400 | 12.30 | 14000 |"), "{text}");
+    assert!(text.contains("| ours tch-cuda@tensor-8bit | ? | – | failed: killed | |"), "{text}");
+    assert!(text.contains("| pytorch bnb.optim.AdamW 8-bit | llama-3.2-1b | 1235814400 | 8.10 | – |"), "{text}");
+}

@@ -2,8 +2,9 @@
 //! to the host is counted, by running the step on a backend that routes each operation to the
 //! CPU backend through burn's router and counts its `read_tensor` calls.
 //!
-//! Every case of `step_check` (SFT, DPO, LoRA, QLoRA, and the lean step with checkpointing and
-//! the chunked head) runs three optimizer steps — two micro-batches each, padding masks, RoPE
+//! Every case of `step_check` (SFT, DPO, LoRA, QLoRA, the lean step with checkpointing and the
+//! chunked head, and SFT with 8-bit AdamW, whose update is its tensor form on this backend) runs
+//! three optimizer steps — two micro-batches each, padding masks, RoPE
 //! tables, the loss, the backward pass, gradient accumulation, the global grad norm, clipping
 //! and AdamW — with no read at all. Logging then reads one transfer per micro-batch (its
 //! metrics, `DeferredMetrics`) and one per step (grad norm and clipping factor). On a GPU each
@@ -140,7 +141,7 @@ fn training_steps_read_nothing_back_until_their_metrics_are_logged() {
     const STEPS: usize = 3;
     for case in CASES {
         let (mut model, options) = step_check::prepare_case::<Counted>(&fixture, case, None, &device).unwrap();
-        let mut optimizer = AdamW::new(AdamWConfig::default());
+        let mut optimizer = AdamW::new(case.adamw());
         let before = reads();
         let mut logged = Vec::new();
         for _ in 0..STEPS {

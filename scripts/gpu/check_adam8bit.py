@@ -12,13 +12,21 @@ per case (appended to --results) and exits non-zero when a case misses that by f
 apart by more than 5 % of a learning rate (one Adam step moves an element by about one), more
 than 1 % of codes apart, or any code more than one step away.
 
-usage: check_adam8bit.py [--results FILE]   (bitsandbytes importable: run.sh stage puts it in
-                                            .gpu/python, which device_run.sh puts on PYTHONPATH)
+With --time-shape CONFIG (a config.json), it then times PyTorch's optimizer step on a model of
+that shape's parameters instead of checking: gradient clipping (`clip_grad_norm_`, as
+transformers' Trainer does before each step) and `bnb.optim.AdamW(optim_bits=8)` with the
+embedding kept in 32-bit (the Trainer's override), then the same with torch's fused AdamW; one
+JSON line each (`"check": "adam8bit-time"`), what `bench_train update --optim adamw_bnb_8bit`
+is measured against.
+
+usage: check_adam8bit.py [--results FILE] [--time-shape CONFIG]   (bitsandbytes importable:
+        run.sh stage puts it in .gpu/python, which device_run.sh puts on PYTHONPATH)
 """
 import argparse
 import json
 import os
 import sys
+import time
 
 import numpy as np
 import torch
@@ -81,12 +89,67 @@ def kernel_32bit(p, grads, lrs, wd, beta1, beta2, eps):
     return states
 
 
+def shape_parameters(config):
+    """The trainable parameters of a Llama-family model of `config`'s shape, random, on the GPU:
+    the embedding as an `nn.Embedding` (for bitsandbytes' 32-bit override), the rest as tensors."""
+    hidden, inter, layers = config["hidden_size"], config["intermediate_size"], config["num_hidden_layers"]
+    heads = config["num_attention_heads"]
+    kv_heads, head_dim = config.get("num_key_value_heads", heads), config.get("head_dim", hidden // heads)
+    shapes = []
+    for _ in range(layers):
+        shapes += [(heads * head_dim, hidden), (kv_heads * head_dim, hidden), (kv_heads * head_dim, hidden),
+                   (hidden, heads * head_dim), (inter, hidden), (inter, hidden), (hidden, inter), (hidden,), (hidden,)]
+    shapes.append((hidden,))
+    if not config.get("tie_word_embeddings", False):
+        shapes.append((config["vocab_size"], hidden))
+    embedding = torch.nn.Embedding(config["vocab_size"], hidden, device="cuda")
+    params = [torch.nn.Parameter(torch.randn(s, device="cuda") * 0.02) for s in shapes]
+    return embedding, params
+
+
+def time_step(name, params, optimizer, steps=3):
+    """Median seconds of clipping + `optimizer.step()` over `steps` steps after one, with fresh
+    random gradients before each (outside the timing)."""
+    seconds = []
+    for step in range(1 + steps):
+        for p in params:
+            p.grad = torch.randn_like(p) * 1e-4
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        torch.cuda.synchronize()
+        if step > 0:
+            seconds.append(time.perf_counter() - start)
+    return {"check": "adam8bit-time", "impl": name, "median_s": float(np.median(seconds)), "steps_s": seconds,
+            "params": sum(p.numel() for p in params)}
+
+
+def time_shape(path):
+    import bitsandbytes as bnb
+    config = json.load(open(path))
+    embedding, params = shape_parameters(config)
+    everything = [embedding.weight] + params
+    manager = bnb.optim.GlobalOptimManager.get_instance()
+    manager.register_module_override(embedding, "weight", {"optim_bits": 32})
+    rows = [time_step("pytorch bnb.optim.AdamW 8-bit", everything, bnb.optim.AdamW(everything, lr=1e-5, weight_decay=0.01, optim_bits=8))]
+    torch.cuda.empty_cache()
+    rows.append(time_step("pytorch torch.optim.AdamW fused", everything, torch.optim.AdamW(everything, lr=1e-5, weight_decay=0.01, fused=True)))
+    shape = os.path.splitext(os.path.basename(path))[0]
+    for row in rows:
+        row["shape"] = shape
+    return rows
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--results")
+    parser.add_argument("--time-shape")
     args = parser.parse_args()
     rows = []
-    if not torch.cuda.is_available():
+    if args.time_shape and torch.cuda.is_available():
+        rows = time_shape(args.time_shape)
+    elif not torch.cuda.is_available():
         rows.append({"check": "adam8bit", "case": "all", "skipped": "no GPU: bitsandbytes' 8-bit optimizer runs only as CUDA kernels"})
     else:
         data = json.load(open(os.path.join(ROOT, "crates/trainer/tests/fixtures/adam8bit.json")))

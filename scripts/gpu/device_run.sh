@@ -118,6 +118,12 @@ if [ -z "${TORCH_LIB:-}" ]; then
         [ -f "$lib/libcudart.so.13" ] && TORCH_LIB="$TORCH_LIB:$(cd "$lib" && pwd)"
     done
 fi
+# bitsandbytes' CUDA library for `optim: adamw_bnb_8bit` on tch-cuda (trainer::tch_adam8bit
+# finds it beside torch otherwise; the staged wheel is not installed there).
+BNB_LIB="$GPU_DIR/python/bitsandbytes/libbitsandbytes_cuda130.so"
+if [ "$DRY_RUN" != 1 ] && [ -f "$BNB_LIB" ]; then
+    export ALIGNMENT_BITSANDBYTES_LIB="$BNB_LIB"
+fi
 if [ -x "$BIN_TCH" ]; then
     say "bench_train_tch: $(ls -la "$BIN_TCH" | awk '{print $5}') bytes, libtorch from ${TORCH_LIB:-nowhere}"
     LD_LIBRARY_PATH="$TORCH_LIB:${LD_LIBRARY_PATH:-}" ldd "$BIN_TCH" 2>&1 | grep -E "torch|c10|not found" || true
@@ -162,6 +168,9 @@ runner_for() {
         # `NAME@two-step-mlp`: the gated MLP's gate and down projection as two recorded steps
         # (keeping their product for the backward pass) instead of one.
         *@two-step-mlp) echo "env ALIGNMENT_GATED_DOWN_STEP=0 $BIN" ;;
+        # `NAME@tensor-8bit`: `optim: adamw_bnb_8bit` by its tensor form (trainer::adam8bit_tensors)
+        # instead of bitsandbytes' kernels (trainer::tch_adam8bit).
+        *@tensor-8bit) echo "env ALIGNMENT_BNB_KERNELS=0 $BIN" ;;
         # `NAME@ops-steps`: attention and RMSNorm by burn's operations instead of the recorded
         # steps written for GPU memory (models::blocked_attention, recorded_norm).
         *@ops-steps) echo "env ALIGNMENT_GPU_STEPS=0 $BIN" ;;
@@ -239,7 +248,7 @@ run_checks() {
         fi
         say "check $backend"
         # shellcheck disable=SC2086 # the runner is `env VAR=... binary`
-        timeout --signal=KILL "${CHECK_TIMEOUT_S:-240}" $runner check --backend "${backend%@*}" --reference "$GPU_DIR/reference" --report "$WORK/check-$backend.json" || say "check $backend: FAILED (exit $?)"
+        timeout --signal=KILL "${CHECK_TIMEOUT_S:-240}" $runner check --backend "${backend%@*}" --reference "$GPU_DIR/reference" --report "$WORK/check-$backend.json" ${CHECK_CASES:+--cases "$CHECK_CASES"} || say "check $backend: FAILED (exit $?)"
     done
 }
 
@@ -359,6 +368,29 @@ run_adam8bit() {
     timeout --signal=KILL "$limit" env PYTHONPATH="$GPU_DIR/python${PYTHONPATH:+:$PYTHONPATH}" \
         "$PY" scripts/gpu/check_adam8bit.py --results "$RESULTS" >"$WORK/adam8bit.txt" 2>&1
     say "adam8bit: exit $? — $(grep -c '"pass": true' "$WORK/adam8bit.txt") cases pass; $(grep -v '"pass": true' "$WORK/adam8bit.txt" | tail -c 400 | tr '\n' ' ')"
+}
+
+# `optim: adamw_bnb_8bit`'s update alone on shape $1 (default the 1B; ≈ 30–40 s): first the
+# 8-bit check case through the tensor form on the GPU (the `tch` plan's checks ran it through
+# bitsandbytes' kernels), then the update timed through bitsandbytes' kernels called from Rust
+# (trainer::tch_adam8bit), through the tensor form (@tensor-8bit), and PyTorch's step with
+# bnb.optim.AdamW(optim_bits=8) and with its fused AdamW, clipping included in each, in the
+# same call; rows in $RESULTS.
+run_update_8bit() {
+    local shape="${1:-llama-3.2-1b}" backend runner limit
+    CHECK_CASES=sft-8bit CHECK_BACKENDS="tch-cuda@tensor-8bit" run_checks
+    for backend in tch-cuda tch-cuda@tensor-8bit; do
+        runner="$(runner_for "$backend")"
+        [ -z "$runner" ] && continue
+        # shellcheck disable=SC2086 # the runner is `env VAR=... binary`
+        measure "update-8bit $backend $shape" $runner update --backend "${backend%@*}" --shape "scripts/gpu/shapes/$shape.json" --optim adamw_bnb_8bit --warmup 1 --steps 3
+    done
+    [ -d "$GPU_DIR/python/bitsandbytes" ] || return
+    limit=$(run_limit 20) || { say "skip PyTorch's 8-bit update (budget spent)"; return; }
+    say "PyTorch's 8-bit update $shape"
+    timeout --signal=KILL "$limit" env PYTHONPATH="$GPU_DIR/python${PYTHONPATH:+:$PYTHONPATH}" \
+        "$PY" scripts/gpu/check_adam8bit.py --time-shape "scripts/gpu/shapes/$shape.json" --results "$RESULTS" >"$WORK/adam8bit-time.txt" 2>&1
+    say "PyTorch's 8-bit update: exit $? — $(tail -c 400 "$WORK/adam8bit-time.txt" | tr '\n' ' ')"
 }
 
 # --- 3. NCCL -------------------------------------------------------------------------------
@@ -608,6 +640,9 @@ case "$PLAN" in
         # eager ones (predicted ≈ −5 ms of ≈ 110 a step: their idle gaps).
         NO_TORCH=1 OURS_BACKENDS=tch-cuda-bf16@cuda-graph bench llama-3.2-1b sft 1024 4 1
         NO_TORCH=1 OURS_BACKENDS=tch-cuda-bf16@cuda-graph bench llama-3.2-1b dpo 1024 2 1
+        # If budget is left: `optim: adamw_bnb_8bit` on the GPU (≈ 30–40 s), never run: the update
+        # through bitsandbytes' kernels and through the tensor form, beside PyTorch's.
+        run_update_8bit llama-3.2-1b
         ;;
     profile)
         # A second call after `first` (BUDGET_S=200): the 1B step again in case `first` ran out

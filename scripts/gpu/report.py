@@ -212,6 +212,24 @@ def main():
                 f"{fmt(r.get('absmax_max_rel'), '.1e')} | {'pass' if r.get('pass') else 'FAIL'} |"
             )
 
+    # `optim: adamw_bnb_8bit`'s update alone (device_run.sh's run_update_8bit): ours through
+    # bitsandbytes' kernels and through the tensor form, PyTorch's with bitsandbytes and fused AdamW.
+    timed = [r for r in rows if r.get("check") == "adam8bit-time" or str(r.get("label", "")).startswith("update-8bit ")]
+    if timed:
+        print("\n8-bit AdamW's update alone (clipping included; median of the timed updates):\n")
+        print("| implementation | shape | parameters | ms an update | peak MiB (nvidia-smi) |")
+        print("|---|---|---|---|---|")
+        for r in timed:
+            if r.get("check") == "adam8bit-time":
+                name, shape, params, median = r["impl"], r.get("shape", "?"), r.get("params"), r.get("median_s")
+            else:
+                name, shape, params = "ours " + r["label"].split()[1], r.get("shape", "?"), r.get("trainable")
+                median = (r.get("update") or {}).get("one-process", {}).get("median_s")
+            if median is None:
+                print(f"| {name} | {shape} | {params or '–'} | failed: {str(r.get('error', r.get('skipped', '')))[-120:]} | |")
+                continue
+            print(f"| {name} | {shape} | {params or '–'} | {1e3 * median:.2f} | {fmt(r.get('peak_device_mib'), '.0f')} |")
+
 
 if __name__ == "__main__":
     main()

@@ -23,9 +23,10 @@
 //!
 //! bitsandbytes runs this only as CUDA kernels; the golden values
 //! (`scripts/make_adam8bit_goldens.py`) transcribe them in exact f32 arithmetic, as this module
-//! does, and check the transcription against bitsandbytes' own pure-torch reference. The update
-//! runs on the host, over the parameter's and gradient's values (on a GPU backend, a round trip
-//! per parameter and step).
+//! does, and check the transcription against bitsandbytes' own pure-torch reference. This
+//! module's update runs on the host, over the parameter's and gradient's values: the CPU
+//! backend's step. Every other backend runs the same operations as tensor operations on the
+//! parameter's device (`crate::adam8bit_tensors`).
 
 /// Elements per block of one absolute maximum (bitsandbytes' `BLOCKSIZE_2STATE`).
 pub const BLOCK: usize = 256;
@@ -34,7 +35,7 @@ pub const BLOCK: usize = 256;
 pub const MIN_8BIT_SIZE: usize = 4096;
 
 /// The code a partial last block's padding reads for `m` (the kernel loads it as 128).
-const PAD_CODE1: usize = 128;
+pub(crate) const PAD_CODE1: usize = 128;
 
 /// Whether the parameter at `path` with `len` elements keeps 8-bit moments: large enough, and
 /// not the embedding (transformers' Trainer overrides `nn.Embedding` to 32-bit).
@@ -90,6 +91,8 @@ pub struct Scalars {
     pub correction2: f32,
     /// `−lr·√(1 − β₂ᵗ) / (1 − β₁ᵗ)`.
     pub step_size: f32,
+    /// The update's count (from 1), from which bitsandbytes' kernels derive the corrections.
+    pub step: u64,
 }
 
 impl Scalars {
@@ -108,6 +111,7 @@ impl Scalars {
             weight_decay: weight_decay as f32,
             correction2,
             step_size: (-lr * correction2) / correction1,
+            step,
         }
     }
 

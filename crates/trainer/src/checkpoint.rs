@@ -11,6 +11,7 @@
 //! pure function of the seed and the epoch, so nothing else is needed to resume exactly.
 
 use crate::adam8bit::BlockwiseMoments;
+use crate::adam8bit_tensors::BlockwiseState;
 use crate::optimizer::{AdamW, Moments};
 use crate::train::AdapterOutput;
 use crate::TrainError;
@@ -144,6 +145,7 @@ fn write_optimizer<B: Backend>(path: &Path, optimizer: &AdamW<B>) -> Result<(), 
         }
     }
     for (param, b) in &optimizer.blockwise {
+        let b = b.to_host();
         entries.push(floats(format!("{param}.absmax1"), &b.absmax1)?);
         entries.push(floats(format!("{param}.absmax2"), &b.absmax2)?);
         entries.push((format!("{param}.state1"), safetensors::Dtype::U8, b.state1.clone()));
@@ -224,7 +226,7 @@ pub fn load_optimizer<B: Backend>(
                 moments.absmax2.len()
             )));
         }
-        optimizer.blockwise.insert(param.to_string(), moments);
+        optimizer.blockwise.insert(param.to_string(), BlockwiseState::Host(moments));
     }
     optimizer.step = state.optimizer_step;
     Ok(())

@@ -10,6 +10,7 @@
 //! [`data_parallel`] (N ranks, DDP/ZeRO) with [`zero3`] (weights partitioned inside the passes).
 
 pub mod adam8bit;
+pub mod adam8bit_tensors;
 #[cfg(any(feature = "cuda", feature = "wgpu"))]
 mod adamw_kernel;
 pub mod checkpoint;
@@ -29,6 +30,8 @@ pub mod step;
 pub mod strategy;
 pub mod task;
 pub mod tasks;
+#[cfg(feature = "tch")]
+mod tch_adam8bit;
 #[cfg(feature = "tch")]
 mod tch_adamw;
 #[cfg(feature = "tch")]

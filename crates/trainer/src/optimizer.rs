@@ -22,12 +22,16 @@
 //! (`adamw_kernel.rs`), the same f32 operations in the same order, in place.
 //!
 //! `optim: adamw_bnb_8bit` (and `adamw_8bit`, `paged_adamw_8bit`) swaps it for bitsandbytes'
-//! AdamW with 8-bit block-wise moments (`crate::adam8bit`), after the same clipping.
+//! AdamW with 8-bit block-wise moments, after the same clipping: a host pass on the CPU backend
+//! (`crate::adam8bit`), the same arithmetic as tensor operations on the device elsewhere
+//! (`crate::adam8bit_tensors`), bitsandbytes' own kernels on libtorch with a GPU when its
+//! library is found (`tch_adam8bit`).
 //!
 //! `optim: rmsprop` swaps the update for `torch.optim.RMSprop` with transformers' arguments
 //! (`α = 0.99`, `ε = 1e-8`, weight decay added to the gradient, no momentum), after the same
 //! clipping: `v ← αv + (1−α)g² ; p ← p − lr · g / (√v + ε)`; `v` is kept as `exp_avg_sq`.
 
+use crate::adam8bit_tensors::{BlockwiseState, CodeTables};
 use burn::module::{AutodiffModule, ModuleMapper, ModuleVisitor, Param, ParamId};
 use burn::optim::GradientsParams;
 use burn::tensor::backend::{AutodiffBackend, Backend};
@@ -133,8 +137,12 @@ pub struct AdamW<B: Backend> {
     /// Moments by parameter path (e.g. `layers.0.self_attn.q_proj.weight`).
     pub state: HashMap<String, Moments<B>>,
     /// 8-bit moments by parameter path (`optim: adamw_bnb_8bit`'s large parameters; the others
-    /// keep theirs in `state`), on the host.
-    pub blockwise: HashMap<String, crate::adam8bit::BlockwiseMoments>,
+    /// keep theirs in `state`): on the host for the host pass (a CPU device), on the parameters'
+    /// device for a GPU's.
+    pub blockwise: HashMap<String, BlockwiseState<B>>,
+    /// bitsandbytes' quantization maps on the parameters' device, for the 8-bit update's tensor
+    /// form; uploaded at its first use, never saved.
+    pub(crate) code_tables: Option<CodeTables<B>>,
     /// The step count and learning rate on the device, for an update that reads them there
     /// (libtorch's fused AdamW); derived from `step`, never saved.
     #[cfg(feature = "tch")]
@@ -195,6 +203,7 @@ impl<B: Backend> AdamW<B> {
             step: 0,
             state: HashMap::new(),
             blockwise: HashMap::new(),
+            code_tables: None,
             #[cfg(feature = "tch")]
             device_scalars: None,
         }
@@ -306,25 +315,7 @@ impl<AD: AutodiffBackend> ModuleMapper<AD> for Update<'_, AD> {
             UpdateRule::AdamW8bit => {
                 let decay = if excluded_from_decay(&path) { 0.0 } else { c.weight_decay };
                 let scalars = crate::adam8bit::Scalars::new(c.beta1, c.beta2, c.epsilon, self.lr, decay, t as u64);
-                let mut values = host_values(p.reshape([numel]));
-                let g = host_values(clipped(grad));
-                let moments = if crate::adam8bit::quantizes(&path, numel) {
-                    let mut state =
-                        self.optimizer.blockwise.remove(&path).unwrap_or_else(|| crate::adam8bit::BlockwiseMoments::zeros(numel));
-                    crate::adam8bit::update_blockwise(&scalars, &mut values, &g, &mut state);
-                    self.optimizer.blockwise.insert(path.clone(), state);
-                    None
-                } else {
-                    let moments = self.optimizer.state.remove(&path);
-                    let (mut m, mut v) = match moments {
-                        Some(m) => (host_values(m.exp_avg), host_values(m.exp_avg_sq)),
-                        None => (vec![0.0; numel], vec![0.0; numel]),
-                    };
-                    crate::adam8bit::update_32bit(&scalars, &mut values, &g, &mut m, &mut v);
-                    let tensor = |values: Vec<f32>| Tensor::from_data(burn::tensor::TensorData::new(values, [numel]), &device);
-                    Some(Moments { exp_avg: tensor(m), exp_avg_sq: tensor(v) })
-                };
-                let p = Tensor::<AD::InnerBackend, 1>::from_data(burn::tensor::TensorData::new(values, [numel]), &device);
+                let (p, moments) = update_8bit(self.optimizer, &path, &scalars, p.reshape([numel]), clipped(grad));
                 (p.reshape(shape), moments)
             }
             UpdateRule::AdamW => {
@@ -364,6 +355,83 @@ impl<AD: AutodiffBackend> ModuleMapper<AD> for Update<'_, AD> {
 
         Param::from_mapped_value(id, with_grad(Tensor::from_inner(p), require_grad), mapper)
     }
+}
+
+/// One `optim: adamw_bnb_8bit` update of the flat parameter `p` at `path` from its clipped
+/// gradient `g`, with the moments `optimizer` keeps for it: 8-bit block-wise for a large
+/// parameter, f32 for the others. On the CPU backend the host pass (`crate::adam8bit`), on every
+/// other backend its tensor form on the parameter's device (`crate::adam8bit_tensors`). Returns
+/// the parameter and the f32 moments to keep (`None`: kept 8-bit).
+fn update_8bit<B: Backend>(
+    optimizer: &mut AdamW<B>,
+    path: &str,
+    scalars: &crate::adam8bit::Scalars,
+    p: Tensor<B, 1>,
+    g: Tensor<B, 1>,
+) -> (Tensor<B, 1>, Option<Moments<B>>) {
+    use crate::adam8bit::{quantizes, BlockwiseMoments};
+    let (numel, device) = (p.dims()[0], p.device());
+    let eight_bit = quantizes(path, numel);
+    let blockwise = optimizer.blockwise.remove(path);
+    let moments = optimizer.state.remove(path);
+    if updates_on_host::<B>(&device) {
+        let tensor = |values: Vec<f32>| Tensor::<B, 1>::from_data(burn::tensor::TensorData::new(values, [numel]), &device);
+        let (mut values, g) = (host_values(p), host_values(g));
+        if eight_bit {
+            let mut state = blockwise.map_or_else(|| BlockwiseMoments::zeros(numel), BlockwiseState::into_host);
+            crate::adam8bit::update_blockwise(scalars, &mut values, &g, &mut state);
+            optimizer.blockwise.insert(path.to_string(), BlockwiseState::Host(state));
+            return (tensor(values), None);
+        }
+        let (mut m, mut v) = match moments {
+            Some(m) => (host_values(m.exp_avg), host_values(m.exp_avg_sq)),
+            None => (vec![0.0; numel], vec![0.0; numel]),
+        };
+        crate::adam8bit::update_32bit(scalars, &mut values, &g, &mut m, &mut v);
+        return (tensor(values), Some(Moments { exp_avg: tensor(m), exp_avg_sq: tensor(v) }));
+    }
+    // On libtorch with a GPU, bitsandbytes' own kernels when its library is found (they count
+    // elements in an `int`).
+    #[cfg(feature = "tch")]
+    let kernels = crate::tch_adam8bit::kernels_for::<B>(&device).filter(|_| i32::try_from(numel).is_ok());
+    if eight_bit {
+        let state = blockwise.unwrap_or_else(|| BlockwiseState::Host(BlockwiseMoments::zeros(numel))).into_device(&device);
+        let maps = optimizer.code_tables.get_or_insert_with(|| CodeTables::new(&device));
+        #[cfg(feature = "tch")]
+        let (p, state) = match kernels {
+            Some(kernels) => crate::tch_adam8bit::update_blockwise(kernels, scalars, maps, p, g, state),
+            None => crate::adam8bit_tensors::update_blockwise(scalars, maps, p, g, state),
+        };
+        #[cfg(not(feature = "tch"))]
+        let (p, state) = crate::adam8bit_tensors::update_blockwise(scalars, maps, p, g, state);
+        optimizer.blockwise.insert(path.to_string(), BlockwiseState::Device(state));
+        return (p, None);
+    }
+    let Moments { exp_avg, exp_avg_sq } = moments.unwrap_or_else(|| Moments::zeros(numel, &device));
+    #[cfg(feature = "tch")]
+    let (p, exp_avg, exp_avg_sq) = match kernels {
+        Some(kernels) => crate::tch_adam8bit::update_32bit(kernels, scalars, p, g, exp_avg, exp_avg_sq),
+        None => crate::adam8bit_tensors::update_32bit(scalars, p, g, exp_avg, exp_avg_sq),
+    };
+    #[cfg(not(feature = "tch"))]
+    let (p, exp_avg, exp_avg_sq) = crate::adam8bit_tensors::update_32bit(scalars, p, g, exp_avg, exp_avg_sq);
+    (p, Some(Moments { exp_avg, exp_avg_sq }))
+}
+
+/// Whether the 8-bit update on `B`'s `device` runs as the host pass: where the device is the
+/// host (the CPU backend, libtorch on the CPU), whose one threaded pass is faster than the tensor
+/// form's two hundred operations (`benches/adam8bit.rs`).
+fn updates_on_host<B: Backend>(device: &B::Device) -> bool {
+    #[cfg(feature = "ndarray")]
+    if crate::cpu_adamw::applies::<B>() {
+        return true;
+    }
+    #[cfg(feature = "tch")]
+    if let Ok(device) = alignment_core::backend::downcast::<_, burn::backend::libtorch::LibTorchDevice>(device.clone()) {
+        return device == burn::backend::libtorch::LibTorchDevice::Cpu;
+    }
+    let _ = device;
+    false
 }
 
 /// Whether the one-process AdamW update on `B` (an autodiff's inner backend) runs as one CubeCL
