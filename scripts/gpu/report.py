@@ -71,7 +71,8 @@ def main():
     groups = {}
     dequant = [r for r in rows if "dequant" in r or " dequant " in r.get("label", "")]
     for r in rows:
-        if "shape" in r and "dequant" not in r and "gemm" not in r:
+        # Training steps only: not the dequantization, products or optimizer updates timed alone.
+        if "shape" in r and not ({"dequant", "gemm", "update"} & r.keys()) and r.get("check") != "adam8bit-time":
             # Runs with gradient checkpointing compare among themselves; ours with the chunked head
             # alone (no full logits, as TRL 1.16's SFTTrainer computes its loss with a fused head)
             # beside PyTorch's plain step.
