@@ -370,15 +370,13 @@ run_adam8bit() {
     say "adam8bit: exit $? — $(grep -c '"pass": true' "$WORK/adam8bit.txt") cases pass; $(grep -v '"pass": true' "$WORK/adam8bit.txt" | tail -c 400 | tr '\n' ' ')"
 }
 
-# `optim: adamw_bnb_8bit`'s update alone on shape $1 (default the 1B; ≈ 30–40 s): first the
-# 8-bit check case through the tensor form on the GPU (the `tch` plan's checks ran it through
-# bitsandbytes' kernels), then the update timed through bitsandbytes' kernels called from Rust
-# (trainer::tch_adam8bit), through the tensor form (@tensor-8bit), and PyTorch's step with
-# bnb.optim.AdamW(optim_bits=8) and with its fused AdamW, clipping included in each, in the
-# same call; rows in $RESULTS.
+# `optim: adamw_bnb_8bit`'s update alone on shape $1 (default the 1B; ≈ 30 s): through
+# bitsandbytes' kernels called from Rust (trainer::tch_adam8bit), through the tensor form
+# (@tensor-8bit), and PyTorch's step with bnb.optim.AdamW(optim_bits=8) and with its fused AdamW,
+# clipping included in each, in the same call; rows in $RESULTS (the `tch` plan's checks ran the
+# `sft-8bit` case both ways).
 run_update_8bit() {
     local shape="${1:-llama-3.2-1b}" backend runner limit
-    CHECK_CASES=sft-8bit CHECK_BACKENDS="tch-cuda@tensor-8bit" run_checks
     for backend in tch-cuda tch-cuda@tensor-8bit; do
         runner="$(runner_for "$backend")"
         [ -z "$runner" ] && continue
@@ -600,8 +598,12 @@ case "$PLAN" in
         # 4096 × 128256 logits are what the head's chunks avoid; and those passes by burn's
         # tensor operations (@ops-logits), as before tch_logits, in the same call. First the
         # libtorch checks (≈ 2 s each): tch_logits and the chunked head's second pass (the
-        # check's lean cases) have changed since they last ran on a GPU.
-        CHECK_BACKENDS="tch-cuda tch-cuda-bf16" run_checks
+        # check's lean cases) have changed since they last ran on a GPU. The `sft-8bit` case's
+        # 8-bit AdamW by its tensor form here (`@tensor-8bit`), then alone through bitsandbytes'
+        # kernels called from Rust (never run: in a process of its own, so that a fault there
+        # cannot cost the other cases' results).
+        CHECK_BACKENDS="tch-cuda@tensor-8bit tch-cuda-bf16@tensor-8bit" run_checks
+        CHECK_CASES=sft-8bit CHECK_BACKENDS="tch-cuda tch-cuda-bf16" run_checks
         # The operations and this project's paths one at a time (≈ 10 s): names the path if a
         # check above failed (every torch-kernel path since the first run is among them).
         OPS_BACKENDS=tch-cuda-bf16 run_ops

@@ -44,7 +44,9 @@ def main():
     if args.checks:
         for path in sorted(glob.glob(os.path.join(args.checks, "check-*.json"))):
             report = json.load(open(path))
-            print(f"\nCorrectness, {report.get('backend')} vs CPU (relative; tolerance {next((r['tolerance'] for r in report.values() if isinstance(r, dict)), '?')}):\n")
+            # The file's name keeps the `@` variant the backend field drops (tch-cuda@tensor-8bit).
+            name = os.path.basename(path)[len("check-"):-len(".json")]
+            print(f"\nCorrectness, {name} vs CPU (relative; tolerance {next((r['tolerance'] for r in report.values() if isinstance(r, dict)), '?')}):\n")
             print("| case | max rel. scalar (losses, metrics, grad norm) | max rel. gradient (‖Δ‖/‖g‖ per tensor) | result |")
             print("|---|---|---|---|")
             for case, r in report.items():

@@ -359,9 +359,10 @@ impl<AD: AutodiffBackend> ModuleMapper<AD> for Update<'_, AD> {
 
 /// One `optim: adamw_bnb_8bit` update of the flat parameter `p` at `path` from its clipped
 /// gradient `g`, with the moments `optimizer` keeps for it: 8-bit block-wise for a large
-/// parameter, f32 for the others. On the CPU backend the host pass (`crate::adam8bit`), on every
-/// other backend its tensor form on the parameter's device (`crate::adam8bit_tensors`). Returns
-/// the parameter and the f32 moments to keep (`None`: kept 8-bit).
+/// parameter, f32 for the others. Where the device is the host, the host pass (`crate::adam8bit`);
+/// on a GPU, bitsandbytes' own kernels (libtorch, its library found: `tch_adam8bit`) or the
+/// tensor form (`crate::adam8bit_tensors`). Returns the parameter and the f32 moments to keep
+/// (`None`: kept 8-bit).
 fn update_8bit<B: Backend>(
     optimizer: &mut AdamW<B>,
     path: &str,
