@@ -20,6 +20,7 @@
 
 use crate::adam8bit::Scalars;
 use crate::adam8bit_tensors::{CodeTables, TensorMoments};
+use crate::tch_adamw::exclusive;
 use alignment_core::backend::retype;
 use alignment_core::env_switch::EnvSwitch;
 use burn::backend::libtorch::{LibTorch, LibTorchDevice, TchTensor};
@@ -262,17 +263,6 @@ fn codes<B: Backend>(tensor: Tensor<B, 1, Int>) -> tch::Tensor {
     let t = exclusive(retype::<_, Tensor<Torch, 1, Int>>(tensor).into_primitive(), true);
     assert_eq!(t.kind(), tch::Kind::Uint8, "8-bit moments are kept as u8");
     t
-}
-
-fn exclusive(primitive: TchTensor, writable: bool) -> tch::Tensor {
-    let shared = !primitive.can_mut();
-    let t = primitive.tensor;
-    let t = if writable && shared { t.copy() } else { t };
-    if t.is_contiguous() {
-        t
-    } else {
-        t.contiguous()
-    }
 }
 
 fn wrap<B: Backend>(t: tch::Tensor) -> Tensor<B, 1> {

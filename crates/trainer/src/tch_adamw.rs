@@ -211,7 +211,12 @@ fn check(error: *mut c_char) {
 /// The torch tensor under `tensor`, contiguous, and when `writable` held by nothing else (copied
 /// when shared), so it can be updated in place.
 fn torch_tensor<B: Backend, const D: usize>(tensor: Tensor<B, D>, writable: bool) -> tch::Tensor {
-    let primitive: TchTensor = retype::<_, Tensor<Torch, D>>(tensor).into_primitive().tensor();
+    exclusive(retype::<_, Tensor<Torch, D>>(tensor).into_primitive().tensor(), writable)
+}
+
+/// The contiguous torch tensor under `primitive`; when `writable`, held by nothing else (copied
+/// when burn-tch's storage is shared).
+pub(crate) fn exclusive(primitive: TchTensor, writable: bool) -> tch::Tensor {
     let shared = !primitive.can_mut();
     let t = primitive.tensor;
     let t = if writable && shared { t.copy() } else { t };
