@@ -336,6 +336,10 @@ run_trainer() {
 # The same loop's speed on the 135M shape (random weights), bf16, packed 1024-token rows of 4,
 # one update a batch: its tokens/s (the logging windows after the first) beside `bench_train
 # train`'s step on the same shape, which leaves out the loop (data, logging, the final save).
+# Then the same run with its steps replayed from a captured CUDA graph
+# (`--torch_compile_mode=reduce-overhead`, trainer::graph_steps): its tokens/s, and every logged
+# metric and saved weight against the eager run's (the same kernels: equal, up to cuBLAS picking
+# other algorithms on the capture's stream).
 run_trainer_speed() {
     [ -x "$TRAINER_BIN_SFT" ] && [ -f "$TRAINER_TOKENIZER/tokenizer.json" ] || return
     local shape="${1:-smollm2-135m}" device=cuda
@@ -343,14 +347,20 @@ run_trainer_speed() {
     mkdir -p "$WORK/trainer"
     "$PY" scripts/gpu/trainer_model.py --shape "scripts/gpu/shapes/$shape.json" --tokenizer "$TRAINER_TOKENIZER" \
         --out "$WORK/trainer/$shape" || { say "trainer speed: the model could not be made"; return; }
-    local steps="${TRAINER_SPEED_STEPS:-16}"
-    trainer_run "speed-$shape" "$device" "$TRAINER_BIN_SFT" recipes/smollm2-135m/sft/config_cpu.yaml \
-        --model_name_or_path="$WORK/trainer/$shape" --bf16=true --packing=true --max_seq_length=1024 \
-        --per_device_train_batch_size=4 --gradient_accumulation_steps=1 --max_steps="$steps" --logging_steps=4 \
-        --eval_strategy=no --eval_on_start=false --save_strategy=no
+    local steps="${TRAINER_SPEED_STEPS:-16}" speed=()
+    speed=(recipes/smollm2-135m/sft/config_cpu.yaml --model_name_or_path="$WORK/trainer/$shape" --bf16=true --packing=true
+        --max_seq_length=1024 --per_device_train_batch_size=4 --gradient_accumulation_steps=1 --max_steps="$steps"
+        --logging_steps=4 --eval_strategy=no --eval_on_start=false --save_strategy=no)
+    trainer_run "speed-$shape" "$device" "$TRAINER_BIN_SFT" "${speed[@]}"
     "$PY" scripts/gpu/compare_runs.py --label "trainer speed-$shape sft s1024 b4" "$WORK/trainer/speed-$shape" >>"$RESULTS"
     say "trainer speed-$shape: $(tail -n 1 "$RESULTS" | cut -c 1-300)"
-    rm -rf "$WORK/trainer/$shape" "$WORK/trainer/speed-$shape"/{*.safetensors,tokenizer.json}
+    if trainer_run "speed-$shape-graph" "$device" "$TRAINER_BIN_SFT" "${speed[@]}" --torch_compile_mode=reduce-overhead; then
+        "$PY" scripts/gpu/compare_runs.py --label "trainer speed-$shape-graph sft s1024 b4" "$WORK/trainer/speed-$shape-graph" >>"$RESULTS"
+        say "trainer speed-$shape-graph: $(tail -n 1 "$RESULTS" | cut -c 1-300)"
+        say "trainer speed-$shape-graph: $(grep -h 'CUDA graph\|torch_compile_mode' "$WORK/trainer/speed-$shape-graph.log" | tail -n 2 | tr '\n' ' ')"
+        trainer_compare "speed-$shape-graph" "speed-$shape" 1e-4
+    fi
+    rm -rf "$WORK/trainer/$shape" "$WORK/trainer/speed-$shape"{,-graph}/{*.safetensors,tokenizer.json}
 }
 
 # bitsandbytes' 8-bit AdamW kernels against the f32 transcription that the Rust update

@@ -141,6 +141,12 @@ impl<B: burn::tensor::backend::Backend> DeferredMetrics<B> {
         (self.finish)(&host(self.rows))
     }
 
+    /// The same metrics over copies of the rows (one device copy each): what a step replayed as
+    /// a CUDA graph keeps of each replay, since the next replay rewrites the rows themselves.
+    pub fn copied(&self) -> Self {
+        Self { rows: self.rows.iter().map(|row| row.clone().mul_scalar(1.0)).collect(), finish: self.finish.clone() }
+    }
+
     /// The same metrics, rewritten by `f` after reading (e.g. a value rescaled by the caller).
     pub fn map(self, f: impl Fn(Metrics) -> Metrics + Send + Sync + 'static) -> Self {
         let finish = self.finish;

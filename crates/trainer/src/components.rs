@@ -292,6 +292,7 @@ pub fn trainer_config(recipe: &Recipe) -> Result<TrainerConfig, TrainError> {
         adapter: None,
         step: StepOptions { gradient_checkpointing: recipe.checkpointing(), head_chunk_tokens: None, dropout_seed: 0 },
         chunked_head: recipe.use_liger_kernel,
+        step_graphs: recipe.replays_steps_as_graphs().then_some(crate::step::GraphMode::Capture),
         bf16: recipe.bf16,
         overwrite_output_dir: recipe.overwrite_output_dir,
         // Set by the caller that knows the objective (TRL's DPO and ORPO trainers read it).

@@ -20,6 +20,8 @@ mod cpu_adamw;
 #[cfg(feature = "cuda")]
 pub mod cuda_collectives;
 pub mod data_parallel;
+#[cfg_attr(not(feature = "tch"), path = "graph_steps_unavailable.rs")]
+pub mod graph_steps;
 pub mod logging;
 pub mod optimizer;
 pub mod output_dir;
@@ -47,7 +49,7 @@ pub mod zero3;
 pub use data_parallel::DataParallel;
 pub use recipe::{Recipe, RecipeError, ResumeFrom, TrlConfig};
 pub use sequence::{collate, Sequence, IGNORE_INDEX};
-pub use step::{forward_backward, forward_backward_prepared, prepare, PreparedBatch, StepOptions};
+pub use step::{forward_backward, forward_backward_prepared, prepare, GraphMode, PreparedBatch, StepOptions};
 pub use strategy::{Parallelism, SingleProcess, Strategy};
 pub use task::{metric_values, MetricValues, Scoring, Task};
 pub use train::{evaluate, evaluate_with, train, train_with, AdapterOutput, StepPlan, TrainOutcome, TrainerConfig};

@@ -631,9 +631,7 @@ pub const INERT_KEYS: &[(&str, &str)] = &[
     ("bf16_full_eval", "evaluation computes as training does (bf16: true runs its products in bf16)"),
     ("fp16_full_eval", "evaluation computes as training does (bf16: true runs its products in bf16)"),
     ("activation_checkpointing_kwargs", "checkpointing here keeps every layer's input on the device; there is nothing to configure"),
-    ("torch_compile", "there is no graph compiler: the backend's kernels run as built"),
     ("torch_compile_backend", "there is no graph compiler: the backend's kernels run as built"),
-    ("torch_compile_mode", "there is no graph compiler: the backend's kernels run as built"),
     ("liger_kernel_config", "use_liger_kernel chooses the chunked head; there is nothing to configure"),
     ("use_cache", "training and evaluation keep no KV cache"),
     ("torch_empty_cache_steps", "device memory is released as tensors are dropped"),
@@ -695,6 +693,8 @@ pub const SFT_ONLY_KEYS: &[&str] = &[
 /// something not implemented). With [`INERT_KEYS`], every key of [`Recipe`].
 pub const ACTING_KEYS: &[&str] = &[
     "model_name_or_path",
+    "torch_compile",
+    "torch_compile_mode",
     "model_revision",
     "tokenizer_name_or_path",
     "use_peft",
@@ -973,10 +973,23 @@ impl Recipe {
                     .into(),
             );
         }
+        if (self.torch_compile || self.torch_compile_mode.is_some()) && !self.replays_steps_as_graphs() {
+            inert.push(format!(
+                "torch_compile{} (there is no graph compiler: the backend's kernels run as built; torch_compile_mode: reduce-overhead replays each step as a CUDA graph on libtorch with a GPU)",
+                self.torch_compile_mode.as_ref().map_or(String::new(), |m| format!(" with torch_compile_mode: {m}"))
+            ));
+        }
         if self.packing_strategy == "ffd" {
             inert.push("packing_strategy: ffd (TRL < 0.20's name: packed best-fit decreasing, TRL 1.16's bfd)".into());
         }
         inert
+    }
+
+    /// Whether the run replays its steps as CUDA graphs: `torch_compile_mode` `reduce-overhead`
+    /// or `max-autotune`, the modes in which `torch.compile` replays CUDA graphs (setting the mode
+    /// turns `torch_compile` on, as transformers does).
+    pub fn replays_steps_as_graphs(&self) -> bool {
+        matches!(self.torch_compile_mode.as_deref(), Some("reduce-overhead" | "max-autotune"))
     }
 
     /// The keys set here (away from their defaults) that only SFT and CPT read, TRL's
@@ -1075,6 +1088,16 @@ impl Recipe {
             return bad("logging_strategy", format!("`{}`: only `steps` is implemented (with logging_steps)", self.logging_strategy));
         }
         self.packing_strategy()?;
+        if let Some(mode) = self.torch_compile_mode.as_deref() {
+            if !matches!(mode, "default" | "reduce-overhead" | "max-autotune" | "max-autotune-no-cudagraphs") {
+                return bad(
+                    "torch_compile_mode",
+                    format!(
+                        "`{mode}` is not one of torch.compile's modes (default, reduce-overhead, max-autotune, max-autotune-no-cudagraphs)"
+                    ),
+                );
+            }
+        }
         if self.reference_free {
             return bad("reference_free", "true is not implemented: DPO here always scores against the reference model".into());
         }

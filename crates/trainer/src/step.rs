@@ -75,6 +75,18 @@ impl StepOptions {
     }
 }
 
+/// How the loop's optimizer steps are replayed from a captured step (`TrainerConfig::step_graphs`,
+/// `torch_compile_mode: reduce-overhead`; `crate::graph_steps`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GraphMode {
+    /// Captured as a CUDA graph and replayed (libtorch on a GPU, a binary built with CUDA graphs).
+    Capture,
+    /// The same loop without the capture: each replay runs the captured step's host code again
+    /// over the refilled tensors. For checking on the CPU that a replay sees everything that
+    /// changes between steps.
+    Emulated,
+}
+
 /// A micro-batch made ready for [`forward_backward_prepared`]: what the objective scores and the
 /// model's inputs, uploaded to the device.
 #[derive(Debug, Clone)]
@@ -126,6 +138,59 @@ pub fn forward_backward_prepared<B: AutodiffBackend, T: Task>(
     accumulator: &mut GradientsAccumulator<CausalLm<B>>,
     device: &B::Device,
 ) -> DeferredMetrics<B> {
+    forward_backward_scaled(model, task, prepared, examples, &LossScale::Number(scale), options, accumulator, device)
+}
+
+/// What a micro-batch's loss is multiplied by before its backward pass: one over the weight of
+/// the step it belongs to ([`Task::weight`]).
+#[derive(Debug, Clone)]
+pub enum LossScale<B: AutodiffBackend> {
+    /// A number, which the kernels take as an argument (an eager step).
+    Number(f64),
+    /// A `[1]` f32 tensor on the device, refilled before each replay of a step captured as a
+    /// CUDA graph (`crate::graph_steps`): the kernels read it there, so every replay scales by
+    /// its own step's weight where a number would have stayed the captured step's. The same
+    /// products as [`LossScale::Number`] (its value is the number rounded to f32, as
+    /// `mul_scalar` rounds it).
+    Device(Tensor<B::InnerBackend, 1>),
+}
+
+impl<B: AutodiffBackend> LossScale<B> {
+    /// `loss × scale`.
+    fn apply(&self, loss: Tensor<B, 1>) -> Tensor<B, 1> {
+        match self {
+            LossScale::Number(scale) => loss.mul_scalar(*scale),
+            LossScale::Device(scale) => loss * Tensor::from_inner(scale.clone()),
+        }
+    }
+
+    /// `[rows]` of `c × scale` (a constant `∂loss/∂sum`, [`Task::constant_sum_gradients`]).
+    /// With the scale on the device, `c` multiplies first: the same bits as the number's
+    /// `c × scale` for SFT's `c = −1`, within an f32 rounding otherwise.
+    fn constant(&self, c: f64, rows: usize, device: &burn::tensor::Device<B::InnerBackend>) -> Tensor<B::InnerBackend, 1> {
+        // `ones × c` rather than `full(c)`: burn-tch makes a full tensor from host data (an
+        // upload inside the step, which a CUDA graph cannot hold).
+        let ones = Tensor::<B::InnerBackend, 1>::ones([rows], device);
+        match self {
+            LossScale::Number(scale) => ones.mul_scalar((c * scale) as f32),
+            LossScale::Device(scale) => ones.mul_scalar(c as f32) * scale.clone(),
+        }
+    }
+}
+
+/// [`forward_backward_prepared`] with the loss scaled by `scale`, a number or a tensor on the
+/// device ([`LossScale`]).
+#[allow(clippy::too_many_arguments)]
+pub fn forward_backward_scaled<B: AutodiffBackend, T: Task>(
+    model: &CausalLm<B>,
+    task: &T,
+    prepared: &PreparedBatch<B>,
+    examples: &[&T::Example],
+    scale: &LossScale<B>,
+    options: &StepOptions,
+    accumulator: &mut GradientsAccumulator<CausalLm<B>>,
+    device: &B::Device,
+) -> DeferredMetrics<B> {
     let scoring = prepared.scoring.clone();
     let inputs = &prepared.inputs;
     // With LoRA dropout the generator is reseeded before each layer, in every mode, so the masks
@@ -167,7 +232,7 @@ pub fn forward_backward_prepared<B: AutodiffBackend, T: Task>(
             // Half-type logits under mixed precision: the loss casts runs of positions to f32.
             let logps = sequence_logps_with(model.project_in_product_type(hidden), scoring.label_sets, task.extra_stats());
             let (loss, metrics) = task.loss_from_scored(logps, examples, &prepared.scoring, device);
-            let grads = loss.mul_scalar(scale).backward();
+            let grads = scale.apply(loss).backward();
             let top_grad = checkpoints.as_ref().and_then(|(_, top)| top.grad(&grads));
             accumulator.accumulate(model, GradientsParams::from_grads(grads, model));
             if let Some((xs, _)) = checkpoints {
@@ -185,9 +250,7 @@ pub fn forward_backward_prepared<B: AutodiffBackend, T: Task>(
                 Some(coefficients) => {
                     let rows = hidden_values.dims()[0];
                     let inner = hidden_values.device();
-                    // `ones × c` rather than `full(c)`: burn-tch makes a full tensor from host
-                    // data (an upload inside the step, which a CUDA graph cannot hold).
-                    let upstream = coefficients.iter().map(|c| Tensor::ones([rows], &inner).mul_scalar((c * scale) as f32)).collect();
+                    let upstream = coefficients.iter().map(|c| scale.constant(*c, rows, &inner)).collect();
                     let (logps, head) = chunked_logps_and_backward(
                         hidden_values,
                         weight,
@@ -211,7 +274,7 @@ pub fn forward_backward_prepared<B: AutodiffBackend, T: Task>(
                     let leaves: Vec<Tensor<B, 1>> = logps.iter().map(|l| Tensor::from_inner(l.sum.clone()).require_grad()).collect();
                     let tracked = logps.into_iter().zip(&leaves).map(|(l, leaf)| on_autodiff::<B>(l, leaf.clone())).collect();
                     let (loss, metrics) = task.loss_from_scored(tracked, examples, &prepared.scoring, device);
-                    let loss_grads = loss.mul_scalar(scale).backward();
+                    let loss_grads = scale.apply(loss).backward();
                     let upstream =
                         leaves.iter().map(|leaf| leaf.grad(&loss_grads).unwrap_or_else(|| leaf.clone().inner().zeros_like())).collect();
                     (chunked_logps_backward(hidden_values, weight, head_is_trainable(model), label_sets, upstream, chunk), metrics)

@@ -50,6 +50,12 @@ pub trait Strategy {
     /// Whether this rank writes the run's files and progress.
     fn is_main(&self) -> bool;
 
+    /// Whether every step is this process's alone ([`SingleProcess`]): what a step replayed from
+    /// a CUDA graph needs (`crate::graph_steps`; collectives are not captured).
+    fn single_process(&self) -> bool {
+        false
+    }
+
     /// The launcher's `mixed_precision` (accelerate config): `no`, `bf16` or `fp16`.
     fn launcher_precision(&self) -> &str;
 
@@ -112,6 +118,10 @@ pub struct SingleProcess;
 impl Strategy for SingleProcess {
     fn world_size(&self) -> usize {
         1
+    }
+
+    fn single_process(&self) -> bool {
+        true
     }
 
     fn is_main(&self) -> bool {
@@ -319,6 +329,10 @@ impl Strategy for Parallelism {
 
     fn is_main(&self) -> bool {
         delegate!(ref self, s => Strategy::is_main(s))
+    }
+
+    fn single_process(&self) -> bool {
+        delegate!(ref self, s => Strategy::single_process(s))
     }
 
     fn launcher_precision(&self) -> &str {

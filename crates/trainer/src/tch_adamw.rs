@@ -118,24 +118,40 @@ where
 }
 
 /// This update's step count (`optimizer.step`, already advanced) and the learning rate as `[1]` f32
-/// tensors on `device`: the optimizer's kept ones, the count advanced and the rate filled in place
-/// (copied first if anything else holds them), or new ones when there are none yet or the host's
-/// count moved without them (a resumed run).
+/// tensors on `device`: as [`stage`] left them for this update, or else staged now.
 fn device_scalars<B: Backend>(optimizer: &mut AdamW<B>, lr: f64, device: tch::Device) -> (tch::Tensor, tch::Tensor) {
     let step = optimizer.step;
-    let kept = optimizer.device_scalars.take().filter(|s| s.counts + 1 == step);
+    if optimizer.device_scalars.as_ref().is_none_or(|s| s.counts != step) {
+        optimizer.step -= 1;
+        stage(optimizer, lr, device);
+        optimizer.step += 1;
+    }
+    let kept = optimizer.device_scalars.as_ref().expect("staged for this update");
+    (torch_tensor(kept.step.clone(), false), torch_tensor(kept.lr.clone(), false))
+}
+
+/// Writes the next update's step count (`optimizer.step + 1`) and learning rate `lr` into the
+/// optimizer's `[1]` f32 tensors on `device`: the kept ones, the count advanced and the rate
+/// filled in place (copied first if anything else holds them), or new ones when there are none
+/// yet or the host's count moved without them (a resumed run). The update then reads them as
+/// they are. Called before the update by the update itself, or by a loop replaying a captured
+/// step (`crate::graph_steps`), whose replays must find this step's values there: a count or
+/// rate written inside the capture would be the captured step's at every replay.
+pub(crate) fn stage<B: Backend>(optimizer: &mut AdamW<B>, lr: f64, device: tch::Device) {
+    let next = optimizer.step + 1;
+    let kept = optimizer.device_scalars.take().filter(|s| s.counts + 1 == next || s.counts == next);
     let options = (tch::Kind::Float, device);
-    let (count, mut rate) = match kept.map(|s| (torch_tensor(s.step, true), torch_tensor(s.lr, true))) {
+    let (count, mut rate) = match kept.map(|s| (s.counts, torch_tensor(s.step, true), torch_tensor(s.lr, true))) {
+        Some((counts, count, rate)) if count.device() == device && counts == next => (count, rate),
         // The kept count is the previous update's: one more, on the device.
-        Some((mut count, rate)) if count.device() == device => {
+        Some((_, mut count, rate)) if count.device() == device => {
             let _ = count.f_add_scalar_(1.0).expect("a [1] f32 tensor advances by one");
             (count, rate)
         }
-        _ => (tch::Tensor::full([1], step as f64, options), tch::Tensor::zeros([1], options)),
+        _ => (tch::Tensor::full([1], next as f64, options), tch::Tensor::zeros([1], options)),
     };
     let _ = rate.f_fill_(lr).expect("a [1] f32 tensor is filled");
-    optimizer.device_scalars = Some(DeviceScalars { step: wrap(count.shallow_clone()), lr: wrap(rate.shallow_clone()), counts: step });
-    (count, rate)
+    optimizer.device_scalars = Some(DeviceScalars { step: wrap(count), lr: wrap(rate), counts: next });
 }
 
 /// The tensors of one `_fused_adamw_` call.

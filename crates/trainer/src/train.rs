@@ -14,12 +14,13 @@
 
 use crate::checkpoint::{self, TrainerState};
 use crate::data_parallel::MetricSums;
+use crate::graph_steps::GraphedSteps;
 use crate::logging::{self, MetricsAccumulator, MetricsLog};
 use crate::optimizer::{AdamW, AdamWConfig};
 use crate::output_dir;
 use crate::recipe::Recipe;
 use crate::schedule::{Schedule, ScheduleKind};
-use crate::step::{forward_backward, StepOptions};
+use crate::step::{forward_backward, GraphMode, StepOptions};
 use crate::strategy::{SingleProcess, StepValues, Strategy};
 use crate::task::{metric_values, Task};
 use crate::TrainError;
@@ -128,6 +129,10 @@ pub struct TrainerConfig {
     pub step: StepOptions,
     /// Compute the head in chunks (`use_liger_kernel`); the chunk size follows the vocabulary.
     pub chunked_head: bool,
+    /// Replay the optimizer steps from one captured step (`torch_compile_mode: reduce-overhead`:
+    /// CUDA graphs on libtorch with a GPU, [`crate::graph_steps`]); where they cannot run, the
+    /// run says why in one line and steps eagerly.
+    pub step_graphs: Option<GraphMode>,
     /// Mixed precision (`bf16: true`): the matrix products in bf16 over f32 parameters,
     /// gradients and AdamW moments, where the backend has bf16 arithmetic (CUDA); elsewhere the
     /// run says in one line that it computes in f32.
@@ -306,6 +311,9 @@ pub struct TrainOutcome {
     pub history: Vec<serde_json::Map<String, serde_json::Value>>,
     /// Where the final model was saved.
     pub model_dir: PathBuf,
+    /// Steps replayed from a captured step (`torch_compile_mode: reduce-overhead`); 0 when every
+    /// step ran eagerly.
+    pub steps_replayed: u64,
 }
 
 /// Evaluates `task` on `examples` (no gradients) in batches of `batch_size`, in order, and
@@ -449,6 +457,23 @@ pub fn train_with<B: AutodiffBackend, T: Task, S: Strategy>(
     } else if launcher_precision == "fp16" && is_main {
         eprintln!("note: mixed_precision: fp16 (accelerate config) is not implemented; training computes in f32 (use bf16)");
     }
+    // Steps replayed from a captured one, one process only (collectives are not captured).
+    let mut graphs = match config.step_graphs {
+        Some(_) if !strategy.single_process() => {
+            if is_main {
+                eprintln!("note: torch_compile_mode: steps run eagerly: steps are replayed as CUDA graphs in one process only");
+            }
+            None
+        }
+        Some(mode) => match GraphedSteps::<B, T::Example>::new(mode, &model, &optimizer, device) {
+            Ok(graphs) => Some(graphs),
+            Err(why) => {
+                eprintln!("note: torch_compile_mode: steps run eagerly: {why}");
+                None
+            }
+        },
+        None => None,
+    };
     let mut log = if is_main {
         // The run is known to start: the output_dir rules apply now, and only now is a
         // previous run's output replaced (crate::output_dir).
@@ -515,26 +540,31 @@ pub fn train_with<B: AutodiffBackend, T: Task, S: Strategy>(
         // Normalised by the weight of the whole global step, whichever rank computes a part; a
         // step that scores nothing divides by 1 (TRL's `clamp(min=1)`): loss 0, no gradient.
         let step_weight: f64 = batches.iter().map(|b| task.weight(b)).sum::<f64>().max(1.0);
-        let mut accumulator = GradientsAccumulator::<CausalLm<B>>::new();
-        let mut step_metrics = Vec::new();
-        let mut step_tokens = 0;
-        for (micro, batch) in batches.iter().enumerate() {
-            let (examples, counted) = strategy.part(batch);
-            if examples.is_empty() {
-                continue;
-            }
-            let options = StepOptions { dropout_seed: dropout_seed(config.seed, step, micro), ..config.step };
-            let scale = if counted { 1.0 / step_weight } else { 0.0 };
-            let metrics = forward_backward(&model, task, examples, scale, &options, &mut accumulator, device);
-            strategy.check()?;
-            if counted {
-                step_metrics.push((metrics, task.weight(examples)));
-                step_tokens += task.num_tokens(examples);
-            }
-        }
         let lr = schedule.lr(step as usize);
-        let grads = accumulator.grads();
-        let (updated, values, tokens) = strategy.update(&mut optimizer, lr, model, grads, step_metrics, step_tokens)?;
+        let (updated, values, tokens) = if let Some(graphs) = graphs.as_mut() {
+            // One process, no dropout: every micro-batch counts, no seed is drawn.
+            let (updated, values) = graphs.step(model, task, &batches, step_weight, &config.step, &mut optimizer, lr, device)?;
+            (updated, values, batches.iter().map(|b| task.num_tokens(b)).sum())
+        } else {
+            let mut accumulator = GradientsAccumulator::<CausalLm<B>>::new();
+            let mut step_metrics = Vec::new();
+            let mut step_tokens = 0;
+            for (micro, batch) in batches.iter().enumerate() {
+                let (examples, counted) = strategy.part(batch);
+                if examples.is_empty() {
+                    continue;
+                }
+                let options = StepOptions { dropout_seed: dropout_seed(config.seed, step, micro), ..config.step };
+                let scale = if counted { 1.0 / step_weight } else { 0.0 };
+                let metrics = forward_backward(&model, task, examples, scale, &options, &mut accumulator, device);
+                strategy.check()?;
+                if counted {
+                    step_metrics.push((metrics, task.weight(examples)));
+                    step_tokens += task.num_tokens(examples);
+                }
+            }
+            strategy.update(&mut optimizer, lr, model, accumulator.grads(), step_metrics, step_tokens)?
+        };
         model = updated;
         pending.record(step + 1, values);
         window_tokens += tokens;
@@ -606,6 +636,16 @@ pub fn train_with<B: AutodiffBackend, T: Task, S: Strategy>(
         }
     }
     bar.finish();
+    // The captured graph and its stream go here, before the final model is read.
+    let steps_replayed = graphs.take().map_or(0, |graphs| {
+        eprintln!(
+            "CUDA graph: {} of {} steps replayed from one captured step ({} eager: other shapes, or before the capture)",
+            graphs.replayed,
+            graphs.replayed + graphs.eager,
+            graphs.eager
+        );
+        graphs.replayed
+    });
     pending.settle().map_err(|(step, what, value)| describe(step, what, value, &last_saved))?;
     let model = strategy.finish(model)?; // the whole model on every rank (collective with ZeRO-3)
     let history = log.as_ref().map(|l| l.history().to_vec()).unwrap_or_default();
@@ -614,7 +654,7 @@ pub fn train_with<B: AutodiffBackend, T: Task, S: Strategy>(
         let _ = logging::plot_losses(&history, &config.output_dir.join("loss.svg"), &format!("{} loss", task.name()));
     }
     strategy.conclude()?;
-    Ok((model, TrainOutcome { steps: plan.total_steps, history, model_dir: config.output_dir.clone() }))
+    Ok((model, TrainOutcome { steps: plan.total_steps, history, model_dir: config.output_dir.clone(), steps_replayed }))
 }
 
 /// A save refused for non-finite weights, as the error of the update that made them.

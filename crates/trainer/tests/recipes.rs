@@ -355,6 +355,27 @@ fn training_arguments_keys_act_or_are_refused_by_name() {
 }
 
 #[test]
+fn torch_compile_mode_replays_steps_in_its_graph_modes_and_is_named_otherwise() {
+    use alignment_trainer::{GraphMode, TrainerConfig};
+    let load = |yaml: &str| Recipe::from_yaml_str(yaml, "t", &[]).unwrap();
+    for mode in ["reduce-overhead", "max-autotune"] {
+        let r = load(&format!("torch_compile_mode: {mode}\n"));
+        assert!(r.inert_keys_set().iter().all(|k| !k.starts_with("torch_compile")), "{mode}: {:?}", r.inert_keys_set());
+        assert_eq!(TrainerConfig::from_recipe(&r).unwrap().step_graphs, Some(GraphMode::Capture), "{mode}");
+    }
+    for yaml in
+        ["torch_compile: true\n", "torch_compile: true\ntorch_compile_mode: default\n", "torch_compile_mode: max-autotune-no-cudagraphs\n"]
+    {
+        let r = load(yaml);
+        assert!(r.inert_keys_set().iter().any(|k| k.starts_with("torch_compile")), "{yaml}: {:?}", r.inert_keys_set());
+        assert_eq!(TrainerConfig::from_recipe(&r).unwrap().step_graphs, None, "{yaml}");
+    }
+    let (key, message) = value_error("torch_compile_mode: fastest\n", &[]);
+    assert_eq!(key, "torch_compile_mode", "{message}");
+    assert!(message.contains("fastest"), "{message}");
+}
+
+#[test]
 fn sft_only_keys_are_those_set_away_from_their_defaults() {
     // What a DPO or ORPO run names as having no effect: SFT's keys, only when the recipe sets them.
     use alignment_trainer::recipe::{ACTING_KEYS, SFT_ONLY_KEYS};

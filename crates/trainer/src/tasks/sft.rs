@@ -62,14 +62,13 @@ impl Task for SftTask {
         examples: &[&Sequence],
         _device: &B::Device,
     ) -> (Tensor<B, 1>, DeferredMetrics<B>) {
+        let _ = examples;
         let logps = logps.pop().expect("one label set");
         let loss_sum = logps.sum_nll();
         let out = SftOutput { loss: loss_sum, logps };
-        // The logged loss is this micro-batch's token mean (the count is known on the host).
-        let scored = examples.iter().map(|e| e.num_scored()).sum::<usize>().max(1) as f64;
-        let metrics = out
-            .deferred_metrics()
-            .map(move |m| m.iter().map(|(name, value)| (name.to_string(), if name == "loss" { value / scored } else { value })).collect());
-        (out.loss, metrics)
+        // The logged loss is this micro-batch's token mean, over the scored tokens the device
+        // counted (the host's count of the examples' labels, as an exact f32): a step replayed
+        // as a CUDA graph reads it from the batch it replays, not from the one it captured.
+        (out.loss.clone(), out.deferred_token_mean_metrics())
     }
 }
