@@ -387,17 +387,20 @@ fn bool_storage<B: AutodiffBackend, const D: usize>(tensor: Tensor<B, D, Bool>) 
 mod tests {
     use super::*;
     use crate::tasks::SftTask;
-    use crate::tasks::{DpoTask, PreferencePair, ReferenceLogps};
+    use crate::tasks::{DpoTask, OrpoTask, PreferencePair, ReferenceLogps};
     use crate::{train, Recipe, Scoring, Sequence, TrainerConfig, IGNORE_INDEX};
     use alignment_core::backend::TorchAutodiff;
     use alignment_models::load_pretrained;
-    use alignment_objectives::DpoConfig;
+    use alignment_objectives::{DpoConfig, OrpoConfig};
     use alignment_objectives::{Reduction, SequenceLogps};
     use burn::module::{AutodiffModule, Module, ModuleVisitor, Param};
     use burn::tensor::backend::Backend;
     use std::path::{Path, PathBuf};
 
     type Entry = serde_json::Map<String, serde_json::Value>;
+
+    /// A run's logged entries (without the wall-clock rate), final weights and steps replayed.
+    type Outcome = (Vec<Entry>, Vec<Vec<f32>>, u64);
 
     fn fixture() -> PathBuf {
         PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models/tests/fixtures/tiny-llama")
@@ -447,15 +450,8 @@ mod tests {
         values.0
     }
 
-    /// The logged entries (without the wall-clock rate), the final weights and the steps replayed
-    /// of a run of `task` on libtorch's CPU kernels.
-    fn run<T: Task>(
-        task: &T,
-        examples: &[T::Example],
-        dir: &Path,
-        mode: Option<GraphMode>,
-        extra: &str,
-    ) -> (Vec<Entry>, Vec<Vec<f32>>, u64) {
+    /// The [`Outcome`] of a run of `task` on libtorch's CPU kernels.
+    fn run<T: Task>(task: &T, examples: &[T::Example], dir: &Path, mode: Option<GraphMode>, extra: &str) -> Outcome {
         let device = LibTorchDevice::Cpu;
         let model = load_pretrained::<TorchAutodiff>(&fixture(), &device).unwrap();
         let (model, outcome) = train(model, task, examples, &[], &config(dir, mode, extra), &device).unwrap();
@@ -511,18 +507,25 @@ mod tests {
             .collect()
     }
 
-    /// DPO the same way: the reference log-probabilities reach each replay with its rows, and
-    /// its metrics (rewards, margins, accuracies, log-probs) are the replayed batch's.
+    /// DPO and ORPO the same way: DPO's reference log-probabilities reach each replay with its
+    /// rows, and the metrics (rewards, margins, accuracies, log-probs, ORPO's odds ratio) are the
+    /// replayed batch's.
     #[test]
-    fn tch_dpo_steps_replayed_over_refilled_inputs_equal_the_eager_loop() {
+    fn tch_preference_steps_replayed_over_refilled_inputs_equal_the_eager_loop() {
+        assert_replays_equal_eager_steps(&DpoTask { config: DpoConfig::default(), pad_id: 0 }, "rewards/margins");
+        assert_replays_equal_eager_steps(&OrpoTask { config: OrpoConfig::default(), pad_id: 0 }, "log_odds_ratio");
+    }
+
+    /// `task` on [`pairs`]: every step but the first replayed, logging `metric` and everything
+    /// else as the eager loop does, ending with its weights.
+    fn assert_replays_equal_eager_steps<T: Task<Example = PreferencePair>>(task: &T, metric: &str) {
         let root = tempfile::tempdir().unwrap();
-        let task = DpoTask { config: DpoConfig::default(), pad_id: 0 };
-        let (eager, eager_weights, _) = run(&task, &pairs(), &root.path().join("eager"), None, "");
-        let (replayed, replayed_weights, replays) = run(&task, &pairs(), &root.path().join("replayed"), Some(GraphMode::Emulated), "");
-        assert_eq!(replays, 7, "every step but the first has the same shapes");
-        assert!(eager[0].contains_key("rewards/margins"), "{:?}", eager[0]);
-        assert_eq!(replayed, eager);
-        assert!(replayed_weights == eager_weights, "the replayed run's weights differ from the eager run's");
+        let (eager, eager_weights, _) = run(task, &pairs(), &root.path().join("eager"), None, "");
+        let (replayed, replayed_weights, replays) = run(task, &pairs(), &root.path().join("replayed"), Some(GraphMode::Emulated), "");
+        assert_eq!(replays, 7, "{metric}: every step but the first has the same shapes");
+        assert!(eager[0].contains_key(metric), "{:?}", eager[0]);
+        assert_eq!(replayed, eager, "{metric}");
+        assert!(replayed_weights == eager_weights, "{metric}: the replayed run's weights differ from the eager run's");
     }
 
     /// SFT logging its loss divided by a count the host takes from the examples (what SFT did
