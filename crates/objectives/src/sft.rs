@@ -108,34 +108,28 @@ impl<B: Backend> SftOutput<B> {
 
     /// [`Self::metrics`], read later ([`DeferredMetrics`]).
     pub fn deferred_metrics(&self) -> DeferredMetrics<B> {
-        let rows = vec![
-            self.loss.clone().detach(),
-            self.logps.num_tokens.clone().sum(),
-            self.logps.entropy_sum.clone().sum(),
-            self.logps.num_correct.clone().sum(),
-        ];
-        DeferredMetrics::new(rows, |rows| {
-            let (loss, tokens, entropy, correct) = (rows[0][0], rows[1][0], rows[2][0], rows[3][0]);
-            Metrics::new().with("loss", loss).with("entropy", ratio(entropy, tokens)).with("mean_token_accuracy", ratio(correct, tokens))
-        })
+        self.deferred(false)
     }
 
     /// [`Self::deferred_metrics`] with `loss` divided by the scored tokens (at least 1), as the
     /// device counted them: the micro-batch's token-mean loss, whatever the reduction. The count
     /// comes with the rows, so metrics read after a CUDA graph's replay are the replayed batch's.
     pub fn deferred_token_mean_metrics(&self) -> DeferredMetrics<B> {
+        self.deferred(true)
+    }
+
+    /// The metrics' rows on the device; `loss` as it is, or divided by the scored tokens.
+    fn deferred(&self, token_mean: bool) -> DeferredMetrics<B> {
         let rows = vec![
             self.loss.clone().detach(),
             self.logps.num_tokens.clone().sum(),
             self.logps.entropy_sum.clone().sum(),
             self.logps.num_correct.clone().sum(),
         ];
-        DeferredMetrics::new(rows, |rows| {
+        DeferredMetrics::new(rows, move |rows| {
             let (loss, tokens, entropy, correct) = (rows[0][0], rows[1][0], rows[2][0], rows[3][0]);
-            Metrics::new()
-                .with("loss", loss / tokens.max(1.0))
-                .with("entropy", ratio(entropy, tokens))
-                .with("mean_token_accuracy", ratio(correct, tokens))
+            let loss = if token_mean { loss / tokens.max(1.0) } else { loss };
+            Metrics::new().with("loss", loss).with("entropy", ratio(entropy, tokens)).with("mean_token_accuracy", ratio(correct, tokens))
         })
     }
 }

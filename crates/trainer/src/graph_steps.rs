@@ -248,11 +248,11 @@ impl<B: AutodiffBackend, E: Clone> GraphedSteps<B, E> {
             // Emulated: the captured step's host code again, with its examples, over the slots.
             None => {
                 let refs: Vec<Vec<&E>> = captured.examples.iter().map(|b| b.iter().collect()).collect();
-                let before = state_addresses(&model, optimizer);
                 let loss_scale = LossScale::Device(captured.scale.clone());
                 let (model, metrics, grad_norm) =
                     run_step(model, task, &captured.slots, &refs, &loss_scale, options, optimizer, 0.0, device);
-                check_in_place(&before, &state_addresses(&model, optimizer))?;
+                // `step` found the state at the captured addresses before this replay.
+                check_in_place(&captured.addresses, &state_addresses(&model, optimizer))?;
                 Ok((model, copied_metrics(&metrics), grad_norm.mul_scalar(1.0)))
             }
         }

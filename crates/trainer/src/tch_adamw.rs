@@ -122,9 +122,7 @@ where
 fn device_scalars<B: Backend>(optimizer: &mut AdamW<B>, lr: f64, device: tch::Device) -> (tch::Tensor, tch::Tensor) {
     let step = optimizer.step;
     if optimizer.device_scalars.as_ref().is_none_or(|s| s.counts != step) {
-        optimizer.step -= 1;
-        stage(optimizer, lr, device);
-        optimizer.step += 1;
+        stage_update(optimizer, lr, device, step);
     }
     let kept = optimizer.device_scalars.as_ref().expect("staged for this update");
     (torch_tensor(kept.step.clone(), false), torch_tensor(kept.lr.clone(), false))
@@ -138,7 +136,11 @@ fn device_scalars<B: Backend>(optimizer: &mut AdamW<B>, lr: f64, device: tch::De
 /// step (`crate::graph_steps`), whose replays must find this step's values there: a count or
 /// rate written inside the capture would be the captured step's at every replay.
 pub(crate) fn stage<B: Backend>(optimizer: &mut AdamW<B>, lr: f64, device: tch::Device) {
-    let next = optimizer.step + 1;
+    stage_update(optimizer, lr, device, optimizer.step + 1);
+}
+
+/// [`stage`] for update number `next`.
+fn stage_update<B: Backend>(optimizer: &mut AdamW<B>, lr: f64, device: tch::Device, next: u64) {
     let kept = optimizer.device_scalars.take().filter(|s| s.counts + 1 == next || s.counts == next);
     let options = (tch::Kind::Float, device);
     let (count, mut rate) = match kept.map(|s| (s.counts, torch_tensor(s.step, true), torch_tensor(s.lr, true))) {
