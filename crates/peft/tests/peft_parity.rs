@@ -1,7 +1,7 @@
 //! Parity with Hugging Face PEFT 0.21: adapters made by PEFT load here and give PEFT's logits;
 //! adapters saved here load in PEFT (`PeftModel.from_pretrained`) and give ours.
 
-mod common;
+use crate::common;
 
 use alignment_core::backend::Cpu;
 use alignment_models::CausalLm;

@@ -2,7 +2,7 @@
 //! model with those dequantized weights computes — logits and adapter gradients. The 4-bit
 //! weights live on the device as tensors and are dequantized there, bit for bit as on the host.
 
-mod common;
+use crate::common;
 
 use alignment_core::backend::{Cpu, CpuAutodiff};
 use alignment_models::{load_pretrained, CausalLm};

@@ -3,7 +3,7 @@
 //! losses as an uninterrupted one, and an adapter trained here gives, in PyPI `peft` on the
 //! transformers model, the logits it gives here.
 
-mod common;
+use crate::common;
 
 use alignment_core::backend::{Cpu, CpuAutodiff};
 use alignment_models::CausalLm;

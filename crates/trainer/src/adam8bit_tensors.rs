@@ -330,7 +330,7 @@ pub fn update_32bit<B: Backend>(
     (p, m, v)
 }
 
-/// On libtorch's CPU kernels (scripts/test.sh's libtorch part), the operations a GPU runs: torch's
+/// On libtorch's CPU kernels (scripts/test_backends.sh), the operations a GPU runs: torch's
 /// CPU `sqrt` (MKL's vector library) is not correctly rounded, one value in ~150 an ulp off, so
 /// the form is held to the bounds bitsandbytes' own kernels are (`scripts/gpu/check_adam8bit.py`)
 /// against the host pass: parameters within 5 % of the learning rate, block maxima within 1e-3

@@ -3,7 +3,7 @@
 //! ones; the loss falls about as with 32-bit AdamW, not identically; a run resumed from its
 //! checkpoint ends with the bits of one never interrupted.
 
-mod common;
+use crate::common;
 
 use alignment_core::backend::CpuAutodiff;
 use alignment_models::load_pretrained;

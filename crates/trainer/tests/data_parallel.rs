@@ -10,7 +10,7 @@
 //! LOCAL_RANK, MASTER_ADDR, MASTER_PORT) and the stage's accelerate config, running the
 //! `#[ignore]`d entry point below.
 
-mod common;
+use crate::common;
 
 use alignment_core::backend::CpuAutodiff;
 use alignment_distributed::launch::free_port;
@@ -165,7 +165,7 @@ fn launch(world: usize, stage_config: &str, out: &Path, extra_env: &[(&str, Stri
     let children: Vec<_> = (0..world)
         .map(|rank| {
             let mut cmd = Command::new(std::env::current_exe().unwrap());
-            cmd.args(["rank_process_entry_point", "--exact", "--ignored", "--nocapture"])
+            cmd.args([common::test_name(module_path!(), "rank_process_entry_point").as_str(), "--exact", "--ignored", "--nocapture"])
                 .env("RANK", rank.to_string())
                 .env("LOCAL_RANK", rank.to_string())
                 .env("WORLD_SIZE", world.to_string())

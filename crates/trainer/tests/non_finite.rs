@@ -3,7 +3,7 @@
 //! token ids past the vocabulary are refused before training, and a NaN loss stops the run,
 //! naming the step, before anything is saved.
 
-mod common;
+use crate::common;
 
 use alignment_core::backend::{Cpu, CpuAutodiff};
 use alignment_models::load_pretrained;

@@ -5,7 +5,7 @@
 //! `#[ignore]`d entry point below; steps after the first checkpoint are slowed down so the parent
 //! can SIGKILL the child mid-run, as `kill -9` would.
 
-mod common;
+use crate::common;
 
 use alignment_core::backend::CpuAutodiff;
 use alignment_models::load_pretrained;
@@ -65,7 +65,7 @@ fn killed_run_resumes_with_identical_losses() {
     // Killed with SIGKILL after checkpoint-4, then resumed.
     let killed = root.path().join("killed");
     let mut child = Command::new(std::env::current_exe().unwrap())
-        .args(["child_process_entry_point", "--exact", "--ignored", "--nocapture"])
+        .args([common::test_name(module_path!(), "child_process_entry_point").as_str(), "--exact", "--ignored", "--nocapture"])
         .env("RESUME_TEST_OUTPUT_DIR", &killed)
         .spawn()
         .unwrap();

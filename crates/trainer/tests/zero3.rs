@@ -4,7 +4,7 @@
 //! norms keep their usual gradients), and gathers back to the same weights. The multi-rank
 //! behaviour (halves, collectives inside the passes) is in data_parallel.rs.
 
-mod common;
+use crate::common;
 
 use alignment_core::backend::CpuAutodiff;
 use alignment_distributed::LocalCommunicator;

@@ -78,3 +78,13 @@ pub fn logged_losses(output_dir: &Path) -> Vec<(u64, f64)> {
         .filter_map(|e| Some((e["step"].as_u64()?, e.get("loss")?.as_f64()?)))
         .collect()
 }
+
+/// libtest's name for the test function `function` of the module at `module_path`
+/// (`module_path!()`): in tests/integration.rs a test's name starts with its file's module, and a
+/// test that runs itself as a child process (`--exact`) must name it so.
+pub fn test_name(module_path: &str, function: &str) -> String {
+    match module_path.split_once("::") {
+        Some((_binary, module)) => format!("{module}::{function}"),
+        None => function.to_string(),
+    }
+}

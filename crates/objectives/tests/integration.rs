@@ -1,0 +1,6 @@
+//! alignment-objectives's integration tests as one binary, each file a module: linked alone, every file
+//! compiled the generic training stack over the CPU backend again for itself (≈ 1–2 minutes of
+//! CI's build each). One file's tests: `cargo test -p alignment-objectives --test integration api::`.
+
+mod api;
+mod goldens;

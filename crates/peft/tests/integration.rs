@@ -1,0 +1,9 @@
+//! alignment-peft's integration tests as one binary, each file a module: linked alone, every file
+//! compiled the generic training stack over the CPU backend again for itself (≈ 1–2 minutes of
+//! CI's build each). One file's tests: `cargo test -p alignment-peft --test integration nf4::`.
+
+mod common;
+mod nf4;
+mod peft_parity;
+mod qlora;
+mod training;

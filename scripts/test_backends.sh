@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# The GPU code paths' tests (scripts/test.sh runs this): every command below is built with one
+# feature set, so burn and the workspace compile once for all of them. Each `cargo test` with
+# other features (a package's own, a backend's own) rebuilds burn's crates: CI has a time limit,
+# and seven such builds took 20 minutes of it.
+#
+#   bash scripts/test_backends.sh tch,wgpu   # both (tch needs scripts/with_torch.sh's environment)
+#   bash scripts/test_backends.sh wgpu       # burn's WebGPU backend on lavapipe only
+#
+# `tch`: libtorch's fused attention and RMSNorm, recorded steps, NF4 dequantization, the loss's
+# passes over the logits, torch storage under burn's tensors, fused and 8-bit AdamW, the replayed
+# loop, the profiler (each crate's `tch_` unit tests and core's `torch_storage`), the training-step
+# check on torch's CPU kernels (backend_check's `tch_` tests), bf16 weights under an offloaded f32
+# master copy (offload_bf16) and what replaying a step as a CUDA graph asks (cuda_graph_ready).
+# `wgpu`: the whole training-step check (tests/backend_check.rs) on burn's WebGPU backend.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+features="${1:?usage: test_backends.sh tch,wgpu | tch | wgpu}"
+packages=(-p alignment-core -p alignment-models -p alignment-objectives -p alignment-trainer -p alignment-handbook)
+tests() { cargo test "${packages[@]}" --features "$features" "$@"; }
+case ",$features," in *,tch,*) tch=1 ;; *) tch=0 ;; esac
+case ",$features," in *,wgpu,*) wgpu=1 ;; *) wgpu=0 ;; esac
+
+if [ "$tch" = 1 ]; then
+    tests --lib -- tch_ torch_storage
+    tests --test offload_bf16 --test cuda_graph_ready
+fi
+if [ "$wgpu" = 1 ]; then
+    # All of it: the CPU cases, the wgpu ones and, with `tch`, torch's.
+    tests --test backend_check
+else
+    tests --test backend_check -- tch_
+fi
