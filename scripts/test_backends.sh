@@ -21,6 +21,12 @@ tests() { cargo test "${packages[@]}" --features "$features" "$@"; }
 case ",$features," in *,tch,*) tch=1 ;; *) tch=0 ;; esac
 case ",$features," in *,wgpu,*) wgpu=1 ;; *) wgpu=0 ;; esac
 
+# Every target first, in one build: cargo compiles them side by side (built one command at a
+# time, each waited for the crates the one before had not needed).
+targets=(--test backend_check)
+[ "$tch" = 1 ] && targets+=(--lib --test offload_bf16 --test cuda_graph_ready)
+tests "${targets[@]}" --no-run
+
 if [ "$tch" = 1 ]; then
     tests --lib -- tch_ torch_storage
     tests --test offload_bf16 --test cuda_graph_ready
