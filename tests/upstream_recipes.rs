@@ -161,10 +161,14 @@ fn every_upstream_recipe_runs_unchanged() {
     assert!(recipes.len() >= 22, "the upstream recipes are in recipes/upstream: found {}", recipes.len());
     let root = tempfile::tempdir().unwrap();
 
-    // What each recipe reads, as the run itself interprets it.
+    // What each recipe reads, as the run itself interprets it; and the runs, two at a time
+    // below, queued so that recipes pushing to the same hub repo (`hub_model_id`; without one,
+    // each run pushes under its own output_dir's name) run one after the other.
     let mut plans: BTreeMap<String, RepoPlan> = BTreeMap::new();
-    for (path, objective) in &recipes {
+    let mut queue: BTreeMap<String, Vec<&(PathBuf, Objective)>> = BTreeMap::new();
+    for entry @ (path, objective) in &recipes {
         let recipe = Recipe::load_for(objective.trl_config(), path, &[]).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        queue.entry(recipe.hub_model_id.clone().unwrap_or_else(|| path.display().to_string())).or_default().push(entry);
         let preference = *objective != Objective::Sft;
         match DataSource::from_recipe(&recipe).unwrap() {
             DataSource::Mixture(mixture) => {
@@ -211,14 +215,7 @@ fn every_upstream_recipe_runs_unchanged() {
         }
     }
 
-    // Two runs at a time (each is mostly single-threaded host work on this tiny model). Recipes
-    // pushing to the same hub repo (`hub_model_id`) run one after the other, in one queue entry.
-    let mut queue: BTreeMap<String, Vec<&(PathBuf, Objective)>> = BTreeMap::new();
-    for entry in &recipes {
-        let text = std::fs::read_to_string(&entry.0).unwrap();
-        let hub_id = text.lines().find_map(|l| l.strip_prefix("hub_model_id:")).map(str::trim);
-        queue.entry(hub_id.map_or_else(|| entry.0.display().to_string(), str::to_string)).or_default().push(entry);
-    }
+    // Two runs at a time: each is mostly single-threaded host work on this tiny model.
     let queue = std::sync::Mutex::new(queue.into_values().collect::<Vec<_>>());
     let failures = std::sync::Mutex::new(Vec::new());
     std::thread::scope(|scope| {
