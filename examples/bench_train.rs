@@ -39,7 +39,7 @@ use alignment_objectives::{DpoConfig, OrpoConfig, Reduction};
 use alignment_peft::{apply_lora, LoraConfig, QuantConfig, TargetModules};
 use alignment_trainer::optimizer::{AdamW, AdamWConfig};
 use alignment_trainer::tasks::{DpoTask, OrpoTask, PreferencePair, SftTask};
-use alignment_trainer::{Sequence, StepOptions, Task};
+use alignment_trainer::{Padding, Sequence, StepOptions, Task};
 use burn::module::{Module, ModuleVisitor, Param};
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{FloatDType, Tensor};
@@ -642,13 +642,24 @@ fn run_train<B: AutodiffBackend>(args: &TrainArgs, matmul_dtype: Option<FloatDTy
             let batches: Vec<Vec<&PreferencePair>> = pairs.chunks(args.batch).map(|c| c.iter().collect()).collect();
             let tokens = pairs.iter().map(|p| p.num_tokens()).sum::<usize>();
             if args.task == "orpo" {
-                (tokens, timing.steps(model, &OrpoTask { config: OrpoConfig::default(), pad_id: 0 }, &batches, &mut optimizer)?)
+                (
+                    tokens,
+                    timing.steps(
+                        model,
+                        &OrpoTask { config: OrpoConfig::default(), padding: Padding::token(0) },
+                        &batches,
+                        &mut optimizer,
+                    )?,
+                )
             } else {
-                (tokens, timing.steps(model, &DpoTask { config: DpoConfig::default(), pad_id: 0 }, &batches, &mut optimizer)?)
+                (
+                    tokens,
+                    timing.steps(model, &DpoTask { config: DpoConfig::default(), padding: Padding::token(0) }, &batches, &mut optimizer)?,
+                )
             }
         }
         _ => {
-            let task = SftTask { reduction: Reduction::Mean, pad_id: 0, name: "sft" };
+            let task = SftTask { reduction: Reduction::Mean, padding: Padding::token(0), name: "sft" };
             let rows: Vec<Sequence> = (0..args.batch * args.accum).map(|i| sft_row(args.seq, vocab, 1000 + i as u64)).collect();
             let batches: Vec<Vec<&Sequence>> = rows.chunks(args.batch).map(|c| c.iter().collect()).collect();
             (rows.iter().map(Sequence::num_tokens).sum::<usize>(), timing.steps(model, &task, &batches, &mut optimizer)?)

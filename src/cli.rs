@@ -34,16 +34,7 @@ fn try_main(objective: Objective, default_recipe: &str) -> Result<(), String> {
         // `run_cpt.py` always packs (`cpt_examples`); the note on packing-only keys knows it so.
         recipe.packing = true;
     }
-    let mut inert = recipe.inert_keys_set();
-    if objective == Objective::Cpt && recipe.eval_packing.is_some() {
-        inert.push("eval_packing (CPT packs its evaluation set too)".into());
-    }
-    if matches!(objective, Objective::Sft | Objective::Cpt) && !recipe.disable_dropout {
-        inert.push("disable_dropout (only DPO and ORPO read it: TRL's SFTTrainer keeps the model's dropout)".into());
-    }
-    if matches!(objective, Objective::Dpo | Objective::Orpo) {
-        inert.extend(recipe.sft_only_keys_set().into_iter().map(|k| format!("{k} (only SFT and CPT read it)")));
-    }
+    let inert = keys_without_effect(objective, &recipe);
     if !inert.is_empty() {
         eprintln!("note: these recipe keys have no effect here: {}", inert.join(", "));
     }
@@ -57,6 +48,25 @@ fn try_main(objective: Objective, default_recipe: &str) -> Result<(), String> {
         println!("last evaluation: {}", serde_json::Value::Object(eval.clone()));
     }
     Ok(())
+}
+
+/// The keys `recipe` sets that a run of `objective` does not read, each with why: the run's
+/// first line of output names them.
+fn keys_without_effect(objective: Objective, recipe: &Recipe) -> Vec<String> {
+    let mut inert = recipe.inert_keys_set();
+    if objective == Objective::Cpt && recipe.eval_packing.is_some() {
+        inert.push("eval_packing (CPT packs its evaluation set too)".into());
+    }
+    if matches!(objective, Objective::Sft | Objective::Cpt) && !recipe.disable_dropout {
+        inert.push("disable_dropout (only DPO and ORPO read it: TRL's SFTTrainer keeps the model's dropout)".into());
+    }
+    if matches!(objective, Objective::Dpo | Objective::Orpo) {
+        inert.extend(recipe.sft_only_keys_set().into_iter().map(|k| format!("{k} (only SFT and CPT read it)")));
+    }
+    if objective == Objective::Orpo && recipe.pad_to_multiple_of.is_some() {
+        inert.push("pad_to_multiple_of (TRL's ORPO pads to the longest row: its logged logits/* average the padding too)".into());
+    }
+    inert
 }
 
 #[cfg(not(any(feature = "cuda", feature = "tch")))]
@@ -122,4 +132,20 @@ fn run_on_backend(objective: Objective, recipe: &Recipe) -> Result<alignment_tra
     let device = if tch::Cuda::is_available() { LibTorchDevice::Cuda(local_rank) } else { LibTorchDevice::Cpu };
     eprintln!("backend: libtorch on {device:?}");
     run_in_weight_precision::<TorchAutodiff, burn::backend::Autodiff<TorchBf16>>(objective, recipe, &device)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pad_to_multiple_of_is_named_as_without_effect_for_orpo_only() {
+        let recipe = Recipe::from_yaml_str("pad_to_multiple_of: 8\npacking: true\n", "t", &[]).unwrap();
+        let named = |objective| keys_without_effect(objective, &recipe).join(", ");
+        for objective in [Objective::Sft, Objective::Cpt, Objective::Dpo] {
+            assert!(!named(objective).contains("pad_to_multiple_of"), "{objective:?}: {}", named(objective));
+        }
+        assert!(named(Objective::Orpo).contains("pad_to_multiple_of (TRL's ORPO"), "{}", named(Objective::Orpo));
+        assert!(named(Objective::Dpo).contains("packing (only SFT and CPT read it)"), "{}", named(Objective::Dpo));
+    }
 }

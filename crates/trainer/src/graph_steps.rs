@@ -388,6 +388,7 @@ mod tests {
     use super::*;
     use crate::tasks::SftTask;
     use crate::tasks::{DpoTask, OrpoTask, PreferencePair, ReferenceLogps};
+    use crate::Padding;
     use crate::{train, Recipe, Scoring, Sequence, TrainerConfig, IGNORE_INDEX};
     use alignment_core::backend::TorchAutodiff;
     use alignment_models::load_pretrained;
@@ -463,7 +464,7 @@ mod tests {
     }
 
     fn sft() -> SftTask {
-        SftTask { reduction: Reduction::Mean, pad_id: 0, name: "sft" }
+        SftTask { reduction: Reduction::Mean, padding: Padding::token(0), name: "sft" }
     }
 
     /// The loop replaying its steps over refilled inputs (the captured step's host code run again
@@ -512,8 +513,8 @@ mod tests {
     /// replayed batch's.
     #[test]
     fn tch_preference_steps_replayed_over_refilled_inputs_equal_the_eager_loop() {
-        assert_replays_equal_eager_steps(&DpoTask { config: DpoConfig::default(), pad_id: 0 }, "rewards/margins");
-        assert_replays_equal_eager_steps(&OrpoTask { config: OrpoConfig::default(), pad_id: 0 }, "log_odds_ratio");
+        assert_replays_equal_eager_steps(&DpoTask { config: DpoConfig::default(), padding: Padding::token(0) }, "rewards/margins");
+        assert_replays_equal_eager_steps(&OrpoTask { config: OrpoConfig::default(), padding: Padding::token(0) }, "log_odds_ratio");
     }
 
     /// `task` on [`pairs`]: every step but the first replayed, logging `metric` and everything

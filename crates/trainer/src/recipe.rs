@@ -168,9 +168,11 @@ pub struct Recipe {
     /// too. Off by default: the trainer's sampler shuffles the training order anyway.
     pub shuffle_dataset: bool,
     pub padding_free: bool,
-    /// TRL's `pad_to_multiple_of`, `pad_token` (SFT, DPO) and `padding_value` (ORPO): padding
-    /// is masked, so they change no loss.
+    /// TRL's `pad_to_multiple_of` (SFT, CPT, DPO): each micro-batch padded to a multiple of it
+    /// ([`crate::Padding`]; padding is masked, so no loss changes, only the batches' shapes).
     pub pad_to_multiple_of: Option<usize>,
+    /// TRL's `pad_token` (SFT, DPO) and `padding_value` (ORPO): the padding's token, masked, so
+    /// they change no loss.
     pub pad_token: Option<String>,
     pub padding_value: Option<i64>,
     /// TRL's `activation_offloading`: activations stay on the device here.
@@ -603,7 +605,6 @@ pub const INERT_KEYS: &[(&str, &str)] = &[
     ("max_prompt_length", "TRL 1.16 truncates decoder-only models by max_length only"),
     ("max_completion_length", "TRL 1.16 truncates decoder-only models by max_length only"),
     ("padding_free", "batches are padded, which gives the same losses"),
-    ("pad_to_multiple_of", "padded positions are masked: padding changes no loss"),
     ("pad_token", "padded positions are masked, whatever their token"),
     ("padding_value", "padded positions are masked, whatever their token"),
     ("activation_offloading", "activations stay on the device (gradient_checkpointing is what saves their memory here)"),
@@ -735,6 +736,7 @@ pub const ACTING_KEYS: &[&str] = &[
     "packing",
     "eval_packing",
     "packing_strategy",
+    "pad_to_multiple_of",
     "shuffle_dataset",
     "disable_dropout",
     "dataset_num_proc",
@@ -1053,7 +1055,9 @@ impl Recipe {
                 return bad(key, "must be at least 1".into());
             }
         }
-        for (key, value) in [("max_length", self.max_length), ("max_seq_length", self.max_seq_length)] {
+        for (key, value) in
+            [("max_length", self.max_length), ("max_seq_length", self.max_seq_length), ("pad_to_multiple_of", self.pad_to_multiple_of)]
+        {
             if value == Some(0) {
                 return bad(key, "must be at least 1".into());
             }
@@ -1184,6 +1188,13 @@ impl Recipe {
     /// The maximum sequence length for SFT/CPT: `max_seq_length` (handbook) or `max_length` (TRL ≥ 0.20).
     pub fn sft_max_length(&self) -> Option<usize> {
         self.max_seq_length.or(self.max_length)
+    }
+
+    /// How an SFT, CPT or DPO run's micro-batches are padded: with the tokenizer's `token`, to
+    /// the longest row rounded up to `pad_to_multiple_of`, as TRL's collators. (TRL's ORPO has no
+    /// such key and pads to the longest row: its logged `logits/*` average the padding too.)
+    pub fn padding(&self, token: u32) -> crate::Padding {
+        crate::Padding { token, to_multiple_of: self.pad_to_multiple_of }
     }
 }
 

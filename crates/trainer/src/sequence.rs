@@ -2,8 +2,9 @@
 //!
 //! A [`Sequence`] is one row the model scores: token ids, labels (`IGNORE_INDEX` where no loss is
 //! taken), RoPE positions and — for packed rows — the document each token belongs to. Collation
-//! right-pads a micro-batch to its longest row (as TRL's collators do), masking padded keys and
-//! labelling padding `IGNORE_INDEX`, so padding never changes a loss.
+//! right-pads a micro-batch to its longest row (as TRL's collators do; with TRL's
+//! `pad_to_multiple_of`, to the next multiple of it), masking padded keys and labelling padding
+//! `IGNORE_INDEX`, so padding never changes a loss.
 //!
 //! A packed row is scored as TRL 1.16 scores a padding-free batch: each document attends only to
 //! itself, with its own positions, and its first token is not predicted from the document
@@ -124,15 +125,42 @@ impl From<alignment_data::PackedRow> for Sequence {
     }
 }
 
-/// Right-pads `rows` to the longest one with `pad_id` and returns the model batch and the labels
-/// `[rows, seq]` (padding labelled [`IGNORE_INDEX`]). Packed rows become one row per document
-/// (see the module documentation).
-pub fn collate<B: Backend>(rows: &[&Sequence], pad_id: u32, device: &B::Device) -> (Batch, Tensor<B, 2, Int>) {
+/// How a micro-batch's rows are padded: with which token, to what width.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Padding {
+    /// The token id of padded positions (masked and unscored, so any id gives the same losses).
+    pub token: u32,
+    /// TRL's `pad_to_multiple_of`: the batch's width rounded up to a multiple of it. Padding
+    /// changes no loss; it makes batches' shapes repeat (a replayed step needs the shapes it
+    /// was captured with) and keeps the GPU's matrix tiles full.
+    pub to_multiple_of: Option<usize>,
+}
+
+impl Padding {
+    /// Padding with `token` to the longest row.
+    pub fn token(token: u32) -> Self {
+        Self { token, to_multiple_of: None }
+    }
+
+    /// The width of a batch whose longest row has `longest` tokens.
+    pub fn width(&self, longest: usize) -> usize {
+        match self.to_multiple_of {
+            Some(multiple) if multiple > 1 => longest.div_ceil(multiple) * multiple,
+            _ => longest,
+        }
+    }
+}
+
+/// Right-pads `rows` with `padding`'s token to the longest one (rounded up as `padding` says) and
+/// returns the model batch and the labels `[rows, seq]` (padding labelled [`IGNORE_INDEX`]).
+/// Packed rows become one row per document (see the module documentation).
+pub fn collate<B: Backend>(rows: &[&Sequence], padding: Padding, device: &B::Device) -> (Batch, Tensor<B, 2, Int>) {
     if rows.iter().any(|r| r.document_ids.is_some()) {
         let documents: Vec<Sequence> = rows.iter().flat_map(|r| r.documents()).collect();
-        return collate(&documents.iter().collect::<Vec<_>>(), pad_id, device);
+        return collate(&documents.iter().collect::<Vec<_>>(), padding, device);
     }
-    let width = rows.iter().map(|r| r.len()).max().unwrap_or(0);
+    let width = padding.width(rows.iter().map(|r| r.len()).max().unwrap_or(0));
+    let pad_id = padding.token;
     let needs_mask = rows.iter().any(|r| r.len() < width || r.attention_mask.is_some());
     let mut batch = Batch { input_ids: Vec::new(), position_ids: Vec::new(), attention_mask: None, document_ids: None };
     let mut masks = Vec::new();
@@ -168,7 +196,7 @@ mod tests {
     fn collate_pads_right_and_masks_padding() {
         let a = Sequence::new(vec![5, 6, 7], vec![IGNORE_INDEX, 6, 7]);
         let b = Sequence::new(vec![8], vec![8]);
-        let (batch, labels) = collate::<Cpu>(&[&a, &b], 0, &Default::default());
+        let (batch, labels) = collate::<Cpu>(&[&a, &b], Padding::token(0), &Default::default());
         assert_eq!(batch.input_ids, vec![vec![5, 6, 7], vec![8, 0, 0]]);
         assert_eq!(batch.attention_mask, Some(vec![vec![true; 3], vec![true, false, false]]));
         assert_eq!(batch.position_ids[1], vec![0, 1, 2]);
@@ -178,13 +206,34 @@ mod tests {
     }
 
     #[test]
+    fn pad_to_multiple_of_rounds_the_width_up_and_masks_the_padding() {
+        let a = Sequence::new(vec![5, 6, 7], vec![IGNORE_INDEX, 6, 7]);
+        let b = Sequence::new(vec![8], vec![8]);
+        let padding = Padding { token: 9, to_multiple_of: Some(4) };
+        let (batch, labels) = collate::<Cpu>(&[&a, &b], padding, &Default::default());
+        assert_eq!(batch.input_ids, vec![vec![5, 6, 7, 9], vec![8, 9, 9, 9]]);
+        assert_eq!(batch.attention_mask, Some(vec![vec![true, true, true, false], vec![true, false, false, false]]));
+        assert_eq!(batch.position_ids[0], vec![0, 1, 2, 3]);
+        let labels = labels.into_data().into_vec::<i64>().unwrap();
+        assert_eq!(labels, vec![IGNORE_INDEX, 6, 7, IGNORE_INDEX, 8, IGNORE_INDEX, IGNORE_INDEX, IGNORE_INDEX]);
+        // A width already a multiple is left alone; one row alone is padded (and masked) too.
+        assert_eq!(collate::<Cpu>(&[&a, &b], Padding { to_multiple_of: Some(3), ..padding }, &Default::default()).0.input_ids[0].len(), 3);
+        let (alone, _) = collate::<Cpu>(&[&a], Padding { to_multiple_of: Some(8), ..padding }, &Default::default());
+        assert_eq!(alone.input_ids[0].len(), 8);
+        assert_eq!(alone.attention_mask.unwrap()[0].iter().filter(|&&real| real).count(), 3);
+        // TRL's `pad_to_multiple_of: 1` (or unset) pads to the longest row.
+        assert_eq!(Padding { to_multiple_of: Some(1), ..padding }.width(5), 5);
+        assert_eq!(Padding::token(0).width(5), 5);
+    }
+
+    #[test]
     fn packed_rows_are_scored_document_by_document() {
         let doc = |ids: Vec<u32>| alignment_data::TokenizedExample { labels: ids.iter().map(|&i| i as i64).collect(), input_ids: ids };
         let rows = alignment_data::pack(&[doc(vec![1, 2, 3]), doc(vec![4, 5])], 8, 0);
         let seq = Sequence::from(rows[0].clone());
         // TRL: the first token of each document is not predicted (from the document before it).
         assert_eq!(seq.num_scored(), 3);
-        let (batch, labels) = collate::<Cpu>(&[&seq], 0, &Default::default());
+        let (batch, labels) = collate::<Cpu>(&[&seq], Padding::token(0), &Default::default());
         assert_eq!(batch.input_ids, vec![vec![1, 2, 3], vec![4, 5, 0]]);
         assert_eq!(batch.position_ids, vec![vec![0, 1, 2], vec![0, 1, 2]]);
         assert!(batch.document_ids.is_none());

@@ -9,6 +9,7 @@ mod data_parallel;
 mod non_finite;
 mod optimizer;
 mod overfit;
+mod padding;
 mod recipes;
 mod resume;
 mod schedules;

@@ -190,18 +190,16 @@ fn trl_1_16_keys_load_and_unimplemented_values_are_refused_by_name() {
     .join("\n");
     let r = Recipe::from_yaml_str(&yaml, "t", &[]).unwrap();
     let inert = r.inert_keys_set().join("; ");
-    for key in [
-        "dtype",
-        "model_init_kwargs",
-        "pad_to_multiple_of",
-        "pad_token",
-        "activation_offloading",
-        "dataset_streaming",
-        "precompute_ref_batch_size",
-    ] {
+    for key in ["dtype", "model_init_kwargs", "pad_token", "activation_offloading", "dataset_streaming", "precompute_ref_batch_size"] {
         assert!(inert.contains(&format!("{key} (")), "{key} not named: {inert}");
     }
+    // `pad_to_multiple_of` acts (the batches' width; `Padding`), so it is not named inert; 0 is
+    // refused by name (TRL would divide by it).
+    assert!(!inert.contains("pad_to_multiple_of"), "{inert}");
+    assert_eq!(r.pad_to_multiple_of, Some(8));
+    assert_eq!(r.padding(3).width(9), 16);
     for (yaml, key) in [
+        ("pad_to_multiple_of: 0\n", "pad_to_multiple_of"),
         ("lora_task_type: SEQ_CLS\n", "lora_task_type"),
         ("lora_target_parameters: [experts.gate_up_proj]\n", "lora_target_parameters"),
         ("router_aux_loss_coef: 0.001\n", "router_aux_loss_coef"),

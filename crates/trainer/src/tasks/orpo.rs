@@ -3,7 +3,7 @@
 //! and the odds ratio of chosen over rejected, from length-averaged log-probs, is pushed up
 //! (`alignment_objectives::orpo`).
 
-use crate::sequence::{collate, Sequence, IGNORE_INDEX};
+use crate::sequence::{collate, Padding, Sequence, IGNORE_INDEX};
 use crate::task::{Scoring, Task};
 use crate::tasks::dpo::{concatenated_rows, PreferencePair};
 use alignment_objectives::orpo::{orpo_loss, OrpoConfig};
@@ -15,7 +15,8 @@ use burn::tensor::{Int, Tensor, TensorData};
 #[derive(Debug, Clone)]
 pub struct OrpoTask {
     pub config: OrpoConfig,
-    pub pad_id: u32,
+    /// How micro-batches are padded.
+    pub padding: Padding,
 }
 
 impl Task for OrpoTask {
@@ -39,7 +40,7 @@ impl Task for OrpoTask {
 
     fn scoring<B: Backend>(&self, pairs: &[&PreferencePair], device: &B::Device) -> Scoring<B> {
         let rows = concatenated_rows(pairs);
-        let (batch, completion_labels) = collate::<B>(&rows, self.pad_id, device);
+        let (batch, completion_labels) = collate::<B>(&rows, self.padding, device);
         // TRL's NLL term: labels = input ids wherever the attention mask is 1 (prompt included).
         let [rows_n, width] = batch.dims();
         let full: Vec<i64> = batch

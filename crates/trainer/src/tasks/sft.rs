@@ -3,7 +3,7 @@
 //! over all micro-batches of the step (transformers' `num_items_in_batch`), or the summed token
 //! loss per micro-batch with open-instruct's `reduce_loss: sum`.
 
-use crate::sequence::{collate, Sequence};
+use crate::sequence::{collate, Padding, Sequence};
 use crate::task::{Scoring, Task};
 use alignment_objectives::sft::{Reduction, SftOutput};
 use alignment_objectives::{DeferredMetrics, SequenceLogps};
@@ -15,8 +15,8 @@ use burn::tensor::Tensor;
 pub struct SftTask {
     /// Token-mean over the step, or the token sum per micro-batch.
     pub reduction: Reduction,
-    /// Padding token id for collation.
-    pub pad_id: u32,
+    /// How micro-batches are padded.
+    pub padding: Padding,
     /// `sft` or `cpt`, for logs.
     pub name: &'static str,
 }
@@ -46,7 +46,7 @@ impl Task for SftTask {
     }
 
     fn scoring<B: Backend>(&self, examples: &[&Sequence], device: &B::Device) -> Scoring<B> {
-        let (batch, labels) = collate::<B>(examples, self.pad_id, device);
+        let (batch, labels) = collate::<B>(examples, self.padding, device);
         Scoring { batch, label_sets: vec![labels], row_values: Vec::new() }
     }
 
