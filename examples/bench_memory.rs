@@ -24,7 +24,7 @@ use alignment_peft::{apply_lora, num_lora_params, LoraConfig, QuantConfig, Targe
 use alignment_trainer::optimizer::{AdamW, AdamWConfig};
 use alignment_trainer::tasks::SftTask;
 use alignment_trainer::{forward_backward, StepOptions};
-use alignment_trainer::{Padding, Sequence, Task};
+use alignment_trainer::{Collation, Sequence, Task};
 use burn::module::{AutodiffModule, Module};
 use burn::optim::GradientsAccumulator;
 use clap::Parser;
@@ -176,7 +176,7 @@ fn measure(args: &Args, mode: &str) {
         })
         .collect();
     let refs: Vec<&Sequence> = examples.iter().collect();
-    let task = SftTask { reduction: Reduction::Mean, padding: Padding::token(0), name: "sft" };
+    let task = SftTask { reduction: Reduction::Mean, collation: Collation::pad_with(0), name: "sft" };
     let mut optimizer = AdamW::<Cpu>::new(AdamWConfig::default());
     let mut model = model;
     let mut losses = Vec::new();

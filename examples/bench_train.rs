@@ -39,7 +39,7 @@ use alignment_objectives::{DpoConfig, OrpoConfig, Reduction};
 use alignment_peft::{apply_lora, LoraConfig, QuantConfig, TargetModules};
 use alignment_trainer::optimizer::{AdamW, AdamWConfig};
 use alignment_trainer::tasks::{DpoTask, OrpoTask, PreferencePair, SftTask};
-use alignment_trainer::{Padding, Sequence, StepOptions, Task};
+use alignment_trainer::{Collation, Sequence, StepOptions, Task};
 use burn::module::{Module, ModuleVisitor, Param};
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{FloatDType, Tensor};
@@ -646,7 +646,7 @@ fn run_train<B: AutodiffBackend>(args: &TrainArgs, matmul_dtype: Option<FloatDTy
                     tokens,
                     timing.steps(
                         model,
-                        &OrpoTask { config: OrpoConfig::default(), padding: Padding::token(0) },
+                        &OrpoTask { config: OrpoConfig::default(), collation: Collation::pad_with(0) },
                         &batches,
                         &mut optimizer,
                     )?,
@@ -654,12 +654,17 @@ fn run_train<B: AutodiffBackend>(args: &TrainArgs, matmul_dtype: Option<FloatDTy
             } else {
                 (
                     tokens,
-                    timing.steps(model, &DpoTask { config: DpoConfig::default(), padding: Padding::token(0) }, &batches, &mut optimizer)?,
+                    timing.steps(
+                        model,
+                        &DpoTask { config: DpoConfig::default(), collation: Collation::pad_with(0) },
+                        &batches,
+                        &mut optimizer,
+                    )?,
                 )
             }
         }
         _ => {
-            let task = SftTask { reduction: Reduction::Mean, padding: Padding::token(0), name: "sft" };
+            let task = SftTask { reduction: Reduction::Mean, collation: Collation::pad_with(0), name: "sft" };
             let rows: Vec<Sequence> = (0..args.batch * args.accum).map(|i| sft_row(args.seq, vocab, 1000 + i as u64)).collect();
             let batches: Vec<Vec<&Sequence>> = rows.chunks(args.batch).map(|c| c.iter().collect()).collect();
             (rows.iter().map(Sequence::num_tokens).sum::<usize>(), timing.steps(model, &task, &batches, &mut optimizer)?)

@@ -21,7 +21,7 @@ use alignment_peft::{apply_lora, load_adapter, load_pretrained_4bit, merge_lora,
 use alignment_trainer::components::{self, DataSource};
 use alignment_trainer::tasks::{precompute_reference, DpoTask, OrpoTask, PreferencePair, ReferenceCache, SftTask};
 use alignment_trainer::{
-    train_with, AdapterOutput, Padding, Parallelism, Recipe, RecipeError, Sequence, StepPlan, Strategy, TrainError, TrainOutcome,
+    train_with, AdapterOutput, Collation, Parallelism, Recipe, RecipeError, Sequence, StepPlan, Strategy, TrainError, TrainOutcome,
     TrainerConfig,
 };
 use burn::module::{AutodiffModule, Module, ModuleMapper, Param};
@@ -634,7 +634,7 @@ pub fn run<B: AutodiffBackend>(objective: Objective, recipe: &Recipe, device: &B
             let eval_examples = test_set.as_ref().map(|d| build(&eval_recipe, d)).transpose()?.unwrap_or_default();
             let name = if objective == Objective::Sft { "sft" } else { "cpt" };
             let reduction = components::reduction(recipe)?;
-            let task = SftTask { reduction, padding: recipe.padding(tools.pad_id), name };
+            let task = SftTask { reduction, collation: recipe.collation(tools.pad_id), name };
             train_with(model, &task, &train_examples, &eval_examples, &config, device, &mut strategy)?.1
         }
         Objective::Dpo => {
@@ -655,11 +655,11 @@ pub fn run<B: AutodiffBackend>(objective: Objective, recipe: &Recipe, device: &B
             // Only for the pairs the run will visit (a `max_steps` run may stop within its first epoch).
             let global = TrainerConfig { train_batch_size: config.train_batch_size * strategy.world_size(), ..config.clone() };
             match StepPlan::new(train_pairs.len(), &global).examples_used(train_pairs.len(), &global) {
-                None => precompute_reference(&frozen, &mut train_pairs, batch, recipe.padding(tools.pad_id), Some(&cache), device)
+                None => precompute_reference(&frozen, &mut train_pairs, batch, recipe.collation(tools.pad_id), Some(&cache), device)
                     .map_err(TrainError::from)?,
                 Some(used) => {
                     let mut visited: Vec<PreferencePair> = used.iter().map(|&i| train_pairs[i].clone()).collect();
-                    precompute_reference(&frozen, &mut visited, batch, recipe.padding(tools.pad_id), Some(&cache), device)
+                    precompute_reference(&frozen, &mut visited, batch, recipe.collation(tools.pad_id), Some(&cache), device)
                         .map_err(TrainError::from)?;
                     for (i, pair) in used.into_iter().zip(visited) {
                         train_pairs[i] = pair;
@@ -667,13 +667,13 @@ pub fn run<B: AutodiffBackend>(objective: Objective, recipe: &Recipe, device: &B
                 }
             }
             if config.eval_steps.is_some() || config.eval_every_epoch || config.eval_on_start {
-                precompute_reference(&frozen, &mut eval_pairs, batch, recipe.padding(tools.pad_id), Some(&cache), device)
+                precompute_reference(&frozen, &mut eval_pairs, batch, recipe.collation(tools.pad_id), Some(&cache), device)
                     .map_err(TrainError::from)?;
             } else {
                 eval_pairs.clear(); // never evaluated: skip the reference pass over them
             }
             drop(frozen);
-            let task = DpoTask { config: dpo, padding: recipe.padding(tools.pad_id) };
+            let task = DpoTask { config: dpo, collation: recipe.collation(tools.pad_id) };
             train_with(model, &task, &train_pairs, &eval_pairs, &config, device, &mut strategy)?.1
         }
         Objective::Orpo => {
@@ -684,7 +684,7 @@ pub fn run<B: AutodiffBackend>(objective: Objective, recipe: &Recipe, device: &B
                 return Err(empty_training_set(recipe, train_set.len(), &why));
             }
             let orpo = components::orpo_config(recipe)?;
-            let task = OrpoTask { config: orpo, padding: Padding::token(tools.pad_id) };
+            let task = OrpoTask { config: orpo, collation: Collation::pad_with(tools.pad_id) };
             train_with(model, &task, &train_pairs, &eval_pairs, &config, device, &mut strategy)?.1
         }
     };

@@ -17,7 +17,7 @@ use crate::models::{CausalLm, SaveDtype};
 use crate::objectives::{DeferredMetrics, DpoConfig, Reduction};
 use crate::trainer::optimizer::{AdamW, AdamWConfig, DeviceStepReport, UpdateRule};
 use crate::trainer::tasks::{DpoTask, PreferencePair, ReferenceLogps, SftTask};
-use crate::trainer::{forward_backward_prepared, prepare, Padding, PreparedBatch, Sequence, StepOptions, Task, IGNORE_INDEX};
+use crate::trainer::{forward_backward_prepared, prepare, Collation, PreparedBatch, Sequence, StepOptions, Task, IGNORE_INDEX};
 use alignment_peft::{apply_lora, LoraConfig, QuantConfig, TargetModules};
 use burn::module::{Module, ModuleVisitor, Param};
 use burn::optim::{GradientsAccumulator, GradientsParams};
@@ -193,12 +193,12 @@ pub fn case_step<B: AutodiffBackend>(
     let lengths = [13usize, 9, 11, 6];
     let lr = 1e-3;
     let (model, pending, grads, report) = if case.preference {
-        let task = DpoTask { config: DpoConfig::default(), padding: Padding::token(0) };
+        let task = DpoTask { config: DpoConfig::default(), collation: Collation::pad_with(0) };
         let pairs: Vec<PreferencePair> = lengths.iter().enumerate().map(|(i, &n)| dpo_pair(n, vocab, 77 + i as u64)).collect();
         let batches: Vec<Vec<&PreferencePair>> = pairs.chunks(2).map(|c| c.iter().collect()).collect();
         train_step(model, &task, &batches, optimizer, lr, options, true, device)
     } else {
-        let task = SftTask { reduction: Reduction::Mean, padding: Padding::token(0), name: "sft" };
+        let task = SftTask { reduction: Reduction::Mean, collation: Collation::pad_with(0), name: "sft" };
         let rows: Vec<Sequence> = lengths.iter().enumerate().map(|(i, &n)| sft_row(n, vocab, 77 + i as u64)).collect();
         let batches: Vec<Vec<&Sequence>> = rows.chunks(2).map(|c| c.iter().collect()).collect();
         train_step(model, &task, &batches, optimizer, lr, options, true, device)

@@ -13,7 +13,7 @@ use alignment_handbook::step_check::{dpo_pair, read_metrics, sft_row, train_step
 use alignment_handbook::trainer::optimizer::{AdamW, AdamWConfig};
 use alignment_handbook::trainer::tasks::{DpoTask, OrpoTask, PreferencePair, SftTask};
 use alignment_handbook::trainer::tch_graph::state_addresses;
-use alignment_handbook::trainer::{prepare, Padding, PreparedBatch, Sequence, StepOptions, Task};
+use alignment_handbook::trainer::{prepare, Collation, PreparedBatch, Sequence, StepOptions, Task};
 use alignment_peft::{apply_lora, LoraConfig, TargetModules};
 use burn::backend::libtorch::LibTorchDevice;
 use burn::backend::Autodiff;
@@ -72,13 +72,13 @@ fn three_steps<T: Task>(
 /// those of the step that uploads its own batch each time, bit for bit.
 #[test]
 fn the_libtorch_step_updates_its_state_in_place() {
-    let sft = SftTask { reduction: Reduction::Mean, padding: Padding::token(0), name: "sft" };
+    let sft = SftTask { reduction: Reduction::Mean, collation: Collation::pad_with(0), name: "sft" };
     let rows: Vec<Sequence> = (0..4).map(|i| sft_row(24, 512, 100 + i)).collect();
     let sft_batches: Vec<Vec<&Sequence>> = rows.chunks(2).map(|c| c.iter().collect()).collect();
-    let dpo = DpoTask { config: DpoConfig::default(), padding: Padding::token(0) };
+    let dpo = DpoTask { config: DpoConfig::default(), collation: Collation::pad_with(0) };
     let pairs: Vec<PreferencePair> = (0..4).map(|i| dpo_pair(24, 512, 200 + i)).collect();
     let dpo_batches: Vec<Vec<&PreferencePair>> = pairs.chunks(2).map(|c| c.iter().collect()).collect();
-    let orpo = OrpoTask { config: OrpoConfig::default(), padding: Padding::token(0) };
+    let orpo = OrpoTask { config: OrpoConfig::default(), collation: Collation::pad_with(0) };
     let cases = [
         ("sft", (false, false, false)),
         ("sft", (false, true, false)),

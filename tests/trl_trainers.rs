@@ -290,7 +290,7 @@ fn check_case(ctx: &Context, case: &Json) -> (Vec<String>, f64) {
         // Packed: TRL's metrics over its packed evaluation rows, against ours over ours (the
         // packing itself is checked row for row by the data crate's packing_golden.rs).
         "sft" if recipe.packing => {
-            let task = SftTask { reduction: Reduction::Mean, padding: recipe.padding(tools.pad_id), name: "sft" };
+            let task = SftTask { reduction: Reduction::Mean, collation: recipe.collation(tools.pad_id), name: "sft" };
             let packed = sft_examples(&recipe.for_evaluation(), tools, &eval_set).unwrap();
             if Some(packed.len()) != usize_of(&case["packed_rows"]) {
                 fail(format!("{} packed rows, TRL {}", packed.len(), case["packed_rows"]));
@@ -352,7 +352,7 @@ fn check_case(ctx: &Context, case: &Json) -> (Vec<String>, f64) {
             if !all.iter().map(example_of).eq(order.iter().filter_map(|i| kept.get(i).cloned())) {
                 fail("run::sft_examples differs from the per-row examples in TRL's order".into());
             }
-            let task = SftTask { reduction: Reduction::Mean, padding: recipe.padding(tools.pad_id), name: "sft" };
+            let task = SftTask { reduction: Reduction::Mean, collation: recipe.collation(tools.pad_id), name: "sft" };
             with_metrics.then(|| evaluate(model, &task, &sft_examples(&recipe, tools, &eval_set).unwrap(), batch, &device))
         }
         "dpo" => {
@@ -380,9 +380,9 @@ fn check_case(ctx: &Context, case: &Json) -> (Vec<String>, f64) {
             with_metrics.then(|| {
                 let mut pairs = preference_examples(&recipe, tools, &eval_set, Objective::Dpo).unwrap();
                 let reference = &ctx.models[ctx.golden["reference_model"].as_str().unwrap()];
-                precompute_reference(reference, &mut pairs, batch, recipe.padding(tools.pad_id), None, &device).unwrap();
+                precompute_reference(reference, &mut pairs, batch, recipe.collation(tools.pad_id), None, &device).unwrap();
                 let config = DpoConfig { beta: recipe.beta, ..DpoConfig::with_loss(DpoLossType::Sigmoid) };
-                evaluate(model, &DpoTask { config, padding: recipe.padding(tools.pad_id) }, &pairs, batch, &device)
+                evaluate(model, &DpoTask { config, collation: recipe.collation(tools.pad_id) }, &pairs, batch, &device)
             })
         }
         "orpo" => {
@@ -402,7 +402,7 @@ fn check_case(ctx: &Context, case: &Json) -> (Vec<String>, f64) {
                 let pairs: Vec<PreferencePair> = preference_examples(&recipe, tools, &eval_set, Objective::Orpo).unwrap();
                 evaluate(
                     model,
-                    &OrpoTask { config: OrpoConfig { beta: recipe.beta }, padding: recipe.padding(tools.pad_id) },
+                    &OrpoTask { config: OrpoConfig { beta: recipe.beta }, collation: recipe.collation(tools.pad_id) },
                     &pairs,
                     batch,
                     &device,

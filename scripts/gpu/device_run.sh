@@ -296,7 +296,7 @@ trainer_run() {
     say "trainer $name"
     timeout --signal=KILL "$limit" env "${hide[@]}" \
         ALIGNMENT_HANDBOOK_CACHE="$WORK/trainer/cache-$device" LD_LIBRARY_PATH="$TORCH_LIB:${LD_LIBRARY_PATH:-}" \
-        "$binary" "$recipe" --output_dir="$WORK/trainer/$name" --overwrite_output_dir=true "$@" >"$WORK/trainer/$name.log" 2>&1
+        ${TRAINER_ENV:-} "$binary" "$recipe" --output_dir="$WORK/trainer/$name" --overwrite_output_dir=true "$@" >"$WORK/trainer/$name.log" 2>&1
     local rc=$?
     say "trainer $name: exit $rc — $(tail -c 300 "$WORK/trainer/$name.log" | tr '\n' ' ' | tail -c 200)"
     return $rc
@@ -336,10 +336,13 @@ run_trainer() {
 # The same loop's speed on the 135M shape (random weights), bf16, packed 1024-token rows of 4,
 # one update a batch: its tokens/s (the logging windows after the first) beside `bench_train
 # train`'s step on the same shape, which leaves out the loop (data, logging, the final save).
-# Then the same run with its steps replayed from a captured CUDA graph
-# (`--torch_compile_mode=reduce-overhead`, trainer::graph_steps): its tokens/s, and every logged
-# metric and saved weight against the eager run's (the same kernels: equal, up to cuBLAS picking
-# other algorithms on the capture's stream).
+# Then the layout a replayed run uses, eagerly: the packed rows kept whole under a block-diagonal
+# mask and padded to the row length (`ALIGNMENT_PACKED_ROWS=whole --pad_to_multiple_of=1024`;
+# the eager run splits them by document: ≈ 1.5× the real tokens in positions there, ≈ 1.05×
+# whole). Then that run with its steps replayed from captured CUDA graphs
+# (`--torch_compile_mode=reduce-overhead`, trainer::graph_steps; every full batch then has one
+# shape): its tokens/s, and every logged metric and saved weight against the eager whole-row
+# run's (the same kernels: equal, up to cuBLAS picking other algorithms on the capture's stream).
 run_trainer_speed() {
     [ -x "$TRAINER_BIN_SFT" ] && [ -f "$TRAINER_TOKENIZER/tokenizer.json" ] || return
     local shape="${1:-smollm2-135m}" device=cuda
@@ -354,13 +357,18 @@ run_trainer_speed() {
     trainer_run "speed-$shape" "$device" "$TRAINER_BIN_SFT" "${speed[@]}"
     "$PY" scripts/gpu/compare_runs.py --label "trainer speed-$shape sft s1024 b4" "$WORK/trainer/speed-$shape" >>"$RESULTS"
     say "trainer speed-$shape: $(tail -n 1 "$RESULTS" | cut -c 1-300)"
-    if trainer_run "speed-$shape-graph" "$device" "$TRAINER_BIN_SFT" "${speed[@]}" --torch_compile_mode=reduce-overhead; then
+    TRAINER_ENV=ALIGNMENT_PACKED_ROWS=whole trainer_run "speed-$shape-whole" "$device" "$TRAINER_BIN_SFT" "${speed[@]}" \
+        --pad_to_multiple_of=1024 || return
+    "$PY" scripts/gpu/compare_runs.py --label "trainer speed-$shape-whole sft s1024 b4" "$WORK/trainer/speed-$shape-whole" >>"$RESULTS"
+    say "trainer speed-$shape-whole: $(tail -n 1 "$RESULTS" | cut -c 1-300)"
+    if trainer_run "speed-$shape-graph" "$device" "$TRAINER_BIN_SFT" "${speed[@]}" --pad_to_multiple_of=1024 \
+        --torch_compile_mode=reduce-overhead; then
         "$PY" scripts/gpu/compare_runs.py --label "trainer speed-$shape-graph sft s1024 b4" "$WORK/trainer/speed-$shape-graph" >>"$RESULTS"
         say "trainer speed-$shape-graph: $(tail -n 1 "$RESULTS" | cut -c 1-300)"
         say "trainer speed-$shape-graph: $(grep -h 'CUDA graph\|torch_compile_mode' "$WORK/trainer/speed-$shape-graph.log" | tail -n 2 | tr '\n' ' ')"
-        trainer_compare "speed-$shape-graph" "speed-$shape" 1e-4
+        trainer_compare "speed-$shape-graph" "speed-$shape-whole" 1e-4
     fi
-    rm -rf "$WORK/trainer/$shape" "$WORK/trainer/speed-$shape"{,-graph}/{*.safetensors,tokenizer.json}
+    rm -rf "$WORK/trainer/$shape" "$WORK/trainer/speed-$shape"{,-whole,-graph}/{*.safetensors,tokenizer.json}
 }
 
 # bitsandbytes' 8-bit AdamW kernels against the f32 transcription that the Rust update

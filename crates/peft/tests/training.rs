@@ -10,7 +10,7 @@ use alignment_models::CausalLm;
 use alignment_objectives::Reduction;
 use alignment_peft::{apply_lora, load_adapter, load_pretrained_4bit, LoraConfig, QuantConfig, TargetModules};
 use alignment_trainer::tasks::SftTask;
-use alignment_trainer::{train, AdapterOutput, Padding, Recipe, Sequence, TrainOutcome, TrainerConfig, IGNORE_INDEX};
+use alignment_trainer::{train, AdapterOutput, Collation, Recipe, Sequence, TrainOutcome, TrainerConfig, IGNORE_INDEX};
 use burn::tensor::Tensor;
 use common::*;
 use std::path::{Path, PathBuf};
@@ -97,7 +97,7 @@ fn assert_peft_gives_the_logits_of(trained: &CausalLm<Cpu>, adapter_dir: &Path, 
 #[test]
 fn qlora_trains_saves_adapters_and_resumes_exactly() {
     let tmp = tempfile::tempdir().unwrap();
-    let task = SftTask { reduction: Reduction::Mean, padding: Padding::token(0), name: "sft" };
+    let task = SftTask { reduction: Reduction::Mean, collation: Collation::pad_with(0), name: "sft" };
     let data = examples();
     let full_dir = tmp.path().join("full");
     let (_, full) = train(qlora_model(), &task, &data, &[], &config(&full_dir, None), &Default::default()).unwrap();
@@ -125,7 +125,7 @@ fn qlora_trains_saves_adapters_and_resumes_exactly() {
 #[test]
 fn an_adapter_trained_here_gives_the_same_logits_in_peft() {
     let tmp = tempfile::tempdir().unwrap();
-    let task = SftTask { reduction: Reduction::Mean, padding: Padding::token(0), name: "sft" };
+    let task = SftTask { reduction: Reduction::Mean, collation: Collation::pad_with(0), name: "sft" };
     let base_dir = base_fixture("tiny-llama");
     let model = apply_lora(alignment_models::load_pretrained::<CpuAutodiff>(&base_dir, &Default::default()).unwrap(), &lora(), 0).unwrap();
     let output = tmp.path().join("out");
@@ -146,7 +146,7 @@ fn disable_dropout_trains_the_adapters_without_their_dropout() {
     // TRL's DPO/ORPO `disable_dropout`: adapters with lora_dropout 0.5 train as with 0, and the
     // saved adapter config keeps 0.5 (PEFT's config is untouched by `disable_dropout_in_model`).
     let tmp = tempfile::tempdir().unwrap();
-    let task = SftTask { reduction: Reduction::Mean, padding: Padding::token(0), name: "sft" };
+    let task = SftTask { reduction: Reduction::Mean, collation: Collation::pad_with(0), name: "sft" };
     let run = |dropout: f64, disable_dropout: bool, name: &str| {
         let lora = LoraConfig { dropout, ..lora() };
         let base = alignment_models::load_pretrained::<CpuAutodiff>(&base_fixture("tiny-llama"), &Default::default()).unwrap();
@@ -173,7 +173,7 @@ fn saved_modules_train_beside_the_adapters_resume_exactly_and_load_in_peft() {
     // `lora_modules_to_save`: the embedding, the head and every norm trained whole beside q/v
     // adapters, saved in the adapter file as PEFT saves them.
     let tmp = tempfile::tempdir().unwrap();
-    let task = SftTask { reduction: Reduction::Mean, padding: Padding::token(0), name: "sft" };
+    let task = SftTask { reduction: Reduction::Mean, collation: Collation::pad_with(0), name: "sft" };
     let base_dir = base_fixture("tiny-llama");
     let mut lora = LoraConfig::new(4, 8.0, TargetModules::Names(vec!["q_proj".into(), "v_proj".into()]));
     lora.modules_to_save = vec!["embed_tokens".into(), "lm_head".into(), "norm".into()];
@@ -220,7 +220,7 @@ fn dora_trains_resumes_exactly_and_loads_in_peft() {
     // `use_dora`: the magnitudes train with the adapters, checkpoints carry them, PEFT gives the
     // trained adapter's logits; on a 4-bit base too (its weight norms from the dequantized base).
     let tmp = tempfile::tempdir().unwrap();
-    let task = SftTask { reduction: Reduction::Mean, padding: Padding::token(0), name: "sft" };
+    let task = SftTask { reduction: Reduction::Mean, collation: Collation::pad_with(0), name: "sft" };
     let base_dir = base_fixture("tiny-llama");
     let mut lora = LoraConfig::new(4, 8.0, TargetModules::Names(vec!["q_proj".into(), "v_proj".into()]));
     lora.use_dora = true;

@@ -44,14 +44,22 @@ char* alignment_side_stream_leave(void* guard) {
 // Starts capturing the current stream's work into a new graph, `*graph`. Nothing launched until
 // `alignment_graph_capture_end` runs: it is recorded. First, as `torch.cuda.graph` does, the
 // device is synchronised and the allocator's cached blocks released, so that the graph's private
-// pool does not come on top of memory the warm-up steps left cached.
-char* alignment_graph_capture_begin(void** graph) {
+// pool does not come on top of memory the warm-up steps left cached. With `share_pool_with` (a
+// graph captured before, or nullptr), the new graph allocates from that graph's pool, as
+// `torch.cuda.graph(pool=other.pool())`: its intermediates reuse the blocks the other's freed.
+// Safe for graphs that never read each other's memory: each reads its own inputs and the state
+// outside the pool, and whatever it leaves in the pool is copied out before another replays.
+char* alignment_graph_capture_begin(void** graph, void* share_pool_with) {
     try {
         c10::cuda::device_synchronize();
         c10::cuda::CUDACachingAllocator::emptyCache();
         auto* g = new at::cuda::CUDAGraph();
         try {
-            g->capture_begin();
+            if (share_pool_with != nullptr) {
+                g->capture_begin(static_cast<at::cuda::CUDAGraph*>(share_pool_with)->pool());
+            } else {
+                g->capture_begin();
+            }
         } catch (...) {
             delete g;
             throw;

@@ -1,4 +1,4 @@
-//! The training loop's optimizer steps replayed from one captured CUDA graph (libtorch on a GPU,
+//! The training loop's optimizer steps replayed from captured CUDA graphs (libtorch on a GPU,
 //! `torch_compile_mode: reduce-overhead`: PyTorch's mode of that name replays CUDA graphs too).
 //!
 //! On a small model the GPU step is the host's: burn's autodiff and the torch calls under it
@@ -9,15 +9,21 @@
 //!
 //! ```text
 //! before each step   AdamW's step count and learning rate staged on the device (tch_adamw::stage)
-//! eager step         a step whose batches have shapes not seen in the step before it, or any
-//!                    step before the capture: the loop's own step (and the capture's warm-up)
-//! capture            the first step whose batches have the shapes of the step before it: its
-//!                    micro-batches' tensors become the graph's inputs (`slots`), its loss
-//!                    scale (1 / the step's weight) a [1] tensor; captured, then replayed once
-//! replay             a step with the captured shapes and flags: its micro-batches' tensors
-//!                    copied into the slots, its scale into the scale's, one replay; the
-//!                    metrics and gradient norm copied out (the next replay rewrites them)
+//! eager step         the first step of each batch signature (shapes and flags, [`Signature`]):
+//!                    the loop's own step, and that signature's warm-up
+//! capture            the second step of a signature: its micro-batches' tensors become the
+//!                    graph's inputs (`slots`), its loss scale (1 / the step's weight) a [1]
+//!                    tensor; captured, then replayed once
+//! replay             a step of a captured signature: its micro-batches' tensors copied into
+//!                    that graph's slots, its scale into the scale's, one replay; the metrics
+//!                    and gradient norm copied out (the next replay of any graph rewrites them)
 //! ```
+//!
+//! Each signature has a graph of its own, up to [`MAX_GRAPHS`] (later signatures run eagerly),
+//! all allocating from the first one's memory pool ([`CudaGraph::capture_sharing`]): a graph's
+//! intermediates live only within its replay, and its outputs are copied out right after, so
+//! the graphs take the memory of the largest one, not the sum. Unpacked batches take as many
+//! shapes as their longest rows have lengths; `pad_to_multiple_of` makes them few.
 //!
 //! What the captured step computed on the host — from its examples, from the shapes and flags of
 //! its batches — is baked into the graph. The shapes and flags are compared before each replay
@@ -67,6 +73,15 @@ impl Signature {
     }
 }
 
+/// The most steps captured, one per batch signature: a run whose batches take more shapes runs
+/// the steps of the others eagerly. Each graph keeps its input slots and outputs allocated (the
+/// size of a batch and of its metrics) and its kernels' launch parameters.
+pub const MAX_GRAPHS: usize = 16;
+
+/// The most signatures remembered as warmed up and not captured yet: a run whose every step has
+/// new shapes (unpacked, unpadded batches) forgets the oldest.
+const MAX_WARMED: usize = 64;
+
 /// A step captured for replaying: its input tensors, loss scale and outputs.
 struct Captured<B: AutodiffBackend, E> {
     signature: Signature,
@@ -85,10 +100,12 @@ struct Captured<B: AutodiffBackend, E> {
 /// The loop's steps, eager until one is captured, replayed after (module docs).
 pub struct GraphedSteps<B: AutodiffBackend, E> {
     mode: GraphMode,
-    /// The signature of the last eager step: a capture follows a step of the same shapes (its
-    /// warm-up: the moments, AdamW's device scalars and cuBLAS's workspace exist by then).
-    warmed: Option<Signature>,
-    captured: Option<Captured<B, E>>,
+    /// The signatures of eager steps not captured yet, oldest first: a signature is captured at
+    /// its second step (the first is its warm-up: the moments, AdamW's device scalars and
+    /// cuBLAS's workspace exist by then, as does anything torch makes once per shape).
+    warmed: Vec<Signature>,
+    /// The captured steps, by signature; every graph after the first shares its memory pool.
+    captured: Vec<Captured<B, E>>,
     /// The stream every step runs on ([`GraphMode::Capture`]: capture cannot use the default).
     _stream: Option<SideStream>,
     /// Steps replayed, and steps run eagerly (the capture counts as replayed).
@@ -120,13 +137,18 @@ impl<B: AutodiffBackend, E: Clone> GraphedSteps<B, E> {
                 Some(SideStream::enter(gpu).map_err(|e| e.to_string())?)
             }
         };
-        Ok(Self { mode, warmed: None, captured: None, _stream: stream, replayed: 0, eager: 0 })
+        Ok(Self { mode, warmed: Vec::new(), captured: Vec::new(), _stream: stream, replayed: 0, eager: 0 })
+    }
+
+    /// How many steps are captured (one per batch signature).
+    pub fn graphs(&self) -> usize {
+        self.captured.len()
     }
 
     /// One optimizer step over `batches` (each a micro-batch), whose weight is `step_weight`,
     /// with learning rate `lr`: replayed when a captured step has their shapes, else eager
-    /// (capturing when the step before had the same shapes). Returns the updated model and the
-    /// step's values, still on the device.
+    /// (capturing when an eager step had the same shapes before). Returns the updated model and
+    /// the step's values, still on the device.
     #[allow(clippy::too_many_arguments)]
     pub fn step<T: Task<Example = E>>(
         &mut self,
@@ -145,26 +167,30 @@ impl<B: AutodiffBackend, E: Clone> GraphedSteps<B, E> {
         let weights: Vec<f64> = batches.iter().map(|b| task.weight(b)).collect();
         let signature = Signature::of(&prepared);
         let scale = 1.0 / step_weight;
-        let replay_now = match &self.captured {
-            Some(c) if c.signature == signature => {
-                // An eager step in between updates in place too; if anything had moved the state,
-                // the replays would train what is no longer the model: captured again instead.
-                let in_place = state_addresses(&model, optimizer) == c.addresses;
-                if !in_place {
-                    eprintln!("note: torch_compile_mode: the training state moved since the capture; the step is captured again");
-                    self.captured = None;
-                }
-                in_place
+        let mut replay_index = self.captured.iter().position(|c| c.signature == signature);
+        if let Some(index) = replay_index {
+            // An eager step in between updates in place too; if anything had moved the state,
+            // the replays would train what is no longer the model: captured again instead.
+            if state_addresses(&model, optimizer) != self.captured[index].addresses {
+                eprintln!("note: torch_compile_mode: the training state moved since the capture; the steps are captured again");
+                self.captured.clear();
+                replay_index = None;
             }
-            _ => false,
-        };
-        let capture_now = self.captured.is_none() && self.warmed.as_ref() == Some(&signature);
-        let (model, metrics, grad_norm) = if replay_now {
-            self.replay(model, task, &prepared, scale, options, optimizer, device)?
+        }
+        let warmed = self.warmed.iter().position(|s| *s == signature);
+        let capture_now = replay_index.is_none() && warmed.is_some() && self.captured.len() < MAX_GRAPHS;
+        let (model, metrics, grad_norm) = if let Some(index) = replay_index {
+            self.replay(index, model, task, &prepared, scale, options, optimizer, device)?
         } else if capture_now {
+            self.warmed.remove(warmed.expect("warmed up"));
             self.capture(model, task, batches, prepared, signature, scale, options, optimizer, device)?
         } else {
-            self.warmed = Some(signature);
+            if warmed.is_none() && self.captured.len() < MAX_GRAPHS {
+                if self.warmed.len() == MAX_WARMED {
+                    self.warmed.remove(0);
+                }
+                self.warmed.push(signature);
+            }
             self.eager += 1;
             let refs: Vec<Vec<&E>> = batches.to_vec();
             run_step(model, task, &prepared, &refs, &LossScale::Number(scale), options, optimizer, lr, device)
@@ -200,8 +226,10 @@ impl<B: AutodiffBackend, E: Clone> GraphedSteps<B, E> {
         let (graph, (model, metrics, grad_norm)) = match self.mode {
             GraphMode::Emulated => (None, run_step(model, task, &slots, &refs, &loss_scale, options, optimizer, lr, device)),
             GraphMode::Capture => {
-                let (graph, out) = CudaGraph::capture(|| run_step(model, task, &slots, &refs, &loss_scale, options, optimizer, lr, device))
-                    .map_err(|e| graph_error(first_line(&e.to_string()).to_string()))?;
+                let pool = self.captured.first().and_then(|c| c.graph.as_ref());
+                let (graph, out) =
+                    CudaGraph::capture_sharing(pool, || run_step(model, task, &slots, &refs, &loss_scale, options, optimizer, lr, device))
+                        .map_err(|e| graph_error(first_line(&e.to_string()).to_string()))?;
                 (Some(graph), out)
             }
         };
@@ -216,14 +244,15 @@ impl<B: AutodiffBackend, E: Clone> GraphedSteps<B, E> {
             GraphMode::Emulated => examples,
             GraphMode::Capture => Vec::new(),
         };
-        self.captured = Some(Captured { signature, addresses, slots, scale, examples, graph, metrics, grad_norm });
+        self.captured.push(Captured { signature, addresses, slots, scale, examples, graph, metrics, grad_norm });
         Ok((model, out.0, out.1))
     }
 
-    /// Replays the captured step over `prepared` (the captured signature's tensors).
+    /// Replays captured step `index` over `prepared` (tensors of its signature).
     #[allow(clippy::too_many_arguments)]
     fn replay<T: Task<Example = E>>(
         &mut self,
+        index: usize,
         model: CausalLm<B>,
         task: &T,
         prepared: &[PreparedBatch<B>],
@@ -232,7 +261,7 @@ impl<B: AutodiffBackend, E: Clone> GraphedSteps<B, E> {
         optimizer: &mut AdamW<B::InnerBackend>,
         device: &B::Device,
     ) -> Result<StepOutputs<B>, TrainError> {
-        let captured = self.captured.as_mut().expect("replayed after a capture");
+        let captured = &self.captured[index];
         for (slot, batch) in captured.slots.iter().zip(prepared) {
             refill(slot, batch)?;
         }
@@ -388,8 +417,8 @@ mod tests {
     use super::*;
     use crate::tasks::SftTask;
     use crate::tasks::{DpoTask, OrpoTask, PreferencePair, ReferenceLogps};
-    use crate::Padding;
     use crate::{train, Recipe, Scoring, Sequence, TrainerConfig, IGNORE_INDEX};
+    use crate::{Collation, PackedRows};
     use alignment_core::backend::TorchAutodiff;
     use alignment_models::load_pretrained;
     use alignment_objectives::{DpoConfig, OrpoConfig};
@@ -422,10 +451,12 @@ mod tests {
             .collect()
     }
 
+    /// 8 steps of 2 micro-batches of 2, unless `extra` (more recipe lines) sets `max_steps`.
     fn config(dir: &Path, mode: Option<GraphMode>, extra: &str) -> TrainerConfig {
+        let steps = if extra.contains("max_steps:") { "" } else { "max_steps: 8\n" };
         let recipe = Recipe::from_yaml_str(
             &format!(
-                "learning_rate: 3.0e-3\nlr_scheduler_type: linear\nwarmup_steps: 2\nmax_steps: 8\nper_device_train_batch_size: 2\n\
+                "learning_rate: 3.0e-3\nlr_scheduler_type: linear\nwarmup_steps: 2\n{steps}per_device_train_batch_size: 2\n\
                  gradient_accumulation_steps: 2\nlogging_steps: 1\nweight_decay: 0.01\nseed: 3\n{extra}"
             ),
             "test recipe",
@@ -464,7 +495,7 @@ mod tests {
     }
 
     fn sft() -> SftTask {
-        SftTask { reduction: Reduction::Mean, padding: Padding::token(0), name: "sft" }
+        SftTask { reduction: Reduction::Mean, collation: Collation::pad_with(0), name: "sft" }
     }
 
     /// The loop replaying its steps over refilled inputs (the captured step's host code run again
@@ -487,6 +518,63 @@ mod tests {
             assert_eq!(replayed, eager, "{extra}");
             assert!(replayed_weights == eager_weights, "{extra}: the replayed run's weights differ from the eager run's");
         }
+    }
+
+    /// Steps of several shapes each have a graph: 20 sequences of 5 to 15 tokens (none a multiple
+    /// of 8), padded to a multiple of 8, make micro-batches 8 or 16 wide, so a step of two
+    /// micro-batches has one of four signatures. Each signature runs eagerly once and is replayed
+    /// after, logging what the eager loop logs and ending with its weights, bit for bit.
+    #[test]
+    fn tch_each_batch_shape_is_captured_and_replayed() {
+        let rows: Vec<Sequence> = (0..20u32)
+            .map(|i| {
+                let len = [5, 7, 9, 12, 15][i as usize % 5];
+                let ids: Vec<u32> = (0..len).map(|t| (i * 29 + t * 17 + 2) % 256).collect();
+                let labels = ids.iter().enumerate().map(|(t, &id)| if t < 2 { IGNORE_INDEX } else { id as i64 }).collect();
+                Sequence::new(ids, labels)
+            })
+            .collect();
+        let task = SftTask {
+            reduction: Reduction::Mean,
+            collation: Collation { pad_to_multiple_of: Some(8), ..Collation::pad_with(0) },
+            name: "sft",
+        };
+        let root = tempfile::tempdir().unwrap();
+        let extra = "max_steps: 16\n";
+        let (eager, eager_weights, _) = run(&task, &rows, &root.path().join("eager"), None, extra);
+        let (replayed, replayed_weights, replays) = run(&task, &rows, &root.path().join("replayed"), Some(GraphMode::Emulated), extra);
+        assert_eq!(eager.len(), 16);
+        assert!(replays >= 12, "only {replays} of 16 steps replayed: at most 4 signatures run eagerly");
+        assert_eq!(replayed, eager);
+        assert!(replayed_weights == eager_weights, "the replayed run's weights differ from the eager run's");
+    }
+
+    /// Packed rows kept whole ([`PackedRows::Whole`], what a recipe replaying its steps gets) and
+    /// padded to the row length have one shape, so every step after the first replays; split by
+    /// document, the batches' shapes (documents × longest document) rarely repeat.
+    #[test]
+    fn tch_packed_rows_kept_whole_replay_every_step_after_the_first() {
+        let doc = |d: u32| {
+            let ids: Vec<u32> = (0..3 + d % 6).map(|t| (d * 23 + t * 7 + 1) % 256).collect();
+            alignment_data::TokenizedExample { labels: ids.iter().map(|&i| i as i64).collect(), input_ids: ids }
+        };
+        let mut rows: Vec<Sequence> =
+            alignment_data::pack(&(0..60).map(doc).collect::<Vec<_>>(), 16, 0).into_iter().map(Sequence::from).collect();
+        rows.truncate(20); // five whole steps an epoch: no shorter last batch
+        assert!(rows.len() == 20 && rows.iter().all(|r| r.documents().len() >= 2), "{} rows", rows.len());
+        let root = tempfile::tempdir().unwrap();
+        let extra = "max_steps: 16\n";
+        let by_document = Collation { pad_to_multiple_of: Some(16), ..Collation::pad_with(0) };
+        let whole = Collation { packed_rows: PackedRows::Whole, ..by_document };
+        let task = |collation| SftTask { reduction: Reduction::Mean, collation, name: "sft" };
+        let (eager, eager_weights, _) = run(&task(whole), &rows, &root.path().join("eager"), None, extra);
+        let (replayed, replayed_weights, replays) =
+            run(&task(whole), &rows, &root.path().join("replayed"), Some(GraphMode::Emulated), extra);
+        assert_eq!(replays, 15, "every step after the first replays");
+        assert_eq!(replayed, eager);
+        assert!(replayed_weights == eager_weights, "the replayed run's weights differ from the eager run's");
+        let (_, _, split_replays) = run(&task(by_document), &rows, &root.path().join("split"), Some(GraphMode::Emulated), extra);
+        assert!(split_replays < 12, "split by document, {split_replays} of 16 steps replayed");
     }
 
     /// DPO pairs of one shape (4 prompt, 4 completion tokens each side) whose reference
@@ -513,8 +601,8 @@ mod tests {
     /// replayed batch's.
     #[test]
     fn tch_preference_steps_replayed_over_refilled_inputs_equal_the_eager_loop() {
-        assert_replays_equal_eager_steps(&DpoTask { config: DpoConfig::default(), padding: Padding::token(0) }, "rewards/margins");
-        assert_replays_equal_eager_steps(&OrpoTask { config: OrpoConfig::default(), padding: Padding::token(0) }, "log_odds_ratio");
+        assert_replays_equal_eager_steps(&DpoTask { config: DpoConfig::default(), collation: Collation::pad_with(0) }, "rewards/margins");
+        assert_replays_equal_eager_steps(&OrpoTask { config: OrpoConfig::default(), collation: Collation::pad_with(0) }, "log_odds_ratio");
     }
 
     /// `task` on [`pairs`]: every step but the first replayed, logging `metric` and everything

@@ -11,6 +11,9 @@ use alignment_models::CausalLm;
 use burn::tensor::backend::AutodiffBackend;
 use std::marker::PhantomData;
 
+/// As in the libtorch build (the loop names it).
+pub const MAX_GRAPHS: usize = 16;
+
 /// Never built here ([`GraphedSteps::new`] refuses).
 pub struct GraphedSteps<B: AutodiffBackend, E> {
     never: std::convert::Infallible,
@@ -23,6 +26,11 @@ impl<B: AutodiffBackend, E: Clone> GraphedSteps<B, E> {
     /// Why steps cannot be replayed in this build.
     pub fn new(_: GraphMode, _: &CausalLm<B>, _: &AdamW<B::InnerBackend>, _: &B::Device) -> Result<Self, String> {
         Err("steps are replayed as CUDA graphs on libtorch with a GPU: this binary was built without `--features tch`".into())
+    }
+
+    /// Unreachable: no value of this type exists.
+    pub fn graphs(&self) -> usize {
+        match self.never {}
     }
 
     /// Unreachable: no value of this type exists.

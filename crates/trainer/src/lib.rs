@@ -48,7 +48,7 @@ pub mod zero3;
 
 pub use data_parallel::DataParallel;
 pub use recipe::{Recipe, RecipeError, ResumeFrom, TrlConfig};
-pub use sequence::{collate, Padding, Sequence, IGNORE_INDEX};
+pub use sequence::{collate, Collation, PackedRows, Sequence, IGNORE_INDEX};
 pub use step::{forward_backward, forward_backward_prepared, prepare, GraphMode, PreparedBatch, StepOptions};
 pub use strategy::{Parallelism, SingleProcess, Strategy};
 pub use task::{metric_values, MetricValues, Scoring, Task};

@@ -169,7 +169,7 @@ pub struct Recipe {
     pub shuffle_dataset: bool,
     pub padding_free: bool,
     /// TRL's `pad_to_multiple_of` (SFT, CPT, DPO): each micro-batch padded to a multiple of it
-    /// ([`crate::Padding`]; padding is masked, so no loss changes, only the batches' shapes).
+    /// ([`crate::Collation`]; padding is masked, so no loss changes, only the batches' shapes).
     pub pad_to_multiple_of: Option<usize>,
     /// TRL's `pad_token` (SFT, DPO) and `padding_value` (ORPO): the padding's token, masked, so
     /// they change no loss.
@@ -1190,11 +1190,16 @@ impl Recipe {
         self.max_seq_length.or(self.max_length)
     }
 
-    /// How an SFT, CPT or DPO run's micro-batches are padded: with the tokenizer's `token`, to
-    /// the longest row rounded up to `pad_to_multiple_of`, as TRL's collators. (TRL's ORPO has no
-    /// such key and pads to the longest row: its logged `logits/*` average the padding too.)
-    pub fn padding(&self, token: u32) -> crate::Padding {
-        crate::Padding { token, to_multiple_of: self.pad_to_multiple_of }
+    /// How an SFT, CPT or DPO run's micro-batches are padded: with the tokenizer's `pad_token`,
+    /// to the longest row rounded up to `pad_to_multiple_of`, as TRL's collators (TRL's ORPO has
+    /// no such key and pads to the longest row: its logged `logits/*` average the padding too).
+    /// Packed rows are split by document, or kept whole when the steps are replayed as CUDA
+    /// graphs (`torch_compile_mode: reduce-overhead`), which need batches of repeating shapes, or
+    /// when `ALIGNMENT_PACKED_ROWS=whole` asks (to measure the layout alone: docs/performance.md).
+    pub fn collation(&self, pad_token: u32) -> crate::Collation {
+        let asked = std::env::var("ALIGNMENT_PACKED_ROWS").is_ok_and(|v| v.trim() == "whole");
+        let packed_rows = if self.replays_steps_as_graphs() || asked { crate::PackedRows::Whole } else { crate::PackedRows::ByDocument };
+        crate::Collation { pad_token, pad_to_multiple_of: self.pad_to_multiple_of, packed_rows }
     }
 }
 

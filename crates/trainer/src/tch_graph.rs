@@ -42,7 +42,7 @@ pub enum GraphError {
 extern "C" {
     fn alignment_side_stream_enter(device: c_int, guard: *mut *mut c_void) -> *mut c_char;
     fn alignment_side_stream_leave(guard: *mut c_void) -> *mut c_char;
-    fn alignment_graph_capture_begin(graph: *mut *mut c_void) -> *mut c_char;
+    fn alignment_graph_capture_begin(graph: *mut *mut c_void, share_pool_with: *mut c_void) -> *mut c_char;
     fn alignment_graph_capture_end(graph: *mut c_void) -> *mut c_char;
     fn alignment_graph_replay(graph: *mut c_void) -> *mut c_char;
     fn alignment_graph_free(graph: *mut c_void);
@@ -109,11 +109,21 @@ impl CudaGraph {
     /// tensors hold their values only after a replay. Fails with torch's message if `work`
     /// synchronises with the host or copies from host memory.
     pub fn capture<T>(work: impl FnOnce() -> T) -> Result<(Self, T), GraphError> {
+        Self::capture_sharing(None, work)
+    }
+
+    /// [`CudaGraph::capture`], the graph allocating from `pool_of`'s memory pool when given
+    /// (`torch.cuda.graph(pool=...)`): graphs of a run's several batch shapes then take the
+    /// memory of the largest one's intermediates, not the sum. Only for graphs that never read
+    /// what another left in the pool: a replay's outputs are copied out before the next replay.
+    pub fn capture_sharing<T>(pool_of: Option<&CudaGraph>, work: impl FnOnce() -> T) -> Result<(Self, T), GraphError> {
         #[cfg(alignment_cuda_graph)]
         {
             let mut graph = std::ptr::null_mut();
-            // SAFETY: the entry writes a new graph into `graph` or returns an error.
-            check("capture", unsafe { alignment_graph_capture_begin(&mut graph) })?;
+            let share = pool_of.map_or(std::ptr::null_mut(), |g| g.graph);
+            // SAFETY: the entry writes a new graph into `graph` or returns an error; `share` is
+            // null or a captured graph, alive for the call.
+            check("capture", unsafe { alignment_graph_capture_begin(&mut graph, share) })?;
             let graph = CudaGraph { graph };
             let out = work();
             // SAFETY: `graph.graph` is the graph whose capture began above.
@@ -122,7 +132,7 @@ impl CudaGraph {
         }
         #[cfg(not(alignment_cuda_graph))]
         {
-            let _ = work;
+            let _ = (pool_of, work);
             Err(GraphError::NotBuilt)
         }
     }

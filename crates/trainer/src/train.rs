@@ -639,10 +639,12 @@ pub fn train_with<B: AutodiffBackend, T: Task, S: Strategy>(
     // The captured graph and its stream go here, before the final model is read.
     let steps_replayed = graphs.take().map_or(0, |graphs| {
         eprintln!(
-            "CUDA graph: {} of {} steps replayed from one captured step ({} eager: other shapes, or before the capture)",
+            "CUDA graphs: {} of {} steps replayed from {} captured (one per batch shape; {} eager: each shape's first step, and shapes past {})",
             graphs.replayed,
             graphs.replayed + graphs.eager,
-            graphs.eager
+            graphs.graphs(),
+            graphs.eager,
+            crate::graph_steps::MAX_GRAPHS
         );
         graphs.replayed
     });

@@ -1,6 +1,6 @@
-//! `pad_to_multiple_of` (`Padding::to_multiple_of`) widens every micro-batch and changes no loss:
-//! the padded positions are masked out of attention and labelled `IGNORE_INDEX`, for SFT (plain
-//! and packed rows), DPO (with LD-DPO's tail label set, padded alike) and ORPO's loss (ORPO's
+//! `pad_to_multiple_of` (`Collation::pad_to_multiple_of`) widens every micro-batch and changes no
+//! loss: the padded positions are masked out of attention and labelled `IGNORE_INDEX`, for SFT
+//! (plain and packed rows, these split by document or kept whole: `PackedRows`), DPO (with LD-DPO's tail label set, padded alike) and ORPO's loss (ORPO's
 //! logged `logits/*`, TRL's mean over every position, padding included, are the exception: the
 //! run pads ORPO's batches to the longest row, as TRL's ORPO does).
 
@@ -8,12 +8,12 @@ use alignment_core::backend::Cpu;
 use alignment_models::load_pretrained;
 use alignment_objectives::{DpoConfig, OrpoConfig, Reduction};
 use alignment_trainer::tasks::{DpoTask, OrpoTask, PreferencePair, ReferenceLogps, SftTask};
-use alignment_trainer::{Padding, Sequence, Task, IGNORE_INDEX};
+use alignment_trainer::{Collation, PackedRows, Sequence, Task, IGNORE_INDEX};
 use burn::tensor::ElementConversion;
 
 /// Pads to the longest row, and to the next multiple of 16 with another token.
-const PLAIN: Padding = Padding { token: 0, to_multiple_of: None };
-const WIDE: Padding = Padding { token: 7, to_multiple_of: Some(16) };
+const PLAIN: Collation = Collation { pad_token: 0, pad_to_multiple_of: None, packed_rows: PackedRows::ByDocument };
+const WIDE: Collation = Collation { pad_token: 7, pad_to_multiple_of: Some(16), packed_rows: PackedRows::ByDocument };
 
 fn pairs() -> Vec<PreferencePair> {
     (0..3u32)
@@ -64,20 +64,26 @@ fn sft_losses_are_the_same_padded_to_a_multiple() {
             Sequence::new(ids.clone(), ids.iter().map(|&id| id as i64).collect())
         })
         .collect();
-    let task = |padding| SftTask { reduction: Reduction::Mean, padding, name: "sft" };
+    let task = |collation| SftTask { reduction: Reduction::Mean, collation, name: "sft" };
     assert_padding_changes_nothing("sft", &task(PLAIN), &task(WIDE), &rows);
-    // A packed row: its documents become rows of their own, padded to a multiple too.
+    // Packed rows (9 + 7 and 6 + 4 + 3 tokens): their documents become rows of their own,
+    // padded to a multiple too.
     let doc = |ids: Vec<u32>| alignment_data::TokenizedExample { labels: ids.iter().map(|&i| i as i64).collect(), input_ids: ids };
-    let packed: Vec<Sequence> =
-        alignment_data::pack(&[doc((1..10).collect()), doc((20..26).collect())], 32, 0).into_iter().map(Sequence::from).collect();
+    let documents: Vec<_> =
+        [9u32, 6, 4, 7, 3].iter().enumerate().map(|(d, &len)| doc((0..len).map(|t| 10 * d as u32 + t + 1).collect())).collect();
+    let packed: Vec<Sequence> = alignment_data::pack(&documents, 16, 0).into_iter().map(Sequence::from).collect();
+    assert_eq!(packed.len(), 2);
     assert_padding_changes_nothing("sft packed", &task(PLAIN), &task(WIDE), &packed);
+    // Kept whole under a block-diagonal mask, the packed rows score as split by document.
+    let whole = Collation { packed_rows: PackedRows::Whole, ..WIDE };
+    assert_padding_changes_nothing("sft packed, whole rows", &task(PLAIN), &task(whole), &packed);
 }
 
 #[test]
 fn dpo_and_orpo_losses_are_the_same_padded_to_a_multiple() {
     let ld = DpoConfig { ld_alpha: Some(0.5), ..DpoConfig::default() };
-    let dpo = |padding| DpoTask { config: ld.clone(), padding };
+    let dpo = |collation| DpoTask { config: ld.clone(), collation };
     assert_padding_changes_nothing("dpo ld", &dpo(PLAIN), &dpo(WIDE), &pairs());
-    let orpo = |padding| OrpoTask { config: OrpoConfig::default(), padding };
+    let orpo = |collation| OrpoTask { config: OrpoConfig::default(), collation };
     assert_padding_changes_metrics_but("orpo", &orpo(PLAIN), &orpo(WIDE), &pairs(), &["logits/chosen", "logits/rejected"]);
 }

@@ -193,11 +193,11 @@ fn trl_1_16_keys_load_and_unimplemented_values_are_refused_by_name() {
     for key in ["dtype", "model_init_kwargs", "pad_token", "activation_offloading", "dataset_streaming", "precompute_ref_batch_size"] {
         assert!(inert.contains(&format!("{key} (")), "{key} not named: {inert}");
     }
-    // `pad_to_multiple_of` acts (the batches' width; `Padding`), so it is not named inert; 0 is
+    // `pad_to_multiple_of` acts (the batches' width; `Collation`), so it is not named inert; 0 is
     // refused by name (TRL would divide by it).
     assert!(!inert.contains("pad_to_multiple_of"), "{inert}");
     assert_eq!(r.pad_to_multiple_of, Some(8));
-    assert_eq!(r.padding(3).width(9), 16);
+    assert_eq!(r.collation(3).width(9), 16);
     for (yaml, key) in [
         ("pad_to_multiple_of: 0\n", "pad_to_multiple_of"),
         ("lora_task_type: SEQ_CLS\n", "lora_task_type"),

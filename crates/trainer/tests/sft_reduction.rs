@@ -6,7 +6,7 @@ use alignment_core::backend::Cpu;
 use alignment_models::load_pretrained;
 use alignment_objectives::Reduction;
 use alignment_trainer::tasks::SftTask;
-use alignment_trainer::{Padding, Sequence, Task, IGNORE_INDEX};
+use alignment_trainer::{Collation, Sequence, Task, IGNORE_INDEX};
 use burn::tensor::ElementConversion;
 use std::path::PathBuf;
 
@@ -18,8 +18,8 @@ fn mean_and_sum_reductions_weigh_as_documented() {
     let a = Sequence::new(vec![3, 9, 27, 81, 243], vec![IGNORE_INDEX, IGNORE_INDEX, 27, 81, 243]);
     let b = Sequence::new(vec![5, 25, 125], vec![5, 25, 125]);
     let examples = [&a, &b];
-    let mean = SftTask { reduction: Reduction::Mean, padding: Padding::token(0), name: "sft" };
-    let sum = SftTask { reduction: Reduction::Sum, padding: Padding::token(0), name: "sft" };
+    let mean = SftTask { reduction: Reduction::Mean, collation: Collation::pad_with(0), name: "sft" };
+    let sum = SftTask { reduction: Reduction::Sum, collation: Collation::pad_with(0), name: "sft" };
     assert_eq!(mean.weight(&examples), 5.0, "3 scored tokens in a (labels after the first position) + 2 in b");
     assert_eq!(sum.weight(&examples), 1.0);
     let (mean_loss, mean_metrics) = mean.loss(&model, &examples, &device);

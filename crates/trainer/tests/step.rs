@@ -9,7 +9,7 @@ use alignment_models::{load_pretrained, CausalLm};
 use alignment_objectives::{DpoConfig, OrpoConfig};
 use alignment_peft::{apply_lora, load_pretrained_4bit, LoraConfig, QuantConfig, TargetModules};
 use alignment_trainer::tasks::{precompute_reference, DpoTask, OrpoTask, PreferencePair, ReferenceLogps};
-use alignment_trainer::{evaluate_with, forward_backward, Padding, Sequence, StepOptions, Task, IGNORE_INDEX};
+use alignment_trainer::{evaluate_with, forward_backward, Collation, Sequence, StepOptions, Task, IGNORE_INDEX};
 use burn::module::{Module, ModuleVisitor, Param};
 use burn::optim::{GradientsAccumulator, GradientsParams};
 use burn::tensor::backend::AutodiffBackend;
@@ -210,7 +210,7 @@ fn sliding_window_and_packed_documents() {
 fn dpo_and_orpo() {
     let device = Default::default();
     let model = load_pretrained::<B>(&fixture("tiny-llama"), &device).unwrap();
-    assert_modes_agree("dpo", &model, &DpoTask { config: DpoConfig::default(), padding: Padding::token(0) }, &pairs(4));
+    assert_modes_agree("dpo", &model, &DpoTask { config: DpoConfig::default(), collation: Collation::pad_with(0) }, &pairs(4));
     // Weighted lists with LD-DPO (two label sets) and WPO weights (the extra statistic), in
     // every mode. AOT sorts the pairs of the micro-batch and refuses WPO, so it goes without.
     let sorted = DpoConfig {
@@ -219,15 +219,15 @@ fn dpo_and_orpo() {
         ..DpoConfig::from_names(&["sigmoid_norm", "bco_pair", "aot_unpaired"], Some(&[0.5, 0.25, 1.0])).unwrap()
     };
     sorted.validate().unwrap();
-    assert_modes_agree("dpo list+ld", &model, &DpoTask { config: sorted, padding: Padding::token(0) }, &pairs(4));
+    assert_modes_agree("dpo list+ld", &model, &DpoTask { config: sorted, collation: Collation::pad_with(0) }, &pairs(4));
     let wpo = DpoConfig {
         use_weighting: true,
         ld_alpha: Some(0.3),
         ..DpoConfig::from_names(&["sigmoid_norm", "bco_pair"], Some(&[0.5, 0.25])).unwrap()
     };
     wpo.validate().unwrap();
-    assert_modes_agree("dpo wpo+ld", &model, &DpoTask { config: wpo, padding: Padding::token(0) }, &pairs(4));
-    assert_modes_agree("orpo", &model, &OrpoTask { config: OrpoConfig::default(), padding: Padding::token(0) }, &pairs(4));
+    assert_modes_agree("dpo wpo+ld", &model, &DpoTask { config: wpo, collation: Collation::pad_with(0) }, &pairs(4));
+    assert_modes_agree("orpo", &model, &OrpoTask { config: OrpoConfig::default(), collation: Collation::pad_with(0) }, &pairs(4));
 }
 
 /// The reference precomputed from the policy itself (in batches padded differently from the
@@ -239,12 +239,12 @@ fn dpo_reference_from_the_policy_gives_zero_margins_for_any_ld_alpha() {
     let device = Default::default();
     let model = load_pretrained::<B>(&fixture("tiny-llama"), &device).unwrap();
     let mut examples = pairs(4);
-    precompute_reference(&model, &mut examples, 3, Padding::token(0), None, &device).unwrap();
+    precompute_reference(&model, &mut examples, 3, Collation::pad_with(0), None, &device).unwrap();
     assert!(examples.iter().all(|p| p.reference.is_some_and(|r| r.tails.is_some())));
     let mut logps = Vec::new();
     for ld_alpha in [None, Some(0.0), Some(0.3), Some(1.0)] {
         for head_chunk_tokens in [None, Some(5)] {
-            let task = DpoTask { config: DpoConfig { ld_alpha, ..DpoConfig::default() }, padding: Padding::token(0) };
+            let task = DpoTask { config: DpoConfig { ld_alpha, ..DpoConfig::default() }, collation: Collation::pad_with(0) };
             let metrics: BTreeMap<String, f64> =
                 evaluate_with(&model, &task, &examples, 4, head_chunk_tokens, &device).into_iter().collect();
             let what = format!("ld_alpha {ld_alpha:?}, head chunk {head_chunk_tokens:?}");

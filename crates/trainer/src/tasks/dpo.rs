@@ -16,7 +16,7 @@
 //! configuration, so one cache serves every `ld_alpha`. No loss type keeps state across steps in
 //! TRL 1.16 (`bco_pair` has no running reward mean there), so there is nothing to checkpoint.
 
-use crate::sequence::{collate, Padding, Sequence};
+use crate::sequence::{collate, Collation, Sequence};
 use crate::task::{Scoring, Task};
 use alignment_models::CausalLm;
 use alignment_objectives::dpo::{dpo_loss_with_tails, ld_tail_row, DpoConfig};
@@ -93,13 +93,13 @@ pub fn concatenated_rows<'a>(pairs: &[&'a PreferencePair]) -> Vec<&'a Sequence> 
 
 /// The label sets of `pairs`' concatenated rows: the completions, and with `ld` the tails
 /// ([`PreferencePair::tails`]), padded alike.
-fn label_sets<B: Backend>(pairs: &[&PreferencePair], ld: bool, padding: Padding, device: &B::Device) -> Scoring<B> {
-    let (batch, labels) = collate::<B>(&concatenated_rows(pairs), padding, device);
+fn label_sets<B: Backend>(pairs: &[&PreferencePair], ld: bool, collation: Collation, device: &B::Device) -> Scoring<B> {
+    let (batch, labels) = collate::<B>(&concatenated_rows(pairs), collation, device);
     let mut label_sets = vec![labels];
     if ld {
         let tails: Vec<[Sequence; 2]> = pairs.iter().map(|p| p.tails()).collect();
         let rows: Vec<&Sequence> = tails.iter().map(|[c, _]| c).chain(tails.iter().map(|[_, r]| r)).collect();
-        label_sets.push(collate::<B>(&rows, padding, device).1);
+        label_sets.push(collate::<B>(&rows, collation, device).1);
     }
     Scoring { batch, label_sets, row_values: Vec::new() }
 }
@@ -110,7 +110,7 @@ pub struct DpoTask {
     /// The loss types, their weights and settings.
     pub config: DpoConfig,
     /// How micro-batches are padded.
-    pub padding: Padding,
+    pub collation: Collation,
 }
 
 /// Scores chosen and rejected rows of `pairs` in one forward pass: per-row summed completion
@@ -119,10 +119,10 @@ pub struct DpoTask {
 fn concatenated_forward<B: Backend>(
     model: &CausalLm<B>,
     pairs: &[&PreferencePair],
-    padding: Padding,
+    collation: Collation,
     device: &B::Device,
 ) -> Vec<ReferenceLogps> {
-    let scoring = label_sets::<B>(pairs, true, padding, device);
+    let scoring = label_sets::<B>(pairs, true, collation, device);
     let scored = sequence_logps_many(model.forward(&scoring.batch, None), scoring.label_sets);
     let sums: Vec<Vec<f64>> = scored.into_iter().map(|s| s.sum.into_data().iter::<f64>().collect()).collect();
     let n = pairs.len();
@@ -151,7 +151,7 @@ impl Task for DpoTask {
     /// The label sets, and the pairs' reference log-probs as the loss uses them when every pair
     /// has them (training; not while they are being computed).
     fn scoring<B: Backend>(&self, pairs: &[&PreferencePair], device: &B::Device) -> Scoring<B> {
-        let mut scoring = label_sets(pairs, self.config.ld_alpha.is_some(), self.padding, device);
+        let mut scoring = label_sets(pairs, self.config.ld_alpha.is_some(), self.collation, device);
         if pairs.iter().all(|p| p.reference.is_some()) {
             scoring.row_values = self.reference_columns(pairs, device).to_vec();
         }
@@ -265,7 +265,7 @@ pub fn precompute_reference<B: Backend>(
     model: &CausalLm<B>,
     pairs: &mut [PreferencePair],
     batch_size: usize,
-    padding: Padding,
+    collation: Collation,
     cache: Option<&ReferenceCache>,
     device: &B::Device,
 ) -> Result<(), alignment_core::IoError> {
@@ -285,7 +285,7 @@ pub fn precompute_reference<B: Backend>(
     let mut values = Vec::with_capacity(pairs.len());
     for chunk in pairs.chunks(batch_size.max(1)) {
         let refs: Vec<&PreferencePair> = chunk.iter().collect();
-        values.extend(concatenated_forward(model, &refs, padding, device));
+        values.extend(concatenated_forward(model, &refs, collation, device));
     }
     for (p, v) in pairs.iter_mut().zip(&values) {
         p.reference = Some(*v);

@@ -3,7 +3,7 @@
 //! and the odds ratio of chosen over rejected, from length-averaged log-probs, is pushed up
 //! (`alignment_objectives::orpo`).
 
-use crate::sequence::{collate, Padding, Sequence, IGNORE_INDEX};
+use crate::sequence::{collate, Collation, Sequence, IGNORE_INDEX};
 use crate::task::{Scoring, Task};
 use crate::tasks::dpo::{concatenated_rows, PreferencePair};
 use alignment_objectives::orpo::{orpo_loss, OrpoConfig};
@@ -16,7 +16,7 @@ use burn::tensor::{Int, Tensor, TensorData};
 pub struct OrpoTask {
     pub config: OrpoConfig,
     /// How micro-batches are padded.
-    pub padding: Padding,
+    pub collation: Collation,
 }
 
 impl Task for OrpoTask {
@@ -40,7 +40,7 @@ impl Task for OrpoTask {
 
     fn scoring<B: Backend>(&self, pairs: &[&PreferencePair], device: &B::Device) -> Scoring<B> {
         let rows = concatenated_rows(pairs);
-        let (batch, completion_labels) = collate::<B>(&rows, self.padding, device);
+        let (batch, completion_labels) = collate::<B>(&rows, self.collation, device);
         // TRL's NLL term: labels = input ids wherever the attention mask is 1 (prompt included).
         let [rows_n, width] = batch.dims();
         let full: Vec<i64> = batch

@@ -3,7 +3,7 @@
 //! over all micro-batches of the step (transformers' `num_items_in_batch`), or the summed token
 //! loss per micro-batch with open-instruct's `reduce_loss: sum`.
 
-use crate::sequence::{collate, Padding, Sequence};
+use crate::sequence::{collate, Collation, Sequence};
 use crate::task::{Scoring, Task};
 use alignment_objectives::sft::{Reduction, SftOutput};
 use alignment_objectives::{DeferredMetrics, SequenceLogps};
@@ -16,7 +16,7 @@ pub struct SftTask {
     /// Token-mean over the step, or the token sum per micro-batch.
     pub reduction: Reduction,
     /// How micro-batches are padded.
-    pub padding: Padding,
+    pub collation: Collation,
     /// `sft` or `cpt`, for logs.
     pub name: &'static str,
 }
@@ -46,7 +46,7 @@ impl Task for SftTask {
     }
 
     fn scoring<B: Backend>(&self, examples: &[&Sequence], device: &B::Device) -> Scoring<B> {
-        let (batch, labels) = collate::<B>(examples, self.padding, device);
+        let (batch, labels) = collate::<B>(examples, self.collation, device);
         Scoring { batch, label_sets: vec![labels], row_values: Vec::new() }
     }
 

@@ -4,7 +4,7 @@
 
 use alignment_objectives::{DeferredMetrics, Reduction, SequenceLogps};
 use alignment_trainer::tasks::SftTask;
-use alignment_trainer::{Padding, Scoring, Sequence, Task, IGNORE_INDEX};
+use alignment_trainer::{Collation, Scoring, Sequence, Task, IGNORE_INDEX};
 use burn::tensor::backend::Backend;
 use burn::tensor::Tensor;
 use std::path::{Path, PathBuf};
@@ -28,7 +28,7 @@ pub fn examples(n: u32) -> Vec<Sequence> {
 
 /// Token-mean SFT.
 pub fn task() -> SftTask {
-    SftTask { reduction: Reduction::Mean, padding: Padding::token(0), name: "sft" }
+    SftTask { reduction: Reduction::Mean, collation: Collation::pad_with(0), name: "sft" }
 }
 
 /// SFT that runs `before_loss` before each micro-batch's forward pass: how a test slows, counts or ends
