@@ -675,8 +675,14 @@ case "$PLAN" in
         OURS_BACKENDS="$BF16" profile smollm2-135m sft 1024 4
         OURS_BACKENDS="$BF16" profile llama-3.2-1b dpo 1024 2
         ;;
+    loop)
+        # The example binary's loop alone (`tch-profile` runs it among the rest): eager, eager with
+        # packed rows kept whole, replayed; `bash scripts/gpu/device_run.sh loop [SHAPE]`, with
+        # DRY_RUN=1 on the CPU here (TRAINER_SPEED_STEPS=4 and SHAPE smollm2-tiny keep it short).
+        run_trainer_speed "${2:-smollm2-135m}"
+        ;;
     *)
-        echo "unknown plan $PLAN (first, second, profile, tch, tch-profile, check, cuda-bisect, dry)"
+        echo "unknown plan $PLAN (first, second, profile, tch, tch-profile, check, cuda-bisect, dry, loop)"
         exit 2
         ;;
 esac

@@ -174,10 +174,10 @@ or each call pays a new start. A call naming no kind may get an H100 rather than
      over the logits as torch kernels" and "The chunked head: half-type logits, ..."; the 135M
      step replayed as a CUDA graph, ours and PyTorch's: "The step replayed as a CUDA graph")
   2. OUT=\$OUT BUDGET_S=200 WARMUP=1 bash scripts/gpu/device_run.sh tch-profile            timeout_s 230
-     (the 1B profile, the 2048-token step, QLoRA on Mistral-7B, the example binary's loop (eager, then its steps
-     replayed as a CUDA graph: torch_compile_mode: reduce-overhead) on
-     the 135M shape, the 135M profile, then the 1B SFT and DPO steps as CUDA graphs if budget
-     is left)
+     (the 1B profile, the 2048-token step, QLoRA on Mistral-7B, the example binary's loop on the
+     135M shape (eager; eager with packed rows kept whole; then its steps replayed as CUDA
+     graphs, one per batch shape: torch_compile_mode: reduce-overhead), the 135M profile, then
+     the 1B SFT and DPO steps as CUDA graphs if budget is left)
   3. OUT=\$OUT bash scripts/gpu/device_run.sh cuda-bisect                                 timeout_s 450
      (where burn-cuda's wrong step comes from: burn's operations one at a time, then the
      step with this project's GPU paths off, all at once and one at a time; with less device
