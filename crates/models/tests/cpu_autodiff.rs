@@ -8,8 +8,14 @@ use alignment_core::backend::CpuAutodiff as B;
 use alignment_models::layers::project;
 use burn::tensor::{Distribution, Tensor};
 
+/// burn's random generator is one for the process, and the tests run on threads side by side: a
+/// test seeding it and drawing holds this, so that another's draw never comes in between.
+static GLOBAL_RNG: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// The same values for the same `shape` and `seed`, whatever else runs.
 fn random<const D: usize>(shape: [usize; D], seed: u64) -> Tensor<B, D> {
     use burn::tensor::backend::Backend;
+    let _drawing = GLOBAL_RNG.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
     B::seed(&Default::default(), seed);
     Tensor::random(shape, Distribution::Normal(0.0, 1.0), &Default::default())
 }

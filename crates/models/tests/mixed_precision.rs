@@ -15,7 +15,13 @@ use burn::tensor::{DType, Distribution, FloatDType, Tensor};
 const HIDDEN: usize = 8;
 const INTERMEDIATE: usize = 20;
 
+/// burn's random generator is one for the process, and the tests run on threads side by side: a
+/// test seeding it and drawing holds this, so that another's draw never comes in between.
+static GLOBAL_RNG: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// The same values for the same `shape` and `seed`, whatever else runs.
 fn random<const D: usize>(shape: [usize; D], seed: u64) -> Tensor<B, D> {
+    let _drawing = GLOBAL_RNG.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
     B::seed(&Default::default(), seed);
     Tensor::random(shape, Distribution::Normal(0.0, 0.5), &Default::default())
 }

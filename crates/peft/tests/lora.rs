@@ -140,8 +140,14 @@ fn only_adapters_get_gradients_and_optimizer_state() {
     assert_eq!(grads.len(), adapters.len());
 }
 
+/// burn's random generator is one for the process, and the tests run on threads side by side:
+/// the tests drawing dropout masks from it hold this (the DoRA test seeds it and must see its
+/// own draws, not the other's).
+static GLOBAL_RNG: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 #[test]
 fn dropout_applies_only_when_training() {
+    let _drawing = GLOBAL_RNG.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
     let device = Default::default();
     let mut config = LoraConfig::new(4, 8.0, names(&["q_proj", "v_proj", "up_proj"]));
     config.dropout = 0.5;
@@ -360,6 +366,7 @@ fn modules_to_save_trains_the_named_modules_and_refuses_what_peft_would_not_trai
 fn dora_with_dropout_follows_peft_s_training_formula() {
     use alignment_models::layers::{project, Linear, LoraAdapter};
     use burn::tensor::{Distribution, TensorData};
+    let _drawing = GLOBAL_RNG.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
     let device = Default::default();
     let (out, inp, r, scaling) = (6, 5, 2, 1.5);
     let random = |shape: [usize; 2], seed: u64| {
