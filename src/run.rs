@@ -648,6 +648,7 @@ pub fn run<B: AutodiffBackend>(objective: Objective, recipe: &Recipe, device: &B
                 return Err(empty_training_set(recipe, train_set.len(), &why));
             }
             let dpo = components::dpo_config(recipe)?;
+            let collation = recipe.collation(tools.pad_id);
             // The reference model is the starting model: its log-probs, computed once and cached.
             let frozen = model.valid();
             let cache = ReferenceCache::new(&reference::cache_dir().join("reference-logps"), &frozen);
@@ -655,25 +656,24 @@ pub fn run<B: AutodiffBackend>(objective: Objective, recipe: &Recipe, device: &B
             // Only for the pairs the run will visit (a `max_steps` run may stop within its first epoch).
             let global = TrainerConfig { train_batch_size: config.train_batch_size * strategy.world_size(), ..config.clone() };
             match StepPlan::new(train_pairs.len(), &global).examples_used(train_pairs.len(), &global) {
-                None => precompute_reference(&frozen, &mut train_pairs, batch, recipe.collation(tools.pad_id), Some(&cache), device)
-                    .map_err(TrainError::from)?,
+                None => {
+                    precompute_reference(&frozen, &mut train_pairs, batch, collation, Some(&cache), device).map_err(TrainError::from)?
+                }
                 Some(used) => {
                     let mut visited: Vec<PreferencePair> = used.iter().map(|&i| train_pairs[i].clone()).collect();
-                    precompute_reference(&frozen, &mut visited, batch, recipe.collation(tools.pad_id), Some(&cache), device)
-                        .map_err(TrainError::from)?;
+                    precompute_reference(&frozen, &mut visited, batch, collation, Some(&cache), device).map_err(TrainError::from)?;
                     for (i, pair) in used.into_iter().zip(visited) {
                         train_pairs[i] = pair;
                     }
                 }
             }
             if config.eval_steps.is_some() || config.eval_every_epoch || config.eval_on_start {
-                precompute_reference(&frozen, &mut eval_pairs, batch, recipe.collation(tools.pad_id), Some(&cache), device)
-                    .map_err(TrainError::from)?;
+                precompute_reference(&frozen, &mut eval_pairs, batch, collation, Some(&cache), device).map_err(TrainError::from)?;
             } else {
                 eval_pairs.clear(); // never evaluated: skip the reference pass over them
             }
             drop(frozen);
-            let task = DpoTask { config: dpo, collation: recipe.collation(tools.pad_id) };
+            let task = DpoTask { config: dpo, collation };
             train_with(model, &task, &train_pairs, &eval_pairs, &config, device, &mut strategy)?.1
         }
         Objective::Orpo => {
