@@ -1080,7 +1080,7 @@ fn run_update<B: AutodiffBackend>(args: &UpdateArgs, device: &B::Device) -> Resu
 // ---------------------------------------------------------------------------------------------
 // NCCL at world size 1.
 
-#[cfg(feature = "cuda")]
+#[cfg(any(feature = "cuda", feature = "tch"))]
 fn nccl_check() -> Result<(), String> {
     use alignment_distributed::{Communicator, DistEnv, LocalCommunicator, NcclCommunicator, ShardLayout};
     let port = alignment_distributed::launch::free_port().map_err(|e| e.to_string())?;
@@ -1089,56 +1089,52 @@ fn nccl_check() -> Result<(), String> {
     let mut local = LocalCommunicator::new();
     let values: Vec<f32> = (0..100_003).map(|i| (i as f32 * 0.37).sin()).collect();
     let layout = ShardLayout::new(values.len(), 1);
-    let mut results = Vec::new();
+    let mut results: Vec<(String, bool)> = Vec::new();
     let mut a = values.clone();
     let mut b = values.clone();
     nccl.all_reduce_sum(&mut a).map_err(|e| e.to_string())?;
     local.all_reduce_sum(&mut b).map_err(|e| e.to_string())?;
-    results.push(("all_reduce_sum", a == b));
+    results.push(("all_reduce_sum".into(), a == b));
     let a = nccl.reduce_scatter_sum(&values, &layout).map_err(|e| e.to_string())?;
     let b = local.reduce_scatter_sum(&values, &layout).map_err(|e| e.to_string())?;
-    results.push(("reduce_scatter_sum", a == b));
+    results.push(("reduce_scatter_sum".into(), a == b));
     let a = nccl.all_gather(&values, &layout).map_err(|e| e.to_string())?;
     let b = local.all_gather(&values, &layout).map_err(|e| e.to_string())?;
-    results.push(("all_gather", a == b));
+    results.push(("all_gather".into(), a == b));
     let (mut a, mut b) = (values.clone(), values.clone());
     nccl.broadcast(&mut a, 0).map_err(|e| e.to_string())?;
     local.broadcast(&mut b, 0).map_err(|e| e.to_string())?;
-    results.push(("broadcast", a == b));
-    // The data-parallel step's device route (alignment_trainer::cuda_collectives): NCCL on the
-    // tensors' own buffers. At world size 1 every collective gives its input back, so this
-    // checks the buffer addresses (a view 3 values into its buffer among them), the padding
-    // and the synchronisation with the backend's kernels.
+    results.push(("broadcast".into(), a == b));
+    // The data-parallel step's device route (alignment_trainer::cuda_collectives on burn-cuda,
+    // tch_collectives on libtorch): NCCL on the tensors' own buffers.
+    #[cfg(feature = "cuda")]
     {
-        use alignment_core::backend::Gpu;
-        use alignment_trainer::cuda_collectives as device;
-        use burn::tensor::TensorData;
-        let gpu = Default::default();
-        let whole = Tensor::<Gpu, 1>::from_data(TensorData::new(values.clone(), [values.len()]), &gpu);
-        // Queued work the collectives must wait for: the view is computed, not uploaded.
-        let view = (whole * 2.0).narrow(0, 3, values.len() - 3) * 0.5;
-        let expected = &values[3..];
-        let layout = ShardLayout::new(expected.len(), 1);
-        let read = |t: Tensor<Gpu, 1>| t.into_data().to_vec::<f32>().unwrap_or_default();
-        let declined = |_| "the device route declined a CUDA tensor on an NCCL communicator".to_string();
-        let sum = device::all_reduce_sum(&mut nccl, view.clone()).map_err(|e| e.to_string())?.map_err(declined)?;
-        results.push(("device all_reduce_sum", read(sum) == expected));
-        let shard = device::reduce_scatter_sum(&mut nccl, view.clone(), &layout).map_err(|e| e.to_string())?.map_err(declined)?;
-        results.push(("device reduce_scatter", read(shard) == expected));
-        let gathered = device::all_gather(&mut nccl, view.clone(), &layout).map_err(|e| e.to_string())?.map_err(declined)?;
-        results.push(("device all_gather", read(gathered) == expected));
-        let copied = device::broadcast(&mut nccl, view.clone(), 0).map_err(|e| e.to_string())?.map_err(declined)?;
-        results.push(("device broadcast", read(copied) == expected));
-        results.push(("device input untouched", read(view) == expected));
+        use alignment_trainer::cuda_collectives as route;
+        let routes = DeviceRoutes::<alignment_core::backend::Gpu> {
+            all_reduce_sum: route::all_reduce_sum,
+            reduce_scatter_sum: route::reduce_scatter_sum,
+            all_gather: route::all_gather,
+            broadcast: route::broadcast,
+        };
+        results.extend(device_route_checks(&mut nccl, &values, &Default::default(), "device", routes)?);
+    }
+    #[cfg(feature = "tch")]
+    {
+        use alignment_trainer::tch_collectives as route;
+        use burn::backend::libtorch::{LibTorch, LibTorchDevice};
+        let routes = DeviceRoutes::<LibTorch<f32>> {
+            all_reduce_sum: route::all_reduce_sum,
+            reduce_scatter_sum: route::reduce_scatter_sum,
+            all_gather: route::all_gather,
+            broadcast: route::broadcast,
+        };
+        results.extend(device_route_checks(&mut nccl, &values, &LibTorchDevice::Cuda(0), "torch", routes)?);
     }
     nccl.barrier().map_err(|e| e.to_string())?;
     for (op, same) in &results {
-        println!("nccl {op:<20} {}", if *same { "equal to one process" } else { "DIFFERS" });
+        println!("nccl {op:<26} {}", if *same { "equal to one process" } else { "DIFFERS" });
     }
-    println!(
-        "{}",
-        json!({"nccl": results.iter().map(|(op, same)| (op.to_string(), json!(same))).collect::<Map<String, serde_json::Value>>()})
-    );
+    println!("{}", json!({"nccl": results.iter().map(|(op, same)| (op.clone(), json!(same))).collect::<Map<String, serde_json::Value>>()}));
     if results.iter().all(|(_, same)| *same) {
         Ok(())
     } else {
@@ -1146,7 +1142,65 @@ fn nccl_check() -> Result<(), String> {
     }
 }
 
-#[cfg(not(feature = "cuda"))]
+/// One backend's device route of the data-parallel collectives (`cuda_collectives` or
+/// `tch_collectives`), as function pointers.
+#[cfg(any(feature = "cuda", feature = "tch"))]
+struct DeviceRoutes<B: Backend> {
+    all_reduce_sum: Collective<B>,
+    reduce_scatter_sum: ShardCollective<B>,
+    all_gather: ShardCollective<B>,
+    broadcast: RootCollective<B>,
+}
+
+#[cfg(any(feature = "cuda", feature = "tch"))]
+type Declined<B> = Result<Tensor<B, 1>, Tensor<B, 1>>;
+#[cfg(any(feature = "cuda", feature = "tch"))]
+type Collective<B> =
+    fn(&mut dyn alignment_distributed::Communicator, Tensor<B, 1>) -> Result<Declined<B>, alignment_distributed::DistError>;
+#[cfg(any(feature = "cuda", feature = "tch"))]
+type ShardCollective<B> = fn(
+    &mut dyn alignment_distributed::Communicator,
+    Tensor<B, 1>,
+    &alignment_distributed::ShardLayout,
+) -> Result<Declined<B>, alignment_distributed::DistError>;
+#[cfg(any(feature = "cuda", feature = "tch"))]
+type RootCollective<B> =
+    fn(&mut dyn alignment_distributed::Communicator, Tensor<B, 1>, usize) -> Result<Declined<B>, alignment_distributed::DistError>;
+
+/// `routes` at world size 1 on `device`, where every collective gives its input back: checks the
+/// buffer addresses (a view 3 values into its buffer among them), the padding and the
+/// synchronisation with the backend's kernels, each result named `"{name} {collective}"`.
+#[cfg(any(feature = "cuda", feature = "tch"))]
+fn device_route_checks<B: Backend>(
+    nccl: &mut alignment_distributed::NcclCommunicator,
+    values: &[f32],
+    device: &B::Device,
+    name: &str,
+    routes: DeviceRoutes<B>,
+) -> Result<Vec<(String, bool)>, String> {
+    use alignment_distributed::ShardLayout;
+    use burn::tensor::TensorData;
+    let whole = Tensor::<B, 1>::from_data(TensorData::new(values.to_vec(), [values.len()]), device);
+    // Queued work the collectives must wait for: the view is computed, not uploaded.
+    let view = (whole * 2.0).narrow(0, 3, values.len() - 3) * 0.5;
+    let expected = &values[3..];
+    let layout = ShardLayout::new(expected.len(), 1);
+    let read = |t: Tensor<B, 1>| t.into_data().convert::<f32>().to_vec::<f32>().unwrap_or_default();
+    let declined = |_| format!("the {name} route declined a CUDA tensor on an NCCL communicator");
+    let mut results = Vec::new();
+    let sum = (routes.all_reduce_sum)(nccl, view.clone()).map_err(|e| e.to_string())?.map_err(declined)?;
+    results.push((format!("{name} all_reduce_sum"), read(sum) == expected));
+    let shard = (routes.reduce_scatter_sum)(nccl, view.clone(), &layout).map_err(|e| e.to_string())?.map_err(declined)?;
+    results.push((format!("{name} reduce_scatter"), read(shard) == expected));
+    let gathered = (routes.all_gather)(nccl, view.clone(), &layout).map_err(|e| e.to_string())?.map_err(declined)?;
+    results.push((format!("{name} all_gather"), read(gathered) == expected));
+    let copied = (routes.broadcast)(nccl, view.clone(), 0).map_err(|e| e.to_string())?.map_err(declined)?;
+    results.push((format!("{name} broadcast"), read(copied) == expected));
+    results.push((format!("{name} input untouched"), read(view) == expected));
+    Ok(results)
+}
+
+#[cfg(not(any(feature = "cuda", feature = "tch")))]
 fn nccl_check() -> Result<(), String> {
-    Err("the NCCL check needs a build with --features cuda".into())
+    Err("the NCCL check needs a GPU build (--features cuda or tch)".into())
 }

@@ -410,11 +410,20 @@ run_update_8bit() {
 }
 
 # --- 3. NCCL -------------------------------------------------------------------------------
+# The communicator at world size 1 against one process, then the data-parallel step's device
+# route on the backend's own buffers: burn-cuda's (`run_nccl`), or libtorch's (`run_nccl tch`:
+# the libtorch route's multi-GPU transport, never run).
 run_nccl() {
     [ "$DRY_RUN" = 1 ] && return
-    say "nccl"
-    timeout --signal=KILL 60 "$BIN" nccl >"$WORK/nccl.txt" 2>&1
-    say "nccl: exit $? — $(tail -c 400 "$WORK/nccl.txt" | tr '\n' ' ')"
+    local runner="$BIN" out="$WORK/nccl.txt"
+    if [ "${1:-}" = tch ]; then
+        runner=$(runner_for tch-cuda)
+        out="$WORK/nccl-tch.txt"
+        [ -n "$runner" ] || { say "skip nccl tch (bench_train_tch not staged)"; return; }
+    fi
+    say "nccl ${1:-cuda}"
+    timeout --signal=KILL 60 $runner nccl >"$out" 2>&1
+    say "nccl ${1:-cuda}: exit $? — $(tail -c 600 "$out" | tr '\n' ' ')"
 }
 
 # The optimizer update alone (issue #13): one process, a data-parallel rank with its optimizer on
@@ -625,6 +634,9 @@ case "$PLAN" in
         # The operations and this project's paths one at a time (≈ 10 s): names the path if a
         # check above failed (every torch-kernel path since the first run is among them).
         OPS_BACKENDS=tch-cuda-bf16 run_ops
+        # NCCL on torch's buffers at world size 1 (≈ 5 s): the libtorch route's multi-GPU
+        # transport (trainer::tch_collectives), never run.
+        run_nccl tch
         bundle
         # The example binaries' loop, GPU against CPU (≈ 40–60 s): it has never run on a GPU.
         run_trainer

@@ -41,9 +41,9 @@ pub trait Communicator: Send {
     /// one rank legitimately works alone for long, e.g. saving a checkpoint). No-op by default.
     fn set_timeout(&mut self, _timeout: Duration) {}
 
-    /// The NCCL communicator this is, for collectives on device buffers (`cuda` builds); `None`
-    /// for host transports.
-    #[cfg(feature = "cuda")]
+    /// The NCCL communicator this is, for collectives on device buffers (GPU builds: the `nccl`
+    /// feature); `None` for host transports.
+    #[cfg(feature = "nccl")]
     fn as_nccl(&mut self) -> Option<&mut crate::NcclCommunicator> {
         None
     }

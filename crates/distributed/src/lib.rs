@@ -4,7 +4,7 @@
 //! - [`DistEnv`] reads rank and world from torchrun's or Slurm's environment variables.
 //! - [`Communicator`] is the collective interface over flat host `f32` buffers, with
 //!   deterministic rank-order sums: [`LocalCommunicator`] (one process), [`TcpCommunicator`]
-//!   (CPU, a TCP mesh between processes) and, with the `cuda` feature, `NcclCommunicator`,
+//!   (CPU, a TCP mesh between processes) and, with the `nccl` feature, `NcclCommunicator`,
 //!   which also runs them on device buffers (`*_on_device`, for the trainer's flat tensors).
 //! - [`zero`]: ZeRO stages, accelerate-style configs, per-rank memory and [`ZeroPlan`], the
 //!   per-step synchronisation the trainer performs around its optimizer.
@@ -16,7 +16,7 @@ mod comm;
 pub mod env;
 mod error;
 pub mod launch;
-#[cfg(feature = "cuda")]
+#[cfg(feature = "nccl")]
 mod nccl;
 mod shard;
 mod tcp;
@@ -25,7 +25,7 @@ pub mod zero;
 pub use comm::{Communicator, LocalCommunicator};
 pub use env::{timeout_from_env, DistEnv};
 pub use error::DistError;
-#[cfg(feature = "cuda")]
+#[cfg(feature = "nccl")]
 pub use nccl::NcclCommunicator;
 pub use shard::ShardLayout;
 pub use tcp::TcpCommunicator;

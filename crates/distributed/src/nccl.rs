@@ -1,4 +1,5 @@
-//! NCCL collectives through cudarc (`cuda` feature): the GPU transport.
+//! NCCL collectives through cudarc (`nccl` feature, enabled by the `cuda` and `tch` builds): the
+//! GPU transport.
 //!
 //! The TCP rendezvous ([`TcpCommunicator`]) comes first: it checks that every rank arrived and
 //! carries NCCL's unique id from rank 0 to the others; it then serves `barrier`. Each collective
@@ -19,7 +20,7 @@
 //! same topology with `NCCL_ALGO` and `NCCL_PROTO` fixed, but not bit-identical to the TCP
 //! transport's rank-order sums.
 //!
-//! Compiled (`cargo check -p alignment-distributed --features cuda`) but not run in this
+//! Compiled (`cargo check -p alignment-distributed --features nccl`) but not run in this
 //! repository's CI: there is no GPU there.
 
 use crate::comm::{check_layout, check_shard};
@@ -95,6 +96,12 @@ impl NcclCommunicator {
     /// The stream the collectives run on.
     pub fn stream(&self) -> &Arc<CudaStream> {
         &self.stream
+    }
+
+    /// The GPU this rank's collectives run on (`LOCAL_RANK`): device buffers handed to the
+    /// `*_on_device` methods must live there.
+    pub fn device_ordinal(&self) -> usize {
+        self.stream.context().ordinal()
     }
 
     fn check(&self) -> Result<(), DistError> {

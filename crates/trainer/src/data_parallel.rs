@@ -50,7 +50,6 @@ use crate::optimizer::{adamw_on_slices, adamw_on_tensors, excluded_from_decay, A
 use crate::tensor_collectives;
 use crate::zero3::{self, Group, ShardedWeight};
 use crate::TrainError;
-#[cfg(not(feature = "cuda"))]
 use alignment_distributed::TcpCommunicator;
 use alignment_distributed::{AccelerateConfig, Communicator, DistEnv, ShardLayout, ZeroPlan, ZeroStage};
 use alignment_models::compressed::CompressedWeight;
@@ -199,6 +198,25 @@ impl std::fmt::Debug for DataParallel {
     }
 }
 
+/// The NCCL communicator of rank `env.rank` (on GPU `env.local_rank`) when this build's ranks
+/// train on GPUs: always in a `cuda` build; in a `tch` build when torch sees CUDA (the rule the
+/// command line picks its device by: GPU `LOCAL_RANK`, else torch's CPU). `None` otherwise: the
+/// ranks then connect over TCP.
+#[cfg(any(feature = "cuda", feature = "tch"))]
+fn nccl_when_on_gpus(env: &DistEnv, timeout: std::time::Duration) -> Result<Option<Box<dyn Communicator>>, TrainError> {
+    #[cfg(not(feature = "cuda"))]
+    if !tch::Cuda::is_available() {
+        return Ok(None);
+    }
+    Ok(Some(Box::new(alignment_distributed::NcclCommunicator::connect(env, timeout)?)))
+}
+
+/// Without a GPU build the ranks connect over TCP.
+#[cfg(not(any(feature = "cuda", feature = "tch")))]
+fn nccl_when_on_gpus(_env: &DistEnv, _timeout: std::time::Duration) -> Result<Option<Box<dyn Communicator>>, TrainError> {
+    Ok(None)
+}
+
 impl DataParallel {
     /// A group over `comm` with `stage`.
     pub fn new(comm: Box<dyn Communicator>, stage: ZeroStage) -> Self {
@@ -218,8 +236,8 @@ impl DataParallel {
 
     /// The group the environment describes (torchrun/Slurm variables, the accelerate config
     /// named by `ALIGNMENT_ACCELERATE_CONFIG`; DDP when none), `None` for a single process.
-    /// Collectives go through NCCL in a `cuda` build (each rank on GPU `LOCAL_RANK`, NVLink
-    /// between them), through TCP otherwise.
+    /// Collectives go through NCCL when the ranks train on GPUs ([`trains_on_gpus`]: each rank
+    /// on GPU `LOCAL_RANK`, NVLink between them), through TCP otherwise.
     pub fn from_env() -> Result<Option<Self>, TrainError> {
         let Some(env) = DistEnv::from_env()? else {
             return Ok(None);
@@ -227,10 +245,10 @@ impl DataParallel {
         let accelerate = AccelerateConfig::from_env()?;
         let stage = accelerate.as_ref().map_or(ZeroStage::Ddp, |c| c.stage);
         let timeout = alignment_distributed::timeout_from_env()?;
-        #[cfg(feature = "cuda")]
-        let comm: Box<dyn Communicator> = Box::new(alignment_distributed::NcclCommunicator::connect(&env, timeout)?);
-        #[cfg(not(feature = "cuda"))]
-        let comm: Box<dyn Communicator> = Box::new(TcpCommunicator::connect(&env, timeout)?);
+        let comm = match nccl_when_on_gpus(&env, timeout)? {
+            Some(nccl) => nccl,
+            None => Box::new(TcpCommunicator::connect(&env, timeout)?),
+        };
         let mut group = Self::new(comm, stage);
         if let Some(config) = accelerate {
             group.mixed_precision = config.mixed_precision;

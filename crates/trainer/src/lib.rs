@@ -20,6 +20,8 @@ mod cpu_adamw;
 #[cfg(feature = "cuda")]
 pub mod cuda_collectives;
 pub mod data_parallel;
+#[cfg(any(feature = "cuda", feature = "tch"))]
+mod device_collectives;
 #[cfg_attr(not(feature = "tch"), path = "graph_steps_unavailable.rs")]
 pub mod graph_steps;
 pub mod logging;
@@ -36,6 +38,8 @@ pub mod tasks;
 mod tch_adam8bit;
 #[cfg(feature = "tch")]
 mod tch_adamw;
+#[cfg(feature = "tch")]
+pub mod tch_collectives;
 #[cfg(feature = "tch")]
 pub mod tch_device_memory;
 #[cfg(feature = "tch")]

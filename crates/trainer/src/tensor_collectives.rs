@@ -3,8 +3,9 @@
 //!
 //! Each call takes the route its arguments allow:
 //! - **a world of one**: the identity; nothing is read or copied;
-//! - **NCCL on the device** (`cuda` builds, a CUDA tensor and an NCCL communicator): on the
-//!   tensor's own buffer, into a new one (`cuda_collectives.rs`);
+//! - **NCCL on the device** (a GPU build's CUDA tensor and an NCCL communicator): on the
+//!   tensor's own buffer, into a new one (`device_collectives.rs`: burn-cuda's buffers in
+//!   `cuda_collectives.rs`, libtorch's in `tch_collectives.rs`);
 //! - **through the host** otherwise: the tensor is read, the [`Communicator`] runs on host
 //!   slices (TCP between CPU processes), and the result is written back to the tensor's device.
 //!
@@ -22,6 +23,11 @@ pub(crate) fn all_reduce_sum<B: Backend>(comm: &mut dyn Communicator, buffer: Te
     }
     #[cfg(feature = "cuda")]
     let buffer = match crate::cuda_collectives::all_reduce_sum(comm, buffer)? {
+        Ok(reduced) => return Ok(reduced),
+        Err(buffer) => buffer,
+    };
+    #[cfg(feature = "tch")]
+    let buffer = match crate::tch_collectives::all_reduce_sum(comm, buffer)? {
         Ok(reduced) => return Ok(reduced),
         Err(buffer) => buffer,
     };
@@ -46,6 +52,11 @@ pub(crate) fn reduce_scatter_sum<B: Backend>(
         Ok(shard) => return Ok(shard),
         Err(buffer) => buffer,
     };
+    #[cfg(feature = "tch")]
+    let buffer = match crate::tch_collectives::reduce_scatter_sum(comm, buffer, layout)? {
+        Ok(shard) => return Ok(shard),
+        Err(buffer) => buffer,
+    };
     through_host(buffer, |values| comm.reduce_scatter_sum(&values, layout))
 }
 
@@ -63,6 +74,11 @@ pub(crate) fn all_gather<B: Backend>(
         Ok(whole) => return Ok(whole),
         Err(shard) => shard,
     };
+    #[cfg(feature = "tch")]
+    let shard = match crate::tch_collectives::all_gather(comm, shard, layout)? {
+        Ok(whole) => return Ok(whole),
+        Err(shard) => shard,
+    };
     through_host(shard, |values| comm.all_gather(&values, layout))
 }
 
@@ -73,6 +89,11 @@ pub(crate) fn broadcast<B: Backend>(comm: &mut dyn Communicator, buffer: Tensor<
     }
     #[cfg(feature = "cuda")]
     let buffer = match crate::cuda_collectives::broadcast(comm, buffer, root)? {
+        Ok(copied) => return Ok(copied),
+        Err(buffer) => buffer,
+    };
+    #[cfg(feature = "tch")]
+    let buffer = match crate::tch_collectives::broadcast(comm, buffer, root)? {
         Ok(copied) => return Ok(copied),
         Err(buffer) => buffer,
     };
