@@ -620,6 +620,10 @@ fn run_train<B: AutodiffBackend>(args: &TrainArgs, matmul_dtype: Option<FloatDTy
     // As the trainer does: a LoRA or QLoRA base's frozen weights in bf16 (the shapes' random
     // values are bf16's, as a bf16 checkpoint's are).
     let frozen_bytes_narrowed = model.store_frozen_weights_in_product_type();
+    // As the trainer does: QLoRA's adapters in bf16 where the products are, as TRL holds them.
+    if matmul_dtype == Some(FloatDType::BF16) {
+        model = alignment_trainer::train::hold_qlora_adapters_in_bf16(model, true, true);
+    }
     B::sync(device).map_err(|e| format!("{e:?}"))?;
     let load_seconds = load_start.elapsed().as_secs_f64();
     // The process's peak so far is the random model's making (host values, quantization); from

@@ -11,7 +11,8 @@
 # passes over the logits, torch storage under burn's tensors, fused and 8-bit AdamW, the replayed
 # loop, the profiler (each crate's `tch_` unit tests and core's `torch_storage`), the training-step
 # check on torch's CPU kernels (backend_check's `tch_` tests), bf16 weights under an offloaded f32
-# master copy (offload_bf16), what replaying a step as a CUDA graph asks (cuda_graph_ready), and
+# master copy (offload_bf16), QLoRA's adapters in bf16 as TRL holds them (qlora_bf16_adapters),
+# what replaying a step as a CUDA graph asks (cuda_graph_ready), and
 # the data-parallel tests in a `tch` build (the trainer's `data_parallel`: ranks on torch's CPU
 # connect over TCP; on GPUs they would take NCCL).
 # `wgpu`: the whole training-step check (tests/backend_check.rs) on burn's WebGPU backend.
@@ -26,12 +27,12 @@ case ",$features," in *,wgpu,*) wgpu=1 ;; *) wgpu=0 ;; esac
 # Every target first, in one build: cargo compiles them side by side (built one command at a
 # time, each waited for the crates the one before had not needed).
 targets=(--test backend_check)
-[ "$tch" = 1 ] && targets+=(--lib --test offload_bf16 --test cuda_graph_ready --test integration)
+[ "$tch" = 1 ] && targets+=(--lib --test offload_bf16 --test qlora_bf16_adapters --test cuda_graph_ready --test integration)
 tests "${targets[@]}" --no-run
 
 if [ "$tch" = 1 ]; then
     tests --lib -- tch_ torch_storage
-    tests --test offload_bf16 --test cuda_graph_ready
+    tests --test offload_bf16 --test qlora_bf16_adapters --test cuda_graph_ready
     tests --test integration -- data_parallel
 fi
 if [ "$wgpu" = 1 ]; then

@@ -159,6 +159,9 @@ runner_for() {
         *@f32-frozen) echo "env ALIGNMENT_FROZEN_IN_PRODUCT_TYPE=0 $BIN" ;;
         # `NAME@whole-dequant`: the tensor operations dequantize an NF4 weight whole, not by runs of rows.
         *@whole-dequant) echo "env ALIGNMENT_DEQUANTIZE_RUNS=0 $BIN" ;;
+        # `NAME@f32-adapters`: QLoRA's adapters (and their gradients and moments) in f32 instead
+        # of bf16, as before 2026-12-07 (TRL holds a quantized model's in bf16).
+        *@f32-adapters) echo "env ALIGNMENT_QLORA_ADAPTERS_IN_BF16=0 $BIN" ;;
         # `NAME@burn-dequant`: an NF4 weight dequantized by burn's tensor operations instead of
         # four torch kernels a run of rows (models::tch_nf4).
         *@burn-dequant) echo "env ALIGNMENT_DEQUANTIZE_BY_TORCH=0 $BIN" ;;
@@ -659,8 +662,9 @@ case "$PLAN" in
         # 2026-12-05 save, one at a time: the dequantization by burn's tensor operations instead
         # of torch's kernels (@burn-dequant, time), the dense weights kept from each product to
         # its backward step (@keep-dense), the embedding and head kept in f32 (@f32-frozen), the
-        # NF4 weights dequantized whole (@whole-dequant).
-        NO_TORCH=1 OURS_BACKENDS="tch-cuda-bf16 tch-cuda-bf16@burn-dequant tch-cuda-bf16@keep-dense tch-cuda-bf16@f32-frozen tch-cuda-bf16@whole-dequant" bench mistral-7b qlora 2048 1 1
+        # NF4 weights dequantized whole (@whole-dequant), the adapters in f32 (@f32-adapters:
+        # before 2026-12-07; since, in bf16 as TRL holds them).
+        NO_TORCH=1 OURS_BACKENDS="tch-cuda-bf16 tch-cuda-bf16@burn-dequant tch-cuda-bf16@keep-dense tch-cuda-bf16@f32-frozen tch-cuda-bf16@whole-dequant tch-cuda-bf16@f32-adapters" bench mistral-7b qlora 2048 1 1
         # The example binary's loop on the 135M shape (≈ 30 s), against the `tch` plan's step.
         run_trainer_speed smollm2-135m
         bundle

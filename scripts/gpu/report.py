@@ -15,12 +15,13 @@ def fmt(value, spec):
     return "–" if value is None else format(value, spec)
 
 
-def qlora_bound_mib(shape_path, seq, batch, rank=16):
+def qlora_bound_mib(shape_path, seq, batch, rank=16, adapter_bytes=8):
     """The arithmetic memory floor of a QLoRA step: NF4 base (4 bits + one f32 absmax per 64
-    values, double-quantized to ≈ 1 byte per 64), bf16 embedding and head, f32 adapters with
-    their gradients and two AdamW moments, and the bf16 input of every layer (what gradient
-    checkpointing must keep). Everything else (recomputed activations, logits, workspace) is
-    extra."""
+    values, double-quantized to ≈ 1 byte per 64), bf16 embedding and head, the adapters with
+    their gradients and two AdamW moments (`adapter_bytes` a parameter: 8 in bf16, as TRL holds
+    a quantized model's adapters and a bf16 run here does since 2026-12-07; 16 in f32, the floor
+    before), and the bf16 input of every layer (what gradient checkpointing must keep).
+    Everything else (recomputed activations, logits, workspace) is extra."""
     with open(shape_path) as f:
         c = json.load(f)
     h, i, v, layers = c["hidden_size"], c["intermediate_size"], c["vocab_size"], c["num_hidden_layers"]
@@ -32,7 +33,7 @@ def qlora_bound_mib(shape_path, seq, batch, rank=16):
     embed = v * h * 2 * (1 if c.get("tie_word_embeddings") else 2)
     adapters = layers * sum(rank * (o + n) for o, n in linears)
     activations = layers * batch * seq * h * 2
-    return (nf4 + embed + adapters * 16 + activations) / 2**20
+    return (nf4 + embed + adapters * adapter_bytes + activations) / 2**20
 
 
 def main():

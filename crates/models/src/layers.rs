@@ -343,9 +343,12 @@ impl<B: Backend> LoraAdapter<B> {
         }
     }
 
-    /// The dense update `s · B A`, `[out, in]` (what merging adds to the base weight).
+    /// The dense update `s · B A`, `[out, in]` (what merging adds to the base weight), in the
+    /// model's float type whatever the factors' (bf16 adapters of a QLoRA run are widened first,
+    /// as PEFT computes the delta of half-precision adapters in f32 on the CPU).
     pub fn delta_weight(&self) -> Tensor<B, 2> {
-        alignment_core::gemm::matmul(self.b.val(), self.a.val()) * self.scaling
+        let float_type = alignment_core::precision::float_type::<B>();
+        alignment_core::gemm::matmul(cast_to(self.b.val(), float_type), cast_to(self.a.val(), float_type)) * self.scaling
     }
 }
 

@@ -137,27 +137,33 @@ pub struct NamedTensor {
 /// Writes `tensors` as one safetensors file with the `{"format": "pt"}` metadata transformers
 /// expects. The caller is responsible for atomicity (write into an [`alignment_core::AtomicDir`]).
 pub fn write_safetensors(path: &Path, tensors: &[NamedTensor], dtype: SaveDtype) -> Result<(), ModelError> {
+    write_safetensors_with(path, tensors, |_| dtype)
+}
+
+/// [`write_safetensors`] with each tensor in the type `dtype_of` gives it (a PEFT state dict
+/// saves each tensor in its parameter's type: bf16 adapters beside f32 DoRA magnitudes).
+pub fn write_safetensors_with(
+    path: &Path,
+    tensors: &[NamedTensor],
+    dtype_of: impl Fn(&NamedTensor) -> SaveDtype,
+) -> Result<(), ModelError> {
     for t in tensors {
         check_finite(&t.name, &t.values, path)?;
     }
-    let encoded: Vec<(String, Vec<usize>, Vec<u8>)> = tensors
+    let encoded: Vec<(String, Vec<usize>, Dtype, Vec<u8>)> = tensors
         .iter()
         .map(|t| {
-            let bytes = match dtype {
-                SaveDtype::F32 => t.values.iter().flat_map(|v| v.to_le_bytes()).collect(),
-                SaveDtype::BF16 => t.values.iter().flat_map(|&v| half::bf16::from_f32(v).to_le_bytes()).collect(),
+            let (st_dtype, bytes) = match dtype_of(t) {
+                SaveDtype::F32 => (Dtype::F32, t.values.iter().flat_map(|v| v.to_le_bytes()).collect()),
+                SaveDtype::BF16 => (Dtype::BF16, t.values.iter().flat_map(|&v| half::bf16::from_f32(v).to_le_bytes()).collect()),
             };
-            (t.name.clone(), t.shape.clone(), bytes)
+            (t.name.clone(), t.shape.clone(), st_dtype, bytes)
         })
         .collect();
-    let st_dtype = match dtype {
-        SaveDtype::F32 => Dtype::F32,
-        SaveDtype::BF16 => Dtype::BF16,
-    };
     let views: BTreeMap<String, TensorView> = encoded
         .iter()
-        .map(|(name, shape, bytes)| {
-            let view = TensorView::new(st_dtype, shape.clone(), bytes).expect("sizes computed from shape");
+        .map(|(name, shape, st_dtype, bytes)| {
+            let view = TensorView::new(*st_dtype, shape.clone(), bytes).expect("sizes computed from shape");
             (name.clone(), view)
         })
         .collect();

@@ -9,7 +9,7 @@ use crate::error::PeftError;
 use crate::lora::{adapter, has_lora, linear_layers, linear_layers_mut, targeted_paths};
 use crate::saved_modules::{saved_module_paths, saved_module_tensors, saved_tensor_name, set_saved_module};
 use alignment_core::{AtomicDir, IoError};
-use alignment_models::weights::{write_safetensors, NamedTensor, SaveDtype};
+use alignment_models::weights::{write_safetensors_with, NamedTensor, SaveDtype};
 use alignment_models::CausalLm;
 use burn::module::{Module, Param};
 use burn::tensor::{backend::Backend, Tensor, TensorData};
@@ -57,7 +57,8 @@ pub fn adapter_tensors<B: Backend>(model: &CausalLm<B>, config: &LoraConfig) -> 
 }
 
 /// Saves the adapters of `model` to `dir` as PEFT's `save_pretrained` does
-/// (`adapter_model.safetensors`, f32, + `adapter_config.json` built from `config`), atomically.
+/// (`adapter_model.safetensors`, each tensor in its parameter's type, f32 or bf16, +
+/// `adapter_config.json` built from `config`), atomically.
 /// `config` must describe the adapters (same modules, rank and scaling): that is checked, since
 /// PEFT recomputes the scaling from the saved config.
 pub fn save_adapter<B: Backend>(
@@ -81,11 +82,33 @@ pub fn write_adapter<B: Backend>(
     base_model_name_or_path: &str,
 ) -> Result<(), PeftError> {
     check_matches_config(model, config)?;
-    write_safetensors(&dir.join(ADAPTER_WEIGHTS), &adapter_tensors(model, config)?, SaveDtype::F32)?;
+    let factors_in_bf16 = adapter_factors_in_bf16(model);
+    write_safetensors_with(&dir.join(ADAPTER_WEIGHTS), &adapter_tensors(model, config)?, |t| save_dtype(factors_in_bf16, t))?;
     let json = serde_json::to_string_pretty(&config.to_adapter_json(base_model_name_or_path)).expect("JSON serializes");
     let config_path = dir.join(ADAPTER_CONFIG);
     std::fs::write(&config_path, json + "\n").map_err(|e| IoError::new("writing", &config_path, e))?;
     Ok(())
+}
+
+/// Whether every adapter factor of `model` is held in bf16 (QLoRA's adapters under TRL's cast,
+/// [`crate::hold_trainable_in`]).
+fn adapter_factors_in_bf16<B: Backend>(model: &CausalLm<B>) -> bool {
+    let adapters: Vec<_> = linear_layers(model).into_iter().filter_map(|(_, lin)| lin.lora.as_ref()).collect();
+    !adapters.is_empty()
+        && adapters.iter().all(|lora| [lora.a.val().dtype(), lora.b.val().dtype()].iter().all(|&d| d == burn::tensor::DType::BF16))
+}
+
+/// The type a tensor of the adapter file is written in, its parameter's own, as PEFT saves its
+/// state dict: with the factors held in bf16, bf16 for every tensor whose values are all bf16's
+/// (the factors, a matrix saved whole, which were narrowed with them) and f32 for the others
+/// (DoRA's magnitudes, a norm saved whole); f32 for everything otherwise. Nothing is rounded by
+/// saving.
+fn save_dtype(factors_in_bf16: bool, tensor: &NamedTensor) -> SaveDtype {
+    if factors_in_bf16 && tensor.values.iter().all(|&v| half::bf16::from_f32(v).to_f32() == v) {
+        SaveDtype::BF16
+    } else {
+        SaveDtype::F32
+    }
 }
 
 fn check_matches_config<B: Backend>(model: &CausalLm<B>, config: &LoraConfig) -> Result<(), PeftError> {

@@ -34,5 +34,5 @@ pub use adapter::{
 };
 pub use config::{LoraConfig, TargetModules, ALL_LINEAR};
 pub use error::PeftError;
-pub use lora::{apply_lora, has_lora, merge_lora, num_lora_params, remove_lora, set_lora_dropout};
+pub use lora::{apply_lora, has_lora, hold_trainable_in, merge_lora, num_lora_params, remove_lora, set_lora_dropout};
 pub use qlora::{load_pretrained_4bit, QuantConfig};

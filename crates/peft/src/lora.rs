@@ -5,8 +5,8 @@ use crate::error::PeftError;
 use crate::qlora::QuantConfig;
 use alignment_models::layers::{Linear, LoraAdapter};
 use alignment_models::{CausalLm, QuantizedWeight};
-use burn::module::{Module, Param};
-use burn::tensor::{backend::Backend, Tensor, TensorData};
+use burn::module::{Module, ModuleMapper, Param};
+use burn::tensor::{backend::Backend, DType, FloatDType, Tensor, TensorData};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -159,6 +159,34 @@ pub fn remove_lora<B: Backend>(mut model: CausalLm<B>) -> CausalLm<B> {
         lin.lora = None;
     }
     model
+}
+
+/// Holds the trainable weight matrices of `model` in `dtype`, as TRL 1.16's SFT and DPO trainers
+/// do for a quantized (QLoRA) model: they cast its trainable parameters — the adapters' `A` and
+/// `B`, and any `modules_to_save` — to bf16 (the QLoRA paper's advice), leaving DoRA's magnitude
+/// vector in f32, whose updates bf16 could not represent. Here the one-dimensional parameters all
+/// stay as they are: DoRA's magnitudes, as TRL, and a norm saved whole (TRL: bf16), since this
+/// model's norms compute in the residual stream's f32. The values are rounded to `dtype`; their
+/// gradients and torch's AdamW moments then follow the parameters' type. Returns the model and
+/// how many values changed type.
+pub fn hold_trainable_in<B: Backend>(model: CausalLm<B>, dtype: FloatDType) -> (CausalLm<B>, usize) {
+    struct Narrow {
+        dtype: FloatDType,
+        values: usize,
+    }
+    impl<B: Backend> ModuleMapper<B> for Narrow {
+        fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
+            let (id, tensor, mapper) = param.consume();
+            if !tensor.is_require_grad() || D != 2 || tensor.dtype() == DType::from(self.dtype) {
+                return Param::from_mapped_value(id, tensor, mapper);
+            }
+            self.values += tensor.shape().num_elements();
+            Param::from_mapped_value(id, tensor.cast(self.dtype).detach().require_grad(), mapper)
+        }
+    }
+    let mut narrow = Narrow { dtype, values: 0 };
+    let model = model.map(&mut narrow);
+    (model, narrow.values)
 }
 
 /// Number of adapter parameters (scalars) in `model`.

@@ -32,10 +32,11 @@
 //! clipping: `v ← αv + (1−α)g² ; p ← p − lr · g / (√v + ε)`; `v` is kept as `exp_avg_sq`.
 
 use crate::adam8bit_tensors::{BlockwiseState, CodeTables};
+use alignment_core::precision::{cast_to, float_type};
 use burn::module::{AutodiffModule, ModuleMapper, ModuleVisitor, Param, ParamId};
 use burn::optim::GradientsParams;
 use burn::tensor::backend::{AutodiffBackend, Backend};
-use burn::tensor::Tensor;
+use burn::tensor::{FloatDType, Tensor};
 use std::collections::HashMap;
 use std::ops::Range;
 
@@ -125,6 +126,11 @@ impl<B: Backend> Moments<B> {
     /// Fresh moments of `len` elements (a parameter's first update).
     pub fn zeros(len: usize, device: &B::Device) -> Self {
         Self { exp_avg: Tensor::zeros([len], device), exp_avg_sq: Tensor::zeros([len], device) }
+    }
+
+    /// Both moments in `dtype` (themselves when already of it).
+    pub fn in_type(self, dtype: FloatDType) -> Self {
+        Self { exp_avg: cast_to(self.exp_avg, dtype), exp_avg_sq: cast_to(self.exp_avg_sq, dtype) }
     }
 }
 
@@ -258,7 +264,8 @@ struct GradNorm<'a, B: Backend> {
 impl<AD: AutodiffBackend> ModuleVisitor<AD> for GradNorm<'_, AD::InnerBackend> {
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<AD, D>>) {
         if let Some(g) = self.grads.get::<AD::InnerBackend, D>(param.id) {
-            let s = g.square().sum();
+            // Summed in f32 whatever the gradient's type (a bf16 adapter's).
+            let s = cast_to(g, float_type::<AD::InnerBackend>()).square().sum();
             self.sum_squares = Some(match self.sum_squares.take() {
                 Some(total) => total + s,
                 None => s,
@@ -302,7 +309,14 @@ impl<AD: AutodiffBackend> ModuleMapper<AD> for Update<'_, AD> {
         let shape = tensor.shape();
         let numel = shape.num_elements();
 
-        let p = tensor.inner();
+        // A parameter held narrower than the backend's float type (QLoRA's bf16 adapters, as TRL
+        // holds them) is updated in f32, as torch's fused AdamW computes, and stored back in its
+        // type; AdamW's moments are kept in that type too (`zeros_like(p)` in torch), the 8-bit
+        // and RMSprop states as they are.
+        let stored = tensor.dtype();
+        let float = float_type::<AD::InnerBackend>();
+        let narrow = stored != burn::tensor::DType::from(float);
+        let (p, grad) = (cast_to(tensor.inner(), float), cast_to(grad, float));
         let device = p.device();
         let clipped = |grad: Tensor<AD::InnerBackend, D>| -> Tensor<AD::InnerBackend, 1> {
             let g = match &self.clip_coef {
@@ -319,7 +333,7 @@ impl<AD: AutodiffBackend> ModuleMapper<AD> for Update<'_, AD> {
                 (p.reshape(shape), moments)
             }
             UpdateRule::AdamW => {
-                let moments = self.optimizer.state.remove(&path).unwrap_or_else(|| Moments::zeros(numel, &device));
+                let moments = self.optimizer.state.remove(&path).unwrap_or_else(|| Moments::zeros(numel, &device)).in_type(float);
                 let decays = !excluded_from_decay(&path);
                 let scalars = AdamWScalars::new(&c, self.lr, t, decays);
                 let (p, moments) = match (self.cpu_clip, &self.kernel_clip) {
@@ -329,7 +343,7 @@ impl<AD: AutodiffBackend> ModuleMapper<AD> for Update<'_, AD> {
                     (_, Some(clip)) => crate::adamw_kernel::update(p, grad, clip.clone(), moments, &scalars),
                     _ => adamw_on_tensors(p, clipped(grad), moments, &scalars, &[]),
                 };
-                (p, Some(moments))
+                (p, Some(if narrow { moments.in_type(stored.into()) } else { moments }))
             }
             UpdateRule::RmsProp => {
                 const ALPHA: f64 = 0.99;
@@ -352,7 +366,7 @@ impl<AD: AutodiffBackend> ModuleMapper<AD> for Update<'_, AD> {
         if let Some(moments) = moments {
             self.optimizer.state.insert(path, moments);
         }
-
+        let p = if narrow { cast_to(p, stored.into()) } else { p };
         Param::from_mapped_value(id, with_grad(Tensor::from_inner(p), require_grad), mapper)
     }
 }

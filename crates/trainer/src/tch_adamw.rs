@@ -197,7 +197,12 @@ impl<AD: AutodiffBackend> ModuleMapper<AD> for Collect<'_, AD> {
         let path = self.path.join(".");
         let p = tensor.inner();
         let numel = p.shape().num_elements();
-        let moments = self.optimizer.state.remove(&path).unwrap_or_else(|| Moments::zeros(numel, &p.device()));
+        // In the parameter's type, as torch's AdamW keeps them (`zeros_like(p)`): bf16 for bf16
+        // adapters (moments read back from a checkpoint arrive in f32, a lossless widening).
+        let dtype = p.dtype().into();
+        let moments = self.optimizer.state.remove(&path).unwrap_or_else(|| Moments::zeros(numel, &p.device())).in_type(dtype);
+        // The kernel reads each parameter's gradient in its type (autodiff gives it so).
+        let grad = alignment_core::precision::cast_to(grad, dtype);
         let group = &mut self.lists.groups[usize::from(excluded_from_decay(&path))];
         let (p, m, v) = (torch_tensor(p, true), torch_tensor(moments.exp_avg, true), torch_tensor(moments.exp_avg_sq, true));
         self.optimizer.state.insert(path, Moments { exp_avg: wrap(m.shallow_clone()), exp_avg_sq: wrap(v.shallow_clone()) });

@@ -242,6 +242,38 @@ fn data_hash<T: Task>(task: &T, examples: &[T::Example]) -> String {
     hasher.finalize().iter().take(8).map(|b| format!("{b:02x}")).collect()
 }
 
+/// Whether every LoRA factor of `model` is held in bf16 (`hold_qlora_adapters_in_bf16` acted).
+fn lora_factors_in_bf16<B: burn::tensor::backend::Backend>(model: &CausalLm<B>) -> bool {
+    alignment_peft::lora::linear_layers(model)
+        .iter()
+        .filter_map(|(_, lin)| lin.lora.as_ref())
+        .all(|lora| [lora.a.val().dtype(), lora.b.val().dtype()].iter().all(|&d| d == burn::tensor::DType::BF16))
+}
+
+/// A QLoRA model's trainable parameters held in bf16, as TRL 1.16's SFT and DPO trainers hold a
+/// quantized model's (`alignment_peft::hold_trainable_in`: adapters and `modules_to_save`, not
+/// DoRA's magnitudes), so its gradients and AdamW moments are bf16 too: called where the products
+/// run in bf16. Not under data parallelism (the ranks' flat buffers are f32; the run says the
+/// adapters train in f32),
+/// nor with `ALIGNMENT_QLORA_ADAPTERS_IN_BF16=0` (f32 adapters, this project's behaviour before
+/// 2026-12-07, to measure what the cast changes). Any other model is returned as it is.
+pub fn hold_qlora_adapters_in_bf16<B: AutodiffBackend>(model: CausalLm<B>, single_process: bool, is_main: bool) -> CausalLm<B> {
+    static IN_BF16: alignment_core::env_switch::EnvSwitch = alignment_core::env_switch::EnvSwitch::new("ALIGNMENT_QLORA_ADAPTERS_IN_BF16");
+    if !model.has_quantized_layers() || !alignment_peft::has_lora(&model) || !IN_BF16.is_on() {
+        return model;
+    }
+    if !single_process {
+        return model;
+    }
+    let (model, values) = alignment_peft::hold_trainable_in(model, FloatDType::BF16);
+    if is_main && values > 0 {
+        eprintln!(
+            "note: QLoRA: the {values} trainable values (adapters and modules_to_save) are held in bf16, with their gradients and \
+             AdamW moments, as TRL holds a quantized model's"
+        );
+    }
+    model
+}
 /// The first token id at or past `vocab_size` in `examples`, with the example's index.
 fn out_of_vocab<T: Task>(task: &T, examples: &[T::Example], vocab_size: usize) -> Option<(usize, u32)> {
     examples.iter().enumerate().find_map(|(i, e)| {
@@ -451,11 +483,18 @@ pub fn train_with<B: AutodiffBackend, T: Task, S: Strategy>(
             if narrowed > 0 && is_main {
                 eprintln!("note: bf16: the frozen weights are held in bf16 ({:.0} MiB less)", narrowed as f64 / 1048576.0);
             }
+            model = hold_qlora_adapters_in_bf16(model, strategy.single_process(), is_main);
         } else if is_main {
             eprintln!("note: bf16: this backend has no bf16 arithmetic; training computes in f32");
         }
     } else if launcher_precision == "fp16" && is_main {
         eprintln!("note: mixed_precision: fp16 (accelerate config) is not implemented; training computes in f32 (use bf16)");
+    }
+    if is_main && model.has_quantized_layers() && alignment_peft::has_lora(&model) && !lora_factors_in_bf16(&model) {
+        eprintln!(
+            "note: QLoRA: the adapters train in f32 (TRL holds a quantized model's in bf16; here that takes bf16: true on a \
+             backend with bf16 arithmetic, one process)"
+        );
     }
     // Steps replayed from a captured one, one process only (collectives are not captured).
     let mut graphs = match config.step_graphs {
