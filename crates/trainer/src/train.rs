@@ -254,9 +254,9 @@ fn lora_factors_in_bf16<B: burn::tensor::backend::Backend>(model: &CausalLm<B>) 
 /// quantized model's (`alignment_peft::hold_trainable_in`: adapters and `modules_to_save`, not
 /// DoRA's magnitudes), so its gradients and AdamW moments are bf16 too: called where the products
 /// run in bf16. Not under data parallelism (the ranks' flat buffers are f32; the run says the
-/// adapters train in f32),
-/// nor with `ALIGNMENT_QLORA_ADAPTERS_IN_BF16=0` (f32 adapters, this project's behaviour before
-/// 2026-12-07, to measure what the cast changes). Any other model is returned as it is.
+/// adapters train in f32), nor with `ALIGNMENT_QLORA_ADAPTERS_IN_BF16=0` (f32 adapters, this
+/// project's behaviour before 2026-12-07, to measure what the cast changes). Any other model is
+/// returned as it is.
 pub fn hold_qlora_adapters_in_bf16<B: AutodiffBackend>(model: CausalLm<B>, single_process: bool, is_main: bool) -> CausalLm<B> {
     static IN_BF16: alignment_core::env_switch::EnvSwitch = alignment_core::env_switch::EnvSwitch::new("ALIGNMENT_QLORA_ADAPTERS_IN_BF16");
     if !model.has_quantized_layers() || !alignment_peft::has_lora(&model) || !IN_BF16.is_on() {
@@ -274,6 +274,7 @@ pub fn hold_qlora_adapters_in_bf16<B: AutodiffBackend>(model: CausalLm<B>, singl
     }
     model
 }
+
 /// The first token id at or past `vocab_size` in `examples`, with the example's index.
 fn out_of_vocab<T: Task>(task: &T, examples: &[T::Example], vocab_size: usize) -> Option<(usize, u32)> {
     examples.iter().enumerate().find_map(|(i, e)| {
@@ -493,7 +494,7 @@ pub fn train_with<B: AutodiffBackend, T: Task, S: Strategy>(
     if is_main && model.has_quantized_layers() && alignment_peft::has_lora(&model) && !lora_factors_in_bf16(&model) {
         eprintln!(
             "note: QLoRA: the adapters train in f32 (TRL holds a quantized model's in bf16; here that takes bf16: true on a \
-             backend with bf16 arithmetic, one process)"
+             backend with bf16 arithmetic, one process, and ALIGNMENT_QLORA_ADAPTERS_IN_BF16 not 0)"
         );
     }
     // Steps replayed from a captured one, one process only (collectives are not captured).
