@@ -1112,28 +1112,19 @@ fn nccl_check() -> Result<(), String> {
     // The data-parallel step's device route (alignment_trainer::cuda_collectives on burn-cuda,
     // tch_collectives on libtorch): NCCL on the tensors' own buffers.
     #[cfg(feature = "cuda")]
-    {
-        use alignment_trainer::cuda_collectives as route;
-        let routes = DeviceRoutes::<alignment_core::backend::Gpu> {
-            all_reduce_sum: route::all_reduce_sum,
-            reduce_scatter_sum: route::reduce_scatter_sum,
-            all_gather: route::all_gather,
-            broadcast: route::broadcast,
-        };
-        results.extend(device_route_checks(&mut nccl, &values, &Default::default(), "device", routes)?);
-    }
+    results.extend(device_route_checks::<alignment_trainer::cuda_collectives::CubeBuffers>(
+        &mut nccl,
+        &values,
+        &Default::default(),
+        "device",
+    )?);
     #[cfg(feature = "tch")]
-    {
-        use alignment_trainer::tch_collectives as route;
-        use burn::backend::libtorch::{LibTorch, LibTorchDevice};
-        let routes = DeviceRoutes::<LibTorch<f32>> {
-            all_reduce_sum: route::all_reduce_sum,
-            reduce_scatter_sum: route::reduce_scatter_sum,
-            all_gather: route::all_gather,
-            broadcast: route::broadcast,
-        };
-        results.extend(device_route_checks(&mut nccl, &values, &LibTorchDevice::Cuda(0), "torch", routes)?);
-    }
+    results.extend(device_route_checks::<alignment_trainer::tch_collectives::TorchBuffers>(
+        &mut nccl,
+        &values,
+        &burn::backend::libtorch::LibTorchDevice::Cuda(0),
+        "torch",
+    )?);
     nccl.barrier().map_err(|e| e.to_string())?;
     for (op, same) in &results {
         println!("nccl {op:<26} {}", if *same { "equal to one process" } else { "DIFFERS" });
@@ -1146,59 +1137,37 @@ fn nccl_check() -> Result<(), String> {
     }
 }
 
-/// One backend's device route of the data-parallel collectives (`cuda_collectives` or
-/// `tch_collectives`), as function pointers.
+/// The data-parallel collectives' device route on `R`'s buffers
+/// (`alignment_trainer::device_collectives`) at world size 1 on `device`, where every collective
+/// gives its input back: checks the buffer addresses (a view 3 values into its buffer among
+/// them), the padding and the synchronisation with the backend's kernels, each result named
+/// `"{name} {collective}"`.
 #[cfg(any(feature = "cuda", feature = "tch"))]
-struct DeviceRoutes<B: Backend> {
-    all_reduce_sum: Collective<B>,
-    reduce_scatter_sum: ShardCollective<B>,
-    all_gather: ShardCollective<B>,
-    broadcast: RootCollective<B>,
-}
-
-#[cfg(any(feature = "cuda", feature = "tch"))]
-type Declined<B> = Result<Tensor<B, 1>, Tensor<B, 1>>;
-#[cfg(any(feature = "cuda", feature = "tch"))]
-type Collective<B> =
-    fn(&mut dyn alignment_distributed::Communicator, Tensor<B, 1>) -> Result<Declined<B>, alignment_distributed::DistError>;
-#[cfg(any(feature = "cuda", feature = "tch"))]
-type ShardCollective<B> = fn(
-    &mut dyn alignment_distributed::Communicator,
-    Tensor<B, 1>,
-    &alignment_distributed::ShardLayout,
-) -> Result<Declined<B>, alignment_distributed::DistError>;
-#[cfg(any(feature = "cuda", feature = "tch"))]
-type RootCollective<B> =
-    fn(&mut dyn alignment_distributed::Communicator, Tensor<B, 1>, usize) -> Result<Declined<B>, alignment_distributed::DistError>;
-
-/// `routes` at world size 1 on `device`, where every collective gives its input back: checks the
-/// buffer addresses (a view 3 values into its buffer among them), the padding and the
-/// synchronisation with the backend's kernels, each result named `"{name} {collective}"`.
-#[cfg(any(feature = "cuda", feature = "tch"))]
-fn device_route_checks<B: Backend>(
+fn device_route_checks<R: alignment_trainer::device_collectives::NcclBuffers>(
     nccl: &mut alignment_distributed::NcclCommunicator,
     values: &[f32],
-    device: &B::Device,
+    device: &burn::tensor::Device<R::Gpu>,
     name: &str,
-    routes: DeviceRoutes<B>,
 ) -> Result<Vec<(String, bool)>, String> {
     use alignment_distributed::ShardLayout;
+    use alignment_trainer::device_collectives as route;
     use burn::tensor::TensorData;
-    let whole = Tensor::<B, 1>::from_data(TensorData::new(values.to_vec(), [values.len()]), device);
+    type B<R> = <R as alignment_trainer::device_collectives::NcclBuffers>::Gpu;
+    let whole = Tensor::<B<R>, 1>::from_data(TensorData::new(values.to_vec(), [values.len()]), device);
     // Queued work the collectives must wait for: the view is computed, not uploaded.
     let view = (whole * 2.0).narrow(0, 3, values.len() - 3) * 0.5;
     let expected = &values[3..];
     let layout = ShardLayout::new(expected.len(), 1);
-    let read = |t: Tensor<B, 1>| t.into_data().convert::<f32>().to_vec::<f32>().unwrap_or_default();
+    let read = |t: Tensor<B<R>, 1>| t.into_data().convert::<f32>().to_vec::<f32>().unwrap_or_default();
     let declined = |_| format!("the {name} route declined a CUDA tensor on an NCCL communicator");
     let mut results = Vec::new();
-    let sum = (routes.all_reduce_sum)(nccl, view.clone()).map_err(|e| e.to_string())?.map_err(declined)?;
+    let sum = route::all_reduce_sum::<R, B<R>>(nccl, view.clone()).map_err(|e| e.to_string())?.map_err(declined)?;
     results.push((format!("{name} all_reduce_sum"), read(sum) == expected));
-    let shard = (routes.reduce_scatter_sum)(nccl, view.clone(), &layout).map_err(|e| e.to_string())?.map_err(declined)?;
+    let shard = route::reduce_scatter_sum::<R, B<R>>(nccl, view.clone(), &layout).map_err(|e| e.to_string())?.map_err(declined)?;
     results.push((format!("{name} reduce_scatter"), read(shard) == expected));
-    let gathered = (routes.all_gather)(nccl, view.clone(), &layout).map_err(|e| e.to_string())?.map_err(declined)?;
+    let gathered = route::all_gather::<R, B<R>>(nccl, view.clone(), &layout).map_err(|e| e.to_string())?.map_err(declined)?;
     results.push((format!("{name} all_gather"), read(gathered) == expected));
-    let copied = (routes.broadcast)(nccl, view.clone(), 0).map_err(|e| e.to_string())?.map_err(declined)?;
+    let copied = route::broadcast::<R, B<R>>(nccl, view.clone(), 0).map_err(|e| e.to_string())?.map_err(declined)?;
     results.push((format!("{name} broadcast"), read(copied) == expected));
     results.push((format!("{name} input untouched"), read(view) == expected));
     Ok(results)

@@ -92,7 +92,7 @@ pub fn write_adapter<B: Backend>(
 
 /// Whether every adapter factor of `model` is held in bf16 (QLoRA's adapters under TRL's cast,
 /// [`crate::hold_trainable_in`]).
-fn adapter_factors_in_bf16<B: Backend>(model: &CausalLm<B>) -> bool {
+pub fn adapter_factors_in_bf16<B: Backend>(model: &CausalLm<B>) -> bool {
     let adapters: Vec<_> = linear_layers(model).into_iter().filter_map(|(_, lin)| lin.lora.as_ref()).collect();
     !adapters.is_empty()
         && adapters.iter().all(|lora| [lora.a.val().dtype(), lora.b.val().dtype()].iter().all(|&d| d == burn::tensor::DType::BF16))

@@ -30,7 +30,8 @@ pub mod qlora;
 pub mod saved_modules;
 
 pub use adapter::{
-    load_adapter, read_adapter_base_model, read_adapter_config, save_adapter, write_adapter, ADAPTER_CONFIG, ADAPTER_WEIGHTS,
+    adapter_factors_in_bf16, load_adapter, read_adapter_base_model, read_adapter_config, save_adapter, write_adapter, ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
 };
 pub use config::{LoraConfig, TargetModules, ALL_LINEAR};
 pub use error::PeftError;

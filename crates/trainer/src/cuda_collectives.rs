@@ -6,14 +6,11 @@
 //! have finished, whatever streams CubeCL used), NCCL runs on the communicator's stream, and
 //! the call returns once NCCL has finished, so the kernels queued next see the result.
 //!
-//! Public for `bench_train nccl`, which runs them at world size 1 on one GPU (where
-//! [`crate::tensor_collectives`] would take the identity) against the values they must give;
-//! compiled here, run only where there are GPUs (issue #12).
+//! Public for `bench_train nccl` (see [`crate::device_collectives`]).
 
-pub use crate::device_collectives::Declined;
-use crate::device_collectives::{self as route, NcclBuffers};
+use crate::device_collectives::NcclBuffers;
 use alignment_core::backend::{downcast, retype, Gpu};
-use alignment_distributed::{Communicator, DistError, NcclCommunicator, ShardLayout};
+use alignment_distributed::{Communicator, DistError, NcclCommunicator};
 use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Tensor, TensorPrimitive};
 use burn_cubecl::CubeBackend;
@@ -23,7 +20,7 @@ use cubecl::cuda::CudaRuntime;
 type Cube = CubeBackend<CudaRuntime, f32, i32, u8>;
 
 /// burn-cuda's buffers, lent to NCCL.
-pub(crate) struct CubeBuffers;
+pub struct CubeBuffers;
 
 impl NcclBuffers for CubeBuffers {
     type Gpu = Gpu;
@@ -50,30 +47,6 @@ impl NcclBuffers for CubeBuffers {
         call(nccl, send_pointer.address, recv_pointer.address)?;
         Ok(recv)
     }
-}
-
-/// [`crate::tensor_collectives::all_reduce_sum`] on burn-cuda's buffers.
-pub fn all_reduce_sum<B: Backend>(comm: &mut dyn Communicator, buffer: Tensor<B, 1>) -> Result<Declined<B>, DistError> {
-    route::all_reduce_sum::<CubeBuffers, B>(comm, buffer)
-}
-
-/// [`crate::tensor_collectives::reduce_scatter_sum`] on burn-cuda's buffers.
-pub fn reduce_scatter_sum<B: Backend>(
-    comm: &mut dyn Communicator,
-    buffer: Tensor<B, 1>,
-    layout: &ShardLayout,
-) -> Result<Declined<B>, DistError> {
-    route::reduce_scatter_sum::<CubeBuffers, B>(comm, buffer, layout)
-}
-
-/// [`crate::tensor_collectives::all_gather`] on burn-cuda's buffers.
-pub fn all_gather<B: Backend>(comm: &mut dyn Communicator, shard: Tensor<B, 1>, layout: &ShardLayout) -> Result<Declined<B>, DistError> {
-    route::all_gather::<CubeBuffers, B>(comm, shard, layout)
-}
-
-/// [`crate::tensor_collectives::broadcast`] on burn-cuda's buffers.
-pub fn broadcast<B: Backend>(comm: &mut dyn Communicator, buffer: Tensor<B, 1>, root: usize) -> Result<Declined<B>, DistError> {
-    route::broadcast::<CubeBuffers, B>(comm, buffer, root)
 }
 
 /// The raw CUDA address of a tensor's buffer, and what keeps that buffer allocated.

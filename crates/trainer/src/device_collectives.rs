@@ -11,7 +11,9 @@
 //!
 //! Each function gives the buffer back (`Ok(Err(buffer))`) when the route does not apply: the
 //! communicator is not NCCL's, or the tensor is not an f32 tensor of the backend on the
-//! communicator's GPU.
+//! communicator's GPU. Public for `bench_train nccl`, which runs each backend's route at world
+//! size 1 on one GPU (where [`crate::tensor_collectives`] would take the identity) against the
+//! values it must give; compiled here, run only where there are GPUs (issue #12).
 
 use alignment_distributed::{Communicator, DistError, NcclCommunicator, ShardLayout};
 use burn::tensor::backend::Backend;
@@ -21,7 +23,7 @@ use burn::tensor::Tensor;
 pub type Declined<B> = Result<Tensor<B, 1>, Tensor<B, 1>>;
 
 /// A GPU backend whose f32 buffers NCCL can read and write in place.
-pub(crate) trait NcclBuffers {
+pub trait NcclBuffers {
     /// The backend whose tensors this route takes.
     type Gpu: Backend;
 
@@ -51,10 +53,7 @@ fn applicable<R: NcclBuffers, B: Backend>(
 
 /// [`crate::tensor_collectives::all_reduce_sum`] on the device, into a new buffer (`buffer`'s
 /// may be shared: a reshaped gradient is a view of the gradient).
-pub(crate) fn all_reduce_sum<R: NcclBuffers, B: Backend>(
-    comm: &mut dyn Communicator,
-    buffer: Tensor<B, 1>,
-) -> Result<Declined<B>, DistError> {
+pub fn all_reduce_sum<R: NcclBuffers, B: Backend>(comm: &mut dyn Communicator, buffer: Tensor<B, 1>) -> Result<Declined<B>, DistError> {
     let (nccl, buffer) = match applicable::<R, B>(comm, buffer) {
         Ok(pair) => pair,
         Err(buffer) => return Ok(Err(buffer)),
@@ -66,7 +65,7 @@ pub(crate) fn all_reduce_sum<R: NcclBuffers, B: Backend>(
 }
 
 /// [`crate::tensor_collectives::reduce_scatter_sum`] on the device.
-pub(crate) fn reduce_scatter_sum<R: NcclBuffers, B: Backend>(
+pub fn reduce_scatter_sum<R: NcclBuffers, B: Backend>(
     comm: &mut dyn Communicator,
     buffer: Tensor<B, 1>,
     layout: &ShardLayout,
@@ -99,7 +98,7 @@ pub(crate) fn reduce_scatter_sum<R: NcclBuffers, B: Backend>(
 }
 
 /// [`crate::tensor_collectives::all_gather`] on the device.
-pub(crate) fn all_gather<R: NcclBuffers, B: Backend>(
+pub fn all_gather<R: NcclBuffers, B: Backend>(
     comm: &mut dyn Communicator,
     shard: Tensor<B, 1>,
     layout: &ShardLayout,
@@ -122,7 +121,7 @@ pub(crate) fn all_gather<R: NcclBuffers, B: Backend>(
 }
 
 /// [`crate::tensor_collectives::broadcast`] on the device, into a new buffer.
-pub(crate) fn broadcast<R: NcclBuffers, B: Backend>(
+pub fn broadcast<R: NcclBuffers, B: Backend>(
     comm: &mut dyn Communicator,
     buffer: Tensor<B, 1>,
     root: usize,

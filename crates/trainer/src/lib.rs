@@ -21,7 +21,7 @@ mod cpu_adamw;
 pub mod cuda_collectives;
 pub mod data_parallel;
 #[cfg(any(feature = "cuda", feature = "tch"))]
-mod device_collectives;
+pub mod device_collectives;
 #[cfg_attr(not(feature = "tch"), path = "graph_steps_unavailable.rs")]
 pub mod graph_steps;
 pub mod logging;

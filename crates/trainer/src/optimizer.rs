@@ -313,9 +313,8 @@ impl<AD: AutodiffBackend> ModuleMapper<AD> for Update<'_, AD> {
         // holds them) is updated in f32, as torch's fused AdamW computes, and stored back in its
         // type; AdamW's moments are kept in that type too (`zeros_like(p)` in torch), the 8-bit
         // and RMSprop states as they are.
-        let stored = tensor.dtype();
+        let stored: FloatDType = tensor.dtype().into();
         let float = float_type::<AD::InnerBackend>();
-        let narrow = stored != burn::tensor::DType::from(float);
         let (p, grad) = (cast_to(tensor.inner(), float), cast_to(grad, float));
         let device = p.device();
         let clipped = |grad: Tensor<AD::InnerBackend, D>| -> Tensor<AD::InnerBackend, 1> {
@@ -343,7 +342,7 @@ impl<AD: AutodiffBackend> ModuleMapper<AD> for Update<'_, AD> {
                     (_, Some(clip)) => crate::adamw_kernel::update(p, grad, clip.clone(), moments, &scalars),
                     _ => adamw_on_tensors(p, clipped(grad), moments, &scalars, &[]),
                 };
-                (p, Some(if narrow { moments.in_type(stored.into()) } else { moments }))
+                (p, Some(moments.in_type(stored)))
             }
             UpdateRule::RmsProp => {
                 const ALPHA: f64 = 0.99;
@@ -366,7 +365,7 @@ impl<AD: AutodiffBackend> ModuleMapper<AD> for Update<'_, AD> {
         if let Some(moments) = moments {
             self.optimizer.state.insert(path, moments);
         }
-        let p = if narrow { cast_to(p, stored.into()) } else { p };
+        let p = cast_to(p, stored);
         Param::from_mapped_value(id, with_grad(Tensor::from_inner(p), require_grad), mapper)
     }
 }

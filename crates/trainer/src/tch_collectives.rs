@@ -10,14 +10,11 @@
 //! next kernels see the result. Both tensors are held until then, so torch's caching allocator
 //! cannot hand their memory to anything else meanwhile.
 //!
-//! Public for `bench_train nccl`, which runs them at world size 1 on one GPU (where
-//! [`crate::tensor_collectives`] would take the identity) against the values they must give;
-//! compiled here, run only where there are GPUs (issue #12).
+//! Public for `bench_train nccl` (see [`crate::device_collectives`]).
 
-pub use crate::device_collectives::Declined;
-use crate::device_collectives::{self as route, NcclBuffers};
+use crate::device_collectives::NcclBuffers;
 use alignment_core::backend::{downcast, retype};
-use alignment_distributed::{Communicator, DistError, NcclCommunicator, ShardLayout};
+use alignment_distributed::{DistError, NcclCommunicator};
 use burn::backend::libtorch::{LibTorch, LibTorchDevice, TchTensor};
 use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Tensor, TensorPrimitive};
@@ -25,7 +22,7 @@ use burn::tensor::{DType, Tensor, TensorPrimitive};
 type Torch = LibTorch<f32>;
 
 /// libtorch's CUDA buffers, lent to NCCL.
-pub(crate) struct TorchBuffers;
+pub struct TorchBuffers;
 
 impl NcclBuffers for TorchBuffers {
     type Gpu = Torch;
@@ -52,28 +49,4 @@ impl NcclBuffers for TorchBuffers {
         call(nccl, send.data_ptr() as u64, recv.data_ptr() as u64)?;
         Ok(Tensor::from_primitive(TensorPrimitive::Float(TchTensor::new(recv))))
     }
-}
-
-/// [`crate::tensor_collectives::all_reduce_sum`] on libtorch's buffers.
-pub fn all_reduce_sum<B: Backend>(comm: &mut dyn Communicator, buffer: Tensor<B, 1>) -> Result<Declined<B>, DistError> {
-    route::all_reduce_sum::<TorchBuffers, B>(comm, buffer)
-}
-
-/// [`crate::tensor_collectives::reduce_scatter_sum`] on libtorch's buffers.
-pub fn reduce_scatter_sum<B: Backend>(
-    comm: &mut dyn Communicator,
-    buffer: Tensor<B, 1>,
-    layout: &ShardLayout,
-) -> Result<Declined<B>, DistError> {
-    route::reduce_scatter_sum::<TorchBuffers, B>(comm, buffer, layout)
-}
-
-/// [`crate::tensor_collectives::all_gather`] on libtorch's buffers.
-pub fn all_gather<B: Backend>(comm: &mut dyn Communicator, shard: Tensor<B, 1>, layout: &ShardLayout) -> Result<Declined<B>, DistError> {
-    route::all_gather::<TorchBuffers, B>(comm, shard, layout)
-}
-
-/// [`crate::tensor_collectives::broadcast`] on libtorch's buffers.
-pub fn broadcast<B: Backend>(comm: &mut dyn Communicator, buffer: Tensor<B, 1>, root: usize) -> Result<Declined<B>, DistError> {
-    route::broadcast::<TorchBuffers, B>(comm, buffer, root)
 }

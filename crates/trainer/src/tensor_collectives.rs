@@ -12,6 +12,12 @@
 //! The host route is what the CPU backend does anyway (its device is the host); on a GPU it is
 //! the fallback that keeps every transport working.
 
+#[cfg(feature = "cuda")]
+use crate::cuda_collectives::CubeBuffers;
+#[cfg(any(feature = "cuda", feature = "tch"))]
+use crate::device_collectives as device;
+#[cfg(feature = "tch")]
+use crate::tch_collectives::TorchBuffers;
 use alignment_distributed::{Communicator, DistError, ShardLayout};
 use burn::tensor::backend::Backend;
 use burn::tensor::{Tensor, TensorData};
@@ -22,12 +28,12 @@ pub(crate) fn all_reduce_sum<B: Backend>(comm: &mut dyn Communicator, buffer: Te
         return Ok(buffer);
     }
     #[cfg(feature = "cuda")]
-    let buffer = match crate::cuda_collectives::all_reduce_sum(comm, buffer)? {
+    let buffer = match device::all_reduce_sum::<CubeBuffers, B>(comm, buffer)? {
         Ok(reduced) => return Ok(reduced),
         Err(buffer) => buffer,
     };
     #[cfg(feature = "tch")]
-    let buffer = match crate::tch_collectives::all_reduce_sum(comm, buffer)? {
+    let buffer = match device::all_reduce_sum::<TorchBuffers, B>(comm, buffer)? {
         Ok(reduced) => return Ok(reduced),
         Err(buffer) => buffer,
     };
@@ -48,12 +54,12 @@ pub(crate) fn reduce_scatter_sum<B: Backend>(
         return Ok(buffer);
     }
     #[cfg(feature = "cuda")]
-    let buffer = match crate::cuda_collectives::reduce_scatter_sum(comm, buffer, layout)? {
+    let buffer = match device::reduce_scatter_sum::<CubeBuffers, B>(comm, buffer, layout)? {
         Ok(shard) => return Ok(shard),
         Err(buffer) => buffer,
     };
     #[cfg(feature = "tch")]
-    let buffer = match crate::tch_collectives::reduce_scatter_sum(comm, buffer, layout)? {
+    let buffer = match device::reduce_scatter_sum::<TorchBuffers, B>(comm, buffer, layout)? {
         Ok(shard) => return Ok(shard),
         Err(buffer) => buffer,
     };
@@ -70,12 +76,12 @@ pub(crate) fn all_gather<B: Backend>(
         return Ok(shard);
     }
     #[cfg(feature = "cuda")]
-    let shard = match crate::cuda_collectives::all_gather(comm, shard, layout)? {
+    let shard = match device::all_gather::<CubeBuffers, B>(comm, shard, layout)? {
         Ok(whole) => return Ok(whole),
         Err(shard) => shard,
     };
     #[cfg(feature = "tch")]
-    let shard = match crate::tch_collectives::all_gather(comm, shard, layout)? {
+    let shard = match device::all_gather::<TorchBuffers, B>(comm, shard, layout)? {
         Ok(whole) => return Ok(whole),
         Err(shard) => shard,
     };
@@ -88,12 +94,12 @@ pub(crate) fn broadcast<B: Backend>(comm: &mut dyn Communicator, buffer: Tensor<
         return Ok(buffer);
     }
     #[cfg(feature = "cuda")]
-    let buffer = match crate::cuda_collectives::broadcast(comm, buffer, root)? {
+    let buffer = match device::broadcast::<CubeBuffers, B>(comm, buffer, root)? {
         Ok(copied) => return Ok(copied),
         Err(buffer) => buffer,
     };
     #[cfg(feature = "tch")]
-    let buffer = match crate::tch_collectives::broadcast(comm, buffer, root)? {
+    let buffer = match device::broadcast::<TorchBuffers, B>(comm, buffer, root)? {
         Ok(copied) => return Ok(copied),
         Err(buffer) => buffer,
     };

@@ -242,14 +242,6 @@ fn data_hash<T: Task>(task: &T, examples: &[T::Example]) -> String {
     hasher.finalize().iter().take(8).map(|b| format!("{b:02x}")).collect()
 }
 
-/// Whether every LoRA factor of `model` is held in bf16 (`hold_qlora_adapters_in_bf16` acted).
-fn lora_factors_in_bf16<B: burn::tensor::backend::Backend>(model: &CausalLm<B>) -> bool {
-    alignment_peft::lora::linear_layers(model)
-        .iter()
-        .filter_map(|(_, lin)| lin.lora.as_ref())
-        .all(|lora| [lora.a.val().dtype(), lora.b.val().dtype()].iter().all(|&d| d == burn::tensor::DType::BF16))
-}
-
 /// A QLoRA model's trainable parameters held in bf16, as TRL 1.16's SFT and DPO trainers hold a
 /// quantized model's (`alignment_peft::hold_trainable_in`: adapters and `modules_to_save`, not
 /// DoRA's magnitudes), so its gradients and AdamW moments are bf16 too: called where the products
@@ -259,10 +251,7 @@ fn lora_factors_in_bf16<B: burn::tensor::backend::Backend>(model: &CausalLm<B>) 
 /// returned as it is.
 pub fn hold_qlora_adapters_in_bf16<B: AutodiffBackend>(model: CausalLm<B>, single_process: bool, is_main: bool) -> CausalLm<B> {
     static IN_BF16: alignment_core::env_switch::EnvSwitch = alignment_core::env_switch::EnvSwitch::new("ALIGNMENT_QLORA_ADAPTERS_IN_BF16");
-    if !model.has_quantized_layers() || !alignment_peft::has_lora(&model) || !IN_BF16.is_on() {
-        return model;
-    }
-    if !single_process {
+    if !single_process || !model.has_quantized_layers() || !alignment_peft::has_lora(&model) || !IN_BF16.is_on() {
         return model;
     }
     let (model, values) = alignment_peft::hold_trainable_in(model, FloatDType::BF16);
@@ -491,7 +480,7 @@ pub fn train_with<B: AutodiffBackend, T: Task, S: Strategy>(
     } else if launcher_precision == "fp16" && is_main {
         eprintln!("note: mixed_precision: fp16 (accelerate config) is not implemented; training computes in f32 (use bf16)");
     }
-    if is_main && model.has_quantized_layers() && alignment_peft::has_lora(&model) && !lora_factors_in_bf16(&model) {
+    if is_main && model.has_quantized_layers() && alignment_peft::has_lora(&model) && !alignment_peft::adapter_factors_in_bf16(&model) {
         eprintln!(
             "note: QLoRA: the adapters train in f32 (TRL holds a quantized model's in bf16; here that takes bf16: true on a \
              backend with bf16 arithmetic, one process, and ALIGNMENT_QLORA_ADAPTERS_IN_BF16 not 0)"
