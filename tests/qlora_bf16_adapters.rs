@@ -8,18 +8,23 @@
 
 #![cfg(feature = "tch")]
 
+/// The trainer's loop-test helpers (`examples`: the same sequences its own tests train on).
+#[path = "../crates/trainer/tests/common/mod.rs"]
+mod trainer_common;
+
 use alignment_handbook::core::backend::{Torch, TorchAutodiff};
 use alignment_handbook::models::{load_pretrained, CausalLm};
 use alignment_handbook::objectives::Reduction;
 use alignment_handbook::peft::{apply_lora, hold_trainable_in, load_pretrained_4bit, LoraConfig, QuantConfig, TargetModules};
 use alignment_handbook::trainer::optimizer::{AdamW, AdamWConfig, UpdateRule};
 use alignment_handbook::trainer::tasks::SftTask;
-use alignment_handbook::trainer::{train, AdapterOutput, Collation, Recipe, Sequence, TrainerConfig, IGNORE_INDEX};
+use alignment_handbook::trainer::{train, AdapterOutput, Collation, Recipe, TrainerConfig};
 use burn::module::{Module, ModuleVisitor, Param};
 use burn::optim::GradientsParams;
 use burn::tensor::{DType, FloatDType, Tensor, TensorData};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use trainer_common::examples;
 
 fn fixture() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("crates/models/tests/fixtures/tiny-llama")
@@ -148,18 +153,6 @@ fn tch_bf16_parameters_take_the_f32_update_rounded() {
     }
 }
 
-/// 16 sequences of 6..=17 tokens, the first third of each unlabelled.
-fn examples() -> Vec<Sequence> {
-    (0..16u32)
-        .map(|i| {
-            let len = 6 + (i as usize * 5) % 12;
-            let ids: Vec<u32> = (0..len as u32).map(|t| (i * 37 + t * 11 + 3) % 256).collect();
-            let labels = ids.iter().enumerate().map(|(t, &id)| if t < len / 3 { IGNORE_INDEX } else { id as i64 }).collect();
-            Sequence::new(ids, labels)
-        })
-        .collect()
-}
-
 /// `bf16: true`, `max_steps` updates of 4 sequences, a checkpoint every 3, adapters of `lora`.
 fn config(output_dir: &Path, resume_from: Option<&Path>, lora: LoraConfig, max_steps: usize) -> TrainerConfig {
     let recipe = Recipe::from_yaml_str(
@@ -286,7 +279,7 @@ fn tch_adapters_train_and_save_in_the_types_trls_trainers_give_them() {
         let tmp = tempfile::tempdir().unwrap();
         let out = tmp.path().join(case);
         let (trained, outcome) =
-            train(lora_model(quantized, &config), &sft(), &examples(), &[], &self::config(&out, None, config, 2), &Default::default())
+            train(lora_model(quantized, &config), &sft(), &examples(16), &[], &self::config(&out, None, config, 2), &Default::default())
                 .unwrap();
         let run_losses = losses(&outcome.history);
         assert!(run_losses.len() == 2 && run_losses.iter().all(|(_, l)| l.is_finite()), "{case}: {run_losses:?}");
@@ -302,7 +295,7 @@ fn tch_adapters_train_and_save_in_the_types_trls_trainers_give_them() {
 #[test]
 fn tch_qlora_adapters_in_bf16_resume_exactly() {
     let tmp = tempfile::tempdir().unwrap();
-    let data = examples();
+    let data = examples(16);
     let full_dir = tmp.path().join("full");
     let (_, full) = train(qlora_model(), &sft(), &data, &[], &config(&full_dir, None, lora(), 6), &Default::default()).unwrap();
     let full_losses = losses(&full.history);

@@ -6,4 +6,7 @@ mod common;
 mod nf4;
 mod peft_parity;
 mod qlora;
+/// The trainer's loop-test helpers (`examples`: the same sequences its own tests train on).
+#[path = "../../trainer/tests/common/mod.rs"]
+mod trainer_common;
 mod training;

@@ -4,28 +4,17 @@
 //! transformers model, the logits it gives here.
 
 use crate::common;
+use crate::trainer_common::examples;
 
 use alignment_core::backend::{Cpu, CpuAutodiff};
 use alignment_models::CausalLm;
 use alignment_objectives::Reduction;
 use alignment_peft::{apply_lora, load_adapter, load_pretrained_4bit, LoraConfig, QuantConfig, TargetModules};
 use alignment_trainer::tasks::SftTask;
-use alignment_trainer::{train, AdapterOutput, Collation, Recipe, Sequence, TrainOutcome, TrainerConfig, IGNORE_INDEX};
+use alignment_trainer::{train, AdapterOutput, Collation, Recipe, TrainOutcome, TrainerConfig};
 use burn::tensor::Tensor;
 use common::*;
 use std::path::{Path, PathBuf};
-
-/// 16 sequences of 6..=17 tokens, the first third of each unlabelled.
-fn examples() -> Vec<Sequence> {
-    (0..16u32)
-        .map(|i| {
-            let len = 6 + (i as usize * 5) % 12;
-            let ids: Vec<u32> = (0..len as u32).map(|t| (i * 37 + t * 11 + 3) % 256).collect();
-            let labels = ids.iter().enumerate().map(|(t, &id)| if t < len / 3 { IGNORE_INDEX } else { id as i64 }).collect();
-            Sequence::new(ids, labels)
-        })
-        .collect()
-}
 
 fn lora() -> LoraConfig {
     LoraConfig::new(4, 8.0, TargetModules::AllLinear)
@@ -98,7 +87,7 @@ fn assert_peft_gives_the_logits_of(trained: &CausalLm<Cpu>, adapter_dir: &Path, 
 fn qlora_trains_saves_adapters_and_resumes_exactly() {
     let tmp = tempfile::tempdir().unwrap();
     let task = SftTask { reduction: Reduction::Mean, collation: Collation::pad_with(0), name: "sft" };
-    let data = examples();
+    let data = examples(16);
     let full_dir = tmp.path().join("full");
     let (_, full) = train(qlora_model(), &task, &data, &[], &config(&full_dir, None), &Default::default()).unwrap();
     let full_losses = losses(&full.history);
@@ -131,7 +120,7 @@ fn an_adapter_trained_here_gives_the_same_logits_in_peft() {
     let output = tmp.path().join("out");
     let mut config = config(&output, None);
     config.save = alignment_trainer::train::SaveStrategy::No;
-    train(model, &task, &examples(), &[], &config, &Default::default()).unwrap();
+    train(model, &task, &examples(16), &[], &config, &Default::default()).unwrap();
 
     let r = reference("tiny-llama-lora");
     let batch = reference_batch(&r);
@@ -156,7 +145,7 @@ fn disable_dropout_trains_the_adapters_without_their_dropout() {
         config.save = alignment_trainer::train::SaveStrategy::No;
         config.disable_dropout = disable_dropout;
         config.adapter.as_mut().unwrap().lora.dropout = dropout;
-        let (_, outcome) = train(apply_lora(base, &lora, 0).unwrap(), &task, &examples(), &[], &config, &Default::default()).unwrap();
+        let (_, outcome) = train(apply_lora(base, &lora, 0).unwrap(), &task, &examples(16), &[], &config, &Default::default()).unwrap();
         let saved: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(output.join("adapter_config.json")).unwrap()).unwrap();
         (losses(&outcome.history), saved["lora_dropout"].as_f64().unwrap())
     };
@@ -184,7 +173,7 @@ fn saved_modules_train_beside_the_adapters_resume_exactly_and_load_in_peft() {
         config
     };
     let full_dir = tmp.path().join("full");
-    let (_, full) = train(model(), &task, &examples(), &[], &config(&full_dir, None), &Default::default()).unwrap();
+    let (_, full) = train(model(), &task, &examples(16), &[], &config(&full_dir, None), &Default::default()).unwrap();
     let full_losses = losses(&full.history);
     assert_eq!(full_losses.len(), 6);
 
@@ -210,7 +199,7 @@ fn saved_modules_train_beside_the_adapters_resume_exactly_and_load_in_peft() {
     // Resumed from the step-3 checkpoint: the same losses and the same final adapter file.
     let resumed_dir = tmp.path().join("resumed");
     let checkpoint = copy_step_3_checkpoint(&full_dir, &resumed_dir);
-    let (_, resumed) = train(model(), &task, &examples(), &[], &config(&resumed_dir, Some(&checkpoint)), &Default::default()).unwrap();
+    let (_, resumed) = train(model(), &task, &examples(16), &[], &config(&resumed_dir, Some(&checkpoint)), &Default::default()).unwrap();
     assert_resumed_exactly(&full_dir, &full_losses, &resumed_dir, &resumed);
     assert_peft_gives_the_logits_of(&trained, &full_dir, "trained adapter with saved modules");
 }
@@ -231,7 +220,7 @@ fn dora_trains_resumes_exactly_and_loads_in_peft() {
         config
     };
     let full_dir = tmp.path().join("full");
-    let (_, full) = train(dense(), &task, &examples(), &[], &config(&full_dir, None), &Default::default()).unwrap();
+    let (_, full) = train(dense(), &task, &examples(16), &[], &config(&full_dir, None), &Default::default()).unwrap();
     let full_losses = losses(&full.history);
     assert!(full_losses[5].1 < full_losses[0].1 - 0.05, "loss should fall: {full_losses:?}");
     let names = optimizer_state_names(&full_dir.join("checkpoint-3"));
@@ -239,7 +228,7 @@ fn dora_trains_resumes_exactly_and_loads_in_peft() {
 
     let resumed_dir = tmp.path().join("resumed");
     let checkpoint = copy_step_3_checkpoint(&full_dir, &resumed_dir);
-    let (_, resumed) = train(dense(), &task, &examples(), &[], &config(&resumed_dir, Some(&checkpoint)), &Default::default()).unwrap();
+    let (_, resumed) = train(dense(), &task, &examples(16), &[], &config(&resumed_dir, Some(&checkpoint)), &Default::default()).unwrap();
     assert_resumed_exactly(&full_dir, &full_losses, &resumed_dir, &resumed);
     let (trained, _) = load_adapter(load_base("tiny-llama"), &full_dir).unwrap();
     assert_peft_gives_the_logits_of(&trained, &full_dir, "trained DoRA adapter");
@@ -249,7 +238,7 @@ fn dora_trains_resumes_exactly_and_loads_in_peft() {
         apply_lora(base, &lora, 0).unwrap()
     };
     let qlora_dir = tmp.path().join("qlora");
-    let (_, qlora) = train(quantized(), &task, &examples(), &[], &config(&qlora_dir, None), &Default::default()).unwrap();
+    let (_, qlora) = train(quantized(), &task, &examples(16), &[], &config(&qlora_dir, None), &Default::default()).unwrap();
     let qlora_losses = losses(&qlora.history);
     assert!(qlora_losses[5].1 < qlora_losses[0].1 - 0.05, "QLoRA + DoRA loss should fall: {qlora_losses:?}");
 }

@@ -1,4 +1,6 @@
-//! Helpers shared by the trainer's tests that run the loop (resume.rs, data_parallel.rs, adam8bit_training.rs).
+//! Helpers shared by the trainer's tests that run the loop (resume.rs, data_parallel.rs, adam8bit_training.rs), and
+//! by the tests elsewhere that train on the same sequences (`#[path]` modules: alignment-peft's training.rs, the
+//! root's qlora_bf16_adapters.rs).
 
 #![allow(dead_code)]
 
