@@ -44,14 +44,14 @@ char* alignment_global_norm(at::Tensor** tensors, size_t n, at::Tensor** norm) {
 // One AdamW update of `n` parameters with one weight decay: `params`, `exp_avgs` and
 // `exp_avg_sqs` are updated in place (the moments may be flat: they are viewed with each
 // parameter's sizes; each parameter's moments are of its type). Parameters of different types
-// (f32, and bf16 adapters) are updated by one kernel call per type, as `torch.optim.AdamW`
-// groups them: the kernel computes in f32 and stores each tensor in its own type. Each gradient is divided by `grad_scale` (a `[1]` f32 tensor; nullptr for
-// none) first, and the kernel writes the divided gradient back, so the gradients must belong to
-// nobody else. The step count `step` (this update's, counted from 1) and the learning rate `lr`
-// are f32 tensors on the parameters' device, read by the kernel there, as `torch.optim.AdamW(
-// fused=True, capturable=True)` passes them: a step replayed as a CUDA graph then reads each
-// step's values, where numbers would be baked into the graph at capture. Returns nullptr, or an
-// error message the caller frees with `free`.
+// (f32, and bf16 adapters) are updated by one kernel call per type, as `torch.optim.AdamW` groups
+// them: the kernel computes in f32 and stores each tensor in its own type. Each gradient is
+// divided by `grad_scale` (a `[1]` f32 tensor; nullptr for none) first, and the kernel writes the
+// divided gradient back, so the gradients must belong to nobody else. The step count `step` (this
+// update's, counted from 1) and the learning rate `lr` are f32 tensors on the parameters' device,
+// read by the kernel there, as `torch.optim.AdamW(fused=True, capturable=True)` passes them: a
+// step replayed as a CUDA graph then reads each step's values, where numbers would be baked into
+// the graph at capture. Returns nullptr, or an error message the caller frees with `free`.
 char* alignment_fused_adamw(at::Tensor** params, at::Tensor** grads, at::Tensor** exp_avgs, at::Tensor** exp_avg_sqs,
                             size_t n, at::Tensor* grad_scale, at::Tensor* step, at::Tensor* lr, double beta1,
                             double beta2, double weight_decay, double eps) {
