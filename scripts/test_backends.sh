@@ -15,29 +15,32 @@
 # what replaying a step as a CUDA graph asks (cuda_graph_ready), and
 # the data-parallel tests in a `tch` build (the trainer's `data_parallel`: ranks on torch's CPU
 # connect over TCP; on GPUs they would take NCCL).
-# `wgpu`: the whole training-step check (tests/backend_check.rs) on burn's WebGPU backend.
+# `wgpu`: the whole training-step check (tests/backend_check.rs) on burn's WebGPU backend, whose
+# products take the route of burn-cuda's (core::gemm; a plain kernel in cuBLAS's place).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 features="${1:?usage: test_backends.sh tch,wgpu | tch | wgpu}"
+# The same packages in every command: the selection decides which dev-dependencies' features
+# unify, and a command with another would rebuild crates the one before had built.
 packages=(-p alignment-core -p alignment-models -p alignment-objectives -p alignment-trainer -p alignment-handbook)
 tests() { cargo test "${packages[@]}" --features "$features" "$@"; }
 case ",$features," in *,tch,*) tch=1 ;; *) tch=0 ;; esac
 case ",$features," in *,wgpu,*) wgpu=1 ;; *) wgpu=0 ;; esac
 
 # Every target first, in one build: cargo compiles them side by side (built one command at a
-# time, each waited for the crates the one before had not needed).
-targets=(--test backend_check)
-[ "$tch" = 1 ] && targets+=(--lib --test offload_bf16 --test qlora_bf16_adapters --test cuda_graph_ready --test integration)
+# time, each waited for the crates the one before had not needed). backend_check and the
+# handbook's `tch` tests are modules of its `integration` binary; data_parallel of the trainer's.
+targets=(--test integration)
+[ "$tch" = 1 ] && targets+=(--lib)
 tests "${targets[@]}" --no-run
 
 if [ "$tch" = 1 ]; then
     tests --lib -- tch_ torch_storage
-    tests --test offload_bf16 --test qlora_bf16_adapters --test cuda_graph_ready
-    tests --test integration -- data_parallel
+    tests --test integration -- offload_bf16:: qlora_bf16_adapters:: cuda_graph_ready:: data_parallel::
 fi
 if [ "$wgpu" = 1 ]; then
     # All of it: the CPU cases, the wgpu ones and, with `tch`, torch's.
-    tests --test backend_check
+    tests --test integration -- backend_check::
 else
-    tests --test backend_check -- tch_
+    tests --test integration -- backend_check::tch_
 fi

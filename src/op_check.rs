@@ -10,7 +10,9 @@
 //! layout changes (the heads' `swap_dims`, the rotation's slices and concatenation, GQA's
 //! repetition), indexing (the embedding's `select`, the loss's `gather`, their backward
 //! `select_assign` and `scatter`), matrix products of the step's kinds (odd sizes included, as
-//! CubeCL picks kernels by size), the backward pass of each composite the model builds, and the
+//! CubeCL picks kernels by size) through the route the step's products take (`core::gemm`:
+//! cuBLAS on `cuda` unless `ALIGNMENT_CUBLAS=0` gives CubeCL's matmul back, its stand-in kernel
+//! on `wgpu`), the backward pass of each composite the model builds, and the
 //! optimizer's arithmetic as burn fuses it. Then this project's own paths through the entry
 //! points the model and the losses call (the products, the half-type products, RMSNorm, the
 //! rotation, attention causal and padded, the gated MLP, the loss's passes over the logits, and
@@ -27,6 +29,7 @@
 //! step gives them (f32 inputs, the half type inside where the step casts), so they run in the
 //! f32 pass only.
 
+use crate::core::gemm::matmul;
 use burn::tensor::activation;
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Bool, FloatDType, IndexingUpdateOp, Int, Tensor, TensorData};
@@ -299,22 +302,22 @@ fn operations<B: AutodiffBackend>() -> Vec<Op<B>> {
         }),
         op("matmul, linear x·Wᵀ (2 × 7 × 64 by 96 × 64)", |g| {
             let (x, w) = (g.float([2, 7, 64]), g.float([96, 64]));
-            read(x.matmul(w.transpose().unsqueeze::<3>()))
+            read(matmul(x, w.transpose().unsqueeze::<3>()))
         }),
         op("matmul, batched q·kᵀ (2 × 4 × 7 × 16)", |g| {
             let (q, k) = (g.float([2, 4, 7, 16]), g.float([2, 4, 7, 16]));
-            read(q.matmul(k.transpose()))
+            read(matmul(q, k.transpose()))
         }),
-        op("matmul, odd sizes (3 × 13 by 13 × 5)", |g| read(g.float([3, 13]).matmul(g.float([13, 5])))),
-        op("matmul, 256 × 320 by 320 × 192", |g| read(g.float([256, 320]).matmul(g.float([320, 192])))),
-        op("matmul, 512 × 2048 by 2048 × 256 (a long inner axis)", |g| read(g.float([512, 2048]).matmul(g.float([2048, 256])))),
+        op("matmul, odd sizes (3 × 13 by 13 × 5)", |g| read(matmul(g.float([3, 13]), g.float([13, 5])))),
+        op("matmul, 256 × 320 by 320 × 192", |g| read(matmul(g.float([256, 320]), g.float([320, 192])))),
+        op("matmul, 512 × 2048 by 2048 × 256 (a long inner axis)", |g| read(matmul(g.float([512, 2048]), g.float([2048, 256])))),
         op("matmul, Wᵀ-shaped gradient (64 × 14 by 14 × 96)", |g| {
             let (x, dy) = (g.float([14, 64]), g.float([14, 96]));
-            read(x.transpose().matmul(dy))
+            read(matmul(x.transpose(), dy))
         }),
         op("∂ linear, the weight broadcast over the batch", |g| {
             let (x, w) = (g.float([2, 7, 64]).require_grad(), g.float([1, 96, 64]).require_grad());
-            with_gradients(g, x.clone().matmul(w.clone().swap_dims(1, 2)), &[x, w])
+            with_gradients(g, matmul(x.clone(), w.clone().swap_dims(1, 2)), &[x, w])
         }),
         op("∂ softmax", |g| {
             let x = g.float([2, 4, 7, 7]).mul_scalar(4.0).require_grad();
@@ -342,8 +345,8 @@ fn operations<B: AutodiffBackend>() -> Vec<Op<B>> {
                 (g.float([2, 4, 7, 16]).require_grad(), g.float([2, 2, 7, 16]).require_grad(), g.float([2, 2, 7, 16]).require_grad());
             let mask = g.causal_mask(7).unsqueeze::<4>().expand([2, 4, 7, 7]);
             let (kr, vr) = (k.clone().repeat_dim(1, 2), v.clone().repeat_dim(1, 2));
-            let scores = q.clone().matmul(kr.transpose()).mul_scalar(0.25).mask_fill(mask, -1e9);
-            let out = activation::softmax(scores, 3).matmul(vr).swap_dims(1, 2).reshape([2, 7, 64]);
+            let scores = matmul(q.clone(), kr.transpose()).mul_scalar(0.25).mask_fill(mask, -1e9);
+            let out = matmul(activation::softmax(scores, 3), vr).swap_dims(1, 2).reshape([2, 7, 64]);
             with_gradients(g, out.reshape([2, 7, 4, 16]), &[q, k, v])
         }),
         op("∂ rotary embedding (rotate_half, cos, sin)", |g| {

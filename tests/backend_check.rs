@@ -528,25 +528,31 @@ fn wgpu_adamw_kernel_gives_the_cpus_update() {
 /// hands a product (burn's own views: transposed weights, transposed gradients, attention's
 /// heads, narrowed rows and columns), the plan made from the view's strides gives the product,
 /// reading in place where one call can, copying where it cannot, and leaving broadcast batches
-/// to burn; in f32 and f16. The reference is burn's matmul in f32 of the same operands: burn
-/// 0.21's own f16 matmul gave a wrong product here for one of these shapes (0.6 relative, after
-/// the f32 cases had run), which this kernel did not.
+/// to burn; in f32 and f16. The reference is the CPU backend's matmul in f32 of the same
+/// operands' values: burn 0.21's own f16 matmul on wgpu gave a wrong product here for one of
+/// these shapes (0.6 relative, after the f32 cases had run), which this kernel did not, and CubeCL's
+/// matmul kernels take seconds each to compile on lavapipe. Then the route every
+/// product of a step takes on `wgpu` (`core::gemm`) is this one.
 #[cfg(feature = "wgpu")]
 #[test]
-fn wgpu_products_by_plan_equal_burns_matmul() {
-    use alignment_handbook::core::backend::Wgpu;
+fn wgpu_products_by_plan_equal_the_cpus_matmul() {
+    use alignment_handbook::core::backend::{Cpu, Wgpu};
     use alignment_handbook::core::fused_product::{matmul_by_plan_on_wgpu, Operands};
     use burn::tensor::{Distribution, ElementConversion, Tensor};
     let device = burn::backend::wgpu::WgpuDevice::default();
+    assert!(alignment_handbook::core::gemm::has_own_gemm::<Wgpu>(), "the step's products on wgpu take the kernel");
+    assert_eq!(alignment_handbook::core::gemm::products_route::<Wgpu>(), "column-major kernel");
     fn compare<const D: usize>(name: &str, lhs: Tensor<Wgpu, D>, rhs: Tensor<Wgpu, D>, expected: Operands, tolerance: f32) {
+        let on_cpu = |t: &Tensor<Wgpu, D>| Tensor::<Cpu, D>::from_data(t.clone().cast(FloatDType::F32).into_data(), &Default::default());
+        let reference = on_cpu(&lhs).matmul(on_cpu(&rhs));
         let (product, operands) = matmul_by_plan_on_wgpu(lhs.clone(), rhs.clone());
         assert_eq!(product.dtype(), lhs.dtype(), "{name}: the product's type");
         assert_eq!(operands, expected, "{name}: how the operands were read");
-        let reference = lhs.cast(FloatDType::F32).matmul(rhs.cast(FloatDType::F32));
         assert_eq!(product.dims(), reference.dims(), "{name}: the product's shape");
+        let product = on_cpu(&product);
         let scale = reference.clone().abs().max().into_scalar().elem::<f32>();
-        let difference = (product.cast(FloatDType::F32) - reference).abs().max().into_scalar().elem::<f32>() / scale;
-        assert!(difference <= tolerance, "{name}: differs from burn's matmul by {difference:e} (relative)");
+        let difference = (product - reference).abs().max().into_scalar().elem::<f32>() / scale;
+        assert!(difference <= tolerance, "{name}: differs from the CPU's matmul by {difference:e} (relative)");
     }
     // f16: the products are rounded to f16 (2⁻¹¹ relative), the sums are f32 in both.
     for (dtype, tolerance) in [(FloatDType::F32, 1e-5), (FloatDType::F16, 1e-3)] {

@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 /// The example binary `name`, built beside this test: `cargo test` builds the examples with the
-/// tests; a lone `cargo test --test bad_input` builds a missing one here, but uses an existing one
+/// tests; a lone `cargo test --test integration bad_input::` builds a missing one here, but uses an existing one
 /// as it is (after changing the sources, `cargo build --examples` first).
 fn binary(name: &str) -> PathBuf {
     let exe = std::env::current_exe().unwrap();

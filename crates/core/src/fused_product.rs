@@ -1,6 +1,7 @@
 //! A matrix product computed outside burn's operations, on burn's fused CubeCL backends
 //! (`cuda`, `wgpu`): the seam `crate::cublas` runs cuBLAS through, and which CI exercises on
-//! `wgpu` (lavapipe) with a kernel of cuBLAS's semantics ([`matmul_by_plan_on_wgpu`]).
+//! `wgpu` (lavapipe) with a kernel of cuBLAS's semantics in cuBLAS's place: every product of a
+//! step there ([`float_matmul_on_wgpu`]), and each layout on its own ([`matmul_by_plan_on_wgpu`]).
 //!
 //! 1. The operands are resolved out of the fusion stream (which queues the kernels that produce
 //!    them), and copied contiguous only when one call cannot read their views in place
@@ -98,10 +99,44 @@ pub(crate) fn product_dims<R: CubeRuntime>(lhs: &CubeTensor<R>, rhs: &CubeTensor
     dims
 }
 
+/// Whether `B` is burn's `wgpu` backend, whose products [`crate::gemm`] routes through
+/// [`float_matmul_on_wgpu`] as it routes burn-cuda's through cuBLAS; `ALIGNMENT_CUBLAS=0` turns
+/// both routes off (CubeCL's matmul, e.g. to benchmark a real Vulkan device).
+#[cfg(feature = "wgpu")]
+pub(crate) fn applies_on_wgpu<B: burn::tensor::backend::Backend>() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    std::any::TypeId::of::<B>() == std::any::TypeId::of::<crate::backend::Wgpu>()
+        && *ON.get_or_init(|| std::env::var("ALIGNMENT_CUBLAS").as_deref() != Ok("0"))
+}
+
+/// `lhs · rhs` on burn's `wgpu` backend through the seam cuBLAS takes on burn-cuda, with the
+/// plain kernel of cuBLAS's semantics in its place (f32 and f16 operands of one type); the
+/// operands back otherwise. So CI runs the training step's products on lavapipe as the device
+/// runs them (the plans, the recorded steps of [`crate::gemm`], the registration into the fusion
+/// stream), and never compiles CubeCL's tiled matmul kernels there, whose compilation (every
+/// autotune candidate, each new shape) on lavapipe took most of the wgpu tests' 15 minutes
+/// (≈ 4 with this route).
+#[cfg(feature = "wgpu")]
+#[allow(clippy::type_complexity)]
+pub(crate) fn float_matmul_on_wgpu<B: burn::tensor::backend::Backend>(
+    lhs: FloatTensor<B>,
+    rhs: FloatTensor<B>,
+) -> Result<FloatTensor<B>, (FloatTensor<B>, FloatTensor<B>)> {
+    use crate::backend::{retype, Wgpu};
+    use burn::tensor::{DType, TensorMetadata};
+    if !applies_on_wgpu::<B>() || !matches!(lhs.dtype(), DType::F32 | DType::F16) || lhs.dtype() != rhs.dtype() {
+        return Err((lhs, rhs));
+    }
+    let (lhs, rhs): (FloatTensor<Wgpu>, FloatTensor<Wgpu>) = (retype(lhs), retype(rhs));
+    type Runtime = burn::backend::wgpu::WgpuRuntime;
+    Ok(retype(product::<Runtime, f32, i32, u32>(lhs, rhs, reference_kernel::launch).0))
+}
+
 /// [`product`] on burn's `wgpu` backend with a plain CubeCL kernel of cuBLAS's semantics in
 /// place of cuBLAS (one thread per output value, f32 accumulation), and how it read the
 /// operands: CI's check, on lavapipe, that the seam and the plans made from burn's own views
-/// give burn's products (`tests/backend_check.rs`). Not a fast product.
+/// give the products (`tests/backend_check.rs`). Not a fast product: [`crate::gemm`] takes it on
+/// `wgpu` only so that CI runs the device's route ([`float_matmul_on_wgpu`]).
 #[cfg(feature = "wgpu")]
 pub fn matmul_by_plan_on_wgpu<const D: usize>(
     lhs: burn::tensor::Tensor<crate::backend::Wgpu, D>,

@@ -1,5 +1,5 @@
-//! Matrix products through the fastest GEMM a backend has: cuBLAS on burn-cuda, the backend's
-//! own `matmul` everywhere else.
+//! Matrix products through the fastest GEMM a backend has: cuBLAS on burn-cuda (on `wgpu`, a
+//! plain kernel in its place, for CI), the backend's own `matmul` everywhere else.
 //!
 //! burn-cuda 0.21 multiplies with CubeCL's matmul, which has no Hopper (wgmma) kernels: ≈ 87
 //! TFLOP/s in bf16 measured on an H100, where cuBLAS reaches ≈ 790. Every product of a training
@@ -20,6 +20,10 @@
 //! broadcasting), and the caller copies the operands contiguous first. That mapping is checked
 //! on the CPU against [`ColumnMajorGemm::reference`], a plain loop with cuBLAS's semantics; the
 //! call itself only on the device (`bench_train gemm`).
+//!
+//! On burn's `wgpu` backend (CI, on lavapipe) the same route runs with a plain kernel of cuBLAS's
+//! semantics in cuBLAS's place (`crate::fused_product`), so the plans and the recorded steps are
+//! checked there as the device runs them.
 //!
 //! `ALIGNMENT_CUBLAS=0` turns the route off (CubeCL's matmul again), for measuring one against
 //! the other; so does a machine without `libcublas`, with a message saying so.
@@ -60,24 +64,39 @@ pub fn float_matmul<B: Backend>(lhs: FloatTensor<B>, rhs: FloatTensor<B>) -> Flo
         Ok(product) => return product,
         Err(operands) => operands,
     };
+    #[cfg(feature = "wgpu")]
+    let (lhs, rhs) = match crate::fused_product::float_matmul_on_wgpu::<B>(lhs, rhs) {
+        Ok(product) => return product,
+        Err(operands) => operands,
+    };
     B::float_matmul(lhs, rhs)
 }
 
-/// Whether `B` itself multiplies by a GEMM of its own here (cuBLAS on burn-cuda, route on).
+/// Whether `B` itself multiplies by a GEMM of its own here (cuBLAS on burn-cuda, route on; the
+/// column-major kernel standing in for it on `wgpu`).
 pub fn has_own_gemm<B: Backend>() -> bool {
     #[cfg(feature = "cuda")]
     if crate::cublas::applies::<B>() {
+        return true;
+    }
+    #[cfg(feature = "wgpu")]
+    if crate::fused_product::applies_on_wgpu::<B>() {
         return true;
     }
     false
 }
 
 /// Who multiplies on `B`, for reports: `"cublas"` (queued on CubeCL's stream),
-/// `"cublas-sync"` (host-synchronised, `ALIGNMENT_CUBLAS=sync`) or `"backend"` (its own matmul).
+/// `"cublas-sync"` (host-synchronised, `ALIGNMENT_CUBLAS=sync`), `"column-major kernel"` (`wgpu`'s
+/// stand-in for cuBLAS) or `"backend"` (its own matmul).
 pub fn products_route<B: Backend>() -> &'static str {
     #[cfg(feature = "cuda")]
-    if has_own_gemm::<B>() {
+    if crate::cublas::applies::<B>() {
         return crate::cublas::route_name();
+    }
+    #[cfg(feature = "wgpu")]
+    if crate::fused_product::applies_on_wgpu::<B>() {
+        return "column-major kernel";
     }
     "backend"
 }
