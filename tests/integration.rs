@@ -1,8 +1,9 @@
 //! The handbook's integration tests as one binary, each file a module (as every crate's
 //! `tests/integration.rs`): linked alone, each file compiled the generic training stack over
 //! the CPU backend again for itself. One file's tests: `cargo test --test integration
-//! backend_check::`. The tests that set the process's environment have binaries of their own
-//! (`hub_models`, `model_sources`, `pipeline`, `upstream_recipes`; Cargo.toml).
+//! backend_check::`. The tests that set process-wide state have binaries of their own
+//! (`hub_models`, `model_sources`, `pipeline`, `upstream_recipes`: the environment;
+//! `offload_bf16`: burn's default float type for torch's CPU device; Cargo.toml).
 
 mod backend_check;
 mod bad_input;
@@ -14,7 +15,6 @@ mod gpu_report;
 mod gpu_trainer_runs;
 mod gpu_vocab_traffic;
 mod host_reads;
-mod offload_bf16;
 mod qlora_bf16_adapters;
 mod smollm2_gguf;
 mod smollm2_parity;
