@@ -20,29 +20,36 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 features="${1:?usage: test_backends.sh tch,wgpu | tch | wgpu}"
-# The same packages in every command: the selection decides which dev-dependencies' features
-# unify, and a command with another would rebuild crates the one before had built.
-packages=(-p alignment-core -p alignment-models -p alignment-objectives -p alignment-trainer -p alignment-handbook)
-tests() { cargo test "${packages[@]}" --features "$features" "$@"; }
+# Two package selections with one feature set, so that both build the same crates (every
+# workspace library with `tch`/`wgpu`; alignment-core's `default` is on when it is selected, so it
+# is named for the second): the unit tests of five crates, and the `integration` test binaries of
+# the two whose binaries hold GPU-path tests. alignment-models' and alignment-objectives' own
+# `integration` binaries hold none and would take 7 minutes of CI to build (docs/ci-time.md).
+features="$features,alignment-core/default"
+units=(-p alignment-core -p alignment-models -p alignment-objectives -p alignment-trainer -p alignment-handbook)
+binaries=(-p alignment-trainer -p alignment-handbook)
+unit_tests() { cargo test "${units[@]}" --features "$features" "$@"; }
+integration() { cargo test "${binaries[@]}" --features "$features" --test integration "$@"; }
 case ",$features," in *,tch,*) tch=1 ;; *) tch=0 ;; esac
 case ",$features," in *,wgpu,*) wgpu=1 ;; *) wgpu=0 ;; esac
 
-# Every target first, in one build: cargo compiles them side by side (built one command at a
-# time, each waited for the crates the one before had not needed). backend_check and the
+# Every target first: cargo compiles the targets of one command side by side (built one command
+# at a time, each waited for the crates the one before had not needed). backend_check and the
 # handbook's `tch` tests but offload_bf16 (Cargo.toml says why) are modules of its `integration`
 # binary; data_parallel of the trainer's.
-targets=(--test integration)
-[ "$tch" = 1 ] && targets+=(--lib --test offload_bf16)
-tests "${targets[@]}" --no-run
+start=$SECONDS
+integration --no-run
+[ "$tch" = 1 ] && unit_tests --lib --test offload_bf16 --no-run
+echo "scripts/test_backends.sh: building took $((SECONDS - start)) s" >&2
 
 if [ "$tch" = 1 ]; then
-    tests --lib -- tch_ torch_storage
-    tests --test integration -- qlora_bf16_adapters:: cuda_graph_ready:: data_parallel::
-    tests --test offload_bf16
+    unit_tests --lib -- tch_ torch_storage
+    integration -- qlora_bf16_adapters:: cuda_graph_ready:: data_parallel::
+    unit_tests --test offload_bf16
 fi
 if [ "$wgpu" = 1 ]; then
     # All of it: the CPU cases, the wgpu ones and, with `tch`, torch's.
-    tests --test integration -- backend_check::
+    integration -- backend_check::
 else
-    tests --test integration -- backend_check::tch_
+    integration -- backend_check::tch_
 fi

@@ -9,6 +9,13 @@ use std::path::PathBuf;
 /// runs `objective` on the CPU backend (the GPU one when built with `--features cuda`, libtorch
 /// with `--features tch`) and prints where the results are. Exits non-zero with the error's
 /// message on failure.
+///
+/// `#[inline]`, as are the calls down to the backend's training stack: compiled where a binary
+/// calls it rather than in this library, so that a test build with `tch` or `cuda` does not
+/// compile the whole stack for that backend, twice (f32 and bf16 weights), into the library
+/// (9 of CI's minutes, docs/ci-time.md). The CPU build keeps its stack in the library, where its
+/// tests share it.
+#[inline]
 pub fn main_for(objective: Objective, default_recipe: &str) {
     alignment_core::memory::retain_freed_memory();
     if let Err(message) = try_main(objective, default_recipe) {
@@ -17,6 +24,7 @@ pub fn main_for(objective: Objective, default_recipe: &str) {
     }
 }
 
+#[inline]
 fn try_main(objective: Objective, default_recipe: &str) -> Result<(), String> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     if args.iter().any(|a| a == "-h" || a == "--help") {
@@ -110,6 +118,7 @@ where
 }
 
 #[cfg(feature = "cuda")]
+#[inline]
 /// On GPU `LOCAL_RANK` (torchrun's, or Slurm's `SLURM_LOCALID`), so that the ranks of a node
 /// use one GPU each; GPU 0 for a single process. In bf16 with the optimizer offloaded, on the
 /// bf16 backend ([`bf16_weights_offloaded`]).
@@ -121,6 +130,7 @@ fn run_on_backend(objective: Objective, recipe: &Recipe) -> Result<alignment_tra
 }
 
 #[cfg(all(feature = "tch", not(feature = "cuda")))]
+#[inline]
 /// On libtorch (`--features tch`): GPU `LOCAL_RANK` when torch sees CUDA, else torch's CPU
 /// kernels (MKL GEMMs on all cores, one fused attention call): the faster CPU option
 /// (docs/performance.md, issue #14). In bf16 with the optimizer offloaded, on the bf16 backend
