@@ -70,6 +70,8 @@ fn ordering() -> Option<Ordering> {
     static ORDERING: OnceLock<Option<Ordering>> = OnceLock::new();
     *ORDERING.get_or_init(|| {
         let setting = std::env::var("ALIGNMENT_CUBLAS").unwrap_or_default();
+        // Surrounding spaces ignored, as by every other switch (env_switch.rs).
+        let setting = setting.trim();
         if setting == "0" {
             eprintln!("ALIGNMENT_CUBLAS=0: burn-cuda's products run on CubeCL's matmul");
             return None;

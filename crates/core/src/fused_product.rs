@@ -104,9 +104,8 @@ pub(crate) fn product_dims<R: CubeRuntime>(lhs: &CubeTensor<R>, rhs: &CubeTensor
 /// both routes off (CubeCL's matmul, e.g. to benchmark a real Vulkan device).
 #[cfg(feature = "wgpu")]
 pub(crate) fn applies_on_wgpu<B: burn::tensor::backend::Backend>() -> bool {
-    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    std::any::TypeId::of::<B>() == std::any::TypeId::of::<crate::backend::Wgpu>()
-        && *ON.get_or_init(|| std::env::var("ALIGNMENT_CUBLAS").as_deref() != Ok("0"))
+    static ROUTE: crate::env_switch::EnvSwitch = crate::env_switch::EnvSwitch::new("ALIGNMENT_CUBLAS");
+    std::any::TypeId::of::<B>() == std::any::TypeId::of::<crate::backend::Wgpu>() && ROUTE.is_on()
 }
 
 /// `lhs · rhs` on burn's `wgpu` backend through the seam cuBLAS takes on burn-cuda, with the
