@@ -24,7 +24,7 @@ features="${1:?usage: test_backends.sh tch,wgpu | tch | wgpu}"
 # workspace library with `tch`/`wgpu`; alignment-core's `default` is on when it is selected, so it
 # is named for the second): the unit tests of five crates, and the `integration` test binaries of
 # the two whose binaries hold GPU-path tests. alignment-models' and alignment-objectives' own
-# `integration` binaries hold none and would take 7 minutes of CI to build (docs/ci-time.md).
+# `integration` binaries hold none and took 442 s of compiling (docs/ci-time.md).
 features="$features,alignment-core/default"
 units=(-p alignment-core -p alignment-models -p alignment-objectives -p alignment-trainer -p alignment-handbook)
 binaries=(-p alignment-trainer -p alignment-handbook)

@@ -13,8 +13,8 @@ use std::path::PathBuf;
 /// `#[inline]`, as are the calls down to the backend's training stack: compiled where a binary
 /// calls it rather than in this library, so that a test build with `tch` or `cuda` does not
 /// compile the whole stack for that backend, twice (f32 and bf16 weights), into the library
-/// (9 of CI's minutes, docs/ci-time.md). The CPU build keeps its stack in the library, where its
-/// tests share it.
+/// (557 s of compiling against 11.5 s, the library alone; docs/ci-time.md). The CPU build keeps
+/// its stack in the library, where its tests share it.
 #[inline]
 pub fn main_for(objective: Objective, default_recipe: &str) {
     alignment_core::memory::retain_freed_memory();
