@@ -90,6 +90,16 @@ impl<B: Backend> BlockwiseState<B> {
         }
     }
 
+    /// Bytes of the state in bitsandbytes' format: two 8-bit codes a value and two f32 maxima
+    /// a block (however the device stores the codes).
+    pub fn format_bytes(&self) -> usize {
+        let (values, blocks) = match self {
+            Self::Host(m) => (m.state1.len(), m.absmax1.len()),
+            Self::Device(m) => (m.state1.dims()[0], m.absmax1.dims()[0]),
+        };
+        2 * values + 2 * 4 * blocks
+    }
+
     /// The moments on the host, moved there when on the device.
     pub fn into_host(self) -> BlockwiseMoments {
         match self {

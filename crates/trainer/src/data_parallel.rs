@@ -42,6 +42,12 @@
 //! batch up to the reordering of float sums (tests/data_parallel.rs). Checkpoints hold the full,
 //! gathered optimizer state in the one-process format, so a run saved by N ranks resumes on M.
 //!
+//! An update rule without shardable moments (`optim: adamw_bnb_8bit`'s block-wise 8-bit state,
+//! `rmsprop`) runs under DDP only, with the optimizer kept whole on every rank
+//! ([`DataParallel::keep_optimizer_whole`]): the flat gradient is all-reduced and every rank
+//! runs the one-process update ([`AdamW::step`]) on the whole model, so the ranks stay identical
+//! and a checkpoint is the optimizer as it is (bitsandbytes under DDP does the same).
+//!
 //! For the flat vector, burn's backward pass produces every gradient at once, so ZeRO-2 shards
 //! the gradient kept after the reduction, not the peak inside the backward pass (ZeRO-3's
 //! partitioned weights do reduce inside it). See docs/distributed.md.
@@ -190,6 +196,17 @@ pub struct DataParallel {
     /// the owned range's moments and update on the host; otherwise on the model's device).
     /// Read when the first step or a resume builds the state.
     pub offload_optimizer: Option<bool>,
+    /// `Some` when the optimizer is kept whole on every rank ([`DataParallel::keep_optimizer_whole`]).
+    whole_optimizer: Option<WholeOptimizer>,
+}
+
+/// DDP with the one-process optimizer on every rank: what each rank holds, for its closing line.
+#[derive(Debug, Clone, Copy, Default)]
+struct WholeOptimizer {
+    /// Trainable values (each rank holds all of them, and their summed gradient).
+    values: usize,
+    /// Bytes of the optimizer's state after the last step, in its own format.
+    state_bytes: usize,
 }
 
 impl std::fmt::Debug for DataParallel {
@@ -231,6 +248,7 @@ impl DataParallel {
             training_peak: None,
             mixed_precision: "no".into(),
             offload_optimizer: None,
+            whole_optimizer: None,
         }
     }
 
@@ -280,6 +298,57 @@ impl DataParallel {
     /// Waits for every rank (e.g. while rank 0 saves a checkpoint).
     pub fn barrier(&mut self) -> Result<(), TrainError> {
         Ok(self.group.lock().barrier()?)
+    }
+
+    /// Keeps the optimizer whole on every rank instead of sharding AdamW's moments: each step
+    /// all-reduces the gradient ([`DataParallel::all_reduce_gradients`]) and every rank runs the
+    /// one-process update. For update rules whose state the flat shards cannot hold (8-bit
+    /// AdamW's blocks, RMSprop); DDP only, as no ZeRO stage then has anything to shard: an error
+    /// names the stage otherwise.
+    pub fn keep_optimizer_whole(&mut self) -> Result<(), String> {
+        if self.stage != ZeroStage::Ddp {
+            return Err(format!(
+                "its state is kept whole, and {} shards AdamW's moments only: run it with DDP \
+                 (an accelerate config without DeepSpeed, e.g. recipes/accelerate_configs/multi_gpu.yaml) or in one process",
+                self.stage
+            ));
+        }
+        self.whole_optimizer = Some(WholeOptimizer::default());
+        Ok(())
+    }
+
+    /// Whether the optimizer is kept whole on every rank ([`DataParallel::keep_optimizer_whole`]).
+    pub fn keeps_optimizer_whole(&self) -> bool {
+        self.whole_optimizer.is_some()
+    }
+
+    /// The gradients `grads` of this rank's share of the batch summed over the group (DDP's
+    /// all-reduce, in rank order: identical on every rank), one per trainable parameter of
+    /// `model` (zeros summed in for a parameter this rank gave none), for the one-process update
+    /// of a whole optimizer. Records what the rank holds for [`DataParallel::held_state`].
+    pub fn all_reduce_gradients<B: AutodiffBackend, M: AutodiffModule<B>>(
+        &mut self,
+        model: &M,
+        grads: &GradientsParams,
+    ) -> Result<GradientsParams, TrainError> {
+        let segments = segments(model);
+        let values: usize = segments.iter().map(|s| s.len).sum();
+        if let Some(whole) = &mut self.whole_optimizer {
+            whole.values = values;
+        }
+        if segments.is_empty() {
+            return Ok(GradientsParams::new());
+        }
+        let flat = flat_tensor(model, &segments, Some(grads));
+        let summed = tensor_collectives::all_reduce_sum(&mut **self.group.lock(), flat)?;
+        Ok(gradients_from_flat(model, &segments, summed))
+    }
+
+    /// Records the bytes of the whole optimizer's state after a step (for the closing line).
+    pub fn note_whole_optimizer_bytes(&mut self, bytes: usize) {
+        if let Some(whole) = &mut self.whole_optimizer {
+            whole.state_bytes = bytes;
+        }
     }
 
     /// ZeRO-3: replaces the model's trainable embedding and projections by this rank's shards
@@ -536,10 +605,11 @@ impl DataParallel {
         let mib = |b: usize| b as f64 / (1024.0 * 1024.0);
         let show = |b: Option<u64>| b.map_or("unknown".to_string(), |b| format!("{:.0} MiB", mib(b as usize)));
         let peak = format!("{} during the steps, {} overall", show(self.training_peak), show(alignment_core::memory::peak_rss_bytes()));
-        let place = match self.shards.as_ref().map(|s| &s.state) {
-            Some(OwnedState::Device(_)) => " (on the device)",
-            Some(OwnedState::Host { .. }) => " (on the host)",
-            None => "",
+        let (state, place) = match self.shards.as_ref().map(|s| &s.state) {
+            _ if self.whole_optimizer.is_some() => ("optimizer state", " (whole on every rank)"),
+            Some(OwnedState::Device(_)) => ("AdamW moments", " (on the device)"),
+            Some(OwnedState::Host { .. }) => ("AdamW moments", " (on the host)"),
+            None => ("AdamW moments", ""),
         };
         // On the libtorch route with a GPU, the device's peak too (the process's so far).
         #[cfg(feature = "tch")]
@@ -547,7 +617,7 @@ impl DataParallel {
         #[cfg(not(feature = "tch"))]
         let device = "";
         format!(
-            "rank {}/{} ({:?}): kept between steps: parameters {:.1} MiB, gradients {:.1} MiB, AdamW moments {:.1} MiB{place}; peak RSS {peak}{device}",
+            "rank {}/{} ({:?}): kept between steps: parameters {:.1} MiB, gradients {:.1} MiB, {state} {:.1} MiB{place}; peak RSS {peak}{device}",
             self.rank(),
             self.world_size(),
             self.stage,
@@ -559,6 +629,9 @@ impl DataParallel {
 
     /// What this rank keeps between steps.
     pub fn held_state(&self) -> HeldState {
+        if let Some(whole) = &self.whole_optimizer {
+            return HeldState { params: 4 * whole.values, grads: 4 * whole.values, optimizer: whole.state_bytes };
+        }
         let Some(s) = &self.shards else { return HeldState::default() };
         let total: usize = s.segments.iter().map(|s| s.len).sum();
         // The summed gradient a reduction leaves: all of it for DDP and ZeRO-1 (all-reduce), the
@@ -864,6 +937,30 @@ fn flat_tensor<B: AutodiffBackend, M: AutodiffModule<B>>(
     let mut visitor = Flatten::<B::InnerBackend> { ids: segments.iter().map(|s| s.id).collect(), grads, parts: Vec::new() };
     model.visit(&mut visitor);
     Tensor::cat(visitor.parts, 0)
+}
+
+/// `flat` (the trainable parameters' gradients in segment order) as one gradient per parameter
+/// of `model`, each in its parameter's shape.
+fn gradients_from_flat<B: AutodiffBackend, M: AutodiffModule<B>>(
+    model: &M,
+    segments: &[Segment],
+    flat: Tensor<B::InnerBackend, 1>,
+) -> GradientsParams {
+    struct Split<'a, I: Backend> {
+        by_id: HashMap<ParamId, &'a Segment>,
+        flat: Tensor<I, 1>,
+        grads: GradientsParams,
+    }
+    impl<AD: AutodiffBackend> ModuleVisitor<AD> for Split<'_, AD::InnerBackend> {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<AD, D>>) {
+            let Some(s) = self.by_id.get(&param.id).copied() else { return };
+            let part = self.flat.clone().narrow(0, s.offset, s.len).reshape(param.shape());
+            self.grads.register::<AD::InnerBackend, D>(param.id, part);
+        }
+    }
+    let mut visitor = Split::<B::InnerBackend> { by_id: segments.iter().map(|s| (s.id, s)).collect(), flat, grads: GradientsParams::new() };
+    model.visit(&mut visitor);
+    visitor.grads
 }
 
 /// `model` with its trainable parameters replaced by their parts of `flat` (segment order), on

@@ -96,6 +96,15 @@ pub enum UpdateRule {
 }
 
 impl UpdateRule {
+    /// The rule and the `optim` values that select it, for messages.
+    pub fn describe(self) -> &'static str {
+        match self {
+            Self::AdamW => "AdamW (adamw_torch, adamw_torch_fused, paged_adamw_32bit)",
+            Self::AdamW8bit => "8-bit AdamW (adamw_bnb_8bit, adamw_8bit, paged_adamw_8bit)",
+            Self::RmsProp => "RMSprop (rmsprop)",
+        }
+    }
+
     /// The rule of transformers' `optim` value `name`; an error naming the values this
     /// implementation has for the others (8-bit RMSprop and Lion among them).
     pub fn from_optim(name: &str) -> Result<Self, String> {
@@ -213,6 +222,13 @@ impl<B: Backend> AdamW<B> {
             #[cfg(feature = "tch")]
             device_scalars: None,
         }
+    }
+
+    /// Bytes of the optimizer's state in its own format: 4 a value for f32 moments (RMSprop's
+    /// one, AdamW's two), bitsandbytes' for the 8-bit ones ([`BlockwiseState::format_bytes`]).
+    pub fn state_bytes(&self) -> usize {
+        let moments: usize = self.state.values().map(|m| 4 * (m.exp_avg.dims()[0] + m.exp_avg_sq.dims()[0])).sum();
+        moments + self.blockwise.values().map(BlockwiseState::format_bytes).sum::<usize>()
     }
 
     /// Applies one update with learning rate `lr` to every parameter of `module` that has a

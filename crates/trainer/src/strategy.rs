@@ -5,7 +5,7 @@
 //! |---|---|---|
 //! | before the first step | nothing | rank 0's weights broadcast; ZeRO-3 shards; the resumed moments' own shard |
 //! | a micro-batch | all of it | this rank's rows (ZeRO-3: a zero-weighted pass when it has none) |
-//! | the update | [`AdamW::step`] on the device | gradients reduced over the group, AdamW on the owned shard (on the device; on the host when offloaded) |
+//! | the update | [`AdamW::step`] on the device | gradients reduced over the group, AdamW on the owned shard (on the device; on the host when offloaded); 8-bit AdamW, RMSprop: DDP only, [`AdamW::step`] on every rank |
 //! | the step's metrics | left on the device until a logging step | summed over the group (read every step) |
 //! | a checkpoint | the optimizer as it is | the moments gathered from every rank |
 //! | after the last step | nothing | the whole model gathered on every rank |
@@ -22,7 +22,7 @@ use alignment_objectives::DeferredMetrics;
 use burn::module::AutodiffModule;
 use burn::optim::GradientsParams;
 use burn::tensor::backend::{AutodiffBackend, Backend};
-use burn::tensor::Tensor;
+use burn::tensor::{ElementConversion, Tensor};
 
 /// What one optimizer step leaves for the log, in the form the strategy has it.
 pub enum StepValues<B: AutodiffBackend> {
@@ -210,13 +210,13 @@ impl Strategy for DataParallel {
         resumed: bool,
     ) -> Result<CausalLm<B>, TrainError> {
         if optimizer.config.rule != UpdateRule::AdamW {
-            return Err(TrainError::Config {
+            // Its state is not sharded: under DDP every rank keeps it whole and runs the
+            // one-process update; a resumed one is already whole on every rank.
+            self.keep_optimizer_whole().map_err(|reason| TrainError::Config {
                 key: "optim".into(),
-                message: format!(
-                    "{:?} is implemented for one process only; data-parallel runs (DDP, ZeRO) use AdamW",
-                    optimizer.config.rule
-                ),
-            });
+                message: format!("{}: {reason}", optimizer.config.rule.describe()),
+            })?;
+            return self.broadcast_parameters(model);
         }
         let model = self.broadcast_parameters(model)?;
         let model = self.partition(model)?; // ZeRO-3: each rank keeps its shard of the embedding and projections
@@ -253,6 +253,13 @@ impl Strategy for DataParallel {
             local.add(metric_values(values).iter().map(|(k, v)| (k.as_str(), *v)), weight);
         }
         let (sums, tokens) = self.reduce_metrics(local.sums(), tokens)?;
+        if self.keeps_optimizer_whole() {
+            let grads = self.all_reduce_gradients(&model, &grads)?;
+            let (updated, report) = optimizer.step(lr, model, grads);
+            self.note_whole_optimizer_bytes(optimizer.state_bytes());
+            let grad_norm = report.grad_norm.into_scalar().elem::<f64>();
+            return Ok((updated, StepValues::Read { sums, grad_norm }, tokens));
+        }
         optimizer.step += 1;
         let (updated, report) = self.step(&optimizer.config, optimizer.step, lr, model, &grads)?;
         Ok((updated, StepValues::Read { sums, grad_norm: report.grad_norm }, tokens))
@@ -264,6 +271,10 @@ impl Strategy for DataParallel {
         model: &CausalLm<B>,
         device: &B::Device,
     ) -> Result<CheckpointState<B::InnerBackend>, TrainError> {
+        if self.keeps_optimizer_whole() {
+            // Every rank holds all of it, and the whole model (DDP).
+            return Ok(CheckpointState { optimizer: optimizer.clone(), model: model.valid() });
+        }
         let optimizer = self.gather_optimizer(optimizer.config, optimizer.step, device)?;
         Ok(CheckpointState { optimizer, model: self.gathered(&model.valid())? })
         // collective with ZeRO-3

@@ -4,7 +4,8 @@
 //! rises (ZeRO-3: the embedding and projections are held as half-shards, gathered per use); a
 //! checkpoint written by 2 ranks resumes on 1 and one written by 1 resumes on 2 (ZeRO-2 and
 //! ZeRO-3 both ways); a rank that dies — between steps or inside ZeRO-3's passes — makes the
-//! others stop with an error naming it instead of hanging.
+//! others stop with an error naming it instead of hanging; 8-bit AdamW and RMSprop, whose state
+//! every rank keeps whole, train under DDP as in one process and are refused under ZeRO.
 //!
 //! The ranks are this test binary re-executed with torchrun's variables (RANK, WORLD_SIZE,
 //! LOCAL_RANK, MASTER_ADDR, MASTER_PORT) and the stage's accelerate config, running the
@@ -17,6 +18,7 @@ use alignment_distributed::launch::free_port;
 use alignment_models::{load_pretrained, CausalLm};
 use alignment_peft::{apply_lora, load_adapter, LoraConfig, TargetModules};
 use alignment_trainer::checkpoint::list_checkpoints;
+use alignment_trainer::optimizer::UpdateRule;
 use alignment_trainer::train::SaveStrategy;
 use alignment_trainer::{train, train_with, AdapterOutput, DataParallel, Recipe, TrainerConfig};
 use common::{fixture, task, HookedSft};
@@ -126,6 +128,9 @@ fn rank_process_entry_point() {
         Ok(variant) => with_lora(model, &mut config, &variant),
         Err(_) => model,
     };
+    if let Ok(optim) = std::env::var("DP_TEST_OPTIM") {
+        config.adamw.rule = UpdateRule::from_optim(&optim).unwrap();
+    }
     if let Ok(lr) = std::env::var("DP_TEST_LR") {
         config.learning_rate = lr.parse().unwrap();
     }
@@ -252,6 +257,64 @@ fn two_ranks_match_one_process_for_every_stage_and_shard_their_state() {
     for (stage, (p0, p1), (g0, g1), (o0, o1)) in &held {
         println!("| {stage} | {p0} / {p1} | {g0} / {g1} | {o0} / {o1} | {} / {} |", p0 + g0 + o0, p1 + g1 + o1);
     }
+}
+
+/// 8-bit AdamW and RMSprop keep their state whole (8-bit blocks, one moment): under DDP every
+/// rank runs the one-process update on the summed gradient, so two ranks log one process's
+/// losses and end with identical weights; the checkpoint they save is the one-process
+/// optimizer, and resuming from it in one process continues the one-process run. A ZeRO stage
+/// refuses them before training, naming `optim` and the stage.
+#[test]
+fn optimizers_kept_whole_train_under_ddp_as_in_one_process() {
+    let root = tempfile::tempdir().unwrap();
+    let device = Default::default();
+    for optim in ["adamw_bnb_8bit", "rmsprop"] {
+        let rule = UpdateRule::from_optim(optim).unwrap();
+        let mut single_config = config(&root.path().join(format!("single-{optim}")), GLOBAL_BATCH, None);
+        single_config.adamw.rule = rule;
+        let model = load_pretrained::<CpuAutodiff>(&fixture(), &device).unwrap();
+        let (_, single) = train(model, &task(), &examples(), &eval_examples(), &single_config, &device).unwrap();
+        let expected = losses(&single.history);
+        assert_eq!(expected.len(), STEPS as usize);
+
+        let out = root.path().join(format!("ddp-{optim}"));
+        let outputs = launch(2, "multi_gpu.yaml", &out, &[("DP_TEST_OPTIM", optim.into()), ("DP_TEST_PERTURB", "1".into())]);
+        check_ok(&outputs);
+        let (r0, r1) = (report(&out, 0), report(&out, 1));
+        let diff = max_relative_difference(&expected, &report_losses(&r0));
+        println!("{optim} under DDP: max relative loss difference vs one process {diff:.2e}; rank 0 holds {}", r0["held"]);
+        assert!(diff <= 1e-5, "{optim}: {diff:e}\n1 process {expected:?}\n2 ranks {:?}", report_losses(&r0));
+        assert_eq!(r0["digest"], r1["digest"], "{optim}: ranks end with different weights");
+        let closing = String::from_utf8_lossy(&outputs[0].stderr);
+        assert!(closing.contains("optimizer state") && closing.contains("(whole on every rank)"), "{optim}: {closing}");
+        let held = |k: &str| r0["held"][k].as_u64().unwrap();
+        assert_eq!(held("grads"), held("params"), "{optim}: DDP keeps the whole summed gradient");
+        // RMSprop: one f32 moment a value; 8-bit AdamW: two codes a value for the large
+        // parameters, two f32 moments for the small ones and the embedding.
+        match optim {
+            "rmsprop" => assert_eq!(held("optimizer"), held("params"), "{optim}"),
+            _ => assert!(held("optimizer") > held("params") / 2 && held("optimizer") < 2 * held("params"), "{optim}: {}", r0["held"]),
+        }
+
+        // The DDP run's checkpoint, resumed in one process, continues the one-process run.
+        let checkpoint = out.join("run/checkpoint-3");
+        let mut resumed_config = config(&root.path().join(format!("resumed-{optim}")), GLOBAL_BATCH, Some(checkpoint));
+        resumed_config.adamw.rule = rule;
+        let model = load_pretrained::<CpuAutodiff>(&fixture(), &device).unwrap();
+        let (_, resumed) = train(model, &task(), &examples(), &eval_examples(), &resumed_config, &device).unwrap();
+        let after: Vec<(u64, f64)> = losses(&resumed.history).into_iter().filter(|(s, _)| *s > 3).collect();
+        let diff = max_relative_difference(&expected[3..], &after);
+        assert!(diff <= 1e-5, "{optim}: resumed from the DDP checkpoint {after:?} vs one process {:?}", &expected[3..]);
+    }
+
+    let out = root.path().join("zero2-8bit");
+    let outputs = launch(2, "deepspeed_zero2.yaml", &out, &[("DP_TEST_OPTIM", "paged_adamw_8bit".into())]);
+    for (rank, o) in outputs.iter().enumerate() {
+        let stderr = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success(), "rank {rank} trained 8-bit AdamW under ZeRO-2");
+        assert!(stderr.contains("`optim`") && stderr.contains("8-bit AdamW") && stderr.contains("ZeRO-2"), "rank {rank}: {stderr}");
+    }
+    assert!(!out.join("run/checkpoint-3").exists(), "nothing is trained or saved");
 }
 
 /// LoRA under ZeRO-3: the frozen base is partitioned too (only gathered, never given a
