@@ -324,8 +324,11 @@ impl DataParallel {
 
     /// The gradients `grads` of this rank's share of the batch summed over the group (DDP's
     /// all-reduce, in rank order: identical on every rank), one per trainable parameter of
-    /// `model` (zeros summed in for a parameter this rank gave none), for the one-process update
-    /// of a whole optimizer. Records what the rank holds for [`DataParallel::held_state`].
+    /// `model` (zeros summed in for a parameter this rank gave none, e.g. a rank without rows in
+    /// the micro-batch; one no rank gave any would be updated with zeros where one process skips
+    /// it, but every trainable parameter of these models takes part in the loss), for the
+    /// one-process update of a whole optimizer. Records what the rank holds for
+    /// [`DataParallel::held_state`].
     pub fn all_reduce_gradients<B: AutodiffBackend, M: AutodiffModule<B>>(
         &mut self,
         model: &M,
