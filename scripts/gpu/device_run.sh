@@ -71,6 +71,7 @@ for packed in "$GPU_DIR"/bin/*.xz; do
     "$PY" -c 'import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2], "wb"))' "$packed" "${packed%.xz}" && chmod +x "${packed%.xz}"
 done
 say "plan $PLAN, budget ${BUDGET_S}s, binary $(ls -la "$BIN" 2>&1 | awk '{print $5, $9}')"
+[ -f "$GPU_DIR/staged.txt" ] && say "$(cat "$GPU_DIR/staged.txt")"
 if [ "$DRY_RUN" = 1 ]; then
     OURS_BACKENDS="${OURS_BACKENDS:-cpu}"
     CHECK_BACKENDS="${CHECK_BACKENDS:-cpu}"

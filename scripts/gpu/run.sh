@@ -15,6 +15,9 @@
 #                                     kernels cuda runs) over Mesa's software Vulkan
 #   bash scripts/gpu/run.sh dry-run tch    the same, ours on the libtorch backend (the reference
 #                                     venv's torch, on the CPU): bench_train_tch's code path
+#   bash scripts/gpu/run.sh staged    what .gpu/ holds: the commit it was staged at, and whether
+#                                     the code the device runs changed since (a session lent a
+#                                     device can then skip the ≈ 35 minutes of staging)
 #   bash scripts/gpu/run.sh report DIR   tables from the files a device run brought back (its
 #                                     bundle unpacked into a temporary folder; profiles first)
 #
@@ -158,6 +161,9 @@ case "$cmd" in
         # The stripped cuda binary is ≈ 51 MiB (CubeCL with fusion and autotune): xz takes it to
         # ≈ 8 MiB of the 64 MiB carry; device_run.sh unpacks it with Python's lzma.
         xz -T0 -6 -f .gpu/bin/bench_train
+        # What was staged, for `run.sh staged` here and for device_run.sh's log there (the
+        # device's copy of the tree has no git history).
+        echo "staged at $(git rev-parse --short HEAD)$(git diff --quiet HEAD -- || echo ' plus uncommitted changes') on $(date -u +%Y-%m-%dT%H:%MZ)" > .gpu/staged.txt
         size=$(du -sb .gpu | cut -f1)
         tree=$(git ls-files -z | xargs -0 du -cb | tail -1 | cut -f1)
         echo "staged .gpu/ ($((size / 1048576)) MiB; tracked tree $((tree / 1048576)) MiB; the device takes 64 MiB in all)" >&2
@@ -185,6 +191,19 @@ or each call pays a new start. A call naming no kind may get an H100 rather than
 'first' (checks, NCCL, GEMMs, every backend) spends most of its budget on burn-cuda's failures.
 Afterwards: bash scripts/gpu/run.sh report <files_at folder>, then docs/performance.md.
 EOF
+        ;;
+    staged)
+        [ -f .gpu/staged.txt ] || { echo "nothing staged (.gpu/staged.txt missing): bash scripts/gpu/run.sh stage" >&2; exit 1; }
+        cat .gpu/staged.txt
+        commit="$(awk '{print $3}' .gpu/staged.txt)"
+        # What the staged binaries and device_run.sh were built from; docs and tests do not matter.
+        changed="$(git diff --stat "$commit" HEAD -- crates src examples xtask Cargo.toml Cargo.lock scripts/gpu | tail -1)"
+        if [ -z "$changed" ]; then
+            echo "the code the device runs is unchanged since: carry .gpu/ as it is"
+        else
+            echo "changed since in the code the device runs: $changed"
+            echo "(the staged binaries measure $commit; restage for HEAD: bash scripts/gpu/run.sh stage)"
+        fi
         ;;
     dry-run)
         backend="${2:-cpu}"
