@@ -597,6 +597,7 @@ pub fn run<B: AutodiffBackend>(objective: Objective, recipe: &Recipe, device: &B
     let (train_set, test_set) = (data.train, data.eval);
 
     let mut config = TrainerConfig::from_recipe(recipe)?;
+    strategy.check_optimizer(&config.adamw)?; // e.g. 8-bit AdamW under ZeRO, before the model loads
     if is_main {
         // Refused before the model loads; a previous run's files are only replaced once training starts.
         alignment_trainer::output_dir::check_reusable(&config.output_dir, config.resume_from.is_some(), config.overwrite_output_dir)?;

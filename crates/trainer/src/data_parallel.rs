@@ -306,15 +306,21 @@ impl DataParallel {
     /// AdamW's blocks, RMSprop); DDP only, as no ZeRO stage then has anything to shard: an error
     /// names the stage otherwise.
     pub fn keep_optimizer_whole(&mut self) -> Result<(), String> {
-        if self.stage != ZeroStage::Ddp {
-            return Err(format!(
-                "its state is kept whole, and {} shards AdamW's moments only: run it with DDP \
-                 (an accelerate config without DeepSpeed, e.g. recipes/accelerate_configs/multi_gpu.yaml) or in one process",
-                self.stage
-            ));
-        }
+        self.can_keep_optimizer_whole()?;
         self.whole_optimizer = Some(WholeOptimizer::default());
         Ok(())
+    }
+
+    /// Why this group cannot keep the optimizer whole ([`DataParallel::keep_optimizer_whole`]):
+    /// a ZeRO stage, which shards AdamW's moments only.
+    pub fn can_keep_optimizer_whole(&self) -> Result<(), String> {
+        match self.stage {
+            ZeroStage::Ddp => Ok(()),
+            stage => Err(format!(
+                "its state is kept whole, and {stage} shards AdamW's moments only: run it with DDP \
+                 (an accelerate config without DeepSpeed, e.g. recipes/accelerate_configs/multi_gpu.yaml) or in one process"
+            )),
+        }
     }
 
     /// Whether the optimizer is kept whole on every rank ([`DataParallel::keep_optimizer_whole`]).

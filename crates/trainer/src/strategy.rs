@@ -14,7 +14,7 @@
 
 use crate::data_parallel::{DataParallel, MetricSums};
 use crate::logging::MetricsAccumulator;
-use crate::optimizer::{AdamW, UpdateRule};
+use crate::optimizer::{AdamW, AdamWConfig, UpdateRule};
 use crate::task::metric_values;
 use crate::TrainError;
 use alignment_models::CausalLm;
@@ -58,6 +58,12 @@ pub trait Strategy {
 
     /// The launcher's `mixed_precision` (accelerate config): `no`, `bf16` or `fp16`.
     fn launcher_precision(&self) -> &str;
+
+    /// Refuses an optimizer the strategy cannot run (8-bit AdamW and RMSprop under ZeRO), so a
+    /// run can say so before it loads anything; [`Strategy::prepare`] refuses it too.
+    fn check_optimizer(&self, _config: &AdamWConfig) -> Result<(), TrainError> {
+        Ok(())
+    }
 
     /// Brings `model` (and, when `resumed`, `optimizer`'s restored moments) into the form the
     /// steps need. Refuses what the strategy cannot run.
@@ -203,6 +209,13 @@ impl Strategy for DataParallel {
         &self.mixed_precision
     }
 
+    fn check_optimizer(&self, config: &AdamWConfig) -> Result<(), TrainError> {
+        match config.rule {
+            UpdateRule::AdamW => Ok(()),
+            rule => self.can_keep_optimizer_whole().map_err(|reason| unshardable(rule, reason)),
+        }
+    }
+
     fn prepare<B: AutodiffBackend>(
         &mut self,
         model: CausalLm<B>,
@@ -212,10 +225,7 @@ impl Strategy for DataParallel {
         if optimizer.config.rule != UpdateRule::AdamW {
             // Its state is not sharded: under DDP every rank keeps it whole and runs the
             // one-process update; a resumed one is already whole on every rank.
-            self.keep_optimizer_whole().map_err(|reason| TrainError::Config {
-                key: "optim".into(),
-                message: format!("{}: {reason}", optimizer.config.rule.describe()),
-            })?;
+            self.keep_optimizer_whole().map_err(|reason| unshardable(optimizer.config.rule, reason))?;
             return self.broadcast_parameters(model);
         }
         let model = self.broadcast_parameters(model)?;
@@ -295,6 +305,11 @@ impl Strategy for DataParallel {
     }
 }
 
+/// The error for an update rule whose state cannot be sharded, under a ZeRO stage.
+fn unshardable(rule: UpdateRule, reason: String) -> TrainError {
+    TrainError::Config { key: "optim".into(), message: format!("{}: {reason}", rule.describe()) }
+}
+
 /// The strategy a launched process's environment describes: a [`DataParallel`] rank under
 /// torchrun/Slurm/accelerate variables, else [`SingleProcess`].
 #[derive(Debug)]
@@ -348,6 +363,10 @@ impl Strategy for Parallelism {
 
     fn launcher_precision(&self) -> &str {
         delegate!(ref self, s => s.launcher_precision())
+    }
+
+    fn check_optimizer(&self, config: &AdamWConfig) -> Result<(), TrainError> {
+        delegate!(ref self, s => s.check_optimizer(config))
     }
 
     fn prepare<B: AutodiffBackend>(
