@@ -148,6 +148,8 @@ PY
 
 case "$cmd" in
     stage)
+        # The commit the binaries are built from, taken before the ≈ 35 minutes of building.
+        staged_from="staged at $(git rev-parse --short HEAD)$(git diff --quiet HEAD -- || echo ' plus uncommitted changes')"
         build_into cuda .gpu
         build_tch_into "$(device_libtorch)" .gpu target/tch-device "$(device_cuda_runtime)"
         # Linked against the device's own torch version (PyPI's 2.11.0 is the same +cu130 build),
@@ -163,7 +165,7 @@ case "$cmd" in
         xz -T0 -6 -f .gpu/bin/bench_train
         # What was staged, for `run.sh staged` here and for device_run.sh's log there (the
         # device's copy of the tree has no git history).
-        echo "staged at $(git rev-parse --short HEAD)$(git diff --quiet HEAD -- || echo ' plus uncommitted changes') on $(date -u +%Y-%m-%dT%H:%MZ)" > .gpu/staged.txt
+        echo "$staged_from on $(date -u +%Y-%m-%dT%H:%MZ)" > .gpu/staged.txt
         size=$(du -sb .gpu | cut -f1)
         tree=$(git ls-files -z | xargs -0 du -cb | tail -1 | cut -f1)
         echo "staged .gpu/ ($((size / 1048576)) MiB; tracked tree $((tree / 1048576)) MiB; the device takes 64 MiB in all)" >&2
