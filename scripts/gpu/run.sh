@@ -16,8 +16,8 @@
 #   bash scripts/gpu/run.sh dry-run tch    the same, ours on the libtorch backend (the reference
 #                                     venv's torch, on the CPU): bench_train_tch's code path
 #   bash scripts/gpu/run.sh staged    what .gpu/ holds: the commit it was staged at, and whether
-#                                     the code the device runs changed since (a session lent a
-#                                     device can then skip the ≈ 35 minutes of staging)
+#                                     the code its binaries come from changed since (a session
+#                                     lent a device can then skip the ≈ 35 minutes of staging)
 #   bash scripts/gpu/run.sh report DIR   tables from the files a device run brought back (its
 #                                     bundle unpacked into a temporary folder; profiles first)
 #
@@ -198,14 +198,18 @@ EOF
         [ -f .gpu/staged.txt ] || { echo "nothing staged (.gpu/staged.txt missing): bash scripts/gpu/run.sh stage" >&2; exit 1; }
         cat .gpu/staged.txt
         commit="$(awk '{print $3}' .gpu/staged.txt)"
-        # What the staged binaries and device_run.sh were built from; docs and tests do not matter.
-        changed="$(git diff --stat "$commit" HEAD -- crates src examples xtask Cargo.toml Cargo.lock scripts/gpu | tail -1)"
+        # What the staged binaries were built from (docs do not matter; crates' tests are
+        # counted, as `git diff` cannot tell them apart cheaply).
+        changed="$(git diff --stat "$commit" HEAD -- crates src examples Cargo.toml Cargo.lock | tail -1)"
         if [ -z "$changed" ]; then
-            echo "the code the device runs is unchanged since: carry .gpu/ as it is"
+            echo "the code the staged binaries were built from is unchanged since: carry .gpu/ as it is"
         else
-            echo "changed since in the code the device runs: $changed"
+            echo "changed since in the code the binaries are built from: $changed"
             echo "(the staged binaries measure $commit; restage for HEAD: bash scripts/gpu/run.sh stage)"
         fi
+        # The scripts travel with the tree: the device runs today's, with the staged binaries.
+        scripts="$(git diff --stat "$commit" HEAD -- scripts/gpu | tail -1)"
+        [ -z "$scripts" ] || echo "scripts/gpu changed since ($scripts): the device runs them as they are now; check they ask nothing of the binaries that $commit lacks"
         ;;
     dry-run)
         backend="${2:-cpu}"
